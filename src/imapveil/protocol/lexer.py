@@ -1,0 +1,145 @@
+"""The few pieces of IMAP grammar the core needs (RFC 9051 §9, RFC 3501 §9).
+
+These functions look at one line fragment at a time (bytes ending in LF, CR optional) and never
+at literal bodies. They are deliberately forgiving: the server is the authority on syntax, the
+proxy only needs to know enough to follow the conversation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# RFC 9051: atom-specials are "(" / ")" / "{" / SP / CTL / list-wildcards / quoted-specials /
+# resp-specials. An ASTRING-CHAR is an ATOM-CHAR or "]"; a tag is ASTRING-CHARs except "+".
+_ATOM_SPECIALS = frozenset(b'(){ %*"\\]') | frozenset(range(0x20)) | {0x7F}
+ATOM_CHARS = frozenset(range(0x21, 0x7F)) - _ATOM_SPECIALS
+ASTRING_CHARS = ATOM_CHARS | {ord("]")}
+TAG_CHARS = ASTRING_CHARS - {ord("+")}
+
+# A literal's length has at most 20 digits: 2**64 - 1 has 20 (RFC 9051 number64 is 63 bits).
+MAX_LITERAL_DIGITS = 20
+MAX_LITERAL_SIZE = 2**63 - 1
+
+
+class LiteralError(ValueError):
+    """A literal announcement that cannot be honoured (too many digits, too large)."""
+
+
+@dataclass(frozen=True, slots=True)
+class LiteralAnnouncement:
+    """`{N}` (synchronizing), `{N+}` (non-synchronizing, LITERAL+/-) or `~{N}` (literal8)."""
+
+    size: int
+    synchronizing: bool
+    binary: bool
+
+
+def strip_eol(line: bytes) -> bytes:
+    if line.endswith(b"\r\n"):
+        return line[:-2]
+    if line.endswith(b"\n"):
+        return line[:-1]
+    return line
+
+
+def literal_at_end(line: bytes) -> LiteralAnnouncement | None:
+    """The literal announced at the end of a line fragment, if any.
+
+    Raises LiteralError when the line ends with something that is shaped like a literal but has
+    more than 20 digits: the octet count cannot be trusted, so the stream cannot be followed.
+    """
+    body = strip_eol(line)
+    if not body.endswith(b"}"):
+        return None
+    open_at = body.rfind(b"{")
+    if open_at < 0:
+        return None
+    inner = body[open_at + 1 : -1]
+    synchronizing = True
+    if inner.endswith(b"+"):
+        synchronizing = False
+        inner = inner[:-1]
+    if not inner or not inner.isdigit() or not inner.isascii():
+        return None
+    if len(inner) > MAX_LITERAL_DIGITS:
+        raise LiteralError("literal length has too many digits")
+    size = int(inner)
+    if size > MAX_LITERAL_SIZE:
+        raise LiteralError("literal length is too large")
+    binary = open_at > 0 and body[open_at - 1 : open_at] == b"~"
+    return LiteralAnnouncement(size, synchronizing, binary)
+
+
+def split_tag(line: bytes) -> tuple[bytes, bytes] | None:
+    """(tag, rest) of a command or tagged response line, or None if it does not start so."""
+    sp = line.find(b" ")
+    if sp <= 0:
+        return None
+    tag = line[:sp]
+    if not all(c in TAG_CHARS for c in tag):
+        return None
+    return tag, line[sp + 1 :]
+
+
+def read_atom(data: bytes, pos: int, limit: int = 64) -> tuple[bytes, int]:
+    """The atom starting at pos (maybe empty) and the position after it."""
+    end = pos
+    n = len(data)
+    while end < n and end - pos < limit and data[end] in ATOM_CHARS:
+        end += 1
+    return data[pos:end], end
+
+
+def read_astring(data: bytes, pos: int) -> tuple[bytes, int] | None:
+    """An atom, or a quoted string with its escapes undone, starting at pos.
+
+    Returns None for anything else (a literal, a syntax error): the caller decides.
+    """
+    n = len(data)
+    if pos >= n:
+        return None
+    if data[pos] == ord('"'):
+        out = bytearray()
+        i = pos + 1
+        while i < n:
+            c = data[i]
+            if c == ord("\\") and i + 1 < n:
+                out.append(data[i + 1])
+                i += 2
+                continue
+            if c == ord('"'):
+                return bytes(out), i + 1
+            if c in (0x0A, 0x0D):
+                return None
+            out.append(c)
+            i += 1
+        return None
+    end = pos
+    while end < n and data[end] in ASTRING_CHARS:
+        end += 1
+    if end == pos:
+        return None
+    return data[pos:end], end
+
+
+def status_and_code(rest: bytes) -> tuple[str | None, str | None, bytes]:
+    """For `OK [CODE ...] text` (after the tag or `* `): status, code atom, and the code's args."""
+    status, pos = read_atom(rest, 0, 8)
+    st = status.upper()
+    if st not in (b"OK", b"NO", b"BAD", b"BYE", b"PREAUTH"):
+        return None, None, b""
+    if rest[pos : pos + 2] != b" [":
+        return st.decode(), None, b""
+    code, cpos = read_atom(rest, pos + 2, 64)
+    if not code:
+        return st.decode(), None, b""
+    close = rest.find(b"]", cpos)
+    args = rest[cpos + 1 : close] if close > cpos else b""
+    return st.decode(), code.upper().decode("ascii"), args
+
+
+def capabilities(args: bytes) -> frozenset[str]:
+    """Capability names from the text after `CAPABILITY`, upper-cased."""
+    return frozenset(
+        a.upper().decode("ascii", "replace") for a in strip_eol(args).split() if len(a) <= 128
+    )

@@ -1,0 +1,853 @@
+"""The session core: one object that follows both directions of an IMAP session.
+
+Bytes go in (`feed_client`, `feed_server`) with the current monotonic time; a list of actions
+comes out. The two directions are coupled, so one object sees both: a client's synchronizing
+literal `{N}` is only sent after the server's `+` (and never if the server answers the tag with
+NO/BAD instead), AUTHENTICATE turns client lines into SASL responses until the tagged answer,
+and IDLE makes the next client line `DONE`.
+
+How the stream is followed (the "framer"): each direction is split into line fragments (ending
+in LF) and literal bodies announced at the end of a fragment by `{N}`, `{N+}` or `~{N}`. Literal
+bodies are never scanned or copied: the forwarded data is a slice of the chunk that arrived.
+Bytes that no rule rewrites are forwarded as one contiguous slice per chunk. Only an incomplete
+line at the end of a chunk is held back until its end arrives (bounded: client lines by
+`max_line`, beyond which the client gets `* BYE`; server lines by `server_hold`, beyond which the
+line is streamed through and only its head is kept for parsing).
+
+Client bytes that arrive while the client should be waiting for the server (after a
+synchronizing literal announcement, an AUTHENTICATE line, IDLE, STARTTLS or COMPRESS) are held,
+unparsed, until the server's answer says what they are. A well-behaved client never sends any,
+so nothing is delayed in practice; a client that does cannot make the proxy misread the stream.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from imapveil.protocol import lexer, sasl
+from imapveil.protocol.actions import Action, Close, Direction, Emit, Forward, Reply
+from imapveil.protocol.lexer import LiteralError
+from imapveil.records import CommandCompleted, SessionEnded, SessionStarted, Violation
+
+
+class State(enum.Enum):
+    """RFC 9051 §3: the IMAP connection states."""
+
+    NOT_AUTHENTICATED = "not_authenticated"
+    AUTHENTICATED = "authenticated"
+    SELECTED = "selected"
+    LOGOUT = "logout"
+
+
+def _no_identity(_user: bytes) -> str | None:
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class CoreConfig:
+    max_line: int = 64 * 1024
+    """Longest client line (outside literals) before `* BYE`, like Dovecot's default."""
+    server_hold: int = 64 * 1024
+    """Longest server line held whole for parsing; longer lines stream through."""
+    identify_user: Callable[[bytes], str | None] = field(default=_no_identity)
+    """Maps a login name to what records say of the user (an HMAC, the name, or None)."""
+    log_commands: bool = True
+    idle_timeout_login: float = 60.0
+    """Seconds without traffic before login (Dovecot's login timeout is 60 s too)."""
+    idle_timeout: float = 31 * 60.0
+    """Seconds without traffic after login; RFC 2177 clients re-issue IDLE every 29 minutes."""
+
+
+# What the client's next line is.
+class _ClientMode(enum.Enum):
+    COMMAND = 1  # the start of a new command
+    CONTINUE = 2  # the rest of the current command, after a literal
+    SASL = 3  # a SASL response: the server sent "+" during AUTHENTICATE
+    IDLING = 4  # "DONE", ending IDLE
+
+
+# Why client bytes are held until the server answers.
+class _Gate(enum.Enum):
+    LITERAL = 1  # a synchronizing literal waits for "+" (or a tagged NO/BAD: no literal)
+    AUTH = 2  # AUTHENTICATE waits for "+" (a challenge) or its tagged answer
+    IDLE = 3  # IDLE waits for "+" (idling) or its tagged answer
+    SWITCH = 4  # STARTTLS / COMPRESS: after OK the bytes are no longer IMAP text
+
+
+# Verbs whose tagged OK changes what the stream is.
+_SWITCH_VERBS = {b"STARTTLS": "starttls", b"COMPRESS": "compress"}
+
+# A run of untagged message data ("* 12 FETCH ...", "* 3 EXPUNGE") needs nothing from the
+# proxy but its literals. This finds, from the start of such a line, the first place that does:
+# a literal announcement, or a line that does not start with "* <digit>".
+_SKIP = re.compile(rb"\}\r?\n|\n(?!\* [0-9])")
+
+_HEAD = 4096  # how much of a streamed (over-long) server line is kept for parsing
+_CAPTURE = 1024  # how much of a literal LOGIN user name or SELECT mailbox is kept
+_MAX_TAG = 64
+_MAX_VERB = 32
+
+
+class _Command:
+    __slots__ = (
+        "literals",
+        "mailbox",
+        "mechanism",
+        "sasl_step",
+        "started",
+        "state",
+        "tag",
+        "user",
+        "verb",
+    )
+
+    def __init__(self, tag: bytes, verb: bytes, state: State, started: float) -> None:
+        self.tag = tag
+        self.verb = verb
+        self.state = state
+        self.started = started
+        self.literals: list[int] = []
+        self.mechanism: str | None = None
+        self.sasl_step = 0
+        self.user: str | None = None
+        self.mailbox: bytes | None = None
+
+    def __repr__(self) -> str:
+        return f"<command {self.tag!r} {self.verb!r}>"
+
+
+class _Inbound:
+    """Framing state of one direction. Holds raw bytes, so it has no repr of them."""
+
+    __slots__ = ("buf", "capture", "head", "literal_left", "streaming", "tail")
+
+    def __init__(self) -> None:
+        self.buf = bytearray()  # an incomplete line, not yet forwarded
+        self.literal_left = 0  # octets of literal body still to pass through
+        self.streaming = False  # inside an over-long server line that is forwarded as it comes
+        self.head = b""  # the start of that line, for parsing
+        self.tail = b""  # its last octets, to see a literal announced at its end
+        self.capture: bytearray | None = None  # a literal body being kept (bounded)
+
+    def __repr__(self) -> str:
+        return (
+            f"<inbound buffered={len(self.buf)} literal_left={self.literal_left}"
+            f" streaming={self.streaming}>"
+        )
+
+
+class SessionCore:
+    """Follows one IMAP session. Not thread-safe; one per connection."""
+
+    def __init__(
+        self,
+        config: CoreConfig,
+        *,
+        session_id: str,
+        client: str,
+        upstream: str,
+        now: float,
+    ) -> None:
+        self.config = config
+        self.session_id = session_id
+        self.client_address = client
+        self.upstream_address = upstream
+        self.started = now
+        self.now = now
+
+        self.state = State.NOT_AUTHENTICATED
+        self.mailbox: bytes | None = None
+        self.capabilities: frozenset[str] = frozenset()
+        self.user: str | None = None
+        self.greeted = False
+        self.bytes_from_client = 0
+        self.bytes_from_server = 0
+        self.commands = 0
+        self.opaque: str | None = None  # "starttls"/"compress": no longer IMAP text
+        self.closed = False
+
+        self._client = _Inbound()
+        self._server = _Inbound()
+        self._client_mode = _ClientMode.COMMAND
+        self._server_continues = False  # the next server line continues a response
+        self._gate: _Gate | None = None
+        self._gate_owner: _Command | None = None
+        self._pending_literal = 0
+        self._held = bytearray()  # client bytes waiting for the server's answer
+        self._current: _Command | None = None  # the command whose fragments are arriving
+        self._pending: dict[bytes, deque[_Command]] = {}
+        self._sasl_command: _Command | None = None
+        self._idle_command: _Command | None = None
+        self._logout_done = False
+        self._bye_seen = False
+        self._end_reason: str | None = None
+        self._end_detail: str | None = None
+        self._ended = False
+        self._out: list[Action] = []
+
+    def __repr__(self) -> str:
+        return (
+            f"<SessionCore {self.session_id} {self.state.value}"
+            f" client={self._client!r} server={self._server!r}>"
+        )
+
+    # ----------------------------------------------------------------------------------------
+    # The interface the shell drives.
+
+    def start(self) -> list[Action]:
+        return [
+            Emit(SessionStarted(self.session_id, self.client_address, self.upstream_address))
+        ]
+
+    @property
+    def idle_timeout(self) -> float:
+        if self.state is State.NOT_AUTHENTICATED:
+            return self.config.idle_timeout_login
+        return self.config.idle_timeout
+
+    def feed_client(self, data: bytes, now: float) -> list[Action]:
+        """Bytes the client sent. Returns what to do, in order."""
+        self.now = now
+        self.bytes_from_client += len(data)
+        if self.closed:
+            return []
+        if self.opaque is not None:
+            return [Forward(Direction.TO_SERVER, data)]
+        self._out = out = []
+        self._scan_client(data)
+        return out
+
+    def feed_server(self, data: bytes, now: float) -> list[Action]:
+        """Bytes the server sent. Returns what to do, in order."""
+        self.now = now
+        self.bytes_from_server += len(data)
+        if self.closed:
+            return []
+        if self.opaque is not None:
+            return [Forward(Direction.TO_CLIENT, data)]
+        self._out = out = []
+        self._scan_server(data)
+        if self._gate is None and self._held and not self.closed:
+            held = bytes(self._held)
+            self._held.clear()
+            if self.opaque is not None:
+                out.append(Forward(Direction.TO_SERVER, held))
+            else:
+                self._scan_client(held)
+        return out
+
+    def client_closed(self, now: float) -> list[Action]:
+        """The client closed its side (EOF or reset)."""
+        self.now = now
+        if self._logout_done:
+            self._set_end("logout")
+        else:
+            self._set_end("client_closed", self._client_position())
+        return self._close("client_closed")
+
+    def server_closed(self, now: float) -> list[Action]:
+        """The server closed its side (EOF or reset)."""
+        self.now = now
+        if self._logout_done:
+            self._set_end("logout")
+        elif self._bye_seen:
+            self._set_end("server_bye")
+        else:
+            self._set_end("server_closed", self._server_position())
+        return self._close("server_closed")
+
+    def upstream_unavailable(self, detail: str, now: float) -> list[Action]:
+        """The upstream could not be reached: tell the client, as RFC 5530 suggests."""
+        self.now = now
+        self._set_end("upstream_unavailable", detail)
+        return [
+            Reply(Direction.TO_CLIENT, b"* BYE [UNAVAILABLE] Mail server is not reachable\r\n"),
+            *self._close("upstream_unavailable"),
+        ]
+
+    def timed_out(self, now: float) -> list[Action]:
+        """No traffic for `idle_timeout` seconds."""
+        self.now = now
+        self._set_end("idle_timeout")
+        out: list[Action] = []
+        if self._can_speak_to_client():
+            out.append(Reply(Direction.TO_CLIENT, b"* BYE Disconnected for inactivity\r\n"))
+        return out + self._close("idle_timeout")
+
+    def shutting_down(self, now: float) -> list[Action]:
+        """The proxy is stopping; RFC 5530 UNAVAILABLE tells the client to come back later."""
+        self.now = now
+        self._set_end("shutdown")
+        out: list[Action] = []
+        if self._can_speak_to_client():
+            out.append(
+                Reply(Direction.TO_CLIENT, b"* BYE [UNAVAILABLE] Server shutting down\r\n")
+            )
+        return out + self._close("shutdown")
+
+    def failed(self, detail: str, now: float) -> list[Action]:
+        """A network error on either leg."""
+        self.now = now
+        self._set_end("error", detail)
+        return self._close("error")
+
+    def finish(self, now: float) -> list[Action]:
+        """The session is over: the end record, once, plus records of unanswered commands."""
+        if self._ended:
+            return []
+        self._ended = True
+        self.now = now
+        self._set_end("client_closed")
+        out: list[Action] = []
+        if self.config.log_commands:
+            for queue in self._pending.values():
+                out.extend(Emit(self._command_record(cmd, None, None)) for cmd in queue)
+        self._pending.clear()
+        out.append(
+            Emit(
+                SessionEnded(
+                    session=self.session_id,
+                    client=self.client_address,
+                    upstream=self.upstream_address,
+                    reason=self._end_reason or "client_closed",
+                    detail=self._end_detail,
+                    state=self.state.value,
+                    user=self.user,
+                    duration_ms=_ms(now - self.started),
+                    bytes_from_client=self.bytes_from_client,
+                    bytes_from_server=self.bytes_from_server,
+                    commands=self.commands,
+                    opaque=self.opaque,
+                )
+            )
+        )
+        return out
+
+    # ----------------------------------------------------------------------------------------
+    # Client direction.
+
+    def _scan_client(self, data: bytes) -> None:
+        c = self._client
+        out = self._out
+        n = len(data)
+        pos = start = 0
+        while pos < n:
+            if self._gate is not None:
+                self._flush(Direction.TO_SERVER, data, start, pos)
+                self._hold(data[pos:])
+                return
+            if c.literal_left:
+                take = min(c.literal_left, n - pos)
+                if c.capture is not None and len(c.capture) < _CAPTURE:
+                    c.capture += data[pos : pos + min(take, _CAPTURE - len(c.capture))]
+                pos += take
+                c.literal_left -= take
+                if not c.literal_left:
+                    self._client_literal_done()
+                continue
+            nl = data.find(b"\n", pos)
+            if nl < 0:
+                if len(c.buf) + n - pos > self.config.max_line:
+                    self._flush(Direction.TO_SERVER, data, start, pos)
+                    self._line_too_long()
+                    return
+                self._flush(Direction.TO_SERVER, data, start, pos)
+                c.buf += data[pos:]
+                return
+            end = nl + 1
+            if c.buf:
+                line = bytes(c.buf) + data[pos:end]
+            else:
+                line = data[pos:end]
+            if len(line) > self.config.max_line:
+                self._flush(Direction.TO_SERVER, data, start, pos)
+                self._line_too_long()
+                return
+            if not self._client_line(line):
+                self._flush(Direction.TO_SERVER, data, start, pos)
+                return
+            if c.buf:
+                out.append(Forward(Direction.TO_SERVER, bytes(c.buf)))
+                c.buf.clear()
+            pos = end
+        self._flush(Direction.TO_SERVER, data, start, pos)
+
+    def _hold(self, data: bytes) -> None:
+        if not data:
+            return
+        if len(self._held) + len(data) > self.config.max_line:
+            # The client keeps talking where it must wait: it is not an IMAP client we can follow.
+            self._violation("client", "sent_while_waiting", f"{len(self._held) + len(data)} octets")
+            self._protocol_error(b"* BYE Client sent data before the server's continuation\r\n")
+            return
+        self._held += data
+
+    def _client_line(self, line: bytes) -> bool:
+        """Handle one complete client line. False: stop, the session is closing."""
+        mode = self._client_mode
+        if mode is _ClientMode.COMMAND:
+            return self._command_start(line)
+        if mode is _ClientMode.CONTINUE:
+            assert self._current is not None
+            return self._command_fragment(self._current, line)
+        if mode is _ClientMode.SASL:
+            self._sasl_response(line)
+            return True
+        # IDLING: RFC 2177 says the only thing the client may send is DONE.
+        if lexer.strip_eol(line).upper() != b"DONE":
+            self._violation("client", "idle_not_done", f"{len(line)} octets")
+        self._client_mode = _ClientMode.COMMAND
+        return True
+
+    def _command_start(self, line: bytes) -> bool:
+        body = lexer.strip_eol(line)
+        parsed = lexer.split_tag(body)
+        verb = b""
+        if parsed is not None:
+            tag, rest = parsed
+            verb, vend = lexer.read_atom(rest, 0, _MAX_VERB)
+            verb = verb.upper()
+        if parsed is None or not verb or len(tag) > _MAX_TAG:
+            # The server decides what to make of it; we only note it, by size.
+            self._violation("client", "unparsable_command", f"{len(line)} octets")
+            return self._after_unknown_fragment(line)
+        if verb == b"UID":
+            sub, vend = lexer.read_atom(rest, vend + 1, _MAX_VERB)
+            verb = b"UID " + sub.upper()
+        cmd = _Command(tag, verb, self.state, self.now)
+        self.commands += 1
+        self._pending.setdefault(tag, deque()).append(cmd)
+        self._current = cmd
+        args = rest[vend:]
+        if verb == b"LOGIN":
+            self._login_user(cmd, args)
+        elif verb == b"AUTHENTICATE":
+            self._authenticate_start(cmd, args)
+        elif verb in (b"SELECT", b"EXAMINE"):
+            self._select_mailbox(cmd, args)
+        return self._command_fragment_end(cmd, line)
+
+    def _command_fragment(self, cmd: _Command, line: bytes) -> bool:
+        return self._command_fragment_end(cmd, line)
+
+    def _command_fragment_end(self, cmd: _Command, line: bytes) -> bool:
+        try:
+            literal = lexer.literal_at_end(line)
+        except LiteralError as exc:
+            self._violation("client", "bad_literal", str(exc))
+            self._protocol_error(b"* BYE Literal length is not acceptable\r\n")
+            return False
+        c = self._client
+        if literal is None:
+            self._current = None
+            self._client_mode = _ClientMode.COMMAND
+            self._command_sent(cmd)
+            return True
+        cmd.literals.append(literal.size)
+        self._client_mode = _ClientMode.CONTINUE
+        if c.capture is None and self._wants_literal(cmd):
+            c.capture = bytearray()
+        if literal.synchronizing:
+            self._pending_literal = literal.size
+            self._set_gate(_Gate.LITERAL, cmd)
+        else:
+            c.literal_left = literal.size
+            if not literal.size:
+                self._client_literal_done()
+        return True
+
+    def _after_unknown_fragment(self, line: bytes) -> bool:
+        """A line we could not read still frames the stream if it announces a literal."""
+        try:
+            literal = lexer.literal_at_end(line)
+        except LiteralError as exc:
+            self._violation("client", "bad_literal", str(exc))
+            self._protocol_error(b"* BYE Literal length is not acceptable\r\n")
+            return False
+        if literal is not None and not literal.synchronizing:
+            self._client.literal_left = literal.size
+        # A synchronizing literal on a line we cannot read: the server will answer it, probably
+        # with BAD. Without a tag to wait for, the next client line is read as a command again.
+        return True
+
+    def _command_sent(self, cmd: _Command) -> None:
+        """The whole command has been read; some commands make the client wait."""
+        verb = cmd.verb
+        if verb == b"AUTHENTICATE":
+            self._sasl_command = cmd
+            self._set_gate(_Gate.AUTH, cmd)
+        elif verb == b"IDLE":
+            self._idle_command = cmd
+            self._set_gate(_Gate.IDLE, cmd)
+        elif verb in _SWITCH_VERBS:
+            self._set_gate(_Gate.SWITCH, cmd)
+
+    def _client_literal_done(self) -> None:
+        c = self._client
+        cmd = self._current
+        if c.capture is not None:
+            captured = bytes(c.capture)
+            c.capture = None
+            if cmd is not None:
+                self._literal_captured(cmd, captured)
+        self._client_mode = _ClientMode.CONTINUE
+
+    def _wants_literal(self, cmd: _Command) -> bool:
+        """Keep the body of this literal? Only a LOGIN name or a mailbox that is a literal."""
+        if len(cmd.literals) != 1:
+            return False
+        if cmd.verb == b"LOGIN":
+            return cmd.user is None
+        return cmd.verb in (b"SELECT", b"EXAMINE") and cmd.mailbox is None
+
+    def _literal_captured(self, cmd: _Command, value: bytes) -> None:
+        if cmd.verb == b"LOGIN":
+            cmd.user = self.config.identify_user(value)
+        else:
+            cmd.mailbox = value
+
+    def _login_user(self, cmd: _Command, args: bytes) -> None:
+        # LOGIN SP userid SP password: only the user id is read; the password is never touched.
+        if args[:1] != b" ":
+            return
+        parsed = lexer.read_astring(args, 1)
+        if parsed is not None:
+            cmd.user = self.config.identify_user(parsed[0])
+
+    def _select_mailbox(self, cmd: _Command, args: bytes) -> None:
+        if args[:1] != b" ":
+            return
+        parsed = lexer.read_astring(args, 1)
+        if parsed is not None:
+            cmd.mailbox = parsed[0]
+
+    def _authenticate_start(self, cmd: _Command, args: bytes) -> None:
+        if args[:1] != b" ":
+            return
+        mechanism, end = lexer.read_atom(args, 1, 40)
+        cmd.mechanism = mechanism.upper().decode("ascii") or None
+        if args[end : end + 1] == b" ":  # SASL-IR (RFC 4959)
+            self._sasl_identity(cmd, args[end + 1 :])
+            cmd.sasl_step = 1
+
+    def _sasl_response(self, line: bytes) -> None:
+        cmd = self._sasl_command
+        if cmd is not None:
+            self._sasl_identity(cmd, line)
+            cmd.sasl_step += 1
+            # The next response comes only after the next challenge.
+            self._set_gate(_Gate.AUTH, cmd)
+        self._client_mode = _ClientMode.COMMAND
+
+    def _sasl_identity(self, cmd: _Command, text: bytes) -> None:
+        if cmd.user is not None or cmd.mechanism is None:
+            return
+        response = sasl.decode_response(text)
+        if response is None:
+            return
+        name = sasl.username(cmd.mechanism, cmd.sasl_step, response)
+        if name is not None:
+            cmd.user = self.config.identify_user(name)
+
+    def _set_gate(self, gate: _Gate, owner: _Command) -> None:
+        self._gate = gate
+        self._gate_owner = owner
+
+    def _line_too_long(self) -> None:
+        self._client.buf.clear()
+        self._violation(
+            "client", "line_too_long", f"longer than {self.config.max_line} octets", "closed"
+        )
+        self._set_end("line_too_long")
+        limit = self.config.max_line
+        self._protocol_error(
+            f"* BYE [TOOBIG] Command line too long (limit {limit} octets)\r\n".encode()
+        )
+
+    def _protocol_error(self, bye: bytes) -> None:
+        self._set_end("protocol_error")
+        if self._can_speak_to_client():
+            self._out.append(Reply(Direction.TO_CLIENT, bye))
+        self._out.extend(self._close("protocol_error"))
+
+    # ----------------------------------------------------------------------------------------
+    # Server direction.
+
+    def _scan_server(self, data: bytes) -> None:
+        s = self._server
+        out = self._out
+        n = len(data)
+        pos = start = 0
+        while pos < n:
+            if s.literal_left:
+                take = min(s.literal_left, n - pos)
+                pos += take
+                s.literal_left -= take
+                continue
+            if s.streaming:
+                nl = data.find(b"\n", pos)
+                end = n if nl < 0 else nl + 1
+                s.tail = (s.tail + data[pos:end])[-32:]
+                pos = end
+                if nl >= 0:
+                    s.streaming = False
+                    self._server_long_line(s.head, s.tail)
+                continue
+            if (
+                not s.buf
+                and not self._server_continues
+                and self.greeted
+                and data.startswith(b"* ", pos)
+                and 0x30 <= (data[pos + 2] if pos + 2 < n else 0) <= 0x39
+            ):
+                # Fast path: message data lines need no parsing unless they end in a literal.
+                m = _SKIP.search(data, pos)
+                if m is None:
+                    last = data.rfind(b"\n", pos)
+                    if last >= 0:
+                        pos = last + 1
+                        continue
+                elif data[m.start()] == 0x7D:  # "}": a literal announced at a line's end
+                    line_start = data.rfind(b"\n", pos, m.start()) + 1 or pos
+                    pos = m.end()
+                    self._server_literal(data[line_start:pos])
+                    continue
+                else:
+                    pos = m.end()
+                    continue
+            nl = data.find(b"\n", pos)
+            if nl < 0:
+                if len(s.buf) + n - pos > self.config.server_hold:
+                    # Too long to hold whole (a huge SEARCH result): stream it through.
+                    if s.buf:
+                        out.append(Forward(Direction.TO_CLIENT, bytes(s.buf)))
+                    s.head = (bytes(s.buf) + data[pos : pos + _HEAD])[:_HEAD]
+                    s.tail = data[-32:]
+                    s.buf.clear()
+                    s.streaming = True
+                    pos = n
+                    continue
+                self._flush(Direction.TO_CLIENT, data, start, pos)
+                s.buf += data[pos:]
+                return
+            end = nl + 1
+            if s.buf:
+                line = bytes(s.buf) + data[pos:end]
+                out.append(Forward(Direction.TO_CLIENT, bytes(s.buf)))
+                s.buf.clear()
+            else:
+                line = data[pos:end]
+            pos = end
+            self._server_line(line)
+            if self.opaque is not None:
+                # After STARTTLS/COMPRESS OK, the rest is no longer IMAP text.
+                break
+        self._flush(Direction.TO_CLIENT, data, start, n if self.opaque else pos)
+
+    def _server_long_line(self, head: bytes, tail: bytes) -> None:
+        # The head decides what kind of response it was; the tail whether a literal follows.
+        if self._server_continues or head.startswith(b"* "):
+            kind = lexer.read_atom(head, 2, 16)[0].upper() if not self._server_continues else b""
+            if kind not in (b"OK", b"NO", b"BAD", b"BYE", b"PREAUTH"):
+                self._server_literal(tail)
+                return
+        self._server_continues = False
+        self._violation("server", "long_status_line", f"longer than {self.config.server_hold}")
+
+    def _server_literal(self, line: bytes) -> None:
+        """The end of a data response fragment, which may announce a literal."""
+        try:
+            literal = lexer.literal_at_end(line)
+        except LiteralError as exc:
+            self._violation("server", "bad_literal", str(exc))
+            literal = None
+        if literal is None:
+            self._server_continues = False
+        else:
+            self._server.literal_left = literal.size
+            self._server_continues = True
+
+    def _server_line(self, line: bytes) -> None:
+        if self._server_continues:
+            self._server_literal(line)
+            return
+        first = line[:1]
+        if first == b"+":
+            self._continuation()
+        elif line.startswith(b"* "):
+            self._untagged(line)
+        else:
+            parsed = lexer.split_tag(lexer.strip_eol(line))
+            if parsed is None:
+                self._violation("server", "unparsable_response", f"{len(line)} octets")
+            else:
+                self._tagged(*parsed)
+        self.greeted = True
+
+    def _untagged(self, line: bytes) -> None:
+        body = lexer.strip_eol(line)
+        word, after = lexer.read_atom(body, 2, 16)
+        kind = word.upper()
+        if kind in (b"OK", b"NO", b"BAD", b"BYE", b"PREAUTH"):
+            # resp-text cannot hold a literal, whatever it ends with.
+            _status, code, args = lexer.status_and_code(body[2:])
+            if code == "CAPABILITY":
+                self.capabilities = lexer.capabilities(args)
+            if kind == b"BYE":
+                self._bye_seen = True
+                self.state = State.LOGOUT
+            elif kind == b"PREAUTH" and not self.greeted:
+                self.state = State.AUTHENTICATED
+            return
+        if kind == b"CAPABILITY":
+            self.capabilities = lexer.capabilities(body[after:])
+        self._server_literal(line)
+
+    def _continuation(self) -> None:
+        gate = self._gate
+        if gate is _Gate.LITERAL:
+            self._client.literal_left = self._pending_literal
+            self._pending_literal = 0
+            self._clear_gate()
+            if not self._client.literal_left:
+                self._client_literal_done()
+        elif gate is _Gate.AUTH:
+            self._client_mode = _ClientMode.SASL
+            self._clear_gate()
+        elif gate is _Gate.IDLE:
+            self._client_mode = _ClientMode.IDLING
+            self._clear_gate()
+        # Otherwise the "+" answers nothing we know of; the client will make of it what it can.
+
+    def _tagged(self, tag: bytes, rest: bytes) -> None:
+        status, code, args = lexer.status_and_code(rest)
+        if status not in ("OK", "NO", "BAD"):
+            self._violation("server", "unparsable_response", f"{len(rest)} octets")
+            return
+        if code == "CAPABILITY":
+            self.capabilities = lexer.capabilities(args)
+        queue = self._pending.get(tag)
+        if not queue:
+            self._violation("server", "unknown_tag", f"tag of {len(tag)} octets")
+            return
+        cmd = queue.popleft()
+        if not queue:
+            del self._pending[tag]
+        self._complete(cmd, status, code)
+
+    def _complete(self, cmd: _Command, status: str, code: str | None) -> None:
+        verb = cmd.verb
+        ok = status == "OK"
+        if verb in (b"LOGIN", b"AUTHENTICATE"):
+            if ok:
+                self.state = State.AUTHENTICATED
+                self.user = cmd.user
+        elif verb in (b"SELECT", b"EXAMINE"):
+            if ok:
+                self.state = State.SELECTED
+                self.mailbox = cmd.mailbox
+            elif status == "NO":
+                # RFC 9051 §6.3.2: a failed SELECT leaves no mailbox selected.
+                self.state = State.AUTHENTICATED
+                self.mailbox = None
+        elif verb in (b"CLOSE", b"UNSELECT"):
+            if ok:
+                self.state = State.AUTHENTICATED
+                self.mailbox = None
+        elif verb == b"LOGOUT":
+            self._logout_done = True
+            self.state = State.LOGOUT
+
+        if cmd is self._gate_owner:
+            gate = self._gate
+            self._clear_gate()
+            self._client_mode = _ClientMode.COMMAND
+            if gate is _Gate.LITERAL:
+                # The server refused the command before its literal: the client will not send it.
+                self._pending_literal = 0
+                self._client.capture = None
+                self._current = None
+            elif gate is _Gate.SWITCH and ok:
+                self.opaque = _SWITCH_VERBS[verb]
+        if cmd is self._sasl_command:
+            self._sasl_command = None
+            if self._client_mode is _ClientMode.SASL:
+                self._client_mode = _ClientMode.COMMAND
+        if cmd is self._idle_command:
+            self._idle_command = None
+            if self._client_mode is _ClientMode.IDLING:
+                self._client_mode = _ClientMode.COMMAND
+        if self.config.log_commands:
+            self._out.append(Emit(self._command_record(cmd, status, code)))
+
+    def _clear_gate(self) -> None:
+        self._gate = None
+        self._gate_owner = None
+
+    # ----------------------------------------------------------------------------------------
+    # Helpers.
+
+    def _flush(self, direction: Direction, data: bytes, start: int, end: int) -> None:
+        """Forward data[start:end], the part of a chunk that passes unchanged."""
+        if end > start:
+            if start == 0 and end == len(data):
+                self._out.append(Forward(direction, data))
+            else:
+                self._out.append(Forward(direction, memoryview(data)[start:end]))
+
+    def _can_speak_to_client(self) -> bool:
+        """True at a response boundary, where a line of our own does not corrupt the stream."""
+        s = self._server
+        return not (s.literal_left or s.streaming or self._server_continues)
+
+    def _close(self, reason: str) -> list[Action]:
+        if self.closed:
+            return []
+        self.closed = True
+        return [Close(reason)]
+
+    def _set_end(self, reason: str, detail: str | None = None) -> None:
+        if self._end_reason is None:
+            self._end_reason = reason
+            self._end_detail = detail
+
+    def _client_position(self) -> str | None:
+        if self._client.literal_left:
+            return "mid_literal"
+        if self._client.buf:
+            return "mid_line"
+        return None
+
+    def _server_position(self) -> str | None:
+        if self._server.literal_left:
+            return "mid_literal"
+        if self._server.buf or self._server.streaming:
+            return "mid_line"
+        return None
+
+    def _violation(self, source: str, kind: str, detail: str, action: str = "forwarded") -> None:
+        self._out.append(Emit(Violation(self.session_id, source, kind, detail, action)))
+
+    def _command_record(
+        self, cmd: _Command, status: str | None, code: str | None
+    ) -> CommandCompleted:
+        return CommandCompleted(
+            session=self.session_id,
+            tag=cmd.tag.decode("ascii", "replace"),
+            verb=cmd.verb.decode("ascii", "replace"),
+            state=cmd.state.value,
+            status=status,
+            code=code,
+            duration_ms=_ms(self.now - cmd.started) if status is not None else None,
+            literals=tuple(cmd.literals),
+            mechanism=cmd.mechanism,
+            user=cmd.user,
+        )
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000.0, 3)

@@ -1,0 +1,102 @@
+"""Records the proxy writes about sessions.
+
+Records are built redacted: they have no field that could hold a credential or a message body.
+Commands are described by tag, verb, outcome and sizes; users by the identity the configuration
+chose (an HMAC by default). Every record is a frozen dataclass whose `to_dict` gives the JSON
+object written to the event log, with an `event` key naming its kind.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
+
+
+@dataclass(frozen=True, slots=True)
+class SessionStarted:
+    event: ClassVar[str] = "session_start"
+    session: str
+    client: str
+    upstream: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"event": self.event, **asdict(self)}
+
+
+@dataclass(frozen=True, slots=True)
+class SessionEnded:
+    """How a session ended. `reason` is one of `END_REASONS`."""
+
+    event: ClassVar[str] = "session_end"
+    session: str
+    client: str
+    upstream: str
+    reason: str
+    detail: str | None
+    state: str
+    user: str | None
+    duration_ms: float
+    bytes_from_client: int
+    bytes_from_server: int
+    commands: int
+    opaque: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"event": self.event, **asdict(self)}
+
+
+@dataclass(frozen=True, slots=True)
+class CommandCompleted:
+    """One client command and the server's tagged answer (`status` None: no answer came)."""
+
+    event: ClassVar[str] = "command"
+    session: str
+    tag: str
+    verb: str
+    state: str
+    status: str | None
+    code: str | None
+    duration_ms: float | None
+    literals: tuple[int, ...] = ()
+    mechanism: str | None = None
+    user: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {"event": self.event, **asdict(self)}
+        d["literals"] = list(self.literals)
+        return d
+
+
+@dataclass(frozen=True, slots=True)
+class Violation:
+    """A peer broke the protocol. `detail` never quotes the peer's bytes, only sizes and names."""
+
+    event: ClassVar[str] = "violation"
+    session: str
+    source: str
+    kind: str
+    detail: str = ""
+    action: str = "forwarded"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {"event": self.event, **asdict(self)}
+        if not self.extra:
+            del d["extra"]
+        return d
+
+
+Record = SessionStarted | SessionEnded | CommandCompleted | Violation
+
+END_REASONS = (
+    "logout",  # LOGOUT completed
+    "client_closed",  # the client closed the connection
+    "server_closed",  # the server closed the connection without BYE
+    "server_bye",  # the server sent * BYE and closed
+    "line_too_long",  # a client line exceeded the limit; we sent * BYE
+    "protocol_error",  # the client broke framing beyond recovery; we sent * BYE
+    "idle_timeout",  # no traffic within the idle timeout; we sent * BYE
+    "upstream_unavailable",  # the upstream could not be reached; we sent * BYE
+    "shutdown",  # the proxy shut down
+    "error",  # a network error on either leg
+)
