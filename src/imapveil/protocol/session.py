@@ -86,6 +86,7 @@ _SWITCH_VERBS = {b"STARTTLS": "starttls", b"COMPRESS": "compress"}
 # a literal announcement, or a line that does not start with "* <digit>".
 _SKIP = re.compile(rb"\}\r?\n|\n(?!\* [0-9])")
 
+_STATUS_WORDS = frozenset((b"OK", b"NO", b"BAD", b"BYE", b"PREAUTH"))
 _HEAD = 4096  # how much of a streamed (over-long) server line is kept for parsing
 _CAPTURE = 1024  # how much of a literal LOGIN user name or SELECT mailbox is kept
 _MAX_TAG = 64
@@ -649,14 +650,16 @@ class SessionCore:
         self._flush(Direction.TO_CLIENT, data, start, n if self.opaque else pos)
 
     def _server_long_line(self, head: bytes, tail: bytes) -> None:
-        # The head decides what kind of response it was; the tail whether a literal follows.
-        if self._server_continues or head.startswith(b"* "):
-            kind = lexer.read_atom(head, 2, 16)[0].upper() if not self._server_continues else b""
-            if kind not in (b"OK", b"NO", b"BAD", b"BYE", b"PREAUTH"):
-                self._server_literal(tail)
-                return
-        self._server_continues = False
-        self._violation("server", "long_status_line", f"longer than {self.config.server_hold}")
+        """An over-long server line has ended; it was streamed, only its head and tail kept.
+
+        The head says what kind of line it was (its tag, status and response code fit in it);
+        the tail says whether it announced a literal.
+        """
+        if self._server_continues or (head.startswith(b"* ") and not _is_status(head[2:])):
+            self._server_literal(tail)
+            return
+        # A status or tagged response: its text cannot announce a literal, the head is enough.
+        self._server_line(head + b"\r\n")
 
     def _server_literal(self, line: bytes) -> None:
         """The end of a data response fragment, which may announce a literal."""
@@ -847,6 +850,10 @@ class SessionCore:
             mechanism=cmd.mechanism,
             user=cmd.user,
         )
+
+
+def _is_status(rest: bytes) -> bool:
+    return lexer.read_atom(rest, 0, 16)[0].upper() in _STATUS_WORDS
 
 
 def _ms(seconds: float) -> float:
