@@ -72,6 +72,8 @@ class Conversation:
     clock: float = 1000.0
     to_server: bytearray = field(default_factory=bytearray)
     to_client: bytearray = field(default_factory=bytearray)
+    forwarded_to_server: bytearray = field(default_factory=bytearray)
+    forwarded_to_client: bytearray = field(default_factory=bytearray)
     replies: list[Reply] = field(default_factory=list)
     records: list[Record] = field(default_factory=list)
     closed: str | None = None
@@ -124,9 +126,11 @@ class Conversation:
                 case Forward(direction=Direction.TO_SERVER, data=data):
                     assert self.closed is None, "forwarded after Close"
                     self.to_server += data
+                    self.forwarded_to_server += data
                 case Forward(direction=Direction.TO_CLIENT, data=data):
                     assert self.closed is None, "forwarded after Close"
                     self.to_client += data
+                    self.forwarded_to_client += data
                 case Reply(direction=direction, data=data):
                     assert self.closed is None, "replied after Close"
                     self.replies.append(action)

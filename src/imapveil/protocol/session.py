@@ -200,9 +200,7 @@ class SessionCore:
     # The interface the shell drives.
 
     def start(self) -> list[Action]:
-        return [
-            Emit(SessionStarted(self.session_id, self.client_address, self.upstream_address))
-        ]
+        return [Emit(SessionStarted(self.session_id, self.client_address, self.upstream_address))]
 
     @property
     def idle_timeout(self) -> float:
@@ -218,7 +216,8 @@ class SessionCore:
             return []
         if self.opaque is not None:
             return [Forward(Direction.TO_SERVER, data)]
-        self._out = out = []
+        out: list[Action] = []
+        self._out = out
         self._scan_client(data)
         return out
 
@@ -230,7 +229,8 @@ class SessionCore:
             return []
         if self.opaque is not None:
             return [Forward(Direction.TO_CLIENT, data)]
-        self._out = out = []
+        out: list[Action] = []
+        self._out = out
         self._scan_server(data)
         if self._gate is None and self._held and not self.closed:
             held = bytes(self._held)
@@ -285,9 +285,7 @@ class SessionCore:
         self._set_end("shutdown")
         out: list[Action] = []
         if self._can_speak_to_client():
-            out.append(
-                Reply(Direction.TO_CLIENT, b"* BYE [UNAVAILABLE] Server shutting down\r\n")
-            )
+            out.append(Reply(Direction.TO_CLIENT, b"* BYE [UNAVAILABLE] Server shutting down\r\n"))
         return out + self._close("shutdown")
 
     def failed(self, detail: str, now: float) -> list[Action]:
@@ -360,16 +358,16 @@ class SessionCore:
                 c.buf += data[pos:]
                 return
             end = nl + 1
-            if c.buf:
-                line = bytes(c.buf) + data[pos:end]
-            else:
-                line = data[pos:end]
+            line = bytes(c.buf) + data[pos:end] if c.buf else data[pos:end]
             if len(line) > self.config.max_line:
                 self._flush(Direction.TO_SERVER, data, start, pos)
                 self._line_too_long()
                 return
+            mark = len(out)
             if not self._client_line(line):
-                self._flush(Direction.TO_SERVER, data, start, pos)
+                # The session is closing because of this line: what came before it still goes
+                # out, ahead of the BYE and the Close.
+                self._flush(Direction.TO_SERVER, data, start, pos, at=mark)
                 return
             if c.buf:
                 out.append(Forward(Direction.TO_SERVER, bytes(c.buf)))
@@ -393,7 +391,8 @@ class SessionCore:
         if mode is _ClientMode.COMMAND:
             return self._command_start(line)
         if mode is _ClientMode.CONTINUE:
-            assert self._current is not None
+            if self._current is None:  # the rest of a command we could not read
+                return self._after_unknown_fragment(line)
             return self._command_fragment(self._current, line)
         if mode is _ClientMode.SASL:
             self._sasl_response(line)
@@ -469,8 +468,11 @@ class SessionCore:
             self._violation("client", "bad_literal", str(exc))
             self._protocol_error(b"* BYE Literal length is not acceptable\r\n")
             return False
+        self._client_mode = _ClientMode.COMMAND
         if literal is not None and not literal.synchronizing:
             self._client.literal_left = literal.size
+            if not literal.size:
+                self._client_literal_done()
         # A synchronizing literal on a line we cannot read: the server will answer it, probably
         # with BAD. Without a tag to wait for, the next client line is read as a command again.
         return True
@@ -794,13 +796,23 @@ class SessionCore:
     # ----------------------------------------------------------------------------------------
     # Helpers.
 
-    def _flush(self, direction: Direction, data: bytes, start: int, end: int) -> None:
-        """Forward data[start:end], the part of a chunk that passes unchanged."""
-        if end > start:
-            if start == 0 and end == len(data):
-                self._out.append(Forward(direction, data))
-            else:
-                self._out.append(Forward(direction, memoryview(data)[start:end]))
+    def _flush(
+        self, direction: Direction, data: bytes, start: int, end: int, at: int | None = None
+    ) -> None:
+        """Forward data[start:end], the part of a chunk that passes unchanged.
+
+        `at` puts the Forward at that index of the actions instead of at the end.
+        """
+        if end <= start:
+            return
+        if start == 0 and end == len(data):
+            action = Forward(direction, data)
+        else:
+            action = Forward(direction, memoryview(data)[start:end])
+        if at is None:
+            self._out.append(action)
+        else:
+            self._out.insert(at, action)
 
     def _can_speak_to_client(self) -> bool:
         """True at a response boundary, where a line of our own does not corrupt the stream."""

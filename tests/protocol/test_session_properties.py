@@ -1,0 +1,185 @@
+"""Hypothesis: generated sessions, split at random points, come out exactly as they went in."""
+
+from __future__ import annotations
+
+import base64
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from imapveil.protocol.session import CoreConfig
+from imapveil.records import CommandCompleted, Violation
+from tests.helpers.feeding import Conversation, splitting_at
+
+Step = tuple[str, bytes]  # ("c" | "s", bytes)
+
+# Literal bodies are where a naive proxy goes wrong: make them look like protocol.
+_TRICKY = [
+    b"\r\n",
+    b"\n",
+    b"a1 OK done\r\n",
+    b"* BYE x\r\n",
+    b"{5}\r\n",
+    b"{3+}\r\n",
+    b"~{2}\r\n",
+    b"+ go\r\n",
+    b"DONE\r\n",
+    b"}",
+    b"* 1 FETCH (BODY[] {",
+    b"\x00\xff",
+]
+bodies = st.lists(st.sampled_from(_TRICKY) | st.binary(max_size=12), max_size=6).map(b"".join)
+texts = st.sampled_from([b"done", b"Completed (0.001 secs).", b"[ALERT] hi", b"x}"])
+words = st.sampled_from([b"NOOP", b"CHECK", b"CAPABILITY", b"STATUS INBOX (MESSAGES)"])
+
+
+@st.composite
+def untagged(draw: st.DrawFn) -> bytes:
+    kind = draw(st.integers(0, 5))
+    n = draw(st.integers(1, 99999))
+    if kind == 0:
+        return b"* %d EXISTS\r\n" % n
+    if kind == 1:
+        body = draw(bodies)
+        lit = b"~{%d}" if draw(st.booleans()) else b"{%d}"
+        return b"* %d FETCH (UID %d BODY[] %s\r\n%s)\r\n" % (n, n, lit % len(body), body)
+    if kind == 2:
+        body1, body2 = draw(bodies), draw(bodies)
+        return b"* %d FETCH (BODY[1] {%d}\r\n%s BODY[2] {%d}\r\n%s FLAGS (\\Seen))\r\n" % (
+            n,
+            len(body1),
+            body1,
+            len(body2),
+            body2,
+        )
+    if kind == 3:
+        return b"* SEARCH " + b" ".join(b"%d" % i for i in range(draw(st.integers(0, 300))))
+    if kind == 4:
+        return b"* OK [UIDNEXT %d] Predicted next UID\r\n" % n
+    return b"* CAPABILITY IMAP4rev1 IDLE LITERAL+\r\n"
+
+
+def _fix(line: bytes) -> bytes:
+    return line if line.endswith(b"\n") else line + b"\r\n"
+
+
+@st.composite
+def exchange(draw: st.DrawFn, tag: bytes) -> list[Step]:
+    kind = draw(st.integers(0, 6))
+    status = draw(st.sampled_from([b"OK", b"NO", b"BAD"]))
+    done = b"%s %s %s\r\n" % (tag, status, draw(texts))
+    extra = b"".join(_fix(u) for u in draw(st.lists(untagged(), max_size=3)))
+    if kind == 0:
+        return [("c", b"%s %s\r\n" % (tag, draw(words))), ("s", extra + done)]
+    body = draw(bodies)
+    if kind == 1:  # synchronizing literal, accepted
+        return [
+            ("c", b"%s APPEND INBOX {%d}\r\n" % (tag, len(body))),
+            ("s", extra + b"+ Ready for literal data\r\n"),
+            ("c", body + b"\r\n"),
+            ("s", done),
+        ]
+    if kind == 2:  # synchronizing literal, refused: the body is never sent
+        return [("c", b"%s APPEND Nope {%d}\r\n" % (tag, len(body))), ("s", extra + done)]
+    if kind == 3:  # LITERAL+
+        return [("c", b"%s APPEND INBOX {%d+}\r\n%s\r\n" % (tag, len(body), body)), ("s", done)]
+    if kind == 4:
+        return [
+            ("c", b"%s IDLE\r\n" % tag),
+            ("s", b"+ idling\r\n" + extra),
+            ("c", b"DONE\r\n"),
+            ("s", done),
+        ]
+    if kind == 5:
+        response = base64.b64encode(b"\x00user\x00" + body)
+        return [
+            ("c", b"%s AUTHENTICATE PLAIN\r\n" % tag),
+            ("s", b"+ \r\n"),
+            ("c", response + b"\r\n"),
+            ("s", extra + done),
+        ]
+    # Pipelined: several commands at once, answered in any order.
+    tags = [tag + b".%d" % i for i in range(draw(st.integers(2, 5)))]
+    order = draw(st.permutations(tags))
+    return [
+        ("c", b"".join(b"%s %s\r\n" % (t, draw(words)) for t in tags)),
+        ("s", extra + b"".join(b"%s OK x\r\n" % t for t in order)),
+    ]
+
+
+@st.composite
+def sessions(draw: st.DrawFn) -> list[Step]:
+    steps: list[Step] = [("s", b"* OK [CAPABILITY IMAP4rev1 LITERAL+ IDLE] ready\r\n")]
+    for i in range(draw(st.integers(0, 8))):
+        steps += draw(exchange(b"t%d" % i))
+    return steps
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(sessions(), st.lists(st.integers(0, 10**6), max_size=20))
+def test_sessions_are_relayed_byte_for_byte(steps: list[Step], cuts: list[int]) -> None:
+    conv = Conversation(splitting_at(cuts), CoreConfig(server_hold=256))
+    client, server = bytearray(), bytearray()
+    for side, data in steps:
+        if side == "c":
+            conv.client(data)
+            client += data
+        else:
+            conv.server(data)
+            server += data
+    assert conv.forwarded_to_server == client
+    assert conv.forwarded_to_client == server
+    assert not conv.replies
+    assert conv.closed is None
+    assert not [r for r in conv.records if isinstance(r, Violation)]
+    # Every command got its tagged answer; none is left pending.
+    done = [r for r in conv.records if isinstance(r, CommandCompleted)]
+    assert all(r.status is not None for r in done)
+    assert not conv.core._pending
+
+
+_NOISE = [
+    b"\r\n",
+    b"{3}\r\n",
+    b"{4+}\r\n",
+    b"{99999999999999999999999}\r\n",
+    b"+ \r\n",
+    b"a OK\r\n",
+    b"a NO\r\n",
+    b"* BYE\r\n",
+    b"* 1 FETCH (",
+    b"a APPEND x ",
+    b"a IDLE\r\n",
+    b"DONE\r\n",
+    b"a AUTHENTICATE PLAIN\r\n",
+    b"a STARTTLS\r\n",
+    b"a LOGOUT\r\n",
+]
+noise = st.lists(st.sampled_from(_NOISE) | st.binary(max_size=30), max_size=8).map(b"".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from("cs"), noise), max_size=12), st.lists(st.integers()))
+def test_garbage_never_crashes_and_only_ever_truncates(
+    steps: list[tuple[str, bytes]], cuts: list[int]
+) -> None:
+    """Whatever the peers send, the core forwards a prefix of it, unchanged, in bounded memory."""
+    config = CoreConfig(max_line=200, server_hold=200)
+    conv = Conversation(splitting_at(cuts), config)
+    client, server = bytearray(), bytearray()
+    for side, data in steps:
+        if side == "c":
+            conv.client(data)
+            client += data
+        else:
+            conv.server(data)
+            server += data
+        core = conv.core
+        assert len(core._client.buf) <= config.max_line
+        assert len(core._held) <= config.max_line
+        assert len(core._server.buf) <= config.server_hold
+    conv.client_closes()
+    assert client.startswith(conv.forwarded_to_server)
+    assert server.startswith(conv.forwarded_to_client)
+    for reply in conv.replies:
+        assert reply.data.startswith(b"* BYE ")
