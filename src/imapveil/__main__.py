@@ -1,0 +1,5 @@
+import sys
+
+from imapveil.cli import main
+
+sys.exit(main())

@@ -1,0 +1,168 @@
+"""Settings: from a TOML file (`--config`), overridden by command-line flags.
+
+Every setting has one name. In TOML it is written with underscores (`max_line_length`), on the
+command line with dashes (`--max-line-length`). Unknown keys and bad values are errors that name
+the file and the key, at start-up, never at the first connection.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from imapveil.identity import IDENTITIES, default_key_file
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_endpoint(text: str) -> Endpoint:
+    """`HOST:PORT`, `[V6]:PORT`, or `:PORT` (all addresses)."""
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+        if not sep:
+            raise ValueError(f"{text!r} is not [HOST]:PORT")
+    else:
+        host, sep, port = text.rpartition(":")
+        if not sep:
+            raise ValueError(f"{text!r} is not HOST:PORT")
+        if ":" in host:
+            raise ValueError(f"{text!r}: write IPv6 addresses as [ADDRESS]:PORT")
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{text!r}: the port must be a number from 0 to 65535")
+    return Endpoint(host, int(port))
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    listen: Endpoint = Endpoint("127.0.0.1", 1143)
+    upstream: Endpoint | None = None
+    events: str = "-"
+    max_line_length: int = 64 * 1024
+    connect_timeout: float = 10.0
+    login_timeout: float = 60.0
+    idle_timeout: float = 31 * 60.0
+    user_identity: str = "hash"
+    user_key_file: str = ""
+    log_commands: bool = True
+    shutdown_grace: float = 10.0
+    log_level: str = "info"
+
+    def key_file(self) -> Path:
+        return Path(self.user_key_file) if self.user_key_file else default_key_file()
+
+
+HELP: dict[str, str] = {
+    "listen": "address to accept IMAP clients on, HOST:PORT (default 127.0.0.1:1143)",
+    "upstream": "the IMAP server to relay to, HOST:PORT (required)",
+    "events": "where to write JSON-lines records: '-' for stdout (default) or a file to append to",
+    "max_line_length": "longest client command line in octets, outside literals (default 65536)",
+    "connect_timeout": "seconds to wait for the upstream to accept a connection (default 10)",
+    "login_timeout": "seconds without traffic before login, then BYE (default 60)",
+    "idle_timeout": "seconds without traffic after login, then BYE (default 1860)",
+    "user_identity": "what records say about the user: hash (default), plain or none",
+    "user_key_file": "key for user_identity = hash; created (0600) if missing "
+    "(default $STATE_DIRECTORY/user-key or ~/.local/state/imapveil/user-key)",
+    "log_commands": "write one record per command (default true)",
+    "shutdown_grace": "seconds sessions get to finish on SIGTERM (default 10)",
+    "log_level": "diagnostics on stderr: debug, info (default), warning, error",
+}
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _positive(name: str, value: float) -> None:
+    if not (value > 0) or math.isinf(value):
+        raise ValueError(f"{name} must be a positive number")
+
+
+def _convert(name: str, value: Any) -> Any:
+    """Check and convert one setting's value, from TOML or from a flag's text."""
+    if name in ("listen", "upstream"):
+        if not isinstance(value, str):
+            raise ValueError("expected a string HOST:PORT")
+        return parse_endpoint(value)
+    if name in ("events", "user_key_file"):
+        if not isinstance(value, str):
+            raise ValueError("expected a string")
+        return value
+    if name == "max_line_length":
+        number = int(value) if isinstance(value, str) else value
+        if type(number) is not int or number < 1024:
+            raise ValueError("expected a whole number of octets, at least 1024")
+        return number
+    if name in ("connect_timeout", "login_timeout", "idle_timeout", "shutdown_grace"):
+        number = float(value) if isinstance(value, str) else value
+        if type(number) not in (int, float):
+            raise ValueError("expected a number of seconds")
+        _positive(name, float(number))
+        return float(number)
+    if name == "user_identity":
+        if value not in IDENTITIES:
+            raise ValueError(f"expected one of {', '.join(IDENTITIES)}")
+        return value
+    if name == "log_level":
+        if not isinstance(value, str) or value.lower() not in LOG_LEVELS:
+            raise ValueError(f"expected one of {', '.join(LOG_LEVELS)}")
+        return value.lower()
+    if name == "log_commands":
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        if not isinstance(value, bool):
+            raise ValueError("expected true or false")
+        return value
+    raise KeyError(name)
+
+
+NAMES = tuple(f.name for f in fields(Settings))
+
+
+def load(
+    path: str | Path | None,
+    overrides: Mapping[str, Any],
+    read: Callable[[Path], bytes] | None = None,
+) -> Settings:
+    """Settings from the file at `path` (if any), then `overrides` (flag values, not None)."""
+    settings = Settings()
+    if path is not None:
+        path = Path(path)
+        try:
+            raw = (read or Path.read_bytes)(path)
+            table = tomllib.loads(raw.decode("utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        settings = _apply(settings, table, str(path))
+    given = {k: v for k, v in overrides.items() if v is not None}
+    settings = _apply(settings, given, "command line")
+    if settings.upstream is None:
+        raise ConfigError("no upstream: give --upstream HOST:PORT or `upstream` in the config")
+    return settings
+
+
+def _apply(settings: Settings, table: Mapping[str, Any], source: str) -> Settings:
+    changes: dict[str, Any] = {}
+    for key, value in table.items():
+        name = key.replace("-", "_") if source == "command line" else key
+        if name not in NAMES:
+            raise ConfigError(f"{source}: unknown setting {key!r}")
+        try:
+            changes[name] = _convert(name, value)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: {key}: {exc}") from None
+    return replace(settings, **changes)

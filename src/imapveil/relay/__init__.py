@@ -1,0 +1,1 @@
+"""The trio shell around the protocol core: sockets, timeouts, backpressure, shutdown."""

@@ -1,0 +1,237 @@
+"""One proxied session: a client leg, an upstream leg, and the core between them.
+
+Each leg has a reader task that feeds the core and then performs the core's actions in order.
+Writes to a leg go through a FIFO lock, so the two readers never interleave inside each other's
+sends, and `send_all` is awaited before the next receive: a peer that does not read slows the
+other side of its own session down (TCP backpressure) and nothing buffers without bound.
+
+A leg's stream can be replaced in place (`Leg.stream`), which is how TLS will be layered on.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+from dataclasses import dataclass
+
+import trio
+
+from imapveil.protocol.actions import Action, Close, Direction, Emit, Forward, Reply
+from imapveil.protocol.session import CoreConfig, SessionCore
+from imapveil.sinks import Sink
+
+log = logging.getLogger(__name__)
+
+RECEIVE_SIZE = 256 * 1024
+CLOSE_GRACE = 2.0
+"""Seconds to wait for the peer to read our last words before the socket is closed."""
+
+
+@dataclass(frozen=True, slots=True)
+class RelaySettings:
+    upstream_host: str
+    upstream_port: int
+    core: CoreConfig
+    connect_timeout: float = 10.0
+
+    @property
+    def upstream(self) -> str:
+        return _address(self.upstream_host, self.upstream_port)
+
+
+class Leg:
+    """One side of the session. `stream` may be swapped for a wrapped one (TLS) in place."""
+
+    def __init__(self, name: str, stream: trio.abc.Stream) -> None:
+        self.name = name
+        self.stream = stream
+        self.write_lock = trio.StrictFIFOLock()
+        self.broken = False
+        """A send was interrupted: the peer may hold half a chunk, so say nothing more."""
+
+    async def send(self, data: bytes | memoryview) -> None:
+        async with self.write_lock:
+            try:
+                await self.stream.send_all(data)
+            except BaseException:
+                self.broken = True
+                raise
+
+    async def close_gracefully(self) -> None:
+        """Half-close, let the peer read what we sent, then close.
+
+        Closing a TCP socket that still has unread input sends a reset, which can destroy our
+        last `* BYE` in flight; so stop writing first and drain until the peer closes (briefly).
+        """
+        stream = self.stream
+        with trio.move_on_after(CLOSE_GRACE) as scope:
+            scope.shield = True
+            try:
+                if isinstance(stream, trio.abc.HalfCloseableStream):
+                    await stream.send_eof()
+                while await stream.receive_some(RECEIVE_SIZE):
+                    pass
+            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
+                pass
+            except OSError:
+                pass
+        await trio.aclose_forcefully(stream)
+
+
+class Connection:
+    def __init__(
+        self,
+        client_stream: trio.abc.Stream,
+        *,
+        client_address: str,
+        session_id: str,
+        settings: RelaySettings,
+        sink: Sink,
+        shutdown: trio.Event,
+    ) -> None:
+        self.client = Leg("client", client_stream)
+        self.server: Leg | None = None
+        self.settings = settings
+        self.sink = sink
+        self.shutdown = shutdown
+        self.core = SessionCore(
+            settings.core,
+            session_id=session_id,
+            client=client_address,
+            upstream=settings.upstream,
+            now=trio.current_time(),
+        )
+        self._closed = trio.Event()
+        self._idle: trio.CancelScope | None = None
+
+    def __repr__(self) -> str:
+        return f"<Connection {self.core.session_id}>"
+
+    async def run(self) -> None:
+        """Relay until either side closes, then write the end record. Never raises for peers."""
+        try:
+            await self._apply(self.core.start())
+            await self._run()
+        except Exception:
+            # A bug of ours, not a peer's mistake: say so once, with the trace, and move on.
+            log.exception("session %s failed", self.core.session_id)
+            self._emit_all(self.core.failed("internal error", trio.current_time()))
+        finally:
+            with trio.CancelScope(shield=True):
+                self._emit_all(self.core.finish(trio.current_time()))
+                await self._close_legs()
+
+    async def _run(self) -> None:
+        upstream = await self._connect()
+        if upstream is None:
+            return
+        self.server = Leg("server", upstream)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_shutdown)
+            with trio.CancelScope() as idle:
+                self._idle = idle
+                self._touch()
+                async with trio.open_nursery() as pumps:
+                    pumps.start_soon(self._pump, self.client, Direction.TO_SERVER)
+                    pumps.start_soon(self._pump, self.server, Direction.TO_CLIENT)
+                    pumps.start_soon(self._until_closed, pumps.cancel_scope)
+            if idle.cancelled_caught and not self._closed.is_set():
+                await self._apply(self.core.timed_out(trio.current_time()))
+            nursery.cancel_scope.cancel()
+
+    async def _connect(self) -> trio.SocketStream | None:
+        s = self.settings
+        detail = f"no connection within {s.connect_timeout:g} s"
+        with trio.move_on_after(s.connect_timeout):
+            try:
+                return await trio.open_tcp_stream(s.upstream_host, s.upstream_port)
+            except OSError as exc:
+                detail = _describe(exc)
+        log.warning("upstream %s unavailable: %s", s.upstream, detail)
+        await self._apply(self.core.upstream_unavailable(detail, trio.current_time()))
+        return None
+
+    def _touch(self) -> None:
+        if self._idle is not None:
+            timeout = self.core.idle_timeout
+            self._idle.deadline = trio.current_time() + timeout if timeout > 0 else math.inf
+
+    async def _until_closed(self, pumps: trio.CancelScope) -> None:
+        await self._closed.wait()
+        pumps.cancel()
+
+    async def _watch_shutdown(self) -> None:
+        await self.shutdown.wait()
+        await self._apply(self.core.shutting_down(trio.current_time()))
+
+    async def _pump(self, source: Leg, direction: Direction) -> None:
+        core = self.core
+        feed = core.feed_client if direction is Direction.TO_SERVER else core.feed_server
+        while not self._closed.is_set():
+            try:
+                data = await source.stream.receive_some(RECEIVE_SIZE)
+            except (trio.BrokenResourceError, OSError) as exc:
+                # A reset is how many clients hang up; it is the peer's business, not an error.
+                log.debug("session %s: %s reset: %s", core.session_id, source.name, exc)
+                data = b""
+            except trio.ClosedResourceError:
+                return
+            now = trio.current_time()
+            if not data:
+                closed = core.client_closed if source is self.client else core.server_closed
+                await self._apply(closed(now))
+                return
+            self._touch()
+            await self._apply(feed(bytes(data) if type(data) is not bytes else data, now))
+
+    async def _apply(self, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, Forward | Reply):
+                leg = self.server if action.direction is Direction.TO_SERVER else self.client
+                if leg is None or leg.broken:
+                    continue
+                try:
+                    await leg.send(action.data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                    self._emit_all(
+                        self.core.failed(
+                            f"send to {leg.name}: {_describe(exc)}", trio.current_time()
+                        )
+                    )
+                    self._closed.set()
+                    return
+            elif isinstance(action, Emit):
+                self.sink.emit(action.record)
+            elif isinstance(action, Close):
+                self._closed.set()
+
+    def _emit_all(self, actions: list[Action]) -> None:
+        """Records only; for the moments when nothing may be sent any more."""
+        for action in actions:
+            if isinstance(action, Emit):
+                self.sink.emit(action.record)
+            elif isinstance(action, Close):
+                self._closed.set()
+
+    async def _close_legs(self) -> None:
+        legs = [leg for leg in (self.client, self.server) if leg is not None]
+        async with trio.open_nursery() as nursery:
+            for leg in legs:
+                nursery.start_soon(leg.close_gracefully)
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _describe(exc: BaseException) -> str:
+    """A short, peer-data-free description of a network error: `econnrefused`, `timeout`."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return errno.errorcode.get(exc.errno, str(exc.errno)).lower()
+    cause = exc.__cause__
+    if isinstance(cause, BaseExceptionGroup) and cause.exceptions:
+        return _describe(cause.exceptions[0])
+    if cause is not None:
+        return _describe(cause)
+    return (str(exc) or type(exc).__name__)[:200]

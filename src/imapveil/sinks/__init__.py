@@ -1,0 +1,26 @@
+"""Where records go. A sink's `emit` never blocks the relay."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from imapveil.records import Record
+
+
+class Sink(Protocol):
+    def emit(self, record: Record) -> None: ...
+
+
+class MemorySink:
+    """Keeps records in a list; for tests and for embedding."""
+
+    def __init__(self) -> None:
+        self.records: list[Record] = []
+
+    def emit(self, record: Record) -> None:
+        self.records.append(record)
+
+
+class NullSink:
+    def emit(self, record: Record) -> None:
+        pass

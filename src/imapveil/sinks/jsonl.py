@@ -1,0 +1,93 @@
+"""The JSON-lines event log: one object per line, appended to a file or written to stdout.
+
+`emit` is called from the relay and must never block it: records go into a bounded queue that a
+writer task drains in batches, off the event loop (a slow disk slows the writer, not the
+sessions). When the queue is full the record is dropped and counted; the count is written as a
+record of its own once there is room again, so a reader of the log knows something is missing.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import sys
+from collections import deque
+from pathlib import Path
+from typing import IO, Any
+
+import trio
+
+from imapveil.records import Record
+
+log = logging.getLogger(__name__)
+
+
+def _timestamp() -> str:
+    now = datetime.datetime.now(datetime.UTC)
+    return now.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def encode(record: Record | dict[str, Any]) -> bytes:
+    """One JSON line: `ts` first, then the record's fields."""
+    body = record if isinstance(record, dict) else record.to_dict()
+    return json.dumps({"ts": _timestamp(), **body}, separators=(",", ":")).encode() + b"\n"
+
+
+class JsonLinesSink:
+    def __init__(self, target: str, *, capacity: int = 10_000) -> None:
+        self.target = target
+        self.capacity = capacity
+        self.dropped = 0
+        self._unreported_drops = 0
+        self._queue: deque[bytes] = deque()
+        self._wake = trio.Event()
+        self._file: IO[bytes] | None = None
+
+    def open(self) -> None:
+        """Open the target now, so a bad path fails at start-up, not at the first record."""
+        if self.target == "-":
+            self._file = sys.stdout.buffer
+        else:
+            path = Path(self.target)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = path.open("ab")
+
+    def emit(self, record: Record) -> None:
+        if len(self._queue) >= self.capacity:
+            self.dropped += 1
+            self._unreported_drops += 1
+            return
+        if self._unreported_drops:
+            self._queue.append(
+                encode({"event": "records_dropped", "count": self._unreported_drops})
+            )
+            self._unreported_drops = 0
+        self._queue.append(encode(record))
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Write queued records until cancelled; then write what is left."""
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake = trio.Event()
+                await self._drain()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._drain()
+                if self._file is not None and self.target != "-":
+                    self._file.close()
+
+    async def _drain(self) -> None:
+        while self._queue:
+            batch = b"".join(self._queue.popleft() for _ in range(min(len(self._queue), 1000)))
+            try:
+                await trio.to_thread.run_sync(self._write, batch)
+            except OSError as exc:
+                log.error("cannot write the event log %s: %s", self.target, exc)
+
+    def _write(self, data: bytes) -> None:
+        assert self._file is not None, "open() the sink first"
+        self._file.write(data)
+        self._file.flush()
