@@ -9,6 +9,7 @@ record of its own once there is room again, so a reader of the log knows somethi
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
 import logging
 import sys
@@ -43,6 +44,7 @@ class JsonLinesSink:
         self._queue: deque[bytes] = deque()
         self._wake = trio.Event()
         self._file: IO[bytes] | None = None
+        self._writing = trio.Lock()
 
     def open(self) -> None:
         """Open the target now, so a bad path fails at start-up, not at the first record."""
@@ -79,13 +81,27 @@ class JsonLinesSink:
                 if self._file is not None and self.target != "-":
                     self._file.close()
 
+    async def flush(self) -> None:
+        """Write everything queued so far."""
+        await self._drain()
+
     async def _drain(self) -> None:
-        while self._queue:
-            batch = b"".join(self._queue.popleft() for _ in range(min(len(self._queue), 1000)))
+        async with self._writing:
+            await self._drain_locked()
+
+    async def _drain_locked(self) -> None:
+        queue = self._queue
+        while queue:
+            count = min(len(queue), 1000)
+            batch = b"".join(itertools.islice(queue, count))
             try:
                 await trio.to_thread.run_sync(self._write, batch)
             except OSError as exc:
                 log.error("cannot write the event log %s: %s", self.target, exc)
+            # Taken off the queue only once written (or failed): a cancellation before the
+            # write leaves them for the final drain.
+            for _ in range(count):
+                queue.popleft()
 
     def _write(self, data: bytes) -> None:
         assert self._file is not None, "open() the sink first"

@@ -1,0 +1,74 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from imapveil.cli import build_parser, main
+from imapveil.config import ConfigError, Endpoint, load, parse_endpoint
+
+
+def test_endpoints() -> None:
+    assert parse_endpoint("127.0.0.1:143") == Endpoint("127.0.0.1", 143)
+    assert parse_endpoint("[::1]:993") == Endpoint("::1", 993)
+    assert parse_endpoint(":1143") == Endpoint("", 1143)
+    assert str(Endpoint("::1", 993)) == "[::1]:993"
+    for bad in ("localhost", "::1:143", "host:http", "host:70000", "[::1]143"):
+        with pytest.raises(ValueError):
+            parse_endpoint(bad)
+
+
+def test_file_then_flags(tmp_path: Path) -> None:
+    conf = tmp_path / "imapveil.toml"
+    conf.write_text(
+        'listen = "192.0.2.1:1143"\nupstream = "mail.example:143"\nevents = "/var/log/x.jsonl"\n'
+        "idle_timeout = 600\nuser_identity = 'none'\n"
+    )
+    settings = load(conf, {"upstream": "10.0.0.2:143", "events": None})
+    assert settings.listen == Endpoint("192.0.2.1", 1143)
+    assert settings.upstream == Endpoint("10.0.0.2", 143)  # the flag wins
+    assert settings.events == "/var/log/x.jsonl"  # an absent flag does not
+    assert settings.idle_timeout == 600.0
+    assert settings.user_identity == "none"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('upstream = "a:1"\nlisten_port = 5\n', "unknown setting 'listen_port'"),
+        ('upstream = "a:1"\nidle_timeout = -1\n', "idle_timeout: idle_timeout must be positive"),
+        ('upstream = "a:1"\nuser_identity = "md5"\n', "user_identity: expected one of"),
+        ('upstream = "a:1"\nmax_line_length = 10\n', "max_line_length: expected a whole"),
+        ('upstream = "a:1"\nlog_commands = "yes"\n', "log_commands: expected true or false"),
+        ("upstream = \n", "not valid TOML"),
+        ('listen = "a:1"\n', "no upstream"),
+    ],
+)
+def test_bad_files_name_file_and_key(tmp_path: Path, text: str, message: str) -> None:
+    conf = tmp_path / "bad.toml"
+    conf.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load(conf, {})
+    assert message.replace("must be positive", "must be a positive number") in str(info.value)
+    if "no upstream" not in message:
+        assert str(conf) in str(info.value)
+
+
+def test_every_setting_has_a_flag() -> None:
+    parser = build_parser()
+    args = parser.parse_args(
+        ["serve", "--upstream", "h:1", "--max-line-length", "2048", "--log-commands", "false"]
+    )
+    assert args.max_line_length == "2048"
+    settings = load(None, {k: getattr(args, k) for k in vars(args) if k not in ("command",)} | {})
+    assert settings.max_line_length == 2048
+    assert settings.log_commands is False
+
+
+def test_cli_reports_config_errors(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["serve", "--config", str(tmp_path / "missing.toml"), "--upstream", "h:1"]) == 2
+    assert "missing.toml: cannot read" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.startswith("imapveil ")
