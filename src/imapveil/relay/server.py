@@ -35,6 +35,7 @@ class Proxy:
         self.sink = sink
         self.shutdown_grace = shutdown_grace
         self.stats = Stats()
+        self.connections: set[Connection] = set()
         self.shutdown = trio.Event()
         self._idle = trio.Event()
         self._idle.set()
@@ -48,6 +49,7 @@ class Proxy:
         self.stats.active += 1
         if self._idle.is_set():
             self._idle = trio.Event()
+        connection: Connection | None = None
         try:
             _tune(stream)
             connection = Connection(
@@ -58,8 +60,11 @@ class Proxy:
                 sink=self.sink,
                 shutdown=self.shutdown,
             )
+            self.connections.add(connection)
             await connection.run()
         finally:
+            if connection is not None:
+                self.connections.discard(connection)
             self.stats.active -= 1
             if not self.stats.active:
                 self._idle.set()

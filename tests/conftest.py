@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import TypeVar
+
+import pytest
+import trio
+
+from imapveil.identity import identifier
+from imapveil.protocol.session import CoreConfig
+from imapveil.records import Record
+from imapveil.relay.connection import RelaySettings
+from imapveil.relay.server import Proxy, open_listeners
+from imapveil.sinks import MemorySink
+from tests.helpers.dovecot import Dovecot
+
+
+@pytest.fixture(scope="session")
+def dovecot() -> Iterator[Dovecot]:
+    """One real Dovecot for the whole run. Tests that change mail use their own user or box."""
+    server = Dovecot().start()
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
+R = TypeVar("R", bound=Record)
+
+
+class RecordingSink(MemorySink):
+    """Keeps records and lets a test wait, event-driven, for the ones it expects."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._changed = trio.Event()
+
+    def emit(self, record: Record) -> None:
+        super().emit(record)
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_for(self, kind: type[R], count: int = 1) -> list[R]:
+        with trio.fail_after(10):
+            while len(self.of(kind)) < count:
+                await self._changed.wait()
+        return self.of(kind)
+
+    def of(self, kind: type[R]) -> list[R]:
+        found: list[R] = [r for r in self.records if isinstance(r, kind)]
+        return found
+
+
+@dataclass
+class RunningProxy:
+    proxy: Proxy
+    sink: RecordingSink
+    host: str
+    port: int
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return (self.host, self.port)
+
+
+async def start_proxy(
+    nursery: trio.Nursery, upstream: tuple[str, int], **core: object
+) -> RunningProxy:
+    config = CoreConfig(identify_user=identifier("hash", b"k" * 32), **core)  # type: ignore[arg-type]
+    settings = RelaySettings(upstream[0], upstream[1], config, connect_timeout=5.0)
+    sink = RecordingSink()
+    proxy = Proxy(settings, sink, shutdown_grace=2.0)
+    listeners = await open_listeners("127.0.0.1", 0)
+    await nursery.start(proxy.serve, listeners)
+    host, port = listeners[0].socket.getsockname()[:2]
+    return RunningProxy(proxy, sink, host, port)
+
+
+@pytest.fixture
+async def proxy(dovecot: Dovecot) -> AsyncIterator[RunningProxy]:
+    """The proxy in front of the session Dovecot, in this test's trio run."""
+    async with trio.open_nursery() as nursery:
+        running = await start_proxy(nursery, dovecot.address)
+        yield running
+        running.proxy.stop()

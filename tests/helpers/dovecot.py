@@ -1,0 +1,218 @@
+"""A real Dovecot on loopback, started from a generated config in a temporary directory.
+
+`Dovecot.start()` runs `dovecot -F` (foreground, so this process owns it) on a free port with
+plain-text auth allowed, passwd-file users and Maildirs in the temporary directory, and
+`imap_id_log = *` so that the `ID` Dovecot receives shows up in its info log. Readiness is the
+`* OK` greeting, polled for, never slept for. `stop()` ends only the process it started.
+
+Dovecot refuses to run mail processes as root, so when the tests run as root (CI does) mail is
+owned by `nobody`; otherwise by the current user, with the login and internal users set to the
+current user and no chroot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+USERS = {"alice": "wonderland", "bob": "builder"}
+
+
+def ensure_dovecot() -> str:
+    """The dovecot binary. Fails loudly: CI installs it (`scripts/check`), tests never skip."""
+    found = shutil.which("dovecot") or next(
+        (p for p in ("/usr/sbin/dovecot", "/usr/local/sbin/dovecot") if os.access(p, os.X_OK)),
+        None,
+    )
+    if found is None:
+        raise RuntimeError("dovecot is not installed: run `bash scripts/check`, which installs it")
+    return found
+
+
+def _die_with_parent(command: list[str]) -> list[str]:
+    """If the test process is killed (a CI timeout), Dovecot goes with it (util-linux setpriv)."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "TERM", "--", *command] if setpriv else command
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class Dovecot:
+    def __init__(self, users: dict[str, str] | None = None) -> None:
+        self.binary = ensure_dovecot()
+        self.users = dict(users or USERS)
+        # Not under pytest's 0700 tmp_path: the unprivileged mail user must reach the Maildirs.
+        self.root = Path(tempfile.mkdtemp(prefix="imapveil-dovecot-"))
+        self.root.chmod(0o755)
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+        if os.getuid() == 0:
+            mail = pwd.getpwnam("nobody")
+            self.mail_uid, self.mail_gid = mail.pw_uid, mail.pw_gid
+            self.service_user = None
+        else:
+            self.mail_uid, self.mail_gid = os.getuid(), os.getgid()
+            self.service_user = pwd.getpwuid(os.getuid()).pw_name
+        self._seq = 0
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return ("127.0.0.1", self.port)
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / "dovecot.log"
+
+    @property
+    def info_log_path(self) -> Path:
+        """Where `imap_id_log` lines go: `imap(alice)<...>: ID sent: name=..., version=...`."""
+        return self.root / "dovecot-info.log"
+
+    def maildir(self, user: str) -> Path:
+        return self.root / "mail" / user
+
+    def _write_config(self) -> None:
+        passwd = "".join(
+            f"{u}:{{PLAIN}}{p}:{self.mail_uid}:{self.mail_gid}::{self.maildir(u)}\n"
+            for u, p in self.users.items()
+        )
+        (self.root / "passwd").write_text(passwd)
+        services = ""
+        if self.service_user is not None:
+            services = (
+                f"default_login_user = {self.service_user}\n"
+                f"default_internal_user = {self.service_user}\n"
+                # Else Dovecot's default group `dovecot`: chown of its sockets fails unprivileged.
+                f"default_internal_group = {grp.getgrgid(os.getgid()).gr_name}\n"
+                "service imap-login {\n  chroot =\n}\n"
+            )
+        first_uid = min(self.mail_uid, 500)
+        config = f"""
+base_dir = {self.root}/run
+state_dir = {self.root}/state
+log_path = {self.log_path}
+info_log_path = {self.info_log_path}
+protocols = imap
+listen = 127.0.0.1
+ssl = no
+disable_plaintext_auth = no
+auth_mechanisms = plain login
+first_valid_uid = {first_uid}
+first_valid_gid = {min(self.mail_gid, 500)}
+mail_location = maildir:~/Maildir
+mail_max_userip_connections = 1000
+imap_id_log = *
+imap_id_send = name *
+auth_failure_delay = 0
+login_greeting = Dovecot ready.
+passdb {{
+  driver = passwd-file
+  args = scheme=PLAIN {self.root}/passwd
+}}
+userdb {{
+  driver = passwd-file
+  args = {self.root}/passwd
+}}
+service imap-login {{
+  inet_listener imap {{
+    address = 127.0.0.1
+    port = {self.port}
+  }}
+  inet_listener imaps {{
+    port = 0
+  }}
+}}
+service anvil {{
+  chroot =
+}}
+{services}
+"""
+        (self.root / "dovecot.conf").write_text(config)
+
+    def start(self, timeout: float = 15.0) -> Dovecot:
+        self._write_config()
+        for user in self.users:
+            self._ensure_maildir(user)
+        self.process = subprocess.Popen(
+            _die_with_parent([self.binary, "-F", "-c", str(self.root / "dovecot.conf")]),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process.poll() is not None:
+                out = self.process.stdout.read().decode() if self.process.stdout else ""
+                raise RuntimeError(
+                    f"dovecot exited ({self.process.returncode}):\n{out}\n{self.log_text()}"
+                )
+            try:
+                with socket.create_connection(self.address, timeout=2) as s:
+                    s.settimeout(5)
+                    if s.recv(1024).startswith(b"* OK"):
+                        return self
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"dovecot did not greet within {timeout} s:\n{self.log_text()}")
+            time.sleep(0.02)  # polling for the port, not waiting a fixed time
+
+    def stop(self) -> None:
+        process, self.process = self.process, None
+        if process is not None and process.poll() is None:
+            # Only the process group we started: dovecot -F and its children.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        if process is not None and process.stdout is not None:
+            process.stdout.close()
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def _ensure_maildir(self, user: str) -> Path:
+        box = self.maildir(user) / "Maildir"
+        (self.root / "mail").mkdir(exist_ok=True)
+        for path in (self.maildir(user), box, box / "cur", box / "new", box / "tmp"):
+            path.mkdir(exist_ok=True, mode=0o700)
+            os.chown(path, self.mail_uid, self.mail_gid)
+        return box
+
+    def seed(self, user: str, messages: list[bytes]) -> None:
+        """Put messages into the user's INBOX (as read, in `cur/`)."""
+        box = self._ensure_maildir(user)
+        for message in messages:
+            self._seq += 1
+            # Dovecot gives new mail UIDs in name order (time, then strcmp): pad the counter.
+            path = box / "cur" / f"{int(time.time())}.{self._seq:06d}.imapveil:2,S"
+            path.write_bytes(message)
+            os.chown(path, self.mail_uid, self.mail_gid)
+
+    def log_text(self) -> str:
+        parts = []
+        for path in (self.log_path, self.info_log_path):
+            with contextlib.suppress(OSError):
+                parts.append(path.read_text(errors="replace"))
+        return "".join(parts)

@@ -1,0 +1,96 @@
+"""The Dovecot the integration tests run against is real: greets, logs in, serves mail, logs IDs."""
+
+from __future__ import annotations
+
+import imaplib
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from tests.helpers.dovecot import Dovecot
+
+pytestmark = pytest.mark.dovecot
+
+# imaplib has no ID command; xatom() would register it as valid before login only.
+imaplib.Commands["ID"] = ("NONAUTH", "AUTH", "SELECTED")
+
+
+def message(subject: str, body: str) -> bytes:
+    return (
+        f"From: Carol <carol@example.org>\r\nTo: alice@example.org\r\nSubject: {subject}\r\n"
+        f"Message-ID: <{uuid.uuid4().hex}@example.org>\r\n\r\n{body}\r\n"
+    ).encode()
+
+
+def wait_for_line(server: Dovecot, needle: str) -> str:
+    """The info-log line containing ``needle``; Dovecot's log process writes asynchronously."""
+    deadline = time.monotonic() + 5.0
+    while True:
+        text = server.info_log_path.read_text(errors="replace")
+        for line in text.splitlines():
+            if needle in line:
+                return line
+        if time.monotonic() > deadline:
+            pytest.fail(f"no {needle!r} in {server.info_log_path}:\n{server.log_text()}")
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def own_dovecot() -> Iterator[Dovecot]:
+    """A Dovecot of this test's own, not started yet, so mail can be seeded before and after."""
+    server = Dovecot()
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
+def test_greeting_has_capabilities(dovecot: Dovecot) -> None:
+    with imaplib.IMAP4(*dovecot.address, timeout=5) as imap:
+        greeting = imap.welcome
+    assert greeting.startswith(b"* OK [CAPABILITY ")
+    advertised = greeting.split(b"[CAPABILITY ", 1)[1].split(b"]", 1)[0].split()
+    for capability in (b"IMAP4rev1", b"LITERAL+", b"IDLE", b"SASL-IR", b"ID", b"AUTH=PLAIN"):
+        assert capability in advertised
+
+
+def test_login(dovecot: Dovecot) -> None:
+    with imaplib.IMAP4(*dovecot.address, timeout=5) as imap:
+        typ, _ = imap.login("alice", dovecot.users["alice"])
+        assert typ == "OK"
+        assert imap.select("INBOX", readonly=True)[0] == "OK"
+
+
+def test_seeded_messages_come_back_byte_for_byte(own_dovecot: Dovecot) -> None:
+    before = [message(f"before {i}", f"seeded before start, number {i}") for i in range(11)]
+    after = [message("after", "seeded while running")]
+    own_dovecot.seed("bob", before)
+    own_dovecot.start()
+    own_dovecot.seed("bob", after)
+    with imaplib.IMAP4(*own_dovecot.address, timeout=5) as imap:
+        imap.login("bob", own_dovecot.users["bob"])
+        assert imap.select("INBOX") == ("OK", [str(len(before) + len(after)).encode()])
+        typ, parts = imap.fetch("1:*", "(BODY.PEEK[])")
+        assert typ == "OK"
+        fetched = [part[1] for part in parts if isinstance(part, tuple)]
+    assert fetched == before + after  # same bytes, and UIDs in seeding order
+
+
+def test_id_is_accepted_and_logged(dovecot: Dovecot) -> None:
+    token = uuid.uuid4().hex
+    with imaplib.IMAP4(*dovecot.address, timeout=5) as imap:
+        typ, _ = imap.xatom("ID", f'("name" "pre-{token}" "version" "1.0")')
+        assert typ == "OK"
+        assert imap.response("ID")[1] != [None]  # Dovecot answers with its own ID
+        imap.login("alice", dovecot.users["alice"])
+        typ, _ = imap.xatom("ID", f'("name" "post-{token}")')
+        assert typ == "OK"
+    # Before login imap-login logs it, after login the user's imap process; both in the info log.
+    pre = wait_for_line(dovecot, f"ID sent: name=pre-{token}, version=1.0")
+    post = wait_for_line(dovecot, f"ID sent: name=post-{token}")
+    assert "imap-login: Info: ID sent:" in pre
+    assert "rip=127.0.0.1" in pre
+    assert " imap(alice)<" in post
+    assert token not in dovecot.log_path.read_text()  # the error log stays clean
