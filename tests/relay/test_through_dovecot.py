@@ -359,3 +359,24 @@ def seed_mailbox(address: tuple[str, int], mailbox: str, message: bytes) -> None
             c.create_folder(mailbox)
         c.append(mailbox, message)
         c.logout()
+
+
+def greet_then_wait(address: tuple[str, int]) -> tuple[bytes, bytes]:
+    with connect(address) as (s, f):
+        greeting = f.readline()
+        s.sendall(b"a NOOP\r\n")
+        greeting += f.readline()
+        return greeting, f.read()  # the proxy speaks next, when the login timeout passes
+
+
+async def test_login_timeout_says_bye_and_closes_both_sides(dovecot: Dovecot) -> None:
+    async with trio.open_nursery() as nursery:
+        proxy = await start_proxy(nursery, dovecot.address, idle_timeout_login=0.3)
+        with trio.fail_after(10):
+            head, tail = await run(greet_then_wait, proxy.address)
+        (end,) = await session_ended(proxy)
+        proxy.proxy.stop()
+    assert head.startswith(b"* OK") and b"a OK" in head
+    assert tail == b"* BYE Disconnected for inactivity\r\n"
+    assert end.reason == "idle_timeout"
+    assert end.duration_ms >= 300

@@ -1,0 +1,108 @@
+"""`imapveil serve` as an administrator runs it: a real process, a config file, a real Dovecot."""
+
+from __future__ import annotations
+
+import imaplib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.dovecot import Dovecot, free_port
+
+pytestmark = pytest.mark.dovecot
+
+
+def wait_until_listening(process: subprocess.Popen[bytes]) -> bytes:
+    """Read the proxy's diagnostics until it says it is listening (no probe connection)."""
+    assert process.stderr is not None
+    seen = b""
+    while b"listening on" not in seen:
+        line = process.stderr.readline()
+        assert line, seen.decode()
+        seen += line
+    return seen
+
+
+def test_serve_with_config_file_events_and_sigterm(dovecot: Dovecot, tmp_path: Path) -> None:
+    port = free_port()
+    events = tmp_path / "events.jsonl"
+    config = tmp_path / "imapveil.toml"
+    config.write_text(
+        f'listen = "127.0.0.1:{port}"\n'
+        'upstream = "127.0.0.1:1"\n'  # overridden by the flag below
+        f'events = "{events}"\n'
+        f'user_key_file = "{tmp_path / "state" / "user-key"}"\n'
+    )
+    upstream = f"127.0.0.1:{dovecot.port}"
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "imapveil",
+            "serve",
+            "--config",
+            str(config),
+            "--upstream",
+            upstream,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        early = wait_until_listening(process)
+        m = imaplib.IMAP4("127.0.0.1", port)
+        m.login("alice", "wonderland")
+        m.select("INBOX")
+        m.logout()
+
+        # A session that is still open when the proxy is told to stop hears why.
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s, s.makefile("rb") as f:
+            assert f.readline().startswith(b"* OK")
+            s.sendall(b"a LOGIN bob builder\r\n")
+            assert f.readline().startswith(b"a OK")
+            process.send_signal(signal.SIGTERM)
+            assert f.readline() == b"* BYE [UNAVAILABLE] Server shutting down\r\n"
+            assert f.read() == b""
+        stdout, stderr = process.communicate(timeout=15)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 0, stderr.decode()
+    assert stdout == b""  # records went to the file
+    assert b"Traceback" not in early + stderr
+    records = [json.loads(line) for line in events.read_text().splitlines()]
+    starts = [r["session"] for r in records if r["event"] == "session_start"]
+    ends = sorted(
+        (r for r in records if r["event"] == "session_end"),
+        key=lambda r: starts.index(r["session"]),
+    )
+    assert len(starts) == len(ends) == 2
+    assert [e["reason"] for e in ends] == ["logout", "shutdown"]
+    assert ends[0]["user"].startswith("hmac:")
+    assert ends[0]["upstream"] == upstream
+    key = tmp_path / "state" / "user-key"
+    assert key.stat().st_mode & 0o777 == 0o600
+    text = events.read_text()
+    for secret in ("wonderland", "builder", "alice", "bob"):
+        assert secret not in text
+
+
+def test_bad_config_is_refused_at_start(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text('upstream = "127.0.0.1:143"\nidle_timout = 5\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "imapveil", "serve", "--config", str(config)],
+        capture_output=True,
+        check=False,
+        timeout=30,
+        env={**os.environ, "HOME": str(tmp_path)},
+    )
+    assert result.returncode == 2
+    assert f"{config}: unknown setting 'idle_timout'" in result.stderr.decode()
