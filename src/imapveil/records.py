@@ -86,7 +86,36 @@ class Violation:
         return d
 
 
-Record = SessionStarted | SessionEnded | CommandCompleted | Violation
+@dataclass(frozen=True, slots=True)
+class IdExchange:
+    """One RFC 2971 ID command and its answer, as the policy allows them to be recorded.
+
+    `client`/`server` hold only what the policy records (None: NIL or none sent); `dropped`
+    names the fields that were not forwarded upstream, never their values; `forwarded` names the
+    fields that were (None: NIL went upstream).
+    """
+
+    event: ClassVar[str] = "id"
+    session: str
+    tag: str
+    state: str
+    status: str | None
+    malformed: bool
+    client: dict[str, str | None] | None
+    dropped: tuple[str, ...]
+    forwarded: tuple[str, ...] | None
+    server: dict[str, str | None] | None
+    policy: str
+    policy_digest: str
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {"event": self.event, **asdict(self)}
+        d["dropped"] = list(self.dropped)
+        d["forwarded"] = None if self.forwarded is None else list(self.forwarded)
+        return d
+
+
+Record = SessionStarted | SessionEnded | CommandCompleted | Violation | IdExchange
 
 END_REASONS = (
     "logout",  # LOGOUT completed

@@ -28,10 +28,19 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from imapveil.protocol import lexer, sasl
+from imapveil.policy.engine import Outcome, apply
+from imapveil.policy.model import Policy
+from imapveil.protocol import id_params, lexer, sasl
 from imapveil.protocol.actions import Action, Close, Direction, Emit, Forward, Reply
+from imapveil.protocol.id_params import IdSyntaxError
 from imapveil.protocol.lexer import LiteralError
-from imapveil.records import CommandCompleted, SessionEnded, SessionStarted, Violation
+from imapveil.records import (
+    CommandCompleted,
+    IdExchange,
+    SessionEnded,
+    SessionStarted,
+    Violation,
+)
 
 
 class State(enum.Enum):
@@ -60,6 +69,12 @@ class CoreConfig:
     """Seconds without traffic before login (Dovecot's login timeout is 60 s too)."""
     idle_timeout: float = 31 * 60.0
     """Seconds without traffic after login; RFC 2177 clients re-issue IDLE every 29 minutes."""
+    policy: Callable[[], Policy] | None = None
+    """The current ID policy (it may be reloaded); None: ID is relayed like any command."""
+    hash_value: Callable[[bytes], str] = field(default=lambda _v: "hmac:")
+    """Keyed HMAC for `record = "hash"` in ID policies."""
+    max_id_records: int = 10
+    """ID exchanges recorded per session; more are counted, not recorded (RFC 2971 §7)."""
 
 
 # What the client's next line is.
@@ -87,6 +102,8 @@ _SWITCH_VERBS = {b"STARTTLS": "starttls", b"COMPRESS": "compress"}
 _SKIP = re.compile(rb"\}\r?\n|\n(?!\* [0-9])")
 
 _STATUS_WORDS = frozenset((b"OK", b"NO", b"BAD", b"BYE", b"PREAUTH"))
+_ID_LIMIT = 64 * 1024  # an ID command collected whole: RFC 2971 limits (~33 KB) with a margin
+_PLUS = b"+ Ready for literal data\r\n"
 _HEAD = 4096  # how much of a streamed (over-long) server line is kept for parsing
 _CAPTURE = 1024  # how much of a literal LOGIN user name or SELECT mailbox is kept
 _MAX_TAG = 64
@@ -95,6 +112,8 @@ _MAX_VERB = 32
 
 class _Command:
     __slots__ = (
+        "id_outcome",
+        "id_server",
         "literals",
         "mailbox",
         "mechanism",
@@ -116,9 +135,25 @@ class _Command:
         self.sasl_step = 0
         self.user: str | None = None
         self.mailbox: bytes | None = None
+        self.id_outcome: Outcome | bool | None = None  # False: malformed or not followed
+        self.id_server: Outcome | None = None
 
     def __repr__(self) -> str:
         return f"<command {self.tag!r} {self.verb!r}>"
+
+
+class _IdCollect:
+    """An ID command being collected whole before it is rewritten (bounded by _ID_LIMIT)."""
+
+    __slots__ = ("acked", "cmd", "parts")
+
+    def __init__(self, cmd: _Command, first: bytes) -> None:
+        self.cmd = cmd
+        self.parts = bytearray(first)
+        self.acked = 0  # synchronizing literals we answered "+" to ourselves
+
+    def __repr__(self) -> str:
+        return f"<collecting ID: {len(self.parts)} octets>"
 
 
 class _Inbound:
@@ -152,8 +187,10 @@ class SessionCore:
         client: str,
         upstream: str,
         now: float,
+        trusted_client: bool = False,
     ) -> None:
         self.config = config
+        self.trusted_client = trusted_client
         self.session_id = session_id
         self.client_address = client
         self.upstream_address = upstream
@@ -189,6 +226,13 @@ class SessionCore:
         self._end_detail: str | None = None
         self._ended = False
         self._out: list[Action] = []
+        self._id: _IdCollect | None = None
+        self._withheld = False  # the client line just read is not forwarded as it came
+        self._replace: bytes | None = None  # the server line just read goes out as this
+        self._owed_plus = 0  # our own "+" for ID literals, sent at a server response boundary
+        self._swallow_plus = 0  # server "+" answers to literals we already answered
+        self._id_waiting: _Command | None = None
+        self._id_records = 0
 
     def __repr__(self) -> str:
         return (
@@ -232,6 +276,7 @@ class SessionCore:
         out: list[Action] = []
         self._out = out
         self._scan_server(data)
+        self._pay_owed_plus()
         if self._gate is None and self._held and not self.closed:
             held = bytes(self._held)
             self._held.clear()
@@ -341,6 +386,16 @@ class SessionCore:
                 return
             if c.literal_left:
                 take = min(c.literal_left, n - pos)
+                if self._id is not None:
+                    # A literal inside an ID command: collected, not forwarded as it comes.
+                    self._flush(Direction.TO_SERVER, data, start, pos)
+                    self._id.parts += data[pos : pos + take]
+                    pos += take
+                    start = pos
+                    c.literal_left -= take
+                    if not c.literal_left:
+                        self._client_literal_done()
+                    continue
                 if c.capture is not None and len(c.capture) < _CAPTURE:
                     c.capture += data[pos : pos + min(take, _CAPTURE - len(c.capture))]
                 pos += take
@@ -369,7 +424,13 @@ class SessionCore:
                 # out, ahead of the BYE and the Close.
                 self._flush(Direction.TO_SERVER, data, start, pos, at=mark)
                 return
-            if c.buf:
+            if self._withheld:
+                # An ID command's line: collected (or already sent rewritten), not relayed as is.
+                self._withheld = False
+                self._flush(Direction.TO_SERVER, data, start, pos, at=mark)
+                c.buf.clear()
+                start = end
+            elif c.buf:
                 out.append(Forward(Direction.TO_SERVER, bytes(c.buf)))
                 c.buf.clear()
             pos = end
@@ -423,6 +484,9 @@ class SessionCore:
         self._pending.setdefault(tag, deque()).append(cmd)
         self._current = cmd
         args = rest[vend:]
+        if verb == b"ID" and self.config.policy is not None:
+            self._id = _IdCollect(cmd, line)
+            self._withheld = True
         if verb == b"LOGIN":
             self._login_user(cmd, args)
         elif verb == b"AUTHENTICATE":
@@ -432,6 +496,12 @@ class SessionCore:
         return self._command_fragment_end(cmd, line)
 
     def _command_fragment(self, cmd: _Command, line: bytes) -> bool:
+        collecting = self._id
+        if collecting is not None and collecting.cmd is cmd:
+            collecting.parts += line
+            self._withheld = True
+            if len(collecting.parts) > _ID_LIMIT:
+                self._id_abandon("too_large")
         return self._command_fragment_end(cmd, line)
 
     def _command_fragment_end(self, cmd: _Command, line: bytes) -> bool:
@@ -445,12 +515,29 @@ class SessionCore:
         if literal is None:
             self._current = None
             self._client_mode = _ClientMode.COMMAND
+            if self._id is not None and self._id.cmd is cmd:
+                self._id_complete(self._id)
             self._command_sent(cmd)
             return True
         cmd.literals.append(literal.size)
         self._client_mode = _ClientMode.CONTINUE
         if c.capture is None and self._wants_literal(cmd):
             c.capture = bytearray()
+        collecting = self._id
+        if collecting is not None and collecting.cmd is cmd:
+            if len(collecting.parts) + literal.size > _ID_LIMIT:
+                self._id_abandon("too_large")  # this literal then goes the usual way
+            else:
+                if literal.synchronizing:
+                    # The server's "+" would only come once the line is forwarded, and it is
+                    # not forwarded until the command is whole: so the proxy says "+" itself.
+                    collecting.acked += 1
+                    self._owed_plus += 1
+                    self._pay_owed_plus()
+                c.literal_left = literal.size
+                if not literal.size:
+                    self._client_literal_done()
+                return True
         if literal.synchronizing:
             self._pending_literal = literal.size
             self._set_gate(_Gate.LITERAL, cmd)
@@ -476,6 +563,104 @@ class SessionCore:
         # A synchronizing literal on a line we cannot read: the server will answer it, probably
         # with BAD. Without a tag to wait for, the next client line is read as a command again.
         return True
+
+    # ----------------------------------------------------------------------------------------
+    # RFC 2971 ID.
+
+    def _pay_owed_plus(self) -> None:
+        if self._owed_plus and self._can_speak_to_client() and not self.closed:
+            self._out.append(Reply(Direction.TO_CLIENT, _PLUS * self._owed_plus))
+            self._owed_plus = 0
+
+    def _id_abandon(self, why: str) -> None:
+        """Stop collecting: send what was collected unchanged and follow the rest as usual."""
+        collecting = self._id
+        assert collecting is not None
+        self._id = None
+        self._out.append(Forward(Direction.TO_SERVER, bytes(collecting.parts)))
+        # The server will answer "+" to each synchronizing literal we already answered.
+        self._swallow_plus += collecting.acked
+        collecting.cmd.id_outcome = False
+        self._violation("client", "id_not_followed", why)
+
+    def _id_complete(self, collecting: _IdCollect) -> None:
+        self._id = None
+        cmd = collecting.cmd
+        policy_source = self.config.policy
+        assert policy_source is not None
+        raw = bytes(collecting.parts)
+        # "tag ID args": the arguments start after the verb, wherever spaces put it.
+        verb_at = raw.upper().find(b"ID", len(cmd.tag))
+        try:
+            fields = id_params.parse(raw[verb_at + 2 :])
+        except IdSyntaxError:
+            # The server decides what to make of it; we never invent a BAD it would not send.
+            self._send_id_unchanged(raw, collecting.acked)
+            cmd.id_outcome = False
+            self._id_waiting = cmd
+            return
+        policy = policy_source()
+        outcome = apply(
+            policy, fields, hasher=self.config.hash_value, trusted_client=self.trusted_client
+        )
+        if not {"LITERAL+", "LITERAL-"} & self.capabilities:
+            outcome = _without_literals(outcome)
+        cmd.id_outcome = outcome
+        self._id_waiting = cmd
+        if not outcome.changed:
+            self._send_id_unchanged(raw, collecting.acked)
+            return
+        args = id_params.serialize(outcome.forwarded, literal_plus=True)
+        self._out.append(Forward(Direction.TO_SERVER, cmd.tag + b" ID " + args + b"\r\n"))
+
+    def _send_id_unchanged(self, raw: bytes, acked: int) -> None:
+        self._out.append(Forward(Direction.TO_SERVER, raw))
+        self._swallow_plus += acked
+
+    def _server_id(self, line: bytes) -> None:
+        """`* ID (...)`: the same policy applies on the way to the client."""
+        policy_source = self.config.policy
+        if policy_source is None:
+            return
+        body = lexer.strip_eol(line)
+        try:
+            fields = id_params.parse(body[5:])
+        except IdSyntaxError:
+            self._violation("server", "malformed_id", f"{len(line)} octets")
+            return
+        outcome = apply(policy_source(), fields, hasher=self.config.hash_value, trusted_client=True)
+        waiting = self._id_waiting
+        if waiting is not None:
+            waiting.id_server = outcome
+        if outcome.changed:
+            args = id_params.serialize(outcome.forwarded, literal_plus=False)
+            if b"\n" not in args:  # a value that needs a literal: leave the line as it was
+                self._replace = b"* ID " + args + b"\r\n"
+
+    def _id_record(self, cmd: _Command, status: str) -> None:
+        self._id_waiting = None if self._id_waiting is cmd else self._id_waiting
+        if self._id_records >= self.config.max_id_records:
+            return
+        self._id_records += 1
+        policy = self.config.policy() if self.config.policy is not None else None
+        client = cmd.id_outcome if isinstance(cmd.id_outcome, Outcome) else None
+        self._out.append(
+            Emit(
+                IdExchange(
+                    session=self.session_id,
+                    tag=cmd.tag.decode("ascii", "replace"),
+                    state=cmd.state.value,
+                    status=status,
+                    malformed=cmd.id_outcome is False,
+                    client=_recorded(client),
+                    dropped=client.dropped if client is not None else (),
+                    forwarded=_names(client.forwarded) if client is not None else None,
+                    server=_recorded(cmd.id_server),
+                    policy=policy.name if policy is not None else "",
+                    policy_digest=policy.digest if policy is not None else "",
+                )
+            )
+        )
 
     def _command_sent(self, cmd: _Command) -> None:
         """The whole command has been read; some commands make the client wait."""
@@ -638,14 +823,22 @@ class SessionCore:
                 s.buf += data[pos:]
                 return
             end = nl + 1
-            if s.buf:
-                line = bytes(s.buf) + data[pos:end]
-                out.append(Forward(Direction.TO_CLIENT, bytes(s.buf)))
-                s.buf.clear()
-            else:
-                line = data[pos:end]
+            line = bytes(s.buf) + data[pos:end] if s.buf else data[pos:end]
+            line_start = pos
             pos = end
+            mark = len(out)
             self._server_line(line)
+            if self._replace is not None:
+                # This line goes out rewritten (`* ID`) or not at all (a "+" we already gave).
+                self._flush(Direction.TO_CLIENT, data, start, line_start, at=mark)
+                if self._replace:
+                    out.append(Forward(Direction.TO_CLIENT, self._replace))
+                self._replace = None
+                s.buf.clear()
+                start = end
+            elif s.buf:
+                out.insert(mark, Forward(Direction.TO_CLIENT, bytes(s.buf)))
+                s.buf.clear()
             if self.opaque is not None:
                 # After STARTTLS/COMPRESS OK, the rest is no longer IMAP text.
                 break
@@ -710,9 +903,16 @@ class SessionCore:
             return
         if kind == b"CAPABILITY":
             self.capabilities = lexer.capabilities(body[after:])
+        elif kind == b"ID" and not line.rstrip().endswith(b"}"):
+            self._server_id(line)
         self._server_literal(line)
 
     def _continuation(self) -> None:
+        if self._swallow_plus:
+            # The answer to a literal the proxy already said "+" to (an ID it collected).
+            self._swallow_plus -= 1
+            self._replace = b""
+            return
         gate = self._gate
         if gate is _Gate.LITERAL:
             self._client.literal_left = self._pending_literal
@@ -766,6 +966,9 @@ class SessionCore:
         elif verb == b"LOGOUT":
             self._logout_done = True
             self.state = State.LOGOUT
+        elif verb == b"ID" and self.config.policy is not None:
+            self._swallow_plus = 0  # a refused ID gets no more "+" from the server
+            self._id_record(cmd, status)
 
         if cmd is self._gate_owner:
             gate = self._gate
@@ -862,6 +1065,35 @@ class SessionCore:
             mechanism=cmd.mechanism,
             user=cmd.user,
         )
+
+
+def _names(fields: id_params.IdFields) -> tuple[str, ...] | None:
+    if fields is None:
+        return None
+    return tuple(name.decode("utf-8", "replace").lower() for name, _ in fields)
+
+
+def _recorded(outcome: Outcome | None) -> dict[str, str | None] | None:
+    """What the policy recorded; None when the list was NIL (or not parsed)."""
+    if outcome is None or (outcome.forwarded is None and not outcome.decisions):
+        return None
+    return outcome.recorded
+
+
+def _without_literals(outcome: Outcome) -> Outcome:
+    """Without LITERAL+, a value that needs a literal is left out rather than sent unasked."""
+    forwarded = outcome.forwarded
+    if forwarded is None:
+        return outcome
+    kept = tuple(p for p in forwarded if p[1] is None or not id_params.needs_literal(p[1]))
+    if len(kept) == len(forwarded):
+        return outcome
+    gone = tuple(
+        name.decode("utf-8", "replace").lower()
+        for name, value in forwarded
+        if value is not None and id_params.needs_literal(value)
+    )
+    return Outcome(kept or None, outcome.recorded, outcome.dropped + gone, outcome.decisions, True)
 
 
 def _is_status(rest: bytes) -> bool:

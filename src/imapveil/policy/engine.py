@@ -1,0 +1,156 @@
+"""Apply a policy to one ID list: what is forwarded, what is recorded, and why.
+
+RFC 2971 binds what we send: never a false value (§3) — a field is kept, shortened, coarsened,
+replaced by an obvious marker, or dropped, never invented; at most 30 pairs, field names of at
+most 30 octets, values of at most 1024, each field once (§3.3); and a list that policy emptied
+goes out as NIL, never `()` (some servers reject it).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from imapveil import __version__
+from imapveil.policy.detectors import detect
+from imapveil.policy.model import Policy, Rule, is_anti_spoof
+from imapveil.protocol.id_params import MAX_FIELD_LENGTH, MAX_FIELDS, MAX_VALUE_LENGTH, IdFields
+
+RECORD_LIMIT = 256  # octets of a value kept in a record (RFC 2971 §7: logs must not flood)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    field: str
+    forward: str  # what was done: keep, drop, truncate, coarsen, redact
+    record: str
+    rule: str  # which rule decided: "rule[2]", "default", "detected:mac", "anti-spoof", "limit"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    forwarded: IdFields
+    recorded: dict[str, str | None]
+    dropped: tuple[str, ...]  # names of fields not forwarded; never their values
+    decisions: tuple[Decision, ...]
+    changed: bool
+
+
+def coarsen(value: bytes, components: int) -> bytes:
+    """The first `components` dot-separated parts of the leading version token.
+
+    "16.0 (3731.600.7)" → "16.0"; "13.4.1 (22F82)" → "13.4" (components=2).
+    """
+    head = re.split(rb"[\s(;,]", value.strip(), maxsplit=1)[0]
+    return b".".join(head.split(b".")[:components])
+
+
+def _name(raw: bytes) -> str:
+    return raw.decode("utf-8", "replace").lower()
+
+
+def apply(
+    policy: Policy,
+    fields: IdFields,
+    *,
+    hasher: Callable[[bytes], str],
+    trusted_client: bool = False,
+    announce_changes: bool = True,
+) -> Outcome:
+    """Decide every field. `hasher` is a keyed HMAC for `record = "hash"`."""
+    if fields is None:
+        return Outcome(None, {}, (), (), False)
+    forwarded: list[tuple[bytes, bytes | None]] = []
+    recorded: dict[str, str | None] = {}
+    dropped: list[str] = []
+    decisions: list[Decision] = []
+    seen: set[str] = set()
+    changed = False
+    for raw_name, value in fields:
+        name = _name(raw_name)
+        if name in seen:  # §3.3: a field once; the first one counts
+            dropped.append(name[:MAX_FIELD_LENGTH])
+            decisions.append(Decision(name, "drop", "drop", "duplicate"))
+            changed = True
+            continue
+        seen.add(name)
+        rule, why = policy.rule_for(name), ""
+        if not trusted_client and is_anti_spoof(name):
+            rule, why = Rule(fields=(), forward="drop", record="drop"), "anti-spoof"
+        elif value is not None:
+            kind = detect(value, tuple(d for d in policy.detectors if d not in rule.allow))
+            if kind is not None:
+                rule, why = policy.detected, f"detected:{kind}"
+        why = why or rule.label
+        out = _forward(rule, value)
+        why_fwd = rule.forward
+        too_long = isinstance(out, bytes) and len(out) > MAX_VALUE_LENGTH
+        if len(raw_name) > MAX_FIELD_LENGTH or too_long:
+            out, why = _DROP, "limit"
+        if isinstance(out, _Dropped):
+            dropped.append(name[:MAX_FIELD_LENGTH])
+            changed = True
+            why_fwd = "drop"
+        else:
+            forwarded.append((raw_name, out))
+            changed = changed or out != value
+        rec = _record(rule, value, name, hasher)
+        if not isinstance(rec, _Dropped):
+            recorded[name[:MAX_FIELD_LENGTH]] = rec
+        decisions.append(
+            Decision(name, why_fwd, "drop" if isinstance(rec, _Dropped) else rule.record, why)
+        )
+    if len(forwarded) > MAX_FIELDS:
+        for raw_name, _ in forwarded[MAX_FIELDS:]:
+            dropped.append(_name(raw_name)[:MAX_FIELD_LENGTH])
+        forwarded = forwarded[:MAX_FIELDS]
+        changed = True
+    if changed and announce_changes and policy.announce:
+        note = f"imapveil {__version__} removed or shortened fields".encode()
+        field = policy.announce_field.encode()
+        forwarded = [p for p in forwarded if _name(p[0]) != policy.announce_field][: MAX_FIELDS - 1]
+        forwarded.append((field, note))
+    return Outcome(
+        tuple(forwarded) if forwarded else None,
+        recorded,
+        tuple(dropped),
+        tuple(decisions),
+        changed,
+    )
+
+
+class _Dropped:
+    def __repr__(self) -> str:
+        return "<dropped>"
+
+
+_DROP = _Dropped()
+
+
+def _forward(rule: Rule, value: bytes | None) -> bytes | _Dropped | None:
+    action = rule.forward
+    if action == "drop":
+        return _DROP
+    if value is None or action == "keep":
+        return value
+    if action == "truncate":
+        return value[: rule.length]
+    if action == "coarsen":
+        return coarsen(value, rule.components)
+    return rule.marker.encode()  # redact
+
+
+def _record(
+    rule: Rule, value: bytes | None, name: str, hasher: Callable[[bytes], str]
+) -> str | _Dropped | None:
+    action = rule.record
+    if action == "drop":
+        return _DROP
+    if value is None:
+        return None
+    if action == "hash":
+        return hasher(name.encode() + b"\0" + value)
+    if action == "coarsen":
+        value = coarsen(value, rule.components)
+    return value[:RECORD_LIMIT].decode("utf-8", "replace")

@@ -1,0 +1,172 @@
+"""Read a policy file (TOML) into a `Policy`, or say exactly what is wrong with it.
+
+name = "default"
+description = "free text for people"
+default = { forward = "drop", record = "drop" }      # fields no rule names
+detectors = ["mac", "imei", "uuid", "token", "email", "ip"]
+detected = { forward = "drop", record = "drop" }     # values that look like identifiers
+announce = true                                      # say so (RFC 2971 §5) when we changed it
+announce_field = "x-imapveil"
+
+[[rule]]
+fields = ["name", "version"]       # exact names and glob patterns, case-insensitive
+forward = "keep"                   # keep | drop | truncate | coarsen | redact
+record = "keep"                    # keep | drop | coarsen | hash
+length = 64                        # for truncate
+components = 2                     # for coarsen
+marker = "redacted"                # for redact
+allow = ["email"]                  # detectors that do not apply to these fields
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from imapveil.policy.detectors import DETECTORS
+from imapveil.policy.model import FORWARD_ACTIONS, RECORD_ACTIONS, Policy, Rule
+
+
+class PolicyError(ValueError):
+    pass
+
+
+_TOP = {
+    "name",
+    "description",
+    "default",
+    "detectors",
+    "detected",
+    "announce",
+    "announce_field",
+    "rule",
+}
+_RULE = {"fields", "forward", "record", "length", "components", "marker", "allow"}
+
+
+def load_policy(path: str | Path) -> Policy:
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise PolicyError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    return parse_policy(raw, str(path))
+
+
+def parse_policy(raw: bytes, source: str) -> Policy:
+    try:
+        table = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise PolicyError(f"{source}: not valid TOML: {exc}") from None
+    where = _Where(source)
+    where.no_unknown(table, _TOP, "")
+    name = where.string(table, "name", default=Path(source).stem)
+    detectors = tuple(where.strings(table, "detectors", default=list(DETECTORS)))
+    for d in detectors:
+        if d not in DETECTORS:
+            raise PolicyError(
+                f"{source}: detectors: unknown detector {d!r} (known: {', '.join(DETECTORS)})"
+            )
+    default = where.rule(table.get("default", {}), "default", need_fields=False)
+    detected = where.rule(table.get("detected", {}), "detected", need_fields=False)
+    rules_raw = table.get("rule", [])
+    if not isinstance(rules_raw, list):
+        raise PolicyError(f"{source}: rule: write rules as [[rule]] tables")
+    rules = tuple(where.rule(r, f"rule[{i}]", need_fields=True) for i, r in enumerate(rules_raw))
+    announce = table.get("announce", True)
+    if not isinstance(announce, bool):
+        raise PolicyError(f"{source}: announce: expected true or false")
+    announce_field = where.string(table, "announce_field", default="x-imapveil")
+    if not 0 < len(announce_field.encode()) <= 30 or not announce_field.isascii():
+        raise PolicyError(
+            f"{source}: announce_field: must be 1 to 30 ASCII characters (RFC 2971 §3.3)"
+        )
+    return Policy(
+        name=name,
+        rules=rules,
+        default=default,
+        detectors=detectors,
+        detected=detected,
+        announce=announce,
+        announce_field=announce_field.lower(),
+        digest=hashlib.sha256(raw).hexdigest(),
+    )
+
+
+class _Where:
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, key: str, why: str) -> PolicyError:
+        return PolicyError(f"{self.source}: {key}: {why}")
+
+    def no_unknown(self, table: dict[str, Any], known: set[str], prefix: str) -> None:
+        for key in table:
+            if key not in known:
+                raise self.fail(prefix + key, f"unknown key (known: {', '.join(sorted(known))})")
+
+    def string(self, table: dict[str, Any], key: str, default: str) -> str:
+        value = table.get(key, default)
+        if not isinstance(value, str):
+            raise self.fail(key, "expected a string")
+        return value
+
+    def strings(self, table: dict[str, Any], key: str, default: list[str]) -> list[str]:
+        value = table.get(key, default)
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self.fail(key, "expected a list of strings")
+        return value
+
+    def rule(self, table: Any, key: str, *, need_fields: bool) -> Rule:
+        if not isinstance(table, dict):
+            raise self.fail(key, "expected a table")
+        known = _RULE if need_fields else _RULE - {"fields", "allow"}
+        self.no_unknown(table, known, key + ".")
+        fields: tuple[str, ...] = ()
+        if need_fields:
+            names = self.strings(table, "fields", default=[])
+            if not names:
+                raise self.fail(key + ".fields", "a rule needs at least one field name or pattern")
+            for n in names:
+                if not 0 < len(n.encode()) <= 30 or not n.isascii():
+                    raise self.fail(key + ".fields", f"{n!r} is not 1 to 30 ASCII characters")
+            fields = tuple(n.lower() for n in names)
+        forward = table.get("forward", "drop")
+        if forward not in FORWARD_ACTIONS:
+            raise self.fail(key + ".forward", f"expected one of {', '.join(FORWARD_ACTIONS)}")
+        record = table.get("record", "drop")
+        if record not in RECORD_ACTIONS:
+            raise self.fail(key + ".record", f"expected one of {', '.join(RECORD_ACTIONS)}")
+        length = table.get("length", 64)
+        if type(length) is not int or not 1 <= length <= 1024:
+            raise self.fail(key + ".length", "expected a whole number from 1 to 1024")
+        components = table.get("components", 2)
+        if type(components) is not int or not 1 <= components <= 10:
+            raise self.fail(key + ".components", "expected a whole number from 1 to 10")
+        marker = table.get("marker", "redacted")
+        if not isinstance(marker, str) or not 0 < len(marker) <= 64 or not marker.isascii():
+            raise self.fail(key + ".marker", "expected 1 to 64 ASCII characters")
+        allow = tuple(self.strings(table, "allow", default=[]))
+        for d in allow:
+            if d not in DETECTORS:
+                raise self.fail(key + ".allow", f"unknown detector {d!r}")
+        return Rule(fields, forward, record, length, components, marker, allow, label=key)
+
+
+SHIPPED = Path(__file__).resolve().parent.parent / "policies"
+
+
+def resolve_policy(spec: str | None) -> Policy:
+    """A policy file's path, or the name of a shipped policy (`default`, `strict`, ...)."""
+    if spec is None:
+        spec = "default"
+    path = Path(spec)
+    if path.exists() or "/" in spec or spec.endswith(".toml"):
+        return load_policy(path)
+    shipped = SHIPPED / f"{spec}.toml"
+    if shipped.exists():
+        return load_policy(shipped)
+    names = ", ".join(sorted(p.stem for p in SHIPPED.glob("*.toml")))
+    raise PolicyError(f"{spec}: no such policy file or shipped policy (shipped: {names})")
