@@ -106,7 +106,8 @@ def apply(
             dropped.append(_name(raw_name)[:MAX_FIELD_LENGTH])
         forwarded = forwarded[:MAX_FIELDS]
         changed = True
-    if changed and announce_changes and policy.announce:
+    if changed and announce_changes and policy.announce and forwarded:
+        # Only beside what is left: a list emptied by policy goes out as NIL, not as our note.
         note = f"imapveil {__version__} removed or shortened fields".encode()
         field = policy.announce_field.encode()
         forwarded = [p for p in forwarded if _name(p[0]) != policy.announce_field][: MAX_FIELDS - 1]

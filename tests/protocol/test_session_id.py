@@ -1,0 +1,187 @@
+"""ID in the session core: collected, rewritten by policy, recorded; everything else untouched."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from imapveil.policy.load import resolve_policy
+from imapveil.protocol.session import CoreConfig
+from imapveil.records import CommandCompleted, IdExchange, Violation
+from tests.helpers.corpus import rows
+from tests.helpers.feeding import SPLITTERS, Conversation, Splitter
+
+GREETING = b"* OK [CAPABILITY IMAP4rev1 LITERAL+ ID IDLE] ready\r\n"
+GREETING_NO_LITERAL_PLUS = b"* OK [CAPABILITY IMAP4rev1 ID] ready\r\n"
+AOSP = next(r for r in rows() if r.label == "aosp-email-identifiers")
+
+
+@pytest.fixture(params=sorted(SPLITTERS))
+def split(request: pytest.FixtureRequest) -> Splitter:
+    return SPLITTERS[request.param]
+
+
+def talk(split: Splitter, policy: str = "default", greeting: bytes = GREETING) -> Conversation:
+    chosen = resolve_policy(policy)
+    config = CoreConfig(policy=lambda: chosen, hash_value=lambda v: "hmac:test")
+    return Conversation(split, config).server(greeting)
+
+
+def ids(conv: Conversation) -> list[IdExchange]:
+    return [r for r in conv.records if isinstance(r, IdExchange)]
+
+
+def test_aosp_identifiers_never_reach_the_server_or_the_records(split: Splitter) -> None:
+    conv = talk(split)
+    conv.client(b"a NOOP\r\n" + AOSP.data + b"b NOOP\r\n")
+    conv.server(b'a OK\r\n* ID ("name" "Dovecot")\r\n7 OK ID completed\r\nb OK\r\n')
+    sent = bytes(conv.to_server)
+    assert sent.startswith(b"a NOOP\r\n7 ID (")
+    assert sent.endswith(b")\r\nb NOOP\r\n")
+    assert b'"name" "com.android.email"' in sent
+    assert b'"x-imapveil" "imapveil ' in sent
+    dump = json.dumps([r.to_dict() for r in conv.records])
+    for secret in ("Pixel 7", "T-Mobile", "3kWq1b0Zr9mYb8Jx2n4Vt0cP5sI="):
+        assert secret.encode() not in sent
+        assert secret not in dump
+    (rec,) = ids(conv)
+    assert rec.tag == "7" and rec.status == "OK" and not rec.malformed
+    assert rec.client == {
+        "name": "com.android.email",
+        "os": "android",
+        "os-version": "13; TQ3A.230805.001",
+        "vendor": "Google",
+    }
+    assert rec.server == {"name": "Dovecot"}
+    assert rec.policy == "default" and len(rec.policy_digest) == 64
+    assert set(rec.dropped) == {"x-android-device-model", "x-android-mobile-net-operator", "aguid"}
+    assert rec.forwarded == ("name", "os", "os-version", "vendor", "x-imapveil")
+    assert [r.verb for r in conv.records if isinstance(r, CommandCompleted)] == [
+        "NOOP",
+        "ID",
+        "NOOP",
+    ]
+
+
+def test_unchanged_id_is_relayed_byte_for_byte(split: Splitter) -> None:
+    conv = talk(split)
+    line = b'x1 id ( "name"  "Thunderbird" "version" "52.4.0" )\r\n'
+    conv.client(line).server(b"* ID NIL\r\nx1 OK\r\n")
+    assert conv.to_server == line
+    assert conv.to_client.endswith(b"* ID NIL\r\nx1 OK\r\n")
+    (rec,) = ids(conv)
+    assert rec.server is None and rec.client == {"name": "Thunderbird", "version": "52.4.0"}
+
+
+def test_malformed_id_is_forwarded_and_noted(split: Splitter) -> None:
+    conv = talk(split)
+    conv.client(b'm ID\r\nn ID ("name")\r\n')
+    conv.server(b"m BAD Error in IMAP command\r\nn BAD Error in IMAP command\r\n")
+    assert conv.to_server == b'm ID\r\nn ID ("name")\r\n'
+    assert [(r.tag, r.malformed, r.status) for r in ids(conv)] == [
+        ("m", True, "BAD"),
+        ("n", True, "BAD"),
+    ]
+    assert b"BAD" not in conv.to_client[len(GREETING) :].replace(b"m BAD", b"").replace(
+        b"n BAD", b""
+    )
+
+
+def test_synchronizing_literal_in_id_is_answered_by_the_proxy(split: Splitter) -> None:
+    conv = talk(split)
+    conv.client(b'L ID ("name" "K-9" "x-device-id" {12}\r\n')
+    assert conv.to_client.endswith(b"+ Ready for literal data\r\n")
+    assert conv.to_server == b""
+    conv.client(b"abcdef012345)\r\n")
+    assert (
+        conv.to_server
+        == b'L ID ("name" "K-9" "x-imapveil" "imapveil 0.1.0 removed or shortened fields")\r\n'
+    )
+    conv.server(b"L OK ID completed\r\n")
+    assert ids(conv)[0].dropped == ("x-device-id",)
+
+
+def test_unchanged_id_with_literals_swallows_the_servers_continuations(split: Splitter) -> None:
+    conv = talk(split, "passthrough")
+    command = b"L ID ({4}\r\nname {3}\r\nK-9)\r\n"
+    conv.client(command[:12])
+    conv.client(command[12:])
+    assert conv.to_server == command
+    plus = conv.to_client.count(b"+ Ready")
+    assert plus == 2  # ours, one per literal
+    conv.server(b"+ OK\r\n+ OK\r\nL OK ID completed\r\n")
+    assert conv.to_client[len(GREETING) :].count(b"+ ") == 2  # the server's own were not passed on
+    assert conv.to_client.endswith(b"L OK ID completed\r\n")
+    assert ids(conv)[0].client == {"name": "K-9"}
+
+
+def test_our_continuation_waits_for_a_response_boundary(split: Splitter) -> None:
+    conv = talk(split)
+    conv.client(b"a FETCH 1 BODY[]\r\n")
+    conv.server(b"* 1 FETCH (BODY[] {10}\r\n01234")
+    conv.client(b'L ID ("name" {3}\r\n')
+    assert b"+ Ready" not in conv.to_client  # not in the middle of the server's literal
+    conv.server(b"56789)\r\n")
+    assert conv.to_client.endswith(b"56789)\r\n+ Ready for literal data\r\n")
+    conv.client(b"K-9)\r\n").server(b"a OK\r\nL OK\r\n")
+    assert conv.to_server.endswith(b'L ID ("name" {3}\r\nK-9)\r\n')
+
+
+def test_value_needing_a_literal_without_literal_plus(split: Splitter) -> None:
+    conv = talk(split, "passthrough", GREETING_NO_LITERAL_PLUS)
+    conv.client(b'a ID ("name" "Mail" "x-weird" {2+}\r\n\r\n "x-originating-ip" "1.2.3.4")\r\n')
+    sent = bytes(conv.to_server)
+    assert (
+        sent
+        == b'a ID ("name" "Mail" "x-imapveil" "imapveil 0.1.0 removed or shortened fields")\r\n'
+    )
+    conv.server(b"a OK\r\n")
+    assert set(ids(conv)[0].dropped) == {"x-weird", "x-originating-ip"}
+
+
+def test_server_id_is_filtered_on_the_way_to_the_client(split: Splitter) -> None:
+    gmail = next(r for r in rows() if r.label == "gmail-2020")
+    conv = talk(split)
+    conv.client(b'g ID ("name" "Thunderbird")\r\n')
+    conv.server(gmail.data + b"g OK Success\r\n")
+    assert b"51.154.214.166" not in conv.to_client
+    assert b'"name" "GImap"' in conv.to_client
+    assert conv.to_client.endswith(b"g OK Success\r\n")
+    (rec,) = ids(conv)
+    assert rec.server is not None and "remote-host" not in rec.server
+    assert rec.server["name"] == "GImap"
+
+
+def test_nil_is_relayed_and_recorded(split: Splitter) -> None:
+    conv = talk(split)
+    conv.client(b"n ID NIL\r\n").server(b"* ID NIL\r\nn OK\r\n")
+    assert conv.to_server == b"n ID NIL\r\n"
+    (rec,) = ids(conv)
+    assert (rec.client, rec.forwarded, rec.server) == (None, None, None)
+
+
+def test_log_flooding_is_bounded(split: Splitter) -> None:
+    conv = talk(split)
+    for i in range(15):
+        conv.client(b'i%d ID ("name" "x")\r\n' % i).server(b"i%d OK\r\n" % i)
+    assert len(ids(conv)) == 10
+    assert len([r for r in conv.records if isinstance(r, CommandCompleted)]) == 15
+
+
+def test_oversized_id_is_forwarded_unchanged(split: Splitter) -> None:
+    conv = talk(split)
+    big = b"v" * 40000
+    command = b'o ID ("a" {%d}\r\n%s "b" {%d}\r\n%s)\r\n' % (len(big), big, len(big), big)
+    conv.client(command[:30])
+    conv.client(command[30:40050])
+    conv.server(b"+ OK\r\n")  # the server's answer to the first literal, which we answered
+    conv.server(b"+ OK\r\n")  # the second literal went the usual way: this one is relayed
+    conv.client(command[40050:])
+    conv.server(b"o OK\r\n")
+    assert conv.to_server == command
+    assert (
+        conv.to_client[len(GREETING) :].count(b"+ ") == 2
+    )  # ours for the first, the server's for the second
+    assert [v.kind for v in conv.records if isinstance(v, Violation)] == ["id_not_followed"]
+    assert ids(conv)[0].malformed
