@@ -50,10 +50,11 @@ class Leg:
         self.broken = False
         """A send was interrupted: the peer may hold half a chunk, so say nothing more."""
 
-    async def send(self, data: bytes | memoryview) -> None:
+    async def send_many(self, chunks: list[bytes | memoryview]) -> None:
         async with self.write_lock:
             try:
-                await self.stream.send_all(data)
+                for data in chunks:
+                    await self.stream.send_all(data)
             except BaseException:
                 self.broken = True
                 raise
@@ -186,25 +187,46 @@ class Connection:
             await self._apply(feed(bytes(data) if type(data) is not bytes else data, now))
 
     async def _apply(self, actions: list[Action]) -> None:
-        for action in actions:
+        """Carry out the core's actions in order.
+
+        Consecutive sends to one leg go out under one hold of its lock: the core only speaks
+        (`+`, `* BYE`) at a response boundary, and that boundary is the end of an action list,
+        so the other reader must not slip its bytes in between two parts of one response.
+        """
+        i, n = 0, len(actions)
+        while i < n:
+            action = actions[i]
             if isinstance(action, Forward | Reply):
-                leg = self.server if action.direction is Direction.TO_SERVER else self.client
+                direction = action.direction
+                j = i
+                batch: list[bytes | memoryview] = []
+                while j < n:
+                    nxt = actions[j]
+                    if isinstance(nxt, Forward | Reply) and nxt.direction is direction:
+                        batch.append(nxt.data)
+                    elif not isinstance(nxt, Emit):
+                        break
+                    else:
+                        self.sink.emit(nxt.record)
+                    j += 1
+                i = j
+                leg = self.server if direction is Direction.TO_SERVER else self.client
                 if leg is None or leg.broken:
                     continue
                 try:
-                    await leg.send(action.data)
+                    await leg.send_many(batch)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                    self._emit_all(
-                        self.core.failed(
-                            f"send to {leg.name}: {_describe(exc)}", trio.current_time()
-                        )
-                    )
+                    now = trio.current_time()
+                    detail = f"send to {leg.name}: {_describe(exc)}"
+                    self._emit_all(self.core.failed(detail, now))
                     self._closed.set()
                     return
-            elif isinstance(action, Emit):
+                continue
+            if isinstance(action, Emit):
                 self.sink.emit(action.record)
             elif isinstance(action, Close):
                 self._closed.set()
+            i += 1
 
     def _emit_all(self, actions: list[Action]) -> None:
         """Records only; for the moments when nothing may be sent any more."""
