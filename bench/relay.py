@@ -103,6 +103,7 @@ def main() -> None:
                 "--upstream", f"127.0.0.1:{dovecot.port}",
                 "--events", os.devnull,
                 "--user-identity", "none",
+                "--user-key-file", str(dovecot.root / "user-key"),
                 "--log-level", "warning",
             ],
         )  # fmt: skip

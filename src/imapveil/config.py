@@ -7,6 +7,7 @@ the file and the key, at start-up, never at the first connection.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import tomllib
 from collections.abc import Callable, Mapping
@@ -61,6 +62,8 @@ class Settings:
     log_commands: bool = True
     shutdown_grace: float = 10.0
     log_level: str = "info"
+    policy: str = "default"
+    trusted_networks: tuple[str, ...] = ()
 
     def key_file(self) -> Path:
         return Path(self.user_key_file) if self.user_key_file else default_key_file()
@@ -80,6 +83,9 @@ HELP: dict[str, str] = {
     "log_commands": "write one record per command (default true)",
     "shutdown_grace": "seconds sessions get to finish on SIGTERM (default 10)",
     "log_level": "diagnostics on stderr: debug, info (default), warning, error",
+    "policy": "ID policy: a shipped one by name (default, strict, passthrough) or a TOML file",
+    "trusted_networks": "client networks (CIDR, comma-separated) whose ID may carry "
+    "x-originating-* and similar fields; default none",
 }
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -119,6 +125,18 @@ def _convert(name: str, value: Any) -> Any:
         if not isinstance(value, str) or value.lower() not in LOG_LEVELS:
             raise ValueError(f"expected one of {', '.join(LOG_LEVELS)}")
         return value.lower()
+    if name == "policy":
+        if not isinstance(value, str) or not value:
+            raise ValueError("expected a policy name or file")
+        return value
+    if name == "trusted_networks":
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
+            raise ValueError("expected a list of networks like 10.0.0.0/8")
+        networks = tuple(i.strip() for i in items if i.strip())
+        for network in networks:
+            ipaddress.ip_network(network, strict=False)  # ValueError names the bad one
+        return networks
     if name == "log_commands":
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower() == "true"

@@ -115,7 +115,21 @@ class IdExchange:
         return d
 
 
-Record = SessionStarted | SessionEnded | CommandCompleted | Violation | IdExchange
+@dataclass(frozen=True, slots=True)
+class PolicyLoaded:
+    """The ID policy was loaded or reloaded (SIGHUP); `error` says why a new one was refused."""
+
+    event: ClassVar[str] = "policy"
+    policy: str
+    policy_digest: str
+    ok: bool
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"event": self.event, **asdict(self)}
+
+
+Record = SessionStarted | SessionEnded | CommandCompleted | Violation | IdExchange | PolicyLoaded
 
 END_REASONS = (
     "logout",  # LOGOUT completed

@@ -210,6 +210,16 @@ service anvil {{
             path.write_bytes(message)
             os.chown(path, self.mail_uid, self.mail_gid)
 
+    def wait_for_log(self, marker: str, count: int, timeout: float = 10.0) -> str:
+        """The info log once it holds `count` lines with `marker` (Dovecot writes it a moment
+        after answering, from its log process, so this polls the file)."""
+        deadline = time.monotonic() + timeout
+        while (text := self.log_text()).count(marker) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{count} x {marker!r} not in Dovecot's log:\n{text}")
+            time.sleep(0.02)
+        return text
+
     def log_text(self) -> str:
         parts = []
         for path in (self.log_path, self.info_log_path):

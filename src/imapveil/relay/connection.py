@@ -11,6 +11,7 @@ A leg's stream can be replaced in place (`Leg.stream`), which is how TLS will be
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
 import math
 from dataclasses import dataclass
@@ -34,6 +35,15 @@ class RelaySettings:
     upstream_port: int
     core: CoreConfig
     connect_timeout: float = 10.0
+    trusted_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    """Clients whose ID may carry x-originating-* and the like (see policy.model.ANTI_SPOOF)."""
+
+    def trusts(self, client_host: str) -> bool:
+        try:
+            address = ipaddress.ip_address(client_host)
+        except ValueError:
+            return False
+        return any(address in network for network in self.trusted_networks)
 
     @property
     def upstream(self) -> str:
@@ -87,6 +97,7 @@ class Connection:
         *,
         client_address: str,
         session_id: str,
+        client_host: str = "",
         settings: RelaySettings,
         sink: Sink,
         shutdown: trio.Event,
@@ -102,6 +113,7 @@ class Connection:
             client=client_address,
             upstream=settings.upstream,
             now=trio.current_time(),
+            trusted_client=settings.trusts(client_host),
         )
         self._closed = trio.Event()
         self._idle: trio.CancelScope | None = None

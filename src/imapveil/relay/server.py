@@ -52,9 +52,11 @@ class Proxy:
         connection: Connection | None = None
         try:
             _tune(stream)
+            peer = _peer_host(stream)
             connection = Connection(
                 stream,
                 client_address=_peer(stream),
+                client_host=peer,
                 session_id=self._session_id(),
                 settings=self.settings,
                 sink=self.sink,
@@ -133,6 +135,14 @@ def _peer(stream: trio.SocketStream) -> str:
     except OSError:
         return "unknown"
     return _address(host, port)
+
+
+def _peer_host(stream: trio.SocketStream) -> str:
+    try:
+        host: str = stream.socket.getpeername()[0]
+    except OSError:
+        return ""
+    return host
 
 
 def _tune(stream: trio.SocketStream) -> None:
