@@ -106,3 +106,87 @@ def test_bad_config_is_refused_at_start(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert f"{config}: unknown setting 'idle_timout'" in result.stderr.decode()
+
+
+def id_session(port: int, command: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s, s.makefile("rb") as f:
+        f.readline()
+        s.sendall(command + b"Z LOGOUT\r\n")
+        return f.read()
+
+
+def test_sighup_reloads_the_policy_and_refuses_a_broken_one(
+    dovecot: Dovecot, tmp_path: Path
+) -> None:
+    port = free_port()
+    events = tmp_path / "events.jsonl"
+    policy = tmp_path / "mine.toml"
+    policy.write_text((Path(__file__).parents[1] / "policies" / "default.toml").read_text())
+    process = subprocess.Popen(
+        [
+            sys.executable, "-m", "imapveil", "serve",
+            "--listen", f"127.0.0.1:{port}",
+            "--upstream", f"127.0.0.1:{dovecot.port}",
+            "--events", str(events),
+            "--user-key-file", str(tmp_path / "user-key"),
+            "--policy", str(policy),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert process.stderr is not None
+        wait_until_listening(process)
+        id_session(port, b'a ID ("name" "Mail" "x-device" "Pixel")\r\n')
+
+        policy.write_text(
+            policy.read_text().replace('fields = ["name", ', 'fields = ["x-device", "name", ')
+        )
+        process.send_signal(signal.SIGHUP)
+        assert b"reloaded" in process.stderr.readline()
+        id_session(port, b'b ID ("name" "Mail" "x-device" "Pixel")\r\n')
+
+        policy.write_text("this is not = = toml")
+        process.send_signal(signal.SIGHUP)
+        assert b"not reloaded" in process.stderr.readline()
+        id_session(port, b'c ID ("name" "Mail" "x-device" "Pixel")\r\n')
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=15)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 0
+    records = [json.loads(line) for line in events.read_text().splitlines()]
+    loads = [(r["ok"], r["error"] is not None) for r in records if r["event"] == "policy"]
+    assert loads == [(True, False), (True, False), (False, True)]
+    ids = {r["tag"]: r for r in records if r["event"] == "id"}
+    assert ids["a"]["dropped"] == ["x-device"]
+    assert ids["b"]["dropped"] == [] and ids["b"]["client"]["x-device"] == "Pixel"
+    assert ids["c"]["dropped"] == []  # the broken file was refused; the reloaded policy stays
+    assert ids["a"]["policy_digest"] != ids["b"]["policy_digest"] == ids["c"]["policy_digest"]
+
+
+def test_policy_tool(tmp_path: Path) -> None:
+    def imapveil(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "imapveil", *args],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=30,
+        )
+
+    ok = imapveil("policy", "check", "default", "strict", "passthrough")
+    assert ok.returncode == 0 and ok.stdout.count(": ok (") == 3
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[rule]]\nfields = ["name"]\nforward = "hash"\n')
+    broken = imapveil("policy", "check", str(bad))
+    assert broken.returncode == 1
+    assert f"{bad}: rule[0].forward: expected one of" in broken.stderr
+    shown = imapveil(
+        "policy", "test", "default", 'ID ("name" "K-9 Mail" "x-originating-ip" "10.1.2.3")'
+    )
+    assert shown.returncode == 0
+    assert 'forwarded: ID ("name" "K-9 Mail" "x-imapveil"' in shown.stdout
+    assert "x-originating-ip" in shown.stdout and "by anti-spoof" in shown.stdout

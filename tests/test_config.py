@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 
 import pytest
 
 from imapveil.cli import build_parser, main
 from imapveil.config import ConfigError, Endpoint, load, parse_endpoint
+from imapveil.protocol.session import CoreConfig
+from imapveil.relay.connection import RelaySettings
 
 
 def test_endpoints() -> None:
@@ -72,3 +75,18 @@ def test_cli_reports_config_errors(capsys: pytest.CaptureFixture[str], tmp_path:
         main(["--version"])
     assert info.value.code == 0
     assert capsys.readouterr().out.startswith("imapveil ")
+
+
+def test_trusted_networks() -> None:
+    settings = load(None, {"upstream": "h:1", "trusted_networks": "10.0.0.0/8, 2001:db8::/32"})
+    assert settings.trusted_networks == ("10.0.0.0/8", "2001:db8::/32")
+    relay = RelaySettings(
+        "h",
+        1,
+        CoreConfig(),
+        trusted_networks=tuple(ipaddress.ip_network(n) for n in settings.trusted_networks),
+    )
+    assert relay.trusts("10.9.8.7") and relay.trusts("2001:db8::5")
+    assert not relay.trusts("192.0.2.1") and not relay.trusts("")
+    with pytest.raises(ConfigError, match="trusted_networks"):
+        load(None, {"upstream": "h:1", "trusted_networks": "10.0.0.300/8"})

@@ -7,6 +7,7 @@ import base64
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from imapveil.policy.load import resolve_policy
 from imapveil.protocol.session import CoreConfig
 from imapveil.records import CommandCompleted, Violation
 from tests.helpers.feeding import Conversation, splitting_at
@@ -115,10 +116,17 @@ def sessions(draw: st.DrawFn) -> list[Step]:
     return steps
 
 
+DEFAULT_POLICY = resolve_policy("default")
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(sessions(), st.lists(st.integers(0, 10**6), max_size=20))
-def test_sessions_are_relayed_byte_for_byte(steps: list[Step], cuts: list[int]) -> None:
-    conv = Conversation(splitting_at(cuts), CoreConfig(server_hold=256))
+@given(sessions(), st.lists(st.integers(0, 10**6), max_size=20), st.booleans())
+def test_sessions_are_relayed_byte_for_byte(
+    steps: list[Step], cuts: list[int], with_policy: bool
+) -> None:
+    """With or without an ID policy: a session with no ID in it is relayed unchanged."""
+    policy = (lambda: DEFAULT_POLICY) if with_policy else None
+    conv = Conversation(splitting_at(cuts), CoreConfig(server_hold=256, policy=policy))
     client, server = bytearray(), bytearray()
     for side, data in steps:
         if side == "c":
@@ -154,6 +162,10 @@ _NOISE = [
     b"a AUTHENTICATE PLAIN\r\n",
     b"a STARTTLS\r\n",
     b"a LOGOUT\r\n",
+    b'a ID ("name" ',
+    b'"x-device" {4}\r\n',
+    b"ID NIL\r\n",
+    b'* ID ("name" "S" "remote-host" "1.2.3.4")\r\n',
 ]
 noise = st.lists(st.sampled_from(_NOISE) | st.binary(max_size=30), max_size=8).map(b"".join)
 
@@ -183,3 +195,24 @@ def test_garbage_never_crashes_and_only_ever_truncates(
     assert server.startswith(conv.forwarded_to_client)
     for reply in conv.replies:
         assert reply.data.startswith(b"* BYE ")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from("cs"), noise), max_size=12), st.lists(st.integers()))
+def test_garbage_with_id_policy_never_crashes(
+    steps: list[tuple[str, bytes]], cuts: list[int]
+) -> None:
+    config = CoreConfig(max_line=200, server_hold=200, policy=lambda: DEFAULT_POLICY)
+    conv = Conversation(splitting_at(cuts), config)
+    for side, data in steps:
+        if side == "c":
+            conv.client(data)
+        else:
+            conv.server(data)
+        core = conv.core
+        assert len(core._client.buf) <= config.max_line
+        assert len(core._held) <= config.max_line
+        assert core._id is None or len(core._id.parts) <= 64 * 1024 + config.max_line
+    conv.client_closes()
+    for reply in conv.replies:
+        assert reply.data.startswith((b"* BYE ", b"+ Ready"))
