@@ -90,3 +90,14 @@ def test_trusted_networks() -> None:
     assert not relay.trusts("192.0.2.1") and not relay.trusts("")
     with pytest.raises(ConfigError, match="trusted_networks"):
         load(None, {"upstream": "h:1", "trusted_networks": "10.0.0.300/8"})
+
+
+def test_inject_id(tmp_path: Path) -> None:
+    conf = tmp_path / "c.toml"
+    conf.write_text('upstream = "h:1"\ninject_id = { name = "gateway", vendor = "Example Org" }\n')
+    assert load(conf, {}).inject_id == (("name", "gateway"), ("vendor", "Example Org"))
+    flag = load(None, {"upstream": "h:1", "inject_id": "name=gateway, os=linux"})
+    assert flag.inject_id == (("name", "gateway"), ("os", "linux"))
+    for bad in ("name", "name=\u00e9", "x" * 31 + "=v"):
+        with pytest.raises(ConfigError, match="inject_id"):
+            load(None, {"upstream": "h:1", "inject_id": bad})

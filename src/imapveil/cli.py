@@ -185,6 +185,7 @@ async def serve(settings: Settings, policy: Policy) -> int:
         idle_timeout=settings.idle_timeout,
         policy=holder,
         hash_value=_value_hasher(key),
+        inject_id=tuple((k.encode(), v.encode()) for k, v in settings.inject_id),
     )
     relay = RelaySettings(
         upstream_host=settings.upstream.host,

@@ -64,6 +64,7 @@ class Settings:
     log_level: str = "info"
     policy: str = "default"
     trusted_networks: tuple[str, ...] = ()
+    inject_id: tuple[tuple[str, str], ...] = ()
 
     def key_file(self) -> Path:
         return Path(self.user_key_file) if self.user_key_file else default_key_file()
@@ -86,6 +87,8 @@ HELP: dict[str, str] = {
     "policy": "ID policy: a shipped one by name (default, strict, passthrough) or a TOML file",
     "trusted_networks": "client networks (CIDR, comma-separated) whose ID may carry "
     "x-originating-* and similar fields; default none",
+    "inject_id": "send this ID (name=VALUE,...) before LOGIN when the client sent none, for "
+    "servers that refuse clients without ID; describe your deployment honestly; default off",
 }
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -137,6 +140,24 @@ def _convert(name: str, value: Any) -> Any:
         for network in networks:
             ipaddress.ip_network(network, strict=False)  # ValueError names the bad one
         return networks
+    if name == "inject_id":
+        if isinstance(value, str):
+            pairs = [item.partition("=") for item in value.split(",") if item.strip()]
+            if any(not sep for _, sep, _ in pairs):
+                raise ValueError("expected name=value pairs separated by commas")
+            value = {k.strip(): v.strip() for k, _, v in pairs}
+        if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+        ):
+            raise ValueError("expected a table of field names to string values")
+        if len(value) > 29:
+            raise ValueError("at most 29 fields (RFC 2971 allows 30)")
+        for k, v in value.items():
+            if not 0 < len(k.encode()) <= 30 or not k.isascii() or not k.isprintable():
+                raise ValueError(f"field {k!r}: 1 to 30 printable ASCII characters")
+            if len(v.encode()) > 1024 or not v.isascii() or not v.isprintable():
+                raise ValueError(f"field {k!r}: value of at most 1024 printable ASCII characters")
+        return tuple(value.items())
     if name == "log_commands":
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower() == "true"

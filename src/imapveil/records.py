@@ -107,6 +107,8 @@ class IdExchange:
     server: dict[str, str | None] | None
     policy: str
     policy_digest: str
+    injected: bool = False
+    """The proxy sent this ID itself (`inject_id`), because the client sent none."""
 
     def to_dict(self) -> dict[str, Any]:
         d = {"event": self.event, **asdict(self)}

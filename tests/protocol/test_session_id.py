@@ -128,16 +128,66 @@ def test_our_continuation_waits_for_a_response_boundary(split: Splitter) -> None
     assert conv.to_server.endswith(b'L ID ("name" {3}\r\nK-9)\r\n')
 
 
-def test_value_needing_a_literal_without_literal_plus(split: Splitter) -> None:
+def test_value_needing_a_literal_without_literal_plus_is_sent_piece_by_piece(
+    split: Splitter,
+) -> None:
     conv = talk(split, "passthrough", GREETING_NO_LITERAL_PLUS)
     conv.client(b'a ID ("name" "Mail" "x-weird" {2+}\r\n\r\n "x-originating-ip" "1.2.3.4")\r\n')
-    sent = bytes(conv.to_server)
-    assert (
-        sent
-        == b'a ID ("name" "Mail" "x-imapveil" "imapveil 0.1.0 removed or shortened fields")\r\n'
+    conv.client(b"b NOOP\r\n")  # pipelined: must not land inside our ID
+    assert conv.to_server == b'a ID ("name" "Mail" "x-weird" {2}\r\n'
+    conv.server(b"+ go ahead\r\n")
+    assert b"go ahead" not in conv.to_client  # the client never asked for it
+    assert conv.to_server == (
+        b'a ID ("name" "Mail" "x-weird" {2}\r\n'
+        b'\r\n "x-imapveil" "imapveil 0.1.0 removed or shortened fields")\r\n'
+        b"b NOOP\r\n"
     )
-    conv.server(b"a OK\r\n")
-    assert set(ids(conv)[0].dropped) == {"x-weird", "x-originating-ip"}
+    conv.server(b"a OK\r\nb OK\r\n")
+    assert set(ids(conv)[0].dropped) == {"x-originating-ip"}
+    assert [r.status for r in conv.records if isinstance(r, CommandCompleted)] == ["OK", "OK"]
+
+
+def test_refused_piece_by_piece_id_releases_the_client(split: Splitter) -> None:
+    conv = talk(split, "passthrough", GREETING_NO_LITERAL_PLUS)
+    conv.client(b'a ID ("x-weird" {1+}\r\n\xff "x-originating-ip" "1.2.3.4")\r\nb NOOP\r\n')
+    conv.server(b"a BAD no literals here\r\n")
+    assert conv.to_server.endswith(b"{1}\r\nb NOOP\r\n")
+    conv.server(b"b OK\r\n")
+    assert [r.status for r in conv.records if isinstance(r, CommandCompleted)] == ["BAD", "OK"]
+
+
+def test_injected_id_for_servers_that_insist(split: Splitter) -> None:
+    chosen = resolve_policy("default")
+    config = CoreConfig(
+        policy=lambda: chosen,
+        hash_value=lambda v: "hmac:test",
+        inject_id=((b"name", b"imapveil gateway"), (b"vendor", b"Example Org")),
+    )
+    conv = Conversation(split, config).server(GREETING)
+    conv.client(b"a CAPABILITY\r\nb LOGIN alice secret\r\n")
+    assert conv.to_server == (
+        b"a CAPABILITY\r\n"
+        b'imapveil.2 ID ("name" "imapveil gateway" "vendor" "Example Org")\r\n'
+        b"b LOGIN alice secret\r\n"
+    )
+    conv.server(b"* CAPABILITY IMAP4rev1\r\na OK\r\n")
+    coremail = b'* ID ("name" "Coremail Imap" "TransID" "cFAZvADXroRR1q9e")\r\n'
+    conv.server(coremail + b"imapveil.2 OK ID completed\r\n")
+    conv.server(b"b OK Logged in\r\n")
+    assert conv.to_client.endswith(b"* CAPABILITY IMAP4rev1\r\na OK\r\nb OK Logged in\r\n")
+    (rec,) = ids(conv)
+    assert rec.injected and rec.tag == "imapveil.2" and rec.status == "OK"
+    assert rec.client == {"name": "imapveil gateway", "vendor": "Example Org"}
+    assert rec.server == {"name": "Coremail Imap"}
+    assert not [v for v in conv.records if isinstance(v, Violation)]
+    # Once per session, and never when the client sent its own ID.
+    conv.client(b"c LOGIN alice secret\r\n")
+    assert conv.to_server.endswith(b"\r\nc LOGIN alice secret\r\n")
+    assert conv.to_server.count(b" ID ") == 1
+
+    other = Conversation(split, config).server(GREETING)
+    other.client(b'1 ID ("name" "Thunderbird")\r\n2 LOGIN bob x\r\n')
+    assert other.to_server == b'1 ID ("name" "Thunderbird")\r\n2 LOGIN bob x\r\n'
 
 
 def test_server_id_is_filtered_on_the_way_to_the_client(split: Splitter) -> None:

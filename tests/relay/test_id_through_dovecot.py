@@ -4,6 +4,7 @@ records hold only what the policy says to keep."""
 
 from __future__ import annotations
 
+import imaplib
 import json
 import re
 
@@ -13,7 +14,7 @@ import trio
 from imapveil.policy import apply
 from imapveil.policy.load import resolve_policy
 from imapveil.protocol.id_params import parse
-from imapveil.records import IdExchange, SessionEnded
+from imapveil.records import IdExchange, SessionEnded, Violation
 from tests.conftest import start_proxy
 from tests.helpers.corpus import Row, rows
 from tests.helpers.dovecot import Dovecot
@@ -91,3 +92,31 @@ async def test_corpus_through_the_proxy(dovecot: Dovecot, policy_name: str) -> N
     # Client-supplied addresses never reach the server unless the client network is trusted.
     assert "24.212.235.245" not in text
     assert "24.212.235.245" not in dump
+
+
+def login_with_imaplib(address: tuple[str, int]) -> list[bytes]:
+
+    m = imaplib.IMAP4(*address)
+    m.login("alice", "wonderland")
+    typ, data = m.noop()
+    m.logout()
+    assert typ == "OK"
+    return [d for d in data if isinstance(d, bytes)]
+
+
+async def test_injected_id_reaches_dovecot_and_not_the_client(dovecot: Dovecot) -> None:
+    before = dovecot.log_text().count("ID sent: ")
+    fields = ((b"name", b"imapveil gateway"), (b"vendor", b"Example Org"))
+    policy = resolve_policy("default")
+    async with trio.open_nursery() as nursery:
+        proxy = await start_proxy(
+            nursery, dovecot.address, policy=lambda: policy, hash_value=hasher, inject_id=fields
+        )
+        await trio.to_thread.run_sync(login_with_imaplib, proxy.address)
+        await proxy.sink.wait_for(SessionEnded)
+        proxy.proxy.stop()
+    text = await trio.to_thread.run_sync(dovecot.wait_for_log, "ID sent: ", before + 1)
+    assert id_lines(text)[before:] == ["ID sent: name=imapveil gateway, vendor=Example Org"]
+    (rec,) = proxy.sink.of(IdExchange)
+    assert rec.injected and rec.status == "OK" and rec.server == {"name": "Dovecot"}
+    assert not proxy.sink.of(Violation)

@@ -176,3 +176,26 @@ def _string(value: bytes, literal_plus: bool) -> bytes:
     if needs_literal(value):
         return b"{%d%s}\r\n%s" % (len(value), b"+" if literal_plus else b"", value)
     return quote(value)
+
+
+def serialize_pieces(fields: IdFields) -> list[bytes]:
+    """The list for a server without LITERAL+: each piece but the last ends with `{N}` CRLF.
+
+    The caller sends a piece, waits for the server's "+", then sends the next (RFC 9051 §7.5).
+    """
+    if fields is None:
+        return [b"NIL"]
+    pieces = [bytearray(b"(")]
+    for i, (name, value) in enumerate(fields):
+        for j, item in enumerate((name, value)):
+            if i or j:
+                pieces[-1] += b" "
+            if item is None:
+                pieces[-1] += b"NIL"
+            elif needs_literal(item):
+                pieces[-1] += b"{%d}\r\n" % len(item)
+                pieces.append(bytearray(item))
+            else:
+                pieces[-1] += quote(item)
+    pieces[-1] += b")"
+    return [bytes(p) for p in pieces]

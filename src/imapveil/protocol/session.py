@@ -74,6 +74,9 @@ class CoreConfig:
     hash_value: Callable[[bytes], str] = field(default=lambda _v: "hmac:")
     """Keyed HMAC for `record = "hash"` in ID policies."""
     max_id_records: int = 10
+    inject_id: tuple[tuple[bytes, bytes], ...] = ()
+    """Sent as the proxy's own ID before LOGIN/AUTHENTICATE when the client sent no ID (for
+    servers that refuse clients without one). Empty: never."""
     """ID exchanges recorded per session; more are counted, not recorded (RFC 2971 §7)."""
 
 
@@ -91,6 +94,7 @@ class _Gate(enum.Enum):
     AUTH = 2  # AUTHENTICATE waits for "+" (a challenge) or its tagged answer
     IDLE = 3  # IDLE waits for "+" (idling) or its tagged answer
     SWITCH = 4  # STARTTLS / COMPRESS: after OK the bytes are no longer IMAP text
+    DRIVE = 5  # the proxy is sending a rewritten ID piece by piece, on the server's "+"
 
 
 # Verbs whose tagged OK changes what the stream is.
@@ -233,6 +237,11 @@ class SessionCore:
         self._swallow_plus = 0  # server "+" answers to literals we already answered
         self._id_waiting: _Command | None = None
         self._id_records = 0
+        self._id_pieces: deque[bytes] = deque()  # rest of a rewritten ID, one piece per "+"
+        self._id_sent = False  # the client sent an ID in this session
+        self._injected: bytes | None = None  # tag of an ID the proxy sent itself, until answered
+        self._injected_fields: id_params.IdFields = None
+        self._injected_server: Outcome | None = None
 
     def __repr__(self) -> str:
         return (
@@ -484,9 +493,13 @@ class SessionCore:
         self._pending.setdefault(tag, deque()).append(cmd)
         self._current = cmd
         args = rest[vend:]
-        if verb == b"ID" and self.config.policy is not None:
-            self._id = _IdCollect(cmd, line)
-            self._withheld = True
+        if verb == b"ID":
+            self._id_sent = True
+            if self.config.policy is not None:
+                self._id = _IdCollect(cmd, line)
+                self._withheld = True
+        elif verb in (b"LOGIN", b"AUTHENTICATE") and self._should_inject():
+            self._inject_id(line)
         if verb == b"LOGIN":
             self._login_user(cmd, args)
         elif verb == b"AUTHENTICATE":
@@ -603,15 +616,69 @@ class SessionCore:
         outcome = apply(
             policy, fields, hasher=self.config.hash_value, trusted_client=self.trusted_client
         )
-        if not {"LITERAL+", "LITERAL-"} & self.capabilities:
-            outcome = _without_literals(outcome)
         cmd.id_outcome = outcome
         self._id_waiting = cmd
         if not outcome.changed:
             self._send_id_unchanged(raw, collecting.acked)
             return
-        args = id_params.serialize(outcome.forwarded, literal_plus=True)
-        self._out.append(Forward(Direction.TO_SERVER, cmd.tag + b" ID " + args + b"\r\n"))
+        if {"LITERAL+", "LITERAL-"} & self.capabilities:
+            args = id_params.serialize(outcome.forwarded, literal_plus=True)
+            self._out.append(Forward(Direction.TO_SERVER, cmd.tag + b" ID " + args + b"\r\n"))
+            return
+        # No LITERAL+: a value that needs a literal is sent the synchronizing way, one piece
+        # per server "+", which the client never sees; its next commands wait meanwhile.
+        pieces = id_params.serialize_pieces(outcome.forwarded)
+        pieces[0] = cmd.tag + b" ID " + pieces[0]
+        pieces[-1] += b"\r\n"
+        self._out.append(Forward(Direction.TO_SERVER, pieces[0]))
+        if len(pieces) > 1:
+            self._id_pieces = deque(pieces[1:])
+            self._set_gate(_Gate.DRIVE, cmd)
+
+    def _should_inject(self) -> bool:
+        return bool(self.config.inject_id) and not self._id_sent and self.opaque is None
+
+    def _inject_id(self, line: bytes) -> None:
+        """Our own honest ID, ahead of the client's LOGIN; its answer is not shown the client."""
+        self._id_sent = True
+        tag = b"imapveil.%d" % self.commands
+        fields = self.config.inject_id
+        self._injected = tag
+        self._injected_fields = fields
+        command = tag + b" ID " + id_params.serialize(fields, literal_plus=False) + b"\r\n"
+        self._out.append(Forward(Direction.TO_SERVER, command))
+        self._out.append(Forward(Direction.TO_SERVER, line))
+        self._withheld = True
+
+    def _injected_answered(self, status: str) -> None:
+        tag, self._injected = self._injected, None
+        assert tag is not None
+        self._replace = b""
+        if self._id_records >= self.config.max_id_records:
+            return
+        self._id_records += 1
+        policy = self.config.policy() if self.config.policy is not None else None
+        server = self._injected_server
+        self._injected_server = None
+        fields = self._injected_fields or ()
+        self._out.append(
+            Emit(
+                IdExchange(
+                    session=self.session_id,
+                    tag=tag.decode(),
+                    state=self.state.value,
+                    status=status,
+                    malformed=False,
+                    client={n.decode(): v.decode() if v is not None else None for n, v in fields},
+                    dropped=(),
+                    forwarded=_names(self._injected_fields),
+                    server=_recorded(server),
+                    policy=policy.name if policy is not None else "",
+                    policy_digest=policy.digest if policy is not None else "",
+                    injected=True,
+                )
+            )
+        )
 
     def _send_id_unchanged(self, raw: bytes, acked: int) -> None:
         self._out.append(Forward(Direction.TO_SERVER, raw))
@@ -620,6 +687,18 @@ class SessionCore:
     def _server_id(self, line: bytes) -> None:
         """`* ID (...)`: the same policy applies on the way to the client."""
         policy_source = self.config.policy
+        if self._injected is not None:
+            # The answer to our own ID: the client did not ask, so it does not see it.
+            self._replace = b""
+            if policy_source is not None:
+                try:
+                    fields = id_params.parse(lexer.strip_eol(line)[5:])
+                except IdSyntaxError:
+                    return
+                self._injected_server = apply(
+                    policy_source(), fields, hasher=self.config.hash_value, trusted_client=True
+                )
+            return
         if policy_source is None:
             return
         body = lexer.strip_eol(line)
@@ -908,6 +987,13 @@ class SessionCore:
         self._server_literal(line)
 
     def _continuation(self) -> None:
+        if self._id_pieces:
+            # The server is ready for the next piece of the ID we rewrote: ours, not the client's.
+            self._replace = b""
+            self._out.append(Forward(Direction.TO_SERVER, self._id_pieces.popleft()))
+            if not self._id_pieces and self._gate is _Gate.DRIVE:
+                self._clear_gate()
+            return
         if self._swallow_plus:
             # The answer to a literal the proxy already said "+" to (an ID it collected).
             self._swallow_plus -= 1
@@ -935,6 +1021,9 @@ class SessionCore:
             return
         if code == "CAPABILITY":
             self.capabilities = lexer.capabilities(args)
+        if tag == self._injected:
+            self._injected_answered(status)
+            return
         queue = self._pending.get(tag)
         if not queue:
             self._violation("server", "unknown_tag", f"tag of {len(tag)} octets")
@@ -968,6 +1057,7 @@ class SessionCore:
             self.state = State.LOGOUT
         elif verb == b"ID" and self.config.policy is not None:
             self._swallow_plus = 0  # a refused ID gets no more "+" from the server
+            self._id_pieces.clear()
             self._id_record(cmd, status)
 
         if cmd is self._gate_owner:
@@ -1078,22 +1168,6 @@ def _recorded(outcome: Outcome | None) -> dict[str, str | None] | None:
     if outcome is None or (outcome.forwarded is None and not outcome.decisions):
         return None
     return outcome.recorded
-
-
-def _without_literals(outcome: Outcome) -> Outcome:
-    """Without LITERAL+, a value that needs a literal is left out rather than sent unasked."""
-    forwarded = outcome.forwarded
-    if forwarded is None:
-        return outcome
-    kept = tuple(p for p in forwarded if p[1] is None or not id_params.needs_literal(p[1]))
-    if len(kept) == len(forwarded):
-        return outcome
-    gone = tuple(
-        name.decode("utf-8", "replace").lower()
-        for name, value in forwarded
-        if value is not None and id_params.needs_literal(value)
-    )
-    return Outcome(kept or None, outcome.recorded, outcome.dropped + gone, outcome.decisions, True)
 
 
 def _is_status(rest: bytes) -> bool:
