@@ -6,11 +6,13 @@ import json
 
 import pytest
 
+from imapveil.policy import Outcome, apply
 from imapveil.policy.load import resolve_policy
+from imapveil.protocol.id_params import parse, serialize
 from imapveil.protocol.session import CoreConfig
 from imapveil.records import CommandCompleted, IdExchange, Violation
-from tests.helpers.corpus import rows
-from tests.helpers.feeding import SPLITTERS, Conversation, Splitter
+from tests.helpers.corpus import Row, rows
+from tests.helpers.feeding import SPLITTERS, Conversation, Splitter, whole
 
 GREETING = b"* OK [CAPABILITY IMAP4rev1 LITERAL+ ID IDLE] ready\r\n"
 GREETING_NO_LITERAL_PLUS = b"* OK [CAPABILITY IMAP4rev1 ID] ready\r\n"
@@ -235,3 +237,31 @@ def test_oversized_id_is_forwarded_unchanged(split: Splitter) -> None:
     )  # ours for the first, the server's for the second
     assert [v.kind for v in conv.records if isinstance(v, Violation)] == ["id_not_followed"]
     assert ids(conv)[0].malformed
+
+
+SERVER_ROWS = [r for r in rows() if r.direction == "S"]
+
+
+@pytest.mark.parametrize("row", SERVER_ROWS, ids=[r.label for r in SERVER_ROWS])
+@pytest.mark.parametrize("policy", ["default", "strict", "passthrough"])
+def test_every_server_row_under_every_policy(row: Row, policy: str) -> None:
+    chosen = resolve_policy(policy)
+    outcome = apply(chosen, parse(row.args), hasher=lambda v: "hmac:test", trusted_client=True)
+    conv = talk(whole, policy)
+    conv.client(b'q ID ("name" "Thunderbird")\r\n').server(row.data + b"q OK\r\n")
+    shown = bytes(conv.to_client[len(GREETING) :])
+    if outcome.changed:
+        assert (
+            shown == b"* ID " + serialize(outcome.forwarded, literal_plus=False) + b"\r\nq OK\r\n"
+        )
+    else:
+        assert shown == row.data + b"q OK\r\n"
+    for secret in (b"51.154.214.166", b"cFAZvADXroRR1q9e"):
+        if policy != "passthrough":
+            assert secret not in shown
+    (rec,) = ids(conv)
+    assert rec.server == _recorded_or_none(outcome)
+
+
+def _recorded_or_none(outcome: Outcome) -> dict[str, str | None] | None:
+    return None if outcome.forwarded is None and not outcome.decisions else outcome.recorded
