@@ -38,6 +38,7 @@ def test_serve_with_config_file_events_and_sigterm(dovecot: Dovecot, tmp_path: P
         'upstream = "127.0.0.1:1"\n'  # overridden by the flag below
         f'events = "{events}"\n'
         f'user_key_file = "{tmp_path / "state" / "user-key"}"\n'
+        "shutdown_grace = 0.5\n"
     )
     upstream = f"127.0.0.1:{dovecot.port}"
     process = subprocess.Popen(
@@ -130,6 +131,7 @@ def test_sighup_reloads_the_policy_and_refuses_a_broken_one(
             "--events", str(events),
             "--user-key-file", str(tmp_path / "user-key"),
             "--policy", str(policy),
+            "--shutdown-grace", "0.5",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -148,7 +150,7 @@ def test_sighup_reloads_the_policy_and_refuses_a_broken_one(
 
         policy.write_text("this is not = = toml")
         process.send_signal(signal.SIGHUP)
-        assert b"not reloaded" in process.stderr.readline()
+        assert b"reload refused" in process.stderr.readline()
         id_session(port, b'c ID ("name" "Mail" "x-device" "Pixel")\r\n')
         process.send_signal(signal.SIGTERM)
         process.communicate(timeout=15)

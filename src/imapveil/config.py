@@ -60,11 +60,16 @@ class Settings:
     user_identity: str = "hash"
     user_key_file: str = ""
     log_commands: bool = True
-    shutdown_grace: float = 10.0
+    shutdown_grace: float = 30.0
     log_level: str = "info"
     policy: str = "default"
     trusted_networks: tuple[str, ...] = ()
     inject_id: tuple[tuple[str, str], ...] = ()
+    max_sessions: int = 10_000
+    max_sessions_per_client: int = 1_000
+    max_connection_rate: float = 50.0
+    proxy_protocol_from: tuple[str, ...] = ()
+    upstream_proxy_protocol: bool = False
 
     def key_file(self) -> Path:
         return Path(self.user_key_file) if self.user_key_file else default_key_file()
@@ -82,13 +87,20 @@ HELP: dict[str, str] = {
     "user_key_file": "key for user_identity = hash; created (0600) if missing "
     "(default $STATE_DIRECTORY/user-key or ~/.local/state/imapveil/user-key)",
     "log_commands": "write one record per command (default true)",
-    "shutdown_grace": "seconds sessions get to finish on SIGTERM (default 10)",
+    "shutdown_grace": "seconds sessions get to finish on SIGTERM before BYE (default 30)",
     "log_level": "diagnostics on stderr: debug, info (default), warning, error",
     "policy": "ID policy: a shipped one by name (default, strict, passthrough) or a TOML file",
     "trusted_networks": "client networks (CIDR, comma-separated) whose ID may carry "
     "x-originating-* and similar fields; default none",
     "inject_id": "send this ID (name=VALUE,...) before LOGIN when the client sent none, for "
     "servers that refuse clients without ID; describe your deployment honestly; default off",
+    "max_sessions": "concurrent sessions in all (default 10000)",
+    "max_sessions_per_client": "concurrent sessions from one client address (default 1000)",
+    "max_connection_rate": "new connections per second from one client address (default 50)",
+    "proxy_protocol_from": "networks (CIDR, comma-separated) whose connections must start with "
+    "a PROXY protocol v1/v2 header; default none",
+    "upstream_proxy_protocol": "send a PROXY v2 header with the real client address upstream "
+    "(default false)",
 }
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -132,7 +144,18 @@ def _convert(name: str, value: Any) -> Any:
         if not isinstance(value, str) or not value:
             raise ValueError("expected a policy name or file")
         return value
-    if name == "trusted_networks":
+    if name in ("max_sessions", "max_sessions_per_client"):
+        number = int(value) if isinstance(value, str) else value
+        if type(number) is not int or number < 1:
+            raise ValueError("expected a whole number, at least 1")
+        return number
+    if name == "max_connection_rate":
+        number = float(value) if isinstance(value, str) else value
+        if type(number) not in (int, float):
+            raise ValueError("expected a number per second")
+        _positive(name, float(number))
+        return float(number)
+    if name in ("trusted_networks", "proxy_protocol_from"):
         items = value.split(",") if isinstance(value, str) else value
         if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
             raise ValueError("expected a list of networks like 10.0.0.0/8")
@@ -158,7 +181,7 @@ def _convert(name: str, value: Any) -> Any:
             if len(v.encode()) > 1024 or not v.isascii() or not v.isprintable():
                 raise ValueError(f"field {k!r}: value of at most 1024 printable ASCII characters")
         return tuple(value.items())
-    if name == "log_commands":
+    if name in ("log_commands", "upstream_proxy_protocol"):
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower() == "true"
         if not isinstance(value, bool):

@@ -131,7 +131,28 @@ class PolicyLoaded:
         return {"event": self.event, **asdict(self)}
 
 
-Record = SessionStarted | SessionEnded | CommandCompleted | Violation | IdExchange | PolicyLoaded
+@dataclass(frozen=True, slots=True)
+class ConfigLoaded:
+    """The configuration was (re)loaded, or a reload was refused and the old one stays."""
+
+    event: ClassVar[str] = "config"
+    source: str
+    ok: bool
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"event": self.event, **asdict(self)}
+
+
+Record = (
+    SessionStarted
+    | SessionEnded
+    | CommandCompleted
+    | Violation
+    | IdExchange
+    | PolicyLoaded
+    | ConfigLoaded
+)
 
 END_REASONS = (
     "logout",  # LOGOUT completed
@@ -142,6 +163,8 @@ END_REASONS = (
     "protocol_error",  # the client broke framing beyond recovery; we sent * BYE
     "idle_timeout",  # no traffic within the idle timeout; we sent * BYE
     "upstream_unavailable",  # the upstream could not be reached; we sent * BYE
+    "over_limit",  # a connection limit was reached; we sent * BYE [UNAVAILABLE]
+    "proxy_header",  # a PROXY protocol header was missing, malformed or not allowed
     "shutdown",  # the proxy shut down
     "error",  # a network error on either leg
 )

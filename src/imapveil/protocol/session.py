@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 from imapveil.policy.engine import Outcome, apply
 from imapveil.policy.model import Policy
-from imapveil.protocol import id_params, lexer, sasl
+from imapveil.protocol import id_params, lexer, proxy_header, sasl
 from imapveil.protocol.actions import Action, Close, Direction, Emit, Forward, Reply
 from imapveil.protocol.id_params import IdSyntaxError
 from imapveil.protocol.lexer import LiteralError
@@ -271,6 +271,13 @@ class SessionCore:
             return [Forward(Direction.TO_SERVER, data)]
         out: list[Action] = []
         self._out = out
+        if self.bytes_from_client == len(data) and proxy_header.looks_like_header(data):
+            # A PROXY header from a source not configured to send one: never pass it on, a
+            # backend that accepts PROXY would believe the address in it.
+            self._violation("client", "proxy_header_untrusted", f"{len(data)} octets", "closed")
+            self._set_end("proxy_header", "from an untrusted source")
+            out.extend(self._close("proxy_header"))
+            return out
         self._scan_client(data)
         return out
 
@@ -323,6 +330,16 @@ class SessionCore:
             Reply(Direction.TO_CLIENT, b"* BYE [UNAVAILABLE] Mail server is not reachable\r\n"),
             *self._close("upstream_unavailable"),
         ]
+
+    def refused(self, reason: str, detail: str, now: float) -> list[Action]:
+        """Not served at all: a connection limit (`over_limit`) or a bad PROXY header."""
+        self.now = now
+        self._set_end(reason, detail)
+        out: list[Action] = []
+        if reason == "over_limit":
+            text = b"* BYE [UNAVAILABLE] Too many connections, try again later\r\n"
+            out.append(Reply(Direction.TO_CLIENT, text))
+        return out + self._close(reason)
 
     def timed_out(self, now: float) -> list[Action]:
         """No traffic for `idle_timeout` seconds."""

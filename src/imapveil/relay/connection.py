@@ -10,14 +10,17 @@ A leg's stream can be replaced in place (`Leg.stream`), which is how TLS will be
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import logging
 import math
+import socket
 from dataclasses import dataclass
 
 import trio
 
+from imapveil.protocol import proxy_header
 from imapveil.protocol.actions import Action, Close, Direction, Emit, Forward, Reply
 from imapveil.protocol.session import CoreConfig, SessionCore
 from imapveil.sinks import Sink
@@ -37,6 +40,8 @@ class RelaySettings:
     connect_timeout: float = 10.0
     trusted_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     """Clients whose ID may carry x-originating-* and the like (see policy.model.ANTI_SPOOF)."""
+    upstream_proxy_protocol: bool = False
+    """Start the upstream connection with a PROXY v2 header naming the real client."""
 
     def trusts(self, client_host: str) -> bool:
         try:
@@ -101,6 +106,9 @@ class Connection:
         settings: RelaySettings,
         sink: Sink,
         shutdown: trio.Event,
+        client_endpoints: tuple[tuple[str, int], tuple[str, int]] | None = None,
+        first_client_data: bytes = b"",
+        refusal: tuple[str, str] | None = None,
     ) -> None:
         self.client = Leg("client", client_stream)
         self.server: Leg | None = None
@@ -117,6 +125,9 @@ class Connection:
         )
         self._closed = trio.Event()
         self._idle: trio.CancelScope | None = None
+        self._endpoints = client_endpoints  # (client, the address it connected to)
+        self._first_client_data = first_client_data  # what followed a PROXY header
+        self._refusal = refusal
 
     def __repr__(self) -> str:
         return f"<Connection {self.core.session_id}>"
@@ -136,10 +147,24 @@ class Connection:
                 await self._close_legs()
 
     async def _run(self) -> None:
+        if self._refusal is not None:
+            reason, detail = self._refusal
+            await self._apply(self.core.refused(reason, detail, trio.current_time()))
+            return
         upstream = await self._connect()
         if upstream is None:
             return
         self.server = Leg("server", upstream)
+        if self.settings.upstream_proxy_protocol and self._endpoints is not None:
+            try:
+                await self.server.send_many([proxy_header.build_v2(*self._endpoints)])
+            except (trio.BrokenResourceError, OSError) as exc:
+                self._emit_all(
+                    self.core.failed(f"send to server: {_describe(exc)}", trio.current_time())
+                )
+                return
+        if self._first_client_data:
+            await self._apply(self.core.feed_client(self._first_client_data, trio.current_time()))
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_shutdown)
             with trio.CancelScope() as idle:
@@ -158,7 +183,9 @@ class Connection:
         detail = f"no connection within {s.connect_timeout:g} s"
         with trio.move_on_after(s.connect_timeout):
             try:
-                return await trio.open_tcp_stream(s.upstream_host, s.upstream_port)
+                stream = await trio.open_tcp_stream(s.upstream_host, s.upstream_port)
+                keepalive(stream)
+                return stream
             except OSError as exc:
                 detail = _describe(exc)
         log.warning("upstream %s unavailable: %s", s.upstream, detail)
@@ -253,6 +280,12 @@ class Connection:
         async with trio.open_nursery() as nursery:
             for leg in legs:
                 nursery.start_soon(leg.close_gracefully)
+
+
+def keepalive(stream: trio.SocketStream) -> None:
+    """TCP keepalive: finds peers that vanished without a FIN (laptops, NAT timeouts)."""
+    with contextlib.suppress(OSError):
+        stream.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, True)
 
 
 def _address(host: str, port: int) -> str:

@@ -7,39 +7,82 @@ proxy waits up to `shutdown_grace` seconds for sessions to end before cutting th
 
 from __future__ import annotations
 
-import contextlib
+import ipaddress
 import logging
 import secrets
 import signal
-import socket
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 
-from imapveil.relay.connection import Connection, RelaySettings, _address
+from imapveil.protocol import proxy_header
+from imapveil.protocol.proxy_header import ProxyHeaderError, ProxyInfo
+from imapveil.relay.connection import Connection, RelaySettings, _address, keepalive
+from imapveil.relay.limits import Admission, Limits
 from imapveil.sinks import Sink
 
 log = logging.getLogger(__name__)
+
+
+PROXY_HEADER_TIMEOUT = 5.0
+CLOSE_WAIT = 5.0
+"""Seconds sessions get to deliver their BYE and close once the grace period is over."""
 
 
 @dataclass
 class Stats:
     active: int = 0
     accepted: int = 0
+    refused: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Admittance:
+    """What the proxy applies to new connections; replaced as a whole on reload."""
+
+    relay: RelaySettings
+    limits: Limits = field(default_factory=Limits)
+    proxy_protocol_from: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+    def expects_proxy_header(self, host: str) -> bool:
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return any(address in network for network in self.proxy_protocol_from)
 
 
 class Proxy:
-    def __init__(self, settings: RelaySettings, sink: Sink, *, shutdown_grace: float = 10.0):
-        self.settings = settings
+    def __init__(
+        self,
+        settings: RelaySettings | Admittance,
+        sink: Sink,
+        *,
+        shutdown_grace: float = 30.0,
+    ) -> None:
+        self.admittance = settings if isinstance(settings, Admittance) else Admittance(settings)
         self.sink = sink
         self.shutdown_grace = shutdown_grace
         self.stats = Stats()
         self.connections: set[Connection] = set()
+        self.stopping = trio.Event()
+        """Set by `stop()`: listeners close, sessions may go on for `shutdown_grace`."""
         self.shutdown = trio.Event()
+        """Set when the grace period is over: every session says BYE and closes."""
+        self._admission = Admission(self.admittance.limits)
         self._idle = trio.Event()
         self._idle.set()
         self._prefix = secrets.token_hex(3)
+
+    @property
+    def settings(self) -> RelaySettings:
+        return self.admittance.relay
+
+    def reconfigure(self, admittance: Admittance) -> None:
+        """New settings for new connections; open sessions keep theirs."""
+        self.admittance = admittance
+        self._admission.limits = admittance.limits
 
     def _session_id(self) -> str:
         return f"{self._prefix}-{self.stats.accepted:06d}"
@@ -49,22 +92,49 @@ class Proxy:
         self.stats.active += 1
         if self._idle.is_set():
             self._idle = trio.Event()
+        admittance = self.admittance
         connection: Connection | None = None
+        admitted: str | None = None
         try:
-            _tune(stream)
-            peer = _peer_host(stream)
+            keepalive(stream)
+            peer = _peer_pair(stream)
+            local = _local_pair(stream)
+            first = b""
+            refusal: tuple[str, str] | None = None
+            if peer is not None and admittance.expects_proxy_header(peer[0]):
+                try:
+                    info, first = await _read_proxy_header(stream)
+                except ProxyHeaderError as exc:
+                    refusal = ("proxy_header", str(exc))
+                else:
+                    if info.source is not None and info.destination is not None:
+                        peer, local = info.source, info.destination
+            host = peer[0] if peer is not None else ""
+            if refusal is None:
+                why = self._admission.admit(host, trio.current_time())
+                if why is None:
+                    admitted = host
+                else:
+                    refusal = ("over_limit", why)
+                    self.stats.refused += 1
+                    log.warning("refused %s: %s", _address(*peer) if peer else "?", why)
             connection = Connection(
                 stream,
-                client_address=_peer(stream),
-                client_host=peer,
+                client_address=_address(*peer) if peer is not None else "unknown",
+                client_host=host,
                 session_id=self._session_id(),
-                settings=self.settings,
+                settings=admittance.relay,
                 sink=self.sink,
                 shutdown=self.shutdown,
+                client_endpoints=(peer, local) if peer is not None and local is not None else None,
+                first_client_data=first,
+                refusal=refusal,
             )
             self.connections.add(connection)
             await connection.run()
         finally:
+            if admitted is not None:
+                self._admission.release(admitted)
             if connection is not None:
                 self.connections.discard(connection)
             self.stats.active -= 1
@@ -77,32 +147,35 @@ class Proxy:
         *,
         task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Serve until `stop()` or a signal; then drain sessions and return."""
+        """Serve until `stop()`; then let sessions finish, say BYE to the rest, and return."""
         async with trio.open_nursery() as sessions:
             async with trio.open_nursery() as accepting:
-                accepting.start_soon(self._serve_until_shutdown, listeners, sessions)
+                accepting.start_soon(self._serve_until_stopped, listeners, sessions)
                 task_status.started(listeners)
-            # Listeners are closed: no new sessions. Let the current ones say goodbye.
+            # Listeners are closed: no new sessions. The current ones may finish on their own.
             with trio.move_on_after(self.shutdown_grace):
                 await self._idle.wait()
             if self.stats.active:
-                log.warning(
-                    "cutting off %d sessions after %gs", self.stats.active, self.shutdown_grace
-                )
+                log.info("grace period over: %d sessions get BYE", self.stats.active)
+            self.shutdown.set()
+            with trio.move_on_after(CLOSE_WAIT):
+                await self._idle.wait()
+            if self.stats.active:
+                log.warning("cutting off %d sessions", self.stats.active)
             sessions.cancel_scope.cancel()
 
-    async def _serve_until_shutdown(
+    async def _serve_until_stopped(
         self, listeners: list[trio.SocketListener], sessions: trio.Nursery
     ) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_serve_listeners, self.handle, listeners, sessions)
-            await self.shutdown.wait()
+            await self.stopping.wait()
             nursery.cancel_scope.cancel()
         for listener in listeners:
             await listener.aclose()
 
     def stop(self) -> None:
-        self.shutdown.set()
+        self.stopping.set()
 
     async def stop_on_signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -110,6 +183,27 @@ class Proxy:
                 log.info("received %s, shutting down", signal.Signals(signum).name)
                 self.stop()
                 return
+
+
+async def _read_proxy_header(stream: trio.SocketStream) -> tuple[ProxyInfo, bytes]:
+    """The PROXY header a trusted balancer sends first, and any bytes that followed it."""
+    data = b""
+    with trio.move_on_after(PROXY_HEADER_TIMEOUT):
+        while True:
+            parsed = proxy_header.parse(data)  # raises ProxyHeaderError for what cannot be one
+            if parsed is not None:
+                info, length = parsed
+                return info, data[length:]
+            try:
+                chunk = await stream.receive_some(4096)
+            except (trio.BrokenResourceError, OSError):
+                chunk = b""
+            if not chunk:
+                raise ProxyHeaderError("closed before a PROXY header")
+            data += chunk
+            if len(data) > 16 + proxy_header.V2_MAX_BODY:
+                raise ProxyHeaderError("PROXY header too long")
+    raise ProxyHeaderError(f"no PROXY header within {PROXY_HEADER_TIMEOUT:g} s")
 
 
 async def _serve_listeners(
@@ -129,23 +223,17 @@ def listener_address(listener: trio.SocketListener) -> str:
     return _address(host, port)
 
 
-def _peer(stream: trio.SocketStream) -> str:
+def _peer_pair(stream: trio.SocketStream) -> tuple[str, int] | None:
     try:
         host, port = stream.socket.getpeername()[:2]
     except OSError:
-        return "unknown"
-    return _address(host, port)
+        return None
+    return str(host), int(port)
 
 
-def _peer_host(stream: trio.SocketStream) -> str:
+def _local_pair(stream: trio.SocketStream) -> tuple[str, int] | None:
     try:
-        host: str = stream.socket.getpeername()[0]
+        host, port = stream.socket.getsockname()[:2]
     except OSError:
-        return ""
-    return host
-
-
-def _tune(stream: trio.SocketStream) -> None:
-    # Keepalive finds clients that vanished without a FIN (laptops closing, NAT timeouts).
-    with contextlib.suppress(OSError):
-        stream.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, True)
+        return None
+    return str(host), int(port)

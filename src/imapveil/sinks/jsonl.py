@@ -55,6 +55,16 @@ class JsonLinesSink:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._file = path.open("ab")
 
+    async def reopen(self, target: str) -> None:
+        """Write to `target` from now on (the same path after log rotation, or a new one)."""
+        async with self._writing:
+            await self._drain_locked()
+            old = self._file
+            self.target, self._file = target, None
+            self.open()
+            if old is not None and old is not sys.stdout.buffer:
+                old.close()
+
     def emit(self, record: Record) -> None:
         if len(self._queue) >= self.capacity:
             self.dropped += 1

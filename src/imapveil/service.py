@@ -1,0 +1,232 @@
+"""The running service: settings, policy, listeners, proxy, event log, signals, systemd.
+
+Lifecycle (as an administrator expects from nginx or Dovecot):
+- start: the configuration and policy are checked before anything listens; READY=1 is sent to
+  systemd once the listeners are open.
+- SIGHUP: the configuration file and the policy are read again and apply to new connections and
+  new ID commands; open sessions go on. An invalid file is refused (logged, and a record), and the
+  old configuration stays. The event log file is reopened, for log rotation.
+- SIGTERM/SIGINT: listeners close, sessions get `shutdown_grace` seconds to finish, then each
+  gets `* BYE [UNAVAILABLE]` and is closed; every record is written before the process exits 0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import logging
+import signal
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from imapveil.config import ConfigError, Settings, load
+from imapveil.identity import identifier, load_or_create_key
+from imapveil.policy import Policy, PolicyError
+from imapveil.policy.load import resolve_policy
+from imapveil.protocol.session import CoreConfig
+from imapveil.records import ConfigLoaded, PolicyLoaded
+from imapveil.relay.connection import RelaySettings
+from imapveil.relay.limits import Limits
+from imapveil.relay.server import Admittance, Proxy, listener_address, open_listeners
+from imapveil.sinks.jsonl import JsonLinesSink
+from imapveil.systemd import Notifier, inherited_sockets
+
+log = logging.getLogger("imapveil")
+
+
+@dataclass(frozen=True)
+class Loaded:
+    settings: Settings
+    policy: Policy
+    key: bytes
+
+
+def load_all(config: str | None, overrides: Mapping[str, Any]) -> Loaded:
+    """Everything a start or a reload needs, checked; raises ConfigError with a clear message."""
+    settings = load(config, overrides)
+    try:
+        policy = resolve_policy(settings.policy)
+    except PolicyError as exc:
+        raise ConfigError(f"policy: {exc}") from None
+    try:
+        key = load_or_create_key(settings.key_file())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"user_key_file {settings.key_file()}: {exc}") from None
+    return Loaded(settings, policy, key)
+
+
+class PolicyHolder:
+    """The ID policy in force; a reload replaces it for ID commands that come afterwards."""
+
+    def __init__(self, policy: Policy) -> None:
+        self.current = policy
+
+    def __call__(self) -> Policy:
+        return self.current
+
+
+def value_hasher(key: bytes) -> Callable[[bytes], str]:
+    def hash_value(value: bytes) -> str:
+        return "hmac:" + hmac.new(key, b"id\0" + value, hashlib.sha256).hexdigest()[:32]
+
+    return hash_value
+
+
+def admittance(loaded: Loaded, holder: PolicyHolder) -> Admittance:
+    s = loaded.settings
+    assert s.upstream is not None
+    core = CoreConfig(
+        max_line=s.max_line_length,
+        identify_user=identifier(s.user_identity, loaded.key),
+        log_commands=s.log_commands,
+        idle_timeout_login=s.login_timeout,
+        idle_timeout=s.idle_timeout,
+        policy=holder,
+        hash_value=value_hasher(loaded.key),
+        inject_id=tuple((k.encode(), v.encode()) for k, v in s.inject_id),
+    )
+    relay = RelaySettings(
+        upstream_host=s.upstream.host,
+        upstream_port=s.upstream.port,
+        core=core,
+        connect_timeout=s.connect_timeout,
+        trusted_networks=_networks(s.trusted_networks),
+        upstream_proxy_protocol=s.upstream_proxy_protocol,
+    )
+    limits = Limits(s.max_sessions, s.max_sessions_per_client, s.max_connection_rate)
+    return Admittance(relay, limits, _networks(s.proxy_protocol_from))
+
+
+def _networks(texts: tuple[str, ...]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    return tuple(ipaddress.ip_network(n, strict=False) for n in texts)
+
+
+class Service:
+    def __init__(self, config: str | None, overrides: Mapping[str, Any], loaded: Loaded) -> None:
+        self.config = config
+        self.overrides = dict(overrides)
+        self.loaded = loaded
+        self.holder = PolicyHolder(loaded.policy)
+        self.sink = JsonLinesSink(loaded.settings.events)
+        self.notifier = Notifier()
+        self.proxy = Proxy(
+            admittance(loaded, self.holder),
+            self.sink,
+            shutdown_grace=loaded.settings.shutdown_grace,
+        )
+
+    async def run(self) -> int:
+        settings = self.loaded.settings
+        try:
+            self.sink.open()
+        except OSError as exc:
+            log.error("event log %s: %s", settings.events, exc.strerror or exc)
+            return 1
+        try:
+            listeners = await self._listeners()
+        except (OSError, ConfigError) as exc:
+            log.error(
+                "cannot listen on %s: %s", settings.listen, getattr(exc, "strerror", exc) or exc
+            )
+            return 1
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.sink.run)
+            nursery.start_soon(self._on_signals)
+            if self.notifier.watchdog_interval:
+                nursery.start_soon(self._watchdog, self.notifier.watchdog_interval)
+            self.sink.emit(ConfigLoaded(self.config or "command line", True))
+            policy = self.loaded.policy
+            self.sink.emit(PolicyLoaded(policy.name, policy.digest, True))
+            upstream = self.proxy.settings.upstream
+            where = ", ".join(listener_address(listener) for listener in listeners)
+            log.info("listening on %s, relaying to %s, policy %s", where, upstream, policy.name)
+            self.notifier.ready(f"relaying {where} to {upstream}")
+            await self.proxy.serve(listeners)
+            log.info("stopped after %d sessions", self.proxy.stats.accepted)
+            nursery.cancel_scope.cancel()
+        return 0
+
+    async def _listeners(self) -> list[trio.SocketListener]:
+        inherited = inherited_sockets()
+        if not inherited:
+            listen = self.loaded.settings.listen
+            return await open_listeners(listen.host, listen.port)
+        listeners = []
+        for name, sock in inherited:
+            if name != "imap":
+                raise ConfigError(
+                    f"socket-activated listener {name!r}: only plain IMAP ('imap') is supported"
+                )
+            sock.setblocking(False)
+            listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
+            log.info("using the %s socket handed over by systemd", name)
+        return listeners
+
+    async def _on_signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    await self.reload()
+                    continue
+                log.info("received %s, shutting down", signal.Signals(signum).name)
+                self.notifier.stopping()
+                self.proxy.stop()
+                return
+
+    async def reload(self) -> None:
+        self.notifier.reloading()
+        try:
+            source = self.config or "command line"
+            try:
+                loaded = load_all(self.config, self.overrides)
+            except ConfigError as exc:
+                log.error("reload refused, the running configuration stays: %s", exc)
+                self.sink.emit(ConfigLoaded(source, False, str(exc)))
+                self.sink.emit(
+                    PolicyLoaded(
+                        self.holder.current.name, self.holder.current.digest, False, str(exc)
+                    )
+                )
+                return
+            old = self.loaded.settings
+            if loaded.settings.listen != old.listen:
+                log.warning("listen changed to %s: restart to apply", loaded.settings.listen)
+            self.loaded = loaded
+            self.holder.current = loaded.policy
+            self.proxy.reconfigure(admittance(loaded, self.holder))
+            self.proxy.shutdown_grace = loaded.settings.shutdown_grace
+            await self.sink.reopen(loaded.settings.events)
+            self.sink.emit(ConfigLoaded(source, True))
+            self.sink.emit(PolicyLoaded(loaded.policy.name, loaded.policy.digest, True))
+            log.info(
+                "reloaded; policy %s (sha256 %s)", loaded.policy.name, loaded.policy.digest[:12]
+            )
+        finally:
+            self.notifier.ready()
+
+    async def _watchdog(self, interval: float) -> None:
+        while True:
+            self.notifier.watchdog()
+            await trio.sleep(interval)
+
+
+def check(config: str, overrides: Mapping[str, Any]) -> Loaded:
+    """`imapveil check-config`: everything `serve` would check before listening."""
+    loaded = load_all(config, overrides)
+    events = loaded.settings.events
+    if events != "-":
+        parent = Path(events).parent
+        if not parent.exists():
+            raise ConfigError(f"events: directory {parent} does not exist")
+    listen = loaded.settings.listen
+    try:
+        socket.getaddrinfo(listen.host or None, listen.port)
+    except OSError as exc:
+        raise ConfigError(f"listen: {listen}: {exc}") from None
+    return loaded
