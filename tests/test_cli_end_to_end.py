@@ -14,19 +14,9 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.dovecot import Dovecot, free_port
+from tests.helpers.process import wait_until_listening
 
 pytestmark = pytest.mark.dovecot
-
-
-def wait_until_listening(process: subprocess.Popen[bytes]) -> bytes:
-    """Read the proxy's diagnostics until it says it is listening (no probe connection)."""
-    assert process.stderr is not None
-    seen = b""
-    while b"listening on" not in seen:
-        line = process.stderr.readline()
-        assert line, seen.decode()
-        seen += line
-    return seen
 
 
 def test_serve_with_config_file_events_and_sigterm(dovecot: Dovecot, tmp_path: Path) -> None:

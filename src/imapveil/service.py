@@ -137,7 +137,9 @@ class Service:
             return 1
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.sink.run)
-            nursery.start_soon(self._on_signals)
+            # Signals are handled before anyone is told we are ready: a reload right after
+            # READY=1 must not find the default SIGHUP action (which ends the process).
+            await nursery.start(self._on_signals)
             if self.notifier.watchdog_interval:
                 nursery.start_soon(self._watchdog, self.notifier.watchdog_interval)
             self.sink.emit(ConfigLoaded(self.config or "command line", True))
@@ -168,16 +170,24 @@ class Service:
             log.info("using the %s socket handed over by systemd", name)
         return listeners
 
-    async def _on_signals(self) -> None:
+    async def _on_signals(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            task_status.started()
             async for signum in signals:
                 if signum == signal.SIGHUP:
                     await self.reload()
                     continue
-                log.info("received %s, shutting down", signal.Signals(signum).name)
+                name = signal.Signals(signum).name
+                if self.proxy.stopping.is_set():
+                    log.info("received %s again: sessions get BYE now", name)
+                    self.proxy.shutdown.set()
+                    continue
+                grace = self.proxy.shutdown_grace
+                log.info("received %s, shutting down (sessions get %g s)", name, grace)
                 self.notifier.stopping()
                 self.proxy.stop()
-                return
 
     async def reload(self) -> None:
         self.notifier.reloading()

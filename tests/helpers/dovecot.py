@@ -52,7 +52,9 @@ def free_port() -> int:
 
 
 class Dovecot:
-    def __init__(self, users: dict[str, str] | None = None) -> None:
+    def __init__(self, users: dict[str, str] | None = None, *, haproxy: bool = False) -> None:
+        self.haproxy = haproxy
+        """Require a PROXY header (HAProxy protocol) from 127.0.0.1 on the IMAP listener."""
         self.binary = ensure_dovecot()
         self.users = dict(users or USERS)
         # Not under pytest's 0700 tmp_path: the unprivileged mail user must reach the Maildirs.
@@ -116,6 +118,7 @@ first_valid_gid = {min(self.mail_gid, 500)}
 mail_location = maildir:~/Maildir
 mail_max_userip_connections = 1000
 imap_id_log = *
+haproxy_trusted_networks = 127.0.0.1
 imap_id_send = name *
 auth_failure_delay = 0
 login_greeting = Dovecot ready.
@@ -131,6 +134,7 @@ service imap-login {{
   inet_listener imap {{
     address = 127.0.0.1
     port = {self.port}
+    haproxy = {"yes" if self.haproxy else "no"}
   }}
   inet_listener imaps {{
     port = 0
@@ -164,6 +168,8 @@ service anvil {{
             try:
                 with socket.create_connection(self.address, timeout=2) as s:
                     s.settimeout(5)
+                    if self.haproxy:
+                        s.sendall(b"PROXY TCP4 127.0.0.1 127.0.0.1 1024 143\r\n")
                     if s.recv(1024).startswith(b"* OK"):
                         return self
             except OSError:

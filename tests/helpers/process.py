@@ -1,0 +1,90 @@
+"""`imapveil serve` as a real process, as systemd or an administrator would run it."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tests.helpers.dovecot import free_port
+
+
+@dataclass
+class Running:
+    process: subprocess.Popen[bytes]
+    port: int
+    events: Path
+    early_stderr: bytes = b""
+    stderr: bytes = field(default=b"")
+
+    def stderr_line(self) -> bytes:
+        assert self.process.stderr is not None
+        return self.process.stderr.readline()
+
+    def signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        _, err = self.process.communicate(timeout=20)
+        self.stderr = self.early_stderr + err
+        return self.process.returncode
+
+    def records(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.events.read_text().splitlines()]
+
+
+def wait_until_listening(process: subprocess.Popen[bytes]) -> bytes:
+    """Read diagnostics until the proxy says it listens (no probe connection needed)."""
+    assert process.stderr is not None
+    seen = b""
+    while b"listening on" not in seen:
+        line = process.stderr.readline()
+        assert line, seen.decode()
+        seen += line
+    return seen
+
+
+@contextmanager
+def imapveil(
+    tmp_path: Path,
+    upstream: tuple[str, int],
+    *args: str,
+    env: dict[str, str] | None = None,
+    wrap: Sequence[str] = (),
+    pass_fds: Sequence[int] = (),
+    port: int | None = None,
+) -> Iterator[Running]:
+    port = port or free_port()
+    events = tmp_path / f"events-{port}.jsonl"
+    command = [
+        *wrap,
+        sys.executable, "-m", "imapveil", "serve",
+        "--listen", f"127.0.0.1:{port}",
+        "--upstream", f"127.0.0.1:{upstream[1]}",
+        "--events", str(events),
+        "--user-key-file", str(tmp_path / "user-key"),
+        "--shutdown-grace", "0.5",
+        *args,
+    ]  # fmt: skip
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        pass_fds=tuple(pass_fds),
+    )
+    try:
+        running = Running(process, port, events, wait_until_listening(process))
+        yield running
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
