@@ -236,3 +236,28 @@ def test_units_verify_and_example_config_checks(tmp_path: Path) -> None:
     )  # fmt: skip
     assert failed.returncode == 1
     assert f"{broken}: listen:" in failed.stderr and "test failed" in failed.stderr
+
+
+@pytest.fixture
+def trusting_dovecot() -> Iterator[Dovecot]:
+    server = Dovecot(trusting=True).start()
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
+def test_client_address_in_id_for_a_trusting_dovecot(
+    trusting_dovecot: Dovecot, tmp_path: Path
+) -> None:
+    args = ("--proxy-protocol-from", "127.0.0.1/32", "--forward-client-address", "true")
+    with imapveil(tmp_path, trusting_dovecot.address, *args) as proxy:
+        reply = login_through(proxy.port, b"PROXY TCP4 203.0.113.5 198.51.100.1 40001 143\r\n")
+        assert proxy.stop() == 0
+    assert b"a OK" in reply
+    assert b"* ID" not in reply  # the answer to our own ID is not the client's business
+    log = trusting_dovecot.wait_for_log("Login: user=<alice>", 1)
+    assert "rip=203.0.113.5" in log
+    (rec,) = [r for r in proxy.records() if r["event"] == "id"]
+    assert rec["injected"] and rec["client"] == {}
+    assert "x-originating-ip" in rec["forwarded"]

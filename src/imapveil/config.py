@@ -70,6 +70,7 @@ class Settings:
     max_connection_rate: float = 50.0
     proxy_protocol_from: tuple[str, ...] = ()
     upstream_proxy_protocol: bool = False
+    forward_client_address: bool = False
 
     def key_file(self) -> Path:
         return Path(self.user_key_file) if self.user_key_file else default_key_file()
@@ -101,6 +102,8 @@ HELP: dict[str, str] = {
     "a PROXY protocol v1/v2 header; default none",
     "upstream_proxy_protocol": "send a PROXY v2 header with the real client address upstream "
     "(default false)",
+    "forward_client_address": "tell the upstream the real client in an ID before login "
+    "(Dovecot's x-originating-ip & co., honoured from login_trusted_networks; default false)",
 }
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -181,7 +184,7 @@ def _convert(name: str, value: Any) -> Any:
             if len(v.encode()) > 1024 or not v.isascii() or not v.isprintable():
                 raise ValueError(f"field {k!r}: value of at most 1024 printable ASCII characters")
         return tuple(value.items())
-    if name in ("log_commands", "upstream_proxy_protocol"):
+    if name in ("log_commands", "upstream_proxy_protocol", "forward_client_address"):
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower() == "true"
         if not isinstance(value, bool):

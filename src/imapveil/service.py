@@ -90,6 +90,7 @@ def admittance(loaded: Loaded, holder: PolicyHolder) -> Admittance:
         policy=holder,
         hash_value=value_hasher(loaded.key),
         inject_id=tuple((k.encode(), v.encode()) for k, v in s.inject_id),
+        forward_client_address=s.forward_client_address,
     )
     relay = RelaySettings(
         upstream_host=s.upstream.host,

@@ -52,8 +52,12 @@ def free_port() -> int:
 
 
 class Dovecot:
-    def __init__(self, users: dict[str, str] | None = None, *, haproxy: bool = False) -> None:
+    def __init__(
+        self, users: dict[str, str] | None = None, *, haproxy: bool = False, trusting: bool = False
+    ) -> None:
         self.haproxy = haproxy
+        self.trusting = trusting
+        """Trust 127.0.0.1 (login_trusted_networks): x-originating-ip in ID is believed."""
         """Require a PROXY header (HAProxy protocol) from 127.0.0.1 on the IMAP listener."""
         self.binary = ensure_dovecot()
         self.users = dict(users or USERS)
@@ -119,6 +123,7 @@ mail_location = maildir:~/Maildir
 mail_max_userip_connections = 1000
 imap_id_log = *
 haproxy_trusted_networks = 127.0.0.1
+{"login_trusted_networks = 127.0.0.1" if self.trusting else ""}
 imap_id_send = name *
 auth_failure_delay = 0
 login_greeting = Dovecot ready.

@@ -265,3 +265,28 @@ def test_every_server_row_under_every_policy(row: Row, policy: str) -> None:
 
 def _recorded_or_none(outcome: Outcome) -> dict[str, str | None] | None:
     return None if outcome.forwarded is None and not outcome.decisions else outcome.recorded
+
+
+def test_client_address_fields_merge_with_inject_id(split: Splitter) -> None:
+    chosen = resolve_policy("default")
+    config = CoreConfig(
+        policy=lambda: chosen,
+        inject_id=((b"name", b"gateway"),),
+        forward_client_address=True,
+    )
+    conv = Conversation(split, config)
+    conv.core.client_endpoints = (("203.0.113.5", 40001), ("198.51.100.1", 143))
+    conv.server(GREETING).client(b"a LOGIN alice x\r\n")
+    assert conv.to_server == (
+        b'imapveil.1 ID ("name" "gateway" "x-originating-ip" "203.0.113.5" '
+        b'"x-originating-port" "40001" "x-connected-ip" "198.51.100.1" '
+        b'"x-connected-port" "143" "x-session-id" "s1")\r\n'
+        b"a LOGIN alice x\r\n"
+    )
+    conv.server(b"imapveil.1 OK\r\na NO [AUTHENTICATIONFAILED] no\r\n")
+    conv.client(b"b LOGIN alice y\r\n")  # once per session
+    assert conv.to_server.endswith(b"\r\na LOGIN alice x\r\nb LOGIN alice y\r\n")
+    (rec,) = ids(conv)
+    assert rec.client == {"name": "gateway"}  # the address is not repeated in the record
+    assert conv.to_client.endswith(b"a NO [AUTHENTICATIONFAILED] no\r\n")
+    assert b"imapveil.1" not in conv.to_client

@@ -75,6 +75,8 @@ class CoreConfig:
     """Keyed HMAC for `record = "hash"` in ID policies."""
     max_id_records: int = 10
     inject_id: tuple[tuple[bytes, bytes], ...] = ()
+    forward_client_address: bool = False
+    """Tell a trusting Dovecot the real client in an ID before login (x-originating-ip...)."""
     """Sent as the proxy's own ID before LOGIN/AUTHENTICATE when the client sent no ID (for
     servers that refuse clients without one). Empty: never."""
     """ID exchanges recorded per session; more are counted, not recorded (RFC 2971 §7)."""
@@ -192,9 +194,11 @@ class SessionCore:
         upstream: str,
         now: float,
         trusted_client: bool = False,
+        client_endpoints: tuple[tuple[str, int], tuple[str, int]] | None = None,
     ) -> None:
         self.config = config
         self.trusted_client = trusted_client
+        self.client_endpoints = client_endpoints  # (client, the address it connected to)
         self.session_id = session_id
         self.client_address = client
         self.upstream_address = upstream
@@ -242,6 +246,7 @@ class SessionCore:
         self._injected: bytes | None = None  # tag of an ID the proxy sent itself, until answered
         self._injected_fields: id_params.IdFields = None
         self._injected_server: Outcome | None = None
+        self._address_sent = False
 
     def __repr__(self) -> str:
         return (
@@ -515,8 +520,10 @@ class SessionCore:
             if self.config.policy is not None:
                 self._id = _IdCollect(cmd, line)
                 self._withheld = True
-        elif verb in (b"LOGIN", b"AUTHENTICATE") and self._should_inject():
-            self._inject_id(line)
+        elif verb in (b"LOGIN", b"AUTHENTICATE") and self.state is State.NOT_AUTHENTICATED:
+            fields = self._fields_to_inject()
+            if fields:
+                self._inject_id(line, fields)
         if verb == b"LOGIN":
             self._login_user(cmd, args)
         elif verb == b"AUTHENTICATE":
@@ -652,14 +659,35 @@ class SessionCore:
             self._id_pieces = deque(pieces[1:])
             self._set_gate(_Gate.DRIVE, cmd)
 
-    def _should_inject(self) -> bool:
-        return bool(self.config.inject_id) and not self._id_sent and self.opaque is None
+    def _fields_to_inject(self) -> tuple[tuple[bytes, bytes], ...]:
+        """What the proxy's own ID before login says, if anything.
 
-    def _inject_id(self, line: bytes) -> None:
+        `inject_id` (when the client sent no ID of its own), and Dovecot's client address
+        fields (`forward_client_address`): a backend that trusts the proxy
+        (login_trusted_networks) then logs and rate-limits the real client, not the proxy.
+        """
+        if self.opaque is not None or self._injected is not None:
+            return ()
+        fields: list[tuple[bytes, bytes]] = []
+        if self.config.inject_id and not self._id_sent:
+            fields.extend(self.config.inject_id)
+        endpoints = self.client_endpoints
+        if self.config.forward_client_address and endpoints is not None and not self._address_sent:
+            (client_ip, client_port), (local_ip, local_port) = endpoints
+            fields += [
+                (b"x-originating-ip", client_ip.encode()),
+                (b"x-originating-port", b"%d" % client_port),
+                (b"x-connected-ip", local_ip.encode()),
+                (b"x-connected-port", b"%d" % local_port),
+                (b"x-session-id", self.session_id.encode()),
+            ]
+            self._address_sent = True
+        return tuple(fields)
+
+    def _inject_id(self, line: bytes, fields: tuple[tuple[bytes, bytes], ...]) -> None:
         """Our own honest ID, ahead of the client's LOGIN; its answer is not shown the client."""
         self._id_sent = True
         tag = b"imapveil.%d" % self.commands
-        fields = self.config.inject_id
         self._injected = tag
         self._injected_fields = fields
         command = tag + b" ID " + id_params.serialize(fields, literal_plus=False) + b"\r\n"
@@ -686,7 +714,13 @@ class SessionCore:
                     state=self.state.value,
                     status=status,
                     malformed=False,
-                    client={n.decode(): v.decode() if v is not None else None for n, v in fields},
+                    # The organisation's own words only; the client's address is in the
+                    # session records already, and is not repeated here.
+                    client={
+                        n.decode(): v.decode() if v is not None else None
+                        for n, v in fields
+                        if (n, v) in self.config.inject_id
+                    },
                     dropped=(),
                     forwarded=_names(self._injected_fields),
                     server=_recorded(server),

@@ -122,6 +122,7 @@ class Connection:
             upstream=settings.upstream,
             now=trio.current_time(),
             trusted_client=settings.trusts(client_host),
+            client_endpoints=client_endpoints,
         )
         self._closed = trio.Event()
         self._idle: trio.CancelScope | None = None
