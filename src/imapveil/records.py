@@ -39,7 +39,8 @@ class SessionEnded:
     bytes_from_client: int
     bytes_from_server: int
     commands: int
-    opaque: str | None = None
+    client_tls: bool = False
+    compressed: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {"event": self.event, **asdict(self)}

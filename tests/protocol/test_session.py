@@ -327,19 +327,6 @@ def test_literal_announced_at_end_of_long_server_line(split: Splitter) -> None:
     assert not violations(conv)
 
 
-def test_starttls_ok_makes_the_stream_opaque(split: Splitter) -> None:
-    conv = talk(split)
-    conv.client(b"a STARTTLS\r\n")
-    conv.server(b"a OK Begin TLS negotiation now\r\n\x16\x03\x01garbage{5}\r\n")
-    conv.client(b"\x16\x03\x01client hello\r\nb NOOP\r\n")
-    assert conv.core.opaque == "starttls"
-    assert conv.to_client.endswith(b"\x16\x03\x01garbage{5}\r\n")
-    assert conv.to_server.endswith(b"\x16\x03\x01client hello\r\nb NOOP\r\n")
-    assert len(commands(conv)) == 1
-    conv.client_closes()
-    assert ended(conv).opaque == "starttls"
-
-
 def test_unknown_server_tag_is_a_violation(split: Splitter) -> None:
     conv = talk(split)
     conv.server(b"zz OK nobody asked\r\n")

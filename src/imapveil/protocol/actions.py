@@ -48,4 +48,19 @@ class Close:
     reason: str
 
 
-Action = Forward | Reply | Emit | Close
+@dataclass(frozen=True, slots=True)
+class StartTls:
+    """Run a TLS handshake on the leg toward `direction`'s peer (after every earlier action);
+    the leg carries TLS from then on. Only the client leg today (STARTTLS, RFC 9051 §6.2.1)."""
+
+    direction: Direction
+
+
+@dataclass(frozen=True, slots=True)
+class StartCompress:
+    """Switch the leg to raw DEFLATE both ways (COMPRESS=DEFLATE, RFC 4978)."""
+
+    direction: Direction
+
+
+Action = Forward | Reply | Emit | Close | StartTls | StartCompress

@@ -30,8 +30,17 @@ from dataclasses import dataclass, field
 
 from imapveil.policy.engine import Outcome, apply
 from imapveil.policy.model import Policy
-from imapveil.protocol import id_params, lexer, proxy_header, sasl
-from imapveil.protocol.actions import Action, Close, Direction, Emit, Forward, Reply
+from imapveil.protocol import capabilities, id_params, lexer, proxy_header, sasl
+from imapveil.protocol.actions import (
+    Action,
+    Close,
+    Direction,
+    Emit,
+    Forward,
+    Reply,
+    StartCompress,
+    StartTls,
+)
 from imapveil.protocol.id_params import IdSyntaxError
 from imapveil.protocol.lexer import LiteralError
 from imapveil.records import (
@@ -76,6 +85,12 @@ class CoreConfig:
     max_id_records: int = 10
     inject_id: tuple[tuple[bytes, bytes], ...] = ()
     forward_client_address: bool = False
+    client_tls: str = "off"
+    """STARTTLS on a plain client leg: "off", "offer", or "require" (LOGINDISABLED until TLS)."""
+    compress: bool = False
+    """Offer COMPRESS=DEFLATE on the client leg (the proxy does the compression)."""
+    strict_capabilities: bool = False
+    """Advertise only capabilities the proxy knows (see protocol.capabilities.KNOWN)."""
     """Tell a trusting Dovecot the real client in an ID before login (x-originating-ip...)."""
     """Sent as the proxy's own ID before LOGIN/AUTHENTICATE when the client sent no ID (for
     servers that refuse clients without one). Empty: never."""
@@ -95,12 +110,8 @@ class _Gate(enum.Enum):
     LITERAL = 1  # a synchronizing literal waits for "+" (or a tagged NO/BAD: no literal)
     AUTH = 2  # AUTHENTICATE waits for "+" (a challenge) or its tagged answer
     IDLE = 3  # IDLE waits for "+" (idling) or its tagged answer
-    SWITCH = 4  # STARTTLS / COMPRESS: after OK the bytes are no longer IMAP text
     DRIVE = 5  # the proxy is sending a rewritten ID piece by piece, on the server's "+"
 
-
-# Verbs whose tagged OK changes what the stream is.
-_SWITCH_VERBS = {b"STARTTLS": "starttls", b"COMPRESS": "compress"}
 
 # A run of untagged message data ("* 12 FETCH ...", "* 3 EXPUNGE") needs nothing from the
 # proxy but its literals. This finds, from the start of such a line, the first place that does:
@@ -195,8 +206,11 @@ class SessionCore:
         now: float,
         trusted_client: bool = False,
         client_endpoints: tuple[tuple[str, int], tuple[str, int]] | None = None,
+        client_secure: bool = False,
     ) -> None:
         self.config = config
+        self.client_secure = client_secure  # the client leg is TLS (implicit or after STARTTLS)
+        self.compressed = False  # COMPRESS=DEFLATE is active on the client leg
         self.trusted_client = trusted_client
         self.client_endpoints = client_endpoints  # (client, the address it connected to)
         self.session_id = session_id
@@ -213,7 +227,6 @@ class SessionCore:
         self.bytes_from_client = 0
         self.bytes_from_server = 0
         self.commands = 0
-        self.opaque: str | None = None  # "starttls"/"compress": no longer IMAP text
         self.closed = False
 
         self._client = _Inbound()
@@ -247,6 +260,7 @@ class SessionCore:
         self._injected_fields: id_params.IdFields = None
         self._injected_server: Outcome | None = None
         self._address_sent = False
+        self._discard_rest: str | None = None  # after our OK to STARTTLS/COMPRESS
 
     def __repr__(self) -> str:
         return (
@@ -272,10 +286,14 @@ class SessionCore:
         self.bytes_from_client += len(data)
         if self.closed:
             return []
-        if self.opaque is not None:
-            return [Forward(Direction.TO_SERVER, data)]
         out: list[Action] = []
         self._out = out
+        if self.bytes_from_client == len(data) and data[:1] == b"\x16" and not self.client_secure:
+            # A TLS ClientHello on a plain port: a client configured for implicit TLS.
+            self._violation("client", "tls_on_plain_port", f"{len(data)} octets", "closed")
+            self._set_end("tls_error", "TLS ClientHello on a plain port")
+            out.extend(self._close("tls_error"))
+            return out
         if self.bytes_from_client == len(data) and proxy_header.looks_like_header(data):
             # A PROXY header from a source not configured to send one: never pass it on, a
             # backend that accepts PROXY would believe the address in it.
@@ -292,8 +310,6 @@ class SessionCore:
         self.bytes_from_server += len(data)
         if self.closed:
             return []
-        if self.opaque is not None:
-            return [Forward(Direction.TO_CLIENT, data)]
         out: list[Action] = []
         self._out = out
         self._scan_server(data)
@@ -301,10 +317,7 @@ class SessionCore:
         if self._gate is None and self._held and not self.closed:
             held = bytes(self._held)
             self._held.clear()
-            if self.opaque is not None:
-                out.append(Forward(Direction.TO_SERVER, held))
-            else:
-                self._scan_client(held)
+            self._scan_client(held)
         return out
 
     def client_closed(self, now: float) -> list[Action]:
@@ -396,7 +409,8 @@ class SessionCore:
                     bytes_from_client=self.bytes_from_client,
                     bytes_from_server=self.bytes_from_server,
                     commands=self.commands,
-                    opaque=self.opaque,
+                    client_tls=self.client_secure,
+                    compressed=self.compressed,
                 )
             )
         )
@@ -461,6 +475,14 @@ class SessionCore:
                 self._flush(Direction.TO_SERVER, data, start, pos, at=mark)
                 c.buf.clear()
                 start = end
+                if self._discard_rest is not None and end < n:
+                    # Sent after STARTTLS/COMPRESS but before the switch: in clear text, where
+                    # an attacker could have put it (the 2021 STARTTLS injection class). Never
+                    # relayed.
+                    what, self._discard_rest = self._discard_rest, None
+                    self._violation("client", f"{what}_pipelining", f"{n - end} octets", "dropped")
+                    return
+                self._discard_rest = None
             elif c.buf:
                 out.append(Forward(Direction.TO_SERVER, bytes(c.buf)))
                 c.buf.clear()
@@ -510,6 +532,12 @@ class SessionCore:
         if verb == b"UID":
             sub, vend = lexer.read_atom(rest, vend + 1, _MAX_VERB)
             verb = b"UID " + sub.upper()
+        if verb in (b"STARTTLS", b"COMPRESS") or (
+            verb in (b"LOGIN", b"AUTHENTICATE")
+            and self.config.client_tls == "require"
+            and not self.client_secure
+        ):
+            return self._own_command(tag, verb, rest[vend:], line)
         cmd = _Command(tag, verb, self.state, self.now)
         self.commands += 1
         self._pending.setdefault(tag, deque()).append(cmd)
@@ -531,6 +559,52 @@ class SessionCore:
         elif verb in (b"SELECT", b"EXAMINE"):
             self._select_mailbox(cmd, args)
         return self._command_fragment_end(cmd, line)
+
+    def _own_command(self, tag: bytes, verb: bytes, args: bytes, line: bytes) -> bool:
+        """STARTTLS and COMPRESS concern the client leg, which the proxy terminates: it answers
+        them itself, and they never reach the server. So does LOGIN/AUTHENTICATE before TLS when
+        TLS is required (LOGINDISABLED is advertised until then)."""
+        cmd = _Command(tag, verb, self.state, self.now)
+        self.commands += 1
+        self._withheld = True
+        if lexer.strip_eol(line).endswith(b"}"):
+            # None of these takes a literal, and a LOGIN that ignores LOGINDISABLED must not
+            # get its password past us: end the session.
+            self._violation("client", "literal_where_none_belongs", verb.decode(), "closed")
+            self._protocol_error(b"* BYE Command not allowed here\r\n")
+            return False
+        then: Action | None = None
+        if self._pending or self._gate is not None or not self._can_speak_to_client():
+            status, text = b"BAD", b"[CLIENTBUG] Wait for the outstanding commands first"
+        elif verb in (b"LOGIN", b"AUTHENTICATE"):
+            status, text = b"NO", b"[PRIVACYREQUIRED] Use STARTTLS first"
+        elif verb == b"STARTTLS":
+            if self.client_secure:
+                status, text = b"BAD", b"TLS is already active"
+            elif self.config.client_tls == "off":
+                status, text = b"NO", b"[CANNOT] STARTTLS is not offered here"
+            else:
+                status, text = b"OK", b"Begin TLS negotiation now"
+                then = StartTls(Direction.TO_CLIENT)
+                self.client_secure = True
+        elif self.compressed:
+            status, text = b"NO", b"[COMPRESSIONACTIVE] DEFLATE is already active"
+        elif not self.config.compress:
+            status, text = b"NO", b"[CANNOT] COMPRESS is not offered here"
+        elif args.strip().upper() != b"DEFLATE":
+            status, text = b"BAD", b"Unknown compression mechanism"
+        else:
+            status, text = b"OK", b"DEFLATE active"
+            then = StartCompress(Direction.TO_CLIENT)
+            self.compressed = True
+        self._out.append(Reply(Direction.TO_CLIENT, tag + b" " + status + b" " + text + b"\r\n"))
+        if then is not None:
+            self._out.append(then)
+            self._discard_rest = verb.decode().lower()
+        if self.config.log_commands:
+            code = text[1 : text.find(b"]")].decode() if text.startswith(b"[") else None
+            self._out.append(Emit(self._command_record(cmd, status.decode(), code)))
+        return True
 
     def _command_fragment(self, cmd: _Command, line: bytes) -> bool:
         collecting = self._id
@@ -666,7 +740,7 @@ class SessionCore:
         fields (`forward_client_address`): a backend that trusts the proxy
         (login_trusted_networks) then logs and rate-limits the real client, not the proxy.
         """
-        if self.opaque is not None or self._injected is not None:
+        if self._injected is not None:
             return ()
         fields: list[tuple[bytes, bytes]] = []
         if self.config.inject_id and not self._id_sent:
@@ -801,8 +875,6 @@ class SessionCore:
         elif verb == b"IDLE":
             self._idle_command = cmd
             self._set_gate(_Gate.IDLE, cmd)
-        elif verb in _SWITCH_VERBS:
-            self._set_gate(_Gate.SWITCH, cmd)
 
     def _client_literal_done(self) -> None:
         c = self._client
@@ -969,10 +1041,7 @@ class SessionCore:
             elif s.buf:
                 out.insert(mark, Forward(Direction.TO_CLIENT, bytes(s.buf)))
                 s.buf.clear()
-            if self.opaque is not None:
-                # After STARTTLS/COMPRESS OK, the rest is no longer IMAP text.
-                break
-        self._flush(Direction.TO_CLIENT, data, start, n if self.opaque else pos)
+        self._flush(Direction.TO_CLIENT, data, start, pos)
 
     def _server_long_line(self, head: bytes, tail: bytes) -> None:
         """An over-long server line has ended; it was streamed, only its head and tail kept.
@@ -1025,6 +1094,7 @@ class SessionCore:
             _status, code, args = lexer.status_and_code(body[2:])
             if code == "CAPABILITY":
                 self.capabilities = lexer.capabilities(args)
+                self._mediate_code(body)
             if kind == b"BYE":
                 self._bye_seen = True
                 self.state = State.LOGOUT
@@ -1033,9 +1103,28 @@ class SessionCore:
             return
         if kind == b"CAPABILITY":
             self.capabilities = lexer.capabilities(body[after:])
+            mediated = capabilities.rewrite(body[after:], self._leg_state())
+            if mediated is not None:
+                self._replace = body[:after] + b" " + mediated + b"\r\n"
         elif kind == b"ID" and not line.rstrip().endswith(b"}"):
             self._server_id(line)
         self._server_literal(line)
+
+    def _leg_state(self) -> capabilities.LegState:
+        c = self.config
+        return capabilities.LegState(
+            c.client_tls, self.client_secure, c.compress, self.compressed, c.strict_capabilities
+        )
+
+    def _mediate_code(self, body: bytes) -> None:
+        """Rewrite `[CAPABILITY ...]` inside a status line (greeting, tagged OK)."""
+        start = body.upper().find(b"[CAPABILITY ")
+        end = body.find(b"]", start)
+        if start < 0 or end < 0:
+            return
+        mediated = capabilities.rewrite(body[start + 12 : end], self._leg_state())
+        if mediated is not None:
+            self._replace = body[: start + 12] + mediated + body[end:] + b"\r\n"
 
     def _continuation(self) -> None:
         if self._id_pieces:
@@ -1072,6 +1161,7 @@ class SessionCore:
             return
         if code == "CAPABILITY":
             self.capabilities = lexer.capabilities(args)
+            self._mediate_code(tag + b" " + rest)
         if tag == self._injected:
             self._injected_answered(status)
             return
@@ -1120,8 +1210,6 @@ class SessionCore:
                 self._pending_literal = 0
                 self._client.capture = None
                 self._current = None
-            elif gate is _Gate.SWITCH and ok:
-                self.opaque = _SWITCH_VERBS[verb]
         if cmd is self._sasl_command:
             self._sasl_command = None
             if self._client_mode is _ClientMode.SASL:

@@ -1,0 +1,63 @@
+"""Capability mediation: the client sees what the proxy can actually deliver.
+
+The server's list describes the server's leg, not the client's: whether STARTTLS is possible and
+LOGIN disabled depends on the client leg; COMPRESS is done by the proxy on the client leg; SASL
+mechanisms with channel binding (`*-PLUS`) cannot cross a TLS terminator; CLIENTID ties a client
+to the server's view of the connection. Unknown extensions pass by default (the framer follows
+them); `strict` keeps only what the proxy knows (RFC 2971 §5 asks intermediaries to).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# What the proxy knows it relays correctly (RFC 9051 and the extensions clients use).
+KNOWN = frozenset(
+    """IMAP4REV1 IMAP4REV2 IDLE ID LITERAL+ LITERAL- NAMESPACE UIDPLUS UNSELECT CHILDREN
+    MOVE CONDSTORE QRESYNC ENABLE ESEARCH ESORT SORT SORT=DISPLAY THREAD=REFERENCES
+    THREAD=REFS THREAD=ORDEREDSUBJECT MULTIAPPEND CATENATE URL-PARTIAL BINARY SPECIAL-USE
+    CREATE-SPECIAL-USE LIST-EXTENDED LIST-STATUS STATUS=SIZE SASL-IR LOGIN-REFERRALS
+    MAILBOX-REFERRALS I18NLEVEL=1 SEARCHRES WITHIN CONTEXT=SEARCH CONTEXT=SORT QUOTA
+    QUOTA=RES-STORAGE QUOTA=RES-MESSAGE ACL RIGHTS=TEKX METADATA METADATA-SERVER NOTIFY
+    SAVEDATE OBJECTID PREVIEW SNIPPET=FUZZY PREVIEW=FUZZY APPENDLIMIT UTF8=ACCEPT
+    X-GM-EXT-1 XLIST""".split()  # noqa: SIM905 (one word per capability reads best as text)
+)
+
+
+@dataclass(frozen=True, slots=True)
+class LegState:
+    client_tls: str  # "off" | "offer" | "require": STARTTLS on a plain client leg
+    client_secure: bool  # the client leg is TLS (implicit, or after STARTTLS)
+    compress: bool  # the proxy offers COMPRESS=DEFLATE on the client leg
+    compressed: bool  # it is active
+    strict: bool
+
+
+def mediate(tokens: list[bytes], leg: LegState) -> list[bytes]:
+    out = []
+    for token in tokens:
+        upper = token.upper()
+        if upper in (b"STARTTLS", b"LOGINDISABLED", b"CLIENTID") or upper.startswith(b"COMPRESS="):
+            continue
+        if upper.startswith(b"AUTH="):
+            if upper.endswith(b"-PLUS"):
+                continue
+            if leg.client_tls == "require" and not leg.client_secure:
+                continue  # no authentication before TLS
+        elif leg.strict and upper.decode("ascii", "replace") not in KNOWN:
+            continue
+        out.append(token)
+    if not leg.client_secure and leg.client_tls in ("offer", "require"):
+        out.append(b"STARTTLS")
+        if leg.client_tls == "require":
+            out.append(b"LOGINDISABLED")
+    if leg.compress and not leg.compressed:
+        out.append(b"COMPRESS=DEFLATE")
+    return out
+
+
+def rewrite(args: bytes, leg: LegState) -> bytes | None:
+    """The mediated list for the text after CAPABILITY, or None if nothing changes."""
+    tokens = args.split()
+    mediated = mediate(tokens, leg)
+    return None if mediated == tokens else b" ".join(mediated)
