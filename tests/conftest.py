@@ -1,11 +1,16 @@
 from __future__ import annotations
 
+import shutil
+import ssl
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 import pytest
 import trio
+import trustme
 
 from imapveil.identity import identifier
 from imapveil.protocol.session import CoreConfig
@@ -50,6 +55,49 @@ class RecordingSink(MemorySink):
     def of(self, kind: type[R]) -> list[R]:
         found: list[R] = [r for r in self.records if isinstance(r, kind)]
         return found
+
+
+@dataclass(frozen=True)
+class TlsMaterial:
+    """A test CA and one certificate for 127.0.0.1/localhost, as PEM files (trustme)."""
+
+    ca: trustme.CA
+    ca_file: Path
+    cert: Path
+    key: Path
+
+    def client_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context()
+        self.ca.configure_trust(context)
+        return context
+
+
+@pytest.fixture(scope="session")
+def tls_material() -> Iterator[TlsMaterial]:
+    ca = trustme.CA()
+    issued = ca.issue_cert("127.0.0.1", "localhost")
+    # Not under pytest's 0700 tmp_path: Dovecot reads these as its own user.
+    root = Path(tempfile.mkdtemp(prefix="imapveil-tls-"))
+    root.chmod(0o755)
+    ca.cert_pem.write_to_path(root / "ca.pem")
+    issued.cert_chain_pems[0].write_to_path(root / "cert.pem")
+    for extra in issued.cert_chain_pems[1:]:
+        extra.write_to_path(root / "cert.pem", append=True)
+    issued.private_key_pem.write_to_path(root / "key.pem")
+    try:
+        yield TlsMaterial(ca, root / "ca.pem", root / "cert.pem", root / "key.pem")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def tls_dovecot(tls_material: TlsMaterial) -> Iterator[Dovecot]:
+    """A Dovecot offering STARTTLS on `port` and implicit TLS on `tls_port`."""
+    server = Dovecot(tls=(tls_material.cert, tls_material.key)).start()
+    try:
+        yield server
+    finally:
+        server.cleanup()
 
 
 @dataclass

@@ -71,6 +71,15 @@ class Settings:
     proxy_protocol_from: tuple[str, ...] = ()
     upstream_proxy_protocol: bool = False
     forward_client_address: bool = False
+    listen_tls: tuple[Endpoint, ...] = ()
+    client_tls: str = "off"
+    cert: str = ""
+    key: str = ""
+    upstream_tls: str = "plain"
+    upstream_ca: str = ""
+    upstream_verify: bool = True
+    compress: bool = False
+    capabilities: str = "pass"
 
     def key_file(self) -> Path:
         return Path(self.user_key_file) if self.user_key_file else default_key_file()
@@ -104,6 +113,17 @@ HELP: dict[str, str] = {
     "(default false)",
     "forward_client_address": "tell the upstream the real client in an ID before login "
     "(Dovecot's x-originating-ip & co., honoured from login_trusted_networks; default false)",
+    "listen_tls": "implicit-TLS listeners (993-style), HOST:PORT, comma-separated; needs cert/key",
+    "client_tls": "STARTTLS on plain listeners: off (default), offer, require (LOGINDISABLED "
+    "until TLS)",
+    "cert": "certificate chain (PEM) for the client leg",
+    "key": "private key (PEM) for the client leg",
+    "upstream_tls": "TLS to the upstream: plain (default), implicit, starttls",
+    "upstream_ca": "CA file to verify the upstream's certificate (default: the system's CAs)",
+    "upstream_verify": "verify the upstream's certificate and name (default true; false logs a "
+    "warning)",
+    "compress": "offer COMPRESS=DEFLATE to clients, done by the proxy (default false)",
+    "capabilities": "pass (default): unknown capabilities pass through; strict: only known ones",
 }
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -116,6 +136,24 @@ def _positive(name: str, value: float) -> None:
 
 def _convert(name: str, value: Any) -> Any:
     """Check and convert one setting's value, from TOML or from a flag's text."""
+    if name == "listen_tls":
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
+            raise ValueError("expected a list of HOST:PORT")
+        return tuple(parse_endpoint(i.strip()) for i in items if i.strip())
+    if name in ("client_tls", "upstream_tls", "capabilities"):
+        allowed = {
+            "client_tls": ("off", "offer", "require"),
+            "upstream_tls": ("plain", "implicit", "starttls"),
+            "capabilities": ("pass", "strict"),
+        }[name]
+        if value not in allowed:
+            raise ValueError(f"expected one of {', '.join(allowed)}")
+        return value
+    if name in ("cert", "key", "upstream_ca"):
+        if not isinstance(value, str):
+            raise ValueError("expected a file name")
+        return value
     if name in ("listen", "upstream"):
         if not isinstance(value, str):
             raise ValueError("expected a string HOST:PORT")
@@ -184,7 +222,13 @@ def _convert(name: str, value: Any) -> Any:
             if len(v.encode()) > 1024 or not v.isascii() or not v.isprintable():
                 raise ValueError(f"field {k!r}: value of at most 1024 printable ASCII characters")
         return tuple(value.items())
-    if name in ("log_commands", "upstream_proxy_protocol", "forward_client_address"):
+    if name in (
+        "log_commands",
+        "upstream_proxy_protocol",
+        "forward_client_address",
+        "upstream_verify",
+        "compress",
+    ):
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower() == "true"
         if not isinstance(value, bool):
@@ -217,6 +261,10 @@ def load(
     settings = _apply(settings, given, "command line")
     if settings.upstream is None:
         raise ConfigError("no upstream: give --upstream HOST:PORT or `upstream` in the config")
+    if (settings.listen_tls or settings.client_tls != "off") and not (
+        settings.cert and settings.key
+    ):
+        raise ConfigError("listen_tls and client_tls need `cert` and `key`")
     return settings
 
 

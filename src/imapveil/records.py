@@ -166,6 +166,7 @@ END_REASONS = (
     "upstream_unavailable",  # the upstream could not be reached; we sent * BYE
     "over_limit",  # a connection limit was reached; we sent * BYE [UNAVAILABLE]
     "proxy_header",  # a PROXY protocol header was missing, malformed or not allowed
+    "tls_error",  # a TLS handshake failed, or TLS arrived where plain text was expected
     "shutdown",  # the proxy shut down
     "error",  # a network error on either leg
 )

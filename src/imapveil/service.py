@@ -18,6 +18,7 @@ import ipaddress
 import logging
 import signal
 import socket
+import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from imapveil.policy import Policy, PolicyError
 from imapveil.policy.load import resolve_policy
 from imapveil.protocol.session import CoreConfig
 from imapveil.records import ConfigLoaded, PolicyLoaded
+from imapveil.relay import tls
 from imapveil.relay.connection import RelaySettings
 from imapveil.relay.limits import Limits
 from imapveil.relay.server import Admittance, Proxy, listener_address, open_listeners
@@ -45,6 +47,8 @@ class Loaded:
     settings: Settings
     policy: Policy
     key: bytes
+    client_context: ssl.SSLContext | None = None
+    upstream_context: ssl.SSLContext | None = None
 
 
 def load_all(config: str | None, overrides: Mapping[str, Any]) -> Loaded:
@@ -58,7 +62,18 @@ def load_all(config: str | None, overrides: Mapping[str, Any]) -> Loaded:
         key = load_or_create_key(settings.key_file())
     except (OSError, ValueError) as exc:
         raise ConfigError(f"user_key_file {settings.key_file()}: {exc}") from None
-    return Loaded(settings, policy, key)
+    client_context = upstream_context = None
+    if settings.cert and settings.key:
+        try:
+            client_context = tls.server_context(settings.cert, settings.key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"cert/key {settings.cert}, {settings.key}: {exc}") from None
+    if settings.upstream_tls != "plain":
+        try:
+            upstream_context = tls.client_context(settings.upstream_ca, settings.upstream_verify)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"upstream_ca {settings.upstream_ca}: {exc}") from None
+    return Loaded(settings, policy, key, client_context, upstream_context)
 
 
 class PolicyHolder:
@@ -91,6 +106,9 @@ def admittance(loaded: Loaded, holder: PolicyHolder) -> Admittance:
         hash_value=value_hasher(loaded.key),
         inject_id=tuple((k.encode(), v.encode()) for k, v in s.inject_id),
         forward_client_address=s.forward_client_address,
+        client_tls=s.client_tls,
+        compress=s.compress,
+        strict_capabilities=s.capabilities == "strict",
     )
     relay = RelaySettings(
         upstream_host=s.upstream.host,
@@ -99,6 +117,9 @@ def admittance(loaded: Loaded, holder: PolicyHolder) -> Admittance:
         connect_timeout=s.connect_timeout,
         trusted_networks=_networks(s.trusted_networks),
         upstream_proxy_protocol=s.upstream_proxy_protocol,
+        client_context=loaded.client_context,
+        upstream_tls=s.upstream_tls,
+        upstream_context=loaded.upstream_context,
     )
     limits = Limits(s.max_sessions, s.max_sessions_per_client, s.max_connection_rate)
     return Admittance(relay, limits, _networks(s.proxy_protocol_from))
@@ -129,8 +150,10 @@ class Service:
         except OSError as exc:
             log.error("event log %s: %s", settings.events, exc.strerror or exc)
             return 1
+        if settings.upstream_tls != "plain" and not settings.upstream_verify:
+            log.warning("upstream_verify = false: the upstream's certificate is NOT checked")
         try:
-            listeners = await self._listeners()
+            listeners, tls_listeners = await self._listeners()
         except (OSError, ConfigError) as exc:
             log.error(
                 "cannot listen on %s: %s", settings.listen, getattr(exc, "strerror", exc) or exc
@@ -147,29 +170,38 @@ class Service:
             policy = self.loaded.policy
             self.sink.emit(PolicyLoaded(policy.name, policy.digest, True))
             upstream = self.proxy.settings.upstream
-            where = ", ".join(listener_address(listener) for listener in listeners)
+            where = ", ".join(
+                [listener_address(x) for x in listeners]
+                + [listener_address(x) + " (TLS)" for x in tls_listeners]
+            )
             log.info("listening on %s, relaying to %s, policy %s", where, upstream, policy.name)
             self.notifier.ready(f"relaying {where} to {upstream}")
-            await self.proxy.serve(listeners)
+            await self.proxy.serve(listeners, tls_listeners=tls_listeners)
             log.info("stopped after %d sessions", self.proxy.stats.accepted)
             nursery.cancel_scope.cancel()
         return 0
 
-    async def _listeners(self) -> list[trio.SocketListener]:
+    async def _listeners(self) -> tuple[list[trio.SocketListener], list[trio.SocketListener]]:
+        """(plain, implicit TLS): inherited from systemd ("imap", "imaps"), or bound here."""
+        settings = self.loaded.settings
         inherited = inherited_sockets()
         if not inherited:
-            listen = self.loaded.settings.listen
-            return await open_listeners(listen.host, listen.port)
-        listeners = []
+            plain = await open_listeners(settings.listen.host, settings.listen.port)
+            secure: list[trio.SocketListener] = []
+            for endpoint in settings.listen_tls:
+                secure += await open_listeners(endpoint.host, endpoint.port)
+            return plain, secure
+        plain, secure = [], []
         for name, sock in inherited:
-            if name != "imap":
-                raise ConfigError(
-                    f"socket-activated listener {name!r}: only plain IMAP ('imap') is supported"
-                )
+            if name not in ("imap", "imaps"):
+                raise ConfigError(f"socket-activated listener {name!r}: expected imap or imaps")
+            if name == "imaps" and self.loaded.client_context is None:
+                raise ConfigError("an imaps socket was handed over but no cert/key is set")
             sock.setblocking(False)
-            listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
+            listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+            (secure if name == "imaps" else plain).append(listener)
             log.info("using the %s socket handed over by systemd", name)
-        return listeners
+        return plain, secure
 
     async def _on_signals(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED

@@ -53,8 +53,16 @@ def free_port() -> int:
 
 class Dovecot:
     def __init__(
-        self, users: dict[str, str] | None = None, *, haproxy: bool = False, trusting: bool = False
+        self,
+        users: dict[str, str] | None = None,
+        *,
+        haproxy: bool = False,
+        trusting: bool = False,
+        tls: tuple[Path, Path] | None = None,
     ) -> None:
+        self.tls = tls
+        """(certificate chain, key) PEM files: STARTTLS on the IMAP port and implicit TLS on
+        `tls_port`."""
         self.haproxy = haproxy
         self.trusting = trusting
         """Trust 127.0.0.1 (login_trusted_networks): x-originating-ip in ID is believed."""
@@ -65,6 +73,7 @@ class Dovecot:
         self.root = Path(tempfile.mkdtemp(prefix="imapveil-dovecot-"))
         self.root.chmod(0o755)
         self.port = free_port()
+        self.tls_port = free_port() if tls else 0
         self.process: subprocess.Popen[bytes] | None = None
         if os.getuid() == 0:
             mail = pwd.getpwnam("nobody")
@@ -114,7 +123,7 @@ log_path = {self.log_path}
 info_log_path = {self.info_log_path}
 protocols = imap
 listen = 127.0.0.1
-ssl = no
+{self._ssl_settings()}
 disable_plaintext_auth = no
 auth_mechanisms = plain login
 first_valid_uid = {first_uid}
@@ -142,7 +151,8 @@ service imap-login {{
     haproxy = {"yes" if self.haproxy else "no"}
   }}
   inet_listener imaps {{
-    port = 0
+    address = 127.0.0.1
+    port = {self.tls_port}
   }}
 }}
 service anvil {{
@@ -151,6 +161,16 @@ service anvil {{
 {services}
 """
         (self.root / "dovecot.conf").write_text(config)
+
+    def _ssl_settings(self) -> str:
+        if self.tls is None:
+            return "ssl = no"
+        cert, key = self.tls
+        return f"ssl = yes\nssl_cert = <{cert}\nssl_key = <{key}\nssl_min_protocol = TLSv1.2"
+
+    @property
+    def tls_address(self) -> tuple[str, int]:
+        return ("127.0.0.1", self.tls_port)
 
     def start(self, timeout: float = 15.0) -> Dovecot:
         self._write_config()

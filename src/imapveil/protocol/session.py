@@ -377,6 +377,12 @@ class SessionCore:
             out.append(Reply(Direction.TO_CLIENT, b"* BYE [UNAVAILABLE] Server shutting down\r\n"))
         return out + self._close("shutdown")
 
+    def tls_failed(self, detail: str, now: float) -> list[Action]:
+        """A TLS handshake failed on a leg; nothing more can be said on it."""
+        self.now = now
+        self._set_end("tls_error", detail)
+        return self._close("tls_error")
+
     def failed(self, detail: str, now: float) -> list[Action]:
         """A network error on either leg."""
         self.now = now

@@ -16,18 +16,31 @@ import ipaddress
 import logging
 import math
 import socket
+import ssl
 from dataclasses import dataclass
 
 import trio
 
 from imapveil.protocol import proxy_header
-from imapveil.protocol.actions import Action, Close, Direction, Emit, Forward, Reply
+from imapveil.protocol.actions import (
+    Action,
+    Close,
+    Direction,
+    Emit,
+    Forward,
+    Reply,
+    StartCompress,
+    StartTls,
+)
 from imapveil.protocol.session import CoreConfig, SessionCore
+from imapveil.relay.deflate import DeflateStream
+from imapveil.relay.tls import UpstreamTlsError, upstream_starttls
 from imapveil.sinks import Sink
 
 log = logging.getLogger(__name__)
 
 RECEIVE_SIZE = 256 * 1024
+TLS_HANDSHAKE_TIMEOUT = 30.0
 CLOSE_GRACE = 2.0
 """Seconds to wait for the peer to read our last words before the socket is closed."""
 
@@ -42,6 +55,10 @@ class RelaySettings:
     """Clients whose ID may carry x-originating-* and the like (see policy.model.ANTI_SPOOF)."""
     upstream_proxy_protocol: bool = False
     """Start the upstream connection with a PROXY v2 header naming the real client."""
+    client_context: ssl.SSLContext | None = None
+    """Our certificate, for implicit-TLS listeners and STARTTLS on the client leg."""
+    upstream_tls: str = "plain"  # "plain" | "implicit" | "starttls"
+    upstream_context: ssl.SSLContext | None = None
 
     def trusts(self, client_host: str) -> bool:
         try:
@@ -109,6 +126,7 @@ class Connection:
         client_endpoints: tuple[tuple[str, int], tuple[str, int]] | None = None,
         first_client_data: bytes = b"",
         refusal: tuple[str, str] | None = None,
+        implicit_tls: bool = False,
     ) -> None:
         self.client = Leg("client", client_stream)
         self.server: Leg | None = None
@@ -123,7 +141,9 @@ class Connection:
             now=trio.current_time(),
             trusted_client=settings.trusts(client_host),
             client_endpoints=client_endpoints,
+            client_secure=implicit_tls,
         )
+        self._implicit_tls = implicit_tls
         self._closed = trio.Event()
         self._idle: trio.CancelScope | None = None
         self._endpoints = client_endpoints  # (client, the address it connected to)
@@ -152,6 +172,8 @@ class Connection:
             reason, detail = self._refusal
             await self._apply(self.core.refused(reason, detail, trio.current_time()))
             return
+        if self._implicit_tls and not await self._client_handshake():
+            return
         upstream = await self._connect()
         if upstream is None:
             return
@@ -160,10 +182,11 @@ class Connection:
             try:
                 await self.server.send_many([proxy_header.build_v2(*self._endpoints)])
             except (trio.BrokenResourceError, OSError) as exc:
-                self._emit_all(
-                    self.core.failed(f"send to server: {_describe(exc)}", trio.current_time())
-                )
+                now = trio.current_time()
+                self._emit_all(self.core.failed(f"send to server: {_describe(exc)}", now))
                 return
+        if self.settings.upstream_tls != "plain" and not await self._upstream_tls():
+            return
         if self._first_client_data:
             await self._apply(self.core.feed_client(self._first_client_data, trio.current_time()))
         async with trio.open_nursery() as nursery:
@@ -192,6 +215,56 @@ class Connection:
         log.warning("upstream %s unavailable: %s", s.upstream, detail)
         await self._apply(self.core.upstream_unavailable(detail, trio.current_time()))
         return None
+
+    async def _client_handshake(self) -> bool:
+        """TLS on the client leg (implicit-TLS listener, or after our OK to STARTTLS)."""
+        context = self.settings.client_context
+        assert context is not None, "a TLS listener needs a certificate"
+        leg = self.client
+        async with leg.write_lock:
+            tls = trio.SSLStream(leg.stream, context, server_side=True)
+            leg.stream = tls
+            detail = ""
+            with trio.move_on_after(TLS_HANDSHAKE_TIMEOUT):
+                try:
+                    await tls.do_handshake()
+                    return True
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                    detail = _tls_reason(exc)
+            leg.broken = True
+        detail = detail or f"no TLS handshake within {TLS_HANDSHAKE_TIMEOUT:g} s"
+        log.info("session %s: client TLS failed: %s", self.core.session_id, detail)
+        self._emit_all(self.core.tls_failed(f"client: {detail}", trio.current_time()))
+        return False
+
+    async def _upstream_tls(self) -> bool:
+        s = self.settings
+        assert self.server is not None and s.upstream_context is not None
+        greeting = b""
+        detail = ""
+        with trio.move_on_after(s.connect_timeout):
+            try:
+                if s.upstream_tls == "implicit":
+                    tls = trio.SSLStream(
+                        self.server.stream, s.upstream_context, server_hostname=s.upstream_host
+                    )
+                    await tls.do_handshake()
+                else:
+                    tls, greeting = await upstream_starttls(
+                        self.server.stream, s.upstream_context, s.upstream_host
+                    )
+                self.server.stream = tls
+                if greeting:
+                    await self._apply(self.core.feed_server(greeting, trio.current_time()))
+                return True
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                detail = _tls_reason(exc)
+            except UpstreamTlsError as exc:
+                detail = str(exc)
+        detail = f"tls: {detail or 'no TLS within the connect timeout'}"
+        log.warning("upstream %s unavailable: %s", s.upstream, detail)
+        await self._apply(self.core.upstream_unavailable(detail, trio.current_time()))
+        return False
 
     def _touch(self) -> None:
         if self._idle is not None:
@@ -266,6 +339,12 @@ class Connection:
                 self.sink.emit(action.record)
             elif isinstance(action, Close):
                 self._closed.set()
+            elif isinstance(action, StartTls):
+                if not await self._client_handshake():
+                    return
+            elif isinstance(action, StartCompress):
+                async with self.client.write_lock:
+                    self.client.stream = DeflateStream(self.client.stream)
             i += 1
 
     def _emit_all(self, actions: list[Action]) -> None:
@@ -291,6 +370,16 @@ def keepalive(stream: trio.SocketStream) -> None:
 
 def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _tls_reason(exc: BaseException) -> str:
+    """The TLS alert or error name (e.g. `certificate_verify_failed`), never peer data."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, ssl.SSLError):
+            return (cause.reason or type(cause).__name__).lower()
+        cause = cause.__cause__ or cause.__context__
+    return _describe(exc)
 
 
 def _describe(exc: BaseException) -> str:

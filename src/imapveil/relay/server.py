@@ -7,6 +7,7 @@ proxy waits up to `shutdown_grace` seconds for sessions to end before cutting th
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import secrets
@@ -87,7 +88,7 @@ class Proxy:
     def _session_id(self) -> str:
         return f"{self._prefix}-{self.stats.accepted:06d}"
 
-    async def handle(self, stream: trio.SocketStream) -> None:
+    async def handle(self, stream: trio.SocketStream, *, implicit_tls: bool = False) -> None:
         self.stats.accepted += 1
         self.stats.active += 1
         if self._idle.is_set():
@@ -129,6 +130,7 @@ class Proxy:
                 client_endpoints=(peer, local) if peer is not None and local is not None else None,
                 first_client_data=first,
                 refusal=refusal,
+                implicit_tls=implicit_tls,
             )
             self.connections.add(connection)
             await connection.run()
@@ -145,12 +147,17 @@ class Proxy:
         self,
         listeners: list[trio.SocketListener],
         *,
+        tls_listeners: list[trio.SocketListener] | None = None,
         task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Serve until `stop()`; then let sessions finish, say BYE to the rest, and return."""
+        """Serve until `stop()`; then let sessions finish, say BYE to the rest, and return.
+
+        `tls_listeners` accept implicit TLS (993-style): the handshake comes first."""
         async with trio.open_nursery() as sessions:
             async with trio.open_nursery() as accepting:
-                accepting.start_soon(self._serve_until_stopped, listeners, sessions)
+                accepting.start_soon(self._serve_until_stopped, listeners, sessions, False)
+                if tls_listeners:
+                    accepting.start_soon(self._serve_until_stopped, tls_listeners, sessions, True)
                 task_status.started(listeners)
             # Listeners are closed: no new sessions. The current ones may finish on their own.
             with trio.move_on_after(self.shutdown_grace):
@@ -165,10 +172,11 @@ class Proxy:
             sessions.cancel_scope.cancel()
 
     async def _serve_until_stopped(
-        self, listeners: list[trio.SocketListener], sessions: trio.Nursery
+        self, listeners: list[trio.SocketListener], sessions: trio.Nursery, implicit_tls: bool
     ) -> None:
+        handler = functools.partial(self.handle, implicit_tls=implicit_tls)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_serve_listeners, self.handle, listeners, sessions)
+            nursery.start_soon(_serve_listeners, handler, listeners, sessions)
             await self.stopping.wait()
             nursery.cancel_scope.cancel()
         for listener in listeners:

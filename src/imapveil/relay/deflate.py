@@ -1,0 +1,51 @@
+"""COMPRESS=DEFLATE (RFC 4978) as a trio stream: raw DEFLATE (no zlib header, wbits -15) over
+another stream, each send flushed with Z_SYNC_FLUSH so the peer can decode it at once.
+
+Decompression is bounded: a small compressed input can expand enormously (a "zip bomb"), so
+at most `max_output` octets come out of one `receive_some`; the rest waits in the decompressor's
+own unconsumed input until the next call.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import trio
+
+
+class DeflateStream(trio.abc.Stream):
+    def __init__(self, inner: trio.abc.Stream, *, max_output: int = 256 * 1024) -> None:
+        self.inner = inner
+        self.max_output = max_output
+        self._compress = zlib.compressobj(6, zlib.DEFLATED, -15)
+        self._decompress = zlib.decompressobj(-15)
+        self._pending = b""  # compressed input not yet turned into output
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        out = self._compress.compress(bytes(data)) + self._compress.flush(zlib.Z_SYNC_FLUSH)
+        await self.inner.send_all(out)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        limit = min(max_bytes or self.max_output, self.max_output)
+        while True:
+            if self._pending:
+                out = self._decompress.decompress(self._pending, limit)
+                self._pending = self._decompress.unconsumed_tail
+                if out:
+                    return out
+            data = await self.inner.receive_some()
+            if not data:
+                return b""
+            try:
+                out = self._decompress.decompress(data, limit)
+            except zlib.error as exc:
+                raise trio.BrokenResourceError(f"bad DEFLATE data: {exc}") from None
+            self._pending = self._decompress.unconsumed_tail
+            if out:
+                return out
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
