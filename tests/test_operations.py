@@ -211,11 +211,11 @@ def test_units_verify_and_example_config_checks(tmp_path: Path) -> None:
     analyze = shutil.which("systemd-analyze")
     assert analyze, "systemd-analyze is installed by scripts/check"
     binary = shutil.which("imapveil") or sys.executable
-    for unit in ("imapveil.service", "imapveil.socket"):
+    for unit in ("imapveil.service", "imapveil.socket", "imapveil-tls.socket"):
         text = (REPO / "systemd" / unit).read_text().replace("/usr/local/bin/imapveil", binary)
         (tmp_path / unit).write_text(text)
     result = subprocess.run(
-        [analyze, "verify", str(tmp_path / "imapveil.service"), str(tmp_path / "imapveil.socket")],
+        [analyze, "verify", *(str(p) for p in sorted(tmp_path.glob("imapveil*")))],
         capture_output=True,
         text=True,
         check=False,
