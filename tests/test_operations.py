@@ -113,7 +113,7 @@ def test_session_survives_sighup_and_follows_the_new_policy(
                 policy.read_text().replace('"name", "version"', '"x-device", "name", "version"')
             )
             proxy.signal(signal.SIGHUP)
-            assert b"reloaded" in proxy.stderr_line()
+            assert b"reloaded" in proxy.stderr_until(b" imapveil: reload")
             s.sendall(b'c ID ("name" "Mail" "x-device" "P")\r\nd NOOP\r\n')
             while not (line := f.readline()).startswith(b"d "):
                 pass
@@ -134,7 +134,7 @@ def test_broken_config_on_reload_keeps_the_old_one(dovecot: Dovecot, tmp_path: P
     with imapveil(tmp_path, dovecot.address, "--config", str(config)) as proxy:
         config.write_text("max_sessions = -1\n")
         proxy.signal(signal.SIGHUP)
-        assert b"reload refused" in proxy.stderr_line()
+        assert b"reload refused" in proxy.stderr_until(b" imapveil: reload")
         m = imaplib.IMAP4("127.0.0.1", proxy.port)
         m.login("alice", "wonderland")
         m.logout()

@@ -7,14 +7,18 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import trio
 
 from imapveil import __version__, service
 from imapveil.config import HELP, ConfigError
+from imapveil.config import load as load_settings
 from imapveil.policy import PolicyError, apply
 from imapveil.policy.load import resolve_policy
 from imapveil.protocol import id_params
+from imapveil.stats import report as report_module
+from imapveil.stats.store import Store, StoreError
 
 log = logging.getLogger("imapveil")
 
@@ -50,6 +54,17 @@ def build_parser() -> argparse.ArgumentParser:
                 metavar=metavars.get(name, name.split("_")[-1].upper()),
                 help=text,
             )
+    stats = commands.add_parser("stats", help="which clients are in use: a table, CSV or JSON")
+    report = commands.add_parser("report", help="a self-contained HTML report with charts")
+    for command in (stats, report):
+        command.add_argument("--store", help="the statistics store (default: as `serve` uses)")
+        command.add_argument("--config", metavar="FILE", help="read `store` from this file")
+        command.add_argument("--since", metavar="DATE", help="from this date (YYYY-MM-DD)")
+        command.add_argument("--until", metavar="DATE", help="up to this date, exclusive")
+        command.add_argument("--min-users", type=int, help="fold smaller groups into 'other'")
+    stats.add_argument("--by", choices=sorted(report_module.BY), default="family")
+    stats.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    report.add_argument("--html", metavar="FILE", required=True, help="write the report here")
     policy = commands.add_parser("policy", help="check and try out ID policy files")
     actions = policy.add_subparsers(dest="policy_command", metavar="ACTION", required=True)
     check = actions.add_parser("check", help="validate policy files (names or paths)")
@@ -68,6 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "policy":
         return policy_tool(args)
+    if args.command in ("stats", "report"):
+        return stats_tool(args)
     if args.command not in ("serve", "check-config"):
         parser.print_help()
         return 2
@@ -97,6 +114,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         return trio.run(service.Service(args.config, overrides, loaded).run)
     except KeyboardInterrupt:
         return 130
+
+
+def stats_tool(args: argparse.Namespace) -> int:
+    try:
+        settings = load_settings(args.config, {"store": args.store}, need_upstream=False)
+    except ConfigError as exc:
+        print(f"imapveil: {exc}", file=sys.stderr)
+        return 2
+    url = settings.store_url()
+    if url is None:
+        print("imapveil: the statistics store is off", file=sys.stderr)
+        return 2
+    if not url.startswith("postgres") and not Path(url.removeprefix("sqlite://")).exists():
+        print(f"imapveil: no statistics store at {url}", file=sys.stderr)
+        return 1
+    store = Store(url)
+    try:
+        store.connect()
+    except StoreError as exc:
+        print(f"imapveil: {exc}", file=sys.stderr)
+        return 1
+    min_users = args.min_users or settings.min_group_users
+    try:
+        if args.command == "report":
+            page = report_module.html_report(store, args.since, args.until, min_users)
+            Path(args.html).write_text(page, encoding="utf-8")
+            print(f"wrote {args.html}")
+            return 0
+        summary = report_module.summarize(store, args.by, args.since, args.until, min_users)
+    finally:
+        store.close()
+    render = {"table": report_module.as_table, "csv": report_module.as_csv,
+              "json": report_module.as_json}[args.format]  # fmt: skip
+    sys.stdout.write(render(summary, args.by))
+    return 0
 
 
 def policy_tool(args: argparse.Namespace) -> int:

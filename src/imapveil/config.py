@@ -80,6 +80,16 @@ class Settings:
     upstream_verify: bool = True
     compress: bool = False
     capabilities: str = "pass"
+    store: str = ""
+    retention_days: int = 400
+    min_group_users: int = 5
+    metrics: str = ""
+
+    def store_url(self) -> str | None:
+        """Where statistics go: a path, sqlite://PATH, postgresql://...; None when "off"."""
+        if self.store == "off":
+            return None
+        return self.store or str(self.key_file().with_name("stats.sqlite"))
 
     def key_file(self) -> Path:
         return Path(self.user_key_file) if self.user_key_file else default_key_file()
@@ -124,6 +134,11 @@ HELP: dict[str, str] = {
     "warning)",
     "compress": "offer COMPRESS=DEFLATE to clients, done by the proxy (default false)",
     "capabilities": "pass (default): unknown capabilities pass through; strict: only known ones",
+    "store": "statistics store: a SQLite file (default stats.sqlite beside the user key, in the "
+    "state directory), postgresql://..., or off",
+    "retention_days": "days of statistics kept (default 400)",
+    "min_group_users": "groups with fewer distinct users are shown as 'other' (default 5)",
+    "metrics": "serve Prometheus /metrics and /healthz on HOST:PORT (default off)",
 }
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -150,7 +165,18 @@ def _convert(name: str, value: Any) -> Any:
         if value not in allowed:
             raise ValueError(f"expected one of {', '.join(allowed)}")
         return value
-    if name in ("cert", "key", "upstream_ca"):
+    if name in ("retention_days", "min_group_users"):
+        number = int(value) if isinstance(value, str) else value
+        if type(number) is not int or number < 1:
+            raise ValueError("expected a whole number, at least 1")
+        return number
+    if name == "metrics":
+        if not isinstance(value, str):
+            raise ValueError("expected HOST:PORT")
+        if value:
+            parse_endpoint(value)
+        return value
+    if name in ("cert", "key", "upstream_ca", "store"):
         if not isinstance(value, str):
             raise ValueError("expected a file name")
         return value
@@ -244,6 +270,8 @@ def load(
     path: str | Path | None,
     overrides: Mapping[str, Any],
     read: Callable[[Path], bytes] | None = None,
+    *,
+    need_upstream: bool = True,
 ) -> Settings:
     """Settings from the file at `path` (if any), then `overrides` (flag values, not None)."""
     settings = Settings()
@@ -259,7 +287,7 @@ def load(
         settings = _apply(settings, table, str(path))
     given = {k: v for k, v in overrides.items() if v is not None}
     settings = _apply(settings, given, "command line")
-    if settings.upstream is None:
+    if settings.upstream is None and need_upstream:
         raise ConfigError("no upstream: give --upstream HOST:PORT or `upstream` in the config")
     if (settings.listen_tls or settings.client_tls != "off") and not (
         settings.cert and settings.key

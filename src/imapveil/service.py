@@ -26,7 +26,7 @@ from typing import Any
 
 import trio
 
-from imapveil.config import ConfigError, Settings, load
+from imapveil.config import ConfigError, Settings, load, parse_endpoint
 from imapveil.identity import identifier, load_or_create_key
 from imapveil.policy import Policy, PolicyError
 from imapveil.policy.load import resolve_policy
@@ -36,7 +36,10 @@ from imapveil.relay import tls
 from imapveil.relay.connection import RelaySettings
 from imapveil.relay.limits import Limits
 from imapveil.relay.server import Admittance, Proxy, listener_address, open_listeners
+from imapveil.sinks import Fanout, Sink
 from imapveil.sinks.jsonl import JsonLinesSink
+from imapveil.stats.metrics import Metrics, serve_metrics
+from imapveil.stats.sink import StoreSink
 from imapveil.systemd import Notifier, inherited_sockets
 
 log = logging.getLogger("imapveil")
@@ -136,12 +139,30 @@ class Service:
         self.loaded = loaded
         self.holder = PolicyHolder(loaded.policy)
         self.sink = JsonLinesSink(loaded.settings.events)
+        self.metrics = Metrics()
+        url = loaded.settings.store_url()
+        self.store = (
+            StoreSink(
+                url, proxy=socket.gethostname(), retention_days=loaded.settings.retention_days
+            )
+            if url
+            else None
+        )
+        sinks: list[Sink] = [self.sink, self.metrics]
+        if self.store is not None:
+            sinks.append(self.store)
         self.notifier = Notifier()
         self.proxy = Proxy(
             admittance(loaded, self.holder),
-            self.sink,
+            Fanout(*sinks),
             shutdown_grace=loaded.settings.shutdown_grace,
         )
+        self.metrics.gauges["sessions_active"] = lambda: float(self.proxy.stats.active)
+        self.metrics.gauges["events_dropped"] = lambda: float(self.sink.dropped)
+        if self.store is not None:
+            store = self.store
+            self.metrics.gauges["store_queue_depth"] = lambda: float(store.depth)
+            self.metrics.gauges["store_dropped"] = lambda: float(store.dropped)
 
     async def run(self) -> int:
         settings = self.loaded.settings
@@ -159,8 +180,20 @@ class Service:
                 "cannot listen on %s: %s", settings.listen, getattr(exc, "strerror", exc) or exc
             )
             return 1
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self.sink.run)
+        metrics_listeners: list[trio.SocketListener] = []
+        if settings.metrics:
+            endpoint = parse_endpoint(settings.metrics)
+            try:
+                metrics_listeners = await open_listeners(endpoint.host, endpoint.port)
+            except OSError as exc:
+                log.error("cannot serve metrics on %s: %s", endpoint, exc.strerror or exc)
+                return 1
+        async with trio.open_nursery() as nursery, trio.open_nursery() as writers:
+            writers.start_soon(self.sink.run)
+            if self.store is not None:
+                writers.start_soon(self.store.run)
+            if metrics_listeners:
+                nursery.start_soon(serve_metrics, self.metrics, metrics_listeners, self._healthy)
             # Signals are handled before anyone is told we are ready: a reload right after
             # READY=1 must not find the default SIGHUP action (which ends the process).
             await nursery.start(self._on_signals)
@@ -179,6 +212,8 @@ class Service:
             await self.proxy.serve(listeners, tls_listeners=tls_listeners)
             log.info("stopped after %d sessions", self.proxy.stats.accepted)
             nursery.cancel_scope.cancel()
+            # The writers go last: every record of every session is written before exit.
+            writers.cancel_scope.cancel()
         return 0
 
     async def _listeners(self) -> tuple[list[trio.SocketListener], list[trio.SocketListener]]:
@@ -252,6 +287,9 @@ class Service:
             )
         finally:
             self.notifier.ready()
+
+    def _healthy(self) -> bool:
+        return not self.proxy.stopping.is_set() and (self.store is None or self.store.connected)
 
     async def _watchdog(self, interval: float) -> None:
         while True:

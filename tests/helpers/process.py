@@ -23,9 +23,15 @@ class Running:
     early_stderr: bytes = b""
     stderr: bytes = field(default=b"")
 
-    def stderr_line(self) -> bytes:
+    def stderr_until(self, marker: bytes) -> bytes:
+        """Diagnostics up to the first line containing `marker`."""
         assert self.process.stderr is not None
-        return self.process.stderr.readline()
+        seen = b""
+        while marker not in seen:
+            line = self.process.stderr.readline()
+            assert line, seen.decode()
+            seen += line
+        return seen
 
     def signal(self, signum: int) -> None:
         self.process.send_signal(signum)

@@ -24,3 +24,14 @@ class MemorySink:
 class NullSink:
     def emit(self, record: Record) -> None:
         pass
+
+
+class Fanout:
+    """Every record to every sink, in order."""
+
+    def __init__(self, *sinks: Sink) -> None:
+        self.sinks = sinks
+
+    def emit(self, record: Record) -> None:
+        for sink in self.sinks:
+            sink.emit(record)
