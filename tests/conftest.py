@@ -19,6 +19,7 @@ from imapveil.relay.connection import RelaySettings
 from imapveil.relay.server import Proxy, open_listeners
 from imapveil.sinks import MemorySink
 from tests.helpers.dovecot import Dovecot
+from tests.helpers.postgres import Postgres
 
 
 @pytest.fixture(scope="session")
@@ -94,6 +95,16 @@ def tls_material() -> Iterator[TlsMaterial]:
 def tls_dovecot(tls_material: TlsMaterial) -> Iterator[Dovecot]:
     """A Dovecot offering STARTTLS on `port` and implicit TLS on `tls_port`."""
     server = Dovecot(tls=(tls_material.cert, tls_material.key)).start()
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture
+def postgres() -> Iterator[Postgres]:
+    """A fresh PostgreSQL cluster (about a second to start)."""
+    server = Postgres().start()
     try:
         yield server
     finally:

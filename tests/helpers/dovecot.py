@@ -44,6 +44,22 @@ def _die_with_parent(command: list[str]) -> list[str]:
     return [setpriv, "--pdeathsig", "TERM", "--", *command] if setpriv else command
 
 
+def stop_group(process: subprocess.Popen[bytes], signum: int, timeout: float = 20) -> None:
+    """End the process group we started (and only it): `signum`, then SIGKILL on timeout."""
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signum)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    for pipe in (process.stdout, process.stderr):
+        if pipe is not None:
+            pipe.close()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -206,18 +222,8 @@ service anvil {{
 
     def stop(self) -> None:
         process, self.process = self.process, None
-        if process is not None and process.poll() is None:
-            # Only the process group we started: dovecot -F and its children.
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-        if process is not None and process.stdout is not None:
-            process.stdout.close()
+        if process is not None:
+            stop_group(process, signal.SIGTERM)  # dovecot -F and its children, nothing else
 
     def cleanup(self) -> None:
         self.stop()

@@ -57,7 +57,10 @@ class StoreSink:
         self._open: dict[str, _Open] = {}
         self._queue: deque[tuple[str, tuple[Any, ...]]] = deque()
         self._wake = trio.Event()
+        self._writing = trio.Lock()
         self.connected = False
+        self.ready = trio.Event()
+        """Set once the store has been reached (and its schema migrated)."""
 
     @property
     def depth(self) -> int:
@@ -125,6 +128,7 @@ class StoreSink:
                     try:
                         await trio.to_thread.run_sync(self.store.connect)
                         self.connected, backoff = True, 1.0
+                        self.ready.set()
                         log.info("statistics store ready (%s)", _redacted(self.store.url))
                     except Exception as exc:  # StoreError, or any driver's error
                         log.warning(
@@ -151,11 +155,16 @@ class StoreSink:
                     await trio.to_thread.run_sync(self.store.close)
 
     async def flush(self) -> None:
-        """Write everything queued so far (for tests and reports)."""
+        """Write everything queued so far (waits for the store to be reachable)."""
+        await self.ready.wait()
         while self._queue and self.connected:
             await self._write_some()
 
     async def _write_some(self) -> None:
+        async with self._writing:
+            await self._write_locked()
+
+    async def _write_locked(self) -> None:
         items = [self._queue[i] for i in range(min(BATCH, len(self._queue)))]
         batch = Batch(
             sessions=[row for kind, row in items if kind == "session"],

@@ -1,0 +1,98 @@
+"""A real PostgreSQL on loopback for the statistics store's tests (Debian's `postgresql`).
+
+A throw-away cluster in a temporary directory, on a free port, trust authentication for one
+superuser; readiness is a successful connection, polled for. PostgreSQL refuses to run as root,
+so as root the cluster belongs to the `postgres` account the package creates.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from tests.helpers.dovecot import free_port, stop_group
+
+
+def ensure_postgres() -> Path:
+    """The server binaries. Fails loudly: scripts/check installs them, tests never skip."""
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/postgres"))
+    if not found:
+        raise RuntimeError("PostgreSQL is not installed: run `bash scripts/check`")
+    return Path(found[-1]).parent
+
+
+class Postgres:
+    def __init__(self) -> None:
+        self.bin = ensure_postgres()
+        self.root = Path(tempfile.mkdtemp(prefix="imapveil-pg-"))
+        self.root.chmod(0o755)
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+        self.as_user: list[str] = []
+        if os.getuid() == 0:
+            account = pwd.getpwnam("postgres")
+            os.chown(self.root, account.pw_uid, account.pw_gid)
+            self.as_user = ["runuser", "-u", "postgres", "--"]
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://imapveil@127.0.0.1:{self.port}/stats"
+
+    def _run(self, *command: str) -> None:
+        subprocess.run([*self.as_user, *command], check=True, capture_output=True, timeout=120)
+
+    def start(self, timeout: float = 30.0) -> Postgres:
+        data = self.root / "data"
+        self._run(str(self.bin / "initdb"), "-D", str(data), "-A", "trust", "-U", "imapveil",
+                  "--no-sync")  # fmt: skip
+        self._serve(timeout, create=True)
+        return self
+
+    def restart(self, timeout: float = 30.0) -> None:
+        """Start the same cluster again after `stop()` (the store "comes back")."""
+        self._serve(timeout, create=False)
+
+    def _serve(self, timeout: float, *, create: bool) -> None:
+        import psycopg  # noqa: PLC0415 (the store's optional driver)
+
+        data = self.root / "data"
+        setpriv = shutil.which("setpriv")
+        prefix = [setpriv, "--pdeathsig", "TERM", "--"] if setpriv else []
+        self.process = subprocess.Popen(
+            [*prefix, *self.as_user, str(self.bin / "postgres"), "-D", str(data),
+             "-p", str(self.port), "-k", str(self.root), "-c", "listen_addresses=127.0.0.1",
+             "-c", "fsync=off"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + timeout
+        admin = f"postgresql://imapveil@127.0.0.1:{self.port}/postgres"
+        while True:
+            try:
+                with psycopg.connect(admin, connect_timeout=2, autocommit=True) as conn:
+                    if create:
+                        conn.execute("CREATE DATABASE stats")
+                return
+            except psycopg.OperationalError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    err = self.process.stderr.read().decode() if self.process.stderr else ""
+                    self.stop()
+                    raise RuntimeError(f"PostgreSQL did not start:\n{err}") from None
+                time.sleep(0.05)  # polling for the server, not waiting a fixed time
+
+    def stop(self) -> None:
+        process, self.process = self.process, None
+        if process is not None:
+            stop_group(process, signal.SIGINT)  # PostgreSQL's "fast shutdown"
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
