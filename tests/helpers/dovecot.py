@@ -75,7 +75,10 @@ class Dovecot:
         haproxy: bool = False,
         trusting: bool = False,
         tls: tuple[Path, Path] | None = None,
+        extra_config: str = "",
     ) -> None:
+        self.extra_config = extra_config
+        """Appended to the generated dovecot.conf (benchmarks raise process limits here)."""
         self.tls = tls
         """(certificate chain, key) PEM files: STARTTLS on the IMAP port and implicit TLS on
         `tls_port`."""
@@ -175,6 +178,7 @@ service anvil {{
   chroot =
 }}
 {services}
+{self.extra_config}
 """
         (self.root / "dovecot.conf").write_text(config)
 

@@ -1,0 +1,463 @@
+"""imapveil beside a direct connection to the same Dovecot, measured in one run.
+
+    python bench/run.py            # the quick set (a few minutes)
+    python bench/run.py --full     # 10 s runs and 10,000 idle sessions
+    python bench/run.py --json results.json
+
+It starts its own Dovecot on loopback (seeded mailboxes, limits raised for many sessions) and
+its own `imapveil serve` (with the event log and the statistics store on, as in production), runs
+every workload against Dovecot directly and through imapveil in alternation for several rounds,
+prints medians, min-max and the ratio imapveil/direct, and stops both. The machine is shared
+and noisy: compare the ratios, not the absolute numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import platform
+import resource
+import signal
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+import trustme
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.helpers.dovecot import Dovecot, free_port, stop_group
+
+Address = tuple[str, int]
+USERS = {f"u{i}": "pw" for i in range(20)}
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+# --- A small IMAP client on trio: enough to drive workloads, fast enough not to be the limit.
+
+
+class Imap:
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.buf = bytearray()
+        self.tag = 0
+
+    @classmethod
+    async def connect(cls, address: Address, tls: ssl.SSLContext | None = None) -> Imap:
+        stream: trio.abc.Stream = await trio.open_tcp_stream(*address)
+        if tls is not None:
+            stream = trio.SSLStream(stream, tls, server_hostname="127.0.0.1")
+        client = cls(stream)
+        await client.line()
+        return client
+
+    async def _more(self) -> None:
+        chunk = await self.stream.receive_some(1 << 18)
+        if not chunk:
+            raise ConnectionError("closed")
+        self.buf += chunk
+
+    async def line(self) -> bytes:
+        while (nl := self.buf.find(b"\n")) < 0:
+            await self._more()
+        out = bytes(self.buf[: nl + 1])
+        del self.buf[: nl + 1]
+        return out
+
+    async def skip(self, n: int) -> int:
+        left = n
+        while left:
+            if not self.buf:
+                await self._more()
+            take = min(left, len(self.buf))
+            del self.buf[:take]
+            left -= take
+        return n
+
+    async def command(self, text: bytes) -> int:
+        """Send one command, read to its tagged OK; returns octets of literal data read."""
+        self.tag += 1
+        tag = b"t%d " % self.tag
+        await self.stream.send_all(tag + text + b"\r\n")
+        literal = 0
+        while True:
+            line = await self.line()
+            if line.endswith(b"}\r\n"):
+                literal += await self.skip(int(line[line.rfind(b"{") + 1 : -3]))
+            elif line.startswith(tag):
+                if not line.startswith(tag + b"OK"):
+                    raise RuntimeError(line.decode(errors="replace"))
+                return literal
+
+    async def close(self) -> None:
+        await trio.aclose_forcefully(self.stream)
+
+
+async def logged_in(address: Address, user: str, tls: ssl.SSLContext | None = None) -> Imap:
+    c = await Imap.connect(address, tls)
+    await c.command(b"LOGIN " + user.encode() + b" pw")
+    return c
+
+
+# --- The proxy process, and its CPU and memory.
+
+
+@dataclass
+class ProxyProcess:
+    process: subprocess.Popen[bytes]
+    port: int
+    tls_port: int
+
+    def cpu(self) -> float:
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / TICK
+
+    def memory(self) -> int:
+        """PSS in bytes (RSS where smaps_rollup is missing)."""
+        try:
+            text, key = Path(f"/proc/{self.process.pid}/smaps_rollup").read_text(), "Pss:"
+        except OSError:
+            text, key = Path(f"/proc/{self.process.pid}/status").read_text(), "VmRSS:"
+        line = next(x for x in text.splitlines() if x.startswith(key))
+        return int(line.split()[1]) * 1024
+
+
+# --- Workloads. Each returns {metric: value}; `proxy` is None when run directly.
+
+Tls = ssl.SSLContext | None
+
+
+async def bulk(address: Address, tls: Tls, proxy: ProxyProcess | None) -> dict[str, float]:
+    c = await logged_in(address, "u0", tls)
+    await c.command(b"EXAMINE INBOX")
+    cpu = proxy.cpu() if proxy else 0.0
+    start = time.perf_counter()
+    octets = await c.command(b"FETCH 1:3 BODY.PEEK[]")
+    elapsed = time.perf_counter() - start
+    cpu = (proxy.cpu() - cpu) if proxy else 0.0
+    await c.close()
+    out = {"MB/s": octets / 1e6 / elapsed}
+    if proxy:
+        out["CPU s/GB"] = cpu / (octets / 1e9)
+    return out
+
+
+async def latency(address: Address, tls: Tls, proxy: ProxyProcess | None) -> dict[str, float]:
+    c = await logged_in(address, "u1", tls)
+    times = []
+    for _ in range(2000):
+        start = time.perf_counter()
+        await c.command(b"NOOP")
+        times.append(time.perf_counter() - start)
+    await c.close()
+    times.sort()
+    return {"NOOP p50 ms": times[1000] * 1000, "NOOP p99 ms": times[1980] * 1000}
+
+
+MIXED = [b"SELECT INBOX", b"FETCH 1:* (FLAGS UID)", b"UID SEARCH ALL",
+         b"STORE 1 +FLAGS (\\Flagged)", b"STORE 1 -FLAGS (\\Flagged)", b"NOOP"]  # fmt: skip
+
+
+async def mixed(address: Address, tls: Tls, seconds: float) -> dict[str, float]:
+    ops = 0
+
+    async def worker(i: int) -> None:
+        nonlocal ops
+        c = await logged_in(address, f"u{2 + i % 16}", tls)
+        with trio.move_on_after(seconds):
+            while True:
+                for text in MIXED:
+                    await c.command(text)
+                    ops += 1
+        await c.close()
+
+    start = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for i in range(32):
+            nursery.start_soon(worker, i)
+    return {"ops/s": ops / (time.perf_counter() - start)}
+
+
+async def churn(address: Address, tls: Tls, seconds: float) -> dict[str, float]:
+    sessions = 0
+
+    async def worker(i: int) -> None:
+        nonlocal sessions
+        with trio.move_on_after(seconds):
+            while True:
+                c = await logged_in(address, f"u{i}", tls)
+                await c.command(b"LOGOUT")
+                await c.close()
+                sessions += 1
+
+    start = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for i in range(16):
+            nursery.start_soon(worker, i)
+    return {"sessions/s": sessions / (time.perf_counter() - start)}
+
+
+async def idle(
+    address: Address, direct: Address, proxy: ProxyProcess | None, n: int
+) -> dict[str, float]:
+    clients: list[Imap] = []
+    before = proxy.memory() if proxy else 0
+    limit = trio.CapacityLimiter(100)
+
+    async def open_one(i: int) -> None:
+        async with limit:
+            c = await logged_in(address, f"u{i % len(USERS)}")
+            await c.command(b"SELECT INBOX")
+            await c.stream.send_all(b"i IDLE\r\n")
+            while not (await c.line()).startswith(b"+"):
+                pass
+            clients.append(c)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(n):
+            nursery.start_soon(open_one, i)
+    per_session = (proxy.memory() - before) / n if proxy else 0.0
+    seen = 0
+    everyone = trio.Event()
+
+    async def wait_exists(c: Imap) -> None:
+        nonlocal seen
+        while b"EXISTS" not in await c.line():
+            pass
+        seen += 1
+        if seen == n:
+            everyone.set()
+
+    start = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for c in clients:
+            nursery.start_soon(wait_exists, c)
+        message = b"Subject: ping\r\n\r\nhi\r\n"
+        for user in USERS:
+            a = await logged_in(direct, user)
+            await a.command(b"APPEND INBOX {%d+}\r\n%s" % (len(message), message))
+            await a.close()
+        with trio.fail_after(120):
+            await everyone.wait()
+    elapsed = time.perf_counter() - start
+    for c in clients:
+        await c.close()
+    out = {"all notified s": elapsed}
+    if proxy:
+        out["KiB/session"] = per_session / 1024
+    return out
+
+
+# --- The run.
+
+
+@dataclass
+class Result:
+    name: str
+    direct: list[dict[str, float]] = field(default_factory=list)
+    proxied: list[dict[str, float]] = field(default_factory=list)
+
+
+def summarize(results: list[Result]) -> list[dict[str, Any]]:
+    rows = []
+    for r in results:
+        for metric in r.proxied[0]:
+            through = [x[metric] for x in r.proxied]
+            row: dict[str, Any] = {"workload": r.name, "metric": metric}
+            row["imapveil"] = statistics.median(through)
+            row["imapveil_min"], row["imapveil_max"] = min(through), max(through)
+            if metric in r.direct[0]:
+                direct = [x[metric] for x in r.direct]
+                row["direct"] = statistics.median(direct)
+                row["direct_min"], row["direct_max"] = min(direct), max(direct)
+                row["ratio"] = row["imapveil"] / row["direct"]
+            rows.append(row)
+    return rows
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    head = f"{'workload':<24}{'metric':<16}{'direct (min-max)':>26}{'imapveil (min-max)':>26}"
+    out = [head + f"{'ratio':>8}"]
+    for r in rows:
+        d = (
+            f"{r['direct']:.2f} ({r['direct_min']:.2f}-{r['direct_max']:.2f})"
+            if "direct" in r
+            else "-"
+        )
+        p = f"{r['imapveil']:.2f} ({r['imapveil_min']:.2f}-{r['imapveil_max']:.2f})"
+        ratio = f"{r['ratio']:.2f}x" if "ratio" in r else ""
+        out.append(f"{r['workload']:<24}{r['metric']:<16}{d:>26}{p:>26}{ratio:>8}")
+    return "\n".join(out)
+
+
+Workload = Callable[[Address, Tls, "ProxyProcess | None"], Awaitable[dict[str, float]]]
+
+
+async def run(
+    args: argparse.Namespace, dovecot: Dovecot, proxy: ProxyProcess, ca: trustme.CA
+) -> list[Result]:
+    tls = ssl.create_default_context()
+    ca.configure_trust(tls)
+    seconds = 10.0 if args.full else 3.0
+    plain = (dovecot.address, ("127.0.0.1", proxy.port))
+    secure = (dovecot.tls_address, ("127.0.0.1", proxy.tls_port))
+
+    async def mixed_w(a: Address, t: Tls, p: ProxyProcess | None) -> dict[str, float]:
+        return await mixed(a, t, seconds)
+
+    async def churn_w(a: Address, t: Tls, p: ProxyProcess | None) -> dict[str, float]:
+        return await churn(a, t, seconds)
+
+    plan: list[tuple[str, Workload, tuple[Address, Address], Tls]] = [
+        ("bulk (20+5+5 MB)", bulk, plain, None),
+        ("latency", latency, plain, None),
+        ("mixed (32 clients)", mixed_w, plain, None),
+        ("churn (16 workers)", churn_w, plain, None),
+        ("bulk, TLS both legs", bulk, secure, tls),
+        ("mixed, TLS both legs", mixed_w, secure, tls),
+    ]
+    results = []
+    for name, fn, (direct, through), context in plan:
+        if args.only and args.only not in name:
+            continue
+        result = Result(name)
+        for _ in range(args.rounds):  # alternate, so the machine's drift hits both alike
+            result.direct.append(await fn(direct, context, None))
+            result.proxied.append(await fn(through, context, proxy))
+        results.append(result)
+        print(f"  {name}: done", file=sys.stderr)
+    n = 10_000 if args.full else 1_000
+    if args.only and args.only not in "idle":
+        return results
+    result = Result(f"idle ({n} sessions)")
+    for _ in range(max(1, args.rounds // 2)):
+        result.direct.append(await idle(plain[0], plain[0], None, n))
+        result.proxied.append(await idle(plain[1], plain[0], proxy, n))
+    results.append(result)
+    return results
+
+
+def start_proxy(work: Path, dovecot: Dovecot, cert: Path, key: Path) -> ProxyProcess:
+    port, tls_port = free_port(), free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "imapveil", "serve",
+         "--listen", f"127.0.0.1:{port}",
+         "--listen-tls", f"127.0.0.1:{tls_port}", "--cert", str(cert), "--key", str(key),
+         "--upstream", f"127.0.0.1:{dovecot.port}",
+         "--events", str(work / "events.jsonl"),
+         "--store", str(work / "stats.sqlite"),
+         "--user-key-file", str(work / "user-key"),
+         "--max-sessions-per-client", "100000", "--max-connection-rate", "100000",
+         "--log-level", "warning"],
+        start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return ProxyProcess(process, port, tls_port)
+        except OSError:
+            if time.monotonic() > deadline or process.poll() is not None:
+                raise
+            time.sleep(0.02)  # polling for the port
+
+
+def raise_limits(n: int) -> dict[Path, str]:
+    """File descriptors for us and our children; inotify instances for Dovecot's IDLE."""
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    restore = {}
+    path = Path("/proc/sys/fs/inotify/max_user_instances")
+    try:
+        current = path.read_text().strip()
+        if int(current) < n + 500 and os.access(path, os.W_OK):
+            path.write_text(str(n + 500))
+            restore[path] = current
+    except OSError:
+        pass
+    return restore
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--full", action="store_true", help="10 s runs and 10,000 idle sessions")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--json", metavar="FILE", help="write the results here too")
+    parser.add_argument("--only", metavar="WORD", help="run only workloads whose name has WORD")
+    parser.add_argument(
+        "--profile", metavar="SVG", help="record the proxy with py-spy into this flame graph"
+    )
+    args = parser.parse_args()
+    n = 10_000 if args.full else 1_000
+    restore = raise_limits(n)
+    work = Path(tempfile.mkdtemp(prefix="imapveil-bench-"))
+    work.chmod(0o755)
+    ca = trustme.CA()
+    issued = ca.issue_cert("127.0.0.1")
+    cert, key = work / "cert.pem", work / "key.pem"
+    issued.cert_chain_pems[0].write_to_path(cert)
+    issued.private_key_pem.write_to_path(key)
+    limits = f"""
+default_process_limit = {n + 500}
+default_client_limit = {2 * n + 1000}
+default_vsz_limit = 0
+service imap-login {{
+  service_count = 0
+  process_min_avail = 2
+}}
+"""
+    dovecot = Dovecot(USERS, tls=(cert, key), extra_config=limits)
+    proxy = None
+    try:
+        dovecot.start()
+        body = base64.encodebytes(os.urandom(23 * 1024 * 1024)).replace(b"\n", b"\r\n")
+        big = b"Subject: big\r\n\r\n" + body[: 20 * 1000 * 1000]
+        five = b"Subject: five\r\n\r\n" + body[: 5 * 1000 * 1000]
+        dovecot.seed("u0", [big, five, five])
+        for user in list(USERS)[1:]:
+            dovecot.seed(user, [b"Subject: small %d\r\n\r\nhello\r\n" % i for i in range(20)])
+        proxy = start_proxy(work, dovecot, cert, key)
+        spy = None
+        if args.profile:
+            spy = subprocess.Popen(
+                ["py-spy", "record", "--pid", str(proxy.process.pid), "--output", args.profile,
+                 "--rate", "500", "--nonblocking"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+        results = trio.run(run, args, dovecot, proxy, ca)
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(timeout=60)
+        rows = summarize(results)
+        print(
+            f"\nimapveil benchmark, {time.strftime('%Y-%m-%d')}, {platform.machine()}, "
+            f"{os.cpu_count()} CPUs, Python {platform.python_version()}, "
+            f"{args.rounds} rounds, {'full' if args.full else 'quick'}"
+        )
+        print(table(rows))
+        print("ratio: imapveil / direct (MB/s, ops/s, sessions/s: higher is better; times: lower)")
+        if args.json:
+            Path(args.json).write_text(json.dumps({"rows": rows, "full": args.full}, indent=2))
+    finally:
+        if proxy is not None:
+            stop_group(proxy.process, signal.SIGTERM)
+        dovecot.cleanup()
+        for path, value in restore.items():
+            path.write_text(value)
+
+
+if __name__ == "__main__":
+    main()
