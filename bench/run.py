@@ -434,7 +434,8 @@ service imap-login {{
         if args.profile:
             spy = subprocess.Popen(
                 ["py-spy", "record", "--pid", str(proxy.process.pid), "--output", args.profile,
-                 "--rate", "500", "--nonblocking"],
+                 "--rate", "500", "--nonblocking"]
+                + (["--format", "raw"] if args.profile.endswith(".txt") else []),
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )  # fmt: skip
         results = trio.run(run, args, dovecot, proxy, ca)

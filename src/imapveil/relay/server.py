@@ -126,7 +126,6 @@ class Proxy:
                 session_id=self._session_id(),
                 settings=admittance.relay,
                 sink=self.sink,
-                shutdown=self.shutdown,
                 client_endpoints=(peer, local) if peer is not None and local is not None else None,
                 first_client_data=first,
                 refusal=refusal,
@@ -159,13 +158,19 @@ class Proxy:
                 if tls_listeners:
                     accepting.start_soon(self._serve_until_stopped, tls_listeners, sessions, True)
                 task_status.started(listeners)
-            # Listeners are closed: no new sessions. The current ones may finish on their own.
+            # Listeners are closed: no new sessions. The current ones may finish on their own
+            # (unless `shutdown` is set early: a second SIGTERM).
             with trio.move_on_after(self.shutdown_grace):
-                await self._idle.wait()
+                async with trio.open_nursery() as waiting:
+                    waiting.start_soon(_then_cancel, self._idle.wait, waiting.cancel_scope)
+                    waiting.start_soon(_then_cancel, self.shutdown.wait, waiting.cancel_scope)
             if self.stats.active:
                 log.info("grace period over: %d sessions get BYE", self.stats.active)
             self.shutdown.set()
             with trio.move_on_after(CLOSE_WAIT):
+                async with trio.open_nursery() as goodbyes:
+                    for connection in list(self.connections):
+                        goodbyes.start_soon(connection.shut_down)
                 await self._idle.wait()
             if self.stats.active:
                 log.warning("cutting off %d sessions", self.stats.active)
@@ -191,6 +196,11 @@ class Proxy:
                 log.info("received %s, shutting down", signal.Signals(signum).name)
                 self.stop()
                 return
+
+
+async def _then_cancel(wait: Callable[[], Awaitable[object]], scope: trio.CancelScope) -> None:
+    await wait()
+    scope.cancel()
 
 
 async def _read_proxy_header(stream: trio.SocketStream) -> tuple[ProxyInfo, bytes]:

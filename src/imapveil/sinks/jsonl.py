@@ -13,6 +13,7 @@ import itertools
 import json
 import logging
 import sys
+import time
 from collections import deque
 from pathlib import Path
 from typing import IO, Any
@@ -24,15 +25,19 @@ from imapveil.records import Record
 log = logging.getLogger(__name__)
 
 
-def _timestamp() -> str:
-    now = datetime.datetime.now(datetime.UTC)
+COALESCE = 0.05
+"""Seconds the writer waits after a wake-up, so that one write carries many records."""
+
+
+def _timestamp(when: float | None = None) -> str:
+    now = datetime.datetime.fromtimestamp(time.time() if when is None else when, datetime.UTC)
     return now.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def encode(record: Record | dict[str, Any]) -> bytes:
+def encode(record: Record | dict[str, Any], when: float | None = None) -> bytes:
     """One JSON line: `ts` first, then the record's fields."""
     body = record if isinstance(record, dict) else record.to_dict()
-    return json.dumps({"ts": _timestamp(), **body}, separators=(",", ":")).encode() + b"\n"
+    return json.dumps({"ts": _timestamp(when), **body}, separators=(",", ":")).encode() + b"\n"
 
 
 class JsonLinesSink:
@@ -41,7 +46,7 @@ class JsonLinesSink:
         self.capacity = capacity
         self.dropped = 0
         self._unreported_drops = 0
-        self._queue: deque[bytes] = deque()
+        self._queue: deque[tuple[Record | dict[str, Any], float]] = deque()
         self._wake = trio.Event()
         self._file: IO[bytes] | None = None
         self._writing = trio.Lock()
@@ -70,12 +75,12 @@ class JsonLinesSink:
             self.dropped += 1
             self._unreported_drops += 1
             return
+        now = time.time()
         if self._unreported_drops:
-            self._queue.append(
-                encode({"event": "records_dropped", "count": self._unreported_drops})
-            )
+            self._queue.append(({"event": "records_dropped", "count": self._unreported_drops}, now))
             self._unreported_drops = 0
-        self._queue.append(encode(record))
+        # Encoded by the writer, off the relay's path; the time is taken now.
+        self._queue.append((record, now))
         self._wake.set()
 
     async def run(self) -> None:
@@ -83,6 +88,7 @@ class JsonLinesSink:
         try:
             while True:
                 await self._wake.wait()
+                await trio.sleep(COALESCE)
                 self._wake = trio.Event()
                 await self._drain()
         finally:
@@ -103,7 +109,7 @@ class JsonLinesSink:
         queue = self._queue
         while queue:
             count = min(len(queue), 1000)
-            batch = b"".join(itertools.islice(queue, count))
+            batch = list(itertools.islice(queue, count))
             try:
                 await trio.to_thread.run_sync(self._write, batch)
             except OSError as exc:
@@ -113,7 +119,7 @@ class JsonLinesSink:
             for _ in range(count):
                 queue.popleft()
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, batch: list[tuple[Record | dict[str, Any], float]]) -> None:
         assert self._file is not None, "open() the sink first"
-        self._file.write(data)
+        self._file.write(b"".join(encode(record, when) for record, when in batch))
         self._file.flush()
