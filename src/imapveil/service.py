@@ -33,7 +33,7 @@ from imapveil.policy.load import resolve_policy
 from imapveil.protocol.session import CoreConfig
 from imapveil.records import ConfigLoaded, PolicyLoaded
 from imapveil.relay import tls
-from imapveil.relay.connection import RelaySettings
+from imapveil.relay.connection import RelaySettings, resolve
 from imapveil.relay.limits import Limits
 from imapveil.relay.server import Admittance, Proxy, listener_address, open_listeners
 from imapveil.sinks import Fanout, Sink
@@ -113,9 +113,18 @@ def admittance(loaded: Loaded, holder: PolicyHolder) -> Admittance:
         compress=s.compress,
         strict_capabilities=s.capabilities == "strict",
     )
+    try:
+        addresses = resolve(s.upstream.host, s.upstream.port)
+    except OSError as exc:
+        # Not fatal: the name may resolve later; then each connection looks it up.
+        log.warning(
+            "upstream %s does not resolve now (%s); will try per connection", s.upstream, exc
+        )
+        addresses = ()
     relay = RelaySettings(
         upstream_host=s.upstream.host,
         upstream_port=s.upstream.port,
+        upstream_addresses=addresses,
         core=core,
         connect_timeout=s.connect_timeout,
         trusted_networks=_networks(s.trusted_networks),

@@ -18,6 +18,7 @@ import math
 import socket
 import ssl
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 
@@ -57,6 +58,9 @@ class RelaySettings:
     """Start the upstream connection with a PROXY v2 header naming the real client."""
     client_context: ssl.SSLContext | None = None
     """Our certificate, for implicit-TLS listeners and STARTTLS on the client leg."""
+    upstream_addresses: tuple[tuple[int, tuple[Any, ...]], ...] = ()
+    """(family, sockaddr) resolved when the configuration was loaded: connecting then costs no
+    name lookup (trio resolves in a worker thread, about 2 ms of CPU per session)."""
     upstream_tls: str = "plain"  # "plain" | "implicit" | "starttls"
     upstream_context: ssl.SSLContext | None = None
 
@@ -214,7 +218,10 @@ class Connection:
         detail = f"no connection within {s.connect_timeout:g} s"
         with trio.move_on_after(s.connect_timeout):
             try:
-                stream = await trio.open_tcp_stream(s.upstream_host, s.upstream_port)
+                if s.upstream_addresses:
+                    stream = await _connect_numeric(s.upstream_addresses)
+                else:
+                    stream = await trio.open_tcp_stream(s.upstream_host, s.upstream_port)
                 keepalive(stream)
                 return stream
             except OSError as exc:
@@ -371,6 +378,27 @@ class Connection:
         async with trio.open_nursery() as nursery:
             for leg in legs:
                 nursery.start_soon(leg.close_gracefully)
+
+
+def resolve(host: str, port: int) -> tuple[tuple[int, tuple[Any, ...]], ...]:
+    """The upstream's addresses, numeric, in the resolver's order (done at start and reload)."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return tuple((family, sockaddr) for family, _t, _p, _c, sockaddr in infos)
+
+
+async def _connect_numeric(addresses: tuple[tuple[int, tuple[Any, ...]], ...]) -> trio.SocketStream:
+    """Try each address in turn; the first that accepts wins."""
+    error: OSError | None = None
+    for family, sockaddr in addresses:
+        sock = trio.socket.socket(family, socket.SOCK_STREAM)
+        try:
+            await sock.connect(sockaddr)
+        except OSError as exc:
+            sock.close()
+            error = exc
+            continue
+        return trio.SocketStream(sock)
+    raise error or OSError("no upstream address")
 
 
 def keepalive(stream: trio.SocketStream) -> None:

@@ -25,6 +25,7 @@ from imapveil.stats.store import Batch, Store
 log = logging.getLogger(__name__)
 
 BATCH = 500
+COALESCE = 0.25  # seconds
 DAY = 24 * 3600.0
 
 
@@ -144,6 +145,8 @@ class StoreSink:
                     self._wake = trio.Event()
                     with trio.move_on_after(DAY):
                         await self._wake.wait()
+                    # Let rows gather: one commit (and one thread hand-off) for many sessions.
+                    await trio.sleep(COALESCE)
                     continue
                 await self._write_some()
         finally:
