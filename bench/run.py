@@ -337,7 +337,7 @@ async def run(
             result.proxied.append(await fn(through, context, proxy))
         results.append(result)
         print(f"  {name}: done", file=sys.stderr)
-    n = 10_000 if args.full else 1_000
+    n = args.idle_sessions or (10_000 if args.full else 1_000)
     if args.only and args.only not in "idle":
         return results
     result = Result(f"idle ({n} sessions)")
@@ -376,7 +376,11 @@ def start_proxy(work: Path, dovecot: Dovecot, cert: Path, key: Path) -> ProxyPro
 def raise_limits(n: int) -> dict[Path, str]:
     """File descriptors for us and our children; inotify instances for Dovecot's IDLE."""
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    want = max(hard, 4 * n + 4096)  # the proxy holds two sockets per session
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))  # root may raise the hard limit
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     restore = {}
     path = Path("/proc/sys/fs/inotify/max_user_instances")
     try:
@@ -397,11 +401,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--json", metavar="FILE", help="write the results here too")
     parser.add_argument("--only", metavar="WORD", help="run only workloads whose name has WORD")
+    parser.add_argument("--idle-sessions", type=int, help="instead of 1,000 (10,000 with --full)")
     parser.add_argument(
         "--profile", metavar="SVG", help="record the proxy with py-spy into this flame graph"
     )
     args = parser.parse_args()
-    n = 10_000 if args.full else 1_000
+    n = args.idle_sessions or (10_000 if args.full else 1_000)
     restore = raise_limits(n)
     work = Path(tempfile.mkdtemp(prefix="imapveil-bench-"))
     work.chmod(0o755)
@@ -417,6 +422,17 @@ default_vsz_limit = 0
 service imap-login {{
   service_count = 0
   process_min_avail = 2
+}}
+service anvil {{
+  client_limit = {2 * n + 1000}
+}}
+service auth {{
+  client_limit = {2 * n + 1000}
+}}
+service imap {{
+  # One session per imap process (Dovecot's default, and the safest): raise its own limit,
+  # which is 1024 whatever default_process_limit says.
+  process_limit = {n + 500}
 }}
 """
     dovecot = Dovecot(USERS, tls=(cert, key), extra_config=limits)
@@ -438,7 +454,11 @@ service imap-login {{
                 + (["--format", "raw"] if args.profile.endswith(".txt") else []),
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )  # fmt: skip
-        results = trio.run(run, args, dovecot, proxy, ca)
+        try:
+            results = trio.run(run, args, dovecot, proxy, ca)
+        except BaseException:
+            print("Dovecot's log ends:\n" + dovecot.log_text()[-3000:], file=sys.stderr)
+            raise
         if spy is not None:
             spy.send_signal(signal.SIGINT)
             spy.wait(timeout=60)
