@@ -196,6 +196,60 @@ class _Inbound:
 class SessionCore:
     """Follows one IMAP session. Not thread-safe; one per connection."""
 
+    __slots__ = (
+        "_address_sent",
+        "_bye_seen",
+        "_client",
+        "_client_mode",
+        "_current",
+        "_discard_rest",
+        "_end_detail",
+        "_end_reason",
+        "_ended",
+        "_gate",
+        "_gate_owner",
+        "_held",
+        "_id",
+        "_id_pieces",
+        "_id_records",
+        "_id_sent",
+        "_id_waiting",
+        "_idle_command",
+        "_injected",
+        "_injected_fields",
+        "_injected_server",
+        "_logout_done",
+        "_out",
+        "_owed_plus",
+        "_pending",
+        "_pending_literal",
+        "_replace",
+        "_sasl_command",
+        "_server",
+        "_server_continues",
+        "_swallow_plus",
+        "_withheld",
+        "bytes_from_client",
+        "bytes_from_server",
+        "capabilities",
+        "client_address",
+        "client_endpoints",
+        "client_secure",
+        "closed",
+        "commands",
+        "compressed",
+        "config",
+        "greeted",
+        "mailbox",
+        "now",
+        "session_id",
+        "started",
+        "state",
+        "trusted_client",
+        "upstream_address",
+        "user",
+    )
+
     def __init__(
         self,
         config: CoreConfig,
@@ -254,7 +308,7 @@ class SessionCore:
         self._swallow_plus = 0  # server "+" answers to literals we already answered
         self._id_waiting: _Command | None = None
         self._id_records = 0
-        self._id_pieces: deque[bytes] = deque()  # rest of a rewritten ID, one piece per "+"
+        self._id_pieces: list[bytes] = []  # rest of a rewritten ID, one piece per "+"
         self._id_sent = False  # the client sent an ID in this session
         self._injected: bytes | None = None  # tag of an ID the proxy sent itself, until answered
         self._injected_fields: id_params.IdFields = None
@@ -736,7 +790,7 @@ class SessionCore:
         pieces[-1] += b"\r\n"
         self._out.append(Forward(Direction.TO_SERVER, pieces[0]))
         if len(pieces) > 1:
-            self._id_pieces = deque(pieces[1:])
+            self._id_pieces = pieces[1:]
             self._set_gate(_Gate.DRIVE, cmd)
 
     def _fields_to_inject(self) -> tuple[tuple[bytes, bytes], ...]:
@@ -1136,7 +1190,7 @@ class SessionCore:
         if self._id_pieces:
             # The server is ready for the next piece of the ID we rewrote: ours, not the client's.
             self._replace = b""
-            self._out.append(Forward(Direction.TO_SERVER, self._id_pieces.popleft()))
+            self._out.append(Forward(Direction.TO_SERVER, self._id_pieces.pop(0)))
             if not self._id_pieces and self._gate is _Gate.DRIVE:
                 self._clear_gate()
             return

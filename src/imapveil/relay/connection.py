@@ -79,6 +79,8 @@ class RelaySettings:
 class Leg:
     """One side of the session. `stream` may be swapped for a wrapped one (TLS) in place."""
 
+    __slots__ = ("broken", "name", "stream", "write_lock")
+
     def __init__(self, name: str, stream: trio.abc.Stream) -> None:
         self.name = name
         self.stream = stream
@@ -125,6 +127,21 @@ class Leg:
 
 
 class Connection:
+    __slots__ = (
+        "_closed",
+        "_endpoints",
+        "_first_client_data",
+        "_idle",
+        "_implicit_tls",
+        "_pumps",
+        "_refusal",
+        "client",
+        "core",
+        "server",
+        "settings",
+        "sink",
+    )
+
     def __init__(
         self,
         client_stream: trio.abc.Stream,
