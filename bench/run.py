@@ -143,7 +143,9 @@ async def bulk(address: Address, tls: Tls, proxy: ProxyProcess | None) -> dict[s
     await c.command(b"EXAMINE INBOX")
     cpu = proxy.cpu() if proxy else 0.0
     start = time.perf_counter()
-    octets = await c.command(b"FETCH 1:3 BODY.PEEK[]")
+    octets = 0
+    for _ in range(5):  # 150 MB a measurement: long enough to be stable, and for CPU ticks
+        octets += await c.command(b"FETCH 1:3 BODY.PEEK[]")
     elapsed = time.perf_counter() - start
     cpu = (proxy.cpu() - cpu) if proxy else 0.0
     await c.close()
@@ -277,6 +279,9 @@ def summarize(results: list[Result]) -> list[dict[str, Any]]:
             row: dict[str, Any] = {"workload": r.name, "metric": metric}
             row["imapveil"] = statistics.median(through)
             row["imapveil_min"], row["imapveil_max"] = min(through), max(through)
+            if metric == "KiB/session":
+                # Later rounds reuse memory the first one freed: the first is the honest one.
+                row["imapveil"] = through[0]
             if metric in r.direct[0]:
                 direct = [x[metric] for x in r.direct]
                 row["direct"] = statistics.median(direct)
@@ -320,7 +325,7 @@ async def run(
         return await churn(a, t, seconds)
 
     plan: list[tuple[str, Workload, tuple[Address, Address], Tls]] = [
-        ("bulk (20+5+5 MB)", bulk, plain, None),
+        ("bulk (5 x 20+5+5 MB)", bulk, plain, None),
         ("latency", latency, plain, None),
         ("mixed (32 clients)", mixed_w, plain, None),
         ("churn (16 workers)", churn_w, plain, None),
