@@ -269,6 +269,7 @@ class Result:
     name: str
     direct: list[dict[str, float]] = field(default_factory=list)
     proxied: list[dict[str, float]] = field(default_factory=list)
+    naive: list[dict[str, float]] = field(default_factory=list)
 
 
 def summarize(results: list[Result]) -> list[dict[str, Any]]:
@@ -287,13 +288,17 @@ def summarize(results: list[Result]) -> list[dict[str, Any]]:
                 row["direct"] = statistics.median(direct)
                 row["direct_min"], row["direct_max"] = min(direct), max(direct)
                 row["ratio"] = row["imapveil"] / row["direct"]
+                if r.naive:
+                    row["naive_ratio"] = (
+                        statistics.median(x[metric] for x in r.naive) / row["direct"]
+                    )
             rows.append(row)
     return rows
 
 
 def table(rows: list[dict[str, Any]]) -> str:
     head = f"{'workload':<24}{'metric':<16}{'direct (min-max)':>26}{'imapveil (min-max)':>26}"
-    out = [head + f"{'ratio':>8}"]
+    out = [head + f"{'ratio':>8}{'naive':>8}"]
     for r in rows:
         d = (
             f"{r['direct']:.2f} ({r['direct_min']:.2f}-{r['direct_max']:.2f})"
@@ -302,7 +307,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         )
         p = f"{r['imapveil']:.2f} ({r['imapveil_min']:.2f}-{r['imapveil_max']:.2f})"
         ratio = f"{r['ratio']:.2f}x" if "ratio" in r else ""
-        out.append(f"{r['workload']:<24}{r['metric']:<16}{d:>26}{p:>26}{ratio:>8}")
+        naive = f"{r['naive_ratio']:.2f}x" if "naive_ratio" in r else ""
+        out.append(f"{r['workload']:<24}{r['metric']:<16}{d:>26}{p:>26}{ratio:>8}{naive:>8}")
     return "\n".join(out)
 
 
@@ -310,7 +316,11 @@ Workload = Callable[[Address, Tls, "ProxyProcess | None"], Awaitable[dict[str, f
 
 
 async def run(
-    args: argparse.Namespace, dovecot: Dovecot, proxy: ProxyProcess, ca: trustme.CA
+    args: argparse.Namespace,
+    dovecot: Dovecot,
+    proxy: ProxyProcess,
+    ca: trustme.CA,
+    naive_port: int,
 ) -> list[Result]:
     tls = ssl.create_default_context()
     ca.configure_trust(tls)
@@ -324,6 +334,7 @@ async def run(
     async def churn_w(a: Address, t: Tls, p: ProxyProcess | None) -> dict[str, float]:
         return await churn(a, t, seconds)
 
+    naive: Address = ("127.0.0.1", naive_port)
     plan: list[tuple[str, Workload, tuple[Address, Address], Tls]] = [
         ("bulk (5 x 20+5+5 MB)", bulk, plain, None),
         ("latency", latency, plain, None),
@@ -337,9 +348,11 @@ async def run(
         if args.only and args.only not in name:
             continue
         result = Result(name)
-        for _ in range(args.rounds):  # alternate, so the machine's drift hits both alike
+        for _ in range(args.rounds):  # alternate, so the machine's drift hits all alike
             result.direct.append(await fn(direct, context, None))
             result.proxied.append(await fn(through, context, proxy))
+            if context is None:  # the naive relay speaks no TLS
+                result.naive.append(await fn(naive, context, None))
         results.append(result)
         print(f"  {name}: done", file=sys.stderr)
     n = args.idle_sessions or (10_000 if args.full else 1_000)
@@ -442,6 +455,7 @@ service imap {{
 """
     dovecot = Dovecot(USERS, tls=(cert, key), extra_config=limits)
     proxy = None
+    naive: subprocess.Popen[bytes] | None = None
     try:
         dovecot.start()
         body = base64.encodebytes(os.urandom(23 * 1024 * 1024)).replace(b"\n", b"\r\n")
@@ -451,6 +465,12 @@ service imap {{
         for user in list(USERS)[1:]:
             dovecot.seed(user, [b"Subject: small %d\r\n\r\nhello\r\n" % i for i in range(20)])
         proxy = start_proxy(work, dovecot, cert, key)
+        naive_port = free_port()
+        naive = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("naive_relay.py")), str(naive_port),
+             str(dovecot.port)],
+            start_new_session=True,
+        )  # fmt: skip
         spy = None
         if args.profile:
             spy = subprocess.Popen(
@@ -460,7 +480,7 @@ service imap {{
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )  # fmt: skip
         try:
-            results = trio.run(run, args, dovecot, proxy, ca)
+            results = trio.run(run, args, dovecot, proxy, ca, naive_port)
         except BaseException:
             print("Dovecot's log ends:\n" + dovecot.log_text()[-3000:], file=sys.stderr)
             raise
@@ -475,11 +495,14 @@ service imap {{
         )
         print(table(rows))
         print("ratio: imapveil / direct (MB/s, ops/s, sessions/s: higher is better; times: lower)")
+        print("naive: a trio relay that parses nothing (bench/naive_relay.py) / direct")
         if args.json:
             Path(args.json).write_text(json.dumps({"rows": rows, "full": args.full}, indent=2))
     finally:
         if proxy is not None:
             stop_group(proxy.process, signal.SIGTERM)
+        if naive is not None:
+            stop_group(naive, signal.SIGTERM)
         dovecot.cleanup()
         for path, value in restore.items():
             path.write_text(value)
