@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import imaplib
+import signal
 import socket
 import ssl
 import zlib
 from pathlib import Path
 
 import pytest
+import trustme
 from imapclient import IMAPClient
 
 from tests.conftest import TlsMaterial
@@ -192,3 +194,36 @@ def test_upstream_certificate_is_verified(seeded: Dovecot, tmp_path: Path) -> No
     (end,) = [r for r in proxy.records() if r["event"] == "session_end"]
     assert end["reason"] == "upstream_unavailable"
     assert end["detail"] == "tls: certificate_verify_failed"
+
+
+def test_sighup_rereads_the_certificate(seeded: Dovecot, tmp_path: Path) -> None:
+    first, second = trustme.CA(), trustme.CA()
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+
+    def install(ca: trustme.CA) -> None:
+        issued = ca.issue_cert("127.0.0.1")
+        issued.cert_chain_pems[0].write_to_path(cert)
+        issued.private_key_pem.write_to_path(key)
+
+    def handshake(ca: trustme.CA, port: int) -> bool:
+        context = ssl.create_default_context()
+        ca.configure_trust(context)
+        try:
+            with (
+                socket.create_connection(("127.0.0.1", port), timeout=10) as s,
+                context.wrap_socket(s, server_hostname="127.0.0.1") as tls,
+            ):
+                return tls.recv(4).startswith(b"* OK")
+        except ssl.SSLCertVerificationError:
+            return False
+
+    install(first)
+    tls_port = free_port()
+    args = ["--listen-tls", f"127.0.0.1:{tls_port}", "--cert", str(cert), "--key", str(key)]
+    with imapveil(tmp_path, seeded.address, *args) as proxy:
+        assert handshake(first, tls_port) and not handshake(second, tls_port)
+        install(second)
+        proxy.signal(signal.SIGHUP)
+        proxy.stderr_until(b" imapveil: reload")
+        assert handshake(second, tls_port) and not handshake(first, tls_port)
+        assert proxy.stop() == 0
