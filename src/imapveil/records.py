@@ -151,6 +151,18 @@ class ConfigLoaded:
         return {"event": self.event, **_fields(self)}
 
 
+@dataclass(frozen=True, slots=True)
+class StoreDropped:
+    """The statistics store fell behind: `count` rows were lost since the last such record."""
+
+    event: ClassVar[str] = "store_dropped"
+    count: int
+    total: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"event": self.event, **_fields(self)}
+
+
 Record = (
     SessionStarted
     | SessionEnded
@@ -159,6 +171,7 @@ Record = (
     | IdExchange
     | PolicyLoaded
     | ConfigLoaded
+    | StoreDropped
 )
 
 END_REASONS = (

@@ -31,7 +31,7 @@ from imapveil.identity import identifier, load_or_create_key
 from imapveil.policy import Policy, PolicyError
 from imapveil.policy.load import resolve_policy
 from imapveil.protocol.session import CoreConfig
-from imapveil.records import ConfigLoaded, PolicyLoaded
+from imapveil.records import ConfigLoaded, PolicyLoaded, StoreDropped
 from imapveil.relay import tls
 from imapveil.relay.connection import RelaySettings, resolve
 from imapveil.relay.limits import Limits
@@ -201,6 +201,7 @@ class Service:
             writers.start_soon(self.sink.run)
             if self.store is not None:
                 writers.start_soon(self.store.run)
+                nursery.start_soon(self._report_store_drops, self.store)
             if metrics_listeners:
                 nursery.start_soon(serve_metrics, self.metrics, metrics_listeners, self._healthy)
             # Signals are handled before anyone is told we are ready: a reload right after
@@ -296,6 +297,16 @@ class Service:
             )
         finally:
             self.notifier.ready()
+
+    async def _report_store_drops(self, store: StoreSink, every: float = 60.0) -> None:
+        """A record in the event log whenever statistics rows were lost (besides the metric)."""
+        reported = 0
+        while True:
+            await trio.sleep(every)
+            if store.dropped > reported:
+                lost, reported = store.dropped - reported, store.dropped
+                log.warning("statistics store fell behind: %d rows dropped", lost)
+                self.sink.emit(StoreDropped(lost, reported))
 
     def _healthy(self) -> bool:
         return not self.proxy.stopping.is_set() and (self.store is None or self.store.connected)

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
 
 import pytest
 import trio
@@ -14,7 +16,10 @@ from imapveil.records import (
     IdExchange,
     SessionEnded,
     SessionStarted,
+    StoreDropped,
 )
+from imapveil.service import Service
+from imapveil.sinks import MemorySink
 from imapveil.stats.identify import NO_ID, identify
 from imapveil.stats.report import as_csv, as_json, as_table, html_report, summarize
 from imapveil.stats.sink import StoreSink
@@ -157,3 +162,15 @@ async def test_a_stalled_store_never_blocks_and_counts_drops(tmp_path: Path) -> 
     ((written,),) = store.rows("SELECT COUNT(*) FROM sessions")
     store.close()
     assert written >= 1 and written + sink.dropped >= 50
+
+
+async def test_store_drops_become_a_record(tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
+    sink = StoreSink(str(tmp_path / "stats.sqlite"), capacity=2)  # never connected: all queue
+    for i in range(5):
+        session(sink, f"s{i}", "hmac:u", None)
+    log = MemorySink()
+    holder = SimpleNamespace(sink=log)
+    with trio.move_on_after(61):
+        await Service._report_store_drops(cast(Service, holder), sink)
+    assert log.records == [StoreDropped(sink.dropped, sink.dropped)]
+    assert sink.dropped > 0
