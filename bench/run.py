@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import signal
 import socket
 import ssl
@@ -504,6 +505,7 @@ service imap {{
         if naive is not None:
             stop_group(naive, signal.SIGTERM)
         dovecot.cleanup()
+        shutil.rmtree(work, ignore_errors=True)
         for path, value in restore.items():
             path.write_text(value)
 
