@@ -33,7 +33,7 @@ from imapveil.policy.load import resolve_policy
 from imapveil.protocol.session import CoreConfig
 from imapveil.records import ConfigLoaded, PolicyLoaded, StoreDropped
 from imapveil.relay import tls
-from imapveil.relay.connection import RelaySettings, resolve
+from imapveil.relay.connection import Networks, RelaySettings, resolve
 from imapveil.relay.limits import Limits
 from imapveil.relay.server import Admittance, Proxy, listener_address, open_listeners
 from imapveil.sinks import Fanout, Sink
@@ -137,7 +137,7 @@ def admittance(loaded: Loaded, holder: PolicyHolder) -> Admittance:
     return Admittance(relay, limits, _networks(s.proxy_protocol_from))
 
 
-def _networks(texts: tuple[str, ...]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+def _networks(texts: tuple[str, ...]) -> Networks:
     return tuple(ipaddress.ip_network(n, strict=False) for n in texts)
 
 

@@ -46,13 +46,25 @@ CLOSE_GRACE = 2.0
 """Seconds to wait for the peer to read our last words before the socket is closed."""
 
 
+Networks = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+
+
+def in_networks(host: str, networks: Networks) -> bool:
+    """Whether `host` (an address as text; anything else is not) lies in one of `networks`."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return any(address in network for network in networks)
+
+
 @dataclass(frozen=True, slots=True)
 class RelaySettings:
     upstream_host: str
     upstream_port: int
     core: CoreConfig
     connect_timeout: float = 10.0
-    trusted_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    trusted_networks: Networks = ()
     """Clients whose ID may carry x-originating-* and the like (see policy.model.ANTI_SPOOF)."""
     upstream_proxy_protocol: bool = False
     """Start the upstream connection with a PROXY v2 header naming the real client."""
@@ -65,11 +77,7 @@ class RelaySettings:
     upstream_context: ssl.SSLContext | None = None
 
     def trusts(self, client_host: str) -> bool:
-        try:
-            address = ipaddress.ip_address(client_host)
-        except ValueError:
-            return False
-        return any(address in network for network in self.trusted_networks)
+        return in_networks(client_host, self.trusted_networks)
 
     @property
     def upstream(self) -> str:

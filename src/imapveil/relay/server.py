@@ -8,7 +8,6 @@ proxy waits up to `shutdown_grace` seconds for sessions to end before cutting th
 from __future__ import annotations
 
 import functools
-import ipaddress
 import logging
 import secrets
 import signal
@@ -19,7 +18,14 @@ import trio
 
 from imapveil.protocol import proxy_header
 from imapveil.protocol.proxy_header import ProxyHeaderError, ProxyInfo
-from imapveil.relay.connection import Connection, RelaySettings, _address, keepalive
+from imapveil.relay.connection import (
+    Connection,
+    Networks,
+    RelaySettings,
+    _address,
+    in_networks,
+    keepalive,
+)
 from imapveil.relay.limits import Admission, Limits
 from imapveil.sinks import Sink
 
@@ -44,14 +50,10 @@ class Admittance:
 
     relay: RelaySettings
     limits: Limits = field(default_factory=Limits)
-    proxy_protocol_from: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    proxy_protocol_from: Networks = ()
 
     def expects_proxy_header(self, host: str) -> bool:
-        try:
-            address = ipaddress.ip_address(host)
-        except ValueError:
-            return False
-        return any(address in network for network in self.proxy_protocol_from)
+        return in_networks(host, self.proxy_protocol_from)
 
 
 class Proxy:
