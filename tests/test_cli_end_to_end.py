@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.dovecot import Dovecot, free_port
-from tests.helpers.process import wait_until_listening
+from tests.helpers.process import stderr_until, wait_until_listening
 
 pytestmark = pytest.mark.dovecot
 
@@ -99,16 +99,6 @@ def test_bad_config_is_refused_at_start(tmp_path: Path) -> None:
     assert f"{config}: unknown setting 'idle_timout'" in result.stderr.decode()
 
 
-def read_until(process: subprocess.Popen[bytes], marker: bytes) -> bytes:
-    assert process.stderr is not None
-    seen = b""
-    while marker not in seen:
-        line = process.stderr.readline()
-        assert line, seen.decode()
-        seen += line
-    return seen
-
-
 def id_session(port: int, command: bytes) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s, s.makefile("rb") as f:
         f.readline()
@@ -145,12 +135,12 @@ def test_sighup_reloads_the_policy_and_refuses_a_broken_one(
             policy.read_text().replace('fields = ["name", ', 'fields = ["x-device", "name", ')
         )
         process.send_signal(signal.SIGHUP)
-        assert b"reloaded" in read_until(process, b" imapveil: reload")
+        assert b"reloaded" in stderr_until(process, b" imapveil: reload")
         id_session(port, b'b ID ("name" "Mail" "x-device" "Pixel")\r\n')
 
         policy.write_text("this is not = = toml")
         process.send_signal(signal.SIGHUP)
-        assert b"reload refused" in read_until(process, b" imapveil: reload")
+        assert b"reload refused" in stderr_until(process, b" imapveil: reload")
         id_session(port, b'c ID ("name" "Mail" "x-device" "Pixel")\r\n')
         process.send_signal(signal.SIGTERM)
         process.communicate(timeout=15)

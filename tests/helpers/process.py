@@ -24,14 +24,7 @@ class Running:
     stderr: bytes = field(default=b"")
 
     def stderr_until(self, marker: bytes) -> bytes:
-        """Diagnostics up to the first line containing `marker`."""
-        assert self.process.stderr is not None
-        seen = b""
-        while marker not in seen:
-            line = self.process.stderr.readline()
-            assert line, seen.decode()
-            seen += line
-        return seen
+        return stderr_until(self.process, marker)
 
     def signal(self, signum: int) -> None:
         self.process.send_signal(signum)
@@ -47,15 +40,20 @@ class Running:
         return [json.loads(line) for line in self.events.read_text().splitlines()]
 
 
-def wait_until_listening(process: subprocess.Popen[bytes]) -> bytes:
-    """Read diagnostics until the proxy says it listens (no probe connection needed)."""
+def stderr_until(process: subprocess.Popen[bytes], marker: bytes) -> bytes:
+    """The process's diagnostics, read up to the first line containing `marker`."""
     assert process.stderr is not None
     seen = b""
-    while b"listening on" not in seen:
+    while marker not in seen:
         line = process.stderr.readline()
         assert line, seen.decode()
         seen += line
     return seen
+
+
+def wait_until_listening(process: subprocess.Popen[bytes]) -> bytes:
+    """Read diagnostics until the proxy says it listens (no probe connection needed)."""
+    return stderr_until(process, b"listening on")
 
 
 @contextmanager
