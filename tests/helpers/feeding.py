@@ -9,7 +9,7 @@ spirit of mitmproxy's Playbook tests.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from imapveil.protocol.actions import Action, Close, Direction, Emit, Forward, Reply
@@ -72,6 +72,8 @@ class Conversation:
     clock: float = 1000.0
     to_server: bytearray = field(default_factory=bytearray)
     to_client: bytearray = field(default_factory=bytearray)
+    from_client: bytearray = field(default_factory=bytearray)  # everything each peer sent
+    from_server: bytearray = field(default_factory=bytearray)
     forwarded_to_server: bytearray = field(default_factory=bytearray)
     forwarded_to_client: bytearray = field(default_factory=bytearray)
     replies: list[Reply] = field(default_factory=list)
@@ -93,14 +95,25 @@ class Conversation:
         self.clock += seconds
 
     def client(self, data: bytes) -> Conversation:
+        self.from_client += data
         for chunk in self.split(data):
             self._apply(self.core.feed_client(chunk, self.clock))
         return self
 
     def server(self, data: bytes) -> Conversation:
+        self.from_server += data
         for chunk in self.split(data):
             self._apply(self.core.feed_server(chunk, self.clock))
         return self
+
+    def play(self, steps: Iterable[tuple[str, bytes]]) -> Iterator[None]:
+        """Feed ("c" | "s", bytes) steps in order, pausing after each for the caller's checks."""
+        for side, data in steps:
+            if side == "c":
+                self.client(data)
+            else:
+                self.server(data)
+            yield
 
     def client_closes(self) -> Conversation:
         self._apply(self.core.client_closed(self.clock))

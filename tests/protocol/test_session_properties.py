@@ -128,16 +128,10 @@ def test_sessions_are_relayed_byte_for_byte(
     """With or without an ID policy: a session with no ID in it is relayed unchanged."""
     policy = (lambda: DEFAULT_POLICY) if with_policy else None
     conv = Conversation(splitting_at(cuts), CoreConfig(server_hold=256, policy=policy))
-    client, server = bytearray(), bytearray()
-    for side, data in steps:
-        if side == "c":
-            conv.client(data)
-            client += data
-        else:
-            conv.server(data)
-            server += data
-    assert conv.forwarded_to_server == client
-    assert conv.forwarded_to_client == server
+    for _ in conv.play(steps):
+        pass
+    assert conv.forwarded_to_server == conv.from_client
+    assert conv.forwarded_to_client == conv.from_server
     assert not conv.replies
     assert conv.closed is None
     assert not [r for r in conv.records if isinstance(r, Violation)]
@@ -183,21 +177,14 @@ def test_garbage_never_crashes_and_only_ever_truncates(
     """Whatever the peers send, the core forwards a prefix of it, unchanged, in bounded memory."""
     config = CoreConfig(max_line=200, server_hold=200)
     conv = Conversation(splitting_at(cuts), config)
-    client, server = bytearray(), bytearray()
-    for side, data in steps:
-        if side == "c":
-            conv.client(data)
-            client += data
-        else:
-            conv.server(data)
-            server += data
+    for _ in conv.play(steps):
         core = conv.core
         assert len(core._client.buf) <= config.max_line
         assert len(core._held) <= config.max_line
         assert len(core._server.buf) <= config.server_hold
     conv.client_closes()
-    assert client.startswith(conv.forwarded_to_server)
-    assert server.startswith(conv.forwarded_to_client)
+    assert conv.from_client.startswith(conv.forwarded_to_server)
+    assert conv.from_server.startswith(conv.forwarded_to_client)
     for reply in conv.replies:
         assert reply.data.startswith(b"* BYE ")
 
@@ -218,11 +205,7 @@ def test_garbage_with_id_policy_never_crashes(
         compress=True,
     )
     conv = Conversation(splitting_at(cuts), config)
-    for side, data in steps:
-        if side == "c":
-            conv.client(data)
-        else:
-            conv.server(data)
+    for _ in conv.play(steps):
         core = conv.core
         assert len(core._client.buf) <= config.max_line
         assert len(core._held) <= config.max_line
