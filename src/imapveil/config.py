@@ -149,60 +149,77 @@ def _positive(name: str, value: float) -> None:
         raise ValueError(f"{name} must be a positive number")
 
 
+def _whole(value: Any, minimum: int, expected: str) -> int:
+    number = int(value) if isinstance(value, str) else value
+    if type(number) is not int or number < minimum:
+        raise ValueError(expected)
+    return number
+
+
+def _positive_number(name: str, value: Any, expected: str) -> float:
+    number = float(value) if isinstance(value, str) else value
+    if type(number) not in (int, float):
+        raise ValueError(expected)
+    _positive(name, float(number))
+    return float(number)
+
+
+def _items(value: Any, expected: str) -> list[str]:
+    """A TOML list of strings, or comma-separated text from a flag; blanks dropped."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
+        raise ValueError(expected)
+    return [i.strip() for i in items if i.strip()]
+
+
+def _string(value: Any, expected: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(expected)
+    return value
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "client_tls": ("off", "offer", "require"),
+    "upstream_tls": ("plain", "implicit", "starttls"),
+    "capabilities": ("pass", "strict"),
+    "user_identity": IDENTITIES,
+}
+SECONDS = ("connect_timeout", "login_timeout", "idle_timeout", "shutdown_grace")
+FLAGS = (
+    "log_commands",
+    "upstream_proxy_protocol",
+    "forward_client_address",
+    "upstream_verify",
+    "compress",
+)
+
+
 def _convert(name: str, value: Any) -> Any:
     """Check and convert one setting's value, from TOML or from a flag's text."""
-    if name == "listen_tls":
-        items = value.split(",") if isinstance(value, str) else value
-        if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
-            raise ValueError("expected a list of HOST:PORT")
-        return tuple(parse_endpoint(i.strip()) for i in items if i.strip())
-    if name in ("client_tls", "upstream_tls", "capabilities"):
-        allowed = {
-            "client_tls": ("off", "offer", "require"),
-            "upstream_tls": ("plain", "implicit", "starttls"),
-            "capabilities": ("pass", "strict"),
-        }[name]
-        if value not in allowed:
-            raise ValueError(f"expected one of {', '.join(allowed)}")
+    if name in CHOICES:
+        if value not in CHOICES[name]:
+            raise ValueError(f"expected one of {', '.join(CHOICES[name])}")
         return value
-    if name in ("retention_days", "min_group_users"):
-        number = int(value) if isinstance(value, str) else value
-        if type(number) is not int or number < 1:
-            raise ValueError("expected a whole number, at least 1")
-        return number
+    if name in ("listen", "upstream"):
+        return parse_endpoint(_string(value, "expected a string HOST:PORT"))
+    if name == "listen_tls":
+        return tuple(parse_endpoint(i) for i in _items(value, "expected a list of HOST:PORT"))
     if name == "metrics":
-        if not isinstance(value, str):
-            raise ValueError("expected HOST:PORT")
-        if value:
+        if _string(value, "expected HOST:PORT"):
             parse_endpoint(value)
         return value
     if name in ("cert", "key", "upstream_ca", "store"):
-        if not isinstance(value, str):
-            raise ValueError("expected a file name")
-        return value
-    if name in ("listen", "upstream"):
-        if not isinstance(value, str):
-            raise ValueError("expected a string HOST:PORT")
-        return parse_endpoint(value)
+        return _string(value, "expected a file name")
     if name in ("events", "user_key_file"):
-        if not isinstance(value, str):
-            raise ValueError("expected a string")
-        return value
+        return _string(value, "expected a string")
     if name == "max_line_length":
-        number = int(value) if isinstance(value, str) else value
-        if type(number) is not int or number < 1024:
-            raise ValueError("expected a whole number of octets, at least 1024")
-        return number
-    if name in ("connect_timeout", "login_timeout", "idle_timeout", "shutdown_grace"):
-        number = float(value) if isinstance(value, str) else value
-        if type(number) not in (int, float):
-            raise ValueError("expected a number of seconds")
-        _positive(name, float(number))
-        return float(number)
-    if name == "user_identity":
-        if value not in IDENTITIES:
-            raise ValueError(f"expected one of {', '.join(IDENTITIES)}")
-        return value
+        return _whole(value, 1024, "expected a whole number of octets, at least 1024")
+    if name in ("retention_days", "min_group_users", "max_sessions", "max_sessions_per_client"):
+        return _whole(value, 1, "expected a whole number, at least 1")
+    if name in SECONDS:
+        return _positive_number(name, value, "expected a number of seconds")
+    if name == "max_connection_rate":
+        return _positive_number(name, value, "expected a number per second")
     if name == "log_level":
         if not isinstance(value, str) or value.lower() not in LOG_LEVELS:
             raise ValueError(f"expected one of {', '.join(LOG_LEVELS)}")
@@ -211,22 +228,8 @@ def _convert(name: str, value: Any) -> Any:
         if not isinstance(value, str) or not value:
             raise ValueError("expected a policy name or file")
         return value
-    if name in ("max_sessions", "max_sessions_per_client"):
-        number = int(value) if isinstance(value, str) else value
-        if type(number) is not int or number < 1:
-            raise ValueError("expected a whole number, at least 1")
-        return number
-    if name == "max_connection_rate":
-        number = float(value) if isinstance(value, str) else value
-        if type(number) not in (int, float):
-            raise ValueError("expected a number per second")
-        _positive(name, float(number))
-        return float(number)
     if name in ("trusted_networks", "proxy_protocol_from"):
-        items = value.split(",") if isinstance(value, str) else value
-        if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
-            raise ValueError("expected a list of networks like 10.0.0.0/8")
-        networks = tuple(i.strip() for i in items if i.strip())
+        networks = tuple(_items(value, "expected a list of networks like 10.0.0.0/8"))
         for network in networks:
             ipaddress.ip_network(network, strict=False)  # ValueError names the bad one
         return networks
@@ -248,13 +251,7 @@ def _convert(name: str, value: Any) -> Any:
             if len(v.encode()) > 1024 or not v.isascii() or not v.isprintable():
                 raise ValueError(f"field {k!r}: value of at most 1024 printable ASCII characters")
         return tuple(value.items())
-    if name in (
-        "log_commands",
-        "upstream_proxy_protocol",
-        "forward_client_address",
-        "upstream_verify",
-        "compress",
-    ):
+    if name in FLAGS:
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower() == "true"
         if not isinstance(value, bool):
