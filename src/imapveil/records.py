@@ -112,8 +112,8 @@ class IdExchange:
     dropped: tuple[str, ...]
     forwarded: tuple[str, ...] | None
     server: dict[str, str | None] | None
-    policy: str
-    policy_digest: str
+    policy: str = ""
+    policy_digest: str = ""
     injected: bool = False
     """The proxy sent this ID itself (`inject_id`), because the client sent none."""
 

@@ -26,7 +26,7 @@ import enum
 import re
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from imapveil.policy.engine import Outcome, apply
 from imapveil.policy.model import Policy
@@ -833,37 +833,39 @@ class SessionCore:
         tag, self._injected = self._injected, None
         assert tag is not None
         self._replace = b""
+        server, self._injected_server = self._injected_server, None
+        fields = self._injected_fields or ()
+        self._emit_id(
+            IdExchange(
+                session=self.session_id,
+                tag=tag.decode(),
+                state=self.state.value,
+                status=status,
+                malformed=False,
+                # The organisation's own words only; the client's address is in the session
+                # records already, and is not repeated here.
+                client={
+                    n.decode(): v.decode() if v is not None else None
+                    for n, v in fields
+                    if (n, v) in self.config.inject_id
+                },
+                dropped=(),
+                forwarded=_names(self._injected_fields),
+                server=_recorded(server),
+                injected=True,
+            )
+        )
+
+    def _emit_id(self, record: IdExchange) -> None:
+        """The record, with the policy in force, unless this session has had its share of `id`
+        records (RFC 2971 §7: logs must not be floodable)."""
         if self._id_records >= self.config.max_id_records:
             return
         self._id_records += 1
-        policy = self.config.policy() if self.config.policy is not None else None
-        server = self._injected_server
-        self._injected_server = None
-        fields = self._injected_fields or ()
-        self._out.append(
-            Emit(
-                IdExchange(
-                    session=self.session_id,
-                    tag=tag.decode(),
-                    state=self.state.value,
-                    status=status,
-                    malformed=False,
-                    # The organisation's own words only; the client's address is in the
-                    # session records already, and is not repeated here.
-                    client={
-                        n.decode(): v.decode() if v is not None else None
-                        for n, v in fields
-                        if (n, v) in self.config.inject_id
-                    },
-                    dropped=(),
-                    forwarded=_names(self._injected_fields),
-                    server=_recorded(server),
-                    policy=policy.name if policy is not None else "",
-                    policy_digest=policy.digest if policy is not None else "",
-                    injected=True,
-                )
-            )
-        )
+        if self.config.policy is not None:
+            policy = self.config.policy()
+            record = replace(record, policy=policy.name, policy_digest=policy.digest)
+        self._out.append(Emit(record))
 
     def _send_id_unchanged(self, raw: bytes, acked: int) -> None:
         self._out.append(Forward(Direction.TO_SERVER, raw))
@@ -903,26 +905,18 @@ class SessionCore:
 
     def _id_record(self, cmd: _Command, status: str) -> None:
         self._id_waiting = None if self._id_waiting is cmd else self._id_waiting
-        if self._id_records >= self.config.max_id_records:
-            return
-        self._id_records += 1
-        policy = self.config.policy() if self.config.policy is not None else None
         client = cmd.id_outcome if isinstance(cmd.id_outcome, Outcome) else None
-        self._out.append(
-            Emit(
-                IdExchange(
-                    session=self.session_id,
-                    tag=cmd.tag.decode("ascii", "replace"),
-                    state=cmd.state.value,
-                    status=status,
-                    malformed=cmd.id_outcome is False,
-                    client=_recorded(client),
-                    dropped=client.dropped if client is not None else (),
-                    forwarded=_names(client.forwarded) if client is not None else None,
-                    server=_recorded(cmd.id_server),
-                    policy=policy.name if policy is not None else "",
-                    policy_digest=policy.digest if policy is not None else "",
-                )
+        self._emit_id(
+            IdExchange(
+                session=self.session_id,
+                tag=cmd.tag.decode("ascii", "replace"),
+                state=cmd.state.value,
+                status=status,
+                malformed=cmd.id_outcome is False,
+                client=_recorded(client),
+                dropped=client.dropped if client is not None else (),
+                forwarded=_names(client.forwarded) if client is not None else None,
+                server=_recorded(cmd.id_server),
             )
         )
 
@@ -1149,7 +1143,7 @@ class SessionCore:
         body = lexer.strip_eol(line)
         word, after = lexer.read_atom(body, 2, 16)
         kind = word.upper()
-        if kind in (b"OK", b"NO", b"BAD", b"BYE", b"PREAUTH"):
+        if kind in _STATUS_WORDS:
             # resp-text cannot hold a literal, whatever it ends with.
             _status, code, args = lexer.status_and_code(body[2:])
             if code == "CAPABILITY":
