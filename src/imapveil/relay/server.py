@@ -1,8 +1,9 @@
 """Accept clients, run a `Connection` for each, and shut down cleanly.
 
-On SIGTERM or SIGINT the listeners close at once, every session gets
-`* BYE [UNAVAILABLE] Server shutting down` at its next response boundary (RFC 5530), and the
-proxy waits up to `shutdown_grace` seconds for sessions to end before cutting them off.
+`stop()` (the service calls it on SIGTERM/SIGINT) closes the listeners at once and gives sessions
+`shutdown_grace` seconds to end on their own; then every session still open gets
+`* BYE [UNAVAILABLE] Server shutting down` at its next response boundary (RFC 5530) and is
+closed, and after CLOSE_WAIT more seconds whatever is left is cut off.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import functools
 import logging
 import secrets
-import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -191,13 +191,6 @@ class Proxy:
 
     def stop(self) -> None:
         self.stopping.set()
-
-    async def stop_on_signals(self) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async for signum in signals:
-                log.info("received %s, shutting down", signal.Signals(signum).name)
-                self.stop()
-                return
 
 
 async def _then_cancel(wait: Callable[[], Awaitable[object]], scope: trio.CancelScope) -> None:

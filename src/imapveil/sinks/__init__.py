@@ -21,11 +21,6 @@ class MemorySink:
         self.records.append(record)
 
 
-class NullSink:
-    def emit(self, record: Record) -> None:
-        pass
-
-
 class Fanout:
     """Every record to every sink, in order."""
 
