@@ -112,6 +112,7 @@ def admittance(loaded: Loaded, holder: PolicyHolder) -> Admittance:
         client_tls=s.client_tls,
         compress=s.compress,
         strict_capabilities=s.capabilities == "strict",
+        greeting_timeout=s.connect_timeout,
     )
     try:
         addresses = resolve(s.upstream.host, s.upstream.port)

@@ -107,8 +107,14 @@ def test_non_synchronizing_literal_body_is_not_parsed(split: Splitter) -> None:
     body = b"Subject: x\r\n\r\nz LOGOUT\r\nb NOOP {3}\r\n"
     msg = b"b APPEND INBOX (\\Seen) {%d+}\r\n%s\r\n" % (len(body), body)
     conv.client(msg)
+    # Toward the server the literal is synchronizing: nothing of it goes before the "+".
+    announced = b"b APPEND INBOX (\\Seen) {%d}\r\n" % len(body)
+    assert conv.to_server.endswith(announced)
+    assert not conv.core.wants_client_data  # the shell stops reading the client meanwhile
+    conv.server(b"+ OK\r\n")
+    assert b"+ OK" not in conv.to_client  # a LITERAL+ client waits for no "+"
     conv.server(b"b OK [APPENDUID 1 7] Append completed\r\n")
-    assert conv.to_server.endswith(msg)
+    assert conv.to_server.endswith(announced + body + b"\r\n")
     recs = commands(conv)
     assert [(r.verb, r.literals) for r in recs] == [("LOGIN", ()), ("APPEND", (len(body),))]
     assert not violations(conv)
@@ -290,7 +296,7 @@ def test_literal_length_with_too_many_digits(split: Splitter) -> None:
 
 
 def test_client_talking_while_it_must_wait_is_bounded(split: Splitter) -> None:
-    conv = talk(split, max_line=100)
+    conv = talk(split, max_held=100)
     conv.client(b"a APPEND INBOX {500}\r\n")
     conv.client(b"x" * 500 + b"\r\n")
     assert conv.to_server == b"a APPEND INBOX {500}\r\n"
@@ -334,12 +340,21 @@ def test_unknown_server_tag_is_a_violation(split: Splitter) -> None:
     assert conv.to_client.endswith(b"zz OK nobody asked\r\n")
 
 
-def test_unparsable_client_line_is_forwarded_and_noted(split: Splitter) -> None:
+def test_unreadable_client_lines_are_refused_not_forwarded(split: Splitter) -> None:
     conv = talk(split)
-    conv.client(b"\r\n(((\r\na NOOP\r\n").server(b"a OK\r\n")
-    assert conv.to_server == b"\r\n(((\r\na NOOP\r\n"
-    assert [v.kind for v in violations(conv)] == ["unparsable_command", "unparsable_command"]
-    assert [r.verb for r in commands(conv)] == ["NOOP"]
+    conv.client(b"\r\n(((\r\nb NOOP (\r\na NOOP\r\n").server(b"a OK\r\n")
+    assert conv.to_server == b"a NOOP\r\n"
+    assert conv.to_client[len(GREETING) :] == (
+        b"* BAD [CLIENTBUG] Command not understood by the proxy\r\n" * 2
+        + b"b BAD [CLIENTBUG] Command not understood by the proxy\r\n"
+        + b"a OK\r\n"
+    )
+    assert [v.kind for v in violations(conv)] == [
+        "refused_tag",
+        "refused_tag",
+        "refused_unbalanced_list",
+    ]
+    assert [(r.verb, r.status) for r in commands(conv)] == [("NOOP", "BAD"), ("NOOP", "OK")]
 
 
 def test_client_closes_mid_literal(split: Splitter) -> None:

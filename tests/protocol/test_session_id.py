@@ -76,18 +76,19 @@ def test_unchanged_id_is_relayed_byte_for_byte(split: Splitter) -> None:
     assert rec.server is None and rec.client == {"name": "Thunderbird", "version": "52.4.0"}
 
 
-def test_malformed_id_is_forwarded_and_noted(split: Splitter) -> None:
+def test_malformed_id_goes_out_as_id_nil(split: Splitter) -> None:
     conv = talk(split)
-    conv.client(b'm ID\r\nn ID ("name")\r\n')
-    conv.server(b"m BAD Error in IMAP command\r\nn BAD Error in IMAP command\r\n")
-    assert conv.to_server == b'm ID\r\nn ID ("name")\r\n'
-    assert [(r.tag, r.malformed, r.status) for r in ids(conv)] == [
-        ("m", True, "BAD"),
-        ("n", True, "BAD"),
+    # Forms a server may accept although the proxy's parser does not: none goes as it came.
+    conv.client(b'm ID\r\nn ID ("name")\r\no ID ("name" "x" "mac" "a4c3f0851b2e") junk\r\n')
+    conv.server(b"* ID NIL\r\nm OK\r\n* ID NIL\r\nn OK\r\n* ID NIL\r\no OK\r\n")
+    assert conv.to_server == b"m ID NIL\r\nn ID NIL\r\no ID NIL\r\n"
+    assert [(r.tag, r.malformed, r.status, r.client) for r in ids(conv)] == [
+        ("m", True, "OK", None),
+        ("n", True, "OK", None),
+        ("o", True, "OK", None),
     ]
-    assert b"BAD" not in conv.to_client[len(GREETING) :].replace(b"m BAD", b"").replace(
-        b"n BAD", b""
-    )
+    assert [v.kind for v in conv.records if isinstance(v, Violation)] == ["malformed_id"] * 3
+    assert b"a4c3f0851b2e" not in json.dumps([r.to_dict() for r in conv.records]).encode()
 
 
 def test_synchronizing_literal_in_id_is_answered_by_the_proxy(split: Splitter) -> None:
@@ -104,16 +105,15 @@ def test_synchronizing_literal_in_id_is_answered_by_the_proxy(split: Splitter) -
     assert ids(conv)[0].dropped == ("x-device-id",)
 
 
-def test_unchanged_id_with_literals_swallows_the_servers_continuations(split: Splitter) -> None:
+def test_id_with_literals_is_written_anew(split: Splitter) -> None:
     conv = talk(split, "passthrough")
-    command = b"L ID ({4}\r\nname {3}\r\nK-9)\r\n"
+    command = b"L ID ({4}\r\nname {3+}\r\nK-9)\r\n"
     conv.client(command[:12])
     conv.client(command[12:])
-    assert conv.to_server == command
-    plus = conv.to_client.count(b"+ Ready")
-    assert plus == 2  # ours, one per literal
-    conv.server(b"+ OK\r\n+ OK\r\nL OK ID completed\r\n")
-    assert conv.to_client[len(GREETING) :].count(b"+ ") == 2  # the server's own were not passed on
+    # Never relayed with its literals as they came: a value that needs none is quoted.
+    assert conv.to_server == b'L ID ("name" "K-9")\r\n'
+    assert conv.to_client.count(b"+ Ready") == 1  # ours, for the synchronizing literal
+    conv.server(b"L OK ID completed\r\n")
     assert conv.to_client.endswith(b"L OK ID completed\r\n")
     assert ids(conv)[0].client == {"name": "K-9"}
 
@@ -127,7 +127,7 @@ def test_our_continuation_waits_for_a_response_boundary(split: Splitter) -> None
     conv.server(b"56789)\r\n")
     assert conv.to_client.endswith(b"56789)\r\n+ Ready for literal data\r\n")
     conv.client(b"K-9)\r\n").server(b"a OK\r\nL OK\r\n")
-    assert conv.to_server.endswith(b'L ID ("name" {3}\r\nK-9)\r\n')
+    assert conv.to_server.endswith(b'L ID ("name" "K-9")\r\n')
 
 
 def test_value_needing_a_literal_without_literal_plus_is_sent_piece_by_piece(
@@ -221,22 +221,26 @@ def test_log_flooding_is_bounded(split: Splitter) -> None:
     assert len([r for r in conv.records if isinstance(r, CommandCompleted)]) == 15
 
 
-def test_oversized_id_is_forwarded_unchanged(split: Splitter) -> None:
+def test_oversized_id_is_never_forwarded(split: Splitter) -> None:
     conv = talk(split)
     big = b"v" * 40000
-    command = b'o ID ("a" {%d}\r\n%s "b" {%d}\r\n%s)\r\n' % (len(big), big, len(big), big)
-    conv.client(command[:30])
-    conv.client(command[30:40050])
-    conv.server(b"+ OK\r\n")  # the server's answer to the first literal, which we answered
-    conv.server(b"+ OK\r\n")  # the second literal went the usual way: this one is relayed
-    conv.client(command[40050:])
-    conv.server(b"o OK\r\n")
-    assert conv.to_server == command
-    assert (
-        conv.to_client[len(GREETING) :].count(b"+ ") == 2
-    )  # ours for the first, the server's for the second
-    assert [v.kind for v in conv.records if isinstance(v, Violation)] == ["id_not_followed"]
+    command = b'o ID ("a" {%d}\r\n%s "b" {%d+}\r\n%s)\r\n' % (len(big), big, len(big), big)
+    conv.client(command + b"p NOOP\r\n")
+    # Followed to its end, not kept, and replaced by `ID NIL`; the next command is found.
+    assert conv.to_server == b"o ID NIL\r\np NOOP\r\n"
+    assert conv.to_client.count(b"+ Ready") == 1  # ours, for the synchronizing literal
+    conv.server(b"* ID NIL\r\no OK\r\np OK\r\n")
+    assert [v.kind for v in conv.records if isinstance(v, Violation)] == ["id_too_large"]
     assert ids(conv)[0].malformed
+    assert not conv.closed
+
+
+def test_id_beyond_what_can_be_skipped_ends_the_session(split: Splitter) -> None:
+    conv = talk(split)
+    conv.client(b'o ID ("a" {9223372036854775807+}\r\nvvvv')
+    assert conv.to_server == b""
+    assert conv.to_client.endswith(b"* BYE [TOOBIG] ID command too large\r\n")
+    assert conv.closed == "protocol_error"
 
 
 SERVER_ROWS = [r for r in rows() if r.direction == "S"]

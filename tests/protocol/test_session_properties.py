@@ -1,8 +1,11 @@
-"""Hypothesis: generated sessions, split at random points, come out exactly as they went in."""
+"""Hypothesis: generated sessions, split at random points, come out as they went in (but for
+literals made synchronizing toward the server); hostile streams never get a literal octet to the
+server before its "+", nor an identifier into an ID the server executes."""
 
 from __future__ import annotations
 
 import base64
+import json
 import re
 
 from hypothesis import HealthCheck, given, settings
@@ -12,8 +15,12 @@ from imapveil.policy.load import resolve_policy
 from imapveil.protocol.session import CoreConfig
 from imapveil.records import CommandCompleted, Violation
 from tests.helpers.feeding import Conversation, splitting_at
+from tests.helpers.strict_server import StrictServer
 
 Step = tuple[str, bytes]  # ("c" | "s", bytes)
+# Generated steps say what each side sent and what the other side must receive of it:
+# ("c", sent, forwarded) and ("s", sent, relayed).
+Expect = tuple[str, bytes, bytes]
 
 # Literal bodies are where a naive proxy goes wrong: make them look like protocol.
 _TRICKY = [
@@ -65,53 +72,74 @@ def _fix(line: bytes) -> bytes:
     return line if line.endswith(b"\n") else line + b"\r\n"
 
 
+def same(steps: list[Step]) -> list[Expect]:
+    return [(side, data, data) for side, data in steps]
+
+
 @st.composite
-def exchange(draw: st.DrawFn, tag: bytes) -> list[Step]:
-    kind = draw(st.integers(0, 6))
+def exchange(draw: st.DrawFn, tag: bytes) -> list[Expect]:
+    kind = draw(st.integers(0, 7))
     status = draw(st.sampled_from([b"OK", b"NO", b"BAD"]))
     done = b"%s %s %s\r\n" % (tag, status, draw(texts))
     extra = b"".join(_fix(u) for u in draw(st.lists(untagged(), max_size=3)))
     if kind == 0:
-        return [("c", b"%s %s\r\n" % (tag, draw(words))), ("s", extra + done)]
+        return same([("c", b"%s %s\r\n" % (tag, draw(words))), ("s", extra + done)])
     body = draw(bodies)
     if kind == 1:  # synchronizing literal, accepted
-        return [
-            ("c", b"%s APPEND INBOX {%d}\r\n" % (tag, len(body))),
-            ("s", extra + b"+ Ready for literal data\r\n"),
-            ("c", body + b"\r\n"),
-            ("s", done),
-        ]
+        return same(
+            [
+                ("c", b"%s APPEND INBOX {%d}\r\n" % (tag, len(body))),
+                ("s", extra + b"+ Ready for literal data\r\n"),
+                ("c", body + b"\r\n"),
+                ("s", done),
+            ]
+        )
     if kind == 2:  # synchronizing literal, refused: the body is never sent
-        return [("c", b"%s APPEND Nope {%d}\r\n" % (tag, len(body))), ("s", extra + done)]
-    if kind == 3:  # LITERAL+
-        return [("c", b"%s APPEND INBOX {%d+}\r\n%s\r\n" % (tag, len(body), body)), ("s", done)]
-    if kind == 4:
+        return same([("c", b"%s APPEND Nope {%d}\r\n" % (tag, len(body))), ("s", extra + done)])
+    if kind in (3, 7):  # LITERAL+: synchronizing toward the server, its "+" not shown
+        line = b"%s APPEND INBOX {%d+}\r\n" % (tag, len(body))
+        sync = b"%s APPEND INBOX {%d}\r\n" % (tag, len(body))
+        if kind == 7:  # refused before the literal: the client's octets are skipped
+            no = b"%s NO [TRYCREATE] no such mailbox\r\n" % tag
+            return [("c", line + body + b"\r\n", sync), ("s", extra + no, extra + no)]
         return [
-            ("c", b"%s IDLE\r\n" % tag),
-            ("s", b"+ idling\r\n" + extra),
-            ("c", b"DONE\r\n"),
-            ("s", done),
+            ("c", line + body + b"\r\n", sync + body + b"\r\n"),
+            ("s", b"+ go ahead\r\n", b""),
+            ("s", extra + done, extra + done),
         ]
+    if kind == 4:
+        return same(
+            [
+                ("c", b"%s IDLE\r\n" % tag),
+                ("s", b"+ idling\r\n" + extra),
+                ("c", b"DONE\r\n"),
+                ("s", done),
+            ]
+        )
     if kind == 5:
         response = base64.b64encode(b"\x00user\x00" + body)
-        return [
-            ("c", b"%s AUTHENTICATE PLAIN\r\n" % tag),
-            ("s", b"+ \r\n"),
-            ("c", response + b"\r\n"),
-            ("s", extra + done),
-        ]
+        return same(
+            [
+                ("c", b"%s AUTHENTICATE PLAIN\r\n" % tag),
+                ("s", b"+ \r\n"),
+                ("c", response + b"\r\n"),
+                ("s", extra + done),
+            ]
+        )
     # Pipelined: several commands at once, answered in any order.
     tags = [tag + b".%d" % i for i in range(draw(st.integers(2, 5)))]
     order = draw(st.permutations(tags))
-    return [
-        ("c", b"".join(b"%s %s\r\n" % (t, draw(words)) for t in tags)),
-        ("s", extra + b"".join(b"%s OK x\r\n" % t for t in order)),
-    ]
+    return same(
+        [
+            ("c", b"".join(b"%s %s\r\n" % (t, draw(words)) for t in tags)),
+            ("s", extra + b"".join(b"%s OK x\r\n" % t for t in order)),
+        ]
+    )
 
 
 @st.composite
-def sessions(draw: st.DrawFn) -> list[Step]:
-    steps: list[Step] = [("s", b"* OK [CAPABILITY IMAP4rev1 LITERAL+ IDLE] ready\r\n")]
+def sessions(draw: st.DrawFn) -> list[Expect]:
+    steps = same([("s", b"* OK [CAPABILITY IMAP4rev1 LITERAL+ IDLE] ready\r\n")])
     for i in range(draw(st.integers(0, 8))):
         steps += draw(exchange(b"t%d" % i))
     return steps
@@ -123,15 +151,16 @@ DEFAULT_POLICY = resolve_policy("default")
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(sessions(), st.lists(st.integers(0, 10**6), max_size=20), st.booleans())
 def test_sessions_are_relayed_byte_for_byte(
-    steps: list[Step], cuts: list[int], with_policy: bool
+    steps: list[Expect], cuts: list[int], with_policy: bool
 ) -> None:
-    """With or without an ID policy: a session with no ID in it is relayed unchanged."""
+    """With or without an ID policy: a session with no ID in it is relayed unchanged, but for
+    `{N+}` written `{N}` toward the server, whose "+" for it the client never sees."""
     policy = (lambda: DEFAULT_POLICY) if with_policy else None
     conv = Conversation(splitting_at(cuts), CoreConfig(server_hold=256, policy=policy))
-    for _ in conv.play(steps):
+    for _ in conv.play([(side, sent) for side, sent, _ in steps]):
         pass
-    assert conv.forwarded_to_server == conv.from_client
-    assert conv.forwarded_to_client == conv.from_server
+    assert conv.forwarded_to_server == b"".join(out for side, _, out in steps if side == "c")
+    assert conv.forwarded_to_client == b"".join(out for side, _, out in steps if side == "s")
     assert not conv.replies
     assert conv.closed is None
     assert not [r for r in conv.records if isinstance(r, Violation)]
@@ -171,22 +200,21 @@ own_commands = st.lists(
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from("cs"), noise), max_size=12), st.lists(st.integers()))
-def test_garbage_never_crashes_and_only_ever_truncates(
+def test_garbage_never_crashes_and_stays_bounded(
     steps: list[tuple[str, bytes]], cuts: list[int]
 ) -> None:
-    """Whatever the peers send, the core forwards a prefix of it, unchanged, in bounded memory."""
-    config = CoreConfig(max_line=200, server_hold=200)
+    """Whatever the peers send, the core neither raises nor holds more than its bounds, and
+    what the server sends after its greeting reaches the client as it came (a prefix of it)."""
+    config = CoreConfig(max_line=200, server_hold=200, max_held=400)
     conv = Conversation(splitting_at(cuts), config)
     for _ in conv.play(steps):
         core = conv.core
         assert len(core._client.buf) <= config.max_line
-        assert len(core._held) <= config.max_line
+        assert len(core._held) <= config.max_held
         assert len(core._server.buf) <= config.server_hold
     conv.client_closes()
-    assert conv.from_client.startswith(conv.forwarded_to_server)
-    assert conv.from_server.startswith(conv.forwarded_to_client)
     for reply in conv.replies:
-        assert reply.data.startswith(b"* BYE ")
+        assert re.match(rb"\* BYE |\S+ BAD \[CLIENTBUG\] ", reply.data), reply
 
 
 @settings(max_examples=300, deadline=None)
@@ -208,9 +236,75 @@ def test_garbage_with_id_policy_never_crashes(
     for _ in conv.play(steps):
         core = conv.core
         assert len(core._client.buf) <= config.max_line
-        assert len(core._held) <= config.max_line
+        assert len(core._held) <= config.max_held
         assert core._id is None or len(core._id.parts) <= 64 * 1024 + config.max_line
     conv.client_closes()
     for reply in conv.replies:
         # Only BYE, our "+" for ID literals, and answers to the commands the proxy handles.
         assert re.match(rb"\* BYE |\+ Ready|\S+ (OK|NO|BAD) ", reply.data), reply
+
+
+# An ID that the default policy must clean: its identifier may reach the server only if the
+# proxy misframed the stream (octets the server read as a command, unseen by the policy).
+MARKER = b"MARKER-7f3a"
+ID_LINE = b'z ID ("name" "Mail" "x-device-id" "' + MARKER + b'")\r\n'
+_HOSTILE = [
+    ID_LINE,
+    # Literal announcements a server may not honour, each followed by the ID as the literal's
+    # octets: the item 2 forms of issue 11, and their cousins.
+    b"a APPEND INBOX {%d+}\r\n" % len(ID_LINE) + ID_LINE,
+    b"a NOOP {%d+}\r\n" % len(ID_LINE) + ID_LINE,
+    b'a LOGIN "x {%d+}\r\n' % len(ID_LINE) + ID_LINE,
+    b"a NOOP ~{%d+}\r\n" % len(ID_LINE) + ID_LINE,
+    b'a SELECT "x {%d+}\r\n' % len(ID_LINE) + ID_LINE,
+    b"a APPEND INBOX (\\Seen {%d}\r\n" % len(ID_LINE) + ID_LINE,
+    b"a NOOP {9223372036854775807+}\r\n" + ID_LINE,
+    b"a APPEND INBOX {3+}\r\nabc {%d+}\r\n" % len(ID_LINE) + ID_LINE,
+    b"a APPEND INBOX {-5+}\r\n" + ID_LINE,
+    b'a ID ("name" {%d+}\r\n' % len(ID_LINE) + ID_LINE,
+    b'a ID ("x-device-id" "' + MARKER + b'") junk\r\n',
+    b'a ID ("x-device-id" "\\q' + MARKER + b'")\r\n',
+    b"a" * 70 + b' ID ("x-device-id" "' + MARKER + b'")\r\n',
+    b"a IDLE\r\n" + ID_LINE,
+    b"a AUTHENTICATE PLAIN\r\n" + ID_LINE,
+    b"DONE\r\n",
+    b"a NOOP\x00 {%d+}\r\n" % len(ID_LINE) + ID_LINE,
+    b"a NOOP \r {%d+}\r\n" % len(ID_LINE) + ID_LINE,
+    b"a NOOP \xff {%d+}\r\n" % len(ID_LINE) + ID_LINE,
+    b"a NOOP ) {%d+}\r\n" % len(ID_LINE) + ID_LINE,
+    b'a "',
+    b"{",
+    b"\r",
+    b"\r\n",
+    b" ",
+    b"a NOOP\r\n",
+]
+hostile = st.lists(st.sampled_from(_HOSTILE) | st.binary(max_size=8), max_size=10)
+
+
+@settings(max_examples=400, deadline=None)
+@given(hostile, st.lists(st.booleans()), st.lists(st.integers()))
+def test_literal_octets_reach_the_server_only_when_it_asked(
+    chunks: list[bytes], decisions: list[bool], cuts: list[int]
+) -> None:
+    """Against a server that reads literals only after its own "+" and may refuse any command
+    instead, whatever the client sends: no {N+} reaches the server, no octet follows a {N}
+    before the server's "+", and the identifier never reaches an ID the server executes."""
+    config = CoreConfig(max_line=300, max_held=4096, policy=lambda: DEFAULT_POLICY)
+    conv = Conversation(splitting_at(cuts), config)
+    server = StrictServer(iter(decisions))
+    conv.server(b"* OK [CAPABILITY IMAP4rev1 LITERAL+ ID IDLE] ready\r\n")
+    seen = 0
+    for chunk in chunks:
+        conv.client(chunk)
+        for _ in range(50):  # the conversation between proxy and server, until it rests
+            new = bytes(conv.forwarded_to_server[seen:])
+            seen += len(new)
+            answer = server.feed(new) if new else b""
+            if not answer or conv.closed is not None:
+                break
+            conv.server(answer)
+        if conv.closed is not None:
+            break
+    assert MARKER not in server.id_octets
+    assert MARKER not in json.dumps([r.to_dict() for r in conv.records]).encode()

@@ -31,6 +31,7 @@ class LegState:
     compress: bool  # the proxy offers COMPRESS=DEFLATE on the client leg
     compressed: bool  # it is active
     strict: bool
+    authenticated: bool = False  # STARTTLS is for the not authenticated state only (RFC 9051)
 
 
 def mediate(tokens: list[bytes], leg: LegState) -> list[bytes]:
@@ -47,7 +48,7 @@ def mediate(tokens: list[bytes], leg: LegState) -> list[bytes]:
         elif leg.strict and upper.decode("ascii", "replace") not in KNOWN:
             continue
         out.append(token)
-    if not leg.client_secure and leg.client_tls in ("offer", "require"):
+    if not leg.client_secure and not leg.authenticated and leg.client_tls in ("offer", "require"):
         out.append(b"STARTTLS")
         if leg.client_tls == "require":
             out.append(b"LOGINDISABLED")

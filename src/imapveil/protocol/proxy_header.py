@@ -50,6 +50,13 @@ def looks_like_header(data: bytes) -> bool:
     return data.startswith((b"PROXY ", V2_SIGNATURE[:8]))
 
 
+def could_be_header(data: bytes) -> bool:
+    """True while `data` is too short to tell: a proper prefix of either signature."""
+    return (len(data) < 6 and b"PROXY ".startswith(data)) or (
+        len(data) < 8 and V2_SIGNATURE.startswith(data)
+    )
+
+
 def _parse_v1(data: bytes) -> tuple[ProxyInfo, int] | None:
     end = data.find(b"\r\n", 0, V1_MAX)
     if end < 0:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, replace
 
 from imapveil.policy.engine import Outcome, apply
 from imapveil.policy.model import Policy
-from imapveil.protocol import capabilities, id_params, lexer, proxy_header, sasl
+from imapveil.protocol import capabilities, classify, id_params, lexer, proxy_header, sasl
 from imapveil.protocol.actions import (
     Action,
     Close,
@@ -91,10 +91,16 @@ class CoreConfig:
     """Offer COMPRESS=DEFLATE on the client leg (the proxy does the compression)."""
     strict_capabilities: bool = False
     """Advertise only capabilities the proxy knows (see protocol.capabilities.KNOWN)."""
-    """Tell a trusting Dovecot the real client in an ID before login (x-originating-ip...)."""
-    """Sent as the proxy's own ID before LOGIN/AUTHENTICATE when the client sent no ID (for
-    servers that refuse clients without one). Empty: never."""
-    """ID exchanges recorded per session; more are counted, not recorded (RFC 2971 §7)."""
+    greeting_timeout: float = 10.0
+    """Seconds for the upstream's first line, which must be an IMAP greeting."""
+    literal_timeout: float = 60.0
+    """Seconds the proxy waits for the server's `+` (or answer) to a literal it forwarded."""
+    max_held: int = 1024 * 1024
+    """Client octets held while the client must wait for the server (the shell stops reading
+    meanwhile, so this is one receive's worth; more is a client that cannot be followed)."""
+    max_discard: int = 64 * 1024 * 1024
+    """Octets of a refused command's literals the proxy skips to stay in step with a LITERAL+
+    client; a larger literal ends the session instead (a `{2^63}` never drains)."""
 
 
 # What the client's next line is.
@@ -103,6 +109,7 @@ class _ClientMode(enum.Enum):
     CONTINUE = 2  # the rest of the current command, after a literal
     SASL = 3  # a SASL response: the server sent "+" during AUTHENTICATE
     IDLING = 4  # "DONE", ending IDLE
+    DISCARD = 5  # the rest of a command that was refused (by the proxy or the server)
 
 
 # Why client bytes are held until the server answers.
@@ -111,6 +118,7 @@ class _Gate(enum.Enum):
     AUTH = 2  # AUTHENTICATE waits for "+" (a challenge) or its tagged answer
     IDLE = 3  # IDLE waits for "+" (idling) or its tagged answer
     DRIVE = 5  # the proxy is sending a rewritten ID piece by piece, on the server's "+"
+    GREETING = 6  # nothing goes to the server before its greeting says it speaks IMAP
 
 
 # A run of untagged message data ("* 12 FETCH ...", "* 3 EXPUNGE") needs nothing from the
@@ -123,17 +131,23 @@ _ID_LIMIT = 64 * 1024  # an ID command collected whole: RFC 2971 limits (~33 KB)
 _PLUS = b"+ Ready for literal data\r\n"
 _HEAD = 4096  # how much of a streamed (over-long) server line is kept for parsing
 _CAPTURE = 1024  # how much of a literal LOGIN user name or SELECT mailbox is kept
-_MAX_TAG = 64
-_MAX_VERB = 32
+_RECORD_TAG = 64  # a tag is recorded up to this length (it is the client's to choose)
+_GREETINGS = (b"* OK", b"* PREAUTH", b"* BYE")
+_MAX_GREETING = 4096
 
 
 class _Command:
     __slots__ = (
+        "argc",
+        "bad_args",
+        "depth",
+        "first_arg",
         "id_outcome",
         "id_server",
         "literals",
         "mailbox",
         "mechanism",
+        "policy",
         "sasl_step",
         "started",
         "state",
@@ -154,6 +168,13 @@ class _Command:
         self.mailbox: bytes | None = None
         self.id_outcome: Outcome | bool | None = None  # False: malformed or not followed
         self.id_server: Outcome | None = None
+        self.depth = 0  # open parentheses so far, across fragments
+        self.policy: tuple[str, str] | None = None  # (name, digest) of the policy that decided
+        # LOGIN's arguments, counted so that a user name is taken only from a LOGIN whose
+        # whole shape is `LOGIN SP astring SP astring` (never the password by a misparse).
+        self.argc = 0
+        self.first_arg: bytes | None = None
+        self.bad_args = False
 
     def __repr__(self) -> str:
         return f"<command {self.tag!r} {self.verb!r}>"
@@ -162,12 +183,17 @@ class _Command:
 class _IdCollect:
     """An ID command being collected whole before it is rewritten (bounded by _ID_LIMIT)."""
 
-    __slots__ = ("acked", "cmd", "parts")
+    __slots__ = ("acked", "cmd", "literals", "overflow", "parts", "skipped")
 
     def __init__(self, cmd: _Command, first: bytes) -> None:
         self.cmd = cmd
         self.parts = bytearray(first)
         self.acked = 0  # synchronizing literals we answered "+" to ourselves
+        self.literals = 0  # literals of any kind: such an ID is never forwarded as it came
+        # Larger than the proxy collects: the rest is followed (to find the command's end)
+        # but not kept, and `ID NIL` goes to the server instead.
+        self.overflow = False
+        self.skipped = 0
 
     def __repr__(self) -> str:
         return f"<collecting ID: {len(self.parts)} octets>"
@@ -176,7 +202,7 @@ class _IdCollect:
 class _Inbound:
     """Framing state of one direction. Holds raw bytes, so it has no repr of them."""
 
-    __slots__ = ("buf", "capture", "head", "literal_left", "streaming", "tail")
+    __slots__ = ("buf", "capture", "discarding", "head", "literal_left", "streaming", "tail")
 
     def __init__(self) -> None:
         self.buf = bytearray()  # an incomplete line, not yet forwarded
@@ -185,6 +211,7 @@ class _Inbound:
         self.head = b""  # the start of that line, for parsing
         self.tail = b""  # its last octets, to see a literal announced at its end
         self.capture: bytearray | None = None  # a literal body being kept (bounded)
+        self.discarding = False  # the literal being read belongs to a refused command: dropped
 
     def __repr__(self) -> str:
         return (
@@ -201,11 +228,14 @@ class SessionCore:
         "_bye_seen",
         "_client",
         "_client_mode",
+        "_close_pending",
         "_current",
         "_discard_rest",
+        "_discarded",
         "_end_detail",
         "_end_reason",
         "_ended",
+        "_first",
         "_gate",
         "_gate_owner",
         "_held",
@@ -218,16 +248,17 @@ class SessionCore:
         "_injected",
         "_injected_fields",
         "_injected_server",
+        "_literal_hidden",
         "_logout_done",
         "_out",
-        "_owed_plus",
+        "_owed",
         "_pending",
         "_pending_literal",
+        "_relay_line",
         "_replace",
         "_sasl_command",
         "_server",
         "_server_continues",
-        "_swallow_plus",
         "_withheld",
         "bytes_from_client",
         "bytes_from_server",
@@ -287,9 +318,12 @@ class SessionCore:
         self._server = _Inbound()
         self._client_mode = _ClientMode.COMMAND
         self._server_continues = False  # the next server line continues a response
-        self._gate: _Gate | None = None
+        self._gate: _Gate | None = _Gate.GREETING
         self._gate_owner: _Command | None = None
         self._pending_literal = 0
+        self._literal_hidden = False  # the literal waiting for "+" was {N+}: the "+" is ours
+        self._discarded = 0  # octets skipped for the refused command being discarded
+        self._first: bytearray | None = bytearray()  # first octets, until they cannot be PROXY
         self._held = bytearray()  # client bytes waiting for the server's answer
         self._current: _Command | None = None  # the command whose fragments are arriving
         self._pending: dict[bytes, deque[_Command]] = {}
@@ -304,8 +338,9 @@ class SessionCore:
         self._id: _IdCollect | None = None
         self._withheld = False  # the client line just read is not forwarded as it came
         self._replace: bytes | None = None  # the server line just read goes out as this
-        self._owed_plus = 0  # our own "+" for ID literals, sent at a server response boundary
-        self._swallow_plus = 0  # server "+" answers to literals we already answered
+        self._owed = bytearray()  # our own lines ("+", BAD), sent at a server response boundary
+        self._relay_line: bytes | None = None  # how the client line just read goes out
+        self._close_pending = False  # close once the owed lines are sent
         self._id_waiting: _Command | None = None
         self._id_records = 0
         self._id_pieces: list[bytes] = []  # rest of a rewritten ID, one piece per "+"
@@ -330,9 +365,31 @@ class SessionCore:
 
     @property
     def idle_timeout(self) -> float:
-        if self.state is State.NOT_AUTHENTICATED:
-            return self.config.idle_timeout_login
-        return self.config.idle_timeout
+        """Seconds without traffic before `timed_out`: short while the proxy waits for the
+        server's greeting or for its `+` to a literal, long once the client is logged in."""
+        if self._gate is _Gate.GREETING:
+            return self.config.greeting_timeout
+        timeout = (
+            self.config.idle_timeout_login
+            if self.state is State.NOT_AUTHENTICATED
+            else self.config.idle_timeout
+        )
+        if self._gate is _Gate.LITERAL:
+            return min(timeout, self.config.literal_timeout)
+        return timeout
+
+    @property
+    def wants_client_data(self) -> bool:
+        """False while the client must wait for the server: the shell stops reading the client
+        (backpressure), so what a LITERAL+ client sends ahead stays in its own socket buffers.
+        At most one receive's worth is held here."""
+        return self._gate is None and not self.closed and not self._close_pending
+
+    @property
+    def end_detail(self) -> str | None:
+        """Why the session is ending, as recorded (never peer data but for a few printable
+        octets of a non-IMAP upstream's banner)."""
+        return self._end_detail
 
     def feed_client(self, data: bytes, now: float) -> list[Action]:
         """Bytes the client sent. Returns what to do, in order."""
@@ -348,13 +405,19 @@ class SessionCore:
             self._set_end("tls_error", "TLS ClientHello on a plain port")
             out.extend(self._close("tls_error"))
             return out
-        if self.bytes_from_client == len(data) and proxy_header.looks_like_header(data):
+        if self._first is not None:
             # A PROXY header from a source not configured to send one: never pass it on, a
-            # backend that accepts PROXY would believe the address in it.
-            self._violation("client", "proxy_header_untrusted", f"{len(data)} octets", "closed")
-            self._set_end("proxy_header", "from an untrusted source")
-            out.extend(self._close("proxy_header"))
-            return out
+            # backend that accepts PROXY would believe the address in it. Decided on the first
+            # octets however they were segmented (`P`, then `ROXY ...`).
+            self._first += data
+            if proxy_header.could_be_header(bytes(self._first)):
+                return out
+            data, self._first = bytes(self._first), None
+            if proxy_header.looks_like_header(data):
+                self._violation("client", "proxy_header_untrusted", f"{len(data)} octets", "closed")
+                self._set_end("proxy_header", "from an untrusted source")
+                out.extend(self._close("proxy_header"))
+                return out
         self._scan_client(data)
         return out
 
@@ -367,7 +430,7 @@ class SessionCore:
         out: list[Action] = []
         self._out = out
         self._scan_server(data)
-        self._pay_owed_plus()
+        self._pay_owed()
         if self._gate is None and self._held and not self.closed:
             held = bytes(self._held)
             self._held.clear()
@@ -416,6 +479,11 @@ class SessionCore:
     def timed_out(self, now: float) -> list[Action]:
         """No traffic for `idle_timeout` seconds."""
         self.now = now
+        if self._gate is _Gate.GREETING:
+            wait = self.config.greeting_timeout
+            return self.upstream_unavailable(f"no IMAP greeting within {wait:g} s", now)
+        if self._gate is _Gate.LITERAL:
+            self._set_end("literal_timeout", "no answer to a literal")
         self._set_end("idle_timeout")
         out: list[Action] = []
         if self._can_speak_to_client():
@@ -480,6 +548,8 @@ class SessionCore:
     # Client direction.
 
     def _scan_client(self, data: bytes) -> None:
+        if self._close_pending:
+            return  # closing after our last words: nothing more is read
         c = self._client
         out = self._out
         n = len(data)
@@ -491,10 +561,21 @@ class SessionCore:
                 return
             if c.literal_left:
                 take = min(c.literal_left, n - pos)
+                if c.discarding:
+                    # A refused command's literal: skipped, never forwarded.
+                    self._flush(Direction.TO_SERVER, data, start, pos)
+                    pos += take
+                    start = pos
+                    c.literal_left -= take
+                    if not c.literal_left:
+                        c.discarding = False
+                        self._client_mode = _ClientMode.DISCARD
+                    continue
                 if self._id is not None:
                     # A literal inside an ID command: collected, not forwarded as it comes.
                     self._flush(Direction.TO_SERVER, data, start, pos)
-                    self._id.parts += data[pos : pos + take]
+                    if not self._id.overflow:
+                        self._id.parts += data[pos : pos + take]
                     pos += take
                     start = pos
                     c.literal_left -= take
@@ -526,11 +607,18 @@ class SessionCore:
             mark = len(out)
             if not self._client_line(line):
                 # The session is closing because of this line: what came before it still goes
-                # out, ahead of the BYE and the Close.
+                # out, ahead of the BYE and the Close; the line itself does not.
+                self._withheld = False
+                self._relay_line = None
                 self._flush(Direction.TO_SERVER, data, start, pos, at=mark)
                 return
+            if self._relay_line is not None:
+                # The line goes out changed ({N+} as {N}) or after something of the proxy's own.
+                self._withheld = True
+                out.append(Forward(Direction.TO_SERVER, self._relay_line))
+                self._relay_line = None
             if self._withheld:
-                # An ID command's line: collected (or already sent rewritten), not relayed as is.
+                # Not relayed as it came: collected (ID), refused, rewritten or answered by us.
                 self._withheld = False
                 self._flush(Direction.TO_SERVER, data, start, pos, at=mark)
                 c.buf.clear()
@@ -552,7 +640,7 @@ class SessionCore:
     def _hold(self, data: bytes) -> None:
         if not data:
             return
-        if len(self._held) + len(data) > self.config.max_line:
+        if len(self._held) + len(data) > self.config.max_held:
             # The client keeps talking where it must wait: it is not an IMAP client we can follow.
             self._violation("client", "sent_while_waiting", f"{len(self._held) + len(data)} octets")
             self._protocol_error(b"* BYE Client sent data before the server's continuation\r\n")
@@ -564,45 +652,45 @@ class SessionCore:
         mode = self._client_mode
         if mode is _ClientMode.COMMAND:
             return self._command_start(line)
-        if mode is _ClientMode.CONTINUE:
-            if self._current is None:  # the rest of a command we could not read
-                return self._after_unknown_fragment(line)
+        if mode is _ClientMode.CONTINUE and self._current is not None:
             return self._command_fragment(self._current, line)
         if mode is _ClientMode.SASL:
             self._sasl_response(line)
             return True
-        # IDLING: RFC 2177 says the only thing the client may send is DONE.
-        if lexer.strip_eol(line).upper() != b"DONE":
-            self._violation("client", "idle_not_done", f"{len(line)} octets")
-        self._client_mode = _ClientMode.COMMAND
-        return True
+        if mode is _ClientMode.IDLING:
+            # RFC 2177: the only thing the client may send is DONE. Anything else would reach a
+            # server that reads it its own way (as a command, unseen by the policy).
+            if lexer.strip_eol(line).upper() != b"DONE":
+                self._withheld = True
+                self._violation("client", "idle_not_done", f"{len(line)} octets", "closed")
+                self._protocol_error(b"* BYE Expected DONE to end IDLE\r\n")
+                return False
+            self._client_mode = _ClientMode.COMMAND
+            return True
+        return self._discard_fragment(line)
 
     def _command_start(self, line: bytes) -> bool:
         body = lexer.strip_eol(line)
-        parsed = lexer.split_tag(body)
-        verb = b""
-        if parsed is not None:
-            tag, rest = parsed
-            verb, vend = lexer.read_atom(rest, 0, _MAX_VERB)
-            verb = verb.upper()
-        if parsed is None or not verb or len(tag) > _MAX_TAG:
-            # The server decides what to make of it; we only note it, by size.
-            self._violation("client", "unparsable_command", f"{len(line)} octets")
-            return self._after_unknown_fragment(line)
-        if verb == b"UID":
-            sub, vend = lexer.read_atom(rest, vend + 1, _MAX_VERB)
-            verb = b"UID " + sub.upper()
+        parsed = classify.first_fragment(body)
+        tag, verb, frag = parsed.tag, parsed.verb, parsed.fragment
+        if frag.problem is None and frag.literal is None and frag.depth:
+            frag = replace(frag, problem="unbalanced_list")
+        if frag.problem == "literal_length":
+            return self._bad_literal()
+        if tag is None or frag.problem is not None:
+            return self._refuse(tag, verb, frag, len(line))
+        args = body[parsed.args_at :]
         if verb in (b"STARTTLS", b"COMPRESS") or (
             verb in (b"LOGIN", b"AUTHENTICATE")
             and self.config.client_tls == "require"
             and not self.client_secure
         ):
-            return self._own_command(tag, verb, rest[vend:], line)
+            return self._own_command(tag, verb, args, line)
         cmd = _Command(tag, verb, self.state, self.now)
+        cmd.depth = frag.depth
         self.commands += 1
         self._pending.setdefault(tag, deque()).append(cmd)
         self._current = cmd
-        args = rest[vend:]
         if verb == b"ID":
             self._id_sent = True
             if self.config.policy is not None:
@@ -613,12 +701,68 @@ class SessionCore:
             if fields:
                 self._inject_id(line, fields)
         if verb == b"LOGIN":
-            self._login_user(cmd, args)
+            self._login_args(cmd, frag)
         elif verb == b"AUTHENTICATE":
             self._authenticate_start(cmd, args)
         elif verb in (b"SELECT", b"EXAMINE"):
             self._select_mailbox(cmd, args)
-        return self._command_fragment_end(cmd, line)
+        return self._command_fragment_end(cmd, line, frag)
+
+    def _refuse(self, tag: bytes | None, verb: bytes, frag: classify.Fragment, size: int) -> bool:
+        """A command the proxy cannot read: answered BAD by the proxy, never forwarded.
+
+        A non-synchronizing literal announced at its end is skipped, and the rest of the
+        command after it, so that the next command is found where the client put it (a
+        malformed message is discarded only at its end). A synchronizing one is never sent:
+        the client waits for a "+" and gets the BAD instead.
+        """
+        self._withheld = True
+        self._current = None
+        self._client_mode = _ClientMode.COMMAND
+        self._violation("client", f"refused_{frag.problem}", f"{size} octets", "refused")
+        self._owe((tag or b"*") + b" BAD [CLIENTBUG] Command not understood by the proxy\r\n")
+        if tag is not None and self.config.log_commands:
+            cmd = _Command(tag, verb or b"?", self.state, self.now)
+            self._out.append(Emit(self._command_record(cmd, "BAD", "CLIENTBUG")))
+        literal = frag.literal
+        if literal is not None and not literal.synchronizing:
+            self._discarded = 0
+            if not self._discard_literal(literal.size):
+                self._pay_owed()
+                return False
+        return True
+
+    def _discard_literal(self, size: int) -> bool:
+        """Skip a literal of a refused command, then the rest of that command."""
+        self._discarded += size
+        if self._discarded > self.config.max_discard:
+            # Draining 2^63 octets is never going to end: stop here.
+            self._violation("client", "literal_too_large_to_skip", f"{size} octets", "closed")
+            self._set_end("protocol_error")
+            # Said after what is owed already (and, from the server's side, after the answer
+            # being read): `feed_server` and `_refuse` pay it.
+            self._owed += b"* BYE Literal too large to skip\r\n"
+            self._close_pending = True
+            return False
+        c = self._client
+        c.literal_left = size
+        c.discarding = bool(size)
+        self._client_mode = _ClientMode.DISCARD
+        return True
+
+    def _discard_fragment(self, line: bytes) -> bool:
+        """A line of a command being discarded: dropped, following the client's framing."""
+        self._withheld = True
+        try:
+            literal = lexer.literal_at_end(line)
+        except LiteralError:
+            literal = None
+        if literal is None or literal.synchronizing:
+            # The command ends here: a synchronizing literal would wait for a "+" that a
+            # refused command never gets.
+            self._client_mode = _ClientMode.COMMAND
+            return True
+        return self._discard_literal(literal.size)
 
     def _own_command(self, tag: bytes, verb: bytes, args: bytes, line: bytes) -> bool:
         """STARTTLS and COMPRESS concern the client leg, which the proxy terminates: it answers
@@ -641,6 +785,9 @@ class SessionCore:
         elif verb == b"STARTTLS":
             if self.client_secure:
                 status, text = b"BAD", b"TLS is already active"
+            elif self.state is not State.NOT_AUTHENTICATED:
+                # RFC 9051 §6.2.1: only in the not authenticated state.
+                status, text = b"BAD", b"STARTTLS is only valid before authentication"
             elif self.config.client_tls == "off":
                 status, text = b"NO", b"[CANNOT] STARTTLS is not offered here"
             else:
@@ -667,92 +814,118 @@ class SessionCore:
         return True
 
     def _command_fragment(self, cmd: _Command, line: bytes) -> bool:
+        frag = classify.fragment(lexer.strip_eol(line), 0, cmd.depth)
+        if frag.problem == "literal_length":
+            return self._bad_literal()
+        if frag.problem is not None:
+            # The server holds the start of this command and waits for the rest: no answer of
+            # ours could end it cleanly, and nothing unreadable is sent. The session ends.
+            self._withheld = True
+            self._violation("client", f"refused_{frag.problem}", f"{len(line)} octets", "closed")
+            self._protocol_error(b"* BYE Command not understood by the proxy\r\n")
+            return False
+        cmd.depth = frag.depth
         collecting = self._id
         if collecting is not None and collecting.cmd is cmd:
-            collecting.parts += line
             self._withheld = True
-            if len(collecting.parts) > _ID_LIMIT:
-                self._id_abandon("too_large")
-        return self._command_fragment_end(cmd, line)
+            if not self._id_collect(collecting, len(line)):
+                return False
+            if not collecting.overflow:
+                collecting.parts += line
+        elif cmd.verb == b"LOGIN":
+            self._login_args(cmd, frag)
+        return self._command_fragment_end(cmd, line, frag)
 
-    def _command_fragment_end(self, cmd: _Command, line: bytes) -> bool:
-        try:
-            literal = lexer.literal_at_end(line)
-        except LiteralError as exc:
-            self._violation("client", "bad_literal", str(exc))
-            self._protocol_error(b"* BYE Literal length is not acceptable\r\n")
-            return False
+    def _command_fragment_end(self, cmd: _Command, line: bytes, frag: classify.Fragment) -> bool:
+        literal = frag.literal
         c = self._client
         if literal is None:
             self._current = None
             self._client_mode = _ClientMode.COMMAND
+            if cmd.verb == b"LOGIN":
+                self._login_user(cmd)
             if self._id is not None and self._id.cmd is cmd:
                 self._id_complete(self._id)
             self._command_sent(cmd)
             return True
         cmd.literals.append(literal.size)
         self._client_mode = _ClientMode.CONTINUE
-        if c.capture is None and self._wants_literal(cmd):
-            c.capture = bytearray()
         collecting = self._id
         if collecting is not None and collecting.cmd is cmd:
-            if len(collecting.parts) + literal.size > _ID_LIMIT:
-                self._id_abandon("too_large")  # this literal then goes the usual way
-            else:
-                if literal.synchronizing:
-                    # The server's "+" would only come once the line is forwarded, and it is
-                    # not forwarded until the command is whole: so the proxy says "+" itself.
-                    collecting.acked += 1
-                    self._owed_plus += 1
-                    self._pay_owed_plus()
-                c.literal_left = literal.size
-                if not literal.size:
-                    self._client_literal_done()
-                return True
-        if literal.synchronizing:
-            self._pending_literal = literal.size
-            self._set_gate(_Gate.LITERAL, cmd)
-        else:
+            collecting.literals += 1
+            if not self._id_collect(collecting, literal.size):
+                return False
+            if literal.synchronizing:
+                # The server's "+" would only come once the line is forwarded, and it is not
+                # forwarded until the command is whole: so the proxy says "+" itself.
+                collecting.acked += 1
+                self._owe(_PLUS)
             c.literal_left = literal.size
             if not literal.size:
                 self._client_literal_done()
+            return True
+        if cmd.verb == b"LOGIN":
+            cmd.argc += 1
+            if cmd.argc == 1 and not cmd.bad_args:
+                c.capture = bytearray()
+        elif c.capture is None and self._wants_literal(cmd):
+            c.capture = bytearray()
+        # Literal octets go to the server only when it asked for them. A server that does not
+        # read a literal the proxy saw announced (RFC 7888 says it must look for {N+} at every
+        # line's end; Dovecot 2.3 does not always) runs its octets as commands, unseen by the
+        # proxy and its policy. So {N+} goes out as {N}; the client's octets wait (the shell
+        # stops reading them) until the server's "+", which a LITERAL+ client never sees; if
+        # the server answers the command instead, they are skipped.
+        if not literal.synchronizing:
+            self._relay_line = _synchronizing(line)
+        self._pending_literal = literal.size
+        self._literal_hidden = not literal.synchronizing
+        self._set_gate(_Gate.LITERAL, cmd)
         return True
 
-    def _after_unknown_fragment(self, line: bytes) -> bool:
-        """A line we could not read still frames the stream if it announces a literal."""
-        try:
-            literal = lexer.literal_at_end(line)
-        except LiteralError as exc:
-            self._violation("client", "bad_literal", str(exc))
-            self._protocol_error(b"* BYE Literal length is not acceptable\r\n")
-            return False
-        self._client_mode = _ClientMode.COMMAND
-        if literal is not None and not literal.synchronizing:
-            self._client.literal_left = literal.size
-            if not literal.size:
-                self._client_literal_done()
-        # A synchronizing literal on a line we cannot read: the server will answer it, probably
-        # with BAD. Without a tag to wait for, the next client line is read as a command again.
-        return True
+    def _bad_literal(self) -> bool:
+        """A literal length of more than 20 digits: its octets cannot be counted, so the
+        stream cannot be followed past it."""
+        self._withheld = True
+        self._violation("client", "bad_literal", "literal length has too many digits", "closed")
+        self._protocol_error(b"* BYE Literal length is not acceptable\r\n")
+        return False
+
+    def _id_collect(self, collecting: _IdCollect, size: int) -> bool:
+        """Room for `size` more octets of an ID? Past the collection bound they are followed
+        but not kept; past `max_discard` the session ends (False)."""
+        if not collecting.overflow and len(collecting.parts) + size <= _ID_LIMIT:
+            return True
+        if not collecting.overflow:
+            collecting.overflow = True
+            collecting.skipped = len(collecting.parts)
+            collecting.parts.clear()
+        collecting.skipped += size
+        return collecting.skipped <= self.config.max_discard or self._id_too_large()
+
+    def _id_too_large(self) -> bool:
+        """Far more than an ID can be: not worth following."""
+        self._id = None
+        self._withheld = True
+        self._violation("client", "id_too_large", f"more than {_ID_LIMIT} octets", "closed")
+        self._set_end("line_too_long")
+        self._protocol_error(b"* BYE [TOOBIG] ID command too large\r\n")
+        return False
+
+    def _owe(self, data: bytes) -> None:
+        """A line of the proxy's own for the client, sent at the next response boundary."""
+        self._owed += data
+        self._pay_owed()
 
     # ----------------------------------------------------------------------------------------
     # RFC 2971 ID.
 
-    def _pay_owed_plus(self) -> None:
-        if self._owed_plus and self._can_speak_to_client() and not self.closed:
-            self._out.append(Reply(Direction.TO_CLIENT, _PLUS * self._owed_plus))
-            self._owed_plus = 0
-
-    def _id_abandon(self, why: str) -> None:
-        """Stop collecting: send what was collected unchanged and follow the rest as usual."""
-        collecting = self._id
-        assert collecting is not None
-        self._id = None
-        self._out.append(Forward(Direction.TO_SERVER, bytes(collecting.parts)))
-        # The server will answer "+" to each synchronizing literal we already answered.
-        self._swallow_plus += collecting.acked
-        collecting.cmd.id_outcome = False
-        self._violation("client", "id_not_followed", why)
+    def _pay_owed(self) -> None:
+        if self._owed and self._can_speak_to_client() and not self.closed:
+            self._out.append(Reply(Direction.TO_CLIENT, bytes(self._owed)))
+            self._owed.clear()
+            if self._close_pending:
+                self._out.extend(self._close("protocol_error"))
 
     def _id_complete(self, collecting: _IdCollect) -> None:
         self._id = None
@@ -762,29 +935,37 @@ class SessionCore:
         raw = bytes(collecting.parts)
         # "tag ID args": the arguments start after the verb, wherever spaces put it.
         verb_at = raw.upper().find(b"ID", len(cmd.tag))
+        self._id_waiting = cmd
+        if collecting.overflow:
+            self._violation("client", "id_too_large", f"{collecting.skipped} octets", "replaced")
+            self._out.append(Forward(Direction.TO_SERVER, cmd.tag + b" ID NIL\r\n"))
+            cmd.id_outcome = False
+            return
         try:
             fields = id_params.parse(raw[verb_at + 2 :])
         except IdSyntaxError:
-            # The server decides what to make of it; we never invent a BAD it would not send.
-            self._send_id_unchanged(raw, collecting.acked)
+            # Never forwarded as it came: the server would read it its own way (Dovecot accepts
+            # `\q` inside quotes, text after the list, any number of pairs) and pass on what
+            # the policy never saw. `ID NIL` says nothing, which is true (RFC 2971 §3), and
+            # keeps the exchange's shape: the client gets the server's answer to it.
+            self._violation("client", "malformed_id", f"{len(raw)} octets", "replaced")
+            self._out.append(Forward(Direction.TO_SERVER, cmd.tag + b" ID NIL\r\n"))
             cmd.id_outcome = False
-            self._id_waiting = cmd
             return
+        # The policy in force now decides, and the record names this one (not the one in
+        # force when the server answers: a reload may come between).
         policy = policy_source()
         outcome = apply(
             policy, fields, hasher=self.config.hash_value, trusted_client=self.trusted_client
         )
         cmd.id_outcome = outcome
-        self._id_waiting = cmd
-        if not outcome.changed:
-            self._send_id_unchanged(raw, collecting.acked)
+        cmd.policy = (policy.name, policy.digest)
+        if not outcome.changed and not collecting.literals:
+            self._out.append(Forward(Direction.TO_SERVER, raw))  # byte for byte
             return
-        if {"LITERAL+", "LITERAL-"} & self.capabilities:
-            args = id_params.serialize(outcome.forwarded, literal_plus=True)
-            self._out.append(Forward(Direction.TO_SERVER, cmd.tag + b" ID " + args + b"\r\n"))
-            return
-        # No LITERAL+: a value that needs a literal is sent the synchronizing way, one piece
-        # per server "+", which the client never sees; its next commands wait meanwhile.
+        # Written anew. A value that needs a literal is sent the synchronizing way, one piece
+        # per server "+" (which the client never sees; its next commands wait meanwhile), so
+        # that even these octets reach the server only when it asked for them.
         pieces = id_params.serialize_pieces(outcome.forwarded)
         pieces[0] = cmd.tag + b" ID " + pieces[0]
         pieces[-1] += b"\r\n"
@@ -826,8 +1007,7 @@ class SessionCore:
         self._injected_fields = fields
         command = tag + b" ID " + id_params.serialize(fields, literal_plus=False) + b"\r\n"
         self._out.append(Forward(Direction.TO_SERVER, command))
-        self._out.append(Forward(Direction.TO_SERVER, line))
-        self._withheld = True
+        self._relay_line = line  # then the client's line, after ours
 
     def _injected_answered(self, status: str) -> None:
         tag, self._injected = self._injected, None
@@ -856,20 +1036,18 @@ class SessionCore:
             )
         )
 
-    def _emit_id(self, record: IdExchange) -> None:
+    def _emit_id(self, record: IdExchange, decided_by: tuple[str, str] | None = None) -> None:
         """The record, with the policy in force, unless this session has had its share of `id`
         records (RFC 2971 §7: logs must not be floodable)."""
         if self._id_records >= self.config.max_id_records:
             return
         self._id_records += 1
-        if self.config.policy is not None:
+        if decided_by is not None:
+            record = replace(record, policy=decided_by[0], policy_digest=decided_by[1])
+        elif self.config.policy is not None:
             policy = self.config.policy()
             record = replace(record, policy=policy.name, policy_digest=policy.digest)
         self._out.append(Emit(record))
-
-    def _send_id_unchanged(self, raw: bytes, acked: int) -> None:
-        self._out.append(Forward(Direction.TO_SERVER, raw))
-        self._swallow_plus += acked
 
     def _server_id(self, line: bytes) -> None:
         """`* ID (...)`: the same policy applies on the way to the client."""
@@ -909,7 +1087,7 @@ class SessionCore:
         self._emit_id(
             IdExchange(
                 session=self.session_id,
-                tag=cmd.tag.decode("ascii", "replace"),
+                tag=_record_tag(cmd.tag),
                 state=cmd.state.value,
                 status=status,
                 malformed=cmd.id_outcome is False,
@@ -917,7 +1095,8 @@ class SessionCore:
                 dropped=client.dropped if client is not None else (),
                 forwarded=_names(client.forwarded) if client is not None else None,
                 server=_recorded(cmd.id_server),
-            )
+            ),
+            cmd.policy,
         )
 
     def _command_sent(self, cmd: _Command) -> None:
@@ -941,26 +1120,38 @@ class SessionCore:
         self._client_mode = _ClientMode.CONTINUE
 
     def _wants_literal(self, cmd: _Command) -> bool:
-        """Keep the body of this literal? Only a LOGIN name or a mailbox that is a literal."""
+        """Keep the body of this literal? Only a mailbox that is a literal (LOGIN's user name
+        is decided in `_command_fragment_end`)."""
         if len(cmd.literals) != 1:
             return False
-        if cmd.verb == b"LOGIN":
-            return cmd.user is None
         return cmd.verb in (b"SELECT", b"EXAMINE") and cmd.mailbox is None
 
     def _literal_captured(self, cmd: _Command, value: bytes) -> None:
         if cmd.verb == b"LOGIN":
-            cmd.user = self.config.identify_user(value)
+            if cmd.argc == 1 and cmd.literals[-1] <= _CAPTURE:
+                cmd.first_arg = value
         else:
             cmd.mailbox = value
 
-    def _login_user(self, cmd: _Command, args: bytes) -> None:
-        # LOGIN SP userid SP password: only the user id is read; the password is never touched.
-        if args[:1] != b" ":
+    def _login_args(self, cmd: _Command, frag: classify.Fragment) -> None:
+        """Count LOGIN's arguments in a fragment, keeping the first (the user name)."""
+        if cmd.argc > 2:
             return
-        parsed = lexer.read_astring(args, 1)
-        if parsed is not None:
-            cmd.user = self.config.identify_user(parsed[0])
+        for value in classify.values(frag.content):
+            if value is None:
+                cmd.bad_args = True  # a list is no astring
+                return
+            cmd.argc += 1
+            if cmd.argc == 1:
+                cmd.first_arg = value
+
+    def _login_user(self, cmd: _Command) -> None:
+        """The whole LOGIN has been read. Its user name counts only if the command had exactly
+        the shape `LOGIN SP astring SP astring` (RFC 9051 §6.2.3): no other bytes, and never
+        the password by a misreading, can become a record's user."""
+        value, cmd.first_arg = cmd.first_arg, None
+        if not cmd.bad_args and cmd.argc == 2 and value is not None:
+            cmd.user = self.config.identify_user(value)
 
     def _select_mailbox(self, cmd: _Command, args: bytes) -> None:
         if args[:1] != b" ":
@@ -1015,6 +1206,7 @@ class SessionCore:
     def _protocol_error(self, bye: bytes) -> None:
         self._set_end("protocol_error")
         if self._can_speak_to_client():
+            self._pay_owed()
             self._out.append(Reply(Direction.TO_CLIENT, bye))
         self._out.extend(self._close("protocol_error"))
 
@@ -1065,6 +1257,10 @@ class SessionCore:
                     continue
             nl = data.find(b"\n", pos)
             if nl < 0:
+                if not self.greeted and len(s.buf) + n - pos > _MAX_GREETING:
+                    self._not_imap(bytes(s.buf) + data[pos : pos + 24])
+                    self._replace = None
+                    return
                 if len(s.buf) + n - pos > self.config.server_hold:
                     # Too long to hold whole (a huge SEARCH result): stream it through.
                     if s.buf:
@@ -1095,7 +1291,20 @@ class SessionCore:
             elif s.buf:
                 out.insert(mark, Forward(Direction.TO_CLIENT, bytes(s.buf)))
                 s.buf.clear()
+            if self.closed:
+                return
         self._flush(Direction.TO_CLIENT, data, start, pos)
+
+    def _not_imap(self, line: bytes) -> None:
+        """The upstream's first line is no IMAP greeting (an SMTP or SSH port by mistake): the
+        client's LOGIN must not go there. A few printable octets say what it was."""
+        self._replace = b""
+        shown = "".join(chr(c) if 0x20 <= c < 0x7F else "?" for c in lexer.strip_eol(line)[:24])
+        self._set_end("upstream_unavailable", f"not an IMAP greeting: {shown!r}")
+        self._out.append(
+            Reply(Direction.TO_CLIENT, b"* BYE [UNAVAILABLE] Mail server is not reachable\r\n")
+        )
+        self._out.extend(self._close("upstream_unavailable"))
 
     def _server_long_line(self, head: bytes, tail: bytes) -> None:
         """An over-long server line has ended; it was streamed, only its head and tail kept.
@@ -1126,6 +1335,12 @@ class SessionCore:
         if self._server_continues:
             self._server_literal(line)
             return
+        if not self.greeted:
+            if not line[:10].upper().startswith(_GREETINGS):
+                self._not_imap(line)
+                return
+            if self._gate is _Gate.GREETING:
+                self._clear_gate()  # what the client sent meanwhile may go now
         first = line[:1]
         if first == b"+":
             self._continuation()
@@ -1167,7 +1382,12 @@ class SessionCore:
     def _leg_state(self) -> capabilities.LegState:
         c = self.config
         return capabilities.LegState(
-            c.client_tls, self.client_secure, c.compress, self.compressed, c.strict_capabilities
+            c.client_tls,
+            self.client_secure,
+            c.compress,
+            self.compressed,
+            c.strict_capabilities,
+            authenticated=self.state is not State.NOT_AUTHENTICATED,
         )
 
     def _mediate_code(self, body: bytes) -> None:
@@ -1188,13 +1408,12 @@ class SessionCore:
             if not self._id_pieces and self._gate is _Gate.DRIVE:
                 self._clear_gate()
             return
-        if self._swallow_plus:
-            # The answer to a literal the proxy already said "+" to (an ID it collected).
-            self._swallow_plus -= 1
-            self._replace = b""
-            return
         gate = self._gate
         if gate is _Gate.LITERAL:
+            if self._literal_hidden:
+                # The client sent {N+} and waits for nothing: this "+" answers our {N}.
+                self._replace = b""
+                self._literal_hidden = False
             self._client.literal_left = self._pending_literal
             self._pending_literal = 0
             self._clear_gate()
@@ -1215,18 +1434,20 @@ class SessionCore:
             return
         if code == "CAPABILITY":
             self.capabilities = lexer.capabilities(args)
-            self._mediate_code(tag + b" " + rest)
         if tag == self._injected:
             self._injected_answered(status)
             return
         queue = self._pending.get(tag)
         if not queue:
             self._violation("server", "unknown_tag", f"tag of {len(tag)} octets")
-            return
-        cmd = queue.popleft()
-        if not queue:
-            del self._pending[tag]
-        self._complete(cmd, status, code)
+        else:
+            cmd = queue.popleft()
+            if not queue:
+                del self._pending[tag]
+            self._complete(cmd, status, code)
+        if code == "CAPABILITY":
+            # After `_complete`: the list in a LOGIN's OK describes the authenticated state.
+            self._mediate_code(tag + b" " + rest)
 
     def _complete(self, cmd: _Command, status: str, code: str | None) -> None:
         verb = cmd.verb
@@ -1251,7 +1472,6 @@ class SessionCore:
             self._logout_done = True
             self.state = State.LOGOUT
         elif verb == b"ID" and self.config.policy is not None:
-            self._swallow_plus = 0  # a refused ID gets no more "+" from the server
             self._id_pieces.clear()
             self._id_record(cmd, status)
 
@@ -1260,10 +1480,16 @@ class SessionCore:
             self._clear_gate()
             self._client_mode = _ClientMode.COMMAND
             if gate is _Gate.LITERAL:
-                # The server refused the command before its literal: the client will not send it.
-                self._pending_literal = 0
+                # The server answered the command instead of asking for its literal.
+                size, self._pending_literal = self._pending_literal, 0
                 self._client.capture = None
                 self._current = None
+                if self._literal_hidden:
+                    # A LITERAL+ client sent it anyway: skip it and the rest of the command,
+                    # following the client's framing, to find its next command.
+                    self._literal_hidden = False
+                    self._discarded = 0
+                    self._discard_literal(size)
         if cmd is self._sasl_command:
             self._sasl_command = None
             if self._client_mode is _ClientMode.SASL:
@@ -1317,7 +1543,7 @@ class SessionCore:
             self._end_detail = detail
 
     def _client_position(self) -> str | None:
-        if self._client.literal_left:
+        if self._client.literal_left or self._gate is _Gate.LITERAL:
             return "mid_literal"
         if self._client.buf:
             return "mid_line"
@@ -1338,8 +1564,8 @@ class SessionCore:
     ) -> CommandCompleted:
         return CommandCompleted(
             session=self.session_id,
-            tag=cmd.tag.decode("ascii", "replace"),
-            verb=cmd.verb.decode("ascii", "replace"),
+            tag=_record_tag(cmd.tag),
+            verb=cmd.verb[:32].decode("ascii", "replace"),
             state=cmd.state.value,
             status=status,
             code=code,
@@ -1361,6 +1587,18 @@ def _recorded(outcome: Outcome | None) -> dict[str, str | None] | None:
     if outcome is None or (outcome.forwarded is None and not outcome.decisions):
         return None
     return outcome.recorded
+
+
+def _record_tag(tag: bytes) -> str:
+    """The client's tag, bounded (it chooses its length; the line limit is the only other)."""
+    text = tag[:_RECORD_TAG].decode("ascii", "replace")
+    return text + "…" if len(tag) > _RECORD_TAG else text
+
+
+def _synchronizing(line: bytes) -> bytes:
+    """The line with the `{N+}` at its end written `{N}` (`~{N+}` as `~{N}`)."""
+    body = lexer.strip_eol(line)
+    return body[:-2] + b"}" + line[len(body) :]
 
 
 def _is_status(rest: bytes) -> bool:

@@ -143,6 +143,7 @@ class Connection:
         "_implicit_tls",
         "_pumps",
         "_refusal",
+        "_resume",
         "client",
         "core",
         "server",
@@ -185,6 +186,7 @@ class Connection:
         self._endpoints = client_endpoints  # (client, the address it connected to)
         self._first_client_data = first_client_data  # what followed a PROXY header
         self._refusal = refusal
+        self._resume: trio.Event | None = None  # set when the core wants client data again
 
     def __repr__(self) -> str:
         return f"<Connection {self.core.session_id}>"
@@ -251,7 +253,6 @@ class Connection:
                 return stream
             except OSError as exc:
                 detail = _describe(exc)
-        log.warning("upstream %s unavailable: %s", s.upstream, detail)
         await self._apply(self.core.upstream_unavailable(detail, trio.current_time()))
         return None
 
@@ -301,7 +302,6 @@ class Connection:
             except UpstreamTlsError as exc:
                 detail = str(exc)
         detail = f"tls: {detail or 'no TLS within the connect timeout'}"
-        log.warning("upstream %s unavailable: %s", s.upstream, detail)
         await self._apply(self.core.upstream_unavailable(detail, trio.current_time()))
         return False
 
@@ -313,6 +313,8 @@ class Connection:
     def _close(self) -> None:
         """Stop both pumps; `run` then closes the legs."""
         self._closed = True
+        if self._resume is not None:
+            self._resume.set()
         if self._pumps is not None:
             self._pumps.cancel()
 
@@ -324,8 +326,16 @@ class Connection:
 
     async def _pump(self, source: Leg, direction: Direction) -> None:
         core = self.core
-        feed = core.feed_client if direction is Direction.TO_SERVER else core.feed_server
+        from_client = direction is Direction.TO_SERVER
+        feed = core.feed_client if from_client else core.feed_server
         while not self._closed:
+            if from_client and not core.wants_client_data:
+                # The client must wait for the server (its greeting, a "+" for a literal, an
+                # AUTHENTICATE challenge): stop reading, so that what it sends ahead stays in
+                # its own socket buffers (TCP backpressure), not in ours.
+                paused = self._resume = trio.Event()
+                await paused.wait()
+                continue
             try:
                 data = await source.stream.receive_some(RECEIVE_SIZE)
             except (trio.BrokenResourceError, OSError) as exc:
@@ -339,8 +349,12 @@ class Connection:
                 closed = core.client_closed if source is self.client else core.server_closed
                 await self._apply(closed(now))
                 return
-            self._touch()
             await self._apply(feed(bytes(data) if type(data) is not bytes else data, now))
+            self._touch()  # after the core saw it: the timeout depends on what it is waiting for
+            resume = self._resume
+            if resume is not None and (core.wants_client_data or core.closed):
+                self._resume = None
+                resume.set()
 
     async def _apply(self, actions: list[Action]) -> None:
         """Carry out the core's actions in order.
@@ -381,6 +395,10 @@ class Connection:
             if isinstance(action, Emit):
                 self.sink.emit(action.record)
             elif isinstance(action, Close):
+                if action.reason == "upstream_unavailable":
+                    log.warning(
+                        "upstream %s unavailable: %s", self.settings.upstream, self.core.end_detail
+                    )
                 self._close()
             elif isinstance(action, StartTls):
                 if not await self._client_handshake():

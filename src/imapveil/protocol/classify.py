@@ -1,0 +1,172 @@
+"""The strict line classifier: can the proxy read this client line fragment?
+
+A client command is one or more line fragments (a fragment ends in LF; a literal announced at
+its end splits the command). The proxy forwards a fragment only if it can read it the way any
+IMAP server must (RFC 9051 §9, RFC 3501 §9): a tag of tag characters, a command name, then
+arguments made of atoms, quoted strings (only `\\"` and `\\\\` escapes), parenthesised lists, and
+at most one literal announcement (`{N}`, `{N+}`, `~{N}`) at the very end. Anything else — a NUL,
+a CR that does not end the line, another control character, 8-bit octets outside a quoted string,
+an unterminated quoted string, a brace that is not a literal announcement, a `)` without its `(`
+— is refused: a server might read such a line differently from the proxy (Dovecot, for one,
+accepts `\\q` inside quotes and keeps reading after a stray brace), and a line read differently
+is a line whose identifiers the policy never saw.
+
+Well-formed commands the proxy does not know pass: transparency for extensions needs only the
+generic grammar. Everything here is linear in the fragment's length (possessive regular
+expressions, no backtracking), and nothing quotes the fragment's bytes: they may be a password.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from imapveil.protocol.lexer import TAG_CHARS, LiteralAnnouncement, LiteralError, literal_at_end
+
+# ATOM-CHAR without the list wildcards and resp-specials excluded: everything printable but
+# SP, DQUOTE, "(", ")", "{". Backslash is allowed outside quotes for flags (`\Seen`), "%"/"*" for
+# LIST patterns, "]" for fetch attributes (`BODY[HEADER.FIELDS (FROM)]`), "}" for nothing harmful.
+_ATOMISH = rb"\x21\x23-\x27\x2a-\x7a\x7c-\x7e"
+# One token per alternative, each starting with a different octet, all possessive: the match
+# never backtracks, so a hostile 64 KiB line costs one pass.
+_TOKENS = re.compile(
+    rb'(?:[ ]++|"(?:[^"\\\x00-\x1f\x7f]++|\\["\\])*+"|[()]|[' + _ATOMISH + rb"]++)*+"
+)
+# Quoted strings (skipped) and parentheses, to follow list depth across fragments.
+_PARENS = re.compile(rb'"(?:[^"\\]++|\\.)*+"|[()]')
+# Arguments as values: quoted (group 1, escaped), a parenthesis (2), or an atom (3).
+_VALUES = re.compile(rb'"((?:[^"\\]++|\\.)*+)"|([()])|([' + _ATOMISH + rb"]++)")
+_UNESCAPE = re.compile(rb"\\(.)")
+_VERB = re.compile(rb"[A-Za-z][A-Za-z0-9.\-_]*+")
+
+
+@dataclass(frozen=True, slots=True)
+class Fragment:
+    """What the classifier made of one client line fragment."""
+
+    problem: str | None
+    """Why it cannot be read (None: it can): a short name, never the fragment's bytes."""
+    depth: int
+    """Open parentheses after this fragment (across the command's fragments)."""
+    literal: LiteralAnnouncement | None
+    """The literal announced at its end, even when the fragment is refused: the client will
+    send its octets anyway if it is non-synchronizing, and the proxy must skip them to find the
+    next command."""
+    content: bytes = b""
+    """The arguments part (without the tag, verb, literal announcement and line end)."""
+
+
+@dataclass(frozen=True, slots=True)
+class CommandLine:
+    """The first fragment of a command."""
+
+    tag: bytes | None
+    verb: bytes
+    """Upper-cased command name (`UID FETCH` for UID commands); empty when unreadable."""
+    args_at: int
+    """Offset in the fragment's body where the arguments start."""
+    fragment: Fragment
+
+
+def first_fragment(body: bytes) -> CommandLine:
+    """Classify the first fragment of a command (`body` without its line end)."""
+    sp = body.find(b" ")
+    tag = body[:sp] if sp > 0 else body
+    if not tag or not all(c in TAG_CHARS for c in tag):
+        return CommandLine(None, b"", 0, _fail("tag", body))
+    if sp < 0:
+        return CommandLine(tag, b"", len(body), _fail("no_command", body))
+    m = _VERB.match(body, sp + 1)
+    if m is None:
+        return CommandLine(tag, b"", sp + 1, _fail("command_name", body))
+    verb = m.group().upper()
+    end = m.end()
+    if verb == b"UID" and body[end : end + 1] == b" ":
+        sub = _VERB.match(body, end + 1)
+        if sub is None:
+            return CommandLine(tag, verb, end, _fail("command_name", body))
+        verb = b"UID " + sub.group().upper()
+        end = sub.end()
+    return CommandLine(tag, verb, end, fragment(body, end, 0))
+
+
+def fragment(body: bytes, start: int, depth: int) -> Fragment:
+    """Classify body[start:] (a fragment without its line end) at list depth `depth`."""
+    try:
+        literal = literal_at_end(body)
+    except LiteralError:
+        return Fragment("literal_length", depth, None)
+    end = len(body)
+    if literal is not None:
+        end = body.rfind(b"{")
+        if literal.binary:
+            end -= 1
+    content = body[start:end]
+    m = _TOKENS.match(content)
+    matched = m.end() if m is not None else 0  # the pattern matches the empty string
+    if matched != len(content):
+        return Fragment(_diagnose(content, matched), depth, literal)
+    if b"(" in content or b")" in content:
+        for token in _PARENS.finditer(content):
+            c = token.group()
+            if c == b"(":
+                depth += 1
+            elif c == b")":
+                depth -= 1
+                if depth < 0:
+                    return Fragment("unbalanced_list", 0, literal)
+    return Fragment(None, depth, literal, content)
+
+
+def values(content: bytes, limit: int = 4) -> list[bytes | None]:
+    """The first `limit` argument values of a classified fragment's content: atoms and quoted
+    strings (unescaped) as bytes; a parenthesis as None (not a value)."""
+    out: list[bytes | None] = []
+    for m in _VALUES.finditer(content):
+        if len(out) >= limit:
+            break
+        quoted, paren, atom = m.groups()
+        if paren is not None:
+            out.append(None)
+        elif quoted is not None:
+            out.append(_UNESCAPE.sub(rb"\1", quoted) if b"\\" in quoted else quoted)
+        else:
+            out.append(atom)
+    return out
+
+
+def _fail(problem: str, body: bytes) -> Fragment:
+    try:
+        literal = literal_at_end(body)
+    except LiteralError:
+        literal = None
+    return Fragment(problem, 0, literal)
+
+
+def _diagnose(content: bytes, at: int) -> str:
+    """Why the token match stopped at `at`."""
+    c = content[at]
+    if c == 0x22:  # an opening quote whose string did not parse
+        i = at + 1
+        while i < len(content):
+            q = content[i]
+            if q == 0x5C:
+                if content[i + 1 : i + 2] not in (b'"', b"\\"):
+                    return "quoted_escape"
+                i += 2
+                continue
+            if q == 0x22:
+                break
+            if q < 0x20 or q == 0x7F:
+                return "quoted_control"
+            i += 1
+        return "unterminated_quoted"
+    if c == 0x7B:
+        return "brace"
+    if c == 0x00:
+        return "nul"
+    if c == 0x0D:
+        return "bare_cr"
+    if c >= 0x80:
+        return "eight_bit"
+    return "control"
