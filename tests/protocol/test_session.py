@@ -405,3 +405,26 @@ def test_session_end_counts_bytes(split: Splitter) -> None:
     assert end.bytes_from_server == len(GREETING) + 6
     assert end.duration_ms == 2000.0
     assert conv.core.finish(conv.clock) == []  # the end record is written once
+
+
+def test_login_deadline_counts_from_the_connection(split: Splitter) -> None:
+    conv = talk(split, login_deadline=180.0, idle_timeout_login=60.0)
+    start = conv.core.started
+    # A client trickling one octet every 20 s keeps pushing the idle deadline back, but not the
+    # login deadline.
+    for _ in range(8):
+        conv.tick(20)
+        conv.client(b"a")
+        assert conv.core.deadline(conv.clock) == min(conv.clock + 60.0, start + 180.0)
+    conv.tick(30)
+    conv.apply(conv.core.timed_out(conv.clock)).finish()
+    assert conv.to_client.endswith(b"* BYE Login time limit reached\r\n")
+    end = ended(conv)
+    assert (end.reason, end.detail) == ("login_timeout", "not logged in within 180 s")
+
+
+def test_no_login_deadline_after_login(split: Splitter) -> None:
+    conv = talk(split, login_deadline=180.0, idle_timeout=1800.0)
+    conv.client(b"a LOGIN alice x\r\n").server(b"a OK\r\n")
+    conv.tick(500)
+    assert conv.core.deadline(conv.clock) == conv.clock + 1800.0

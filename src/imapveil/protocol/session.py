@@ -23,6 +23,7 @@ so nothing is delayed in practice; a client that does cannot make the proxy misr
 from __future__ import annotations
 
 import enum
+import math
 import re
 from collections import deque
 from collections.abc import Callable
@@ -91,6 +92,9 @@ class CoreConfig:
     """Offer COMPRESS=DEFLATE on the client leg (the proxy does the compression)."""
     strict_capabilities: bool = False
     """Advertise only capabilities the proxy knows (see protocol.capabilities.KNOWN)."""
+    login_deadline: float = 180.0
+    """Seconds from the connection until the client must be logged in, however it trickles
+    (Dovecot's own limit for a client to log in is three minutes). 0: none."""
     greeting_timeout: float = 10.0
     """Seconds for the upstream's first line, which must be an IMAP greeting."""
     literal_timeout: float = 60.0
@@ -378,6 +382,16 @@ class SessionCore:
             return min(timeout, self.config.literal_timeout)
         return timeout
 
+    def deadline(self, now: float) -> float:
+        """When `timed_out` is due if nothing more happens: `idle_timeout` after now, but before
+        login never later than `login_deadline` after the connection (a client that sends one
+        octet every few seconds must not hold a session, and a server connection, for good)."""
+        timeout = self.idle_timeout
+        at = now + timeout if timeout > 0 else math.inf
+        if self.state is State.NOT_AUTHENTICATED and self.config.login_deadline > 0:
+            at = min(at, self.started + self.config.login_deadline)
+        return at
+
     @property
     def wants_client_data(self) -> bool:
         """False while the client must wait for the server: the shell stops reading the client
@@ -477,17 +491,22 @@ class SessionCore:
         return out + self._close(reason)
 
     def timed_out(self, now: float) -> list[Action]:
-        """No traffic for `idle_timeout` seconds."""
+        """No traffic for `idle_timeout` seconds, or no login by `login_deadline`."""
         self.now = now
         if self._gate is _Gate.GREETING:
             wait = self.config.greeting_timeout
             return self.upstream_unavailable(f"no IMAP greeting within {wait:g} s", now)
+        bye = b"* BYE Disconnected for inactivity\r\n"
         if self._gate is _Gate.LITERAL:
             self._set_end("literal_timeout", "no answer to a literal")
+        deadline = self.config.login_deadline
+        if self.state is State.NOT_AUTHENTICATED and 0 < deadline <= now - self.started:
+            self._set_end("login_timeout", f"not logged in within {deadline:g} s")
+            bye = b"* BYE Login time limit reached\r\n"
         self._set_end("idle_timeout")
         out: list[Action] = []
         if self._can_speak_to_client():
-            out.append(Reply(Direction.TO_CLIENT, b"* BYE Disconnected for inactivity\r\n"))
+            out.append(Reply(Direction.TO_CLIENT, bye))
         return out + self._close("idle_timeout")
 
     def shutting_down(self, now: float) -> list[Action]:

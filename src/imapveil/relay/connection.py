@@ -14,7 +14,6 @@ import contextlib
 import errno
 import ipaddress
 import logging
-import math
 import socket
 import ssl
 from dataclasses import dataclass
@@ -307,8 +306,7 @@ class Connection:
 
     def _touch(self) -> None:
         if self._idle is not None:
-            timeout = self.core.idle_timeout
-            self._idle.deadline = trio.current_time() + timeout if timeout > 0 else math.inf
+            self._idle.deadline = self.core.deadline(trio.current_time())
 
     def _close(self) -> None:
         """Stop both pumps; `run` then closes the legs."""
