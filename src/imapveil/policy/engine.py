@@ -78,6 +78,10 @@ def apply(
         rule, why = policy.rule_for(name), ""
         if not trusted_client and is_anti_spoof(name):
             rule, why = Rule(fields=(), forward="drop", record="drop"), "anti-spoof"
+        elif value is not None and len(value) > MAX_VALUE_LENGTH:
+            # §3.3: not a value anyone may send. Nothing in it is examined (detection stays
+            # linear on at most 1024 octets) and nothing of it is recorded.
+            rule, why = Rule(fields=(), forward="drop", record="drop"), "limit"
         elif value is not None:
             kind = detect(value, tuple(d for d in policy.detectors if d not in rule.allow))
             if kind is not None:

@@ -1,0 +1,176 @@
+"""Detectors: what they find (issue 11), and that they cannot be made slow (issue 12).
+
+No test here times anything. Linear time is shown by the work done instead: what the detectors
+are given (never more than RFC 2971's 1024 octets) and how their patterns are built (no
+repetition inside a repetition; every repetition bounded, or the whole pattern one class
+repeated). bench/detectors.py prints the times.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from imapveil.policy import apply, detectors
+from imapveil.policy.detectors import DETECTORS, detect
+from imapveil.policy.load import resolve_policy
+
+ALL = tuple(DETECTORS)
+
+
+@pytest.mark.parametrize(
+    ("value", "kind"),
+    [
+        # Issue 11, item 4: identifiers that used to pass.
+        (b"0f8fad5b_d9cb_469f_a165_70867728950e", "uuid"),
+        (b"0f8fad5bd9cb469fa16570867728950e", "uuid"),
+        (b"a4c3f0851b2e", "mac"),
+        (b"build a4c3f0851b2e", "mac"),
+        (b"A4-C3-F0-85-1B-2E", "mac"),
+        (b"alice@localhost", "email"),
+        (b"bob@[10.0.0.1]", "email"),
+        (b"mail from alice@example.org today", "email"),
+        (b"key=3kWq1b0Zr9mYb8Jx2n4Vt0cP5sI", "token"),  # after "=" too
+        (b"abc1.2.3.4", "ip"),  # hex letters before an address do not hide it
+        (b"10.0.0.1.", "ip"),  # nor a full stop after it
+        (b"fe80::1%eth0", "ip"),
+        (b"::ffff:10.0.0.1", "ip"),
+        # A four-part number is an address to the detector; the version field's rule allows it.
+        (b"7.2.25.230", "ip"),
+        # Versions, names and dates stay clean.
+        (b"3826.300.87.2.22", None),
+        (b"16.0 (3696.80.82.1.1)", None),
+        (b"16.0.17126.20132", None),
+        (b"Microsoft.Exchange.Imap4.Imap4Server", None),
+        (b"19-Mar-2020 02:08:12 +0000", None),
+        (b"Mail @ home", None),
+        (b"mailbox@", None),
+    ],
+)
+def test_detectors_new_cases(value: bytes, kind: str | None) -> None:
+    assert detect(value, ALL) == kind
+
+
+@contextmanager
+def spied() -> Iterator[list[int]]:
+    """Every detector records the length of what it is given."""
+    seen: list[int] = []
+    saved = dict(DETECTORS)
+
+    def spy(f: Callable[[bytes], bool]) -> Callable[[bytes], bool]:
+        def wrapped(value: bytes) -> bool:
+            seen.append(len(value))
+            return f(value)
+
+        return wrapped
+
+    try:
+        for name, f in saved.items():
+            DETECTORS[name] = spy(f)
+        yield seen
+    finally:
+        DETECTORS.update(saved)
+
+
+ADVERSARIAL_UNITS = [b"a", b"a.", b"0123456789abcdef", b"Ab1+", b":", b"1.", b"1", b"aa:", b"@a"]
+
+
+@pytest.mark.parametrize("unit", ADVERSARIAL_UNITS)
+@pytest.mark.parametrize("size", [1025, 60_000, 1_000_000])
+def test_detection_sees_at_most_1024_octets(unit: bytes, size: int) -> None:
+    value = (unit * (size // len(unit) + 1))[: size - 1] + b"@"
+    with spied() as seen:
+        detect(value, ALL)
+        assert seen and max(seen) == 1024  # detect() itself looks no further
+        seen.clear()
+        fields = tuple((f, value) for f in (b"name", b"version", b"os", b"x-other"))
+        for policy in ("default", "strict"):
+            out = apply(resolve_policy(policy), fields, hasher=lambda v: "h")
+            assert out.forwarded is None and out.recorded == {}
+        assert seen == []  # RFC 2971 §3.3: a longer value is dropped before any detector runs
+
+
+@settings(max_examples=200)
+@given(
+    unit=st.sampled_from(ADVERSARIAL_UNITS) | st.binary(min_size=1, max_size=8),
+    times=st.integers(min_value=0, max_value=3000),
+    tail=st.binary(max_size=4),
+)
+def test_detectors_never_given_more_than_the_rfc_allows(
+    unit: bytes, times: int, tail: bytes
+) -> None:
+    value = unit * times + tail
+    with spied() as seen:
+        kind = detect(value, ALL)
+        apply(resolve_policy("default"), ((b"version", value),), hasher=lambda v: "h")
+    assert all(n <= 1024 for n in seen)
+    assert kind is None or kind in DETECTORS
+
+
+_sre: Any = importlib.import_module("re._parser")  # no stubs; read only, to inspect patterns
+_REPEATS = {_sre.MAX_REPEAT, _sre.MIN_REPEAT, _sre.POSSESSIVE_REPEAT}
+_ONE_CHARACTER = {_sre.IN, _sre.LITERAL, _sre.NOT_LITERAL, _sre.ANY}
+
+
+def _repeats(parsed: Any, inside: bool = False) -> Iterator[tuple[int, bool]]:
+    """(most, nested) for every repetition in a parsed pattern."""
+    for op, av in parsed:
+        if op in _REPEATS:
+            _, most, body = av
+            yield most, inside
+            yield from _repeats(body, True)
+        elif op is _sre.SUBPATTERN:
+            yield from _repeats(av[3], inside)
+        elif op is _sre.BRANCH:
+            for alternative in av[1]:
+                yield from _repeats(alternative, inside)
+        elif op in (_sre.ASSERT, _sre.ASSERT_NOT):
+            yield from _repeats(av[1], inside)
+
+
+def _one_class_repeated(parsed: Any) -> bool:
+    if len(parsed) != 1 or parsed[0][0] not in _REPEATS:
+        return False
+    body = parsed[0][1][2]
+    return len(body) == 1 and body[0][0] in _ONE_CHARACTER
+
+
+def _patterns(module: object) -> list[re.Pattern[bytes]]:
+    return [v for v in vars(module).values() if isinstance(v, re.Pattern)]
+
+
+def test_detector_patterns_are_all_listed() -> None:
+    assert set(_patterns(detectors)) == set(detectors.PATTERNS)
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    _patterns(detectors),
+    ids=lambda p: p.pattern.decode("ascii", "replace")[:40],
+)
+def test_patterns_cannot_backtrack_badly(pattern: re.Pattern[bytes]) -> None:
+    """Bounded patterns cost at most their width per position; `[...]+` alone scans each run once.
+
+    Either way a search is linear in the value. What would not be: a repetition inside a
+    repetition, or an unbounded one followed by more pattern (the old e-mail pattern, which
+    retried its local part from every position of a 60 KB value: 5 s).
+    """
+    parsed = _sre.parse(pattern.pattern, pattern.flags)
+    found = list(_repeats(parsed))
+    assert not any(nested for _, nested in found), "a repetition inside a repetition"
+    if not _one_class_repeated(parsed):
+        assert all(most <= 64 for most, _ in found), "an unbounded repetition"
+
+
+def test_the_old_email_pattern_fails_that_test() -> None:
+    old = re.compile(rb"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
+    parsed = _sre.parse(old.pattern)
+    assert not _one_class_repeated(parsed)
+    assert any(most > 64 for most, _ in _repeats(parsed))
