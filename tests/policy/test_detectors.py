@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from imapveil.policy import apply, detectors
+from imapveil.policy import apply, detectors, shapes
 from imapveil.policy.detectors import DETECTORS, detect
 from imapveil.policy.load import resolve_policy
 
@@ -152,7 +152,7 @@ def test_detector_patterns_are_all_listed() -> None:
 
 @pytest.mark.parametrize(
     "pattern",
-    _patterns(detectors),
+    _patterns(detectors) + _patterns(shapes),
     ids=lambda p: p.pattern.decode("ascii", "replace")[:40],
 )
 def test_patterns_cannot_backtrack_badly(pattern: re.Pattern[bytes]) -> None:

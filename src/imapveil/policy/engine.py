@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from imapveil import __version__
 from imapveil.policy.detectors import detect
 from imapveil.policy.model import Policy, Rule, is_anti_spoof
+from imapveil.policy.shapes import Shape
 from imapveil.protocol.id_params import MAX_FIELD_LENGTH, MAX_FIELDS, MAX_VALUE_LENGTH, IdFields
 
 RECORD_LIMIT = 256  # octets of a value kept in a record (RFC 2971 §7: logs must not flood)
@@ -75,36 +76,18 @@ def apply(
             changed = True
             continue
         seen.add(name)
-        rule, why = policy.rule_for(name), ""
-        if not trusted_client and is_anti_spoof(name):
-            rule, why = Rule(fields=(), forward="drop", record="drop"), "anti-spoof"
-        elif value is not None and len(value) > MAX_VALUE_LENGTH:
-            # §3.3: not a value anyone may send. Nothing in it is examined (detection stays
-            # linear on at most 1024 octets) and nothing of it is recorded.
-            rule, why = Rule(fields=(), forward="drop", record="drop"), "limit"
-        elif value is not None:
-            kind = detect(value, tuple(d for d in policy.detectors if d not in rule.allow))
-            if kind is not None:
-                rule, why = policy.detected, f"detected:{kind}"
-        why = why or rule.label
-        out = _forward(rule, value)
-        why_fwd = rule.forward
-        too_long = isinstance(out, bytes) and len(out) > MAX_VALUE_LENGTH
-        if len(raw_name) > MAX_FIELD_LENGTH or too_long:
-            out, why = _DROP, "limit"
+        out, rec, decision = _decide(policy, name, value, hasher, trusted_client)
+        if len(raw_name) > MAX_FIELD_LENGTH:
+            out, decision = _DROP, Decision(name, "drop", decision.record, "limit")
         if isinstance(out, _Dropped):
             dropped.append(name[:MAX_FIELD_LENGTH])
             changed = True
-            why_fwd = "drop"
         else:
             forwarded.append((raw_name, out))
             changed = changed or out != value
-        rec = _record(rule, value, name, hasher)
         if not isinstance(rec, _Dropped):
             recorded[name[:MAX_FIELD_LENGTH]] = rec
-        decisions.append(
-            Decision(name, why_fwd, "drop" if isinstance(rec, _Dropped) else rule.record, why)
-        )
+        decisions.append(decision)
     if len(forwarded) > MAX_FIELDS:
         for raw_name, _ in forwarded[MAX_FIELDS:]:
             dropped.append(_name(raw_name)[:MAX_FIELD_LENGTH])
@@ -123,6 +106,67 @@ def apply(
         tuple(decisions),
         changed,
     )
+
+
+def _decide(
+    policy: Policy,
+    name: str,
+    value: bytes | None,
+    hasher: Callable[[bytes], str],
+    trusted_client: bool,
+) -> tuple[bytes | _Dropped | None, str | _Dropped | None, Decision]:
+    """One field: what goes upstream, what is recorded, and which rule said so."""
+    if not trusted_client and is_anti_spoof(name):
+        return _DROP, _DROP, Decision(name, "drop", "drop", "anti-spoof")
+    rule = policy.rule_for(name)
+    why, done = rule.label, rule.forward
+    if value is not None:
+        if len(value) > MAX_VALUE_LENGTH:
+            # §3.3: not a value anyone may send. Nothing in it is examined (detection and shape
+            # checks stay linear on at most 1024 octets) and nothing of it is recorded.
+            return _DROP, _DROP, Decision(name, "drop", "drop", "limit")
+        enabled = tuple(d for d in policy.detectors if d not in rule.allow)
+        kind = detect(value, enabled)
+        if kind is not None:
+            rule, why, done = policy.detected, f"detected:{kind}", policy.detected.forward
+        elif rule.shape is not None and not rule.shape.fits(value):
+            why = f"shape:{rule.shape.name}"
+            refit = _refit(rule, rule.shape, value, enabled)
+            if refit is None:
+                return _DROP, _DROP, Decision(name, "drop", "drop", why)
+            value, done = refit, "coarsen" if rule.forward == "keep" else rule.forward
+    out = _forward(rule, value)
+    if (
+        rule.shape is not None
+        and isinstance(out, bytes)
+        and rule.forward != "redact"  # the policy's own marker, nothing of the client's
+        and not rule.shape.fits(out)
+    ):
+        out = _DROP  # truncating can cut a value out of its shape ("16.0 (37")
+    rec = _record(rule, value, name, hasher)
+    return (
+        out,
+        rec,
+        Decision(
+            name,
+            "drop" if isinstance(out, _Dropped) else done,
+            "drop" if isinstance(rec, _Dropped) else rule.record,
+            why,
+        ),
+    )
+
+
+def _refit(rule: Rule, shape: Shape, value: bytes, enabled: tuple[str, ...]) -> bytes | None:
+    """A value without its field's shape: coarsened if the rule says so and that fits, else None.
+
+    "16.0 (3731.600.7) 2f1c9a…" → "16.0"; RFC 2971 §3 allows a shortened value, never a false one.
+    """
+    if rule.misfit != "coarsen":
+        return None
+    coarse = coarsen(value, rule.components)
+    if shape.fits(coarse) and detect(coarse, enabled) is None:
+        return coarse
+    return None
 
 
 class _Dropped:
@@ -158,4 +202,6 @@ def _record(
         return hasher(name.encode() + b"\0" + value)
     if action == "coarsen":
         value = coarsen(value, rule.components)
+        if rule.shape is not None and not rule.shape.fits(value):
+            return _DROP  # "a (1)" has a version's shape; its first word "a" has not
     return value[:RECORD_LIMIT].decode("utf-8", "replace")

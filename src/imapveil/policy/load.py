@@ -16,6 +16,9 @@ length = 64                        # for truncate
 components = 2                     # for coarsen
 marker = "redacted"                # for redact
 allow = ["email"]                  # detectors that do not apply to these fields
+shape = "version"                  # what a kept value must look like: a named shape
+                                   # (name, vendor, os, version, date, url) or a pattern "^...$"
+misfit = "coarsen"                 # a value without that shape: drop | coarsen
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from imapveil.policy.detectors import DETECTORS
-from imapveil.policy.model import FORWARD_ACTIONS, RECORD_ACTIONS, Policy, Rule
+from imapveil.policy.model import FORWARD_ACTIONS, MISFIT_ACTIONS, RECORD_ACTIONS, Policy, Rule
+from imapveil.policy.shapes import Shape, ShapeError, compile_shape
 
 
 class PolicyError(ValueError):
@@ -43,7 +47,17 @@ _TOP = {
     "announce_field",
     "rule",
 }
-_RULE = {"fields", "forward", "record", "length", "components", "marker", "allow"}
+_RULE = {
+    "fields",
+    "forward",
+    "record",
+    "length",
+    "components",
+    "marker",
+    "allow",
+    "shape",
+    "misfit",
+}
 
 
 def load_policy(path: str | Path) -> Policy:
@@ -70,7 +84,8 @@ def parse_policy(raw: bytes, source: str) -> Policy:
                 f"{source}: detectors: unknown detector {d!r} (known: {', '.join(DETECTORS)})"
             )
     default = where.rule(table.get("default", {}), "default", need_fields=False)
-    detected = where.rule(table.get("detected", {}), "detected", need_fields=False)
+    # What becomes of an identifier is not a question of its shape.
+    detected = where.rule(table.get("detected", {}), "detected", need_fields=False, shaped=False)
     rules_raw = table.get("rule", [])
     if not isinstance(rules_raw, list):
         raise PolicyError(f"{source}: rule: write rules as [[rule]] tables")
@@ -119,10 +134,11 @@ class _Where:
             raise self.fail(key, "expected a list of strings")
         return value
 
-    def rule(self, table: Any, key: str, *, need_fields: bool) -> Rule:
+    def rule(self, table: Any, key: str, *, need_fields: bool, shaped: bool = True) -> Rule:
         if not isinstance(table, dict):
             raise self.fail(key, "expected a table")
         known = _RULE if need_fields else _RULE - {"fields", "allow"}
+        known = known if shaped else known - {"shape", "misfit"}
         self.no_unknown(table, known, key + ".")
         fields: tuple[str, ...] = ()
         if need_fields:
@@ -152,7 +168,32 @@ class _Where:
         for d in allow:
             if d not in DETECTORS:
                 raise self.fail(key + ".allow", f"unknown detector {d!r}")
-        return Rule(fields, forward, record, length, components, marker, allow, label=key)
+        shape: Shape | None = None
+        if "shape" in table:
+            spec = table["shape"]
+            if not isinstance(spec, str):
+                raise self.fail(key + ".shape", "expected a shape's name or a pattern")
+            try:
+                shape = compile_shape(spec)
+            except ShapeError as exc:
+                raise self.fail(key + ".shape", str(exc)) from None
+        misfit = table.get("misfit", "drop")
+        if misfit not in MISFIT_ACTIONS:
+            raise self.fail(key + ".misfit", f"expected one of {', '.join(MISFIT_ACTIONS)}")
+        if "misfit" in table and shape is None:
+            raise self.fail(key + ".misfit", "only with a shape")
+        return Rule(
+            fields,
+            forward,
+            record,
+            length,
+            components,
+            marker,
+            allow,
+            label=key,
+            shape=shape,
+            misfit=misfit,
+        )
 
 
 SHIPPED = Path(__file__).resolve().parent.parent / "policies"

@@ -5,8 +5,11 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass, field
 
+from imapveil.policy.shapes import Shape
+
 FORWARD_ACTIONS = ("keep", "drop", "truncate", "coarsen", "redact")
 RECORD_ACTIONS = ("keep", "drop", "coarsen", "hash")
+MISFIT_ACTIONS = ("drop", "coarsen")  # what becomes of a value without its rule's shape
 
 # Fields a backend may trust from a proxy (Dovecot's login_trusted_networks): a client must not
 # be able to set them through us. Dropped whatever the policy says, unless the client's network
@@ -31,6 +34,8 @@ class Rule:
     marker: str = "redacted"  # redact: the replacement, an obvious marker (RFC 2971 §3)
     allow: tuple[str, ...] = ()  # detectors that do not apply to these fields
     label: str = ""  # where the rule came from, for `policy test`
+    shape: Shape | None = None  # what a value must look like to be kept (shapes.py)
+    misfit: str = "drop"  # a value without that shape: drop, or coarsen (then it must fit)
 
     def matches_exactly(self, name: str) -> bool:
         return name in self.fields

@@ -1,0 +1,183 @@
+"""Issue 11: in the shipped policies a kept value has the shape of what it claims to be.
+
+Real clients' values pass as they did; identifiers in kept fields are dropped or coarsened and
+reach neither the server (Outcome.forwarded) nor a record (Outcome.recorded).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from imapveil.policy import Outcome, apply
+from imapveil.policy.engine import coarsen
+from imapveil.policy.load import resolve_policy
+from imapveil.protocol.id_params import IdFields, parse
+from tests.helpers.corpus import Row, rows
+
+IDENTITY = (b"name", b"version", b"os", b"os-version", b"vendor")
+CLIENT_ROWS = [r for r in rows() if r.direction == "C"]
+
+
+def run(policy: str, fields: IdFields, *, trusted: bool = False) -> Outcome:
+    return apply(resolve_policy(policy), fields, hasher=lambda v: "hmac", trusted_client=trusted)
+
+
+def row(label: str) -> IdFields:
+    return parse(next(r for r in CLIENT_ROWS if r.label == label).args)
+
+
+@pytest.mark.parametrize("client", CLIENT_ROWS, ids=[r.label for r in CLIENT_ROWS])
+def test_corpus_clients_keep_their_identity(client: Row) -> None:
+    sent = {k.lower(): v for k, v in parse(client.args) or ()}
+    default = dict(run("default", parse(client.args)).forwarded or ())
+    strict = run("strict", parse(client.args)).recorded
+    for field in IDENTITY:
+        if field in sent and (value := sent[field]) is not None:
+            assert default[field] == value
+            if field != b"vendor":  # strict records no vendor
+                text = value.decode()
+                coarse = coarsen(value, 2).decode()
+                assert strict[field.decode()] == (coarse if b"version" in field else text)
+
+
+def test_exact_values_of_real_clients() -> None:
+    ios = dict(run("default", row("ios-mail-17-field-order")).forwarded or ())
+    assert ios[b"version"] == b"21B101" and ios[b"os-version"] == b"17.1.2 (21B101)"
+    maild = dict(run("default", row("ios-maild-18")).forwarded or ())
+    assert maild[b"version"] == b"3826.300.87.2.22" and maild[b"name"] == b"com.apple.email.maild"
+    android = dict(run("default", row("aosp-email-identifiers")).forwarded or ())
+    assert android[b"os-version"] == b"13; TQ3A.230805.001"
+    apple = run("default", row("apple-mail-macos13"))
+    assert not apple.changed
+    assert dict(apple.forwarded or ())[b"version"] == b"16.0 (3731.600.7)"
+    assert run("strict", row("apple-mail-macos13")).recorded == {
+        "name": "Mac OS X Mail",
+        "version": "16.0",
+        "os": "Mac OS X",
+        "os-version": "13.4",
+    }
+
+
+def test_foxmail_four_part_version_is_a_version() -> None:
+    foxmail = parse(b'("name" "Foxmail" "version" "7.2.25.230")')
+    out = run("default", foxmail)
+    assert out.forwarded == ((b"name", b"Foxmail"), (b"version", b"7.2.25.230"))
+    assert not out.changed and out.recorded == {"name": "Foxmail", "version": "7.2.25.230"}
+    assert run("strict", foxmail).recorded == {"name": "Foxmail", "version": "7.2"}
+    # Only in `version`: the same value as an os-version is an address.
+    elsewhere = run("default", parse(b'("os-version" "7.2.25.230")'))
+    assert elsewhere.forwarded is None and elsewhere.recorded == {}
+
+
+UUID = b"0f8fad5b-d9cb-469f-a165-70867728950e"
+ADVERSARIAL = {
+    "uuid": UUID,
+    "uuid with underscores": UUID.replace(b"-", b"_"),
+    "uuid without separators": UUID.replace(b"-", b""),
+    "mac with colons": b"a4:c3:f0:85:1b:2e",
+    "mac with hyphens": b"a4-c3-f0-85-1b-2e",
+    "mac without separators": b"a4c3f0851b2e",
+    "mac, cisco": b"a4c3.f085.1b2e",
+    "imei": b"490154203237518",
+    "e-mail without a dot": b"alice@localhost",
+    "e-mail": b"alice@example.org",
+    "ipv6": b"2001:db8::1",
+    "base64 token": b"3kWq1b0Zr9mYb8Jx2n4Vt0cP5sI=",
+    "long build number": b"98765432101",
+}
+IPV4 = b"10.1.2.3"
+CONTROLS = b"Mail\x1b]0;title\x07\x00\r\n"
+
+
+def _everything(out: Outcome) -> str:
+    return repr(out.forwarded) + json.dumps(out.recorded) + json.dumps(out.dropped)
+
+
+@pytest.mark.parametrize("policy", ["default", "strict"])
+@pytest.mark.parametrize("field", IDENTITY)
+@pytest.mark.parametrize("kind", ADVERSARIAL)
+def test_identifiers_in_kept_fields_go_nowhere(policy: str, field: bytes, kind: str) -> None:
+    secret = ADVERSARIAL[kind]
+    for value in (secret, b"16.0 " + secret, secret + b" Mail", b"Mail (" + secret + b")"):
+        out = run(policy, ((field, value),))
+        assert secret.decode() not in _everything(out), (field, value)
+
+
+@pytest.mark.parametrize("policy", ["default", "strict"])
+@pytest.mark.parametrize("field", [f for f in IDENTITY if f != b"version"])
+def test_ipv4_goes_nowhere_except_as_a_version(policy: str, field: bytes) -> None:
+    out = run(policy, ((field, IPV4), (b"version", b"16.0 (" + IPV4 + b")")))
+    assert field.decode() not in out.recorded
+    sent = dict(out.forwarded or ())
+    assert field not in sent
+    if policy == "default":
+        assert sent[b"version"] == b"16.0 (" + IPV4 + b")"  # the README says so
+
+
+@pytest.mark.parametrize("policy", ["default", "strict", "passthrough"])
+def test_controls_and_oversized_values(policy: str) -> None:
+    fields = (*((f, CONTROLS) for f in IDENTITY), (b"x-big", b"v" * 2048))
+    out = run(policy, fields)
+    for _, value in out.forwarded or ():
+        if value is not None:
+            assert len(value) <= 1024
+            if policy != "passthrough":  # passthrough forwards what the client chose to say
+                assert not any(c < 0x20 or c == 0x7F for c in value)
+    assert "x-big" not in out.recorded and "x-big" in out.dropped
+    if policy != "passthrough":
+        assert all("\x1b" not in (v or "") for v in out.recorded.values())
+
+
+def test_a_misfit_version_is_coarsened_then_checked_again() -> None:
+    out = run("default", parse(b'("version" "16.0 (3731.600.7) build 98765432101")'))
+    assert out.forwarded is not None and out.forwarded[0] == (b"version", b"16.0")
+    assert out.changed and out.recorded == {"version": "16.0"}
+    (decision,) = out.decisions
+    assert (decision.forward, decision.rule) == ("coarsen", "shape:version")
+    # Nothing left that fits: dropped, and said why.
+    out = run("default", parse(b'("version" "beta-98765432101")'))
+    assert out.forwarded is None and out.recorded == {}
+    assert out.decisions[0].rule == "shape:version"
+    # Coarsening must not make an address out of a version: "1.2.3.4.5 x" gives "1.2.3.4".
+    out = run("default", parse(b'("os-version" "1.2.3.4.5 build 98765432101")'))
+    assert out.forwarded is None and out.recorded == {}
+
+
+def test_strict_records_a_coarsened_version_only_if_it_is_one() -> None:
+    out = run("strict", parse(b'("version" "a (1)" "os-version" "16.0 (3731.600.7)")'))
+    assert out.recorded == {"os-version": "16.0"}
+
+
+_SHAPED = (*IDENTITY, b"support-url")
+_PIECES = [*ADVERSARIAL.values(), IPV4, b"16.0", b" (", b")", b"; ", b"Mail", b"@", b":", b"\x00"]
+
+
+@st.composite
+def values(draw: st.DrawFn) -> bytes:
+    """Arbitrary octets, and values put together from versions, names and identifiers."""
+    if draw(st.booleans()):
+        return draw(st.binary(max_size=1100))
+    return b"".join(draw(st.lists(st.sampled_from(_PIECES), max_size=6)))
+
+
+@given(
+    policy=st.sampled_from(["default", "strict"]),
+    fields=st.lists(st.tuples(st.sampled_from(_SHAPED), values()), max_size=6),
+)
+def test_what_goes_out_of_a_shaped_field_has_its_shape(
+    policy: str, fields: list[tuple[bytes, bytes]]
+) -> None:
+    chosen = resolve_policy(policy)
+    out = apply(chosen, tuple(fields), hasher=lambda v: "hmac")
+    for raw, value in out.forwarded or ():
+        if raw == b"x-imapveil" or value is None:
+            continue
+        shape = chosen.rule_for(raw.decode().lower()).shape
+        assert shape is not None and len(value) <= 1024 and shape.fits(value), (raw, value)
+    for name, text in out.recorded.items():
+        shape = chosen.rule_for(name).shape
+        assert shape is not None and text is not None and shape.fits(text.encode()), (name, text)
