@@ -1,7 +1,8 @@
 """Issue 11: in the shipped policies a kept value has the shape of what it claims to be.
 
 Real clients' values pass as they did; identifiers in kept fields are dropped or coarsened and
-reach neither the server (Outcome.forwarded) nor a record (Outcome.recorded).
+reach neither the server (Outcome.forwarded) nor a record (Outcome.recorded); field names that
+are not printable ASCII are dropped in every policy.
 """
 
 from __future__ import annotations
@@ -150,6 +151,49 @@ def test_a_misfit_version_is_coarsened_then_checked_again() -> None:
 def test_strict_records_a_coarsened_version_only_if_it_is_one() -> None:
     out = run("strict", parse(b'("version" "a (1)" "os-version" "16.0 (3731.600.7)")'))
     assert out.recorded == {"os-version": "16.0"}
+
+
+NAMES = [
+    b"x-proxy-ttl\x00junk",
+    b"name\r",
+    b"na\nme",
+    b"ver sion",
+    b"os\x7f",
+    b"vendor\xc3\xa9",
+    b"\x1b[31mname",
+    b"",
+]
+
+
+@pytest.mark.parametrize("policy", ["default", "strict", "passthrough"])
+@pytest.mark.parametrize("trusted", [False, True])
+@pytest.mark.parametrize("raw", NAMES)
+def test_field_names_that_are_not_printable_ascii_are_dropped(
+    policy: str, trusted: bool, raw: bytes
+) -> None:
+    out = run(policy, ((raw, b"5"), (b"name", b"Mail")), trusted=trusted)
+    assert [n for n, _ in out.forwarded or ()] in ([b"name", b"x-imapveil"], [])
+    assert list(out.recorded) in (["name"], [])
+    shown = out.dropped[0]
+    assert shown.isprintable() and shown.isascii() and " " not in shown
+    assert out.decisions[0].rule == "name"
+
+
+def test_a_dropped_name_is_shown_escaped() -> None:
+    out = run("passthrough", ((b"X-Proxy-TTL\x00junk", b"5"),))
+    assert out.forwarded is None
+    assert out.dropped == ("x-proxy-ttl\\x00junk",)
+
+
+@pytest.mark.parametrize("policy", ["default", "strict", "passthrough"])
+def test_client_transport_is_anti_spoofing(policy: str) -> None:
+    fields = ((b"X-Client-Transport", b"TLS"), (b"name", b"Mail"))
+    out = run(policy, fields)
+    assert "x-client-transport" in out.dropped and "x-client-transport" not in out.recorded
+    assert out.decisions[0].rule == "anti-spoof"
+    if policy == "passthrough":
+        trusted = run(policy, fields, trusted=True)
+        assert dict(trusted.forwarded or ())[b"X-Client-Transport"] == b"TLS"
 
 
 _SHAPED = (*IDENTITY, b"support-url")

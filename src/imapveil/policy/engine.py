@@ -47,8 +47,27 @@ def coarsen(value: bytes, components: int) -> bytes:
     return b".".join(head.split(b".")[:components])
 
 
+_PRINTABLE = bytes(range(0x21, 0x7F))
+
+
+def _is_field_name(raw: bytes) -> bool:
+    """Printable ASCII without spaces, as every field RFC 2971 §3.3 defines or a client sends.
+
+    Anything else (NUL, CR, LF, controls, 8-bit, space) only arrives in a literal and is dropped,
+    never normalised: a server cuts "x-proxy-ttl\\0junk" at the NUL and reads "x-proxy-ttl".
+    """
+    return bool(raw) and not raw.translate(None, _PRINTABLE)
+
+
+def _shown(raw: bytes) -> str:
+    """A dropped field's name as records show it: printable, the rest as \\xNN (RFC 2971 §7)."""
+    return "".join(
+        chr(c) if 0x21 <= c <= 0x7E else f"\\x{c:02x}" for c in raw[:MAX_FIELD_LENGTH]
+    ).lower()
+
+
 def _name(raw: bytes) -> str:
-    return raw.decode("utf-8", "replace").lower()
+    return raw.decode("ascii").lower() if _is_field_name(raw) else _shown(raw)
 
 
 def apply(
@@ -69,10 +88,10 @@ def apply(
     seen: set[str] = set()
     changed = False
     for raw_name, value in fields:
-        name = _name(raw_name)
-        if name in seen:  # §3.3: a field once; the first one counts
+        name, readable = _name(raw_name), _is_field_name(raw_name)
+        if not readable or name in seen:  # §3.3: a field once; the first one counts
             dropped.append(name[:MAX_FIELD_LENGTH])
-            decisions.append(Decision(name, "drop", "drop", "duplicate"))
+            decisions.append(Decision(name, "drop", "drop", "duplicate" if readable else "name"))
             changed = True
             continue
         seen.add(name)

@@ -21,6 +21,7 @@ ANTI_SPOOF = (
     "x-forward-*",
     "x-proxy-ttl",
     "x-multiplex",
+    "x-client-transport",  # Dovecot: whether the client used TLS, which plaintext login rules read
 )
 
 
