@@ -84,6 +84,9 @@ class CoreConfig:
     hash_value: Callable[[bytes], str] = field(default=lambda _v: "hmac:")
     """Keyed HMAC for `record = "hash"` in ID policies."""
     max_id_records: int = 10
+    max_violation_records: int = 20
+    """Violation records per session (refused commands count too); the rest are counted in one
+    `violations_suppressed` record at the end: one client's garbage must not flood the log."""
     inject_id: tuple[tuple[bytes, bytes], ...] = ()
     forward_client_address: bool = False
     client_tls: str = "off"
@@ -263,6 +266,7 @@ class SessionCore:
         "_sasl_command",
         "_server",
         "_server_continues",
+        "_violations",
         "_withheld",
         "bytes_from_client",
         "bytes_from_server",
@@ -345,6 +349,7 @@ class SessionCore:
         self._owed = bytearray()  # our own lines ("+", BAD), sent at a server response boundary
         self._relay_line: bytes | None = None  # how the client line just read goes out
         self._close_pending = False  # close once the owed lines are sent
+        self._violations = 0  # violation records so far (and refused commands)
         self._id_waiting: _Command | None = None
         self._id_records = 0
         self._id_pieces: list[bytes] = []  # rest of a rewritten ID, one piece per "+"
@@ -542,6 +547,12 @@ class SessionCore:
             for queue in self._pending.values():
                 out.extend(Emit(self._command_record(cmd, None, None)) for cmd in queue)
         self._pending.clear()
+        suppressed = self._violations - self.config.max_violation_records
+        if suppressed > 0:
+            summary = Violation(
+                self.session_id, "session", "violations_suppressed", f"{suppressed} more", "counted"
+            )
+            out.append(Emit(summary))
         out.append(
             Emit(
                 SessionEnded(
@@ -740,7 +751,11 @@ class SessionCore:
         self._client_mode = _ClientMode.COMMAND
         self._violation("client", f"refused_{frag.problem}", f"{size} octets", "refused")
         self._owe((tag or b"*") + b" BAD [CLIENTBUG] Command not understood by the proxy\r\n")
-        if tag is not None and self.config.log_commands:
+        if (
+            tag is not None
+            and self.config.log_commands
+            and self._violations <= self.config.max_violation_records
+        ):
             cmd = _Command(tag, verb or b"?", self.state, self.now)
             self._out.append(Emit(self._command_record(cmd, "BAD", "CLIENTBUG")))
         literal = frag.literal
@@ -1576,7 +1591,9 @@ class SessionCore:
         return None
 
     def _violation(self, source: str, kind: str, detail: str, action: str = "forwarded") -> None:
-        self._out.append(Emit(Violation(self.session_id, source, kind, detail, action)))
+        self._violations += 1
+        if self._violations <= self.config.max_violation_records:
+            self._out.append(Emit(Violation(self.session_id, source, kind, detail, action)))
 
     def _command_record(
         self, cmd: _Command, status: str | None, code: str | None

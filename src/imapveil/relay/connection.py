@@ -33,6 +33,7 @@ from imapveil.protocol.actions import (
     StartTls,
 )
 from imapveil.protocol.session import CoreConfig, SessionCore
+from imapveil.records import Record, SessionEnded
 from imapveil.relay.deflate import DeflateStream
 from imapveil.relay.tls import UpstreamTlsError, upstream_starttls
 from imapveil.sinks import Sink
@@ -130,7 +131,8 @@ class Leg:
                 pass
             except OSError:
                 pass
-        await trio.aclose_forcefully(stream)
+        with contextlib.suppress(Exception):
+            await trio.aclose_forcefully(stream)
 
 
 class Connection:
@@ -143,6 +145,7 @@ class Connection:
         "_pumps",
         "_refusal",
         "_resume",
+        "_sink_failed",
         "client",
         "core",
         "server",
@@ -186,23 +189,64 @@ class Connection:
         self._first_client_data = first_client_data  # what followed a PROXY header
         self._refusal = refusal
         self._resume: trio.Event | None = None  # set when the core wants client data again
+        self._sink_failed = False
 
     def __repr__(self) -> str:
         return f"<Connection {self.core.session_id}>"
 
     async def run(self) -> None:
-        """Relay until either side closes, then write the end record. Never raises for peers."""
+        """Relay until either side closes, then write the end record.
+
+        Never raises: whatever fails while serving this session (a peer, a library such as
+        zlib or ssl, a bug of ours, a sink) ends this session, with its `session_end` record
+        and one diagnostic, and nothing else.
+        """
         try:
             await self._apply(self.core.start())
             await self._run()
         except Exception:
             # A bug of ours, not a peer's mistake: say so once, with the trace, and move on.
             log.exception("session %s failed", self.core.session_id)
-            self._emit_all(self.core.failed("internal error", trio.current_time()))
+            try:
+                self._emit_all(self.core.failed("internal error", trio.current_time()))
+            except Exception:
+                log.exception("session %s: could not record the failure", self.core.session_id)
         finally:
             with trio.CancelScope(shield=True):
-                self._emit_all(self.core.finish(trio.current_time()))
+                try:
+                    self._emit_all(self.core.finish(trio.current_time()))
+                except Exception:
+                    log.exception("session %s: could not finish", self.core.session_id)
+                    self._emit(self._fallback_end())
                 await self._close_legs()
+
+    def _fallback_end(self) -> SessionEnded:
+        """The end record when the core could not write its own."""
+        core = self.core
+        return SessionEnded(
+            session=core.session_id,
+            client=core.client_address,
+            upstream=core.upstream_address,
+            reason="error",
+            detail="internal error",
+            state=core.state.value,
+            user=None,
+            duration_ms=round((trio.current_time() - core.started) * 1000.0, 3),
+            bytes_from_client=core.bytes_from_client,
+            bytes_from_server=core.bytes_from_server,
+            commands=core.commands,
+            client_tls=core.client_secure,
+            compressed=core.compressed,
+        )
+
+    def _emit(self, record: Record) -> None:
+        """Hand a record to the sinks; a sink that fails costs that record, nothing more."""
+        try:
+            self.sink.emit(record)
+        except Exception:
+            if not self._sink_failed:
+                self._sink_failed = True
+                log.exception("session %s: a record could not be written", self.core.session_id)
 
     async def _run(self) -> None:
         if self._refusal is not None:
@@ -375,7 +419,7 @@ class Connection:
                     elif not isinstance(nxt, Emit):
                         break
                     else:
-                        self.sink.emit(nxt.record)
+                        self._emit(nxt.record)
                     j += 1
                 i = j
                 leg = self.server if direction is Direction.TO_SERVER else self.client
@@ -391,7 +435,7 @@ class Connection:
                     return
                 continue
             if isinstance(action, Emit):
-                self.sink.emit(action.record)
+                self._emit(action.record)
             elif isinstance(action, Close):
                 if action.reason == "upstream_unavailable":
                     log.warning(
@@ -410,7 +454,7 @@ class Connection:
         """Records only; for the moments when nothing may be sent any more."""
         for action in actions:
             if isinstance(action, Emit):
-                self.sink.emit(action.record)
+                self._emit(action.record)
             elif isinstance(action, Close):
                 self._close()
 
@@ -418,7 +462,15 @@ class Connection:
         legs = [leg for leg in (self.client, self.server) if leg is not None]
         async with trio.open_nursery() as nursery:
             for leg in legs:
-                nursery.start_soon(leg.close_gracefully)
+                nursery.start_soon(self._close_leg, leg)
+
+    async def _close_leg(self, leg: Leg) -> None:
+        try:
+            await leg.close_gracefully()
+        except Exception:
+            log.exception("session %s: closing the %s leg failed", self.core.session_id, leg.name)
+            with contextlib.suppress(Exception):
+                await trio.aclose_forcefully(leg.stream)
 
 
 def resolve(host: str, port: int) -> tuple[tuple[int, tuple[Any, ...]], ...]:

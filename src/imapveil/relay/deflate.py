@@ -32,20 +32,26 @@ class DeflateStream(trio.abc.Stream):
         limit = min(max_bytes or self.max_output, self.max_output)
         while True:
             if self._pending:
-                out = self._decompress.decompress(self._pending, limit)
-                self._pending = self._decompress.unconsumed_tail
+                out = self._inflate(self._pending, limit)
                 if out:
                     return out
             data = await self.inner.receive_some()
             if not data:
                 return b""
-            try:
-                out = self._decompress.decompress(data, limit)
-            except zlib.error as exc:
-                raise trio.BrokenResourceError(f"bad DEFLATE data: {exc}") from None
-            self._pending = self._decompress.unconsumed_tail
+            out = self._inflate(data, limit)
             if out:
                 return out
+
+    def _inflate(self, data: bytes | bytearray, limit: int) -> bytes:
+        """At most `limit` octets of output; the rest of the input waits in `_pending`. Bad
+        input is the peer's problem: it breaks this stream, never escapes as zlib.error."""
+        try:
+            out = self._decompress.decompress(data, limit)
+        except zlib.error as exc:
+            self._pending = b""
+            raise trio.BrokenResourceError(f"bad DEFLATE data: {exc}") from None
+        self._pending = self._decompress.unconsumed_tail
+        return out
 
     async def aclose(self) -> None:
         await self.inner.aclose()

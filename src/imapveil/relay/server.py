@@ -135,6 +135,10 @@ class Proxy:
             )
             self.connections.add(connection)
             await connection.run()
+        except Exception:
+            # `run` never raises; this is what comes before it. One connection's failure must
+            # not reach the nursery every session shares.
+            log.exception("connection handler failed")
         finally:
             if admitted is not None:
                 self._admission.release(admitted)

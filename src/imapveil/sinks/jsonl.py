@@ -4,6 +4,11 @@
 writer task drains in batches, off the event loop (a slow disk slows the writer, not the
 sessions). When the queue is full the record is dropped and counted; the count is written as a
 record of its own once there is room again, so a reader of the log knows something is missing.
+
+The queue is shared fairly, so that one session's flood cannot cost another session its
+records: per-command and violation records ("bulk") may fill only three quarters of it, and one
+session's bulk records at most an eighth; session starts and ends, ID exchanges and the service's
+own records use the rest.
 """
 
 from __future__ import annotations
@@ -28,6 +33,9 @@ log = logging.getLogger(__name__)
 COALESCE = 0.05
 """Seconds the writer waits after a wake-up, so that one write carries many records."""
 
+BULK = frozenset(("command", "violation"))
+"""Record kinds a single session can produce without bound (one per command it sends)."""
+
 
 def _timestamp(when: float | None = None) -> str:
     now = datetime.datetime.fromtimestamp(time.time() if when is None else when, datetime.UTC)
@@ -47,6 +55,8 @@ class JsonLinesSink:
         self.dropped = 0
         self._unreported_drops = 0
         self._queue: deque[tuple[Record | dict[str, Any], float]] = deque()
+        self._bulk = 0  # bulk records queued
+        self._bulk_by_session: dict[str, int] = {}
         self._wake = trio.Event()
         self._file: IO[bytes] | None = None
         self._writing = trio.Lock()
@@ -71,7 +81,16 @@ class JsonLinesSink:
                 old.close()
 
     def emit(self, record: Record) -> None:
-        if len(self._queue) >= self.capacity:
+        session = _bulk_session(record)
+        if session is not None:
+            mine = self._bulk_by_session.get(session, 0)
+            if self._bulk >= self.capacity * 3 // 4 or mine >= self.capacity // 8:
+                self.dropped += 1
+                self._unreported_drops += 1
+                return
+            self._bulk += 1
+            self._bulk_by_session[session] = mine + 1
+        elif len(self._queue) >= self.capacity:
             self.dropped += 1
             self._unreported_drops += 1
             return
@@ -117,9 +136,24 @@ class JsonLinesSink:
             # Taken off the queue only once written (or failed): a cancellation before the
             # write leaves them for the final drain.
             for _ in range(count):
-                queue.popleft()
+                record, _when = queue.popleft()
+                session = _bulk_session(record)
+                if session is not None:
+                    self._bulk -= 1
+                    left = self._bulk_by_session[session] - 1
+                    if left:
+                        self._bulk_by_session[session] = left
+                    else:
+                        del self._bulk_by_session[session]
 
     def _write(self, batch: list[tuple[Record | dict[str, Any], float]]) -> None:
         assert self._file is not None, "open() the sink first"
         self._file.write(b"".join(encode(record, when) for record, when in batch))
         self._file.flush()
+
+
+def _bulk_session(record: Record | dict[str, Any]) -> str | None:
+    """The session of a bulk record, or None for the records that are never crowded out."""
+    if isinstance(record, dict) or record.event not in BULK:
+        return None
+    return str(getattr(record, "session", ""))
