@@ -148,6 +148,7 @@ def test_patterns(pattern: str, fits: list[bytes], misfits: list[bytes]) -> None
         ("^[a-z]*[a-z0-9]$", "make them disjoint"),
         ("^[a-z]+[0-9]?[a-z]$", "make them disjoint"),  # through an optional item
         ("^.*x$", "make them disjoint"),
+        (r"^[^a]*\x00$", r"start with (\x00)"),
         (r"^\1$", "not supported"),
         (r"^\bword$", "not supported"),
         (r"^\x4$", r"\x takes two"),
@@ -210,7 +211,7 @@ def policy_error(tmp_path: Path, text: str) -> str:
         ),
         (
             "[[rule]]\nfields = [\"x\"]\nshape = '^[a-z]*[a-z0-9]$'\n",
-            "rule[0].shape: item 1 repeats a set that what follows can also start with (0x61)",
+            "rule[0].shape: item 1 repeats a set that what follows can also start with ('a')",
         ),
         ("[[rule]]\nfields = [\"x\"]\nshape = '[a-z]'\n", "rule[0].shape: a pattern must be"),
         ('[[rule]]\nfields = ["x"]\nshape = 3\n', "rule[0].shape: expected a shape's name"),

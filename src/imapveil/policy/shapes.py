@@ -344,8 +344,9 @@ def _check_unambiguous(items: list[_Item]) -> None:
         common = mask & follow
         if common:
             c = (common & -common).bit_length() - 1
+            shown = repr(chr(c)) if 0x20 < c < 0x7F else f"\\x{c:02x}"
             raise ShapeError(
-                f"item {i + 1} repeats a set that what follows can also start with ({c:#04x}):"
+                f"item {i + 1} repeats a set that what follows can also start with ({shown}):"
                 " make them disjoint, so that matching never has to backtrack"
             )
 
