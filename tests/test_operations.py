@@ -110,7 +110,7 @@ def test_session_survives_sighup_and_follows_the_new_policy(
             while not f.readline().startswith(b"b OK"):
                 pass
             policy.write_text(
-                policy.read_text().replace('"name", "version"', '"x-device", "name", "version"')
+                policy.read_text().replace('["name", "vendor"]', '["x-device", "name", "vendor"]')
             )
             proxy.signal(signal.SIGHUP)
             assert b"reloaded" in proxy.stderr_until(b" imapveil: reload")
@@ -191,20 +191,28 @@ def test_proxy_header_from_an_untrusted_source_is_refused(dovecot: Dovecot, tmp_
 
 
 def test_connection_limits(dovecot: Dovecot, tmp_path: Path) -> None:
-    with imapveil(tmp_path, dovecot.address, "--max-sessions-per-client", "1") as proxy:
+    # Loopback is exempt from per-address limits: the client is 192.0.2.7, by a PROXY header.
+    header = b"PROXY TCP4 192.0.2.7 198.51.100.1 51234 143\r\n"
+    args = ("--max-sessions-per-client", "1", "--proxy-protocol-from", "127.0.0.1/32")
+    with imapveil(tmp_path, dovecot.address, *args) as proxy:
         with (
             socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as first,
             first.makefile("rb") as f,
         ):
+            first.sendall(header)
             assert f.readline().startswith(b"* OK")
             with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as second:
+                second.sendall(header)
                 reply = second.makefile("rb").read()
             first.sendall(b"a LOGOUT\r\n")
             f.read()
         assert proxy.stop() == 0
     assert reply == b"* BYE [UNAVAILABLE] Too many connections, try again later\r\n"
     reasons = sorted(r["reason"] for r in proxy.records() if r["event"] == "session_end")
-    assert reasons == ["logout", "over_limit"]
+    assert reasons == ["logout"]  # a refusal is no session, but an over_limit record
+    (refused,) = [r for r in proxy.records() if r["event"] == "over_limit"]
+    assert refused["client"] == "192.0.2.7" and refused["refused"] == 1
+    assert refused["detail"] == "1 sessions from one address"
 
 
 def test_units_verify_and_example_config_checks(tmp_path: Path) -> None:
