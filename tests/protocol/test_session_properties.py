@@ -210,7 +210,7 @@ def test_garbage_never_crashes_and_stays_bounded(
     for _ in conv.play(steps):
         core = conv.core
         assert len(core._client.buf) <= config.max_line
-        assert len(core._held) <= config.max_held
+        assert core.held <= config.max_held
         assert len(core._server.buf) <= config.server_hold
     conv.client_closes()
     for reply in conv.replies:
@@ -236,7 +236,7 @@ def test_garbage_with_id_policy_never_crashes(
     for _ in conv.play(steps):
         core = conv.core
         assert len(core._client.buf) <= config.max_line
-        assert len(core._held) <= config.max_held
+        assert core.held <= config.max_held
         assert core._id is None or len(core._id.parts) <= 64 * 1024 + config.max_line
     conv.client_closes()
     for reply in conv.replies:
