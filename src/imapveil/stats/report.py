@@ -10,6 +10,7 @@ import csv
 import html
 import io
 import json
+import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -22,6 +23,24 @@ BY = {
     "os": ("platform", "os_version"),
     "day": ("day",),
 }
+
+
+_UNSAFE = re.compile(
+    r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]"
+)
+"""What a terminal or a reader of text must not get raw from a client: C0 and C1 controls and DEL
+(escape sequences, BEL, a carriage return or line feed forging a row), the line and paragraph
+separators, and the bidirectional marks and overrides that reorder what is shown."""
+
+
+def _escape_one(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def safe(text: str) -> str:
+    """`text` with every character of `_UNSAFE` written as an escape (`\\x1b`, `\\u202e`)."""
+    return _UNSAFE.sub(_escape_one, text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,8 +118,8 @@ def as_table(summary: Summary, by: str) -> str:
     head = f"{by:<40} {'sessions':>9} {'users':>7}  first seen           last seen"
     lines = [head, "-" * len(head)]
     for r in summary.rows:
-        seen = f"{r.first_seen[:19]}  {r.last_seen[:19]}"
-        lines.append(f"{r.group[:40]:<40} {r.sessions:>9} {r.users:>7}  {seen}")
+        seen = f"{safe(r.first_seen)[:19]}  {safe(r.last_seen)[:19]}"
+        lines.append(f"{safe(r.group)[:40]:<40} {r.sessions:>9} {r.users:>7}  {seen}")
     lines.append("")
     lines.append(
         f"{summary.sessions} sessions, {summary.users} distinct users, "
@@ -114,7 +133,7 @@ def as_csv(summary: Summary, by: str) -> str:
     writer = csv.writer(out)
     writer.writerow([by, "sessions", "users", "first_seen", "last_seen"])
     for r in summary.rows:
-        writer.writerow([r.group, r.sessions, r.users, r.first_seen, r.last_seen])
+        writer.writerow([safe(r.group), r.sessions, r.users, safe(r.first_seen), safe(r.last_seen)])
     return out.getvalue()
 
 
@@ -144,7 +163,7 @@ def _bars(title: str, rows: list[tuple[str, int]], unit: str) -> str:
     for i, (label, value) in enumerate(rows):
         y = 30 + i * bar_h
         w = int((width - label_w - 80) * value / top)
-        parts.append(f'<text x="0" y="{y + 15}">{html.escape(label[:38])}</text>')
+        parts.append(f'<text x="0" y="{y + 15}">{html.escape(safe(label)[:38])}</text>')
         bar = f'x="{label_w}" y="{y + 3}" width="{max(w, 1)}" height="{bar_h - 6}"'
         parts.append(f'<rect class="bar" {bar}/>')
         parts.append(f'<text x="{label_w + w + 6}" y="{y + 15}">{value} {unit}</text>')
