@@ -9,16 +9,66 @@ names a TEST-NET source (192.0.2.7) in a PROXY header. No traffic goes to that a
 
 from __future__ import annotations
 
+import contextlib
+import imaplib
 import re
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
 import trio
 
 from imapveil.records import IdExchange, SessionEnded, SessionStarted
 from imapveil.stats.report import safe
 from imapveil.stats.sink import StoreSink
+from tests.helpers.dovecot import Dovecot
+from tests.helpers.process import imapveil
+
+USER, PASSWORD = "alice", "wonderland"
+
+
+# --- against the real service and Dovecot -------------------------------------------------------
+
+
+@pytest.mark.dovecot
+def test_a_trickling_client_is_closed_at_the_login_deadline(
+    dovecot: Dovecot, tmp_path: Path
+) -> None:
+    args = ("--login-deadline", "2", "--login-timeout", "60")
+    with imapveil(tmp_path, dovecot.address, *args) as proxy:
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as slow:
+            started = time.monotonic()
+            slow.settimeout(0.5)  # the attack's pacing: one octet every half second
+            received, closed, logged_in = b"", False, False
+            while time.monotonic() - started < 10:
+                with contextlib.suppress(OSError):  # closed by the proxy: read its last words
+                    slow.sendall(b"a")
+                try:
+                    chunk = slow.recv(4096)
+                except TimeoutError:
+                    chunk = None
+                if chunk == b"":
+                    closed = True
+                    break
+                received += chunk or b""
+                if not logged_in and time.monotonic() - started > 1:
+                    # Another connection, meanwhile, logs in as usual.
+                    normal = imaplib.IMAP4("127.0.0.1", proxy.port, timeout=10)
+                    normal.login(USER, PASSWORD)
+                    normal.logout()
+                    logged_in = True
+            elapsed = time.monotonic() - started
+        assert proxy.stop() == 0
+    assert closed and logged_in
+    assert 1.9 < elapsed < 10
+    assert received.startswith(b"* OK") and received.endswith(b"* BYE Login time limit reached\r\n")
+    ends = {r["reason"]: r for r in proxy.records() if r["event"] == "session_end"}
+    assert sorted(ends) == ["login_timeout", "logout"]
+    assert ends["login_timeout"]["user"] is None
+
 
 # --- terminal-safe statistics -------------------------------------------------------------------
 

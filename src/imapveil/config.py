@@ -56,6 +56,7 @@ class Settings:
     max_line_length: int = 64 * 1024
     connect_timeout: float = 10.0
     login_timeout: float = 60.0
+    login_deadline: float = 180.0
     idle_timeout: float = 31 * 60.0
     user_identity: str = "hash"
     user_key_file: str = ""
@@ -102,6 +103,8 @@ HELP: dict[str, str] = {
     "max_line_length": "longest client command line in octets, outside literals (default 65536)",
     "connect_timeout": "seconds to wait for the upstream to accept a connection (default 10)",
     "login_timeout": "seconds without traffic before login, then BYE (default 60)",
+    "login_deadline": "seconds from the connection until the client must be logged in, however "
+    "it trickles, then BYE; 0 for none (default 180)",
     "idle_timeout": "seconds without traffic after login, then BYE (default 1860)",
     "user_identity": "what records say about the user: hash (default), plain or none",
     "user_key_file": "key for user_identity = hash; created (0600) if missing "
@@ -156,12 +159,24 @@ def _whole(value: Any, minimum: int, expected: str) -> int:
     return number
 
 
-def _positive_number(name: str, value: Any, expected: str) -> float:
+def _number(value: Any, expected: str) -> float:
     number = float(value) if isinstance(value, str) else value
     if type(number) not in (int, float):
         raise ValueError(expected)
-    _positive(name, float(number))
     return float(number)
+
+
+def _positive_number(name: str, value: Any, expected: str) -> float:
+    number = _number(value, expected)
+    _positive(name, number)
+    return number
+
+
+def _non_negative_number(name: str, value: Any, expected: str) -> float:
+    number = _number(value, expected)
+    if not (number >= 0) or math.isinf(number):
+        raise ValueError(f"{name} must be a number, at least 0")
+    return number
 
 
 def _items(value: Any, expected: str) -> list[str]:
@@ -218,6 +233,8 @@ def _convert(name: str, value: Any) -> Any:
         return _whole(value, 1, "expected a whole number, at least 1")
     if name in SECONDS:
         return _positive_number(name, value, "expected a number of seconds")
+    if name == "login_deadline":
+        return _non_negative_number(name, value, "expected a number of seconds (0: none)")
     if name == "max_connection_rate":
         return _positive_number(name, value, "expected a number per second")
     if name == "log_level":

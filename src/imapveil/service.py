@@ -104,6 +104,7 @@ def admittance(loaded: Loaded, holder: PolicyHolder) -> Admittance:
         identify_user=identifier(s.user_identity, loaded.key),
         log_commands=s.log_commands,
         idle_timeout_login=s.login_timeout,
+        login_deadline=s.login_deadline,
         idle_timeout=s.idle_timeout,
         policy=holder,
         hash_value=value_hasher(loaded.key),
