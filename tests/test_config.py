@@ -1,12 +1,13 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from pathlib import Path
 
 import pytest
 
 from imapveil.cli import build_parser, main
-from imapveil.config import ConfigError, Endpoint, load, parse_endpoint
+from imapveil.config import HELP, NAMES, ConfigError, Endpoint, load, parse_endpoint
 from imapveil.protocol.session import CoreConfig
 from imapveil.relay.connection import RelaySettings
 
@@ -101,3 +102,15 @@ def test_inject_id(tmp_path: Path) -> None:
     for bad in ("name", "name=\u00e9", "x" * 31 + "=v"):
         with pytest.raises(ConfigError, match="inject_id"):
             load(None, {"upstream": "h:1", "inject_id": bad})
+
+
+def test_every_setting_is_documented_in_the_readme_and_the_example() -> None:
+    """A setting has a help text (and so a flag), a row in the README's table, and a line (maybe
+    commented out) in systemd/imapveil.toml."""
+    root = Path(__file__).resolve().parents[1]
+    readme = root.joinpath("README.md").read_text()
+    example = root.joinpath("systemd", "imapveil.toml").read_text()
+    for name in NAMES:
+        assert name in HELP, name
+        assert re.search(rf"^\| [^|]*`{name}`", readme, re.MULTILINE), name
+        assert re.search(rf"^(# )?{name} = ", example, re.MULTILINE), name

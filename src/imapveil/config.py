@@ -68,7 +68,8 @@ class Settings:
     inject_id: tuple[tuple[str, str], ...] = ()
     max_sessions: int = 10_000
     max_sessions_per_client: int = 1_000
-    max_connection_rate: float = 50.0
+    max_connection_rate: float = 100.0
+    limits_exempt: tuple[str, ...] = ()
     proxy_protocol_from: tuple[str, ...] = ()
     upstream_proxy_protocol: bool = False
     forward_client_address: bool = False
@@ -119,7 +120,10 @@ HELP: dict[str, str] = {
     "servers that refuse clients without ID; describe your deployment honestly; default off",
     "max_sessions": "concurrent sessions in all (default 10000)",
     "max_sessions_per_client": "concurrent sessions from one client address (default 1000)",
-    "max_connection_rate": "new connections per second from one client address (default 50)",
+    "max_connection_rate": "new connections per second from one client address, with a burst "
+    "of 30 seconds' worth (default 100)",
+    "limits_exempt": "client networks (CIDR, comma-separated) exempt from the per-address limits "
+    "(max_sessions_per_client, max_connection_rate); loopback always is; default none",
     "proxy_protocol_from": "networks (CIDR, comma-separated) whose connections must start with "
     "a PROXY protocol v1/v2 header; default none",
     "upstream_proxy_protocol": "send a PROXY v2 header with the real client address upstream "
@@ -245,7 +249,7 @@ def _convert(name: str, value: Any) -> Any:
         if not isinstance(value, str) or not value:
             raise ValueError("expected a policy name or file")
         return value
-    if name in ("trusted_networks", "proxy_protocol_from"):
+    if name in ("trusted_networks", "proxy_protocol_from", "limits_exempt"):
         networks = tuple(_items(value, "expected a list of networks like 10.0.0.0/8"))
         for network in networks:
             ipaddress.ip_network(network, strict=False)  # ValueError names the bad one

@@ -163,6 +163,22 @@ class StoreDropped:
         return {"event": self.event, **_fields(self)}
 
 
+@dataclass(frozen=True, slots=True)
+class OverLimit:
+    """Connections from `client` (an address, no port) refused over a connection limit: one
+    record for the first, then one per interval for the `refused` ones that followed in the last
+    `seconds`, instead of a session record each. `detail` is the latest reason."""
+
+    event: ClassVar[str] = "over_limit"
+    client: str
+    refused: int
+    detail: str
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"event": self.event, **_fields(self)}
+
+
 Record = (
     SessionStarted
     | SessionEnded
@@ -172,6 +188,7 @@ Record = (
     | PolicyLoaded
     | ConfigLoaded
     | StoreDropped
+    | OverLimit
 )
 
 END_REASONS = (

@@ -135,7 +135,12 @@ def admittance(loaded: Loaded, holder: PolicyHolder) -> Admittance:
         upstream_tls=s.upstream_tls,
         upstream_context=loaded.upstream_context,
     )
-    limits = Limits(s.max_sessions, s.max_sessions_per_client, s.max_connection_rate)
+    limits = Limits(
+        s.max_sessions,
+        s.max_sessions_per_client,
+        s.max_connection_rate,
+        exempt=_networks(s.limits_exempt),
+    )
     return Admittance(relay, limits, _networks(s.proxy_protocol_from))
 
 
@@ -170,6 +175,7 @@ class Service:
         )
         self.metrics.gauges["sessions_active"] = lambda: float(self.proxy.stats.active)
         self.metrics.gauges["events_dropped"] = lambda: float(self.sink.dropped)
+        self.metrics.gauges["connections_refused"] = lambda: float(self.proxy.stats.refused)
         if self.store is not None:
             store = self.store
             self.metrics.gauges["store_queue_depth"] = lambda: float(store.depth)

@@ -18,7 +18,7 @@ def test_limits_in_all_per_address_and_rate() -> None:
 
 
 def test_rate_refills() -> None:
-    gate = Admission(Limits(max_connection_rate=2))
+    gate = Admission(Limits(max_connection_rate=2, burst_seconds=1))  # a burst of 2
     assert gate.admit("a", 0.0) is None
     gate.release("a")
     assert gate.admit("a", 0.0) is None

@@ -1,21 +1,56 @@
-"""Connection limits: in all, per client address, and new connections per second per address.
+"""Connection limits: in all, per client address, and new connections per second per address;
+and refusals over them, counted per address and reported once per interval.
+
+Clients from exempt networks (`Limits.exempt`, and loopback always) skip the per-address limits,
+for an office behind one NAT address or a balancer without the PROXY protocol; they still count
+toward `max_sessions`.
 
 Memory is bounded whatever clients do: counters exist only for addresses with open sessions,
-and rate buckets are forgotten once full again (and capped in number).
+rate buckets are forgotten once full again (and capped in number), and refusals are tracked for
+at most `MAX_REFUSING` addresses at once (the rest are counted together).
 """
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 
 MAX_TRACKED = 100_000
+BURST_SECONDS = 30.0
+"""A rate bucket holds this many seconds' worth of connections: a reconnect storm after a
+network blip is admitted at once, a client reconnecting in a loop is held to the rate."""
+REFUSAL_INTERVAL = 60.0
+"""Seconds between two reports of refusals from one address."""
+MAX_REFUSING = 10_000
+OTHERS = "other addresses"
+"""Where refusals are counted once `MAX_REFUSING` addresses are tracked."""
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(frozen=True, slots=True)
 class Limits:
     max_sessions: int = 10_000
     max_sessions_per_client: int = 1_000
-    max_connection_rate: float = 50.0  # per second per address; the burst is one second's worth
+    max_connection_rate: float = 100.0  # per second per address
+    exempt: tuple[Network, ...] = ()
+    """Client networks without per-address limits (loopback is always exempt)."""
+    burst_seconds: float = BURST_SECONDS
+
+    @property
+    def burst(self) -> float:
+        """Connections one address may open at once: `burst_seconds` of the rate, at least 1."""
+        return max(1.0, self.max_connection_rate * self.burst_seconds)
+
+    def exempts(self, host: str) -> bool:
+        """Whether `host` (an address as text) skips the per-address limits."""
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped  # a dual-stack listener's view of an IPv4 client
+        return address.is_loopback or any(address in network for network in self.exempt)
 
 
 class Admission:
@@ -30,33 +65,104 @@ class Admission:
         limits = self.limits
         if self.active >= limits.max_sessions:
             return f"{limits.max_sessions} sessions in all"
-        if self._per_address.get(address, 0) >= limits.max_sessions_per_client:
-            return f"{limits.max_sessions_per_client} sessions from one address"
-        rate = limits.max_connection_rate
-        tokens, when = self._buckets.get(address, (rate, now))
-        tokens = min(rate, tokens + (now - when) * rate)
-        if tokens < 1.0:
-            self._buckets[address] = (tokens, now)
-            return f"more than {rate:g} new connections per second from one address"
-        self._buckets[address] = (tokens - 1.0, now)
-        if len(self._buckets) > MAX_TRACKED:
-            self._forget_full(now)
+        if not limits.exempts(address):
+            if self._per_address.get(address, 0) >= limits.max_sessions_per_client:
+                return f"{limits.max_sessions_per_client} sessions from one address"
+            rate, burst = limits.max_connection_rate, limits.burst
+            tokens, when = self._buckets.get(address, (burst, now))
+            tokens = min(burst, tokens + (now - when) * rate)
+            if tokens < 1.0:
+                self._buckets[address] = (tokens, now)
+                return f"more than {rate:g} new connections per second from one address"
+            self._buckets[address] = (tokens - 1.0, now)
+            if len(self._buckets) > MAX_TRACKED:
+                self._forget_full(now)
+            self._per_address[address] = self._per_address.get(address, 0) + 1
         self.active += 1
-        self._per_address[address] = self._per_address.get(address, 0) + 1
         return None
 
     def release(self, address: str) -> None:
         self.active -= 1
-        left = self._per_address.get(address, 1) - 1
-        if left:
+        left = self._per_address.get(address, 0) - 1
+        if left > 0:
             self._per_address[address] = left
-        else:
+        else:  # the last one, or an exempt address (never counted)
             self._per_address.pop(address, None)
 
     def _forget_full(self, now: float) -> None:
-        rate = self.limits.max_connection_rate
+        rate, burst = self.limits.max_connection_rate, self.limits.burst
         for address, (tokens, when) in list(self._buckets.items()):
-            if tokens + (now - when) * rate >= rate:
+            if tokens + (now - when) * rate >= burst:
                 del self._buckets[address]
         while len(self._buckets) > MAX_TRACKED:  # all busy: forget the oldest
             del self._buckets[next(iter(self._buckets))]
+
+
+@dataclass(frozen=True, slots=True)
+class RefusalSummary:
+    """`count` connections from `address` were refused in the last `seconds`; `first`: the
+    first refusal from it, reported as it happens."""
+
+    address: str
+    count: int
+    why: str
+    seconds: float
+    first: bool = False
+
+    def describe(self) -> str:
+        if self.first:
+            return (
+                f"refused a connection from {self.address}: {self.why} (further refusals "
+                f"from it are summarised every {REFUSAL_INTERVAL:g} s)"
+            )
+        s = "" if self.count == 1 else "s"
+        return (
+            f"refused {self.count} connection{s} from {self.address} in the last "
+            f"{self.seconds:.0f} s: {self.why}"
+        )
+
+
+@dataclass(slots=True)
+class _Tally:
+    pending: int  # refusals not reported yet
+    why: str  # the latest reason
+    reported: float  # when this address was last reported
+
+
+class Refusals:
+    """Refused connections per address: the first is reported at once, the ones after it in one
+    summary per `interval`; an address without refusals for a whole interval is forgotten."""
+
+    def __init__(self, interval: float = REFUSAL_INTERVAL, capacity: int = MAX_REFUSING) -> None:
+        self.interval = interval
+        self.capacity = capacity
+        self._tallies: dict[str, _Tally] = {}
+
+    def __len__(self) -> int:
+        return len(self._tallies)
+
+    def note(self, address: str, why: str, now: float) -> RefusalSummary | None:
+        """Count one refusal; returns what to report now, if anything."""
+        if address not in self._tallies and len(self._tallies) >= self.capacity:
+            address = OTHERS
+        tally = self._tallies.get(address)
+        if tally is None:
+            self._tallies[address] = _Tally(0, why, now)
+            return RefusalSummary(address, 1, why, 0.0, first=True)
+        tally.pending += 1
+        tally.why = why
+        return None
+
+    def due(self, now: float, *, final: bool = False) -> list[RefusalSummary]:
+        """Summaries of the addresses whose interval is over (of all of them if `final`)."""
+        out: list[RefusalSummary] = []
+        for address, tally in list(self._tallies.items()):
+            if not final and now - tally.reported < self.interval:
+                continue
+            if tally.pending:
+                out.append(RefusalSummary(address, tally.pending, tally.why, now - tally.reported))
+            if tally.pending and not final:
+                tally.pending, tally.reported = 0, now
+            else:
+                del self._tallies[address]
+        return out

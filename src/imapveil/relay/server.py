@@ -4,6 +4,10 @@
 `shutdown_grace` seconds to end on their own; then every session still open gets
 `* BYE [UNAVAILABLE] Server shutting down` at its next response boundary (RFC 5530) and is
 closed, and after CLOSE_WAIT more seconds whatever is left is cut off.
+
+A connection over a limit gets `* BYE [UNAVAILABLE]` and is closed without a session: refusals
+are counted per address, and reported (a line on stderr, an `over_limit` record) for the first
+and then once per `REFUSAL_INTERVAL`, so a client reconnecting in a loop cannot flood the logs.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import trio
 
 from imapveil.protocol import proxy_header
 from imapveil.protocol.proxy_header import ProxyHeaderError, ProxyInfo
+from imapveil.records import OverLimit
 from imapveil.relay.connection import (
     Connection,
     Networks,
@@ -26,7 +31,7 @@ from imapveil.relay.connection import (
     in_networks,
     keepalive,
 )
-from imapveil.relay.limits import Admission, Limits
+from imapveil.relay.limits import Admission, Limits, Refusals, RefusalSummary
 from imapveil.sinks import Sink
 
 log = logging.getLogger(__name__)
@@ -35,6 +40,9 @@ log = logging.getLogger(__name__)
 PROXY_HEADER_TIMEOUT = 5.0
 CLOSE_WAIT = 5.0
 """Seconds sessions get to deliver their BYE and close once the grace period is over."""
+REFUSAL_CLOSE_WAIT = 1.0
+"""Seconds a refused client gets to read its BYE before the socket is closed."""
+OVER_LIMIT_BYE = b"* BYE [UNAVAILABLE] Too many connections, try again later\r\n"
 
 
 @dataclass
@@ -74,6 +82,7 @@ class Proxy:
         self.shutdown = trio.Event()
         """Set when the grace period is over: every session says BYE and closes."""
         self._admission = Admission(self.admittance.limits)
+        self.refusals = Refusals()
         self._idle = trio.Event()
         self._idle.set()
         self._prefix = secrets.token_hex(3)
@@ -115,12 +124,11 @@ class Proxy:
             host = peer[0] if peer is not None else ""
             if refusal is None:
                 why = self._admission.admit(host, trio.current_time())
-                if why is None:
-                    admitted = host
-                else:
-                    refusal = ("over_limit", why)
-                    self.stats.refused += 1
-                    log.warning("refused %s: %s", _address(*peer) if peer else "?", why)
+                if why is not None:
+                    self._note_refusal(host or "unknown", why)
+                    await _refuse(stream)
+                    return
+                admitted = host
             connection = Connection(
                 stream,
                 client_address=_address(*peer) if peer is not None else "unknown",
@@ -148,6 +156,27 @@ class Proxy:
             if not self.stats.active:
                 self._idle.set()
 
+    def _note_refusal(self, host: str, why: str) -> None:
+        self.stats.refused += 1
+        summary = self.refusals.note(host, why, trio.current_time())
+        if summary is not None:
+            self._report(summary)
+
+    def _report(self, summary: RefusalSummary) -> None:
+        log.warning("%s", summary.describe())
+        self.sink.emit(
+            OverLimit(summary.address, summary.count, summary.why, round(summary.seconds, 1))
+        )
+
+    async def _report_refusals(self) -> None:
+        """Summaries of refusals as their intervals end, until the listeners close."""
+        tick = self.refusals.interval / 12
+        while not self.stopping.is_set():
+            with trio.move_on_after(tick):
+                await self.stopping.wait()
+            for summary in self.refusals.due(trio.current_time()):
+                self._report(summary)
+
     async def serve(
         self,
         listeners: list[trio.SocketListener],
@@ -163,6 +192,7 @@ class Proxy:
                 accepting.start_soon(self._serve_until_stopped, listeners, sessions, False)
                 if tls_listeners:
                     accepting.start_soon(self._serve_until_stopped, tls_listeners, sessions, True)
+                accepting.start_soon(self._report_refusals)
                 task_status.started(listeners)
             # Listeners are closed: no new sessions. The current ones may finish on their own
             # (unless `shutdown` is set early: a second SIGTERM).
@@ -181,6 +211,8 @@ class Proxy:
             if self.stats.active:
                 log.warning("cutting off %d sessions", self.stats.active)
             sessions.cancel_scope.cancel()
+        for summary in self.refusals.due(trio.current_time(), final=True):
+            self._report(summary)
 
     async def _serve_until_stopped(
         self, listeners: list[trio.SocketListener], sessions: trio.Nursery, implicit_tls: bool
@@ -200,6 +232,20 @@ class Proxy:
 async def _then_cancel(wait: Callable[[], Awaitable[object]], scope: trio.CancelScope) -> None:
     await wait()
     scope.cancel()
+
+
+async def _refuse(stream: trio.SocketStream) -> None:
+    """`* BYE [UNAVAILABLE]`, then close once the client has read it (or after a short wait)."""
+    with trio.move_on_after(REFUSAL_CLOSE_WAIT):
+        try:
+            await stream.send_all(OVER_LIMIT_BYE)
+            # Closing with unread input would send a reset, which can destroy the BYE in flight.
+            await stream.send_eof()
+            while await stream.receive_some(4096):
+                pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+    await trio.aclose_forcefully(stream)
 
 
 async def _read_proxy_header(stream: trio.SocketStream) -> tuple[ProxyInfo, bytes]:
