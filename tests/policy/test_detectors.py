@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from imapveil.policy import apply, detectors, shapes
 from imapveil.policy.detectors import DETECTORS, detect
-from imapveil.policy.load import resolve_policy
+from imapveil.policy_files import resolve_policy
 
 ALL = tuple(DETECTORS)
 

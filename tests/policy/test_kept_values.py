@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from imapveil.policy import Outcome, apply
 from imapveil.policy.engine import coarsen
-from imapveil.policy.load import resolve_policy
+from imapveil.policy_files import resolve_policy
 from imapveil.protocol.id_params import IdFields, parse
 from tests.helpers.corpus import Row, rows
 

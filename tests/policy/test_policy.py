@@ -8,7 +8,7 @@ import pytest
 from imapveil.policy import Outcome, PolicyError, apply, parse_policy
 from imapveil.policy.detectors import detect
 from imapveil.policy.engine import coarsen
-from imapveil.policy.load import SHIPPED, resolve_policy
+from imapveil.policy_files import SHIPPED, resolve_policy
 from imapveil.protocol.id_params import parse
 from tests.helpers.corpus import rows
 

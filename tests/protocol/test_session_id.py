@@ -7,7 +7,7 @@ import json
 import pytest
 
 from imapveil.policy import Outcome, apply
-from imapveil.policy.load import resolve_policy
+from imapveil.policy_files import resolve_policy
 from imapveil.protocol.id_params import parse, serialize
 from imapveil.protocol.session import CoreConfig
 from imapveil.records import CommandCompleted, IdExchange, Violation

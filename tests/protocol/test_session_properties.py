@@ -11,7 +11,7 @@ import re
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from imapveil.policy.load import resolve_policy
+from imapveil.policy_files import resolve_policy
 from imapveil.protocol.session import CoreConfig
 from imapveil.records import CommandCompleted, Violation
 from tests.helpers.feeding import Conversation, splitting_at

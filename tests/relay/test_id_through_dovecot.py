@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from imapveil.policy import apply
-from imapveil.policy.load import resolve_policy
+from imapveil.policy_files import resolve_policy
 from imapveil.protocol.id_params import parse
 from imapveil.records import IdExchange, SessionEnded, Violation
 from tests.conftest import start_proxy

@@ -9,7 +9,7 @@ import pytest
 import trio
 
 from imapveil.policy import apply
-from imapveil.policy.load import resolve_policy
+from imapveil.policy_files import resolve_policy
 from imapveil.protocol.id_params import parse
 from imapveil.records import (
     CommandCompleted,
@@ -23,7 +23,7 @@ from imapveil.sinks import MemorySink
 from imapveil.stats.identify import NO_ID, identify
 from imapveil.stats.report import as_csv, as_json, as_table, html_report, summarize
 from imapveil.stats.sink import StoreSink
-from imapveil.stats.store import Store
+from imapveil.stats.store import MIGRATIONS, Store
 from tests.helpers.corpus import rows
 
 EXPECTED = {
@@ -104,7 +104,7 @@ async def test_store_reports_fold_small_groups(tmp_path: Path) -> None:
     store = Store(url)
     store.connect()
     try:
-        assert store.version == 1
+        assert store.version == len(MIGRATIONS) == 2
         by_family = summarize(store, "family")
         assert [(r.group, r.sessions, r.users) for r in by_family.rows] == [
             ("Thunderbird", 6, 6),

@@ -1,7 +1,8 @@
-"""ID policies: which `ID` fields go upstream, and what of them is recorded. Pure, no I/O."""
+"""ID policies: which `ID` fields go upstream, and what of them is recorded. Pure, no I/O:
+policies are parsed from text here and read from files by `imapveil.policy_files`."""
 
 from imapveil.policy.engine import Decision, Outcome, apply
-from imapveil.policy.load import PolicyError, load_policy, parse_policy
+from imapveil.policy.load import PolicyError, parse_policy
 from imapveil.policy.model import Policy, Rule
 
 __all__ = [
@@ -11,6 +12,5 @@ __all__ = [
     "PolicyError",
     "Rule",
     "apply",
-    "load_policy",
     "parse_policy",
 ]

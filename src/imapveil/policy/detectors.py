@@ -19,7 +19,7 @@ import ipaddress
 import re
 from collections.abc import Callable
 
-from imapveil.protocol.id_params import MAX_VALUE_LENGTH
+from imapveil.rfc2971 import MAX_VALUE_LENGTH
 
 # Six pairs written out, not (?:..){4}: no repetition inside a repetition.
 _MAC = re.compile(

@@ -16,7 +16,7 @@ from imapveil import __version__
 from imapveil.policy.detectors import detect
 from imapveil.policy.model import Policy, Rule, is_anti_spoof
 from imapveil.policy.shapes import Shape
-from imapveil.protocol.id_params import MAX_FIELD_LENGTH, MAX_FIELDS, MAX_VALUE_LENGTH, IdFields
+from imapveil.rfc2971 import MAX_FIELD_LENGTH, MAX_FIELDS, MAX_VALUE_LENGTH, IdFields
 
 RECORD_LIMIT = 256  # octets of a value kept in a record (RFC 2971 §7: logs must not flood)
 

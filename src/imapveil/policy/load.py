@@ -1,4 +1,5 @@
-"""Read a policy file (TOML) into a `Policy`, or say exactly what is wrong with it.
+"""Parse a policy (TOML text) into a `Policy`, or say exactly what is wrong with it. No I/O:
+reading files is `imapveil.policy_files`.
 
 name = "default"
 description = "free text for people"
@@ -25,8 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import tomllib
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from imapveil.policy.detectors import DETECTORS
 from imapveil.policy.model import FORWARD_ACTIONS, MISFIT_ACTIONS, RECORD_ACTIONS, Policy, Rule
@@ -60,15 +60,6 @@ _RULE = {
 }
 
 
-def load_policy(path: str | Path) -> Policy:
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise PolicyError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    return parse_policy(raw, str(path))
-
-
 def parse_policy(raw: bytes, source: str) -> Policy:
     try:
         table = tomllib.loads(raw.decode("utf-8"))
@@ -76,7 +67,7 @@ def parse_policy(raw: bytes, source: str) -> Policy:
         raise PolicyError(f"{source}: not valid TOML: {exc}") from None
     where = _Where(source)
     where.no_unknown(table, _TOP, "")
-    name = where.string(table, "name", default=Path(source).stem)
+    name = where.string(table, "name", default=_stem(source))
     detectors = tuple(where.strings(table, "detectors", default=list(DETECTORS)))
     for d in detectors:
         if d not in DETECTORS:
@@ -196,18 +187,27 @@ class _Where:
         )
 
 
-SHIPPED = Path(__file__).resolve().parent.parent / "policies"
+def _stem(source: str) -> str:
+    """The file name without its suffix, as `pathlib.Path(source).stem` (no path I/O here)."""
+    name = source.rsplit("/", 1)[-1]
+    dot = name.rfind(".")
+    return name[:dot] if dot > 0 else name
 
 
-def resolve_policy(spec: str | None) -> Policy:
-    """A policy file's path, or the name of a shipped policy (`default`, `strict`, ...)."""
-    if spec is None:
-        spec = "default"
-    path = Path(spec)
-    if path.exists() or "/" in spec or spec.endswith(".toml"):
-        return load_policy(path)
-    shipped = SHIPPED / f"{spec}.toml"
-    if shipped.exists():
-        return load_policy(shipped)
-    names = ", ".join(sorted(p.stem for p in SHIPPED.glob("*.toml")))
-    raise PolicyError(f"{spec}: no such policy file or shipped policy (shipped: {names})")
+# `load_policy`, `resolve_policy` and `SHIPPED` read files and live in imapveil.policy_files.
+# Owed: service.py and cli.py still import them from here; until they import policy_files,
+# this module forwards them lazily, so that importing the pure policy package reads nothing.
+if TYPE_CHECKING:
+    from imapveil.policy_files import SHIPPED, load_policy, resolve_policy
+
+__all__ = ["SHIPPED", "PolicyError", "load_policy", "parse_policy", "resolve_policy"]
+
+_MOVED = frozenset(("SHIPPED", "load_policy", "resolve_policy"))
+
+
+def __getattr__(name: str) -> object:
+    if name in _MOVED:
+        import imapveil.policy_files  # noqa: PLC0415 (lazy: see above)
+
+        return getattr(imapveil.policy_files, name)
+    raise AttributeError(name)

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from imapveil.policy.shapes import Shape
+from imapveil.rfc2971 import IdFields
+
+if TYPE_CHECKING:
+    from imapveil.policy.engine import Outcome
 
 FORWARD_ACTIONS = ("keep", "drop", "truncate", "coarsen", "redact")
 RECORD_ACTIONS = ("keep", "drop", "coarsen", "hash")
@@ -73,3 +79,12 @@ class Policy:
             if rule.matches_pattern(name):
                 return rule
         return self.default
+
+    def apply(
+        self, fields: IdFields, *, hasher: Callable[[bytes], str], trusted_client: bool = False
+    ) -> Outcome:
+        """`engine.apply` with this policy: how the session core (which knows the policy only
+        by its shape, protocol.id_policy.IdPolicy) asks for a decision."""
+        from imapveil.policy.engine import apply  # noqa: PLC0415 (engine imports this module)
+
+        return apply(self, fields, hasher=hasher, trusted_client=trusted_client)

@@ -17,7 +17,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from imapveil.protocol.id_params import MAX_VALUE_LENGTH
+from imapveil.rfc2971 import MAX_VALUE_LENGTH
 
 _DIGITS = b"0123456789"
 _LETTERS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"

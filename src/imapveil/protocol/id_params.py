@@ -15,12 +15,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-IdFields = tuple[tuple[bytes, bytes | None], ...] | None
-"""Field/value pairs in the order sent, or None for `NIL`."""
+from imapveil.rfc2971 import MAX_FIELD_LENGTH, MAX_FIELDS, MAX_VALUE_LENGTH, IdFields
 
-MAX_FIELDS = 30  # RFC 2971 §3.3: at most 30 field-value pairs
-MAX_FIELD_LENGTH = 30  # field strings at most 30 octets
-MAX_VALUE_LENGTH = 1024  # value strings at most 1024 octets
+__all__ = [
+    "MAX_FIELDS",
+    "MAX_FIELD_LENGTH",
+    "MAX_LITERAL",
+    "MAX_VALUE_LENGTH",
+    "IdFields",
+    "IdSyntaxError",
+    "needs_literal",
+    "parse",
+    "quote",
+    "serialize",
+    "serialize_pieces",
+]
 MAX_LITERAL = 64 * 1024  # a literal inside ID is never bigger than this (bounded parse)
 
 

@@ -29,8 +29,6 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from imapveil.policy.engine import Outcome, apply
-from imapveil.policy.model import Policy
 from imapveil.protocol import capabilities, classify, id_params, lexer, proxy_header, sasl
 from imapveil.protocol.actions import (
     Action,
@@ -43,6 +41,7 @@ from imapveil.protocol.actions import (
     StartTls,
 )
 from imapveil.protocol.id_params import IdSyntaxError
+from imapveil.protocol.id_policy import IdOutcome, IdPolicy
 from imapveil.protocol.lexer import LiteralError
 from imapveil.records import (
     CommandCompleted,
@@ -79,7 +78,7 @@ class CoreConfig:
     """Seconds without traffic before login (Dovecot's login timeout is 60 s too)."""
     idle_timeout: float = 31 * 60.0
     """Seconds without traffic after login; RFC 2177 clients re-issue IDLE every 29 minutes."""
-    policy: Callable[[], Policy] | None = None
+    policy: Callable[[], IdPolicy] | None = None
     """The current ID policy (it may be reloaded); None: ID is relayed like any command."""
     hash_value: Callable[[bytes], str] = field(default=lambda _v: "hmac:")
     """Keyed HMAC for `record = "hash"` in ID policies."""
@@ -173,8 +172,8 @@ class _Command:
         self.sasl_step = 0
         self.user: str | None = None
         self.mailbox: bytes | None = None
-        self.id_outcome: Outcome | bool | None = None  # False: malformed or not followed
-        self.id_server: Outcome | None = None
+        self.id_outcome: IdOutcome | bool | None = None  # False: malformed or not followed
+        self.id_server: IdOutcome | None = None
         self.depth = 0  # open parentheses so far, across fragments
         self.policy: tuple[str, str] | None = None  # (name, digest) of the policy that decided
         # LOGIN's arguments, counted so that a user name is taken only from a LOGIN whose
@@ -360,7 +359,7 @@ class SessionCore:
         self._id_sent = False  # the client sent an ID in this session
         self._injected: bytes | None = None  # tag of an ID the proxy sent itself, until answered
         self._injected_fields: id_params.IdFields = None
-        self._injected_server: Outcome | None = None
+        self._injected_server: IdOutcome | None = None
         self._address_sent = False
         self._discard_rest: str | None = None  # after our OK to STARTTLS/COMPRESS
 
@@ -1003,8 +1002,8 @@ class SessionCore:
         # The policy in force now decides, and the record names this one (not the one in
         # force when the server answers: a reload may come between).
         policy = policy_source()
-        outcome = apply(
-            policy, fields, hasher=self.config.hash_value, trusted_client=self.trusted_client
+        outcome = policy.apply(
+            fields, hasher=self.config.hash_value, trusted_client=self.trusted_client
         )
         cmd.id_outcome = outcome
         cmd.policy = (policy.name, policy.digest)
@@ -1108,8 +1107,8 @@ class SessionCore:
                     fields = id_params.parse(lexer.strip_eol(line)[5:])
                 except IdSyntaxError:
                     return
-                self._injected_server = apply(
-                    policy_source(), fields, hasher=self.config.hash_value, trusted_client=True
+                self._injected_server = policy_source().apply(
+                    fields, hasher=self.config.hash_value, trusted_client=True
                 )
             return
         if policy_source is None:
@@ -1120,7 +1119,7 @@ class SessionCore:
         except IdSyntaxError:
             self._violation("server", "malformed_id", f"{len(line)} octets")
             return
-        outcome = apply(policy_source(), fields, hasher=self.config.hash_value, trusted_client=True)
+        outcome = policy_source().apply(fields, hasher=self.config.hash_value, trusted_client=True)
         waiting = self._id_waiting
         if waiting is not None:
             waiting.id_server = outcome
@@ -1131,7 +1130,7 @@ class SessionCore:
 
     def _id_record(self, cmd: _Command, status: str) -> None:
         self._id_waiting = None if self._id_waiting is cmd else self._id_waiting
-        client = cmd.id_outcome if isinstance(cmd.id_outcome, Outcome) else None
+        client = None if isinstance(cmd.id_outcome, bool) else cmd.id_outcome
         self._emit_id(
             IdExchange(
                 session=self.session_id,
@@ -1632,7 +1631,7 @@ def _names(fields: id_params.IdFields) -> tuple[str, ...] | None:
     return tuple(name.decode("utf-8", "replace").lower() for name, _ in fields)
 
 
-def _recorded(outcome: Outcome | None) -> dict[str, str | None] | None:
+def _recorded(outcome: IdOutcome | None) -> dict[str, str | None] | None:
     """What the policy recorded; None when the list was NIL (or not parsed)."""
     if outcome is None or (outcome.forwarded is None and not outcome.decisions):
         return None

@@ -1,0 +1,34 @@
+"""Policy files: read a policy from a path, or find a shipped one by name. The file side of
+`imapveil.policy`, which itself stays pure (it parses text and applies policies)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from imapveil.policy.load import PolicyError, parse_policy
+from imapveil.policy.model import Policy
+
+SHIPPED = Path(__file__).resolve().parent / "policies"
+
+
+def load_policy(path: str | Path) -> Policy:
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise PolicyError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    return parse_policy(raw, str(path))
+
+
+def resolve_policy(spec: str | None) -> Policy:
+    """A policy file's path, or the name of a shipped policy (`default`, `strict`, ...)."""
+    if spec is None:
+        spec = "default"
+    path = Path(spec)
+    if path.exists() or "/" in spec or spec.endswith(".toml"):
+        return load_policy(path)
+    shipped = SHIPPED / f"{spec}.toml"
+    if shipped.exists():
+        return load_policy(shipped)
+    names = ", ".join(sorted(p.stem for p in SHIPPED.glob("*.toml")))
+    raise PolicyError(f"{spec}: no such policy file or shipped policy (shipped: {names})")
