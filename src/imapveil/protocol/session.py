@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import enum
 import math
-import re
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -40,6 +39,7 @@ from imapveil.protocol.actions import (
     StartCompress,
     StartTls,
 )
+from imapveil.protocol.framer import KEEP_LIMIT, ClientFramer, Fragment, ServerFramer, Use
 from imapveil.protocol.id_params import IdSyntaxError
 from imapveil.protocol.id_policy import IdOutcome, IdPolicy
 from imapveil.protocol.lexer import LiteralError
@@ -127,19 +127,11 @@ class _Gate(enum.Enum):
     GREETING = 6  # nothing goes to the server before its greeting says it speaks IMAP
 
 
-# A run of untagged message data ("* 12 FETCH ...", "* 3 EXPUNGE") needs nothing from the
-# proxy but its literals. This finds, from the start of such a line, the first place that does:
-# a literal announcement, or a line that does not start with "* <digit>".
-_SKIP = re.compile(rb"\}\r?\n|\n(?!\* [0-9])")
-
 _STATUS_WORDS = frozenset((b"OK", b"NO", b"BAD", b"BYE", b"PREAUTH"))
 _ID_LIMIT = 64 * 1024  # an ID command collected whole: RFC 2971 limits (~33 KB) with a margin
 _PLUS = b"+ Ready for literal data\r\n"
-_HEAD = 4096  # how much of a streamed (over-long) server line is kept for parsing
-_CAPTURE = 1024  # how much of a literal LOGIN user name or SELECT mailbox is kept
 _RECORD_TAG = 64  # a tag is recorded up to this length (it is the client's to choose)
 _GREETINGS = (b"* OK", b"* PREAUTH", b"* BYE")
-_MAX_GREETING = 4096
 
 
 class _Command:
@@ -205,27 +197,6 @@ class _IdCollect:
         return f"<collecting ID: {len(self.parts)} octets>"
 
 
-class _Inbound:
-    """Framing state of one direction. Holds raw bytes, so it has no repr of them."""
-
-    __slots__ = ("buf", "capture", "discarding", "head", "literal_left", "streaming", "tail")
-
-    def __init__(self) -> None:
-        self.buf = bytearray()  # an incomplete line, not yet forwarded
-        self.literal_left = 0  # octets of literal body still to pass through
-        self.streaming = False  # inside an over-long server line that is forwarded as it comes
-        self.head = b""  # the start of that line, for parsing
-        self.tail = b""  # its last octets, to see a literal announced at its end
-        self.capture: bytearray | None = None  # a literal body being kept (bounded)
-        self.discarding = False  # the literal being read belongs to a refused command: dropped
-
-    def __repr__(self) -> str:
-        return (
-            f"<inbound buffered={len(self.buf)} literal_left={self.literal_left}"
-            f" streaming={self.streaming}>"
-        )
-
-
 class SessionCore:
     """Follows one IMAP session. Not thread-safe; one per connection."""
 
@@ -265,7 +236,6 @@ class SessionCore:
         "_replace",
         "_sasl_command",
         "_server",
-        "_server_continues",
         "_violations",
         "_withheld",
         "bytes_from_client",
@@ -322,10 +292,9 @@ class SessionCore:
         self.commands = 0
         self.closed = False
 
-        self._client = _Inbound()
-        self._server = _Inbound()
+        self._client = ClientFramer(config.max_line)
+        self._server = ServerFramer(config.server_hold)
         self._client_mode = _ClientMode.COMMAND
-        self._server_continues = False  # the next server line continues a response
         self._gate: _Gate | None = _Gate.GREETING
         self._gate_owner: _Command | None = None
         self._pending_literal = 0
@@ -588,7 +557,7 @@ class SessionCore:
     def _scan_client(self, data: bytes, at: int = 0) -> None:
         if self._close_pending:
             return  # closing after our last words: nothing more is read
-        c = self._client
+        f = self._client
         out = self._out
         n = len(data)
         pos = start = at
@@ -597,48 +566,27 @@ class SessionCore:
                 self._flush(Direction.TO_SERVER, data, start, pos)
                 self._hold(data, pos)
                 return
-            if c.literal_left:
-                take = min(c.literal_left, n - pos)
-                if c.discarding:
-                    # A refused command's literal: skipped, never forwarded.
+            kind, end, line = f.next(data, pos)
+            if kind is Fragment.LITERAL:
+                use = f.use
+                if use is not Use.PASS:
+                    # Not forwarded as it comes: a literal inside an ID command (collected), or
+                    # a refused command's (skipped).
                     self._flush(Direction.TO_SERVER, data, start, pos)
-                    pos += take
-                    start = pos
-                    c.literal_left -= take
-                    if not c.literal_left:
-                        c.discarding = False
+                    start = end
+                    if use is Use.TAKE and self._id is not None and not self._id.overflow:
+                        self._id.parts += data[pos:end]
+                pos = end
+                if not f.literal_left:
+                    if use is Use.SKIP:
                         self._client_mode = _ClientMode.DISCARD
-                    continue
-                if self._id is not None:
-                    # A literal inside an ID command: collected, not forwarded as it comes.
-                    self._flush(Direction.TO_SERVER, data, start, pos)
-                    if not self._id.overflow:
-                        self._id.parts += data[pos : pos + take]
-                    pos += take
-                    start = pos
-                    c.literal_left -= take
-                    if not c.literal_left:
+                    else:
                         self._client_literal_done()
-                    continue
-                if c.capture is not None and len(c.capture) < _CAPTURE:
-                    c.capture += data[pos : pos + min(take, _CAPTURE - len(c.capture))]
-                pos += take
-                c.literal_left -= take
-                if not c.literal_left:
-                    self._client_literal_done()
                 continue
-            nl = data.find(b"\n", pos)
-            if nl < 0:
-                if len(c.buf) + n - pos > self.config.max_line:
-                    self._flush(Direction.TO_SERVER, data, start, pos)
-                    self._line_too_long()
-                    return
+            if kind is Fragment.PARTIAL:
                 self._flush(Direction.TO_SERVER, data, start, pos)
-                c.buf += data[pos:]
                 return
-            end = nl + 1
-            line = bytes(c.buf) + data[pos:end] if c.buf else data[pos:end]
-            if len(line) > self.config.max_line:
+            if kind is Fragment.TOO_LONG:
                 self._flush(Direction.TO_SERVER, data, start, pos)
                 self._line_too_long()
                 return
@@ -659,7 +607,7 @@ class SessionCore:
                 # Not relayed as it came: collected (ID), refused, rewritten or answered by us.
                 self._withheld = False
                 self._flush(Direction.TO_SERVER, data, start, pos, at=mark)
-                c.buf.clear()
+                f.held()
                 start = end
                 if self._discard_rest is not None and end < n:
                     # Sent after STARTTLS/COMPRESS but before the switch: in clear text, where
@@ -669,9 +617,10 @@ class SessionCore:
                     self._violation("client", f"{what}_pipelining", f"{n - end} octets", "dropped")
                     return
                 self._discard_rest = None
-            elif c.buf:
-                out.append(Forward(Direction.TO_SERVER, bytes(c.buf)))
-                c.buf.clear()
+            else:
+                held = f.held()
+                if held:
+                    out.append(Forward(Direction.TO_SERVER, held))
             pos = end
         self._flush(Direction.TO_SERVER, data, start, pos)
 
@@ -791,9 +740,7 @@ class SessionCore:
             self._owed += b"* BYE Literal too large to skip\r\n"
             self._close_pending = True
             return False
-        c = self._client
-        c.literal_left = size
-        c.discarding = bool(size)
+        self._client.literal(size, Use.SKIP)
         self._client_mode = _ClientMode.DISCARD
         return True
 
@@ -907,16 +854,16 @@ class SessionCore:
                 # forwarded until the command is whole: so the proxy says "+" itself.
                 collecting.acked += 1
                 self._owe(_PLUS)
-            c.literal_left = literal.size
+            c.literal(literal.size, Use.TAKE)
             if not literal.size:
                 self._client_literal_done()
             return True
         if cmd.verb == b"LOGIN":
             cmd.argc += 1
             if cmd.argc == 1 and not cmd.bad_args:
-                c.capture = bytearray()
-        elif c.capture is None and self._wants_literal(cmd):
-            c.capture = bytearray()
+                c.keep_next()
+        elif c.kept is None and self._wants_literal(cmd):
+            c.keep_next()
         # Literal octets go to the server only when it asked for them. A server that does not
         # read a literal the proxy saw announced (RFC 7888 says it must look for {N+} at every
         # line's end; Dovecot 2.3 does not always) runs its octets as commands, unseen by the
@@ -1157,13 +1104,10 @@ class SessionCore:
             self._set_gate(_Gate.IDLE, cmd)
 
     def _client_literal_done(self) -> None:
-        c = self._client
         cmd = self._current
-        if c.capture is not None:
-            captured = bytes(c.capture)
-            c.capture = None
-            if cmd is not None:
-                self._literal_captured(cmd, captured)
+        captured = self._client.take_kept()
+        if captured is not None and cmd is not None:
+            self._literal_captured(cmd, captured)
         self._client_mode = _ClientMode.CONTINUE
 
     def _wants_literal(self, cmd: _Command) -> bool:
@@ -1175,7 +1119,7 @@ class SessionCore:
 
     def _literal_captured(self, cmd: _Command, value: bytes) -> None:
         if cmd.verb == b"LOGIN":
-            if cmd.argc == 1 and cmd.literals[-1] <= _CAPTURE:
+            if cmd.argc == 1 and cmd.literals[-1] <= KEEP_LIMIT:
                 cmd.first_arg = value
         else:
             cmd.mailbox = value
@@ -1240,7 +1184,6 @@ class SessionCore:
         self._gate_owner = owner
 
     def _line_too_long(self) -> None:
-        self._client.buf.clear()
         self._violation(
             "client", "line_too_long", f"longer than {self.config.max_line} octets", "closed"
         )
@@ -1261,70 +1204,31 @@ class SessionCore:
     # Server direction.
 
     def _scan_server(self, data: bytes) -> None:
-        s = self._server
+        f = self._server
         out = self._out
         n = len(data)
         pos = start = 0
         while pos < n:
-            if s.literal_left:
-                take = min(s.literal_left, n - pos)
-                pos += take
-                s.literal_left -= take
+            kind, line_start, pos, line = f.next(data, pos, self.greeted)
+            if kind is Fragment.DATA_LINE:
+                self._server_literal(line)
                 continue
-            if s.streaming:
-                nl = data.find(b"\n", pos)
-                end = n if nl < 0 else nl + 1
-                s.tail = (s.tail + data[pos:end])[-32:]
-                pos = end
-                if nl >= 0:
-                    s.streaming = False
-                    self._server_long_line(s.head, s.tail)
+            if kind is Fragment.LONG_LINE:
+                self._server_long_line(line, f.tail)
                 continue
-            if (
-                not s.buf
-                and not self._server_continues
-                and self.greeted
-                and data.startswith(b"* ", pos)
-                and 0x30 <= (data[pos + 2] if pos + 2 < n else 0) <= 0x39
-            ):
-                # Fast path: message data lines need no parsing unless they end in a literal.
-                m = _SKIP.search(data, pos)
-                if m is None:
-                    last = data.rfind(b"\n", pos)
-                    if last >= 0:
-                        pos = last + 1
-                        continue
-                elif data[m.start()] == 0x7D:  # "}": a literal announced at a line's end
-                    line_start = data.rfind(b"\n", pos, m.start()) + 1 or pos
-                    pos = m.end()
-                    self._server_literal(data[line_start:pos])
-                    continue
-                else:
-                    pos = m.end()
-                    continue
-            nl = data.find(b"\n", pos)
-            if nl < 0:
-                if not self.greeted and len(s.buf) + n - pos > _MAX_GREETING:
-                    self._not_imap(bytes(s.buf) + data[pos : pos + 24])
-                    self._replace = None
-                    return
-                if len(s.buf) + n - pos > self.config.server_hold:
-                    # Too long to hold whole (a huge SEARCH result): stream it through.
-                    if s.buf:
-                        out.append(Forward(Direction.TO_CLIENT, bytes(s.buf)))
-                    s.head = (bytes(s.buf) + data[pos : pos + _HEAD])[:_HEAD]
-                    s.tail = data[-32:]
-                    s.buf.clear()
-                    s.streaming = True
-                    pos = n
-                    continue
-                self._flush(Direction.TO_CLIENT, data, start, pos)
-                s.buf += data[pos:]
+            if kind is Fragment.STREAM:
+                if line:
+                    out.append(Forward(Direction.TO_CLIENT, line))
+                continue
+            if kind is Fragment.NO_GREETING:
+                self._not_imap(line)
+                self._replace = None
                 return
-            end = nl + 1
-            line = bytes(s.buf) + data[pos:end] if s.buf else data[pos:end]
-            line_start = pos
-            pos = end
+            if kind is Fragment.PARTIAL:
+                self._flush(Direction.TO_CLIENT, data, start, line_start)
+                return
+            if kind is Fragment.END:
+                break
             mark = len(out)
             self._server_line(line)
             if self._replace is not None:
@@ -1333,11 +1237,12 @@ class SessionCore:
                 if self._replace:
                     out.append(Forward(Direction.TO_CLIENT, self._replace))
                 self._replace = None
-                s.buf.clear()
-                start = end
-            elif s.buf:
-                out.insert(mark, Forward(Direction.TO_CLIENT, bytes(s.buf)))
-                s.buf.clear()
+                f.held()
+                start = pos
+            else:
+                held = f.held()
+                if held:
+                    out.insert(mark, Forward(Direction.TO_CLIENT, held))
             if self.closed:
                 return
         self._flush(Direction.TO_CLIENT, data, start, pos)
@@ -1359,7 +1264,7 @@ class SessionCore:
         The head says what kind of line it was (its tag, status and response code fit in it);
         the tail says whether it announced a literal.
         """
-        if self._server_continues or (head.startswith(b"* ") and not _is_status(head[2:])):
+        if self._server.continues or (head.startswith(b"* ") and not _is_status(head[2:])):
             self._server_literal(tail)
             return
         # A status or tagged response: its text cannot announce a literal, the head is enough.
@@ -1373,13 +1278,12 @@ class SessionCore:
             self._violation("server", "bad_literal", str(exc))
             literal = None
         if literal is None:
-            self._server_continues = False
+            self._server.no_literal()
         else:
-            self._server.literal_left = literal.size
-            self._server_continues = True
+            self._server.literal(literal.size)
 
     def _server_line(self, line: bytes) -> None:
-        if self._server_continues:
+        if self._server.continues:
             self._server_literal(line)
             return
         if not self.greeted:
@@ -1461,7 +1365,7 @@ class SessionCore:
                 # The client sent {N+} and waits for nothing: this "+" answers our {N}.
                 self._replace = b""
                 self._literal_hidden = False
-            self._client.literal_left = self._pending_literal
+            self._client.literal(self._pending_literal, Use.PASS)
             self._pending_literal = 0
             self._clear_gate()
             if not self._client.literal_left:
@@ -1529,7 +1433,7 @@ class SessionCore:
             if gate is _Gate.LITERAL:
                 # The server answered the command instead of asking for its literal.
                 size, self._pending_literal = self._pending_literal, 0
-                self._client.capture = None
+                self._client.forget()
                 self._current = None
                 if self._literal_hidden:
                     # A LITERAL+ client sent it anyway: skip it and the rest of the command,
@@ -1575,8 +1479,7 @@ class SessionCore:
 
     def _can_speak_to_client(self) -> bool:
         """True at a response boundary, where a line of our own does not corrupt the stream."""
-        s = self._server
-        return not (s.literal_left or s.streaming or self._server_continues)
+        return self._server.at_boundary
 
     def _close(self, reason: str) -> list[Action]:
         if self.closed:
@@ -1590,18 +1493,12 @@ class SessionCore:
             self._end_detail = detail
 
     def _client_position(self) -> str | None:
-        if self._client.literal_left or self._gate is _Gate.LITERAL:
+        if self._gate is _Gate.LITERAL:
             return "mid_literal"
-        if self._client.buf:
-            return "mid_line"
-        return None
+        return self._client.position
 
     def _server_position(self) -> str | None:
-        if self._server.literal_left:
-            return "mid_literal"
-        if self._server.buf or self._server.streaming:
-            return "mid_line"
-        return None
+        return self._server.position
 
     def _violation(self, source: str, kind: str, detail: str, action: str = "forwarded") -> None:
         self._violations += 1
