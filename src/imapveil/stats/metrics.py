@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -21,6 +22,9 @@ from imapveil.records import (
     Violation,
 )
 from imapveil.stats.identify import NO_ID, identify, load_table
+
+if TYPE_CHECKING:
+    from imapveil.stats.sink import StoreSink
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +56,11 @@ class Metrics:
         self.dropped_fields: Counter[str] = Counter()
         self.violations: Counter[str] = Counter()
         self.gauges: dict[str, Callable[[], float]] = {}
+        self.store: StoreSink | None = None
+        """The statistics writer whose queue, spool and outcomes are exposed (`watch_store`)."""
+
+    def watch_store(self, store: StoreSink) -> None:
+        self.store = store
 
     def emit(self, record: Record) -> None:
         if isinstance(record, SessionEnded):
@@ -112,7 +121,36 @@ class Metrics:
         )
         family("violations_total", "counter", "Protocol violations, by kind",
                {_labels(kind=k): v for k, v in self.violations.items()})  # fmt: skip
+        if self.store is not None:
+            self._store_families(self.store, family)
         return "\n".join(out) + "\n"
+
+    @staticmethod
+    def _store_families(
+        store: StoreSink, family: Callable[[str, str, str, dict[str, float]], None]
+    ) -> None:
+        family("store_up", "gauge", "1 while the statistics store takes rows",
+               {"": float(store.connected)})  # fmt: skip
+        family("store_queue_depth", "gauge", "Statistics rows waiting in memory",
+               {"": float(store.depth)})  # fmt: skip
+        family("store_spool_bytes", "gauge", "Octets in the statistics spool on local disk",
+               {"": float(store.spool_bytes)})  # fmt: skip
+        family(
+            "store_sessions_total",
+            "counter",
+            "Statistics session rows: written (from memory), spooled (to local disk), "
+            "replayed (from the spool into the store), dropped (lost)",
+            {_labels(outcome=k): v.sessions for k, v in store.counts.items()},
+        )
+        family(
+            "store_items_total",
+            "counter",
+            "Statistics rows of every kind (sessions, ID exchanges, command counts), by outcome",
+            {_labels(outcome=k): v.items for k, v in store.counts.items()},
+        )
+        family("store_collisions_total", "counter",
+               "Session rows not stored because another session had their id",
+               {"": float(store.collisions)})  # fmt: skip
 
 
 def _labels(**labels: str) -> str:

@@ -1,36 +1,250 @@
-"""Records into the statistics store, without ever holding up a session.
+"""Records into the statistics store, without ever holding up a session, and without losing any.
 
-`emit` only updates small per-session counters and appends finished rows to a bounded queue.
-One writer task commits the queue in batches from a worker thread. If the store is slow or gone,
-relaying goes on: rows beyond the queue's capacity are dropped and counted (`dropped`, a metric
-and a warning), and the writer reconnects with backoff. On a clean shutdown the queue is drained
-first. Retention: rows older than `retention_days` are purged at start and once a day.
+`emit` only updates small per-session counters and appends finished rows to a bounded queue in
+memory; it never touches a disk or the network. One writer task does the rest, from a worker
+thread, one thing at a time:
+
+- While the store takes rows, it commits the queue in batches (one transaction each), after
+  gathering rows for `COALESCE` seconds.
+- While the store cannot take them (down, unreachable, a locked or full SQLite database), it
+  appends the queue to the spool, a directory of append-only JSON-lines files on local disk
+  (one fsync per batch), and probes the store every `PROBE` seconds. When the store is back, it
+  replays the spool in order, batch by batch, before anything newer; a replayed file is deleted
+  once all of it is stored.
+- At shutdown, the queue goes to the store if it is connected and takes it within
+  `drain_timeout`, and to the spool otherwise; the spool is replayed after the next start.
+
+Writes are idempotent (see `store`), so a batch stored twice — a crash in the middle of a
+replay, a shutdown that gave up waiting for a write that then went through — is stored once.
+Rows are lost only when memory and spool are both full (`capacity` items queued, `spool_cap`
+octets spooled), when the spool cannot be written, or when the store refuses their content; they
+are counted (sessions and items), logged, and reported by `take_drops`. Retention: rows older
+than `retention_days` are purged at start and once a day.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import fcntl
+import itertools
 import json
 import logging
+import math
+import os
+import re
+import time
 from collections import Counter, deque
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from functools import partial
+from pathlib import Path
+from typing import IO, Any, TypeVar
 
 import trio
 
+from imapveil.identity import default_key_file
 from imapveil.records import CommandCompleted, IdExchange, Record, SessionEnded, SessionStarted
 from imapveil.stats.identify import identify
-from imapveil.stats.store import Batch, Store
+from imapveil.stats.store import Batch, Collision, Store
 
 log = logging.getLogger(__name__)
 
 BATCH = 500
-COALESCE = 0.25  # seconds
+COALESCE = 0.25
+"""Seconds the writer gathers rows after a wake-up: what a `kill -9` can cost."""
+PROBE = 1.0
+"""Seconds between attempts to reach a store that is away."""
+STORE_TIMEOUT = 2.0
+"""Seconds to connect, or to wait for a SQLite lock, before the store counts as away."""
+DRAIN_TIMEOUT = 5.0
+"""Seconds a shutdown waits for the store to take the queue before spooling the rest."""
+SPOOL_CAP = 256 * 1024 * 1024
+"""Octets of spool at most (default); beyond it rows are dropped."""
+SEGMENT = 8 * 1024 * 1024
+"""Octets per spool file: a replay interrupted by a crash repeats at most one file."""
+REMIND = 60.0
+"""Seconds between reminders that the store is still away."""
 DAY = 24 * 3600.0
+KINDS = ("session", "id", "command")
+
+Item = tuple[str, Sequence[Any]]
+T = TypeVar("T")
 
 
 def now_iso() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
+
+
+def spool_directory(state: Path, proxy: str) -> Path:
+    """`stats-spool/<proxy>` in the state directory: one spool per instance."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", proxy)[:64].lstrip(".") or "proxy"
+    return state / "stats-spool" / name
+
+
+@dataclass
+class Tally:
+    """Session rows, and items of all kinds (session rows, ID exchanges, command counts)."""
+
+    sessions: int = 0
+    items: int = 0
+
+    def add(self, items: Iterable[Item]) -> None:
+        for kind, _ in items:
+            self.items += 1
+            self.sessions += kind == "session"
+
+
+OUTCOMES = ("written", "spooled", "replayed", "dropped")
+"""written: stored from memory; spooled: appended to the spool; replayed: stored from the spool;
+dropped: lost (memory and spool full, spool unusable, refused by the store, an id collision)."""
+
+
+class SpoolError(Exception):
+    pass
+
+
+class Spool:
+    """Rows on local disk, in order: numbered append-only JSON-lines files in one directory.
+
+    Each line is `[kind, row]`. Blocking: used from the writer's worker thread only. A file of a
+    previous run is never appended to (its last line may be torn by a crash: such a line is
+    skipped and counted); a file is deleted once everything in it is stored.
+    """
+
+    def __init__(self, directory: Path, cap: int = SPOOL_CAP) -> None:
+        self.directory = directory
+        self.cap = cap
+        self.bytes = 0
+        self.corrupt = 0
+        self._files: list[Path] = []  # in order; the last may be `_tail`
+        self._tail: IO[bytes] | None = None
+        self._tail_path: Path | None = None
+        self._next = 1
+        self._offset = 0  # read position in _files[0]
+        self._lock: int | None = None
+
+    @property
+    def pending(self) -> bool:
+        """Whether rows wait in the spool (or the head file is yet to be read to its end)."""
+        return bool(self._files)
+
+    def open(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise SpoolError(f"{self.directory} is in use by another process") from None
+        self._lock = fd
+        found = sorted(self.directory.glob("*.jsonl"))
+        self._files = [p for p in found if p.stem.isdigit()]
+        self.bytes = sum(p.stat().st_size for p in self._files)
+        self._next = max((int(p.stem) for p in self._files), default=0) + 1
+
+    def close(self) -> None:
+        self._close_tail()
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
+    def _close_tail(self) -> None:
+        if self._tail is not None:
+            self._tail.close()
+            self._tail = self._tail_path = None
+
+    def append(self, items: Sequence[Item]) -> int:
+        """Write the items that fit under the cap, durably; returns how many did."""
+        lines: list[bytes] = []
+        size = 0
+        for kind, row in items:
+            line = json.dumps([kind, list(row)], separators=(",", ":")).encode() + b"\n"
+            if self.bytes + size + len(line) > self.cap:
+                break
+            lines.append(line)
+            size += len(line)
+        if not lines:
+            return 0
+        if self._tail is None or self._tail.tell() >= SEGMENT:
+            self._close_tail()
+            path = self.directory / f"{self._next:012d}.jsonl"
+            self._next += 1
+            self._tail = path.open("ab")
+            self._tail_path = path
+            self._files.append(path)
+            _fsync_directory(self.directory)
+        start = self._tail.tell()
+        try:
+            self._tail.write(b"".join(lines))
+            self._tail.flush()
+            os.fsync(self._tail.fileno())
+        except OSError:
+            # A full disk, say: leave the file as it was, so that the rows stay in memory only.
+            with contextlib.suppress(OSError):
+                self._tail.truncate(start)
+                self._tail.seek(start)
+            raise
+        self.bytes += size
+        return len(lines)
+
+    def read(self, limit: int) -> tuple[list[Item], int]:
+        """Up to `limit` items from the head, and the position after them (for `consume`)."""
+        while self._files:
+            head = self._files[0]
+            items: list[Item] = []
+            with head.open("rb") as f:
+                f.seek(self._offset)
+                while len(items) < limit:
+                    line = f.readline()
+                    if not line:
+                        break
+                    item = self._parse(head, line)
+                    if item is not None:
+                        items.append(item)
+                position = f.tell()
+            if position > self._offset:
+                return items, position
+            self._remove_head()  # an empty file (a crash right after it was made)
+        return [], 0
+
+    def _parse(self, path: Path, line: bytes) -> Item | None:
+        if line.endswith(b"\n"):
+            try:
+                kind, row = json.loads(line)
+            except ValueError:
+                pass
+            else:
+                if kind in KINDS and isinstance(row, list):
+                    return (kind, row)
+        self.corrupt += 1  # a torn last line of a file that a crash interrupted, say
+        log.warning("statistics spool: skipped an unreadable line in %s", path)
+        return None
+
+    def consume(self, position: int) -> None:
+        """Everything before `position` in the head file is stored; a file stored to its end
+        is deleted (the file being written too: the next append starts another)."""
+        self._offset = position
+        if self._files and position >= self._files[0].stat().st_size:
+            self._remove_head()
+
+    def _remove_head(self) -> None:
+        head = self._files.pop(0)
+        if head == self._tail_path:
+            self._close_tail()
+        size = head.stat().st_size
+        head.unlink()
+        _fsync_directory(self.directory)
+        self.bytes = max(0, self.bytes - size)
+        self._offset = 0
+
+
+def _fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @dataclass
@@ -48,24 +262,73 @@ class StoreSink:
         proxy: str = "imapveil",
         capacity: int = 10_000,
         retention_days: int = 400,
+        spool: Path | None = None,
+        spool_cap: int = SPOOL_CAP,
+        timeout: float = STORE_TIMEOUT,
+        drain_timeout: float = DRAIN_TIMEOUT,
     ) -> None:
-        self.store = Store(url)
+        """`spool`: the spool's directory; by default `spool_directory(state, proxy)` with the
+        SQLite database's directory or, for PostgreSQL, the default state directory as `state`.
+        `spool_cap` 0 disables the spool."""
+        self.store = Store(url, timeout=timeout)
         self.proxy = proxy
         self.capacity = capacity
         self.retention_days = retention_days
-        self.dropped = 0
-        self.written = 0
+        self.drain_timeout = drain_timeout
+        if spool is None:
+            state = (
+                default_key_file().parent
+                if self.store.postgres
+                else Path(url.removeprefix("sqlite://")).parent
+            )
+            spool = spool_directory(state, proxy)
+        self.spool: Spool | None = Spool(spool, spool_cap) if spool_cap > 0 else None
+        self.counts = {outcome: Tally() for outcome in OUTCOMES}
+        self.collisions = 0
+        self._reported = Tally()
         self._open: dict[str, _Open] = {}
-        self._queue: deque[tuple[str, tuple[Any, ...]]] = deque()
+        self._seq = itertools.count(1)
+        self._queue: deque[Item] = deque()
         self._wake = trio.Event()
-        self._writing = trio.Lock()
+        self._stepped = trio.Event()
         self.connected = False
         self.ready = trio.Event()
         """Set once the store has been reached (and its schema migrated)."""
+        self._away_since: float | None = None
+        self._reminded = 0.0
+        self._abandoned = False
+        self._spool_failing = False
 
     @property
     def depth(self) -> int:
         return len(self._queue)
+
+    @property
+    def dropped(self) -> int:
+        """Items lost (of all kinds); `counts["dropped"]` has sessions too."""
+        return self.counts["dropped"].items
+
+    @property
+    def written(self) -> int:
+        """Items stored, from memory or from the spool."""
+        return self.counts["written"].items + self.counts["replayed"].items
+
+    @property
+    def spool_bytes(self) -> int:
+        return self.spool.bytes if self.spool is not None else 0
+
+    def take_drops(self) -> Tally | None:
+        """What was dropped since the last call (None if nothing): for a `store_dropped` record."""
+        dropped = self.counts["dropped"]
+        new = Tally(
+            dropped.sessions - self._reported.sessions, dropped.items - self._reported.items
+        )
+        if not new.items:
+            return None
+        self._reported = Tally(dropped.sessions, dropped.items)
+        return new
+
+    # --- from the relay: memory only ------------------------------------------------------------
 
     def emit(self, record: Record) -> None:
         if isinstance(record, SessionStarted):
@@ -82,7 +345,7 @@ class StoreSink:
 
     def _put(self, kind: str, row: tuple[Any, ...]) -> None:
         if len(self._queue) >= self.capacity:
-            self.dropped += 1
+            self.counts["dropped"].add([(kind, row)])
             return
         self._queue.append((kind, row))
         self._wake.set()
@@ -99,7 +362,7 @@ class StoreSink:
                 r.session, r.tag, now_iso(), r.state, r.status, int(r.malformed),
                 int(r.injected), client.family, fields.get("name"), fields.get("version"),
                 fields.get("os"), fields.get("os-version"), fields.get("vendor"),
-                json.dumps(list(r.dropped)), r.policy, r.policy_digest,
+                json.dumps(list(r.dropped)), r.policy, r.policy_digest, next(self._seq),
             ),
         )  # fmt: skip
 
@@ -119,81 +382,268 @@ class StoreSink:
         for (verb, status), count in state.commands.items():
             self._put("command", (r.session, verb, status, count))
 
+    # --- the writer -----------------------------------------------------------------------------
+
     async def run(self) -> None:
-        """Write until cancelled; then drain what is queued (bounded time)."""
-        backoff = 1.0
+        """Write until cancelled; then drain the queue to the store or the spool (bounded time)."""
         last_purge = -DAY
+        last_probe = -math.inf
         try:
+            with trio.CancelScope(shield=True):  # a stop at once still finds the spool open
+                await self._open_spool()
             while True:
+                self._step()
                 if not self.connected:
-                    try:
-                        await trio.to_thread.run_sync(self.store.connect)
-                        self.connected, backoff = True, 1.0
-                        self.ready.set()
-                        log.info("statistics store ready (%s)", _redacted(self.store.url))
-                    except Exception as exc:  # StoreError, or any driver's error
-                        log.warning(
-                            "statistics store unavailable, retrying in %gs: %s", backoff, exc
-                        )
-                        await trio.sleep(backoff)
-                        backoff = min(backoff * 2, 60.0)
+                    if trio.current_time() - last_probe >= PROBE:
+                        last_probe = trio.current_time()
+                        await self._connect()
+                    if not self.connected:
+                        if self._queue:
+                            await self._spill()
+                        wait = max(0.0, last_probe + PROBE - trio.current_time())
+                        await self._rest(wait)
                         continue
                 if trio.current_time() - last_purge >= DAY:
                     await self._purge()
                     last_purge = trio.current_time()
+                if self.spool is not None and self.spool.pending:
+                    await self._replay_some()
+                    if len(self._queue) >= self.capacity // 2:
+                        await self._spill()  # newer than the spool: behind it, in order
+                    continue
                 if not self._queue:
-                    self._wake = trio.Event()
-                    with trio.move_on_after(DAY):
-                        await self._wake.wait()
-                    # Let rows gather: one commit (and one thread hand-off) for many sessions.
-                    await trio.sleep(COALESCE)
+                    await self._rest(DAY)
                     continue
                 await self._write_some()
         finally:
-            with trio.move_on_after(10) as scope:
-                scope.shield = True
-                while self._queue and self.connected:
-                    await self._write_some()
-                if self.connected:
-                    await trio.to_thread.run_sync(self.store.close)
+            with trio.CancelScope(shield=True):
+                await self._shutdown()
+
+    def _step(self) -> None:
+        self._stepped.set()
+        self._stepped = trio.Event()
+
+    async def _rest(self, seconds: float) -> None:
+        """Wait for rows (or `seconds`), then let rows gather: one write for many sessions."""
+        self._wake = trio.Event()
+        with trio.move_on_after(seconds):
+            await self._wake.wait()
+            await trio.sleep(COALESCE)
 
     async def flush(self) -> None:
-        """Write everything queued so far (waits for the store to be reachable)."""
-        await self.ready.wait()
-        while self._queue and self.connected:
-            await self._write_some()
+        """Return once everything emitted so far is stored (waits for the store to be back)."""
+        while not self.connected or self._queue or (self.spool is not None and self.spool.pending):
+            self._wake.set()
+            await self._stepped.wait()
 
-    async def _write_some(self) -> None:
-        async with self._writing:
-            await self._write_locked()
+    async def _thread(self, fn: Callable[[], T], *, abandon: bool = False) -> T:
+        return await trio.to_thread.run_sync(fn, abandon_on_cancel=abandon)
 
-    async def _write_locked(self) -> None:
-        items = [self._queue[i] for i in range(min(BATCH, len(self._queue)))]
-        batch = Batch(
-            sessions=[row for kind, row in items if kind == "session"],
-            ids=[row for kind, row in items if kind == "id"],
-            commands=[row for kind, row in items if kind == "command"],
-        )
-        try:
-            await trio.to_thread.run_sync(self.store.write, batch)
-        except Exception as exc:  # any driver's error: reconnect and retry
-            log.warning("statistics store write failed, reconnecting: %s", exc)
-            self.connected = False
-            await trio.to_thread.run_sync(self.store.close)
+    async def _open_spool(self) -> None:
+        spool = self.spool
+        if spool is None:
             return
-        for _ in items:
-            self._queue.popleft()
-        self.written += len(items)
+        try:
+            await self._thread(spool.open)
+        except (OSError, SpoolError) as exc:
+            log.error(
+                "statistics spool %s unusable (%s): while the store is away, rows are dropped",
+                spool.directory, exc,
+            )  # fmt: skip
+            self.spool = None
+            return
+        if spool.pending:
+            log.info("statistics spool %s holds %d octets to replay", spool.directory, spool.bytes)
+
+    async def _connect(self) -> None:
+        try:
+            await self._thread(self.store.connect)
+        except Exception as exc:  # StoreError, or any driver's error
+            self._away(f"statistics store unavailable: {exc}")
+            return
+        self.connected = True
+        self.ready.set()
+        away = f" after {time.monotonic() - self._away_since:.1f} s" if self._away_since else ""
+        self._away_since = None
+        spooled = self.spool.bytes if self.spool is not None else 0
+        log.info(
+            "statistics store ready (%s)%s%s", _redacted(self.store.url), away,
+            f"; replaying {spooled} octets of spool" if spooled else "",
+        )  # fmt: skip
+
+    def _away(self, message: str) -> None:
+        """Log that the store is away: at once, then once a minute while it stays away."""
+        now = time.monotonic()
+        if self._away_since is None:
+            self._away_since = self._reminded = now
+            where = self.spool.directory if self.spool is not None else None
+            then = f"spooling to {where}" if where else "no spool: rows beyond the queue drop"
+            log.warning("%s; %s, probing every %g s", message, then, PROBE)
+        elif now - self._reminded >= REMIND:
+            self._reminded = now
+            log.warning(
+                "%s (away %.0f s; %d octets spooled)", message, now - self._away_since,
+                self.spool_bytes,
+            )  # fmt: skip
+
+    def _disconnect(self, message: str) -> None:
+        self.connected = False
+        self._away(message)
+        self.store.close()
+
+    async def _store(self, items: Sequence[Item], *, abandon: bool = False) -> bool:
+        """Write `items` in one transaction; False if the store is away (then disconnected).
+
+        Rows the store refuses for their content (not for being away) are written one by one,
+        and each one refused is dropped, counted and logged.
+        """
+        try:
+            try:
+                collisions = await self._thread(
+                    partial(self.store.write, _batch(items)), abandon=abandon
+                )
+            except trio.Cancelled:
+                self._abandoned = abandon  # the write goes on in its thread, with the connection
+                raise
+            except Exception as exc:  # any driver's error
+                if not self.store.refuses(exc):
+                    raise
+                collisions = await self._one_by_one(items)
+        except Exception as exc:  # any driver's error: the store is away
+            self._disconnect(f"statistics store write failed: {exc}")
+            return False
+        for collision in collisions:
+            self._collided(collision)
+        return True
+
+    async def _one_by_one(self, items: Sequence[Item]) -> list[Collision]:
+        collisions: list[Collision] = []
+        for item in items:
+            try:
+                collisions += await self._thread(partial(self.store.write, _batch([item])))
+            except Exception as exc:  # any driver's error
+                if not self.store.refuses(exc):
+                    raise
+                self.counts["dropped"].add([item])
+                log.warning("statistics store refused a %s row (dropped): %s", item[0], exc)
+        return collisions
+
+    def _collided(self, c: Collision) -> None:
+        self.collisions += 1
+        self.counts["dropped"].add([("session", ())])
+        log.warning(
+            "statistics: session id %s is stored already for a different session (digest %s, "
+            "this one %s): an id collision; this session's row is not stored",
+            c.session, c.stored, c.refused,
+        )  # fmt: skip
+
+    async def _write_some(self, *, abandon: bool = False) -> None:
+        items = list(itertools.islice(self._queue, BATCH))
+        if await self._store(items, abandon=abandon):
+            for _ in items:
+                self._queue.popleft()
+            self.counts["written"].add(items)
+
+    async def _replay_some(self, *, abandon: bool = False) -> None:
+        spool = self.spool
+        assert spool is not None
+        try:
+            items, position = await self._thread(partial(spool.read, BATCH))
+            if items:
+                if not await self._store(items, abandon=abandon):
+                    return
+                self.counts["replayed"].add(items)
+            with trio.CancelScope(shield=True):  # stored: say so, even if stopping now
+                await self._thread(partial(spool.consume, position))
+        except OSError as exc:
+            log.error("statistics spool %s unusable (%s): no longer used", spool.directory, exc)
+            self.spool = None
+            return
+        if spool.corrupt:
+            self.counts["dropped"].items += spool.corrupt
+            spool.corrupt = 0
+        if not spool.pending:
+            log.info("statistics spool replayed")
+
+    async def _spill(self) -> bool:
+        """Move the queue to the spool (in order); False if some of it could not go there."""
+        spool = self.spool
+        while self._queue:
+            items = list(itertools.islice(self._queue, BATCH * 4))
+            if spool is None:
+                return False
+            try:
+                done = await self._thread(partial(spool.append, items))
+            except OSError as exc:
+                if not self._spool_failing:
+                    self._spool_failing = True
+                    log.error("statistics spool %s: cannot write (%s)", spool.directory, exc)
+                return False
+            if self._spool_failing:
+                self._spool_failing = False
+                log.info("statistics spool %s: writable again", spool.directory)
+            for _ in range(done):
+                self._queue.popleft()
+            self.counts["spooled"].add(items[:done])
+            if done < len(items):  # the cap: what does not fit is lost
+                full = items[done:]
+                for _ in full:
+                    self._queue.popleft()
+                self.counts["dropped"].add(full)
+                log.warning(
+                    "statistics spool %s is full (%d octets): %d items dropped",
+                    spool.directory, spool.cap, len(full),
+                )  # fmt: skip
+        return True
+
+    async def _shutdown(self) -> None:
+        with trio.move_on_after(self.drain_timeout):
+            while self.connected and (self._queue or (self.spool and self.spool.pending)):
+                if self.spool is not None and self.spool.pending:
+                    await self._replay_some(abandon=True)
+                else:
+                    await self._write_some(abandon=True)
+        if self._queue:
+            queued = Tally()
+            queued.add(self._queue)
+            if await self._spill():
+                log.warning(
+                    "statistics store %s at shutdown: %d sessions (%d items) spooled to %s, "
+                    "stored after the next start",
+                    "still busy" if self.connected else "unavailable", queued.sessions,
+                    queued.items, self.spool.directory if self.spool else None,
+                )  # fmt: skip
+            else:
+                self.counts["dropped"].add(self._queue)
+                self._queue.clear()
+        dropped = self.counts["dropped"]
+        if dropped.items:
+            log.warning(
+                "statistics: %d sessions (%d items) could not be stored or spooled and are lost",
+                dropped.sessions, dropped.items,
+            )  # fmt: skip
+        if not self._abandoned:
+            await self._thread(self.store.close)
+        self.connected = False
+        if self.spool is not None:
+            self.spool.close()
 
     async def _purge(self) -> None:
         cutoff = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=self.retention_days)
         try:
-            removed = await trio.to_thread.run_sync(self.store.purge, cutoff.isoformat())
+            removed = await self._thread(lambda: self.store.purge(cutoff.isoformat()))
         except Exception as exc:  # any driver's error
             log.warning("statistics retention purge failed: %s", exc)
             return
         if removed:
             log.info("purged %d sessions older than %d days", removed, self.retention_days)
+
+
+def _batch(items: Iterable[Item]) -> Batch:
+    by_kind: dict[str, list[Sequence[Any]]] = {kind: [] for kind in KINDS}
+    for kind, row in items:
+        by_kind[kind].append(row)
+    return Batch(sessions=by_kind["session"], ids=by_kind["id"], commands=by_kind["command"])
 
 
 def _redacted(url: str) -> str:

@@ -1,17 +1,62 @@
 """The statistics store: SQLite (default, stdlib) or PostgreSQL (a fleet of proxies), one schema.
 
 Schema changes are forward migrations, applied in order at start; `schema_version` says which
-have run. Timestamps are ISO 8601 UTC strings (they sort as text on both databases). Only what
-the policy let records keep is stored: pseudonymous users, client names and versions, counts.
+have run. Migrating is serialised across proxies sharing one database: a transaction-scoped
+advisory lock in PostgreSQL, `BEGIN IMMEDIATE` in SQLite. Timestamps are ISO 8601 UTC strings
+(they sort as text on both databases). Only what the policy let records keep is stored:
+pseudonymous users, client names and versions, counts.
+
+Writes are idempotent, so that a batch written twice (replayed from the spool after a crash in
+the middle of a replay, or written and spooled at a shutdown that could not wait for the answer)
+is stored once: every table has a key — `sessions (session)`, `id_exchanges (session, seq)`,
+`command_counts (session, verb, status)` — and inserts ignore a row whose key is there. A session
+row also keeps a digest of its content, so that a genuinely different session under an existing
+id (a collision) is told apart from a replay and reported.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+SESSION_COLUMNS = (
+    "session", "proxy", "started_at", "ended_at", "day", "user_id", "reason", "duration_ms",
+    "bytes_from_client", "bytes_from_server", "commands", "client_tls", "family", "version",
+    "platform", "os_version",
+)  # fmt: skip
+"""A session row as the sink makes it; the store adds `digest`."""
+ID_COLUMNS = (
+    "session", "tag", "at", "state", "status", "malformed", "injected", "family", "name",
+    "version", "os", "os_version", "vendor", "dropped", "policy", "policy_digest", "seq",
+)  # fmt: skip
+COMMAND_COLUMNS = ("session", "verb", "status", "count")
+LOCK_KEY = 0x696D61707665696C  # "imapveil": the advisory lock that serialises migrations
+
+_ID_EXCHANGE = """
+            session TEXT NOT NULL,
+            tag TEXT NOT NULL,
+            at TEXT NOT NULL,
+            state TEXT NOT NULL,
+            status TEXT,
+            malformed INTEGER NOT NULL,
+            injected INTEGER NOT NULL,
+            family TEXT NOT NULL,
+            name TEXT,
+            version TEXT,
+            os TEXT,
+            os_version TEXT,
+            vendor TEXT,
+            dropped TEXT NOT NULL,
+            policy TEXT NOT NULL,
+            policy_digest TEXT NOT NULL
+"""
+"""The columns of `id_exchanges` as migration 1 made them: part of migrations, never to change."""
 
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
@@ -34,24 +79,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             os_version TEXT
         )""",
         "CREATE INDEX sessions_started ON sessions (started_at)",
-        """CREATE TABLE id_exchanges (
-            session TEXT NOT NULL,
-            tag TEXT NOT NULL,
-            at TEXT NOT NULL,
-            state TEXT NOT NULL,
-            status TEXT,
-            malformed INTEGER NOT NULL,
-            injected INTEGER NOT NULL,
-            family TEXT NOT NULL,
-            name TEXT,
-            version TEXT,
-            os TEXT,
-            os_version TEXT,
-            vendor TEXT,
-            dropped TEXT NOT NULL,
-            policy TEXT NOT NULL,
-            policy_digest TEXT NOT NULL
-        )""",
+        f"CREATE TABLE id_exchanges ({_ID_EXCHANGE})",
         "CREATE INDEX id_exchanges_at ON id_exchanges (at)",
         """CREATE TABLE command_counts (
             session TEXT NOT NULL,
@@ -60,6 +88,32 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             count INTEGER NOT NULL
         )""",
         "CREATE INDEX command_counts_session ON command_counts (session)",
+    ),
+    (
+        # 2: keys that make a replayed insert a no-op, and a digest to tell a collision from a
+        # replay. Rows written before keep their content: ID exchanges are numbered within
+        # their session, duplicate command counts (only a session id collision made those) are
+        # added up.
+        "ALTER TABLE sessions ADD COLUMN digest TEXT",
+        f"""CREATE TABLE id_exchanges_v2 ({_ID_EXCHANGE},
+            seq BIGINT NOT NULL,
+            CONSTRAINT id_exchanges_key PRIMARY KEY (session, seq))""",
+        f"""INSERT INTO id_exchanges_v2 SELECT {", ".join(ID_COLUMNS[:-1])},
+            ROW_NUMBER() OVER (PARTITION BY session ORDER BY at, tag) FROM id_exchanges""",  # noqa: S608
+        "DROP TABLE id_exchanges",
+        "ALTER TABLE id_exchanges_v2 RENAME TO id_exchanges",
+        "CREATE INDEX id_exchanges_at ON id_exchanges (at)",
+        """CREATE TABLE command_counts_v2 (
+            session TEXT NOT NULL,
+            verb TEXT NOT NULL,
+            status TEXT NOT NULL,
+            count INTEGER NOT NULL,
+            CONSTRAINT command_counts_key PRIMARY KEY (session, verb, status)
+        )""",
+        """INSERT INTO command_counts_v2 SELECT session, verb, status, SUM(count)
+            FROM command_counts GROUP BY session, verb, status""",
+        "DROP TABLE command_counts",
+        "ALTER TABLE command_counts_v2 RENAME TO command_counts",
     ),
 )
 
@@ -70,17 +124,40 @@ class StoreError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Batch:
-    sessions: Sequence[tuple[Any, ...]] = ()
-    ids: Sequence[tuple[Any, ...]] = ()
-    commands: Sequence[tuple[Any, ...]] = ()
+    sessions: Sequence[Sequence[Any]] = ()
+    ids: Sequence[Sequence[Any]] = ()
+    commands: Sequence[Sequence[Any]] = ()
+
+    def __len__(self) -> int:
+        return len(self.sessions) + len(self.ids) + len(self.commands)
+
+
+@dataclass(frozen=True, slots=True)
+class Collision:
+    """A session row not stored because another one, with other content, has its id."""
+
+    session: str
+    stored: str | None
+    refused: str
+
+
+def digest(row: Sequence[Any]) -> str:
+    """What a session row says, in 32 hex digits: equal for a replay, different for a collision."""
+    text = json.dumps(list(row), separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 class Store:
-    """One connection, used from one thread at a time (the writer's, or a report's)."""
+    """One connection, used from one thread at a time (the writer's, or a report's).
 
-    def __init__(self, url: str) -> None:
+    `timeout` bounds how long SQLite waits for a lock another connection holds, and how long
+    PostgreSQL may take to connect or to run one statement, in seconds.
+    """
+
+    def __init__(self, url: str, *, timeout: float = 10.0) -> None:
         self.url = url
         self.postgres = url.startswith(("postgresql://", "postgres://"))
+        self.timeout = timeout
         self._conn: Any = None
 
     def connect(self) -> None:
@@ -92,21 +169,37 @@ class Store:
                     "a postgresql:// store needs: pip install 'psycopg[binary]'"
                 ) from None
             try:
-                self._conn = psycopg.connect(self.url, connect_timeout=5)
+                self._conn = psycopg.connect(
+                    self.url,
+                    connect_timeout=max(1, round(self.timeout)),
+                    # A store behind a dead network fails a write within about 20 s instead of
+                    # TCP's many minutes; the writer then spools.
+                    keepalives=1,
+                    keepalives_idle=10,
+                    keepalives_interval=3,
+                    keepalives_count=3,
+                    tcp_user_timeout=20_000,
+                )
             except psycopg.Error as exc:
                 raise StoreError(f"cannot connect to the store: {exc}") from None
         else:
             path = Path(self.url.removeprefix("sqlite://"))
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._conn = sqlite3.connect(path, timeout=10, check_same_thread=False)
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=NORMAL")
-        self.migrate()
+            self._conn = sqlite3.connect(path, timeout=self.timeout, check_same_thread=False)
+        try:
+            if not self.postgres:
+                self._conn.execute("PRAGMA journal_mode=WAL")
+                self._conn.execute("PRAGMA synchronous=NORMAL")
+            self.migrate()
+        except Exception:
+            self.close()
+            raise
 
     def close(self) -> None:
         if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+            conn, self._conn = self._conn, None
+            with contextlib.suppress(Exception):  # a broken connection: nothing to do
+                conn.close()
 
     def _sql(self, sql: str) -> str:
         return sql.replace("?", "%s") if self.postgres else sql
@@ -120,9 +213,16 @@ class Store:
             cur.close()
 
     def migrate(self) -> None:
+        """Apply what has not run yet, one instance at a time, in one transaction."""
         conn = self._conn
         cur = conn.cursor()
         try:
+            if self.postgres:
+                # Held to the end of the transaction: a second proxy starting at the same time
+                # waits here, then finds the schema made and has nothing to do.
+                cur.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))
+            else:
+                cur.execute("BEGIN IMMEDIATE")
             cur.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
             cur.execute("SELECT MAX(version) FROM schema_version")
             current = cur.fetchone()[0] or 0
@@ -133,6 +233,9 @@ class Store:
                     cur.execute(statement)
                 cur.execute(self._sql("INSERT INTO schema_version (version) VALUES (?)"), (number,))
             conn.commit()
+        except Exception:
+            conn.rollback()
+            raise
         finally:
             cur.close()
 
@@ -140,46 +243,81 @@ class Store:
     def version(self) -> int:
         return int(self.execute("SELECT MAX(version) FROM schema_version")[0][0] or 0)
 
-    def write(self, batch: Batch) -> None:
-        """One transaction per batch."""
+    def write(self, batch: Batch) -> list[Collision]:
+        """One transaction per batch; rows whose key is stored already are left as they are.
+
+        Returns the session rows that were not stored because a different session has their id.
+        """
         conn = self._conn
         cur = conn.cursor()
         try:
+            if self.postgres:
+                statement_ms = max(1000, round(self.timeout * 1000))
+                cur.execute(f"SET LOCAL statement_timeout = {statement_ms}")
+            collisions: list[Collision] = []
             if batch.sessions:
-                cur.executemany(
-                    self._sql(_insert("sessions", 16) + " ON CONFLICT (session) DO NOTHING"),
-                    batch.sessions,
-                )
+                rows = [(*row, digest(row)) for row in batch.sessions]
+                cur.executemany(self._sql(_insert("sessions", (*SESSION_COLUMNS, "digest"))), rows)
+                if cur.rowcount != len(rows):  # some ids were there: replays, or collisions
+                    collisions = self._collisions(cur, rows)
             if batch.ids:
-                cur.executemany(
-                    self._sql(_insert("id_exchanges", 16)),
-                    batch.ids,
-                )
+                cur.executemany(self._sql(_insert("id_exchanges", ID_COLUMNS)), batch.ids)
             if batch.commands:
-                cur.executemany(self._sql(_insert("command_counts", 4)), batch.commands)
+                cur.executemany(
+                    self._sql(_insert("command_counts", COMMAND_COLUMNS)), batch.commands
+                )
             conn.commit()
         except Exception:
             conn.rollback()
             raise
         finally:
             cur.close()
+        return collisions
+
+    def _collisions(self, cur: Any, rows: list[tuple[Any, ...]]) -> list[Collision]:
+        ids = [row[0] for row in rows]
+        marks = ", ".join("?" * len(ids))
+        query = f"SELECT session, digest FROM sessions WHERE session IN ({marks})"  # noqa: S608
+        cur.execute(self._sql(query), ids)
+        stored = dict(cur.fetchall())
+        return [
+            Collision(row[0], stored.get(row[0]), row[-1])
+            for row in rows
+            if stored.get(row[0]) != row[-1]
+        ]
+
+    def refuses(self, exc: BaseException) -> bool:
+        """Whether `exc` is about the rows (the store refused their content), not the store."""
+        if self.postgres:
+            import psycopg  # noqa: PLC0415
+
+            return isinstance(exc, psycopg.DataError | psycopg.IntegrityError)
+        return isinstance(exc, sqlite3.DataError | sqlite3.IntegrityError | sqlite3.InterfaceError)
 
     def purge(self, before: str) -> int:
         """Delete what ended before `before` (ISO time); returns sessions removed."""
-        old = self.execute("SELECT session FROM sessions WHERE ended_at < ?", (before,))
-        self.execute(
-            "DELETE FROM command_counts WHERE session IN "
-            "(SELECT session FROM sessions WHERE ended_at < ?)",
-            (before,),
-        )
-        self.execute("DELETE FROM id_exchanges WHERE at < ?", (before,))
-        self.execute("DELETE FROM sessions WHERE ended_at < ?", (before,))
-        self._conn.commit()
+        try:
+            old = self.execute("SELECT session FROM sessions WHERE ended_at < ?", (before,))
+            self.execute(
+                "DELETE FROM command_counts WHERE session IN "
+                "(SELECT session FROM sessions WHERE ended_at < ?)",
+                (before,),
+            )
+            self.execute("DELETE FROM id_exchanges WHERE at < ?", (before,))
+            self.execute("DELETE FROM sessions WHERE ended_at < ?", (before,))
+            self._conn.commit()
+        except Exception:
+            self._conn.rollback()
+            raise
         return len(old)
 
     def rows(self, sql: str, params: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
         return self.execute(sql, tuple(params))
 
 
-def _insert(table: str, columns: int) -> str:
-    return f"INSERT INTO {table} VALUES ({', '.join('?' * columns)})"  # noqa: S608 (fixed names)
+def _insert(table: str, columns: Sequence[str]) -> str:
+    """An insert that leaves a row whose key is already stored as it is (both databases)."""
+    return (
+        f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"  # noqa: S608 (fixed names)
+        " ON CONFLICT DO NOTHING"
+    )
