@@ -167,7 +167,7 @@ def test_sessions_are_relayed_byte_for_byte(
     # Every command got its tagged answer; none is left pending.
     done = [r for r in conv.records if isinstance(r, CommandCompleted)]
     assert all(r.status is not None for r in done)
-    assert not conv.core._pending
+    assert not conv.core._commands.pending
 
 
 _NOISE = [
@@ -237,7 +237,10 @@ def test_garbage_with_id_policy_never_crashes(
         core = conv.core
         assert len(core._client.buf) <= config.max_line
         assert core.held <= config.max_held
-        assert core._id is None or len(core._id.parts) <= 64 * 1024 + config.max_line
+        assert (
+            core._ids.collecting is None
+            or len(core._ids.collecting.parts) <= 64 * 1024 + config.max_line
+        )
     conv.client_closes()
     for reply in conv.replies:
         # Only BYE, our "+" for ID literals, and answers to the commands the proxy handles.

@@ -52,7 +52,7 @@ _SKIP = re.compile(rb"\}\r?\n|\n(?!\* [0-9])")
 class ClientFramer:
     """The client's stream. Holds raw bytes, so its repr shows sizes only."""
 
-    __slots__ = ("buf", "kept", "literal_left", "max_line", "use")
+    __slots__ = ("buf", "kept", "literal_left", "max_line", "parked_at", "parked_data", "use")
 
     def __init__(self, max_line: int) -> None:
         self.max_line = max_line
@@ -60,9 +60,32 @@ class ClientFramer:
         self.literal_left = 0  # octets of literal body still to come
         self.use = Use.PASS
         self.kept: bytearray | None = None  # a literal body being kept (bounded)
+        # Octets not read yet, while the client must wait for the server: the chunk they came
+        # in and where they start in it (no copy, so many gates in one chunk cost one pass).
+        self.parked_data = b""
+        self.parked_at = 0
 
     def __repr__(self) -> str:
         return f"<client framer buffered={len(self.buf)} literal_left={self.literal_left}>"
+
+    @property
+    def parked(self) -> int:
+        return len(self.parked_data) - self.parked_at
+
+    def park(self, data: bytes, at: int) -> None:
+        """Leave data[at:] unread until `unpark`."""
+        if at >= len(data):
+            return
+        if self.parked_data:  # more while already parked: only when the shell feeds a paused core
+            self.parked_data = self.parked_data[self.parked_at :] + data[at:]
+            self.parked_at = 0
+        else:
+            self.parked_data, self.parked_at = data, at
+
+    def unpark(self) -> tuple[bytes, int]:
+        parked = self.parked_data, self.parked_at
+        self.parked_data, self.parked_at = b"", 0
+        return parked
 
     def literal(self, size: int, use: Use) -> None:
         """The line just read announced a literal of `size` octets, to be used so."""

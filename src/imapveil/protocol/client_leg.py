@@ -1,0 +1,236 @@
+"""The legs the proxy terminates: the client's (STARTTLS, COMPRESS, what capabilities it is
+shown) and, before any client byte is relayed, STARTTLS toward the upstream.
+
+STARTTLS and COMPRESS concern the client leg only: the proxy answers them itself and they never
+reach the server. Capability lists describe the server's leg, so they are mediated on their way
+to the client (see `capabilities`). Upstream STARTTLS is a small sans-IO conversation
+(`UpstreamStartTls`) that the relay drives with its sockets and its TLS library.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from imapveil.protocol import capabilities, lexer, proxy_header
+from imapveil.protocol.actions import Action, Direction, StartCompress, StartTls
+from imapveil.protocol.command import Command, State
+from imapveil.protocol.config import CoreConfig
+from imapveil.protocol.outbox import Outbox
+
+
+class ClientLeg:
+    """The client leg's TLS and compression, and its view of the server's capabilities."""
+
+    __slots__ = ("compressed", "config", "discard_rest", "first", "out", "secure")
+
+    def __init__(self, config: CoreConfig, out: Outbox, *, secure: bool) -> None:
+        self.config = config
+        self.out = out
+        self.secure = secure  # the client leg is TLS (implicit or after STARTTLS)
+        self.compressed = False  # COMPRESS=DEFLATE is active on the client leg
+        self.discard_rest: str | None = None  # after our OK to STARTTLS/COMPRESS
+        self.first: bytearray | None = bytearray()  # first octets, until they cannot be PROXY
+
+    def __repr__(self) -> str:
+        return f"<client leg secure={self.secure} compressed={self.compressed}>"
+
+    def first_octets(self, data: bytes, *, first: bool) -> bytes | None:
+        """What of the client's octets so far may be read as IMAP (None: nothing, yet or ever).
+
+        A TLS ClientHello on a plain port is a client configured for implicit TLS. A PROXY
+        header from a source not configured to send one is never passed on: a backend that
+        accepts PROXY would believe the address in it. Decided on the first octets however they
+        were segmented (`P`, then `ROXY ...`).
+        """
+        out = self.out
+        if first and data[:1] == b"\x16" and not self.secure:
+            out.violation("client", "tls_on_plain_port", f"{len(data)} octets", "closed")
+            out.end("tls_error", "TLS ClientHello on a plain port")
+            out.actions.extend(out.close("tls_error"))
+            return None
+        if self.first is None:
+            return data
+        self.first += data
+        if proxy_header.could_be_header(bytes(self.first)):
+            return None
+        data, self.first = bytes(self.first), None
+        if proxy_header.looks_like_header(data):
+            out.violation("client", "proxy_header_untrusted", f"{len(data)} octets", "closed")
+            out.end("proxy_header", "from an untrusted source")
+            out.actions.extend(out.close("proxy_header"))
+            return None
+        return data
+
+    def owns(self, verb: bytes) -> bool:
+        """Commands the proxy answers itself: STARTTLS and COMPRESS, and LOGIN/AUTHENTICATE
+        before TLS when TLS is required (LOGINDISABLED is advertised until then)."""
+        return verb in (b"STARTTLS", b"COMPRESS") or (
+            verb in (b"LOGIN", b"AUTHENTICATE")
+            and self.config.client_tls == "require"
+            and not self.secure
+        )
+
+    def answer(self, cmd: Command, args: bytes, line: bytes, *, busy: bool) -> bool:
+        """Answer one of `owns`'s commands. False: the session ends (a literal where none
+        belongs: a LOGIN that ignores LOGINDISABLED must not get its password past us)."""
+        verb = cmd.verb
+        if lexer.strip_eol(line).endswith(b"}"):
+            self.out.violation("client", "literal_where_none_belongs", verb.decode(), "closed")
+            self.out.protocol_error(b"* BYE Command not allowed here\r\n")
+            return False
+        status, text, then = self._decide(cmd, args, busy)
+        self.out.reply(cmd.tag + b" " + status + b" " + text + b"\r\n")
+        if then is not None:
+            self.out.actions.append(then)
+            self.discard_rest = verb.decode().lower()
+        if self.config.log_commands:
+            code = text[1 : text.find(b"]")].decode() if text.startswith(b"[") else None
+            self.out.actions.append(self.out.command_record(cmd, status.decode(), code))
+        return True
+
+    def _decide(self, cmd: Command, args: bytes, busy: bool) -> tuple[bytes, bytes, Action | None]:
+        verb = cmd.verb
+        if busy:
+            return b"BAD", b"[CLIENTBUG] Wait for the outstanding commands first", None
+        if verb in (b"LOGIN", b"AUTHENTICATE"):
+            return b"NO", b"[PRIVACYREQUIRED] Use STARTTLS first", None
+        if verb == b"STARTTLS":
+            if self.secure:
+                return b"BAD", b"TLS is already active", None
+            if cmd.state is not State.NOT_AUTHENTICATED:
+                # RFC 9051 §6.2.1: only in the not authenticated state.
+                return b"BAD", b"STARTTLS is only valid before authentication", None
+            if self.config.client_tls == "off":
+                return b"NO", b"[CANNOT] STARTTLS is not offered here", None
+            self.secure = True
+            return b"OK", b"Begin TLS negotiation now", StartTls(Direction.TO_CLIENT)
+        if self.compressed:
+            return b"NO", b"[COMPRESSIONACTIVE] DEFLATE is already active", None
+        if not self.config.compress:
+            return b"NO", b"[CANNOT] COMPRESS is not offered here", None
+        if args.strip().upper() != b"DEFLATE":
+            return b"BAD", b"Unknown compression mechanism", None
+        self.compressed = True
+        return b"OK", b"DEFLATE active", StartCompress(Direction.TO_CLIENT)
+
+    def _leg_state(self, authenticated: bool) -> capabilities.LegState:
+        c = self.config
+        return capabilities.LegState(
+            c.client_tls,
+            self.secure,
+            c.compress,
+            self.compressed,
+            c.strict_capabilities,
+            authenticated=authenticated,
+        )
+
+    def capability_line(self, body: bytes, after: int, authenticated: bool) -> bytes | None:
+        """`* CAPABILITY ...` as the client is shown it, or None: as it came."""
+        mediated = capabilities.rewrite(body[after:], self._leg_state(authenticated))
+        if mediated is None:
+            return None
+        return body[:after] + b" " + mediated + b"\r\n"
+
+    def capability_code(self, body: bytes, authenticated: bool) -> bytes | None:
+        """A status line with `[CAPABILITY ...]` (greeting, tagged OK) as the client is shown
+        it, or None: as it came."""
+        start = body.upper().find(b"[CAPABILITY ")
+        end = body.find(b"]", start)
+        if start < 0 or end < 0:
+            return None
+        mediated = capabilities.rewrite(body[start + 12 : end], self._leg_state(authenticated))
+        if mediated is None:
+            return None
+        return body[: start + 12] + mediated + body[end:] + b"\r\n"
+
+
+class UpstreamTlsError(Exception):
+    """The upstream would not (or could not) do TLS. The message says why, briefly."""
+
+
+class Step(enum.Enum):
+    """What the relay does next for `UpstreamStartTls` (besides sending bytes it returns)."""
+
+    RECEIVE = 1  # read from the upstream and `receive` it
+    HANDSHAKE = 2  # do the TLS handshake on the upstream connection, then `secured`
+    DONE = 3  # `greeting` is what the client is shown first
+
+
+_LINE_LIMIT = 64 * 1024
+
+
+class UpstreamStartTls:
+    """STARTTLS toward the upstream before the client sees anything (RFC 9051 §6.2.1), and the
+    capabilities the server announces under TLS, for the greeting the client is shown.
+
+    `next_step()` says what to do: bytes to send, or a `Step`. Bytes after the server's OK and
+    before the handshake are injected or a broken server: never used (`UpstreamTlsError`).
+    """
+
+    __slots__ = ("_buffer", "_capabilities", "_greeting", "_stage", "greeting")
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._stage = "greeting"
+        self._greeting = b""
+        self._capabilities = b""
+        self.greeting = b""
+
+    def __repr__(self) -> str:
+        return f"<upstream STARTTLS: {self._stage}>"
+
+    def receive(self, data: bytes) -> None:
+        if not data:
+            raise UpstreamTlsError("closed before TLS")
+        self._buffer += data
+
+    def secured(self) -> None:
+        """The TLS handshake is done."""
+        self._stage = "secured"
+
+    def _line(self) -> bytes | None:
+        if b"\n" not in self._buffer:
+            if len(self._buffer) > _LINE_LIMIT:
+                raise UpstreamTlsError("line too long before TLS")
+            return None
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return line + b"\n"
+
+    def next_step(self) -> bytes | Step:
+        stage = self._stage
+        if stage == "secured":
+            self._stage = "capability"
+            return b"imapveil.1 CAPABILITY\r\n"
+        if stage == "done":
+            return Step.DONE
+        while (line := self._line()) is not None:
+            if stage == "greeting":
+                if not line.startswith(b"* OK"):
+                    raise UpstreamTlsError("no OK greeting")
+                self._greeting = line
+                self._stage = "starttls"
+                return b"imapveil.0 STARTTLS\r\n"
+            if stage == "starttls" and line.startswith(b"imapveil.0 "):
+                if not line.startswith(b"imapveil.0 OK"):
+                    raise UpstreamTlsError("STARTTLS refused")
+                if self._buffer:
+                    raise UpstreamTlsError("data after the STARTTLS OK")
+                self._stage = "handshake"
+                return Step.HANDSHAKE
+            if stage == "capability":
+                if line.startswith(b"imapveil.1 "):
+                    self._done()
+                    return Step.DONE
+                if line[:13].upper() == b"* CAPABILITY ":
+                    self._capabilities = lexer.strip_eol(line)[13:]
+        return Step.RECEIVE
+
+    def _done(self) -> None:
+        body = lexer.strip_eol(self._greeting)
+        _status, code, _args = lexer.status_and_code(body[2:])
+        text = body[body.find(b"]") + 1 :].strip() if code else body[4:].strip()
+        shown = b"* OK [CAPABILITY " + self._capabilities + b"] " + text + b"\r\n"
+        # Anything unsolicited after the tagged answer still reaches the client.
+        self.greeting = shown + self._buffer
+        self._buffer = b""
+        self._stage = "done"

@@ -1,0 +1,146 @@
+"""What a session says of its own: records, the proxy's own lines to the client, the close.
+
+The parts of the core (commands, the ID flow, the client leg) append here, in order, what they
+decided besides the fate of the line they were given (which they return): a record, a line of the
+proxy's own for the client (owed until the server's stream is at a response boundary), the end.
+One outbox per session; the session hands its `actions` to the shell after each input.
+"""
+
+from __future__ import annotations
+
+from imapveil.protocol.actions import Action, Close, Direction, Emit, Forward, Reply
+from imapveil.protocol.command import Command
+from imapveil.protocol.config import CoreConfig
+from imapveil.protocol.framer import ServerFramer
+from imapveil.records import CommandCompleted, Record, Violation
+
+_RECORD_TAG = 64  # a tag is recorded up to this length (it is the client's to choose)
+
+
+class Outbox:
+    __slots__ = (
+        "actions",
+        "close_pending",
+        "closed",
+        "config",
+        "end_detail",
+        "end_reason",
+        "now",
+        "owed",
+        "server",
+        "session_id",
+        "violations",
+    )
+
+    def __init__(self, config: CoreConfig, session_id: str, now: float, server: ServerFramer):
+        self.config = config
+        self.session_id = session_id
+        self.now = now
+        self.server = server  # where the server's stream is: our own lines only between responses
+        self.actions: list[Action] = []
+        self.owed = bytearray()  # our own lines ("+", BAD), sent at a server response boundary
+        self.close_pending = False  # close once the owed lines are sent
+        self.closed = False
+        self.violations = 0  # violation records so far (and refused commands)
+        self.end_reason: str | None = None
+        self.end_detail: str | None = None
+
+    def __repr__(self) -> str:
+        return f"<outbox {len(self.actions)} actions, {len(self.owed)} octets owed>"
+
+    def emit(self, record: Record) -> None:
+        self.actions.append(Emit(record))
+
+    def reply(self, data: bytes) -> None:
+        self.actions.append(Reply(Direction.TO_CLIENT, data))
+
+    def to_server(self, data: bytes) -> None:
+        self.actions.append(Forward(Direction.TO_SERVER, data))
+
+    @property
+    def can_speak(self) -> bool:
+        """True at a response boundary, where a line of our own does not corrupt the stream."""
+        return self.server.at_boundary
+
+    def violation(self, source: str, kind: str, detail: str, action: str = "forwarded") -> None:
+        self.violations += 1
+        if self.violations <= self.config.max_violation_records:
+            self.emit(Violation(self.session_id, source, kind, detail, action))
+
+    def end(self, reason: str, detail: str | None = None) -> None:
+        """Why the session ends: the first reason given is the one recorded."""
+        if self.end_reason is None:
+            self.end_reason = reason
+            self.end_detail = detail
+
+    def close(self, reason: str) -> list[Action]:
+        if self.closed:
+            return []
+        self.closed = True
+        return [Close(reason)]
+
+    def owe(self, data: bytes) -> None:
+        """A line of the proxy's own for the client, sent at the next response boundary."""
+        self.owed += data
+        self.pay_owed()
+
+    def pay_owed(self) -> None:
+        if self.owed and self.can_speak and not self.closed:
+            self.reply(bytes(self.owed))
+            self.owed.clear()
+            if self.close_pending:
+                self.actions.extend(self.close("protocol_error"))
+
+    def close_after_owed(self, bye: bytes) -> None:
+        """End after what is owed already (and, from the server's side, after the answer
+        being read): `feed_server` and the refusal pay it."""
+        self.end("protocol_error")
+        self.owed += bye
+        self.close_pending = True
+
+    def protocol_error(self, bye: bytes) -> None:
+        """The client cannot be followed any further: BYE (where it can be said) and close."""
+        self.end("protocol_error")
+        if self.can_speak:
+            self.pay_owed()
+            self.reply(bye)
+        self.actions.extend(self.close("protocol_error"))
+
+    def command_record(self, cmd: Command, status: str | None, code: str | None) -> Emit:
+        return Emit(
+            CommandCompleted(
+                session=self.session_id,
+                tag=record_tag(cmd.tag),
+                verb=cmd.verb[:32].decode("ascii", "replace"),
+                state=cmd.state.value,
+                status=status,
+                code=code,
+                duration_ms=ms(self.now - cmd.started) if status is not None else None,
+                literals=tuple(cmd.literals),
+                mechanism=cmd.mechanism,
+                user=cmd.user,
+            )
+        )
+
+    def suppressed(self) -> list[Action]:
+        """One record for the violations beyond the session's share, if any."""
+        more = self.violations - self.config.max_violation_records
+        if more <= 0:
+            return []
+        return [
+            Emit(
+                Violation(
+                    self.session_id, "session", "violations_suppressed", f"{more} more", "counted"
+                )
+            )
+        ]
+
+
+def record_tag(tag: bytes) -> str:
+    """The client's tag, bounded (it chooses its length; the line limit is the only other)."""
+    text = tag[:_RECORD_TAG].decode("ascii", "replace")
+    return text + "…" if len(tag) > _RECORD_TAG else text
+
+
+def ms(seconds: float) -> float:
+    return round(seconds * 1000.0, 3)

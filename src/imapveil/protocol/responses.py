@@ -1,0 +1,158 @@
+"""The server's side of the grammar: its responses read line by line, as far as the proxy needs.
+
+The greeting must be an IMAP greeting (`* OK`, `* PREAUTH`, `* BYE`): a client's LOGIN must not
+go to an SMTP or SSH port configured by mistake, so nothing of the client's reaches the server
+before it. Continuations (`+`) and tagged answers move the commands along; untagged responses
+say what the connection is (BYE, PREAUTH, CAPABILITY) and carry the server's ID. Data responses
+may announce literals, which the framer then passes through uncounted by the grammar; status
+responses cannot (their text is no place for a literal, whatever it ends with).
+
+Each line comes back as what the client is shown instead of it (b"": nothing), or None: the line
+as it came.
+"""
+
+from __future__ import annotations
+
+from imapveil.protocol import lexer
+from imapveil.protocol.client_leg import ClientLeg
+from imapveil.protocol.command import State
+from imapveil.protocol.commands import Commands, Gate
+from imapveil.protocol.framer import ServerFramer
+from imapveil.protocol.id_flow import IdFlow
+from imapveil.protocol.lexer import LiteralError
+from imapveil.protocol.outbox import Outbox
+
+_STATUS_WORDS = frozenset((b"OK", b"NO", b"BAD", b"BYE", b"PREAUTH"))
+_GREETINGS = (b"* OK", b"* PREAUTH", b"* BYE")
+UNAVAILABLE = b"* BYE [UNAVAILABLE] Mail server is not reachable\r\n"
+
+
+class Responses:
+    __slots__ = ("bye_seen", "capabilities", "commands", "framer", "greeted", "ids", "leg", "out")
+
+    def __init__(
+        self,
+        out: Outbox,
+        framer: ServerFramer,
+        commands: Commands,
+        ids: IdFlow,
+        leg: ClientLeg,
+    ) -> None:
+        self.out = out
+        self.framer = framer
+        self.commands = commands
+        self.ids = ids
+        self.leg = leg
+        self.greeted = False
+        self.capabilities: frozenset[str] = frozenset()
+        self.bye_seen = False
+
+    def __repr__(self) -> str:
+        return f"<responses greeted={self.greeted}>"
+
+    def line(self, line: bytes) -> bytes | None:
+        """One complete server line."""
+        if self.framer.continues:
+            self.data_line(line)
+            return None
+        if not self.greeted:
+            if not line[:10].upper().startswith(_GREETINGS):
+                self.not_imap(line)
+                return b""
+            if self.commands.gate is Gate.GREETING:
+                self.commands.clear_gate()  # what the client sent meanwhile may go now
+        shown: bytes | None = None
+        if line[:1] == b"+":
+            shown = self.commands.continuation()
+        elif line.startswith(b"* "):
+            shown = self._untagged(line)
+        else:
+            parsed = lexer.split_tag(lexer.strip_eol(line))
+            if parsed is None:
+                self.out.violation("server", "unparsable_response", f"{len(line)} octets")
+            else:
+                shown = self._tagged(*parsed)
+        self.greeted = True
+        return shown
+
+    def not_imap(self, line: bytes) -> None:
+        """The upstream's first line is no IMAP greeting (an SMTP or SSH port by mistake): the
+        client's LOGIN must not go there. A few printable octets say what it was."""
+        shown = "".join(chr(c) if 0x20 <= c < 0x7F else "?" for c in lexer.strip_eol(line)[:24])
+        self.out.end("upstream_unavailable", f"not an IMAP greeting: {shown!r}")
+        self.out.reply(UNAVAILABLE)
+        self.out.actions.extend(self.out.close("upstream_unavailable"))
+
+    def long_line(self, head: bytes, tail: bytes) -> None:
+        """An over-long server line has ended; it was streamed, only its head and tail kept.
+
+        The head says what kind of line it was (its tag, status and response code fit in it);
+        the tail says whether it announced a literal. It went out as it came, whatever the
+        grammar would have shown instead.
+        """
+        if self.framer.continues or (head.startswith(b"* ") and not _is_status(head[2:])):
+            self.data_line(tail)
+            return
+        # A status or tagged response: its text cannot announce a literal, the head is enough.
+        self.line(head + b"\r\n")
+
+    def data_line(self, line: bytes) -> None:
+        """The end of a data response fragment, which may announce a literal."""
+        try:
+            literal = lexer.literal_at_end(line)
+        except LiteralError as exc:
+            self.out.violation("server", "bad_literal", str(exc))
+            literal = None
+        if literal is None:
+            self.framer.no_literal()
+        else:
+            self.framer.literal(literal.size)
+
+    def _authenticated(self) -> bool:
+        return self.commands.state is not State.NOT_AUTHENTICATED
+
+    def _untagged(self, line: bytes) -> bytes | None:
+        body = lexer.strip_eol(line)
+        word, after = lexer.read_atom(body, 2, 16)
+        kind = word.upper()
+        shown: bytes | None = None
+        if kind in _STATUS_WORDS:
+            # resp-text cannot hold a literal, whatever it ends with.
+            _status, code, args = lexer.status_and_code(body[2:])
+            if code == "CAPABILITY":
+                self.capabilities = lexer.capabilities(args)
+                shown = self.leg.capability_code(body, self._authenticated())
+            if kind == b"BYE":
+                self.bye_seen = True
+                self.commands.state = State.LOGOUT
+            elif kind == b"PREAUTH" and not self.greeted:
+                self.commands.state = State.AUTHENTICATED
+            return shown
+        if kind == b"CAPABILITY":
+            self.capabilities = lexer.capabilities(body[after:])
+            shown = self.leg.capability_line(body, after, self._authenticated())
+        elif kind == b"ID" and not line.rstrip().endswith(b"}"):
+            shown = self.ids.server_id(line)
+        self.data_line(line)
+        return shown
+
+    def _tagged(self, tag: bytes, rest: bytes) -> bytes | None:
+        status, code, args = lexer.status_and_code(rest)
+        if status not in ("OK", "NO", "BAD"):
+            self.out.violation("server", "unparsable_response", f"{len(rest)} octets")
+            return None
+        if code == "CAPABILITY":
+            self.capabilities = lexer.capabilities(args)
+        if tag == self.ids.injected:
+            # The answer to our own ID: the client did not ask, so it does not see it.
+            self.ids.injected_answered(status, self.commands.state)
+            return b""
+        self.commands.answered(tag, status, code)
+        if code == "CAPABILITY":
+            # After the answer: the list in a LOGIN's OK describes the authenticated state.
+            return self.leg.capability_code(tag + b" " + rest, self._authenticated())
+        return None
+
+
+def _is_status(rest: bytes) -> bool:
+    return lexer.read_atom(rest, 0, 16)[0].upper() in _STATUS_WORDS
