@@ -3,8 +3,10 @@ the way RFC 9051 says a server must, and checks the one thing the proxy promises
 
 It reads line fragments; a fragment ending in `{N}` gets a "+" (or, as the test draws it, a
 tagged NO instead: the command is refused and the next octets are a new command, which is what
-Dovecot does after some errors). It reads literal octets only after its own "+". It keeps every
-octet of the ID commands it executed, so that a test can look for identifiers in them.
+Dovecot does after some errors). It reads literal octets only after its own "+". IDLE is
+answered as Dovecot answers it, whatever follows it on the line: "+ idling", then a line that
+ends it (DONE, or anything else: BAD, and that line is not run). It keeps every octet of the ID
+commands it executed, so that a test can look for identifiers in them.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ class StrictServer:
         self._in_command = False
         self._tag = b""
         self._verb = b""
+        self._idling = False
         self.id_octets = bytearray()
         self.commands: list[tuple[bytes, bytes]] = []  # (tag, verb) of each command begun
 
@@ -46,12 +49,21 @@ class StrictServer:
             line = bytes(self._buf[: nl + 1])
             del self._buf[: nl + 1]
             body = strip_eol(line)
+            if self._idling:
+                self._idling = False
+                ok = body.upper() == b"DONE"
+                out += self._tag + (b" OK idle done\r\n" if ok else b" BAD Expected DONE\r\n")
+                continue
             if not self._in_command:
                 tag, _, rest = body.partition(b" ")
                 self._tag, self._verb = tag, rest.split(b" ", 1)[0].upper()
                 self.commands.append((self._tag, self._verb))
             if self._verb == b"ID":
                 self.id_octets += line
+            if self._verb == b"IDLE" and not self._in_command:
+                self._idling = True  # Dovecot idles, literal announcement or not
+                out += b"+ idling\r\n"
+                continue
             m = _LITERAL.search(body)
             if m is None:
                 self._in_command = False

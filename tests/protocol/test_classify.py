@@ -52,6 +52,8 @@ def test_well_formed_lines_are_read(line: bytes) -> None:
         (b"a NOOP {5} x", "brace"),
         (b"a NOOP ) {5+}", "unbalanced_list"),
         (b"a NOOP {123456789012345678901}", "literal_length"),
+        (b"a IDLE {5+}", "literal_not_allowed"),  # its "+ idling" is no "+" for a literal
+        (b"a AUTHENTICATE PLAIN {5}", "literal_not_allowed"),
     ],
 )
 def test_unreadable_lines_say_why(line: bytes, problem: str) -> None:

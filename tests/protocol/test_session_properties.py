@@ -269,6 +269,8 @@ _HOSTILE = [
     b'a ID ("x-device-id" "\\q' + MARKER + b'")\r\n',
     b"a" * 70 + b' ID ("x-device-id" "' + MARKER + b'")\r\n',
     b"a IDLE\r\n" + ID_LINE,
+    b"a IDLE {%d+}\r\nDONE\r\n" % (len(ID_LINE) + 6) + ID_LINE,
+    b"a IDLE {%d+}\r\nx\r\n" % (len(ID_LINE) + 3) + ID_LINE,
     b"a AUTHENTICATE PLAIN\r\n" + ID_LINE,
     b"DONE\r\n",
     b"a NOOP\x00 {%d+}\r\n" % len(ID_LINE) + ID_LINE,

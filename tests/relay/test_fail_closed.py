@@ -239,16 +239,9 @@ FRAMING = {
     "idle-literal-done": Framing(True, b"a IDLE {%d+}", lead=b"DONE\r\n"),
     "idle-literal-junk": Framing(True, b"a IDLE {%d+}", lead=b"x\r\n"),
 }
-IDLE_PLUS = "the server's `+ idling` is taken as the `+` for a literal after IDLE"
 
 
-@pytest.mark.parametrize(
-    "case",
-    [
-        pytest.param(name, marks=[xfail(2, IDLE_PLUS)] if name.startswith("idle-") else [])
-        for name in FRAMING
-    ],
-)
+@pytest.mark.parametrize("case", list(FRAMING))
 async def test_literal_octets_never_run_as_commands(
     target: Dovecot, tmp_path: Path, case: str
 ) -> None:

@@ -38,6 +38,11 @@ _PARENS = re.compile(rb'"(?:[^"\\]++|\\.)*+"|[()]')
 _VALUES = re.compile(rb'"((?:[^"\\]++|\\.)*+)"|([()])|([' + _ATOMISH + rb"]++)")
 _UNESCAPE = re.compile(rb"\\(.)")
 _VERB = re.compile(rb"[A-Za-z][A-Za-z0-9.\-_]*+")
+# Commands whose own answer is a continuation ("+ idling", a SASL challenge) and whose grammar
+# has no literal: a "+" after such a command could not tell the proxy whether the server asked
+# for the literal, so a literal there is refused (Dovecot answers `a IDLE {5}` with "+ idling"
+# and then runs the octets as commands).
+_NO_LITERAL = frozenset((b"IDLE", b"AUTHENTICATE"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +92,10 @@ def first_fragment(body: bytes) -> CommandLine:
             return CommandLine(tag, verb, end, _fail("command_name", body))
         verb = b"UID " + sub.group().upper()
         end = sub.end()
-    return CommandLine(tag, verb, end, fragment(body, end, 0))
+    frag = fragment(body, end, 0)
+    if frag.problem is None and frag.literal is not None and verb in _NO_LITERAL:
+        frag = Fragment("literal_not_allowed", frag.depth, frag.literal)
+    return CommandLine(tag, verb, end, frag)
 
 
 def fragment(body: bytes, start: int, depth: int) -> Fragment:
