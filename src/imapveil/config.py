@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import socket
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
@@ -84,6 +85,7 @@ class Settings:
     capabilities: str = "pass"
     store: str = ""
     retention_days: int = 400
+    proxy_name: str = ""
     min_group_users: int = 5
     metrics: str = ""
 
@@ -95,6 +97,10 @@ class Settings:
 
     def key_file(self) -> Path:
         return Path(self.user_key_file) if self.user_key_file else default_key_file()
+
+    def proxy(self) -> str:
+        """This instance's name in statistics rows: `proxy_name`, or the host name."""
+        return self.proxy_name or socket.gethostname()
 
 
 HELP: dict[str, str] = {
@@ -144,6 +150,8 @@ HELP: dict[str, str] = {
     "store": "statistics store: a SQLite file (default stats.sqlite beside the user key, in the "
     "state directory), postgresql://..., or off",
     "retention_days": "days of statistics kept (default 400)",
+    "proxy_name": "this instance's name in every statistics row (default: the host name); give "
+    "each instance on one host its own",
     "min_group_users": "groups with fewer distinct users are shown as 'other' (default 5)",
     "metrics": "serve Prometheus /metrics and /healthz on HOST:PORT (default off)",
 }
@@ -231,6 +239,11 @@ def _convert(name: str, value: Any) -> Any:
         return _string(value, "expected a file name")
     if name in ("events", "user_key_file"):
         return _string(value, "expected a string")
+    if name == "proxy_name":
+        text = _string(value, "expected a name")
+        if len(text) > 64 or not text.isprintable():
+            raise ValueError("expected at most 64 printable characters")
+        return text
     if name == "max_line_length":
         return _whole(value, 1024, "expected a whole number of octets, at least 1024")
     if name in ("retention_days", "min_group_users", "max_sessions", "max_sessions_per_client"):

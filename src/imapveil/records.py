@@ -153,11 +153,15 @@ class ConfigLoaded:
 
 @dataclass(frozen=True, slots=True)
 class StoreDropped:
-    """The statistics store fell behind: `count` rows were lost since the last such record."""
+    """Statistics were lost (neither stored nor spooled): `count` items — rows of every kind:
+    session rows, ID exchanges, command counts — since the last such record, `total` since the
+    start; `sessions` and `total_sessions` the session rows among them."""
 
     event: ClassVar[str] = "store_dropped"
     count: int
     total: int
+    sessions: int = 0
+    total_sessions: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {"event": self.event, **_fields(self)}

@@ -39,7 +39,7 @@ from imapveil.relay.server import Admittance, Proxy, listener_address, open_list
 from imapveil.sinks import Fanout, Sink
 from imapveil.sinks.jsonl import JsonLinesSink
 from imapveil.stats.metrics import Metrics, serve_metrics
-from imapveil.stats.sink import StoreSink
+from imapveil.stats.sink import StoreSink, spool_directory
 from imapveil.systemd import Notifier, inherited_sockets
 
 log = logging.getLogger("imapveil")
@@ -156,10 +156,14 @@ class Service:
         self.holder = PolicyHolder(loaded.policy)
         self.sink = JsonLinesSink(loaded.settings.events)
         self.metrics = Metrics()
-        url = loaded.settings.store_url()
+        settings = loaded.settings
+        url = settings.store_url()
         self.store = (
             StoreSink(
-                url, proxy=socket.gethostname(), retention_days=loaded.settings.retention_days
+                url,
+                proxy=settings.proxy(),
+                retention_days=settings.retention_days,
+                spool=spool_directory(settings.key_file().parent, settings.proxy()),
             )
             if url
             else None
@@ -177,9 +181,7 @@ class Service:
         self.metrics.gauges["events_dropped"] = lambda: float(self.sink.dropped)
         self.metrics.gauges["connections_refused"] = lambda: float(self.proxy.stats.refused)
         if self.store is not None:
-            store = self.store
-            self.metrics.gauges["store_queue_depth"] = lambda: float(store.depth)
-            self.metrics.gauges["store_dropped"] = lambda: float(store.dropped)
+            self.metrics.watch_store(self.store)
 
     async def run(self) -> int:
         settings = self.loaded.settings
@@ -205,33 +207,40 @@ class Service:
             except OSError as exc:
                 log.error("cannot serve metrics on %s: %s", endpoint, exc.strerror or exc)
                 return 1
-        async with trio.open_nursery() as nursery, trio.open_nursery() as writers:
-            writers.start_soon(self.sink.run)
+        async with trio.open_nursery() as events:
+            events.start_soon(self.sink.run)
+            async with trio.open_nursery() as nursery, trio.open_nursery() as writers:
+                if self.store is not None:
+                    writers.start_soon(self.store.run)
+                    nursery.start_soon(self._report_store_drops, self.store)
+                if metrics_listeners:
+                    nursery.start_soon(
+                        serve_metrics, self.metrics, metrics_listeners, self._healthy
+                    )
+                # Signals are handled before anyone is told we are ready: a reload right after
+                # READY=1 must not find the default SIGHUP action (which ends the process).
+                await nursery.start(self._on_signals)
+                if self.notifier.watchdog_interval:
+                    nursery.start_soon(self._watchdog, self.notifier.watchdog_interval)
+                self.sink.emit(ConfigLoaded(self.config or "command line", True))
+                policy = self.loaded.policy
+                self.sink.emit(PolicyLoaded(policy.name, policy.digest, True))
+                upstream = self.proxy.settings.upstream
+                where = ", ".join(
+                    [listener_address(x) for x in listeners]
+                    + [listener_address(x) + " (TLS)" for x in tls_listeners]
+                )
+                log.info("listening on %s, relaying to %s, policy %s", where, upstream, policy.name)
+                self.notifier.ready(f"relaying {where} to {upstream}")
+                await self.proxy.serve(listeners, tls_listeners=tls_listeners)
+                log.info("stopped after %d sessions", self.proxy.stats.accepted)
+                nursery.cancel_scope.cancel()
+                # The store's writer first: it drains its queue to the store or the spool.
+                writers.cancel_scope.cancel()
             if self.store is not None:
-                writers.start_soon(self.store.run)
-                nursery.start_soon(self._report_store_drops, self.store)
-            if metrics_listeners:
-                nursery.start_soon(serve_metrics, self.metrics, metrics_listeners, self._healthy)
-            # Signals are handled before anyone is told we are ready: a reload right after
-            # READY=1 must not find the default SIGHUP action (which ends the process).
-            await nursery.start(self._on_signals)
-            if self.notifier.watchdog_interval:
-                nursery.start_soon(self._watchdog, self.notifier.watchdog_interval)
-            self.sink.emit(ConfigLoaded(self.config or "command line", True))
-            policy = self.loaded.policy
-            self.sink.emit(PolicyLoaded(policy.name, policy.digest, True))
-            upstream = self.proxy.settings.upstream
-            where = ", ".join(
-                [listener_address(x) for x in listeners]
-                + [listener_address(x) + " (TLS)" for x in tls_listeners]
-            )
-            log.info("listening on %s, relaying to %s, policy %s", where, upstream, policy.name)
-            self.notifier.ready(f"relaying {where} to {upstream}")
-            await self.proxy.serve(listeners, tls_listeners=tls_listeners)
-            log.info("stopped after %d sessions", self.proxy.stats.accepted)
-            nursery.cancel_scope.cancel()
-            # The writers go last: every record of every session is written before exit.
-            writers.cancel_scope.cancel()
+                report_store_drops(self.store, self.sink, final=True)
+            # The event log goes last: every record of every session is written before exit.
+            events.cancel_scope.cancel()
         return 0
 
     async def _listeners(self) -> tuple[list[trio.SocketListener], list[trio.SocketListener]]:
@@ -293,6 +302,8 @@ class Service:
             old = self.loaded.settings
             if loaded.settings.listen != old.listen:
                 log.warning("listen changed to %s: restart to apply", loaded.settings.listen)
+            if loaded.settings.proxy() != old.proxy() and self.store is not None:
+                log.warning("proxy_name changed to %s: restart to apply", loaded.settings.proxy())
             self.loaded = loaded
             self.holder.current = loaded.policy
             self.proxy.reconfigure(admittance(loaded, self.holder))
@@ -307,14 +318,10 @@ class Service:
             self.notifier.ready()
 
     async def _report_store_drops(self, store: StoreSink, every: float = 60.0) -> None:
-        """A record in the event log whenever statistics rows were lost (besides the metric)."""
-        reported = 0
+        """A record in the event log whenever statistics were lost (besides the metrics)."""
         while True:
             await trio.sleep(every)
-            if store.dropped > reported:
-                lost, reported = store.dropped - reported, store.dropped
-                log.warning("statistics store fell behind: %d rows dropped", lost)
-                self.sink.emit(StoreDropped(lost, reported))
+            report_store_drops(store, self.sink)
 
     def _healthy(self) -> bool:
         return not self.proxy.stopping.is_set() and (self.store is None or self.store.connected)
@@ -323,6 +330,21 @@ class Service:
         while True:
             self.notifier.watchdog()
             await trio.sleep(interval)
+
+
+def report_store_drops(store: StoreSink, sink: Sink, *, final: bool = False) -> None:
+    """A `store_dropped` record (and a warning) for what was lost since the last one, if any.
+    The final one, at exit, only the record: the writer has just logged its totals."""
+    lost = store.take_drops()
+    if lost is None:
+        return
+    total = store.counts["dropped"]
+    if not final:
+        log.warning(
+            "statistics lost (neither stored nor spooled): %d sessions (%d items)",
+            lost.sessions, lost.items,
+        )  # fmt: skip
+    sink.emit(StoreDropped(lost.items, total.items, lost.sessions, total.sessions))
 
 
 def check(config: str, overrides: Mapping[str, Any]) -> Loaded:

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import logging
 import shutil
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 
+from imapveil.config import ConfigError, load
 from imapveil.records import CommandCompleted, IdExchange, SessionEnded, SessionStarted
 from imapveil.stats import store as store_module
 from imapveil.stats.metrics import Metrics
@@ -65,15 +68,20 @@ async def until(condition: Callable[[], bool]) -> None:
 
 def table_counts(url: str) -> tuple[int, int, int, int]:
     """(session rows, distinct session ids, ID exchange rows, commands counted)."""
+    ((rows, distinct),) = query(url, "SELECT COUNT(*), COUNT(DISTINCT session) FROM sessions")
+    ((ids,),) = query(url, "SELECT COUNT(*) FROM id_exchanges")
+    ((commands,),) = query(url, "SELECT COALESCE(SUM(count), 0) FROM command_counts")
+    return rows, distinct, ids, int(commands)
+
+
+def query(url: str, sql: str) -> list[tuple[Any, ...]]:
+    """Rows of one query, on a connection of its own."""
     store = Store(url)
     store.connect()
     try:
-        ((rows, distinct),) = store.rows("SELECT COUNT(*), COUNT(DISTINCT session) FROM sessions")
-        ((ids,),) = store.rows("SELECT COUNT(*) FROM id_exchanges")
-        ((commands,),) = store.rows("SELECT COALESCE(SUM(count), 0) FROM command_counts")
+        return store.rows(sql)
     finally:
         store.close()
-    return rows, distinct, ids, int(commands)
 
 
 def exactly(sessions: int) -> tuple[int, int, int, int]:
@@ -290,15 +298,10 @@ async def test_an_id_collision_is_reported(
         with trio.fail_after(WAIT):
             await sink.flush()
         nursery.cancel_scope.cancel()
-    store = Store(url)
-    store.connect()
-    try:
-        assert store.rows("SELECT session, user_id FROM sessions ORDER BY session") == [
-            ("other", "hmac:u"),
-            ("same", "hmac:one"),
-        ]
-    finally:
-        store.close()
+    assert query(url, "SELECT session, user_id FROM sessions ORDER BY session") == [
+        ("other", "hmac:u"),
+        ("same", "hmac:one"),
+    ]
     collided = [r for r in caplog.records if "id collision" in r.getMessage()]
     assert len(collided) == 2 and all(r.levelno == logging.WARNING for r in collided)
     assert "session id same is stored already" in collided[0].getMessage()
@@ -323,12 +326,7 @@ async def test_two_instances_name_their_rows(tmp_path: Path, postgres: Postgres)
             for sink in sinks:
                 await sink.flush()
         nursery.cancel_scope.cancel()
-    store = Store(postgres.url)
-    store.connect()
-    try:
-        rows = store.rows("SELECT proxy, COUNT(*) FROM sessions GROUP BY proxy ORDER BY proxy")
-    finally:
-        store.close()
+    rows = query(postgres.url, "SELECT proxy, COUNT(*) FROM sessions GROUP BY proxy ORDER BY proxy")
     assert rows == [("mx-a", 20), ("mx-b", 21)]
 
 
@@ -363,12 +361,7 @@ async def test_two_instances_migrate_an_empty_database_at_once(
             t.start()
         for t in threads:
             t.join()
-        store = Store(url)
-        store.connect()
-        try:
-            applied = store.rows("SELECT version FROM schema_version ORDER BY version")
-        finally:
-            store.close()
+        applied = query(url, "SELECT version FROM schema_version ORDER BY version")
         assert applied == [(n,) for n in range(1, len(MIGRATIONS) + 1)]
     assert versions == [len(MIGRATIONS)] * 12
 
@@ -491,3 +484,11 @@ def _no_stray_state(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator
     """A sink without an explicit spool must not reach outside the test's directory."""
     monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path / "state"))
     yield
+
+
+def test_proxy_name_setting() -> None:
+    assert load(None, {"upstream": "h:1"}).proxy() == socket.gethostname()
+    assert load(None, {"upstream": "h:1", "proxy_name": "gw-1"}).proxy() == "gw-1"
+    for bad in ("gw\x1b[2J", "x" * 65):
+        with pytest.raises(ConfigError, match="proxy_name"):
+            load(None, {"upstream": "h:1", "proxy_name": bad})

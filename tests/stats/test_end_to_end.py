@@ -18,6 +18,7 @@ from tests.helpers.corpus import rows
 from tests.helpers.dovecot import Dovecot, free_port
 from tests.helpers.postgres import Postgres
 from tests.helpers.process import imapveil
+from tests.stats.test_durability import query
 
 pytestmark = pytest.mark.dovecot
 CLIENT_ROWS = [r for r in rows() if r.direction == "C"]
@@ -141,3 +142,35 @@ def test_store_goes_away_and_comes_back(
     data = json.loads(stats.stdout)
     assert data["sessions"] == 4  # nothing lost: queued while the store was away
     assert {r["group"]: r["sessions"] for r in data["rows"]} == {"Thunderbird": 1, "NeoMutt": 3}
+
+
+def test_a_stop_while_the_store_is_down_loses_nothing(
+    dovecot: Dovecot, tmp_path: Path, postgres: Postgres
+) -> None:
+    """SIGTERM while PostgreSQL is down: the rows wait in the spool (in the state directory,
+    beside the user key) and reach the store exactly once after the next start."""
+    args = ("--store", postgres.url, "--proxy-name", "gw-1")
+    with imapveil(tmp_path, dovecot.address, *args) as proxy:
+        proxy.stderr_until(b"statistics store ready")
+        session_with_id(proxy.port, "alice", "wonderland", b'a ID ("name" "Thunderbird")\r\n')
+        postgres.stop()
+        for _ in range(3):
+            session_with_id(proxy.port, "bob", "builder", b'b ID ("name" "NeoMutt")\r\n')
+        assert proxy.stop() == 0
+    assert b"spooled to" in proxy.stderr
+    assert not [r for r in proxy.records() if r["event"] == "store_dropped"]
+    assert list((tmp_path / "stats-spool" / "gw-1").glob("*.jsonl"))
+    postgres.restart()
+    with imapveil(tmp_path, dovecot.address, *args) as proxy:
+        proxy.stderr_until(b"statistics spool replayed")
+        session_with_id(proxy.port, "alice", "wonderland", None)
+        assert proxy.stop() == 0
+    assert not list((tmp_path / "stats-spool" / "gw-1").glob("*.jsonl"))
+    rows = query(
+        postgres.url, "SELECT proxy, family, COUNT(*) FROM sessions GROUP BY proxy, family"
+    )
+    assert sorted(rows) == [
+        ("gw-1", "NeoMutt", 3),
+        ("gw-1", "Thunderbird", 1),
+        ("gw-1", "no ID", 1),
+    ]

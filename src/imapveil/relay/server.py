@@ -85,7 +85,9 @@ class Proxy:
         self.refusals = Refusals()
         self._idle = trio.Event()
         self._idle.set()
-        self._prefix = secrets.token_hex(3)
+        self._prefix = secrets.token_hex(8)
+        """64 random bits per process start: session ids of all proxies and all starts sharing
+        one store never collide in practice (statistics rows are keyed by them)."""
 
     @property
     def settings(self) -> RelaySettings:
