@@ -428,3 +428,17 @@ def test_no_login_deadline_after_login(split: Splitter) -> None:
     conv.client(b"a LOGIN alice x\r\n").server(b"a OK\r\n")
     conv.tick(500)
     assert conv.core.deadline(conv.clock) == conv.clock + 1800.0
+
+
+def test_a_password_sent_after_a_refused_login_is_never_read(split: Splitter) -> None:
+    # The LOGIN is refused (an 8-bit atom) before its synchronizing literal: a client that sends
+    # the password anyway must not have it read as a command (its first word a record's tag).
+    conv = talk(split)
+    conv.client(b"a LOGIN \x85alice {11}\r\nPW-1 secret\r\nb NOOP\r\n")
+    assert conv.to_server == b""
+    assert conv.to_client[len(GREETING) :] == (
+        b"a BAD [CLIENTBUG] Command not understood by the proxy\r\n"
+        b"* BYE Command not understood by the proxy\r\n"
+    )
+    assert conv.closed == "protocol_error"
+    assert b"PW-1" not in json.dumps([r.to_dict() for r in conv.records]).encode()

@@ -203,8 +203,10 @@ class Commands:
 
         A non-synchronizing literal announced at its end is skipped, and the rest of the
         command after it, so that the next command is found where the client put it (a
-        malformed message is discarded only at its end). A synchronizing one is never sent:
-        the client waits for a "+" and gets the BAD instead.
+        malformed message is discarded only at its end). After a synchronizing one the session
+        ends with the BAD: a conforming client waits for a "+" that never comes, and one that
+        sends the octets anyway would have them read as commands (a password's first word as
+        a record's tag, the rest sent to the server as a command line).
         """
         self.current = None
         self.mode = Mode.COMMAND
@@ -219,7 +221,11 @@ class Commands:
             cmd = Command(tag, verb or b"?", self.state, out.now)
             out.actions.append(out.command_record(cmd, "BAD", "CLIENTBUG"))
         literal = frag.literal
-        if literal is not None and not literal.synchronizing:
+        if literal is not None and literal.synchronizing:
+            out.close_after_owed(b"* BYE Command not understood by the proxy\r\n")
+            out.pay_owed()
+            return Verdict.STOP
+        if literal is not None:
             self.discarded = 0
             if not self._discard_literal(literal.size):
                 out.pay_owed()
