@@ -179,7 +179,7 @@ class UpstreamStartTls:
     def __repr__(self) -> str:
         return f"<upstream STARTTLS: {self._stage}>"
 
-    def receive(self, data: bytes) -> None:
+    def receive(self, data: bytes | bytearray) -> None:
         if not data:
             raise UpstreamTlsError("closed before TLS")
         self._buffer += data
