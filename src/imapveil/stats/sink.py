@@ -298,6 +298,7 @@ class StoreSink:
         self._reminded = 0.0
         self._abandoned = False
         self._spool_failing = False
+        self._spool_full = False
 
     @property
     def depth(self) -> int:
@@ -409,7 +410,8 @@ class StoreSink:
                 if self.spool is not None and self.spool.pending:
                     await self._replay_some()
                     if len(self._queue) >= self.capacity // 2:
-                        await self._spill()  # newer than the spool: behind it, in order
+                        # Newer than the spool: behind it, in order.
+                        await self._spill(drop=False)
                     continue
                 if not self._queue:
                     await self._rest(DAY)
@@ -565,8 +567,12 @@ class StoreSink:
         if not spool.pending:
             log.info("statistics spool replayed")
 
-    async def _spill(self) -> bool:
-        """Move the queue to the spool (in order); False if some of it could not go there."""
+    async def _spill(self, *, drop: bool = True) -> bool:
+        """Move the queue to the spool (in order); False if some of it could not go there.
+
+        Beyond the spool's cap, rows are dropped (`drop`), or stay in memory (while the store
+        takes rows, the queue has its own chance).
+        """
         spool = self.spool
         while self._queue:
             items = list(itertools.islice(self._queue, BATCH * 4))
@@ -585,14 +591,20 @@ class StoreSink:
             for _ in range(done):
                 self._queue.popleft()
             self.counts["spooled"].add(items[:done])
-            if done < len(items):  # the cap: what does not fit is lost
-                full = items[done:]
-                for _ in full:
-                    self._queue.popleft()
-                self.counts["dropped"].add(full)
+            if done == len(items):
+                self._spool_full = False
+                continue
+            if not drop:
+                return False
+            full = items[done:]  # the cap: what does not fit is lost
+            for _ in full:
+                self._queue.popleft()
+            self.counts["dropped"].add(full)
+            if not self._spool_full:
+                self._spool_full = True
                 log.warning(
-                    "statistics spool %s is full (%d octets): %d items dropped",
-                    spool.directory, spool.cap, len(full),
+                    "statistics spool %s is full (%d octets): rows are dropped until the store "
+                    "is back", spool.directory, spool.cap,
                 )  # fmt: skip
         return True
 
