@@ -36,6 +36,8 @@ ID_COLUMNS = (
     "version", "os", "os_version", "vendor", "dropped", "policy", "policy_digest", "seq",
 )  # fmt: skip
 COMMAND_COLUMNS = ("session", "verb", "status", "count")
+WRITE_TIMEOUT = 15.0
+"""Seconds PostgreSQL may take for one statement of a write."""
 LOCK_KEY = 0x696D61707665696C  # "imapveil": the advisory lock that serialises migrations
 
 _ID_EXCHANGE = """
@@ -151,7 +153,7 @@ class Store:
     """One connection, used from one thread at a time (the writer's, or a report's).
 
     `timeout` bounds how long SQLite waits for a lock another connection holds, and how long
-    PostgreSQL may take to connect or to run one statement, in seconds.
+    PostgreSQL may take to connect, in seconds.
     """
 
     def __init__(self, url: str, *, timeout: float = 10.0) -> None:
@@ -252,8 +254,8 @@ class Store:
         cur = conn.cursor()
         try:
             if self.postgres:
-                statement_ms = max(1000, round(self.timeout * 1000))
-                cur.execute(f"SET LOCAL statement_timeout = {statement_ms}")
+                # A batch a busy database holds longer than this is spooled, not waited for.
+                cur.execute(f"SET LOCAL statement_timeout = {round(WRITE_TIMEOUT * 1000)}")
             collisions: list[Collision] = []
             if batch.sessions:
                 rows = [(*row, digest(row)) for row in batch.sessions]
