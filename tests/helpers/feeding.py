@@ -11,12 +11,14 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from imapveil.protocol.actions import Action, Close, Direction, Emit, Forward, Reply
 from imapveil.protocol.session import CoreConfig, SessionCore
-from imapveil.records import Record
+from imapveil.records import Record, SessionEnded
 
 Splitter = Callable[[bytes], Iterator[bytes]]
+R = TypeVar("R", bound=Record)
 
 
 def whole(data: bytes) -> Iterator[bytes]:
@@ -157,5 +159,19 @@ class Conversation:
                     assert self.closed is None, "closed twice"
                     self.closed = reason
 
-    def of(self, kind: type[Record]) -> list[Record]:
+    def of(self, kind: type[R]) -> list[R]:
+        """The records of one kind, in order."""
         return [r for r in self.records if isinstance(r, kind)]
+
+    def ended(self) -> SessionEnded:
+        """The session's end record (there is exactly one once it has finished)."""
+        (end,) = self.of(SessionEnded)
+        return end
+
+
+def talk(split: Splitter, greeting: bytes | None = None, **config: Any) -> Conversation:
+    """A conversation with a core configured so, after the server's greeting if one is given.
+
+    Test modules bind their greeting and defaults with functools.partial."""
+    conversation = Conversation(split, CoreConfig(**config))
+    return conversation.server(greeting) if greeting is not None else conversation

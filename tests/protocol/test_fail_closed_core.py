@@ -5,9 +5,11 @@ the server. An identifier or a password never reaches the forwarded bytes nor a 
 from __future__ import annotations
 
 import json
+from functools import partial
 
 from imapveil.protocol.session import CoreConfig
 from imapveil.records import CommandCompleted, SessionEnded
+from tests.helpers import feeding
 from tests.helpers.feeding import Conversation, Splitter
 
 GREETING = b"* OK [CAPABILITY IMAP4rev1 LITERAL+ SASL-IR ID IDLE AUTH=PLAIN STARTTLS] ready\r\n"
@@ -19,9 +21,7 @@ def plain_user(user: bytes) -> str:
     return user.decode("latin-1")  # `user_identity = plain`: the worst case for a leak
 
 
-def talk(split: Splitter, **config: object) -> Conversation:
-    cfg = CoreConfig(identify_user=plain_user, **config)  # type: ignore[arg-type]
-    return Conversation(split, cfg).server(GREETING)
+talk = partial(feeding.talk, greeting=GREETING, identify_user=plain_user)
 
 
 def recorded(conv: Conversation) -> bytes:
@@ -43,7 +43,7 @@ def test_a_login_whose_shape_is_wrong_names_no_user(split: Splitter) -> None:
     # Three arguments: not `LOGIN SP astring SP astring`, so nobody is named.
     conv.client(b"a LOGIN alice extra {%d+}\r\n%s\r\n" % (len(SECRET), SECRET))
     conv.server(b"+ go\r\na BAD wrong arguments\r\n").finish()
-    (cmd,) = [r for r in conv.records if isinstance(r, CommandCompleted)]
+    (cmd,) = conv.of(CommandCompleted)
     assert cmd.user is None
     assert SECRET not in recorded(conv)
 
@@ -55,7 +55,7 @@ def test_a_long_tag_with_a_synchronizing_password_records_only_the_tag(split: Sp
     conv.server(b"+ go\r\n")
     conv.client(SECRET + b"\r\n")
     conv.server(tag + b" OK logged in\r\n").finish()
-    (cmd,) = [r for r in conv.records if isinstance(r, CommandCompleted)]
+    (cmd,) = conv.of(CommandCompleted)
     assert cmd.tag == "T" * 64 + "…"
     assert cmd.user == "carol"
     assert SECRET.split()[0] not in recorded(conv)
@@ -93,7 +93,7 @@ def test_nothing_reaches_a_server_that_does_not_greet_like_imap(split: Splitter)
     conv.server(b"220 smtp.example ESMTP ready\r\n").finish()
     assert conv.to_server == b""
     assert conv.to_client == b"* BYE [UNAVAILABLE] Mail server is not reachable\r\n"
-    end = next(r for r in conv.records if isinstance(r, SessionEnded))
+    end = conv.of(SessionEnded)[0]
     assert (end.reason, end.detail) == (
         "upstream_unavailable",
         "not an IMAP greeting: '220 smtp.example ESMTP r'",

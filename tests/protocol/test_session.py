@@ -3,41 +3,33 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 
-import pytest
-
-from imapveil.protocol.session import CoreConfig, State
+from imapveil.protocol.session import State
 from imapveil.records import CommandCompleted, SessionEnded, Violation
-from tests.helpers.feeding import SPLITTERS, Conversation, Splitter
+from tests.helpers import feeding
+from tests.helpers.feeding import Conversation, Splitter
 
 GREETING = b"* OK [CAPABILITY IMAP4rev1 LITERAL+ SASL-IR ID IDLE AUTH=PLAIN] ready\r\n"
-
-
-@pytest.fixture(params=sorted(SPLITTERS))
-def split(request: pytest.FixtureRequest) -> Splitter:
-    return SPLITTERS[request.param]
 
 
 def named(user: bytes) -> str:
     return "user:" + user.decode()
 
 
-def talk(split: Splitter, **config: object) -> Conversation:
-    cfg = CoreConfig(identify_user=named, **config)  # type: ignore[arg-type]
-    return Conversation(split, cfg).server(GREETING)
+talk = partial(feeding.talk, greeting=GREETING, identify_user=named)
 
 
 def commands(conv: Conversation) -> list[CommandCompleted]:
-    return [r for r in conv.records if isinstance(r, CommandCompleted)]
+    return conv.of(CommandCompleted)
 
 
 def violations(conv: Conversation) -> list[Violation]:
-    return [r for r in conv.records if isinstance(r, Violation)]
+    return conv.of(Violation)
 
 
 def ended(conv: Conversation) -> SessionEnded:
-    (end,) = [r for r in conv.records if isinstance(r, SessionEnded)]
-    return end
+    return conv.ended()
 
 
 def test_greeting_capabilities_are_learned(split: Splitter) -> None:

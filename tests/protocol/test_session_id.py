@@ -11,27 +11,22 @@ from imapveil.policy_files import resolve_policy
 from imapveil.protocol.id_params import parse, serialize
 from imapveil.protocol.session import CoreConfig
 from imapveil.records import CommandCompleted, IdExchange, Violation
+from tests.helpers import feeding
 from tests.helpers.corpus import Row, rows
-from tests.helpers.feeding import SPLITTERS, Conversation, Splitter, whole
+from tests.helpers.feeding import Conversation, Splitter, whole
 
 GREETING = b"* OK [CAPABILITY IMAP4rev1 LITERAL+ ID IDLE] ready\r\n"
 GREETING_NO_LITERAL_PLUS = b"* OK [CAPABILITY IMAP4rev1 ID] ready\r\n"
 AOSP = next(r for r in rows() if r.label == "aosp-email-identifiers")
 
 
-@pytest.fixture(params=sorted(SPLITTERS))
-def split(request: pytest.FixtureRequest) -> Splitter:
-    return SPLITTERS[request.param]
-
-
 def talk(split: Splitter, policy: str = "default", greeting: bytes = GREETING) -> Conversation:
     chosen = resolve_policy(policy)
-    config = CoreConfig(policy=lambda: chosen, hash_value=lambda v: "hmac:test")
-    return Conversation(split, config).server(greeting)
+    return feeding.talk(split, greeting, policy=lambda: chosen, hash_value=lambda v: "hmac:test")
 
 
 def ids(conv: Conversation) -> list[IdExchange]:
-    return [r for r in conv.records if isinstance(r, IdExchange)]
+    return conv.of(IdExchange)
 
 
 def test_aosp_identifiers_never_reach_the_server_or_the_records(split: Splitter) -> None:
@@ -59,7 +54,7 @@ def test_aosp_identifiers_never_reach_the_server_or_the_records(split: Splitter)
     assert rec.policy == "default" and len(rec.policy_digest) == 64
     assert set(rec.dropped) == {"x-android-device-model", "x-android-mobile-net-operator", "aguid"}
     assert rec.forwarded == ("name", "os", "os-version", "vendor", "x-imapveil")
-    assert [r.verb for r in conv.records if isinstance(r, CommandCompleted)] == [
+    assert [r.verb for r in conv.of(CommandCompleted)] == [
         "NOOP",
         "ID",
         "NOOP",
@@ -146,7 +141,7 @@ def test_value_needing_a_literal_without_literal_plus_is_sent_piece_by_piece(
     )
     conv.server(b"a OK\r\nb OK\r\n")
     assert set(ids(conv)[0].dropped) == {"x-originating-ip"}
-    assert [r.status for r in conv.records if isinstance(r, CommandCompleted)] == ["OK", "OK"]
+    assert [r.status for r in conv.of(CommandCompleted)] == ["OK", "OK"]
 
 
 def test_refused_piece_by_piece_id_releases_the_client(split: Splitter) -> None:
@@ -155,7 +150,7 @@ def test_refused_piece_by_piece_id_releases_the_client(split: Splitter) -> None:
     conv.server(b"a BAD no literals here\r\n")
     assert conv.to_server.endswith(b"{1}\r\nb NOOP\r\n")
     conv.server(b"b OK\r\n")
-    assert [r.status for r in conv.records if isinstance(r, CommandCompleted)] == ["BAD", "OK"]
+    assert [r.status for r in conv.of(CommandCompleted)] == ["BAD", "OK"]
 
 
 def test_injected_id_for_servers_that_insist(split: Splitter) -> None:
@@ -218,7 +213,7 @@ def test_log_flooding_is_bounded(split: Splitter) -> None:
     for i in range(15):
         conv.client(b'i%d ID ("name" "x")\r\n' % i).server(b"i%d OK\r\n" % i)
     assert len(ids(conv)) == 10
-    assert len([r for r in conv.records if isinstance(r, CommandCompleted)]) == 15
+    assert len(conv.of(CommandCompleted)) == 15
 
 
 def test_oversized_id_is_never_forwarded(split: Splitter) -> None:

@@ -163,9 +163,9 @@ def test_sessions_are_relayed_byte_for_byte(
     assert conv.forwarded_to_client == b"".join(out for side, _, out in steps if side == "s")
     assert not conv.replies
     assert conv.closed is None
-    assert not [r for r in conv.records if isinstance(r, Violation)]
+    assert not conv.of(Violation)
     # Every command got its tagged answer; none is left pending.
-    done = [r for r in conv.records if isinstance(r, CommandCompleted)]
+    done = conv.of(CommandCompleted)
     assert all(r.status is not None for r in done)
     assert not conv.core._commands.pending
 

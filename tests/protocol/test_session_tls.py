@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import pytest
-
 from imapveil.protocol.actions import Direction, StartCompress, StartTls
 from imapveil.protocol.capabilities import LegState, mediate
-from imapveil.protocol.session import CoreConfig
-from imapveil.records import CommandCompleted, SessionEnded, Violation
+from imapveil.records import CommandCompleted, Violation
+from tests.helpers import feeding
 from tests.helpers.feeding import SPLITTERS, Conversation, Splitter
 
 GREETING = (
@@ -16,13 +14,7 @@ GREETING = (
 )
 
 
-@pytest.fixture(params=sorted(SPLITTERS))
-def split(request: pytest.FixtureRequest) -> Splitter:
-    return SPLITTERS[request.param]
-
-
-def talk(split: Splitter, **config: object) -> Conversation:
-    return Conversation(split, CoreConfig(**config))  # type: ignore[arg-type]
+talk = feeding.talk
 
 
 def actions_of(conv: Conversation, data: bytes) -> list[object]:
@@ -45,14 +37,14 @@ def test_starttls_is_answered_by_the_proxy_and_injection_is_dropped() -> None:
     assert conv.to_client.endswith(b"a OK Begin TLS negotiation now\r\n")
     assert conv.to_server == b""  # neither STARTTLS nor the injected command reached the server
     assert any(isinstance(a, StartTls) and a.direction is Direction.TO_CLIENT for a in actions)
-    (v,) = [r for r in conv.records if isinstance(r, Violation)]
+    (v,) = conv.of(Violation)
     assert (v.kind, v.detail, v.action) == ("starttls_pipelining", "14 octets", "dropped")
     # After the handshake the client asks again, and now sees no STARTTLS.
     conv.client(b"b CAPABILITY\r\n")
     conv.server(b"* CAPABILITY IMAP4rev1 STARTTLS AUTH=PLAIN\r\nb OK done\r\n")
     assert conv.to_client.endswith(b"* CAPABILITY IMAP4rev1 AUTH=PLAIN\r\nb OK done\r\n")
     conv.client_closes()
-    (end,) = [r for r in conv.records if isinstance(r, SessionEnded)]
+    end = conv.ended()
     assert end.client_tls
 
 
@@ -85,7 +77,7 @@ def test_compress_on_the_client_leg(split: Splitter) -> None:
     assert conv.to_server == b""
     conv.client(b"b COMPRESS DEFLATE\r\n")
     assert conv.to_client.endswith(b"b NO [COMPRESSIONACTIVE] DEFLATE is already active\r\n")
-    statuses = [(r.verb, r.status, r.code) for r in conv.records if isinstance(r, CommandCompleted)]
+    statuses = [(r.verb, r.status, r.code) for r in conv.of(CommandCompleted)]
     assert statuses == [("COMPRESS", "OK", None), ("COMPRESS", "NO", "COMPRESSIONACTIVE")]
     off = talk(split).server(GREETING)
     off.client(b"a COMPRESS DEFLATE\r\n")
