@@ -115,3 +115,17 @@ def test_an_id_hidden_in_a_literal_never_reaches_the_server(split: Splitter) -> 
         conv.server(answer + b"z OK\r\n")
         assert conv.to_server == sent + b"z NOOP\r\n"
         assert MARKER not in recorded(conv)
+
+
+def test_a_skipped_command_whose_framing_is_lost_ends_the_session(split: Splitter) -> None:
+    # Found by bench/fuzz_dovecot.py: a refused command's LITERAL+ literal is skipped, then its
+    # next fragment announces a literal of 2^64 octets (or a synchronizing one): in the
+    # client's framing what follows is that literal (here a password), never commands.
+    for follow in (b"{18446744073709551616+}", b"{16}"):
+        conv = talk(split)
+        conv.client(b'it LOGIN alice "x ~{5+}\r\nhello ' + follow + b"\r\n" + SECRET + b"\r\n")
+        conv.finish()
+        assert conv.to_server == b""
+        assert conv.closed == "protocol_error"
+        assert conv.to_client.endswith(b"* BYE Command not understood by the proxy\r\n")
+        assert SECRET.split()[0] not in recorded(conv)

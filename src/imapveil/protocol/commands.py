@@ -249,13 +249,24 @@ class Commands:
         try:
             literal = lexer.literal_at_end(line)
         except LiteralError:
-            literal = None
-        if literal is None or literal.synchronizing:
-            # The command ends here: a synchronizing literal would wait for a "+" that a
-            # refused command never gets.
-            self.mode = Mode.COMMAND
+            # More than 20 digits: where the command ends cannot be known. Whatever follows
+            # (in the client's framing, octets of that literal: a password, say) must not be
+            # read as commands.
+            return self._lost_framing("literal length has too many digits")
+        if literal is None:
+            self.mode = Mode.COMMAND  # the command ends here
             return Verdict.WITHHOLD
+        if literal.synchronizing:
+            # The client waits for a "+" that a refused command never gets; one that sends the
+            # octets anyway would have them read as commands.
+            return self._lost_framing("synchronizing literal in a refused command")
         return Verdict.WITHHOLD if self._discard_literal(literal.size) else Verdict.STOP
+
+    def _lost_framing(self, why: str) -> Fate:
+        self.out.violation("client", "discard_lost", why, "closed")
+        self.out.close_after_owed(b"* BYE Command not understood by the proxy\r\n")
+        self.out.pay_owed()
+        return Verdict.STOP
 
     def _fragment(self, cmd: Command, line: bytes) -> Fate:
         frag = classify.fragment(lexer.strip_eol(line), 0, cmd.depth)
