@@ -125,21 +125,33 @@ class _Where:
             raise self.fail(key, "expected a list of strings")
         return value
 
+    def field_names(self, table: dict[str, Any], key: str) -> tuple[str, ...]:
+        names = self.strings(table, "fields", default=[])
+        if not names:
+            raise self.fail(key + ".fields", "a rule needs at least one field name or pattern")
+        for n in names:
+            if not 0 < len(n.encode()) <= 30 or not n.isascii():
+                raise self.fail(key + ".fields", f"{n!r} is not 1 to 30 ASCII characters")
+        return tuple(n.lower() for n in names)
+
+    def shape(self, table: dict[str, Any], key: str) -> Shape | None:
+        if "shape" not in table:
+            return None
+        spec = table["shape"]
+        if not isinstance(spec, str):
+            raise self.fail(key + ".shape", "expected a shape's name or a pattern")
+        try:
+            return compile_shape(spec)
+        except ShapeError as exc:
+            raise self.fail(key + ".shape", str(exc)) from None
+
     def rule(self, table: Any, key: str, *, need_fields: bool, shaped: bool = True) -> Rule:
         if not isinstance(table, dict):
             raise self.fail(key, "expected a table")
         known = _RULE if need_fields else _RULE - {"fields", "allow"}
         known = known if shaped else known - {"shape", "misfit"}
         self.no_unknown(table, known, key + ".")
-        fields: tuple[str, ...] = ()
-        if need_fields:
-            names = self.strings(table, "fields", default=[])
-            if not names:
-                raise self.fail(key + ".fields", "a rule needs at least one field name or pattern")
-            for n in names:
-                if not 0 < len(n.encode()) <= 30 or not n.isascii():
-                    raise self.fail(key + ".fields", f"{n!r} is not 1 to 30 ASCII characters")
-            fields = tuple(n.lower() for n in names)
+        fields = self.field_names(table, key) if need_fields else ()
         forward = table.get("forward", "drop")
         if forward not in FORWARD_ACTIONS:
             raise self.fail(key + ".forward", f"expected one of {', '.join(FORWARD_ACTIONS)}")
@@ -159,15 +171,7 @@ class _Where:
         for d in allow:
             if d not in DETECTORS:
                 raise self.fail(key + ".allow", f"unknown detector {d!r}")
-        shape: Shape | None = None
-        if "shape" in table:
-            spec = table["shape"]
-            if not isinstance(spec, str):
-                raise self.fail(key + ".shape", "expected a shape's name or a pattern")
-            try:
-                shape = compile_shape(spec)
-            except ShapeError as exc:
-                raise self.fail(key + ".shape", str(exc)) from None
+        shape = self.shape(table, key)
         misfit = table.get("misfit", "drop")
         if misfit not in MISFIT_ACTIONS:
             raise self.fail(key + ".misfit", f"expected one of {', '.join(MISFIT_ACTIONS)}")

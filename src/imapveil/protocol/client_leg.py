@@ -61,6 +61,16 @@ class ClientLeg:
             return None
         return data
 
+    def may_read_on(self, rest: int) -> bool:
+        """After a line the proxy answered, with `rest` octets after it in the same chunk: may
+        they be read? Not after our OK to STARTTLS/COMPRESS: sent before the switch, in clear
+        text, where an attacker could have put them (the 2021 STARTTLS injection class)."""
+        what, self.discard_rest = self.discard_rest, None
+        if what is None or not rest:
+            return True
+        self.out.violation("client", f"{what}_pipelining", f"{rest} octets", "dropped")
+        return False
+
     def owns(self, verb: bytes) -> bool:
         """Commands the proxy answers itself: STARTTLS and COMPRESS, and LOGIN/AUTHENTICATE
         before TLS when TLS is required (LOGINDISABLED is advertised until then)."""

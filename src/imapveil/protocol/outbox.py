@@ -79,6 +79,11 @@ class Outbox:
         self.closed = True
         return [Close(reason)]
 
+    def last_words(self, bye: bytes | None, reason: str) -> list[Action]:
+        """The session ends from outside (a timeout, a shutdown): a BYE if any, and the close."""
+        said: list[Action] = [] if bye is None else [Reply(Direction.TO_CLIENT, bye)]
+        return said + self.close(reason)
+
     def owe(self, data: bytes) -> None:
         """A line of the proxy's own for the client, sent at the next response boundary."""
         self.owed += data

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Callable
 
 from imapveil.secret import Secret
 
@@ -28,35 +29,64 @@ def decode_response(line: bytes) -> Secret | None:
 def username(mechanism: str, step: int, response: Secret) -> bytes | None:
     """The user a SASL response names, for the mechanisms that say it in clear.
 
-    step counts the client's responses from 0 (SASL-IR counts as step 0).
+    step counts the client's responses from 0 (SASL-IR counts as step 0); every mechanism here
+    names the user in its first response.
     """
-    data = response.reveal()
-    if mechanism == "PLAIN" and step == 0:
-        # authzid NUL authcid NUL passwd (RFC 4616): the mailbox is authzid, else authcid.
-        parts = data.split(b"\x00")
-        if len(parts) == 3:
-            return parts[0] or parts[1] or None
+    extract = _scram if mechanism.startswith("SCRAM-") else _EXTRACT.get(mechanism)
+    if extract is None or step != 0:
         return None
-    if mechanism == "LOGIN" and step == 0:
-        return data or None
-    if mechanism == "XOAUTH2" and step == 0:
-        for item in data.split(b"\x01"):
-            if item.startswith(b"user="):
-                return item[5:] or None
-        return None
-    if mechanism == "OAUTHBEARER" and step == 0:
-        # gs2-header: "n,a=user," (RFC 7628 §3.1); "=2C" and "=3D" escape "," and "=".
-        header = data.split(b"\x01", 1)[0]
-        for item in header.split(b","):
-            if item.startswith(b"a="):
-                return item[2:].replace(b"=2C", b",").replace(b"=3D", b"=") or None
-        return None
-    if mechanism.startswith("SCRAM-") and step == 0:
-        for item in data.split(b",")[2:]:
-            if item.startswith(b"n="):
-                return item[2:].replace(b"=2C", b",").replace(b"=3D", b"=") or None
-        return None
-    if mechanism == "CRAM-MD5" and step == 0:
-        user, _, _ = data.rpartition(b" ")
-        return user or None
+    return extract(response.reveal())
+
+
+def _plain(data: bytes) -> bytes | None:
+    # authzid NUL authcid NUL passwd (RFC 4616): the mailbox is authzid, else authcid.
+    parts = data.split(b"\x00")
+    if len(parts) == 3:
+        return parts[0] or parts[1] or None
     return None
+
+
+def _login(data: bytes) -> bytes | None:
+    return data or None
+
+
+def _xoauth2(data: bytes) -> bytes | None:
+    for item in data.split(b"\x01"):
+        if item.startswith(b"user="):
+            return item[5:] or None
+    return None
+
+
+def _oauthbearer(data: bytes) -> bytes | None:
+    # gs2-header: "n,a=user," (RFC 7628 §3.1); "=2C" and "=3D" escape "," and "=".
+    header = data.split(b"\x01", 1)[0]
+    for item in header.split(b","):
+        if item.startswith(b"a="):
+            return _unescape(item[2:]) or None
+    return None
+
+
+def _scram(data: bytes) -> bytes | None:
+    # gs2-header, then "n=user,r=nonce" (RFC 5802 §7), escaped as in OAUTHBEARER.
+    for item in data.split(b",")[2:]:
+        if item.startswith(b"n="):
+            return _unescape(item[2:]) or None
+    return None
+
+
+def _cram_md5(data: bytes) -> bytes | None:
+    user, _, _ = data.rpartition(b" ")  # "user digest" (RFC 2195)
+    return user or None
+
+
+def _unescape(name: bytes) -> bytes:
+    return name.replace(b"=2C", b",").replace(b"=3D", b"=")
+
+
+_EXTRACT: dict[str, Callable[[bytes], bytes | None]] = {
+    "PLAIN": _plain,
+    "LOGIN": _login,
+    "XOAUTH2": _xoauth2,
+    "OAUTHBEARER": _oauthbearer,
+    "CRAM-MD5": _cram_md5,
+}

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 
-from imapveil.protocol.actions import Action, Direction, Emit, Forward, Reply
+from imapveil.protocol.actions import Action, Direction, Emit, Forward
 from imapveil.protocol.client_leg import ClientLeg
 from imapveil.protocol.command import State
 from imapveil.protocol.commands import Commands, Gate, Verdict
@@ -237,14 +237,14 @@ class SessionCore:
         """The upstream could not be reached: tell the client, as RFC 5530 suggests."""
         self._out.now = now
         self._out.end("upstream_unavailable", detail)
-        return self._last_words(UNAVAILABLE, "upstream_unavailable")
+        return self._out.last_words(UNAVAILABLE, "upstream_unavailable")
 
     def refused(self, reason: str, detail: str, now: float) -> list[Action]:
         """Not served at all: a connection limit (`over_limit`) or a bad PROXY header."""
         self._out.now = now
         self._out.end(reason, detail)
         bye = b"* BYE [UNAVAILABLE] Too many connections, try again later\r\n"
-        return self._last_words(bye if reason == "over_limit" else None, reason)
+        return self._out.last_words(bye if reason == "over_limit" else None, reason)
 
     def timed_out(self, now: float) -> list[Action]:
         """No traffic for `idle_timeout` seconds, or no login by `login_deadline`."""
@@ -260,14 +260,14 @@ class SessionCore:
             self._out.end("login_timeout", f"not logged in within {deadline:g} s")
             bye = b"* BYE Login time limit reached\r\n"
         self._out.end("idle_timeout")
-        return self._last_words(bye if self._out.can_speak else None, "idle_timeout")
+        return self._out.last_words(bye if self._out.can_speak else None, "idle_timeout")
 
     def shutting_down(self, now: float) -> list[Action]:
         """The proxy is stopping; RFC 5530 UNAVAILABLE tells the client to come back later."""
         self._out.now = now
         self._out.end("shutdown")
         bye = b"* BYE [UNAVAILABLE] Server shutting down\r\n"
-        return self._last_words(bye if self._out.can_speak else None, "shutdown")
+        return self._out.last_words(bye if self._out.can_speak else None, "shutdown")
 
     def tls_failed(self, detail: str, now: float) -> list[Action]:
         """A TLS handshake failed on a leg; nothing more can be said on it."""
@@ -315,10 +315,6 @@ class SessionCore:
         )
         return out
 
-    def _last_words(self, bye: bytes | None, reason: str) -> list[Action]:
-        said: list[Action] = [] if bye is None else [Reply(Direction.TO_CLIENT, bye)]
-        return said + self._out.close(reason)
-
     # ----------------------------------------------------------------------------------------
     # The scan loops: fragments to the grammar, unchanged bytes out as slices of the chunk.
 
@@ -335,18 +331,8 @@ class SessionCore:
                 return
             kind, end, line = f.next(data, pos)
             if kind is Fragment.LITERAL:
-                use = f.use
-                if use is not Use.PASS:
-                    # Not forwarded as it comes: a literal inside an ID command (collected), or
-                    # a refused command's (skipped).
-                    self._flush(Direction.TO_SERVER, data, start, pos)
-                    start = end
-                    collecting = self._ids.collecting
-                    if use is Use.TAKE and collecting is not None:
-                        collecting.add(data[pos:end])
+                start = self._client_literal(data, start, pos, end)
                 pos = end
-                if not f.literal_left:
-                    commands.skipped() if use is Use.SKIP else commands.literal_done()
                 continue
             if kind is not Fragment.LINE:  # PARTIAL (now held) or TOO_LONG
                 self._flush(Direction.TO_SERVER, data, start, pos)
@@ -373,13 +359,24 @@ class SessionCore:
             self._flush(Direction.TO_SERVER, data, start, pos, at=mark)
             f.held()
             pos = start = end
-            what, self._leg.discard_rest = self._leg.discard_rest, None
-            if what is not None and end < n:
-                # Sent after STARTTLS/COMPRESS but before the switch: in clear text, where an
-                # attacker could have put it (the 2021 STARTTLS injection class). Never relayed.
-                self._out.violation("client", f"{what}_pipelining", f"{n - end} octets", "dropped")
+            if not self._leg.may_read_on(n - end):
                 return
         self._flush(Direction.TO_SERVER, data, start, pos)
+
+    def _client_literal(self, data: bytes, start: int, pos: int, end: int) -> int:
+        """Literal octets data[pos:end] have been counted; returns where unchanged bytes start."""
+        use = self._client.use
+        if use is not Use.PASS:
+            # Not forwarded as it comes: a literal inside an ID command (collected), or a
+            # refused command's (skipped).
+            self._flush(Direction.TO_SERVER, data, start, pos)
+            start = end
+            collecting = self._ids.collecting
+            if use is Use.TAKE and collecting is not None:
+                collecting.add(data[pos:end])
+        if not self._client.literal_left:
+            self._commands.skipped() if use is Use.SKIP else self._commands.literal_done()
+        return start
 
     def _hold(self, data: bytes, at: int) -> None:
         size = self.held + len(data) - at
@@ -397,19 +394,7 @@ class SessionCore:
         while pos < n:
             kind, line_start, pos, line = f.next(data, pos, responses.greeted)
             if kind is Fragment.LINE:
-                mark = len(out)
-                shown = responses.line(line)
-                if shown is None:
-                    held = f.held()
-                    if held:
-                        out.insert(mark, Forward(Direction.TO_CLIENT, held))
-                else:
-                    # This line goes out rewritten (`* ID`) or not at all (a "+" we gave).
-                    self._flush(Direction.TO_CLIENT, data, start, line_start, at=mark)
-                    if shown:
-                        out.append(Forward(Direction.TO_CLIENT, shown))
-                    f.held()
-                    start = pos
+                start = self._server_line(data, start, line_start, pos, line)
                 if self.closed:
                     return
             elif kind is Fragment.DATA_LINE:
@@ -426,6 +411,24 @@ class SessionCore:
                 self._flush(Direction.TO_CLIENT, data, start, line_start)
                 return
         self._flush(Direction.TO_CLIENT, data, start, pos)
+
+    def _server_line(self, data: bytes, start: int, line_start: int, end: int, line: bytes) -> int:
+        """A complete server line, data[line_start:end] after what was held of it; returns
+        where unchanged bytes start."""
+        out = self._out.actions
+        mark = len(out)
+        shown = self._responses.line(line)
+        if shown is None:
+            held = self._server.held()
+            if held:
+                out.insert(mark, Forward(Direction.TO_CLIENT, held))
+            return start
+        # This line goes out rewritten (`* ID`) or not at all (a "+" we gave).
+        self._flush(Direction.TO_CLIENT, data, start, line_start, at=mark)
+        if shown:
+            out.append(Forward(Direction.TO_CLIENT, shown))
+        self._server.held()
+        return end
 
     def _flush(
         self, direction: Direction, data: bytes, start: int, end: int, at: int | None = None
