@@ -109,3 +109,19 @@ def test_id_rewriting_forwards_the_same_bytes_whatever_the_chunking(
     # The commands around the ID pass as they came, in order.
     assert reference.to_server.startswith(b"a NOOP\r\ni1 ID ")
     assert reference.to_server.endswith(b"b NOOP\r\n")
+
+
+def test_an_over_long_answer_to_our_own_id_does_not_swallow_the_next_line(
+    split: Splitter,
+) -> None:
+    # The answer is streamed through (longer than server_hold): what the grammar would have
+    # shown instead of it (nothing) cannot apply any more, and must not apply to the next line.
+    # (Before the core was split, it did: the client never saw its LOGIN's OK.)
+    conv = Conversation(split, CoreConfig(inject_id=((b"name", b"gateway"),)))
+    conv.server(GREETING).client(b"a LOGIN alice pw\r\n")
+    assert conv.to_server == b'imapveil.1 ID ("name" "gateway")\r\na LOGIN alice pw\r\n'
+    conv.server(b"* ID NIL\r\nimapveil.1 OK " + b"x" * 70_000 + b"\r\n")
+    conv.server(b"a OK LOGIN done\r\n")
+    assert conv.to_client.endswith(b"\r\na OK LOGIN done\r\n")
+    (record,) = conv.of(IdExchange)
+    assert record.injected and record.status == "OK"
