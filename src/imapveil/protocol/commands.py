@@ -60,6 +60,9 @@ class Gate(enum.Enum):
     GREETING = 6  # nothing goes to the server before its greeting says it speaks IMAP
 
 
+_LEG_VERBS = frozenset((b"STARTTLS", b"COMPRESS", b"LOGIN", b"AUTHENTICATE"))  # see ClientLeg.owns
+
+
 class Commands:
     """The client's commands, from their first line to the server's tagged answer."""
 
@@ -175,7 +178,7 @@ class Commands:
         args = body[parsed.args_at :]
         cmd = Command(tag, verb, self.state, self.out.now)
         self.count += 1
-        if self.leg.owns(verb):
+        if verb in _LEG_VERBS and self.leg.owns(verb):
             busy = bool(self.pending) or self.gate is not None or not self.out.can_speak
             return Verdict.WITHHOLD if self.leg.answer(cmd, args, line, busy=busy) else Verdict.STOP
         cmd.depth = frag.depth
