@@ -269,3 +269,22 @@ def test_client_address_in_id_for_a_trusting_dovecot(
     (rec,) = [r for r in proxy.records() if r["event"] == "id"]
     assert rec["injected"] and rec["client"] == {}
     assert "x-originating-ip" in rec["forwarded"]
+
+
+def test_a_signal_during_the_final_flush_does_not_cut_it_short(
+    dovecot: Dovecot, tmp_path: Path
+) -> None:
+    # Once the service has stopped serving it writes its last records (the store's queue, the
+    # event log). A second SIGTERM then (a repeated `systemctl stop`) used to find the default
+    # action back and end the process with -15, records unwritten.
+    with imapveil(tmp_path, dovecot.address) as proxy:
+        m = imaplib.IMAP4("127.0.0.1", proxy.port)
+        m.login("alice", "wonderland")
+        m.logout()
+        proxy.signal(signal.SIGTERM)
+        proxy.stderr_until(b"stopped after")
+        proxy.signal(signal.SIGTERM)
+        proxy.signal(signal.SIGINT)
+        assert proxy.stop() == 0
+    ends = [r for r in proxy.records() if r["event"] == "session_end"]
+    assert [e["reason"] for e in ends] == ["logout"]

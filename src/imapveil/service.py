@@ -268,6 +268,12 @@ class Service:
     async def _on_signals(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
+        # What trio restores when its receiver closes, and where it redelivers a signal that
+        # arrived but was not read: from then on the service is writing its last records (the
+        # store's queue, the event log), and a further SIGTERM (a repeated `systemctl stop`)
+        # must not cut that short, as the default action would.
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, _stopping_already)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             task_status.started()
             async for signum in signals:
@@ -361,3 +367,7 @@ def check(config: str, overrides: Mapping[str, Any]) -> Loaded:
     except OSError as exc:
         raise ConfigError(f"listen: {listen}: {exc}") from None
     return loaded
+
+
+def _stopping_already(signum: int, frame: object) -> None:
+    """SIGTERM/SIGINT once the service has stopped serving: it is ending anyway."""
