@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 from typing import cast
@@ -21,7 +22,17 @@ from imapveil.records import (
 from imapveil.service import Service
 from imapveil.sinks import MemorySink
 from imapveil.stats.identify import NO_ID, identify
-from imapveil.stats.report import as_csv, as_json, as_table, html_report, summarize
+from imapveil.stats.report import (
+    CHAR_WIDTH,
+    Row,
+    Summary,
+    _bars,
+    as_csv,
+    as_json,
+    as_table,
+    html_report,
+    summarize,
+)
 from imapveil.stats.sink import StoreSink
 from imapveil.stats.store import MIGRATIONS, Store
 from tests.helpers.corpus import rows
@@ -108,12 +119,16 @@ async def test_store_reports_fold_small_groups(tmp_path: Path) -> None:
         by_family = summarize(store, "family")
         assert [(r.group, r.sessions, r.users) for r in by_family.rows] == [
             ("Thunderbird", 6, 6),
-            ("other", 7, 5),  # NeoMutt (2 users) and "no ID" (3 users) folded
+            # NeoMutt (users 0 and 1) and "no ID" (users 0, 1, 2) folded: three users, not 2 + 3
+            ("other", 7, 3),
         ]
         assert by_family.sessions == 13 and by_family.users == 6
         assert by_family.no_id_sessions == 5
         everyone = summarize(store, "family", min_users=1)
         assert {r.group for r in everyone.rows} == {"Thunderbird", "NeoMutt", NO_ID}
+        assert summarize(store, "family", min_users=0).rows == everyone.rows  # 0: no folding
+        other = summarize(store, "version", min_users=7).rows
+        assert [(r.group, r.sessions, r.users) for r in other] == [("other", 13, 6)]
         assert [r.group for r in summarize(store, "version").rows] == ["Thunderbird 115.3", "other"]
         assert {r.group for r in summarize(store, "os", min_users=1).rows} == {"Windows", "unknown"}
         assert len(summarize(store, "day").rows) == 1
@@ -179,3 +194,22 @@ async def test_store_drops_become_a_record(tmp_path: Path, autojump_clock: trio.
         StoreDropped(dropped.items, dropped.items, dropped.sessions, dropped.sessions)
     ]
     assert sink.take_drops() is None  # reported once
+
+
+def test_chart_labels_are_cut_with_an_ellipsis_and_numbers_fit() -> None:
+    k9 = "K-9 Mail / Thunderbird for Android 6.710"
+    long = "A mail client with a very long name indeed, version 1.2.3.4.5"
+    svg = _bars("Versions", [(k9, 12345), (long, 1), ("short", 0)], "session")
+    assert f">{k9}</text>" in svg  # whole: not "... Android 6.7"
+    assert f"<title>{long}</title>" in svg and f">{long[:47]}\u2026<" in svg
+    assert ">1 session<" in svg and ">12345 sessions<" in svg and ">0 sessions<" in svg
+    width = int(re.search(r'width="(\d+)"', svg).group(1))  # type: ignore[union-attr]
+    for x, text in re.findall(r'<text x="(\d+)" y="\d+">([^<]*)</text>', svg):
+        assert int(x) + CHAR_WIDTH * len(text) <= width, text  # nothing past the right edge
+
+
+def test_table_says_one_session() -> None:
+    one = Summary(None, None, 1, 1, 0, [Row("x" * 60, 1, 1, "2026-01-01", "2026-01-01")])
+    table = as_table(one, "family")
+    assert "1 session, 1 distinct user, " in table
+    assert "x" * 47 + "\u2026" in table and "x" * 48 not in table
