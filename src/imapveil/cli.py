@@ -105,11 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"imapveil: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=loaded.settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    service.setup_logging(loaded.settings.log_level)
     try:
         return trio.run(service.Service(args.config, overrides, loaded).run)
     except KeyboardInterrupt:

@@ -26,6 +26,7 @@ from typing import Any
 
 import trio
 
+from imapveil import logs
 from imapveil.config import ConfigError, Settings, load, parse_endpoint
 from imapveil.identity import identifier, load_or_create_key
 from imapveil.policy import Policy, PolicyError
@@ -52,6 +53,11 @@ class Loaded:
     key: bytes
     client_context: ssl.SSLContext | None = None
     upstream_context: ssl.SSLContext | None = None
+
+
+def setup_logging(level: str) -> None:
+    """Diagnostics on stderr as `serve` writes them: journald's priorities under systemd."""
+    logs.setup(level)
 
 
 def load_all(config: str | None, overrides: Mapping[str, Any]) -> Loaded:
@@ -272,8 +278,8 @@ class Service:
         # arrived but was not read: from then on the service is writing its last records (the
         # store's queue, the event log), and a further SIGTERM (a repeated `systemctl stop`)
         # must not cut that short, as the default action would.
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, _stopping_already)
+        for stop in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(stop, _stopping_already)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             task_status.started()
             async for signum in signals:
@@ -314,6 +320,8 @@ class Service:
             self.holder.current = loaded.policy
             self.proxy.reconfigure(admittance(loaded, self.holder))
             self.proxy.shutdown_grace = loaded.settings.shutdown_grace
+            if logs.set_level(loaded.settings.log_level):
+                log.info("log level now %s", loaded.settings.log_level)
             await self.sink.reopen(loaded.settings.events)
             self.sink.emit(ConfigLoaded(source, True))
             self.sink.emit(PolicyLoaded(loaded.policy.name, loaded.policy.digest, True))

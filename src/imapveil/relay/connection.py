@@ -33,7 +33,7 @@ from imapveil.protocol.actions import (
     StartTls,
 )
 from imapveil.protocol.session import CoreConfig, SessionCore
-from imapveil.records import Record, SessionEnded
+from imapveil.records import IdExchange, Record, SessionEnded, Violation
 from imapveil.relay.deflate import DeflateStream
 from imapveil.relay.tls import UpstreamTlsError, upstream_starttls
 from imapveil.sinks import Sink
@@ -241,6 +241,8 @@ class Connection:
 
     def _emit(self, record: Record) -> None:
         """Hand a record to the sinks; a sink that fails costs that record, nothing more."""
+        if log.isEnabledFor(logging.DEBUG):
+            _debug_record(record)
         try:
             self.sink.emit(record)
         except Exception:
@@ -286,6 +288,7 @@ class Connection:
     async def _connect(self) -> trio.SocketStream | None:
         s = self.settings
         detail = f"no connection within {s.connect_timeout:g} s"
+        started = trio.current_time()
         with trio.move_on_after(s.connect_timeout):
             try:
                 if s.upstream_addresses:
@@ -293,9 +296,19 @@ class Connection:
                 else:
                     stream = await trio.open_tcp_stream(s.upstream_host, s.upstream_port)
                 keepalive(stream)
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug(
+                        "session %s: connected to upstream %s (%s) in %.1f ms",
+                        self.core.session_id, s.upstream, _peer_name(stream),
+                        (trio.current_time() - started) * 1000.0,
+                    )  # fmt: skip
                 return stream
             except OSError as exc:
                 detail = _describe(exc)
+        log.debug(
+            "session %s: upstream %s not connected after %.1f ms: %s",
+            self.core.session_id, s.upstream, (trio.current_time() - started) * 1000.0, detail,
+        )  # fmt: skip
         await self._apply(self.core.upstream_unavailable(detail, trio.current_time()))
         return None
 
@@ -471,6 +484,40 @@ class Connection:
             log.exception("session %s: closing the %s leg failed", self.core.session_id, leg.name)
             with contextlib.suppress(Exception):
                 await trio.aclose_forcefully(leg.stream)
+
+
+def _debug_record(record: Record) -> None:
+    """A debug line for what the core decided: the ID policy's decisions by field name, the
+    protocol rules and limits it enforced, how the session ended. Never a value of an ID field,
+    a user, a tag or a credential: records hold none of the latter, and only names of the former
+    are read here."""
+    if isinstance(record, IdExchange):
+        forwarded = "NIL" if record.forwarded is None else ", ".join(record.forwarded) or "none"
+        log.debug(
+            "session %s: ID%s under policy %s: forwarded %s; dropped %s; server answered %s",
+            record.session, " (injected)" if record.injected else "", record.policy or "?",
+            forwarded, ", ".join(record.dropped) or "none", record.status or "nothing",
+        )  # fmt: skip
+    elif isinstance(record, Violation):
+        log.debug(
+            "session %s: %s broke a rule: %s (%s), %s",
+            record.session, record.source, record.kind, record.detail, record.action,
+        )  # fmt: skip
+    elif isinstance(record, SessionEnded):
+        log.debug(
+            "session %s: ended (%s%s) after %.0f ms, %d commands, %d/%d octets in/out",
+            record.session, record.reason, f": {record.detail}" if record.detail else "",
+            record.duration_ms, record.commands, record.bytes_from_client,
+            record.bytes_from_server,
+        )  # fmt: skip
+
+
+def _peer_name(stream: trio.SocketStream) -> str:
+    try:
+        host, port = stream.socket.getpeername()[:2]
+    except OSError:
+        return "?"
+    return _address(str(host), int(port))
 
 
 def resolve(host: str, port: int) -> tuple[tuple[int, tuple[Any, ...]], ...]:

@@ -160,6 +160,7 @@ class Proxy:
 
     def _note_refusal(self, host: str, why: str) -> None:
         self.stats.refused += 1
+        log.debug("refused a connection from %s over a limit: %s", host, why)
         summary = self.refusals.note(host, why, trio.current_time())
         if summary is not None:
             self._report(summary)
