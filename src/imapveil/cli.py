@@ -1,18 +1,34 @@
-"""`imapveil` on the command line."""
+"""`imapveil` on the command line.
+
+Exit status (the same for every command; `EXIT_STATUS` is what --help and the man page say):
+0 done; 1 the configuration (or a policy file) is invalid, or the work could not be done; 2 the
+command line is wrong; 130 interrupted. Every error is one line on stderr.
+"""
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import logging
+import re
+import sqlite3
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, NoReturn
 
 import trio
 
-from imapveil import __version__, service
-from imapveil.config import HELP, ConfigError
+from imapveil import __version__, checks, service
+from imapveil.config import (
+    BY_NAME,
+    DECLARATIONS,
+    ConfigError,
+    Declaration,
+    check_files,
+    statistics_stores,
+)
 from imapveil.config import load as load_settings
 from imapveil.policy import PolicyError, apply
 from imapveil.policy.load import resolve_policy
@@ -22,12 +38,133 @@ from imapveil.stats.store import Store, StoreError
 
 log = logging.getLogger("imapveil")
 
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+EXIT_CONFIG = EXIT_FAILURE
+"""A configuration error: the same status from `serve` and `check-config` (and from `stats` and
+`report` reading a configuration file)."""
+EXIT_STATUS = (
+    ("0", "done (check-config: the configuration is valid)"),
+    ("1", "the configuration or a policy file is invalid (serve, check-config, stats and report "
+          "with --config, policy), or the work could not be done: cannot listen, the statistics "
+          "store is missing or unreachable, the report cannot be written"),
+    ("2", "the command line is wrong: an unknown command or flag, a bad flag value, a bad date"),
+    ("130", "interrupted (Ctrl-C)"),
+)  # fmt: skip
+
+
+class Parser(argparse.ArgumentParser):
+    """Usage errors are one line on stderr (and exit status 2), not the usage text."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def plain(text: str) -> str:
+    """Help text for a terminal: `code` without its backticks."""
+    return text.replace("`", "")
+
+
+def default_text(d: Declaration) -> str:
+    """The default as people read it (README, --help, example file, man page)."""
+    if d.default:
+        return d.default
+    value = d.value
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if isinstance(value, float) and value.is_integer():
+        return f"`{int(value)}`"
+    if value in ((), ""):
+        return "none"
+    return f"`{value}`"
+
+
+def flag(d: Declaration) -> str:
+    return "--" + d.name.replace("_", "-")
+
+
+def _checked(d: Declaration) -> Callable[[str], str]:
+    """A flag's value checked as the configuration file's would be; kept as text for the loader."""
+
+    def check(text: str) -> str:
+        try:
+            d.convert(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return text
+
+    check.__name__ = d.name
+    return check
+
+
+def add_setting_flags(command: argparse.ArgumentParser) -> None:
+    group = command.add_argument_group(
+        "settings", "each also a key of the configuration file (underscores for dashes); "
+        "flags win over the file"
+    )  # fmt: skip
+    for d in DECLARATIONS:
+        text = f"{plain(d.help)} (default: {plain(default_text(d))})".replace("%", "%%")
+        if d.metavar is None:
+            group.add_argument(
+                flag(d), dest=d.name, action=argparse.BooleanOptionalAction, default=None,
+                help=text,
+            )  # fmt: skip
+        else:
+            group.add_argument(flag(d), dest=d.name, metavar=d.metavar, type=_checked(d), help=text)
+
+
+BOOLEAN_FLAGS = {flag(d): d for d in DECLARATIONS if d.metavar is None}
+
+
+def legacy_booleans(argv: Sequence[str]) -> list[str]:
+    """`--compress true` / `--compress=false`, as earlier versions took them, as `--compress` /
+    `--no-compress`."""
+    out: list[str] = []
+    words = list(argv)
+    while words:
+        word = words.pop(0)
+        name, eq, value = word.partition("=")
+        if not eq and name in BOOLEAN_FLAGS and words and words[0].lower() in ("true", "false"):
+            value = words.pop(0)
+        elif not (eq and name in BOOLEAN_FLAGS and value.lower() in ("true", "false")):
+            out.append(word)
+            continue
+        out.append(name if value.lower() == "true" else "--no-" + name[2:])
+    return out
+
+
+_DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+
+def when(text: str) -> str:
+    """`--since`/`--until`: a date (YYYY-MM-DD, UTC) or an ISO 8601 time, as the store writes
+    times (UTC, milliseconds), so that they compare as text."""
+    try:
+        if _DAY.fullmatch(text):
+            return datetime.date.fromisoformat(text).isoformat()
+        if not _DAY.match(text):
+            raise ValueError("expected YYYY-MM-DD or YYYY-MM-DDTHH:MM[:SS][+HH:MM]")
+        moment = datetime.datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date or time: {exc}") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.UTC)
+    return moment.astimezone(datetime.UTC).isoformat(timespec="milliseconds")
+
+
+def count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number, at least 0")
+    return int(text)
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="imapveil",
         description="A transparent IMAP proxy that records which mail clients are in use "
         "without leaking their device identifiers.",
+        epilog="exit status: "
+        + "; ".join(f"{code}: {text}" for code, text in EXIT_STATUS)
+        + ". Every error is one line on stderr.",
     )
     parser.add_argument("--version", action="version", version=f"imapveil {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -35,36 +172,64 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="relay IMAP clients to an upstream server",
         description="Relay IMAP clients to an upstream server. Every flag can also be set in "
-        "the --config file, as a key with underscores instead of dashes; flags win.",
+        "the --config file, as a key with underscores instead of dashes; flags win. An invalid "
+        "configuration exits with status 1 before anything listens.",
     )
     serve.add_argument("--config", metavar="FILE", help="a TOML file of settings")
     check = commands.add_parser(
         "check-config",
-        help="check a configuration file (and its policy and key) like `nginx -t`",
+        help="check a configuration file (and its policy, key and certificates) like `nginx -t`",
         description="Check a configuration file as `serve --config FILE` would, without "
-        "listening. Flags override the file as they do for serve. Exit status 0 if valid.",
+        "listening and without the network (the unit runs it before every start). Flags "
+        "override the file as they do for serve. Exit status 0 if valid, 1 if not.",
     )
     check.add_argument("file", metavar="FILE")
-    metavars = {"listen": "HOST:PORT", "upstream": "HOST:PORT", "events": "PATH"}
+    check.add_argument(
+        "--online", action="store_true",
+        help="also resolve the upstream and open the statistics store, and say what was checked",
+    )  # fmt: skip
     for command in (serve, check):
-        for name, text in HELP.items():
-            command.add_argument(
-                "--" + name.replace("_", "-"),
-                dest=name,
-                metavar=metavars.get(name, name.split("_")[-1].upper()),
-                help=text,
-            )
-    stats = commands.add_parser("stats", help="which clients are in use: a table, CSV or JSON")
-    report = commands.add_parser("report", help="a self-contained HTML report with charts")
+        add_setting_flags(command)
+    stats = commands.add_parser(
+        "stats",
+        help="which clients are in use: a table, CSV or JSON",
+        description="Sessions, distinct users, first and last seen per client family, version, "
+        "operating system or day, from the statistics store the service writes.",
+    )
+    report = commands.add_parser(
+        "report",
+        help="a self-contained HTML report with charts",
+        description="One self-contained HTML page with charts (inline SVG) of the statistics.",
+    )
     for command in (stats, report):
-        command.add_argument("--store", help="the statistics store (default: as `serve` uses)")
-        command.add_argument("--config", metavar="FILE", help="read `store` from this file")
-        command.add_argument("--since", metavar="DATE", help="from this date (YYYY-MM-DD)")
-        command.add_argument("--until", metavar="DATE", help="up to this date, exclusive")
-        command.add_argument("--min-users", type=int, help="fold smaller groups into 'other'")
+        command.add_argument(
+            "--store", metavar="FILE|URL", type=_checked(BY_NAME["store"]),
+            help="the statistics store (default: the configuration's `store`, found as `serve` "
+            "finds it; without one, /var/lib/imapveil/stats.sqlite, the shipped unit's, or "
+            "~/.local/state/imapveil/stats.sqlite, whichever exists, root's choice first)",
+        )  # fmt: skip
+        command.add_argument(
+            "--config", metavar="FILE",
+            help="read `store`, `user_key_file` and `min_group_users` from the service's "
+            "configuration file (e.g. /etc/imapveil/imapveil.toml)",
+        )  # fmt: skip
+        command.add_argument(
+            "--since", metavar="DATE", type=when,
+            help="from this date (YYYY-MM-DD, UTC) or time (ISO 8601)",
+        )  # fmt: skip
+        command.add_argument(
+            "--until", metavar="DATE", type=when, help="up to this date or time, exclusive"
+        )
+        command.add_argument(
+            "--min-users", metavar="N", type=count,
+            help="fold groups of fewer distinct users into 'other'; 0 folds none (default: "
+            "the configuration's min_group_users, 5)",
+        )  # fmt: skip
     stats.add_argument("--by", choices=sorted(report_module.BY), default="family")
     stats.add_argument("--format", choices=("table", "csv", "json"), default="table")
-    report.add_argument("--html", metavar="FILE", required=True, help="write the report here")
+    report.add_argument(
+        "--html", metavar="FILE", required=True, help="write the report here ('-': stdout)"
+    )
     policy = commands.add_parser("policy", help="check and try out ID policy files")
     actions = policy.add_subparsers(dest="policy_command", metavar="ACTION", required=True)
     check = actions.add_parser("check", help="validate policy files (names or paths)")
@@ -78,33 +243,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def fail(message: str, status: int = EXIT_FAILURE) -> int:
+    print(f"imapveil: {message}", file=sys.stderr)
+    return status
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(legacy_booleans(sys.argv[1:] if argv is None else argv))
     if args.command == "policy":
         return policy_tool(args)
     if args.command in ("stats", "report"):
         return stats_tool(args)
     if args.command not in ("serve", "check-config"):
-        parser.print_help()
-        return 2
-    overrides = {name: getattr(args, name) for name in HELP}
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    overrides = {d.name: getattr(args, d.name) for d in DECLARATIONS}
     if args.command == "check-config":
-        try:
-            loaded = service.check(args.file, overrides)
-        except ConfigError as exc:
-            print(f"imapveil: {exc}", file=sys.stderr)
-            print(f"imapveil: configuration file {args.file} test failed", file=sys.stderr)
-            return 1
-        s = loaded.settings
-        print(f"listen {s.listen}, upstream {s.upstream}, policy {loaded.policy.name}")
-        print(f"imapveil: configuration file {args.file} test is successful")
-        return 0
+        return check_config(args.file, overrides, online=args.online)
     try:
+        check_files(load_settings(args.config, overrides))
         loaded = service.load_all(args.config, overrides)
     except ConfigError as exc:
-        print(f"imapveil: {exc}", file=sys.stderr)
-        return 2
+        return fail(str(exc), EXIT_CONFIG)
     service.setup_logging(loaded.settings.log_level)
     try:
         return trio.run(service.Service(args.config, overrides, loaded).run)
@@ -112,39 +273,87 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def check_config(file: str, overrides: dict[str, Any], *, online: bool) -> int:
+    try:
+        check_files(load_settings(file, overrides))
+        loaded = service.check(file, overrides)
+        checked = checks.online(loaded.settings) if online else []
+    except ConfigError as exc:
+        return fail(f"configuration file {file} test failed: {exc}", EXIT_CONFIG)
+    s = loaded.settings
+    print(f"listen {s.listen}, upstream {s.upstream}, policy {loaded.policy.name}")
+    for line in checked:
+        print(line)
+    if not online:
+        print("(offline: the upstream's name and the store were not tried; --online does)")
+    print(f"imapveil: configuration file {file} test is successful")
+    return EXIT_OK
+
+
+def _store_errors() -> tuple[type[BaseException], ...]:
+    errors: tuple[type[BaseException], ...] = (StoreError, sqlite3.Error, OSError)
+    try:
+        import psycopg  # noqa: PLC0415 (only fleets have it)
+    except ImportError:
+        return errors
+    return (*errors, psycopg.Error)
+
+
+def find_store(settings_store: list[str]) -> str | None:
+    for url in settings_store:
+        if url.startswith(("postgresql://", "postgres://")):
+            return url
+        try:
+            if Path(url.removeprefix("sqlite://")).is_file():
+                return url
+        except OSError:  # a directory we may not look into
+            continue
+    return None
+
+
 def stats_tool(args: argparse.Namespace) -> int:
+    if args.since and args.until and args.since >= args.until:
+        return fail(f"{args.command}: --since {args.since} is not before --until {args.until}", 2)
     try:
         settings = load_settings(args.config, {"store": args.store}, need_upstream=False)
     except ConfigError as exc:
-        print(f"imapveil: {exc}", file=sys.stderr)
-        return 2
-    url = settings.store_url()
+        return fail(str(exc), EXIT_CONFIG)
+    candidates = statistics_stores(settings)
+    if not candidates:
+        return fail('the statistics store is off (store = "off")')
+    url = find_store(candidates)
     if url is None:
-        print("imapveil: the statistics store is off", file=sys.stderr)
-        return 2
-    if not url.startswith("postgres") and not Path(url.removeprefix("sqlite://")).exists():
-        print(f"imapveil: no statistics store at {url}", file=sys.stderr)
-        return 1
+        return fail(f"no statistics store at {' nor at '.join(candidates)}")
+    min_users = settings.min_group_users if args.min_users is None else args.min_users
     store = Store(url)
     try:
         store.connect()
-    except StoreError as exc:
-        print(f"imapveil: {exc}", file=sys.stderr)
-        return 1
-    min_users = args.min_users or settings.min_group_users
-    try:
         if args.command == "report":
             page = report_module.html_report(store, args.since, args.until, min_users)
-            Path(args.html).write_text(page, encoding="utf-8")
-            print(f"wrote {args.html}")
-            return 0
-        summary = report_module.summarize(store, args.by, args.since, args.until, min_users)
+        else:
+            summary = report_module.summarize(store, args.by, args.since, args.until, min_users)
+    except _store_errors() as exc:
+        return fail(f"statistics store {checks.redact(url)}: {checks.one_line(exc)}")
     finally:
         store.close()
+    if args.command == "report":
+        return write_report(args.html, page)
     render = {"table": report_module.as_table, "csv": report_module.as_csv,
               "json": report_module.as_json}[args.format]  # fmt: skip
     sys.stdout.write(render(summary, args.by))
-    return 0
+    return EXIT_OK
+
+
+def write_report(target: str, page: str) -> int:
+    if target == "-":
+        sys.stdout.write(page)
+        return EXIT_OK
+    try:
+        Path(target).write_text(page, encoding="utf-8")
+    except OSError as exc:
+        return fail(f"cannot write the report to {target}: {exc.strerror or exc}")
+    print(f"wrote {target}")
+    return EXIT_OK
 
 
 def policy_tool(args: argparse.Namespace) -> int:

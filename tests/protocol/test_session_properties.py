@@ -198,8 +198,20 @@ own_commands = st.lists(
 ).map(b"".join)
 
 
+def _not_own(steps: list[tuple[str, bytes]]) -> bool:
+    """Noise that spells a command the proxy answers itself (Hypothesis once built `, STARTTLS`
+    from random bytes) belongs to the next test, which allows those answers."""
+    return not any(_OWN.search(sent) for side, sent in steps if side == "c")
+
+
+_OWN = re.compile(rb"(?i)STARTTLS|COMPRESS")
+
+
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from("cs"), noise), max_size=12), st.lists(st.integers()))
+@given(
+    st.lists(st.tuples(st.sampled_from("cs"), noise), max_size=12).filter(_not_own),
+    st.lists(st.integers()),
+)
 def test_garbage_never_crashes_and_stays_bounded(
     steps: list[tuple[str, bytes]], cuts: list[int]
 ) -> None:
