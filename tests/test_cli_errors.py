@@ -135,3 +135,30 @@ def test_report_to_stdout_and_min_users_zero(
     assert out.startswith("<!DOCTYPE html>") and not (Path.cwd() / "-").exists()
     assert main(["stats", "--store", str(place / "s.sqlite"), "--min-users", "0"]) == 0
     assert "0 sessions, 0 distinct users" in capsys.readouterr().out
+
+
+def test_stats_reads_the_store_of_the_configuration(
+    place: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`imapveil stats --config FILE` uses that file's `store`, or the one beside its
+    `user_key_file`, as the service does; not the invoking user's home."""
+    state = place / "state"
+    state.mkdir()
+    store = Store(str(state / "stats.sqlite"))
+    store.connect()
+    store.execute(
+        "INSERT INTO sessions (session, proxy, started_at, ended_at, day, user_id, reason,"
+        " bytes_from_client, bytes_from_server, commands, client_tls, family)"
+        " VALUES ('s', 'p', '2026-11-01T10:00:00.000+00:00', '2026-11-01T10:01:00.000+00:00',"
+        " '2026-11-01', 'hmac:u', 'logout', 1, 2, 3, 0, 'NeoMutt')"
+    )
+    store._conn.commit()
+    store.close()
+    for line in (f'store = "{state}/stats.sqlite"', f'user_key_file = "{state}/user-key"'):
+        conf = place / "imapveil.toml"
+        conf.write_text(f'upstream = "h:1"\n{line}\nmin_group_users = 0\n')
+        assert main(["stats", "--config", str(conf)]) == 0
+        assert "NeoMutt" in capsys.readouterr().out
+    since = ["--since", "2026-11-01T10:00:01Z", "--format", "json"]
+    assert main(["stats", "--config", str(conf), *since]) == 0
+    assert '"sessions": 0' in capsys.readouterr().out

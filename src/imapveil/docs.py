@@ -110,6 +110,11 @@ def _option(action: argparse.Action) -> str:
     return f".TP\n{names}\n{_roff(text)}\n"
 
 
+def _usage(parser: argparse.ArgumentParser) -> str:
+    """The usage line, whatever the terminal's width (roff fills the lines)."""
+    return " ".join(parser.format_usage().removeprefix("usage: ").split())
+
+
 def man_page() -> str:
     parser = build_parser()
     date = datetime.date(2026, 1, 1).isoformat()  # fixed: the page changes with the code only
@@ -125,7 +130,7 @@ def man_page() -> str:
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     for name, sub in commands.choices.items():
         out.append(f".SH {name.upper()}")
-        out.append(_roff(sub.format_usage().removeprefix("usage: ").strip()))
+        out.append(_roff(_usage(sub)))
         out.append(".PP")
         out.append(_roff(sub.description or ""))
         for action in sub._actions:
@@ -134,7 +139,7 @@ def man_page() -> str:
             if isinstance(action, argparse._SubParsersAction):
                 for action_name, action_parser in action.choices.items():
                     out.append(f".TP\n\\fB{_roff(action_name)}\\fR")
-                    out.append(_roff(action_parser.format_usage().removeprefix("usage: ").strip()))
+                    out.append(_roff(_usage(action_parser)))
                 continue
             out.append(_option(action).rstrip("\n"))
     out.append(".SH EXIT STATUS")
