@@ -5,13 +5,16 @@ Each test runs the real `imapveil serve` process."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -216,3 +219,91 @@ def test_log_level_is_read_again_on_reload(tmp_path: Path) -> None:
         + rb" not connected after \d+\.\d ms: econnrefused",
         after,
     ), after.decode()
+
+
+# --- records under the shipped unit: the journal's rate limit, or a file and logrotate ---------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def unit_settings() -> dict[str, str]:
+    text = (REPO / "systemd" / "imapveil.service").read_text()
+    return dict(
+        line.split("=", 1) for line in text.splitlines() if "=" in line and line[0].isalpha()
+    )
+
+
+def test_the_unit_takes_records_at_thousands_of_commands_per_second() -> None:
+    unit = unit_settings()
+    # journald's default (10000 lines in 30 s) would drop most records of a busy proxy.
+    interval = float(unit["LogRateLimitIntervalSec"].removesuffix("s"))
+    assert int(unit["LogRateLimitBurst"]) / interval >= 5000
+    # Or records to a file: the one place under ProtectSystem=strict where the service may write.
+    assert unit["ProtectSystem"] == "strict"
+    assert unit["LogsDirectory"] == "imapveil" and unit["LogsDirectoryMode"] == "0750"
+    snippet = (REPO / "systemd" / "imapveil.logrotate").read_text()
+    assert "/var/log/imapveil/*.jsonl {" in snippet
+    assert "systemctl reload imapveil.service" in snippet  # SIGHUP reopens the event log
+    directives = [line.strip() for line in snippet.splitlines() if not line.startswith("#")]
+    assert "copytruncate" not in directives
+
+
+def ends_written(path: Path, count: int) -> None:
+    deadline = time.monotonic() + 10
+    while path.read_text().count('"event":"session_end"') < count:
+        assert time.monotonic() < deadline, path.read_text()
+        time.sleep(0.05)
+
+
+def test_logrotate_with_the_shipped_snippet_loses_no_record(tmp_path: Path) -> None:
+    logrotate = shutil.which("logrotate") or (
+        "/usr/sbin/logrotate" if Path("/usr/sbin/logrotate").exists() else None
+    )
+    if logrotate is None:
+        pytest.skip("logrotate is not installed (Debian's logrotate package)")
+    logs_dir = tmp_path / "log"
+    logs_dir.mkdir(mode=0o750)
+    events = logs_dir / "events.jsonl"
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable, "-m", "imapveil", "serve",
+            "--listen", f"127.0.0.1:{port}", "--upstream", f"127.0.0.1:{dead_port()}",
+            "--events", str(events), "--user-key-file", str(tmp_path / "user-key"),
+            "--shutdown-grace", "0.5",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        wait_until_listening(process)
+        for _ in range(3):
+            assert knock(port).startswith(b"* BYE")
+        stderr_until(process, b"unavailable")
+        ends_written(events, 3)  # the event log is written in batches
+        # The shipped snippet, for this directory and this process instead of the unit's.
+        snippet = (REPO / "systemd" / "imapveil.logrotate").read_text()
+        snippet = snippet.replace("/var/log/imapveil", str(logs_dir)).replace(
+            "systemctl reload imapveil.service", f"kill -HUP {process.pid}"
+        )
+        config = tmp_path / "logrotate.conf"
+        config.write_text(snippet)
+        config.chmod(0o644)
+        rotated = subprocess.run(
+            [logrotate, "--force", "--state", str(tmp_path / "state"), str(config)],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        assert rotated.returncode == 0, rotated.stdout + rotated.stderr
+        stderr_until(process, b"reloaded")
+        for _ in range(2):
+            assert knock(port).startswith(b"* BYE")
+        finish(process)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    old = [json.loads(line) for line in (logs_dir / "events.jsonl.1").read_text().splitlines()]
+    new = [json.loads(line) for line in events.read_text().splitlines()]
+    assert [r["event"] for r in old].count("session_end") == 3
+    assert [r["event"] for r in new].count("session_end") == 2
+    assert not (logs_dir / "events.jsonl.1.gz").exists()  # delaycompress: the next rotation
