@@ -40,7 +40,8 @@ from imapveil.relay.server import Admittance, Proxy, listener_address, open_list
 from imapveil.sinks import Fanout, Sink
 from imapveil.sinks.jsonl import JsonLinesSink
 from imapveil.stats.metrics import Metrics, serve_metrics
-from imapveil.stats.sink import StoreSink, spool_directory
+from imapveil.stats.sink import StoreSink
+from imapveil.stats.spool import spool_directory
 from imapveil.systemd import Notifier, inherited_sockets
 
 log = logging.getLogger("imapveil")

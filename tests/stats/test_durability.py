@@ -23,7 +23,8 @@ from imapveil.config import ConfigError, load
 from imapveil.records import CommandCompleted, IdExchange, SessionEnded, SessionStarted
 from imapveil.stats import store as store_module
 from imapveil.stats.metrics import Metrics
-from imapveil.stats.sink import Spool, StoreSink, Tally
+from imapveil.stats.sink import StoreSink
+from imapveil.stats.spool import Spool, Tally
 from imapveil.stats.store import MIGRATIONS, Store
 from tests.helpers.dovecot import free_port
 from tests.helpers.postgres import Postgres

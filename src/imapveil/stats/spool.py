@@ -1,0 +1,194 @@
+"""The statistics spool: rows on local disk while the store cannot take them.
+
+Numbered append-only JSON-lines files in one directory per instance, one fsync per batch, read
+back in order and deleted once stored (see `sink` for when it is written and replayed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+log = logging.getLogger(__name__)
+
+SPOOL_CAP = 256 * 1024 * 1024
+"""Octets of spool at most (default); beyond it rows are dropped."""
+SEGMENT = 8 * 1024 * 1024
+"""Octets per spool file: a replay interrupted by a crash repeats at most one file."""
+KINDS = ("session", "id", "command")
+
+Item = tuple[str, Sequence[Any]]
+
+
+@dataclass
+class Tally:
+    """Session rows, and items of all kinds (session rows, ID exchanges, command counts)."""
+
+    sessions: int = 0
+    items: int = 0
+
+    def add(self, items: Iterable[Item]) -> None:
+        for kind, _ in items:
+            self.items += 1
+            self.sessions += kind == "session"
+
+
+def spool_directory(state: Path, proxy: str) -> Path:
+    """`stats-spool/<proxy>` in the state directory: one spool per instance."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", proxy)[:64].lstrip(".") or "proxy"
+    return state / "stats-spool" / name
+
+
+class SpoolError(Exception):
+    pass
+
+
+class Spool:
+    """Rows on local disk, in order: numbered append-only JSON-lines files in one directory.
+
+    Each line is `[kind, row]`. Blocking: used from the writer's worker thread only. A file of a
+    previous run is never appended to (its last line may be torn by a crash: such a line is
+    skipped and counted); a file is deleted once everything in it is stored.
+    """
+
+    def __init__(self, directory: Path, cap: int = SPOOL_CAP) -> None:
+        self.directory = directory
+        self.cap = cap
+        self.bytes = 0
+        self.corrupt = 0
+        self._files: list[Path] = []  # in order; the last may be `_tail`
+        self._tail: IO[bytes] | None = None
+        self._tail_path: Path | None = None
+        self._next = 1
+        self._offset = 0  # read position in _files[0]
+        self._lock: int | None = None
+
+    @property
+    def pending(self) -> bool:
+        """Whether rows wait in the spool (or the head file is yet to be read to its end)."""
+        return bool(self._files)
+
+    def open(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise SpoolError(f"{self.directory} is in use by another process") from None
+        self._lock = fd
+        found = sorted(self.directory.glob("*.jsonl"))
+        self._files = [p for p in found if p.stem.isdigit()]
+        self.bytes = sum(p.stat().st_size for p in self._files)
+        self._next = max((int(p.stem) for p in self._files), default=0) + 1
+
+    def close(self) -> None:
+        self._close_tail()
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
+    def _close_tail(self) -> None:
+        if self._tail is not None:
+            self._tail.close()
+            self._tail = self._tail_path = None
+
+    def append(self, items: Sequence[Item]) -> int:
+        """Write the items that fit under the cap, durably; returns how many did."""
+        lines: list[bytes] = []
+        size = 0
+        for kind, row in items:
+            line = json.dumps([kind, list(row)], separators=(",", ":")).encode() + b"\n"
+            if self.bytes + size + len(line) > self.cap:
+                break
+            lines.append(line)
+            size += len(line)
+        if not lines:
+            return 0
+        if self._tail is None or self._tail.tell() >= SEGMENT:
+            self._close_tail()
+            path = self.directory / f"{self._next:012d}.jsonl"
+            self._next += 1
+            self._tail = path.open("ab")
+            self._tail_path = path
+            self._files.append(path)
+            _fsync_directory(self.directory)
+        start = self._tail.tell()
+        try:
+            self._tail.write(b"".join(lines))
+            self._tail.flush()
+            os.fsync(self._tail.fileno())
+        except OSError:
+            # A full disk, say: leave the file as it was, so that the rows stay in memory only.
+            with contextlib.suppress(OSError):
+                self._tail.truncate(start)
+                self._tail.seek(start)
+            raise
+        self.bytes += size
+        return len(lines)
+
+    def read(self, limit: int) -> tuple[list[Item], int]:
+        """Up to `limit` items from the head, and the position after them (for `consume`)."""
+        while self._files:
+            head = self._files[0]
+            items: list[Item] = []
+            with head.open("rb") as f:
+                f.seek(self._offset)
+                while len(items) < limit:
+                    line = f.readline()
+                    if not line:
+                        break
+                    item = self._parse(head, line)
+                    if item is not None:
+                        items.append(item)
+                position = f.tell()
+            if position > self._offset:
+                return items, position
+            self._remove_head()  # an empty file (a crash right after it was made)
+        return [], 0
+
+    def _parse(self, path: Path, line: bytes) -> Item | None:
+        if line.endswith(b"\n"):
+            try:
+                kind, row = json.loads(line)
+            except ValueError:
+                pass
+            else:
+                if kind in KINDS and isinstance(row, list):
+                    return (kind, row)
+        self.corrupt += 1  # a torn last line of a file that a crash interrupted, say
+        log.warning("statistics spool: skipped an unreadable line in %s", path)
+        return None
+
+    def consume(self, position: int) -> None:
+        """Everything before `position` in the head file is stored; a file stored to its end
+        is deleted (the file being written too: the next append starts another)."""
+        self._offset = position
+        if self._files and position >= self._files[0].stat().st_size:
+            self._remove_head()
+
+    def _remove_head(self) -> None:
+        head = self._files.pop(0)
+        if head == self._tail_path:
+            self._close_tail()
+        size = head.stat().st_size
+        head.unlink()
+        _fsync_directory(self.directory)
+        self.bytes = max(0, self.bytes - size)
+        self._offset = 0
+
+
+def _fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
