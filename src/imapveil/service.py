@@ -184,9 +184,15 @@ class Service:
             Fanout(*sinks),
             shutdown_grace=loaded.settings.shutdown_grace,
         )
-        self.metrics.gauges["sessions_active"] = lambda: float(self.proxy.stats.active)
-        self.metrics.gauges["events_dropped"] = lambda: float(self.sink.dropped)
-        self.metrics.gauges["connections_refused"] = lambda: float(self.proxy.stats.refused)
+        stats = self.proxy.stats
+        self.metrics.gauge("sessions_active", "Sessions open now", lambda: stats.active)
+        self.metrics.counter(
+            "events_dropped", "Records the event log dropped (its queue was full)",
+            lambda: self.sink.dropped,
+        )  # fmt: skip
+        self.metrics.counter(
+            "connections_refused", "Connections refused over a limit", lambda: stats.refused
+        )
         if self.store is not None:
             self.metrics.watch_store(self.store)
 

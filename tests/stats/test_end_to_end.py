@@ -64,7 +64,7 @@ def run_sessions(dovecot: Dovecot, tmp_path: Path, store: str) -> list[dict[str,
         assert status == b"HTTP/1.1 200 OK"
         text = body.decode()
         assert 'imapveil_id_exchanges_total{family="Apple Mail"} 5' in text
-        assert 'imapveil_commands_total{verb="LOGIN",status="OK"}' in text
+        assert 'imapveil_commands_total{status="OK",verb="LOGIN"}' in text
         assert 'imapveil_id_fields_dropped_total{field="aguid"} 1' in text
         assert "imapveil_sessions_active" in text and "imapveil_store_queue_depth" in text
         assert http_get(metrics_port, "/healthz")[0] == b"HTTP/1.1 200 OK"

@@ -1,4 +1,10 @@
-"""Prometheus metrics (text exposition format 0.0.4) and a health check, over plain HTTP.
+"""Prometheus metrics and a health check, over plain HTTP.
+
+The exposition is `prometheus_client`'s (the text format Prometheus negotiates, OpenMetrics when
+it asks for it): counters are exact (every significant digit: 20002235 octets print as
+`2.0002235e+07`, as Prometheus's own clients write them, never rounded), typed as counters or
+gauges as they behave. Besides imapveil's own there are the usual `process_*` metrics and
+`imapveil_build_info{version=...} 1`.
 
 Label values are bounded whatever clients send: verbs outside the IMAP command set, client
 families outside the identification table, and ID field names outside the well-known ones are
@@ -8,12 +14,20 @@ counted as "other".
 from __future__ import annotations
 
 import logging
+import os
+import resource
+import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import trio
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
 
+from imapveil import __version__
 from imapveil.records import (
     CommandCompleted,
     IdExchange,
@@ -47,17 +61,35 @@ def _verb(verb: str) -> str:
     return verb if base in VERBS else "other"
 
 
+Read = Callable[[], float]
+
+
 class Metrics:
-    def __init__(self) -> None:
+    """imapveil's metrics, the process's and the build's, in one registry of their own."""
+
+    def __init__(self, proc: Path = Path("/proc")) -> None:
         self.sessions: Counter[str] = Counter()
         self.commands: Counter[tuple[str, str]] = Counter()
         self.bytes: Counter[str] = Counter()
         self.ids: Counter[str] = Counter()
         self.dropped_fields: Counter[str] = Counter()
         self.violations: Counter[str] = Counter()
-        self.gauges: dict[str, Callable[[], float]] = {}
+        self.gauges: dict[str, tuple[str, Read]] = {}
+        """Values that go up and down, read at each scrape: name -> (help, read)."""
+        self.counters: dict[str, tuple[str, Read]] = {}
+        """Totals kept elsewhere (they only grow), read at each scrape: name (without
+        `_total`) -> (help, read)."""
         self.store: StoreSink | None = None
         """The statistics writer whose queue, spool and outcomes are exposed (`watch_store`)."""
+        self.registry = CollectorRegistry()
+        self.registry.register(self)
+        self.registry.register(ProcessCollector(proc))
+
+    def gauge(self, name: str, text: str, read: Read) -> None:
+        self.gauges[name] = (text, read)
+
+    def counter(self, name: str, text: str, read: Read) -> None:
+        self.counters[name] = (text, read)
 
     def watch_store(self, store: StoreSink) -> None:
         self.store = store
@@ -79,86 +111,125 @@ class Metrics:
             self.violations[record.kind] += 1
 
     def exposition(self) -> str:
-        out: list[str] = []
+        """The Prometheus text format (0.0.4), as a scrape without an Accept header gets it."""
+        return generate_latest(self.registry).decode()
 
-        def family(name: str, kind: str, text: str, samples: dict[str, float]) -> None:
-            out.append(f"# HELP imapveil_{name} {text}")
-            out.append(f"# TYPE imapveil_{name} {kind}")
-            for labels, value in samples.items():
-                out.append(f"imapveil_{name}{labels} {value:g}")
-
-        for name, read in self.gauges.items():
-            family(name, "gauge", name.replace("_", " "), {"": read()})
-        family(
-            "sessions_total",
-            "counter",
-            "Sessions ended, by how they ended",
-            {_labels(reason=k): v for k, v in self.sessions.items()},
+    def collect(self) -> Iterator[Metric]:
+        """For the registry: every imapveil_* family, as it is now."""
+        build = GaugeMetricFamily(
+            "imapveil_build_info", "The imapveil version running", labels=["version"]
         )
-        family(
-            "commands_total",
-            "counter",
-            "Commands, by verb and status",
-            {_labels(verb=v, status=s): n for (v, s), n in self.commands.items()},
-        )
-        family(
-            "bytes_total",
-            "counter",
-            "Octets relayed, by direction",
-            {_labels(direction=k): v for k, v in self.bytes.items()},
-        )
-        family(
-            "id_exchanges_total",
-            "counter",
-            "ID exchanges, by client family",
-            {_labels(family=k): v for k, v in self.ids.items()},
-        )
-        family(
-            "id_fields_dropped_total",
-            "counter",
-            "ID fields the policy kept from the server",
-            {_labels(field=k): v for k, v in self.dropped_fields.items()},
-        )
-        family("violations_total", "counter", "Protocol violations, by kind",
-               {_labels(kind=k): v for k, v in self.violations.items()})  # fmt: skip
+        build.add_metric([__version__], 1)
+        yield build
+        for name, (text, read) in self.gauges.items():
+            yield GaugeMetricFamily(f"imapveil_{name}", text, value=read())
+        for name, (text, read) in self.counters.items():
+            yield CounterMetricFamily(f"imapveil_{name}", text, value=read())
+        yield _counter("sessions", "Sessions ended, by how they ended", ["reason"],
+                       {(k,): v for k, v in self.sessions.items()})  # fmt: skip
+        yield _counter("commands", "Commands, by verb and status", ["verb", "status"],
+                       {(v, s): n for (v, s), n in self.commands.items()})  # fmt: skip
+        yield _counter("bytes", "Octets relayed, by direction", ["direction"],
+                       {(k,): v for k, v in self.bytes.items()})  # fmt: skip
+        yield _counter("id_exchanges", "ID exchanges, by client family", ["family"],
+                       {(k,): v for k, v in self.ids.items()})  # fmt: skip
+        yield _counter("id_fields_dropped", "ID fields the policy kept from the server",
+                       ["field"], {(k,): v for k, v in self.dropped_fields.items()})  # fmt: skip
+        yield _counter("violations", "Protocol violations, by kind", ["kind"],
+                       {(k,): v for k, v in self.violations.items()})  # fmt: skip
         if self.store is not None:
-            self._store_families(self.store, family)
-        return "\n".join(out) + "\n"
-
-    @staticmethod
-    def _store_families(
-        store: StoreSink, family: Callable[[str, str, str, dict[str, float]], None]
-    ) -> None:
-        family("store_up", "gauge", "1 while the statistics store takes rows",
-               {"": float(store.connected)})  # fmt: skip
-        family("store_queue_depth", "gauge", "Statistics rows waiting in memory",
-               {"": float(store.depth)})  # fmt: skip
-        family("store_spool_bytes", "gauge", "Octets in the statistics spool on local disk",
-               {"": float(store.spool_bytes)})  # fmt: skip
-        family(
-            "store_sessions_total",
-            "counter",
-            "Statistics session rows: written (from memory), spooled (to local disk), "
-            "replayed (from the spool into the store), dropped (lost)",
-            {_labels(outcome=k): v.sessions for k, v in store.counts.items()},
-        )
-        family(
-            "store_items_total",
-            "counter",
-            "Statistics rows of every kind (sessions, ID exchanges, command counts), by outcome",
-            {_labels(outcome=k): v.items for k, v in store.counts.items()},
-        )
-        family("store_collisions_total", "counter",
-               "Session rows not stored because another session had their id",
-               {"": float(store.collisions)})  # fmt: skip
+            yield from _store_families(self.store)
 
 
-def _labels(**labels: str) -> str:
-    body = ",".join(
-        f'{k}="{v.replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"'
-        for k, v in labels.items()
+def _store_families(store: StoreSink) -> Iterator[Metric]:
+    yield GaugeMetricFamily("imapveil_store_up", "1 while the statistics store takes rows",
+                            value=int(store.connected))  # fmt: skip
+    yield GaugeMetricFamily("imapveil_store_queue_depth", "Statistics rows waiting in memory",
+                            value=store.depth)  # fmt: skip
+    yield GaugeMetricFamily("imapveil_store_spool_bytes",
+                            "Octets in the statistics spool on local disk",
+                            value=store.spool_bytes)  # fmt: skip
+    yield _counter(
+        "store_sessions",
+        "Statistics session rows: written (from memory), spooled (to local disk), "
+        "replayed (from the spool into the store), dropped (lost)",
+        ["outcome"],
+        {(k,): v.sessions for k, v in store.counts.items()},
     )
-    return "{" + body + "}"
+    yield _counter(
+        "store_items",
+        "Statistics rows of every kind (sessions, ID exchanges, command counts), by outcome",
+        ["outcome"],
+        {(k,): v.items for k, v in store.counts.items()},
+    )
+    yield CounterMetricFamily("imapveil_store_collisions",
+                              "Session rows not stored because another session had their id",
+                              value=store.collisions)  # fmt: skip
+
+
+def _counter(
+    name: str, text: str, labels: Sequence[str], samples: Mapping[tuple[str, ...], int]
+) -> CounterMetricFamily:
+    family = CounterMetricFamily(f"imapveil_{name}", text, labels=labels)
+    for values, value in samples.items():
+        family.add_metric(list(values), value)
+    return family
+
+
+class ProcessCollector:
+    """process_cpu_seconds_total, process_resident_memory_bytes, process_virtual_memory_bytes,
+    process_open_fds, process_max_fds and process_start_time_seconds, from /proc/self.
+
+    prometheus_client's own collector needs the boot time from /proc/stat, which the shipped unit
+    hides (`ProcSubset=pid`): it then reports nothing at all. Here the boot time comes from
+    /proc/stat where it can be read, else from the clock (CLOCK_BOOTTIME counts from boot).
+    """
+
+    def __init__(self, proc: Path = Path("/proc")) -> None:
+        self.proc = proc
+        self.ticks = os.sysconf("SC_CLK_TCK")
+        self.page = os.sysconf("SC_PAGE_SIZE")
+
+    def boot_time(self) -> float:
+        try:
+            with (self.proc / "stat").open("rb") as stat:
+                for line in stat:
+                    if line.startswith(b"btime "):
+                        return float(line.split()[1])
+        except OSError:
+            pass
+        return time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
+
+    def collect(self) -> Iterator[Metric]:
+        me = self.proc / "self"
+        try:
+            # Fields after the command name, which is in parentheses and may hold anything.
+            fields = (me / "stat").read_bytes().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            fields = []
+        if len(fields) > 21:
+            cpu = (int(fields[11]) + int(fields[12])) / self.ticks
+            yield CounterMetricFamily("process_cpu_seconds", "User and system CPU time, seconds",
+                                      value=cpu)  # fmt: skip
+            yield GaugeMetricFamily("process_resident_memory_bytes", "Resident memory size",
+                                    value=int(fields[21]) * self.page)  # fmt: skip
+            yield GaugeMetricFamily("process_virtual_memory_bytes", "Virtual memory size",
+                                    value=int(fields[20]))  # fmt: skip
+            yield GaugeMetricFamily(
+                "process_start_time_seconds",
+                "Start time of the process since the Unix epoch, seconds",
+                value=round(self.boot_time() + int(fields[19]) / self.ticks, 2),
+            )
+        try:
+            open_fds = len(os.listdir(me / "fd"))
+        except OSError:
+            pass
+        else:
+            yield GaugeMetricFamily("process_open_fds", "Open file descriptors", value=open_fds)
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if limit != resource.RLIM_INFINITY:
+            yield GaugeMetricFamily("process_max_fds", "The limit of open file descriptors",
+                                    value=limit)  # fmt: skip
 
 
 async def serve_metrics(
@@ -177,8 +248,9 @@ async def serve_metrics(
                     request += chunk
                 path = request.split(b" ", 2)[1] if request.count(b" ") >= 2 else b""
                 if path == b"/metrics":
-                    status, body = b"200 OK", metrics.exposition().encode()
-                    kind = b"text/plain; version=0.0.4; charset=utf-8"
+                    encode, content_type = choose_encoder(_header(request, b"accept"))
+                    status, body = b"200 OK", encode(metrics.registry)
+                    kind = content_type.encode()
                 elif path == b"/healthz":
                     ok = healthy()
                     status = b"200 OK" if ok else b"503 Service Unavailable"
@@ -195,3 +267,12 @@ async def serve_metrics(
             await trio.aclose_forcefully(stream)
 
     await trio.serve_listeners(handle, listeners)
+
+
+def _header(request: bytes, name: bytes) -> str:
+    """A request header's value ("" if absent), as text."""
+    for line in request.split(b"\r\n")[1:]:
+        key, sep, value = line.partition(b":")
+        if sep and key.strip().lower() == name:
+            return value.strip().decode("latin-1")
+    return ""

@@ -1,0 +1,154 @@
+"""/metrics as Prometheus scrapes it: exact counters, the right types, process metrics and the
+build, from the real `imapveil serve` after real traffic; parsed with prometheus_client."""
+
+from __future__ import annotations
+
+import http.client
+import imaplib
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.openmetrics import parser as openmetrics
+from prometheus_client.parser import text_string_to_metric_families
+
+from imapveil import __version__
+from imapveil.records import SessionEnded
+from imapveil.stats.metrics import Metrics, ProcessCollector
+from tests.helpers.dovecot import Dovecot, free_port
+from tests.helpers.process import imapveil
+
+parse_openmetrics: Callable[[str], Iterator[Metric]] = openmetrics.text_string_to_metric_families
+BIG = 12_000_000  # octets: more than `%g` could print exactly (six significant digits)
+
+
+def scrape(port: int, accept: str = "") -> tuple[str, str]:
+    """(Content-Type, body) of GET /metrics, as an HTTP client reads it."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        connection.request("GET", "/metrics", headers={"Accept": accept} if accept else {})
+        response = connection.getresponse()
+        assert response.status == 200
+        return response.getheader("Content-Type", ""), response.read().decode()
+    finally:
+        connection.close()
+
+
+def families(text: str) -> dict[str, Metric]:
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def value(family: Metric, **labels: str) -> float:
+    (sample,) = [s for s in family.samples if s.labels == labels]
+    return sample.value
+
+
+def ended(bytes_from_client: int) -> SessionEnded:
+    return SessionEnded("s", "c", "u", "logout", None, "logout", None, 1.0, bytes_from_client, 7, 3)
+
+
+def test_counters_are_exact_and_typed() -> None:
+    metrics = Metrics()
+    metrics.emit(ended(20_002_235))
+    metrics.emit(ended(2**52))
+    metrics.counter("events_dropped", "dropped", lambda: 12_345_678)
+    metrics.gauge("sessions_active", "open", lambda: 3)
+    text = metrics.exposition()
+    assert "2.00022e+07" not in text
+    parsed = families(text)
+    assert value(parsed["imapveil_bytes"], direction="from_client") == 20_002_235 + 2**52
+    assert value(parsed["imapveil_events_dropped"]) == 12_345_678
+    assert "# TYPE imapveil_events_dropped_total counter" in text
+    assert "# TYPE imapveil_sessions_active gauge" in text
+    assert parsed["imapveil_sessions_active"].type == "gauge"
+    assert value(parsed["imapveil_build_info"], version=__version__) == 1
+
+
+def test_process_metrics_without_proc_stat(tmp_path: Path) -> None:
+    # The shipped unit's ProcSubset=pid hides /proc/stat (the boot time), which stops
+    # prometheus_client's own process collector cold; ours reads the clock instead.
+    proc = tmp_path / "proc"
+    proc.mkdir()
+    (proc / "self").symlink_to(Path("/proc/self").resolve(), target_is_directory=True)
+    collected = {f.name: f for f in ProcessCollector(proc).collect()}
+    real = {f.name: f for f in ProcessCollector().collect()}
+    assert set(collected) == set(real) >= {
+        "process_cpu_seconds", "process_resident_memory_bytes", "process_open_fds",
+        "process_start_time_seconds", "process_max_fds",
+    }  # fmt: skip
+    start = collected["process_start_time_seconds"].samples[0].value
+    assert abs(start - real["process_start_time_seconds"].samples[0].value) < 2
+    assert start <= time.time()
+    assert collected["process_cpu_seconds"].type == "counter"
+
+
+@pytest.mark.dovecot
+def test_a_scrape_after_traffic(dovecot: Dovecot, tmp_path: Path) -> None:
+    metrics_port = free_port()
+    args = ("--metrics", f"127.0.0.1:{metrics_port}", "--max-sessions", "1")
+    message = b"Subject: big\r\n\r\n" + b"x" * (BIG - 78) + b"\r\n"
+    with imapveil(tmp_path, dovecot.address, *args) as proxy:
+        m = imaplib.IMAP4("127.0.0.1", proxy.port)
+        m.login("alice", "wonderland")
+        m.create("metrics")
+        try:
+            m.append("metrics", "", imaplib.Time2Internaldate(time.time()), message)
+            m.select("metrics")
+            _, data = m.fetch("1", "(RFC822)")
+            assert message in [part[1] for part in data if isinstance(part, tuple)]
+            # A second client while this one is open: over max_sessions, refused.
+            with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as other:
+                assert other.makefile("rb").read().startswith(b"* BYE [UNAVAILABLE]")
+            m.close()
+        finally:
+            m.delete("metrics")
+            m.logout()
+        deadline = time.monotonic() + 10
+        while True:  # the session's end is counted once the proxy saw the LOGOUT through
+            head, text = scrape(metrics_port)
+            parsed = families(text)
+            if parsed["imapveil_sessions"].samples or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        om_head, om_text = scrape(metrics_port, "application/openmetrics-text; version=1.0.0")
+        assert proxy.stop() == 0
+    assert head.startswith("text/plain; version=0.0.4")
+    (end,) = [r for r in proxy.records() if r["event"] == "session_end"]
+    assert end["bytes_from_client"] > BIG and end["bytes_from_server"] > BIG
+    # Exact, to the octet.
+    assert value(parsed["imapveil_bytes"], direction="from_client") == end["bytes_from_client"]
+    assert value(parsed["imapveil_bytes"], direction="from_server") == end["bytes_from_server"]
+    assert value(parsed["imapveil_sessions"], reason="logout") == 1
+    assert value(parsed["imapveil_commands"], verb="APPEND", status="OK") == 1
+    assert value(parsed["imapveil_connections_refused"]) == 1
+    assert value(parsed["imapveil_events_dropped"]) == 0
+    assert value(parsed["imapveil_build_info"], version=__version__) == 1
+    types = {
+        "imapveil_bytes_total": "counter",
+        "imapveil_sessions_total": "counter",
+        "imapveil_commands_total": "counter",
+        "imapveil_events_dropped_total": "counter",
+        "imapveil_connections_refused_total": "counter",
+        "imapveil_sessions_active": "gauge",
+        "imapveil_build_info": "gauge",
+        "process_cpu_seconds_total": "counter",
+        "process_resident_memory_bytes": "gauge",
+        "process_open_fds": "gauge",
+        "process_start_time_seconds": "gauge",
+    }
+    for name, kind in types.items():
+        assert f"\n# TYPE {name} {kind}\n" in text, name
+    assert value(parsed["process_open_fds"]) >= 3
+    assert value(parsed["process_resident_memory_bytes"]) > 1_000_000
+    started = value(parsed["process_start_time_seconds"])
+    assert time.time() - 120 < started < time.time()
+    assert os.sysconf("SC_CLK_TCK") > 0
+    # What Prometheus asks for first: OpenMetrics, with the same exact values.
+    assert om_head.startswith("application/openmetrics-text; version=1.0.0")
+    om = {f.name: f for f in parse_openmetrics(om_text)}
+    assert value(om["imapveil_bytes"], direction="from_client") == end["bytes_from_client"]
+    assert om["imapveil_bytes"].type == "counter"
