@@ -297,6 +297,7 @@ class Settings:
         "if missing; keep it to keep counts stable",
         metavar="FILE", default="`$STATE_DIRECTORY/user-key`, else "
         "`~/.local/state/imapveil/user-key`", example='"/var/lib/imapveil/user-key"', path="out",
+        note="Under the shipped unit the default is /var/lib/imapveil/user-key (StateDirectory=).",
     )  # fmt: skip
     policy: str = setting(
         "default", _policy,
@@ -348,7 +349,7 @@ class Settings:
     idle_timeout: float = setting(
         31 * 60.0, _positive("expected a number of seconds", "idle_timeout"),
         "seconds without traffic after login (RFC 2177 clients re-IDLE every 29 min)",
-        metavar=SECONDS,
+        metavar=SECONDS, note="Keep it above 1740 seconds, or IDLE clients are cut off.",
     )  # fmt: skip
     shutdown_grace: float = setting(
         30.0, _positive("expected a number of seconds", "shutdown_grace"),
@@ -438,8 +439,8 @@ class Settings:
     )  # fmt: skip
     capabilities: str = setting(
         "pass", _choice("pass", "strict"),
-        "`pass` lets unknown capabilities through; `strict` shows clients only the ones "
-        "imapveil knows it relays",
+        "capabilities shown to clients: `pass` lets unknown ones through; `strict` shows only "
+        "the ones imapveil knows it relays",
         metavar="MODE",
     )  # fmt: skip
     store: str = setting(
@@ -448,7 +449,8 @@ class Settings:
         "`imapveil[postgresql]`), or `off`",
         metavar="FILE|URL", default="`stats.sqlite` beside the user key",
         example='"/var/lib/imapveil/stats.sqlite"', path="out", section="Usage statistics",
-        note="`imapveil stats --config FILE` and `imapveil report` read the same store.",
+        note="Under the shipped unit the default is /var/lib/imapveil/stats.sqlite; "
+        "`imapveil stats --config FILE` and `imapveil report --config FILE` read the same store.",
     )  # fmt: skip
     retention_days: int = setting(
         400, _whole(1, "expected a whole number, at least 1"),
