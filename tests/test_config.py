@@ -27,6 +27,7 @@ from imapveil.config import (
 )
 from imapveil.protocol.session import CoreConfig
 from imapveil.relay.connection import RelaySettings
+from imapveil.stats.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -196,6 +197,13 @@ def test_check_config_offline_and_online(
     out = capsys.readouterr().out
     assert "upstream mail.example:143 resolves to 192.0.2.5" in out
     assert f"statistics store {store}: not there yet" in out and not store.exists()
+    made = Store(str(store))
+    made.connect()
+    made.close()
+    assert main(["check-config", "--online", str(conf), *key]) == 0
+    assert f"statistics store {store}: SQLite, schema version 2" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.toml", "key", "stats.sqlite"]
+    store.unlink()
     store.write_text("not a database, but a text file of some length " * 100)
     assert main(["check-config", "--online", str(conf), *key]) == 1
     assert "not a usable SQLite database" in capsys.readouterr().err

@@ -4,7 +4,7 @@ Offline checking (the default, and what the unit runs before every start) must n
 of a DNS or database blip at boot; `--online` asks: does the upstream resolve, does the store
 open? It never creates anything: a SQLite store that does not exist yet is reported as such, an
 existing one is opened read-only (a root shell must not leave root-owned files in the service's
-state directory).
+state directory, which would lock the service out).
 """
 
 from __future__ import annotations
@@ -68,7 +68,10 @@ def open_store(settings: Settings) -> str:
             raise ConfigError(f"store {path}: directory {parent} is not writable")
         return f"statistics store {path}: not there yet, serve creates it"
     try:
-        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=5.0)
+        # immutable: no lock, no -wal or -shm file left behind (owned by root, they would lock
+        # the service out of its own database).
+        uri = f"{path.resolve().as_uri()}?mode=ro&immutable=1"
+        conn = sqlite3.connect(uri, uri=True, timeout=5.0)
         try:
             tables = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
             version = 0
