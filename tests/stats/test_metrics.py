@@ -6,7 +6,11 @@ from __future__ import annotations
 import http.client
 import imaplib
 import os
+import shlex
+import shutil
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -152,3 +156,26 @@ def test_a_scrape_after_traffic(dovecot: Dovecot, tmp_path: Path) -> None:
     om = {f.name: f for f in parse_openmetrics(om_text)}
     assert value(om["imapveil_bytes"], direction="from_client") == end["bytes_from_client"]
     assert om["imapveil_bytes"].type == "counter"
+
+
+def test_process_metrics_under_procsubset_pid() -> None:
+    # What the shipped unit's ProcSubset=pid does: a /proc with process directories only.
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("needs root and unshare(1) to mount a /proc of its own")
+    probe = (
+        "from prometheus_client import CollectorRegistry\n"
+        "from prometheus_client.process_collector import ProcessCollector as Theirs\n"
+        "from imapveil.stats.metrics import ProcessCollector as Ours\n"
+        "r = CollectorRegistry(); Theirs(registry=r)\n"
+        "print(len(list(r.collect())), sorted(m.name for m in Ours().collect()))\n"
+    )
+    mount = "mount -t proc -o subset=pid proc /proc && test ! -e /proc/stat && exec "
+    result = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c",
+         mount + shlex.join([sys.executable, "-c", probe])],
+        capture_output=True, text=True, check=False, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    theirs, ours = result.stdout.split(" ", 1)
+    assert theirs == "0"  # prometheus_client's own collector: nothing at all
+    assert "process_start_time_seconds" in ours and "process_open_fds" in ours
