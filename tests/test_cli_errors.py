@@ -128,11 +128,12 @@ def test_as_a_process(place: Path, args: list[str]) -> None:
 
 
 def test_report_to_stdout_and_min_users_zero(
-    place: Path, capsys: pytest.CaptureFixture[str]
+    place: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.chdir(place)
     assert main(["report", "--html", "-", "--store", str(place / "s.sqlite")]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("<!DOCTYPE html>") and not (Path.cwd() / "-").exists()
+    assert out.startswith("<!DOCTYPE html>") and not (place / "-").exists()
     assert main(["stats", "--store", str(place / "s.sqlite"), "--min-users", "0"]) == 0
     assert "0 sessions, 0 distinct users" in capsys.readouterr().out
 
