@@ -25,6 +25,7 @@ from imapveil.protocol.session import SessionCore
 from imapveil.records import Record, SessionEnded
 from imapveil.relay import connection as connection_module
 from imapveil.relay.deflate import DeflateStream
+from imapveil.relay.streams import Leg
 from tests.conftest import RunningProxy, start_proxy
 from tests.helpers.dovecot import Dovecot
 from tests.helpers.process import imapveil
@@ -154,13 +155,13 @@ def inject(stage: str, mp: pytest.MonkeyPatch, dovecot: Dovecot, proxy_port: int
     if stage.startswith("core-"):
         fail_once(mp, SessionCore, stage[5:].replace("-", "_"))
     elif stage == "server-connect":
-        fail_once(mp, connection_module, "_connect_numeric")
+        fail_once(mp, connection_module, "connect_numeric")
     elif stage == "server-receive":  # the proxy's server leg
         fail_once(mp, trio.SocketStream, "receive_some", peer_port(dovecot.address[1]))
     elif stage == "client-send":  # the proxy's client leg
         fail_once(mp, trio.SocketStream, "send_all", own_port(proxy_port))
     else:
-        fail_once(mp, connection_module.Leg, "close_gracefully")
+        fail_once(mp, Leg, "close_gracefully")
 
 
 @pytest.mark.parametrize("stage", STAGES)

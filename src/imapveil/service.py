@@ -34,9 +34,10 @@ from imapveil.policy.load import resolve_policy
 from imapveil.protocol.session import CoreConfig
 from imapveil.records import ConfigLoaded, PolicyLoaded, StoreDropped
 from imapveil.relay import tls
-from imapveil.relay.connection import Networks, RelaySettings, resolve
+from imapveil.relay.connection import RelaySettings
 from imapveil.relay.limits import Limits
 from imapveil.relay.server import Admittance, Proxy, listener_address, open_listeners
+from imapveil.relay.streams import Networks, resolve
 from imapveil.sinks import Fanout, Sink
 from imapveil.sinks.jsonl import JsonLinesSink
 from imapveil.stats.metrics import Metrics, serve_metrics

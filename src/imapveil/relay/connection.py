@@ -5,16 +5,13 @@ Writes to a leg go through a FIFO lock, so the two readers never interleave insi
 sends, and `send_all` is awaited before the next receive: a peer that does not read slows the
 other side of its own session down (TCP backpressure) and nothing buffers without bound.
 
-A leg's stream can be replaced in place (`Leg.stream`), which is how TLS will be layered on.
+The legs themselves, and the socket helpers, are in `streams`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import ipaddress
 import logging
-import socket
 import ssl
 from dataclasses import dataclass
 from typing import Any
@@ -35,27 +32,23 @@ from imapveil.protocol.actions import (
 from imapveil.protocol.session import CoreConfig, SessionCore
 from imapveil.records import IdExchange, Record, SessionEnded, Violation
 from imapveil.relay.deflate import DeflateStream
+from imapveil.relay.streams import (
+    RECEIVE_SIZE,
+    Leg,
+    Networks,
+    connect_numeric,
+    describe,
+    format_address,
+    in_networks,
+    keepalive,
+    tls_reason,
+)
 from imapveil.relay.tls import UpstreamTlsError, upstream_starttls
 from imapveil.sinks import Sink
 
 log = logging.getLogger(__name__)
 
-RECEIVE_SIZE = 256 * 1024
 TLS_HANDSHAKE_TIMEOUT = 30.0
-CLOSE_GRACE = 2.0
-"""Seconds to wait for the peer to read our last words before the socket is closed."""
-
-
-Networks = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
-
-
-def in_networks(host: str, networks: Networks) -> bool:
-    """Whether `host` (an address as text; anything else is not) lies in one of `networks`."""
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return any(address in network for network in networks)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,58 +74,7 @@ class RelaySettings:
 
     @property
     def upstream(self) -> str:
-        return _address(self.upstream_host, self.upstream_port)
-
-
-class Leg:
-    """One side of the session. `stream` may be swapped for a wrapped one (TLS) in place."""
-
-    __slots__ = ("broken", "name", "stream", "write_lock")
-
-    def __init__(self, name: str, stream: trio.abc.Stream) -> None:
-        self.name = name
-        self.stream = stream
-        self.write_lock = trio.StrictFIFOLock()
-        self.broken = False
-        """A send was interrupted: the peer may hold half a chunk, so say nothing more."""
-
-    async def send_many(self, chunks: list[bytes | memoryview]) -> None:
-        lock = self.write_lock
-        if lock.locked():
-            await lock.acquire()
-        else:
-            # Uncontended (nearly always): take it without the scheduling round trip that
-            # `async with` costs; send_all has checkpoints of its own.
-            lock.acquire_nowait()
-        try:
-            for data in chunks:
-                await self.stream.send_all(data)
-        except BaseException:
-            self.broken = True
-            raise
-        finally:
-            lock.release()
-
-    async def close_gracefully(self) -> None:
-        """Half-close, let the peer read what we sent, then close.
-
-        Closing a TCP socket that still has unread input sends a reset, which can destroy our
-        last `* BYE` in flight; so stop writing first and drain until the peer closes (briefly).
-        """
-        stream = self.stream
-        with trio.move_on_after(CLOSE_GRACE) as scope:
-            scope.shield = True
-            try:
-                if isinstance(stream, trio.abc.HalfCloseableStream):
-                    await stream.send_eof()
-                while await stream.receive_some(RECEIVE_SIZE):
-                    pass
-            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
-                pass
-            except OSError:
-                pass
-        with contextlib.suppress(Exception):
-            await trio.aclose_forcefully(stream)
+        return format_address(self.upstream_host, self.upstream_port)
 
 
 class Connection:
@@ -266,7 +208,7 @@ class Connection:
                 await self.server.send_many([proxy_header.build_v2(*self._endpoints)])
             except (trio.BrokenResourceError, OSError) as exc:
                 now = trio.current_time()
-                self._emit_all(self.core.failed(f"send to server: {_describe(exc)}", now))
+                self._emit_all(self.core.failed(f"send to server: {describe(exc)}", now))
                 return
         if self.settings.upstream_tls != "plain" and not await self._upstream_tls():
             return
@@ -292,7 +234,7 @@ class Connection:
         with trio.move_on_after(s.connect_timeout):
             try:
                 if s.upstream_addresses:
-                    stream = await _connect_numeric(s.upstream_addresses)
+                    stream = await connect_numeric(s.upstream_addresses)
                 else:
                     stream = await trio.open_tcp_stream(s.upstream_host, s.upstream_port)
                 keepalive(stream)
@@ -304,7 +246,7 @@ class Connection:
                     )  # fmt: skip
                 return stream
             except OSError as exc:
-                detail = _describe(exc)
+                detail = describe(exc)
         log.debug(
             "session %s: upstream %s not connected after %.1f ms: %s",
             self.core.session_id, s.upstream, (trio.current_time() - started) * 1000.0, detail,
@@ -326,7 +268,7 @@ class Connection:
                     await tls.do_handshake()
                     return True
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                    detail = _tls_reason(exc)
+                    detail = tls_reason(exc)
             leg.broken = True
         detail = detail or f"no TLS handshake within {TLS_HANDSHAKE_TIMEOUT:g} s"
         log.info("session %s: client TLS failed: %s", self.core.session_id, detail)
@@ -354,7 +296,7 @@ class Connection:
                     await self._apply(self.core.feed_server(greeting, trio.current_time()))
                 return True
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                detail = _tls_reason(exc)
+                detail = tls_reason(exc)
             except UpstreamTlsError as exc:
                 detail = str(exc)
         detail = f"tls: {detail or 'no TLS within the connect timeout'}"
@@ -442,7 +384,7 @@ class Connection:
                     await leg.send_many(batch)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                     now = trio.current_time()
-                    detail = f"send to {leg.name}: {_describe(exc)}"
+                    detail = f"send to {leg.name}: {describe(exc)}"
                     self._emit_all(self.core.failed(detail, now))
                     self._close()
                     return
@@ -517,57 +459,4 @@ def _peer_name(stream: trio.SocketStream) -> str:
         host, port = stream.socket.getpeername()[:2]
     except OSError:
         return "?"
-    return _address(str(host), int(port))
-
-
-def resolve(host: str, port: int) -> tuple[tuple[int, tuple[Any, ...]], ...]:
-    """The upstream's addresses, numeric, in the resolver's order (done at start and reload)."""
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return tuple((family, sockaddr) for family, _t, _p, _c, sockaddr in infos)
-
-
-async def _connect_numeric(addresses: tuple[tuple[int, tuple[Any, ...]], ...]) -> trio.SocketStream:
-    """Try each address in turn; the first that accepts wins."""
-    error: OSError | None = None
-    for family, sockaddr in addresses:
-        sock = trio.socket.socket(family, socket.SOCK_STREAM)
-        try:
-            await sock.connect(sockaddr)
-        except OSError as exc:
-            sock.close()
-            error = exc
-            continue
-        return trio.SocketStream(sock)
-    raise error or OSError("no upstream address")
-
-
-def keepalive(stream: trio.SocketStream) -> None:
-    """TCP keepalive: finds peers that vanished without a FIN (laptops, NAT timeouts)."""
-    with contextlib.suppress(OSError):
-        stream.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, True)
-
-
-def _address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _tls_reason(exc: BaseException) -> str:
-    """The TLS alert or error name (e.g. `certificate_verify_failed`), never peer data."""
-    cause: BaseException | None = exc
-    while cause is not None:
-        if isinstance(cause, ssl.SSLError):
-            return (cause.reason or type(cause).__name__).lower()
-        cause = cause.__cause__ or cause.__context__
-    return _describe(exc)
-
-
-def _describe(exc: BaseException) -> str:
-    """A short, peer-data-free description of a network error: `econnrefused`, `timeout`."""
-    if isinstance(exc, OSError) and exc.errno is not None:
-        return errno.errorcode.get(exc.errno, str(exc.errno)).lower()
-    cause = exc.__cause__
-    if isinstance(cause, BaseExceptionGroup) and cause.exceptions:
-        return _describe(cause.exceptions[0])
-    if cause is not None:
-        return _describe(cause)
-    return (str(exc) or type(exc).__name__)[:200]
+    return format_address(str(host), int(port))

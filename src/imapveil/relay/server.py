@@ -23,15 +23,9 @@ import trio
 from imapveil.protocol import proxy_header
 from imapveil.protocol.proxy_header import ProxyHeaderError, ProxyInfo
 from imapveil.records import OverLimit
-from imapveil.relay.connection import (
-    Connection,
-    Networks,
-    RelaySettings,
-    _address,
-    in_networks,
-    keepalive,
-)
+from imapveil.relay.connection import Connection, RelaySettings
 from imapveil.relay.limits import Admission, Limits, Refusals, RefusalSummary
+from imapveil.relay.streams import Networks, format_address, in_networks, keepalive
 from imapveil.sinks import Sink
 
 log = logging.getLogger(__name__)
@@ -133,7 +127,7 @@ class Proxy:
                 admitted = host
             connection = Connection(
                 stream,
-                client_address=_address(*peer) if peer is not None else "unknown",
+                client_address=format_address(*peer) if peer is not None else "unknown",
                 client_host=host,
                 session_id=self._session_id(),
                 settings=admittance.relay,
@@ -286,7 +280,7 @@ async def open_listeners(host: str, port: int) -> list[trio.SocketListener]:
 
 def listener_address(listener: trio.SocketListener) -> str:
     host, port = listener.socket.getsockname()[:2]
-    return _address(host, port)
+    return format_address(host, port)
 
 
 def _peer_pair(stream: trio.SocketStream) -> tuple[str, int] | None:

@@ -1,0 +1,136 @@
+"""A session's legs and the socket helpers the relay needs: connecting to the upstream's
+pre-resolved addresses, keepalive, network membership, peer-data-free error descriptions.
+
+A leg's stream can be replaced in place (`Leg.stream`): that is how TLS and COMPRESS are layered
+on an open connection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import ipaddress
+import socket
+import ssl
+from typing import Any
+
+import trio
+
+RECEIVE_SIZE = 256 * 1024
+CLOSE_GRACE = 2.0
+"""Seconds to wait for the peer to read our last words before the socket is closed."""
+
+Networks = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+
+
+def in_networks(host: str, networks: Networks) -> bool:
+    """Whether `host` (an address as text; anything else is not) lies in one of `networks`."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return any(address in network for network in networks)
+
+
+class Leg:
+    """One side of the session. `stream` may be swapped for a wrapped one (TLS) in place."""
+
+    __slots__ = ("broken", "name", "stream", "write_lock")
+
+    def __init__(self, name: str, stream: trio.abc.Stream) -> None:
+        self.name = name
+        self.stream = stream
+        self.write_lock = trio.StrictFIFOLock()
+        self.broken = False
+        """A send was interrupted: the peer may hold half a chunk, so say nothing more."""
+
+    async def send_many(self, chunks: list[bytes | memoryview]) -> None:
+        lock = self.write_lock
+        if lock.locked():
+            await lock.acquire()
+        else:
+            # Uncontended (nearly always): take it without the scheduling round trip that
+            # `async with` costs; send_all has checkpoints of its own.
+            lock.acquire_nowait()
+        try:
+            for data in chunks:
+                await self.stream.send_all(data)
+        except BaseException:
+            self.broken = True
+            raise
+        finally:
+            lock.release()
+
+    async def close_gracefully(self) -> None:
+        """Half-close, let the peer read what we sent, then close.
+
+        Closing a TCP socket that still has unread input sends a reset, which can destroy our
+        last `* BYE` in flight; so stop writing first and drain until the peer closes (briefly).
+        """
+        stream = self.stream
+        with trio.move_on_after(CLOSE_GRACE) as scope:
+            scope.shield = True
+            try:
+                if isinstance(stream, trio.abc.HalfCloseableStream):
+                    await stream.send_eof()
+                while await stream.receive_some(RECEIVE_SIZE):
+                    pass
+            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
+                pass
+            except OSError:
+                pass
+        with contextlib.suppress(Exception):
+            await trio.aclose_forcefully(stream)
+
+
+def resolve(host: str, port: int) -> tuple[tuple[int, tuple[Any, ...]], ...]:
+    """The upstream's addresses, numeric, in the resolver's order (done at start and reload)."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return tuple((family, sockaddr) for family, _t, _p, _c, sockaddr in infos)
+
+
+async def connect_numeric(addresses: tuple[tuple[int, tuple[Any, ...]], ...]) -> trio.SocketStream:
+    """Try each address in turn; the first that accepts wins."""
+    error: OSError | None = None
+    for family, sockaddr in addresses:
+        sock = trio.socket.socket(family, socket.SOCK_STREAM)
+        try:
+            await sock.connect(sockaddr)
+        except OSError as exc:
+            sock.close()
+            error = exc
+            continue
+        return trio.SocketStream(sock)
+    raise error or OSError("no upstream address")
+
+
+def keepalive(stream: trio.SocketStream) -> None:
+    """TCP keepalive: finds peers that vanished without a FIN (laptops, NAT timeouts)."""
+    with contextlib.suppress(OSError):
+        stream.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, True)
+
+
+def format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def tls_reason(exc: BaseException) -> str:
+    """The TLS alert or error name (e.g. `certificate_verify_failed`), never peer data."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, ssl.SSLError):
+            return (cause.reason or type(cause).__name__).lower()
+        cause = cause.__cause__ or cause.__context__
+    return describe(exc)
+
+
+def describe(exc: BaseException) -> str:
+    """A short, peer-data-free description of a network error: `econnrefused`, `timeout`."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return errno.errorcode.get(exc.errno, str(exc.errno)).lower()
+    cause = exc.__cause__
+    if isinstance(cause, BaseExceptionGroup) and cause.exceptions:
+        return describe(cause.exceptions[0])
+    if cause is not None:
+        return describe(cause)
+    return (str(exc) or type(exc).__name__)[:200]
