@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import trustme
 
-from imapveil import config, docs
+from imapveil import config_files, docs
 from imapveil.cli import build_parser, default_text, legacy_booleans, main
 from imapveil.config import (
     DECLARATIONS,
@@ -19,14 +19,13 @@ from imapveil.config import (
     NAMES,
     ConfigError,
     Endpoint,
-    check_certificate,
-    check_files,
     load,
     parse_endpoint,
-    statistics_stores,
 )
+from imapveil.config_files import check_certificate, check_files, statistics_stores
 from imapveil.protocol.session import CoreConfig
 from imapveil.relay.connection import RelaySettings
+from imapveil.service import load_all
 from imapveil.stats.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -221,7 +220,7 @@ def test_stats_finds_the_services_store(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.delenv("XDG_STATE_HOME", raising=False)
     own = str(tmp_path / "home" / ".local" / "state" / "imapveil" / "stats.sqlite")
-    system = str(config.SYSTEM_STATE_DIRECTORY / "stats.sqlite")
+    system = str(config_files.SYSTEM_STATE_DIRECTORY / "stats.sqlite")
     monkeypatch.setattr(os, "geteuid", lambda: 0)
     assert statistics_stores(load(None, {}, need_upstream=False)) == [system, own]
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
@@ -285,3 +284,15 @@ def test_the_example_configuration_is_valid_with_every_line_uncommented(tmp_path
     assert load(ROOT / "systemd" / "imapveil.toml", {}).upstream == Endpoint(
         "mail.internal.example", 143
     )
+
+
+def test_a_reload_gets_the_same_file_checks_as_a_start(tmp_path: Path) -> None:
+    # service.load_all is what a start and every SIGHUP run.
+    conf = tmp_path / "imapveil.toml"
+    conf.write_text(
+        'upstream = "127.0.0.1:143"\n'
+        f'user_key_file = "{tmp_path / "key"}"\n'
+        f'events = "{tmp_path / "missing" / "events.jsonl"}"\n'
+    )
+    with pytest.raises(ConfigError, match="missing does not exist"):
+        load_all(str(conf), {})

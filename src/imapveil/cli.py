@@ -21,15 +21,9 @@ from typing import Any, NoReturn
 import trio
 
 from imapveil import __version__, checks, service
-from imapveil.config import (
-    BY_NAME,
-    DECLARATIONS,
-    ConfigError,
-    Declaration,
-    check_files,
-    statistics_stores,
-)
+from imapveil.config import BY_NAME, DECLARATIONS, ConfigError, Declaration
 from imapveil.config import load as load_settings
+from imapveil.config_files import check_files, statistics_stores
 from imapveil.policy import PolicyError, apply
 from imapveil.policy.load import resolve_policy
 from imapveil.protocol import id_params

@@ -14,207 +14,49 @@ the key, at start-up, never at the first connection.
 
 from __future__ import annotations
 
-import ipaddress
-import math
-import os
-import re
 import socket
-import ssl
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+from imapveil.config_values import (
+    LOG_LEVELS,
+    ConfigError,
+    Endpoint,
+    _boolean,
+    _choice,
+    _endpoint,
+    _endpoints,
+    _file,
+    _inject_id,
+    _log_level,
+    _networks,
+    _non_negative,
+    _optional_endpoint,
+    _policy,
+    _positive,
+    _proxy_name,
+    _store,
+    _whole,
+    parse_endpoint,
+)
 from imapveil.identity import IDENTITIES, default_key_file
 
+# Re-exported: the rest of imapveil imports these from here.
+__all__ = [
+    "DECLARATIONS",
+    "LOG_LEVELS",
+    "ConfigError",
+    "Declaration",
+    "Endpoint",
+    "Settings",
+    "load",
+    "parse_endpoint",
+]
+
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class Endpoint:
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-def parse_endpoint(text: str) -> Endpoint:
-    """`HOST:PORT`, `[V6]:PORT`, or `:PORT` (all addresses)."""
-    if text.startswith("["):
-        host, sep, port = text[1:].partition("]:")
-        if not sep:
-            raise ValueError(f"{text!r} is not [HOST]:PORT")
-    else:
-        host, sep, port = text.rpartition(":")
-        if not sep:
-            raise ValueError(f"{text!r} is not HOST:PORT")
-        if ":" in host:
-            raise ValueError(f"{text!r}: write IPv6 addresses as [ADDRESS]:PORT")
-    if not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"{text!r}: the port must be a number from 0 to 65535")
-    return Endpoint(host, int(port))
-
-
-# Checks and conversions, one per kind of value: each takes a value from TOML or a flag's text
-# and returns the setting's value, or raises ValueError saying what was expected.
-
-
-def _string(value: Any, expected: str) -> str:
-    if not isinstance(value, str):
-        raise ValueError(expected)
-    return value
-
-
-def _items(value: Any, expected: str) -> list[str]:
-    """A TOML list of strings, or comma-separated text from a flag; blanks dropped."""
-    items = value.split(",") if isinstance(value, str) else value
-    if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
-        raise ValueError(expected)
-    return [i.strip() for i in items if i.strip()]
-
-
-def _endpoint(value: Any) -> Endpoint:
-    return parse_endpoint(_string(value, "expected a string HOST:PORT"))
-
-
-def _endpoints(value: Any) -> tuple[Endpoint, ...]:
-    return tuple(parse_endpoint(i) for i in _items(value, "expected a list of HOST:PORT"))
-
-
-def _optional_endpoint(value: Any) -> str:
-    if _string(value, "expected HOST:PORT"):
-        parse_endpoint(value)
-    return str(value)
-
-
-def _file(value: Any) -> str:
-    return _string(value, "expected a file name")
-
-
-def _store(value: Any) -> str:
-    text = _string(value, "expected a file name, postgresql://... or off")
-    scheme, sep, _ = text.partition("://")
-    if sep and scheme not in ("sqlite", "postgresql", "postgres"):
-        raise ValueError(
-            f"{scheme}:// is not a store imapveil knows: a SQLite file, sqlite://PATH, "
-            "postgresql://... or off"
-        )
-    return text
-
-
-def _proxy_name(value: Any) -> str:
-    text = _string(value, "expected a name")
-    if len(text) > 64 or not text.isprintable():
-        raise ValueError("expected at most 64 printable characters")
-    return text
-
-
-def _whole(minimum: int, expected: str) -> Callable[[Any], int]:
-    def convert(value: Any) -> int:
-        try:
-            number = int(value) if isinstance(value, str) else value
-        except ValueError:
-            raise ValueError(expected) from None
-        if type(number) is not int or number < minimum:
-            raise ValueError(expected)
-        return number
-
-    return convert
-
-
-def _number(value: Any, expected: str) -> float:
-    try:
-        number = float(value) if isinstance(value, str) else value
-    except ValueError:
-        raise ValueError(expected) from None
-    if type(number) not in (int, float):
-        raise ValueError(expected)
-    return float(number)
-
-
-def _positive(expected: str, what: str) -> Callable[[Any], float]:
-    def convert(value: Any) -> float:
-        number = _number(value, expected)
-        if not (number > 0) or math.isinf(number):
-            raise ValueError(f"{what} must be a positive number")
-        return number
-
-    return convert
-
-
-def _non_negative(expected: str, what: str) -> Callable[[Any], float]:
-    def convert(value: Any) -> float:
-        number = _number(value, expected)
-        if not (number >= 0) or math.isinf(number):
-            raise ValueError(f"{what} must be a number, at least 0")
-        return number
-
-    return convert
-
-
-def _choice(*choices: str) -> Callable[[Any], str]:
-    def convert(value: Any) -> str:
-        if value not in choices:
-            raise ValueError(f"expected one of {', '.join(choices)}")
-        return str(value)
-
-    return convert
-
-
-LOG_LEVELS = ("debug", "info", "warning", "error")
-
-
-def _log_level(value: Any) -> str:
-    if not isinstance(value, str) or value.lower() not in LOG_LEVELS:
-        raise ValueError(f"expected one of {', '.join(LOG_LEVELS)}")
-    return value.lower()
-
-
-def _policy(value: Any) -> str:
-    if not isinstance(value, str) or not value:
-        raise ValueError("expected a policy name or file")
-    return value
-
-
-def _networks(value: Any) -> tuple[str, ...]:
-    networks = tuple(_items(value, "expected a list of networks like 10.0.0.0/8"))
-    for network in networks:
-        ipaddress.ip_network(network, strict=False)  # ValueError names the bad one
-    return networks
-
-
-def _inject_id(value: Any) -> tuple[tuple[str, str], ...]:
-    if isinstance(value, str):
-        pairs = [item.partition("=") for item in value.split(",") if item.strip()]
-        if any(not sep for _, sep, _ in pairs):
-            raise ValueError("expected name=value pairs separated by commas")
-        value = {k.strip(): v.strip() for k, _, v in pairs}
-    if not isinstance(value, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
-    ):
-        raise ValueError("expected a table of field names to string values")
-    if len(value) > 29:
-        raise ValueError("at most 29 fields (RFC 2971 allows 30)")
-    for k, v in value.items():
-        if not 0 < len(k.encode()) <= 30 or not k.isascii() or not k.isprintable():
-            raise ValueError(f"field {k!r}: 1 to 30 printable ASCII characters")
-        if len(v.encode()) > 1024 or not v.isascii() or not v.isprintable():
-            raise ValueError(f"field {k!r}: value of at most 1024 printable ASCII characters")
-    return tuple(value.items())
-
-
-def _boolean(value: Any) -> bool:
-    if isinstance(value, str) and value.lower() in ("true", "false"):
-        return value.lower() == "true"
-    if not isinstance(value, bool):
-        raise ValueError("expected true or false")
-    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -538,89 +380,3 @@ def _apply(settings: Settings, table: Mapping[str, Any], source: str) -> Setting
         except ValueError as exc:
             raise ConfigError(f"{source}: {key}: {exc}") from None
     return replace(settings, **changes)
-
-
-# Checks of the files a configuration names, done before anything is created: `serve` and
-# `check-config` both run them.
-
-
-def check_files(settings: Settings) -> None:
-    """Files imapveil writes must be in existing directories (the default state directory is
-    created, an explicitly configured one is not); files it reads must be readable, and the
-    certificate and key usable. Raises ConfigError naming the setting, the file and the problem."""
-    for d in DECLARATIONS:
-        value = getattr(settings, d.name)
-        if d.path == "out" and value and value not in ("-", "off"):
-            if d.name == "store" and value.startswith(("postgresql://", "postgres://")):
-                continue
-            parent = Path(value.removeprefix("sqlite://")).parent
-            if not parent.is_dir():
-                raise ConfigError(f"{d.name}: {value}: directory {parent} does not exist")
-        if d.path == "in" and value:
-            try:
-                with open(value, "rb") as f:
-                    f.read(1)
-            except OSError as exc:
-                raise ConfigError(f"{d.name}: {value}: {exc.strerror or exc}") from None
-    if settings.cert and settings.key:
-        check_certificate(settings.cert, settings.key)
-    if settings.upstream_ca:
-        try:
-            ssl.create_default_context(cafile=settings.upstream_ca)
-        except ssl.SSLError as exc:
-            raise ConfigError(
-                f"upstream_ca: {settings.upstream_ca}: no usable PEM certificate ({_reason(exc)})"
-            ) from None
-
-
-_PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----")
-_PEM_KEY = re.compile(rb"-----BEGIN ((RSA|EC|ENCRYPTED) )?PRIVATE KEY-----")
-
-
-def check_certificate(cert: str, key: str) -> None:
-    """`cert` and `key` as the client leg loads them; errors say FILE: problem."""
-    try:
-        cert_text, key_text = Path(cert).read_bytes(), Path(key).read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"{exc.filename}: {exc.strerror or exc}") from None
-    if not _PEM_CERT.search(cert_text):
-        raise ConfigError(f"cert: {cert}: no PEM certificate in it")
-    found = _PEM_KEY.search(key_text)
-    if not found:
-        raise ConfigError(f"key: {key}: no PEM private key in it")
-    if found.group(2) == b"ENCRYPTED" or b"Proc-Type: 4,ENCRYPTED" in key_text:
-        raise ConfigError(f"key: {key}: the key is encrypted; imapveil needs it unencrypted")
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    try:
-        context.load_cert_chain(cert, key, password=lambda: b"")
-    except ssl.SSLError as exc:
-        if exc.reason == "KEY_VALUES_MISMATCH":
-            raise ConfigError(f"key: {key}: does not match the certificate in {cert}") from None
-        if "PEM" in str(exc) and (b"-----END CERTIFICATE-----" not in cert_text):
-            raise ConfigError(f"cert: {cert}: a truncated PEM certificate") from None
-        raise ConfigError(f"cert: {cert}, key: {key}: not usable ({_reason(exc)})") from None
-    except OSError as exc:
-        raise ConfigError(f"{exc.filename or cert}: {exc.strerror or exc}") from None
-
-
-def _reason(exc: ssl.SSLError) -> str:
-    return (exc.reason or str(exc)).lower().replace("_", " ")
-
-
-SYSTEM_STATE_DIRECTORY = Path("/var/lib/imapveil")
-"""The shipped unit's StateDirectory=."""
-
-
-def statistics_stores(settings: Settings) -> list[str]:
-    """Where `imapveil stats` and `report` look for the service's store, best first.
-
-    As the service derives it: `store`, else stats.sqlite beside `user_key_file`, else in
-    $STATE_DIRECTORY. An administrator's shell has no $STATE_DIRECTORY, so without those the
-    shipped unit's state directory (/var/lib/imapveil) and the user's own state directory are
-    both candidates: the system's first for root, the user's first for anyone else."""
-    if settings.store or settings.user_key_file or os.environ.get("STATE_DIRECTORY"):
-        url = settings.store_url()
-        return [url] if url else []
-    system = str(SYSTEM_STATE_DIRECTORY / "stats.sqlite")
-    own = str(default_key_file().with_name("stats.sqlite"))
-    return [system, own] if os.geteuid() == 0 else [own, system]

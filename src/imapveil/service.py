@@ -28,6 +28,7 @@ import trio
 
 from imapveil import logs
 from imapveil.config import ConfigError, Settings, load, parse_endpoint
+from imapveil.config_files import check_files
 from imapveil.identity import identifier, load_or_create_key
 from imapveil.policy import Policy, PolicyError
 from imapveil.policy.load import resolve_policy
@@ -63,8 +64,12 @@ def setup_logging(level: str) -> None:
 
 
 def load_all(config: str | None, overrides: Mapping[str, Any]) -> Loaded:
-    """Everything a start or a reload needs, checked; raises ConfigError with a clear message."""
+    """Everything a start or a reload needs, checked; raises ConfigError with a clear message.
+
+    A reload gets the same file checks as a start (directories of the files it writes, the
+    certificate and key), so that a bad path is refused, not found at the first session."""
     settings = load(config, overrides)
+    check_files(settings)
     try:
         policy = resolve_policy(settings.policy)
     except PolicyError as exc:
