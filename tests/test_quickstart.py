@@ -82,6 +82,7 @@ def test_readme_quick_start_installs_and_relays(dovecot: Dovecot, tmp_path: Path
         "HOME": str(home),
         "IMAPVEIL_PREFIX": str(prefix),
         "IMAPVEIL_BIN_DIR": str(bin_dir),
+        "IMAPVEIL_MAN_DIR": str(tmp_path / "man1"),
     }
     # We run as root (CI does) or into tmp_path, so the README's `sudo` is not needed here.
     installer = install[-2:]
@@ -89,6 +90,9 @@ def test_readme_quick_start_installs_and_relays(dovecot: Dovecot, tmp_path: Path
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"installed in {prefix}" in done.stdout, done.stdout
 
+    assert (tmp_path / "man1" / "imapveil.1").read_bytes() == (
+        ROOT / "man" / "imapveil.1"
+    ).read_bytes()
     imapveil = bin_dir / "imapveil"
     assert imapveil.is_symlink()
     assert imapveil.resolve() == (prefix / "bin" / "imapveil").resolve()
