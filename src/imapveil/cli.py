@@ -27,6 +27,7 @@ from imapveil.config_files import check_files, statistics_stores
 from imapveil.policy import PolicyError, apply
 from imapveil.policy.load import resolve_policy
 from imapveil.protocol import id_params
+from imapveil.stats import currency
 from imapveil.stats import report as report_module
 from imapveil.stats.store import Store, StoreError
 
@@ -219,7 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
             help="fold groups of fewer distinct users into 'other'; 0 folds none (default: "
             "the configuration's min_group_users, 5)",
         )  # fmt: skip
-    stats.add_argument("--by", choices=sorted(report_module.BY), default="family")
+    stats.add_argument(
+        "--by", choices=sorted([*report_module.BY, "currency"]), default="family",
+        help="currency: per family, users on a current, an outdated or an unsupported version "
+        "(by clients.toml), each by their most recent session",
+    )  # fmt: skip
     stats.add_argument("--format", choices=("table", "csv", "json"), default="table")
     report.add_argument(
         "--html", metavar="FILE", required=True, help="write the report here ('-': stdout)"
@@ -324,14 +329,21 @@ def stats_tool(args: argparse.Namespace) -> int:
         store.connect()
         if args.command == "report":
             page = report_module.html_report(store, args.since, args.until, min_users)
+        elif args.by == "currency":
+            rows = currency.currency_rows(store, args.since, args.until, min_users)
         else:
             summary = report_module.summarize(store, args.by, args.since, args.until, min_users)
+    except currency.CurrencyError as exc:
+        return fail(str(exc), EXIT_CONFIG)
     except _store_errors() as exc:
         return fail(f"statistics store {checks.redact(url)}: {checks.one_line(exc)}")
     finally:
         store.close()
     if args.command == "report":
         return write_report(args.html, page)
+    if args.by == "currency":
+        sys.stdout.write(currency.RENDER[args.format](rows))
+        return EXIT_OK
     render = {"table": report_module.as_table, "csv": report_module.as_csv,
               "json": report_module.as_json}[args.format]  # fmt: skip
     sys.stdout.write(render(summary, args.by))
