@@ -147,8 +147,8 @@ def fleet() -> list[tuple[str, str, str, str | None, str | None, str | None]]:
     return sessions
 
 
-def write_fleet(path: Path) -> None:
-    store = Store(str(path))
+def write_fleet(url: Path | str) -> None:
+    store = Store(str(url))
     store.connect()
     try:
         batch = []
@@ -170,15 +170,20 @@ def counts(data: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     return {r["group"]: (r["users"], *(r[c] for c in CLASSES)) for r in data["rows"]}
 
 
-def stats(store: Path, *args: str) -> dict[str, Any]:
+def stats(store: Path | str, *args: str) -> dict[str, Any]:
     done = imapveil_cli("stats", "--store", str(store), "--by", "currency", *args)
     assert done.returncode == 0, done.stderr
     result: dict[str, Any] = json.loads(done.stdout) if "json" in args else {"text": done.stdout}
     return result
 
 
-def test_fleet_counted_by_the_cli(tmp_path: Path) -> None:
-    store = tmp_path / "stats.sqlite"
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_fleet_counted_by_the_cli(
+    tmp_path: Path, backend: str, request: pytest.FixtureRequest
+) -> None:
+    store: Path | str = tmp_path / "stats.sqlite"
+    if backend == "postgresql":
+        store = request.getfixturevalue("postgres").url
     write_fleet(store)
     data = stats(store, "--format", "json")
     assert data["by"] == "currency" and data["users"] == 60
