@@ -247,3 +247,26 @@ def test_real_sessions_through_the_proxy(dovecot: Dovecot, tmp_path: Path) -> No
     assert counts(data) == {"Thunderbird": (2, 1, 1, 0, 0)}
     folded = stats(store, "--format", "json")  # two users: under the default k of 5
     assert counts(folded) == {"other": (2, 1, 1, 0, 0)}
+
+
+def test_no_control_character_reaches_the_output(tmp_path: Path) -> None:
+    store = Store(str(tmp_path / "stats.sqlite"))
+    store.connect()
+    try:
+        row = {c: 0 for c in SESSION_COLUMNS} | {
+            "session": "s", "proxy": "p", "started_at": "2026-11-20T10:00:00Z",
+            "ended_at": "2026-11-20T10:00:00Z", "day": "2026-11-20", "user_id": "hmac:u",
+            "reason": "logout", "family": "Mail\x1b[2J\u202e", "version": "1\x07",
+            "platform": None, "os_version": None,
+        }  # fmt: skip
+        store.write(Batch(sessions=[tuple(row[c] for c in SESSION_COLUMNS)]))
+    finally:
+        store.close()
+    for fmt in ("table", "csv", "json"):
+        done = imapveil_cli(
+            "stats", "--store", str(tmp_path / "stats.sqlite"), "--by", "currency",
+            "--format", fmt, "--min-users", "1",
+        )  # fmt: skip
+        assert done.returncode == 0 and done.stdout.isascii(), done.stdout
+        assert "\x1b" not in done.stdout and "\x07" not in done.stdout
+        assert ("Mail\\u001b[2J" if fmt == "json" else "Mail\\x1b[2J\\u202e") in done.stdout
