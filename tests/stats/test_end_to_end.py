@@ -112,7 +112,7 @@ def assert_renders(report: Path, tmp_path: Path) -> None:
         [*flags, "--dump-dom", report.as_uri()], capture_output=True, text=True, timeout=60,
         check=False,
     )  # fmt: skip
-    assert dom.stdout.count("<svg") == 6, dom.stderr[-2000:]
+    assert dom.stdout.count("<svg") == 7, dom.stderr[-2000:]
     assert "Apple Mail" in dom.stdout
     shot = tmp_path / "report.png"
     subprocess.run(
@@ -120,7 +120,7 @@ def assert_renders(report: Path, tmp_path: Path) -> None:
         capture_output=True, timeout=60, check=False,
     )  # fmt: skip
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert shot.stat().st_size > 20_000  # six charts, not a blank page
+    assert shot.stat().st_size > 20_000  # seven charts, not a blank page
 
 
 def test_store_goes_away_and_comes_back(

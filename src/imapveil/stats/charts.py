@@ -1,0 +1,147 @@
+"""Text for people and inline SVG charts: what a client sent made safe to show, names cut with
+an ellipsis after a whole word, bar and line charts whose every label and number lies inside the
+chart's box (tests/stats/test_report_layout.py measures them in a real browser)."""
+
+from __future__ import annotations
+
+import html
+import re
+
+from imapveil.stats.inventory import Trend
+
+_UNSAFE = re.compile(
+    r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]"
+)
+"""What a terminal or a reader of text must not get raw from a client: C0 and C1 controls and DEL
+(escape sequences, BEL, a carriage return or line feed forging a row), the line and paragraph
+separators, and the bidirectional marks and overrides that reorder what is shown."""
+
+
+def _escape_one(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def safe(text: str) -> str:
+    """`text` with every character of `_UNSAFE` written as an escape (`\\x1b`, `\\u202e`)."""
+    return _UNSAFE.sub(_escape_one, text)
+
+
+def plural(count: int, noun: str) -> str:
+    """`1 session`, `2 sessions`."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def cut(text: str, width: int) -> str:
+    """`text` in at most `width` characters, an ellipsis standing for what was left out; cut
+    after a whole word where one ends in the second half, inside a word only if none does."""
+    if len(text) <= width:
+        return text
+    head = text[: width - 1]
+    space = head.rfind(" ")
+    if text[width - 1] != " " and space >= width // 2:
+        head = head[:space]
+    return head.rstrip(" ,;:/-") + "\u2026"
+
+
+LABEL_WIDTH = 48
+"""Characters of a group's name shown in a table or a chart before it is cut (with "…")."""
+
+
+CHAR_WIDTH = 8
+"""Pixels a character of the charts' 13 px text may take (generous: digits and capitals)."""
+PAD = 4
+"""Pixels left of a chart's first text: a glyph may reach a little left of where it starts."""
+
+
+def bar_chart(title: str, rows: list[tuple[str, int]], unit: str) -> str:
+    """A horizontal bar chart as inline SVG: the label (cut with "…", whole in a tooltip), the
+    bar, and the number, all inside the chart's width."""
+    bar_h, bar_w = 22, 400
+    labels = [cut(safe(label), LABEL_WIDTH) for label, _ in rows]
+    values = [plural(value, unit) for _, value in rows]
+    label_w = PAD + CHAR_WIDTH * max((len(t) for t in labels), default=0) + 12
+    width = label_w + bar_w + 6 + CHAR_WIDTH * max((len(t) for t in values), default=0) + 6
+    width = max(width, PAD + CHAR_WIDTH * len(title) + 12)
+    height = 34 + bar_h * max(len(rows), 1)
+    top = max((v for _, v in rows), default=0) or 1
+    parts = [
+        f'<svg class="chart" role="img" aria-label="{html.escape(title)}" '
+        f'xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}">',
+        f'<text x="{PAD}" y="18" class="title">{html.escape(title)}</text>',
+    ]
+    for i, ((label, value), shown, number) in enumerate(zip(rows, labels, values, strict=True)):
+        y = 30 + i * bar_h
+        w = int(bar_w * value / top)
+        whole = html.escape(safe(label))
+        parts.append(
+            f'<text x="{PAD}" y="{y + 15}"><title>{whole}</title>{html.escape(shown)}</text>'
+        )
+        bar = f'x="{label_w}" y="{y + 3}" width="{max(w, 1)}" height="{bar_h - 6}"'
+        parts.append(f'<rect class="bar" {bar}/>')
+        parts.append(f'<text x="{label_w + w + 6}" y="{y + 15}">{number}</text>')
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+COLOURS = ("#3b6ea5", "#d9822b", "#3d9a50", "#c23b3b", "#8a5cc2", "#8c6d3f", "#c2569b", "#2a9d9d")
+"""Line colours readable on a light and on a dark page."""
+
+
+def line_chart(title: str, trend: Trend) -> str:
+    """Distinct users per family and week as inline SVG: a line a family (a gap where it had
+    fewer than the minimum that week), "other" dashed, a legend on the right; every label and
+    number inside the chart's width."""
+    series = sorted(trend.series.items(), key=lambda item: (-max(v or 0 for v in item[1]), item[0]))
+    lines = [*series, ("other", list[int | None](trend.other))]
+    top = max((v or 0 for _, values in lines for v in values), default=0) or 1
+    left = PAD + CHAR_WIDTH * len(str(top)) + 10
+    plot_w, plot_h, step_w = 520, 200, 28
+    n = max(len(trend.weeks), 1)
+    every = -(-n * step_w // plot_w)  # a week label every this many weeks: they never overlap
+    x = [left + 14 + (plot_w - 28) * i // max(n - 1, 1) for i in range(n)]
+    names = [cut(safe(name), LABEL_WIDTH) for name, _ in lines]
+    legend_x = left + plot_w + 16
+    width = max(legend_x + 30 + CHAR_WIDTH * max(len(t) for t in names) + 6,
+                PAD + CHAR_WIDTH * len(title) + 12)  # fmt: skip
+    height = max(30 + plot_h + 36, 40 + 20 * len(lines))
+
+    def y(value: int) -> int:
+        return 30 + plot_h - plot_h * value // top
+
+    parts = [
+        f'<svg class="chart trend" role="img" aria-label="{html.escape(title)}" '
+        f'xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}">',
+        f'<text x="{PAD}" y="18" class="title">{html.escape(title)}</text>',
+    ]
+    for value in sorted({0, top // 2, top}):
+        parts.append(f'<line class="axis" x1="{left}" x2="{left + plot_w}" y1="{y(value)}" '
+                     f'y2="{y(value)}"/><text x="{left - 6}" y="{y(value) + 4}" '
+                     f'text-anchor="end">{value}</text>')  # fmt: skip
+    for i, week in enumerate(trend.weeks):
+        if i % every == 0:
+            parts.append(f'<text x="{x[i]}" y="{30 + plot_h + 20}" text-anchor="middle">'
+                         f"<title>{week}</title>{week[-3:]}</text>")  # fmt: skip
+    for k, ((name, values), shown) in enumerate(zip(lines, names, strict=True)):
+        colour = "#888888" if name == "other" else COLOURS[k % len(COLOURS)]
+        dash = ' stroke-dasharray="5 4"' if name == "other" or k >= len(COLOURS) else ""
+        path, pen = [], "M"
+        for i, users in enumerate(values):
+            if users is None:
+                pen = "M"
+                continue
+            path.append(f"{pen}{x[i]} {y(users)}")
+            pen = "L"
+            parts.append(f'<circle cx="{x[i]}" cy="{y(users)}" r="3" fill="{colour}"><title>'
+                         f"{html.escape(safe(name))}, {trend.weeks[i]}: "
+                         f"{plural(users, 'user')}</title></circle>")  # fmt: skip
+        parts.append(f'<path class="line" d="{" ".join(path)}" stroke="{colour}"{dash}/>')
+        row = 40 + 20 * k
+        parts.append(f'<line x1="{legend_x}" x2="{legend_x + 22}" y1="{row - 4}" y2="{row - 4}" '
+                     f'stroke="{colour}" stroke-width="3"{dash}/>')  # fmt: skip
+        parts.append(f'<text x="{legend_x + 30}" y="{row}"><title>{html.escape(safe(name))}'
+                     f"</title>{html.escape(shown)}</text>")  # fmt: skip
+    parts.append("</svg>")
+    return "\n".join(parts)

@@ -1,0 +1,237 @@
+"""Issue 15: the inventory, the weekly trends and what changed, on a synthetic fleet of 500 users
+over 12 weeks written through the store's own API; exact numbers, k-floored everywhere."""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import html
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from imapveil.cli import main
+from imapveil.stats.identify import NO_ID
+from imapveil.stats.inventory import changes, iso_week, platforms, proxies, trend
+from imapveil.stats.report import (
+    as_csv,
+    as_json,
+    as_table,
+    cut,
+    html_report,
+    summarize,
+    trend_csv,
+    trend_json,
+)
+from imapveil.stats.store import SESSION_COLUMNS, Batch, Store
+from tests.helpers.postgres import Postgres
+
+START = datetime.date(2026, 9, 7)  # a Monday: ISO week 2026-W37
+WEEKS = 12
+NOW = datetime.datetime(2026, 11, 30, 12, 0, tzinfo=datetime.UTC)
+
+# (family, users, weekdays (0 = Monday), weeks, platform of a user, version, OS version)
+FLEET: list[tuple[str, range, tuple[int, ...], range]] = [
+    ("Thunderbird", range(200), (1,), range(WEEKS)),
+    ("Apple Mail", range(200, 350), (0, 3), range(WEEKS)),
+    ("Outlook", range(350, 450), (3,), range(WEEKS - 1)),  # gone in the last week
+    ("eM Client", range(450, 480), (4,), range(WEEKS - 1, WEEKS)),  # new in the last week
+    ("NeoMutt", range(480, 483), (0,), range(WEEKS)),  # 3 users: folded
+    ("FairEmail", range(482, 485), (0,), range(WEEKS)),  # 3 users, one also on NeoMutt
+    (NO_ID, range(485, 500), (2,), range(WEEKS)),
+    ("Evolution", range(8), (2,), range(6)),  # 8 users for six weeks...
+    ("Evolution", range(3), (2,), range(6, WEEKS)),  # ...then 3: under the floor each week
+]
+
+
+def client(family: str, user: int) -> tuple[str | None, str | None, str | None]:
+    """Version, platform and OS version of `user` on `family`."""
+    if family == "Thunderbird":
+        platform = "Windows" if user < 150 else "FreeBSD" if user == 199 else "Linux"
+        return ("140.2.0" if user % 2 else "128.5.1esr"), platform, None
+    if family == "Apple Mail":
+        return None, *(("macOS", "15.1") if user < 300 else ("iOS", "18.1"))
+    known = {"Outlook": ("16.0", "Windows"), "eM Client": ("10.1", "Windows"),
+             "NeoMutt": ("20241002", "Linux"), "FairEmail": ("1.2250", "Android"),
+             "Evolution": ("3.56.1", "Linux")}  # fmt: skip
+    found = known.get(family)
+    return (found[0], found[1], None) if found else (None, None, None)
+
+
+def fleet_rows() -> list[tuple[object, ...]]:
+    rows: list[tuple[object, ...]] = []
+    for family, users, weekdays, weeks in FLEET:
+        for user in users:
+            for week in weeks:
+                for weekday in weekdays:
+                    day = (START + datetime.timedelta(weeks=week, days=weekday)).isoformat()
+                    hour = 8 + user % 8
+                    rows.append((
+                        f"{family}-{user}-{week}-{weekday}", f"gw-{1 + user % 2}",
+                        f"{day}T{hour:02d}:00:00.000+00:00",
+                        f"{day}T{hour + 1:02d}:00:00.000+00:00",
+                        day, f"hmac:user{user:03d}", "logout", 3_600_000.0, 100, 2000, 12, 1,
+                        family, *client(family, user),
+                    ))  # fmt: skip
+    return rows
+
+
+def make_fleet(url: str) -> Store:
+    store = Store(url)
+    store.connect()
+    rows = fleet_rows()
+    assert len(rows[0]) == len(SESSION_COLUMNS)
+    for start in range(0, len(rows), 1000):
+        assert store.write(Batch(sessions=rows[start : start + 1000])) == []
+    return store
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    opened = make_fleet(str(tmp_path / "stats.sqlite"))
+    yield opened
+    opened.close()
+
+
+SESSIONS = 2400 + 3600 + 1100 + 30 + 36 + 36 + 180 + 66
+
+
+def test_inventory_numbers(store: Store) -> None:
+    families = summarize(store, "family")
+    assert (families.sessions, families.users, families.no_id_sessions) == (SESSIONS, 500, 180)
+    found = {r.group: (r.users, round(r.share * 100, 1), r.sessions) for r in families.rows}
+    assert found == {
+        "Thunderbird": (200, 40.0, 2400),
+        "Apple Mail": (150, 30.0, 3600),
+        "Outlook": (100, 20.0, 1100),
+        "eM Client": (30, 6.0, 30),
+        NO_ID: (15, 3.0, 180),
+        "Evolution": (8, 1.6, 66),
+        # NeoMutt and FairEmail: 3 users each, one on both: 5 users, counted once.
+        "other": (5, 1.0, 72),
+    }
+    assert (families.folded, families.hidden) == (2, 5)
+    seen = {r.group: (r.first_seen, r.last_seen) for r in families.rows}
+    assert seen["Thunderbird"] == ("2026-09-08T08:00:00.000+00:00", "2026-11-24T16:00:00.000+00:00")
+    assert seen["Outlook"] == ("2026-09-10T08:00:00.000+00:00", "2026-11-19T16:00:00.000+00:00")
+    assert seen["eM Client"] == ("2026-11-27T08:00:00.000+00:00", "2026-11-27T16:00:00.000+00:00")
+    named = {r.group: r.platforms for r in families.rows}
+    # One Thunderbird user on FreeBSD: not named, only "other".
+    assert named["Thunderbird"] == "Windows (150), Linux (49), other"
+    assert named["Apple Mail"] == "macOS (100), iOS (50)"
+    assert named[NO_ID] == "unknown (15)" and named["other"] == ""
+    assert platforms(store, min_users=1)["Thunderbird"] == "Windows (150), Linux (49), FreeBSD (1)"
+    assert proxies(store) == ["gw-1", "gw-2"]
+    # The period limits everything: the last week alone.
+    last = summarize(store, "family", since="2026-11-23", until="2026-11-30")
+    assert {r.group: r.users for r in last.rows}["eM Client"] == 30
+    assert "Outlook" not in {r.group for r in last.rows}
+    assert summarize(store, "family", min_users=0).folded == 0
+
+
+def test_exports_carry_share_and_platforms(store: Store) -> None:
+    families = summarize(store, "family")
+    table = list(csv.reader(io.StringIO(as_csv(families, "family"))))
+    assert table[0] == ["family", "sessions", "users", "first_seen", "last_seen", "share",
+                        "platforms"]  # fmt: skip
+    assert table[1] == ["Apple Mail", "3600", "150", "2026-09-07T08:00:00.000+00:00",
+                        "2026-11-26T16:00:00.000+00:00", "0.3",
+                        "macOS (100), iOS (50)"]  # fmt: skip
+    data = json.loads(as_json(families, "family"))
+    assert (data["users"], data["folded_groups"], data["folded_users"]) == (500, 2, 5)
+    assert data["rows"][1] == {
+        "group": "Thunderbird", "sessions": 2400, "users": 200,
+        "first_seen": "2026-09-08T08:00:00.000+00:00",
+        "last_seen": "2026-11-24T16:00:00.000+00:00", "share": 0.4,
+        "platforms": "Windows (150), Linux (49), other",
+    }  # fmt: skip
+    versions = json.loads(as_json(summarize(store, "version"), "version"))
+    assert "platforms" not in versions["rows"][0]
+    assert as_csv(summarize(store, "os"), "os").splitlines()[0] == (
+        "os,sessions,users,first_seen,last_seen,share"
+    )
+    text = as_table(families, "family")
+    assert "40.0%" in text and "2 groups of fewer than 5 users each are shown together" in text
+    assert "5 users not shown by group" in text
+
+
+def test_stats_command_exports_the_inventory(
+    store: Store, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["stats", "--store", store.url, "--format", "json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["rows"][0]["platforms"] == "macOS (100), iOS (50)"
+    assert data["rows"][0]["share"] == 0.3
+
+
+def test_weekly_trend_and_changes(store: Store) -> None:
+    found = trend(store)
+    assert found.weeks == [f"2026-W{n}" for n in range(37, 49)]
+    assert sorted(found.series) == sorted(
+        ["Thunderbird", "Apple Mail", "Outlook", "eM Client", NO_ID, "Evolution"]
+    )  # never NeoMutt nor FairEmail: under the floor every week
+    assert found.series["Thunderbird"] == [200] * 12
+    assert found.series["Outlook"] == [100] * 11 + [None]
+    assert found.series["eM Client"] == [None] * 11 + [30]
+    assert found.series["Evolution"] == [8] * 6 + [None] * 6  # 3 users a week: not shown
+    # NeoMutt and FairEmail (5 users), then Evolution's 3 as well.
+    assert found.other == [5] * 6 + [8] * 6
+    shift = changes(found)
+    assert (shift.week, shift.previous) == ("2026-W48", "2026-W47")
+    assert (shift.appeared, shift.disappeared) == (["eM Client"], ["Outlook"])
+    everyone = trend(store, min_users=1)
+    assert everyone.series["Evolution"] == [8] * 6 + [3] * 6
+    assert everyone.series["NeoMutt"] == [3] * 12 and everyone.other == [0] * 12
+    part = trend(store, since="2026-10-05", until="2026-10-19")
+    assert part.weeks == ["2026-W41", "2026-W42"] and part.series["Apple Mail"] == [150, 150]
+    assert iso_week("2026-12-28") == "2026-W53" and iso_week("2027-01-04") == "2027-W01"
+    rows = list(csv.reader(io.StringIO(trend_csv(found))))
+    assert rows[0] == ["week", *found.series, "other"]
+    outlook = rows[0].index("Outlook")
+    assert rows[11][outlook] == "100" and rows[12][outlook] == "" and rows[12][-1] == "8"
+    data = json.loads(trend_json(found))
+    assert data["users"]["eM Client"][-1] == 30 and data["changes"]["appeared"] == ["eM Client"]
+    assert data["changes"]["disappeared"] == ["Outlook"]
+
+
+def test_the_page_says_it_all_and_no_small_group(store: Store) -> None:
+    page = html_report(store, now=NOW)
+    text = html.unescape(page)
+    assert (
+        "500 distinct users in 7448 sessions; of the users: Thunderbird 40.0%, Apple Mail "
+        "30.0%, Outlook 20.0%, eM Client 6.0%, …; 2.4% of sessions sent no ID." in text
+    )
+    assert "Period: 2026-09-07 to 2026-11-27 (UTC) · generated 2026-11-30 12:00 UTC" in text
+    assert "2 proxies: gw-1, gw-2" in text
+    assert '2 clients of fewer than 5 users each are shown together as "other": 5 users' in text
+    assert "2026-W48 against 2026-W47: appeared eM Client; disappeared Outlook." in text
+    row = '<tr><td>Thunderbird</td><td class="n">200</td><td class="n">40.0%</td>'
+    assert row + '<td class="n">2400</td><td>2026-09-08</td><td>2026-11-24</td>' in page
+    for small in ("NeoMutt", "FairEmail", "FreeBSD", "20241002"):
+        assert small not in page, small
+    assert page.count("<svg") == 7
+    assert "@page { size: A4" in page and "@media print" in page
+    assert "@media (prefers-color-scheme: dark)" in page
+    outside = page.replace('xmlns="http://www.w3.org/2000/svg"', "")
+    assert "http" not in outside and "url(" not in outside and "<script" not in outside
+    assert "src=" not in outside and "<link" not in outside
+
+
+def test_labels_are_cut_after_a_word() -> None:
+    name = "Microsoft Outlook for Windows via the Exchange Online IMAP gateway"
+    assert cut(name, 48) == "Microsoft Outlook for Windows via the Exchange\u2026"
+    assert cut("x" * 60, 48) == "x" * 47 + "\u2026"  # no word ends late enough: inside it
+    assert cut("short", 48) == "short"
+
+
+def test_postgresql_gives_the_same_numbers(store: Store, postgres: Postgres) -> None:
+    other = make_fleet(postgres.url)
+    try:
+        assert trend(other) == trend(store)
+        assert summarize(other, "family") == summarize(store, "family")
+        assert platforms(other) == platforms(store) and proxies(other) == proxies(store)
+    finally:
+        other.close()

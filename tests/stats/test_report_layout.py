@@ -1,0 +1,143 @@
+"""Issue 15: the report as a real browser lays it out (headless Chromium, as the end-to-end test
+runs it). A script added to a copy of the page measures every text of every chart with
+getBoundingClientRect and writes what it found into the document, which `--dump-dom` prints:
+each label and number inside its chart's box, labels left of their bars and numbers right of
+them, nothing wider than the window; at a desktop and at a phone's width, in dark mode too; and
+printed, A4 pages.
+
+docs/report.png is made from the same synthetic fleet (not checked here):
+
+    python3 -m tests.stats.test_report_layout docs/report.png
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from imapveil.stats.report import html_report
+from tests.stats.test_report_inventory import NOW, make_fleet
+
+MEASURE = """<script>
+const found = {charts: 0, texts: 0, bars: 0, problems: []};
+const inside = (r, box) => r.left >= box.left - 0.5 && r.right <= box.right + 0.5
+  && r.top >= box.top - 0.5 && r.bottom <= box.bottom + 0.5;
+const said = (t) => (t.lastChild ? t.lastChild.textContent : t.textContent);
+for (const svg of document.querySelectorAll("svg.chart")) {
+  found.charts += 1;
+  const box = svg.getBoundingClientRect();
+  const name = svg.getAttribute("aria-label");
+  for (const t of svg.querySelectorAll("text")) {
+    found.texts += 1;
+    const r = t.getBoundingClientRect();
+    if (r.width === 0 || !inside(r, box)) {
+      found.problems.push(`${name}: "${said(t)}" at ${r.left}..${r.right} x ${r.top}..${r.bottom}`
+        + ` not inside ${box.left}..${box.right} x ${box.top}..${box.bottom}`);
+    }
+  }
+  for (const bar of svg.querySelectorAll("rect.bar")) {
+    found.bars += 1;
+    const b = bar.getBoundingClientRect();
+    const label = bar.previousElementSibling.getBoundingClientRect();
+    const number = bar.nextElementSibling.getBoundingClientRect();
+    if (label.right > b.left + 0.5 || number.left < b.right - 0.5) {
+      found.problems.push(`${name}: "${said(bar.previousElementSibling)}" overlaps its bar`);
+    }
+  }
+}
+const page = document.documentElement;
+found.overflow = page.scrollWidth > window.innerWidth;
+found.background = getComputedStyle(document.body).backgroundColor;
+const out = document.createElement("pre");
+out.id = "layout";
+out.textContent = JSON.stringify(found);
+document.body.appendChild(out);
+</script>"""
+
+
+def chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    program = shutil.which("chromium")
+    assert program, "chromium is installed by scripts/check"
+    flags = [program, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+             "--no-first-run", "--disable-background-networking", "--disable-component-update",
+             "--disable-sync", f"--user-data-dir={tmp_path / 'chromium'}"]  # fmt: skip
+    return subprocess.run(
+        [*flags, *args], capture_output=True, text=True, timeout=90, check=False
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory: pytest.TempPathFactory) -> str:
+    store = make_fleet(str(tmp_path_factory.mktemp("fleet") / "stats.sqlite"))
+    try:
+        return html_report(store, now=NOW)
+    finally:
+        store.close()
+
+
+def measure(page: str, tmp_path: Path, *flags: str) -> dict[str, object]:
+    measured = tmp_path / "measured.html"
+    measured.write_text(page.replace("</body>", MEASURE + "</body>"), encoding="utf-8")
+    dom = chromium(tmp_path, *flags, "--dump-dom", measured.as_uri())
+    found = re.search(r'<pre id="layout">(.*?)</pre>', dom.stdout, re.DOTALL)
+    assert found, dom.stderr[-2000:]
+    result: dict[str, object] = json.loads(found.group(1).replace("&quot;", '"'))
+    return result
+
+
+@pytest.mark.parametrize("width", [1280, 420])
+def test_every_label_and_number_lies_inside_its_chart(
+    page: str, tmp_path: Path, width: int
+) -> None:
+    found = measure(page, tmp_path, f"--window-size={width},3000")
+    assert found["problems"] == []
+    assert found["charts"] == 7 and found["overflow"] is False
+    # Every bar chart's label, bar and number, the trend's axis, week labels and legend.
+    bars = page.count('<rect class="bar"')
+    assert found["bars"] == bars > 70
+    assert found["texts"] == page.count("<text")
+    assert found["background"] == "rgb(255, 255, 255)"
+
+
+def test_dark_mode(page: str, tmp_path: Path) -> None:
+    found = measure(page, tmp_path, "--window-size=1280,3000", "--force-dark-mode")
+    assert found["problems"] == []
+    assert found["background"] == "rgb(22, 24, 28)"
+
+
+def test_printed_on_a4(page: str, tmp_path: Path) -> None:
+    source = tmp_path / "report.html"
+    source.write_text(page, encoding="utf-8")
+    pdf = tmp_path / "report.pdf"
+    done = chromium(tmp_path, "--no-pdf-header-footer", f"--print-to-pdf={pdf}", source.as_uri())
+    data = pdf.read_bytes() if pdf.exists() else b""
+    assert data.startswith(b"%PDF"), done.stderr[-2000:]
+    boxes = re.findall(rb"/MediaBox\s*\[\s*0 0 ([\d.]+) ([\d.]+)\s*\]", data)
+    assert boxes and len(boxes) >= 2  # a report of this fleet takes pages
+    for w, h in boxes:  # A4: 210 x 297 mm, 595.3 x 841.9 points
+        assert abs(float(w) - 595.3) < 2 and abs(float(h) - 841.9) < 2, (w, h)
+
+
+def screenshot(target: Path) -> None:
+    """docs/report.png: the report of the synthetic fleet, as a desktop browser shows it."""
+    work = target.resolve().parent / ".report-shot"
+    work.mkdir(exist_ok=True)
+    try:
+        store = make_fleet(str(work / "stats.sqlite"))
+        source = work / "report.html"
+        source.write_text(html_report(store, now=NOW), encoding="utf-8")
+        store.close()
+        chromium(work, f"--screenshot={target.resolve()}", "--window-size=1400,2600",
+                 "--hide-scrollbars", source.as_uri())  # fmt: skip
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    screenshot(Path(sys.argv[1]))
