@@ -221,9 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
             "the configuration's min_group_users, 5)",
         )  # fmt: skip
     stats.add_argument(
-        "--by", choices=sorted([*report_module.BY, "currency"]), default="family",
+        "--by", choices=sorted([*report_module.BY, "currency", "week"]), default="family",
         help="currency: per family, users on a current, an outdated or an unsupported version "
-        "(by clients.toml), each by their most recent session",
+        "(by clients.toml), each by their most recent session; week: distinct users per family "
+        "and ISO week, and the families that appeared or disappeared in the last week",
     )  # fmt: skip
     stats.add_argument("--format", choices=("table", "csv", "json"), default="table")
     report.add_argument(
@@ -332,7 +333,8 @@ def stats_tool(args: argparse.Namespace) -> int:
         elif args.by == "currency":
             rows = currency.currency_rows(store, args.since, args.until, min_users)
         else:
-            summary = report_module.summarize(store, args.by, args.since, args.until, min_users)
+            text = report_module.export(store, args.by, args.format, since=args.since,
+                                        until=args.until, min_users=min_users)  # fmt: skip
     except currency.CurrencyError as exc:
         return fail(str(exc), EXIT_CONFIG)
     except _store_errors() as exc:
@@ -344,9 +346,7 @@ def stats_tool(args: argparse.Namespace) -> int:
     if args.by == "currency":
         sys.stdout.write(currency.RENDER[args.format](rows))
         return EXIT_OK
-    render = {"table": report_module.as_table, "csv": report_module.as_csv,
-              "json": report_module.as_json}[args.format]  # fmt: skip
-    sys.stdout.write(render(summary, args.by))
+    sys.stdout.write(text)
     return EXIT_OK
 
 

@@ -167,6 +167,22 @@ def test_stats_command_exports_the_inventory(
     assert data["rows"][0]["share"] == 0.3
 
 
+def test_stats_command_exports_the_weeks(store: Store, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["stats", "--store", store.url, "--by", "week", "--format", "csv"]) == 0
+    rows = list(csv.reader(io.StringIO(capsys.readouterr().out)))
+    assert rows[0] == ["week", "Apple Mail", "Evolution", "Outlook", "Thunderbird", "eM Client",
+                       NO_ID, "other"]  # fmt: skip
+    assert rows[1] == ["2026-W37", "150", "8", "100", "200", "", "15", "5"]
+    assert rows[12] == ["2026-W48", "150", "", "", "200", "30", "15", "8"]
+    assert main(["stats", "--store", store.url, "--by", "week", "--format", "json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["users"]["Evolution"] == [8] * 6 + [None] * 6 and data["other"][-1] == 8
+    assert main(["stats", "--store", store.url, "--by", "week"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[2].split() == ["2026-W37", "150", "8", "100", "200", "-", "15", "5"]
+    assert table[-1] == "2026-W48 against 2026-W47: appeared eM Client; disappeared Outlook."
+
+
 def test_weekly_trend_and_changes(store: Store) -> None:
     found = trend(store)
     assert found.weeks == [f"2026-W{n}" for n in range(37, 49)]

@@ -227,6 +227,45 @@ def trend_json(trend: Trend) -> str:
     return json.dumps(data, indent=2) + "\n"
 
 
+def _changed(trend: Trend) -> str:
+    """What changed, in words: the families that appeared and disappeared in the last week."""
+    shift = inventory.changes(trend)
+    if shift.previous is None:
+        return "One week only: nothing to compare."
+    appeared = ", ".join(safe(f) for f in shift.appeared) or "none"
+    gone = ", ".join(safe(f) for f in shift.disappeared) or "none"
+    return f"{shift.week} against {shift.previous}: appeared {appeared}; disappeared {gone}."
+
+
+def trend_table(trend: Trend) -> str:
+    """A week a line, a column a family ("-" where it had fewer than the minimum), then what
+    changed."""
+    families = list(trend.series)
+    names = [cut(safe(f), 24) for f in families] + ["other"]
+    widths = [max(len(n), 5) for n in names]
+    head = f"{'week':<8}" + "".join(f" {n:>{w}}" for n, w in zip(names, widths, strict=True))
+    lines = [head, "-" * len(head)]
+    for i, week in enumerate(trend.weeks):
+        values = ["-" if (v := trend.series[f][i]) is None else str(v) for f in families]
+        cells = zip([*values, str(trend.other[i])], widths, strict=True)
+        lines.append(f"{week:<8}" + "".join(f" {v:>{w}}" for v, w in cells))
+    lines += ["", _changed(trend)]
+    return "\n".join(lines) + "\n"
+
+
+def export(
+    store: Store, by: str, form: str, *, since: str | None = None, until: str | None = None,
+    min_users: int = 5,
+) -> str:  # fmt: skip
+    """`imapveil stats --by BY --format FORM`: a table, CSV or JSON of the groups `by` (one of
+    `BY`), or of the weeks (`week`)."""
+    if by == "week":
+        trend = inventory.trend(store, since, until, min_users)
+        return {"table": trend_table, "csv": trend_csv, "json": trend_json}[form](trend)
+    summary = summarize(store, by, since, until, min_users)
+    return {"table": as_table, "csv": as_csv, "json": as_json}[form](summary, by)
+
+
 _bars = bar_chart
 """The bar chart (the name tests and earlier callers use)."""
 
@@ -392,14 +431,7 @@ def _trend_section(trend: Trend, min_users: int) -> str:
     ]  # fmt: skip
     chart = line_chart("Distinct users per client and week", trend)
     table = _table(["week", *families, "other"], rows)
-    shift = inventory.changes(trend)
-    if shift.previous is None:
-        said = "One week only: nothing to compare."
-    else:
-        appeared = ", ".join(safe(f) for f in shift.appeared) or "none"
-        gone = ", ".join(safe(f) for f in shift.disappeared) or "none"
-        said = (f"{shift.week} against {shift.previous}: appeared {appeared}; "
-                f"disappeared {gone}.")  # fmt: skip
+    said = _changed(trend)
     note = (f"A client with fewer than {min_users} users in a week is counted in \"other\" that "
             "week (\u2013), its line broken.")  # fmt: skip
     return (
