@@ -21,6 +21,7 @@ from imapveil.stats.report import (
     as_json,
     as_table,
     cut,
+    export,
     html_report,
     summarize,
     trend_csv,
@@ -251,3 +252,23 @@ def test_postgresql_gives_the_same_numbers(store: Store, postgres: Postgres) -> 
         assert platforms(other) == platforms(store) and proxies(other) == proxies(store)
     finally:
         other.close()
+
+
+def test_an_empty_store_and_a_lone_user(tmp_path: Path) -> None:
+    empty = Store(str(tmp_path / "stats.sqlite"))
+    empty.connect()
+    try:
+        page = html_report(empty, now=NOW)
+        assert "No sessions in the period." in page and "0 distinct users in 0 sessions" in page
+        assert export(empty, "week", "table").endswith("\nNo sessions in the period.\n")
+        assert json.loads(export(empty, "week", "json"))["weeks"] == []
+        lone = ("s", "gw", "2026-11-30T10:00:00.000+00:00", "2026-11-30T11:00:00.000+00:00",
+                "2026-11-30", "hmac:a", "logout", 1.0, 1, 1, 1, 1, "Thunderbird", "128", "Linux",
+                None)  # fmt: skip
+        empty.write(Batch(sessions=[lone]))
+        page = html_report(empty, now=NOW)
+        assert "Thunderbird" not in page and "Linux" not in page and page.count("<svg") == 7
+        assert "1 client of fewer than 5 users each is shown together" in html.unescape(page)
+        assert "One week only" in export(empty, "week", "table", min_users=1)
+    finally:
+        empty.close()

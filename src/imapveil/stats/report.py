@@ -230,6 +230,8 @@ def trend_json(trend: Trend) -> str:
 def _changed(trend: Trend) -> str:
     """What changed, in words: the families that appeared and disappeared in the last week."""
     shift = inventory.changes(trend)
+    if shift.week is None:
+        return "No sessions in the period."
     if shift.previous is None:
         return "One week only: nothing to compare."
     appeared = ", ".join(safe(f) for f in shift.appeared) or "none"
