@@ -304,11 +304,14 @@ def _groups(summary: Summary, noun: str, unit: str) -> str:
     rows: list[list[str | int]] = [
         [r.group, r.users, f"{r.share:.1%}", r.sessions] for r in summary.rows
     ]
-    table = _table([BY_TITLE.get(noun, noun), "users", "share", "sessions"], rows)
-    return _figure(chart, table, fold_note(summary, "group") if summary.folded else "")
+    kind = BY_TITLE.get(noun, "group")
+    table = _table([kind, "users", "share", "sessions"], rows)
+    return _figure(chart, table, fold_note(summary, kind) if summary.folded else "")
 
 
-BY_TITLE = {"Versions per client": "version", "Operating systems": "operating system"}
+BY_TITLE = {"Clients (sessions)": "client", "Versions per client": "version",
+            "Operating systems": "operating system"}  # fmt: skip
+"""The first column's heading of a chart's table."""
 
 STYLE = """
 :root { color-scheme: light dark; --fg: #1d1d1f; --bg: #ffffff; --muted: #555555;
