@@ -14,6 +14,7 @@ from imapveil.policy_files import resolve_policy
 from imapveil.protocol.id_params import parse
 from imapveil.stats.currency import CLASSES, CurrencyError, as_html, classify, currency_rows, load
 from imapveil.stats.identify import TABLE, identify, load_table
+from imapveil.stats.report import html_report
 from imapveil.stats.store import SESSION_COLUMNS, Batch, Store
 from tests.helpers.corpus import rows
 from tests.helpers.dovecot import Dovecot
@@ -270,3 +271,19 @@ def test_no_control_character_reaches_the_output(tmp_path: Path) -> None:
         assert done.returncode == 0 and done.stdout.isascii(), done.stdout
         assert "\x1b" not in done.stdout and "\x07" not in done.stdout
         assert ("Mail\\u001b[2J" if fmt == "json" else "Mail\\x1b[2J\\u202e") in done.stdout
+
+
+def test_the_html_report_answers_who_is_outdated(tmp_path: Path) -> None:
+    store = tmp_path / "stats.sqlite"
+    write_fleet(store)
+    opened = Store(str(store))
+    opened.connect()
+    try:
+        page = html_report(opened)
+    finally:
+        opened.close()
+    section = page[page.index('<section class="currency">') :]
+    section = section[: section.index("</section>")]
+    # family, users, current, outdated, unsupported, unknown, values checked
+    assert "<tr><td>Thunderbird</td><td>20</td><td>8</td><td>6</td><td>6</td><td>0</td>" in section
+    assert "2026-11-30" in section

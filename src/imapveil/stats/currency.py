@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from imapveil.stats.charts import cut, plural, safe
 from imapveil.stats.identify import TABLE
-from imapveil.stats.report import cut, plural, safe
 from imapveil.stats.store import Store
 from imapveil.stats.versions import Version, parse
 
@@ -270,6 +270,7 @@ def as_html(currency: Currency) -> str:
     )
     return (
         '<section class="currency"><h2>Version currency</h2>'
-        f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+        f'<div class="table"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody>'
+        "</table></div>"
         "<p>Each user counted once per family, by their most recent session.</p></section>"
     )

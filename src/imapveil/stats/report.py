@@ -15,7 +15,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from imapveil.stats import inventory
+from imapveil.stats import currency, inventory
 from imapveil.stats.charts import CHAR_WIDTH as CHAR_WIDTH  # noqa: PLC0414 (re-exported)
 from imapveil.stats.charts import LABEL_WIDTH as LABEL_WIDTH  # noqa: PLC0414 (re-exported)
 from imapveil.stats.charts import bar_chart, line_chart
@@ -376,6 +376,8 @@ def html_report(
         _figure(
             users_chart, inventory_table, fold_note(families, "client") if families.folded else ""
         ),
+        # Who runs an outdated or unsupported version (the security team's question).
+        currency.as_html(currency.currency_rows(store, since, until, min_users)),
         "<h2>Trends</h2>",
         _trend_section(trend, min_users),
         "<h2>Clients, versions, systems</h2>",
