@@ -47,6 +47,15 @@ def coarsen(value: bytes, components: int) -> bytes:
     return b".".join(head.split(b".")[:components])
 
 
+def os_head(value: bytes) -> bytes:
+    """The leading system name and version: what comes before the first ";" or "(", trimmed.
+
+    "Android 13; SM-S911B" → "Android 13"; "iOS 17.1 (iPhone15,2)" → "iOS 17.1". What follows
+    (a device model, a quasi-identifier) is never kept. Linear in the value.
+    """
+    return value.split(b";", 1)[0].split(b"(", 1)[0].strip()
+
+
 _PRINTABLE = bytes(range(0x21, 0x7F))
 
 
@@ -178,11 +187,13 @@ def _decide(
 def _refit(rule: Rule, shape: Shape, value: bytes, enabled: tuple[str, ...]) -> bytes | None:
     """A value without its field's shape: coarsened if the rule says so and that fits, else None.
 
-    "16.0 (3731.600.7) 2f1c9a…" → "16.0"; RFC 2971 §3 allows a shortened value, never a false one.
+    "16.0 (3731.600.7) 2f1c9a…" → "16.0"; an `os` value is cut to its leading system name and
+    version ("Android 13; SM-S911B" → "Android 13"). RFC 2971 §3 allows a shortened value, never
+    a false one.
     """
     if rule.misfit != "coarsen":
         return None
-    coarse = coarsen(value, rule.components)
+    coarse = os_head(value) if shape.name == "os" else coarsen(value, rule.components)
     if shape.fits(coarse) and detect(coarse, enabled) is None:
         return coarse
     return None

@@ -58,4 +58,13 @@ def _platform(os_name: str | None) -> str | None:
         return None
     known = {"mac os x": "macOS", "macos": "macOS", "ios": "iOS", "android": "Android",
              "windows": "Windows", "linux": "Linux"}  # fmt: skip
-    return known.get(os_name.strip().lower(), os_name.strip()[:MAX_NAME])
+    # A system's name and version, never a device model after it ("Android 13; SM-S911B"): a
+    # record made under a policy without the `os` shape may still hold one.
+    head = os_name.split(";", 1)[0].split("(", 1)[0].strip()
+    if not head:
+        return None
+    low = head.lower()
+    for key, platform in known.items():
+        if low == key or low.startswith(key + " "):  # "Android 13" is Android
+            return platform
+    return head[:MAX_NAME]
