@@ -26,6 +26,7 @@ def run(policy: str, os_value: bytes) -> Outcome:
     [
         (b"Android 13; SM-S911B", b"Android 13"),
         (b"iOS 17.1 (iPhone15,2)", b"iOS 17.1"),
+        (b"iOS 17.1 (iPhone15)", b"iOS 17.1"),  # brackets never fit the os shape
         (b"Windows 10; Surface Pro 7", b"Windows 10"),
         (b"Windows 10;Surface Pro 7; x", b"Windows 10"),
     ],

@@ -76,8 +76,10 @@ def name(value: bytes) -> bool:
 
 
 def os(value: bytes) -> bool:
-    """A system: "Mac OS X", "iOS", "android"; it starts with a letter, so it is no address."""
-    return value[:1].isalpha() and _label(value, 32, b" .-_/()")
+    """A system: "Mac OS X", "iOS", "android"; it starts with a letter, so it is no address. No
+    brackets: what clients put in them is a device model ("iOS 17.1 (iPhone15)"), which the
+    `os` rule's coarsening cuts off."""
+    return value[:1].isalpha() and _label(value, 32, b" .-_/")
 
 
 def version(value: bytes) -> bool:
