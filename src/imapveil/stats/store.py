@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import json
 import sqlite3
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -190,12 +191,30 @@ class Store:
             self._conn = sqlite3.connect(path, timeout=self.timeout, check_same_thread=False)
         try:
             if not self.postgres:
-                self._conn.execute("PRAGMA journal_mode=WAL")
+                self._wal()
                 self._conn.execute("PRAGMA synchronous=NORMAL")
             self.migrate()
         except Exception:
             self.close()
             raise
+
+    def _wal(self) -> None:
+        """WAL mode, which a SQLite file keeps once set. Setting it takes the database for a
+        moment, and SQLite answers `database is locked` at once (its busy timeout does not
+        apply) when another instance starting at the same time holds it: try again, within
+        the connect timeout."""
+        conn = self._conn
+        if conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal":
+            return
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
 
     def close(self) -> None:
         if self._conn is not None:
