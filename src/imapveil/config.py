@@ -93,6 +93,7 @@ def setting(value: T, convert: Callable[[Any], Any], help: str, **more: Any) -> 
     return field(default=value, metadata={"declaration": declaration})
 
 
+_AT_LEAST_ONE = _whole(1, "expected a whole number, at least 1")
 SECONDS = "SECONDS"
 CIDRS = "CIDR[,CIDR...]"
 
@@ -200,14 +201,14 @@ class Settings:
         metavar=SECONDS,
     )  # fmt: skip
     max_sessions: int = setting(
-        10_000, _whole(1, "expected a whole number, at least 1"),
+        10_000, _AT_LEAST_ONE,
         "concurrent sessions in all",
         metavar="N", section="Connection limits",
         note="Over a limit the client gets `* BYE [UNAVAILABLE]`; refusals are logged once per "
         "address and minute, with their count.",
     )  # fmt: skip
     max_sessions_per_client: int = setting(
-        1_000, _whole(1, "expected a whole number, at least 1"),
+        1_000, _AT_LEAST_ONE,
         "concurrent sessions from one client address",
         metavar="N",
     )  # fmt: skip
@@ -295,7 +296,7 @@ class Settings:
         "`imapveil stats --config FILE` and `imapveil report --config FILE` read the same store.",
     )  # fmt: skip
     retention_days: int = setting(
-        400, _whole(1, "expected a whole number, at least 1"),
+        400, _AT_LEAST_ONE,
         "statistics older than this are purged (at start and daily)",
         metavar="DAYS",
     )  # fmt: skip

@@ -220,12 +220,7 @@ async def test_a_stop_spools_what_the_store_did_not_take_in_time(tmp_path: Path)
     assert sink.counts["spooled"].sessions == 40 and sink.counts["written"].sessions == 1
     await trio.to_thread.run_sync(blocker.execute, "ROLLBACK")
     blocker.close()
-    again = StoreSink(url, spool=spool)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(again.run)
-        with trio.fail_after(WAIT):
-            await again.flush()
-        nursery.cancel_scope.cancel()
+    await replay(url, spool)
     assert table_counts(url) == exactly(41)
 
 
