@@ -125,6 +125,35 @@ class IdExchange:
 
 
 @dataclass(frozen=True, slots=True)
+class SessionTraits:
+    """What a session's client program used and how it behaved, for the statistics store only.
+
+    Emitted by the core just before `SessionEnded`, for sessions that reached the server. The
+    event log does not write it: fingerprints describe programs, not people, but a rare one can
+    single out a person in a small organisation, so they are kept only where every output is
+    floored by `min_group_users` (the statistics store).
+
+    `extensions`: the IMAP extensions the client used, normalised (upper case, sorted, unique,
+    bounded), e.g. `("CONDSTORE", "ENABLE", "IDLE", "QRESYNC")`. `behaviour`: the behaviour
+    signature's short name (`b1_` and 12 hex digits of the digest of `behaviour_text`, its
+    canonical text). `ja4`: the JA4 fingerprint of the client leg's TLS ClientHello (None: no
+    TLS on the client leg, or no ClientHello could be read).
+    """
+
+    event: ClassVar[str] = "traits"
+    session: str
+    extensions: tuple[str, ...] = ()
+    behaviour: str | None = None
+    behaviour_text: str | None = None
+    ja4: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {"event": self.event, **_fields(self)}
+        d["extensions"] = list(self.extensions)
+        return d
+
+
+@dataclass(frozen=True, slots=True)
 class PolicyLoaded:
     """The ID policy was loaded or reloaded (SIGHUP); `error` says why a new one was refused."""
 
@@ -189,6 +218,7 @@ Record = (
     | CommandCompleted
     | Violation
     | IdExchange
+    | SessionTraits
     | PolicyLoaded
     | ConfigLoaded
     | StoreDropped

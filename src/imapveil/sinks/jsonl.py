@@ -8,7 +8,7 @@ record of its own once there is room again, so a reader of the log knows somethi
 The queue is shared fairly, so that one session's flood cannot cost another session its
 records: per-command and violation records ("bulk") may fill only three quarters of it, and one
 session's bulk records at most an eighth; session starts and ends, ID exchanges and the service's
-own records use the rest.
+own records use the rest. Session traits (fingerprints) are never written here.
 """
 
 from __future__ import annotations
@@ -35,6 +35,10 @@ COALESCE = 0.05
 
 BULK = frozenset(("command", "violation"))
 """Record kinds a single session can produce without bound (one per command it sends)."""
+
+
+PRIVATE = frozenset(("traits",))
+"""Record kinds the event log never writes (see `records.SessionTraits`)."""
 
 
 def _timestamp(when: float | None = None) -> str:
@@ -81,6 +85,8 @@ class JsonLinesSink:
                 old.close()
 
     def emit(self, record: Record) -> None:
+        if record.event in PRIVATE:
+            return
         session = _bulk_session(record)
         if session is not None:
             mine = self._bulk_by_session.get(session, 0)
