@@ -233,9 +233,7 @@ class Service:
                     writers.start_soon(self.store.run)
                     nursery.start_soon(self._report_store_drops, self.store)
                 if metrics_listeners:
-                    nursery.start_soon(
-                        serve_metrics, self.metrics, metrics_listeners, self._healthy
-                    )
+                    nursery.start_soon(serve_metrics, self.metrics, metrics_listeners, self._health)
                 # Signals are handled before anyone is told we are ready: a reload right after
                 # READY=1 must not find the default SIGHUP action (which ends the process).
                 await nursery.start(self._on_signals)
@@ -350,8 +348,19 @@ class Service:
             await trio.sleep(every)
             report_store_drops(store, self.sink)
 
-    def _healthy(self) -> bool:
-        return not self.proxy.stopping.is_set() and (self.store is None or self.store.connected)
+    def _health(self) -> tuple[bool, str]:
+        """Healthy while sessions are served. A statistics store that is away does not make the
+        proxy unhealthy: sessions go on and their rows wait in the spool, and proxies sharing one
+        store must not all leave a load balancer's pool at once over statistics
+        (`imapveil_store_up` is what to alert on)."""
+        if self.proxy.stopping.is_set():
+            return False, "stopping"
+        store = self.store
+        if store is None or store.connected:
+            return True, "ok"
+        if store.spool is None:
+            return True, "ok; statistics store away, no spool: rows beyond the queue are lost"
+        return True, f"ok; statistics store away, {store.spool_bytes} octets in the spool"
 
     async def _watchdog(self, interval: float) -> None:
         while True:

@@ -126,14 +126,23 @@ def assert_renders(report: Path, tmp_path: Path) -> None:
 def test_store_goes_away_and_comes_back(
     dovecot: Dovecot, tmp_path: Path, postgres: Postgres
 ) -> None:
-    with imapveil(tmp_path, dovecot.address, "--store", postgres.url) as proxy:
+    metrics_port = free_port()
+    args = ("--store", postgres.url, "--metrics", f"127.0.0.1:{metrics_port}")
+    with imapveil(tmp_path, dovecot.address, *args) as proxy:
         proxy.stderr_until(b"statistics store ready")
         session_with_id(proxy.port, "alice", "wonderland", b'a ID ("name" "Thunderbird")\r\n')
+        assert http_get(metrics_port, "/healthz") == (b"HTTP/1.1 200 OK", b"ok\n")
         postgres.stop()
         # Relaying goes on while the store is down.
         for _ in range(3):
             session_with_id(proxy.port, "bob", "builder", b'b ID ("name" "NeoMutt")\r\n')
         proxy.stderr_until(b"statistics store")  # it noticed
+        # A statistics outage must not take every proxy out of a load balancer's pool (they
+        # share the store): healthy, and saying why the statistics wait.
+        status, body = http_get(metrics_port, "/healthz")
+        assert status == b"HTTP/1.1 200 OK"
+        assert body.startswith(b"ok; statistics store away") and b"spool" in body
+        assert "imapveil_store_up 0.0" in http_get(metrics_port, "/metrics")[1].decode()
         postgres.restart()
         proxy.stderr_until(b"statistics store ready")
         proxy.signal(signal.SIGTERM)

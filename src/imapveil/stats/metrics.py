@@ -235,8 +235,11 @@ class ProcessCollector:
 async def serve_metrics(
     metrics: Metrics,
     listeners: list[trio.SocketListener],
-    healthy: Callable[[], bool],
+    health: Callable[[], tuple[bool, str]],
 ) -> None:
+    """Serve `/metrics` and `/healthz`. `health` says whether the proxy serves sessions and, in
+    one line, anything an operator should know (the body: `ok`, `ok; …`, or why not)."""
+
     async def handle(stream: trio.SocketStream) -> None:
         try:
             with trio.move_on_after(5):
@@ -252,9 +255,9 @@ async def serve_metrics(
                     status, body = b"200 OK", encode(metrics.registry)
                     kind = content_type.encode()
                 elif path == b"/healthz":
-                    ok = healthy()
+                    ok, detail = health()
                     status = b"200 OK" if ok else b"503 Service Unavailable"
-                    body, kind = (b"ok\n" if ok else b"unhealthy\n"), b"text/plain"
+                    body, kind = detail.encode() + b"\n", b"text/plain"
                 else:
                     status, body, kind = b"404 Not Found", b"not found\n", b"text/plain"
                 await stream.send_all(
