@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import re
 
+from imapveil.protocol import lexer
 from imapveil.protocol.lexer import LiteralAnnouncement
 from imapveil.records import SessionTraits
 
@@ -272,7 +273,6 @@ _TOKENISED = frozenset(
         b"APPEND",
         b"CREATE",
         b"COMPRESS",
-        b"AUTHENTICATE",
     )
 )
 _FETCHES = frozenset((b"FETCH", b"UID FETCH"))
@@ -288,18 +288,19 @@ _TOKEN = re.compile(rb'"(?:[^"\\]++|\\.)*+"|[()]|[^ ()"]++')
 _WORD = re.compile(rb"[A-Z0-9][A-Z0-9=\-.$]*+")
 _LITERAL_TOKEN = b"{}"  # where a literal's octets went (never read)
 _QUOTED = b'"'
+_KEPT_QUOTED = frozenset((b'"*"', b'"%"', b'""'))  # LIST wildcards and the empty string
 
 
 def _tokens(content: bytes, room: int) -> list[bytes]:
     """At most `room` tokens of a fragment's arguments, upper-cased; a quoted string becomes a
-    lone `"` (except a quoted `*` or `%`, kept as the LIST wildcard it is)."""
+    lone `"` (except `"*"`, `"%"` and `""`, kept: LIST patterns every account has)."""
     out: list[bytes] = []
     for m in _TOKEN.finditer(content.upper()):
         if len(out) >= room:
             break
         t = m.group()
-        if t[:1] == b'"':
-            t = t[1:-1] if t in (b'"*"', b'"%"') else _QUOTED
+        if t[:1] == b'"' and t not in _KEPT_QUOTED:
+            t = _QUOTED
         out.append(t)
     return out
 
@@ -347,7 +348,6 @@ class Traits:
     __slots__ = (
         "_after_login",
         "_append_literals",
-        "_catenate",
         "_current",
         "_seen",
         "_steps",
@@ -375,7 +375,6 @@ class Traits:
         self._verb: bytes | None = None  # the same, while its arguments are being tokenised
         self._tokens: list[bytes] = []
         self._append_literals = 0
-        self._catenate = False
 
     def __repr__(self) -> str:
         return f"<traits {len(self.extensions)} extensions, {len(self._steps)} steps>"
@@ -410,7 +409,6 @@ class Traits:
             self._verb = verb
             self._tokens = []
             self._append_literals = 0
-            self._catenate = False
             self._more(content, literal)
             return
         if literal is not None:
@@ -421,8 +419,12 @@ class Traits:
             self._marks(content, _STORE_MARKS)
         if verb in _SEQUENCED and (content == b" $" or content[:3] == b" $ "):
             self.extensions.add("SEARCHRES")
+        if verb == b"AUTHENTICATE":
+            step = self._authenticate(content)
+        else:
+            step = _simple_step(verb) if self._window else ""
         if self._window:
-            self._step(verb, _simple_step(verb))
+            self._step(verb, step)
 
     def fragment(self, content: bytes, literal: LiteralAnnouncement | None) -> None:
         """A further fragment of the current command, after a literal."""
@@ -466,6 +468,18 @@ class Traits:
             if self._window:
                 self.literal_plus = True
 
+    def _authenticate(self, content: bytes) -> str:
+        """AUTHENTICATE's mechanism (from a fixed list) and whether an initial response follows
+        it (SASL-IR); the response itself is never read."""
+        mechanism, end = lexer.read_atom(content, 1, 24)
+        name = mechanism.upper().decode("ascii")
+        if name not in _MECHANISMS:
+            name = OTHER
+        if content[end : end + 1] == b" ":
+            self.extensions.add("SASL-IR")
+            return f"AUTHENTICATE {name} IR"
+        return f"AUTHENTICATE {name}"
+
     def _marks(self, content: bytes, marks: tuple[tuple[bytes, str], ...]) -> None:
         up = content.upper()
         for mark, name in marks:
@@ -491,7 +505,6 @@ class Traits:
         """APPEND announced a literal: a second message is MULTIAPPEND (not within CATENATE)."""
         self._append_literals += 1
         if b"CATENATE" in self._tokens:
-            self._catenate = True
             self.extensions.add("CATENATE")
         elif self._append_literals > 1:
             self.extensions.add("MULTIAPPEND")
@@ -644,15 +657,6 @@ class Traits:
         self.extensions.add(OTHER)
         return "COMPRESS OTHER"
 
-    def _read_authenticate(self, verb: bytes, tokens: list[bytes]) -> str:
-        mechanism = tokens[0].decode("ascii", "replace") if tokens else ""
-        if mechanism not in _MECHANISMS:
-            mechanism = OTHER
-        if len(tokens) > 1:
-            self.extensions.add("SASL-IR")
-            return f"AUTHENTICATE {mechanism} IR"
-        return f"AUTHENTICATE {mechanism}"
-
 
 def _after_list(tokens: list[bytes], at: int) -> int:
     """The index after the parenthesised list that starts at tokens[at]."""
@@ -669,10 +673,14 @@ def _joined(words: list[str]) -> str:
     return " ".join(words).replace("( ", "(").replace(" )", ")")
 
 
+_PATTERNS = frozenset((b"*", b"%", *_KEPT_QUOTED))
+
+
 def _pattern(tokens: list[bytes], at: int) -> str:
-    """LIST's mailbox pattern, as a class: `*`, `%`, or `name` (a mailbox's own name never)."""
+    """LIST's mailbox pattern as a class: `*` or `%` (as an atom or quoted), `""`, or `name`
+    (any other: a mailbox's own name never)."""
     t = tokens[at] if at < len(tokens) else b""
-    return t.decode() if t in (b"*", b"%") else "name"
+    return t.decode() if t in _PATTERNS else "name"
 
 
 def _simple_step(verb: bytes) -> str:
@@ -702,5 +710,4 @@ _READERS = {
     b"APPEND": Traits._read_append,
     b"CREATE": Traits._read_create,
     b"COMPRESS": Traits._read_compress,
-    b"AUTHENTICATE": Traits._read_authenticate,
 }
