@@ -191,6 +191,17 @@ def test_each_vocabulary_entry_is_recognised(
     assert list(traits.extensions) == sorted(set(traits.extensions))
 
 
+@pytest.mark.parametrize(("script", "names"), VOCABULARY)
+def test_each_vocabulary_entry_is_recognised_after_the_window(
+    split: Splitter, script: Script, names: set[str]
+) -> None:
+    # SELECT closes the behaviour window; later commands take the quick path, same names.
+    start = [*LOGIN, *answered(b"a0 SELECT INBOX")]
+    traits = traits_of(split, start + script)
+    assert set(traits.extensions) == names
+    assert traits.behaviour_text == "b1 tag=A9 lit+=n: LOGIN; SELECT"
+
+
 def test_idle_sasl_ir_starttls_and_compress(split: Splitter) -> None:
     ir = base64.b64encode(b"\0bob\0builder")
     script = [

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterable
 
 from imapveil.protocol import lexer
 from imapveil.protocol.lexer import LiteralAnnouncement
@@ -192,22 +193,22 @@ _SORT_WORDS: dict[bytes, str] = {
     b"DISPLAYTO": "SORT=DISPLAY",
 }
 # FETCH and STORE arguments hold no text of the user's (sections name header fields, which the
-# client program chooses): substrings of the upper-cased arguments are enough.
-_FETCH_MARKS: tuple[tuple[bytes, str], ...] = (
-    (b"BINARY", "BINARY"),
-    (b"CHANGEDSINCE", "CONDSTORE"),
-    (b"MODSEQ", "CONDSTORE"),
-    (b"VANISHED", "QRESYNC"),
-    (b"X-GM-", "X-GM-EXT-1"),
-    (b"PREVIEW", "PREVIEW"),
-    (b"EMAILID", "OBJECTID"),
-    (b"THREADID", "OBJECTID"),
-    (b"SAVEDATE", "SAVEDATE"),
-)
-_STORE_MARKS: tuple[tuple[bytes, str], ...] = (
-    (b"UNCHANGEDSINCE", "CONDSTORE"),
-    (b"X-GM-LABELS", "X-GM-EXT-1"),
-)
+# client program chooses): substrings, found by one case-insensitive pass, are enough.
+_FETCH_MARKS: dict[bytes, str] = {
+    b"BINARY": "BINARY",
+    b"CHANGEDSINCE": "CONDSTORE",
+    b"MODSEQ": "CONDSTORE",
+    b"VANISHED": "QRESYNC",
+    b"X-GM-": "X-GM-EXT-1",
+    b"PREVIEW": "PREVIEW",
+    b"EMAILID": "OBJECTID",
+    b"THREADID": "OBJECTID",
+    b"SAVEDATE": "SAVEDATE",
+}
+_STORE_MARKS: dict[bytes, str] = {
+    b"UNCHANGEDSINCE": "CONDSTORE",
+    b"X-GM-LABELS": "X-GM-EXT-1",
+}
 _LIST_RETURN: dict[bytes, str] = {
     b"STATUS": "LIST-STATUS",
     b"SPECIAL-USE": "SPECIAL-USE",
@@ -282,6 +283,30 @@ _SEQUENCED = _FETCHES | _STORES | frozenset((b"COPY", b"UID COPY", b"MOVE", b"UI
 # The behaviour window closes after these: what follows depends on the mailbox's contents.
 _WINDOW_ENDS = frozenset((b"SELECT", b"EXAMINE", b"IDLE", b"LOGOUT"))
 _LOGINS = frozenset((b"LOGIN", b"AUTHENTICATE"))
+
+
+def _any_of(words: Iterable[bytes]) -> re.Pattern[bytes]:
+    """One pass that finds any of the words (longest first), in upper-cased text (re's
+    IGNORECASE would lose its first-character prefilter: several times slower)."""
+    ordered = sorted(words, key=len, reverse=True)
+    return re.compile(b"|".join(re.escape(w) for w in ordered))
+
+
+_FETCH_SCAN = _any_of(_FETCH_MARKS)
+_STORE_SCAN = _any_of(_STORE_MARKS)
+# After the behaviour window, a one-fragment command of these kinds in which none of these
+# words occurs has nothing to teach (its reader would note no extension): it is not tokenised.
+_NOTHING_WITHOUT = {
+    b"SEARCH": _any_of(_SEARCH_WORDS),
+    b"UID SEARCH": _any_of(_SEARCH_WORDS),
+    b"SORT": _any_of(_SORT_WORDS),
+    b"UID SORT": _any_of(_SORT_WORDS),
+    b"LIST": _any_of([b"("]),
+    b"LSUB": _any_of([b"("]),
+    b"STATUS": _any_of(k for k, v in _STATUS_ITEMS.items() if v is not None),
+    b"SELECT": _any_of(_SELECT_PARAMS),
+    b"EXAMINE": _any_of(_SELECT_PARAMS),
+}
 
 # Quoted strings (dropped: a user's search text, a mailbox name), parentheses, other tokens.
 _TOKEN = re.compile(rb'"(?:[^"\\]++|\\.)*+"|[()]|[^ ()"]++')
@@ -406,6 +431,10 @@ class Traits:
         elif verb not in _BASE_VERBS and verb not in _TOKENISED:
             self.extensions.add(OTHER)
         if verb in _TOKENISED:
+            if not self._window and literal is None:
+                quick = _NOTHING_WITHOUT.get(verb)
+                if quick is not None and quick.search(content.upper()) is None:
+                    return
             self._verb = verb
             self._tokens = []
             self._append_literals = 0
@@ -413,12 +442,8 @@ class Traits:
             return
         if literal is not None:
             self._literal(verb, literal)
-        if verb in _FETCHES:
-            self._marks(content, _FETCH_MARKS)
-        elif verb in _STORES:
-            self._marks(content, _STORE_MARKS)
-        if verb in _SEQUENCED and (content == b" $" or content[:3] == b" $ "):
-            self.extensions.add("SEARCHRES")
+        if verb in _SEQUENCED:
+            self._sequenced(verb, content)
         if verb == b"AUTHENTICATE":
             step = self._authenticate(content)
         else:
@@ -480,11 +505,20 @@ class Traits:
             return f"AUTHENTICATE {name} IR"
         return f"AUTHENTICATE {name}"
 
-    def _marks(self, content: bytes, marks: tuple[tuple[bytes, str], ...]) -> None:
-        up = content.upper()
-        for mark, name in marks:
-            if mark in up:
-                self.extensions.add(name)
+    def _sequenced(self, verb: bytes, content: bytes) -> None:
+        """FETCH, STORE, COPY, MOVE: a saved search as the set, FETCH and STORE modifiers."""
+        if content == b" $" or content[:3] == b" $ ":
+            self.extensions.add("SEARCHRES")
+        if verb in _FETCHES:
+            self._marks(content.upper(), _FETCH_SCAN, _FETCH_MARKS)
+        elif verb in _STORES:
+            self._marks(content.upper(), _STORE_SCAN, _STORE_MARKS)
+
+    def _marks(self, up: bytes, scan: re.Pattern[bytes], marks: dict[bytes, str]) -> None:
+        m = scan.search(up)  # usually None: one pass
+        while m is not None:
+            self.extensions.add(marks[m.group()])
+            m = scan.search(up, m.end())
 
     def _more(self, content: bytes, literal: LiteralAnnouncement | None) -> None:
         verb = self._verb
