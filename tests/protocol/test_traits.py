@@ -11,9 +11,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 import sys
 from collections.abc import Iterable
 from functools import partial
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -22,7 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from imapveil.protocol import classify, lexer
-from imapveil.protocol.traits import MAX_TEXT, Traits, tag_style
+from imapveil.protocol.traits import EXTENSIONS, MAX_TEXT, Traits, tag_style
 from imapveil.records import SessionEnded, SessionTraits
 from tests.helpers import feeding
 from tests.helpers.feeding import Conversation, Splitter, splitting_at
@@ -446,7 +448,8 @@ def test_nothing_the_client_chose_reaches_the_record(split: Splitter) -> None:
 def hostile_traits(verbs: int, split: Splitter) -> tuple[SessionTraits, Traits]:
     conv = talk(split)
     lines = b"".join(b"t%d X%dVERB%d\r\n" % (i, i, i * 7919) for i in range(verbs))
-    lines += b"e ENABLE " + b" ".join(b"E%d" % i for i in range(5000)) + b"\r\n"
+    for n in range(0, 100_000, 5000):  # 100,000 distinct ENABLE arguments
+        lines += b"e ENABLE " + b" ".join(b"E%d" % i for i in range(n, n + 5000)) + b"\r\n"
     conv.client(lines)
     traits = conv.core._traits  # its bounded state, inspected
     conv.client_closes()
@@ -461,7 +464,7 @@ def test_a_hundred_thousand_unknown_verbs_give_a_bounded_record(how: str) -> Non
     assert record.behaviour_text == "b1 tag=A9 lit+=n: OTHER"
     assert "VERB" not in json.dumps(record.to_dict())
     assert len(state.extensions) == 2 and len(state._steps) == 1
-    assert state.read == 100_001
+    assert state.read == 100_000 + 20  # the verbs and the ENABLE lines
 
 
 def test_hostile_verbs_byte_by_byte() -> None:
@@ -480,6 +483,57 @@ def test_the_behaviour_text_is_bounded(split: Splitter) -> None:
     assert traits.behaviour_text is not None
     assert len(traits.behaviour_text) <= MAX_TEXT
     assert traits.behaviour_text.endswith("; …")
+
+
+STEP_POOL = [
+    b"a CAPABILITY",
+    b"a LOGIN u p",
+    b"a X-WHAT",
+    b'a LIST (SUBSCRIBED REMOTE) "" "*" RETURN (CHILDREN STATUS (MESSAGES UNSEEN SIZE))',
+    b'a LIST "" % RETURN (' + b"(" * 200 + b")" * 200 + b")",
+    b"a STATUS x (MESSAGES RECENT UIDNEXT UIDVALIDITY UNSEEN DELETED SIZE HIGHESTMODSEQ)",
+    b"a STATUS x (APPENDLIMIT MAILBOXID A B C D E F G H I J K L)",
+    b"a ENABLE " + b" ".join(b"X%d" % i for i in range(40)),
+    b"a ENABLE CONDSTORE QRESYNC UTF8=ACCEPT IMAP4REV2 METADATA METADATA-SERVER NOTIFY",
+    b"a AUTHENTICATE SCRAM-SHA-256-PLUS",
+    b"a COMPRESS DEFLATE",
+    b"a NAMESPACE",
+]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    picks=st.lists(st.tuples(st.integers(0, len(STEP_POOL) - 1), st.integers(0, 30)), max_size=60)
+)
+def test_any_command_mix_gives_a_bounded_text_from_the_vocabulary(
+    picks: list[tuple[int, int]],
+) -> None:
+    t = Traits()
+    for pick, variant in picks:
+        line = STEP_POOL[pick] + (b" (%d)" % variant if pick in (5, 6) else b"")
+        p = classify.first_fragment(line)
+        t.command(b"a", p.verb, p.fragment.content, p.fragment.literal)
+    record = t.record("s", frozenset())
+    assert (record is None) == (not picks)
+    if record is None:
+        return
+    assert set(record.extensions) <= EXTENSIONS
+    text = record.behaviour_text
+    assert text is not None and len(text) <= MAX_TEXT
+    assert not re.search(r"X\d|[a-z]", text.split(": ", 1)[1])  # no client words
+
+
+def test_the_documented_vocabulary_is_the_code_s() -> None:
+    doc = (Path(__file__).parents[2] / "docs" / "extensions.md").read_text()
+    listed = doc.split("Names:", 1)[1].split("The commands of", 1)[0]
+    assert set(re.findall(r"`([^`]+)`", listed)) == EXTENSIONS
+    table = doc.split("## What the client sent", 1)[1].split("## Which commands count", 1)[0]
+    rows = [r for r in table.splitlines() if r.startswith("| ") and "Recorded" not in r]
+    assert len(rows) > 50
+    for row in rows:
+        recorded = row.rsplit("|", 2)[1]
+        for name in re.findall(r"`([A-Z0-9=+\-]+)`", recorded):
+            assert name in EXTENSIONS, row
 
 
 def count_calls(work: Any) -> int:

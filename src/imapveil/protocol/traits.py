@@ -32,6 +32,7 @@ WINDOW_STEPS = 24
 """Distinct steps the behaviour text holds at most."""
 MAX_TEXT = 400
 """Longest behaviour text, in characters."""
+_HEAD_MAX = len("b1 tag=AAAAAA+ lit+=n: ")
 MAX_TOKENS = 256
 """Argument tokens of one command read at most (a longer command is read that far)."""
 MAX_JA4 = 64
@@ -560,7 +561,10 @@ class Traits:
         if verb in _LOGINS:
             self._after_login = True
         if key not in self._seen:
-            if len(steps) >= WINDOW_STEPS or sum(map(len, steps)) + len(step) + 64 > MAX_TEXT:
+            # The text is the head, then each step and "; ", less the last "; ". A step that
+            # would leave no room for a closing "…" closes the window with it instead.
+            used = _HEAD_MAX + sum(len(s) + 2 for s in steps)
+            if len(steps) >= WINDOW_STEPS or used + len(step) + 2 + len("…") > MAX_TEXT:
                 steps.append("…")
                 self._window = False
                 return
