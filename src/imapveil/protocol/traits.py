@@ -4,15 +4,17 @@ behaviour signature of the session's start (docs/extensions.md, docs/fingerprint
 Pure and sans-IO. The command side feeds each client command the proxy accepted, fragment by
 fragment, as it already classified it (the verb, the arguments without the literal announcement,
 the literal announced at the end); this module never sees literal octets, and never keeps or
-returns a byte of what the client sent: every name it returns comes from the fixed vocabulary
-below (`EXTENSIONS`, `STEP_WORDS`), an unknown verb or option counts as `OTHER`. What it keeps
-is bounded by construction: a set of names from the vocabulary, and at most `WINDOW_STEPS`
-steps of at most `MAX_TEXT` characters in all.
+returns a byte of what the client sent: every name it returns comes from the fixed lists below
+(`EXTENSIONS`, the verbs, options, STATUS items and SASL mechanisms it knows), and an unknown
+verb or option counts as `OTHER`. What it keeps is bounded by construction: a set of names from
+the vocabulary, at most `WINDOW_STEPS` steps and `MAX_TEXT` characters of behaviour text, and
+the tokens of the one command being read (at most `MAX_TOKENS`).
 
 Per command it costs a dictionary look-up on the verb; the arguments are read only for the verbs
-whose arguments name extensions (FETCH, STORE and the like by a few substring tests on the
-upper-cased arguments, SEARCH, LIST, STATUS, SELECT, ENABLE by one linear tokenisation), and only
-while the window is open are steps built.
+whose arguments can name extensions: FETCH and STORE by one pass of a regular expression over the
+upper-cased arguments, SEARCH, SORT, LIST, STATUS, SELECT, ENABLE, APPEND by one linear
+tokenisation — which, once the behaviour window has closed, a one-pass check skips when none of
+the words that verb's reader reacts to occurs. Steps are built only while the window is open.
 """
 
 from __future__ import annotations
@@ -311,7 +313,6 @@ _NOTHING_WITHOUT = {
 
 # Quoted strings (dropped: a user's search text, a mailbox name), parentheses, other tokens.
 _TOKEN = re.compile(rb'"(?:[^"\\]++|\\.)*+"|[()]|[^ ()"]++')
-_WORD = re.compile(rb"[A-Z0-9][A-Z0-9=\-.$]*+")
 _LITERAL_TOKEN = b"{}"  # where a literal's octets went (never read)
 _QUOTED = b'"'
 _KEPT_QUOTED = frozenset((b'"*"', b'"%"', b'""'))  # LIST wildcards and the empty string
@@ -332,10 +333,9 @@ def _tokens(content: bytes, room: int) -> list[bytes]:
 
 
 def _word(token: bytes) -> str:
-    """A token as a word of the behaviour text: from the vocabulary, or OTHER."""
-    if _WORD.fullmatch(token) is not None and token.decode() in EXTENSIONS:
-        return token.decode()
-    return OTHER
+    """A token as an extension name: from the vocabulary, or OTHER."""
+    word = token.decode("ascii", "replace")
+    return word if word in EXTENSIONS else OTHER
 
 
 def tag_style(tag: bytes) -> str:
