@@ -135,6 +135,27 @@ VOCABULARY: list[tuple[Script, set[str]]] = [
     (answered(b"a1 UNAUTHENTICATE"), {"UNAUTHENTICATE"}),
     (answered(b"a1 ESEARCH IN (personal) UNSEEN"), {"MULTISEARCH"}),
     (answered(b"a1 X-UNKNOWN-VERB 1 2"), {"OTHER"}),
+    (answered(b"a1 SEARCH RETURN (PARTIAL 1:10) UNSEEN"), {"ESEARCH", "PARTIAL"}),
+    (
+        answered(b"a1 SEARCH RETURN (UPDATE) FUZZY SUBJECT x"),
+        {"ESEARCH", "CONTEXT=SEARCH", "SEARCH=FUZZY"},
+    ),
+    (answered(b"a1 UID SORT RETURN (CONTEXT) (DATE) UTF-8 ALL"), {"SORT", "ESORT", "CONTEXT=SORT"}),
+    (answered(b"a1 THREAD REFS UTF-8 ALL"), {"THREAD=REFS"}),
+    (
+        answered(b'a1 LIST "" "*" RETURN (MYRIGHTS METADATA (/shared/comment))'),
+        {"LIST-EXTENDED", "LIST-MYRIGHTS", "LIST-METADATA"},
+    ),
+    (answered(b"a1 STATUS INBOX (DELETED)"), {"IMAP4REV2"}),
+    (answered(b"a1 UID REPLACE 4 Drafts {3+}\r\nabc"), {"REPLACE", "LITERAL+"}),
+    (answered(b"a1 GENURLAUTH x INTERNAL", b"a2 URLFETCH x"), {"URLAUTH"}),
+    (answered(b"a1 LANGUAGE DE", b"a2 COMPARATOR i;basic"), {"LANGUAGE", "I18NLEVEL=2"}),
+    (answered(b"a1 UID CONVERT 1 (BINARY[1])"), {"CONVERT"}),
+    (answered(b'a1 XAPPLEPUSHSERVICE aps-version "2"'), {"XAPPLEPUSHSERVICE"}),
+    (
+        answered(b"a1 ENABLE UIDONLY UTF8=ONLY METADATA METADATA-SERVER X-GM-EXT-1 enable"),
+        {"ENABLE", "UIDONLY", "UTF8=ONLY", "METADATA", "METADATA-SERVER", "X-GM-EXT-1"},
+    ),
     # LITERAL+: the client sent {N+} (the server's "+" answers the proxy's {N}).
     (
         [("c", b"a1 CREATE {4+}\r\nJunk\r\n"), ("s", b"+ go\r\n"), ("s", b"a1 OK done\r\n")],
@@ -202,6 +223,12 @@ def test_each_vocabulary_entry_is_recognised_after_the_window(
     traits = traits_of(split, start + script)
     assert set(traits.extensions) == names
     assert traits.behaviour_text == "b1 tag=A9 lit+=n: LOGIN; SELECT"
+
+
+def test_the_vocabulary_tests_cover_every_name() -> None:
+    named = set().union(*(names for _script, names in VOCABULARY))
+    elsewhere = {"IDLE", "SASL-IR", "STARTTLS", "COMPRESS=DEFLATE", "LITERAL-"}  # tests below
+    assert named | elsewhere == EXTENSIONS
 
 
 def test_idle_sasl_ir_starttls_and_compress(split: Splitter) -> None:

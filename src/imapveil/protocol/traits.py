@@ -421,7 +421,8 @@ class Traits:
         """The first fragment of a command the proxy accepted: its tag, upper-cased verb,
         arguments (the fragment's content: no literal announcement, no line end) and the literal
         announced at its end."""
-        self._end_command()
+        if self._verb is not None:
+            self._end_command()
         self.read += 1
         self._current = verb
         if self.tag is None:
