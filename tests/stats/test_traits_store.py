@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from imapveil.stats.inventory import Fold, inferred
 from imapveil.stats.labels import SHIPPED, Label, LabelError, load_labels, parse_labels
 from imapveil.stats.report import summarize
 from imapveil.stats.sink import StoreSink
-from imapveil.stats.spool import Spool, Tally
+from imapveil.stats.spool import Item, Spool, Tally
 from imapveil.stats.store import MIGRATIONS, Batch, Store
 from imapveil.stats.traits import (
     ExtensionRow,
@@ -35,9 +36,12 @@ from imapveil.stats.traits import (
     extension_usage,
     fingerprint_usage,
 )
+from tests.helpers.dovecot import Dovecot
 from tests.helpers.postgres import Postgres
+from tests.helpers.process import imapveil
 from tests.stats.test_durability import WAIT, nowhere, query, replay, spooled
 from tests.stats.test_durability import url as url  # noqa: PLC0414 (the fixture, shared)
+from tests.stats.test_end_to_end import imapveil_cli
 from tests.stats.test_report_inventory import client, fleet_rows, make_fleet
 
 JA4_WIN = "t13d1516h2_8daaf6152771_02713d6af862"
@@ -535,8 +539,10 @@ async def test_replay_of_a_spool_written_before_and_after_migration_3(
 def test_the_spool_reads_a_session_and_its_traits_together(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
     spool.open()
-    items = [("session", ["a"]), ("traits", ["a", None, None, None, []]), ("command", ["a"]),
-             ("session", ["b"]), ("traits", ["b", None, None, None, ["IDLE"]])]  # fmt: skip
+    items: list[Item] = [
+        ("session", ["a"]), ("traits", ["a", None, None, None, []]), ("command", ["a"]),
+        ("session", ["b"]), ("traits", ["b", None, None, None, ["IDLE"]]),
+    ]  # fmt: skip
     assert spool.append(items) == 5
     read = []
     while spool.pending:
@@ -553,3 +559,75 @@ def test_the_spool_reads_a_session_and_its_traits_together(tmp_path: Path) -> No
     again.open()
     assert again.read(1)[0] == [("session", ["x"])]
     again.close()
+
+
+# --- end to end: real sessions through `imapveil serve` to Dovecot, a SQLite store ---------------
+
+
+def scripted_session(port: int, user: str, password: str, lines: list[bytes]) -> None:
+    """One client session, a command at a time, each awaited (IDLE ended by DONE)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s, s.makefile("rb") as f:
+        f.readline()
+        for n, line in enumerate([*lines, b"LOGOUT"]):
+            tag = b"t%d" % n
+            command = line.replace(b"USER PASS", f"{user} {password}".encode())
+            s.sendall(tag + b" " + command + b"\r\n")
+            while not (answer := f.readline()).startswith(tag + b" "):
+                assert answer, line
+                if line == b"IDLE" and answer.startswith(b"+"):
+                    s.sendall(b"DONE\r\n")
+
+
+NAMED = [b"CAPABILITY", b'ID ("name" "Thunderbird" "version" "128.5.0")', b"LOGIN USER PASS",
+         b"ENABLE CONDSTORE", b"SELECT INBOX (CONDSTORE)", b"IDLE"]  # fmt: skip
+NAMELESS = [b"CAPABILITY", b"LOGIN USER PASS", b'LIST "" "*" RETURN (SPECIAL-USE)',
+            b"SELECT INBOX", b"UID SEARCH ALL"]  # fmt: skip
+
+
+@pytest.mark.dovecot
+def test_end_to_end_traits_reach_the_store_and_stats(dovecot: Dovecot, tmp_path: Path) -> None:
+    store = str(tmp_path / "stats.sqlite")
+    with imapveil(tmp_path, dovecot.address, "--store", store) as proxy:
+        for user, password in dovecot.users.items():
+            scripted_session(proxy.port, user, password, NAMED)
+            scripted_session(proxy.port, user, password, NAMELESS)
+        assert proxy.stop() == 0
+        events = proxy.events.read_text()
+    # The event log never has them: no traits record, no fingerprint.
+    assert '"traits"' not in events and "b1_" not in events and "CONDSTORE" not in events
+    users = len(dovecot.users)
+    done = imapveil_cli("stats", "--store", store, "--by", "extension", "--format", "json",
+                        "--min-users", "1")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    found = {(r["family"], r["extension"]): r["users"] for r in json.loads(done.stdout)["rows"]}
+    for extension in ("CONDSTORE", "ENABLE", "ID", "IDLE"):
+        assert found[("Thunderbird", extension)] == users, extension
+    assert found[(NO_ID, "SPECIAL-USE")] == users and ("Thunderbird", "SPECIAL-USE") not in found
+    done = imapveil_cli("stats", "--store", store, "--by", "fingerprint", "--format", "json",
+                        "--min-users", "1")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(done.stdout)["rows"]
+    # One behaviour per client program, the same for every account.
+    assert [(r["kind"], r["users"], r["sessions"]) for r in rows] == [
+        ("behaviour", users, users)
+    ] * 2
+    named = next(r for r in rows if r["families"])
+    nameless = next(r for r in rows if not r["families"])
+    assert named["families"] == [{"family": "Thunderbird", "users": users}]
+    assert (nameless["no_id_users"], named["no_id_users"]) == (users, None)
+    assert "ENABLE" in named["text"] and "hmac:" not in done.stdout
+    # Labelled, the nameless client's users count as inferred, apart from the named ones.
+    labels = tmp_path / "labels.toml"
+    labels.write_text(f'[[label]]\nfingerprint = "{nameless["fingerprint"]}"\nfamily = "Outlook"'
+                      '\nplatform = "Windows"\n', encoding="utf-8")  # fmt: skip
+    conf = tmp_path / "imapveil.toml"
+    conf.write_text(f'store = "{store}"\nfingerprint_labels = "{labels}"\n', encoding="utf-8")
+    done = imapveil_cli("stats", "--config", str(conf), "--format", "json", "--min-users", "1")
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    assert {r["group"]: r["users"] for r in data["rows"]} == {"Thunderbird": users, NO_ID: users}
+    assert [(r["family"], r["users"], r["platforms"]) for r in data["inferred"]["rows"]] == [
+        ("Outlook", users, f"Windows ({users})")
+    ]
+    folded = imapveil_cli("stats", "--config", str(conf), "--by", "fingerprint")
+    assert folded.returncode == 0 and "Outlook (Windows)" not in folded.stdout  # k-floored
