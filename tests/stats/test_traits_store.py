@@ -294,7 +294,7 @@ def test_stats_by_family_shows_inferred_users_apart(
     assert {r["group"]: r["users"] for r in data["rows"]}["Outlook"] == 100
     assert main(["stats", "--config", str(conf)]) == 0
     table = capsys.readouterr().out
-    assert "Inferred from labelled fingerprints: these sessions sent no ID" in table
+    assert "Inferred from labelled fingerprints: sessions that sent no ID" in table
     assert table.splitlines()[-1].split() == [
         "Windows",
         "Mail",

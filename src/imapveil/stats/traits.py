@@ -310,8 +310,8 @@ RENDER_FINGERPRINTS: dict[str, Callable[[FingerprintUsage], str]] = {
 # --- `imapveil stats --by family`: the inferred users beside the named ones ---------------------
 
 INFERRED_NOTE = (
-    'Inferred from labelled fingerprints: these sessions sent no ID (they are in the "no ID" '
-    "row), the administrator's labels name their family."
+    'Inferred from labelled fingerprints: sessions that sent no ID (in the "no ID" row above),\n'
+    "under the family the administrator's labels name."
 )
 
 
