@@ -174,6 +174,11 @@ def test_labelled_fingerprints_fold_into_the_inventory_as_inferred(fleet: Store)
     assert found.rows[0].first_seen == "2026-09-09T08:00:00.000+00:00"
     floored = inferred(fleet, labels=LABELS, min_users=6)
     assert [r.family for r in floored.rows] == ["Outlook"] and floored.folded == Fold(1, 5)
+    # The last week only: 400 users in all that week.
+    week = inferred(fleet, since="2026-11-23", until="2026-11-30", labels=LABELS)
+    assert [(r.family, r.users, r.sessions, r.share) for r in week.rows] == [
+        ("Outlook", 10, 10, 10 / 400), ("Windows Mail", 5, 5, 5 / 400)
+    ]  # fmt: skip
     assert inferred(fleet, labels={}) == inferred(fleet, labels=None)
     assert inferred(fleet, labels={}).rows == ()
     # The named inventory is as it was: inferred users are never added into it.

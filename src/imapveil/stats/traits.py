@@ -72,8 +72,7 @@ class ExtensionUsage:
 
 def _condition(since: str | None, until: str | None, *more: str) -> tuple[str, list[str]]:
     """A period's WHERE clause on sessions (`s`), with `more` conditions joined to it."""
-    clause, params = where(since, until)
-    clause = clause.replace("started_at", "s.started_at")
+    clause, params = where(since, until, "s.started_at")
     for condition in more:
         clause += f"{also(clause)} {condition}"
     return clause, params
