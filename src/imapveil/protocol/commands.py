@@ -92,14 +92,7 @@ class Commands:
     )
 
     def __init__(
-        self,
-        config: CoreConfig,
-        out: Outbox,
-        framer: ClientFramer,
-        ids: IdFlow,
-        leg: ClientLeg,
-        *,
-        traits: Traits | None = None,
+        self, config: CoreConfig, out: Outbox, framer: ClientFramer, ids: IdFlow, leg: ClientLeg
     ) -> None:
         self.config = config
         self.out = out
@@ -108,7 +101,7 @@ class Commands:
         self.leg = leg
         # What the client uses and how it behaves (SessionTraits): fed every command the proxy
         # accepted, before it is relayed or answered; a refused one only counts as read.
-        self.traits = Traits() if traits is None else traits
+        self.traits = Traits()
         self.state = State.NOT_AUTHENTICATED
         self.mailbox: bytes | None = None
         self.user: str | None = None

@@ -25,7 +25,7 @@ from imapveil.protocol.framer import ClientFramer, Fragment, ServerFramer, Use
 from imapveil.protocol.id_flow import IdFlow
 from imapveil.protocol.outbox import Outbox, ms
 from imapveil.protocol.responses import UNAVAILABLE, Responses
-from imapveil.protocol.traits import Traits, bounded_ja4
+from imapveil.protocol.traits import bounded_ja4
 from imapveil.records import SessionEnded, SessionStarted
 
 __all__ = ["CoreConfig", "SessionCore", "State"]
@@ -81,10 +81,8 @@ class SessionCore:
         self._ids = IdFlow(
             config, self._out, trusted_client=trusted_client, endpoints=client_endpoints
         )
-        self._traits = Traits()
-        self._commands = Commands(
-            config, self._out, self._client, self._ids, self._leg, traits=self._traits
-        )
+        self._commands = Commands(config, self._out, self._client, self._ids, self._leg)
+        self._traits = self._commands.traits
         self._responses = Responses(self._out, self._server, self._commands, self._ids, self._leg)
         self._ended = False
 

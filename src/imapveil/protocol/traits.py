@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterable
 
+from imapveil.protocol import lexer
 from imapveil.protocol.lexer import LiteralAnnouncement
 from imapveil.records import SessionTraits
 
@@ -30,6 +32,7 @@ WINDOW_STEPS = 24
 """Distinct steps the behaviour text holds at most."""
 MAX_TEXT = 400
 """Longest behaviour text, in characters."""
+_HEAD_MAX = len("b1 tag=AAAAAA+ lit+=n: ")
 MAX_TOKENS = 256
 """Argument tokens of one command read at most (a longer command is read that far)."""
 MAX_JA4 = 64
@@ -191,22 +194,22 @@ _SORT_WORDS: dict[bytes, str] = {
     b"DISPLAYTO": "SORT=DISPLAY",
 }
 # FETCH and STORE arguments hold no text of the user's (sections name header fields, which the
-# client program chooses): substrings of the upper-cased arguments are enough.
-_FETCH_MARKS: tuple[tuple[bytes, str], ...] = (
-    (b"BINARY", "BINARY"),
-    (b"CHANGEDSINCE", "CONDSTORE"),
-    (b"MODSEQ", "CONDSTORE"),
-    (b"VANISHED", "QRESYNC"),
-    (b"X-GM-", "X-GM-EXT-1"),
-    (b"PREVIEW", "PREVIEW"),
-    (b"EMAILID", "OBJECTID"),
-    (b"THREADID", "OBJECTID"),
-    (b"SAVEDATE", "SAVEDATE"),
-)
-_STORE_MARKS: tuple[tuple[bytes, str], ...] = (
-    (b"UNCHANGEDSINCE", "CONDSTORE"),
-    (b"X-GM-LABELS", "X-GM-EXT-1"),
-)
+# client program chooses): substrings, found by one case-insensitive pass, are enough.
+_FETCH_MARKS: dict[bytes, str] = {
+    b"BINARY": "BINARY",
+    b"CHANGEDSINCE": "CONDSTORE",
+    b"MODSEQ": "CONDSTORE",
+    b"VANISHED": "QRESYNC",
+    b"X-GM-": "X-GM-EXT-1",
+    b"PREVIEW": "PREVIEW",
+    b"EMAILID": "OBJECTID",
+    b"THREADID": "OBJECTID",
+    b"SAVEDATE": "SAVEDATE",
+}
+_STORE_MARKS: dict[bytes, str] = {
+    b"UNCHANGEDSINCE": "CONDSTORE",
+    b"X-GM-LABELS": "X-GM-EXT-1",
+}
 _LIST_RETURN: dict[bytes, str] = {
     b"STATUS": "LIST-STATUS",
     b"SPECIAL-USE": "SPECIAL-USE",
@@ -272,7 +275,6 @@ _TOKENISED = frozenset(
         b"APPEND",
         b"CREATE",
         b"COMPRESS",
-        b"AUTHENTICATE",
     )
 )
 _FETCHES = frozenset((b"FETCH", b"UID FETCH"))
@@ -283,23 +285,48 @@ _SEQUENCED = _FETCHES | _STORES | frozenset((b"COPY", b"UID COPY", b"MOVE", b"UI
 _WINDOW_ENDS = frozenset((b"SELECT", b"EXAMINE", b"IDLE", b"LOGOUT"))
 _LOGINS = frozenset((b"LOGIN", b"AUTHENTICATE"))
 
+
+def _any_of(words: Iterable[bytes]) -> re.Pattern[bytes]:
+    """One pass that finds any of the words (longest first), in upper-cased text (re's
+    IGNORECASE would lose its first-character prefilter: several times slower)."""
+    ordered = sorted(words, key=len, reverse=True)
+    return re.compile(b"|".join(re.escape(w) for w in ordered))
+
+
+_FETCH_SCAN = _any_of(_FETCH_MARKS)
+_STORE_SCAN = _any_of(_STORE_MARKS)
+# After the behaviour window, a one-fragment command of these kinds in which none of these
+# words occurs has nothing to teach (its reader would note no extension): it is not tokenised.
+_NOTHING_WITHOUT = {
+    b"SEARCH": _any_of(_SEARCH_WORDS),
+    b"UID SEARCH": _any_of(_SEARCH_WORDS),
+    b"SORT": _any_of(_SORT_WORDS),
+    b"UID SORT": _any_of(_SORT_WORDS),
+    b"LIST": _any_of([b"("]),
+    b"LSUB": _any_of([b"("]),
+    b"STATUS": _any_of(k for k, v in _STATUS_ITEMS.items() if v is not None),
+    b"SELECT": _any_of(_SELECT_PARAMS),
+    b"EXAMINE": _any_of(_SELECT_PARAMS),
+}
+
 # Quoted strings (dropped: a user's search text, a mailbox name), parentheses, other tokens.
 _TOKEN = re.compile(rb'"(?:[^"\\]++|\\.)*+"|[()]|[^ ()"]++')
 _WORD = re.compile(rb"[A-Z0-9][A-Z0-9=\-.$]*+")
 _LITERAL_TOKEN = b"{}"  # where a literal's octets went (never read)
 _QUOTED = b'"'
+_KEPT_QUOTED = frozenset((b'"*"', b'"%"', b'""'))  # LIST wildcards and the empty string
 
 
 def _tokens(content: bytes, room: int) -> list[bytes]:
     """At most `room` tokens of a fragment's arguments, upper-cased; a quoted string becomes a
-    lone `"` (except a quoted `*` or `%`, kept as the LIST wildcard it is)."""
+    lone `"` (except `"*"`, `"%"` and `""`, kept: LIST patterns every account has)."""
     out: list[bytes] = []
     for m in _TOKEN.finditer(content.upper()):
         if len(out) >= room:
             break
         t = m.group()
-        if t[:1] == b'"':
-            t = t[1:-1] if t in (b'"*"', b'"%"') else _QUOTED
+        if t[:1] == b'"' and t not in _KEPT_QUOTED:
+            t = _QUOTED
         out.append(t)
     return out
 
@@ -347,7 +374,6 @@ class Traits:
     __slots__ = (
         "_after_login",
         "_append_literals",
-        "_catenate",
         "_current",
         "_seen",
         "_steps",
@@ -375,7 +401,6 @@ class Traits:
         self._verb: bytes | None = None  # the same, while its arguments are being tokenised
         self._tokens: list[bytes] = []
         self._append_literals = 0
-        self._catenate = False
 
     def __repr__(self) -> str:
         return f"<traits {len(self.extensions)} extensions, {len(self._steps)} steps>"
@@ -407,22 +432,25 @@ class Traits:
         elif verb not in _BASE_VERBS and verb not in _TOKENISED:
             self.extensions.add(OTHER)
         if verb in _TOKENISED:
+            if not self._window and literal is None:
+                quick = _NOTHING_WITHOUT.get(verb)
+                if quick is not None and quick.search(content.upper()) is None:
+                    return
             self._verb = verb
             self._tokens = []
             self._append_literals = 0
-            self._catenate = False
             self._more(content, literal)
             return
         if literal is not None:
             self._literal(verb, literal)
-        if verb in _FETCHES:
-            self._marks(content, _FETCH_MARKS)
-        elif verb in _STORES:
-            self._marks(content, _STORE_MARKS)
-        if verb in _SEQUENCED and (content == b" $" or content[:3] == b" $ "):
-            self.extensions.add("SEARCHRES")
+        if verb in _SEQUENCED:
+            self._sequenced(verb, content)
+        if verb == b"AUTHENTICATE":
+            step = self._authenticate(content)
+        else:
+            step = _simple_step(verb) if self._window else ""
         if self._window:
-            self._step(verb, _simple_step(verb))
+            self._step(verb, step)
 
     def fragment(self, content: bytes, literal: LiteralAnnouncement | None) -> None:
         """A further fragment of the current command, after a literal."""
@@ -466,11 +494,32 @@ class Traits:
             if self._window:
                 self.literal_plus = True
 
-    def _marks(self, content: bytes, marks: tuple[tuple[bytes, str], ...]) -> None:
-        up = content.upper()
-        for mark, name in marks:
-            if mark in up:
-                self.extensions.add(name)
+    def _authenticate(self, content: bytes) -> str:
+        """AUTHENTICATE's mechanism (from a fixed list) and whether an initial response follows
+        it (SASL-IR); the response itself is never read."""
+        mechanism, end = lexer.read_atom(content, 1, 24)
+        name = mechanism.upper().decode("ascii")
+        if name not in _MECHANISMS:
+            name = OTHER
+        if content[end : end + 1] == b" ":
+            self.extensions.add("SASL-IR")
+            return f"AUTHENTICATE {name} IR"
+        return f"AUTHENTICATE {name}"
+
+    def _sequenced(self, verb: bytes, content: bytes) -> None:
+        """FETCH, STORE, COPY, MOVE: a saved search as the set, FETCH and STORE modifiers."""
+        if content == b" $" or content[:3] == b" $ ":
+            self.extensions.add("SEARCHRES")
+        if verb in _FETCHES:
+            self._marks(content.upper(), _FETCH_SCAN, _FETCH_MARKS)
+        elif verb in _STORES:
+            self._marks(content.upper(), _STORE_SCAN, _STORE_MARKS)
+
+    def _marks(self, up: bytes, scan: re.Pattern[bytes], marks: dict[bytes, str]) -> None:
+        m = scan.search(up)  # usually None: one pass
+        while m is not None:
+            self.extensions.add(marks[m.group()])
+            m = scan.search(up, m.end())
 
     def _more(self, content: bytes, literal: LiteralAnnouncement | None) -> None:
         verb = self._verb
@@ -491,7 +540,6 @@ class Traits:
         """APPEND announced a literal: a second message is MULTIAPPEND (not within CATENATE)."""
         self._append_literals += 1
         if b"CATENATE" in self._tokens:
-            self._catenate = True
             self.extensions.add("CATENATE")
         elif self._append_literals > 1:
             self.extensions.add("MULTIAPPEND")
@@ -513,7 +561,10 @@ class Traits:
         if verb in _LOGINS:
             self._after_login = True
         if key not in self._seen:
-            if len(steps) >= WINDOW_STEPS or sum(map(len, steps)) + len(step) + 64 > MAX_TEXT:
+            # The text is the head, then each step and "; ", less the last "; ". A step that
+            # would leave no room for a closing "…" closes the window with it instead.
+            used = _HEAD_MAX + sum(len(s) + 2 for s in steps)
+            if len(steps) >= WINDOW_STEPS or used + len(step) + 2 + len("…") > MAX_TEXT:
                 steps.append("…")
                 self._window = False
                 return
@@ -644,15 +695,6 @@ class Traits:
         self.extensions.add(OTHER)
         return "COMPRESS OTHER"
 
-    def _read_authenticate(self, verb: bytes, tokens: list[bytes]) -> str:
-        mechanism = tokens[0].decode("ascii", "replace") if tokens else ""
-        if mechanism not in _MECHANISMS:
-            mechanism = OTHER
-        if len(tokens) > 1:
-            self.extensions.add("SASL-IR")
-            return f"AUTHENTICATE {mechanism} IR"
-        return f"AUTHENTICATE {mechanism}"
-
 
 def _after_list(tokens: list[bytes], at: int) -> int:
     """The index after the parenthesised list that starts at tokens[at]."""
@@ -669,10 +711,14 @@ def _joined(words: list[str]) -> str:
     return " ".join(words).replace("( ", "(").replace(" )", ")")
 
 
+_PATTERNS = frozenset((b"*", b"%", *_KEPT_QUOTED))
+
+
 def _pattern(tokens: list[bytes], at: int) -> str:
-    """LIST's mailbox pattern, as a class: `*`, `%`, or `name` (a mailbox's own name never)."""
+    """LIST's mailbox pattern as a class: `*` or `%` (as an atom or quoted), `""`, or `name`
+    (any other: a mailbox's own name never)."""
     t = tokens[at] if at < len(tokens) else b""
-    return t.decode() if t in (b"*", b"%") else "name"
+    return t.decode() if t in _PATTERNS else "name"
 
 
 def _simple_step(verb: bytes) -> str:
@@ -702,5 +748,4 @@ _READERS = {
     b"APPEND": Traits._read_append,
     b"CREATE": Traits._read_create,
     b"COMPRESS": Traits._read_compress,
-    b"AUTHENTICATE": Traits._read_authenticate,
 }
