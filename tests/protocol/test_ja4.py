@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from imapveil.protocol import ja4
 
 DATA = Path(__file__).parent.parent / "data" / "ja4"
-SHAPE = re.compile(r"t(1[0-3]|s[23]|d[123]|00)[di]\d{4}[0-9a-z]{2}_[0-9a-f]{12}_[0-9a-f]{12}")
+SHAPE = re.compile(r"t(1[0-3]|s[23]|d[123]|00)[di]\d{4}[0-9A-Za-z]{2}_[0-9a-f]{12}_[0-9a-f]{12}")
 
 # FoxIO's worked example (JA4.md, "Cipher hash", "Extension hash", "Example", "Raw Output").
 SPEC_CIPHERS = [0x1301, 0x1302, 0x1303, 0xC02B, 0xC02F, 0xC02C, 0xC030, 0xCCA9, 0xCCA8]
