@@ -18,7 +18,7 @@ from typing import Any
 
 import trio
 
-from imapveil.protocol import proxy_header
+from imapveil.protocol import ja4, proxy_header
 from imapveil.protocol.actions import (
     Action,
     Close,
@@ -32,6 +32,7 @@ from imapveil.protocol.actions import (
 from imapveil.protocol.session import CoreConfig, SessionCore
 from imapveil.records import IdExchange, Record, SessionEnded, Violation
 from imapveil.relay.deflate import DeflateStream
+from imapveil.relay.recording import RecordingStream
 from imapveil.relay.streams import (
     RECEIVE_SIZE,
     Leg,
@@ -260,15 +261,18 @@ class Connection:
         assert context is not None, "a TLS listener needs a certificate"
         leg = self.client
         async with leg.write_lock:
-            tls = trio.SSLStream(leg.stream, context, server_side=True)
+            recording = RecordingStream(leg.stream)  # the ClientHello, for its JA4
+            tls = trio.SSLStream(recording, context, server_side=True)
             leg.stream = tls
             detail = ""
             with trio.move_on_after(TLS_HANDSHAKE_TIMEOUT):
                 try:
                     await tls.do_handshake()
+                    self.core.tls_fingerprint(ja4.fingerprint(recording.stop()))
                     return True
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                     detail = tls_reason(exc)
+            self.core.tls_fingerprint(ja4.fingerprint(recording.stop()))
             leg.broken = True
         detail = detail or f"no TLS handshake within {TLS_HANDSHAKE_TIMEOUT:g} s"
         log.info("session %s: client TLS failed: %s", self.core.session_id, detail)
