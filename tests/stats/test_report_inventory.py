@@ -62,9 +62,11 @@ def client(family: str, user: int) -> tuple[str | None, str | None, str | None]:
     return (found[0], found[1], None) if found else (None, None, None)
 
 
-def fleet_rows() -> list[tuple[object, ...]]:
+def fleet_rows(
+    fleet: list[tuple[str, range, tuple[int, ...], range]] = FLEET,
+) -> list[tuple[object, ...]]:
     rows: list[tuple[object, ...]] = []
-    for family, users, weekdays, weeks in FLEET:
+    for family, users, weekdays, weeks in fleet:
         for user in users:
             for week in weeks:
                 for weekday in weekdays:
@@ -88,6 +90,39 @@ def make_fleet(url: str) -> Store:
     for start in range(0, len(rows), 1000):
         assert store.write(Batch(sessions=rows[start : start + 1000])) == []
     return store
+
+
+SINCE, UNTIL = "2026-10-19", "2026-11-30"
+"""The second half of the fleet's twelve weeks: a period whose previous period is the first half."""
+CHANGING: list[tuple[str, range, tuple[int, ...], range]] = [
+    ("Mailspring", range(500, 510), (1,), range(6)),  # 10 users, then 24
+    ("Mailspring", range(500, 524), (1,), range(6, WEEKS)),
+    ("K-9 Mail", range(530, 570), (2,), range(6)),  # 40 users, then 25
+    ("K-9 Mail", range(530, 555), (2,), range(6, WEEKS)),
+    ("Geary", range(580, 584), (3,), range(WEEKS)),  # 4 users in both halves: never named
+]
+"""Clients whose users change between the halves, to add to FLEET."""
+EDGES = {
+    # A session belongs to the period its start falls in: `since` included, `until` not.
+    "Edge": "2026-10-19T00:00:00.000+00:00",  # the first moment of the period
+    "Eve": "2026-10-18T23:59:59.999+00:00",  # the last of the previous one
+    "Early": "2026-09-07T00:00:00.000+00:00",  # the first of the previous one
+    "Earlier": "2026-09-06T23:59:59.999+00:00",  # before both
+    "Late": "2026-11-30T00:00:00.000+00:00",  # after both
+}
+"""Clients of 5 users each with one session at a period's boundary."""
+
+
+def add_changes(store: Store) -> None:
+    """CHANGING and EDGES, written into a store that holds FLEET."""
+    rows = fleet_rows(CHANGING)
+    for n, (family, at) in enumerate(EDGES.items()):
+        for user in range(600 + 10 * n, 605 + 10 * n):
+            rows.append((
+                f"{family}-{user}", "gw-1", at, at, at[:10], f"hmac:user{user:03d}", "logout",
+                1.0, 100, 2000, 12, 1, family, "1.0", "Linux", None,
+            ))  # fmt: skip
+    assert store.write(Batch(sessions=rows)) == []
 
 
 @pytest.fixture
@@ -224,7 +259,12 @@ def test_the_page_says_it_all_and_no_small_group(store: Store) -> None:
     assert "Period: 2026-09-07 to 2026-11-27 (UTC) · generated 2026-11-30 12:00 UTC" in text
     assert "2 proxies: gw-1, gw-2" in text
     assert '2 clients of fewer than 5 users each are shown together as "other": 5 users' in text
-    assert "2026-W48 against 2026-W47: appeared eM Client; disappeared Outlook." in text
+    # What changed compares whole periods: the store has nothing before this one.
+    assert (
+        "2026-09-07 00:00 to 2026-11-30 12:00 against 2026-06-14 12:00 to 2026-09-07 00:00: no "
+        "sessions in the previous period, nothing to compare" in text
+    )
+    assert '<table data-table="changes">' not in page
     row = '<tr><td>Thunderbird</td><td class="n">200</td><td class="n">40.0%</td>'
     assert row + '<td class="n">2400</td><td>2026-09-08</td><td>2026-11-24</td>' in page
     for small in ("NeoMutt", "FairEmail", "FreeBSD", "20241002"):

@@ -32,6 +32,16 @@ def plural(count: int, noun: str) -> str:
     return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
+def signed_count(value: int) -> str:
+    """`+4`, `\u22124`: signed, with a minus sign, not a hyphen."""
+    return f"{value:+d}".replace("-", "\u2212")
+
+
+def signed_share(value: float) -> str:
+    """`+4.2%`, `\u22124.2%`."""
+    return f"{value:+.1%}".replace("-", "\u2212")
+
+
 def cut(text: str, width: int) -> str:
     """`text` in at most `width` characters, an ellipsis standing for what was left out; cut
     after a whole word where one ends in the second half, inside a word only if none does."""
