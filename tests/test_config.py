@@ -200,7 +200,7 @@ def test_check_config_offline_and_online(
     made.connect()
     made.close()
     assert main(["check-config", "--online", str(conf), *key]) == 0
-    assert f"statistics store {store}: SQLite, schema version 2" in capsys.readouterr().out
+    assert f"statistics store {store}: SQLite, schema version 3" in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.toml", "key", "stats.sqlite"]
     store.unlink()
     store.write_text("not a database, but a text file of some length " * 100)

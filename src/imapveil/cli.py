@@ -27,8 +27,9 @@ from imapveil.config_files import check_files, statistics_stores
 from imapveil.policy import PolicyError, apply
 from imapveil.policy.load import resolve_policy
 from imapveil.protocol import id_params
-from imapveil.stats import currency, tables
+from imapveil.stats import currency, inventory, tables, traits
 from imapveil.stats import report as report_module
+from imapveil.stats.labels import LabelError, load_labels
 from imapveil.stats.store import Store, StoreError
 
 log = logging.getLogger("imapveil")
@@ -223,10 +224,15 @@ def build_parser() -> argparse.ArgumentParser:
             "the configuration's min_group_users, 5)",
         )  # fmt: skip
     stats.add_argument(
-        "--by", choices=sorted([*report_module.BY, "currency", "week"]), default="family",
+        "--by", choices=sorted([*report_module.BY, *TRAITS_BY, "currency", "week"]),
+        default="family",
         help="currency: per family, users on a current, an outdated or an unsupported version "
         "(by clients.toml), each by their most recent session; week: distinct users per family "
-        "and ISO week, and the families that appeared or disappeared in the last week",
+        "and ISO week, and the families that appeared or disappeared in the last week; "
+        "extension: per family, the IMAP extensions its users used; fingerprint: the TLS (JA4) "
+        "and behaviour fingerprints seen, each with the families named in an ID beside it and "
+        "its label (`fingerprint_labels`); family: with the users of labelled fingerprints "
+        "that sent no ID apart, as inferred",
     )  # fmt: skip
     stats.add_argument("--format", choices=("table", "csv", "json"), default="table")
     report.add_argument("--html", metavar="FILE", help="write the report here ('-': stdout)")
@@ -246,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     test.add_argument("id_command", metavar="'ID (...)'", help='e.g. \'ID ("name" "Mail")\'')
     test.add_argument("--trusted", action="store_true", help="as from a trusted network")
     return parser
+
+
+TRAITS_BY = ("extension", "fingerprint")
 
 
 def fail(message: str, status: int = EXIT_FAILURE) -> int:
@@ -340,9 +349,8 @@ def stats_tool(args: argparse.Namespace) -> int:
         elif args.by == "currency":
             rows = currency.currency_rows(store, args.since, args.until, min_users)
         else:
-            text = report_module.export(store, args.by, args.format, since=args.since,
-                                        until=args.until, min_users=min_users)  # fmt: skip
-    except currency.CurrencyError as exc:
+            text = stats_text(store, args, min_users, settings.fingerprint_labels)
+    except (currency.CurrencyError, LabelError) as exc:
         return fail(str(exc), EXIT_CONFIG)
     except _store_errors() as exc:
         return fail(f"statistics store {checks.redact(url)}: {checks.one_line(exc)}")
@@ -355,6 +363,24 @@ def stats_tool(args: argparse.Namespace) -> int:
         return EXIT_OK
     sys.stdout.write(text)
     return EXIT_OK
+
+
+def stats_text(store: Store, args: argparse.Namespace, min_users: int, own_labels: str) -> str:
+    """`imapveil stats --by BY --format FORMAT` but currency: every group k-floored. Raises
+    LabelError for a bad labels file (`own_labels`, the `fingerprint_labels` setting)."""
+    labels = load_labels(own_labels) if args.by in ("family", "fingerprint") else {}
+    period = {"since": args.since, "until": args.until, "min_users": min_users}
+    if args.by == "extension":
+        return traits.RENDER_EXTENSIONS[args.format](traits.extension_usage(store, **period))
+    if args.by == "fingerprint":
+        usage = traits.fingerprint_usage(store, **period, labels=labels)
+        return traits.RENDER_FINGERPRINTS[args.format](usage)
+    text = report_module.export(store, args.by, args.format, **period)
+    if args.by == "family":
+        text = traits.with_inferred(
+            text, args.format, inventory.inferred(store, **period, labels=labels)
+        )
+    return text
 
 
 def write_report(target: str | None, directory: str | None, made: report_module.Report) -> int:

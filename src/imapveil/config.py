@@ -311,6 +311,16 @@ class Settings:
         "report groups with fewer distinct users are shown as \"other\" (`0`: none are)",
         metavar="N",
     )  # fmt: skip
+    fingerprint_labels: str = setting(
+        "", _file,
+        "your own labels for TLS (JA4) and behaviour fingerprints: a TOML file of `[[label]]` "
+        "rows (`fingerprint`, `family`, `platform`) over the shipped, empty `fingerprints.toml`; "
+        "sessions that sent no ID with a labelled fingerprint count as inferred users of that "
+        "family in `imapveil stats`",
+        metavar="FILE", default="none", example='"/etc/imapveil/fingerprints.toml"', path="in",
+        note="Copy fingerprints from `imapveil stats --by fingerprint`; a label is your word, "
+        "not a measurement, so such users are always shown apart, as inferred.",
+    )  # fmt: skip
     metrics: str = setting(
         "", _optional_endpoint,
         "serve Prometheus `/metrics` and `/healthz` on `HOST:PORT`",

@@ -10,12 +10,14 @@ from pathlib import Path
 
 from imapveil.config import DECLARATIONS, ConfigError, Settings
 from imapveil.identity import default_key_file
+from imapveil.stats.labels import LabelError, read_labels
 
 
 def check_files(settings: Settings) -> None:
     """Files imapveil writes must be in existing directories (the default state directory is
-    created, an explicitly configured one is not); files it reads must be readable, and the
-    certificate and key usable. Raises ConfigError naming the setting, the file and the problem."""
+    created, an explicitly configured one is not); files it reads must be readable, the
+    certificate and key usable, the fingerprint labels valid. Raises ConfigError naming the
+    setting, the file and the problem."""
     for d in DECLARATIONS:
         value = getattr(settings, d.name)
         if d.path == "out" and value and value not in ("-", "off"):
@@ -30,6 +32,11 @@ def check_files(settings: Settings) -> None:
                     f.read(1)
             except OSError as exc:
                 raise ConfigError(f"{d.name}: {value}: {exc.strerror or exc}") from None
+    if settings.fingerprint_labels:
+        try:
+            read_labels(Path(settings.fingerprint_labels))
+        except LabelError as exc:
+            raise ConfigError(f"fingerprint_labels: {exc}") from None
     if settings.cert and settings.key:
         check_certificate(settings.cert, settings.key)
     if settings.upstream_ca:

@@ -115,7 +115,7 @@ async def test_store_reports_fold_small_groups(tmp_path: Path) -> None:
     store = Store(url)
     store.connect()
     try:
-        assert store.version == len(MIGRATIONS) == 2
+        assert store.version == len(MIGRATIONS) == 3
         by_family = summarize(store, "family")
         assert [(r.group, r.sessions, r.users) for r in by_family.rows] == [
             ("Thunderbird", 6, 6),

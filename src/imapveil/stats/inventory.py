@@ -2,14 +2,24 @@
 users per family and ISO week, the families that appeared or disappeared, the proxies.
 
 Every group is k-floored as in every report: a family (or a family's platform) with fewer than
-`min_users` distinct users, in the period or in a week, is never shown as itself.
+`min_users` distinct users, in the period or in a week, is never shown as itself. `grouped` is
+that floor for any grouping of sessions (and of the tables joined to them).
+
+`inferred` is the other half of the inventory: sessions that sent no ID but whose fingerprint an
+administrator labelled (see `stats.labels`), counted under the labelled family as inferred users,
+apart from the users whose client named itself.
 """
 
 from __future__ import annotations
 
 import datetime
-from dataclasses import dataclass
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
+from imapveil.stats.identify import NO_ID
+from imapveil.stats.labels import Label
 from imapveil.stats.store import Store
 
 
@@ -37,28 +47,64 @@ def platforms(
     (50)"); the platforms of fewer than `min_users` users of that family are one "other",
     without a number."""
     clause, params = where(since, until)
-    found: dict[str, list[tuple[int, str]]] = {}
-    small: set[str] = set()
+    found: dict[str, dict[str, int]] = defaultdict(dict)
     for family, platform, users in store.rows(
         f"SELECT family, platform, COUNT(DISTINCT user_id) FROM sessions{clause}"  # noqa: S608
         " GROUP BY family, platform",
         params,
     ):
-        if int(users) < min_users:
-            small.add(str(family))
-        else:
-            found.setdefault(str(family), []).append((int(users), str(platform or "unknown")))
-    text = {
-        family: ", ".join(f"{name} ({users})" for users, name in sorted(items, key=_most_first))
-        for family, items in found.items()
-    }
-    for family in small:
-        text[family] = f"{text[family]}, other" if family in text else "other"
+        found[str(family)][str(platform or "unknown")] = int(users)
+    return {family: platform_text(counts, min_users) for family, counts in found.items()}
+
+
+def platform_text(users: Mapping[str, int], min_users: int) -> str:
+    """Platforms with their distinct users, most first ("Windows (150), Linux (50)"); those of
+    fewer than `min_users` users one "other", without a number."""
+    shown = sorted(((n, name) for name, n in users.items() if n >= min_users), key=_most_first)
+    text = ", ".join(f"{name} ({n})" for n, name in shown)
+    if len(shown) < len(users):
+        text = f"{text}, other" if text else "other"
     return text
 
 
 def _most_first(item: tuple[int, str]) -> tuple[int, str]:
     return -item[0], item[1]
+
+
+@dataclass(frozen=True, slots=True)
+class Fold:
+    """What the floor hid: groups of fewer than the minimum of users, and the distinct users
+    in them (each counted once, however many of those groups they were in)."""
+
+    groups: int = 0
+    users: int = 0
+
+
+def grouped(
+    store: Store, source: str, columns: Sequence[str], condition: str, params: Sequence[Any],
+    *, min_users: int, user: str = "s.user_id",
+) -> tuple[list[tuple[Any, ...]], Fold]:  # fmt: skip
+    """The groups of `source` (a FROM clause; sessions as `s`) by `columns` (SQL expressions,
+    never NULL) under `condition` (a WHERE clause, or ''): `(*keys, distinct users, rows)` for
+    each group of at least `min_users` users, and the `Fold` of the others."""
+    keys = ", ".join(columns)
+    rows = store.rows(
+        f"SELECT {keys}, COUNT(DISTINCT {user}), COUNT(*) FROM {source}{condition}"  # noqa: S608 (fixed names)
+        f" GROUP BY {keys}",
+        params,
+    )
+    shown = [row for row in rows if int(row[-2]) >= min_users]
+    if len(shown) == len(rows):
+        return shown, Fold()
+    small = (
+        f"({keys}) IN (SELECT {keys} FROM {source}{condition} GROUP BY {keys}"  # noqa: S608
+        f" HAVING COUNT(DISTINCT {user}) < ?)"
+    )
+    ((users,),) = store.rows(
+        f"SELECT COUNT(DISTINCT {user}) FROM {source}{condition}{also(condition)} {small}",  # noqa: S608
+        [*params, *params, min_users],
+    )
+    return shown, Fold(len(rows) - len(shown), int(users))
 
 
 def proxies(store: Store, since: str | None = None, until: str | None = None) -> list[str]:
@@ -154,3 +200,80 @@ def changes(found: Trend) -> Changes:
         return Changes(found.weeks[-1] if found.weeks else None, None, [], [])
     now, before = found.shown(-1), found.shown(-2)
     return Changes(found.weeks[-1], found.weeks[-2], sorted(now - before), sorted(before - now))
+
+
+@dataclass(frozen=True, slots=True)
+class InferredRow:
+    """A labelled family's users among the sessions that sent no ID, by their fingerprints."""
+
+    family: str
+    users: int
+    sessions: int
+    first_seen: str
+    last_seen: str
+    share: float
+    """Of all distinct users in the period (as the inventory's shares)."""
+    platforms: str
+    """The labels' platforms with their users, k-floored ("Windows (40), other")."""
+
+
+@dataclass(frozen=True, slots=True)
+class Inferred:
+    rows: tuple[InferredRow, ...] = ()
+    folded: Fold = Fold()
+    min_users: int = 0
+
+
+@dataclass
+class _Tally:
+    users: set[str] = field(default_factory=set)
+    sessions: int = 0
+    first: str = "~"
+    last: str = ""
+    platforms: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+
+
+def inferred(
+    store: Store, since: str | None = None, until: str | None = None, min_users: int = 5,
+    labels: Mapping[str, Label] | None = None,
+) -> Inferred:  # fmt: skip
+    """The sessions that sent no ID and whose behaviour signature (first) or JA4 fingerprint is
+    labelled, per labelled family: distinct users, sessions, first and last seen, platforms;
+    families of fewer than `min_users` such users folded."""
+    if not labels:
+        return Inferred(min_users=min_users)
+    clause, params = where(since, until)
+    families: dict[str, _Tally] = defaultdict(_Tally)
+    for user, behaviour, ja4, sessions, first, last in store.rows(
+        "SELECT s.user_id, t.behaviour, t.ja4, COUNT(*), MIN(s.started_at), MAX(s.ended_at)"  # noqa: S608
+        f" FROM session_traits t JOIN sessions s ON s.session = t.session{clause}"
+        f"{also(clause)} s.family = ? GROUP BY s.user_id, t.behaviour, t.ja4",
+        [*params, NO_ID],
+    ):
+        label = labels.get(behaviour or "") or labels.get(ja4 or "")
+        if label is None:
+            continue
+        found = families[label.family]
+        if user is not None:
+            found.users.add(str(user))
+            found.platforms[label.platform or "unknown"].add(str(user))
+        found.sessions += int(sessions)
+        found.first, found.last = min(found.first, str(first)), max(found.last, str(last))
+    everyone = _users(store, clause, params)
+    rows, small = [], set[str]()
+    for family, found in families.items():
+        if len(found.users) < min_users:
+            small |= found.users
+            continue
+        counts = {name: len(users) for name, users in found.platforms.items()}
+        share = len(found.users) / everyone if everyone else 0.0
+        rows.append(InferredRow(family, len(found.users), found.sessions, found.first, found.last,
+                                share, platform_text(counts, min_users)))  # fmt: skip
+    rows.sort(key=lambda r: (-r.users, r.family))
+    return Inferred(tuple(rows), Fold(len(families) - len(rows), len(small)), min_users)
+
+
+def _users(store: Store, clause: str, params: list[str]) -> int:
+    """Distinct users of all sessions in the period."""
+    rows = store.rows(f"SELECT COUNT(DISTINCT user_id) FROM sessions{clause}", params)  # noqa: S608
+    return int(rows[0][0])

@@ -16,6 +16,11 @@ thread, one thing at a time:
 
 Writes are idempotent (see `store`), so a batch stored twice — a crash in the middle of a
 replay, a shutdown that gave up waiting for a write that then went through — is stored once.
+A session's traits (`records.SessionTraits`, emitted just before its end) are kept on its open
+state, bounded (`bounded_traits`), and queued as one `traits` item right after the session's
+row; a batch, in memory or read back from the spool, never parts the two, so they are stored in
+one transaction. A session whose traits never came is stored without them.
+
 Rows are lost only when memory and spool are both full (`capacity` items queued, `spool_cap`
 octets spooled), when the spool cannot be written, or when the store refuses their content; they
 are counted (sessions and items), logged, and reported by `take_drops`. Retention: rows older
@@ -40,9 +45,25 @@ from typing import Any, TypeVar
 import trio
 
 from imapveil.identity import default_key_file
-from imapveil.records import CommandCompleted, IdExchange, Record, SessionEnded, SessionStarted
+from imapveil.records import (
+    CommandCompleted,
+    IdExchange,
+    Record,
+    SessionEnded,
+    SessionStarted,
+    SessionTraits,
+)
 from imapveil.stats.identify import identify
-from imapveil.stats.spool import KINDS, SPOOL_CAP, Item, Spool, SpoolError, Tally, spool_directory
+from imapveil.stats.spool import (
+    FOLLOWS,
+    KINDS,
+    SPOOL_CAP,
+    Item,
+    Spool,
+    SpoolError,
+    Tally,
+    spool_directory,
+)
 from imapveil.stats.store import Batch, Collision, Store
 
 log = logging.getLogger(__name__)
@@ -60,6 +81,12 @@ REMIND = 60.0
 """Seconds between reminders that the store is still away."""
 DAY = 24 * 3600.0
 T = TypeVar("T")
+MAX_EXTENSION = 32
+MAX_EXTENSIONS = 64
+MAX_BEHAVIOUR_TEXT = 400
+MAX_FINGERPRINT = 64
+"""Bounds on what a session's traits may put in the store: longer values are dropped. The
+values come from fixed vocabularies by construction; the bounds are a second line."""
 
 
 def now_iso() -> str:
@@ -76,6 +103,8 @@ class _Open:
     started_at: str
     client: dict[str, str | None] | None = None
     commands: Counter[tuple[str, str]] = field(default_factory=Counter)
+    traits: tuple[Any, ...] | None = None
+    """The session's `traits` row but its first column (see `bounded_traits`)."""
 
 
 class StoreSink:
@@ -165,6 +194,10 @@ class StoreSink:
                 state.commands[(record.verb[:32], record.status or "none")] += 1
         elif isinstance(record, IdExchange):
             self._id(record)
+        elif isinstance(record, SessionTraits):
+            state = self._open.get(record.session)
+            if state is not None:
+                state.traits = bounded_traits(record)
         elif isinstance(record, SessionEnded):
             self._ended(record)
 
@@ -204,6 +237,8 @@ class StoreSink:
                 os_version[:64] if os_version else None,
             ),
         )  # fmt: skip
+        if state.traits is not None:
+            self._put(FOLLOWS, (r.session, *state.traits))
         for (verb, status), count in state.commands.items():
             self._put("command", (r.session, verb, status, count))
 
@@ -364,7 +399,9 @@ class StoreSink:
         )  # fmt: skip
 
     async def _write_some(self, *, abandon: bool = False) -> None:
-        items = list(itertools.islice(self._queue, BATCH))
+        items = list(itertools.islice(self._queue, BATCH + 1))
+        if len(items) > BATCH and items[-1][0] != FOLLOWS:  # a session's traits go with it
+            items.pop()
         if await self._store(items, abandon=abandon):
             for _ in items:
                 self._queue.popleft()
@@ -479,7 +516,30 @@ def _batch(items: Iterable[Item]) -> Batch:
     by_kind: dict[str, list[Sequence[Any]]] = {kind: [] for kind in KINDS}
     for kind, row in items:
         by_kind[kind].append(row)
-    return Batch(sessions=by_kind["session"], ids=by_kind["id"], commands=by_kind["command"])
+    return Batch(
+        sessions=by_kind["session"], ids=by_kind["id"], commands=by_kind["command"],
+        traits=by_kind["traits"],
+    )  # fmt: skip
+
+
+def _printable(value: str | None, limit: int) -> str | None:
+    """`value` if it is 1 to `limit` printable ASCII characters, else None."""
+    if value and len(value) <= limit and value.isascii() and value.isprintable():
+        return value
+    return None
+
+
+def bounded_traits(r: SessionTraits) -> tuple[Any, ...]:
+    """`(behaviour, behaviour_text, ja4, extensions)` as the store keeps them: each value printable
+    ASCII within its bound, or dropped (None; an extension left out); at most `MAX_EXTENSIONS`
+    extensions, unique and sorted."""
+    names = sorted({e for e in r.extensions if _printable(e, MAX_EXTENSION)})
+    return (
+        _printable(r.behaviour, MAX_EXTENSION),
+        _printable(r.behaviour_text, MAX_BEHAVIOUR_TEXT),
+        _printable(r.ja4, MAX_FINGERPRINT),
+        names[:MAX_EXTENSIONS],
+    )
 
 
 def _redacted(url: str) -> str:

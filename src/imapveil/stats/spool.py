@@ -2,6 +2,10 @@
 
 Numbered append-only JSON-lines files in one directory per instance, one fsync per batch, read
 back in order and deleted once stored (see `sink` for when it is written and replayed).
+
+Each line is `[kind, row]`, kind one of `KINDS`. A `traits` line (a session's traits, from
+version 3 of the store's schema on) follows its session's line and is read in the same batch;
+files written before it existed hold none and replay as they always did.
 """
 
 from __future__ import annotations
@@ -23,7 +27,10 @@ SPOOL_CAP = 256 * 1024 * 1024
 """Octets of spool at most (default); beyond it rows are dropped."""
 SEGMENT = 8 * 1024 * 1024
 """Octets per spool file: a replay interrupted by a crash repeats at most one file."""
-KINDS = ("session", "id", "command")
+KINDS = ("session", "id", "command", "traits")
+FOLLOWS = "traits"
+"""The kind of item that belongs with the session row before it: never a batch of its own."""
+_FOLLOWER = f'["{FOLLOWS}",'.encode()
 
 Item = tuple[str, Sequence[Any]]
 
@@ -149,11 +156,23 @@ class Spool:
                     item = self._parse(head, line)
                     if item is not None:
                         items.append(item)
-                position = f.tell()
+                position = self._follower(f, head, items)
             if position > self._offset:
                 return items, position
             self._remove_head()  # an empty file (a crash right after it was made)
         return [], 0
+
+    def _follower(self, f: IO[bytes], path: Path, items: list[Item]) -> int:
+        """The position after the items read, taking the next line too if it is the traits of
+        the session row read last (a batch never parts them); a line is peeked at only."""
+        position = f.tell()
+        line = f.readline()
+        if items and items[-1][0] == "session" and line.startswith(_FOLLOWER):
+            item = self._parse(path, line)
+            if item is not None:
+                items.append(item)
+            return f.tell()
+        return position
 
     def _parse(self, path: Path, line: bytes) -> Item | None:
         if line.endswith(b"\n"):

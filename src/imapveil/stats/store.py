@@ -9,9 +9,20 @@ pseudonymous users, client names and versions, counts.
 Writes are idempotent, so that a batch written twice (replayed from the spool after a crash in
 the middle of a replay, or written and spooled at a shutdown that could not wait for the answer)
 is stored once: every table has a key — `sessions (session)`, `id_exchanges (session, seq)`,
-`command_counts (session, verb, status)` — and inserts ignore a row whose key is there. A session
-row also keeps a digest of its content, so that a genuinely different session under an existing
-id (a collision) is told apart from a replay and reported.
+`command_counts (session, verb, status)`, `session_traits (session)`, `session_extensions
+(session, extension)` — and inserts ignore a row whose key is there. A session row also keeps a
+digest of its content, so that a genuinely different session under an existing id (a collision)
+is told apart from a replay and reported.
+
+A session's traits (`records.SessionTraits`, migration 3) are two tables beside `sessions`,
+joined on `session`: `session_traits` has one row per session whose traits are known (its
+behaviour signature's name and canonical text, its JA4 TLS fingerprint, each NULL when there is
+none), `session_extensions` one row per IMAP extension the session used, so that SQL can group by
+extension. A session without a `session_traits` row is one whose traits are unknown (written
+before migration 3, or one that never reached the server). Traits are written in the batch of
+their session's row, and not at all for a session id whose row collided in that batch (they
+could belong to either session). Fingerprints describe programs, not people; every query over
+them is floored by `min_group_users` (see `stats.traits`).
 """
 
 from __future__ import annotations
@@ -37,6 +48,8 @@ ID_COLUMNS = (
     "version", "os", "os_version", "vendor", "dropped", "policy", "policy_digest", "seq",
 )  # fmt: skip
 COMMAND_COLUMNS = ("session", "verb", "status", "count")
+TRAITS_COLUMNS = ("session", "behaviour", "behaviour_text", "ja4")
+EXTENSION_COLUMNS = ("session", "extension")
 WRITE_TIMEOUT = 15.0
 """Seconds PostgreSQL may take for one statement of a write."""
 LOCK_KEY = 0x696D61707665696C  # "imapveil": the advisory lock that serialises migrations
@@ -118,6 +131,26 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "DROP TABLE command_counts",
         "ALTER TABLE command_counts_v2 RENAME TO command_counts",
     ),
+    (
+        # 3: each session's traits (what its client used and how it behaved), for
+        # `imapveil stats --by extension` and `--by fingerprint`. Sessions stored before have
+        # none (their traits are unknown, not empty).
+        """CREATE TABLE session_traits (
+            session TEXT NOT NULL,
+            behaviour TEXT,
+            behaviour_text TEXT,
+            ja4 TEXT,
+            CONSTRAINT session_traits_key PRIMARY KEY (session)
+        )""",
+        "CREATE INDEX session_traits_ja4 ON session_traits (ja4)",
+        "CREATE INDEX session_traits_behaviour ON session_traits (behaviour)",
+        """CREATE TABLE session_extensions (
+            session TEXT NOT NULL,
+            extension TEXT NOT NULL,
+            CONSTRAINT session_extensions_key PRIMARY KEY (session, extension)
+        )""",
+        "CREATE INDEX session_extensions_extension ON session_extensions (extension)",
+    ),
 )
 
 
@@ -130,9 +163,12 @@ class Batch:
     sessions: Sequence[Sequence[Any]] = ()
     ids: Sequence[Sequence[Any]] = ()
     commands: Sequence[Sequence[Any]] = ()
+    traits: Sequence[Sequence[Any]] = ()
+    """`(session, behaviour, behaviour_text, ja4, extensions)`: a `session_traits` row and the
+    session's `session_extensions` rows (`extensions` a list of names)."""
 
     def __len__(self) -> int:
-        return len(self.sessions) + len(self.ids) + len(self.commands)
+        return len(self.sessions) + len(self.ids) + len(self.commands) + len(self.traits)
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,6 +323,8 @@ class Store:
                 cur.executemany(
                     self._sql(_insert("command_counts", COMMAND_COLUMNS)), batch.commands
                 )
+            if batch.traits:
+                self._traits(cur, batch.traits, {c.session for c in collisions})
             conn.commit()
         except Exception:
             conn.rollback()
@@ -294,6 +332,15 @@ class Store:
         finally:
             cur.close()
         return collisions
+
+    def _traits(self, cur: Any, rows: Sequence[Sequence[Any]], collided: set[str]) -> None:
+        kept = [row for row in rows if row[0] not in collided]
+        cur.executemany(
+            self._sql(_insert("session_traits", TRAITS_COLUMNS)), [row[:4] for row in kept]
+        )
+        extensions = [(row[0], name) for row in kept for name in row[4]]
+        if extensions:
+            cur.executemany(self._sql(_insert("session_extensions", EXTENSION_COLUMNS)), extensions)
 
     def _collisions(self, cur: Any, rows: list[tuple[Any, ...]]) -> list[Collision]:
         ids = [row[0] for row in rows]
@@ -319,11 +366,12 @@ class Store:
         """Delete what ended before `before` (ISO time); returns sessions removed."""
         try:
             old = self.execute("SELECT session FROM sessions WHERE ended_at < ?", (before,))
-            self.execute(
-                "DELETE FROM command_counts WHERE session IN "
-                "(SELECT session FROM sessions WHERE ended_at < ?)",
-                (before,),
-            )
+            for table in ("command_counts", "session_traits", "session_extensions"):
+                self.execute(
+                    f"DELETE FROM {table} WHERE session IN "  # noqa: S608 (fixed names)
+                    "(SELECT session FROM sessions WHERE ended_at < ?)",
+                    (before,),
+                )
             self.execute("DELETE FROM id_exchanges WHERE at < ?", (before,))
             self.execute("DELETE FROM sessions WHERE ended_at < ?", (before,))
             self._conn.commit()
