@@ -21,7 +21,18 @@ from imapveil.stats.identify import NO_ID
 from imapveil.stats.report import TABLES, build, export, render
 from imapveil.stats.store import Batch, Store
 from imapveil.stats.tables import Cell, Column, Table
-from tests.stats.test_report_inventory import EDGES, NOW, SINCE, UNTIL, add_changes, make_fleet
+from tests.stats.test_report_inventory import (
+    CHANGING,
+    EDGES,
+    FLEET,
+    K9,
+    NOW,
+    SINCE,
+    UNTIL,
+    add_changes,
+    add_traits,
+    make_fleet,
+)
 
 
 class PageTables(HTMLParser):
@@ -91,6 +102,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
     """The fleet and the clients that change between its halves."""
     store = make_fleet(str(tmp_path_factory.mktemp("fleet") / "stats.sqlite"))
     add_changes(store)
+    add_traits(store, FLEET + CHANGING)  # EDGES' sessions: traits unknown
     yield store
     store.close()
 
@@ -225,7 +237,7 @@ def test_whole_periods_compared(fleet: Store) -> None:
         ("Evolution", "disappeared", 8, None, None),  # 3 users now: under the floor
         ("Early", "disappeared", 5, None, None),  # the previous period's first moment
         ("Eve", "disappeared", 5, None, None),  # its last moment
-        ("K-9 Mail", "fewer users", 40, 25, -15),
+        (K9, "fewer users", 40, 25, -15),
         ("Mailspring", "more users", 10, 24, 14),
         ("Apple Mail", "no change", 150, 150, 0),
         ("Outlook", "no change", 100, 100, 0),  # gone in the last week only
@@ -236,7 +248,7 @@ def test_whole_periods_compared(fleet: Store) -> None:
     assert periods.said(found) == (
         "2026-10-19 to 2026-11-29 against 2026-09-07 to 2026-10-18: 558 users against 534 "
         "(+4.5%); appeared: eM Client, Edge; disappeared: Evolution, Early, Eve; largest "
-        "changes: K-9 Mail \u221215 (\u221237.5%), Mailspring +14 (+140.0%)."
+        f"changes: {K9} \u221215 (\u221237.5%), Mailspring +14 (+140.0%)."
     )
     everyone = {r.family: (r.before, r.now) for r in periods.compare(
         fleet, SINCE, UNTIL, min_users=1, now=NOW).rows}  # fmt: skip
@@ -249,17 +261,17 @@ def test_whole_periods_compared(fleet: Store) -> None:
 def test_changes_on_the_page_and_in_the_export(fleet: Store) -> None:
     report = build(fleet, SINCE, UNTIL, now=NOW)
     page = render(report)
-    assert "largest changes: K-9 Mail \u221215 (\u221237.5%)" in page
+    assert f"largest changes: {K9} \u221215 (\u221237.5%)" in page
     row = page_tables(page)["changes"][6]
-    assert row == ["K-9 Mail", "fewer users", "40", "25", "\u221215", "\u221237.5%"]
+    assert row == [K9, "fewer users", "40", "25", "\u221215", "\u221237.5%"]
     data: dict[str, Any] = json.loads(tables.as_json(report.tables["changes"]))
-    assert data["rows"][5] == ["K-9 Mail", "fewer users", 40, 25, -15, -0.375]
+    assert data["rows"][5] == [K9, "fewer users", 40, 25, -15, -0.375]
     assert data["rows"][0] == ["eM Client", "appeared", None, 30, None, None]
     assert data["previous"] == {"since": "2026-09-07T00:00:00.000+00:00", "until": SINCE}
     assert (data["users_now"], data["users_before"]) == (558, 534)
     lines = tables.as_csv(report.tables["changes"]).splitlines()
     assert lines[1] == "eM Client,appeared,,30,,"
-    assert lines[6] == "K-9 Mail,fewer users,40,25,-15,-0.375"
+    assert lines[6] == f"{K9},fewer users,40,25,-15,-0.375"
 
 
 def test_no_previous_period_and_an_empty_store(fleet: Store, tmp_path: Path) -> None:
@@ -275,3 +287,49 @@ def test_no_previous_period_and_an_empty_store(fleet: Store, tmp_path: Path) -> 
         assert all(t.rows == () for n, t in build(empty, now=NOW).tables.items() if n != "id")
     finally:
         empty.close()
+
+
+def test_extensions_in_use(fleet: Store, tmp_path: Path) -> None:
+    report = build(fleet, SINCE, UNTIL, now=NOW)
+    found = report.tables["extensions"]
+    rows = {(r[0], r[1]): r[2:] for r in found.rows}  # users, share, sessions, client's users
+    assert rows[("Thunderbird", "QRESYNC")] == (150, 0.75, 900, 200)
+    assert rows[("Apple Mail", "COMPRESS=DEFLATE")] == (100, 0.6667, 1200, 150)
+    assert rows[(K9, "CONDSTORE")] == (10, 0.4, 60, 25)  # 10 of its 25 users in the period
+    assert rows[(NO_ID, "IDLE")] == (15, 1.0, 90, 15)
+    # Under the floor: Thunderbird's UTF8=ACCEPT (3 users), XLIST without ID (4), NeoMutt's,
+    # FairEmail's, Evolution's and Geary's IDLE (3, 3, 3, 4): 16 users, each once.
+    names = {(c, e) for c, e, *_ in found.rows}
+    assert ("Thunderbird", "UTF8=ACCEPT") not in names and (NO_ID, "XLIST") not in names
+    assert {c for c, _ in names} == {"Thunderbird", "Apple Mail", "Outlook", "eM Client", K9,
+                                     "Mailspring", NO_ID}  # fmt: skip
+    assert (found.meta["folded_groups"], found.meta["folded_users"]) == (6, 16)
+    assert (
+        "6 groups (a client and an extension) of fewer than 5 users each are not shown: "
+        "16 users in them." in found.notes
+    )
+    # Most users first, then each client's extensions by users.
+    assert [r[1] for r in found.rows if r[0] == "Thunderbird"] == [
+        "CONDSTORE", "ENABLE", "IDLE", "SPECIAL-USE", "QRESYNC", "MOVE"]  # fmt: skip
+    page = render(report)
+    section = page[page.index('<section class="extensions">') :]
+    section = section[: section.index("</section>")]
+    assert section.count('<rect class="cell"') == len(found.rows) and "75%</text>" in section
+    assert "UTF8=ACCEPT" not in page and "XLIST</" in section  # Mailspring: 24 users
+    out = tmp_path / "all"
+    args = ["report", "--store", fleet.url, "--since", SINCE, "--until", UNTIL]
+    assert main([*args, "--min-users", "1", "--export", str(out)]) == 0
+    data = json.loads((out / "extensions.json").read_text(encoding="utf-8"))
+    assert ["Thunderbird", "UTF8=ACCEPT", 3, 0.015, 18, 200] in data["rows"]
+    assert data["folded_groups"] == 0
+
+
+def test_no_extensions_known(tmp_path: Path) -> None:
+    """A store of sessions without traits (from before they were kept): a note, no chart."""
+    store = make_fleet(str(tmp_path / "stats.sqlite"))
+    try:
+        report = build(store, now=NOW)
+        assert report.tables["extensions"].rows == ()
+        assert "No session in the period has its extensions recorded" in render(report)
+    finally:
+        store.close()

@@ -30,6 +30,7 @@ from imapveil.stats.report import (
 from imapveil.stats.store import SESSION_COLUMNS, Batch, Store
 from tests.helpers.postgres import Postgres
 
+K9 = "K-9 Mail / Thunderbird for Android"
 START = datetime.date(2026, 9, 7)  # a Monday: ISO week 2026-W37
 WEEKS = 12
 NOW = datetime.datetime(2026, 11, 30, 12, 0, tzinfo=datetime.UTC)
@@ -57,7 +58,8 @@ def client(family: str, user: int) -> tuple[str | None, str | None, str | None]:
         return None, *(("macOS", "15.1") if user < 300 else ("iOS", "18.1"))
     known = {"Outlook": ("16.0", "Windows"), "eM Client": ("10.1", "Windows"),
              "NeoMutt": ("20241002", "Linux"), "FairEmail": ("1.2250", "Android"),
-             "Evolution": ("3.56.1", "Linux")}  # fmt: skip
+             "Evolution": ("3.56.1", "Linux"), K9: ("6.800", "Android"),
+             "Mailspring": ("1.15.1", "Linux")}  # fmt: skip
     found = known.get(family)
     return (found[0], found[1], None) if found else (None, None, None)
 
@@ -92,13 +94,48 @@ def make_fleet(url: str) -> Store:
     return store
 
 
+def extensions(family: str, user: int) -> list[str]:
+    """The IMAP extensions `user` of `family` uses in every session (before the sink sorts them)."""
+    if family == "Thunderbird":
+        return ["CONDSTORE", "ENABLE", "IDLE", "SPECIAL-USE",
+                *(["QRESYNC"] if user < 150 else []),  # 150 of 200: 75%
+                *(["MOVE"] if user % 2 else []),  # 140.x: 50%
+                *(["UTF8=ACCEPT"] if user < 3 else [])]  # 3 users: never shown  # fmt: skip
+    if family == "Apple Mail":
+        macos = user < 300  # 100 of 150
+        return ["CONDSTORE", "IDLE", "UIDPLUS",
+                *(["COMPRESS=DEFLATE"] if macos else ["ENABLE", "QRESYNC"])]  # fmt: skip
+    if family == "Outlook":
+        return ["IDLE", "UIDPLUS", *(["MOVE"] if user < 400 else [])]
+    if family == "eM Client":
+        return ["CONDSTORE", "ENABLE", "IDLE", "LIST-STATUS", "MOVE", "QRESYNC", "SPECIAL-USE"]
+    if family == K9:
+        return ["IDLE", "UIDPLUS", *(["CONDSTORE", "QRESYNC"] if user < 540 else [])]
+    if family == "Mailspring":
+        return ["IDLE", "XLIST"]
+    if family == NO_ID:
+        return ["IDLE", *(["XLIST"] if user < 489 else [])]  # XLIST: 4 users, not shown
+    return ["IDLE"]
+
+
+def add_traits(
+    store: Store, fleet: list[tuple[str, range, tuple[int, ...], range]] = FLEET
+) -> None:
+    """Each session's traits: its extensions (`extensions`), as the sink writes them."""
+    traits = [
+        (row[0], None, None, None, sorted(extensions(str(row[12]), int(str(row[5])[-3:]))))
+        for row in fleet_rows(fleet)
+    ]
+    assert store.write(Batch(traits=traits)) == []
+
+
 SINCE, UNTIL = "2026-10-19", "2026-11-30"
 """The second half of the fleet's twelve weeks: a period whose previous period is the first half."""
 CHANGING: list[tuple[str, range, tuple[int, ...], range]] = [
     ("Mailspring", range(500, 510), (1,), range(6)),  # 10 users, then 24
     ("Mailspring", range(500, 524), (1,), range(6, WEEKS)),
-    ("K-9 Mail", range(530, 570), (2,), range(6)),  # 40 users, then 25
-    ("K-9 Mail", range(530, 555), (2,), range(6, WEEKS)),
+    (K9, range(530, 570), (2,), range(6)),  # 40 users, then 25
+    (K9, range(530, 555), (2,), range(6, WEEKS)),
     ("Geary", range(580, 584), (3,), range(WEEKS)),  # 4 users in both halves: never named
 ]
 """Clients whose users change between the halves, to add to FLEET."""
@@ -113,10 +150,10 @@ EDGES = {
 """Clients of 5 users each with one session at a period's boundary."""
 
 
-def add_changes(store: Store) -> None:
-    """CHANGING and EDGES, written into a store that holds FLEET."""
+def add_changes(store: Store, *, edges: bool = True) -> None:
+    """CHANGING and (unless not `edges`) EDGES, written into a store that holds FLEET."""
     rows = fleet_rows(CHANGING)
-    for n, (family, at) in enumerate(EDGES.items()):
+    for n, (family, at) in enumerate(EDGES.items() if edges else ()):
         for user in range(600 + 10 * n, 605 + 10 * n):
             rows.append((
                 f"{family}-{user}", "gw-1", at, at, at[:10], f"hmac:user{user:03d}", "logout",

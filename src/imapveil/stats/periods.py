@@ -38,8 +38,17 @@ class Period:
         """`2026-10-19 to 2026-11-29` (dates where the ends are midnights, the last included)."""
         start, end = moment(self.since), moment(self.until)
         if start.time() == end.time() == datetime.time(0):
-            return f"{start:%Y-%m-%d} to {end - datetime.timedelta(days=1):%Y-%m-%d}"
+            return f"{start:%Y-%m-%d} to {last_day(self.until)}"
         return f"{start:%Y-%m-%d %H:%M} to {end:%Y-%m-%d %H:%M}"
+
+
+def last_day(until: str) -> str:
+    """The last day before `until` where it is a midnight (`2026-11-29` for `2026-11-30`),
+    else `until`'s day and time."""
+    end = moment(until)
+    if end.time() == datetime.time(0):
+        return f"{end - datetime.timedelta(days=1):%Y-%m-%d}"
+    return f"{end:%Y-%m-%d %H:%M}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,13 +12,14 @@ import datetime
 import html
 import io
 import json
+from collections import defaultdict
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from imapveil.stats import currency, inventory, periods, tables
+from imapveil.stats import currency, inventory, periods, tables, traits
 from imapveil.stats.charts import CHAR_WIDTH as CHAR_WIDTH  # noqa: PLC0414 (re-exported)
 from imapveil.stats.charts import LABEL_WIDTH as LABEL_WIDTH  # noqa: PLC0414 (re-exported)
-from imapveil.stats.charts import bar_chart, line_chart
+from imapveil.stats.charts import bar_chart, line_chart, matrix_chart
 from imapveil.stats.charts import cut as cut  # noqa: PLC0414 (re-exported)
 from imapveil.stats.charts import plural as plural  # noqa: PLC0414 (re-exported)
 from imapveil.stats.charts import safe as safe  # noqa: PLC0414 (re-exported)
@@ -355,6 +356,33 @@ def changes_table(found: periods.Comparison) -> Table:
     )  # fmt: skip
 
 
+def extensions_table(usage: traits.ExtensionUsage) -> Table:
+    """Per client family (most users first) and IMAP extension: the distinct users that used
+    it, their share of the family's users whose extensions are known, the sessions."""
+    known = dict(usage.families)
+    fold = usage.folded
+    verb = "is" if fold.groups == 1 else "are"
+    note = (
+        f"{plural(fold.groups, 'group')} (a client and an extension) of fewer than "
+        f"{usage.min_users} users each {verb} not shown: {plural(fold.users, 'user')} in them."
+        if fold.groups else ""
+    )  # fmt: skip
+    return table(
+        "extensions", "Extensions in use",
+        [("client", "client", "text"), ("extension", "extension", "text"),
+         ("users", "users", "count"), ("share", "share of the client's users", "share"),
+         ("sessions", "sessions", "count"),
+         ("client_users", "client's users (extensions known)", "count")],
+        [[r.family, r.extension, r.users, r.share, r.sessions, known[r.family]]
+         for r in usage.rows],
+        ["The IMAP extensions a client used: ENABLEd capabilities, extension commands and "
+         "command options. A share is of the client's users whose sessions' extensions are "
+         "known (recorded since the store keeps them); an empty cell in the chart: fewer than "
+         f"{usage.min_users} of them used it, or none.", note],
+        folded_groups=fold.groups, folded_users=fold.users,
+    )  # fmt: skip
+
+
 def days_table(days: Summary) -> Table:
     return table(
         "days", "Sessions per day",
@@ -374,8 +402,8 @@ def id_table(families: Summary) -> Table:
     )  # fmt: skip
 
 
-TABLES = ("inventory", "changes", "currency", "weeks", "clients", "versions", "systems", "days",
-          "id")  # fmt: skip
+TABLES = ("inventory", "changes", "currency", "extensions", "weeks", "clients", "versions",
+          "systems", "days", "id")  # fmt: skip
 """The report's tables, in the page's order: the names of their exported files."""
 
 
@@ -397,7 +425,9 @@ class Report:
     def period(self) -> str:
         first = min((r.first_seen for r in self.families.rows), default="")[:10]
         last = max((r.last_seen for r in self.families.rows), default="")[:10]
-        return f"{self.since or first or 'the beginning'} to {self.until or last or 'now'}"
+        since = self.since[:16].replace("T", " ") if self.since else first or "the beginning"
+        until = periods.last_day(self.until) if self.until else last or "now"
+        return f"{since} to {until}"
 
 
 def build(
@@ -412,6 +442,7 @@ def build(
         inventory_table(families),
         changes_table(periods.compare(store, since, until, min_users, now=made)),
         currency_table(currency.currency_rows(store, since, until, min_users), min_users),
+        extensions_table(traits.extension_usage(store, since, until, min_users)),
         weeks_table(trend, min_users),
         groups_table("clients", "Clients (sessions)", families, "family"),
         groups_table("versions", "Versions per client",
@@ -460,6 +491,9 @@ h2 { margin-top: 1.6em; border-bottom: 1px solid var(--rule); }
 .chart .bar { fill: var(--bar); }
 .chart .axis { stroke: var(--grid); }
 .chart .line { fill: none; stroke-width: 2; }
+.chart .cell { fill: var(--bar); }
+.chart .head { font-weight: 600; }
+.chart .muted { fill: var(--muted); font-weight: normal; }
 table { border-collapse: collapse; font-size: 13px; }
 th, td { padding: 0.2em 0.6em; border-bottom: 1px solid var(--rule); text-align: left; }
 th.n, td.n { text-align: right; font-variant-numeric: tabular-nums; }
@@ -514,6 +548,8 @@ def _sections(report: Report) -> list[str]:
         _section("changes", "What changed since the previous period", _changes(t["changes"])),
         # Who runs an outdated or unsupported version (the security team's question).
         _section("currency", "Version currency", _alone(t["currency"])),
+        # Which IMAP extensions each client uses (the mail-server operator's question).
+        _section("extensions", "Extensions in use", _extensions(t["extensions"])),
         _section("trends", "Trends", _trend(report.trend, t["weeks"])),
         _section("groups", "Clients, versions, systems",
                  *(_figure(_bars_of(t[n], t[n].columns[0].key, "sessions", "session"), t[n])
@@ -533,6 +569,30 @@ def _trend(trend: Trend, weeks: Table) -> str:
     if not trend.weeks:
         return '<p class="note">No sessions in the period.</p>'
     return _figure(line_chart(weeks.title, trend), weeks)
+
+
+def _extensions(found: Table) -> str:
+    """A matrix of clients and extensions (each cell the share of the client's users), and the
+    table of the same rows."""
+    if not found.rows:
+        return (
+            '<p class="note">No session in the period has its extensions recorded (the store '
+            "keeps them for sessions since this version of imapveil).</p>"
+        )
+    rows = list(zip(found.column("client"), found.column("extension"), found.column("users"),
+                    found.column("share"), found.column("client_users"), strict=True))  # fmt: skip
+    clients = list(dict.fromkeys((str(c), str(n)) for c, _, _, _, n in rows))
+    total: dict[str, int] = defaultdict(int)
+    for _, extension, users, _, _ in rows:
+        total[str(extension)] += int(users or 0)
+    order = sorted(total, key=lambda e: (-total[e], e))
+    chart = matrix_chart(
+        "Extensions in use (share of each client's users)",
+        [(c, f"{plural(int(n), 'user')}") for c, n in clients],
+        order,
+        {(str(e), str(c)): float(share or 0.0) for c, e, _, share, _ in rows},
+    )
+    return _figure(chart, found)
 
 
 def html_report(
