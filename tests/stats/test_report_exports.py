@@ -74,8 +74,8 @@ def page_tables(page: str) -> dict[str, list[list[str]]]:
 def from_csv(column: Column, text: str) -> Cell:
     """A CSV cell read back as the JSON has it."""
     if text == "":
-        return None if column.kind != "text" else ""
-    if column.kind == "text":
+        return None if column.kind not in tables.TEXT else ""
+    if column.kind in tables.TEXT:
         return text[1:] if text.startswith("'") and text[1:2] in tables.FORMULA else text
     return float(text) if "share" in column.kind else int(text)
 

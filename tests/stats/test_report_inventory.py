@@ -303,7 +303,10 @@ def test_the_page_says_it_all_and_no_small_group(store: Store) -> None:
     )
     assert '<table data-table="changes">' not in page
     row = '<tr><td>Thunderbird</td><td class="n">200</td><td class="n">40.0%</td>'
-    assert row + '<td class="n">2400</td><td>2026-09-08</td><td>2026-11-24</td>' in page
+    assert (
+        row + '<td class="n">2400</td><td class="d">2026-09-08</td><td class="d">2026-11-24</td>'
+        in page
+    )
     for small in ("NeoMutt", "FairEmail", "FreeBSD", "20241002"):
         assert small not in page, small
     assert page.count("<svg") == 7

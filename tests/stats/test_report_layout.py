@@ -163,6 +163,17 @@ def test_printed_on_a4(page: str, tmp_path: Path) -> None:
         assert abs(float(w) - 595.3) < 2 and abs(float(h) - 841.9) < 2, (w, h)
 
 
+def test_nothing_wider_than_a4_when_printed(page: str, tmp_path: Path) -> None:
+    """The print rules applied on screen at A4's printable width (210 mm less 2 x 14 mm of
+    margin: 688 CSS pixels): tables are not scrolled in print, so a table wider than the paper
+    would widen the page."""
+    printed = page.replace("@media print {", "@media all {")
+    assert printed != page
+    found = measure(printed, tmp_path, "--window-size=688,3000")
+    assert found["problems"] == [] and found["overflow"] is False
+    assert found["background"] == "rgb(255, 255, 255)"
+
+
 def screenshot(target: Path) -> None:
     """docs/report.png: the report of the synthetic fleet, as a desktop browser shows it."""
     work = target.resolve().parent / ".report-shot"

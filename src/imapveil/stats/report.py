@@ -283,8 +283,8 @@ def inventory_table(families: Summary) -> Table:
     return table(
         "inventory", "Inventory",
         [("client", "client", "text"), ("users", "users", "count"), ("share", "share", "share"),
-         ("sessions", "sessions", "count"), ("first_seen", "first seen", "text"),
-         ("last_seen", "last seen", "text"), ("platforms", "platforms", "text")],
+         ("sessions", "sessions", "count"), ("first_seen", "first seen", "date"),
+         ("last_seen", "last seen", "date"), ("platforms", "platforms", "text")],
         [[r.group, r.users, r.share, r.sessions, r.first_seen[:10], r.last_seen[:10],
           r.platforms or ""] for r in by_users],
         [fold_note(families, "client") if families.folded else ""],
@@ -297,7 +297,8 @@ def groups_table(name: str, title: str, summary: Summary, by: str) -> Table:
     kind = GROUP_TITLES[by]
     return table(
         name, title,
-        [(by, kind, "text"), ("users", "users", "count"), ("share", "share", "share"),
+        [(kind.replace(" ", "_"), kind, "text"), ("users", "users", "count"),
+         ("share", "share", "share"),
          ("sessions", "sessions", "count")],
         [[r.group, r.users, r.share, r.sessions] for r in summary.rows],
         [fold_note(summary, kind) if summary.folded else ""],
@@ -315,7 +316,7 @@ def currency_table(found: currency.Currency, min_users: int) -> Table:
     return table(
         "currency", "Version currency",
         [("client", "client", "text"), ("users", "users", "count"),
-         *((c, c, "count") for c in currency.CLASSES), ("checked", "values checked", "text")],
+         *((c, c, "count") for c in currency.CLASSES), ("checked", "values checked", "date")],
         [[r.group, r.users, *(getattr(r, c) for c in currency.CLASSES), r.checked or ""]
          for r in found.rows],
         ["Each user is counted once per client, by their most recent session; current, "
@@ -329,7 +330,7 @@ def weeks_table(trend: Trend, min_users: int) -> Table:
     families = sorted(trend.series)
     return table(
         "weeks", "Distinct users per client and week",
-        [("week", "week", "text"), *((f, f, "count") for f in families),
+        [("week", "week", "date"), *((f, f, "count") for f in families),
          ("other", "other", "count")],
         [[week, *(trend.series[f][i] for f in families), trend.other[i]]
          for i, week in enumerate(trend.weeks)],
@@ -386,7 +387,7 @@ def extensions_table(usage: traits.ExtensionUsage) -> Table:
 def days_table(days: Summary) -> Table:
     return table(
         "days", "Sessions per day",
-        [("day", "day", "text"), ("sessions", "sessions", "count"), ("users", "users", "count")],
+        [("day", "day", "date"), ("sessions", "sessions", "count"), ("users", "users", "count")],
         [[r.group, r.sessions, r.users] for r in days.rows],
     )  # fmt: skip
 
@@ -497,6 +498,7 @@ h2 { margin-top: 1.6em; border-bottom: 1px solid var(--rule); }
 table { border-collapse: collapse; font-size: 13px; }
 th, td { padding: 0.2em 0.6em; border-bottom: 1px solid var(--rule); text-align: left; }
 th.n, td.n { text-align: right; font-variant-numeric: tabular-nums; }
+td.n, td.d { white-space: nowrap; }
 @page { size: A4; margin: 14mm; }
 @media print {
   :root { --fg: #000000; --bg: #ffffff; --muted: #444444; --bar: #3b6ea5; --grid: #bbbbbb;

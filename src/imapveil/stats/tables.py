@@ -22,9 +22,11 @@ from typing import Any, Literal
 
 from imapveil.stats.charts import safe, signed_count, signed_share
 
-Kind = Literal["text", "count", "share", "change", "change_share"]
-"""How a column's cells are shown: text; a whole number; a fraction shown as a percentage; a
-signed whole number; a signed fraction shown as a signed percentage."""
+Kind = Literal["text", "date", "count", "share", "change", "change_share"]
+"""How a column's cells are shown: text; text never broken over lines (a day, a week); a whole
+number; a fraction shown as a percentage; a signed whole number; a signed fraction shown as a
+signed percentage."""
+TEXT = ("text", "date")
 Cell = str | int | float | None
 NOT_SHOWN = "\u2013"
 """What the page shows for a number it does not show (None): an en dash."""
@@ -64,7 +66,7 @@ def _exported(column: Column, value: Cell) -> Cell:
         return None
     if column.kind in ("share", "change_share"):
         return round(float(value), 4)
-    if column.kind == "text":
+    if column.kind in TEXT:
         return safe(str(value))
     return int(value)
 
@@ -94,23 +96,23 @@ def shown(column: Column, value: Cell) -> str:
     return safe(str(value))
 
 
-def _numeric(column: Column) -> bool:
-    return column.kind != "text"
+def _css(column: Column) -> str:
+    """Numbers right-aligned, days and weeks never broken at their hyphens."""
+    if column.kind == "text":
+        return ""
+    return ' class="d"' if column.kind == "date" else ' class="n"'
 
 
 def as_html(found: Table) -> str:
     """The table as HTML: numbers right-aligned, text escaped and made safe."""
 
-    def cell(tag: str, text: str, numeric: bool) -> str:
-        kind = ' class="n"' if numeric else ""
-        return f"<{tag}{kind}>{html.escape(text)}</{tag}>"
+    def cell(tag: str, text: str, column: Column) -> str:
+        return f"<{tag}{_css(column)}>{html.escape(text)}</{tag}>"
 
-    header = "".join(cell("th", safe(c.title), _numeric(c)) for c in found.columns)
+    header = "".join(cell("th", safe(c.title), c) for c in found.columns)
     body = "".join(
         "<tr>"
-        + "".join(
-            cell("td", shown(c, v), _numeric(c)) for c, v in zip(found.columns, row, strict=True)
-        )
+        + "".join(cell("td", shown(c, v), c) for c, v in zip(found.columns, row, strict=True))
         + "</tr>"
         for row in found.rows
     )
