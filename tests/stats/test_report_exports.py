@@ -21,6 +21,7 @@ from imapveil.stats.identify import NO_ID
 from imapveil.stats.report import TABLES, build, export, render
 from imapveil.stats.store import Batch, Store
 from imapveil.stats.tables import Cell, Column, Table
+from tests.helpers.postgres import Postgres
 from tests.stats.test_report_inventory import (
     CHANGING,
     EDGES,
@@ -333,3 +334,34 @@ def test_no_extensions_known(tmp_path: Path) -> None:
         assert "No session in the period has its extensions recorded" in render(report)
     finally:
         store.close()
+
+
+def test_postgresql_gives_the_same_tables(fleet: Store, postgres: Postgres) -> None:
+    other = make_fleet(postgres.url)
+    try:
+        add_changes(other)
+        add_traits(other, FLEET + CHANGING)
+        for since, until in ((None, None), (SINCE, UNTIL)):
+            assert build(other, since, until, now=NOW) == build(fleet, since, until, now=NOW)
+    finally:
+        other.close()
+
+
+def test_the_command_line(fleet: Store, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["report", "--store", fleet.url]
+    assert main([*base, "--html", "-", "--export", str(tmp_path / "t")]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("<!DOCTYPE html>") and out.endswith("</html>\n")  # the page alone
+    assert err == f"wrote 20 files (10 tables) to {tmp_path / 't'}\n"
+    blocker = tmp_path / "a-file"
+    blocker.write_text("", encoding="utf-8")
+    assert main([*base, "--export", str(blocker)]) == 1
+    err = capsys.readouterr().err
+    assert (
+        err.startswith(f"imapveil: cannot export the tables to {blocker}: ")
+        and err.count("\n") == 1
+    )
+    with pytest.raises(SystemExit) as exited:
+        main(base)
+    assert exited.value.code == 2
+    assert "report needs --html FILE, --export DIR or both" in capsys.readouterr().err
