@@ -1,5 +1,9 @@
 """Reports from the store: tables for people, CSV/JSON for machines, one self-contained HTML page.
 
+`summarize` and `export` are `imapveil stats`; `build` computes the page's tables once (see
+`stats.tables`: the page, `imapveil report --export`'s CSV and JSON are written from them) and
+`render` makes the page. docs/report.md says what each table is.
+
 No report singles anyone out: a group with fewer than `min_users` distinct users is folded into
 "other" (its sessions added there, its users counted once however many folded groups they were
 in), everywhere.
@@ -615,7 +619,7 @@ def render(report: Report) -> str:
 <title>imapveil: mail clients in use</title>
 <style>{STYLE}</style></head><body>
 <h1>Mail clients in use</h1>
-<p class="summary">{html.escape(_headline(report.families))}</p>
+<p class="summary">{html.escape(_headline(report.families, report.tables["inventory"]))}</p>
 <p class="meta">Period: {html.escape(report.period)} (UTC) · generated {made} UTC ·
 {proxies}: {html.escape(names)} · groups of fewer than {report.min_users} users are shown together
 as "other".</p>
@@ -624,11 +628,12 @@ as "other".</p>
 """
 
 
-def _headline(families: Summary) -> str:
-    """The summary line: users, sessions, the largest clients' shares, sessions without ID."""
-    by_users = sorted(families.rows, key=lambda r: (r.group == "other", -r.users, r.group))
-    top = [r for r in by_users if r.group != "other"][:4]
-    shares = ", ".join(f"{safe(r.group)} {r.share:.1%}" for r in top)
+def _headline(families: Summary, found: Table) -> str:
+    """The summary line: users, sessions, the largest clients' shares (as the inventory's
+    table shows them), sessions without ID."""
+    by_users = list(zip(found.column("client"), found.column("share"), strict=True))
+    top = [(client, share) for client, share in by_users if client != "other"][:4]
+    shares = ", ".join(f"{safe(str(c))} {float(s or 0):.1%}" for c, s in top)
     more = ", …" if len(by_users) > len(top) else ""
     return (
         f"{plural(families.users, 'distinct user')} in {plural(families.sessions, 'session')}"
