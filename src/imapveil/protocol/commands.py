@@ -27,6 +27,7 @@ from imapveil.protocol.framer import ClientFramer, Use
 from imapveil.protocol.id_flow import IdFlow
 from imapveil.protocol.lexer import LiteralError
 from imapveil.protocol.outbox import Outbox
+from imapveil.protocol.traits import Traits
 
 
 class Verdict(enum.Enum):
@@ -86,6 +87,7 @@ class Commands:
         "pending_literal",
         "sasl_command",
         "state",
+        "traits",
         "user",
     )
 
@@ -97,6 +99,9 @@ class Commands:
         self.framer = framer
         self.ids = ids
         self.leg = leg
+        # What the client uses and how it behaves (SessionTraits): fed every command the proxy
+        # accepted, before it is relayed or answered; a refused one only counts as read.
+        self.traits = Traits()
         self.state = State.NOT_AUTHENTICATED
         self.mailbox: bytes | None = None
         self.user: str | None = None
@@ -172,12 +177,14 @@ class Commands:
         if frag.problem is None and frag.literal is None and frag.depth:
             frag = replace(frag, problem="unbalanced_list")
         if frag.problem == "literal_length":
+            self.traits.refused()
             return self._bad_literal()
         if tag is None or frag.problem is not None:
             return self._refuse(tag, verb, frag, len(line))
         args = body[parsed.args_at :]
         cmd = Command(tag, verb, self.state, self.out.now)
         self.count += 1
+        self.traits.command(tag, verb, frag.content, frag.literal)
         if verb in _LEG_VERBS and self.leg.owns(verb):
             busy = bool(self.pending) or self.gate is not None or not self.out.can_speak
             return Verdict.WITHHOLD if self.leg.answer(cmd, args, line, busy=busy) else Verdict.STOP
@@ -213,6 +220,7 @@ class Commands:
         """
         self.current = None
         self.mode = Mode.COMMAND
+        self.traits.refused()
         out = self.out
         out.violation("client", f"refused_{frag.problem}", f"{size} octets", "refused")
         out.owe((tag or b"*") + b" BAD [CLIENTBUG] Command not understood by the proxy\r\n")
@@ -282,6 +290,7 @@ class Commands:
             self.out.protocol_error(b"* BYE Command not understood by the proxy\r\n")
             return Verdict.STOP
         cmd.depth = frag.depth
+        self.traits.fragment(frag.content, frag.literal)
         collecting = self.ids.collecting
         if collecting is not None and collecting.cmd is cmd:
             if not self.ids.room(len(line)):

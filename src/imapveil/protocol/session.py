@@ -25,6 +25,7 @@ from imapveil.protocol.framer import ClientFramer, Fragment, ServerFramer, Use
 from imapveil.protocol.id_flow import IdFlow
 from imapveil.protocol.outbox import Outbox, ms
 from imapveil.protocol.responses import UNAVAILABLE, Responses
+from imapveil.protocol.traits import bounded_ja4
 from imapveil.records import SessionEnded, SessionStarted
 
 __all__ = ["CoreConfig", "SessionCore", "State"]
@@ -42,6 +43,7 @@ class SessionCore:
         "_out",
         "_responses",
         "_server",
+        "_traits",
         "bytes_from_client",
         "bytes_from_server",
         "client_address",
@@ -80,6 +82,7 @@ class SessionCore:
             config, self._out, trusted_client=trusted_client, endpoints=client_endpoints
         )
         self._commands = Commands(config, self._out, self._client, self._ids, self._leg)
+        self._traits = self._commands.traits
         self._responses = Responses(self._out, self._server, self._commands, self._ids, self._leg)
         self._ended = False
 
@@ -184,6 +187,12 @@ class SessionCore:
         """Why the session is ending, as recorded (never peer data but for a few printable
         octets of a non-IMAP upstream's banner)."""
         return self._out.end_detail
+
+    def tls_fingerprint(self, ja4: str | None) -> None:
+        """The JA4 fingerprint of the client leg's TLS ClientHello, once its handshake is done
+        (implicit TLS or STARTTLS), for the session's `SessionTraits`. Kept only if it is at most
+        64 printable ASCII characters; anything else is kept as None."""
+        self._traits.ja4 = bounded_ja4(ja4)
 
     def feed_client(self, data: bytes, now: float) -> list[Action]:
         """Bytes the client sent. Returns what to do, in order."""
@@ -294,6 +303,9 @@ class SessionCore:
                 out.extend(self._out.command_record(cmd, None, None) for cmd in queue)
         self._commands.pending.clear()
         out.extend(self._out.suppressed())
+        traits = self._traits.record(self.session_id, self.capabilities)
+        if traits is not None:
+            out.append(Emit(traits))
         out.append(
             Emit(
                 SessionEnded(

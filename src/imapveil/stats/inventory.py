@@ -23,14 +23,17 @@ from imapveil.stats.labels import Label
 from imapveil.stats.store import Store
 
 
-def where(since: str | None, until: str | None) -> tuple[str, list[str]]:
-    """The WHERE clause (with its parameters) of a period; '' for all of the store."""
+def where(
+    since: str | None, until: str | None, column: str = "started_at"
+) -> tuple[str, list[str]]:
+    """The WHERE clause (with its parameters) of a period; '' for all of the store. `column`:
+    the session's start (`s.started_at` where sessions are joined as `s`)."""
     clauses, params = [], []
     if since:
-        clauses.append("started_at >= ?")
+        clauses.append(f"{column} >= ?")
         params.append(since)
     if until:
-        clauses.append("started_at < ?")
+        clauses.append(f"{column} < ?")
         params.append(until)
     return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
 
@@ -242,7 +245,7 @@ def inferred(
     families of fewer than `min_users` such users folded."""
     if not labels:
         return Inferred(min_users=min_users)
-    clause, params = where(since, until)
+    clause, params = where(since, until, "s.started_at")
     families: dict[str, _Tally] = defaultdict(_Tally)
     for user, behaviour, ja4, sessions, first, last in store.rows(
         "SELECT s.user_id, t.behaviour, t.ja4, COUNT(*), MIN(s.started_at), MAX(s.ended_at)"  # noqa: S608
@@ -274,6 +277,6 @@ def inferred(
 
 
 def _users(store: Store, clause: str, params: list[str]) -> int:
-    """Distinct users of all sessions in the period."""
-    rows = store.rows(f"SELECT COUNT(DISTINCT user_id) FROM sessions{clause}", params)  # noqa: S608
+    """Distinct users of all sessions (`s`) in the period."""
+    rows = store.rows(f"SELECT COUNT(DISTINCT s.user_id) FROM sessions s{clause}", params)  # noqa: S608
     return int(rows[0][0])

@@ -37,7 +37,8 @@ Item = tuple[str, Sequence[Any]]
 
 @dataclass
 class Tally:
-    """Session rows, and items of all kinds (session rows, ID exchanges, command counts)."""
+    """Session rows, and items of all kinds (session rows, ID exchanges, command counts, session
+    traits)."""
 
     sessions: int = 0
     items: int = 0

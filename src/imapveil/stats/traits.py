@@ -72,8 +72,7 @@ class ExtensionUsage:
 
 def _condition(since: str | None, until: str | None, *more: str) -> tuple[str, list[str]]:
     """A period's WHERE clause on sessions (`s`), with `more` conditions joined to it."""
-    clause, params = where(since, until)
-    clause = clause.replace("started_at", "s.started_at")
+    clause, params = where(since, until, "s.started_at")
     for condition in more:
         clause += f"{also(clause)} {condition}"
     return clause, params
@@ -310,8 +309,8 @@ RENDER_FINGERPRINTS: dict[str, Callable[[FingerprintUsage], str]] = {
 # --- `imapveil stats --by family`: the inferred users beside the named ones ---------------------
 
 INFERRED_NOTE = (
-    'Inferred from labelled fingerprints: these sessions sent no ID (they are in the "no ID" '
-    "row), the administrator's labels name their family."
+    'Inferred from labelled fingerprints: sessions that sent no ID (in the "no ID" row above),\n'
+    "under the family the administrator's labels name."
 )
 
 
