@@ -14,9 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from imapveil.cli import main
 from imapveil.stats import periods, tables
+from imapveil.stats.charts import safe
 from imapveil.stats.identify import NO_ID
 from imapveil.stats.report import TABLES, build, export, render
 from imapveil.stats.store import Batch, Store
@@ -77,7 +80,7 @@ def from_csv(column: Column, text: str) -> Cell:
     if text == "":
         return None if column.kind not in tables.TEXT else ""
     if column.kind in tables.TEXT:
-        return text[1:] if text.startswith("'") and text[1:2] in tables.FORMULA else text
+        return text.removeprefix("'")  # what disarm added
     return float(text) if "share" in column.kind else int(text)
 
 
@@ -214,6 +217,7 @@ def test_formula_cells_are_disarmed(hostile: Store, tmp_path: Path) -> None:
     data = json.loads((tmp_path / "out" / "inventory.json").read_text(encoding="utf-8"))
     assert data["rows"][0][0] == HOSTILE["family"]
     assert tables.disarm("-15") == "'-15" and tables.disarm("K-9") == "K-9"
+    assert tables.disarm("'=1") == "''=1" and tables.disarm("it's") == "it's"
     lines = tables.as_csv(tables.table("t", "t", [("n", "n", "change")], [[-15]]))
     assert lines == "n\n-15\n"
 
@@ -365,3 +369,26 @@ def test_the_command_line(fleet: Store, tmp_path: Path, capsys: pytest.CaptureFi
         main(base)
     assert exited.value.code == 2
     assert "report needs --html FILE, --export DIR or both" in capsys.readouterr().err
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.text(alphabet=st.sampled_from("'=+-@\t\r\x1b a"), max_size=6) | st.text(max_size=12),
+        min_size=1,
+        max_size=4,
+    )
+)
+def test_any_text_reads_back_and_is_never_a_formula(texts: list[str]) -> None:
+    """Whatever a client calls itself: each CSV cell reads back as the text made safe, and no
+    cell (a heading neither) starts as a formula does."""
+    found = tables.table(
+        "t", "t", [(f"k{i}{t}", "t", "text") for i, t in enumerate(texts)], [texts, texts[::-1]]
+    )
+    head, *lines = list(csv.reader(io.StringIO(tables.as_csv(found))))
+    assert len(lines) == 2
+    for cell in [*head, *lines[0], *lines[1]]:
+        assert not cell.startswith(tables.FORMULA)
+    text = Column("t", "t", "text")
+    assert [from_csv(text, c) for c in lines[0]] == [safe(t) for t in texts]
+    assert json.loads(tables.as_json(found))["rows"][1] == [safe(t) for t in texts[::-1]]

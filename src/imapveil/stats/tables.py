@@ -6,7 +6,8 @@
 Text came from clients (client names, versions, operating systems): every output makes it safe
 to show (`charts.safe`), and CSV also disarms what a spreadsheet would run as a formula (a cell
 starting with `=`, `+`, `-` or `@`, or a tab or carriage return, gets a `'` in front, as OWASP
-advises for CSV injection).
+advises for CSV injection; so does one starting with `'`, so that one leading `'` is always
+what was added).
 """
 
 from __future__ import annotations
@@ -123,9 +124,11 @@ def as_html(found: Table) -> str:
 
 
 def disarm(text: str) -> str:
-    """`text` safe to show, and never taken for a formula by a spreadsheet."""
+    """`text` safe to show, and never taken for a formula by a spreadsheet: a `'` in front of
+    what starts as a formula, and of what starts with `'` itself, so that a reader knows to
+    take one leading `'` away, always."""
     text = safe(text)
-    return "'" + text if text.startswith(FORMULA) else text
+    return "'" + text if text.startswith((*FORMULA, "'")) else text
 
 
 def as_csv(found: Table) -> str:
