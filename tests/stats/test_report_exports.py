@@ -282,6 +282,7 @@ def test_changes_on_the_page_and_in_the_export(fleet: Store) -> None:
 def test_no_previous_period_and_an_empty_store(fleet: Store, tmp_path: Path) -> None:
     found = periods.compare(fleet, now=NOW)
     assert found.rows == [] and found.users_before == 0
+    assert periods.compare(fleet, "2027-01-01", now=NOW).period is None  # ends before it begins
     assert "no sessions in the previous period, nothing to compare" in periods.said(found)
     empty = Store(str(tmp_path / "stats.sqlite"))
     empty.connect()

@@ -95,7 +95,8 @@ def periods(
     store: Store, since: str | None, until: str | None, now: datetime.datetime
 ) -> tuple[Period, Period] | None:
     """The report's period (from the first session's day where `since` is not given, to `now`
-    where `until` is not) and the one of equal length before it; None without sessions."""
+    where `until` is not) and the one of equal length before it; None without sessions (or a
+    period that would end before it begins: `since` after `now`)."""
     if since is None:
         clause, params = where(None, until)
         (first,) = store.rows(f"SELECT MIN(started_at) FROM sessions{clause}", params)[0]  # noqa: S608
@@ -105,6 +106,8 @@ def periods(
     end = until or _text(now)
     start = moment(since)
     length = moment(end) - start
+    if length <= datetime.timedelta(0):  # a period that ends before it begins: no sessions
+        return None
     return Period(since, end), Period(_text(start - length), since)
 
 

@@ -76,11 +76,11 @@ def table(
     name: str, title: str, columns: Sequence[tuple[str, str, Kind]],
     rows: Sequence[Sequence[Cell]], notes: Sequence[str] = (), **meta: Any,
 ) -> Table:  # fmt: skip
-    """A Table from (key, title, kind) column triples; every row as long as the columns. Shares
-    are kept to four digits, so that the page shows the very number the exports hold."""
+    """A Table from (key, title, kind) column triples; every row as long as the columns (else
+    ValueError). Shares are kept to four digits, so that the page shows the very number the
+    exports hold."""
     made = tuple(Column(*c) for c in columns)
     cells = tuple(tuple(_exported(c, v) for c, v in zip(made, row, strict=True)) for row in rows)
-    assert all(len(row) == len(made) for row in cells), name
     return Table(name, title, made, cells, tuple(n for n in notes if n), meta)
 
 
