@@ -27,7 +27,7 @@ from imapveil.config_files import check_files, statistics_stores
 from imapveil.policy import PolicyError, apply
 from imapveil.policy.load import resolve_policy
 from imapveil.protocol import id_params
-from imapveil.stats import currency, inventory, traits
+from imapveil.stats import currency, inventory, tables, traits
 from imapveil.stats import report as report_module
 from imapveil.stats.labels import LabelError, load_labels
 from imapveil.stats.store import Store, StoreError
@@ -194,8 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report = commands.add_parser(
         "report",
-        help="a self-contained HTML report with charts",
-        description="One self-contained HTML page with charts (inline SVG) of the statistics.",
+        help="a self-contained HTML report with charts, and every table of it as CSV and JSON",
+        description="One self-contained HTML page with charts (inline SVG) and tables of the "
+        "statistics (--html), and every one of its tables as CSV and JSON files (--export): "
+        "the same rows, k-floored the same way.",
     )
     for command in (stats, report):
         command.add_argument(
@@ -233,9 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
         "that sent no ID apart, as inferred",
     )  # fmt: skip
     stats.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    report.add_argument("--html", metavar="FILE", help="write the report here ('-': stdout)")
     report.add_argument(
-        "--html", metavar="FILE", required=True, help="write the report here ('-': stdout)"
-    )
+        "--export", metavar="DIR",
+        help="write each table of the report as DIR/<table>.csv and DIR/<table>.json (made if "
+        f"missing): {', '.join(report_module.TABLES)}",
+    )  # fmt: skip
     policy = commands.add_parser("policy", help="check and try out ID policy files")
     actions = policy.add_subparsers(dest="policy_command", metavar="ACTION", required=True)
     check = actions.add_parser("check", help="validate policy files (names or paths)")
@@ -262,6 +267,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(legacy_booleans(sys.argv[1:] if argv is None else argv))
     if args.command == "policy":
         return policy_tool(args)
+    if args.command == "report" and not (args.html or args.export):
+        parser.error("report needs --html FILE, --export DIR or both")
     if args.command in ("stats", "report"):
         return stats_tool(args)
     if args.command not in ("serve", "check-config"):
@@ -338,7 +345,7 @@ def stats_tool(args: argparse.Namespace) -> int:
     try:
         store.connect()
         if args.command == "report":
-            page = report_module.html_report(store, args.since, args.until, min_users)
+            made = report_module.build(store, args.since, args.until, min_users)
         elif args.by == "currency":
             rows = currency.currency_rows(store, args.since, args.until, min_users)
         else:
@@ -350,7 +357,7 @@ def stats_tool(args: argparse.Namespace) -> int:
     finally:
         store.close()
     if args.command == "report":
-        return write_report(args.html, page)
+        return write_report(args.html, args.export, made)
     if args.by == "currency":
         sys.stdout.write(currency.RENDER[args.format](rows))
         return EXIT_OK
@@ -376,7 +383,17 @@ def stats_text(store: Store, args: argparse.Namespace, min_users: int, own_label
     return text
 
 
-def write_report(target: str, page: str) -> int:
+def write_report(target: str | None, directory: str | None, made: report_module.Report) -> int:
+    if directory:
+        try:
+            written = tables.export(list(made.tables.values()), Path(directory))
+        except OSError as exc:
+            return fail(f"cannot export the tables to {directory}: {exc.strerror or exc}")
+        said = f"wrote {len(written)} files ({len(made.tables)} tables) to {directory}"
+        print(said, file=sys.stderr if target == "-" else sys.stdout)  # not into the page
+    if not target:
+        return EXIT_OK
+    page = report_module.render(made)
     if target == "-":
         sys.stdout.write(page)
         return EXIT_OK

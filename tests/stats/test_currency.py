@@ -285,5 +285,6 @@ def test_the_html_report_answers_who_is_outdated(tmp_path: Path) -> None:
     section = page[page.index('<section class="currency">') :]
     section = section[: section.index("</section>")]
     # family, users, current, outdated, unsupported, unknown, values checked
-    assert "<tr><td>Thunderbird</td><td>20</td><td>8</td><td>6</td><td>6</td><td>0</td>" in section
+    cells = [f'<td class="n">{n}</td>' for n in (20, 8, 6, 6, 0)]
+    assert "<tr><td>Thunderbird</td>" + "".join(cells) in section
     assert "2026-11-30" in section

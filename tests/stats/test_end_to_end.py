@@ -96,10 +96,15 @@ def test_stats_and_report_from_real_sessions(
     assert [r["group"] for r in folded["rows"]] == ["other"]
     table = imapveil_cli("stats", "--store", store, "--by", "version", "--min-users", "1")
     assert "Thunderbird 52.4.0" in table.stdout
-    report = tmp_path / "report.html"
-    made = imapveil_cli("report", "--store", store, "--html", str(report), "--min-users", "1")
+    report, tables = tmp_path / "report.html", tmp_path / "tables"
+    made = imapveil_cli("report", "--store", store, "--html", str(report), "--min-users", "1",
+                        "--export", str(tables))  # fmt: skip
     assert made.returncode == 0, made.stderr
     assert_renders(report, tmp_path)
+    # The extensions each client used, as the proxy recorded them: every ID sent is one.
+    used = json.loads((tables / "extensions.json").read_text(encoding="utf-8"))["rows"]
+    assert {"Apple Mail", "Thunderbird", "Android Email"} <= {c for c, e, *_ in used if e == "ID"}
+    assert [r[2:4] for r in used if r[:2] == ["Apple Mail", "ID"]] == [[2, 1.0]]
 
 
 def assert_renders(report: Path, tmp_path: Path) -> None:
@@ -112,7 +117,7 @@ def assert_renders(report: Path, tmp_path: Path) -> None:
         [*flags, "--dump-dom", report.as_uri()], capture_output=True, text=True, timeout=60,
         check=False,
     )  # fmt: skip
-    assert dom.stdout.count("<svg") == 7, dom.stderr[-2000:]
+    assert dom.stdout.count("<svg") == 8, dom.stderr[-2000:]  # the extensions' matrix too
     assert "Apple Mail" in dom.stdout
     shot = tmp_path / "report.png"
     subprocess.run(
@@ -120,7 +125,7 @@ def assert_renders(report: Path, tmp_path: Path) -> None:
         capture_output=True, timeout=60, check=False,
     )  # fmt: skip
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert shot.stat().st_size > 20_000  # seven charts, not a blank page
+    assert shot.stat().st_size > 20_000  # eight charts, not a blank page
 
 
 def test_store_goes_away_and_comes_back(

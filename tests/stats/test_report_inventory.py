@@ -30,6 +30,7 @@ from imapveil.stats.report import (
 from imapveil.stats.store import SESSION_COLUMNS, Batch, Store
 from tests.helpers.postgres import Postgres
 
+K9 = "K-9 Mail / Thunderbird for Android"
 START = datetime.date(2026, 9, 7)  # a Monday: ISO week 2026-W37
 WEEKS = 12
 NOW = datetime.datetime(2026, 11, 30, 12, 0, tzinfo=datetime.UTC)
@@ -57,14 +58,17 @@ def client(family: str, user: int) -> tuple[str | None, str | None, str | None]:
         return None, *(("macOS", "15.1") if user < 300 else ("iOS", "18.1"))
     known = {"Outlook": ("16.0", "Windows"), "eM Client": ("10.1", "Windows"),
              "NeoMutt": ("20241002", "Linux"), "FairEmail": ("1.2250", "Android"),
-             "Evolution": ("3.56.1", "Linux")}  # fmt: skip
+             "Evolution": ("3.56.1", "Linux"), K9: ("6.800", "Android"),
+             "Mailspring": ("1.15.1", "Linux")}  # fmt: skip
     found = known.get(family)
     return (found[0], found[1], None) if found else (None, None, None)
 
 
-def fleet_rows() -> list[tuple[object, ...]]:
+def fleet_rows(
+    fleet: list[tuple[str, range, tuple[int, ...], range]] = FLEET,
+) -> list[tuple[object, ...]]:
     rows: list[tuple[object, ...]] = []
-    for family, users, weekdays, weeks in FLEET:
+    for family, users, weekdays, weeks in fleet:
         for user in users:
             for week in weeks:
                 for weekday in weekdays:
@@ -88,6 +92,74 @@ def make_fleet(url: str) -> Store:
     for start in range(0, len(rows), 1000):
         assert store.write(Batch(sessions=rows[start : start + 1000])) == []
     return store
+
+
+def extensions(family: str, user: int) -> list[str]:
+    """The IMAP extensions `user` of `family` uses in every session (before the sink sorts them)."""
+    if family == "Thunderbird":
+        return ["CONDSTORE", "ENABLE", "IDLE", "SPECIAL-USE",
+                *(["QRESYNC"] if user < 150 else []),  # 150 of 200: 75%
+                *(["MOVE"] if user % 2 else []),  # 140.x: 50%
+                *(["UTF8=ACCEPT"] if user < 3 else [])]  # 3 users: never shown  # fmt: skip
+    if family == "Apple Mail":
+        macos = user < 300  # 100 of 150
+        return ["CONDSTORE", "IDLE", "UIDPLUS",
+                *(["COMPRESS=DEFLATE"] if macos else ["ENABLE", "QRESYNC"])]  # fmt: skip
+    if family == "Outlook":
+        return ["IDLE", "UIDPLUS", *(["MOVE"] if user < 400 else [])]
+    if family == "eM Client":
+        return ["CONDSTORE", "ENABLE", "IDLE", "LIST-STATUS", "MOVE", "QRESYNC", "SPECIAL-USE"]
+    if family == K9:
+        return ["IDLE", "UIDPLUS", *(["CONDSTORE", "QRESYNC"] if user < 540 else [])]
+    if family == "Mailspring":
+        return ["IDLE", "XLIST"]
+    if family == NO_ID:
+        return ["IDLE", *(["XLIST"] if user < 489 else [])]  # XLIST: 4 users, not shown
+    return ["IDLE"]
+
+
+def add_traits(
+    store: Store, fleet: list[tuple[str, range, tuple[int, ...], range]] = FLEET
+) -> None:
+    """Each session's traits: its extensions (`extensions`), as the sink writes them."""
+    traits = [
+        (row[0], None, None, None, sorted(extensions(str(row[12]), int(str(row[5])[-3:]))))
+        for row in fleet_rows(fleet)
+    ]
+    assert store.write(Batch(traits=traits)) == []
+
+
+SINCE, UNTIL = "2026-10-19", "2026-11-30"
+"""The second half of the fleet's twelve weeks: a period whose previous period is the first half."""
+CHANGING: list[tuple[str, range, tuple[int, ...], range]] = [
+    ("Mailspring", range(500, 510), (1,), range(6)),  # 10 users, then 24
+    ("Mailspring", range(500, 524), (1,), range(6, WEEKS)),
+    (K9, range(530, 570), (2,), range(6)),  # 40 users, then 25
+    (K9, range(530, 555), (2,), range(6, WEEKS)),
+    ("Geary", range(580, 584), (3,), range(WEEKS)),  # 4 users in both halves: never named
+]
+"""Clients whose users change between the halves, to add to FLEET."""
+EDGES = {
+    # A session belongs to the period its start falls in: `since` included, `until` not.
+    "Edge": "2026-10-19T00:00:00.000+00:00",  # the first moment of the period
+    "Eve": "2026-10-18T23:59:59.999+00:00",  # the last of the previous one
+    "Early": "2026-09-07T00:00:00.000+00:00",  # the first of the previous one
+    "Earlier": "2026-09-06T23:59:59.999+00:00",  # before both
+    "Late": "2026-11-30T00:00:00.000+00:00",  # after both
+}
+"""Clients of 5 users each with one session at a period's boundary."""
+
+
+def add_changes(store: Store, *, edges: bool = True) -> None:
+    """CHANGING and (unless not `edges`) EDGES, written into a store that holds FLEET."""
+    rows = fleet_rows(CHANGING)
+    for n, (family, at) in enumerate(EDGES.items() if edges else ()):
+        for user in range(600 + 10 * n, 605 + 10 * n):
+            rows.append((
+                f"{family}-{user}", "gw-1", at, at, at[:10], f"hmac:user{user:03d}", "logout",
+                1.0, 100, 2000, 12, 1, family, "1.0", "Linux", None,
+            ))  # fmt: skip
+    assert store.write(Batch(sessions=rows)) == []
 
 
 @pytest.fixture
@@ -224,9 +296,17 @@ def test_the_page_says_it_all_and_no_small_group(store: Store) -> None:
     assert "Period: 2026-09-07 to 2026-11-27 (UTC) · generated 2026-11-30 12:00 UTC" in text
     assert "2 proxies: gw-1, gw-2" in text
     assert '2 clients of fewer than 5 users each are shown together as "other": 5 users' in text
-    assert "2026-W48 against 2026-W47: appeared eM Client; disappeared Outlook." in text
+    # What changed compares whole periods: the store has nothing before this one.
+    assert (
+        "2026-09-07 00:00 to 2026-11-30 12:00 against 2026-06-14 12:00 to 2026-09-07 00:00: no "
+        "sessions in the previous period, nothing to compare" in text
+    )
+    assert '<table data-table="changes">' not in page
     row = '<tr><td>Thunderbird</td><td class="n">200</td><td class="n">40.0%</td>'
-    assert row + '<td class="n">2400</td><td>2026-09-08</td><td>2026-11-24</td>' in page
+    assert (
+        row + '<td class="n">2400</td><td class="d">2026-09-08</td><td class="d">2026-11-24</td>'
+        in page
+    )
     for small in ("NeoMutt", "FairEmail", "FreeBSD", "20241002"):
         assert small not in page, small
     assert page.count("<svg") == 7

@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 
 from imapveil.stats.report import html_report
-from tests.stats.test_report_inventory import NOW, make_fleet
+from tests.stats import test_report_inventory as fleet
 
 MEASURE = """<script>
-const found = {charts: 0, texts: 0, bars: 0, problems: []};
+const found = {charts: 0, texts: 0, bars: 0, cells: 0, problems: []};
 const inside = (r, box) => r.left >= box.left - 0.5 && r.right <= box.right + 0.5
   && r.top >= box.top - 0.5 && r.bottom <= box.bottom + 0.5;
 const said = (t) => (t.lastChild ? t.lastChild.textContent : t.textContent);
@@ -51,6 +51,33 @@ for (const svg of document.querySelectorAll("svg.chart")) {
     }
   }
 }
+for (const svg of document.querySelectorAll("svg.matrix")) {
+  const name = svg.getAttribute("aria-label");
+  const cells = [...svg.querySelectorAll("rect.cell")];
+  const left = Math.min(...cells.map((c) => c.getBoundingClientRect().left));
+  const top = Math.min(...cells.map((c) => c.getBoundingClientRect().top));
+  for (const cell of cells) {
+    found.cells += 1;
+    const number = cell.nextElementSibling;
+    if (!inside(number.getBoundingClientRect(), cell.getBoundingClientRect())) {
+      found.problems.push(`${name}: "${said(number)}" outside its cell`);
+    }
+  }
+  const heads = [...svg.querySelectorAll("text.head")];
+  heads.forEach((head, i) => {
+    const r = head.getBoundingClientRect();
+    if (r.bottom > top + 0.5) found.problems.push(`${name}: heading "${said(head)}" over a cell`);
+    const next = heads[i + 1] && heads[i + 1].getBoundingClientRect();
+    if (next && next.left < r.right - 0.5) {
+      found.problems.push(`${name}: headings "${said(head)}" and "${said(heads[i + 1])}" overlap`);
+    }
+  });
+  for (const row of svg.querySelectorAll("text.row")) {
+    if (row.getBoundingClientRect().right > left + 0.5) {
+      found.problems.push(`${name}: row "${said(row)}" reaches into the cells`);
+    }
+  }
+}
 const page = document.documentElement;
 found.overflow = page.scrollWidth > window.innerWidth;
 found.background = getComputedStyle(document.body).backgroundColor;
@@ -72,13 +99,21 @@ def chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def page(tmp_path_factory: pytest.TempPathFactory) -> str:
-    store = make_fleet(str(tmp_path_factory.mktemp("fleet") / "stats.sqlite"))
+def fleet_page(url: str) -> str:
+    """The report of the synthetic fleet with clients that change and the extensions everyone
+    uses, for its second half (six weeks, compared with the six before)."""
+    store = fleet.make_fleet(url)
     try:
-        return html_report(store, now=NOW)
+        fleet.add_changes(store, edges=False)
+        fleet.add_traits(store, fleet.FLEET + fleet.CHANGING)
+        return html_report(store, fleet.SINCE, fleet.UNTIL, now=fleet.NOW)
     finally:
         store.close()
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return fleet_page(str(tmp_path_factory.mktemp("fleet") / "stats.sqlite"))
 
 
 def measure(page: str, tmp_path: Path, *flags: str) -> dict[str, object]:
@@ -97,10 +132,14 @@ def test_every_label_and_number_lies_inside_its_chart(
 ) -> None:
     found = measure(page, tmp_path, f"--window-size={width},3000")
     assert found["problems"] == []
-    assert found["charts"] == 7 and found["overflow"] is False
-    # Every bar chart's label, bar and number, the trend's axis, week labels and legend.
+    assert found["charts"] == 8 and found["overflow"] is False
+    # Every bar chart's label, bar and number, the trend's axis, week labels and legend, the
+    # extensions' headings, rows and cells.
     bars = page.count('<rect class="bar"')
-    assert found["bars"] == bars > 70
+    assert found["bars"] == bars > 50
+    assert found["cells"] == page.count('<rect class="cell"') > 25
+    # The sections a reader needs: what changed (the table too), the extensions.
+    assert '<table data-table="changes">' in page and f"largest changes: {fleet.K9} " in page
     assert found["texts"] == page.count("<text")
     assert found["background"] == "rgb(255, 255, 255)"
 
@@ -124,15 +163,24 @@ def test_printed_on_a4(page: str, tmp_path: Path) -> None:
         assert abs(float(w) - 595.3) < 2 and abs(float(h) - 841.9) < 2, (w, h)
 
 
+def test_nothing_wider_than_a4_when_printed(page: str, tmp_path: Path) -> None:
+    """The print rules applied on screen at A4's printable width (210 mm less 2 x 14 mm of
+    margin: 688 CSS pixels): tables are not scrolled in print, so a table wider than the paper
+    would widen the page."""
+    printed = page.replace("@media print {", "@media all {")
+    assert printed != page
+    found = measure(printed, tmp_path, "--window-size=688,3000")
+    assert found["problems"] == [] and found["overflow"] is False
+    assert found["background"] == "rgb(255, 255, 255)"
+
+
 def screenshot(target: Path) -> None:
     """docs/report.png: the report of the synthetic fleet, as a desktop browser shows it."""
     work = target.resolve().parent / ".report-shot"
     work.mkdir(exist_ok=True)
     try:
-        store = make_fleet(str(work / "stats.sqlite"))
         source = work / "report.html"
-        source.write_text(html_report(store, now=NOW), encoding="utf-8")
-        store.close()
+        source.write_text(fleet_page(str(work / "stats.sqlite")), encoding="utf-8")
         chromium(work, f"--screenshot={target.resolve()}", "--window-size=1400,2600",
                  "--hide-scrollbars", source.as_uri())  # fmt: skip
     finally:

@@ -32,6 +32,17 @@ def plural(count: int, noun: str) -> str:
     return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
+def signed_count(value: int) -> str:
+    """`+4`, `\u22124` (a minus sign, not a hyphen), `0`."""
+    return f"{value:+d}".replace("-", "\u2212") if value else "0"
+
+
+def signed_share(value: float) -> str:
+    """`+4.2%`, `\u22124.2%`, `0.0%`."""
+    text = f"{value:+.1%}".replace("-", "\u2212")
+    return "0.0%" if text[1:] == "0.0%" else text
+
+
 def cut(text: str, width: int) -> str:
     """`text` in at most `width` characters, an ellipsis standing for what was left out; cut
     after a whole word where one ends in the second half, inside a word only if none does."""
@@ -143,5 +154,80 @@ def line_chart(title: str, trend: Trend) -> str:
                      f'stroke="{colour}" stroke-width="3"{dash}/>')  # fmt: skip
         parts.append(f'<text x="{legend_x + 30}" y="{row}"><title>{html.escape(safe(name))}'
                      f"</title>{html.escape(shown)}</text>")  # fmt: skip
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+def wrap(text: str, width: int, lines: int) -> list[str]:
+    """`text` in at most `lines` lines of at most `width` characters, broken between words; what
+    does not fit is cut (with "…") after a whole word, inside a word only if one alone is
+    longer than a line."""
+    out: list[str] = []
+    words = text.split()
+    while words and len(out) < lines - 1:
+        line = words.pop(0)
+        while words and len(line) + 1 + len(words[0]) <= width:
+            line += " " + words.pop(0)
+        if len(line) > width:  # one word longer than a line
+            words.insert(0, line)
+            break
+        out.append(line)
+    if words:
+        out.append(cut(" ".join(words), width))
+    return out or [""]
+
+
+HEAD_WIDTH = 12
+"""Characters of a column heading's line in a matrix chart."""
+
+
+def matrix_chart(
+    title: str, columns: list[tuple[str, str]], rows: list[str],
+    cells: dict[tuple[str, str], float],
+) -> str:  # fmt: skip
+    """A matrix as inline SVG: a column for each of `columns` (a name, wrapped over up to three
+    lines, and a line under it, e.g. its users), a row for each of `rows`, and in each cell of
+    `cells` (row, column name) its share as a percentage over a shade as strong as the share; a
+    cell not in `cells` is left empty. Every text inside the chart's box and each number inside
+    its cell."""
+    cell_w, cell_h = CHAR_WIDTH * HEAD_WIDTH + 12, 22
+    heads = [[*wrap(safe(name), HEAD_WIDTH, 3), safe(under)] for name, under in columns]
+    names = [cut(safe(r), 32) for r in rows]
+    left = PAD + CHAR_WIDTH * max((len(n) for n in names), default=0) + 12
+    top = 30 + 16 * max((len(h) for h in heads), default=0)
+    width = max(left + cell_w * len(columns) + 4, PAD + CHAR_WIDTH * len(title) + 12)
+    height = top + cell_h * max(len(rows), 1) + 6
+    parts = [
+        f'<svg class="chart matrix" role="img" aria-label="{html.escape(title)}" '
+        f'xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}">',
+        f'<text x="{PAD}" y="18" class="title">{html.escape(title)}</text>',
+    ]
+    for j, ((name, _), lines) in enumerate(zip(columns, heads, strict=True)):
+        x = left + j * cell_w + cell_w // 2
+        y0 = top - 8 - 16 * (len(lines) - 1)
+        muted = [""] * (len(lines) - 1) + [' class="muted"']
+        spans = "".join(
+            f'<tspan x="{x}" y="{y0 + 16 * k}"{css}>{html.escape(line)}</tspan>'
+            for k, (line, css) in enumerate(zip(lines, muted, strict=True))
+        )
+        parts.append(f'<text class="head" text-anchor="middle"><title>{html.escape(safe(name))}'
+                     f"</title>{spans}</text>")  # fmt: skip
+    for i, (row, shown) in enumerate(zip(rows, names, strict=True)):
+        y = top + i * cell_h
+        parts.append(f'<text x="{PAD}" y="{y + 15}" class="row"><title>{html.escape(safe(row))}'
+                     f"</title>{html.escape(shown)}</text>")  # fmt: skip
+        for j, (name, _) in enumerate(columns):
+            share = cells.get((row, name))
+            if share is None:
+                continue
+            x = left + j * cell_w
+            shade = 0.10 + 0.45 * min(max(share, 0.0), 1.0)
+            parts.append(
+                f'<rect class="cell" x="{x + 2}" y="{y + 1}" width="{cell_w - 4}" '
+                f'height="{cell_h - 2}" fill-opacity="{shade:.2f}"/>'
+                f'<text x="{x + cell_w // 2}" y="{y + 15}" text-anchor="middle">'
+                f"{share:.0%}</text>"
+            )
     parts.append("</svg>")
     return "\n".join(parts)

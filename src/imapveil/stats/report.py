@@ -1,5 +1,9 @@
 """Reports from the store: tables for people, CSV/JSON for machines, one self-contained HTML page.
 
+`summarize` and `export` are `imapveil stats`; `build` computes the page's tables once (see
+`stats.tables`: the page, `imapveil report --export`'s CSV and JSON are written from them) and
+`render` makes the page. docs/report.md says what each table is.
+
 No report singles anyone out: a group with fewer than `min_users` distinct users is folded into
 "other" (its sessions added there, its users counted once however many folded groups they were
 in), everywhere.
@@ -12,13 +16,14 @@ import datetime
 import html
 import io
 import json
-from dataclasses import asdict, dataclass
+from collections import defaultdict
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from imapveil.stats import currency, inventory
+from imapveil.stats import currency, inventory, periods, tables, traits
 from imapveil.stats.charts import CHAR_WIDTH as CHAR_WIDTH  # noqa: PLC0414 (re-exported)
 from imapveil.stats.charts import LABEL_WIDTH as LABEL_WIDTH  # noqa: PLC0414 (re-exported)
-from imapveil.stats.charts import bar_chart, line_chart
+from imapveil.stats.charts import bar_chart, line_chart, matrix_chart
 from imapveil.stats.charts import cut as cut  # noqa: PLC0414 (re-exported)
 from imapveil.stats.charts import plural as plural  # noqa: PLC0414 (re-exported)
 from imapveil.stats.charts import safe as safe  # noqa: PLC0414 (re-exported)
@@ -26,6 +31,7 @@ from imapveil.stats.identify import NO_ID
 from imapveil.stats.inventory import Trend, also
 from imapveil.stats.inventory import where as _where
 from imapveil.stats.store import Store
+from imapveil.stats.tables import Table, disarm, table
 
 BY = {
     "family": ("family",),
@@ -159,9 +165,11 @@ def as_csv(summary: Summary, by: str) -> str:
     writer.writerow([by, "sessions", "users", "first_seen", "last_seen", "share",
                      *(["platforms"] if family else [])])  # fmt: skip
     for r in summary.rows:
-        seen = [safe(r.first_seen), safe(r.last_seen)]
-        platforms = [safe(r.platforms or "")] if family else []
-        writer.writerow([safe(r.group), r.sessions, r.users, *seen, round(r.share, 4), *platforms])
+        seen = [disarm(r.first_seen), disarm(r.last_seen)]
+        platforms = [disarm(r.platforms or "")] if family else []
+        writer.writerow(
+            [disarm(r.group), r.sessions, r.users, *seen, round(r.share, 4), *platforms]
+        )
     return out.getvalue()
 
 
@@ -188,23 +196,13 @@ def _json_row(row: Row, by: str) -> dict[str, Any]:
     return data
 
 
-def fold_note(summary: Summary, noun: str) -> str:
-    """What folding hid: how many groups, how many distinct users in them."""
-    groups = plural(summary.folded, noun)
-    verb = "is" if summary.folded == 1 else "are"
-    return (
-        f"{groups} of fewer than {summary.min_users} users each {verb} shown together as "
-        f'"other": {plural(summary.hidden, "user")} not shown by {noun}.'
-    )
-
-
 def trend_csv(trend: Trend) -> str:
     """One row a week: the week, each family's distinct users (empty where the family had
     fewer than the minimum that week), then "other"."""
     out = io.StringIO()
     writer = csv.writer(out)
     families = list(trend.series)
-    writer.writerow(["week", *(safe(f) for f in families), "other"])
+    writer.writerow(["week", *(disarm(f) for f in families), "other"])
     for i, week in enumerate(trend.weeks):
         values = ["" if (v := trend.series[f][i]) is None else v for f in families]
         writer.writerow([week, *values, trend.other[i]])
@@ -272,46 +270,212 @@ _bars = bar_chart
 """The bar chart (the name tests and earlier callers use)."""
 
 
-def _table(head: list[str], rows: list[list[str | int]]) -> str:
-    """An HTML table; numbers right-aligned, text escaped and made safe."""
+# The report's tables: the page shows them, `imapveil report --export DIR` writes them.
 
-    def cell(tag: str, value: str | int) -> str:
-        if isinstance(value, int):
-            return f'<{tag} class="n">{value}</{tag}>'
-        numeric = value == "\u2013" or (value.endswith("%") and value[:1].isdigit())
-        kind = ' class="n"' if numeric else ""
-        return f"<{tag}{kind}>{html.escape(safe(value))}</{tag}>"
-
-    header = "".join(cell("th", h) for h in head)
-    body = "".join("<tr>" + "".join(cell("td", v) for v in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{header}</tr></thead><tbody>{body}</tbody></table>"
+GROUP_TITLES = {"family": "client", "version": "version", "os": "operating system"}
+"""The first column's heading of a group's table."""
 
 
-def _figure(chart: str, table: str, note: str = "") -> str:
-    """A chart with its table beside it (below it where the page is narrow), and a note."""
-    notes = f'<p class="note">{html.escape(note)}</p>' if note else ""
-    return f'<div class="figure">{chart}<div class="table">{table}</div></div>{notes}'
+def _meta(summary: Summary) -> dict[str, Any]:
+    return {"folded_groups": summary.folded, "folded_users": summary.hidden}
 
 
-def _share(part: int, whole: int) -> str:
-    return f"{part / whole:.1%}" if whole else "0.0%"
+def inventory_table(families: Summary) -> Table:
+    """Per client family, most users first: users, share, sessions, first and last seen (days),
+    platforms."""
+    by_users = sorted(families.rows, key=lambda r: (r.group == "other", -r.users, r.group))
+    return table(
+        "inventory", "Inventory",
+        [("client", "client", "text"), ("users", "users", "count"), ("share", "share", "share"),
+         ("sessions", "sessions", "count"), ("first_seen", "first seen", "date"),
+         ("last_seen", "last seen", "date"), ("platforms", "platforms", "text")],
+        [[r.group, r.users, r.share, r.sessions, r.first_seen[:10], r.last_seen[:10],
+          r.platforms or ""] for r in by_users],
+        [fold_note(families, "client") if families.folded else ""],
+        **_meta(families),
+    )  # fmt: skip
 
 
-def _groups(summary: Summary, noun: str, unit: str) -> str:
-    """A bar chart of `summary`'s groups by `unit` and their table beside it."""
-    bars = [(r.group, r.users if unit == "user" else r.sessions) for r in summary.rows]
-    chart = _bars(noun, bars, unit)
-    rows: list[list[str | int]] = [
-        [r.group, r.users, f"{r.share:.1%}", r.sessions] for r in summary.rows
-    ]
-    kind = BY_TITLE.get(noun, "group")
-    table = _table([kind, "users", "share", "sessions"], rows)
-    return _figure(chart, table, fold_note(summary, kind) if summary.folded else "")
+def groups_table(name: str, title: str, summary: Summary, by: str) -> Table:
+    """A group (client, version, operating system) a row, most sessions first."""
+    kind = GROUP_TITLES[by]
+    return table(
+        name, title,
+        [(kind.replace(" ", "_"), kind, "text"), ("users", "users", "count"),
+         ("share", "share", "share"),
+         ("sessions", "sessions", "count")],
+        [[r.group, r.users, r.share, r.sessions] for r in summary.rows],
+        [fold_note(summary, kind) if summary.folded else ""],
+        **_meta(summary),
+    )  # fmt: skip
 
 
-BY_TITLE = {"Clients (sessions)": "client", "Versions per client": "version",
-            "Operating systems": "operating system"}  # fmt: skip
-"""The first column's heading of a chart's table."""
+def currency_table(found: currency.Currency, min_users: int) -> Table:
+    other = next((r for r in found.rows if r.group == "other"), None)
+    note = (
+        f"Groups (a client and a class) of fewer than {min_users} users each are shown "
+        f'together as "other": {plural(other.users, "user")} not shown by client.'
+        if other else ""
+    )  # fmt: skip
+    return table(
+        "currency", "Version currency",
+        [("client", "client", "text"), ("users", "users", "count"),
+         *((c, c, "count") for c in currency.CLASSES), ("checked", "values checked", "date")],
+        [[r.group, r.users, *(getattr(r, c) for c in currency.CLASSES), r.checked or ""]
+         for r in found.rows],
+        ["Each user is counted once per client, by their most recent session; current, "
+         "outdated and unsupported by the release lines of clients.toml, checked on the date "
+         "shown.", note],
+        folded_users=other.users if other else 0,
+    )  # fmt: skip
+
+
+def weeks_table(trend: Trend, min_users: int) -> Table:
+    families = sorted(trend.series)
+    return table(
+        "weeks", "Distinct users per client and week",
+        [("week", "week", "date"), *((f, f, "count") for f in families),
+         ("other", "other", "count")],
+        [[week, *(trend.series[f][i] for f in families), trend.other[i]]
+         for i, week in enumerate(trend.weeks)],
+        [f'A client with fewer than {min_users} users in a week is counted in "other" that '
+         "week (\u2013, empty in CSV, null in JSON), its line broken."],
+    )  # fmt: skip
+
+
+def changes_table(found: periods.Comparison) -> Table:
+    floor = max(found.min_users, 1)
+    return table(
+        "changes", "What changed since the previous period",
+        [("client", "client", "text"), ("change", "change", "text"),
+         ("users_before", "users before", "count"), ("users_now", "users now", "count"),
+         ("difference", "difference", "change"), ("difference_share", "in %", "change_share")],
+        [[r.family, r.change, r.before, r.now, r.difference, r.ratio] for r in found.rows],
+        [periods.said(found),
+         f"A client's users are shown for a period only if it had at least {floor} in it "
+         "(\u2013 where not): it appeared if it reached that many, it disappeared if it fell "
+         "under; a client under it in both periods is not named."],
+        period=asdict(found.period) if found.period else None,
+        previous=asdict(found.previous) if found.previous else None,
+        users_now=found.users_now, users_before=found.users_before,
+    )  # fmt: skip
+
+
+def extensions_table(usage: traits.ExtensionUsage) -> Table:
+    """Per client family (most users first) and IMAP extension: the distinct users that used
+    it, their share of the family's users whose extensions are known, the sessions."""
+    known = dict(usage.families)
+    fold = usage.folded
+    verb = "is" if fold.groups == 1 else "are"
+    note = (
+        f"{plural(fold.groups, 'group')} (a client and an extension) of fewer than "
+        f"{usage.min_users} users each {verb} not shown: {plural(fold.users, 'user')} in them."
+        if fold.groups else ""
+    )  # fmt: skip
+    return table(
+        "extensions", "Extensions in use",
+        [("client", "client", "text"), ("extension", "extension", "text"),
+         ("users", "users", "count"), ("share", "share of the client's users", "share"),
+         ("sessions", "sessions", "count"),
+         ("client_users", "client's users (extensions known)", "count")],
+        [[r.family, r.extension, r.users, r.share, r.sessions, known[r.family]]
+         for r in usage.rows],
+        ["The IMAP extensions a client used: ENABLEd capabilities, extension commands and "
+         "command options. A share is of the client's users whose sessions' extensions are "
+         "known (recorded since the store keeps them); an empty cell in the chart: fewer than "
+         f"{usage.min_users} of them used it, or none.", note],
+        folded_groups=fold.groups, folded_users=fold.users,
+    )  # fmt: skip
+
+
+def days_table(days: Summary) -> Table:
+    return table(
+        "days", "Sessions per day",
+        [("day", "day", "date"), ("sessions", "sessions", "count"), ("users", "users", "count")],
+        [[r.group, r.sessions, r.users] for r in days.rows],
+    )  # fmt: skip
+
+
+def id_table(families: Summary) -> Table:
+    sent = families.sessions - families.no_id_sessions
+    whole = families.sessions or 1
+    return table(
+        "id", "Sessions with and without ID",
+        [("id", "", "text"), ("sessions", "sessions", "count"), ("share", "share", "share")],
+        [["sent an ID", sent, sent / whole],
+         ["no ID", families.no_id_sessions, families.no_id_sessions / whole]],
+    )  # fmt: skip
+
+
+TABLES = ("inventory", "changes", "currency", "extensions", "weeks", "clients", "versions",
+          "systems", "days", "id")  # fmt: skip
+"""The report's tables, in the page's order: the names of their exported files."""
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """Everything the page shows, computed once: its tables (by name, in the page's order) and
+    what the page says around them."""
+
+    since: str | None
+    until: str | None
+    min_users: int
+    made: datetime.datetime
+    proxies: list[str]
+    families: Summary
+    trend: Trend
+    tables: dict[str, Table]
+
+    @property
+    def period(self) -> str:
+        first = min((r.first_seen for r in self.families.rows), default="")[:10]
+        last = max((r.last_seen for r in self.families.rows), default="")[:10]
+        since = self.since[:16].replace("T", " ") if self.since else first or "the beginning"
+        until = periods.last_day(self.until) if self.until else last or "now"
+        return f"{since} to {until}"
+
+
+def build(
+    store: Store, since: str | None = None, until: str | None = None, min_users: int = 5,
+    *, now: datetime.datetime | None = None,
+) -> Report:  # fmt: skip
+    """The report's numbers, every group k-floored by `min_users`."""
+    made = (now or datetime.datetime.now(datetime.UTC)).astimezone(datetime.UTC)
+    families = summarize(store, "family", since, until, min_users)
+    trend = inventory.trend(store, since, until, min_users)
+    found = [
+        inventory_table(families),
+        changes_table(periods.compare(store, since, until, min_users, now=made)),
+        currency_table(currency.currency_rows(store, since, until, min_users), min_users),
+        extensions_table(traits.extension_usage(store, since, until, min_users)),
+        weeks_table(trend, min_users),
+        groups_table("clients", "Clients (sessions)", families, "family"),
+        groups_table("versions", "Versions per client",
+                     summarize(store, "version", since, until, min_users), "version"),
+        groups_table("systems", "Operating systems",
+                     summarize(store, "os", since, until, min_users), "os"),
+        days_table(summarize(store, "day", since, until, min_users)),
+        id_table(families),
+    ]  # fmt: skip
+    common = {"since": since, "until": until, "min_users": min_users,
+              "generated": made.isoformat(timespec="seconds")}  # fmt: skip
+    named = {t.name: replace(t, meta={**common, **t.meta}) for t in found}
+    assert tuple(named) == TABLES, tuple(named)
+    proxies = inventory.proxies(store, since, until)
+    return Report(since, until, min_users, made, proxies, families, trend, named)
+
+
+def fold_note(summary: Summary, noun: str) -> str:
+    """What folding hid: how many groups, how many distinct users in them."""
+    groups = plural(summary.folded, noun)
+    verb = "is" if summary.folded == 1 else "are"
+    return (
+        f"{groups} of fewer than {summary.min_users} users each {verb} shown together as "
+        f'"other": {plural(summary.hidden, "user")} not shown by {noun}.'
+    )
+
+
+# The page.
 
 STYLE = """
 :root { color-scheme: light dark; --fg: #1d1d1f; --bg: #ffffff; --muted: #555555;
@@ -332,9 +496,13 @@ h2 { margin-top: 1.6em; border-bottom: 1px solid var(--rule); }
 .chart .bar { fill: var(--bar); }
 .chart .axis { stroke: var(--grid); }
 .chart .line { fill: none; stroke-width: 2; }
+.chart .cell { fill: var(--bar); }
+.chart .head { font-weight: 600; }
+.chart .muted { fill: var(--muted); font-weight: normal; }
 table { border-collapse: collapse; font-size: 13px; }
 th, td { padding: 0.2em 0.6em; border-bottom: 1px solid var(--rule); text-align: left; }
 th.n, td.n { text-align: right; font-variant-numeric: tabular-nums; }
+td.n, td.d { white-space: nowrap; }
 @page { size: A4; margin: 14mm; }
 @media print {
   :root { --fg: #000000; --bg: #ffffff; --muted: #444444; --bar: #3b6ea5; --grid: #bbbbbb;
@@ -348,100 +516,127 @@ th.n, td.n { text-align: right; font-variant-numeric: tabular-nums; }
 """The page's style: light and dark, and A4 when printed."""
 
 
+def _figure(chart: str, found: Table) -> str:
+    """A chart with its table beside it (below it where the page is narrow), and the notes."""
+    notes = "".join(f'<p class="note">{html.escape(n)}</p>' for n in found.notes)
+    return (
+        f'<div class="figure">{chart}<div class="table">{tables.as_html(found)}</div></div>{notes}'
+    )
+
+
+def _bars_of(found: Table, label: str, value: str, unit: str, title: str | None = None) -> str:
+    """A bar chart of a table's column `value` by its column `label`."""
+    pairs = zip(found.column(label), found.column(value), strict=True)
+    return bar_chart(title or found.title, [(str(k), int(v or 0)) for k, v in pairs], unit)
+
+
+def _alone(found: Table, css: str = "") -> str:
+    """A table without a chart, and its notes."""
+    notes = "".join(f'<p class="note">{html.escape(n)}</p>' for n in found.notes)
+    return f'<div class="table{css}">{tables.as_html(found)}</div>{notes}'
+
+
+def _changes(found: Table) -> str:
+    """What changed: the sentence, then the table if there is anything in it."""
+    said, *rest = found.notes
+    text = f'<p class="changes">{html.escape(said)}</p>'
+    if not found.rows:
+        return text
+    return text + _alone(replace(found, notes=tuple(rest)))
+
+
+def _sections(report: Report) -> list[str]:
+    t = report.tables
+    return [
+        _section("inventory", "Inventory",
+                 _figure(_bars_of(t["inventory"], "client", "users", "user",
+                                  "Clients (distinct users)"), t["inventory"])),
+        _section("changes", "What changed since the previous period", _changes(t["changes"])),
+        # Who runs an outdated or unsupported version (the security team's question).
+        _section("currency", "Version currency", _alone(t["currency"])),
+        # Which IMAP extensions each client uses (the mail-server operator's question).
+        _section("extensions", "Extensions in use", _extensions(t["extensions"])),
+        _section("trends", "Trends", _trend(report.trend, t["weeks"])),
+        _section("groups", "Clients, versions, systems",
+                 *(_figure(_bars_of(t[n], t[n].columns[0].key, "sessions", "session"), t[n])
+                   for n in ("clients", "versions", "systems"))),
+        _section("sessions", "Sessions",
+                 _figure(_bars_of(t["days"], "day", "sessions", "session"), t["days"]),
+                 _figure(_bars_of(t["id"], "id", "sessions", "session", "Sessions without ID"),
+                         t["id"])),
+    ]  # fmt: skip
+
+
+def _section(css: str, title: str, *parts: str) -> str:
+    return f'<section class="{css}"><h2>{html.escape(title)}</h2>{"".join(parts)}</section>'
+
+
+def _trend(trend: Trend, weeks: Table) -> str:
+    if not trend.weeks:
+        return '<p class="note">No sessions in the period.</p>'
+    return _figure(line_chart(weeks.title, trend), weeks)
+
+
+def _extensions(found: Table) -> str:
+    """A matrix of clients and extensions (each cell the share of the client's users), and the
+    table of the same rows."""
+    if not found.rows:
+        return (
+            '<p class="note">No session in the period has its extensions recorded (the store '
+            "keeps them for sessions since this version of imapveil).</p>"
+        )
+    rows = list(zip(found.column("client"), found.column("extension"), found.column("users"),
+                    found.column("share"), found.column("client_users"), strict=True))  # fmt: skip
+    clients = list(dict.fromkeys((str(c), str(n)) for c, _, _, _, n in rows))
+    total: dict[str, int] = defaultdict(int)
+    for _, extension, users, _, _ in rows:
+        total[str(extension)] += int(users or 0)
+    order = sorted(total, key=lambda e: (-total[e], e))
+    chart = matrix_chart(
+        "Extensions in use (share of each client's users)",
+        [(c, f"{plural(int(n), 'user')}") for c, n in clients],
+        order,
+        {(str(e), str(c)): float(share or 0.0) for c, e, _, share, _ in rows},
+    )
+    return _figure(chart, found)
+
+
 def html_report(
     store: Store, since: str | None = None, until: str | None = None, min_users: int = 5,
     *, now: datetime.datetime | None = None,
 ) -> str:  # fmt: skip
-    families = summarize(store, "family", since, until, min_users)
-    versions = summarize(store, "version", since, until, min_users)
-    systems = summarize(store, "os", since, until, min_users)
-    days = summarize(store, "day", since, until, min_users)
-    trend = inventory.trend(store, since, until, min_users)
-    proxies = inventory.proxies(store, since, until)
-    made = (now or datetime.datetime.now(datetime.UTC)).astimezone(datetime.UTC)
-    by_users = sorted(families.rows, key=lambda r: (r.group == "other", -r.users, r.group))
-    inventory_table = _table(
-        ["client", "users", "share", "sessions", "first seen", "last seen", "platforms"],
-        [[r.group, r.users, f"{r.share:.1%}", r.sessions, r.first_seen[:10], r.last_seen[:10],
-          r.platforms or ""] for r in by_users],
-    )  # fmt: skip
-    users_chart = _bars("Clients (distinct users)", [(r.group, r.users) for r in by_users], "user")
-    sent = families.sessions - families.no_id_sessions
-    id_rows: list[list[str | int]] = [
-        ["sent an ID", sent, _share(sent, families.sessions)],
-        ["no ID", families.no_id_sessions, _share(families.no_id_sessions, families.sessions)],
-    ]
-    sections = [
-        "<h2>Inventory</h2>",
-        _figure(
-            users_chart, inventory_table, fold_note(families, "client") if families.folded else ""
-        ),
-        # Who runs an outdated or unsupported version (the security team's question).
-        currency.as_html(currency.currency_rows(store, since, until, min_users)),
-        "<h2>Trends</h2>",
-        _trend_section(trend, min_users),
-        "<h2>Clients, versions, systems</h2>",
-        _groups(families, "Clients (sessions)", "session"),
-        _groups(versions, "Versions per client", "session"),
-        _groups(systems, "Operating systems", "session"),
-        "<h2>Sessions</h2>",
-        _figure(
-            _bars("Sessions per day", [(r.group, r.sessions) for r in days.rows], "session"),
-            _table(
-                ["day", "sessions", "users"], [[r.group, r.sessions, r.users] for r in days.rows]
-            ),
-        ),
-        _figure(
-            _bars("Sessions without ID", [(str(r[0]), int(r[1])) for r in id_rows], "session"),
-            _table(["", "sessions", "share"], id_rows),
-        ),
-    ]
-    first = min((r.first_seen for r in families.rows), default="")[:10]
-    last = max((r.last_seen for r in families.rows), default="")[:10]
-    period = f"{since or first or 'the beginning'} to {until or last or 'now'}"
-    names = ", ".join(safe(p) for p in proxies) or "none"
+    return render(build(store, since, until, min_users, now=now))
+
+
+def render(report: Report) -> str:
+    """The report as one self-contained HTML page (no scripts, no external resources)."""
+    names = ", ".join(safe(p) for p in report.proxies) or "none"
+    proxies = plural(len(report.proxies), "proxy").replace("proxys", "proxies")
+    made = f"{report.made:%Y-%m-%d %H:%M}"
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>imapveil: mail clients in use</title>
 <style>{STYLE}</style></head><body>
 <h1>Mail clients in use</h1>
-<p class="summary">{html.escape(_headline(families, by_users))}</p>
-<p class="meta">Period: {html.escape(period)} (UTC) · generated {made:%Y-%m-%d %H:%M} UTC ·
-{plural(len(proxies), "proxy").replace("proxys", "proxies")}: {html.escape(names)} · groups of
-fewer than {min_users} users are shown together as "other".</p>
-{"".join(sections)}
+<p class="summary">{html.escape(_headline(report.families, report.tables["inventory"]))}</p>
+<p class="meta">Period: {html.escape(report.period)} (UTC) · generated {made} UTC ·
+{proxies}: {html.escape(names)} · groups of fewer than {report.min_users} users are shown together
+as "other".</p>
+{"".join(_sections(report))}
 </body></html>
 """
 
 
-def _headline(families: Summary, by_users: list[Row]) -> str:
-    """The summary line: users, sessions, the largest clients' shares, sessions without ID."""
-    top = [r for r in by_users if r.group != "other"][:4]
-    shares = ", ".join(f"{safe(r.group)} {r.share:.1%}" for r in top)
+def _headline(families: Summary, found: Table) -> str:
+    """The summary line: users, sessions, the largest clients' shares (as the inventory's
+    table shows them), sessions without ID."""
+    by_users = list(zip(found.column("client"), found.column("share"), strict=True))
+    top = [(client, share) for client, share in by_users if client != "other"][:4]
+    shares = ", ".join(f"{safe(str(c))} {float(s or 0):.1%}" for c, s in top)
     more = ", …" if len(by_users) > len(top) else ""
     return (
         f"{plural(families.users, 'distinct user')} in {plural(families.sessions, 'session')}"
         + (f"; of the users: {shares}{more}" if shares else "")
         + f"; {families.no_id_share:.1%} of sessions sent no ID."
-    )
-
-
-def _trend_section(trend: Trend, min_users: int) -> str:
-    if not trend.weeks:
-        return '<p class="note">No sessions in the period.</p>'
-    families = sorted(trend.series)
-    rows: list[list[str | int]] = [
-        [week, *("\u2013" if (v := trend.series[f][i]) is None else v for f in families),
-         trend.other[i]]
-        for i, week in enumerate(trend.weeks)
-    ]  # fmt: skip
-    chart = line_chart("Distinct users per client and week", trend)
-    table = _table(["week", *families, "other"], rows)
-    said = _changed(trend)
-    note = (f"A client with fewer than {min_users} users in a week is counted in \"other\" that "
-            "week (\u2013), its line broken.")  # fmt: skip
-    return (
-        _figure(chart, table, note)
-        + f'<p class="changes"><strong>What changed:</strong> {html.escape(said)}</p>'
     )
