@@ -19,6 +19,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -441,3 +442,30 @@ async def test_a_header_that_arrives_in_pieces_is_taken_exactly(
     assert b"a OK" in reply and reply.startswith(b"* OK")
     (end,) = sink.of(SessionEnded)
     assert end.client == "192.0.2.7:51234" and end.reason == "logout"
+
+
+def documented(language: str) -> str:
+    """The one ```language block of docs/scale-out.md."""
+    text = (Path(__file__).parents[2] / "docs" / "scale-out.md").read_text()
+    (block,) = [part.split("```", 1)[0] for part in text.split(f"```{language}\n")[1:]]
+    return block
+
+
+def test_the_documented_configurations_are_valid(tmp_path: Path, tls_material: TlsMaterial) -> None:
+    haproxy_cfg = tmp_path / "haproxy.cfg"
+    haproxy_cfg.write_text(documented("haproxy"))
+    checked = subprocess.run(
+        [ensure_haproxy(), "-c", "-f", str(haproxy_cfg)], capture_output=True, timeout=30,
+        check=False,
+    )  # fmt: skip
+    assert checked.returncode == 0, checked.stdout.decode() + checked.stderr.decode()
+    instance = tmp_path / "imapveil.toml"
+    instance.write_text(documented("toml"))
+    # The files it names exist on the instance, not here: these flags stand in for them.
+    here = ("--cert", str(tls_material.cert), "--key", str(tls_material.key),
+            "--user-key-file", str(tmp_path / "user-key"))  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "imapveil", "check-config", str(instance), *here],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
