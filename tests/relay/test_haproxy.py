@@ -20,6 +20,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -78,12 +79,20 @@ class Instance:
             return []
         return [json.loads(line) for line in self.running.events.read_text().splitlines()]
 
+    def sessions_of_balancer(self) -> list[dict[str, Any]]:
+        """Ended sessions from HAProxy's own address (127.0.0.1): its health checks."""
+        return [
+            r
+            for r in self.records()
+            if r["event"] == "session_end" and r["client"].startswith("127.0.0.1:")
+        ]
+
     def sessions_of(self, client: str) -> list[dict[str, Any]]:
         return [r for r in self.records() if r["event"] == "session_end" and r["client"] == client]
 
 
 def haproxy_config(
-    root: Path, port: int, tls_port: int, instances: list[Instance], check: str = "http"
+    admin: Path, port: int, tls_port: int, instances: list[Instance], check: str = "http"
 ) -> str:
     """What docs/scale-out.md recommends, at loopback addresses and short check intervals."""
     if check == "http":
@@ -104,7 +113,7 @@ def haproxy_config(
         for i in instances
     )
     return f"""global
-    stats socket {root / "haproxy.sock"} mode 600 level admin
+    stats socket {admin} mode 600 level admin
 defaults
     mode tcp
     timeout connect 2s
@@ -131,29 +140,32 @@ class HAProxy:
     def __init__(self, root: Path) -> None:
         self.binary = ensure_haproxy()
         self.root = root
+        # A short path: a UNIX socket's name has room for 107 octets, pytest's tmp_path may not.
+        self.socket = Path(tempfile.mkdtemp(prefix="imapveil-haproxy-")) / "admin.sock"
         self.port = free_port()
         self.tls_port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, instances: list[Instance], check: str = "http") -> HAProxy:
         config = self.root / "haproxy.cfg"
-        config.write_text(haproxy_config(self.root, self.port, self.tls_port, instances, check))
+        config.write_text(haproxy_config(self.socket, self.port, self.tls_port, instances, check))
         checked = subprocess.run(
             [self.binary, "-c", "-f", str(config)], capture_output=True, timeout=30, check=False
         )
         assert checked.returncode == 0, checked.stdout.decode() + checked.stderr.decode()
-        self.process = subprocess.Popen(
-            [self.binary, "-db", "-f", str(config)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
+        with (self.root / "haproxy.log").open("wb") as log:
+            self.process = subprocess.Popen(
+                [self.binary, "-db", "-f", str(config)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                start_new_session=True,
+            )
         poll("HAProxy sees every instance up", lambda: self._all_up(instances))
         return self
 
     def _all_up(self, instances: list[Instance]) -> bool | None:
-        assert self.process is not None and self.process.poll() is None, "haproxy exited"
+        assert self.process is not None and self.process.poll() is None, self.log()
         states = self.states()
         wanted = [("imap", i.name) for i in instances] + [("imaps", i.name) for i in instances]
         return True if all(states.get(k) == "UP" for k in wanted) else None
@@ -163,7 +175,7 @@ class HAProxy:
         try:
             with socket.socket(socket.AF_UNIX) as s:
                 s.settimeout(5)
-                s.connect(str(self.root / "haproxy.sock"))
+                s.connect(str(self.socket))
                 s.sendall(b"show stat\n")
                 data = b""
                 while chunk := s.recv(65536):
@@ -173,9 +185,13 @@ class HAProxy:
         rows = csv.DictReader(io.StringIO(data.decode().removeprefix("# ")))
         return {(r["pxname"], r["svname"]): r["status"] for r in rows}
 
+    def log(self) -> str:
+        return (self.root / "haproxy.log").read_text(errors="replace")
+
     def stop(self) -> None:
         if self.process is not None:
             stop_group(self.process, signal.SIGTERM)
+        shutil.rmtree(self.socket.parent, ignore_errors=True)
 
 
 class SourcedIMAP(imaplib.IMAP4):
@@ -346,6 +362,32 @@ def test_stopping_one_instance_moves_new_sessions_to_the_other(cluster: Cluster)
     cluster.stop_all()
     rows = query(cluster.postgres.url, "SELECT proxy, COUNT(*) FROM sessions GROUP BY proxy")
     assert sorted(rows) == [(gone.name, 1), (staying.name, 7)]
+
+
+def test_an_imap_level_health_check_is_recorded_as_a_session(
+    tmp_path: Path, proxied_dovecot: Dovecot, tls_material: TlsMaterial
+) -> None:
+    """What docs/scale-out.md says an IMAP-level check costs, and why the HTTP check is the
+    recommended one: HAProxy's PROXY v2 header for a check says LOCAL (no addresses), and the
+    session that follows is recorded like any other, from HAProxy's own address."""
+    with ExitStack() as stack:
+        cluster = start_cluster(stack, tmp_path, proxied_dovecot, tls_material, check="tcp")
+
+        def checked_twice() -> bool | None:
+            counts = [len(i.sessions_of_balancer()) for i in cluster.instances]
+            return True if min(counts) >= 2 else None
+
+        poll("two recorded checks on each instance", checked_twice)
+        cluster.stop_all()
+        records = [r for i in cluster.instances for r in i.records()]
+        sql = "SELECT family, reason, COUNT(*) FROM sessions GROUP BY family, reason"
+        rows = query(cluster.postgres.url, sql)
+    ends = [r for r in records if r["event"] == "session_end"]
+    assert ends and all(r["client"].startswith("127.0.0.1:") for r in ends)
+    shapes = {(r["reason"], r["state"], r["commands"], r["bytes_from_client"]) for r in ends}
+    assert shapes == {("client_closed", "not_authenticated", 0, 0)}
+    assert not [r for r in records if r["event"] == "violation"]
+    assert rows == [("no ID", "client_closed", len(ends))]
 
 
 def _down(cluster: Cluster, name: str) -> bool | None:
