@@ -170,19 +170,24 @@ class HAProxy:
         wanted = [("imap", i.name) for i in instances] + [("imaps", i.name) for i in instances]
         return True if all(states.get(k) == "UP" for k in wanted) else None
 
+    def command(self, line: str) -> str:
+        """One command to HAProxy's runtime API (its admin socket), and the answer."""
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(5)
+            s.connect(str(self.socket))
+            s.sendall(line.encode() + b"\n")
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        return data.decode()
+
     def states(self) -> dict[tuple[str, str], str]:
         """(backend, server) → status, from the runtime API's `show stat`."""
         try:
-            with socket.socket(socket.AF_UNIX) as s:
-                s.settimeout(5)
-                s.connect(str(self.socket))
-                s.sendall(b"show stat\n")
-                data = b""
-                while chunk := s.recv(65536):
-                    data += chunk
+            table = self.command("show stat")
         except OSError:
             return {}
-        rows = csv.DictReader(io.StringIO(data.decode().removeprefix("# ")))
+        rows = csv.DictReader(io.StringIO(table.removeprefix("# ")))
         return {(r["pxname"], r["svname"]): r["status"] for r in rows}
 
     def log(self) -> str:
@@ -252,6 +257,22 @@ class Cluster:
             return found[0] if found else None
 
         return poll(f"the session of {client} in an event log", probe)
+
+    def started_on(self, client: str) -> str:
+        """The name of the instance whose event log has this client's session start."""
+
+        def probe() -> str | None:
+            for instance in self.instances:
+                for r in instance.records():
+                    if r["event"] == "session_start" and r["client"] == client:
+                        return instance.name
+            return None
+
+        return poll(f"the start of the session of {client}", probe)
+
+    def instance(self, name: str) -> Instance:
+        (found,) = [i for i in self.instances if i.name == name]
+        return found
 
     def stop_all(self) -> None:
         self.haproxy.stop()
@@ -362,6 +383,28 @@ def test_stopping_one_instance_moves_new_sessions_to_the_other(cluster: Cluster)
     cluster.stop_all()
     rows = query(cluster.postgres.url, "SELECT proxy, COUNT(*) FROM sessions GROUP BY proxy")
     assert sorted(rows) == [(gone.name, 1), (staying.name, 7)]
+
+
+def test_a_drained_instance_keeps_its_sessions_and_gets_no_new_ones(cluster: Cluster) -> None:
+    """The maintenance procedure of docs/scale-out.md: `set server ... state drain` on the plain
+    backend; its TLS twin follows (`track`); an open session on the drained instance goes on."""
+    open_client = SourcedIMAP(cluster.haproxy.port, "127.0.0.5")
+    assert open_client.login("alice", "wonderland")[0] == "OK"
+    host, port = open_client.sock.getsockname()[:2]
+    drained = cluster.instance(cluster.started_on(f"{host}:{port}"))
+    (other,) = [i for i in cluster.instances if i is not drained]
+    reply = cluster.haproxy.command(f"set server imap/{drained.name} state drain")
+    assert reply.strip() == "", reply
+    assert cluster.haproxy.states()[("imaps", drained.name)] == "DRAIN"
+    new = [
+        cluster.plain("127.0.0.3"),
+        cluster.implicit_tls("127.0.0.4"),
+        cluster.plain("127.0.0.3"),
+    ]
+    assert [cluster.served_by(c) for c in new] == [other.name] * 3
+    assert open_client.select("INBOX")[0] == "OK"  # the open session goes on
+    assert open_client.logout()[0] == "BYE"
+    assert cluster.served_by(f"{host}:{port}") == drained.name
 
 
 def test_an_imap_level_health_check_is_recorded_as_a_session(
