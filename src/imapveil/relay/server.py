@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import logging
 import secrets
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -107,11 +108,10 @@ class Proxy:
             keepalive(stream)
             peer = _peer_pair(stream)
             local = _local_pair(stream)
-            first = b""
             refusal: tuple[str, str] | None = None
             if peer is not None and admittance.expects_proxy_header(peer[0]):
                 try:
-                    info, first = await _read_proxy_header(stream)
+                    info = await _read_proxy_header(stream)
                 except ProxyHeaderError as exc:
                     refusal = ("proxy_header", str(exc))
                 else:
@@ -133,7 +133,6 @@ class Proxy:
                 settings=admittance.relay,
                 sink=self.sink,
                 client_endpoints=(peer, local) if peer is not None and local is not None else None,
-                first_client_data=first,
                 refusal=refusal,
                 implicit_tls=implicit_tls,
             )
@@ -245,25 +244,44 @@ async def _refuse(stream: trio.SocketStream) -> None:
     await trio.aclose_forcefully(stream)
 
 
-async def _read_proxy_header(stream: trio.SocketStream) -> tuple[ProxyInfo, bytes]:
-    """The PROXY header a trusted balancer sends first, and any bytes that followed it."""
+async def _read_proxy_header(stream: trio.SocketStream) -> ProxyInfo:
+    """The PROXY header a trusted balancer sends first, and not one octet more.
+
+    What follows the header stays in the socket for whoever reads next: on an implicit-TLS
+    listener that is the TLS handshake, which a balancer often sends in the same segment as the
+    header. Each step peeks at what has arrived and takes exactly the part that is header."""
     data = b""
     with trio.move_on_after(PROXY_HEADER_TIMEOUT):
         while True:
-            parsed = proxy_header.parse(data)  # raises ProxyHeaderError for what cannot be one
-            if parsed is not None:
-                info, length = parsed
-                return info, data[length:]
             try:
-                chunk = await stream.receive_some(4096)
-            except (trio.BrokenResourceError, OSError):
-                chunk = b""
-            if not chunk:
+                peeked = await stream.socket.recv(4096, socket.MSG_PEEK)
+            except OSError:
+                peeked = b""
+            if not peeked:
                 raise ProxyHeaderError("closed before a PROXY header")
-            data += chunk
+            # raises ProxyHeaderError for what cannot be one
+            parsed = proxy_header.parse(data + peeked)
+            take = len(peeked) if parsed is None else parsed[1] - len(data)
+            data += await _receive_exactly(stream, take)
+            if parsed is not None:
+                return parsed[0]
             if len(data) > 16 + proxy_header.V2_MAX_BODY:
                 raise ProxyHeaderError("PROXY header too long")
     raise ProxyHeaderError(f"no PROXY header within {PROXY_HEADER_TIMEOUT:g} s")
+
+
+async def _receive_exactly(stream: trio.SocketStream, size: int) -> bytes:
+    """`size` octets that a peek has shown to be there already."""
+    data = b""
+    while len(data) < size:
+        try:
+            chunk = await stream.socket.recv(size - len(data))
+        except OSError:
+            chunk = b""
+        if not chunk:
+            raise ProxyHeaderError("closed before a PROXY header")
+        data += chunk
+    return data
 
 
 async def _serve_listeners(
