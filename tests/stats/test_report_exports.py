@@ -167,7 +167,7 @@ def test_k_floor_in_every_export(fleet: Store, tmp_path: Path) -> None:
             assert (name in text) is named, (floor, name)
     inventory = json.loads((tmp_path / "5" / "inventory.json").read_text(encoding="utf-8"))
     assert (inventory["folded_groups"], inventory["folded_users"]) == (4, 12)
-    assert inventory["rows"][-1][:2] == ["other", 12]
+    assert inventory["rows"][-1][:3] == ["other", "ID", 12]
     assert any("not shown by client" in n for n in inventory["notes"])
     # The weeks under the floor: empty in CSV, null in JSON, never the small number.
     weeks = json.loads((tmp_path / "5" / "weeks.json").read_text(encoding="utf-8"))

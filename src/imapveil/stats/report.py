@@ -17,6 +17,7 @@ import html
 import io
 import json
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -28,10 +29,11 @@ from imapveil.stats.charts import cut as cut  # noqa: PLC0414 (re-exported)
 from imapveil.stats.charts import plural as plural  # noqa: PLC0414 (re-exported)
 from imapveil.stats.charts import safe as safe  # noqa: PLC0414 (re-exported)
 from imapveil.stats.identify import NO_ID
-from imapveil.stats.inventory import Trend, also
+from imapveil.stats.inventory import Inferred, Trend, also
 from imapveil.stats.inventory import where as _where
+from imapveil.stats.labels import Label
 from imapveil.stats.store import Store
-from imapveil.stats.tables import Table, disarm, table
+from imapveil.stats.tables import Cell, Table, disarm, table
 
 BY = {
     "family": ("family",),
@@ -280,20 +282,57 @@ def _meta(summary: Summary) -> dict[str, Any]:
     return {"folded_groups": summary.folded, "folded_users": summary.hidden}
 
 
-def inventory_table(families: Summary) -> Table:
-    """Per client family, most users first: users, share, sessions, first and last seen (days),
-    platforms."""
+NAMED = "ID"
+"""The inventory's `source` of a family as its clients' ID named it ("no ID": they sent none)."""
+INFERRED = "inferred from a labelled fingerprint"
+"""The inventory's `source` of a family inferred from the administrator's fingerprint labels."""
+
+
+def inventory_table(families: Summary, inferred: Inferred | None = None) -> Table:
+    """Per client family, most users first: where it is known from, users, share, sessions,
+    first and last seen (days), platforms; then, in rows of their own after "other", the
+    families inferred from labelled fingerprints (users that sent no ID), never added to the
+    families named in an ID."""
+    inferred = inferred or Inferred(min_users=families.min_users)
     by_users = sorted(families.rows, key=lambda r: (r.group == "other", -r.users, r.group))
+    fold = inferred.folded
+    rows: list[list[Cell]] = [
+        [r.group, NAMED, r.users, r.share, r.sessions, r.first_seen[:10], r.last_seen[:10],
+         r.platforms or ""] for r in by_users
+    ]  # fmt: skip
+    rows += [
+        [r.family, INFERRED, r.users, r.share, r.sessions, r.first_seen[:10], r.last_seen[:10],
+         r.platforms] for r in inferred.rows
+    ]  # fmt: skip
     return table(
         "inventory", "Inventory",
-        [("client", "client", "text"), ("users", "users", "count"), ("share", "share", "share"),
-         ("sessions", "sessions", "count"), ("first_seen", "first seen", "date"),
-         ("last_seen", "last seen", "date"), ("platforms", "platforms", "text")],
-        [[r.group, r.users, r.share, r.sessions, r.first_seen[:10], r.last_seen[:10],
-          r.platforms or ""] for r in by_users],
-        [fold_note(families, "client") if families.folded else ""],
-        **_meta(families),
+        [("client", "client", "text"), ("source", "from", "text"), ("users", "users", "count"),
+         ("share", "share", "share"), ("sessions", "sessions", "count"),
+         ("first_seen", "first seen", "date"), ("last_seen", "last seen", "date"),
+         ("platforms", "platforms", "text")],
+        rows,
+        [fold_note(families, "client") if families.folded else "",
+         _inferred_note(inferred)],
+        **_meta(families), inferred_folded_groups=fold.groups, inferred_folded_users=fold.users,
     )  # fmt: skip
+
+
+def _inferred_note(inferred: Inferred) -> str:
+    """What the inferred rows are, and what their floor hid; nothing without any."""
+    fold = inferred.folded
+    if not inferred.rows and not fold.groups:
+        return ""
+    hidden = (
+        f" {plural(fold.groups, 'inferred client')} of fewer than {inferred.min_users} users "
+        f"each {'is' if fold.groups == 1 else 'are'} not shown: {plural(fold.users, 'user')}."
+        if fold.groups else ""
+    )  # fmt: skip
+    return (
+        f'Rows "{INFERRED}": users whose sessions sent no ID (so counted in the "{NO_ID}" row '
+        "too) and whose TLS or behaviour fingerprint the administrator labelled as that client "
+        f"(fingerprint_labels). A label is the administrator's word, not what the client said: "
+        f"these users are never added to the rows from an ID.{hidden}"
+    )
 
 
 def groups_table(name: str, title: str, summary: Summary, by: str) -> Table:
@@ -437,14 +476,15 @@ class Report:
 
 def build(
     store: Store, since: str | None = None, until: str | None = None, min_users: int = 5,
-    *, now: datetime.datetime | None = None,
+    *, now: datetime.datetime | None = None, labels: Mapping[str, Label] | None = None,
 ) -> Report:  # fmt: skip
-    """The report's numbers, every group k-floored by `min_users`."""
+    """The report's numbers, every group k-floored by `min_users`; `labels` (fingerprint
+    labels, `stats.labels.load_labels`) add the inventory's inferred rows."""
     made = (now or datetime.datetime.now(datetime.UTC)).astimezone(datetime.UTC)
     families = summarize(store, "family", since, until, min_users)
     trend = inventory.trend(store, since, until, min_users)
     found = [
-        inventory_table(families),
+        inventory_table(families, inventory.inferred(store, since, until, min_users, labels)),
         changes_table(periods.compare(store, since, until, min_users, now=made)),
         currency_table(currency.currency_rows(store, since, until, min_users), min_users),
         extensions_table(traits.extension_usage(store, since, until, min_users)),
@@ -548,9 +588,8 @@ def _changes(found: Table) -> str:
 def _sections(report: Report) -> list[str]:
     t = report.tables
     return [
-        _section("inventory", "Inventory",
-                 _figure(_bars_of(t["inventory"], "client", "users", "user",
-                                  "Clients (distinct users)"), t["inventory"])),
+        _section("inventory", "Inventory", _figure(_inventory_chart(t["inventory"]),
+                                                   t["inventory"])),
         _section("changes", "What changed since the previous period", _changes(t["changes"])),
         # Who runs an outdated or unsupported version (the security team's question).
         _section("currency", "Version currency", _alone(t["currency"])),
@@ -565,6 +604,13 @@ def _sections(report: Report) -> list[str]:
                  _figure(_bars_of(t["id"], "id", "sessions", "session", "Sessions without ID"),
                          t["id"])),
     ]  # fmt: skip
+
+
+def _inventory_chart(found: Table) -> str:
+    """Distinct users per client; an inferred row's bar says so ("Outlook (inferred)")."""
+    rows = zip(found.column("client"), found.column("source"), found.column("users"), strict=True)
+    bars = [(str(c) if s == NAMED else f"{c} (inferred)", int(n or 0)) for c, s, n in rows]
+    return bar_chart("Clients (distinct users)", bars, "user")
 
 
 def _section(css: str, title: str, *parts: str) -> str:
@@ -603,9 +649,9 @@ def _extensions(found: Table) -> str:
 
 def html_report(
     store: Store, since: str | None = None, until: str | None = None, min_users: int = 5,
-    *, now: datetime.datetime | None = None,
+    *, now: datetime.datetime | None = None, labels: Mapping[str, Label] | None = None,
 ) -> str:  # fmt: skip
-    return render(build(store, since, until, min_users, now=now))
+    return render(build(store, since, until, min_users, now=now, labels=labels))
 
 
 def render(report: Report) -> str:
@@ -631,7 +677,9 @@ as "other".</p>
 def _headline(families: Summary, found: Table) -> str:
     """The summary line: users, sessions, the largest clients' shares (as the inventory's
     table shows them), sessions without ID."""
-    by_users = list(zip(found.column("client"), found.column("share"), strict=True))
+    by_users = [(client, share) for client, source, share in zip(
+        found.column("client"), found.column("source"), found.column("share"), strict=True)
+        if source == NAMED]  # fmt: skip
     top = [(client, share) for client, share in by_users if client != "other"][:4]
     shares = ", ".join(f"{safe(str(c))} {float(s or 0):.1%}" for c, s in top)
     more = ", …" if len(by_users) > len(top) else ""
