@@ -21,7 +21,7 @@ from imapveil.cli import main
 from imapveil.stats import periods, tables
 from imapveil.stats.charts import safe
 from imapveil.stats.identify import NO_ID
-from imapveil.stats.report import TABLES, build, export, render
+from imapveil.stats.report import INFERRED, NAMED, TABLES, build, export, render
 from imapveil.stats.store import Batch, Store
 from imapveil.stats.tables import Cell, Column, Table
 from tests.helpers.postgres import Postgres
@@ -30,6 +30,7 @@ from tests.stats.test_report_inventory import (
     EDGES,
     FLEET,
     K9,
+    LABELS,
     NOW,
     SINCE,
     UNTIL,
@@ -115,7 +116,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
 def test_every_table_exports_the_rows_the_page_shows(
     fleet: Store, since: str | None, until: str | None
 ) -> None:
-    report = build(fleet, since, until, now=NOW)
+    report = build(fleet, since, until, now=NOW, labels=LABELS)
     assert tuple(report.tables) == TABLES
     page = page_tables(render(report))
     shown = {name for name, rows in page.items() if rows}
@@ -328,6 +329,36 @@ def test_extensions_in_use(fleet: Store, tmp_path: Path) -> None:
     data = json.loads((out / "extensions.json").read_text(encoding="utf-8"))
     assert ["Thunderbird", "UTF8=ACCEPT", 3, 0.015, 18, 200] in data["rows"]
     assert data["folded_groups"] == 0
+
+
+def test_inferred_users_in_rows_of_their_own(fleet: Store, tmp_path: Path) -> None:
+    """Labelled fingerprints add the inferred families after "other", each marked, k-floored;
+    the rows from an ID stay as they are."""
+    plain = build(fleet, SINCE, UNTIL, now=NOW).tables["inventory"]
+    labelled = build(fleet, SINCE, UNTIL, now=NOW, labels=LABELS).tables["inventory"]
+    named = [r for r in labelled.rows if r[1] == NAMED]
+    assert named == list(plain.rows) and len(named) == len(labelled.rows) - 1
+    # Ten users without ID whose JA4 is labelled Outlook: six sessions each in the period, a
+    # share of the period's 558 users; "Rare Mail" (3 users) is under the floor.
+    assert labelled.rows[-1] == ("Outlook", INFERRED, 10, 0.0179, 60, "2026-10-21",
+                                 "2026-11-25", "Windows (10)")  # fmt: skip
+    assert ("Outlook", NAMED) in {r[:2] for r in named}  # its ID-named users: a row apart
+    meta = labelled.meta
+    assert (meta["inferred_folded_groups"], meta["inferred_folded_users"]) == (1, 3)
+    (note,) = [n for n in labelled.notes if INFERRED in n]
+    assert f'counted in the "{NO_ID}" row too' in note
+    assert note.endswith("1 inferred client of fewer than 5 users each is not shown: 3 users.")
+    assert not any(INFERRED in n for n in plain.notes) and plain.meta["inferred_folded_groups"] == 0
+    page = render(build(fleet, SINCE, UNTIL, now=NOW, labels=LABELS))
+    assert page_tables(page)["inventory"][-1][:3] == ["Outlook", INFERRED, "10"]
+    assert ">Outlook (inferred)</text>" in page and ">Outlook</text>" in page
+    assert "Rare Mail" not in page
+    # The summary line's shares are of the rows from an ID only.
+    assert "; of the users: Thunderbird 35.8%, Apple Mail 26.9%, Outlook 17.9%, eM Client" in page
+    everyone = build(fleet, SINCE, UNTIL, 1, now=NOW, labels=LABELS).tables["inventory"]
+    assert [r[:3] for r in everyone.rows if r[1] == INFERRED] == [
+        ("Outlook", INFERRED, 10), ("Rare Mail", INFERRED, 3)]  # fmt: skip
+    assert [r[0] for r in everyone.rows].count("other") == 0
 
 
 def test_no_extensions_known(tmp_path: Path) -> None:
