@@ -78,16 +78,6 @@ class Summary:
         return self.no_id_sessions / self.sessions if self.sessions else 0.0
 
 
-def _group_key(columns: tuple[str, ...]) -> str:
-    """One text per group, the same on SQLite and PostgreSQL, NULL told apart from '' and no
-    two groups alike (each part is its length and itself)."""
-    parts = [
-        f"(CASE WHEN {c} IS NULL THEN 'n' ELSE 'v' || LENGTH({c}) || ':' || {c} END)"
-        for c in columns
-    ]
-    return " || '/' || ".join(parts)
-
-
 def summarize(
     store: Store, by: str = "family", since: str | None = None, until: str | None = None,
     min_users: int = 5,
@@ -119,16 +109,10 @@ def summarize(
             rows.append(row)
     rows.sort(key=lambda r: (r.group if by == "day" else "", -r.sessions, r.group))
     if folded:
-        key = _group_key(columns)
-        small = (
-            f"{key} IN (SELECT {key} FROM sessions{where} GROUP BY {group}"  # noqa: S608
-            " HAVING COUNT(DISTINCT user_id) < ?)"
-        )
-        ((sessions, users, first, last),) = store.rows(
-            "SELECT COUNT(*), COUNT(DISTINCT user_id), MIN(started_at), MAX(ended_at)"  # noqa: S608
-            f" FROM sessions{where}{also(where)} {small}",
-            [*params, *params, min_users],
-        )
+        sessions, users, first, last = inventory.folded_totals(
+            store, "sessions", columns, where, params, min_users=min_users, user="user_id",
+            select="COUNT(*), COUNT(DISTINCT user_id), MIN(started_at), MAX(ended_at)",
+        )  # fmt: skip
         share = int(users) / everyone if everyone else 0.0
         platforms = "" if by == "family" else None
         rows.append(
