@@ -191,6 +191,13 @@ def test_a_labelled_fingerprint_counts_no_id_users_as_inferred(fleet: Fleet) -> 
         [shown(c, v) for c, v in zip(columns, row, strict=True)] for row in inventory["rows"]
     ]
     assert ">curl (inferred)</text>" in text  # its bar in the chart says so too
+    # Beside the inventory: the fingerprints without a label, with the clients named beside.
+    unlabelled = json.loads((out / "fingerprints.json").read_text(encoding="utf-8"))
+    rows = [(r[0], r[2], r[4], r[5]) for r in unlabelled["rows"]]
+    assert rows[0] == ("ja4", users, None, f"Thunderbird ({users})")  # curl's: labelled
+    assert sorted(rows[1:], key=str) == [("behaviour", users, users, "")] * 2 + [
+        ("behaviour", users, None, f"Thunderbird ({users})")] * 2  # fmt: skip
+    assert curl not in json.dumps(unlabelled["rows"]) and unlabelled["labelled"] == 1
 
 
 def test_the_default_floor_folds_the_two_user_fleet_away(fleet: Fleet) -> None:

@@ -21,14 +21,25 @@ from imapveil.cli import main
 from imapveil.stats import periods, tables
 from imapveil.stats.charts import safe
 from imapveil.stats.identify import NO_ID
-from imapveil.stats.report import INFERRED, NAMED, TABLES, build, export, render
+from imapveil.stats.report import (
+    INFERRED,
+    NAMED,
+    TABLES,
+    build,
+    export,
+    fingerprints_table,
+    render,
+)
 from imapveil.stats.store import Batch, Store
 from imapveil.stats.tables import Cell, Column, Table
+from imapveil.stats.traits import fingerprint_usage
 from tests.helpers.postgres import Postgres
 from tests.stats.test_report_inventory import (
     CHANGING,
     EDGES,
     FLEET,
+    JA4_NSS,
+    JA4_SCHANNEL,
     K9,
     LABELS,
     NOW,
@@ -361,6 +372,32 @@ def test_inferred_users_in_rows_of_their_own(fleet: Store, tmp_path: Path) -> No
     assert [r[0] for r in everyone.rows].count("other") == 0
 
 
+def test_fingerprints_without_a_label(fleet: Store) -> None:
+    """What an administrator needs to label a fingerprint: the clients named beside it."""
+    found = build(fleet, SINCE, UNTIL, now=NOW).tables["fingerprints"]
+    assert found.rows == (
+        ("ja4", JA4_NSS, 200, 1200, None, "Thunderbird (200)"),
+        ("ja4", JA4_SCHANNEL, 110, 560, 10, "Outlook (100)"),
+    )  # JA4_RARE (3 users) and JA4_ODD (2): under the floor
+    assert found.meta["folded"]["ja4"] == {"groups": 2, "users": 5}
+    assert found.notes[-1] == "Not listed: 2 ja4 fingerprints of fewer than 5 users each (5 users)."
+    labelled = build(fleet, SINCE, UNTIL, now=NOW, labels=LABELS).tables["fingerprints"]
+    assert [r[1] for r in labelled.rows] == [JA4_NSS] and labelled.meta["labelled"] == 1
+    assert labelled.notes[-1].endswith(
+        "; 1 labelled (their users without ID are in the inventory)."
+    )
+    page = render(build(fleet, SINCE, UNTIL, now=NOW, labels=LABELS))
+    assert page_tables(page)["fingerprints"][1] == [
+        "ja4", JA4_NSS, "200", "1200", "\u2013", "Thunderbird (200)"]  # fmt: skip
+    top = fingerprints_table(fingerprint_usage(fleet, SINCE, UNTIL, 1), top=1)
+    assert [r[1] for r in top.rows] == [JA4_NSS] and top.meta["more"] == 3
+    assert "3 more with fewer users" in top.notes[-1]
+    assert (found.meta["min_users"], found.meta["since"]) == (5, SINCE)
+    nothing = build(fleet, SINCE, UNTIL, 500, now=NOW)
+    assert nothing.tables["fingerprints"].rows == ()
+    assert "No fingerprint without a label was seen by at least 500 users" in render(nothing)
+
+
 def test_no_extensions_known(tmp_path: Path) -> None:
     """A store of sessions without traits (from before they were kept): a note, no chart."""
     store = make_fleet(str(tmp_path / "stats.sqlite"))
@@ -388,7 +425,7 @@ def test_the_command_line(fleet: Store, tmp_path: Path, capsys: pytest.CaptureFi
     assert main([*base, "--html", "-", "--export", str(tmp_path / "t")]) == 0
     out, err = capsys.readouterr()
     assert out.startswith("<!DOCTYPE html>") and out.endswith("</html>\n")  # the page alone
-    assert err == f"wrote 20 files (10 tables) to {tmp_path / 't'}\n"
+    assert err == f"wrote 22 files (11 tables) to {tmp_path / 't'}\n"
     blocker = tmp_path / "a-file"
     blocker.write_text("", encoding="utf-8")
     assert main([*base, "--export", str(blocker)]) == 1

@@ -142,6 +142,7 @@ def test_every_label_and_number_lies_inside_its_chart(
     # The sections a reader needs: what changed (the table too), the extensions.
     assert '<table data-table="changes">' in page and f"largest changes: {fleet.K9} " in page
     assert "<td>inferred from a labelled fingerprint</td>" in page
+    assert '<table data-table="fingerprints">' in page
     assert found["texts"] == page.count("<text")
     assert found["background"] == "rgb(255, 255, 255)"
 

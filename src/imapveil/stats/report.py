@@ -411,6 +411,55 @@ def extensions_table(usage: traits.ExtensionUsage) -> Table:
     )  # fmt: skip
 
 
+TOP_FINGERPRINTS = 10
+"""How many unlabelled fingerprints of each kind the report lists, most users first."""
+
+
+def fingerprints_table(usage: traits.FingerprintUsage, top: int = TOP_FINGERPRINTS) -> Table:
+    """The fingerprints no label names, JA4 then behaviour, the `top` with most users of each
+    kind: users, sessions, users without ID, and the clients that named themselves in an ID in
+    sessions with the same fingerprint (what tells an administrator what an unlabelled one is).
+    Only fingerprints, and clients beside them, of at least `min_users` users."""
+    rows: list[traits.FingerprintRow] = []
+    more = 0
+    for kind in traits.KINDS:
+        unlabelled = [r for r in usage.rows if r.kind == kind and r.label is None]
+        rows += unlabelled[:top]
+        more += max(len(unlabelled) - top, 0)
+    labelled = sum(r.label is not None for r in usage.rows)
+    return table(
+        "fingerprints", "Fingerprints without a label",
+        [("kind", "kind", "text"), ("fingerprint", "fingerprint", "text"),
+         ("users", "users", "count"), ("sessions", "sessions", "count"),
+         ("no_id_users", "users without ID", "count"),
+         ("named", "clients named in an ID beside it", "text")],
+        [[r.kind, r.fingerprint, r.users, r.sessions, r.no_id_users,
+          ", ".join(f"{f.family} ({f.users})" for f in r.families)] for r in rows],
+        ["The TLS (JA4) and behaviour fingerprints that no label names, with the clients that "
+         "named themselves in an ID in sessions with the same fingerprint: labelling one "
+         "(docs/fingerprints.md) counts its users without ID as inferred users of that client "
+         f"in the inventory. Users without ID: \u2013 where fewer than {usage.min_users}.",
+         _fingerprints_note(usage, more, labelled)],
+        folded={kind: asdict(fold) for kind, fold in usage.folded.items()},
+        labelled=labelled, more=more,
+    )  # fmt: skip
+
+
+def _fingerprints_note(usage: traits.FingerprintUsage, more: int, labelled: int) -> str:
+    """What the list leaves out: the floor's fingerprints, those past the top, labelled ones."""
+    said = [
+        f"{plural(fold.groups, f'{kind} fingerprint')} of fewer than {usage.min_users} users "
+        f"each ({plural(fold.users, 'user')})"
+        for kind, fold in usage.folded.items()
+        if fold.groups
+    ]
+    if more:
+        said.append(f"{more} more with fewer users (imapveil stats --by fingerprint lists them)")
+    if labelled:
+        said.append(f"{labelled} labelled (their users without ID are in the inventory)")
+    return f"Not listed: {'; '.join(said)}." if said else ""
+
+
 def days_table(days: Summary) -> Table:
     return table(
         "days", "Sessions per day",
@@ -430,8 +479,8 @@ def id_table(families: Summary) -> Table:
     )  # fmt: skip
 
 
-TABLES = ("inventory", "changes", "currency", "extensions", "weeks", "clients", "versions",
-          "systems", "days", "id")  # fmt: skip
+TABLES = ("inventory", "changes", "currency", "extensions", "fingerprints", "weeks", "clients",
+          "versions", "systems", "days", "id")  # fmt: skip
 """The report's tables, in the page's order: the names of their exported files."""
 
 
@@ -472,6 +521,7 @@ def build(
         changes_table(periods.compare(store, since, until, min_users, now=made)),
         currency_table(currency.currency_rows(store, since, until, min_users), min_users),
         extensions_table(traits.extension_usage(store, since, until, min_users)),
+        fingerprints_table(traits.fingerprint_usage(store, since, until, min_users, labels)),
         weeks_table(trend, min_users),
         groups_table("clients", "Clients (sessions)", families, "family"),
         groups_table("versions", "Versions per client",
@@ -579,6 +629,8 @@ def _sections(report: Report) -> list[str]:
         _section("currency", "Version currency", _alone(t["currency"])),
         # Which IMAP extensions each client uses (the mail-server operator's question).
         _section("extensions", "Extensions in use", _extensions(t["extensions"])),
+        # What the unlabelled fingerprints are (the administrator's question before labelling).
+        _section("fingerprints", "Fingerprints without a label", _fingerprints(t["fingerprints"])),
         _section("trends", "Trends", _trend(report.trend, t["weeks"])),
         _section("groups", "Clients, versions, systems",
                  *(_figure(_bars_of(t[n], t[n].columns[0].key, "sessions", "session"), t[n])
@@ -595,6 +647,17 @@ def _inventory_chart(found: Table) -> str:
     rows = zip(found.column("client"), found.column("source"), found.column("users"), strict=True)
     bars = [(str(c) if s == NAMED else f"{c} (inferred)", int(n or 0)) for c, s, n in rows]
     return bar_chart("Clients (distinct users)", bars, "user")
+
+
+def _fingerprints(found: Table) -> str:
+    """The table, or a note that there is nothing to list; the notes."""
+    if found.rows:
+        return _alone(found)
+    notes = "".join(f'<p class="note">{html.escape(n)}</p>' for n in found.notes[1:])
+    return (
+        f'<p class="note">No fingerprint without a label was seen by at least '
+        f"{found.meta.get('min_users', 0)} users in the period.</p>{notes}"
+    )
 
 
 def _section(css: str, title: str, *parts: str) -> str:
