@@ -21,6 +21,7 @@ from imapveil.cli import main
 from imapveil.stats import periods, tables
 from imapveil.stats.charts import safe
 from imapveil.stats.identify import NO_ID
+from imapveil.stats.labels import kind, parse_labels
 from imapveil.stats.report import (
     INFERRED,
     NAMED,
@@ -461,3 +462,16 @@ def test_any_text_reads_back_and_is_never_a_formula(texts: list[str]) -> None:
     text = Column("t", "t", "text")
     assert [from_csv(text, c) for c in lines[0]] == [safe(t) for t in texts]
     assert json.loads(tables.as_json(found))["rows"][1] == [safe(t) for t in texts[::-1]]
+
+
+def test_the_docs_name_every_table_and_their_label_example_reads() -> None:
+    """docs/report.md names every exported table; docs/fingerprints.md's labels file is one."""
+    docs = Path(__file__).resolve().parents[2] / "docs"
+    text = (docs / "report.md").read_text(encoding="utf-8")
+    for name in TABLES:
+        assert f"| `{name}`" in text or f", `{name}`" in text, name
+    guide = (docs / "fingerprints.md").read_text(encoding="utf-8")
+    example = guide.split("```toml\n", 1)[1].split("```", 1)[0]
+    labels = parse_labels(example, "docs/fingerprints.md")
+    assert {kind(f) for f in labels} == {"ja4", "behaviour"}
+    assert {(label.family, label.platform) for label in labels.values()} == {("Outlook", "Windows")}
