@@ -7,7 +7,8 @@ ID into inferred users of a family in `stats --by family` and in the report, and
 
 Two TLS stacks: Python's ssl (imaplib, sending Thunderbird's ID from the corpus) and curl (no ID),
 each for both accounts, with implicit TLS and with STARTTLS. curl (Debian: curl) is installed by
-scripts/check: the test fails, never skips, without it.
+scripts/check: the test fails, never skips, without it. And timing: one script pipelined in one
+write for one account, a command at a time with pauses for the other, is one behaviour signature.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from __future__ import annotations
 import imaplib
 import json
 import shutil
+import socket
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -217,3 +220,43 @@ def test_the_default_floor_folds_the_two_user_fleet_away(fleet: Fleet) -> None:
     assert "curl" not in text and "Thunderbird" not in text and curl not in text
     inventory = json.loads((out / "inventory.json").read_text(encoding="utf-8"))
     assert [r[:3] for r in inventory["rows"]] == [["other", "ID", fleet.users]]
+
+
+SCRIPT = [b"CAPABILITY", b'ID ("name" "Thunderbird" "version" "128.5.0")', b"LOGIN USER PASS",
+          b'LIST "" "*"', b"SELECT INBOX", b"NOOP"]  # fmt: skip
+
+
+def scripted(port: int, user: str, password: str, *, pause: float) -> None:
+    """SCRIPT then LOGOUT: all at once (pause 0: pipelined, one write), or a command at a time,
+    each answer awaited, then `pause` seconds."""
+    lines = [b"t%d %s\r\n" % (n, line.replace(b"USER PASS", f"{user} {password}".encode()))
+             for n, line in enumerate([*SCRIPT, b"LOGOUT"])]  # fmt: skip
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s, s.makefile("rb") as f:
+        f.readline()
+        if not pause:
+            s.sendall(b"".join(lines))
+        for line in lines:
+            if pause:
+                s.sendall(line)
+            tag = line.split(b" ", 1)[0] + b" "
+            while not (answer := f.readline()).startswith(tag):
+                assert answer, line
+            assert answer.startswith(tag + b"OK"), answer
+            if pause:
+                time.sleep(pause)
+
+
+def test_timing_and_the_account_change_no_fingerprint(dovecot: Dovecot, tmp_path: Path) -> None:
+    """One client's script, pipelined in one write for one account and a command at a time with
+    pauses for the other: one behaviour signature, two users."""
+    store = str(tmp_path / "stats.sqlite")
+    (alice, alice_pw), (bob, bob_pw) = list(dovecot.users.items())[:2]
+    with imapveil(tmp_path, dovecot.address, "--store", store) as proxy:
+        scripted(proxy.port, alice, alice_pw, pause=0)
+        scripted(proxy.port, bob, bob_pw, pause=0.3)
+        assert proxy.stop() == 0
+    data = stats("--store", store, "--by", "fingerprint", "--min-users", "1")
+    (row,) = data["rows"]  # no TLS: no JA4
+    assert (row["kind"], row["users"], row["sessions"]) == ("behaviour", 2, 2)
+    assert row["text"] == 'b1 tag=A9 lit+=n: CAPABILITY; ID; LOGIN; LIST "*"; SELECT'
+    assert [(f["family"], f["users"]) for f in row["families"]] == [("Thunderbird", 2)]
