@@ -40,6 +40,8 @@ from tests.stats.test_report_inventory import (
     EDGES,
     FLEET,
     JA4_NSS,
+    JA4_ODD,
+    JA4_RARE,
     JA4_SCHANNEL,
     K9,
     LABELS,
@@ -170,7 +172,7 @@ def test_the_command_writes_every_table(fleet: Store, tmp_path: Path) -> None:
 
 def test_k_floor_in_every_export(fleet: Store, tmp_path: Path) -> None:
     """Groups under the floor are never named in an export, and are with --min-users 1."""
-    small = ("NeoMutt", "FairEmail", "Geary", "FreeBSD", "20241002")
+    small = ("NeoMutt", "FairEmail", "Geary", "FreeBSD", "20241002", JA4_ODD, JA4_RARE)
     for floor, named in ((5, False), (1, True)):
         out = tmp_path / str(floor)
         args = ["report", "--store", fleet.url, "--export", str(out), "--min-users", str(floor)]
