@@ -418,7 +418,9 @@ def test_postgresql_gives_the_same_tables(fleet: Store, postgres: Postgres) -> N
         add_changes(other)
         add_traits(other, FLEET + CHANGING)
         for since, until in ((None, None), (SINCE, UNTIL)):
-            assert build(other, since, until, now=NOW) == build(fleet, since, until, now=NOW)
+            found = build(other, since, until, now=NOW, labels=LABELS)
+            assert found == build(fleet, since, until, now=NOW, labels=LABELS)
+            assert INFERRED in found.tables["inventory"].column("source")
     finally:
         other.close()
 
