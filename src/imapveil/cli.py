@@ -345,7 +345,8 @@ def stats_tool(args: argparse.Namespace) -> int:
     try:
         store.connect()
         if args.command == "report":
-            made = report_module.build(store, args.since, args.until, min_users)
+            labels = load_labels(settings.fingerprint_labels)
+            made = report_module.build(store, args.since, args.until, min_users, labels=labels)
         elif args.by == "currency":
             rows = currency.currency_rows(store, args.since, args.until, min_users)
         else:

@@ -183,8 +183,9 @@ class ConfigLoaded:
 @dataclass(frozen=True, slots=True)
 class StoreDropped:
     """Statistics were lost (neither stored nor spooled): `count` items — rows of every kind:
-    session rows, ID exchanges, command counts — since the last such record, `total` since the
-    start; `sessions` and `total_sessions` the session rows among them."""
+    session rows, ID exchanges, command counts, session traits (extensions in use and
+    fingerprints) — since the last such record, `total` since the start; `sessions` and
+    `total_sessions` the session rows among them."""
 
     event: ClassVar[str] = "store_dropped"
     count: int

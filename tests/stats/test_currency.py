@@ -12,10 +12,11 @@ import pytest
 from imapveil.policy import apply
 from imapveil.policy_files import resolve_policy
 from imapveil.protocol.id_params import parse
-from imapveil.stats.currency import CLASSES, CurrencyError, as_html, classify, currency_rows, load
+from imapveil.stats.currency import CLASSES, CurrencyError, classify, currency_rows, load
 from imapveil.stats.identify import TABLE, identify, load_table
-from imapveil.stats.report import html_report
+from imapveil.stats.report import currency_table, html_report
 from imapveil.stats.store import SESSION_COLUMNS, Batch, Store
+from imapveil.stats.tables import as_html
 from tests.helpers.corpus import rows
 from tests.helpers.dovecot import Dovecot
 from tests.helpers.process import imapveil
@@ -228,7 +229,12 @@ def test_no_group_of_fewer_than_k_users(tmp_path: Path, k: int) -> None:
         assert currency_rows(s, min_users=k).rows == [
             type(currency_rows(s).rows[0])(**r) for r in data["rows"]
         ]
-        assert "<table>" in as_html(currency_rows(s, min_users=k))
+        # The report's table shows the very rows `stats --by currency` gives, no more.
+        shown = as_html(currency_table(currency_rows(s, min_users=k), k))
+        assert shown.count("<tr>") == len(data["rows"]) + 1  # and the header
+        for row in data["rows"]:
+            cells = "".join(f'<td class="n">{row[c]}</td>' for c in ("users", *CLASSES))
+            assert f"<tr><td>{row['group']}</td>{cells}" in shown, row
     finally:
         s.close()
 

@@ -21,15 +21,30 @@ from imapveil.cli import main
 from imapveil.stats import periods, tables
 from imapveil.stats.charts import safe
 from imapveil.stats.identify import NO_ID
-from imapveil.stats.report import TABLES, build, export, render
+from imapveil.stats.labels import kind, parse_labels
+from imapveil.stats.report import (
+    INFERRED,
+    NAMED,
+    TABLES,
+    build,
+    export,
+    fingerprints_table,
+    render,
+)
 from imapveil.stats.store import Batch, Store
 from imapveil.stats.tables import Cell, Column, Table
+from imapveil.stats.traits import fingerprint_usage
 from tests.helpers.postgres import Postgres
 from tests.stats.test_report_inventory import (
     CHANGING,
     EDGES,
     FLEET,
+    JA4_NSS,
+    JA4_ODD,
+    JA4_RARE,
+    JA4_SCHANNEL,
     K9,
+    LABELS,
     NOW,
     SINCE,
     UNTIL,
@@ -115,7 +130,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
 def test_every_table_exports_the_rows_the_page_shows(
     fleet: Store, since: str | None, until: str | None
 ) -> None:
-    report = build(fleet, since, until, now=NOW)
+    report = build(fleet, since, until, now=NOW, labels=LABELS)
     assert tuple(report.tables) == TABLES
     page = page_tables(render(report))
     shown = {name for name, rows in page.items() if rows}
@@ -157,7 +172,7 @@ def test_the_command_writes_every_table(fleet: Store, tmp_path: Path) -> None:
 
 def test_k_floor_in_every_export(fleet: Store, tmp_path: Path) -> None:
     """Groups under the floor are never named in an export, and are with --min-users 1."""
-    small = ("NeoMutt", "FairEmail", "Geary", "FreeBSD", "20241002")
+    small = ("NeoMutt", "FairEmail", "Geary", "FreeBSD", "20241002", JA4_ODD, JA4_RARE)
     for floor, named in ((5, False), (1, True)):
         out = tmp_path / str(floor)
         args = ["report", "--store", fleet.url, "--export", str(out), "--min-users", str(floor)]
@@ -167,7 +182,7 @@ def test_k_floor_in_every_export(fleet: Store, tmp_path: Path) -> None:
             assert (name in text) is named, (floor, name)
     inventory = json.loads((tmp_path / "5" / "inventory.json").read_text(encoding="utf-8"))
     assert (inventory["folded_groups"], inventory["folded_users"]) == (4, 12)
-    assert inventory["rows"][-1][:2] == ["other", 12]
+    assert inventory["rows"][-1][:3] == ["other", "ID", 12]
     assert any("not shown by client" in n for n in inventory["notes"])
     # The weeks under the floor: empty in CSV, null in JSON, never the small number.
     weeks = json.loads((tmp_path / "5" / "weeks.json").read_text(encoding="utf-8"))
@@ -330,6 +345,62 @@ def test_extensions_in_use(fleet: Store, tmp_path: Path) -> None:
     assert data["folded_groups"] == 0
 
 
+def test_inferred_users_in_rows_of_their_own(fleet: Store, tmp_path: Path) -> None:
+    """Labelled fingerprints add the inferred families after "other", each marked, k-floored;
+    the rows from an ID stay as they are."""
+    plain = build(fleet, SINCE, UNTIL, now=NOW).tables["inventory"]
+    labelled = build(fleet, SINCE, UNTIL, now=NOW, labels=LABELS).tables["inventory"]
+    named = [r for r in labelled.rows if r[1] == NAMED]
+    assert named == list(plain.rows) and len(named) == len(labelled.rows) - 1
+    # Ten users without ID whose JA4 is labelled Outlook: six sessions each in the period, a
+    # share of the period's 558 users; "Rare Mail" (3 users) is under the floor.
+    assert labelled.rows[-1] == ("Outlook", INFERRED, 10, 0.0179, 60, "2026-10-21",
+                                 "2026-11-25", "Windows (10)")  # fmt: skip
+    assert ("Outlook", NAMED) in {r[:2] for r in named}  # its ID-named users: a row apart
+    meta = labelled.meta
+    assert (meta["inferred_folded_groups"], meta["inferred_folded_users"]) == (1, 3)
+    (note,) = [n for n in labelled.notes if INFERRED in n]
+    assert f'counted in the "{NO_ID}" row too' in note
+    assert note.endswith("1 inferred client of fewer than 5 users each is not shown: 3 users.")
+    assert not any(INFERRED in n for n in plain.notes) and plain.meta["inferred_folded_groups"] == 0
+    page = render(build(fleet, SINCE, UNTIL, now=NOW, labels=LABELS))
+    assert page_tables(page)["inventory"][-1][:3] == ["Outlook", INFERRED, "10"]
+    assert ">Outlook (inferred)</text>" in page and ">Outlook</text>" in page
+    assert "Rare Mail" not in page
+    # The summary line's shares are of the rows from an ID only.
+    assert "; of the users: Thunderbird 35.8%, Apple Mail 26.9%, Outlook 17.9%, eM Client" in page
+    everyone = build(fleet, SINCE, UNTIL, 1, now=NOW, labels=LABELS).tables["inventory"]
+    assert [r[:3] for r in everyone.rows if r[1] == INFERRED] == [
+        ("Outlook", INFERRED, 10), ("Rare Mail", INFERRED, 3)]  # fmt: skip
+    assert [r[0] for r in everyone.rows].count("other") == 0
+
+
+def test_fingerprints_without_a_label(fleet: Store) -> None:
+    """What an administrator needs to label a fingerprint: the clients named beside it."""
+    found = build(fleet, SINCE, UNTIL, now=NOW).tables["fingerprints"]
+    assert found.rows == (
+        ("ja4", JA4_NSS, 200, 1200, None, "Thunderbird (200)"),
+        ("ja4", JA4_SCHANNEL, 110, 560, 10, "Outlook (100)"),
+    )  # JA4_RARE (3 users) and JA4_ODD (2): under the floor
+    assert found.meta["folded"]["ja4"] == {"groups": 2, "users": 5}
+    assert found.notes[-1] == "Not listed: 2 ja4 fingerprints of fewer than 5 users each (5 users)."
+    labelled = build(fleet, SINCE, UNTIL, now=NOW, labels=LABELS).tables["fingerprints"]
+    assert [r[1] for r in labelled.rows] == [JA4_NSS] and labelled.meta["labelled"] == 1
+    assert labelled.notes[-1].endswith(
+        "; 1 labelled (their users without ID are in the inventory)."
+    )
+    page = render(build(fleet, SINCE, UNTIL, now=NOW, labels=LABELS))
+    assert page_tables(page)["fingerprints"][1] == [
+        "ja4", JA4_NSS, "200", "1200", "\u2013", "Thunderbird (200)"]  # fmt: skip
+    top = fingerprints_table(fingerprint_usage(fleet, SINCE, UNTIL, 1), top=1)
+    assert [r[1] for r in top.rows] == [JA4_NSS] and top.meta["more"] == 3
+    assert "3 more with fewer users" in top.notes[-1]
+    assert (found.meta["min_users"], found.meta["since"]) == (5, SINCE)
+    nothing = build(fleet, SINCE, UNTIL, 500, now=NOW)
+    assert nothing.tables["fingerprints"].rows == ()
+    assert "No fingerprint without a label was seen by at least 500 users" in render(nothing)
+
+
 def test_no_extensions_known(tmp_path: Path) -> None:
     """A store of sessions without traits (from before they were kept): a note, no chart."""
     store = make_fleet(str(tmp_path / "stats.sqlite"))
@@ -347,7 +418,9 @@ def test_postgresql_gives_the_same_tables(fleet: Store, postgres: Postgres) -> N
         add_changes(other)
         add_traits(other, FLEET + CHANGING)
         for since, until in ((None, None), (SINCE, UNTIL)):
-            assert build(other, since, until, now=NOW) == build(fleet, since, until, now=NOW)
+            found = build(other, since, until, now=NOW, labels=LABELS)
+            assert found == build(fleet, since, until, now=NOW, labels=LABELS)
+            assert INFERRED in found.tables["inventory"].column("source")
     finally:
         other.close()
 
@@ -357,7 +430,7 @@ def test_the_command_line(fleet: Store, tmp_path: Path, capsys: pytest.CaptureFi
     assert main([*base, "--html", "-", "--export", str(tmp_path / "t")]) == 0
     out, err = capsys.readouterr()
     assert out.startswith("<!DOCTYPE html>") and out.endswith("</html>\n")  # the page alone
-    assert err == f"wrote 20 files (10 tables) to {tmp_path / 't'}\n"
+    assert err == f"wrote 22 files (11 tables) to {tmp_path / 't'}\n"
     blocker = tmp_path / "a-file"
     blocker.write_text("", encoding="utf-8")
     assert main([*base, "--export", str(blocker)]) == 1
@@ -393,3 +466,16 @@ def test_any_text_reads_back_and_is_never_a_formula(texts: list[str]) -> None:
     text = Column("t", "t", "text")
     assert [from_csv(text, c) for c in lines[0]] == [safe(t) for t in texts]
     assert json.loads(tables.as_json(found))["rows"][1] == [safe(t) for t in texts[::-1]]
+
+
+def test_the_docs_name_every_table_and_their_label_example_reads() -> None:
+    """docs/report.md names every exported table; docs/fingerprints.md's labels file is one."""
+    docs = Path(__file__).resolve().parents[2] / "docs"
+    text = (docs / "report.md").read_text(encoding="utf-8")
+    for name in TABLES:
+        assert f"| `{name}`" in text or f", `{name}`" in text, name
+    guide = (docs / "fingerprints.md").read_text(encoding="utf-8")
+    example = guide.split("```toml\n", 1)[1].split("```", 1)[0]
+    labels = parse_labels(example, "docs/fingerprints.md")
+    assert {kind(f) for f in labels} == {"ja4", "behaviour"}
+    assert {(label.family, label.platform) for label in labels.values()} == {("Outlook", "Windows")}

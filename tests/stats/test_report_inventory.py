@@ -16,6 +16,7 @@ import pytest
 from imapveil.cli import main
 from imapveil.stats.identify import NO_ID
 from imapveil.stats.inventory import changes, iso_week, platforms, proxies, trend
+from imapveil.stats.labels import Label
 from imapveil.stats.report import (
     as_csv,
     as_json,
@@ -118,14 +119,34 @@ def extensions(family: str, user: int) -> list[str]:
     return ["IDLE"]
 
 
+JA4_SCHANNEL = "t13d1516h2_8daaf6152771_02713d6af862"
+"""Outlook's (it names itself) and that of ten users that send no ID: labelled Outlook."""
+JA4_NSS = "t13d1715h2_5b57614c22b0_3d5424432f57"
+"""Thunderbird's: not labelled."""
+JA4_RARE = "t12d0909h1_0123456789ab_0123456789ab"
+"""Three users without ID: labelled, but under the floor."""
+JA4_ODD = "t13i0304h2_0123456789ab_0123456789ab"
+"""Two users without ID: not labelled."""
+LABELS = {JA4_SCHANNEL: Label("Outlook", "Windows"), JA4_RARE: Label("Rare Mail", "Linux")}
+"""The administrator's fingerprint labels for the fleet."""
+
+
+def ja4(family: str, user: int) -> str | None:
+    """The TLS fingerprint of `user` on `family`."""
+    if family == NO_ID:
+        return JA4_SCHANNEL if user < 495 else JA4_ODD if user < 497 else JA4_RARE
+    return {"Outlook": JA4_SCHANNEL, "Thunderbird": JA4_NSS}.get(family)
+
+
 def add_traits(
     store: Store, fleet: list[tuple[str, range, tuple[int, ...], range]] = FLEET
 ) -> None:
-    """Each session's traits: its extensions (`extensions`), as the sink writes them."""
-    traits = [
-        (row[0], None, None, None, sorted(extensions(str(row[12]), int(str(row[5])[-3:]))))
-        for row in fleet_rows(fleet)
-    ]
+    """Each session's traits: its extensions (`extensions`) and JA4 (`ja4`), as the sink
+    writes them."""
+    traits = []
+    for row in fleet_rows(fleet):
+        family, user = str(row[12]), int(str(row[5])[-3:])
+        traits.append((row[0], None, None, ja4(family, user), sorted(extensions(family, user))))
     assert store.write(Batch(traits=traits)) == []
 
 
@@ -302,7 +323,7 @@ def test_the_page_says_it_all_and_no_small_group(store: Store) -> None:
         "sessions in the previous period, nothing to compare" in text
     )
     assert '<table data-table="changes">' not in page
-    row = '<tr><td>Thunderbird</td><td class="n">200</td><td class="n">40.0%</td>'
+    row = '<tr><td>Thunderbird</td><td>ID</td><td class="n">200</td><td class="n">40.0%</td>'
     assert (
         row + '<td class="n">2400</td><td class="d">2026-09-08</td><td class="d">2026-11-24</td>'
         in page

@@ -100,13 +100,14 @@ def chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def fleet_page(url: str) -> str:
-    """The report of the synthetic fleet with clients that change and the extensions everyone
-    uses, for its second half (six weeks, compared with the six before)."""
+    """The report of the synthetic fleet with clients that change, the extensions everyone
+    uses and users inferred from labelled fingerprints, for its second half (six weeks,
+    compared with the six before)."""
     store = fleet.make_fleet(url)
     try:
         fleet.add_changes(store, edges=False)
         fleet.add_traits(store, fleet.FLEET + fleet.CHANGING)
-        return html_report(store, fleet.SINCE, fleet.UNTIL, now=fleet.NOW)
+        return html_report(store, fleet.SINCE, fleet.UNTIL, now=fleet.NOW, labels=fleet.LABELS)
     finally:
         store.close()
 
@@ -140,6 +141,8 @@ def test_every_label_and_number_lies_inside_its_chart(
     assert found["cells"] == page.count('<rect class="cell"') > 25
     # The sections a reader needs: what changed (the table too), the extensions.
     assert '<table data-table="changes">' in page and f"largest changes: {fleet.K9} " in page
+    assert "<td>inferred from a labelled fingerprint</td>" in page
+    assert '<table data-table="fingerprints">' in page
     assert found["texts"] == page.count("<text")
     assert found["background"] == "rgb(255, 255, 255)"
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import datetime
-import html
 import io
 import json
 import operator
@@ -257,20 +256,3 @@ def as_json(currency: Currency) -> str:
 
 
 RENDER: dict[str, Callable[[Currency], str]] = {"table": as_table, "csv": as_csv, "json": as_json}
-
-
-def as_html(currency: Currency) -> str:
-    """A report section: a table of users per family and class (for the HTML report)."""
-    head = "".join(f"<th>{c}</th>" for c in ("family", "users", *CLASSES, "values checked"))
-    body = "".join(
-        f"<tr><td>{html.escape(safe(r.group))}</td><td>{r.users}</td>"
-        + "".join(f"<td>{getattr(r, c)}</td>" for c in CLASSES)
-        + f"<td>{html.escape(r.checked or '')}</td></tr>"
-        for r in currency.rows
-    )
-    return (
-        '<section class="currency"><h2>Version currency</h2>'
-        f'<div class="table"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody>'
-        "</table></div>"
-        "<p>Each user counted once per family, by their most recent session.</p></section>"
-    )

@@ -3,7 +3,8 @@ users per family and ISO week, the families that appeared or disappeared, the pr
 
 Every group is k-floored as in every report: a family (or a family's platform) with fewer than
 `min_users` distinct users, in the period or in a week, is never shown as itself. `grouped` is
-that floor for any grouping of sessions (and of the tables joined to them).
+that floor for any grouping of sessions (and of the tables joined to them), `folded_totals` what
+the groups under it hold together.
 
 `inferred` is the other half of the inventory: sessions that sent no ID but whose fingerprint an
 administrator labelled (see `stats.labels`), counted under the labelled family as inferred users,
@@ -87,9 +88,9 @@ def grouped(
     store: Store, source: str, columns: Sequence[str], condition: str, params: Sequence[Any],
     *, min_users: int, user: str = "s.user_id",
 ) -> tuple[list[tuple[Any, ...]], Fold]:  # fmt: skip
-    """The groups of `source` (a FROM clause; sessions as `s`) by `columns` (SQL expressions,
-    never NULL) under `condition` (a WHERE clause, or ''): `(*keys, distinct users, rows)` for
-    each group of at least `min_users` users, and the `Fold` of the others."""
+    """The groups of `source` (a FROM clause; sessions as `s`) by `columns` (SQL expressions)
+    under `condition` (a WHERE clause, or ''): `(*keys, distinct users, rows)` for each group of
+    at least `min_users` users, and the `Fold` of the others."""
     keys = ", ".join(columns)
     rows = store.rows(
         f"SELECT {keys}, COUNT(DISTINCT {user}), COUNT(*) FROM {source}{condition}"  # noqa: S608 (fixed names)
@@ -99,15 +100,40 @@ def grouped(
     shown = [row for row in rows if int(row[-2]) >= min_users]
     if len(shown) == len(rows):
         return shown, Fold()
+    (users,) = folded_totals(
+        store, source, columns, condition, params, min_users=min_users, user=user,
+        select=f"COUNT(DISTINCT {user})",
+    )  # fmt: skip
+    return shown, Fold(len(rows) - len(shown), int(users))
+
+
+def folded_totals(
+    store: Store, source: str, columns: Sequence[str], condition: str, params: Sequence[Any],
+    *, min_users: int, select: str, user: str = "s.user_id",
+) -> tuple[Any, ...]:  # fmt: skip
+    """`select` (aggregates) over the rows of `source` under `condition` that are in the groups
+    by `columns` of fewer than `min_users` distinct users, all those groups together: a user of
+    several of them is one user (the "other" row, the floor's note)."""
+    key = group_key(columns)
     small = (
-        f"({keys}) IN (SELECT {keys} FROM {source}{condition} GROUP BY {keys}"  # noqa: S608
+        f"{key} IN (SELECT {key} FROM {source}{condition} GROUP BY {', '.join(columns)}"  # noqa: S608
         f" HAVING COUNT(DISTINCT {user}) < ?)"
     )
-    ((users,),) = store.rows(
-        f"SELECT COUNT(DISTINCT {user}) FROM {source}{condition}{also(condition)} {small}",  # noqa: S608
+    ((*found,),) = store.rows(
+        f"SELECT {select} FROM {source}{condition}{also(condition)} {small}",  # noqa: S608
         [*params, *params, min_users],
     )
-    return shown, Fold(len(rows) - len(shown), int(users))
+    return tuple(found)
+
+
+def group_key(columns: Sequence[str]) -> str:
+    """One text per group of `columns`, the same on SQLite and PostgreSQL, NULL told apart from
+    '' and no two groups alike (each part is its length and itself)."""
+    parts = [
+        f"(CASE WHEN {c} IS NULL THEN 'n' ELSE 'v' || LENGTH({c}) || ':' || {c} END)"
+        for c in columns
+    ]
+    return " || '/' || ".join(parts)
 
 
 def proxies(store: Store, since: str | None = None, until: str | None = None) -> list[str]:

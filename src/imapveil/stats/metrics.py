@@ -158,7 +158,8 @@ def _store_families(store: StoreSink) -> Iterator[Metric]:
     )
     yield _counter(
         "store_items",
-        "Statistics rows of every kind (sessions, ID exchanges, command counts), by outcome",
+        "Statistics rows of every kind (sessions, ID exchanges, command counts, session traits), "
+        "by outcome",
         ["outcome"],
         {(k,): v.items for k, v in store.counts.items()},
     )

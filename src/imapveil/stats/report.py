@@ -17,6 +17,7 @@ import html
 import io
 import json
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -28,10 +29,11 @@ from imapveil.stats.charts import cut as cut  # noqa: PLC0414 (re-exported)
 from imapveil.stats.charts import plural as plural  # noqa: PLC0414 (re-exported)
 from imapveil.stats.charts import safe as safe  # noqa: PLC0414 (re-exported)
 from imapveil.stats.identify import NO_ID
-from imapveil.stats.inventory import Trend, also
+from imapveil.stats.inventory import Inferred, Trend, also
 from imapveil.stats.inventory import where as _where
+from imapveil.stats.labels import Label
 from imapveil.stats.store import Store
-from imapveil.stats.tables import Table, disarm, table
+from imapveil.stats.tables import Cell, Table, disarm, table
 
 BY = {
     "family": ("family",),
@@ -76,16 +78,6 @@ class Summary:
         return self.no_id_sessions / self.sessions if self.sessions else 0.0
 
 
-def _group_key(columns: tuple[str, ...]) -> str:
-    """One text per group, the same on SQLite and PostgreSQL, NULL told apart from '' and no
-    two groups alike (each part is its length and itself)."""
-    parts = [
-        f"(CASE WHEN {c} IS NULL THEN 'n' ELSE 'v' || LENGTH({c}) || ':' || {c} END)"
-        for c in columns
-    ]
-    return " || '/' || ".join(parts)
-
-
 def summarize(
     store: Store, by: str = "family", since: str | None = None, until: str | None = None,
     min_users: int = 5,
@@ -117,16 +109,10 @@ def summarize(
             rows.append(row)
     rows.sort(key=lambda r: (r.group if by == "day" else "", -r.sessions, r.group))
     if folded:
-        key = _group_key(columns)
-        small = (
-            f"{key} IN (SELECT {key} FROM sessions{where} GROUP BY {group}"  # noqa: S608
-            " HAVING COUNT(DISTINCT user_id) < ?)"
-        )
-        ((sessions, users, first, last),) = store.rows(
-            "SELECT COUNT(*), COUNT(DISTINCT user_id), MIN(started_at), MAX(ended_at)"  # noqa: S608
-            f" FROM sessions{where}{also(where)} {small}",
-            [*params, *params, min_users],
-        )
+        sessions, users, first, last = inventory.folded_totals(
+            store, "sessions", columns, where, params, min_users=min_users, user="user_id",
+            select="COUNT(*), COUNT(DISTINCT user_id), MIN(started_at), MAX(ended_at)",
+        )  # fmt: skip
         share = int(users) / everyone if everyone else 0.0
         platforms = "" if by == "family" else None
         rows.append(
@@ -280,20 +266,57 @@ def _meta(summary: Summary) -> dict[str, Any]:
     return {"folded_groups": summary.folded, "folded_users": summary.hidden}
 
 
-def inventory_table(families: Summary) -> Table:
-    """Per client family, most users first: users, share, sessions, first and last seen (days),
-    platforms."""
+NAMED = "ID"
+"""The inventory's `source` of a family as its clients' ID named it ("no ID": they sent none)."""
+INFERRED = "inferred from a labelled fingerprint"
+"""The inventory's `source` of a family inferred from the administrator's fingerprint labels."""
+
+
+def inventory_table(families: Summary, inferred: Inferred | None = None) -> Table:
+    """Per client family, most users first: where it is known from, users, share, sessions,
+    first and last seen (days), platforms; then, in rows of their own after "other", the
+    families inferred from labelled fingerprints (users that sent no ID), never added to the
+    families named in an ID."""
+    inferred = inferred or Inferred(min_users=families.min_users)
     by_users = sorted(families.rows, key=lambda r: (r.group == "other", -r.users, r.group))
+    fold = inferred.folded
+    rows: list[list[Cell]] = [
+        [r.group, NAMED, r.users, r.share, r.sessions, r.first_seen[:10], r.last_seen[:10],
+         r.platforms or ""] for r in by_users
+    ]  # fmt: skip
+    rows += [
+        [r.family, INFERRED, r.users, r.share, r.sessions, r.first_seen[:10], r.last_seen[:10],
+         r.platforms] for r in inferred.rows
+    ]  # fmt: skip
     return table(
         "inventory", "Inventory",
-        [("client", "client", "text"), ("users", "users", "count"), ("share", "share", "share"),
-         ("sessions", "sessions", "count"), ("first_seen", "first seen", "date"),
-         ("last_seen", "last seen", "date"), ("platforms", "platforms", "text")],
-        [[r.group, r.users, r.share, r.sessions, r.first_seen[:10], r.last_seen[:10],
-          r.platforms or ""] for r in by_users],
-        [fold_note(families, "client") if families.folded else ""],
-        **_meta(families),
+        [("client", "client", "text"), ("source", "from", "text"), ("users", "users", "count"),
+         ("share", "share", "share"), ("sessions", "sessions", "count"),
+         ("first_seen", "first seen", "date"), ("last_seen", "last seen", "date"),
+         ("platforms", "platforms", "text")],
+        rows,
+        [fold_note(families, "client") if families.folded else "",
+         _inferred_note(inferred)],
+        **_meta(families), inferred_folded_groups=fold.groups, inferred_folded_users=fold.users,
     )  # fmt: skip
+
+
+def _inferred_note(inferred: Inferred) -> str:
+    """What the inferred rows are, and what their floor hid; nothing without any."""
+    fold = inferred.folded
+    if not inferred.rows and not fold.groups:
+        return ""
+    hidden = (
+        f" {plural(fold.groups, 'inferred client')} of fewer than {inferred.min_users} users "
+        f"each {'is' if fold.groups == 1 else 'are'} not shown: {plural(fold.users, 'user')}."
+        if fold.groups else ""
+    )  # fmt: skip
+    return (
+        f'Rows "{INFERRED}": users whose sessions sent no ID (so counted in the "{NO_ID}" row '
+        "too) and whose TLS or behaviour fingerprint the administrator labelled as that client "
+        f"(fingerprint_labels). A label is the administrator's word, not what the client said: "
+        f"these users are never added to the rows from an ID.{hidden}"
+    )
 
 
 def groups_table(name: str, title: str, summary: Summary, by: str) -> Table:
@@ -388,6 +411,55 @@ def extensions_table(usage: traits.ExtensionUsage) -> Table:
     )  # fmt: skip
 
 
+TOP_FINGERPRINTS = 10
+"""How many unlabelled fingerprints of each kind the report lists, most users first."""
+
+
+def fingerprints_table(usage: traits.FingerprintUsage, top: int = TOP_FINGERPRINTS) -> Table:
+    """The fingerprints no label names, JA4 then behaviour, the `top` with most users of each
+    kind: users, sessions, users without ID, and the clients that named themselves in an ID in
+    sessions with the same fingerprint (what tells an administrator what an unlabelled one is).
+    Only fingerprints, and clients beside them, of at least `min_users` users."""
+    rows: list[traits.FingerprintRow] = []
+    more = 0
+    for kind in traits.KINDS:
+        unlabelled = [r for r in usage.rows if r.kind == kind and r.label is None]
+        rows += unlabelled[:top]
+        more += max(len(unlabelled) - top, 0)
+    labelled = sum(r.label is not None for r in usage.rows)
+    return table(
+        "fingerprints", "Fingerprints without a label",
+        [("kind", "kind", "text"), ("fingerprint", "fingerprint", "text"),
+         ("users", "users", "count"), ("sessions", "sessions", "count"),
+         ("no_id_users", "users without ID", "count"),
+         ("named", "clients named in an ID beside it", "text")],
+        [[r.kind, r.fingerprint, r.users, r.sessions, r.no_id_users,
+          ", ".join(f"{f.family} ({f.users})" for f in r.families)] for r in rows],
+        ["The TLS (JA4) and behaviour fingerprints that no label names, with the clients that "
+         "named themselves in an ID in sessions with the same fingerprint: labelling one "
+         "(docs/fingerprints.md) counts its users without ID as inferred users of that client "
+         f"in the inventory. Users without ID: \u2013 where fewer than {usage.min_users}.",
+         _fingerprints_note(usage, more, labelled)],
+        folded={kind: asdict(fold) for kind, fold in usage.folded.items()},
+        labelled=labelled, more=more,
+    )  # fmt: skip
+
+
+def _fingerprints_note(usage: traits.FingerprintUsage, more: int, labelled: int) -> str:
+    """What the list leaves out: the floor's fingerprints, those past the top, labelled ones."""
+    said = [
+        f"{plural(fold.groups, f'{kind} fingerprint')} of fewer than {usage.min_users} users "
+        f"each ({plural(fold.users, 'user')})"
+        for kind, fold in usage.folded.items()
+        if fold.groups
+    ]
+    if more:
+        said.append(f"{more} more with fewer users (imapveil stats --by fingerprint lists them)")
+    if labelled:
+        said.append(f"{labelled} labelled (their users without ID are in the inventory)")
+    return f"Not listed: {'; '.join(said)}." if said else ""
+
+
 def days_table(days: Summary) -> Table:
     return table(
         "days", "Sessions per day",
@@ -407,8 +479,8 @@ def id_table(families: Summary) -> Table:
     )  # fmt: skip
 
 
-TABLES = ("inventory", "changes", "currency", "extensions", "weeks", "clients", "versions",
-          "systems", "days", "id")  # fmt: skip
+TABLES = ("inventory", "changes", "currency", "extensions", "fingerprints", "weeks", "clients",
+          "versions", "systems", "days", "id")  # fmt: skip
 """The report's tables, in the page's order: the names of their exported files."""
 
 
@@ -437,17 +509,19 @@ class Report:
 
 def build(
     store: Store, since: str | None = None, until: str | None = None, min_users: int = 5,
-    *, now: datetime.datetime | None = None,
+    *, now: datetime.datetime | None = None, labels: Mapping[str, Label] | None = None,
 ) -> Report:  # fmt: skip
-    """The report's numbers, every group k-floored by `min_users`."""
+    """The report's numbers, every group k-floored by `min_users`; `labels` (fingerprint
+    labels, `stats.labels.load_labels`) add the inventory's inferred rows."""
     made = (now or datetime.datetime.now(datetime.UTC)).astimezone(datetime.UTC)
     families = summarize(store, "family", since, until, min_users)
     trend = inventory.trend(store, since, until, min_users)
     found = [
-        inventory_table(families),
+        inventory_table(families, inventory.inferred(store, since, until, min_users, labels)),
         changes_table(periods.compare(store, since, until, min_users, now=made)),
         currency_table(currency.currency_rows(store, since, until, min_users), min_users),
         extensions_table(traits.extension_usage(store, since, until, min_users)),
+        fingerprints_table(traits.fingerprint_usage(store, since, until, min_users, labels)),
         weeks_table(trend, min_users),
         groups_table("clients", "Clients (sessions)", families, "family"),
         groups_table("versions", "Versions per client",
@@ -548,14 +622,15 @@ def _changes(found: Table) -> str:
 def _sections(report: Report) -> list[str]:
     t = report.tables
     return [
-        _section("inventory", "Inventory",
-                 _figure(_bars_of(t["inventory"], "client", "users", "user",
-                                  "Clients (distinct users)"), t["inventory"])),
+        _section("inventory", "Inventory", _figure(_inventory_chart(t["inventory"]),
+                                                   t["inventory"])),
         _section("changes", "What changed since the previous period", _changes(t["changes"])),
         # Who runs an outdated or unsupported version (the security team's question).
         _section("currency", "Version currency", _alone(t["currency"])),
         # Which IMAP extensions each client uses (the mail-server operator's question).
         _section("extensions", "Extensions in use", _extensions(t["extensions"])),
+        # What the unlabelled fingerprints are (the administrator's question before labelling).
+        _section("fingerprints", "Fingerprints without a label", _fingerprints(t["fingerprints"])),
         _section("trends", "Trends", _trend(report.trend, t["weeks"])),
         _section("groups", "Clients, versions, systems",
                  *(_figure(_bars_of(t[n], t[n].columns[0].key, "sessions", "session"), t[n])
@@ -565,6 +640,24 @@ def _sections(report: Report) -> list[str]:
                  _figure(_bars_of(t["id"], "id", "sessions", "session", "Sessions without ID"),
                          t["id"])),
     ]  # fmt: skip
+
+
+def _inventory_chart(found: Table) -> str:
+    """Distinct users per client; an inferred row's bar says so ("Outlook (inferred)")."""
+    rows = zip(found.column("client"), found.column("source"), found.column("users"), strict=True)
+    bars = [(str(c) if s == NAMED else f"{c} (inferred)", int(n or 0)) for c, s, n in rows]
+    return bar_chart("Clients (distinct users)", bars, "user")
+
+
+def _fingerprints(found: Table) -> str:
+    """The table, or a note that there is nothing to list; the notes."""
+    if found.rows:
+        return _alone(found)
+    notes = "".join(f'<p class="note">{html.escape(n)}</p>' for n in found.notes[1:])
+    return (
+        f'<p class="note">No fingerprint without a label was seen by at least '
+        f"{found.meta.get('min_users', 0)} users in the period.</p>{notes}"
+    )
 
 
 def _section(css: str, title: str, *parts: str) -> str:
@@ -603,9 +696,9 @@ def _extensions(found: Table) -> str:
 
 def html_report(
     store: Store, since: str | None = None, until: str | None = None, min_users: int = 5,
-    *, now: datetime.datetime | None = None,
+    *, now: datetime.datetime | None = None, labels: Mapping[str, Label] | None = None,
 ) -> str:  # fmt: skip
-    return render(build(store, since, until, min_users, now=now))
+    return render(build(store, since, until, min_users, now=now, labels=labels))
 
 
 def render(report: Report) -> str:
@@ -631,7 +724,9 @@ as "other".</p>
 def _headline(families: Summary, found: Table) -> str:
     """The summary line: users, sessions, the largest clients' shares (as the inventory's
     table shows them), sessions without ID."""
-    by_users = list(zip(found.column("client"), found.column("share"), strict=True))
+    by_users = [(client, share) for client, source, share in zip(
+        found.column("client"), found.column("source"), found.column("share"), strict=True)
+        if source == NAMED]  # fmt: skip
     top = [(client, share) for client, share in by_users if client != "other"][:4]
     shares = ", ".join(f"{safe(str(c))} {float(s or 0):.1%}" for c, s in top)
     more = ", …" if len(by_users) > len(top) else ""
