@@ -34,6 +34,7 @@ from pathlib import Path
 
 import pytest
 
+from imapveil.protocol.traits import behaviour_name
 from tests.conftest import TlsMaterial
 from tests.helpers.dovecot import Dovecot, free_port
 from tests.helpers.process import Running, imapveil
@@ -434,3 +435,83 @@ def test_no_csv_cell_starts_a_formula(tmp_path: Path) -> None:
         if formula_cells(path.read_text()):
             armed[path.name] = formula_cells(path.read_text())
     assert not armed
+
+
+TEXT = "b1 tag=A9 lit+=n: CAPABILITY; LOGIN; SELECT"
+JA4 = "t13d1516h2_8daaf6152771_02713d6af862"
+
+
+def spool_lines() -> list[str]:
+    """A spool as someone editing it by hand, or a disk, could leave it."""
+    at = f"{DAY}T10:00:00.000+00:00"
+    good = ["good", "attack", at, at, DAY, "hmac:g", "logout", 5.0, 1, 2, 3, 1, "Thunderbird",
+            "128.0", "Linux", None]  # fmt: skip
+    edited = ["edited", *good[1:]]
+    return [
+        "5",  # JSON, not a list
+        "null",
+        '["session",["short"]]',  # a row of the wrong length
+        '["command",["x",["VERB"],"OK",1]]',  # a list where a value goes
+        '["traits",["x",null,null,null,"IDLE"]]',  # a text where the names go
+        json.dumps(["session", good]),
+        json.dumps(["traits", ["good", behaviour_name(TEXT), TEXT, JA4, ["IDLE", "MOVE"]]]),
+        json.dumps(["session", edited]),
+        json.dumps(
+            [
+                "traits",
+                ["edited", "b1_x", mark("text"), f"={mark('ja4')}", [f"={mark('ext')}", "IDLE"]],
+            ]
+        ),
+        json.dumps(["command", ["good", "NOOP", "OK", 2]]),
+        '["session",["torn',  # a crash in the middle of the last line
+    ]
+
+
+def test_a_hand_edited_spool_replays_what_is_well_formed(dovecot: Dovecot, tmp_path: Path) -> None:
+    """Before: one malformed line stopped the statistics for good (every replay failed as if the
+    store were away, so every later session was spooled behind it), and a JSON scalar line made
+    the spool unreadable. After: malformed lines are skipped and counted, traits are bounded to
+    the vocabulary as they are when a session ends, and the sessions of the run are stored."""
+    store = tmp_path / "stats.sqlite"
+    spool = tmp_path / "stats-spool" / "attack"
+    spool.mkdir(parents=True)
+    (spool / "000000000001.jsonl").write_text("\n".join(spool_lines()))
+    args = ("--store", str(store), "--proxy-name", "attack")
+    with imapveil(tmp_path, dovecot.address, *args) as proxy:
+        user, password = next(iter(dovecot.users.items()))
+        conn = imaplib.IMAP4("127.0.0.1", proxy.port, timeout=TIMEOUT)
+        conn.login(user, password)
+        conn.logout()
+        assert proxy.stop() == 0
+    with sqlite3.connect(store) as db:
+        sessions = sorted(r[0] for r in db.execute("SELECT session FROM sessions"))
+        traits = sorted(db.execute("SELECT * FROM session_traits"))
+        extensions = sorted(db.execute("SELECT * FROM session_extensions"))
+    assert len(sessions) == 3 and {"good", "edited"} < set(sessions), sessions
+    live = next(s for s in sessions if s not in ("good", "edited"))
+    assert [t[0] for t in traits] == sorted(["edited", "good", live])
+    assert ("edited", None, None, None) in traits
+    assert ("good", behaviour_name(TEXT), TEXT, JA4) in traits
+    assert ("good", "IDLE") in extensions and ("edited", "IDLE") in extensions
+    assert MARK not in dump_sqlite(store)
+    assert not list(spool.glob("*.jsonl"))  # replayed to its end
+
+
+@pytest.mark.parametrize(
+    "line",
+    ['["session",["short"]]', '["traits",["x",null,null,null,5]]', '["id",["x",{"a":1}]]'],
+)
+async def test_one_malformed_spool_line_does_not_stop_the_statistics(
+    tmp_path: Path, line: str
+) -> None:
+    """Before: the store refused the row with an error that is not about its content (wrong
+    number of values, a TypeError), the writer took the store for away, and the replay failed
+    again at every probe: nothing was stored again. After: the line is skipped and counted."""
+    from tests.stats.test_durability import replay  # noqa: PLC0415
+
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    (spool / "000000000001.jsonl").write_text(line + "\n")
+    sink = await replay(str(tmp_path / "stats.sqlite"), spool)
+    assert sink.counts["dropped"].items == 1 and sink.spool is not None
+    assert not sink.spool.pending
