@@ -21,6 +21,7 @@ implicit-TLS and STARTTLS listeners; then `imapveil stats` and `imapveil report 
 from __future__ import annotations
 
 import base64
+import contextlib
 import csv
 import imaplib
 import io
@@ -28,6 +29,8 @@ import json
 import socket
 import sqlite3
 import ssl
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -515,3 +518,179 @@ async def test_one_malformed_spool_line_does_not_stop_the_statistics(
     sink = await replay(str(tmp_path / "stats.sqlite"), spool)
     assert sink.counts["dropped"].items == 1 and sink.spool is not None
     assert not sink.spool.pending
+
+
+# --- 2. breaking the session or the process: hostile ClientHellos -------------------------------
+
+
+def handshake_record(body: bytes, kind: int = 22) -> bytes:
+    return bytes([kind, 3, 1]) + len(body).to_bytes(2, "big") + body
+
+
+def hostile_hellos(tls: TlsMaterial) -> dict[str, list[bytes]]:
+    """What a hostile client sends first, as the writes it makes (each is sent, then the next)."""
+    hello = client_hello(tls)
+    return {
+        "alert": [b"\x15\x03\x03\x00\x02\x02\x28"],
+        "garbage": [b"GET / HTTP/1.1\r\nHost: " + mark("host").encode() + b"\r\n\r\n"],
+        "length_2^24": [handshake_record(b"\x01\xff\xff\xff" + b"\x03\x03" + b"\x00" * 32)],
+        "record_lies": [b"\x16\x03\x01\x40\x00" + hello[5:105]],  # says 16 KiB, sends 100
+        "record_over_2^14": [b"\x16\x03\x01\xff\xff" + b"\x01" * 65535],
+        "fragments_64k": [handshake_record(b"\x01\x00\xff\xf0" + b"\x03\x03")]
+        + [handshake_record(b"\xab" * 16384)] * 4,
+        "fragments_1M": [handshake_record(b"\x01\x0f\xff\xff")]
+        + [handshake_record(b"\xcd" * 16384)] * 64,
+        "never_completes": [hello[: len(hello) // 2]],
+        "one_octet_half": [refragment(hello, 1)[: 3 * len(hello)]],
+        "type_changes": [hello[:50], b"\x17\x03\x03\x00\x05hello"],
+        "sslv2": [b"\x80\x2e\x01\x00\x02\x00\x15\x00\x00\x00\x10" + b"\x00" * 37],
+        "trickle": [bytes([o]) for o in hello[:60]],
+    }
+
+
+def hostile_session(port: int, writes: list[bytes], starttls: bool) -> bytes:
+    """Send the writes (a trickle: 20 ms apart), half-close, and read to the end."""
+    with connect(port) as s:
+        if starttls:
+            with s.makefile("rb") as f:
+                f.readline()
+                s.sendall(b"s STARTTLS\r\n")
+                assert f.readline().startswith(b"s OK")
+        for data in writes:
+            try:
+                s.sendall(data)
+            except OSError:  # the proxy gave up on us already
+                break
+            if len(writes) > 8:
+                time.sleep(0.02)
+        with contextlib.suppress(OSError):
+            s.shutdown(socket.SHUT_WR)
+        received = b""
+        with contextlib.suppress(OSError):
+            while chunk := s.recv(65536):
+                received += chunk
+        return received
+
+
+def test_hostile_client_hellos_end_their_session_and_nothing_else(
+    target: Target, dovecot: Dovecot, tls_material: TlsMaterial
+) -> None:
+    cases = hostile_hellos(tls_material)
+    results: list[str] = []
+    for name, writes in cases.items():
+        for starttls in (False, True):
+            neighbour = threading.Thread(target=well_behaved, args=(target.port, dovecot, results))
+            neighbour.start()
+            hostile_session(target.port if starttls else target.tls_port, writes, starttls)
+            neighbour.join(TIMEOUT * 2)
+            assert target.alive(), (name, starttls)
+            assert results[-1] == "ok", (name, starttls, results[-1])
+    # A real ClientHello cut into 1-octet records: the handshake works and the JA4 is the one
+    # of the same ClientHello whole (short enough for the 16 KiB that are kept), and a longer
+    # one cut the same way (past the 16 KiB) works too, without a fingerprint.
+    for size, big in ((1 << 14, False), (1, False), (1, True)):
+        with connect(target.tls_port) as s:
+            context = client_context(tls_material)
+            if big:
+                context.set_alpn_protocols([mark(f"alpn{i}") + "y" * 180 for i in range(20)])
+            client = FragmentingTls(s, context, size)
+            client.handshake()
+            assert client.line().startswith(b"* OK")
+            client.send(b"a LOGOUT\r\n")
+            assert client.until(b"a")[-1].startswith(b"a OK")
+    assert target.running.stop() == 0
+    ended = [e for e in target.running.records() if e["event"] == "session_end"]
+    hostile = [e for e in ended if e["reason"] not in ("logout",)]
+    assert len(hostile) == 2 * len(cases), [(e["reason"], e["detail"]) for e in hostile]
+    # Each hostile session ended as a TLS failure with the TLS library's reason.
+    assert {e["reason"] for e in hostile} == {"tls_error"}, [
+        (e["reason"], e["detail"]) for e in hostile
+    ]
+    with sqlite3.connect(target.store) as db:
+        ja4 = [r[0] for r in db.execute(
+            "SELECT t.ja4 FROM session_traits t JOIN sessions s ON s.session = t.session"
+            " WHERE s.reason = 'logout' AND s.client_tls = 1 AND s.user_id IS NULL"
+            " ORDER BY s.started_at")]  # fmt: skip
+    assert ja4[0] is not None and ja4[0].startswith("t13d")
+    assert ja4[1] == ja4[0] and ja4[2] is None, ja4
+    assert MARK.lower() not in dump_sqlite(target.store).lower()
+
+
+HELD = 200
+
+
+def test_memory_for_held_open_hostile_handshakes_is_bounded(
+    target: Target, dovecot: Dovecot, tls_material: TlsMaterial
+) -> None:
+    """200 sessions each in the middle of a 64 KiB ClientHello (plus 100 more bytes of a record
+    that says 16 KiB), held open at once, half on implicit TLS, half after STARTTLS: the proxy's
+    resident memory grows by a bounded amount per session, and it serves others meanwhile."""
+    results: list[str] = []
+    well_behaved(target.port, dovecot, results)  # warm: imports, a first session
+    before = target.rss()
+    partial_hello = [handshake_record(b"\x01\x00\xff\xf0" + b"\x03\x03")] + [
+        handshake_record(b"\xab" * 16384)
+    ] * 3
+    held = []
+    try:
+        for n in range(HELD):
+            s = connect(target.port if n % 2 else target.tls_port)
+            if n % 2:
+                s.recv(4096)
+                s.sendall(b"s STARTTLS\r\n")
+                assert s.recv(4096).startswith(b"s OK")
+            s.sendall(b"".join(partial_hello))
+            held.append(s)
+        well_behaved(target.port, dovecot, results)  # the loop has read what they sent
+        during = target.rss()
+    finally:
+        for s in held:
+            s.close()
+    well_behaved(target.port, dovecot, results)
+    assert results == ["ok"] * 3 and target.alive()
+    per_session = (during - before) / HELD
+    assert per_session < 1024, f"{per_session:.0f} KiB per held-open hostile session"
+    print(f"RSS {before} KiB -> {during} KiB with {HELD} held: {per_session:.0f} KiB each")
+
+
+# --- a pipelined flood through the traits: CPU time linear in the commands -----------------------
+
+
+def flood(port: int, user: str, password: str, n: int) -> None:
+    """n distinct commands (unknown verbs, ENABLE arguments, STATUS items, LIST options, SEARCH
+    keys), pipelined in one write after LOGIN, then LOGOUT."""
+    kinds = [
+        "X{i}VERB arg",
+        "ENABLE X{i} CONDSTORE",
+        "STATUS INBOX (MESSAGES X{i})",
+        'LIST (X{i}) "" "%" RETURN (X{i} SPECIAL-USE)',
+        "UID SEARCH X{i} 1:* MODSEQ {i}",
+        "UID FETCH 1:* (FLAGS X-{i})",
+    ]
+    lines = [f"f{i} " + kinds[i % len(kinds)].format(i=i) for i in range(n)]
+    with connect(port) as s, s.makefile("rb") as f:
+        s.settimeout(60)
+        f.readline()
+        s.sendall(f"a LOGIN {user} {password}\r\n".encode())
+        assert read_until_tag(f, b"a")[-1].startswith(b"a OK")
+        s.sendall(("\r\n".join(lines) + "\r\nz LOGOUT\r\n").encode())
+        read_until_tag(f, b"z")
+
+
+def test_a_pipelined_flood_of_distinct_commands_costs_linear_time(
+    target: Target, dovecot: Dovecot
+) -> None:
+    user, password = next(iter(dovecot.users.items()))
+    flood(target.port, user, password, 200)  # warm
+    costs = {}
+    for n in (5000, 20000):
+        start = target.cpu()
+        flood(target.port, user, password, n)
+        costs[n] = target.cpu() - start
+    ratio = costs[20000] / max(costs[5000], 1.0)
+    print(f"proxy CPU ticks: {costs}, ratio {ratio:.2f} for 4x the commands")
+    assert ratio < 10, costs  # linear: about 4; quadratic would be about 16
+    assert target.running.stop() == 0
+    with sqlite3.connect(target.store) as db:
+        counted = sorted(r[0] for r in db.execute("SELECT commands FROM sessions"))
+    assert counted[-2:] == [5002, 20002], counted
