@@ -38,6 +38,7 @@ from pathlib import Path
 import pytest
 
 from imapveil.protocol.traits import behaviour_name
+from imapveil.stats.store import Batch, Store
 from tests.conftest import TlsMaterial
 from tests.helpers.dovecot import Dovecot, free_port
 from tests.helpers.process import Running, imapveil
@@ -398,8 +399,6 @@ def session_row(n: int, family: str, version: str | None) -> tuple[object, ...]:
 
 
 def formula_store(path: Path) -> None:
-    from imapveil.stats.store import Batch, Store  # noqa: PLC0415
-
     store = Store(str(path))
     store.connect()
     sessions = [session_row(n, f, "=2") for n, f in enumerate(FORMULAS)]
@@ -694,3 +693,34 @@ def test_a_pipelined_flood_of_distinct_commands_costs_linear_time(
     with sqlite3.connect(target.store) as db:
         counted = sorted(r[0] for r in db.execute("SELECT commands FROM sessions"))
     assert counted[-2:] == [5002, 20002], counted
+
+
+# --- hostile TOML: the labels file, the configuration, a policy ---------------------------------
+
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+def test_deeply_nested_toml_is_a_one_line_error(tmp_path: Path) -> None:
+    """Before: Python's TOML reader recursed past the limit and the command died with a
+    RecursionError traceback (check-config, stats, policy check, serve's start)."""
+    labels = tmp_path / "labels.toml"
+    labels.write_text(f"label = {DEEP}\n", encoding="utf-8")
+    conf = tmp_path / "c.toml"
+    conf.write_text(f'upstream = "127.0.0.1:143"\nfingerprint_labels = "{labels}"\n', "utf-8")
+    deep_conf = tmp_path / "deep.toml"
+    deep_conf.write_text(f'upstream = "127.0.0.1:143"\nx = {DEEP}\n', encoding="utf-8")
+    policy = tmp_path / "policy.toml"
+    policy.write_text(f"name = 'p'\nx = {DEEP}\n", encoding="utf-8")
+    store = Store(str(tmp_path / "s.sqlite"))
+    store.connect()
+    store.close()
+    for args in (
+        ("check-config", str(conf)),
+        ("stats", "--config", str(conf), "--store", str(tmp_path / "s.sqlite"), "--by",
+         "fingerprint"),
+        ("check-config", str(deep_conf)),
+        ("policy", "check", str(policy)),
+    ):  # fmt: skip
+        done = imapveil_cli(*args)
+        assert done.returncode == 1, (args, done.stderr[-300:])
+        assert done.stderr.count("\n") == 1 and "not valid TOML" in done.stderr, done.stderr[-300:]
