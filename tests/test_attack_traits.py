@@ -724,3 +724,50 @@ def test_deeply_nested_toml_is_a_one_line_error(tmp_path: Path) -> None:
         done = imapveil_cli(*args)
         assert done.returncode == 1, (args, done.stderr[-300:])
         assert done.stderr.count("\n") == 1 and "not valid TOML" in done.stderr, done.stderr[-300:]
+
+
+# --- 4. fingerprint stability: one program, accounts with few and many folders -------------------
+
+
+def folder_client(port: int, user: str, password: str) -> None:
+    """A program that asks each folder's STATUS before it selects INBOX (as mail clients that
+    show unread counts do)."""
+    with connect(port) as s, s.makefile("rb") as f:
+        f.readline()
+        s.sendall(f"a1 CAPABILITY\r\na2 LOGIN {user} {password}\r\n".encode())
+        assert read_until_tag(f, b"a2")[-1].startswith(b"a2 OK")
+        s.sendall(b'a3 LIST "" "*"\r\n')
+        listed = read_until_tag(f, b"a3")
+        names = [line.rsplit(b" ", 1)[1].strip() for line in listed[:-1]]
+        for n, name in enumerate(names):
+            s.sendall(b"s%d STATUS %s (MESSAGES UNSEEN)\r\n" % (n, name))
+            assert read_until_tag(f, b"s%d" % n)[-1].startswith(b"s%d OK" % n)
+        s.sendall(b"a4 SELECT INBOX\r\na5 LOGOUT\r\n")
+        read_until_tag(f, b"a5")
+
+
+def test_one_program_one_signature_whatever_the_number_of_folders(tmp_path: Path) -> None:
+    """Before the fix the account with 60 folders lost its SELECT step (the window closed after
+    48 commands) and the same program had two signatures."""
+    server = Dovecot({"few": "pw-few", "many": "pw-many"}).start()
+    try:
+        with connect(server.address[1]) as s, s.makefile("rb") as f:
+            f.readline()
+            s.sendall(b"a LOGIN many pw-many\r\n")
+            read_until_tag(f, b"a")
+            for n in range(60):
+                s.sendall(b"c%d CREATE Folder%d\r\n" % (n, n))
+                assert read_until_tag(f, b"c%d" % n)[-1].startswith(b"c%d OK" % n)
+        store = tmp_path / "stats.sqlite"
+        with imapveil(tmp_path, server.address, "--store", str(store)) as proxy:
+            folder_client(proxy.port, "few", "pw-few")
+            folder_client(proxy.port, "many", "pw-many")
+            assert proxy.stop() == 0
+    finally:
+        server.cleanup()
+    with sqlite3.connect(store) as db:
+        texts = [r[0] for r in db.execute(
+            "SELECT t.behaviour_text FROM session_traits t JOIN sessions s"
+            " ON s.session = t.session ORDER BY s.started_at")]  # fmt: skip
+    assert len(texts) == 2 and texts[0] == texts[1], texts
+    assert texts[0].endswith("STATUS (MESSAGES UNSEEN); SELECT"), texts[0]
