@@ -771,3 +771,45 @@ def test_one_program_one_signature_whatever_the_number_of_folders(tmp_path: Path
             " ON s.session = t.session ORDER BY s.started_at")]  # fmt: skip
     assert len(texts) == 2 and texts[0] == texts[1], texts
     assert texts[0].endswith("STATUS (MESSAGES UNSEEN); SELECT"), texts[0]
+
+
+TIMED = [b"CAPABILITY", b'ID ("name" "Timed")', b"LOGIN {user} {password}", b"ENABLE CONDSTORE",
+         b'LIST "" "*" RETURN (SPECIAL-USE)', b"STATUS INBOX (MESSAGES)", b"SELECT INBOX",
+         b"NOOP", b"LOGOUT"]  # fmt: skip
+
+
+def timed_client(port: int, user: str, password: str, how: str) -> None:
+    """The same commands, in lockstep (each answered before the next), pipelined (one write),
+    or an octet at a time with pauses."""
+    lines = [b"t%d " % n + c.replace(b"{user}", user.encode()).replace(
+        b"{password}", password.encode()) + b"\r\n" for n, c in enumerate(TIMED)]  # fmt: skip
+    last = b"t%d" % (len(lines) - 1)
+    with connect(port) as s, s.makefile("rb") as f:
+        f.readline()
+        if how == "lockstep":
+            for n, line in enumerate(lines):
+                s.sendall(line)
+                read_until_tag(f, b"t%d" % n)
+            return
+        data = b"".join(lines)
+        if how == "pipelined":
+            s.sendall(data)
+        else:
+            for i in range(len(data)):
+                s.sendall(data[i : i + 1])
+                if i % 16 == 0:
+                    time.sleep(0.002)
+        read_until_tag(f, last)
+
+
+def test_timing_does_not_change_the_signature(target: Target, dovecot: Dovecot) -> None:
+    """Two accounts, three timings each: one behaviour signature."""
+    for user, password in dovecot.users.items():
+        for how in ("lockstep", "pipelined", "trickle"):
+            timed_client(target.port, user, password, how)
+    assert target.running.stop() == 0
+    with sqlite3.connect(target.store) as db:
+        found = list(db.execute("SELECT behaviour, behaviour_text FROM session_traits"))
+    assert len(found) == 3 * len(dovecot.users)
+    assert len(set(found)) == 1, found
+    assert found[0][1].endswith("STATUS (MESSAGES); SELECT"), found[0]
