@@ -37,6 +37,7 @@ from pathlib import Path
 
 import pytest
 
+from imapveil.protocol.proxy_header import build_v2
 from imapveil.protocol.traits import behaviour_name
 from imapveil.stats.store import Batch, Store
 from tests.conftest import TlsMaterial
@@ -111,11 +112,14 @@ class FragmentingTls:
         )
         self.size = size
         self.buffer = b""
+        self.prefix = b""  # sent in the same write as the first records (a PROXY header)
 
     def _flush(self, fragment: bool) -> None:
         data = self.outgoing.read()
         if data:
-            self.sock.sendall(refragment(data, self.size) if fragment else data)
+            data = refragment(data, self.size) if fragment else data
+            self.sock.sendall(self.prefix + data)
+            self.prefix = b""
 
     def _pull(self) -> None:
         data = self.sock.recv(65536)
@@ -813,3 +817,87 @@ def test_timing_does_not_change_the_signature(target: Target, dovecot: Dovecot) 
     assert len(found) == 3 * len(dovecot.users)
     assert len(set(found)) == 1, found
     assert found[0][1].endswith("STATUS (MESSAGES); SELECT"), found[0]
+
+
+# --- PROXY headers in front of implicit TLS ------------------------------------------------------
+
+V1 = b"PROXY TCP4 198.51.100.7 192.0.2.1 40000 993\r\n"
+V2 = build_v2(("198.51.100.8", 40001), ("192.0.2.1", 993))
+
+
+def tls_after_header(port: int, tls: TlsMaterial, header: bytes, how: str) -> bytes:
+    """A TLS session after a PROXY header: in the handshake's first write, an octet at a time
+    before it, or before a handshake in 1-octet records; LOGOUT; the greeting."""
+    with connect(port) as s:
+        client = FragmentingTls(s, client_context(tls), 1 if how == "one_octet" else 1 << 14)
+        if how == "same_write":
+            client.prefix = header
+        else:
+            for i in range(len(header)):
+                s.sendall(header[i : i + 1])
+                time.sleep(0.002)
+        client.handshake()
+        greeting = client.line()
+        client.send(b"a LOGOUT\r\n")
+        client.until(b"a")
+        return greeting
+
+
+def plain_with_header(port: int, dovecot: Dovecot, results: list[str]) -> None:
+    """A well-behaved session behind a balancer (a PROXY header, then IMAP)."""
+    try:
+        user, password = next(iter(dovecot.users.items()))
+        with connect(port) as s, s.makefile("rb") as f:
+            s.sendall(V1)
+            assert f.readline().startswith(b"* OK")
+            s.sendall(f"a LOGIN {user} {password}\r\nb SELECT INBOX\r\nc LOGOUT\r\n".encode())
+            assert read_until_tag(f, b"a")[-1].startswith(b"a OK")
+            assert read_until_tag(f, b"b")[-1].startswith(b"b OK")
+            assert read_until_tag(f, b"c")[-1].startswith(b"c OK")
+        results.append("ok")
+    except Exception as exc:  # reported by the test
+        results.append(repr(exc))
+
+
+def test_proxy_headers_before_implicit_tls(
+    dovecot: Dovecot, tls_material: TlsMaterial, tmp_path: Path
+) -> None:
+    """Good headers in every split reach a working TLS session with its JA4; hostile ones (no
+    header, a header cut short, one that announces too much, garbage after a good one) end their
+    session and nothing else."""
+    tls_port = free_port()
+    store = tmp_path / "stats.sqlite"
+    args = ["--store", str(store), "--proxy-protocol-from", "127.0.0.1/32"]
+    args += ["--cert", str(tls_material.cert), "--key", str(tls_material.key)]
+    args += ["--listen-tls", f"127.0.0.1:{tls_port}"]
+    hostile = {
+        "no header": client_hello(tls_material),
+        "cut short": b"PROXY TCP4 198.51.100.7 ",
+        "too long": V2[:14] + b"\xff\xff" + b"\x00" * 64,
+        "garbage after": V1 + b"\x16\x03\x01\x00\x05" + b"\x00" * 5 + mark("after").encode(),
+        "alert after": V2 + b"\x15\x03\x03\x00\x02\x02\x28",
+    }
+    results: list[str] = []
+    with imapveil(tmp_path, dovecot.address, *args) as proxy:
+        for header in (V1, V2):
+            for how in ("same_write", "octets", "one_octet"):
+                assert tls_after_header(tls_port, tls_material, header, how).startswith(b"* OK")
+        for writes in hostile.values():
+            neighbour = threading.Thread(
+                target=plain_with_header, args=(proxy.port, dovecot, results)
+            )
+            neighbour.start()
+            hostile_session(tls_port, [writes], starttls=False)
+            neighbour.join(TIMEOUT * 2)
+            assert proxy.process.poll() is None
+        assert results == ["ok"] * len(hostile)
+        assert proxy.stop() == 0
+        ended = [e for e in proxy.records() if e["event"] == "session_end"]
+    reasons = sorted(e["reason"] for e in ended if e["reason"] != "logout")
+    assert len(reasons) == len(hostile) and "error" not in reasons, reasons
+    with sqlite3.connect(store) as db:
+        ja4 = [r[0] for r in db.execute(
+            "SELECT t.ja4 FROM session_traits t JOIN sessions s ON s.session = t.session"
+            " WHERE s.reason = 'logout' AND s.client_tls = 1")]  # fmt: skip
+    assert len(ja4) == 6 and len(set(ja4)) == 1 and ja4[0] is not None, ja4
+    assert MARK.lower() not in dump_sqlite(store).lower()
