@@ -56,12 +56,6 @@ FIELDS = frozenset(
 FAMILIES = frozenset({r.family for r in load_table()} | {NO_ID})
 
 
-def field_name(name: str) -> str:
-    """An ID field's name as statistics may keep it: a known one, else `other` (a client
-    chooses its fields' names)."""
-    return name if name in FIELDS else "other"
-
-
 def _verb(verb: str) -> str:
     base = verb.removeprefix("UID ")
     return verb if base in VERBS else "other"
@@ -112,7 +106,7 @@ class Metrics:
                 family = identify(record.client).family
                 self.ids[family if family in FAMILIES else "other"] += 1
             for name in record.dropped:
-                self.dropped_fields[field_name(name)] += 1
+                self.dropped_fields[name if name in FIELDS else "other"] += 1
         elif isinstance(record, Violation):
             self.violations[record.kind] += 1
 

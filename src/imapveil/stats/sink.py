@@ -56,7 +56,6 @@ from imapveil.records import (
 )
 from imapveil.stats.identify import identify
 from imapveil.stats.labels import BEHAVIOUR, JA4
-from imapveil.stats.metrics import field_name
 from imapveil.stats.spool import (
     FOLLOWS,
     KINDS,
@@ -225,7 +224,7 @@ class StoreSink:
                 r.session, tag_style(r.tag.encode()), now_iso(), r.state, r.status,
                 int(r.malformed), int(r.injected), client.family, fields.get("name"),
                 fields.get("version"), fields.get("os"), fields.get("os-version"),
-                fields.get("vendor"), json.dumps([field_name(f) for f in r.dropped]), r.policy,
+                fields.get("vendor"), json.dumps(list(r.dropped)), r.policy,
                 r.policy_digest, next(self._seq),
             ),
         )  # fmt: skip
