@@ -366,7 +366,8 @@ def load(
             table = tomllib.loads(raw.decode("utf-8"))
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            # RecursionError: nested too deeply for Python's TOML reader
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
         settings = _apply(settings, table, str(path))
     given = {k: v for k, v in overrides.items() if v is not None}

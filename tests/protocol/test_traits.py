@@ -394,6 +394,19 @@ def test_same_client_same_signature_whatever_the_account(split: Splitter) -> Non
     assert one.behaviour == "b1_" + hashlib.sha256(one.behaviour_text.encode()).hexdigest()[:12]
 
 
+def test_same_signature_for_an_account_with_more_folders_than_fit_a_window(
+    split: Splitter,
+) -> None:
+    """Found by attack: the window closed after 48 commands read, so a client that asks each
+    folder's STATUS before SELECT gave another signature (no SELECT step) for an account with
+    more than about 40 folders. Repeated steps no longer count toward closing it."""
+    one = traits_of(split, mail_client(b"alice", b"wonderland", [b"Sent", b"Drafts"], 2))
+    for count in (60, 500):
+        folders = [b"Folder%d" % i for i in range(count)]
+        many = traits_of(split, mail_client(b"bob", b"builder!", folders, 3))
+        assert many.behaviour_text == one.behaviour_text, count
+
+
 def test_a_different_client_has_a_different_signature(split: Splitter) -> None:
     base = mail_client(b"alice", b"wonderland", [b"Sent"], 1)
     other = [(s, d.replace(b"ENABLE QRESYNC CONDSTORE", b"ENABLE CONDSTORE")) for s, d in base]

@@ -63,7 +63,8 @@ _RULE = {
 def parse_policy(raw: bytes, source: str) -> Policy:
     try:
         table = tomllib.loads(raw.decode("utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        # RecursionError: nested too deeply for Python's TOML reader
         raise PolicyError(f"{source}: not valid TOML: {exc}") from None
     where = _Where(source)
     where.no_unknown(table, _TOP, "")

@@ -29,7 +29,9 @@ from imapveil.records import SessionTraits
 
 OTHER = "OTHER"
 WINDOW_COMMANDS = 48
-"""Commands the behaviour window reads at most (it usually closes earlier, at SELECT)."""
+"""Commands the behaviour window reads at most (it usually closes earlier, at SELECT), not
+counting a per-folder command that repeats a step: how many folders there are depends on the
+account, not the program."""
 WINDOW_STEPS = 24
 """Distinct steps the behaviour text holds at most."""
 MAX_TEXT = 400
@@ -286,6 +288,13 @@ _SEQUENCED = _FETCHES | _STORES | frozenset((b"COPY", b"UID COPY", b"MOVE", b"UI
 # The behaviour window closes after these: what follows depends on the mailbox's contents.
 _WINDOW_ENDS = frozenset((b"SELECT", b"EXAMINE", b"IDLE", b"LOGOUT"))
 _LOGINS = frozenset((b"LOGIN", b"AUTHENTICATE"))
+# Commands a client may send once per folder before it selects one.
+_PER_FOLDER = frozenset(
+    (
+        *b"STATUS LIST LSUB XLIST CREATE SUBSCRIBE UNSUBSCRIBE GETQUOTAROOT GETQUOTA".split(),
+        *b"MYRIGHTS GETACL LISTRIGHTS GETMETADATA".split(),
+    )
+)
 
 
 def _any_of(words: Iterable[bytes]) -> re.Pattern[bytes]:
@@ -375,6 +384,7 @@ class Traits:
         "_after_login",
         "_append_literals",
         "_current",
+        "_folder_repeats",
         "_seen",
         "_steps",
         "_tokens",
@@ -397,6 +407,7 @@ class Traits:
         self._after_login = False
         self._steps: list[str] = []
         self._seen: set[tuple[bool, str]] = set()  # (after login, step): each once per phase
+        self._folder_repeats = 0  # per-folder commands that repeated a step (not counted)
         self._current = b""  # the verb of the command whose fragments are arriving
         self._verb: bytes | None = None  # the same, while its arguments are being tokenised
         self._tokens: list[bytes] = []
@@ -571,7 +582,9 @@ class Traits:
                 return
             self._seen.add(key)
             steps.append(step)
-        if verb in _WINDOW_ENDS or self.read >= WINDOW_COMMANDS:
+        elif verb in _PER_FOLDER:
+            self._folder_repeats += 1
+        if verb in _WINDOW_ENDS or self.read - self._folder_repeats >= WINDOW_COMMANDS:
             self._window = False
 
     # The readers of tokenised commands: each notes extensions and returns the step.
@@ -727,6 +740,12 @@ def _simple_step(verb: bytes) -> str:
     if verb in _BASE_VERBS or verb in _VERB_EXTENSIONS or verb in _TOKENISED:
         return verb.decode()
     return OTHER
+
+
+def known_verb(verb: str) -> str:
+    """A command's verb as the statistics may keep it: one this module knows, else `OTHER` (an
+    unknown verb is the client's own text)."""
+    return _simple_step(verb.encode("ascii", "replace"))
 
 
 def behaviour_name(text: str) -> str:

@@ -25,6 +25,7 @@ from typing import Any
 from imapveil.stats.charts import cut, plural, safe
 from imapveil.stats.identify import TABLE
 from imapveil.stats.store import Store
+from imapveil.stats.tables import disarm
 from imapveil.stats.versions import Version, parse
 
 CLASSES = ("current", "outdated", "unsupported", "unknown")
@@ -240,7 +241,8 @@ def as_csv(currency: Currency) -> str:
     writer = csv.writer(out)
     writer.writerow(["family", "users", *CLASSES, "checked"])
     for r in currency.rows:
-        writer.writerow([safe(r.group), r.users, *(getattr(r, c) for c in CLASSES), r.checked])
+        checked = disarm(r.checked) if r.checked else r.checked
+        writer.writerow([disarm(r.group), r.users, *(getattr(r, c) for c in CLASSES), checked])
     return out.getvalue()
 
 

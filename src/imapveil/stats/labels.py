@@ -58,7 +58,7 @@ def parse_labels(text: str, source: str) -> dict[str, Label]:
     """The labels in `text` (a file's content; `source` names it in errors)."""
     try:
         table = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, RecursionError) as exc:  # too deeply nested: recursion
         raise LabelError(f"{source}: not valid TOML: {exc}") from None
     unknown = set(table) - {"label"}
     if unknown:

@@ -45,6 +45,7 @@ from typing import Any, TypeVar
 import trio
 
 from imapveil.identity import default_key_file
+from imapveil.protocol.traits import EXTENSIONS, known_verb, tag_style
 from imapveil.records import (
     CommandCompleted,
     IdExchange,
@@ -54,6 +55,7 @@ from imapveil.records import (
     SessionTraits,
 )
 from imapveil.stats.identify import identify
+from imapveil.stats.labels import BEHAVIOUR, JA4
 from imapveil.stats.spool import (
     FOLLOWS,
     KINDS,
@@ -63,6 +65,7 @@ from imapveil.stats.spool import (
     SpoolError,
     Tally,
     spool_directory,
+    well_formed,
 )
 from imapveil.stats.store import Batch, Collision, Store
 
@@ -191,7 +194,8 @@ class StoreSink:
         elif isinstance(record, CommandCompleted):
             state = self._open.get(record.session)
             if state is not None:
-                state.commands[(record.verb[:32], record.status or "none")] += 1
+                verb = known_verb(record.verb)
+                state.commands[(verb, record.status or "none")] += 1
         elif isinstance(record, IdExchange):
             self._id(record)
         elif isinstance(record, SessionTraits):
@@ -217,10 +221,11 @@ class StoreSink:
         self._put(
             "id",
             (
-                r.session, r.tag, now_iso(), r.state, r.status, int(r.malformed),
-                int(r.injected), client.family, fields.get("name"), fields.get("version"),
-                fields.get("os"), fields.get("os-version"), fields.get("vendor"),
-                json.dumps(list(r.dropped)), r.policy, r.policy_digest, next(self._seq),
+                r.session, tag_style(r.tag.encode()), now_iso(), r.state, r.status,
+                int(r.malformed), int(r.injected), client.family, fields.get("name"),
+                fields.get("version"), fields.get("os"), fields.get("os-version"),
+                fields.get("vendor"), json.dumps(list(r.dropped)), r.policy,
+                r.policy_digest, next(self._seq),
             ),
         )  # fmt: skip
 
@@ -412,6 +417,7 @@ class StoreSink:
         assert spool is not None
         try:
             items, position = await self._thread(partial(spool.read, BATCH))
+            items = self._replayable(items)
             if items:
                 if not await self._store(items, abandon=abandon):
                     return
@@ -427,6 +433,18 @@ class StoreSink:
             spool.corrupt = 0
         if not spool.pending:
             log.info("statistics spool replayed")
+
+    def _replayable(self, items: list[Item]) -> list[Item]:
+        """What the store can take of items read back from the spool: malformed ones dropped
+        (counted, logged), a session's traits bounded as at its end (`bounded_values`)."""
+        kept = [item for item in items if well_formed(*item)]
+        if len(kept) < len(items):
+            self.counts["dropped"].add([i for i in items if not well_formed(*i)])
+            log.warning("statistics spool: dropped %d malformed rows", len(items) - len(kept))
+        return [
+            (k, (row[0], *bounded_values(*row[1:]))) if k == FOLLOWS else (k, row)
+            for k, row in kept
+        ]
 
     async def _spill(self, *, drop: bool = True) -> bool:
         """Move the queue to the spool (in order); False if some of it could not go there.
@@ -530,16 +548,23 @@ def _printable(value: str | None, limit: int) -> str | None:
 
 
 def bounded_traits(r: SessionTraits) -> tuple[Any, ...]:
-    """`(behaviour, behaviour_text, ja4, extensions)` as the store keeps them: each value printable
-    ASCII within its bound, or dropped (None; an extension left out); at most `MAX_EXTENSIONS`
-    extensions, unique and sorted."""
-    names = sorted({e for e in r.extensions if _printable(e, MAX_EXTENSION)})
-    return (
-        _printable(r.behaviour, MAX_EXTENSION),
-        _printable(r.behaviour_text, MAX_BEHAVIOUR_TEXT),
-        _printable(r.ja4, MAX_FINGERPRINT),
-        names[:MAX_EXTENSIONS],
-    )
+    """`(behaviour, behaviour_text, ja4, extensions)` as the store keeps them (`bounded_values`)."""
+    return bounded_values(r.behaviour, r.behaviour_text, r.ja4, r.extensions)
+
+
+def bounded_values(
+    behaviour: Any, text: Any, ja4: Any, extensions: Iterable[Any]
+) -> tuple[Any, ...]:
+    """Traits as the store keeps them, whether from a session's end or a spool read back (which
+    anyone who can write the file may have edited): a behaviour name only of its form (`b1_`
+    and 12 hex digits) and its text only with it, a JA4 only of JA4's form, extensions only from
+    the vocabulary (unique, sorted, at most `MAX_EXTENSIONS`); each printable ASCII within its
+    bound. Anything else is dropped (None; an extension left out)."""
+    name = behaviour if isinstance(behaviour, str) and BEHAVIOUR.fullmatch(behaviour) else None
+    text = _printable(text, MAX_BEHAVIOUR_TEXT) if name and isinstance(text, str) else None
+    ja4 = ja4 if isinstance(ja4, str) and JA4.fullmatch(ja4) else None
+    names = sorted({e for e in extensions if isinstance(e, str) and e in EXTENSIONS})
+    return (name, text, ja4, names[:MAX_EXTENSIONS])
 
 
 def _redacted(url: str) -> str:

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from imapveil.stats.store import COMMAND_COLUMNS, ID_COLUMNS, SESSION_COLUMNS, TRAITS_COLUMNS
+
 log = logging.getLogger(__name__)
 
 SPOOL_CAP = 256 * 1024 * 1024
@@ -47,6 +49,29 @@ class Tally:
         for kind, _ in items:
             self.items += 1
             self.sessions += kind == "session"
+
+
+ARITY = {
+    "session": len(SESSION_COLUMNS),
+    "id": len(ID_COLUMNS),
+    "command": len(COMMAND_COLUMNS),
+    "traits": len(TRAITS_COLUMNS) + 1,
+}
+"""Values in a row of each kind (a `traits` row ends with its list of extension names)."""
+
+
+def well_formed(kind: Any, row: Any) -> bool:
+    """Whether `[kind, row]` is a spooled item the store can take: a known kind, a list of its
+    length of plain values (and a `traits` row's names: a list of texts). The sink drops one
+    that is not (a hand-edited or damaged line) before a replay, instead of failing every one."""
+    if kind not in KINDS or not isinstance(row, list) or len(row) != ARITY[kind]:
+        return False
+    values = row[:-1] if kind == FOLLOWS else row
+    if not all(v is None or isinstance(v, str | int | float) for v in values):
+        return False
+    return kind != FOLLOWS or (
+        isinstance(row[-1], list) and all(isinstance(n, str) for n in row[-1])
+    )
 
 
 def spool_directory(state: Path, proxy: str) -> Path:
@@ -178,10 +203,11 @@ class Spool:
     def _parse(self, path: Path, line: bytes) -> Item | None:
         if line.endswith(b"\n"):
             try:
-                kind, row = json.loads(line)
+                parsed = json.loads(line)
             except ValueError:
-                pass
-            else:
+                parsed = None
+            if isinstance(parsed, list) and len(parsed) == 2:  # a JSON scalar is no item
+                kind, row = parsed
                 if kind in KINDS and isinstance(row, list):
                     return (kind, row)
         self.corrupt += 1  # a torn last line of a file that a crash interrupted, say

@@ -41,6 +41,7 @@ from imapveil.stats.identify import NO_ID
 from imapveil.stats.inventory import Fold, Inferred, InferredRow, also, grouped, where
 from imapveil.stats.labels import Label
 from imapveil.stats.store import Store
+from imapveil.stats.tables import disarm
 
 KINDS = ("ja4", "behaviour")
 """The kinds of fingerprint, each a column of `session_traits`."""
@@ -207,8 +208,9 @@ def extensions_table(usage: ExtensionUsage) -> str:
 
 
 def _csv(rows: Iterable[Sequence[Any]]) -> str:
+    """Rows as CSV, every text cell disarmed (never taken for a spreadsheet formula)."""
     out = io.StringIO()
-    csv.writer(out).writerows(rows)
+    csv.writer(out).writerows([disarm(c) if isinstance(c, str) else c for c in row] for row in rows)
     return out.getvalue()
 
 
@@ -315,8 +317,8 @@ INFERRED_NOTE = (
 
 
 def _inferred_cells(r: InferredRow) -> list[Any]:
-    return [safe(r.family), r.sessions, r.users, safe(r.first_seen), safe(r.last_seen),
-            round(r.share, 4), safe(r.platforms)]  # fmt: skip
+    return [disarm(r.family), r.sessions, r.users, disarm(r.first_seen), disarm(r.last_seen),
+            round(r.share, 4), disarm(r.platforms)]  # fmt: skip
 
 
 def with_inferred(text: str, form: str, found: Inferred) -> str:
