@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import functools
 import json
 import os
 import platform
@@ -116,11 +117,15 @@ async def logged_in(address: Address, user: str, tls: ssl.SSLContext | None = No
 
 @dataclass
 class ProxyProcess:
+    """A relay under test (imapveil, or the naive relay: `tls_port` 0)."""
+
     process: subprocess.Popen[bytes]
     port: int
-    tls_port: int
+    tls_port: int = 0
 
     def cpu(self) -> float:
+        """CPU seconds (user + system) the process has used so far: what a workload costs the
+        relay, whatever else runs on the machine (wall-clock ratios are noisier)."""
         fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / TICK
 
@@ -156,16 +161,27 @@ async def bulk(address: Address, tls: Tls, proxy: ProxyProcess | None) -> dict[s
     return out
 
 
+NOOPS = 5000
+
+
 async def latency(address: Address, tls: Tls, proxy: ProxyProcess | None) -> dict[str, float]:
     c = await logged_in(address, "u1", tls)
     times = []
-    for _ in range(2000):
+    cpu = proxy.cpu() if proxy else 0.0
+    for _ in range(NOOPS):
         start = time.perf_counter()
         await c.command(b"NOOP")
         times.append(time.perf_counter() - start)
+    cpu = (proxy.cpu() - cpu) if proxy else 0.0
     await c.close()
     times.sort()
-    return {"NOOP p50 ms": times[1000] * 1000, "NOOP p99 ms": times[1980] * 1000}
+    out = {
+        "NOOP p50 ms": times[NOOPS // 2] * 1000,
+        "NOOP p99 ms": times[NOOPS * 99 // 100] * 1000,
+    }
+    if proxy:
+        out["CPU us/NOOP"] = cpu / NOOPS * 1e6
+    return out
 
 
 MIXED = [b"SELECT INBOX", b"FETCH 1:* (FLAGS UID)", b"UID SEARCH ALL",
@@ -192,8 +208,11 @@ async def mixed(address: Address, tls: Tls, seconds: float) -> dict[str, float]:
     return {"ops/s": ops / (time.perf_counter() - start)}
 
 
-async def churn(address: Address, tls: Tls, seconds: float) -> dict[str, float]:
+async def churn(
+    address: Address, tls: Tls, proxy: ProxyProcess | None, seconds: float
+) -> dict[str, float]:
     sessions = 0
+    cpu = proxy.cpu() if proxy else 0.0
 
     async def worker(i: int) -> None:
         nonlocal sessions
@@ -208,7 +227,10 @@ async def churn(address: Address, tls: Tls, seconds: float) -> dict[str, float]:
     async with trio.open_nursery() as nursery:
         for i in range(16):
             nursery.start_soon(worker, i)
-    return {"sessions/s": sessions / (time.perf_counter() - start)}
+    out = {"sessions/s": sessions / (time.perf_counter() - start)}
+    if proxy:
+        out["CPU ms/session"] = (proxy.cpu() - cpu) / sessions * 1000
+    return out
 
 
 async def idle(
@@ -216,6 +238,7 @@ async def idle(
 ) -> dict[str, float]:
     clients: list[Imap] = []
     before = proxy.memory() if proxy else 0
+    cpu = proxy.cpu() if proxy else 0.0
     limit = trio.CapacityLimiter(100)
 
     async def open_one(i: int) -> None:
@@ -231,6 +254,7 @@ async def idle(
         for i in range(n):
             nursery.start_soon(open_one, i)
     per_session = (proxy.memory() - before) / n if proxy else 0.0
+    setup = (proxy.cpu() - cpu) / n if proxy else 0.0
     seen = 0
     everyone = trio.Event()
 
@@ -259,6 +283,7 @@ async def idle(
     out = {"all notified s": elapsed}
     if proxy:
         out["KiB/session"] = per_session / 1024
+        out["setup CPU ms/session"] = setup * 1000
     return out
 
 
@@ -273,43 +298,54 @@ class Result:
     naive: list[dict[str, float]] = field(default_factory=list)
 
 
+COLUMNS = ("direct", "imapveil", "naive")
+
+
+def _column(values: list[dict[str, float]], metric: str) -> list[float]:
+    return [x[metric] for x in values if metric in x]
+
+
 def summarize(results: list[Result]) -> list[dict[str, Any]]:
     rows = []
     for r in results:
         for metric in r.proxied[0]:
-            through = [x[metric] for x in r.proxied]
             row: dict[str, Any] = {"workload": r.name, "metric": metric}
-            row["imapveil"] = statistics.median(through)
-            row["imapveil_min"], row["imapveil_max"] = min(through), max(through)
-            if metric == "KiB/session":
-                # Later rounds reuse memory the first one freed: the first is the honest one.
-                row["imapveil"] = through[0]
-            if metric in r.direct[0]:
-                direct = [x[metric] for x in r.direct]
-                row["direct"] = statistics.median(direct)
-                row["direct_min"], row["direct_max"] = min(direct), max(direct)
+            for column, values in zip(COLUMNS, (r.direct, r.proxied, r.naive), strict=True):
+                measured = _column(values, metric)
+                if not measured:
+                    continue
+                row[column] = statistics.median(measured)
+                row[f"{column}_min"], row[f"{column}_max"] = min(measured), max(measured)
+                row[f"{column}_rounds"] = measured
+                if metric == "KiB/session":
+                    # Later rounds reuse memory the first one freed: the first is the honest one.
+                    row[column] = measured[0]
+            if "direct" in row:
                 row["ratio"] = row["imapveil"] / row["direct"]
-                if r.naive:
-                    row["naive_ratio"] = (
-                        statistics.median(x[metric] for x in r.naive) / row["direct"]
-                    )
+                if "naive" in row:
+                    row["naive_ratio"] = row["naive"] / row["direct"]
+            if row.get("naive"):
+                row["vs_naive"] = row["imapveil"] / row["naive"]
             rows.append(row)
     return rows
 
 
+def _cell(row: dict[str, Any], column: str) -> str:
+    if column not in row:
+        return "-"
+    return f"{row[column]:.3g} ({row[column + '_min']:.3g}-{row[column + '_max']:.3g})"
+
+
 def table(rows: list[dict[str, Any]]) -> str:
-    head = f"{'workload':<24}{'metric':<16}{'direct (min-max)':>26}{'imapveil (min-max)':>26}"
-    out = [head + f"{'ratio':>8}{'naive':>8}"]
+    head = f"{'workload':<22}{'metric':<21}" + "".join(f"{c + ' (min-max)':>24}" for c in COLUMNS)
+    out = [head + f"{'veil/dir':>9}{'naive/dir':>10}{'veil/naive':>11}"]
     for r in rows:
-        d = (
-            f"{r['direct']:.2f} ({r['direct_min']:.2f}-{r['direct_max']:.2f})"
-            if "direct" in r
-            else "-"
+        cells = "".join(f"{_cell(r, c):>24}" for c in COLUMNS)
+        ratios = "".join(
+            f"{(f'{r[k]:.2f}x' if k in r else ''):>{w}}"
+            for k, w in (("ratio", 9), ("naive_ratio", 10), ("vs_naive", 11))
         )
-        p = f"{r['imapveil']:.2f} ({r['imapveil_min']:.2f}-{r['imapveil_max']:.2f})"
-        ratio = f"{r['ratio']:.2f}x" if "ratio" in r else ""
-        naive = f"{r['naive_ratio']:.2f}x" if "naive_ratio" in r else ""
-        out.append(f"{r['workload']:<24}{r['metric']:<16}{d:>26}{p:>26}{ratio:>8}{naive:>8}")
+        out.append(f"{r['workload']:<22}{r['metric']:<21}{cells}{ratios}")
     return "\n".join(out)
 
 
@@ -321,7 +357,7 @@ async def run(
     dovecot: Dovecot,
     proxy: ProxyProcess,
     ca: trustme.CA,
-    naive_port: int,
+    naive: ProxyProcess,
 ) -> list[Result]:
     tls = ssl.create_default_context()
     ca.configure_trust(tls)
@@ -333,9 +369,9 @@ async def run(
         return await mixed(a, t, seconds)
 
     async def churn_w(a: Address, t: Tls, p: ProxyProcess | None) -> dict[str, float]:
-        return await churn(a, t, seconds)
+        return await churn(a, t, p, seconds)
 
-    naive: Address = ("127.0.0.1", naive_port)
+    naive_address: Address = ("127.0.0.1", naive.port)
     plan: list[tuple[str, Workload, tuple[Address, Address], Tls]] = [
         ("bulk (5 x 20+5+5 MB)", bulk, plain, None),
         ("latency", latency, plain, None),
@@ -349,22 +385,42 @@ async def run(
         if args.only and args.only not in name:
             continue
         result = Result(name)
-        for _ in range(args.rounds):  # alternate, so the machine's drift hits all alike
-            result.direct.append(await fn(direct, context, None))
-            result.proxied.append(await fn(through, context, proxy))
-            if context is None:  # the naive relay speaks no TLS
-                result.naive.append(await fn(naive, context, None))
+        runs: list[Run] = [
+            (result.direct, functools.partial(fn, direct, context, None)),
+            (result.proxied, functools.partial(fn, through, context, proxy)),
+        ]
+        if context is None:  # the naive relay speaks no TLS
+            runs.append((result.naive, functools.partial(fn, naive_address, context, naive)))
+        await _rounds(args.rounds, runs)
         results.append(result)
         print(f"  {name}: done", file=sys.stderr)
     n = args.idle_sessions or (10_000 if args.full else 1_000)
     if args.only and args.only not in "idle":
         return results
     result = Result(f"idle ({n} sessions)")
-    for _ in range(max(1, args.rounds // 2)):
-        result.direct.append(await idle(plain[0], plain[0], None, n))
-        result.proxied.append(await idle(plain[1], plain[0], proxy, n))
+    await _rounds(
+        args.rounds,
+        [
+            (result.direct, functools.partial(idle, plain[0], plain[0], None, n)),
+            (result.proxied, functools.partial(idle, plain[1], plain[0], proxy, n)),
+            (result.naive, functools.partial(idle, naive_address, plain[0], naive, n)),
+        ],
+    )
     results.append(result)
     return results
+
+
+Run = tuple[list[dict[str, float]], Callable[[], Awaitable[dict[str, float]]]]
+"""Where a target's measurements go, and how to take one."""
+
+
+async def _rounds(rounds: int, runs: list[Run]) -> None:
+    """Each round runs every target once, starting one later each round (rotating order), so
+    the machine's drift, and whatever a run leaves behind for the next, hit all alike."""
+    for i in range(rounds):
+        for k in range(len(runs)):
+            values, measure = runs[(i + k) % len(runs)]
+            values.append(await measure())
 
 
 def start_proxy(work: Path, dovecot: Dovecot, cert: Path, key: Path) -> ProxyProcess:
@@ -381,11 +437,16 @@ def start_proxy(work: Path, dovecot: Dovecot, cert: Path, key: Path) -> ProxyPro
          "--log-level", "warning"],
         start_new_session=True,
     )  # fmt: skip
+    wait_port(port, process)
+    return ProxyProcess(process, port, tls_port)
+
+
+def wait_port(port: int, process: subprocess.Popen[bytes]) -> None:
     deadline = time.monotonic() + 15
     while True:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return ProxyProcess(process, port, tls_port)
+            return
         except OSError:
             if time.monotonic() > deadline or process.poll() is not None:
                 raise
@@ -472,6 +533,8 @@ service imap {{
              str(dovecot.port)],
             start_new_session=True,
         )  # fmt: skip
+        naive_relay = ProxyProcess(naive, naive_port)
+        wait_port(naive_port, naive)
         spy = None
         if args.profile:
             spy = subprocess.Popen(
@@ -480,25 +543,33 @@ service imap {{
                 + (["--format", "raw"] if args.profile.endswith(".txt") else []),
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )  # fmt: skip
+        load = [os.getloadavg()]
         try:
-            results = trio.run(run, args, dovecot, proxy, ca, naive_port)
+            results = trio.run(run, args, dovecot, proxy, ca, naive_relay)
         except BaseException:
             print("Dovecot's log ends:\n" + dovecot.log_text()[-3000:], file=sys.stderr)
             raise
         if spy is not None:
             spy.send_signal(signal.SIGINT)
             spy.wait(timeout=60)
+        load.append(os.getloadavg())
         rows = summarize(results)
-        print(
-            f"\nimapveil benchmark, {time.strftime('%Y-%m-%d')}, {platform.machine()}, "
-            f"{os.cpu_count()} CPUs, Python {platform.python_version()}, "
-            f"{args.rounds} rounds, {'full' if args.full else 'quick'}"
+        about = (
+            f"imapveil benchmark, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+            f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+            f"{args.rounds} rounds, {'full' if args.full else 'quick'}; load average "
+            f"{load[0][0]:.2f} at the start, {load[1][0]:.2f} at the end"
         )
+        print("\n" + about)
         print(table(rows))
-        print("ratio: imapveil / direct (MB/s, ops/s, sessions/s: higher is better; times: lower)")
-        print("naive: a trio relay that parses nothing (bench/naive_relay.py) / direct")
+        print(
+            "veil/dir: imapveil / direct; naive/dir: bench/naive_relay.py (a trio relay that"
+            " parses nothing) / direct; veil/naive: imapveil / naive.\nMB/s, ops/s, sessions/s:"
+            " higher is better; times, CPU and memory (of the relay process): lower is better."
+        )
         if args.json:
-            Path(args.json).write_text(json.dumps({"rows": rows, "full": args.full}, indent=2))
+            report = {"about": about, "load": load, "rounds": args.rounds, "rows": rows}
+            Path(args.json).write_text(json.dumps(report | {"full": args.full}, indent=2))
     finally:
         if proxy is not None:
             stop_group(proxy.process, signal.SIGTERM)
