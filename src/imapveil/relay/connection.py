@@ -33,7 +33,6 @@ from imapveil.protocol.session import CoreConfig, SessionCore
 from imapveil.records import IdExchange, Record, SessionEnded, Violation
 from imapveil.relay.deflate import DeflateStream
 from imapveil.relay.streams import (
-    RECEIVE_SIZE,
     Leg,
     Networks,
     connect_numeric,
@@ -334,7 +333,7 @@ class Connection:
                 await paused.wait()
                 continue
             try:
-                data = await source.stream.receive_some(RECEIVE_SIZE)
+                data = await source.receive()
             except (trio.BrokenResourceError, OSError) as exc:
                 # A reset is how many clients hang up; it is the peer's business, not an error.
                 log.debug("session %s: %s reset: %s", core.session_id, source.name, exc)
