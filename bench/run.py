@@ -4,11 +4,15 @@
     python bench/run.py --full     # 10 s runs and 10,000 idle sessions
     python bench/run.py --json results.json
 
-It starts its own Dovecot on loopback (seeded mailboxes, limits raised for many sessions) and
-its own `imapveil serve` (with the event log and the statistics store on, as in production), runs
-every workload against Dovecot directly and through imapveil in alternation for several rounds,
-prints medians, min-max and the ratio imapveil/direct, and stops both. The machine is shared
-and noisy: compare the ratios, not the absolute numbers.
+It starts its own Dovecot on loopback (seeded mailboxes, limits raised for many sessions), its
+own `imapveil serve` (with the event log and the statistics store on, as in production) and the
+naive relay (bench/naive_relay.py: trio copying bytes, parsing nothing), runs every workload
+against Dovecot directly, through imapveil and through the naive relay, in rotating order, for
+several rounds, prints medians and min-max, and stops them all. Besides throughput and latency
+it reports what each relay process costs: CPU (user + system) per NOOP round trip, per GB of
+bulk, per churned session and per IDLE session set up, and memory per IDLE session. The machine
+is shared and noisy: compare within one run, and prefer the CPU figures, which load disturbs
+least, to the wall-clock ones.
 """
 
 from __future__ import annotations
@@ -123,9 +127,29 @@ class ProxyProcess:
     port: int
     tls_port: int = 0
 
-    def cpu(self) -> float:
-        """CPU seconds (user + system) the process has used so far: what a workload costs the
-        relay, whatever else runs on the machine (wall-clock ratios are noisier)."""
+    def cpu(self) -> dict[str, float]:
+        """CPU seconds (user + system) each thread of the process has used so far: what a
+        workload costs the relay, whatever else runs on the machine (wall-clock ratios are
+        noisier). From schedstat, in nanoseconds (stat counts 10 ms ticks: too coarse for
+        one bulk measurement); see `cpu_since`."""
+        pid = self.process.pid
+        out = {}
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                out[tid] = (
+                    int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0]) / 1e9
+                )
+            except OSError:  # the thread ended meanwhile, or no schedstat (then: ticks)
+                if not Path(f"/proc/{pid}/schedstat").exists():
+                    return {"all": self._ticks()}
+        return out
+
+    def cpu_since(self, before: dict[str, float]) -> float:
+        """CPU seconds since `before`: threads alive now, from where they were (a worker thread
+        that ended in between is missed, a new one counted whole)."""
+        return sum(used - before.get(tid, 0.0) for tid, used in self.cpu().items())
+
+    def _ticks(self) -> float:
         fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / TICK
 
@@ -147,17 +171,17 @@ Tls = ssl.SSLContext | None
 async def bulk(address: Address, tls: Tls, proxy: ProxyProcess | None) -> dict[str, float]:
     c = await logged_in(address, "u0", tls)
     await c.command(b"EXAMINE INBOX")
-    cpu = proxy.cpu() if proxy else 0.0
+    cpu = proxy.cpu() if proxy else {}
     start = time.perf_counter()
     octets = 0
     for _ in range(5):  # 150 MB a measurement: long enough to be stable, and for CPU ticks
         octets += await c.command(b"FETCH 1:3 BODY.PEEK[]")
     elapsed = time.perf_counter() - start
-    cpu = (proxy.cpu() - cpu) if proxy else 0.0
+    used = proxy.cpu_since(cpu) if proxy else 0.0
     await c.close()
     out = {"MB/s": octets / 1e6 / elapsed}
     if proxy:
-        out["CPU s/GB"] = cpu / (octets / 1e9)
+        out["CPU s/GB"] = used / (octets / 1e9)
     return out
 
 
@@ -167,12 +191,12 @@ NOOPS = 5000
 async def latency(address: Address, tls: Tls, proxy: ProxyProcess | None) -> dict[str, float]:
     c = await logged_in(address, "u1", tls)
     times = []
-    cpu = proxy.cpu() if proxy else 0.0
+    cpu = proxy.cpu() if proxy else {}
     for _ in range(NOOPS):
         start = time.perf_counter()
         await c.command(b"NOOP")
         times.append(time.perf_counter() - start)
-    cpu = (proxy.cpu() - cpu) if proxy else 0.0
+    used = proxy.cpu_since(cpu) if proxy else 0.0
     await c.close()
     times.sort()
     out = {
@@ -180,7 +204,7 @@ async def latency(address: Address, tls: Tls, proxy: ProxyProcess | None) -> dic
         "NOOP p99 ms": times[NOOPS * 99 // 100] * 1000,
     }
     if proxy:
-        out["CPU us/NOOP"] = cpu / NOOPS * 1e6
+        out["CPU us/NOOP"] = used / NOOPS * 1e6
     return out
 
 
@@ -212,7 +236,7 @@ async def churn(
     address: Address, tls: Tls, proxy: ProxyProcess | None, seconds: float
 ) -> dict[str, float]:
     sessions = 0
-    cpu = proxy.cpu() if proxy else 0.0
+    cpu = proxy.cpu() if proxy else {}
 
     async def worker(i: int) -> None:
         nonlocal sessions
@@ -229,7 +253,7 @@ async def churn(
             nursery.start_soon(worker, i)
     out = {"sessions/s": sessions / (time.perf_counter() - start)}
     if proxy:
-        out["CPU ms/session"] = (proxy.cpu() - cpu) / sessions * 1000
+        out["CPU ms/session"] = proxy.cpu_since(cpu) / sessions * 1000
     return out
 
 
@@ -238,7 +262,7 @@ async def idle(
 ) -> dict[str, float]:
     clients: list[Imap] = []
     before = proxy.memory() if proxy else 0
-    cpu = proxy.cpu() if proxy else 0.0
+    cpu = proxy.cpu() if proxy else {}
     limit = trio.CapacityLimiter(100)
 
     async def open_one(i: int) -> None:
@@ -254,7 +278,7 @@ async def idle(
         for i in range(n):
             nursery.start_soon(open_one, i)
     per_session = (proxy.memory() - before) / n if proxy else 0.0
-    setup = (proxy.cpu() - cpu) / n if proxy else 0.0
+    setup = proxy.cpu_since(cpu) / n if proxy else 0.0
     seen = 0
     everyone = trio.Event()
 
@@ -330,17 +354,22 @@ def summarize(results: list[Result]) -> list[dict[str, Any]]:
     return rows
 
 
+def _num(x: float) -> str:
+    return f"{x:.0f}" if abs(x) >= 100 else f"{x:.3g}"
+
+
 def _cell(row: dict[str, Any], column: str) -> str:
     if column not in row:
         return "-"
-    return f"{row[column]:.3g} ({row[column + '_min']:.3g}-{row[column + '_max']:.3g})"
+    low, high = row[column + "_min"], row[column + "_max"]
+    return f"{_num(row[column])} ({_num(low)}-{_num(high)})"
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = f"{'workload':<22}{'metric':<21}" + "".join(f"{c + ' (min-max)':>24}" for c in COLUMNS)
+    head = f"{'workload':<22}{'metric':<21}" + "".join(f"{c + ' (min-max)':>23}" for c in COLUMNS)
     out = [head + f"{'veil/dir':>9}{'naive/dir':>10}{'veil/naive':>11}"]
     for r in rows:
-        cells = "".join(f"{_cell(r, c):>24}" for c in COLUMNS)
+        cells = "".join(f"{_cell(r, c):>23}" for c in COLUMNS)
         ratios = "".join(
             f"{(f'{r[k]:.2f}x' if k in r else ''):>{w}}"
             for k, w in (("ratio", 9), ("naive_ratio", 10), ("vs_naive", 11))
@@ -480,12 +509,23 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help="10 s runs and 10,000 idle sessions")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--json", metavar="FILE", help="write the results here too")
+    parser.add_argument(
+        "--show", metavar="JSON", help="print the table of an earlier run's JSON, run nothing"
+    )
     parser.add_argument("--only", metavar="WORD", help="run only workloads whose name has WORD")
     parser.add_argument("--idle-sessions", type=int, help="instead of 1,000 (10,000 with --full)")
     parser.add_argument(
-        "--profile", metavar="SVG", help="record the proxy with py-spy into this flame graph"
+        "--profile",
+        metavar="SVG",
+        help="record the proxy with py-spy into this flame graph (.txt: raw stacks); only samples"
+        " that hold the interpreter lock, i.e. CPU, not time spent waiting in epoll",
     )
     args = parser.parse_args()
+    if args.show:
+        report = json.loads(Path(args.show).read_text())
+        print(report.get("about", args.show))
+        print(table(report["rows"]))
+        return
     n = args.idle_sessions or (10_000 if args.full else 1_000)
     restore = raise_limits(n)
     work = Path(tempfile.mkdtemp(prefix="imapveil-bench-"))
@@ -539,7 +579,7 @@ service imap {{
         if args.profile:
             spy = subprocess.Popen(
                 ["py-spy", "record", "--pid", str(proxy.process.pid), "--output", args.profile,
-                 "--rate", "500", "--nonblocking"]
+                 "--rate", "500", "--nonblocking", "--gil"]
                 + (["--format", "raw"] if args.profile.endswith(".txt") else []),
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )  # fmt: skip
