@@ -151,7 +151,8 @@ class JsonLinesSink:
                 await self._drain()
         finally:
             with trio.CancelScope(shield=True):
-                await self._drain()
+                while self._queue:
+                    await self._drain()
                 if self._file is not None and self.target != "-":
                     self._file.close()
 
@@ -164,9 +165,14 @@ class JsonLinesSink:
             await self._drain_locked()
 
     async def _drain_locked(self) -> None:
+        """Write what is queued now, and only that: records emitted meanwhile wait for the next
+        round (after COALESCE), so that a steady trickle of records costs one write, one
+        worker-thread round trip, per COALESCE, not one per record or two."""
         queue = self._queue
-        while queue:
-            count = min(len(queue), BATCH)
+        todo = len(queue)
+        while todo and queue:
+            count = min(todo, len(queue), BATCH)
+            todo -= count
             data = b"".join(line for line, _session in itertools.islice(queue, count))
             try:
                 await trio.to_thread.run_sync(self._write, data)
