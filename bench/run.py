@@ -4,17 +4,22 @@
     python bench/run.py --full     # 10 s runs and 10,000 idle sessions
     python bench/run.py --json results.json
 
-It starts its own Dovecot on loopback (seeded mailboxes, limits raised for many sessions) and
-its own `imapveil serve` (with the event log and the statistics store on, as in production), runs
-every workload against Dovecot directly and through imapveil in alternation for several rounds,
-prints medians, min-max and the ratio imapveil/direct, and stops both. The machine is shared
-and noisy: compare the ratios, not the absolute numbers.
+It starts its own Dovecot on loopback (seeded mailboxes, limits raised for many sessions), its
+own `imapveil serve` (with the event log and the statistics store on, as in production) and the
+naive relay (bench/naive_relay.py: trio copying bytes, parsing nothing), runs every workload
+against Dovecot directly, through imapveil and through the naive relay, in rotating order, for
+several rounds, prints medians and min-max, and stops them all. Besides throughput and latency
+it reports what each relay process costs: CPU (user + system) per NOOP round trip, per GB of
+bulk, per churned session and per IDLE session set up, and memory per IDLE session. The machine
+is shared and noisy: compare within one run, and prefer the CPU figures, which load disturbs
+least, to the wall-clock ones.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import functools
 import json
 import os
 import platform
@@ -116,11 +121,35 @@ async def logged_in(address: Address, user: str, tls: ssl.SSLContext | None = No
 
 @dataclass
 class ProxyProcess:
+    """A relay under test (imapveil, or the naive relay: `tls_port` 0)."""
+
     process: subprocess.Popen[bytes]
     port: int
-    tls_port: int
+    tls_port: int = 0
 
-    def cpu(self) -> float:
+    def cpu(self) -> dict[str, float]:
+        """CPU seconds (user + system) each thread of the process has used so far: what a
+        workload costs the relay, whatever else runs on the machine (wall-clock ratios are
+        noisier). From schedstat, in nanoseconds (stat counts 10 ms ticks: too coarse for
+        one bulk measurement); see `cpu_since`."""
+        pid = self.process.pid
+        out = {}
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                out[tid] = (
+                    int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0]) / 1e9
+                )
+            except OSError:  # the thread ended meanwhile, or no schedstat (then: ticks)
+                if not Path(f"/proc/{pid}/schedstat").exists():
+                    return {"all": self._ticks()}
+        return out
+
+    def cpu_since(self, before: dict[str, float]) -> float:
+        """CPU seconds since `before`: threads alive now, from where they were (a worker thread
+        that ended in between is missed, a new one counted whole)."""
+        return sum(used - before.get(tid, 0.0) for tid, used in self.cpu().items())
+
+    def _ticks(self) -> float:
         fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / TICK
 
@@ -142,30 +171,41 @@ Tls = ssl.SSLContext | None
 async def bulk(address: Address, tls: Tls, proxy: ProxyProcess | None) -> dict[str, float]:
     c = await logged_in(address, "u0", tls)
     await c.command(b"EXAMINE INBOX")
-    cpu = proxy.cpu() if proxy else 0.0
+    cpu = proxy.cpu() if proxy else {}
     start = time.perf_counter()
     octets = 0
     for _ in range(5):  # 150 MB a measurement: long enough to be stable, and for CPU ticks
         octets += await c.command(b"FETCH 1:3 BODY.PEEK[]")
     elapsed = time.perf_counter() - start
-    cpu = (proxy.cpu() - cpu) if proxy else 0.0
+    used = proxy.cpu_since(cpu) if proxy else 0.0
     await c.close()
     out = {"MB/s": octets / 1e6 / elapsed}
     if proxy:
-        out["CPU s/GB"] = cpu / (octets / 1e9)
+        out["CPU s/GB"] = used / (octets / 1e9)
     return out
+
+
+NOOPS = 5000
 
 
 async def latency(address: Address, tls: Tls, proxy: ProxyProcess | None) -> dict[str, float]:
     c = await logged_in(address, "u1", tls)
     times = []
-    for _ in range(2000):
+    cpu = proxy.cpu() if proxy else {}
+    for _ in range(NOOPS):
         start = time.perf_counter()
         await c.command(b"NOOP")
         times.append(time.perf_counter() - start)
+    used = proxy.cpu_since(cpu) if proxy else 0.0
     await c.close()
     times.sort()
-    return {"NOOP p50 ms": times[1000] * 1000, "NOOP p99 ms": times[1980] * 1000}
+    out = {
+        "NOOP p50 ms": times[NOOPS // 2] * 1000,
+        "NOOP p99 ms": times[NOOPS * 99 // 100] * 1000,
+    }
+    if proxy:
+        out["CPU us/NOOP"] = used / NOOPS * 1e6
+    return out
 
 
 MIXED = [b"SELECT INBOX", b"FETCH 1:* (FLAGS UID)", b"UID SEARCH ALL",
@@ -192,8 +232,11 @@ async def mixed(address: Address, tls: Tls, seconds: float) -> dict[str, float]:
     return {"ops/s": ops / (time.perf_counter() - start)}
 
 
-async def churn(address: Address, tls: Tls, seconds: float) -> dict[str, float]:
+async def churn(
+    address: Address, tls: Tls, proxy: ProxyProcess | None, seconds: float
+) -> dict[str, float]:
     sessions = 0
+    cpu = proxy.cpu() if proxy else {}
 
     async def worker(i: int) -> None:
         nonlocal sessions
@@ -208,7 +251,10 @@ async def churn(address: Address, tls: Tls, seconds: float) -> dict[str, float]:
     async with trio.open_nursery() as nursery:
         for i in range(16):
             nursery.start_soon(worker, i)
-    return {"sessions/s": sessions / (time.perf_counter() - start)}
+    out = {"sessions/s": sessions / (time.perf_counter() - start)}
+    if proxy:
+        out["CPU ms/session"] = proxy.cpu_since(cpu) / sessions * 1000
+    return out
 
 
 async def idle(
@@ -216,6 +262,7 @@ async def idle(
 ) -> dict[str, float]:
     clients: list[Imap] = []
     before = proxy.memory() if proxy else 0
+    cpu = proxy.cpu() if proxy else {}
     limit = trio.CapacityLimiter(100)
 
     async def open_one(i: int) -> None:
@@ -231,6 +278,7 @@ async def idle(
         for i in range(n):
             nursery.start_soon(open_one, i)
     per_session = (proxy.memory() - before) / n if proxy else 0.0
+    setup = proxy.cpu_since(cpu) / n if proxy else 0.0
     seen = 0
     everyone = trio.Event()
 
@@ -259,6 +307,7 @@ async def idle(
     out = {"all notified s": elapsed}
     if proxy:
         out["KiB/session"] = per_session / 1024
+        out["setup CPU ms/session"] = setup * 1000
     return out
 
 
@@ -273,43 +322,59 @@ class Result:
     naive: list[dict[str, float]] = field(default_factory=list)
 
 
+COLUMNS = ("direct", "imapveil", "naive")
+
+
+def _column(values: list[dict[str, float]], metric: str) -> list[float]:
+    return [x[metric] for x in values if metric in x]
+
+
 def summarize(results: list[Result]) -> list[dict[str, Any]]:
     rows = []
     for r in results:
         for metric in r.proxied[0]:
-            through = [x[metric] for x in r.proxied]
             row: dict[str, Any] = {"workload": r.name, "metric": metric}
-            row["imapveil"] = statistics.median(through)
-            row["imapveil_min"], row["imapveil_max"] = min(through), max(through)
-            if metric == "KiB/session":
-                # Later rounds reuse memory the first one freed: the first is the honest one.
-                row["imapveil"] = through[0]
-            if metric in r.direct[0]:
-                direct = [x[metric] for x in r.direct]
-                row["direct"] = statistics.median(direct)
-                row["direct_min"], row["direct_max"] = min(direct), max(direct)
+            for column, values in zip(COLUMNS, (r.direct, r.proxied, r.naive), strict=True):
+                measured = _column(values, metric)
+                if not measured:
+                    continue
+                row[column] = statistics.median(measured)
+                row[f"{column}_min"], row[f"{column}_max"] = min(measured), max(measured)
+                row[f"{column}_rounds"] = measured
+                if metric == "KiB/session":
+                    # Later rounds reuse memory the first one freed: the first is the honest one.
+                    row[column] = measured[0]
+            if "direct" in row:
                 row["ratio"] = row["imapveil"] / row["direct"]
-                if r.naive:
-                    row["naive_ratio"] = (
-                        statistics.median(x[metric] for x in r.naive) / row["direct"]
-                    )
+                if "naive" in row:
+                    row["naive_ratio"] = row["naive"] / row["direct"]
+            if row.get("naive"):
+                row["vs_naive"] = row["imapveil"] / row["naive"]
             rows.append(row)
     return rows
 
 
+def _num(x: float) -> str:
+    return f"{x:.0f}" if abs(x) >= 100 else f"{x:.3g}"
+
+
+def _cell(row: dict[str, Any], column: str) -> str:
+    if column not in row:
+        return "-"
+    low, high = row[column + "_min"], row[column + "_max"]
+    return f"{_num(row[column])} ({_num(low)}-{_num(high)})"
+
+
 def table(rows: list[dict[str, Any]]) -> str:
-    head = f"{'workload':<24}{'metric':<16}{'direct (min-max)':>26}{'imapveil (min-max)':>26}"
-    out = [head + f"{'ratio':>8}{'naive':>8}"]
+    head = f"{'workload':<22}{'metric':<21}" + "".join(f"{c + ' (min-max)':>23}" for c in COLUMNS)
+    out = [head + f"{'veil/dir':>9}{'naive/dir':>10}{'veil/naive':>11}"]
     for r in rows:
-        d = (
-            f"{r['direct']:.2f} ({r['direct_min']:.2f}-{r['direct_max']:.2f})"
-            if "direct" in r
-            else "-"
+        cells = "".join(f"{_cell(r, c):>23}" for c in COLUMNS)
+        ratios = "".join(
+            f"{(f'{r[k]:.2f}x' if k in r else ''):>{w}}"
+            for k, w in (("ratio", 9), ("naive_ratio", 10), ("vs_naive", 11))
         )
-        p = f"{r['imapveil']:.2f} ({r['imapveil_min']:.2f}-{r['imapveil_max']:.2f})"
-        ratio = f"{r['ratio']:.2f}x" if "ratio" in r else ""
-        naive = f"{r['naive_ratio']:.2f}x" if "naive_ratio" in r else ""
-        out.append(f"{r['workload']:<24}{r['metric']:<16}{d:>26}{p:>26}{ratio:>8}{naive:>8}")
+        out.append(f"{r['workload']:<22}{r['metric']:<21}{cells}{ratios}")
     return "\n".join(out)
 
 
@@ -321,7 +386,7 @@ async def run(
     dovecot: Dovecot,
     proxy: ProxyProcess,
     ca: trustme.CA,
-    naive_port: int,
+    naive: ProxyProcess,
 ) -> list[Result]:
     tls = ssl.create_default_context()
     ca.configure_trust(tls)
@@ -333,9 +398,9 @@ async def run(
         return await mixed(a, t, seconds)
 
     async def churn_w(a: Address, t: Tls, p: ProxyProcess | None) -> dict[str, float]:
-        return await churn(a, t, seconds)
+        return await churn(a, t, p, seconds)
 
-    naive: Address = ("127.0.0.1", naive_port)
+    naive_address: Address = ("127.0.0.1", naive.port)
     plan: list[tuple[str, Workload, tuple[Address, Address], Tls]] = [
         ("bulk (5 x 20+5+5 MB)", bulk, plain, None),
         ("latency", latency, plain, None),
@@ -349,22 +414,42 @@ async def run(
         if args.only and args.only not in name:
             continue
         result = Result(name)
-        for _ in range(args.rounds):  # alternate, so the machine's drift hits all alike
-            result.direct.append(await fn(direct, context, None))
-            result.proxied.append(await fn(through, context, proxy))
-            if context is None:  # the naive relay speaks no TLS
-                result.naive.append(await fn(naive, context, None))
+        runs: list[Run] = [
+            (result.direct, functools.partial(fn, direct, context, None)),
+            (result.proxied, functools.partial(fn, through, context, proxy)),
+        ]
+        if context is None:  # the naive relay speaks no TLS
+            runs.append((result.naive, functools.partial(fn, naive_address, context, naive)))
+        await _rounds(args.rounds, runs)
         results.append(result)
         print(f"  {name}: done", file=sys.stderr)
     n = args.idle_sessions or (10_000 if args.full else 1_000)
     if args.only and args.only not in "idle":
         return results
     result = Result(f"idle ({n} sessions)")
-    for _ in range(max(1, args.rounds // 2)):
-        result.direct.append(await idle(plain[0], plain[0], None, n))
-        result.proxied.append(await idle(plain[1], plain[0], proxy, n))
+    await _rounds(
+        args.rounds,
+        [
+            (result.direct, functools.partial(idle, plain[0], plain[0], None, n)),
+            (result.proxied, functools.partial(idle, plain[1], plain[0], proxy, n)),
+            (result.naive, functools.partial(idle, naive_address, plain[0], naive, n)),
+        ],
+    )
     results.append(result)
     return results
+
+
+Run = tuple[list[dict[str, float]], Callable[[], Awaitable[dict[str, float]]]]
+"""Where a target's measurements go, and how to take one."""
+
+
+async def _rounds(rounds: int, runs: list[Run]) -> None:
+    """Each round runs every target once, starting one later each round (rotating order), so
+    the machine's drift, and whatever a run leaves behind for the next, hit all alike."""
+    for i in range(rounds):
+        for k in range(len(runs)):
+            values, measure = runs[(i + k) % len(runs)]
+            values.append(await measure())
 
 
 def start_proxy(work: Path, dovecot: Dovecot, cert: Path, key: Path) -> ProxyProcess:
@@ -381,11 +466,16 @@ def start_proxy(work: Path, dovecot: Dovecot, cert: Path, key: Path) -> ProxyPro
          "--log-level", "warning"],
         start_new_session=True,
     )  # fmt: skip
+    wait_port(port, process)
+    return ProxyProcess(process, port, tls_port)
+
+
+def wait_port(port: int, process: subprocess.Popen[bytes]) -> None:
     deadline = time.monotonic() + 15
     while True:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return ProxyProcess(process, port, tls_port)
+            return
         except OSError:
             if time.monotonic() > deadline or process.poll() is not None:
                 raise
@@ -419,12 +509,23 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help="10 s runs and 10,000 idle sessions")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--json", metavar="FILE", help="write the results here too")
+    parser.add_argument(
+        "--show", metavar="JSON", help="print the table of an earlier run's JSON, run nothing"
+    )
     parser.add_argument("--only", metavar="WORD", help="run only workloads whose name has WORD")
     parser.add_argument("--idle-sessions", type=int, help="instead of 1,000 (10,000 with --full)")
     parser.add_argument(
-        "--profile", metavar="SVG", help="record the proxy with py-spy into this flame graph"
+        "--profile",
+        metavar="SVG",
+        help="record the proxy with py-spy into this flame graph (.txt: raw stacks); only samples"
+        " that hold the interpreter lock, i.e. CPU, not time spent waiting in epoll",
     )
     args = parser.parse_args()
+    if args.show:
+        report = json.loads(Path(args.show).read_text())
+        print(report.get("about", args.show))
+        print(table(report["rows"]))
+        return
     n = args.idle_sessions or (10_000 if args.full else 1_000)
     restore = raise_limits(n)
     work = Path(tempfile.mkdtemp(prefix="imapveil-bench-"))
@@ -472,33 +573,43 @@ service imap {{
              str(dovecot.port)],
             start_new_session=True,
         )  # fmt: skip
+        naive_relay = ProxyProcess(naive, naive_port)
+        wait_port(naive_port, naive)
         spy = None
         if args.profile:
             spy = subprocess.Popen(
                 ["py-spy", "record", "--pid", str(proxy.process.pid), "--output", args.profile,
-                 "--rate", "500", "--nonblocking"]
+                 "--rate", "500", "--nonblocking", "--gil"]
                 + (["--format", "raw"] if args.profile.endswith(".txt") else []),
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )  # fmt: skip
+        load = [os.getloadavg()]
         try:
-            results = trio.run(run, args, dovecot, proxy, ca, naive_port)
+            results = trio.run(run, args, dovecot, proxy, ca, naive_relay)
         except BaseException:
             print("Dovecot's log ends:\n" + dovecot.log_text()[-3000:], file=sys.stderr)
             raise
         if spy is not None:
             spy.send_signal(signal.SIGINT)
             spy.wait(timeout=60)
+        load.append(os.getloadavg())
         rows = summarize(results)
-        print(
-            f"\nimapveil benchmark, {time.strftime('%Y-%m-%d')}, {platform.machine()}, "
-            f"{os.cpu_count()} CPUs, Python {platform.python_version()}, "
-            f"{args.rounds} rounds, {'full' if args.full else 'quick'}"
+        about = (
+            f"imapveil benchmark, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+            f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+            f"{args.rounds} rounds, {'full' if args.full else 'quick'}; load average "
+            f"{load[0][0]:.2f} at the start, {load[1][0]:.2f} at the end"
         )
+        print("\n" + about)
         print(table(rows))
-        print("ratio: imapveil / direct (MB/s, ops/s, sessions/s: higher is better; times: lower)")
-        print("naive: a trio relay that parses nothing (bench/naive_relay.py) / direct")
+        print(
+            "veil/dir: imapveil / direct; naive/dir: bench/naive_relay.py (a trio relay that"
+            " parses nothing) / direct; veil/naive: imapveil / naive.\nMB/s, ops/s, sessions/s:"
+            " higher is better; times, CPU and memory (of the relay process): lower is better."
+        )
         if args.json:
-            Path(args.json).write_text(json.dumps({"rows": rows, "full": args.full}, indent=2))
+            report = {"about": about, "load": load, "rounds": args.rounds, "rows": rows}
+            Path(args.json).write_text(json.dumps(report | {"full": args.full}, indent=2))
     finally:
         if proxy is not None:
             stop_group(proxy.process, signal.SIGTERM)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import ssl
 from dataclasses import dataclass
 from typing import Any
@@ -34,7 +35,6 @@ from imapveil.records import IdExchange, Record, SessionEnded, Violation
 from imapveil.relay.deflate import DeflateStream
 from imapveil.relay.recording import RecordingStream
 from imapveil.relay.streams import (
-    RECEIVE_SIZE,
     Leg,
     Networks,
     connect_numeric,
@@ -44,6 +44,7 @@ from imapveil.relay.streams import (
     keepalive,
     tls_reason,
 )
+from imapveil.relay.timers import Timers
 from imapveil.relay.tls import UpstreamTlsError, upstream_starttls
 from imapveil.sinks import Sink
 
@@ -80,6 +81,7 @@ class RelaySettings:
 
 class Connection:
     __slots__ = (
+        "_active",
         "_closed",
         "_endpoints",
         "_first_client_data",
@@ -89,11 +91,13 @@ class Connection:
         "_refusal",
         "_resume",
         "_sink_failed",
+        "_timers",
         "client",
         "core",
         "server",
         "settings",
         "sink",
+        "timer_due",
     )
 
     def __init__(
@@ -105,6 +109,7 @@ class Connection:
         client_host: str = "",
         settings: RelaySettings,
         sink: Sink,
+        timers: Timers,
         client_endpoints: tuple[tuple[str, int], tuple[str, int]] | None = None,
         first_client_data: bytes = b"",
         refusal: tuple[str, str] | None = None,
@@ -133,6 +138,9 @@ class Connection:
         self._refusal = refusal
         self._resume: trio.Event | None = None  # set when the core wants client data again
         self._sink_failed = False
+        self._timers = timers
+        self._active = 0.0  # when traffic was last seen (while the timers keep this session)
+        self.timer_due = math.inf
 
     def __repr__(self) -> str:
         return f"<Connection {self.core.session_id}>"
@@ -216,15 +224,20 @@ class Connection:
         if self._first_client_data:
             await self._apply(self.core.feed_client(self._first_client_data, trio.current_time()))
         # Two tasks per session, no more: memory per idle session is a design constraint.
+        # The timeouts are the timers' (one task for all sessions): `expire` cancels `idle`.
         with trio.CancelScope() as idle:
             self._idle = idle
-            self._touch()
-            async with trio.open_nursery() as pumps:
-                self._pumps = pumps.cancel_scope
-                if self._closed:  # closed while connecting (shutdown)
-                    pumps.cancel_scope.cancel()
-                pumps.start_soon(self._pump, self.client, Direction.TO_SERVER)
-                await self._pump(self.server, Direction.TO_CLIENT)
+            self._timers.enter(self)
+            try:
+                self._touch()
+                async with trio.open_nursery() as pumps:
+                    self._pumps = pumps.cancel_scope
+                    if self._closed:  # closed while connecting (shutdown)
+                        pumps.cancel_scope.cancel()
+                    pumps.start_soon(self._pump, self.client, Direction.TO_SERVER)
+                    await self._pump(self.server, Direction.TO_CLIENT)
+            finally:
+                self._timers.leave(self)
         if idle.cancelled_caught and not self._closed:
             await self._apply(self.core.timed_out(trio.current_time()))
 
@@ -308,8 +321,21 @@ class Connection:
         return False
 
     def _touch(self) -> None:
+        """Traffic was seen (and the core has read it: the timeout depends on what it waits
+        for). Only a deadline earlier than the one the timers hold is handed to them now."""
+        now = self._active = trio.current_time()
+        due = self.core.deadline(now)
+        if due < self.timer_due:
+            self._timers.at(due, self)
+
+    def deadline(self) -> float:
+        """For the timers: when `timed_out` is due, counted from the last traffic."""
+        return self.core.deadline(self._active)
+
+    def expire(self) -> None:
+        """For the timers: no traffic in time (see `_run`)."""
         if self._idle is not None:
-            self._idle.deadline = self.core.deadline(trio.current_time())
+            self._idle.cancel()
 
     def _close(self) -> None:
         """Stop both pumps; `run` then closes the legs."""
@@ -338,7 +364,7 @@ class Connection:
                 await paused.wait()
                 continue
             try:
-                data = await source.stream.receive_some(RECEIVE_SIZE)
+                data = await source.receive()
             except (trio.BrokenResourceError, OSError) as exc:
                 # A reset is how many clients hang up; it is the peer's business, not an error.
                 log.debug("session %s: %s reset: %s", core.session_id, source.name, exc)

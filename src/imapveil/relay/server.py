@@ -27,6 +27,7 @@ from imapveil.records import OverLimit
 from imapveil.relay.connection import Connection, RelaySettings
 from imapveil.relay.limits import Admission, Limits, Refusals, RefusalSummary
 from imapveil.relay.streams import Networks, format_address, in_networks, keepalive
+from imapveil.relay.timers import Timers
 from imapveil.sinks import Sink
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,8 @@ class Proxy:
         self.refusals = Refusals()
         self._idle = trio.Event()
         self._idle.set()
+        self.timers = Timers()
+        """Every session's timeouts, kept by one task (see `relay.timers`)."""
         self._prefix = secrets.token_hex(8)
         """64 random bits per process start: session ids of all proxies and all starts sharing
         one store never collide in practice (statistics rows are keyed by them)."""
@@ -132,6 +135,7 @@ class Proxy:
                 session_id=self._session_id(),
                 settings=admittance.relay,
                 sink=self.sink,
+                timers=self.timers,
                 client_endpoints=(peer, local) if peer is not None and local is not None else None,
                 refusal=refusal,
                 implicit_tls=implicit_tls,
@@ -184,6 +188,7 @@ class Proxy:
 
         `tls_listeners` accept implicit TLS (993-style): the handshake comes first."""
         async with trio.open_nursery() as sessions:
+            sessions.start_soon(self.timers.run)  # cancelled with the sessions, at the end
             async with trio.open_nursery() as accepting:
                 accepting.start_soon(self._serve_until_stopped, listeners, sessions, False)
                 if tls_listeners:

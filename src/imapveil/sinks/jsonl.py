@@ -1,9 +1,12 @@
 """The JSON-lines event log: one object per line, appended to a file or written to stdout.
 
-`emit` is called from the relay and must never block it: records go into a bounded queue that a
-writer task drains in batches, off the event loop (a slow disk slows the writer, not the
-sessions). When the queue is full the record is dropped and counted; the count is written as a
-record of its own once there is room again, so a reader of the log knows something is missing.
+`emit` is called from the relay and must never block it: each record is encoded at once (a few
+microseconds, spread over the sessions' own turns) into a bounded queue of lines that a writer
+task joins and writes in large batches from a worker thread, which holds no interpreter lock
+while it writes (a slow disk slows the writer, not the sessions; and no encoding competes with
+the event loop for the lock in bursts). When the queue is full the record is dropped and
+counted; the count is written as a record of its own once there is room again, so a reader of
+the log knows something is missing.
 
 The queue is shared fairly, so that one session's flood cannot cost another session its
 records: per-command and violation records ("bulk") may fill only three quarters of it, and one
@@ -13,10 +16,10 @@ own records use the rest. Session traits (fingerprints) are never written here.
 
 from __future__ import annotations
 
-import datetime
 import itertools
 import json
 import logging
+import math
 import sys
 import time
 from collections import deque
@@ -32,6 +35,8 @@ log = logging.getLogger(__name__)
 
 COALESCE = 0.05
 """Seconds the writer waits after a wake-up, so that one write carries many records."""
+BATCH = 5000
+"""Lines one write carries at most."""
 
 BULK = frozenset(("command", "violation"))
 """Record kinds a single session can produce without bound (one per command it sends)."""
@@ -41,15 +46,43 @@ PRIVATE = frozenset(("traits",))
 """Record kinds the event log never writes (see `records.SessionTraits`)."""
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
+"""Built once: `json.dumps` with separators builds an encoder per call."""
+
+
+class _Clock:
+    """`ts` values: the ISO 8601 text of a second is built once per second, not per record."""
+
+    __slots__ = ("prefix", "second")
+
+    def __init__(self) -> None:
+        self.second = -1
+        self.prefix = ""
+
+    def stamp(self, when: float) -> str:
+        # As datetime.fromtimestamp: microseconds rounded half to even, then cut to milliseconds.
+        fraction, whole = math.modf(when)
+        micros = round(fraction * 1e6)
+        if micros >= 1_000_000:
+            whole, micros = whole + 1, micros - 1_000_000
+        second = int(whole)
+        if second != self.second:
+            self.second = second
+            self.prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self.prefix}.{micros // 1000:03d}Z"
+
+
+_CLOCK = _Clock()
+
+
 def _timestamp(when: float | None = None) -> str:
-    now = datetime.datetime.fromtimestamp(time.time() if when is None else when, datetime.UTC)
-    return now.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return _CLOCK.stamp(time.time() if when is None else when)
 
 
 def encode(record: Record | dict[str, Any], when: float | None = None) -> bytes:
     """One JSON line: `ts` first, then the record's fields."""
     body = record if isinstance(record, dict) else record.to_dict()
-    return json.dumps({"ts": _timestamp(when), **body}, separators=(",", ":")).encode() + b"\n"
+    return (_ENCODER.encode({"ts": _timestamp(when), **body}) + "\n").encode()
 
 
 class JsonLinesSink:
@@ -58,7 +91,7 @@ class JsonLinesSink:
         self.capacity = capacity
         self.dropped = 0
         self._unreported_drops = 0
-        self._queue: deque[tuple[Record | dict[str, Any], float]] = deque()
+        self._queue: deque[tuple[bytes, str | None]] = deque()  # (a line, its bulk session)
         self._bulk = 0  # bulk records queued
         self._bulk_by_session: dict[str, int] = {}
         self._wake = trio.Event()
@@ -102,10 +135,10 @@ class JsonLinesSink:
             return
         now = time.time()
         if self._unreported_drops:
-            self._queue.append(({"event": "records_dropped", "count": self._unreported_drops}, now))
+            drops = {"event": "records_dropped", "count": self._unreported_drops}
+            self._queue.append((encode(drops, now), None))
             self._unreported_drops = 0
-        # Encoded by the writer, off the relay's path; the time is taken now.
-        self._queue.append((record, now))
+        self._queue.append((encode(record, now), session))
         self._wake.set()
 
     async def run(self) -> None:
@@ -118,7 +151,8 @@ class JsonLinesSink:
                 await self._drain()
         finally:
             with trio.CancelScope(shield=True):
-                await self._drain()
+                while self._queue:
+                    await self._drain()
                 if self._file is not None and self.target != "-":
                     self._file.close()
 
@@ -131,19 +165,23 @@ class JsonLinesSink:
             await self._drain_locked()
 
     async def _drain_locked(self) -> None:
+        """Write what is queued now, and only that: records emitted meanwhile wait for the next
+        round (after COALESCE), so that a steady trickle of records costs one write, one
+        worker-thread round trip, per COALESCE, not one per record or two."""
         queue = self._queue
-        while queue:
-            count = min(len(queue), 1000)
-            batch = list(itertools.islice(queue, count))
+        todo = len(queue)
+        while todo and queue:
+            count = min(todo, len(queue), BATCH)
+            todo -= count
+            data = b"".join(line for line, _session in itertools.islice(queue, count))
             try:
-                await trio.to_thread.run_sync(self._write, batch)
+                await trio.to_thread.run_sync(self._write, data)
             except OSError as exc:
                 log.error("cannot write the event log %s: %s", self.target, exc)
             # Taken off the queue only once written (or failed): a cancellation before the
             # write leaves them for the final drain.
             for _ in range(count):
-                record, _when = queue.popleft()
-                session = _bulk_session(record)
+                _line, session = queue.popleft()
                 if session is not None:
                     self._bulk -= 1
                     left = self._bulk_by_session[session] - 1
@@ -152,14 +190,14 @@ class JsonLinesSink:
                     else:
                         del self._bulk_by_session[session]
 
-    def _write(self, batch: list[tuple[Record | dict[str, Any], float]]) -> None:
+    def _write(self, data: bytes) -> None:
         assert self._file is not None, "open() the sink first"
-        self._file.write(b"".join(encode(record, when) for record, when in batch))
+        self._file.write(data)
         self._file.flush()
 
 
-def _bulk_session(record: Record | dict[str, Any]) -> str | None:
+def _bulk_session(record: Record) -> str | None:
     """The session of a bulk record, or None for the records that are never crowded out."""
-    if isinstance(record, dict) or record.event not in BULK:
+    if record.event not in BULK:
         return None
     return str(getattr(record, "session", ""))
