@@ -11,6 +11,9 @@ an unterminated quoted string, a brace that is not a literal announcement, a `)`
 accepts `\\q` inside quotes and keeps reading after a stray brace), and a line read differently
 is a line whose identifiers the policy never saw.
 
+Its results are values, never changed once made (not frozen dataclasses only because those cost
+five times as much to make, and every command makes two).
+
 Well-formed commands the proxy does not know pass: transparency for extensions needs only the
 generic grammar. Everything here is linear in the fragment's length (possessive regular
 expressions, no backtracking), and nothing quotes the fragment's bytes: they may be a password.
@@ -21,7 +24,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from imapveil.protocol.lexer import TAG_CHARS, LiteralAnnouncement, LiteralError, literal_at_end
+from imapveil.protocol.lexer import LiteralAnnouncement, LiteralError, is_tag, literal_at_end
 
 # ATOM-CHAR without the list wildcards and resp-specials excluded: everything printable but
 # SP, DQUOTE, "(", ")", "{". Backslash is allowed outside quotes for flags (`\Seen`), "%"/"*" for
@@ -45,7 +48,7 @@ _VERB = re.compile(rb"[A-Za-z][A-Za-z0-9.\-_]*+")
 _NO_LITERAL = frozenset((b"IDLE", b"AUTHENTICATE"))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Fragment:
     """What the classifier made of one client line fragment."""
 
@@ -61,7 +64,7 @@ class Fragment:
     """The arguments part (without the tag, verb, literal announcement and line end)."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CommandLine:
     """The first fragment of a command."""
 
@@ -77,7 +80,7 @@ def first_fragment(body: bytes) -> CommandLine:
     """Classify the first fragment of a command (`body` without its line end)."""
     sp = body.find(b" ")
     tag = body[:sp] if sp > 0 else body
-    if not tag or not all(c in TAG_CHARS for c in tag):
+    if not is_tag(body, 0, len(tag)):
         return CommandLine(None, b"", 0, _fail("tag", body))
     if sp < 0:
         return CommandLine(tag, b"", len(body), _fail("no_command", body))
