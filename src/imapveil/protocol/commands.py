@@ -113,7 +113,9 @@ class Commands:
         self.literal_hidden = False  # the literal waiting for "+" was {N+}: the "+" is ours
         self.discarded = 0  # octets skipped for the refused command being discarded
         self.current: Command | None = None  # the command whose fragments are arriving
-        self.pending: dict[bytes, deque[Command]] = {}
+        # Commands sent and not answered yet, by tag: the command itself, or (a tag the client
+        # reused before its answer came) the queue of them in order.
+        self.pending: dict[bytes, Command | deque[Command]] = {}
         self.sasl_command: Command | None = None
         self.idle_command: Command | None = None
         self.logout_done = False
@@ -189,7 +191,7 @@ class Commands:
             busy = bool(self.pending) or self.gate is not None or not self.out.can_speak
             return Verdict.WITHHOLD if self.leg.answer(cmd, args, line, busy=busy) else Verdict.STOP
         cmd.depth = frag.depth
-        self.pending.setdefault(tag, deque()).append(cmd)
+        self._pend(cmd)
         self.current = cmd
         relay: Fate = Verdict.RELAY
         if verb == b"ID":
@@ -207,6 +209,17 @@ class Commands:
             cmd.select_mailbox(args)
         fate = self._fragment_end(cmd, line, frag)
         return relay if fate is Verdict.RELAY else fate
+
+    def _pend(self, cmd: Command) -> None:
+        """`cmd` waits for its tagged answer."""
+        tag = cmd.tag
+        waiting = self.pending.get(tag)
+        if waiting is None:
+            self.pending[tag] = cmd
+        elif isinstance(waiting, Command):
+            self.pending[tag] = deque((waiting, cmd))
+        else:
+            waiting.append(cmd)
 
     def _refuse(self, tag: bytes | None, verb: bytes, frag: classify.Fragment, size: int) -> Fate:
         """A command the proxy cannot read: answered BAD by the proxy, never forwarded.
@@ -363,6 +376,16 @@ class Commands:
         self.gate = None
         self.gate_owner = None
 
+    def unanswered(self) -> list[Command]:
+        """The commands still waiting for their answers, in the order they were sent per tag."""
+        out: list[Command] = []
+        for waiting in self.pending.values():
+            if isinstance(waiting, Command):
+                out.append(waiting)
+            else:
+                out.extend(waiting)
+        return out
+
     # ----------------------------------------------------------------------------------------
     # Server answers.
 
@@ -398,13 +421,17 @@ class Commands:
 
     def answered(self, tag: bytes, status: str, code: str | None) -> None:
         """A tagged answer to one of the client's commands."""
-        queue = self.pending.get(tag)
-        if not queue:
+        waiting = self.pending.get(tag)
+        if waiting is None:
             self.out.violation("server", "unknown_tag", f"tag of {len(tag)} octets")
             return
-        cmd = queue.popleft()
-        if not queue:
+        if isinstance(waiting, Command):
+            cmd = waiting
             del self.pending[tag]
+        else:
+            cmd = waiting.popleft()
+            if not waiting:
+                del self.pending[tag]
         self._complete(cmd, status, code)
 
     def _complete(self, cmd: Command, status: str, code: str | None) -> None:

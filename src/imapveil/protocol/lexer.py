@@ -7,6 +7,7 @@ proxy only needs to know enough to follow the conversation.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 # RFC 9051: atom-specials are "(" / ")" / "{" / SP / CTL / list-wildcards / quoted-specials /
@@ -15,6 +16,17 @@ _ATOM_SPECIALS = frozenset(b'(){ %*"\\]') | frozenset(range(0x20)) | {0x7F}
 ATOM_CHARS = frozenset(range(0x21, 0x7F)) - _ATOM_SPECIALS
 ASTRING_CHARS = ATOM_CHARS | {ord("]")}
 TAG_CHARS = ASTRING_CHARS - {ord("+")}
+
+
+def _char_class(chars: frozenset[int]) -> bytes:
+    """A regular-expression character class of exactly these octets."""
+    return b"[" + b"".join(re.escape(bytes([c])) for c in sorted(chars)) + b"]"
+
+
+# The same sets as patterns: a match runs in C, where a per-octet test in Python costs about a
+# microsecond per line on the relay's hot path.
+_ATOM = re.compile(_char_class(ATOM_CHARS) + b"*+")
+_TAG = re.compile(_char_class(TAG_CHARS) + b"++")
 
 # A literal's length has at most 20 digits: 2**64 - 1 has 20 (RFC 9051 number64 is 63 bits).
 MAX_LITERAL_DIGITS = 20
@@ -73,21 +85,24 @@ def literal_at_end(line: bytes) -> LiteralAnnouncement | None:
 def split_tag(line: bytes) -> tuple[bytes, bytes] | None:
     """(tag, rest) of a command or tagged response line, or None if it does not start so."""
     sp = line.find(b" ")
-    if sp <= 0:
+    if sp <= 0 or not is_tag(line, 0, sp):
         return None
-    tag = line[:sp]
-    if not all(c in TAG_CHARS for c in tag):
-        return None
-    return tag, line[sp + 1 :]
+    return line[:sp], line[sp + 1 :]
+
+
+def is_tag(data: bytes, start: int, end: int) -> bool:
+    """Whether data[start:end] is a tag: one or more tag characters."""
+    m = _TAG.match(data, start, end)
+    return m is not None and m.end() == end
 
 
 def read_atom(data: bytes, pos: int, limit: int = 64) -> tuple[bytes, int]:
     """The atom starting at pos (maybe empty) and the position after it."""
-    end = pos
-    n = len(data)
-    while end < n and end - pos < limit and data[end] in ATOM_CHARS:
-        end += 1
-    return data[pos:end], end
+    if pos >= len(data):
+        return b"", pos
+    m = _ATOM.match(data, pos, pos + limit)
+    assert m is not None  # the pattern matches the empty string
+    return m.group(), m.end()
 
 
 def read_astring(data: bytes, pos: int) -> tuple[bytes, int] | None:

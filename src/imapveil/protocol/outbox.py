@@ -112,18 +112,22 @@ class Outbox:
         self.actions.extend(self.close("protocol_error"))
 
     def command_record(self, cmd: Command, status: str | None, code: str | None) -> Emit:
+        tag = cmd.tag
+        verb = cmd.verb
         return Emit(
             CommandCompleted(
-                session=self.session_id,
-                tag=record_tag(cmd.tag),
-                verb=cmd.verb[:32].decode("ascii", "replace"),
-                state=cmd.state.value,
-                status=status,
-                code=code,
-                duration_ms=ms(self.now - cmd.started) if status is not None else None,
-                literals=tuple(cmd.literals),
-                mechanism=cmd.mechanism,
-                user=cmd.user,
+                self.session_id,
+                tag.decode("ascii", "replace") if len(tag) <= _RECORD_TAG else record_tag(tag),
+                verb.decode("ascii", "replace")
+                if len(verb) <= 32
+                else verb[:32].decode("ascii", "replace"),
+                cmd.state.value,
+                status,
+                code,
+                None if status is None else round((self.now - cmd.started) * 1000.0, 3),
+                tuple(cmd.literals) if cmd.literals else (),
+                cmd.mechanism,
+                cmd.user,
             )
         )
 

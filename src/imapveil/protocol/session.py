@@ -160,6 +160,14 @@ class SessionCore:
             return min(timeout, self.config.literal_timeout)
         return timeout
 
+    @property
+    def shortest_timeout(self) -> float:
+        """No `idle_timeout` is ever shorter than this (inf: there are none): `deadline(now)` is
+        at least `now` plus this, or the login deadline if that comes first."""
+        c = self.config
+        timeouts = (c.greeting_timeout, c.idle_timeout_login, c.idle_timeout, c.literal_timeout)
+        return min((t for t in timeouts if t > 0), default=math.inf)
+
     def deadline(self, now: float) -> float:
         """When `timed_out` is due if nothing more happens: `idle_timeout` after now, but before
         login never later than `login_deadline` after the connection (a client that sends one
@@ -299,8 +307,7 @@ class SessionCore:
         self._out.end("client_closed")
         out: list[Action] = []
         if self.config.log_commands:
-            for queue in self._commands.pending.values():
-                out.extend(self._out.command_record(cmd, None, None) for cmd in queue)
+            out.extend(self._out.command_record(c, None, None) for c in self._commands.unanswered())
         self._commands.pending.clear()
         out.extend(self._out.suppressed())
         traits = self._traits.record(self.session_id, self.capabilities)
