@@ -7,7 +7,7 @@ import datetime
 import json
 from typing import Any
 
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from imapveil.records import CommandCompleted, Violation
@@ -39,3 +39,36 @@ def test_lines_are_what_json_dumps_gave() -> None:
         line = encode(record, 1764534400.1234)
         assert line == json.dumps(expected, separators=(",", ":")).encode() + b"\n"
         assert line.isascii()  # non-ASCII escaped, as before: no raw C1 controls in the log
+
+
+_text = st.text(st.characters(codec="utf-8"), max_size=40)
+_maybe = st.none() | _text
+_commands = st.builds(
+    CommandCompleted,
+    session=_text,
+    tag=_text,
+    verb=_text,
+    state=_text,
+    status=_maybe,
+    code=_maybe,
+    duration_ms=st.none() | st.floats(allow_nan=True, allow_infinity=True),
+    literals=st.lists(st.integers(0, 2**63 - 1), max_size=4).map(tuple),
+    mechanism=_maybe,
+    user=_maybe,
+)
+
+
+@given(_commands)
+@example(CommandCompleted("s", 'a"1', "NOOP", "selected", "OK", None, float("nan")))
+@example(
+    CommandCompleted("s", "\u2026", "X\x00", "selected", None, None, float("-inf"), (0,), "\\")
+)
+def test_command_records_written_field_by_field_are_what_json_dumps_gives(
+    record: CommandCompleted,
+) -> None:
+    """The per-command record has an encoder of its own (it is by far the most frequent): any
+    field values, quotes, controls, non-ASCII, NaN and infinities included, give the same octets
+    as the general encoder."""
+    expected = {"ts": reference_timestamp(1764534400.5), **record.to_dict()}
+    line = encode(record, 1764534400.5)
+    assert line == json.dumps(expected, separators=(",", ":")).encode() + b"\n"

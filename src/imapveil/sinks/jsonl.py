@@ -28,7 +28,7 @@ from typing import IO, Any
 
 import trio
 
-from imapveil.records import Record
+from imapveil.records import CommandCompleted, Record
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +81,34 @@ def _timestamp(when: float | None = None) -> str:
 
 def encode(record: Record | dict[str, Any], when: float | None = None) -> bytes:
     """One JSON line: `ts` first, then the record's fields."""
+    if type(record) is CommandCompleted:
+        return _encode_command(record, _timestamp(when))
     body = record if isinstance(record, dict) else record.to_dict()
     return (_ENCODER.encode({"ts": _timestamp(when), **body}) + "\n").encode()
+
+
+_STRING = json.encoder.encode_basestring_ascii
+"""The encoder's own string escaping (in C): a JSON string, quotes included, ASCII only."""
+
+
+def _value(value: str | None) -> str:
+    return "null" if value is None else _STRING(value)
+
+
+def _encode_command(r: CommandCompleted, ts: str) -> bytes:
+    """The per-command record, the most frequent by far, written out field by field: the same
+    octets as the general encoder (tests/sinks/test_jsonl_fast.py compares them), at a third of
+    its cost."""
+    d = r.duration_ms
+    # The encoder writes a finite float as float.__repr__ does.
+    duration = "null" if d is None else repr(d) if math.isfinite(d) else _ENCODER.encode(d)
+    literals = ",".join([str(n) for n in r.literals])
+    return (
+        f'{{"ts":"{ts}","event":"command","session":{_STRING(r.session)},"tag":{_STRING(r.tag)},'
+        f'"verb":{_STRING(r.verb)},"state":{_STRING(r.state)},"status":{_value(r.status)},'
+        f'"code":{_value(r.code)},"duration_ms":{duration},"literals":[{literals}],'
+        f'"mechanism":{_value(r.mechanism)},"user":{_value(r.user)}}}\n'
+    ).encode()
 
 
 class JsonLinesSink:
