@@ -51,6 +51,7 @@ from imapveil.sinks import Sink
 log = logging.getLogger(__name__)
 
 TLS_HANDSHAKE_TIMEOUT = 30.0
+_SENDS = (Forward, Reply)  # a tuple: `isinstance` with `Forward | Reply` builds the union each call
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +91,7 @@ class Connection:
         "_pumps",
         "_refusal",
         "_resume",
+        "_shortest",
         "_sink_failed",
         "_timers",
         "client",
@@ -140,6 +142,7 @@ class Connection:
         self._sink_failed = False
         self._timers = timers
         self._active = 0.0  # when traffic was last seen (while the timers keep this session)
+        self._shortest = self.core.shortest_timeout
         self.timer_due = math.inf
 
     def __repr__(self) -> str:
@@ -324,6 +327,10 @@ class Connection:
         """Traffic was seen (and the core has read it: the timeout depends on what it waits
         for). Only a deadline earlier than the one the timers hold is handed to them now."""
         now = self._active = trio.current_time()
+        if now + self._shortest >= self.timer_due:
+            # No timeout is shorter than that, and the login deadline (if any) was in the entry
+            # already: the deadline cannot have come earlier. (Nearly every receive ends here.)
+            return
         due = self.core.deadline(now)
         if due < self.timer_due:
             self._timers.at(due, self)
@@ -393,13 +400,13 @@ class Connection:
         i, n = 0, len(actions)
         while i < n:
             action = actions[i]
-            if isinstance(action, Forward | Reply):
+            if isinstance(action, _SENDS):
                 direction = action.direction
                 j = i
                 batch: list[bytes | memoryview] = []
                 while j < n:
                     nxt = actions[j]
-                    if isinstance(nxt, Forward | Reply) and nxt.direction is direction:
+                    if isinstance(nxt, _SENDS) and nxt.direction is direction:
                         batch.append(nxt.data)
                     elif not isinstance(nxt, Emit):
                         break
