@@ -434,3 +434,30 @@ def test_a_password_sent_after_a_refused_login_is_never_read(split: Splitter) ->
     )
     assert conv.closed == "protocol_error"
     assert b"PW-1" not in json.dumps([r.to_dict() for r in conv.records]).encode()
+
+
+def test_a_tag_reused_before_its_answer_pairs_answers_with_commands_in_order(
+    split: Splitter,
+) -> None:
+    """A client may (wrongly, but Dovecot answers it) reuse a tag before the answer: each
+    tagged answer completes the oldest command with that tag, and what is still waiting when
+    the session ends is recorded unanswered, in order."""
+    conv = talk(split)
+    conv.client(b"a LOGIN alice pw\r\n")
+    conv.server(b"a OK Logged in\r\n")
+    conv.client(b't NOOP\r\nt CHECK\r\nu NOOP\r\nt STATUS INBOX (MESSAGES)\r\nt LSUB "" *\r\n')
+    conv.server(b"t OK first\r\nu OK other\r\nt NO second\r\n")
+    done = [(r.tag, r.verb, r.status) for r in commands(conv)]
+    assert done == [
+        ("a", "LOGIN", "OK"),
+        ("t", "NOOP", "OK"),
+        ("u", "NOOP", "OK"),
+        ("t", "CHECK", "NO"),
+    ]
+    conv.server(b"t BAD third\r\n")
+    third = commands(conv)[-1]
+    assert (third.tag, third.verb, third.status) == ("t", "STATUS", "BAD")
+    conv.client_closes()
+    last = commands(conv)[-1]
+    assert (last.tag, last.verb, last.status, last.duration_ms) == ("t", "LSUB", None, None)
+    assert not violations(conv)
