@@ -396,7 +396,20 @@ class Connection:
         Consecutive sends to one leg go out under one hold of its lock: the core only speaks
         (`+`, `* BYE`) at a response boundary, and that boundary is the end of an action list,
         so the other reader must not slip its bytes in between two parts of one response.
+
+        Records wait until the sends next to them are done (a command's record is written after
+        its answer is on its way to the client, not before: the client does not wait for the
+        event log), and never longer than the next action that is not a send, nor past the end
+        of this call, whatever happens (a cancelled or failed send included).
         """
+        records: list[Record] = []
+        try:
+            await self._carry_out(actions, records)
+        finally:
+            for record in records:
+                self._emit(record)
+
+    async def _carry_out(self, actions: list[Action], records: list[Record]) -> None:
         i, n = 0, len(actions)
         while i < n:
             action = actions[i]
@@ -411,7 +424,7 @@ class Connection:
                     elif not isinstance(nxt, Emit):
                         break
                     else:
-                        self._emit(nxt.record)
+                        records.append(nxt.record)
                     j += 1
                 i = j
                 leg = self.server if direction is Direction.TO_SERVER else self.client
@@ -422,13 +435,18 @@ class Connection:
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                     now = trio.current_time()
                     detail = f"send to {leg.name}: {describe(exc)}"
+                    self._emit_records(records)
                     self._emit_all(self.core.failed(detail, now))
                     self._close()
                     return
+                self._emit_records(records)
                 continue
             if isinstance(action, Emit):
-                self._emit(action.record)
-            elif isinstance(action, Close):
+                records.append(action.record)
+                i += 1
+                continue
+            self._emit_records(records)
+            if isinstance(action, Close):
                 if action.reason == "upstream_unavailable":
                     log.warning(
                         "upstream %s unavailable: %s", self.settings.upstream, self.core.end_detail
@@ -441,6 +459,12 @@ class Connection:
                 async with self.client.write_lock:
                     self.client.stream = DeflateStream(self.client.stream)
             i += 1
+
+    def _emit_records(self, records: list[Record]) -> None:
+        """The records waiting in `_apply`, in order; the list is left empty."""
+        for record in records:
+            self._emit(record)
+        records.clear()
 
     def _emit_all(self, actions: list[Action]) -> None:
         """Records only; for the moments when nothing may be sent any more."""
