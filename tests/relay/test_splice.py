@@ -8,6 +8,7 @@ of a spliced session are compared with those of the same session relayed the nor
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import imaplib
 import os
@@ -456,6 +457,31 @@ async def test_client_resetting_mid_fetch_literal_ends_that_session(
         assert outcome.literals >= 2  # the reset session's, and the next one's
     else:
         assert (outcome.octets, outcome.literals) == (0, 0)
+
+
+def _no_pipe(source: object) -> splice.Pipe:
+    raise OSError(errno.EMFILE, "Too many open files")
+
+
+def _splice_refused(*args: object, **kwargs: object) -> int:
+    raise OSError(errno.EINVAL, "Invalid argument")
+
+
+@pytest.mark.parametrize("failure", ["no_pipe", "splice_refused"])
+async def test_when_splice_cannot_run_the_session_goes_on_the_normal_way(
+    server: Dovecot, monkeypatch: pytest.MonkeyPatch, failure: str
+) -> None:
+    if failure == "no_pipe":
+        monkeypatch.setattr(splice, "Pipe", _no_pipe)
+    else:
+        monkeypatch.setattr(os, "splice", _splice_refused)  # what relay/splice.py calls
+    async with measured(server.address) as (proxy, outcome):
+        bodies = await run(imap_fetch, proxy.address)
+    assert digest(bodies[0]) == digest(MESSAGE)
+    assert outcome.octets == 0
+    assert outcome.literals == (1 if failure == "splice_refused" else 0)  # tried, refused
+    assert outcome.ending() == ("logout", None, "logout", 6)
+    assert outcome.end.bytes_from_server > len(MESSAGE)
 
 
 def compressed_fetch(address: tuple[str, int]) -> bytes:

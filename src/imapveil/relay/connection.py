@@ -415,8 +415,13 @@ class Connection:
         left_of = core.client_literal_left if from_client else core.server_literal_left
         sock = source.plain_socket()
         assert sock is not None
+        try:
+            pipe = splice.Pipe(sock)
+        except OSError as exc:  # out of descriptors, say: receive as usual
+            log.debug("session %s: no pipe: %s", core.session_id, describe(exc))
+            self._splice_off = True
+            return True
         splice.totals.literals += 1
-        pipe = splice.Pipe(sock)
         try:
             while (left := left_of()) and not self._closed:
                 try:

@@ -89,8 +89,7 @@ class Pipe:
         return f"<pipe size={self.size} held={self.held} lowat={self.lowat}>"
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self._lowat(1)
+        self._lowat(1)
         for fd in (self.read_fd, self.write_fd):
             if fd >= 0:
                 os.close(fd)
@@ -98,9 +97,11 @@ class Pipe:
         self.held = 0
 
     def _lowat(self, mark: int) -> None:
+        """The source's low-water mark (only ever an economy: a failure changes nothing)."""
         if mark != self.lowat and self.source.fileno() >= 0:
-            self.source.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, mark)
-            self.lowat = mark
+            with contextlib.suppress(OSError):
+                self.source.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, mark)
+                self.lowat = mark
 
     async def fill(self, limit: int) -> int:
         """Up to `limit` octets from the source into the (empty) pipe, waiting until some
