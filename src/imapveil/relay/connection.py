@@ -358,6 +358,7 @@ class Connection:
         core = self.core
         from_client = direction is Direction.TO_SERVER
         feed = core.feed_client if from_client else core.feed_server
+        literal_left = core.client_literal_left if from_client else core.server_literal_left
         while not self._closed:
             if from_client and not core.wants_client_data:
                 # The client must wait for the server (its greeting, a "+" for a literal, an
@@ -366,8 +367,7 @@ class Connection:
                 paused = self._resume = trio.Event()
                 await paused.wait()
                 continue
-            dest = self._splice_to(source, from_client)
-            if dest is not None:
+            if literal_left() >= splice.SPLICE_MIN and (dest := self._splice_to(source)):
                 if not await self._splice(source, dest, from_client):
                     return
                 continue
@@ -386,23 +386,17 @@ class Connection:
                 return
             await self._apply(feed(bytes(data) if type(data) is not bytes else data, now))
             self._touch()  # after the core saw it: the timeout depends on what it is waiting for
-            self._wake_client()
+            resume = self._resume
+            if resume is not None and (core.wants_client_data or core.closed):
+                self._resume = None
+                resume.set()
 
-    def _wake_client(self) -> None:
-        """Resume reading the client once the core wants its data again (or is closed)."""
-        resume = self._resume
-        if resume is not None and (self.core.wants_client_data or self.core.closed):
-            self._resume = None
-            resume.set()
-
-    def _splice_to(self, source: Leg, from_client: bool) -> Leg | None:
-        """The leg to splice the literal octets that follow to (`relay/splice.py`): both legs
-        plain TCP, at least `SPLICE_MIN` octets that the core need not read. None: receive."""
-        core = self.core
-        left = core.client_literal_left() if from_client else core.server_literal_left()
-        if left < splice.SPLICE_MIN or not splice.AVAILABLE or self._splice_off:
+    def _splice_to(self, source: Leg) -> Leg | None:
+        """Where the literal octets that follow (at least `SPLICE_MIN` the core need not read)
+        are spliced to (`relay/splice.py`) when both legs are plain TCP. None: receive them."""
+        if not splice.AVAILABLE or self._splice_off:
             return None
-        dest = self.server if from_client else self.client
+        dest = self.server if source is self.client else self.client
         if dest is None or dest.broken or not dest.plain_socket() or not source.plain_socket():
             return None
         return dest
@@ -461,7 +455,10 @@ class Connection:
             # The core changed its mind while the octets came (it is closing): it reads them.
             feed = core.feed_client if from_client else core.feed_server
             await self._apply(feed(pipe.take(), now))
-            self._wake_client()
+            resume = self._resume
+            if resume is not None and (core.wants_client_data or core.closed):
+                self._resume = None
+                resume.set()
         self._touch()
         return True
 
