@@ -335,6 +335,54 @@ class SessionCore:
         return out
 
     # ----------------------------------------------------------------------------------------
+    # Literal octets the shell may relay without feeding them (splice(2) between plain sockets).
+
+    def server_literal_left(self) -> int:
+        """Octets of the current server literal still to come that nothing here needs to read:
+        they pass to the client as they come, whatever the grammar decides (0: not inside a
+        literal body, or the session is closed)."""
+        if self._out.closed:
+            return 0
+        return self._server.literal_left
+
+    def passed_server(self, n: int, now: float) -> None:
+        """The shell relayed `n` octets (at most `server_literal_left()`) of the current
+        server literal to the client itself: count them as `feed_server` would have."""
+        left = _passing(n, self.server_literal_left())
+        self._out.now = now
+        self.bytes_from_server += n
+        self._server.literal_left = left - n
+
+    def client_literal_left(self) -> int:
+        """Octets of the current client literal still to come that nothing here needs to read:
+        the server asked for them (its `+` came, no gate holds the client back), they are
+        forwarded as they come (not an ID's, collected; not a refused command's, skipped; not a
+        LOGIN user name's or a mailbox name's, whose start is kept), and nothing the client sent
+        earlier is still parked. 0 otherwise."""
+        f = self._client
+        if (
+            not f.literal_left
+            or f.use is not Use.PASS
+            or f.kept is not None
+            or f.parked
+            or self._commands.gate is not None
+            or self._out.closed
+            or self._out.close_pending
+        ):
+            return 0
+        return f.literal_left
+
+    def passed_client(self, n: int, now: float) -> None:
+        """The shell relayed `n` octets (at most `client_literal_left()`) of the current client
+        literal to the server itself: count them as `feed_client` would have."""
+        left = _passing(n, self.client_literal_left())
+        self._out.now = now
+        self.bytes_from_client += n
+        self._client.literal_left = left - n
+        if n == left:
+            self._commands.literal_done()
+
+    # ----------------------------------------------------------------------------------------
     # The scan loops: fragments to the grammar, unchanged bytes out as slices of the chunk.
 
     def _scan_client(self, data: bytes, at: int = 0) -> None:
@@ -465,3 +513,10 @@ class SessionCore:
             self._out.actions.append(action)
         else:
             self._out.actions.insert(at, action)
+
+
+def _passing(n: int, left: int) -> int:
+    """`left`, if `n` octets may pass; a shell that passes more than it may is a bug."""
+    if not 0 < n <= left:
+        raise ValueError(f"{n} octets passed where {left} may be")
+    return left

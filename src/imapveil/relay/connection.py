@@ -32,6 +32,7 @@ from imapveil.protocol.actions import (
 )
 from imapveil.protocol.session import CoreConfig, SessionCore
 from imapveil.records import IdExchange, Record, SessionEnded, Violation
+from imapveil.relay import splice
 from imapveil.relay.deflate import DeflateStream
 from imapveil.relay.recording import RecordingStream
 from imapveil.relay.streams import (
@@ -93,6 +94,7 @@ class Connection:
         "_resume",
         "_shortest",
         "_sink_failed",
+        "_splice_off",
         "_timers",
         "client",
         "core",
@@ -140,6 +142,7 @@ class Connection:
         self._refusal = refusal
         self._resume: trio.Event | None = None  # set when the core wants client data again
         self._sink_failed = False
+        self._splice_off = False  # splice(2) refused these sockets: receive as usual
         self._timers = timers
         self._active = 0.0  # when traffic was last seen (while the timers keep this session)
         self._shortest = self.core.shortest_timeout
@@ -362,6 +365,7 @@ class Connection:
         core = self.core
         from_client = direction is Direction.TO_SERVER
         feed = core.feed_client if from_client else core.feed_server
+        literal_left = core.client_literal_left if from_client else core.server_literal_left
         while not self._closed:
             if from_client and not core.wants_client_data:
                 # The client must wait for the server (its greeting, a "+" for a literal, an
@@ -369,6 +373,10 @@ class Connection:
                 # its own socket buffers (TCP backpressure), not in ours.
                 paused = self._resume = trio.Event()
                 await paused.wait()
+                continue
+            if literal_left() >= splice.SPLICE_MIN and (dest := self._splice_to(source)):
+                if not await self._splice(source, dest, from_client):
+                    return
                 continue
             try:
                 data = await source.receive()
@@ -389,6 +397,77 @@ class Connection:
             if resume is not None and (core.wants_client_data or core.closed):
                 self._resume = None
                 resume.set()
+
+    def _splice_to(self, source: Leg) -> Leg | None:
+        """Where the literal octets that follow (at least `SPLICE_MIN` the core need not read)
+        are spliced to (`relay/splice.py`) when both legs are plain TCP. None: receive them."""
+        if not splice.AVAILABLE or self._splice_off:
+            return None
+        dest = self.server if source is self.client else self.client
+        if dest is None or dest.broken or not dest.plain_socket() or not source.plain_socket():
+            return None
+        return dest
+
+    async def _splice(self, source: Leg, dest: Leg, from_client: bool) -> bool:
+        """The rest of the current literal from `source` to `dest` in the kernel, each pipeful
+        counted by the core before it goes out, as received octets are. False: the session is
+        over (the source closed or reset, or a send failed), with its records."""
+        core = self.core
+        left_of = core.client_literal_left if from_client else core.server_literal_left
+        sock = source.plain_socket()
+        assert sock is not None
+        try:
+            pipe = splice.Pipe(sock)
+        except OSError as exc:  # out of descriptors, say: receive as usual
+            log.debug("session %s: no pipe: %s", core.session_id, describe(exc))
+            self._splice_off = True
+            return True
+        splice.totals.literals += 1
+        try:
+            while (left := left_of()) and not self._closed:
+                try:
+                    n = await pipe.fill(left)
+                except splice.Unsupported as exc:
+                    log.debug("session %s: no splice: %s", core.session_id, exc)
+                    self._splice_off = True
+                    return True
+                except trio.ClosedResourceError:
+                    return False
+                except OSError as exc:
+                    log.debug("session %s: %s reset: %s", core.session_id, source.name, exc)
+                    n = 0
+                if not await self._spliced(dest, pipe, n, from_client):
+                    return False
+        finally:
+            pipe.close()
+        return True
+
+    async def _spliced(self, dest: Leg, pipe: splice.Pipe, n: int, from_client: bool) -> bool:
+        """`n` octets from the source are in the pipe (0: it closed): the core counts them, then
+        they go out. False: the session is over."""
+        core, now = self.core, trio.current_time()
+        if not n:
+            closed = core.client_closed if from_client else core.server_closed
+            await self._apply(closed(now))
+            return False
+        if n <= (core.client_literal_left() if from_client else core.server_literal_left()):
+            (core.passed_client if from_client else core.passed_server)(n, now)
+            try:
+                await dest.send_pipe(pipe)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                self._emit_all(core.failed(f"send to {dest.name}: {describe(exc)}", now))
+                self._close()
+                return False
+        else:
+            # The core changed its mind while the octets came (it is closing): it reads them.
+            feed = core.feed_client if from_client else core.feed_server
+            await self._apply(feed(pipe.take(), now))
+            resume = self._resume
+            if resume is not None and (core.wants_client_data or core.closed):
+                self._resume = None
+                resume.set()
+        self._touch()
+        return True
 
     async def _apply(self, actions: list[Action]) -> None:
         """Carry out the core's actions in order.

@@ -18,6 +18,8 @@ from typing import Any
 import trio
 from trio.lowlevel import wait_readable, wait_writable
 
+from imapveil.relay.splice import Pipe
+
 RECEIVE_SIZE = 256 * 1024
 IOV_MAX = 1024
 """Buffers one writev(2) takes at most (Linux's UIO_MAXIOV)."""
@@ -91,6 +93,29 @@ class Leg:
         finally:
             lock.release()
 
+    async def send_pipe(self, pipe: Pipe) -> None:
+        """Everything `pipe` holds to this plain TCP leg (splice(2)), under the write lock: no
+        other bytes go out between octets of a literal. Raises as `send_many` does."""
+        lock = self.write_lock
+        if lock.locked():
+            await lock.acquire()
+        else:
+            lock.acquire_nowait()  # as in `send_many`
+        try:
+            await pipe.drain(_fileno(self.stream))
+        except BaseException:
+            self.broken = True
+            raise
+        finally:
+            lock.release()
+
+    def plain_socket(self) -> trio.socket.SocketType | None:
+        """The open socket of a plain TCP leg (no TLS, no COMPRESS), None otherwise."""
+        stream = self.stream
+        if type(stream) is not trio.SocketStream or stream.socket.fileno() < 0:
+            return None
+        return stream.socket
+
     async def close_gracefully(self) -> None:
         """Half-close, let the peer read what we sent, then close.
 
@@ -111,6 +136,14 @@ class Leg:
                 pass
         with contextlib.suppress(Exception):
             await trio.aclose_forcefully(stream)
+
+
+def _fileno(stream: trio.abc.Stream) -> int:
+    assert isinstance(stream, trio.SocketStream)
+    fd = stream.socket.fileno()
+    if fd < 0:
+        raise trio.ClosedResourceError("the leg is closed")
+    return fd
 
 
 async def _send_fd(fd: int, chunks: list[bytes | memoryview]) -> None:
