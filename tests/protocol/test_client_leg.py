@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from imapveil.protocol import lexer
 from imapveil.protocol.capabilities import KNOWN, LegState, mediate, rewrite
 from imapveil.protocol.client_leg import Step, UpstreamStartTls, UpstreamTlsError
 from tests.helpers.feeding import Splitter
@@ -108,3 +111,33 @@ def test_strict_mediation_keeps_only_known_capabilities() -> None:
 def test_rewrite_says_none_when_nothing_changes() -> None:
     assert rewrite(b"IMAP4rev1 IDLE", LEG) is None
     assert rewrite(b"IMAP4rev1 STARTTLS IDLE", LEG) == b"IMAP4rev1 IDLE"
+
+
+@given(
+    st.lists(
+        st.sampled_from([b"IMAP4rev1", b"STARTTLS", b"AUTH=PLAIN", b"AUTH=SCRAM-SHA-1-PLUS",
+                         b"COMPRESS=DEFLATE", b"X-ODD", b"LOGINDISABLED", b"IDLE", b"CLIENTID"]),
+        max_size=12,
+    ),
+    st.builds(
+        LegState,
+        st.sampled_from(["off", "offer", "require"]),
+        st.booleans(), st.booleans(), st.booleans(), st.booleans(), st.booleans(),
+    ),
+    st.integers(0, 5000),
+)  # fmt: skip
+def test_capability_lists_mediated_once_per_text_are_mediated_alike(
+    tokens: list[bytes], leg: LegState, padding: int
+) -> None:
+    """Lists up to 4 KiB are mediated once per text and leg state and shared by the sessions;
+    longer ones every time: either way the answer is the one `mediate` gives."""
+    args = b" ".join([*tokens, b"X" * padding])
+    first, again = rewrite(args, leg), rewrite(args, leg)
+    expected = mediate(args.split(), leg)
+    assert first == again == (None if expected == args.split() else b" ".join(expected))
+    short = lexer.capabilities(args)
+    assert (
+        short
+        == lexer.capabilities(bytes(args))
+        == {t.upper().decode() for t in args.split() if len(t) <= 128}
+    )

@@ -9,6 +9,7 @@ them); `strict` keeps only what the proxy knows (RFC 2971 §5 asks intermediarie
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 # What the proxy knows it relays correctly (RFC 9051 and the extensions clients use).
@@ -57,8 +58,23 @@ def mediate(tokens: list[bytes], leg: LegState) -> list[bytes]:
     return out
 
 
+CACHED = 4096
+"""Capability lists up to this long are mediated once per text and leg state, not per session
+(every session of a server sees the same two or three lists): the cache holds at most 256 of
+them, so at most 1 MiB whatever a server sends."""
+
+
 def rewrite(args: bytes, leg: LegState) -> bytes | None:
     """The mediated list for the text after CAPABILITY, or None if nothing changes."""
+    if len(args) <= CACHED:
+        return _cached(args, leg)
+    return _rewrite(args, leg)
+
+
+def _rewrite(args: bytes, leg: LegState) -> bytes | None:
     tokens = args.split()
     mediated = mediate(tokens, leg)
     return None if mediated == tokens else b" ".join(mediated)
+
+
+_cached = functools.lru_cache(maxsize=256)(_rewrite)

@@ -7,6 +7,7 @@ proxy only needs to know enough to follow the conversation.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -154,7 +155,18 @@ def status_and_code(rest: bytes) -> tuple[str | None, str | None, bytes]:
 
 
 def capabilities(args: bytes) -> frozenset[str]:
-    """Capability names from the text after `CAPABILITY`, upper-cased."""
+    """Capability names from the text after `CAPABILITY`, upper-cased. Lists up to 4 KiB are
+    read once per text (every session of a server gets the same few): at most 256 of them are
+    kept, 1 MiB whatever a server sends, and sessions share the same set."""
+    if len(args) <= 4096:
+        return _capabilities_cached(args)
+    return _capabilities(args)
+
+
+def _capabilities(args: bytes) -> frozenset[str]:
     return frozenset(
         a.upper().decode("ascii", "replace") for a in strip_eol(args).split() if len(a) <= 128
     )
+
+
+_capabilities_cached = functools.lru_cache(maxsize=256)(_capabilities)
