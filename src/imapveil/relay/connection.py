@@ -86,7 +86,6 @@ class Connection:
         "_active",
         "_closed",
         "_endpoints",
-        "_first_client_data",
         "_idle",
         "_implicit_tls",
         "_pumps",
@@ -115,7 +114,6 @@ class Connection:
         sink: Sink,
         timers: Timers,
         client_endpoints: tuple[tuple[str, int], tuple[str, int]] | None = None,
-        first_client_data: bytes = b"",
         refusal: tuple[str, str] | None = None,
         implicit_tls: bool = False,
     ) -> None:
@@ -138,7 +136,6 @@ class Connection:
         self._pumps: trio.CancelScope | None = None
         self._idle: trio.CancelScope | None = None
         self._endpoints = client_endpoints  # (client, the address it connected to)
-        self._first_client_data = first_client_data  # what followed a PROXY header
         self._refusal = refusal
         self._resume: trio.Event | None = None  # set when the core wants client data again
         self._sink_failed = False
@@ -227,8 +224,6 @@ class Connection:
                 return
         if self.settings.upstream_tls != "plain" and not await self._upstream_tls():
             return
-        if self._first_client_data:
-            await self._apply(self.core.feed_client(self._first_client_data, trio.current_time()))
         # Two tasks per session, no more: memory per idle session is a design constraint.
         # The timeouts are the timers' (one task for all sessions): `expire` cancels `idle`.
         with trio.CancelScope() as idle:
