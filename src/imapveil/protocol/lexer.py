@@ -7,6 +7,7 @@ proxy only needs to know enough to follow the conversation.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 # RFC 9051: atom-specials are "(" / ")" / "{" / SP / CTL / list-wildcards / quoted-specials /
@@ -138,8 +139,28 @@ def status_and_code(rest: bytes) -> tuple[str | None, str | None, bytes]:
     return st.decode(), code.upper().decode("ascii"), args
 
 
+CAPABILITY_CACHE_SIZE = 32
+"""Distinct capability lists remembered (a server sends a few: before and after login, TLS)."""
+CAPABILITY_CACHE_TEXT = 2048
+"""Longer lists are parsed every time and not kept: what the cache holds stays small (about
+CAPABILITY_CACHE_SIZE times a few tens of KiB at most) whatever a server sends."""
+
+
 def capabilities(args: bytes) -> frozenset[str]:
-    """Capability names from the text after `CAPABILITY`, upper-cased."""
+    """Capability names from the text after `CAPABILITY`, upper-cased.
+
+    The same server sends the same list to every session: the parsed set (immutable) is shared
+    by them instead of each session keeping its own copy (about 4 KiB for Dovecot's list).
+    """
+    if len(args) > CAPABILITY_CACHE_TEXT:
+        return _capabilities(args)
+    return _cached_capabilities(args)
+
+
+def _capabilities(args: bytes) -> frozenset[str]:
     return frozenset(
         a.upper().decode("ascii", "replace") for a in strip_eol(args).split() if len(a) <= 128
     )
+
+
+_cached_capabilities = functools.lru_cache(maxsize=CAPABILITY_CACHE_SIZE)(_capabilities)
