@@ -113,7 +113,9 @@ class Commands:
         self.literal_hidden = False  # the literal waiting for "+" was {N+}: the "+" is ours
         self.discarded = 0  # octets skipped for the refused command being discarded
         self.current: Command | None = None  # the command whose fragments are arriving
-        self.pending: dict[bytes, deque[Command]] = {}
+        # Commands waiting for their tagged answer, by tag, oldest first: nearly always one a
+        # tag, kept in a 1-tuple (48 octets; a deque is 600), a deque once a tag is reused.
+        self.pending: dict[bytes, tuple[Command] | deque[Command]] = {}
         self.sasl_command: Command | None = None
         self.idle_command: Command | None = None
         self.logout_done = False
@@ -189,7 +191,7 @@ class Commands:
             busy = bool(self.pending) or self.gate is not None or not self.out.can_speak
             return Verdict.WITHHOLD if self.leg.answer(cmd, args, line, busy=busy) else Verdict.STOP
         cmd.depth = frag.depth
-        self.pending.setdefault(tag, deque()).append(cmd)
+        self._remember(tag, cmd)
         self.current = cmd
         relay: Fate = Verdict.RELAY
         if verb == b"ID":
@@ -207,6 +209,16 @@ class Commands:
             cmd.select_mailbox(args)
         fate = self._fragment_end(cmd, line, frag)
         return relay if fate is Verdict.RELAY else fate
+
+    def _remember(self, tag: bytes, cmd: Command) -> None:
+        """`cmd` awaits its tagged answer (see `pending`)."""
+        queue = self.pending.get(tag)
+        if queue is None:
+            self.pending[tag] = (cmd,)
+        elif isinstance(queue, deque):
+            queue.append(cmd)
+        else:
+            self.pending[tag] = deque((*queue, cmd))
 
     def _refuse(self, tag: bytes | None, verb: bytes, frag: classify.Fragment, size: int) -> Fate:
         """A command the proxy cannot read: answered BAD by the proxy, never forwarded.
@@ -402,8 +414,12 @@ class Commands:
         if not queue:
             self.out.violation("server", "unknown_tag", f"tag of {len(tag)} octets")
             return
-        cmd = queue.popleft()
-        if not queue:
+        if isinstance(queue, deque):
+            cmd = queue.popleft()
+            if not queue:
+                del self.pending[tag]
+        else:
+            cmd = queue[0]
             del self.pending[tag]
         self._complete(cmd, status, code)
 
