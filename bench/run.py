@@ -368,6 +368,10 @@ async def _idle(
     if proxy:
         out["KiB/session"] = per_session / 1024
         out["setup CPU ms/session"] = setup * 1000
+    print(
+        f"    {n} idle sessions, {'TLS' if tls else 'plain'}, port {address[1]}: {out}",
+        file=sys.stderr,
+    )
     return out
 
 
@@ -544,15 +548,19 @@ async def _rounds(rounds: int, runs: list[Run]) -> None:
 
 
 def start_proxy(work: Path, dovecot: Dovecot, cert: Path, key: Path) -> ProxyProcess:
+    """An `imapveil serve` with an event log and a statistics store of its own (a store and its
+    spool serve one process: a second one would find them in use and drop its rows)."""
     port, tls_port = free_port(), free_port()
+    own = work / f"imapveil-{port}"
+    own.mkdir()
     process = subprocess.Popen(
         [sys.executable, "-m", "imapveil", "serve",
          "--listen", f"127.0.0.1:{port}",
          "--listen-tls", f"127.0.0.1:{tls_port}", "--cert", str(cert), "--key", str(key),
          "--upstream", f"127.0.0.1:{dovecot.port}",
-         "--events", str(work / "events.jsonl"),
-         "--store", str(work / "stats.sqlite"),
-         "--user-key-file", str(work / "user-key"),
+         "--events", str(own / "events.jsonl"),
+         "--store", str(own / "stats.sqlite"),
+         "--user-key-file", str(work / "user-key"), "--proxy-name", f"bench-{port}",
          "--max-sessions-per-client", "100000", "--max-connection-rate", "100000",
          "--log-level", "warning"],
         start_new_session=True,
@@ -584,14 +592,35 @@ def wait_port(port: int, process: subprocess.Popen[bytes]) -> None:
             time.sleep(0.02)  # polling for the port
 
 
-def raise_limits(n: int) -> dict[Path, str]:
-    """File descriptors for us and our children; inotify instances for Dovecot's IDLE."""
+RELAY_FDS = 100
+"""Descriptors a relay process holds besides its sessions' two sockets (listeners, the store, its
+journal and spool, the event log, trio's own) with room to spare."""
+
+
+def idle_sessions_that_fit(n: int) -> int:
+    """`n`, or fewer if one relay process may not open two sockets for each (RLIMIT_NOFILE: root
+    may raise the hard limit only with CAP_SYS_RESOURCE, which a container often lacks). Raises
+    the limit for us and our children as far as allowed."""
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = max(hard, 4 * n + 4096)  # the proxy holds two sockets per session
+    want = max(hard, 2 * n + RELAY_FDS)
     try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))  # root may raise the hard limit
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))
     except (ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        want = hard
+    fits = (want - RELAY_FDS) // 2
+    if fits < n:
+        print(
+            f"open files are limited to {want} a process (hard limit; raising it needs"
+            f" CAP_SYS_RESOURCE): a relay holds two sockets a session, so {fits} idle sessions,"
+            f" not {n}",
+            file=sys.stderr,
+        )
+    return min(n, fits)
+
+
+def raise_limits(n: int) -> dict[Path, str]:
+    """Inotify instances for Dovecot's IDLE (see `idle_sessions_that_fit` for descriptors)."""
     restore = {}
     path = Path("/proc/sys/fs/inotify/max_user_instances")
     try:
@@ -622,9 +651,11 @@ default_process_limit = {2 * n // IMAP_CLIENTS_PER_PROCESS + 100}
 default_client_limit = {clients}
 default_vsz_limit = 0
 service imap-login {{
-  # High-performance mode: a few login processes, each proxying many TLS sessions.
+  # High-performance mode: a few login processes, each proxying many TLS sessions (two
+  # descriptors each: more login processes as they fill).
   service_count = 0
   process_min_avail = 2
+  client_limit = {min(clients, 4000)}
 }}
 service anvil {{
   client_limit = {clients}
@@ -664,7 +695,9 @@ def main() -> None:
         print(report.get("about", args.show))
         print(table(report["rows"]))
         return
-    n = args.idle_sessions or (10_000 if args.full else 1_000)
+    n = args.idle_sessions = idle_sessions_that_fit(
+        args.idle_sessions or (10_000 if args.full else 1_000)
+    )
     restore = raise_limits(n)
     work = Path(tempfile.mkdtemp(prefix="imapveil-bench-"))
     work.chmod(0o755)
