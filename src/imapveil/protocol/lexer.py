@@ -123,20 +123,24 @@ def read_astring(data: bytes, pos: int) -> tuple[bytes, int] | None:
     return data[pos:end], end
 
 
+_STATUS_NAMES = {s: s.decode() for s in (b"OK", b"NO", b"BAD", b"BYE", b"PREAUTH")}
+"""One string for each status, shared (the records and the statistics keep it)."""
+
+
 def status_and_code(rest: bytes) -> tuple[str | None, str | None, bytes]:
     """For `OK [CODE ...] text` (after the tag or `* `): status, code atom, and the code's args."""
     status, pos = read_atom(rest, 0, 8)
-    st = status.upper()
-    if st not in (b"OK", b"NO", b"BAD", b"BYE", b"PREAUTH"):
+    st = _STATUS_NAMES.get(status.upper())
+    if st is None:
         return None, None, b""
     if rest[pos : pos + 2] != b" [":
-        return st.decode(), None, b""
+        return st, None, b""
     code, cpos = read_atom(rest, pos + 2, 64)
     if not code:
-        return st.decode(), None, b""
+        return st, None, b""
     close = rest.find(b"]", cpos)
     args = rest[cpos + 1 : close] if close > cpos else b""
-    return st.decode(), code.upper().decode("ascii"), args
+    return st, code.upper().decode("ascii"), args
 
 
 CAPABILITY_CACHE_SIZE = 32

@@ -281,6 +281,8 @@ _TOKENISED = frozenset(
         b"COMPRESS",
     )
 )
+# A known verb's step, one string shared by every session that takes the step.
+_STEP_NAMES = {v: v.decode() for v in (*_BASE_VERBS, *_VERB_EXTENSIONS, *_TOKENISED)}
 _FETCHES = frozenset((b"FETCH", b"UID FETCH"))
 _STORES = frozenset((b"STORE", b"UID STORE"))
 # Commands whose first argument is a sequence set, where `$` is a saved search (RFC 5182).
@@ -597,16 +599,16 @@ class Traits:
 
     def _read_search(self, verb: bytes, tokens: list[bytes]) -> str:
         self._words(tokens, _SEARCH_WORDS)
-        return verb.decode()
+        return _STEP_NAMES.get(verb) or verb.decode()
 
     def _read_sort(self, verb: bytes, tokens: list[bytes]) -> str:
         self._words(tokens, _SORT_WORDS)
-        return verb.decode()
+        return _STEP_NAMES.get(verb) or verb.decode()
 
     def _read_thread(self, verb: bytes, tokens: list[bytes]) -> str:
         self.extensions.add(_THREAD.get(tokens[0], OTHER) if tokens else OTHER)
         self._words(tokens[1:], _SEARCH_WORDS)
-        return verb.decode()
+        return _STEP_NAMES.get(verb) or verb.decode()
 
     def _read_enable(self, verb: bytes, tokens: list[bytes]) -> str:
         names: list[str] = []
@@ -695,12 +697,12 @@ class Traits:
             self.extensions.add("UTF8=ACCEPT")
         if b"CATENATE" in tokens:
             self.extensions.add("CATENATE")
-        return verb.decode()
+        return _STEP_NAMES.get(verb) or verb.decode()
 
     def _read_create(self, verb: bytes, tokens: list[bytes]) -> str:
         if b"USE" in tokens[1:]:
             self.extensions.add("CREATE-SPECIAL-USE")
-        return verb.decode()
+        return _STEP_NAMES.get(verb) or verb.decode()
 
     def _read_compress(self, verb: bytes, tokens: list[bytes]) -> str:
         if tokens == [b"DEFLATE"]:
@@ -737,9 +739,7 @@ def _pattern(tokens: list[bytes], at: int) -> str:
 
 def _simple_step(verb: bytes) -> str:
     """The step of a command whose arguments the signature ignores: its verb, if known."""
-    if verb in _BASE_VERBS or verb in _VERB_EXTENSIONS or verb in _TOKENISED:
-        return verb.decode()
-    return OTHER
+    return _STEP_NAMES.get(verb, OTHER)
 
 
 def known_verb(verb: str) -> str:
