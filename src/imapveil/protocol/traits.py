@@ -408,7 +408,9 @@ class Traits:
         self._window = True
         self._after_login = False
         self._steps: list[str] = []
-        self._seen: set[tuple[bool, str]] = set()  # (after login, step): each once per phase
+        # (after login, step): each once per phase; only while the window is open (then None:
+        # a session outlives its window by hours, an idle one holding nothing it no longer needs).
+        self._seen: set[tuple[bool, str]] | None = set()
         self._folder_repeats = 0  # per-folder commands that repeated a step (not counted)
         self._current = b""  # the verb of the command whose fragments are arriving
         self._verb: bytes | None = None  # the same, while its arguments are being tokenised
@@ -570,24 +572,30 @@ class Traits:
             self._step(verb, step)
 
     def _step(self, verb: bytes, step: str) -> None:
-        steps = self._steps
+        steps, seen = self._steps, self._seen
+        if seen is None:  # the window is closed (the callers look first)
+            return
         key = (self._after_login, step)
         if verb in _LOGINS:
             self._after_login = True
-        if key not in self._seen:
+        if key not in seen:
             # The text is the head, then each step and "; ", less the last "; ". A step that
             # would leave no room for a closing "…" closes the window with it instead.
             used = _HEAD_MAX + sum(len(s) + 2 for s in steps)
             if len(steps) >= WINDOW_STEPS or used + len(step) + 2 + len("…") > MAX_TEXT:
                 steps.append("…")
-                self._window = False
+                self._close_window()
                 return
-            self._seen.add(key)
+            seen.add(key)
             steps.append(step)
         elif verb in _PER_FOLDER:
             self._folder_repeats += 1
         if verb in _WINDOW_ENDS or self.read - self._folder_repeats >= WINDOW_COMMANDS:
-            self._window = False
+            self._close_window()
+
+    def _close_window(self) -> None:
+        self._window = False
+        self._seen = None
 
     # The readers of tokenised commands: each notes extensions and returns the step.
 
