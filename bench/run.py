@@ -13,6 +13,16 @@ it reports what each relay process costs: CPU (user + system) per NOOP round tri
 bulk, per churned session and per IDLE session set up, and memory per IDLE session. The machine
 is shared and noisy: compare within one run, and prefer the CPU figures, which load disturbs
 least, to the wall-clock ones.
+
+The idle workloads (plain, and TLS on the client leg: imapveil's implicit TLS listener beside
+Dovecot's imaps port) hold N sessions in IDLE, each its own user, then deliver one message to
+every mailbox and time until every session has seen its EXISTS. Each measurement starts its own
+relay process, so KiB/session (PSS growth over N) is not hidden by memory an earlier workload
+freed; `--profile` covers the shared relay of the other workloads only. Dovecot serves 100
+sessions per imap process (`dovecot_limits`). A relay holds two sockets a session: where the
+open-files limit cannot be raised far enough, N is lowered to what fits, and said.
+
+    python bench/run.py --only idle --rounds 3 --idle-sessions 10000
 """
 
 from __future__ import annotations
@@ -60,8 +70,10 @@ class Imap:
         self.tag = 0
 
     @classmethod
-    async def connect(cls, address: Address, tls: ssl.SSLContext | None = None) -> Imap:
-        stream: trio.abc.Stream = await trio.open_tcp_stream(*address)
+    async def connect(
+        cls, address: Address, tls: ssl.SSLContext | None = None, source: str | None = None
+    ) -> Imap:
+        stream: trio.abc.Stream = await trio.open_tcp_stream(*address, local_address=source)
         if tls is not None:
             stream = trio.SSLStream(stream, tls, server_hostname="127.0.0.1")
         client = cls(stream)
@@ -110,8 +122,10 @@ class Imap:
         await trio.aclose_forcefully(self.stream)
 
 
-async def logged_in(address: Address, user: str, tls: ssl.SSLContext | None = None) -> Imap:
-    c = await Imap.connect(address, tls)
+async def logged_in(
+    address: Address, user: str, tls: ssl.SSLContext | None = None, source: str | None = None
+) -> Imap:
+    c = await Imap.connect(address, tls, source)
     await c.command(b"LOGIN " + user.encode() + b" pw")
     return c
 
@@ -257,9 +271,69 @@ async def churn(
     return out
 
 
+SOURCES = [f"127.0.0.{i}" for i in range(1, 17)]
+"""Client source addresses for the idle workload, taken in turn: 10,000 sessions a target, three
+targets a round, each leaving its connections in TIME_WAIT, would crowd one address's ephemeral
+ports."""
+
+
+class IdleUsers:
+    """Users for the idle workload: one a session, in two sets used in turn.
+
+    Dovecot serves many sessions per imap process here (`dovecot_limits`), and Dovecot 2.3 does
+    not wake an IDLE when another session of the same user in the same process watches the same
+    mailbox (it falls back to polling, every 30 s): so no two sessions share a user, and a run
+    never reuses the users of the run just before it, whose sessions may still be closing."""
+
+    def __init__(self, n: int) -> None:
+        self.sets = [[f"i{k}x{i}" for i in range(n)] for k in range(2)]
+        self.turn = 0
+
+    def take(self) -> list[str]:
+        users = self.sets[self.turn % len(self.sets)]
+        self.turn += 1
+        return users
+
+    def all(self) -> dict[str, str]:
+        return {user: "pw" for users in self.sets for user in users}
+
+
+def deliver(dovecot: Dovecot, users: list[str]) -> None:
+    """One new message into each user's INBOX, delivered as an MTA does into a Maildir (written
+    in tmp/, renamed into new/): what wakes the idle sessions, the same for every target and
+    cheaper than an APPEND a user."""
+    message = b"Subject: ping\r\n\r\nhi\r\n"
+    stamp = time.time_ns()
+    for user in users:
+        box = dovecot.maildir(user) / "Maildir"
+        name = f"{stamp}.{user}.imapveil-bench"
+        (box / "tmp" / name).write_bytes(message)
+        os.chown(box / "tmp" / name, dovecot.mail_uid, dovecot.mail_gid)
+        os.rename(box / "tmp" / name, box / "new" / name)
+
+
+IdleTarget = Callable[[], tuple[Address, "ProxyProcess | None"]]
+"""Where an idle measurement connects, and the relay process it measures (freshly started)."""
+
+
 async def idle(
-    address: Address, direct: Address, proxy: ProxyProcess | None, n: int
+    target: IdleTarget, tls: Tls, dovecot: Dovecot, users: IdleUsers
 ) -> dict[str, float]:
+    """Each measurement has a relay process of its own, started for it: memory an earlier
+    workload freed (which Python keeps, and reuses) would hide what the sessions cost."""
+    address, proxy = target()
+    try:
+        return await _idle(address, tls, dovecot, users, proxy)
+    finally:
+        if proxy is not None:
+            stop_group(proxy.process, signal.SIGTERM)
+
+
+async def _idle(
+    address: Address, tls: Tls, dovecot: Dovecot, users: IdleUsers, proxy: ProxyProcess | None
+) -> dict[str, float]:
+    mine = users.take()
+    n = len(mine)
     clients: list[Imap] = []
     before = proxy.memory() if proxy else 0
     cpu = proxy.cpu() if proxy else {}
@@ -267,7 +341,7 @@ async def idle(
 
     async def open_one(i: int) -> None:
         async with limit:
-            c = await logged_in(address, f"u{i % len(USERS)}")
+            c = await logged_in(address, mine[i], tls, SOURCES[i % len(SOURCES)])
             await c.command(b"SELECT INBOX")
             await c.stream.send_all(b"i IDLE\r\n")
             while not (await c.line()).startswith(b"+"):
@@ -291,23 +365,26 @@ async def idle(
             everyone.set()
 
     start = time.perf_counter()
+    cpu = proxy.cpu() if proxy else {}
     async with trio.open_nursery() as nursery:
         for c in clients:
             nursery.start_soon(wait_exists, c)
-        message = b"Subject: ping\r\n\r\nhi\r\n"
-        for user in USERS:
-            a = await logged_in(direct, user)
-            await a.command(b"APPEND INBOX {%d+}\r\n%s" % (len(message), message))
-            await a.close()
+        await trio.to_thread.run_sync(deliver, dovecot, mine)
         with trio.fail_after(120):
             await everyone.wait()
     elapsed = time.perf_counter() - start
+    notify = proxy.cpu_since(cpu) / n if proxy else 0.0
     for c in clients:
         await c.close()
     out = {"all notified s": elapsed}
     if proxy:
         out["KiB/session"] = per_session / 1024
         out["setup CPU ms/session"] = setup * 1000
+        out["notify CPU us/session"] = notify * 1e6
+    print(
+        f"    {n} idle sessions, {'TLS' if tls else 'plain'}, port {address[1]}: {out}",
+        file=sys.stderr,
+    )
     return out
 
 
@@ -341,9 +418,6 @@ def summarize(results: list[Result]) -> list[dict[str, Any]]:
                 row[column] = statistics.median(measured)
                 row[f"{column}_min"], row[f"{column}_max"] = min(measured), max(measured)
                 row[f"{column}_rounds"] = measured
-                if metric == "KiB/session":
-                    # Later rounds reuse memory the first one freed: the first is the honest one.
-                    row[column] = measured[0]
             if "direct" in row:
                 row["ratio"] = row["imapveil"] / row["direct"]
                 if "naive" in row:
@@ -381,13 +455,20 @@ def table(rows: list[dict[str, Any]]) -> str:
 Workload = Callable[[Address, Tls, "ProxyProcess | None"], Awaitable[dict[str, float]]]
 
 
+@dataclass
+class Relays:
+    """The relays under test, and how to start fresh ones (for the idle workloads)."""
+
+    imapveil: ProxyProcess
+    naive: ProxyProcess
+    fresh_imapveil: Callable[[], ProxyProcess]
+    fresh_naive: Callable[[], ProxyProcess]
+
+
 async def run(
-    args: argparse.Namespace,
-    dovecot: Dovecot,
-    proxy: ProxyProcess,
-    ca: trustme.CA,
-    naive: ProxyProcess,
+    args: argparse.Namespace, dovecot: Dovecot, relays: Relays, ca: trustme.CA
 ) -> list[Result]:
+    proxy, naive = relays.imapveil, relays.naive
     tls = ssl.create_default_context()
     ca.configure_trust(tls)
     seconds = 10.0 if args.full else 3.0
@@ -423,19 +504,46 @@ async def run(
         await _rounds(args.rounds, runs)
         results.append(result)
         print(f"  {name}: done", file=sys.stderr)
+    results += await run_idle(args, dovecot, relays, tls)
+    return results
+
+
+async def run_idle(
+    args: argparse.Namespace, dovecot: Dovecot, relays: Relays, tls: ssl.SSLContext
+) -> list[Result]:
     n = args.idle_sessions or (10_000 if args.full else 1_000)
-    if args.only and args.only not in "idle":
-        return results
-    result = Result(f"idle ({n} sessions)")
-    await _rounds(
-        args.rounds,
-        [
-            (result.direct, functools.partial(idle, plain[0], plain[0], None, n)),
-            (result.proxied, functools.partial(idle, plain[1], plain[0], proxy, n)),
-            (result.naive, functools.partial(idle, naive_address, plain[0], naive, n)),
-        ],
-    )
-    results.append(result)
+    users = IdleUsers(n)
+
+    def direct(address: Address) -> IdleTarget:
+        return lambda: (address, None)
+
+    def through(start: Callable[[], ProxyProcess], tls_leg: bool) -> IdleTarget:
+        def target() -> tuple[Address, ProxyProcess | None]:
+            relay = start()
+            return ("127.0.0.1", relay.tls_port if tls_leg else relay.port), relay
+
+        return target
+
+    plan: list[tuple[str, Tls, IdleTarget, IdleTarget, IdleTarget | None]] = [
+        (f"idle ({n} sessions)", None, direct(dovecot.address),
+         through(relays.fresh_imapveil, False), through(relays.fresh_naive, False)),
+        (f"idle, TLS client leg ({n})", tls, direct(dovecot.tls_address),
+         through(relays.fresh_imapveil, True), None),
+    ]  # fmt: skip
+    results = []
+    for name, context, to_dovecot, to_imapveil, to_naive in plan:
+        if args.only and args.only not in name:
+            continue
+        result = Result(name)
+        runs: list[Run] = [
+            (result.direct, functools.partial(idle, to_dovecot, context, dovecot, users)),
+            (result.proxied, functools.partial(idle, to_imapveil, context, dovecot, users)),
+        ]
+        if to_naive is not None:  # the naive relay speaks no TLS
+            runs.append((result.naive, functools.partial(idle, to_naive, None, dovecot, users)))
+        await _rounds(args.rounds, runs)
+        results.append(result)
+        print(f"  {name}: done", file=sys.stderr)
     return results
 
 
@@ -453,21 +561,36 @@ async def _rounds(rounds: int, runs: list[Run]) -> None:
 
 
 def start_proxy(work: Path, dovecot: Dovecot, cert: Path, key: Path) -> ProxyProcess:
+    """An `imapveil serve` with an event log and a statistics store of its own (a store and its
+    spool serve one process: a second one would find them in use and drop its rows)."""
     port, tls_port = free_port(), free_port()
+    own = work / f"imapveil-{port}"
+    own.mkdir()
     process = subprocess.Popen(
         [sys.executable, "-m", "imapveil", "serve",
          "--listen", f"127.0.0.1:{port}",
          "--listen-tls", f"127.0.0.1:{tls_port}", "--cert", str(cert), "--key", str(key),
          "--upstream", f"127.0.0.1:{dovecot.port}",
-         "--events", str(work / "events.jsonl"),
-         "--store", str(work / "stats.sqlite"),
-         "--user-key-file", str(work / "user-key"),
+         "--events", str(own / "events.jsonl"),
+         "--store", str(own / "stats.sqlite"),
+         "--user-key-file", str(work / "user-key"), "--proxy-name", f"bench-{port}",
          "--max-sessions-per-client", "100000", "--max-connection-rate", "100000",
          "--log-level", "warning"],
         start_new_session=True,
     )  # fmt: skip
     wait_port(port, process)
     return ProxyProcess(process, port, tls_port)
+
+
+def start_naive(dovecot: Dovecot) -> ProxyProcess:
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("naive_relay.py")), str(port),
+         str(dovecot.port)],
+        start_new_session=True,
+    )  # fmt: skip
+    wait_port(port, process)
+    return ProxyProcess(process, port)
 
 
 def wait_port(port: int, process: subprocess.Popen[bytes]) -> None:
@@ -482,24 +605,83 @@ def wait_port(port: int, process: subprocess.Popen[bytes]) -> None:
             time.sleep(0.02)  # polling for the port
 
 
-def raise_limits(n: int) -> dict[Path, str]:
-    """File descriptors for us and our children; inotify instances for Dovecot's IDLE."""
+RELAY_FDS = 100
+"""Descriptors a relay process holds besides its sessions' two sockets (listeners, the store, its
+journal and spool, the event log, trio's own) with room to spare."""
+
+
+def idle_sessions_that_fit(n: int) -> int:
+    """`n`, or fewer if one relay process may not open two sockets for each (RLIMIT_NOFILE: root
+    may raise the hard limit only with CAP_SYS_RESOURCE, which a container often lacks). Raises
+    the limit for us and our children as far as allowed."""
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = max(hard, 4 * n + 4096)  # the proxy holds two sockets per session
+    want = max(hard, 2 * n + RELAY_FDS)
     try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))  # root may raise the hard limit
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))
     except (ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        want = hard
+    fits = (want - RELAY_FDS) // 2
+    if fits < n:
+        print(
+            f"open files are limited to {want} a process (hard limit; raising it needs"
+            f" CAP_SYS_RESOURCE): a relay holds two sockets a session, so {fits} idle sessions,"
+            f" not {n}",
+            file=sys.stderr,
+        )
+    return min(n, fits)
+
+
+def raise_limits(n: int) -> dict[Path, str]:
+    """Inotify instances for Dovecot's IDLE (see `idle_sessions_that_fit` for descriptors)."""
     restore = {}
     path = Path("/proc/sys/fs/inotify/max_user_instances")
     try:
         current = path.read_text().strip()
-        if int(current) < n + 500 and os.access(path, os.W_OK):
-            path.write_text(str(n + 500))
+        # One inotify instance an imap process, and Dovecot keeps one per process at most.
+        want = 2 * n // IMAP_CLIENTS_PER_PROCESS + 500
+        if int(current) < want and os.access(path, os.W_OK):
+            path.write_text(str(want))
             restore[path] = current
     except OSError:
         pass
     return restore
+
+
+IMAP_CLIENTS_PER_PROCESS = 100
+"""Sessions one Dovecot imap process serves (Dovecot's default is 1, the safest): 10,000 idle
+sessions as 10,000 processes would not fit the machine (a few MiB each). All the bench's users
+share one system uid, which several users in one process need; and no two idle sessions share a
+user (see `IdleUsers`)."""
+
+
+def dovecot_limits(n: int) -> str:
+    """Dovecot settings for `n` concurrent sessions a target (connections of the previous
+    target may still be closing: room for twice as many)."""
+    clients = 2 * n + 1000
+    return f"""
+default_process_limit = {2 * n // IMAP_CLIENTS_PER_PROCESS + 100}
+default_client_limit = {clients}
+default_vsz_limit = 0
+service imap-login {{
+  # High-performance mode: a few login processes, each proxying many TLS sessions (two
+  # descriptors each: more login processes as they fill).
+  service_count = 0
+  process_min_avail = 2
+  client_limit = {min(clients, 4000)}
+}}
+service anvil {{
+  client_limit = {clients}
+}}
+service auth {{
+  client_limit = {clients}
+}}
+service imap {{
+  service_count = 0
+  client_limit = {IMAP_CLIENTS_PER_PROCESS}
+  process_limit = {2 * n // IMAP_CLIENTS_PER_PROCESS + 100}
+}}
+"""
 
 
 def main() -> None:
@@ -526,7 +708,9 @@ def main() -> None:
         print(report.get("about", args.show))
         print(table(report["rows"]))
         return
-    n = args.idle_sessions or (10_000 if args.full else 1_000)
+    n = args.idle_sessions = idle_sessions_that_fit(
+        args.idle_sessions or (10_000 if args.full else 1_000)
+    )
     restore = raise_limits(n)
     work = Path(tempfile.mkdtemp(prefix="imapveil-bench-"))
     work.chmod(0o755)
@@ -535,27 +719,8 @@ def main() -> None:
     cert, key = work / "cert.pem", work / "key.pem"
     issued.cert_chain_pems[0].write_to_path(cert)
     issued.private_key_pem.write_to_path(key)
-    limits = f"""
-default_process_limit = {n + 500}
-default_client_limit = {2 * n + 1000}
-default_vsz_limit = 0
-service imap-login {{
-  service_count = 0
-  process_min_avail = 2
-}}
-service anvil {{
-  client_limit = {2 * n + 1000}
-}}
-service auth {{
-  client_limit = {2 * n + 1000}
-}}
-service imap {{
-  # One session per imap process (Dovecot's default, and the safest): raise its own limit,
-  # which is 1024 whatever default_process_limit says.
-  process_limit = {n + 500}
-}}
-"""
-    dovecot = Dovecot(USERS, tls=(cert, key), extra_config=limits)
+    limits = dovecot_limits(n)
+    dovecot = Dovecot(USERS | IdleUsers(n).all(), tls=(cert, key), extra_config=limits)
     proxy = None
     naive: subprocess.Popen[bytes] | None = None
     try:
@@ -567,14 +732,14 @@ service imap {{
         for user in list(USERS)[1:]:
             dovecot.seed(user, [b"Subject: small %d\r\n\r\nhello\r\n" % i for i in range(20)])
         proxy = start_proxy(work, dovecot, cert, key)
-        naive_port = free_port()
-        naive = subprocess.Popen(
-            [sys.executable, str(Path(__file__).with_name("naive_relay.py")), str(naive_port),
-             str(dovecot.port)],
-            start_new_session=True,
-        )  # fmt: skip
-        naive_relay = ProxyProcess(naive, naive_port)
-        wait_port(naive_port, naive)
+        naive_relay = start_naive(dovecot)
+        naive = naive_relay.process
+        relays = Relays(
+            proxy,
+            naive_relay,
+            functools.partial(start_proxy, work, dovecot, cert, key),
+            functools.partial(start_naive, dovecot),
+        )
         spy = None
         if args.profile:
             spy = subprocess.Popen(
@@ -585,7 +750,7 @@ service imap {{
             )  # fmt: skip
         load = [os.getloadavg()]
         try:
-            results = trio.run(run, args, dovecot, proxy, ca, naive_relay)
+            results = trio.run(run, args, dovecot, relays, ca)
         except BaseException:
             print("Dovecot's log ends:\n" + dovecot.log_text()[-3000:], file=sys.stderr)
             raise

@@ -39,6 +39,22 @@ def test_a_plain_command_is_relayed_and_completed() -> None:
     assert isinstance(done, CommandCompleted) and done.status == "OK"
 
 
+def test_commands_sharing_a_tag_are_answered_in_the_order_they_were_sent() -> None:
+    p = Parts()
+    for line in (b"a NOOP\r\n", b"a CHECK\r\n", b"b NOOP\r\n", b"a LOGOUT\r\n"):
+        assert p.commands.line(line) is Verdict.RELAY
+    for tag, status in ((b"a", "OK"), (b"b", "OK"), (b"a", "NO"), (b"a", "BAD")):
+        p.commands.answered(tag, status, None)
+    assert not p.commands.pending
+    done = [a.record for a in p.out.actions if isinstance(a, Emit)]
+    assert [(r.tag, r.verb, r.status) for r in done if isinstance(r, CommandCompleted)] == [
+        ("a", "NOOP", "OK"), ("b", "NOOP", "OK"), ("a", "CHECK", "NO"), ("a", "LOGOUT", "BAD"),
+    ]  # fmt: skip
+    p.commands.answered(b"a", "OK", None)  # one answer too many
+    emitted = [a.record for a in p.out.actions if isinstance(a, Emit)]
+    assert [r.kind for r in emitted if isinstance(r, Violation)] == ["unknown_tag"]
+
+
 def test_a_non_synchronizing_literal_goes_out_synchronizing_and_waits() -> None:
     p = Parts()
     assert p.commands.line(b"a APPEND box {5+}\r\n") == b"a APPEND box {5}\r\n"

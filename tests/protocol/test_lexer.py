@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from imapveil.protocol import lexer
 from imapveil.protocol.lexer import (
     LiteralAnnouncement,
     LiteralError,
@@ -115,3 +116,19 @@ def test_status_and_code(rest: bytes, parsed: tuple[str | None, str | None, byte
 def test_capabilities_are_upper_cased_and_bounded() -> None:
     assert capabilities(b"imap4rev1 IDLE auth=PLAIN\r\n") == {"IMAP4REV1", "IDLE", "AUTH=PLAIN"}
     assert capabilities(b"X" * 129 + b" IDLE") == {"IDLE"}
+
+
+def test_capability_lists_are_shared_between_sessions_and_the_cache_is_bounded() -> None:
+    line = b"IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE LITERAL+ AUTH=PLAIN\r\n"
+    first = capabilities(line)
+    assert capabilities(bytes(line)) is first  # one parse, shared (a frozenset: immutable)
+    assert capabilities(line.lower()) == first  # equal input, equal answer, cached or not
+    for i in range(3 * lexer.CAPABILITY_CACHE_SIZE):  # a server sending ever new lists
+        assert capabilities(b"IMAP4rev1 X-%d\r\n" % i) == {"IMAP4REV1", f"X-{i}"}
+    assert lexer._cached_capabilities.cache_info().currsize <= lexer.CAPABILITY_CACHE_SIZE
+    assert capabilities(line) == first  # evicted meanwhile: parsed again, the same
+    long = b" ".join(b"X%05d" % i for i in range(lexer.CAPABILITY_CACHE_TEXT // 6 + 1))
+    before = lexer._cached_capabilities.cache_info()
+    assert len(capabilities(long)) == lexer.CAPABILITY_CACHE_TEXT // 6 + 1  # parsed, not kept
+    assert len(long) > lexer.CAPABILITY_CACHE_TEXT
+    assert lexer._cached_capabilities.cache_info() == before  # not even looked up

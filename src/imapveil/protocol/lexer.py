@@ -138,29 +138,42 @@ def read_astring(data: bytes, pos: int) -> tuple[bytes, int] | None:
     return data[pos:end], end
 
 
+_STATUS_NAMES = {s: s.decode() for s in (b"OK", b"NO", b"BAD", b"BYE", b"PREAUTH")}
+"""One string for each status, shared (the records and the statistics keep it)."""
+
+
 def status_and_code(rest: bytes) -> tuple[str | None, str | None, bytes]:
     """For `OK [CODE ...] text` (after the tag or `* `): status, code atom, and the code's args."""
     status, pos = read_atom(rest, 0, 8)
-    st = status.upper()
-    if st not in (b"OK", b"NO", b"BAD", b"BYE", b"PREAUTH"):
+    st = _STATUS_NAMES.get(status.upper())
+    if st is None:
         return None, None, b""
     if rest[pos : pos + 2] != b" [":
-        return st.decode(), None, b""
+        return st, None, b""
     code, cpos = read_atom(rest, pos + 2, 64)
     if not code:
-        return st.decode(), None, b""
+        return st, None, b""
     close = rest.find(b"]", cpos)
     args = rest[cpos + 1 : close] if close > cpos else b""
-    return st.decode(), code.upper().decode("ascii"), args
+    return st, code.upper().decode("ascii"), args
+
+
+CAPABILITY_CACHE_SIZE = 32
+"""Distinct capability lists remembered (a server sends a few: before and after login, TLS)."""
+CAPABILITY_CACHE_TEXT = 2048
+"""Longer lists are parsed every time and not kept: what the cache holds stays small (about
+CAPABILITY_CACHE_SIZE times a few tens of KiB at most) whatever a server sends."""
 
 
 def capabilities(args: bytes) -> frozenset[str]:
-    """Capability names from the text after `CAPABILITY`, upper-cased. Lists up to 4 KiB are
-    read once per text (every session of a server gets the same few): at most 256 of them are
-    kept, 1 MiB whatever a server sends, and sessions share the same set."""
-    if len(args) <= 4096:
-        return _capabilities_cached(args)
-    return _capabilities(args)
+    """Capability names from the text after `CAPABILITY`, upper-cased.
+
+    The same server sends the same list to every session: the parsed set (immutable) is shared
+    by them instead of each session keeping its own copy (about 4 KiB for Dovecot's list).
+    """
+    if len(args) > CAPABILITY_CACHE_TEXT:
+        return _capabilities(args)
+    return _cached_capabilities(args)
 
 
 def _capabilities(args: bytes) -> frozenset[str]:
@@ -169,4 +182,4 @@ def _capabilities(args: bytes) -> frozenset[str]:
     )
 
 
-_capabilities_cached = functools.lru_cache(maxsize=256)(_capabilities)
+_cached_capabilities = functools.lru_cache(maxsize=CAPABILITY_CACHE_SIZE)(_capabilities)

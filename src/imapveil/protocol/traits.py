@@ -281,6 +281,8 @@ _TOKENISED = frozenset(
         b"COMPRESS",
     )
 )
+# A known verb's step, one string shared by every session that takes the step.
+_STEP_NAMES = {v: v.decode() for v in (*_BASE_VERBS, *_VERB_EXTENSIONS, *_TOKENISED)}
 _FETCHES = frozenset((b"FETCH", b"UID FETCH"))
 _STORES = frozenset((b"STORE", b"UID STORE"))
 # Commands whose first argument is a sequence set, where `$` is a saved search (RFC 5182).
@@ -406,7 +408,9 @@ class Traits:
         self._window = True
         self._after_login = False
         self._steps: list[str] = []
-        self._seen: set[tuple[bool, str]] = set()  # (after login, step): each once per phase
+        # (after login, step): each once per phase; only while the window is open (then None:
+        # a session outlives its window by hours, an idle one holding nothing it no longer needs).
+        self._seen: set[tuple[bool, str]] | None = set()
         self._folder_repeats = 0  # per-folder commands that repeated a step (not counted)
         self._current = b""  # the verb of the command whose fragments are arriving
         self._verb: bytes | None = None  # the same, while its arguments are being tokenised
@@ -568,24 +572,30 @@ class Traits:
             self._step(verb, step)
 
     def _step(self, verb: bytes, step: str) -> None:
-        steps = self._steps
+        steps, seen = self._steps, self._seen
+        if seen is None:  # the window is closed (the callers look first)
+            return
         key = (self._after_login, step)
         if verb in _LOGINS:
             self._after_login = True
-        if key not in self._seen:
+        if key not in seen:
             # The text is the head, then each step and "; ", less the last "; ". A step that
             # would leave no room for a closing "…" closes the window with it instead.
             used = _HEAD_MAX + sum(len(s) + 2 for s in steps)
             if len(steps) >= WINDOW_STEPS or used + len(step) + 2 + len("…") > MAX_TEXT:
                 steps.append("…")
-                self._window = False
+                self._close_window()
                 return
-            self._seen.add(key)
+            seen.add(key)
             steps.append(step)
         elif verb in _PER_FOLDER:
             self._folder_repeats += 1
         if verb in _WINDOW_ENDS or self.read - self._folder_repeats >= WINDOW_COMMANDS:
-            self._window = False
+            self._close_window()
+
+    def _close_window(self) -> None:
+        self._window = False
+        self._seen = None
 
     # The readers of tokenised commands: each notes extensions and returns the step.
 
@@ -597,16 +607,16 @@ class Traits:
 
     def _read_search(self, verb: bytes, tokens: list[bytes]) -> str:
         self._words(tokens, _SEARCH_WORDS)
-        return verb.decode()
+        return _STEP_NAMES.get(verb) or verb.decode()
 
     def _read_sort(self, verb: bytes, tokens: list[bytes]) -> str:
         self._words(tokens, _SORT_WORDS)
-        return verb.decode()
+        return _STEP_NAMES.get(verb) or verb.decode()
 
     def _read_thread(self, verb: bytes, tokens: list[bytes]) -> str:
         self.extensions.add(_THREAD.get(tokens[0], OTHER) if tokens else OTHER)
         self._words(tokens[1:], _SEARCH_WORDS)
-        return verb.decode()
+        return _STEP_NAMES.get(verb) or verb.decode()
 
     def _read_enable(self, verb: bytes, tokens: list[bytes]) -> str:
         names: list[str] = []
@@ -695,12 +705,12 @@ class Traits:
             self.extensions.add("UTF8=ACCEPT")
         if b"CATENATE" in tokens:
             self.extensions.add("CATENATE")
-        return verb.decode()
+        return _STEP_NAMES.get(verb) or verb.decode()
 
     def _read_create(self, verb: bytes, tokens: list[bytes]) -> str:
         if b"USE" in tokens[1:]:
             self.extensions.add("CREATE-SPECIAL-USE")
-        return verb.decode()
+        return _STEP_NAMES.get(verb) or verb.decode()
 
     def _read_compress(self, verb: bytes, tokens: list[bytes]) -> str:
         if tokens == [b"DEFLATE"]:
@@ -737,9 +747,7 @@ def _pattern(tokens: list[bytes], at: int) -> str:
 
 def _simple_step(verb: bytes) -> str:
     """The step of a command whose arguments the signature ignores: its verb, if known."""
-    if verb in _BASE_VERBS or verb in _VERB_EXTENSIONS or verb in _TOKENISED:
-        return verb.decode()
-    return OTHER
+    return _STEP_NAMES.get(verb, OTHER)
 
 
 def known_verb(verb: str) -> str:
