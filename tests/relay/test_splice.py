@@ -28,6 +28,7 @@ from imapveil.relay import splice
 from imapveil.relay.streams import RECEIVE_SIZE
 from tests.conftest import RunningProxy, TlsMaterial, start_proxy
 from tests.helpers.dovecot import Dovecot
+from tests.helpers.scripted import Peer, fetch_until_closed, serve
 from tests.relay.test_ja4_dovecot import tls_proxy
 from tests.relay.test_traits_dovecot import DeflatingIMAP4
 
@@ -272,64 +273,30 @@ class FakeUpstream:
         self.ending = ending
         self.sent = bytearray()
 
-    async def handler(self, stream: trio.SocketStream) -> None:
-        buffer = bytearray()
-
-        async def line() -> bytes:
-            while b"\n" not in buffer:
-                data = await stream.receive_some(4096)
-                if not data:
-                    return b""
-                buffer.extend(data)
-            end = buffer.index(b"\n") + 1
-            got = bytes(buffer[:end])
-            del buffer[:end]
-            return got
-
-        async def say(data: bytes) -> None:
-            self.sent += data
-            await stream.send_all(data)
-
-        await say(b"* OK fake IMAP ready\r\n")
-        assert (await line()).startswith(b"a1 LOGIN")
-        await say(b"a1 OK logged in\r\n")
-        assert (await line()).startswith(b"a2 FETCH")
-        await say(b"* 1 FETCH (BODY[] {%d}\r\n" % self.LITERAL)
+    async def script(self, peer: Peer) -> None:
+        await peer.say(b"* OK fake IMAP ready\r\n")
+        assert (await peer.line()).startswith(b"a1 LOGIN")
+        await peer.say(b"a1 OK logged in\r\n")
+        assert (await peer.line()).startswith(b"a2 FETCH")
+        await peer.say(b"* 1 FETCH (BODY[] {%d}\r\n" % self.LITERAL)
         complete = self.ending == "complete"
         for _ in range(64 if complete else 16):
-            await say(os.urandom(64 * 1024))
+            await peer.say(os.urandom(64 * 1024))
         if complete:
-            await say(b")\r\na2 OK done\r\n")
-            assert (await line()).startswith(b"a3 LOGOUT")
-            await say(b"* BYE bye\r\na3 OK bye\r\n")  # and closes, as Dovecot does
+            await peer.say(b")\r\na2 OK done\r\n")
+            assert (await peer.line()).startswith(b"a3 LOGOUT")
+            await peer.say(b"* BYE bye\r\na3 OK bye\r\n")  # and closes, as Dovecot does
         if self.ending == "reset":
-            stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        await trio.aclose_forcefully(stream)
+            linger = struct.pack("ii", 1, 0)
+            peer.stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+        await trio.aclose_forcefully(peer.stream)
 
 
 @asynccontextmanager
 async def fake_upstream(ending: str) -> AsyncIterator[tuple[FakeUpstream, tuple[str, int]]]:
     upstream = FakeUpstream(ending)
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    async with trio.open_nursery() as nursery:
-        await nursery.start(trio.serve_listeners, upstream.handler, listeners)
-        yield upstream, listeners[0].socket.getsockname()[:2]
-        nursery.cancel_scope.cancel()
-
-
-def fetch_until_closed(address: tuple[str, int]) -> bytes:
-    """LOGIN, FETCH and (once the answer is complete) LOGOUT; everything until EOF."""
-    with socket.create_connection(address, timeout=30) as s:
-        received = bytearray(s.recv(4096))
-        s.sendall(b"a1 LOGIN x y\r\n")
-        while not received.endswith(b"a1 OK logged in\r\n"):
-            received += s.recv(4096)
-        s.sendall(b"a2 FETCH 1 BODY[]\r\n")
-        while data := s.recv(1 << 20):
-            received += data
-            if received.endswith(b"a2 OK done\r\n"):
-                s.sendall(b"a3 LOGOUT\r\n")
-        return bytes(received)
+    async with serve(upstream.script, upstream.sent) as address:
+        yield upstream, address
 
 
 async def test_every_octet_is_counted_as_on_the_normal_path(way: str) -> None:
@@ -527,3 +494,31 @@ async def test_an_implicit_tls_session_is_relayed_without_splice(
     assert digest(body) == digest(plain) == digest(MESSAGE)
     first, _second = p.sink.of(SessionEnded)
     assert first.client_tls and first.reason == "logout"
+
+
+def tcp_pair() -> tuple[trio.socket.SocketType, socket.socket]:
+    """A connected pair on loopback: the relay's end (trio, nonblocking) and the peer's."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        peer = socket.create_connection(listener.getsockname()[:2])
+        ours, _ = listener.accept()
+    ours.setblocking(False)
+    return trio.socket.from_stdlib_socket(ours), peer
+
+
+async def test_the_last_octets_of_a_literal_wake_the_relay_whatever_mark_was_left() -> None:
+    """The kernel may wake a splice before the low-water mark is reached (it did, now and then,
+    with 102,406 of 102,407 octets there); the wait for the rest must then not keep the mark it
+    set for the whole literal, or the last octet sits in the socket until the session times out
+    (the case `append-sync-cut-at-last-octet` in tests/relay/test_attack_perf.py)."""
+    ours, peer = tcp_pair()
+    with ours, peer:
+        pipe = splice.Pipe(ours)
+        try:
+            pipe._lowat(100_000)  # what a wake-up short of the mark leaves behind
+            peer.sendall(b"x\r\nb ID NIL\r\n")
+            with trio.fail_after(2):
+                assert await pipe.fill(1) == 1
+            assert pipe.take() == b"x"
+            assert pipe.lowat == 1
+        finally:
+            pipe.close()

@@ -127,9 +127,13 @@ class Pipe:
             return n
 
     async def _wait(self, fd: int, want: int) -> None:
-        """Until `want` octets are there, or `LOWAT_WAIT` has passed and some are."""
+        """Until `want` octets are there, or `LOWAT_WAIT` has passed and some are.
+
+        The mark is set every time, down as well as up: the kernel may wake us before a mark is
+        reached (under memory pressure, say), and a mark left over from a larger `want` would
+        keep the last octets of a literal waiting in the socket for good."""
+        self._lowat(want)
         if want > 1:
-            self._lowat(want)
             with trio.move_on_after(LOWAT_WAIT):
                 await wait_readable(fd)
                 return
