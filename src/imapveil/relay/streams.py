@@ -31,6 +31,8 @@ Networks = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
 
 def in_networks(host: str, networks: Networks) -> bool:
     """Whether `host` (an address as text; anything else is not) lies in one of `networks`."""
+    if not networks:  # the usual case, asked once per connection: no address to parse
+        return False
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
