@@ -12,6 +12,7 @@ at most `MAX_REFUSING` addresses at once (the rest are counted together).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass
 
@@ -44,13 +45,20 @@ class Limits:
 
     def exempts(self, host: str) -> bool:
         """Whether `host` (an address as text) skips the per-address limits."""
-        try:
-            address = ipaddress.ip_address(host)
-        except ValueError:
-            return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped  # a dual-stack listener's view of an IPv4 client
-        return address.is_loopback or any(address in network for network in self.exempt)
+        return _exempts(host, self.exempt)
+
+
+@functools.lru_cache(maxsize=4096)
+def _exempts(host: str, exempt: tuple[Network, ...]) -> bool:
+    """`Limits.exempts`, remembered for the last few thousand addresses (clients reconnect from
+    the same few; parsing an address is most of the admission's cost)."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped  # a dual-stack listener's view of an IPv4 client
+    return address.is_loopback or any(address in network for network in exempt)
 
 
 class Admission:
