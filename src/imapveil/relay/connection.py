@@ -383,6 +383,7 @@ class Connection:
                 return
             now = trio.current_time()
             if not data:
+                source.ended = True
                 closed = core.client_closed if source is self.client else core.server_closed
                 await self._apply(closed(now))
                 return
@@ -431,6 +432,8 @@ class Connection:
                 except OSError as exc:
                     log.debug("session %s: %s reset: %s", core.session_id, source.name, exc)
                     n = 0
+                if not n:
+                    source.ended = True
                 if not await self._spliced(dest, pipe, n, from_client):
                     return False
         finally:
@@ -549,10 +552,19 @@ class Connection:
                 self._close()
 
     async def _close_legs(self) -> None:
+        """Legs whose peer closed are closed at once; the others gracefully (`close_gracefully`
+        may wait for the peer), side by side when there are two."""
         legs = [leg for leg in (self.client, self.server) if leg is not None]
-        async with trio.open_nursery() as nursery:
-            for leg in legs:
-                nursery.start_soon(self._close_leg, leg)
+        waiting = [leg for leg in legs if not leg.ended]
+        for leg in legs:
+            if leg.ended:
+                await self._close_leg(leg)
+        if len(waiting) == 1:
+            await self._close_leg(waiting[0])
+        elif waiting:
+            async with trio.open_nursery() as nursery:
+                for leg in waiting:
+                    nursery.start_soon(self._close_leg, leg)
 
     async def _close_leg(self, leg: Leg) -> None:
         try:

@@ -43,7 +43,7 @@ def in_networks(host: str, networks: Networks) -> bool:
 class Leg:
     """One side of the session. `stream` may be swapped for a wrapped one (TLS) in place."""
 
-    __slots__ = ("broken", "name", "stream", "write_lock")
+    __slots__ = ("broken", "ended", "name", "stream", "write_lock")
 
     def __init__(self, name: str, stream: trio.abc.Stream) -> None:
         self.name = name
@@ -51,6 +51,8 @@ class Leg:
         self.write_lock = trio.StrictFIFOLock()
         self.broken = False
         """A send was interrupted: the peer may hold half a chunk, so say nothing more."""
+        self.ended = False
+        """Its peer closed (or reset) it: nothing is left to read, so closing needs no grace."""
 
     async def receive(self) -> bytes | bytearray:
         """Up to RECEIVE_SIZE octets (b"" at the end); raises OSError or trio's errors.
@@ -123,8 +125,13 @@ class Leg:
 
         Closing a TCP socket that still has unread input sends a reset, which can destroy our
         last `* BYE` in flight; so stop writing first and drain until the peer closes (briefly).
+        A leg whose peer has closed has nothing left to read: it is closed at once.
         """
         stream = self.stream
+        if self.ended:
+            with contextlib.suppress(Exception):
+                await trio.aclose_forcefully(stream)
+            return
         with trio.move_on_after(CLOSE_GRACE) as scope:
             scope.shield = True
             try:
