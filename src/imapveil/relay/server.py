@@ -12,6 +12,7 @@ and then once per `REFUSAL_INTERVAL`, so a client reconnecting in a loop cannot 
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import secrets
@@ -26,7 +27,7 @@ from imapveil.protocol.proxy_header import ProxyHeaderError, ProxyInfo
 from imapveil.records import OverLimit
 from imapveil.relay.connection import Connection, RelaySettings
 from imapveil.relay.limits import Admission, Limits, Refusals, RefusalSummary
-from imapveil.relay.streams import Networks, format_address, in_networks, keepalive
+from imapveil.relay.streams import Networks, describe, format_address, in_networks, keepalive
 from imapveil.relay.timers import Timers
 from imapveil.sinks import Sink
 
@@ -154,6 +155,7 @@ class Proxy:
             self.stats.active -= 1
             if not self.stats.active:
                 self._idle.set()
+            await trio.aclose_forcefully(stream)  # closed already, but for a failure before
 
     def _note_refusal(self, host: str, why: str) -> None:
         self.stats.refused += 1
@@ -289,12 +291,43 @@ async def _receive_exactly(stream: trio.SocketStream, size: int) -> bytes:
     return data
 
 
+ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+"""accept(2) errors that a wait may cure (as trio's `serve_listeners` has them)."""
+ACCEPT_RETRY = 0.1
+"""Seconds before accepting again after the process or the system ran out of descriptors or
+memory (trio's `serve_listeners` waits as long)."""
+
+
 async def _serve_listeners(
     handler: Callable[[trio.SocketStream], Awaitable[None]],
     listeners: list[trio.SocketListener],
     sessions: trio.Nursery,
 ) -> None:
-    await trio.serve_listeners(handler, listeners, handler_nursery=sessions)
+    """What `trio.serve_listeners` does, but each session's task runs `handler` itself, not
+    inside trio's `_run_handler` (whose closing of the stream `Proxy.handle` does): one coroutine
+    frame fewer that every session's task keeps for as long as it lives."""
+    async with trio.open_nursery() as nursery:
+        for listener in listeners:
+            nursery.start_soon(_accept, listener, handler, sessions)
+
+
+async def _accept(
+    listener: trio.SocketListener,
+    handler: Callable[[trio.SocketStream], Awaitable[None]],
+    sessions: trio.Nursery,
+) -> None:
+    async with listener:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                log.error("accept failed: %s; retrying in %g s", describe(exc), ACCEPT_RETRY)
+                await trio.sleep(ACCEPT_RETRY)
+                continue
+            sessions.start_soon(handler, stream)
+            del stream
 
 
 async def open_listeners(host: str, port: int) -> list[trio.SocketListener]:

@@ -1,0 +1,74 @@
+"""A leg's write lock (`relay/streams.py: WriteLock`): what `trio.StrictFIFOLock` guarantees
+(strict FIFO hand-over, no barging, a cancelled waiter leaves the queue, release only when held),
+and nothing kept once the queue is empty."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+
+from imapveil.relay.streams import WriteLock
+
+
+async def test_waiters_get_the_lock_in_arrival_order_and_newcomers_do_not_barge() -> None:
+    lock = WriteLock()
+    order: list[int] = []
+
+    async def sender(i: int) -> None:
+        async with lock:
+            order.append(i)
+            await trio.sleep(0.01)
+
+    lock.acquire_nowait()
+    async with trio.open_nursery() as nursery:
+        for i in range(4):
+            nursery.start_soon(sender, i)
+            await trio.testing.wait_all_tasks_blocked()
+        lock.release()
+        # Handed to the first waiter: still held, and a newcomer must queue behind the others.
+        assert lock.locked()
+        with pytest.raises(trio.WouldBlock):
+            lock.acquire_nowait()
+        nursery.start_soon(sender, 4)
+    assert order == [0, 1, 2, 3, 4]
+    assert not lock.locked()
+    assert lock._lot is None  # nothing kept while idle
+
+
+async def test_a_cancelled_waiter_leaves_the_queue_without_the_lock() -> None:
+    lock = WriteLock()
+    got: list[str] = []
+
+    async def waiter(name: str, scope_out: list[trio.CancelScope]) -> None:
+        with trio.CancelScope() as scope:
+            scope_out.append(scope)
+            async with lock:
+                got.append(name)
+
+    lock.acquire_nowait()
+    scopes: list[trio.CancelScope] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(waiter, "a", scopes)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(waiter, "b", scopes)
+        await trio.testing.wait_all_tasks_blocked()
+        scopes[0].cancel()
+        await trio.testing.wait_all_tasks_blocked()
+        lock.release()
+    assert got == ["b"]
+    assert not lock.locked()
+
+
+async def test_uncontended_acquire_is_a_checkpoint_and_release_needs_the_lock() -> None:
+    lock = WriteLock()
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        with pytest.raises(trio.Cancelled):
+            await lock.acquire()
+    assert not lock.locked()
+    await lock.acquire()
+    assert lock.locked()
+    lock.release()
+    with pytest.raises(RuntimeError):
+        lock.release()
