@@ -158,7 +158,26 @@ class Connection:
         """
         try:
             await self._apply(self.core.start())
-            await self._run()
+            if await self._open():
+                # Relaying, here and not in a coroutine of its own: a session's task waits in
+                # this frame (and in `Proxy.handle`'s, and a pump's) for as long as it lives.
+                # Two tasks per session, no more: memory per idle session is a design
+                # constraint. The timeouts are the timers' (one task for all sessions): `expire`
+                # cancels the pumps' scope and says why (no cancel scope of its own).
+                assert self.server is not None
+                self._timers.enter(self)
+                try:
+                    self._touch()
+                    async with trio.open_nursery() as pumps:
+                        self._pumps = pumps.cancel_scope
+                        if self._closed:  # closed while connecting (shutdown)
+                            pumps.cancel_scope.cancel()
+                        pumps.start_soon(self._pump, self.client, Direction.TO_SERVER)
+                        await self._pump(self.server, Direction.TO_CLIENT)
+                finally:
+                    self._timers.leave(self)
+                if self._expired and pumps.cancel_scope.cancelled_caught and not self._closed:
+                    await self._apply(self.core.timed_out(trio.current_time()))
         except Exception:
             # A bug of ours, not a peer's mistake: say so once, with the trace, and move on.
             log.exception("session %s failed", self.core.session_id)
@@ -205,16 +224,18 @@ class Connection:
                 self._sink_failed = True
                 log.exception("session %s: a record could not be written", self.core.session_id)
 
-    async def _run(self) -> None:
+    async def _open(self) -> bool:
+        """Everything before relaying: a refusal's answer, the client's TLS, the upstream
+        connection, its PROXY header and TLS. False: the session is over (with its records)."""
         if self._refusal is not None:
             reason, detail = self._refusal
             await self._apply(self.core.refused(reason, detail, trio.current_time()))
-            return
+            return False
         if self._implicit_tls and not await self._client_handshake():
-            return
+            return False
         upstream = await self._connect()
         if upstream is None:
-            return
+            return False
         self.server = Leg("server", upstream)
         if self.settings.upstream_proxy_protocol and self._endpoints is not None:
             try:
@@ -222,25 +243,8 @@ class Connection:
             except (trio.BrokenResourceError, OSError) as exc:
                 now = trio.current_time()
                 self._emit_all(self.core.failed(f"send to server: {describe(exc)}", now))
-                return
-        if self.settings.upstream_tls != "plain" and not await self._upstream_tls():
-            return
-        # Two tasks per session, no more: memory per idle session is a design constraint.
-        # The timeouts are the timers' (one task for all sessions): `expire` cancels the pumps'
-        # scope and says why (no cancel scope of its own: one fewer scope and status a session).
-        self._timers.enter(self)
-        try:
-            self._touch()
-            async with trio.open_nursery() as pumps:
-                self._pumps = pumps.cancel_scope
-                if self._closed:  # closed while connecting (shutdown)
-                    pumps.cancel_scope.cancel()
-                pumps.start_soon(self._pump, self.client, Direction.TO_SERVER)
-                await self._pump(self.server, Direction.TO_CLIENT)
-        finally:
-            self._timers.leave(self)
-        if self._expired and pumps.cancel_scope.cancelled_caught and not self._closed:
-            await self._apply(self.core.timed_out(trio.current_time()))
+                return False
+        return self.settings.upstream_tls == "plain" or await self._upstream_tls()
 
     async def _connect(self) -> trio.SocketStream | None:
         s = self.settings
@@ -338,7 +342,7 @@ class Connection:
         return self.core.deadline(self._active)
 
     def expire(self) -> None:
-        """For the timers: no traffic in time (see `_run`)."""
+        """For the timers: no traffic in time (see `run`)."""
         if self._pumps is not None:
             self._expired = True
             self._pumps.cancel()

@@ -105,44 +105,17 @@ class Proxy:
         self.stats.active += 1
         if self._idle.is_set():
             self._idle = trio.Event()
-        admittance = self.admittance
         connection: Connection | None = None
         admitted: str | None = None
         try:
-            keepalive(stream)
-            peer = _peer_pair(stream)
-            local = _local_pair(stream)
-            refusal: tuple[str, str] | None = None
-            if peer is not None and admittance.expects_proxy_header(peer[0]):
-                try:
-                    info = await _read_proxy_header(stream)
-                except ProxyHeaderError as exc:
-                    refusal = ("proxy_header", str(exc))
-                else:
-                    if info.source is not None and info.destination is not None:
-                        peer, local = info.source, info.destination
-            host = peer[0] if peer is not None else ""
-            if refusal is None:
-                why = self._admission.admit(host, trio.current_time())
-                if why is not None:
-                    self._note_refusal(host or "unknown", why)
-                    await _refuse(stream)
-                    return
-                admitted = host
-            connection = Connection(
-                stream,
-                client_address=format_address(*peer) if peer is not None else "unknown",
-                client_host=host,
-                session_id=self._session_id(),
-                settings=admittance.relay,
-                sink=self.sink,
-                timers=self.timers,
-                client_endpoints=(peer, local) if peer is not None and local is not None else None,
-                refusal=refusal,
-                implicit_tls=implicit_tls,
-            )
-            self.connections.add(connection)
-            await connection.run()
+            # Admission in a coroutine of its own: this frame stays for the whole session (a
+            # session's task waits in it), that one's locals and stack are gone once it returns.
+            opened = await self._admit(stream, implicit_tls)
+            if opened is not None:
+                connection, admitted = opened
+                del opened
+                self.connections.add(connection)
+                await connection.run()
         except Exception:
             # `run` never raises; this is what comes before it. One connection's failure must
             # not reach the nursery every session shares.
@@ -156,6 +129,52 @@ class Proxy:
             if not self.stats.active:
                 self._idle.set()
             await trio.aclose_forcefully(stream)  # closed already, but for a failure before
+
+    async def _admit(
+        self, stream: trio.SocketStream, implicit_tls: bool
+    ) -> tuple[Connection, str | None] | None:
+        """The session for a new connection, and the address it was admitted under (None: a
+        refused PROXY header, the session says so); None when a limit refused it (answered)."""
+        admittance = self.admittance
+        keepalive(stream)
+        peer = _peer_pair(stream)
+        local = _local_pair(stream)
+        refusal: tuple[str, str] | None = None
+        if peer is not None and admittance.expects_proxy_header(peer[0]):
+            try:
+                info = await _read_proxy_header(stream)
+            except ProxyHeaderError as exc:
+                refusal = ("proxy_header", str(exc))
+            else:
+                if info.source is not None and info.destination is not None:
+                    peer, local = info.source, info.destination
+        host = peer[0] if peer is not None else ""
+        admitted: str | None = None
+        if refusal is None:
+            why = self._admission.admit(host, trio.current_time())
+            if why is not None:
+                self._note_refusal(host or "unknown", why)
+                await _refuse(stream)
+                return None
+            admitted = host
+        try:
+            connection = Connection(
+                stream,
+                client_address=format_address(*peer) if peer is not None else "unknown",
+                client_host=host,
+                session_id=self._session_id(),
+                settings=admittance.relay,
+                sink=self.sink,
+                timers=self.timers,
+                client_endpoints=(peer, local) if peer is not None and local is not None else None,
+                refusal=refusal,
+                implicit_tls=implicit_tls,
+            )
+        except BaseException:
+            if admitted is not None:
+                self._admission.release(admitted)
+            raise
+        return connection, admitted
 
     def _note_refusal(self, host: str, why: str) -> None:
         self.stats.refused += 1
