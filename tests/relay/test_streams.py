@@ -1,14 +1,16 @@
-"""A leg's write lock (`relay/streams.py: WriteLock`): what `trio.StrictFIFOLock` guarantees
-(strict FIFO hand-over, no barging, a cancelled waiter leaves the queue, release only when held),
-and nothing kept once the queue is empty."""
+"""The legs' plumbing (`relay/streams.py`): the write lock does what `trio.StrictFIFOLock`
+guarantees (strict FIFO hand-over, no barging, a cancelled waiter leaves the queue, release only
+when held) and keeps nothing once the queue is empty; a plain read is the caller's own copy."""
 
 from __future__ import annotations
+
+import socket
 
 import pytest
 import trio
 import trio.testing
 
-from imapveil.relay.streams import WriteLock
+from imapveil.relay.streams import RECEIVE_SIZE, Leg, WriteLock
 
 
 async def test_waiters_get_the_lock_in_arrival_order_and_newcomers_do_not_barge() -> None:
@@ -72,3 +74,28 @@ async def test_uncontended_acquire_is_a_checkpoint_and_release_needs_the_lock() 
     lock.release()
     with pytest.raises(RuntimeError):
         lock.release()
+
+
+def test_a_plain_read_is_a_copy_the_next_read_leaves_alone() -> None:
+    """`Leg.read` receives into one buffer all legs share: what it returns must be the caller's
+    own octets, not a view that the next receive (of any leg) overwrites."""
+    a, b = socket.socketpair()
+    c, d = socket.socketpair()
+    with a, b, c, d:
+        b.setblocking(False)
+        assert Leg.read(b.fileno()) is None  # nothing there: wait again
+        a.sendall(b"1 NOOP\r\n")
+        first = Leg.read(b.fileno())
+        c.sendall(b"* OK something else entirely\r\n")
+        second = Leg.read(d.fileno())
+        assert first == b"1 NOOP\r\n" and type(first) is bytes
+        assert second == b"* OK something else entirely\r\n"
+        big = bytes(range(256)) * (RECEIVE_SIZE // 256)
+        a.sendall(big[:100_000])
+        got = b""
+        while len(got) < 100_000:
+            chunk = Leg.read(b.fileno())
+            got += chunk or b""
+        assert got == big[:100_000]
+        a.close()
+        assert Leg.read(b.fileno()) == b""  # the end
