@@ -4,6 +4,7 @@
     python bench/session_memory.py --naive            # the same through bench/naive_relay.py
     python bench/session_memory.py --trace            # + tracemalloc: Python allocations/session
     python bench/session_memory.py --profile 30       # + cProfile: top 30 functions of setup
+    python bench/session_memory.py --profile 5 --callees _admit   # + what _admit calls
 
 Starts a Dovecot on loopback, and a relay: `imapveil serve` (from this checkout's src/, event
 log and statistics store on, as bench/run.py starts it) or the naive relay. Opens `--warm`
@@ -12,6 +13,8 @@ growth of the allocator's arenas are paid there), then `--sessions` more, each i
 reports per session of the second set: PSS growth of the relay process and its CPU (user +
 system, all threads, from schedstat: what the setup costs whatever else runs on the machine).
 Memory is counted while the sessions are held in IDLE; nothing is measured while they close.
+The CPU line also says how much of it other threads than the main one used (the event log's and
+the store's writers).
 
 `--trace` runs the relay under tracemalloc (25 frames): snapshots after the warm set and after
 the measured set are compared, and the growth is shown per session grouped by line (`lineno`)
@@ -176,11 +179,14 @@ async def measure(
     await open_idle(proxy.port, users[args.warm :], clients)
     await trio.to_thread.run_sync(settle, proxy)
     used = proxy.cpu_since(cpu)
+    main_thread = str(proxy.process.pid)
+    others = used - (proxy.cpu().get(main_thread, 0.0) - cpu.get(main_thread, 0.0))
     grown = proxy.memory() - before
     n = args.sessions
     print(
         f"{'naive' if args.naive else 'imapveil'}: {n} idle sessions (after {args.warm} warm):"
         f" {grown / n / 1024:.2f} KiB/session PSS, {used / n * 1000:.3f} ms CPU/session setup"
+        f" ({others / n * 1000:.3f} of it in threads other than the main one)"
         f"{' (under tracemalloc: not the real figures)' if args.trace else ''}"
         f"{' (under cProfile: not the real figures)' if args.profile else ''}"
     )
@@ -194,6 +200,8 @@ async def measure(
         stats = pstats.Stats(f"{mark}.prof")
         stats.sort_stats("tottime").print_stats(args.profile)
         stats.sort_stats("cumulative").print_stats(args.profile)
+        if args.callees:
+            stats.print_callees(args.callees)
 
 
 def _mine(frame: tracemalloc.Frame) -> bool:
@@ -274,6 +282,7 @@ def main() -> None:
     parser.add_argument("--trace", action="store_true", help="tracemalloc attribution")
     parser.add_argument("--profile", type=int, metavar="N", help="cProfile: top N functions")
     parser.add_argument("--top", type=int, default=40, help="rows of each table (40)")
+    parser.add_argument("--callees", metavar="REGEX", help="with --profile: what these call")
     parser.add_argument("--frames", type=int, default=3, help="frames a traceback group (3)")
     args = parser.parse_args()
     total = idle_sessions_that_fit(args.warm + args.sessions)
