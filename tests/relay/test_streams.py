@@ -1,15 +1,19 @@
 """The legs' plumbing (`relay/streams.py`): the write lock does what `trio.StrictFIFOLock`
 guarantees (strict FIFO hand-over, no barging, a cancelled waiter leaves the queue, release only
-when held) and keeps nothing once the queue is empty; a plain read is the caller's own copy."""
+when held) and keeps nothing once the queue is empty; a plain read is the caller's own copy;
+and the proxy's accept loop (`relay/server.py`), which replaced `trio.serve_listeners`."""
 
 from __future__ import annotations
 
+import errno
 import socket
+from typing import Any, cast
 
 import pytest
 import trio
 import trio.testing
 
+from imapveil.relay import server
 from imapveil.relay.streams import RECEIVE_SIZE, Leg, WriteLock
 
 
@@ -99,3 +103,53 @@ def test_a_plain_read_is_a_copy_the_next_read_leaves_alone() -> None:
         assert got == big[:100_000]
         a.close()
         assert Leg.read(b.fileno()) == b""  # the end
+
+
+class _Listener(trio.abc.Listener[trio.abc.Stream]):
+    """Accepts as scripted: an OSError to raise, or a stream to hand out; then waits forever."""
+
+    def __init__(self, script: list[OSError | trio.abc.Stream]) -> None:
+        self.script = script
+        self.closed = False
+
+    async def accept(self) -> trio.abc.Stream:
+        await trio.lowlevel.checkpoint()
+        if not self.script:
+            await trio.sleep_forever()
+        step = self.script.pop(0)
+        if isinstance(step, OSError):
+            raise step
+        return step
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+async def test_the_accept_loop_waits_out_a_lack_of_descriptors_and_raises_anything_else(
+    autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The proxy's own accept loop (`relay/server.py: _accept`, in place of
+    `trio.serve_listeners`): EMFILE and the like are logged and retried after ACCEPT_RETRY,
+    each accepted stream gets a task of its own, and any other error ends the loop."""
+    stream, _peer = trio.testing.memory_stream_pair()
+    listener = _Listener([OSError(errno.EMFILE, "Too many open files"), stream])
+    handled: list[tuple[float, trio.abc.Stream]] = []
+
+    async def handler(s: trio.abc.Stream) -> None:
+        handled.append((trio.current_time(), s))
+
+    start = trio.current_time()
+    async with trio.open_nursery() as sessions:
+        sessions.start_soon(server._accept, cast(Any, listener), handler, sessions)
+        await trio.sleep(1)
+        sessions.cancel_scope.cancel()
+    assert [s for _t, s in handled] == [stream]
+    assert handled[0][0] - start >= server.ACCEPT_RETRY
+    assert "accept failed: emfile" in caplog.text
+    assert listener.closed
+
+    broken = _Listener([OSError(errno.EBADF, "Bad file descriptor")])
+    with pytest.RaisesGroup(OSError):
+        async with trio.open_nursery() as sessions:
+            sessions.start_soon(server._accept, cast(Any, broken), handler, sessions)
+    assert broken.closed
