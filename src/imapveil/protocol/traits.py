@@ -379,6 +379,12 @@ def bounded_ja4(value: object) -> str | None:
     return value
 
 
+MAX_SHARED_SETS = 4096
+"""Sets of extension names `Traits._use` shares at most (then each session has its own)."""
+_GROWN: dict[tuple[frozenset[str], str], frozenset[str]] = {}
+"""A set of extension names and a name not in it -> the shared set with that name added."""
+
+
 class Traits:
     """One session's extensions in use and behaviour signature, command by command."""
 
@@ -400,7 +406,9 @@ class Traits:
     )
 
     def __init__(self) -> None:
-        self.extensions: set[str] = set()
+        self.extensions: frozenset[str] = frozenset()
+        """Shared between sessions that use the same names (see `_use`): most idle sessions
+        hold one of a few sets, and none holds a set of its own (about 200 octets)."""
         self.ja4: str | None = None
         self.read = 0  # client commands read (accepted or refused)
         self.tag: str | None = None  # the first command's tag style
@@ -419,6 +427,19 @@ class Traits:
 
     def __repr__(self) -> str:
         return f"<traits {len(self.extensions)} extensions, {len(self._steps)} steps>"
+
+    def _use(self, name: str) -> None:
+        """`name` is in use: `extensions` becomes the shared set with it added."""
+        names = self.extensions
+        if name in names:
+            return
+        key = (names, name)
+        grown = _GROWN.get(key)
+        if grown is None:
+            grown = names | {name}
+            if len(_GROWN) < MAX_SHARED_SETS:
+                _GROWN[key] = grown
+        self.extensions = grown
 
     # ----------------------------------------------------------------------------------------
     # Fed by the command side.
@@ -444,9 +465,9 @@ class Traits:
             self.tag = tag_style(tag)
         name = _VERB_EXTENSIONS.get(verb)
         if name is not None:
-            self.extensions.add(name)
+            self._use(name)
         elif verb not in _BASE_VERBS and verb not in _TOKENISED:
-            self.extensions.add(OTHER)
+            self._use(OTHER)
         if verb in _TOKENISED:
             if not self._window and literal is None:
                 quick = _NOTHING_WITHOUT.get(verb)
@@ -503,10 +524,10 @@ class Traits:
 
     def _literal(self, verb: bytes, literal: LiteralAnnouncement) -> None:
         if literal.binary:
-            self.extensions.add("BINARY")
+            self._use("BINARY")
         if not literal.synchronizing and verb != b"LOGIN":
             # LOGIN's literals are left out: whether a client needs one depends on the password.
-            self.extensions.add("LITERAL+")
+            self._use("LITERAL+")
             if self._window:
                 self.literal_plus = True
 
@@ -518,14 +539,14 @@ class Traits:
         if name not in _MECHANISMS:
             name = OTHER
         if content[end : end + 1] == b" ":
-            self.extensions.add("SASL-IR")
+            self._use("SASL-IR")
             return f"AUTHENTICATE {name} IR"
         return f"AUTHENTICATE {name}"
 
     def _sequenced(self, verb: bytes, content: bytes) -> None:
         """FETCH, STORE, COPY, MOVE: a saved search as the set, FETCH and STORE modifiers."""
         if content == b" $" or content[:3] == b" $ ":
-            self.extensions.add("SEARCHRES")
+            self._use("SEARCHRES")
         if verb in _FETCHES:
             self._marks(content.upper(), _FETCH_SCAN, _FETCH_MARKS)
         elif verb in _STORES:
@@ -534,7 +555,7 @@ class Traits:
     def _marks(self, up: bytes, scan: re.Pattern[bytes], marks: dict[bytes, str]) -> None:
         m = scan.search(up)  # usually None: one pass
         while m is not None:
-            self.extensions.add(marks[m.group()])
+            self._use(marks[m.group()])
             m = scan.search(up, m.end())
 
     def _more(self, content: bytes, literal: LiteralAnnouncement | None) -> None:
@@ -556,9 +577,9 @@ class Traits:
         """APPEND announced a literal: a second message is MULTIAPPEND (not within CATENATE)."""
         self._append_literals += 1
         if b"CATENATE" in self._tokens:
-            self.extensions.add("CATENATE")
+            self._use("CATENATE")
         elif self._append_literals > 1:
-            self.extensions.add("MULTIAPPEND")
+            self._use("MULTIAPPEND")
 
     def _end_command(self) -> None:
         """The tokenised command is complete (or the next one started): read its tokens."""
@@ -603,7 +624,7 @@ class Traits:
         for t in tokens:
             name = words.get(t)
             if name is not None:
-                self.extensions.add(name)
+                self._use(name)
 
     def _read_search(self, verb: bytes, tokens: list[bytes]) -> str:
         self._words(tokens, _SEARCH_WORDS)
@@ -614,7 +635,7 @@ class Traits:
         return _STEP_NAMES.get(verb) or verb.decode()
 
     def _read_thread(self, verb: bytes, tokens: list[bytes]) -> str:
-        self.extensions.add(_THREAD.get(tokens[0], OTHER) if tokens else OTHER)
+        self._use(_THREAD.get(tokens[0], OTHER) if tokens else OTHER)
         self._words(tokens[1:], _SEARCH_WORDS)
         return _STEP_NAMES.get(verb) or verb.decode()
 
@@ -622,7 +643,7 @@ class Traits:
         names: list[str] = []
         for t in tokens:
             name = _word(t)
-            self.extensions.add(name)
+            self._use(name)
             if name not in names:
                 names.append(name)
         return " ".join([verb.decode(), *names[:_MAX_WORDS]]) + (
@@ -631,7 +652,8 @@ class Traits:
 
     def _read_select(self, verb: bytes, tokens: list[bytes]) -> str:
         params = [_SELECT_PARAMS[t] for t in dict.fromkeys(tokens[1:]) if t in _SELECT_PARAMS]
-        self.extensions.update(params)
+        for param in params:
+            self._use(param)
         return f"{verb.decode()} ({' '.join(params)})" if params else verb.decode()
 
     def _read_status(self, verb: bytes, tokens: list[bytes]) -> str:
@@ -641,7 +663,7 @@ class Traits:
                 continue
             name = _STATUS_ITEMS.get(t)
             if name is not None:
-                self.extensions.add(name)
+                self._use(name)
             word = t.decode() if t in _STATUS_ITEMS else OTHER
             if word not in items and len(items) < _MAX_WORDS:
                 items.append(word)
@@ -652,19 +674,19 @@ class Traits:
         parts = [verb.decode()]
         i = 0
         if tokens[:1] == [b"("]:
-            self.extensions.add("LIST-EXTENDED")
+            self._use("LIST-EXTENDED")
             i, text = self._options(tokens, 0)
             parts.append(text)
         i += 1  # the reference: never shown
         if tokens[i : i + 1] == [b"("]:  # several patterns
-            self.extensions.add("LIST-EXTENDED")
+            self._use("LIST-EXTENDED")
             i = _after_list(tokens, i)
             parts.append("name")
         else:
             parts.append(_pattern(tokens, i))
             i += 1
         if tokens[i : i + 2] == [b"RETURN", b"("]:
-            self.extensions.add("LIST-EXTENDED")
+            self._use("LIST-EXTENDED")
             _end, text = self._options(tokens, i + 1)
             parts.append("RETURN " + text)
         return " ".join(parts)
@@ -691,32 +713,32 @@ class Traits:
     def _list_word(self, t: bytes) -> str:
         name = _LIST_RETURN.get(t)
         if name is not None:
-            self.extensions.add(name)
+            self._use(name)
             return t.decode()
         if t in _STATUS_ITEMS:
             status = _STATUS_ITEMS[t]
             if status is not None:
-                self.extensions.add(status)
+                self._use(status)
             return t.decode()
         return t.decode() if t in _LIST_OPTIONS else OTHER
 
     def _read_append(self, verb: bytes, tokens: list[bytes]) -> str:
         if b"UTF8" in tokens:
-            self.extensions.add("UTF8=ACCEPT")
+            self._use("UTF8=ACCEPT")
         if b"CATENATE" in tokens:
-            self.extensions.add("CATENATE")
+            self._use("CATENATE")
         return _STEP_NAMES.get(verb) or verb.decode()
 
     def _read_create(self, verb: bytes, tokens: list[bytes]) -> str:
         if b"USE" in tokens[1:]:
-            self.extensions.add("CREATE-SPECIAL-USE")
+            self._use("CREATE-SPECIAL-USE")
         return _STEP_NAMES.get(verb) or verb.decode()
 
     def _read_compress(self, verb: bytes, tokens: list[bytes]) -> str:
         if tokens == [b"DEFLATE"]:
-            self.extensions.add("COMPRESS=DEFLATE")
+            self._use("COMPRESS=DEFLATE")
             return "COMPRESS DEFLATE"
-        self.extensions.add(OTHER)
+        self._use(OTHER)
         return "COMPRESS OTHER"
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import trio
+from trio.lowlevel import wait_readable
 
 from imapveil.protocol import ja4, proxy_header
 from imapveil.protocol.actions import (
@@ -86,7 +87,7 @@ class Connection:
         "_active",
         "_closed",
         "_endpoints",
-        "_idle",
+        "_expired",
         "_implicit_tls",
         "_pumps",
         "_refusal",
@@ -134,7 +135,7 @@ class Connection:
         self._implicit_tls = implicit_tls
         self._closed = False
         self._pumps: trio.CancelScope | None = None
-        self._idle: trio.CancelScope | None = None
+        self._expired = False  # the timers cancelled the pumps: no traffic in time
         self._endpoints = client_endpoints  # (client, the address it connected to)
         self._refusal = refusal
         self._resume: trio.Event | None = None  # set when the core wants client data again
@@ -157,7 +158,26 @@ class Connection:
         """
         try:
             await self._apply(self.core.start())
-            await self._run()
+            if await self._open():
+                # Relaying, here and not in a coroutine of its own: a session's task waits in
+                # this frame (and in `Proxy.handle`'s, and a pump's) for as long as it lives.
+                # Two tasks per session, no more: memory per idle session is a design
+                # constraint. The timeouts are the timers' (one task for all sessions): `expire`
+                # cancels the pumps' scope and says why (no cancel scope of its own).
+                assert self.server is not None
+                self._timers.enter(self)
+                try:
+                    self._touch()
+                    async with trio.open_nursery() as pumps:
+                        self._pumps = pumps.cancel_scope
+                        if self._closed:  # closed while connecting (shutdown)
+                            pumps.cancel_scope.cancel()
+                        pumps.start_soon(self._pump, self.client, Direction.TO_SERVER)
+                        await self._pump(self.server, Direction.TO_CLIENT)
+                finally:
+                    self._timers.leave(self)
+                if self._expired and pumps.cancel_scope.cancelled_caught and not self._closed:
+                    await self._apply(self.core.timed_out(trio.current_time()))
         except Exception:
             # A bug of ours, not a peer's mistake: say so once, with the trace, and move on.
             log.exception("session %s failed", self.core.session_id)
@@ -204,16 +224,18 @@ class Connection:
                 self._sink_failed = True
                 log.exception("session %s: a record could not be written", self.core.session_id)
 
-    async def _run(self) -> None:
+    async def _open(self) -> bool:
+        """Everything before relaying: a refusal's answer, the client's TLS, the upstream
+        connection, its PROXY header and TLS. False: the session is over (with its records)."""
         if self._refusal is not None:
             reason, detail = self._refusal
             await self._apply(self.core.refused(reason, detail, trio.current_time()))
-            return
+            return False
         if self._implicit_tls and not await self._client_handshake():
-            return
+            return False
         upstream = await self._connect()
         if upstream is None:
-            return
+            return False
         self.server = Leg("server", upstream)
         if self.settings.upstream_proxy_protocol and self._endpoints is not None:
             try:
@@ -221,26 +243,8 @@ class Connection:
             except (trio.BrokenResourceError, OSError) as exc:
                 now = trio.current_time()
                 self._emit_all(self.core.failed(f"send to server: {describe(exc)}", now))
-                return
-        if self.settings.upstream_tls != "plain" and not await self._upstream_tls():
-            return
-        # Two tasks per session, no more: memory per idle session is a design constraint.
-        # The timeouts are the timers' (one task for all sessions): `expire` cancels `idle`.
-        with trio.CancelScope() as idle:
-            self._idle = idle
-            self._timers.enter(self)
-            try:
-                self._touch()
-                async with trio.open_nursery() as pumps:
-                    self._pumps = pumps.cancel_scope
-                    if self._closed:  # closed while connecting (shutdown)
-                        pumps.cancel_scope.cancel()
-                    pumps.start_soon(self._pump, self.client, Direction.TO_SERVER)
-                    await self._pump(self.server, Direction.TO_CLIENT)
-            finally:
-                self._timers.leave(self)
-        if idle.cancelled_caught and not self._closed:
-            await self._apply(self.core.timed_out(trio.current_time()))
+                return False
+        return self.settings.upstream_tls == "plain" or await self._upstream_tls()
 
     async def _connect(self) -> trio.SocketStream | None:
         s = self.settings
@@ -338,9 +342,10 @@ class Connection:
         return self.core.deadline(self._active)
 
     def expire(self) -> None:
-        """For the timers: no traffic in time (see `_run`)."""
-        if self._idle is not None:
-            self._idle.cancel()
+        """For the timers: no traffic in time (see `run`)."""
+        if self._pumps is not None:
+            self._expired = True
+            self._pumps.cancel()
 
     def _close(self) -> None:
         """Stop both pumps; `run` then closes the legs."""
@@ -366,15 +371,24 @@ class Connection:
                 # The client must wait for the server (its greeting, a "+" for a literal, an
                 # AUTHENTICATE challenge): stop reading, so that what it sends ahead stays in
                 # its own socket buffers (TCP backpressure), not in ours.
-                paused = self._resume = trio.Event()
-                await paused.wait()
+                self._resume = trio.Event()
+                await self._resume.wait()  # no local: the frame would keep the Event for good
                 continue
             if literal_left() >= splice.SPLICE_MIN and (dest := self._splice_to(source)):
                 if not await self._splice(source, dest, from_client):
                     return
                 continue
             try:
-                data = await source.receive()
+                # `Leg.receive`, inline for plain TCP legs: its coroutine frame would be one more
+                # that each pump keeps while it waits (two a session, a few hundred octets).
+                fd = source.readable_fd()
+                data: bytes | bytearray | None
+                if fd < 0:
+                    data = await source.receive()
+                else:
+                    await wait_readable(fd)
+                    if (data := source.read(fd)) is None:
+                        continue
             except (trio.BrokenResourceError, OSError) as exc:
                 # A reset is how many clients hang up; it is the peer's business, not an error.
                 log.debug("session %s: %s reset: %s", core.session_id, source.name, exc)
@@ -387,12 +401,20 @@ class Connection:
                 closed = core.client_closed if source is self.client else core.server_closed
                 await self._apply(closed(now))
                 return
-            await self._apply(feed(bytes(data) if type(data) is not bytes else data, now))
+            actions = feed(bytes(data) if type(data) is not bytes else data, now)
+            del data  # this frame waits in the next receive: it keeps no chunk meanwhile
+            await self._apply(actions)
+            del actions
             self._touch()  # after the core saw it: the timeout depends on what it is waiting for
-            resume = self._resume
-            if resume is not None and (core.wants_client_data or core.closed):
-                self._resume = None
-                resume.set()
+            self._resume_client()
+
+    def _resume_client(self) -> None:
+        """Wake the client's reader if it waits and the core wants its data again (or closed).
+        A method, not inline: a local in `_pump`'s frame would keep the Event while it waits."""
+        resume = self._resume
+        if resume is not None and (self.core.wants_client_data or self.core.closed):
+            self._resume = None
+            resume.set()
 
     def _splice_to(self, source: Leg) -> Leg | None:
         """Where the literal octets that follow (at least `SPLICE_MIN` the core need not read)
@@ -460,10 +482,7 @@ class Connection:
             # The core changed its mind while the octets came (it is closing): it reads them.
             feed = core.feed_client if from_client else core.feed_server
             await self._apply(feed(pipe.take(), now))
-            resume = self._resume
-            if resume is not None and (core.wants_client_data or core.closed):
-                self._resume = None
-                resume.set()
+            self._resume_client()
         self._touch()
         return True
 

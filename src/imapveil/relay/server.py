@@ -12,6 +12,7 @@ and then once per `REFUSAL_INTERVAL`, so a client reconnecting in a loop cannot 
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import secrets
@@ -26,7 +27,7 @@ from imapveil.protocol.proxy_header import ProxyHeaderError, ProxyInfo
 from imapveil.records import OverLimit
 from imapveil.relay.connection import Connection, RelaySettings
 from imapveil.relay.limits import Admission, Limits, Refusals, RefusalSummary
-from imapveil.relay.streams import Networks, format_address, in_networks, keepalive
+from imapveil.relay.streams import Networks, describe, format_address, in_networks, keepalive
 from imapveil.relay.timers import Timers
 from imapveil.sinks import Sink
 
@@ -104,44 +105,17 @@ class Proxy:
         self.stats.active += 1
         if self._idle.is_set():
             self._idle = trio.Event()
-        admittance = self.admittance
         connection: Connection | None = None
         admitted: str | None = None
         try:
-            keepalive(stream)
-            peer = _peer_pair(stream)
-            local = _local_pair(stream)
-            refusal: tuple[str, str] | None = None
-            if peer is not None and admittance.expects_proxy_header(peer[0]):
-                try:
-                    info = await _read_proxy_header(stream)
-                except ProxyHeaderError as exc:
-                    refusal = ("proxy_header", str(exc))
-                else:
-                    if info.source is not None and info.destination is not None:
-                        peer, local = info.source, info.destination
-            host = peer[0] if peer is not None else ""
-            if refusal is None:
-                why = self._admission.admit(host, trio.current_time())
-                if why is not None:
-                    self._note_refusal(host or "unknown", why)
-                    await _refuse(stream)
-                    return
-                admitted = host
-            connection = Connection(
-                stream,
-                client_address=format_address(*peer) if peer is not None else "unknown",
-                client_host=host,
-                session_id=self._session_id(),
-                settings=admittance.relay,
-                sink=self.sink,
-                timers=self.timers,
-                client_endpoints=(peer, local) if peer is not None and local is not None else None,
-                refusal=refusal,
-                implicit_tls=implicit_tls,
-            )
-            self.connections.add(connection)
-            await connection.run()
+            # Admission in a coroutine of its own: this frame stays for the whole session (a
+            # session's task waits in it), that one's locals and stack are gone once it returns.
+            opened = await self._admit(stream, implicit_tls)
+            if opened is not None:
+                connection, admitted = opened
+                del opened
+                self.connections.add(connection)
+                await connection.run()
         except Exception:
             # `run` never raises; this is what comes before it. One connection's failure must
             # not reach the nursery every session shares.
@@ -154,6 +128,53 @@ class Proxy:
             self.stats.active -= 1
             if not self.stats.active:
                 self._idle.set()
+            await trio.aclose_forcefully(stream)  # closed already, but for a failure before
+
+    async def _admit(
+        self, stream: trio.SocketStream, implicit_tls: bool
+    ) -> tuple[Connection, str | None] | None:
+        """The session for a new connection, and the address it was admitted under (None: a
+        refused PROXY header, the session says so); None when a limit refused it (answered)."""
+        admittance = self.admittance
+        keepalive(stream)
+        peer = _peer_pair(stream)
+        local = _local_pair(stream)
+        refusal: tuple[str, str] | None = None
+        if peer is not None and admittance.expects_proxy_header(peer[0]):
+            try:
+                info = await _read_proxy_header(stream)
+            except ProxyHeaderError as exc:
+                refusal = ("proxy_header", str(exc))
+            else:
+                if info.source is not None and info.destination is not None:
+                    peer, local = info.source, info.destination
+        host = peer[0] if peer is not None else ""
+        admitted: str | None = None
+        if refusal is None:
+            why = self._admission.admit(host, trio.current_time())
+            if why is not None:
+                self._note_refusal(host or "unknown", why)
+                await _refuse(stream)
+                return None
+            admitted = host
+        try:
+            connection = Connection(
+                stream,
+                client_address=format_address(*peer) if peer is not None else "unknown",
+                client_host=host,
+                session_id=self._session_id(),
+                settings=admittance.relay,
+                sink=self.sink,
+                timers=self.timers,
+                client_endpoints=(peer, local) if peer is not None and local is not None else None,
+                refusal=refusal,
+                implicit_tls=implicit_tls,
+            )
+        except BaseException:
+            if admitted is not None:
+                self._admission.release(admitted)
+            raise
+        return connection, admitted
 
     def _note_refusal(self, host: str, why: str) -> None:
         self.stats.refused += 1
@@ -289,12 +310,43 @@ async def _receive_exactly(stream: trio.SocketStream, size: int) -> bytes:
     return data
 
 
+ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+"""accept(2) errors that a wait may cure (as trio's `serve_listeners` has them)."""
+ACCEPT_RETRY = 0.1
+"""Seconds before accepting again after the process or the system ran out of descriptors or
+memory (trio's `serve_listeners` waits as long)."""
+
+
 async def _serve_listeners(
     handler: Callable[[trio.SocketStream], Awaitable[None]],
     listeners: list[trio.SocketListener],
     sessions: trio.Nursery,
 ) -> None:
-    await trio.serve_listeners(handler, listeners, handler_nursery=sessions)
+    """What `trio.serve_listeners` does, but each session's task runs `handler` itself, not
+    inside trio's `_run_handler` (whose closing of the stream `Proxy.handle` does): one coroutine
+    frame fewer that every session's task keeps for as long as it lives."""
+    async with trio.open_nursery() as nursery:
+        for listener in listeners:
+            nursery.start_soon(_accept, listener, handler, sessions)
+
+
+async def _accept(
+    listener: trio.SocketListener,
+    handler: Callable[[trio.SocketStream], Awaitable[None]],
+    sessions: trio.Nursery,
+) -> None:
+    async with listener:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                log.error("accept failed: %s; retrying in %g s", describe(exc), ACCEPT_RETRY)
+                await trio.sleep(ACCEPT_RETRY)
+                continue
+            sessions.start_soon(handler, stream)
+            del stream
 
 
 async def open_listeners(host: str, port: int) -> list[trio.SocketListener]:

@@ -35,7 +35,7 @@ import json
 import logging
 import math
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -101,11 +101,28 @@ OUTCOMES = ("written", "spooled", "replayed", "dropped")
 dropped: lost (memory and spool full, spool unusable, refused by the store, an id collision)."""
 
 
-@dataclass
+_COMMAND_KEYS: dict[tuple[str, str], tuple[str, str]] = {}
+"""(verb, status) keys of `_Open.commands`, one object for all sessions (verbs are known verbs,
+statuses a few words; bounded all the same, see `_command_key`)."""
+
+
+def _command_key(verb: str, status: str) -> tuple[str, str]:
+    key = (verb, status)
+    shared = _COMMAND_KEYS.get(key)
+    if shared is not None:
+        return shared
+    if len(_COMMAND_KEYS) < 4096:
+        _COMMAND_KEYS[key] = key
+    return key
+
+
+@dataclass(slots=True)
 class _Open:
+    """What the store keeps of an open session until it ends (one per open session: small)."""
+
     started_at: str
     client: dict[str, str | None] | None = None
-    commands: Counter[tuple[str, str]] = field(default_factory=Counter)
+    commands: dict[tuple[str, str], int] = field(default_factory=dict)
     traits: tuple[Any, ...] | None = None
     """The session's `traits` row but its first column (see `bounded_traits`)."""
 
@@ -195,7 +212,8 @@ class StoreSink:
             state = self._open.get(record.session)
             if state is not None:
                 verb = known_verb(record.verb)
-                state.commands[(verb, record.status or "none")] += 1
+                key = _command_key(verb, record.status or "none")
+                state.commands[key] = state.commands.get(key, 0) + 1
         elif isinstance(record, IdExchange):
             self._id(record)
         elif isinstance(record, SessionTraits):

@@ -1,0 +1,155 @@
+"""The legs' plumbing (`relay/streams.py`): the write lock does what `trio.StrictFIFOLock`
+guarantees (strict FIFO hand-over, no barging, a cancelled waiter leaves the queue, release only
+when held) and keeps nothing once the queue is empty; a plain read is the caller's own copy;
+and the proxy's accept loop (`relay/server.py`), which replaced `trio.serve_listeners`."""
+
+from __future__ import annotations
+
+import errno
+import socket
+from typing import Any, cast
+
+import pytest
+import trio
+import trio.testing
+
+from imapveil.relay import server
+from imapveil.relay.streams import RECEIVE_SIZE, Leg, WriteLock
+
+
+async def test_waiters_get_the_lock_in_arrival_order_and_newcomers_do_not_barge() -> None:
+    lock = WriteLock()
+    order: list[int] = []
+
+    async def sender(i: int) -> None:
+        async with lock:
+            order.append(i)
+            await trio.sleep(0.01)
+
+    lock.acquire_nowait()
+    async with trio.open_nursery() as nursery:
+        for i in range(4):
+            nursery.start_soon(sender, i)
+            await trio.testing.wait_all_tasks_blocked()
+        lock.release()
+        # Handed to the first waiter: still held, and a newcomer must queue behind the others.
+        assert lock.locked()
+        with pytest.raises(trio.WouldBlock):
+            lock.acquire_nowait()
+        nursery.start_soon(sender, 4)
+    assert order == [0, 1, 2, 3, 4]
+    assert not lock.locked()
+    assert lock._lot is None  # nothing kept while idle
+
+
+async def test_a_cancelled_waiter_leaves_the_queue_without_the_lock() -> None:
+    lock = WriteLock()
+    got: list[str] = []
+
+    async def waiter(name: str, scope_out: list[trio.CancelScope]) -> None:
+        with trio.CancelScope() as scope:
+            scope_out.append(scope)
+            async with lock:
+                got.append(name)
+
+    lock.acquire_nowait()
+    scopes: list[trio.CancelScope] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(waiter, "a", scopes)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(waiter, "b", scopes)
+        await trio.testing.wait_all_tasks_blocked()
+        scopes[0].cancel()
+        await trio.testing.wait_all_tasks_blocked()
+        lock.release()
+    assert got == ["b"]
+    assert not lock.locked()
+
+
+async def test_uncontended_acquire_is_a_checkpoint_and_release_needs_the_lock() -> None:
+    lock = WriteLock()
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        with pytest.raises(trio.Cancelled):
+            await lock.acquire()
+    assert not lock.locked()
+    await lock.acquire()
+    assert lock.locked()
+    lock.release()
+    with pytest.raises(RuntimeError):
+        lock.release()
+
+
+def test_a_plain_read_is_a_copy_the_next_read_leaves_alone() -> None:
+    """`Leg.read` receives into one buffer all legs share: what it returns must be the caller's
+    own octets, not a view that the next receive (of any leg) overwrites."""
+    a, b = socket.socketpair()
+    c, d = socket.socketpair()
+    with a, b, c, d:
+        b.setblocking(False)
+        assert Leg.read(b.fileno()) is None  # nothing there: wait again
+        a.sendall(b"1 NOOP\r\n")
+        first = Leg.read(b.fileno())
+        c.sendall(b"* OK something else entirely\r\n")
+        second = Leg.read(d.fileno())
+        assert first == b"1 NOOP\r\n" and type(first) is bytes
+        assert second == b"* OK something else entirely\r\n"
+        big = bytes(range(256)) * (RECEIVE_SIZE // 256)
+        a.sendall(big[:100_000])
+        got = b""
+        while len(got) < 100_000:
+            chunk = Leg.read(b.fileno())
+            got += chunk or b""
+        assert got == big[:100_000]
+        a.close()
+        assert Leg.read(b.fileno()) == b""  # the end
+
+
+class _Listener(trio.abc.Listener[trio.abc.Stream]):
+    """Accepts as scripted: an OSError to raise, or a stream to hand out; then waits forever."""
+
+    def __init__(self, script: list[OSError | trio.abc.Stream]) -> None:
+        self.script = script
+        self.closed = False
+
+    async def accept(self) -> trio.abc.Stream:
+        await trio.lowlevel.checkpoint()
+        if not self.script:
+            await trio.sleep_forever()
+        step = self.script.pop(0)
+        if isinstance(step, OSError):
+            raise step
+        return step
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+async def test_the_accept_loop_waits_out_a_lack_of_descriptors_and_raises_anything_else(
+    autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The proxy's own accept loop (`relay/server.py: _accept`, in place of
+    `trio.serve_listeners`): EMFILE and the like are logged and retried after ACCEPT_RETRY,
+    each accepted stream gets a task of its own, and any other error ends the loop."""
+    stream, _peer = trio.testing.memory_stream_pair()
+    listener = _Listener([OSError(errno.EMFILE, "Too many open files"), stream])
+    handled: list[tuple[float, trio.abc.Stream]] = []
+
+    async def handler(s: trio.abc.Stream) -> None:
+        handled.append((trio.current_time(), s))
+
+    start = trio.current_time()
+    async with trio.open_nursery() as sessions:
+        sessions.start_soon(server._accept, cast(Any, listener), handler, sessions)
+        await trio.sleep(1)
+        sessions.cancel_scope.cancel()
+    assert [s for _t, s in handled] == [stream]
+    assert handled[0][0] - start >= server.ACCEPT_RETRY
+    assert "accept failed: emfile" in caplog.text
+    assert listener.closed
+
+    broken = _Listener([OSError(errno.EBADF, "Bad file descriptor")])
+    with pytest.RaisesGroup(OSError):
+        async with trio.open_nursery() as sessions:
+            sessions.start_soon(server._accept, cast(Any, broken), handler, sessions)
+    assert broken.closed
