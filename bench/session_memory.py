@@ -44,8 +44,11 @@ import trio
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))  # run.py is a script beside this one, not a package
 
-from bench.run import (  # noqa: E402
+from tests.helpers.dovecot import Dovecot, free_port, stop_group  # noqa: E402
+
+from run import (  # noqa: E402
     SOURCES,
     Imap,
     ProxyProcess,
@@ -54,7 +57,6 @@ from bench.run import (  # noqa: E402
     logged_in,
     wait_port,
 )
-from tests.helpers.dovecot import Dovecot, free_port, stop_group  # noqa: E402
 
 TRACE_FRAMES = 25
 
