@@ -6,6 +6,7 @@ and the proxy's accept loop (`relay/server.py`), which replaced `trio.serve_list
 from __future__ import annotations
 
 import errno
+import os
 import socket
 from typing import Any, cast
 
@@ -14,7 +15,7 @@ import trio
 import trio.testing
 
 from imapveil.relay import server
-from imapveil.relay.streams import RECEIVE_SIZE, Leg, WriteLock
+from imapveil.relay.streams import IOV_MAX, RECEIVE_SIZE, Leg, WriteLock
 
 
 async def test_waiters_get_the_lock_in_arrival_order_and_newcomers_do_not_barge() -> None:
@@ -153,3 +154,44 @@ async def test_the_accept_loop_waits_out_a_lack_of_descriptors_and_raises_anythi
         async with trio.open_nursery() as sessions:
             sessions.start_soon(server._accept, cast(Any, broken), handler, sessions)
     assert broken.closed
+
+
+@pytest.mark.parametrize("count", [1, 3, IOV_MAX + 5])
+async def test_a_batch_reaches_a_slow_reader_whole_and_in_order(count: int) -> None:
+    """A batch larger than the peer's buffers goes out in several writes, each resuming where
+    the last one stopped (inside a chunk or between chunks), empty chunks and views included."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        peer = socket.create_connection(listener.getsockname()[:2])
+        ours, _ = listener.accept()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    ours.setblocking(False)
+    total = 3 * 1024 * 1024
+    size = total // count
+    chunks: list[bytes | memoryview] = []
+    for i in range(count):
+        data = os.urandom(size)
+        chunks.append(memoryview(data) if i % 2 else data)
+        if i % 3 == 0:
+            chunks.append(b"")
+    expected = b"".join(bytes(c) for c in chunks)
+
+    def read_slowly() -> bytes:
+        got = bytearray()
+        peer.settimeout(10)
+        while len(got) < len(expected):
+            got += peer.recv(7919)
+        return bytes(got)
+
+    leg = Leg("client", trio.SocketStream(trio.socket.from_stdlib_socket(ours)))
+    with peer:
+        async with trio.open_nursery() as nursery:
+            received: list[bytes] = []
+
+            async def reader() -> None:
+                received.append(await trio.to_thread.run_sync(read_slowly))
+
+            nursery.start_soon(reader)
+            with trio.fail_after(20):
+                await leg.send_many(chunks)
+        assert received == [expected]
+        await leg.stream.aclose()

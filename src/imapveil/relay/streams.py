@@ -238,7 +238,25 @@ async def _send_fd(fd: int, chunks: list[bytes | memoryview]) -> None:
     if fd < 0:
         raise trio.ClosedResourceError("the leg is closed")
     await trio.lowlevel.checkpoint_if_cancelled()
-    pending = [memoryview(chunk) for chunk in chunks if len(chunk)]
+    # First as they are (nearly always the whole batch goes in one call): views of what is left
+    # are made only when the peer's buffer took less.
+    sent = 0
+    if len(chunks) <= IOV_MAX:
+        try:
+            sent = os.writev(fd, chunks)
+        except BlockingIOError:
+            pass
+        else:
+            if sent == sum(map(len, chunks)):
+                return
+    pending: list[memoryview] = []
+    for chunk in chunks:
+        size = len(chunk)
+        if sent >= size:
+            sent -= size
+            continue
+        pending.append(memoryview(chunk)[sent:])
+        sent = 0
     while pending:
         try:
             sent = os.writev(fd, pending[:IOV_MAX])
