@@ -461,7 +461,7 @@ async def test_garbage_proxy_headers_are_refused_and_others_served(
 
 
 def stalled_reader(
-    address: tuple[str, int], stalled: threading.Event, go: threading.Event
+    address: tuple[str, int], stalled: threading.Event, go: threading.Event, box: bytes = b"stall"
 ) -> bytes:
     """Pipelined FETCHes, small ones (relayed through the shared buffer: under SPLICE_MIN) and a
     big one (spliced); a receive window of 4 KiB; no reading until `go`, then 997 octets at a
@@ -474,7 +474,9 @@ def stalled_reader(
         got = bytearray()
         read_until(s, got, b"* OK")
         s.sendall(
-            b"L LOGIN bob builder\r\nS EXAMINE stall\r\n"
+            b"L LOGIN bob builder\r\nS EXAMINE "
+            + box
+            + b"\r\n"
             + b"".join(
                 b"F%d FETCH 1 (BODY.PEEK[]<%d.%d>)\r\n" % (k, k, 60_000 - k) for k in range(20)
             )
@@ -530,3 +532,42 @@ async def test_a_stalled_reader_slows_only_its_own_session(target: Dovecot, tmp_
     (proxied,) = result
     assert body in proxied
     assert normal(proxied) == normal(direct)
+
+
+async def test_a_shutdown_while_a_reader_is_stalled_says_bye_only_between_responses(
+    target: Dovecot, tmp_path: Path
+) -> None:
+    """`stop()` while the proxy's sends to a stalled reader wait, mid-literal: once the reader
+    reads again, it gets a prefix of what Dovecot directly sends, then the BYE only where a
+    response ended, or nothing more; never the BYE inside a literal. (Measured: the session is
+    cut when the grace period ends, mid-literal, about 19 KB in, without a BYE: the core says
+    BYE only if it is at a response boundary then, and does not wait for the next one.)"""
+    body = message(3 * 1024 * 1024 + 1, 5)
+    with Client(target.address) as c:
+        c.greeting()
+        c.login(b"bob", b"builder")
+        c.send(b"C CREATE stall2\r\nA APPEND stall2 {%d+}\r\n" % len(body) + body + b"\r\n")
+        assert c.until(b"A").startswith(b"A OK")
+        c.logout()
+    go = threading.Event()
+    go.set()
+    direct = normal(await run(stalled_reader, target.address, threading.Event(), go, b"stall2"))
+    async with veil(target.address, tmp_path) as v, trio.open_nursery() as nursery:
+        stalled, go = threading.Event(), threading.Event()
+        result: list[bytes] = []
+
+        async def slow() -> None:
+            result.append(await run(stalled_reader, v.address, stalled, go, b"stall2"))
+
+        nursery.start_soon(slow)
+        await run(stalled.wait)
+        v.proxy.stop()
+        await trio.sleep(v.proxy.shutdown_grace + 0.5)  # BYE decided, and queued
+        go.set()
+    (got,) = result
+    proxied = normal(got)
+    bye = b"* BYE [UNAVAILABLE] Server shutting down\r\n"
+    before = proxied[: -len(bye)] if proxied.endswith(bye) else proxied
+    assert direct.startswith(before), len(before)
+    if proxied.endswith(bye):  # at a response boundary: what follows there starts a response
+        assert direct[len(before) :].startswith((b"* ", b"F", b"B ", b"Q ")), before[-200:]
