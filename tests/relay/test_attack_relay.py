@@ -382,38 +382,44 @@ def flood(address: tuple[str, int], resets: int, silent: int) -> list[socket.soc
 
 
 async def test_floods_do_not_stop_the_service_for_others(target: Dovecot, tmp_path: Path) -> None:
-    """300 connections reset as soon as they are made, 40 that never speak: a logged-in session
+    """200 connections reset as soon as they are made, 16 that never speak: a logged-in session
     is answered at once, a new one is served, `stop()` says BYE to the silent ones still there,
     and no descriptor is left."""
     fds = open_fds()
-    async with veil(target.address, tmp_path) as v:
-        with Client(v.address) as c:
-            await run(c.greeting)
-            await run(c.login)
-            silent = await run(flood, v.address, 300, 40)
-            t0 = trio.current_time()
-            c.send(b"N NOOP\r\n")
-            assert (await run(c.until, b"N")).startswith(b"N OK")
-            assert trio.current_time() - t0 < 1.0  # 3-6 ms measured
-            with Client(v.address) as d:  # (Dovecot, busy with the flood, is slower to greet)
-                await run(d.greeting)
-                await run(d.login)
-                await run(d.logout)
-            await run(c.logout)
-        for s in silent[:20]:
-            rst(s)
-        v.proxy.stop()
-        with trio.fail_after(10):  # grace (2 s), BYE, the silent ones' close grace (2 s)
-            await v.proxy._idle.wait()
-        byes = []
-        for s in silent[20:]:
-            s.settimeout(5)
-            got = b""
-            while chunk := s.recv(4096):
-                got += chunk
-            byes.append(got.splitlines()[-1])
-            s.close()
-        assert set(byes) == {b"* BYE [UNAVAILABLE] Server shutting down"}
+    silent: list[socket.socket] = []
+    try:
+        async with veil(target.address, tmp_path) as v:
+            with Client(v.address) as c:
+                await run(c.greeting)
+                await run(c.login)
+                silent = await run(flood, v.address, 200, 16)
+                t0 = trio.current_time()
+                c.send(b"N NOOP\r\n")
+                assert (await run(c.until, b"N")).startswith(b"N OK")
+                assert trio.current_time() - t0 < 1.0  # 3-6 ms measured
+                # Dovecot, busy with the flood (a login process per connection), greets later:
+                # 0.2-0.6 s measured, directly as through the proxy, on an idle machine.
+                with Client(v.address, timeout=30) as d:
+                    await run(d.greeting)
+                    await run(d.login)
+                    await run(d.logout)
+                await run(c.logout)
+            for sock in silent[:8]:
+                rst(sock)
+            v.proxy.stop()
+            with trio.fail_after(20):  # grace (2 s), BYE, the silent ones' close grace (2 s)
+                await v.proxy._idle.wait()
+            byes = []
+            for sock in silent[8:]:
+                sock.settimeout(10)
+                got = b""
+                while chunk := sock.recv(4096):
+                    got += chunk
+                byes.append(got.splitlines()[-1])
+            assert set(byes) == {b"* BYE [UNAVAILABLE] Server shutting down"}
+    finally:
+        for sock in silent:
+            sock.close()
     assert open_fds() == fds
 
 
@@ -538,10 +544,14 @@ async def test_a_shutdown_while_a_reader_is_stalled_says_bye_only_between_respon
     target: Dovecot, tmp_path: Path
 ) -> None:
     """`stop()` while the proxy's sends to a stalled reader wait, mid-literal: once the reader
-    reads again, it gets a prefix of what Dovecot directly sends, then the BYE only where a
-    response ended, or nothing more; never the BYE inside a literal. (Measured: the session is
-    cut when the grace period ends, mid-literal, about 19 KB in, without a BYE: the core says
-    BYE only if it is at a response boundary then, and does not wait for the next one.)"""
+    reads again, it gets what Dovecot directly sends, octet for octet, up to a response
+    boundary, then the BYE; never the BYE inside a literal.
+
+    Found attacking the write lock at shutdown (attack3): the core said BYE only if it was at
+    a response boundary when the grace period ended, and the session was closed at once
+    otherwise: this reader got 19 KB of its first literal and no BYE. Now the BYE waits for
+    the next boundary (the proxy still cuts off what is left after CLOSE_WAIT): here the whole
+    4.3 MB Dovecot sends, then the BYE."""
     body = message(3 * 1024 * 1024 + 1, 5)
     with Client(target.address) as c:
         c.greeting()
@@ -567,7 +577,8 @@ async def test_a_shutdown_while_a_reader_is_stalled_says_bye_only_between_respon
     (got,) = result
     proxied = normal(got)
     bye = b"* BYE [UNAVAILABLE] Server shutting down\r\n"
-    before = proxied[: -len(bye)] if proxied.endswith(bye) else proxied
+    assert proxied.endswith(bye), got[-300:]
+    before = proxied[: -len(bye)]
     assert direct.startswith(before), len(before)
-    if proxied.endswith(bye):  # at a response boundary: what follows there starts a response
-        assert direct[len(before) :].startswith((b"* ", b"F", b"B ", b"Q ")), before[-200:]
+    rest = direct[len(before) :]  # at a response boundary: what follows there starts one
+    assert rest == b"" or rest.startswith((b"* ", b"F", b"B ", b"Q ")), before[-200:]

@@ -358,10 +358,10 @@ class Connection:
             self._pumps.cancel()
 
     async def shut_down(self) -> None:
-        """The proxy is stopping: BYE at the next response boundary, then close."""
+        """The proxy is stopping: BYE at the next response boundary, then close (the core
+        closes once it has said it; the proxy cuts off what is left after CLOSE_WAIT)."""
         if not self._closed:
             await self._apply(self.core.shutting_down(trio.current_time()))
-            self._close()
 
     async def _pump(self, source: Leg, direction: Direction) -> None:
         core = self.core
