@@ -284,7 +284,14 @@ class SessionCore:
         self._out.now = now
         self._out.end("shutdown")
         bye = b"* BYE [UNAVAILABLE] Server shutting down\r\n"
-        return self._out.last_words(bye if self._out.can_speak else None, "shutdown")
+        if self._out.can_speak or self.closed or self._out.close_pending:
+            return self._out.last_words(bye if self._out.can_speak else None, "shutdown")
+        # Mid-response: the BYE goes after it (`feed_server` pays it at the boundary), then
+        # the session closes; the relay cuts it off if the response does not end in time.
+        out: list[Action] = []
+        self._out.actions = out
+        self._out.close_after_owed(bye)
+        return out
 
     def tls_failed(self, detail: str, now: float) -> list[Action]:
         """A TLS handshake failed on a leg; nothing more can be said on it."""

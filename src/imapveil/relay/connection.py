@@ -85,6 +85,7 @@ class RelaySettings:
 class Connection:
     __slots__ = (
         "_active",
+        "_client_eof",
         "_closed",
         "_endpoints",
         "_expired",
@@ -134,6 +135,7 @@ class Connection:
         )
         self._implicit_tls = implicit_tls
         self._closed = False
+        self._client_eof = False  # the client half-closed; the server's answers still go to it
         self._pumps: trio.CancelScope | None = None
         self._expired = False  # the timers cancelled the pumps: no traffic in time
         self._endpoints = client_endpoints  # (client, the address it connected to)
@@ -356,10 +358,10 @@ class Connection:
             self._pumps.cancel()
 
     async def shut_down(self) -> None:
-        """The proxy is stopping: BYE at the next response boundary, then close."""
+        """The proxy is stopping: BYE at the next response boundary, then close (the core
+        closes once it has said it; the proxy cuts off what is left after CLOSE_WAIT)."""
         if not self._closed:
             await self._apply(self.core.shutting_down(trio.current_time()))
-            self._close()
 
     async def _pump(self, source: Leg, direction: Direction) -> None:
         core = self.core
@@ -392,13 +394,17 @@ class Connection:
             except (trio.BrokenResourceError, OSError) as exc:
                 # A reset is how many clients hang up; it is the peer's business, not an error.
                 log.debug("session %s: %s reset: %s", core.session_id, source.name, exc)
-                data = b""
+                data = None  # as an end, but not a clean one: nothing more can reach the client
             except trio.ClosedResourceError:
                 return
             now = trio.current_time()
             if not data:
                 source.ended = True
-                closed = core.client_closed if source is self.client else core.server_closed
+                if from_client and data is not None and await self._client_half_closed():
+                    return  # the server's pump goes on until the server closes in turn
+                closed = (
+                    core.client_closed if from_client or self._client_eof else core.server_closed
+                )
                 await self._apply(closed(now))
                 return
             actions = feed(bytes(data) if type(data) is not bytes else data, now)
@@ -407,6 +413,27 @@ class Connection:
             del actions
             self._touch()  # after the core saw it: the timeout depends on what it is waiting for
             self._resume_client()
+
+    async def _client_half_closed(self) -> bool:
+        """The client closed its side cleanly (an EOF, not a reset), and may still be reading:
+        `nc -N`, or a script's shutdown(SHUT_WR) after its LOGOUT. As a direct connection would,
+        the EOF goes on to the server, and its answers to what came before it are relayed until
+        it closes in turn (Dovecot answers every command it has read, then closes); the session
+        then ends as the client's close. False: the session ends now (no open server leg, or one
+        that cannot be half-closed: TLS)."""
+        server = self.server
+        if server is None or server.ended or server.broken or self.core.closed:
+            return False
+        stream = server.stream
+        if not isinstance(stream, trio.abc.HalfCloseableStream):
+            return False
+        async with server.write_lock:  # after anything the other pump is sending
+            try:
+                await stream.send_eof()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                return False
+        self._client_eof = True
+        return True
 
     def _resume_client(self) -> None:
         """Wake the client's reader if it waits and the core wants its data again (or closed).
@@ -467,7 +494,7 @@ class Connection:
         they go out. False: the session is over."""
         core, now = self.core, trio.current_time()
         if not n:
-            closed = core.client_closed if from_client else core.server_closed
+            closed = core.client_closed if from_client or self._client_eof else core.server_closed
             await self._apply(closed(now))
             return False
         if n <= (core.client_literal_left() if from_client else core.server_literal_left()):
@@ -475,8 +502,7 @@ class Connection:
             try:
                 await dest.send_pipe(pipe)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                self._emit_all(core.failed(f"send to {dest.name}: {describe(exc)}", now))
-                self._close()
+                self._send_failed(dest, exc, now)
                 return False
         else:
             # The core changed its mind while the octets came (it is closing): it reads them.
@@ -529,11 +555,8 @@ class Connection:
                 try:
                     await leg.send_many(batch)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                    now = trio.current_time()
-                    detail = f"send to {leg.name}: {describe(exc)}"
                     self._emit_records(records)
-                    self._emit_all(self.core.failed(detail, now))
-                    self._close()
+                    self._send_failed(leg, exc, trio.current_time())
                     return
                 self._emit_records(records)
                 continue
@@ -555,6 +578,15 @@ class Connection:
                 async with self.client.write_lock:
                     self.client.stream = DeflateStream(self.client.stream)
             i += 1
+
+    def _send_failed(self, leg: Leg, exc: BaseException, now: float) -> None:
+        """A send to `leg` failed: the session ends. A client that sent its EOF before (see
+        `_client_half_closed`) has closed, not failed: it did not stay to read the answers."""
+        if leg is self.client and self._client_eof:
+            self._emit_all(self.core.client_closed(now))
+        else:
+            self._emit_all(self.core.failed(f"send to {leg.name}: {describe(exc)}", now))
+        self._close()
 
     def _emit_records(self, records: list[Record]) -> None:
         """The records waiting in `_apply`, in order; the list is left empty."""

@@ -28,6 +28,10 @@ OTHERS = "other addresses"
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
+UNCOUNTED = "(exempt)"
+"""The key a session admitted from an exempt address is released under (`Admission.key`): no
+address was counted for it (never an address: those are numeric)."""
+
 
 @dataclass(frozen=True, slots=True)
 class Limits:
@@ -89,8 +93,18 @@ class Admission:
         self.active += 1
         return None
 
+    def key(self, address: str) -> str:
+        """What to `release` a session just admitted from `address` under: the address, or
+        UNCOUNTED if the limits exempt it. Decided now, not at the release: a reload may have
+        changed the exempt networks by then, and must not take a session off a count it is
+        not in (nor leave one on)."""
+        return UNCOUNTED if self.limits.exempts(address) else address
+
     def release(self, address: str) -> None:
+        """A session admitted from `address` ended (`key`'s key, or the address itself)."""
         self.active -= 1
+        if address == UNCOUNTED:
+            return
         left = self._per_address.get(address, 0) - 1
         if left > 0:
             self._per_address[address] = left

@@ -156,7 +156,7 @@ class Proxy:
                 self._note_refusal(host or "unknown", why)
                 await _refuse(stream)
                 return None
-            admitted = host
+            admitted = self._admission.key(host)
         try:
             connection = Connection(
                 stream,
