@@ -21,7 +21,7 @@ import json
 import socket
 import threading
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,19 @@ DISCONNECTED = "Disconnected"
 MAC = "a4:c3:f0:85:1b:2e"
 CLIENT_IP = "198.51.100.77"
 SPOOF_FIELDS = ("x-originating-ip", "x-session-id", "x-proxy-ttl", "x-client-transport")
+
+
+@contextlib.contextmanager
+def own_dovecot(users: dict[str, str] | None = None) -> Iterator[Dovecot]:
+    """A Dovecot of the caller's own, started once its readiness probe's disconnect is logged:
+    every connection to it from then on is the caller's, so counting its `Disconnected` lines
+    tells when it has logged everything a test made it do."""
+    server = Dovecot(users).start()
+    try:
+        server.wait_for_log(DISCONNECTED, 1)  # the readiness probe's connection
+        yield server
+    finally:
+        server.cleanup()
 
 
 def marker(kind: str = "MARKER") -> str:

@@ -30,11 +30,11 @@ from imapveil.records import CommandCompleted, IdExchange
 from imapveil.relay import splice
 from imapveil.relay.streams import RECEIVE_SIZE
 from tests.helpers.attack import (
-    DISCONNECTED,
     Client,
     DovecotLog,
     Identifiers,
     answered_properly,
+    own_dovecot,
     veil,
 )
 from tests.helpers.dovecot import Dovecot
@@ -52,12 +52,8 @@ assert splice.SPLICE_MIN < BIG
 
 @pytest.fixture(scope="module")
 def target() -> Iterator[Dovecot]:
-    server = Dovecot().start()
-    try:
-        server.wait_for_log(DISCONNECTED, 1)  # the readiness probe's connection
+    with own_dovecot() as server:
         yield server
-    finally:
-        server.cleanup()
 
 
 def body(size: int, hidden: Identifiers, lead: bytes = b"") -> bytes:

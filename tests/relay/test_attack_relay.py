@@ -29,7 +29,7 @@ import trio
 from imapveil.protocol.proxy_header import build_v2
 from imapveil.records import CommandCompleted, SessionEnded
 from imapveil.relay import splice
-from tests.helpers.attack import DISCONNECTED, Client, Veil, veil
+from tests.helpers.attack import Client, Veil, own_dovecot, veil
 from tests.helpers.dovecot import Dovecot
 
 pytestmark = pytest.mark.dovecot
@@ -38,12 +38,8 @@ run = trio.to_thread.run_sync
 
 @pytest.fixture(scope="module")
 def target() -> Iterator[Dovecot]:
-    server = Dovecot().start()
-    try:
-        server.wait_for_log(DISCONNECTED, 1)  # the readiness probe's connection
+    with own_dovecot() as server:
         yield server
-    finally:
-        server.cleanup()
 
 
 def message(size: int, seed: int) -> bytes:
@@ -505,21 +501,27 @@ def normal(transcript: bytes) -> bytes:
     return b"\r\n".join(kept)
 
 
+async def stalled_mailbox(target: Dovecot, box: bytes, seed: int) -> tuple[bytes, bytes]:
+    """A mailbox `box` of bob's holding a 3 MiB message of its own (`seed`), and what
+    `stalled_reader` gets from Dovecot directly: (the message, the direct transcript)."""
+    body = message(3 * 1024 * 1024 + 1, seed)
+    with Client(target.address) as c:
+        c.greeting()
+        c.login(b"bob", b"builder")
+        c.send(b"C CREATE %s\r\nA APPEND %s {%d+}\r\n" % (box, box, len(body)) + body + b"\r\n")
+        assert c.until(b"A").startswith(b"A OK")
+        c.logout()
+    go = threading.Event()
+    go.set()
+    return body, await run(stalled_reader, target.address, threading.Event(), go, box)
+
+
 async def test_a_stalled_reader_slows_only_its_own_session(target: Dovecot, tmp_path: Path) -> None:
     """A client with a 4 KiB receive window that stops reading mid-answer: six busy sessions
     finish meanwhile, and once it reads again it gets what Dovecot directly sends, octet for
     octet (timings and capability lists apart): partial writes resumed inside and between
     chunks."""
-    body = message(3 * 1024 * 1024 + 1, 4)
-    with Client(target.address) as c:
-        c.greeting()
-        c.login(b"bob", b"builder")
-        c.send(b"C CREATE stall\r\nA APPEND stall {%d+}\r\n" % len(body) + body + b"\r\n")
-        assert c.until(b"A").startswith(b"A OK")
-        c.logout()
-    go = threading.Event()
-    go.set()
-    direct = await run(stalled_reader, target.address, threading.Event(), go)
+    body, direct = await stalled_mailbox(target, b"stall", 4)
     async with veil(target.address, tmp_path) as v, trio.open_nursery() as nursery:
         stalled, go = threading.Event(), threading.Event()
         result: list[bytes] = []
@@ -552,16 +554,8 @@ async def test_a_shutdown_while_a_reader_is_stalled_says_bye_only_between_respon
     otherwise: this reader got 19 KB of its first literal and no BYE. Now the BYE waits for
     the next boundary (the proxy still cuts off what is left after CLOSE_WAIT): here the whole
     4.3 MB Dovecot sends, then the BYE."""
-    body = message(3 * 1024 * 1024 + 1, 5)
-    with Client(target.address) as c:
-        c.greeting()
-        c.login(b"bob", b"builder")
-        c.send(b"C CREATE stall2\r\nA APPEND stall2 {%d+}\r\n" % len(body) + body + b"\r\n")
-        assert c.until(b"A").startswith(b"A OK")
-        c.logout()
-    go = threading.Event()
-    go.set()
-    direct = normal(await run(stalled_reader, target.address, threading.Event(), go, b"stall2"))
+    _body, transcript = await stalled_mailbox(target, b"stall2", 5)
+    direct = normal(transcript)
     async with veil(target.address, tmp_path) as v, trio.open_nursery() as nursery:
         stalled, go = threading.Event(), threading.Event()
         result: list[bytes] = []

@@ -30,7 +30,6 @@ from imapveil.protocol.proxy_header import build_v2
 from imapveil.records import CommandCompleted, IdExchange, SessionEnded
 from tests.conftest import TlsMaterial
 from tests.helpers.attack import (
-    DISCONNECTED,
     MAC,
     SPOOF_FIELDS,
     Client,
@@ -40,6 +39,7 @@ from tests.helpers.attack import (
     Veil,
     answered_properly,
     marker,
+    own_dovecot,
     veil,
 )
 from tests.helpers.dovecot import USERS, Dovecot
@@ -63,14 +63,9 @@ from the same address (its auth penalty, up to 15 s)."""
 
 @pytest.fixture(scope="module")
 def target() -> Iterator[Dovecot]:
-    """A Dovecot of this module's own: every connection to it is one of ours, so counting its
-    `Disconnected` lines tells when it has logged everything a test made it do."""
-    server = Dovecot({**USERS, "carol": CAROL}).start()
-    try:
-        server.wait_for_log(DISCONNECTED, 1)  # the readiness probe's connection
+    """A Dovecot of this module's own (carol's password has a space)."""
+    with own_dovecot({**USERS, "carol": CAROL}) as server:
         yield server
-    finally:
-        server.cleanup()
 
 
 async def settled(log: DovecotLog, connections: int = 1) -> str:
