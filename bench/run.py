@@ -329,6 +329,27 @@ async def idle(
             stop_group(proxy.process, signal.SIGTERM)
 
 
+async def open_idle(
+    address: Address, users: list[str], tls: Tls, clients: list[Imap], at_once: int = 100
+) -> None:
+    """A session per user, logged in (from the benchmark's source addresses in turn), INBOX
+    selected and in IDLE, each appended to `clients`; `at_once` opening at a time."""
+    limit = trio.CapacityLimiter(at_once)
+
+    async def open_one(i: int) -> None:
+        async with limit:
+            c = await logged_in(address, users[i], tls, SOURCES[i % len(SOURCES)])
+            await c.command(b"SELECT INBOX")
+            await c.stream.send_all(b"i IDLE\r\n")
+            while not (await c.line()).startswith(b"+"):
+                pass
+            clients.append(c)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(len(users)):
+            nursery.start_soon(open_one, i)
+
+
 async def _idle(
     address: Address, tls: Tls, dovecot: Dovecot, users: IdleUsers, proxy: ProxyProcess | None
 ) -> dict[str, float]:
@@ -337,20 +358,7 @@ async def _idle(
     clients: list[Imap] = []
     before = proxy.memory() if proxy else 0
     cpu = proxy.cpu() if proxy else {}
-    limit = trio.CapacityLimiter(100)
-
-    async def open_one(i: int) -> None:
-        async with limit:
-            c = await logged_in(address, mine[i], tls, SOURCES[i % len(SOURCES)])
-            await c.command(b"SELECT INBOX")
-            await c.stream.send_all(b"i IDLE\r\n")
-            while not (await c.line()).startswith(b"+"):
-                pass
-            clients.append(c)
-
-    async with trio.open_nursery() as nursery:
-        for i in range(n):
-            nursery.start_soon(open_one, i)
+    await open_idle(address, mine, tls, clients)
     per_session = (proxy.memory() - before) / n if proxy else 0.0
     setup = proxy.cpu_since(cpu) / n if proxy else 0.0
     seen = 0

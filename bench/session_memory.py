@@ -49,12 +49,12 @@ sys.path.insert(0, str(ROOT / "bench"))  # run.py is a script beside this one, n
 from tests.helpers.dovecot import Dovecot, free_port, stop_group  # noqa: E402
 
 from run import (  # noqa: E402
-    SOURCES,
     Imap,
     ProxyProcess,
     dovecot_limits,
     idle_sessions_that_fit,
-    logged_in,
+    open_idle,
+    start_naive,
     wait_port,
 )
 
@@ -121,33 +121,6 @@ def start_imapveil(work: Path, dovecot: Dovecot, mode: str) -> ProxyProcess:
     return ProxyProcess(process, port)
 
 
-def start_naive(dovecot: Dovecot) -> ProxyProcess:
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, str(ROOT / "bench" / "naive_relay.py"), str(port), str(dovecot.port)],
-        start_new_session=True,
-    )
-    wait_port(port, process)
-    return ProxyProcess(process, port)
-
-
-async def open_idle(port: int, users: list[str], clients: list[Imap]) -> None:
-    limit = trio.CapacityLimiter(50)
-
-    async def one(i: int) -> None:
-        async with limit:
-            c = await logged_in(("127.0.0.1", port), users[i], None, SOURCES[i % len(SOURCES)])
-            await c.command(b"SELECT INBOX")
-            await c.stream.send_all(b"i IDLE\r\n")
-            while not (await c.line()).startswith(b"+"):
-                pass
-            clients.append(c)
-
-    async with trio.open_nursery() as nursery:
-        for i in range(len(users)):
-            nursery.start_soon(one, i)
-
-
 def signal_and_wait(proxy: ProxyProcess, signum: int, mark: Path, count: int) -> None:
     proxy.process.send_signal(signum)
     done = Path(f"{mark}.done{count}")
@@ -172,13 +145,13 @@ async def measure(
 ) -> None:
     users = [f"m{i}" for i in range(args.warm + args.sessions)]
     clients: list[Imap] = []
-    await open_idle(proxy.port, users[: args.warm], clients)
+    await open_idle(("127.0.0.1", proxy.port), users[: args.warm], None, clients, 50)
     await trio.to_thread.run_sync(settle, proxy)
     mark = work / "mark"
     if args.trace or args.profile:
         await trio.to_thread.run_sync(signal_and_wait, proxy, signal.SIGUSR1, mark, 1)
     before, cpu = proxy.memory(), proxy.cpu()
-    await open_idle(proxy.port, users[args.warm :], clients)
+    await open_idle(("127.0.0.1", proxy.port), users[args.warm :], None, clients, 50)
     await trio.to_thread.run_sync(settle, proxy)
     used = proxy.cpu_since(cpu)
     main_thread = str(proxy.process.pid)
