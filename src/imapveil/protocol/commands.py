@@ -16,6 +16,7 @@ the proxy's own lines go to the session's `Outbox`.
 from __future__ import annotations
 
 import enum
+import re
 from collections import deque
 from dataclasses import replace
 
@@ -62,6 +63,14 @@ class Gate(enum.Enum):
 
 
 _LEG_VERBS = frozenset((b"STARTTLS", b"COMPRESS", b"LOGIN", b"AUTHENTICATE"))  # see ClientLeg.owns
+
+_SIMPLE_VERBS = {
+    verb: verb
+    for verb in (b"NOOP", b"CHECK", b"CLOSE", b"UNSELECT", b"EXPUNGE", b"NAMESPACE", b"LOGOUT")
+}
+"""Commands without arguments that `_start` does nothing special with (no gate, no ID, no
+login, no mailbox, not answered by the client leg): `simple` may take them in one match."""
+_SIMPLE = re.compile(lexer.TAG_PATTERN + rb" ([A-Za-z]{4,9})\r?\n")
 
 
 class Commands:
@@ -151,6 +160,30 @@ class Commands:
             self.mode = Mode.COMMAND
             return Verdict.RELAY
         return self._discard_fragment(line)
+
+    def simple(self, line: bytes) -> bool:
+        """`line` (the whole of a chunk) is one simple command (`_SIMPLE_VERBS`): taken, as
+        `line` would take it, and True; False: nothing done, `line` must go the usual way.
+
+        The common case (a NOOP, a client's poll) in one match instead of the classifier: a
+        tag and a verb of letters make a line the classifier reads the same way, and every
+        state, gate and record ends as `_start` would leave it (tests/protocol/test_simple.py
+        compares the two on generated sessions)."""
+        if self.mode is not Mode.COMMAND or self.gate is not None:
+            return False
+        m = _SIMPLE.fullmatch(line)
+        if m is None:
+            return False
+        verb = _SIMPLE_VERBS.get(m.group(2).upper())
+        if verb is None:
+            return False
+        tag = m.group(1)
+        cmd = Command(tag, verb, self.state, self.out.now)
+        self.count += 1
+        self.traits.command(tag, verb, b"", None)
+        self._pend(cmd)
+        self.current = None
+        return True
 
     def too_long(self) -> None:
         """A line longer than `max_line` (the framer dropped it): the client cannot be followed."""

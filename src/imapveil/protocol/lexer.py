@@ -27,7 +27,9 @@ def _char_class(chars: frozenset[int]) -> bytes:
 # The same sets as patterns: a match runs in C, where a per-octet test in Python costs about a
 # microsecond per line on the relay's hot path.
 _ATOM = re.compile(_char_class(ATOM_CHARS) + b"*+")
-_TAG = re.compile(_char_class(TAG_CHARS) + b"++")
+TAG_PATTERN = b"(" + _char_class(TAG_CHARS) + b"++)"
+"""A tag as a group of a pattern."""
+_TAG = re.compile(TAG_PATTERN)
 
 # A literal's length has at most 20 digits: 2**64 - 1 has 20 (RFC 9051 number64 is 63 bits).
 MAX_LITERAL_DIGITS = 20

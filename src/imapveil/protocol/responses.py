@@ -13,6 +13,8 @@ as it came.
 
 from __future__ import annotations
 
+import re
+
 from imapveil.protocol import lexer
 from imapveil.protocol.client_leg import ClientLeg
 from imapveil.protocol.command import State
@@ -25,6 +27,9 @@ from imapveil.protocol.outbox import Outbox
 _STATUS_WORDS = frozenset((b"OK", b"NO", b"BAD", b"BYE", b"PREAUTH"))
 _GREETINGS = (b"* OK", b"* PREAUTH", b"* BYE")
 UNAVAILABLE = b"* BYE [UNAVAILABLE] Mail server is not reachable\r\n"
+_SIMPLE = re.compile(lexer.TAG_PATTERN + rb" (OK|NO|BAD)(?: [^\[\r\n][^\r\n]*+)?\r?\n")
+"""A tagged answer without a response code (`a1 OK NOOP completed`): `simple` reads it."""
+_STATUS = {b"OK": "OK", b"NO": "NO", b"BAD": "BAD"}
 
 
 class Responses:
@@ -74,6 +79,22 @@ class Responses:
                 shown = self._tagged(*parsed)
         self.greeted = True
         return shown
+
+    def simple(self, line: bytes) -> bool:
+        """`line` (the whole of a chunk, between responses, after the greeting) is a tagged
+        answer without a response code to a command of the client's: taken, as `line` would
+        take it when it shows the line as it came, and True; False: nothing done.
+
+        The common case in one match instead of the tag, status and code readers (compared
+        with `line` in tests/protocol/test_simple.py)."""
+        m = _SIMPLE.fullmatch(line)
+        if m is None:
+            return False
+        tag = m.group(1)
+        if tag == self.ids.injected:
+            return False
+        self.commands.answered(tag, _STATUS[m.group(2)], None)
+        return True
 
     def not_imap(self, line: bytes) -> None:
         """The upstream's first line is no IMAP greeting (an SMTP or SSH port by mistake): the

@@ -34,6 +34,10 @@ __all__ = ["CoreConfig", "SessionCore", "State"]
 class SessionCore:
     """Follows one IMAP session. Not thread-safe; one per connection."""
 
+    SIMPLE = True
+    """Take a chunk that is one simple command or tagged answer in one match (`Commands.simple`,
+    `Responses.simple`); the tests turn it off to compare."""
+
     __slots__ = (
         "_client",
         "_commands",
@@ -204,12 +208,23 @@ class SessionCore:
 
     def feed_client(self, data: bytes, now: float) -> list[Action]:
         """Bytes the client sent. Returns what to do, in order."""
-        self._out.now = now
+        o = self._out
+        o.now = now
         self.bytes_from_client += len(data)
-        if self.closed:
+        if o.closed:
             return []
         out: list[Action] = []
-        self._out.actions = out
+        o.actions = out
+        f = self._client
+        if (
+            self.SIMPLE
+            and self._leg.first is None
+            and not (f.buf or f.literal_left or f.parked_data or o.close_pending)
+            and self._commands.simple(data)
+        ):
+            # One simple command, the whole chunk: as `_scan_client` would have it relayed.
+            out.append(Forward(Direction.TO_SERVER, data))
+            return out
         readable = self._leg.first_octets(data, first=self.bytes_from_client == len(data))
         if readable is not None:
             self._scan_client(readable)
@@ -217,12 +232,25 @@ class SessionCore:
 
     def feed_server(self, data: bytes, now: float) -> list[Action]:
         """Bytes the server sent. Returns what to do, in order."""
-        self._out.now = now
+        o = self._out
+        o.now = now
         self.bytes_from_server += len(data)
-        if self.closed:
+        if o.closed:
             return []
         out: list[Action] = []
-        self._out.actions = out
+        o.actions = out
+        f = self._server
+        if (
+            self.SIMPLE
+            and self._responses.greeted
+            and not (f.buf or f.literal_left or f.continues or f.streaming or o.owed)
+            and not self._client.parked_data
+            and self._responses.simple(data)
+        ):
+            # One tagged answer, the whole chunk, shown as it came (as `_scan_server` would).
+            if not o.closed:
+                out.append(Forward(Direction.TO_CLIENT, data))
+            return out
         self._scan_server(data)
         self._out.pay_owed()
         if self._commands.gate is None and self._client.parked and not self.closed:

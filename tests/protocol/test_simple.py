@@ -1,0 +1,275 @@
+"""The core's one-match paths (`Commands.simple`, `Responses.simple`) decide exactly as the
+general ones: generated sessions, fed to a core with them and one without, give the same actions
+(octet for octet), the same records and the same state after every chunk. The generator leans on
+near misses: tags with characters no tag may have, verbs in other cases or with arguments, other
+line ends, answers with codes, lower-case or unknown statuses, reused and unknown tags."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from imapveil.protocol.actions import Action, Direction, Forward
+from imapveil.protocol.commands import Commands
+from imapveil.protocol.responses import Responses
+from imapveil.protocol.session import CoreConfig, SessionCore
+from imapveil.records import CommandCompleted
+
+GREETING = b"* OK [CAPABILITY IMAP4rev1 LITERAL+ IDLE ID] ready\r\n"
+
+
+class GeneralCore(SessionCore):
+    """The core without its one-match paths."""
+
+    __slots__ = ()
+    SIMPLE = False
+
+
+_valid_tags = st.sampled_from([b"a1", b"A0001", b"x]", b"7", b"a.b-c_d", b"imapveil.1"])
+tags = st.one_of(_valid_tags, _valid_tags, _valid_tags, st.binary(min_size=0, max_size=4))
+_simple = st.sampled_from(
+    [b"NOOP", b"noop", b"Check", b"CLOSE", b"UNSELECT", b"EXPUNGE", b"NAMESPACE", b"LOGOUT"]
+)
+_others = st.sampled_from(
+    [
+        b"CAPABILITY",
+        b"IDLE",
+        b"NOOPS",
+        b"NOP",
+        b"NOOP x",
+        b"NOOP ",
+        b"NOOP {3}",
+        b"NOOP {3+}",
+        b"SELECT INBOX",
+        b'EXAMINE "a b"',
+        b"UID FETCH 1:* FLAGS",
+        b"LOGIN u p",
+        b"ID NIL",
+        b"STARTTLS",
+        b"DONE",
+    ]
+)
+verbs = st.one_of(_simple, _others)
+ends = st.sampled_from([b"\r\n"] * 6 + [b"\n", b"\r\r\n", b"", b" \r\n", b"\x00\r\n"])
+statuses = st.sampled_from([b"OK", b"NO", b"BAD", b"ok", b"BYE", b"PREAUTH", b"OKAY", b""])
+texts = st.sampled_from(
+    [
+        b"",
+        b" done",
+        b" NOOP completed (0.001 + 0.000 secs).",
+        b" [READ-WRITE] x",
+        b"  [x] y",
+        b" [CAPABILITY IMAP4rev1 IDLE]",
+        b" a\rb",
+        b" \x00",
+        b" [",
+    ]
+)
+
+
+@st.composite
+def client_chunk(draw: st.DrawFn, sent: list[bytes]) -> bytes:
+    lines = []
+    for _ in range(draw(st.integers(1, 2))):
+        tag = draw(tags)
+        sent.append(tag)
+        lines.append(tag + b" " + draw(verbs) + draw(ends))
+    return b"".join(lines)
+
+
+@st.composite
+def server_chunk(draw: st.DrawFn, sent: list[bytes]) -> bytes:
+    lines = []
+    for _ in range(draw(st.sampled_from([1, 1, 1, 2]))):
+        kind = draw(st.integers(0, 5))
+        if kind == 0:
+            lines.append(b"+ go\r\n")
+        elif kind == 1:
+            lines.append(draw(st.sampled_from([b"* 3 EXISTS\r\n", b"* BYE x\r\n", b"* OK hi\r\n"])))
+        else:
+            tag = draw(st.sampled_from(sent)) if sent and kind < 5 else draw(tags)
+            lines.append(tag + b" " + draw(statuses) + draw(texts) + draw(ends))
+    return b"".join(lines)
+
+
+def _seen(actions: list[Action]) -> list[Any]:
+    return [
+        (type(a).__name__, a.direction, bytes(a.data)) if isinstance(a, Forward) else a
+        for a in actions
+    ]
+
+
+def _state(core: SessionCore) -> tuple[Any, ...]:
+    commands = core._commands
+    return (
+        core.state,
+        core.mailbox,
+        core.user,
+        core.commands,
+        core.closed,
+        core.held,
+        core.wants_client_data,
+        commands.mode,
+        commands.gate,
+        [(c.tag, c.verb, c.state, c.started) for c in commands.unanswered()],
+        core._traits.record(core.session_id, core.capabilities),
+    )
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_simple_paths_decide_as_the_general_ones(data: st.DataObject) -> None:
+    # With an ID of the proxy's own before LOGIN, its answer (tag `imapveil.1`) is the proxy's.
+    inject = ((b"name", b"imapveil"),) if data.draw(st.booleans()) else ()
+    cores = [
+        kind(CoreConfig(inject_id=inject), session_id="s", client="c", upstream="u", now=0.0)
+        for kind in (SessionCore, GeneralCore)
+    ]
+    sent: list[bytes] = []
+    steps = [("s", GREETING)]
+    if data.draw(st.booleans()):
+        steps.append(("c", b"l LOGIN u p\r\n"))
+        sent += [b"imapveil.1", b"l"] if inject else [b"l"]
+    for _ in range(data.draw(st.integers(1, 12))):
+        side = data.draw(st.sampled_from("cs"))
+        chunk = data.draw(client_chunk(sent) if side == "c" else server_chunk(sent))
+        steps.append((side, chunk))
+    for i, (side, chunk) in enumerate(steps):
+        now = float(i)
+        seen = [
+            _seen(core.feed_client(chunk, now) if side == "c" else core.feed_server(chunk, now))
+            for core in cores
+        ]
+        assert seen[0] == seen[1], (side, chunk)
+        assert _state(cores[0]) == _state(cores[1]), (side, chunk)
+    ends = [_seen(core.finish(99.0)) for core in cores]
+    assert ends[0] == ends[1]
+
+
+SCENARIOS = {
+    "injected ID answered": [
+        ("c", b"l LOGIN u p\r\n"),
+        ("s", b"imapveil.1 OK done\r\n"),
+        ("s", b"l OK done\r\n"),
+    ],
+    "client parked behind a literal the server refuses": [
+        ("c", b"l LOGIN u p\r\n"),
+        ("s", b"l OK done\r\n"),
+        ("c", b"a NOOP {3}\r\nb NOOP\r\n"),
+        ("s", b"a NO no literal here\r\n"),
+        ("s", b"b OK done\r\n"),
+    ],
+    "literal octets that look like a command": [
+        ("c", b"l LOGIN {8}\r\n"),
+        ("s", b"+ go\r\n"),
+        ("c", b"b NOOP\r\n"),
+        ("c", b" p\r\n"),
+        ("s", b"l OK done\r\n"),
+    ],
+    "a SASL response that looks like a command": [
+        ("c", b"a AUTHENTICATE PLAIN\r\n"),
+        ("s", b"+ \r\n"),
+        ("c", b"x NOOP\r\n"),
+        ("s", b"a NO bad\r\n"),
+    ],
+    "IDLE then a command where DONE must be": [
+        ("c", b"l LOGIN u p\r\n"),
+        ("s", b"l OK done\r\n"),
+        ("c", b"i IDLE\r\n"),
+        ("s", b"+ idling\r\n"),
+        ("c", b"x NOOP\r\n"),
+    ],
+    "an answer after a server literal": [
+        ("c", b"l LOGIN u p\r\n"),
+        ("s", b"l OK done\r\n"),
+        ("c", b"f FETCH 1 BODY[]\r\n"),
+        ("s", b"* 1 FETCH (BODY[] {12}\r\n"),
+        ("s", b"f OK done\r\n"),
+        ("s", b")\r\nf OK done\r\n"),
+    ],
+    "a line that goes on with a response after its literal": [
+        ("c", b"l LOGIN u p\r\n"),
+        ("s", b"l OK done\r\n"),
+        ("c", b"f FETCH 1 BODY[]\r\n"),
+        ("s", b"* 1 FETCH (BODY[] {3}\r\nabc"),
+        ("s", b"f OK done\r\n"),
+        ("s", b"f OK done\r\n"),
+    ],
+    "closing after a refusal that waits for the server's answer to end": [
+        ("c", b"l LOGIN u p\r\n"),
+        ("s", b"l OK done\r\n"),
+        ("c", b"f FETCH 1 BODY[]\r\n"),
+        ("s", b"* 1 FETCH (BODY[] {10}\r\nab"),
+        ("c", b'b NOOP "x {3}\r\n'),
+        ("c", b"c NOOP\r\n"),
+        ("s", b"cdefghij)\r\nf OK done\r\n"),
+    ],
+    "shutting down mid-response": [
+        ("c", b"l LOGIN u p\r\n"),
+        ("s", b"l OK done\r\n"),
+        ("c", b"f FETCH 1 BODY[]\r\n"),
+        ("s", b"* 1 FETCH (BODY[] {3}\r\n"),
+        ("shutdown", b""),
+        ("s", b"abc)\r\n"),
+        ("s", b"f OK done\r\n"),
+    ],
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_edges_of_the_one_match_paths(name: str) -> None:
+    """Where a chunk looks simple but the session is not at a simple point, the two cores agree
+    (each of these fails if the check that guards it is taken out of the one-match path)."""
+    cores = [
+        kind(
+            CoreConfig(inject_id=((b"name", b"imapveil"),)),
+            session_id="s",
+            client="c",
+            upstream="u",
+            now=0.0,
+        )
+        for kind in (SessionCore, GeneralCore)
+    ]
+    for i, (side, chunk) in enumerate([("s", GREETING), *SCENARIOS[name]]):
+        now = float(i)
+        seen = []
+        for core in cores:
+            if side == "shutdown":
+                seen.append(_seen(core.shutting_down(now)))
+            else:
+                feed = core.feed_client if side == "c" else core.feed_server
+                seen.append(_seen(feed(chunk, now)))
+        assert seen[0] == seen[1], (side, chunk)
+        assert _state(cores[0]) == _state(cores[1]), (side, chunk)
+
+
+def test_the_one_match_paths_are_taken(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The comparison above compares something: a NOOP and its answer take the new paths (the
+    general parts are never asked), with the records and octets the general ones give."""
+    core = SessionCore(CoreConfig(), session_id="s", client="c", upstream="u", now=0.0)
+    core.feed_server(GREETING, 0.0)
+    # The first octets go the general way (they might be a PROXY header or a TLS ClientHello).
+    core.feed_client(b"a0 CAPABILITY\r\n", 0.0)
+    core.feed_server(b"* CAPABILITY IMAP4rev1\r\na0 OK done\r\n", 0.0)
+
+    def general(*_args: object) -> None:
+        raise AssertionError("the general path was taken")
+
+    monkeypatch.setattr(Commands, "line", general)
+    monkeypatch.setattr(Responses, "line", general)
+    sent = _seen(core.feed_client(b"a1 NOOP\r\n", 1.0))
+    answered = _seen(core.feed_server(b"a1 OK NOOP completed\r\n", 1.5))
+    assert sent == [("Forward", Direction.TO_SERVER, b"a1 NOOP\r\n")]
+    record = answered[0].record
+    assert isinstance(record, CommandCompleted)
+    assert (record.tag, record.verb, record.status, record.duration_ms) == (
+        "a1",
+        "NOOP",
+        "OK",
+        500.0,
+    )
+    assert answered[1:] == [("Forward", Direction.TO_CLIENT, b"a1 OK NOOP completed\r\n")]
+    assert core.commands == 2
