@@ -10,7 +10,7 @@ from typing import Any
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from imapveil.records import CommandCompleted, Violation
+from imapveil.records import CommandCompleted, SessionEnded, SessionStarted, Violation
 from imapveil.sinks.jsonl import _timestamp, encode
 
 
@@ -69,6 +69,36 @@ def test_command_records_written_field_by_field_are_what_json_dumps_gives(
     """The per-command record has an encoder of its own (it is by far the most frequent): any
     field values, quotes, controls, non-ASCII, NaN and infinities included, give the same octets
     as the general encoder."""
+    expected = {"ts": reference_timestamp(1764534400.5), **record.to_dict()}
+    line = encode(record, 1764534400.5)
+    assert line == json.dumps(expected, separators=(",", ":")).encode() + b"\n"
+
+
+_starts = st.builds(SessionStarted, session=_text, client=_text, upstream=_text)
+_ends = st.builds(
+    SessionEnded,
+    session=_text,
+    client=_text,
+    upstream=_text,
+    reason=_text,
+    detail=_maybe,
+    state=_text,
+    user=_maybe,
+    duration_ms=st.floats(allow_nan=True, allow_infinity=True),
+    bytes_from_client=st.integers(0, 2**64),
+    bytes_from_server=st.integers(0, 2**64),
+    commands=st.integers(0, 2**40),
+    client_tls=st.booleans(),
+    compressed=st.booleans(),
+)
+
+
+@given(_starts | _ends)
+def test_session_records_written_field_by_field_are_what_json_dumps_gives(
+    record: SessionStarted | SessionEnded,
+) -> None:
+    """Every session's first and last records have encoders of their own too: the same octets
+    as the general encoder, whatever the values."""
     expected = {"ts": reference_timestamp(1764534400.5), **record.to_dict()}
     line = encode(record, 1764534400.5)
     assert line == json.dumps(expected, separators=(",", ":")).encode() + b"\n"

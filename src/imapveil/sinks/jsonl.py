@@ -23,12 +23,13 @@ import math
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
 import trio
 
-from imapveil.records import CommandCompleted, Record
+from imapveil.records import CommandCompleted, Record, SessionEnded, SessionStarted
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +82,9 @@ def _timestamp(when: float | None = None) -> str:
 
 def encode(record: Record | dict[str, Any], when: float | None = None) -> bytes:
     """One JSON line: `ts` first, then the record's fields."""
-    if type(record) is CommandCompleted:
-        return _encode_command(record, _timestamp(when))
+    fast = _FAST.get(type(record))
+    if fast is not None:
+        return fast(record, _timestamp(when))
     body = record if isinstance(record, dict) else record.to_dict()
     return (_ENCODER.encode({"ts": _timestamp(when), **body}) + "\n").encode()
 
@@ -95,13 +97,19 @@ def _value(value: str | None) -> str:
     return "null" if value is None else _STRING(value)
 
 
+def _float(value: float | None) -> str:
+    """As the encoder writes it: a finite float as float.__repr__ does, NaN and infinities as
+    JavaScript names them."""
+    if value is None:
+        return "null"
+    return repr(value) if math.isfinite(value) else _ENCODER.encode(value)
+
+
 def _encode_command(r: CommandCompleted, ts: str) -> bytes:
     """The per-command record, the most frequent by far, written out field by field: the same
-    octets as the general encoder (tests/sinks/test_jsonl_fast.py compares them), at a third of
+    octets as the general encoder (tests/test_jsonl_encoding.py compares them), at a third of
     its cost."""
-    d = r.duration_ms
-    # The encoder writes a finite float as float.__repr__ does.
-    duration = "null" if d is None else repr(d) if math.isfinite(d) else _ENCODER.encode(d)
+    duration = _float(r.duration_ms)
     literals = ",".join([str(n) for n in r.literals])
     return (
         f'{{"ts":"{ts}","event":"command","session":{_STRING(r.session)},"tag":{_STRING(r.tag)},'
@@ -109,6 +117,37 @@ def _encode_command(r: CommandCompleted, ts: str) -> bytes:
         f'"code":{_value(r.code)},"duration_ms":{duration},"literals":[{literals}],'
         f'"mechanism":{_value(r.mechanism)},"user":{_value(r.user)}}}\n'
     ).encode()
+
+
+def _encode_start(r: SessionStarted, ts: str) -> bytes:
+    """Every session's first record, field by field (compared as `_encode_command` is)."""
+    return (
+        f'{{"ts":"{ts}","event":"session_start","session":{_STRING(r.session)},'
+        f'"client":{_STRING(r.client)},"upstream":{_STRING(r.upstream)}}}\n'
+    ).encode()
+
+
+def _encode_end(r: SessionEnded, ts: str) -> bytes:
+    """Every session's last record, field by field (compared as `_encode_command` is)."""
+    return (
+        f'{{"ts":"{ts}","event":"session_end","session":{_STRING(r.session)},'
+        f'"client":{_STRING(r.client)},"upstream":{_STRING(r.upstream)},'
+        f'"reason":{_STRING(r.reason)},"detail":{_value(r.detail)},"state":{_STRING(r.state)},'
+        f'"user":{_value(r.user)},"duration_ms":{_float(r.duration_ms)},'
+        f'"bytes_from_client":{int.__repr__(r.bytes_from_client)},'
+        f'"bytes_from_server":{int.__repr__(r.bytes_from_server)},'
+        f'"commands":{int.__repr__(r.commands)},'
+        f'"client_tls":{"true" if r.client_tls else "false"},'
+        f'"compressed":{"true" if r.compressed else "false"}}}\n'
+    ).encode()
+
+
+_FAST: dict[type, Callable[[Any, str], bytes]] = {
+    CommandCompleted: _encode_command,
+    SessionStarted: _encode_start,
+    SessionEnded: _encode_end,
+}
+"""Encoders for the records every command and every session makes."""
 
 
 class JsonLinesSink:
