@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import ssl
 from typing import Any, cast
 
 import pytest
@@ -15,7 +16,7 @@ import trio
 import trio.testing
 
 from imapveil.relay import server
-from imapveil.relay.streams import IOV_MAX, RECEIVE_SIZE, Leg, WriteLock
+from imapveil.relay.streams import IOV_MAX, RECEIVE_SIZE, Leg, WriteLock, close_now
 
 
 async def test_waiters_get_the_lock_in_arrival_order_and_newcomers_do_not_barge() -> None:
@@ -195,3 +196,40 @@ async def test_a_batch_reaches_a_slow_reader_whole_and_in_order(count: int) -> N
                 await leg.send_many(chunks)
         assert received == [expected]
         await leg.stream.aclose()
+
+
+async def test_closing_at_once_closes_the_socket_and_wakes_its_reader() -> None:
+    """`close_now` (no cancelled scope, no checkpoint) does what `aclose_forcefully` did for a
+    plain stream: the descriptor is gone, a task waiting to read is woken with
+    ClosedResourceError, the peer sees the end, and closing again does nothing."""
+    a, b = socket.socketpair()
+    stream = trio.SocketStream(trio.socket.from_stdlib_socket(a))
+    woken: list[type[BaseException]] = []
+
+    async def reader() -> None:
+        try:
+            await stream.receive_some(10)
+        except trio.ClosedResourceError as exc:
+            woken.append(type(exc))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader)
+        await trio.testing.wait_all_tasks_blocked()
+        await close_now(stream)
+        assert stream.socket.fileno() == -1
+    assert woken == [trio.ClosedResourceError]
+    assert b.recv(10) == b""  # the peer sees the end
+    await close_now(stream)
+    b.close()
+
+
+async def test_closing_a_tls_stream_at_once_closes_what_is_under_it() -> None:
+    """Anything but a plain stream goes through `aclose_forcefully`: a TLS stream's socket is
+    closed without waiting for the peer's close_notify."""
+    a, b = socket.socketpair()
+    inner = trio.SocketStream(trio.socket.from_stdlib_socket(a))
+    context = ssl.create_default_context()
+    tls = trio.SSLStream(inner, context, server_hostname="example.org")
+    await close_now(tls)
+    assert inner.socket.fileno() == -1
+    b.close()

@@ -39,6 +39,7 @@ from imapveil.relay.recording import RecordingStream
 from imapveil.relay.streams import (
     Leg,
     Networks,
+    close_now,
     connect_numeric,
     describe,
     format_address,
@@ -623,7 +624,7 @@ class Connection:
         except Exception:
             log.exception("session %s: closing the %s leg failed", self.core.session_id, leg.name)
             with contextlib.suppress(Exception):
-                await trio.aclose_forcefully(leg.stream)
+                await close_now(leg.stream)
 
 
 def _debug_record(record: Record) -> None:

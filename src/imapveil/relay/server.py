@@ -27,7 +27,14 @@ from imapveil.protocol.proxy_header import ProxyHeaderError, ProxyInfo
 from imapveil.records import OverLimit
 from imapveil.relay.connection import Connection, RelaySettings
 from imapveil.relay.limits import Admission, Limits, Refusals, RefusalSummary
-from imapveil.relay.streams import Networks, describe, format_address, in_networks, keepalive
+from imapveil.relay.streams import (
+    Networks,
+    close_now,
+    describe,
+    format_address,
+    in_networks,
+    keepalive,
+)
 from imapveil.relay.timers import Timers
 from imapveil.sinks import Sink
 
@@ -128,7 +135,7 @@ class Proxy:
             self.stats.active -= 1
             if not self.stats.active:
                 self._idle.set()
-            await trio.aclose_forcefully(stream)  # closed already, but for a failure before
+            await close_now(stream)  # closed already, but for a failure before
 
     async def _admit(
         self, stream: trio.SocketStream, implicit_tls: bool
@@ -267,7 +274,7 @@ async def _refuse(stream: trio.SocketStream) -> None:
                 pass
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
-    await trio.aclose_forcefully(stream)
+    await close_now(stream)
 
 
 async def _read_proxy_header(stream: trio.SocketStream) -> ProxyInfo:

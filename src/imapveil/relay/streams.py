@@ -206,7 +206,7 @@ class Leg:
         stream = self.stream
         if self.ended:
             with contextlib.suppress(Exception):
-                await trio.aclose_forcefully(stream)
+                await close_now(stream)
             return
         with trio.move_on_after(CLOSE_GRACE) as scope:
             scope.shield = True
@@ -220,7 +220,18 @@ class Leg:
             except OSError:
                 pass
         with contextlib.suppress(Exception):
-            await trio.aclose_forcefully(stream)
+            await close_now(stream)
+
+
+async def close_now(stream: trio.abc.AsyncResource) -> None:
+    """Close without grace. A plain TCP stream's socket is closed at once (what
+    `trio.aclose_forcefully` does in the end, without its cancelled scope and the `Cancelled`
+    its checkpoint raises: about 45 us a socket, and a session closes three); anything else
+    (TLS, COMPRESS) through `trio.aclose_forcefully`. Closing a closed stream does nothing."""
+    if type(stream) is trio.SocketStream:
+        stream.socket.close()  # trio's close: tasks waiting on it are woken first
+        return
+    await trio.aclose_forcefully(stream)
 
 
 def _fileno(stream: trio.abc.Stream) -> int:
