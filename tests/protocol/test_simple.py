@@ -70,6 +70,23 @@ texts = st.sampled_from(
 )
 
 
+_untagged = st.sampled_from(
+    [
+        b"* 3 EXISTS\r\n",
+        b"* 1 FETCH (FLAGS (\\Seen) UID 7)\r\n",
+        b"* 2 FETCH (X {3})\r\n",
+        b"* 1 FETCH (BODY[] {3}\r\nabc)\r\n",
+        b"* 1 FETCH (BODY[] {3}\nabc)\r\n",
+        b"* 1 X}\r\r\n",
+        b"* 1 FETCH (BODY[] {2}",
+        b"* 4 EXPUNGE\n",
+        b"* BYE x\r\n",
+        b"* OK hi\r\n",
+        b"* x\r\n",
+    ]
+)
+
+
 @st.composite
 def client_chunk(draw: st.DrawFn, sent: list[bytes]) -> bytes:
     lines = []
@@ -83,12 +100,12 @@ def client_chunk(draw: st.DrawFn, sent: list[bytes]) -> bytes:
 @st.composite
 def server_chunk(draw: st.DrawFn, sent: list[bytes]) -> bytes:
     lines = []
-    for _ in range(draw(st.sampled_from([1, 1, 1, 2]))):
+    for _ in range(draw(st.sampled_from([1, 1, 1, 2, 3, 4]))):
         kind = draw(st.integers(0, 5))
         if kind == 0:
             lines.append(b"+ go\r\n")
         elif kind == 1:
-            lines.append(draw(st.sampled_from([b"* 3 EXISTS\r\n", b"* BYE x\r\n", b"* OK hi\r\n"])))
+            lines.append(draw(_untagged))
         else:
             tag = draw(st.sampled_from(sent)) if sent and kind < 5 else draw(tags)
             lines.append(tag + b" " + draw(statuses) + draw(texts) + draw(ends))
@@ -206,6 +223,21 @@ SCENARIOS = {
         ("c", b'b NOOP "x {3}\r\n'),
         ("c", b"c NOOP\r\n"),
         ("s", b"cdefghij)\r\nf OK done\r\n"),
+    ],
+    "a tagged answer inside a literal": [
+        ("c", b"l LOGIN u p\r\n"),
+        ("s", b"l OK done\r\n"),
+        ("c", b"f FETCH 1 BODY[]\r\n"),
+        ("s", b"* 1 FETCH (BODY[] {11}\r\nf OK done\r\n"),
+        ("s", b")\r\nf OK done\r\n"),
+    ],
+    "untagged status and capability lines before an answer": [
+        ("c", b"l LOGIN u p\r\n"),
+        ("s", b"* CAPABILITY IMAP4rev1 IDLE MOVE\r\n* 2 EXISTS\r\nl OK done\r\n"),
+        ("c", b"n NOOP\r\n"),
+        ("s", b"* OK [ALERT] mind\r\n* 3 EXISTS\r\nn OK done\r\n"),
+        ("c", b"o NOOP\r\n"),
+        ("s", b"* 4 EXISTS\r\n* BYE going away\r\no OK done\r\n"),
     ],
     "shutting down mid-response": [
         ("c", b"l LOGIN u p\r\n"),

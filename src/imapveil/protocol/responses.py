@@ -27,8 +27,14 @@ from imapveil.protocol.outbox import Outbox
 _STATUS_WORDS = frozenset((b"OK", b"NO", b"BAD", b"BYE", b"PREAUTH"))
 _GREETINGS = (b"* OK", b"* PREAUTH", b"* BYE")
 UNAVAILABLE = b"* BYE [UNAVAILABLE] Mail server is not reachable\r\n"
-_SIMPLE = re.compile(lexer.TAG_PATTERN + rb" (OK|NO|BAD)(?: [^\[\r\n][^\r\n]*+)?\r?\n")
-"""A tagged answer without a response code (`a1 OK NOOP completed`): `simple` reads it."""
+_SIMPLE = re.compile(
+    rb"(?:\* [0-9](?:[^\n}]|\}(?!\r?\n))*+\n)*+"
+    + lexer.TAG_PATTERN
+    + rb" (OK|NO|BAD)(?: [^\[\r\n][^\r\n]*+)?\r?\n"
+)
+"""A tagged answer without a response code (`a1 OK NOOP completed`), after any number of message
+data lines that announce no literal (`* 1 FETCH (FLAGS (\\Seen))`, `* 3 EXISTS`: lines the
+framer passes without a look, see `framer._SKIP`): `simple` reads it."""
 _STATUS = {b"OK": "OK", b"NO": "NO", b"BAD": "BAD"}
 
 
@@ -82,8 +88,9 @@ class Responses:
 
     def simple(self, line: bytes) -> bool:
         """`line` (the whole of a chunk, between responses, after the greeting) is a tagged
-        answer without a response code to a command of the client's: taken, as `line` would
-        take it when it shows the line as it came, and True; False: nothing done.
+        answer without a response code to a command of the client's, after message data lines
+        without literals: taken, as the framer and `line` would take them when they show the
+        lines as they came, and True; False: nothing done.
 
         The common case in one match instead of the tag, status and code readers (compared
         with `line` in tests/protocol/test_simple.py)."""
