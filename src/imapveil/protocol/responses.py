@@ -94,6 +94,11 @@ class Responses:
 
         The common case in one match instead of the tag, status and code readers (compared
         with `line` in tests/protocol/test_simple.py)."""
+        # Only a chunk whose last line could be a tagged answer is matched: a chunk of a long run
+        # of message data (ending mid-line, or in an untagged line) is not scanned twice.
+        last = line.rfind(b"\n", 0, -1) + 1
+        if not line.endswith(b"\n") or line[last : last + 1] in b"*+":
+            return False
         m = _SIMPLE.fullmatch(line)
         if m is None:
             return False
