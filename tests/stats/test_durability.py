@@ -306,6 +306,28 @@ async def test_an_id_collision_is_reported(
     assert sink.take_drops() == Tally(2, 2)
 
 
+async def test_a_batch_of_many_statements_stores_every_row_and_finds_a_collision_in_any(
+    url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SQLite takes a batch's rows many to a statement (`Store._many`, at most
+    `SQLITE_PARAMETERS` parameters each): a batch of several statements stores every row of
+    every table, and a collision in the last statement is found as in the first."""
+    sink = StoreSink(url, spool=tmp_path / "spool")
+    sessions = 3 * store_module.SQLITE_PARAMETERS // 17 + 5  # four statements' worth and more
+    for i in range(sessions):
+        emit_session(sink, f"s{i:04d}")
+    emit_session(sink, f"s{sessions - 1:04d}", "NeoMutt", "hmac:two")  # the last one's id again
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sink.run)
+        with trio.fail_after(WAIT):
+            await sink.flush()
+        nursery.cancel_scope.cancel()
+    assert query(url, "SELECT count(*) FROM sessions") == [(sessions,)]
+    assert query(url, "SELECT count(DISTINCT session) FROM command_counts") == [(sessions,)]
+    assert sink.collisions == 1
+    assert any("id collision" in r.getMessage() for r in caplog.records)
+
+
 # --- two instances ------------------------------------------------------------------------------
 
 

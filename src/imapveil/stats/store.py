@@ -314,15 +314,13 @@ class Store:
             collisions: list[Collision] = []
             if batch.sessions:
                 rows = [(*row, digest(row)) for row in batch.sessions]
-                cur.executemany(self._sql(_insert("sessions", (*SESSION_COLUMNS, "digest"))), rows)
-                if cur.rowcount != len(rows):  # some ids were there: replays, or collisions
+                stored = self._many(cur, "sessions", (*SESSION_COLUMNS, "digest"), rows)
+                if stored != len(rows):  # some ids were there: replays, or collisions
                     collisions = self._collisions(cur, rows)
             if batch.ids:
-                cur.executemany(self._sql(_insert("id_exchanges", ID_COLUMNS)), batch.ids)
+                self._many(cur, "id_exchanges", ID_COLUMNS, batch.ids)
             if batch.commands:
-                cur.executemany(
-                    self._sql(_insert("command_counts", COMMAND_COLUMNS)), batch.commands
-                )
+                self._many(cur, "command_counts", COMMAND_COLUMNS, batch.commands)
             if batch.traits:
                 self._traits(cur, batch.traits, {c.session for c in collisions})
             conn.commit()
@@ -335,12 +333,28 @@ class Store:
 
     def _traits(self, cur: Any, rows: Sequence[Sequence[Any]], collided: set[str]) -> None:
         kept = [row for row in rows if row[0] not in collided]
-        cur.executemany(
-            self._sql(_insert("session_traits", TRAITS_COLUMNS)), [row[:4] for row in kept]
-        )
+        self._many(cur, "session_traits", TRAITS_COLUMNS, [row[:4] for row in kept])
         extensions = [(row[0], name) for row in kept for name in row[4]]
         if extensions:
-            cur.executemany(self._sql(_insert("session_extensions", EXTENSION_COLUMNS)), extensions)
+            self._many(cur, "session_extensions", EXTENSION_COLUMNS, extensions)
+
+    def _many(
+        self, cur: Any, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]
+    ) -> int:
+        """Insert `rows` (see `_insert`); returns how many were stored. SQLite takes them many
+        to a statement: `executemany` steps once per row, and each step lets go of the
+        interpreter lock and takes it back, which the event loop, holding it, must hand over
+        (a few futex calls and a stall per row). PostgreSQL's driver batches on its own."""
+        if self.postgres:
+            cur.executemany(self._sql(_insert(table, columns)), rows)
+            return int(cur.rowcount)
+        per = max(1, SQLITE_PARAMETERS // len(columns))
+        stored = 0
+        for at in range(0, len(rows), per):
+            chunk = rows[at : at + per]
+            cur.execute(_insert(table, columns, len(chunk)), [v for row in chunk for v in row])
+            stored += cur.rowcount
+        return stored
 
     def _collisions(self, cur: Any, rows: list[tuple[Any, ...]]) -> list[Collision]:
         ids = [row[0] for row in rows]
@@ -384,9 +398,15 @@ class Store:
         return self.execute(sql, tuple(params))
 
 
-def _insert(table: str, columns: Sequence[str]) -> str:
-    """An insert that leaves a row whose key is already stored as it is (both databases)."""
+SQLITE_PARAMETERS = 999
+"""Parameters one SQLite statement takes at most (the oldest builds' limit; 3.32+ take 32,766)."""
+
+
+def _insert(table: str, columns: Sequence[str], rows: int = 1) -> str:
+    """An insert of `rows` rows that leaves a row whose key is already stored as it is (both
+    databases)."""
+    values = ", ".join([f"({', '.join('?' * len(columns))})"] * rows)
     return (
-        f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"  # noqa: S608 (fixed names)
+        f"INSERT INTO {table} ({', '.join(columns)}) VALUES {values}"  # noqa: S608 (fixed names)
         " ON CONFLICT DO NOTHING"
     )
