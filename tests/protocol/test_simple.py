@@ -207,6 +207,11 @@ SCENARIOS = {
         ("c", b"c NOOP\r\n"),
         ("s", b"cdefghij)\r\nf OK done\r\n"),
     ],
+    "a simple command longer than the line limit": [
+        ("c", b"l LOGIN u p\r\n"),
+        ("s", b"l OK done\r\n"),
+        ("c", b"a" * (64 * 1024) + b" NOOP\r\n"),
+    ],
     "shutting down mid-response": [
         ("c", b"l LOGIN u p\r\n"),
         ("s", b"l OK done\r\n"),

@@ -529,6 +529,14 @@ def reused_tags(c: Typist) -> None:
     assert c.until(b"z").startswith(b"z OK")
 
 
+def long_tag(c: Typist) -> None:
+    """A simple command longer than `max_line_length` (1024 here), in one receive."""
+    c.sign_in()
+    c.alone(b"x" * 2000 + b" NOOP\r\n")
+    c.alone(b"z NOOP\r\n")
+    c.until(b"z")
+
+
 def injected_id(c: Typist) -> None:
     """With the proxy's own ID before LOGIN (tag `imapveil.1`), the client's NOOP with that
     tag, sent after LOGIN and before the answers."""
@@ -637,6 +645,15 @@ def reused_checked(out: Outcome) -> None:
     assert re.findall(rb"(?m)^t ([A-Z]+)", out.transcript) == [b"OK", b"OK", b"BAD", b"OK", b"BAD"]
 
 
+def long_checked(out: Outcome) -> None:
+    """Found attacking the one-match path (attack4): it relayed the line, Dovecot answered it
+    (`xxx...x OK NOOP completed`); the general path ends the session, as documented."""
+    never_ran(out, b"x" * 2000)
+    never_ran(out, b"z")
+    assert out.transcript.endswith(b"* BYE [TOOBIG] Command line too long (limit 1024 octets)\r\n")
+    assert out.end.reason == "line_too_long"
+
+
 def injected_checked(out: Outcome) -> None:
     lines = out.transcript.split(b"\r\n")
     assert [line[:20] for line in lines if line.startswith(b"imapveil.1 ")] == [
@@ -668,6 +685,7 @@ CASES = {
     "mid-line": Case(mid_line, mid_line_checked),
     "split-everywhere": Case(split_everywhere, split_checked),
     "reused-tags": Case(reused_tags, reused_checked),
+    "long-tag": Case(long_tag, long_checked, {"max_line_length": 1024}),
     "injected-id": Case(
         injected_id,
         injected_checked,
