@@ -36,6 +36,7 @@ from imapveil.protocol.responses import Responses
 from imapveil.protocol.session import SessionCore
 from imapveil.records import CommandCompleted, IdExchange, SessionEnded, Violation
 from imapveil.relay import splice
+from tests.conftest import TlsMaterial
 from tests.helpers.attack import (
     DISCONNECTED,
     TIMEOUT,
@@ -831,7 +832,7 @@ async def test_answers_from_a_misbehaving_server(
     ]
 
 
-# --- After COMPRESS.
+# --- After COMPRESS and STARTTLS.
 
 
 def compressed(c: Typist) -> None:
@@ -874,3 +875,23 @@ async def test_after_compress(
 ) -> None:
     out = await both_ways(target, tmp_path, monkeypatch, compressed, compress=True)
     compress_checked(out)
+
+
+def plain_after_starttls(c: Typist) -> None:
+    """`x NOOP` in clear text, alone, after the OK to STARTTLS: the handshake fails on it."""
+    assert c.ask(b"a", b"STARTTLS") == b"a OK Begin TLS negotiation now\r\n"
+    c.alone(b"x NOOP\r\n")
+    c.rest()
+
+
+async def test_clear_text_after_starttls(
+    target: Dovecot,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    tls_material: TlsMaterial,
+) -> None:
+    settings = {"client_tls": "offer", "cert": str(tls_material.cert), "key": str(tls_material.key)}
+    out = await both_ways(target, tmp_path, monkeypatch, plain_after_starttls, **settings)
+    never_ran(out)
+    assert out.end.reason == "tls_error"
+    assert out.commands == [("a", "STARTTLS", "OK")]
