@@ -547,6 +547,14 @@ def injected_id(c: Typist) -> None:
     assert c.until(b"imapveil.1").startswith(b"imapveil.1 OK NOOP"), c.transcript
 
 
+def injected_id_tag_taken(c: Typist) -> None:
+    """The client's NOOP with the tag the proxy's ID gets (`imapveil.<count>`), still waiting
+    for its answer when the LOGIN after it makes the proxy send its ID."""
+    assert c.ask(b"c", b"CAPABILITY").startswith(b"c OK")
+    c.alone(b"imapveil.3 NOOP\r\nL LOGIN alice wonderland\r\n")
+    assert c.until(b"L").startswith(b"L OK"), c.transcript
+
+
 @dataclass(frozen=True)
 class Case:
     script: Script
@@ -668,6 +676,27 @@ def injected_checked(out: Outcome) -> None:
     ]
 
 
+def injected_tag_taken_checked(out: Outcome) -> None:
+    """Found attacking the answers around the proxy's ID (attack4): its ID had the tag
+    `imapveil.3` too, so Dovecot's answer to the NOOP was taken for the ID's (hidden), and the
+    client got `* ID` and `imapveil.3 OK ID completed.` as its NOOP's answer."""
+    lines = out.transcript.split(b"\r\n")
+    assert [line[:24] for line in lines if line.startswith(b"imapveil.")] == [
+        b"imapveil.3 OK NOOP compl"
+    ], out.transcript
+    assert not [line for line in lines if line.startswith(b"* ID")], out.transcript
+    assert out.commands[:3] == [
+        ("c", "CAPABILITY", "OK"),
+        ("imapveil.3", "NOOP", "OK"),
+        ("L", "LOGIN", "OK"),
+    ]
+    assert "ID sent: name=imapveil" in out.log
+    (exchange,) = [r for r in out.records if r["event"] == "id"]
+    assert (exchange["status"], exchange["injected"]) == ("OK", True)
+    assert exchange["tag"] != "imapveil.3"
+    assert exchange["server"] == {"name": "Dovecot"}
+
+
 CASES = {
     "literal-after-plus": Case(literal_after_plus, appended(b"x NOOP\r\n")),
     "literal-before-plus": Case(literal_before_plus, appended(b"x NOOP\r\n")),
@@ -691,6 +720,9 @@ CASES = {
         injected_id,
         injected_checked,
         {"inject_id": "name=imapveil", "forward_client_address": True},
+    ),
+    "injected-id-tag-taken": Case(
+        injected_id_tag_taken, injected_tag_taken_checked, {"inject_id": "name=imapveil"}
     ),
 }
 
