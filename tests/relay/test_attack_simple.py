@@ -7,9 +7,9 @@ made to arrive alone, as its own receive, where the session is not at a plain po
 literal (after a `{N}` whose "+" came or not, after a `{N+}` the proxy made synchronizing, after
 one the server refused), right after a literal before its command's end, mid-line, as a SASL
 response, where IDLE wants DONE, in a refused command's skipped literal, while the first octets
-could still be a PROXY header, around the proxy's own ID, after COMPRESS. `Fed` sees every chunk
-the cores are fed: a client sends a piece only once the proxy has read everything before it (no
-sleeping), and the test knows which chunks a one-match path took.
+could still be a PROXY header, around the proxy's own ID, after COMPRESS and STARTTLS. `Fed`
+sees every chunk the cores are fed: a client sends a piece only once the proxy has read
+everything before it (no sleeping), and the test knows which chunks a one-match path took.
 
 Every Dovecot case runs twice, with the one-match paths and without (`SessionCore.SIMPLE`):
 what the client receives (timings apart) and the records must be the same. Literal octets never
