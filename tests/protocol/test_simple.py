@@ -239,6 +239,11 @@ SCENARIOS = {
         ("c", b"o NOOP\r\n"),
         ("s", b"* 4 EXISTS\r\n* BYE going away\r\no OK done\r\n"),
     ],
+    "a simple command longer than the line limit": [
+        ("c", b"l LOGIN u p\r\n"),
+        ("s", b"l OK done\r\n"),
+        ("c", b"a" * (64 * 1024) + b" NOOP\r\n"),
+    ],
     "shutting down mid-response": [
         ("c", b"l LOGIN u p\r\n"),
         ("s", b"l OK done\r\n"),

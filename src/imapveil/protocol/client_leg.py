@@ -90,12 +90,13 @@ class ClientLeg:
             return False
         status, text, then = self._decide(cmd, args, busy)
         self.out.reply(cmd.tag + b" " + status + b" " + text + b"\r\n")
+        if self.config.log_commands:
+            # Before the switch: a TLS handshake that fails ends the relay's actions there.
+            code = text[1 : text.find(b"]")].decode() if text.startswith(b"[") else None
+            self.out.actions.append(self.out.command_record(cmd, status.decode(), code))
         if then is not None:
             self.out.actions.append(then)
             self.discard_rest = verb.decode().lower()
-        if self.config.log_commands:
-            code = text[1 : text.find(b"]")].decode() if text.startswith(b"[") else None
-            self.out.actions.append(self.out.command_record(cmd, status.decode(), code))
         return True
 
     def _decide(self, cmd: Command, args: bytes, busy: bool) -> tuple[bytes, bytes, Action | None]:

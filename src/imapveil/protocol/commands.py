@@ -230,7 +230,7 @@ class Commands:
         if verb == b"ID":
             self.ids.begin(cmd, line)
         elif verb in (b"LOGIN", b"AUTHENTICATE") and self.state is State.NOT_AUTHENTICATED:
-            injected = self.ids.inject(self.out.session_id, self.count)
+            injected = self.ids.inject(self.out.session_id, self.count, self.pending)
             if injected is not None:
                 self.out.to_server(injected)
                 relay = line  # then the client's line, after ours

@@ -15,6 +15,7 @@ backend that trusts the proxy); its answer is not shown to the client.
 
 from __future__ import annotations
 
+from collections.abc import Container
 from dataclasses import replace
 
 from imapveil.protocol import id_params, lexer
@@ -193,13 +194,15 @@ class IdFlow:
         """The server's "+" asks for the next piece of a rewritten ID, if one is being sent."""
         return self.pieces.pop(0) if self.pieces else None
 
-    def inject(self, session_id: str, number: int) -> bytes | None:
+    def inject(self, session_id: str, number: int, busy: Container[bytes]) -> bytes | None:
         """Our own honest ID ahead of the client's LOGIN, if there is one to send.
 
         `inject_id` (when the client sent no ID of its own), and Dovecot's client address
         fields (`forward_client_address`): a backend that trusts the proxy
         (login_trusted_networks) then logs and rate-limits the real client, not the proxy.
-        Its answer is not shown the client.
+        Its answer is not shown the client. Its tag is none of `busy` (the tags of the client's
+        commands still waiting for their answers): an answer with it is the ID's until the ID
+        is answered, and a command of the client's sent before it must keep its own.
         """
         if self.injected is not None:
             return None
@@ -221,6 +224,10 @@ class IdFlow:
             return None
         self.sent = True
         tag = b"imapveil.%d" % number
+        again = 0
+        while tag in busy:
+            again += 1
+            tag = b"imapveil.%d.%d" % (number, again)
         self.injected = tag
         self.injected_fields = tuple(fields)
         return tag + b" ID " + id_params.serialize(tuple(fields), literal_plus=False) + b"\r\n"

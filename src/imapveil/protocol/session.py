@@ -220,6 +220,7 @@ class SessionCore:
             self.SIMPLE
             and self._leg.first is None
             and not (f.buf or f.literal_left or f.parked_data or o.close_pending)
+            and len(data) <= f.max_line  # longer: `too_long`, as the framer would say
             and self._commands.simple(data)
         ):
             # One simple command, the whole chunk: as `_scan_client` would have it relayed.
