@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from imapveil.policy_files import resolve_policy
 from imapveil.protocol.actions import Action, Direction, Forward
 from imapveil.protocol.commands import Commands
 from imapveil.protocol.responses import Responses
@@ -31,7 +32,31 @@ class GeneralCore(SessionCore):
 _valid_tags = st.sampled_from([b"a1", b"A0001", b"x]", b"7", b"a.b-c_d", b"imapveil.1"])
 tags = st.one_of(_valid_tags, _valid_tags, _valid_tags, st.binary(min_size=0, max_size=4))
 _simple = st.sampled_from(
-    [b"NOOP", b"noop", b"Check", b"CLOSE", b"UNSELECT", b"EXPUNGE", b"NAMESPACE", b"LOGOUT"]
+    [
+        *(b"NOOP", b"noop", b"Check", b"CLOSE", b"UNSELECT", b"EXPUNGE", b"NAMESPACE", b"LOGOUT"),
+        *(b"FETCH 1:* (FLAGS UID)", b"uid fetch 1 (FLAGS)", b"STORE 1 +FLAGS (\\Flagged)"),
+        *(
+            b"FETCH 1 ()",
+            b"UID SEARCH ALL",
+            b"SEARCH MODSEQ 5",
+            b"FETCH 1 (FLAGS) (CHANGEDSINCE 3)",
+        ),
+        *(b"UID EXPUNGE 1:3", b"NOOP x", b"LIST x %", b"STATUS INBOX (MESSAGES UIDNEXT)"),
+    ]
+)
+_near_misses = st.sampled_from(
+    [
+        *(b"FETCH 1 (a (b))", b'FETCH "x"', b"FETCH 1  2", b"UID 1", b"UID  FETCH 1", b"FETCH 1 ("),
+        *(
+            b"FETCH 1 )",
+            b"FETCH 1 )(",
+            b"FETCH1 x",
+            b"FETCH.x 1",
+            b"ENABLE CONDSTORE",
+            b"FETCH \x80",
+        ),
+        *(b"FETCH 1 BODY[HEADER.FIELDS (FROM)]", b"UID FETCH 1 (FLAGS", b"COPY 1 {3}", b"SEARCH }"),
+    ]
 )
 _others = st.sampled_from(
     [
@@ -52,7 +77,7 @@ _others = st.sampled_from(
         b"DONE",
     ]
 )
-verbs = st.one_of(_simple, _others)
+verbs = st.one_of(_simple, _others, _near_misses)
 ends = st.sampled_from([b"\r\n"] * 6 + [b"\n", b"\r\r\n", b"", b" \r\n", b"\x00\r\n"])
 statuses = st.sampled_from([b"OK", b"NO", b"BAD", b"ok", b"BYE", b"PREAUTH", b"OKAY", b""])
 texts = st.sampled_from(
@@ -166,6 +191,8 @@ def test_simple_paths_decide_as_the_general_ones(data: st.DataObject) -> None:
     assert ends[0] == ends[1]
 
 
+POLICY = resolve_policy("default")
+
 SCENARIOS = {
     "injected ID answered": [
         ("c", b"l LOGIN u p\r\n"),
@@ -244,6 +271,23 @@ SCENARIOS = {
         ("s", b"l OK done\r\n"),
         ("c", b"a" * (64 * 1024) + b" NOOP\r\n"),
     ],
+    "commands the general path treats specially, in simple shapes": [
+        ("c", b"l LOGIN u p\r\n"),
+        ("s", b"l OK done\r\n"),
+        ("c", b"s SELECT INBOX\r\n"),
+        ("s", b"s OK done\r\n"),
+        ("c", b"e EXAMINE Other\r\n"),
+        ("s", b"e OK done\r\n"),
+        ("c", b"m LOGIN v q\r\n"),
+        ("s", b"m OK done\r\n"),
+        ("c", b"i ID NIL\r\n"),
+        ("s", b"* ID NIL\r\ni OK done\r\n"),
+        ("c", b"j ID (name x guid 8f14e45fceea167a5a36dedd4bea2543)\r\n"),
+        ("s", b"* ID NIL\r\nj OK done\r\n"),
+        ("c", b"c COMPRESS DEFLATE\r\n"),
+        ("c", b"d IDLE\r\n"),
+        ("s", b"+ idling\r\n"),
+    ],
     "shutting down mid-response": [
         ("c", b"l LOGIN u p\r\n"),
         ("s", b"l OK done\r\n"),
@@ -262,7 +306,11 @@ def test_edges_of_the_one_match_paths(name: str) -> None:
     (each of these fails if the check that guards it is taken out of the one-match path)."""
     cores = [
         kind(
-            CoreConfig(inject_id=((b"name", b"imapveil"),)),
+            CoreConfig(
+                inject_id=((b"name", b"imapveil"),),
+                policy=lambda: POLICY,
+                identify_user=lambda user: "user:" + user.decode(),
+            ),
             session_id="s",
             client="c",
             upstream="u",
@@ -289,7 +337,7 @@ def test_the_one_match_paths_are_taken(monkeypatch: pytest.MonkeyPatch) -> None:
     core = SessionCore(CoreConfig(), session_id="s", client="c", upstream="u", now=0.0)
     core.feed_server(GREETING, 0.0)
     # The first octets go the general way (they might be a PROXY header or a TLS ClientHello).
-    core.feed_client(b"a0 CAPABILITY\r\n", 0.0)
+    core.feed_client(b"a0 ENABLE CONDSTORE\r\n", 0.0)
     core.feed_server(b"* CAPABILITY IMAP4rev1\r\na0 OK done\r\n", 0.0)
 
     def general(*_args: object) -> None:
@@ -309,4 +357,13 @@ def test_the_one_match_paths_are_taken(monkeypatch: pytest.MonkeyPatch) -> None:
         500.0,
     )
     assert answered[1:] == [("Forward", Direction.TO_CLIENT, b"a1 OK NOOP completed\r\n")]
-    assert core.commands == 2
+    # A command with plain arguments, and message data before its answer, the same way.
+    fetch = b"a2 UID FETCH 1:* (FLAGS) (CHANGEDSINCE 5)\r\n"
+    assert _seen(core.feed_client(fetch, 2.0)) == [("Forward", Direction.TO_SERVER, fetch)]
+    answer = b"* 1 FETCH (UID 4 FLAGS (\\Seen) MODSEQ (7))\r\na2 OK Fetch completed\r\n"
+    answered = _seen(core.feed_server(answer, 2.0))
+    assert answered[0].record.verb == "UID FETCH"
+    assert answered[1:] == [("Forward", Direction.TO_CLIENT, answer)]
+    assert core.commands == 3
+    traits = core._traits.record("s", core.capabilities)
+    assert traits is not None and "CONDSTORE" in traits.extensions

@@ -29,16 +29,16 @@ from imapveil.protocol.lexer import LiteralAnnouncement, LiteralError, is_tag, l
 # ATOM-CHAR without the list wildcards and resp-specials excluded: everything printable but
 # SP, DQUOTE, "(", ")", "{". Backslash is allowed outside quotes for flags (`\Seen`), "%"/"*" for
 # LIST patterns, "]" for fetch attributes (`BODY[HEADER.FIELDS (FROM)]`), "}" for nothing harmful.
-_ATOMISH = rb"\x21\x23-\x27\x2a-\x7a\x7c-\x7e"
+ATOMISH = rb"\x21\x23-\x27\x2a-\x7a\x7c-\x7e"
 # One token per alternative, each starting with a different octet, all possessive: the match
 # never backtracks, so a hostile 64 KiB line costs one pass.
 _TOKENS = re.compile(
-    rb'(?:[ ]++|"(?:[^"\\\x00-\x1f\x7f]++|\\["\\])*+"|[()]|[' + _ATOMISH + rb"]++)*+"
+    rb'(?:[ ]++|"(?:[^"\\\x00-\x1f\x7f]++|\\["\\])*+"|[()]|[' + ATOMISH + rb"]++)*+"
 )
 # Quoted strings (skipped) and parentheses, to follow list depth across fragments.
 _PARENS = re.compile(rb'"(?:[^"\\]++|\\.)*+"|[()]')
 # Arguments as values: quoted (group 1, escaped), a parenthesis (2), or an atom (3).
-_VALUES = re.compile(rb'"((?:[^"\\]++|\\.)*+)"|([()])|([' + _ATOMISH + rb"]++)")
+_VALUES = re.compile(rb'"((?:[^"\\]++|\\.)*+)"|([()])|([' + ATOMISH + rb"]++)")
 _UNESCAPE = re.compile(rb"\\(.)")
 _VERB = re.compile(rb"[A-Za-z][A-Za-z0-9.\-_]*+")
 # Commands whose own answer is a continuation ("+ idling", a SASL challenge) and whose grammar

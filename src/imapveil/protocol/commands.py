@@ -66,11 +66,30 @@ _LEG_VERBS = frozenset((b"STARTTLS", b"COMPRESS", b"LOGIN", b"AUTHENTICATE"))  #
 
 _SIMPLE_VERBS = {
     verb: verb
-    for verb in (b"NOOP", b"CHECK", b"CLOSE", b"UNSELECT", b"EXPUNGE", b"NAMESPACE", b"LOGOUT")
+    for verb in (
+        *(b"NOOP", b"CHECK", b"CLOSE", b"UNSELECT", b"EXPUNGE", b"NAMESPACE", b"LOGOUT"),
+        *(b"CAPABILITY", b"FETCH", b"STORE", b"SEARCH", b"COPY", b"MOVE", b"SORT", b"THREAD"),
+        *(b"STATUS", b"LIST", b"LSUB", b"UID FETCH", b"UID STORE", b"UID SEARCH", b"UID COPY"),
+        *(b"UID MOVE", b"UID SORT", b"UID THREAD", b"UID EXPUNGE"),
+    )
 }
-"""Commands without arguments that `_start` does nothing special with (no gate, no ID, no
-login, no mailbox, not answered by the client leg): `simple` may take them in one match."""
-_SIMPLE = re.compile(lexer.TAG_PATTERN + rb" ([A-Za-z]{4,9})\r?\n")
+"""Commands that `_start` does nothing special with (no gate, no ID, no login, no mailbox, not
+answered by the client leg): `simple` may take them in one match."""
+_PLAIN = rb"[" + classify.ATOMISH + rb"]++"
+_SIMPLE = re.compile(
+    lexer.TAG_PATTERN
+    + rb" ((?:[Uu][Ii][Dd] )?[A-Za-z]++)"
+    + rb"((?: (?:"
+    + _PLAIN
+    + rb"|\((?:"
+    + _PLAIN
+    + rb"(?: "
+    + _PLAIN
+    + rb")*+)?\)))*+)\r?\n"
+)
+"""A tag, a verb of letters (`UID` and one, for UID commands), and arguments that are atoms or
+lists of atoms one level deep, single spaces between: no quoted string, no literal, nothing the
+classifier would refuse, a list depth of 0 at the end."""
 
 
 class Commands:
@@ -162,13 +181,15 @@ class Commands:
         return self._discard_fragment(line)
 
     def simple(self, line: bytes) -> bool:
-        """`line` (the whole of a chunk) is one simple command (`_SIMPLE_VERBS`): taken, as
-        `line` would take it, and True; False: nothing done, `line` must go the usual way.
+        """`line` (the whole of a chunk) is one simple command (`_SIMPLE_VERBS`, plain
+        arguments, see `_SIMPLE`): taken, as `line` would take it, and True; False: nothing
+        done, `line` must go the usual way.
 
-        The common case (a NOOP, a client's poll) in one match instead of the classifier: a
-        tag and a verb of letters make a line the classifier reads the same way, and every
-        state, gate and record ends as `_start` would leave it (tests/protocol/test_simple.py
-        compares the two on generated sessions)."""
+        The common case (a NOOP, a FETCH of flags, a STORE) in one match instead of the
+        classifier: what `_SIMPLE` matches the classifier reads the same way (tag, verb, the
+        arguments as the fragment's content, no literal, depth 0), and every state, gate and
+        record ends as `_start` would leave it (tests/protocol/test_simple.py compares the two
+        on generated sessions)."""
         if self.mode is not Mode.COMMAND or self.gate is not None:
             return False
         m = _SIMPLE.fullmatch(line)
@@ -180,7 +201,7 @@ class Commands:
         tag = m.group(1)
         cmd = Command(tag, verb, self.state, self.out.now)
         self.count += 1
-        self.traits.command(tag, verb, b"", None)
+        self.traits.command(tag, verb, m.group(3), None)
         self._pend(cmd)
         self.current = None
         return True
