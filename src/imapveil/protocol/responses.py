@@ -27,14 +27,20 @@ from imapveil.protocol.outbox import Outbox
 _STATUS_WORDS = frozenset((b"OK", b"NO", b"BAD", b"BYE", b"PREAUTH"))
 _GREETINGS = (b"* OK", b"* PREAUTH", b"* BYE")
 UNAVAILABLE = b"* BYE [UNAVAILABLE] Mail server is not reachable\r\n"
+_PASSIVE = rb"(?:[0-9]|(?:SEARCH|ESEARCH|FLAGS|LIST|LSUB|STATUS|ENABLED|SORT|THREAD)(?=[ \r\n]))"
+"""What an untagged line may start with (after `* `) for `simple`: message data, or a kind of
+response `line` only checks for a literal at its end (not a status, CAPABILITY or ID)."""
 _SIMPLE = re.compile(
-    rb"(?:\* [0-9](?:[^\n}]|\}(?!\r?\n))*+\n)*+"
+    rb"(?:\* "
+    + _PASSIVE
+    + rb"(?:[^\n}]|\}(?!\r?\n))*+\n)*+"
     + lexer.TAG_PATTERN
     + rb" (OK|NO|BAD)(?: [^\[\r\n][^\r\n]*+)?\r?\n"
 )
-"""A tagged answer without a response code (`a1 OK NOOP completed`), after any number of message
-data lines that announce no literal (`* 1 FETCH (FLAGS (\\Seen))`, `* 3 EXISTS`: lines the
-framer passes without a look, see `framer._SKIP`): `simple` reads it."""
+"""A tagged answer without a response code (`a1 OK NOOP completed`), after any number of untagged
+lines that announce no literal and that nothing but that is read of: message data
+(`* 1 FETCH (FLAGS (\\Seen))`, `* 3 EXISTS`: lines the framer passes without a look, see
+`framer._SKIP`) and the kinds in `_PASSIVE` (`* SEARCH 1 2 3`): `simple` reads it."""
 _STATUS = {b"OK": "OK", b"NO": "NO", b"BAD": "BAD"}
 
 
