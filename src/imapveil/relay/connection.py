@@ -11,6 +11,7 @@ The legs themselves, and the socket helpers, are in `streams`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import math
 import ssl
@@ -583,7 +584,9 @@ class Connection:
     def _send_failed(self, leg: Leg, exc: BaseException, now: float) -> None:
         """A send to `leg` failed: the session ends. A client that sent its EOF before (see
         `_client_half_closed`) has closed, not failed: it did not stay to read the answers."""
-        if leg is self.client and self._client_eof:
+        if leg is self.client and (self._client_eof or _peer_gone(exc)):
+            # A client that reset (or closed) while its answer was on the way has closed, as
+            # the reader of its leg would have said had it seen the reset first.
             self._emit_all(self.core.client_closed(now))
         else:
             self._emit_all(self.core.failed(f"send to {leg.name}: {describe(exc)}", now))
@@ -651,6 +654,13 @@ def _debug_record(record: Record) -> None:
             record.duration_ms, record.commands, record.bytes_from_client,
             record.bytes_from_server,
         )  # fmt: skip
+
+
+def _peer_gone(exc: BaseException) -> bool:
+    """A send failed because the peer reset or closed the connection (not a local error)."""
+    while exc is not None and not isinstance(exc, OSError):
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return exc is not None and exc.errno in (errno.ECONNRESET, errno.EPIPE)
 
 
 def _peer_name(stream: trio.SocketStream) -> str:
