@@ -116,6 +116,14 @@ _untagged = st.sampled_from(
         b'* ID ("name" "Dovecot")\r\n',
         b"* CAPABILITY IMAP4rev1 MOVE\r\n",
         b"* ok fine\r\n",
+        b"* OK [UIDNEXT 5] next\r\n",
+        b"* NO [ALERT] careful\r\n",
+        b"* BAD what\r\n",
+        b"* OK [PERMANENTFLAGS (\\Seen \\*)] ok\r\n",
+        b"* OK [CAPABILITY IMAP4rev1 QUOTA] z\r\n",
+        b"* OK [capability IMAP4rev1 X] z\r\n",
+        b"* OK [CAPABILITYX] z\r\n",
+        b"* PREAUTH [ALERT] z\r\n",
     ]
 )
 
@@ -274,6 +282,10 @@ SCENARIOS = {
         ("s", b"* OK [ALERT] mind\r\n* 3 EXISTS\r\nn OK done\r\n"),
         ("c", b"p NOOP\r\n"),
         ("s", b"* OK [CAPABILITY IMAP4rev1 QUOTA] more\r\np OK done\r\n"),
+        ("c", b"q NOOP\r\n"),
+        ("s", b"* OK [UIDNEXT 4] next\r\nq OK [CAPABILITY IMAP4rev1 MOVE] done\r\n"),
+        ("c", b"r NOOP\r\n"),
+        ("s", b"* OK [Capability IMAP4rev1 X] more\r\nr OK [READ-WRITE] done\r\n"),
         ("c", b"o NOOP\r\n"),
         ("s", b"* 4 EXISTS\r\n* BYE going away\r\no OK done\r\n"),
     ],

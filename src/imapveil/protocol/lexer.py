@@ -26,7 +26,9 @@ def _char_class(chars: frozenset[int]) -> bytes:
 
 # The same sets as patterns: a match runs in C, where a per-octet test in Python costs about a
 # microsecond per line on the relay's hot path.
-_ATOM = re.compile(_char_class(ATOM_CHARS) + b"*+")
+ATOM_CLASS = _char_class(ATOM_CHARS)
+"""An atom character, as a pattern."""
+_ATOM = re.compile(ATOM_CLASS + b"*+")
 TAG_PATTERN = b"(" + _char_class(TAG_CHARS) + b"++)"
 """A tag as a group of a pattern."""
 _TAG = re.compile(TAG_PATTERN)

@@ -27,15 +27,19 @@ from imapveil.protocol.outbox import Outbox
 _STATUS_WORDS = frozenset((b"OK", b"NO", b"BAD", b"BYE", b"PREAUTH"))
 _GREETINGS = (b"* OK", b"* PREAUTH", b"* BYE")
 UNAVAILABLE = b"* BYE [UNAVAILABLE] Mail server is not reachable\r\n"
-_PASSIVE = rb"(?:[0-9]|(?:SEARCH|ESEARCH|FLAGS|LIST|LSUB|STATUS|ENABLED|SORT|THREAD)(?=[ \r\n]))"
-"""What an untagged line may start with (after `* `) for `simple`: message data, or a kind of
-response `line` only checks for a literal at its end (not a status, CAPABILITY or ID)."""
+_PASSIVE = (
+    rb"(?:[0-9]|(?:SEARCH|ESEARCH|FLAGS|LIST|LSUB|STATUS|ENABLED|SORT|THREAD)(?=[ \r\n])"
+    rb"|(?:OK|NO|BAD) (?!\[(?i:CAPABILITY)(?!" + lexer.ATOM_CLASS + rb")))"
+)
+"""What an untagged line may start with (after `* `) for `simple`: message data, a kind of
+response `line` only checks for a literal at its end, or a status other than BYE and PREAUTH
+whose response code is not CAPABILITY (never a CAPABILITY or ID line)."""
 _SIMPLE = re.compile(
     rb"(?:\* "
     + _PASSIVE
     + rb"(?:[^\n}]|\}(?!\r?\n))*+\n)*+"
     + lexer.TAG_PATTERN
-    + rb" (OK|NO|BAD)(?: [^\[\r\n][^\r\n]*+)?\r?\n"
+    + rb" ((OK|NO|BAD)(?: [^\r\n]*+)?)\r?\n"
 )
 """A tagged answer without a response code (`a1 OK NOOP completed`), after any number of untagged
 lines that announce no literal and that nothing but that is read of: message data
@@ -94,9 +98,10 @@ class Responses:
 
     def simple(self, line: bytes) -> bool:
         """`line` (the whole of a chunk, between responses, after the greeting) is a tagged
-        answer without a response code to a command of the client's, after message data lines
-        without literals: taken, as the framer and `line` would take them when they show the
-        lines as they came, and True; False: nothing done.
+        answer to a command of the client's (with no CAPABILITY response code), after untagged
+        lines nothing is read of (`_PASSIVE`, no literal at their end): taken, as the framer
+        and `line` would take them when they show the lines as they came, and True; False:
+        nothing done.
 
         The common case in one match instead of the tag, status and code readers (compared
         with `line` in tests/protocol/test_simple.py)."""
@@ -111,7 +116,15 @@ class Responses:
         tag = m.group(1)
         if tag == self.ids.injected:
             return False
-        self.commands.answered(tag, _STATUS[m.group(2)], None)
+        rest = m.group(2)
+        code = None
+        if rest.startswith(b" [", len(m.group(3))):
+            # A response code, read as `_tagged` reads it; one that carries capabilities is
+            # that method's to read.
+            code = lexer.status_and_code(rest)[1]
+            if code == "CAPABILITY":
+                return False
+        self.commands.answered(tag, _STATUS[m.group(3)], code)
         return True
 
     def not_imap(self, line: bytes) -> None:
