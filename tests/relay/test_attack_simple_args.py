@@ -5,8 +5,9 @@ without, and what the client receives and the records must be the same.
 
 Against Dovecot: arguments a regular expression might read otherwise than Dovecot (atoms with
 `]`, `\\`, `%`, `*`, `~`, `[`, a `}` at the line's end), UID commands in odd case and with two
-spaces, arguments to commands that take none, pipelined commands with an ID beside a simple one.
-Against a scripted server: passive lines (`* SEARCH`, `* LIST`, `* STATUS`, `* FLAGS`)
+spaces, arguments to commands that take none, pipelined commands with an ID behind a simple one,
+and a LITERAL+ APPEND that Dovecot refuses with a one-match BAD before a literal too large to
+skip. Against a scripted server: passive lines (`* SEARCH`, `* LIST`, `* STATUS`, `* FLAGS`)
 with a literal at their end (or something that only looks like one), a literal whose octets are a
 tagged answer, and lines split across receives.
 """
@@ -175,6 +176,40 @@ async def test_an_id_pipelined_with_a_simple_command(
     chunk, tags = PIPELINED[name]
     out = await both_ways(target, tmp_path, monkeypatch, pipelined(chunk, tags))
     pipelined_checked(out, tags)
+
+
+# --- A LITERAL+ APPEND refused with a one-match BAD: its literal is too large to skip.
+
+
+def too_large_to_skip(c: Typist) -> None:
+    """Dovecot answers the {70000000} the proxy sent (the client's {70000000+}) with `BAD
+    Invalid system flag` (no code, alone: a one-match answer). The client will send 70 MB the
+    proxy would have to skip, more than it skips (64 MiB): the session ends with a BYE."""
+    c.sign_in()
+    c.alone(b"a APPEND T (\\Bogus) {70000000+}\r\n")
+    c.rest()
+
+
+def too_large_checked(out: Outcome) -> None:
+    """Found attacking the one-match answer (attack5): it took Dovecot's BAD, which set the
+    session to close after a BYE it owed, and returned without paying it; the session stayed
+    open, reading nothing more from the client, until the idle timeout."""
+    assert re.search(
+        rb"\r\na BAD [^\r\n]*\r\n\* BYE Literal too large to skip\r\n\Z", out.transcript
+    )
+    assert [d[:6] for s, d in out.taken if s == "s" and d.startswith(b"a ")] == [b"a BAD "]
+    assert out.commands[-1] == ("a", "APPEND", "BAD")
+    assert out.end.reason == "protocol_error"
+    assert out.end.bytes_from_client == out.sent
+    assert [r["kind"] for r in out.records if r["event"] == "violation"] == [
+        "literal_too_large_to_skip"
+    ]
+
+
+async def test_a_literal_too_large_to_skip_after_a_one_match_answer(
+    target: Dovecot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    too_large_checked(await both_ways(target, tmp_path, monkeypatch, too_large_to_skip))
 
 
 # --- A server whose passive lines carry literals, or look as if they did.
