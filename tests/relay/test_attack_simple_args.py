@@ -78,6 +78,8 @@ ODD = [
     (b"h6", b"UID ID NIL"),  # not an ID: Dovecot has no UID ID
     (b"h7", b"LSUB ~ *}"),
     (b"h8", b"NAMESPACE x}"),
+    (b"h9", b"UNSELECT x}"),  # Dovecot takes it: no mailbox selected after it
+    (b"i1", b"FETCH 1 (FLAGS)"),
 ]
 """Sent alone, one after the other, each waiting for its answer."""
 ONE_MATCH = [tag for tag, _ in ODD if tag not in (b"f5", b"h6")]
@@ -105,13 +107,16 @@ def odd_checked(out: Outcome) -> None:
     assert tagged(out.transcript) == tags, out.transcript[-3000:]
     assert [t for t, _v, _s in out.commands] == [t.decode() for t in tags]
     # Dovecot reads `x}` as an unknown fetch attribute, `~`, `\\`, `]` as unknown search keys,
-    # and takes arguments to NOOP, CHECK and CAPABILITY; `UID  FETCH` is the proxy's BAD.
-    bad = {"f1", "f2", "f5", "f8", "f9", "g1", "g5", "g9", "h3", "h6"}
+    # and takes arguments to NOOP, CHECK, CAPABILITY and UNSELECT (the FETCH after it has no
+    # mailbox, and the proxy, following UNSELECT's OK, knows); `UID  FETCH` is the proxy's BAD.
+    bad = {"f1", "f2", "f5", "f8", "f9", "g1", "g5", "g9", "h3", "h6", "i1"}
     assert {t: s for t, _v, s in out.commands} == {
         **{t.decode(): "BAD" if t.decode() in bad else "OK" for t in tags},
         "h1": "NO",  # no mailbox `T}`
     }
     assert b"f5 BAD [CLIENTBUG]" in out.transcript
+    states = {r["tag"]: r["state"] for r in out.records if r["event"] == "command"}
+    assert (states["h9"], states["i1"]) == ("selected", "authenticated"), states
     assert "UID ID" not in out.log
     taken = [d.split(b" ")[0] for s, d in out.taken if s == "c"]
     assert taken == [*ONE_MATCH, b"n", b"f", b"Q"], taken
