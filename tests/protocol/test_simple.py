@@ -313,6 +313,14 @@ SCENARIOS = {
         ("c", b"d IDLE\r\n"),
         ("s", b"+ idling\r\n"),
     ],
+    "a refused LITERAL+ whose literal is too large to skip": [
+        ("c", b"l LOGIN u p\r\n"),
+        ("s", b"imapveil.1 OK done\r\n"),
+        ("s", b"l OK done\r\n"),
+        ("c", b"a APPEND X {70000000+}\r\n"),
+        ("s", b"a NO no\r\n"),  # a one-match answer that leaves a BYE owed, and the close
+        ("c", b"abc"),
+    ],
     "shutting down mid-response": [
         ("c", b"l LOGIN u p\r\n"),
         ("s", b"l OK done\r\n"),

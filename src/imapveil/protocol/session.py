@@ -251,6 +251,9 @@ class SessionCore:
             # One tagged answer, the whole chunk, shown as it came (as `_scan_server` would).
             if not o.closed:
                 out.append(Forward(Direction.TO_CLIENT, data))
+            # The answer may leave words owed (a refused LITERAL+ whose literal is too large to
+            # skip: a BYE, then the close), paid at this boundary as after `_scan_server`.
+            o.pay_owed()
             return out
         self._scan_server(data)
         self._out.pay_owed()
