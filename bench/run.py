@@ -43,7 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -515,7 +515,7 @@ async def run(
         ]
         if context is None:  # the naive relay speaks no TLS
             runs.append((result.naive, functools.partial(fn, naive_address, context, naive)))
-        await _rounds(args.rounds, runs)
+        await _rounds(args.rounds, runs, (proxy, naive))
         results.append(result)
         print(f"  {name}: done", file=sys.stderr)
     results += await run_idle(args, dovecot, relays, tls)
@@ -565,13 +565,27 @@ Run = tuple[list[dict[str, float]], Callable[[], Awaitable[dict[str, float]]]]
 """Where a target's measurements go, and how to take one."""
 
 
-async def _rounds(rounds: int, runs: list[Run]) -> None:
+async def _rounds(rounds: int, runs: list[Run], quiet: Sequence[ProxyProcess] = ()) -> None:
     """Each round runs every target once, starting one later each round (rotating order), so
-    the machine's drift, and whatever a run leaves behind for the next, hit all alike."""
+    the machine's drift hits all alike; before each measurement the relays in `quiet` are let
+    finish what the last one left them (imapveil's store writer inserting the rows of a churn
+    run's sessions would otherwise run during the next measurement, whichever it is)."""
     for i in range(rounds):
         for k in range(len(runs)):
             values, measure = runs[(i + k) % len(runs)]
+            for relay in quiet:
+                await settle(relay)
             values.append(await measure())
+
+
+async def settle(relay: ProxyProcess, seconds: float = 5.0) -> None:
+    """Wait until `relay` uses less than 2 ms of CPU in 100 ms (at most `seconds`)."""
+    with trio.move_on_after(seconds):
+        while True:
+            before = relay.cpu()
+            await trio.sleep(0.1)
+            if relay.cpu_since(before) < 0.002:
+                return
 
 
 def start_proxy(work: Path, dovecot: Dovecot, cert: Path, key: Path) -> ProxyProcess:
