@@ -739,10 +739,9 @@ async def test_a_simple_chunk_where_no_command_may_start(
 # --- A server that misbehaves, chunk by chunk.
 
 
-class Misbehaving:
-    """A scripted server (`serve`) that sends each piece as its own receive at the proxy: an
-    answer inside its own literal, after a literal where its response goes on, to a tag never
-    sent, to a reused tag, with a bare LF, and one while client octets wait in the proxy."""
+class Scripted:
+    """A scripted server's plumbing (`serve`): each piece it says is its own receive at the
+    proxy (sent once the proxy has read everything before it); the lines it reads are kept."""
 
     def __init__(self, fed: Fed) -> None:
         self.fed = fed
@@ -758,6 +757,12 @@ class Misbehaving:
         for piece in pieces:
             await peer.say(piece)
             await self.fed.server_fed(len(self.sent))
+
+
+class Misbehaving(Scripted):
+    """A scripted server that sends, each piece as its own receive: an answer inside its own
+    literal, after a literal where its response goes on, to a tag never sent, to a reused tag,
+    with a bare LF, and one while client octets wait in the proxy."""
 
     async def script(self, peer: Peer) -> None:
         await self._say(peer, b"* OK [CAPABILITY IMAP4rev1 LITERAL+] fake ready\r\n")

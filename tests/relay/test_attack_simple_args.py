@@ -30,6 +30,7 @@ from tests.relay.test_attack_simple import (
     SHOWN,
     Fed,
     Outcome,
+    Scripted,
     Typist,
     both_ways,
     comparable,
@@ -220,24 +221,8 @@ async def test_a_literal_too_large_to_skip_after_a_one_match_answer(
 # --- A server whose passive lines carry literals, or look as if they did.
 
 
-class Passive:
-    """A scripted server: each piece its own receive at the proxy (after the proxy has read
-    everything before it)."""
-
-    def __init__(self, fed: Fed) -> None:
-        self.fed = fed
-        self.sent = bytearray()
-        self.received: list[bytes] = []
-
-    async def _line(self, peer: Peer, start: bytes) -> None:
-        line = await peer.line()
-        self.received.append(line)
-        assert line.startswith(start), self.received
-
-    async def _say(self, peer: Peer, *pieces: bytes) -> None:
-        for piece in pieces:
-            await peer.say(piece)
-            await self.fed.server_fed(len(self.sent))
+class Passive(Scripted):
+    """A scripted server whose passive lines carry literals, or look as if they did."""
 
     async def script(self, peer: Peer) -> None:
         await self._say(peer, b"* OK [CAPABILITY IMAP4rev1 LITERAL+] fake ready\r\n")
