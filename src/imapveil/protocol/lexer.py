@@ -142,14 +142,14 @@ def read_astring(data: bytes, pos: int) -> tuple[bytes, int] | None:
     return data[pos:end], end
 
 
-_STATUS_NAMES = {s: s.decode() for s in (b"OK", b"NO", b"BAD", b"BYE", b"PREAUTH")}
+STATUS_NAMES = {s: s.decode() for s in (b"OK", b"NO", b"BAD", b"BYE", b"PREAUTH")}
 """One string for each status, shared (the records and the statistics keep it)."""
 
 
 def status_and_code(rest: bytes) -> tuple[str | None, str | None, bytes]:
     """For `OK [CODE ...] text` (after the tag or `* `): status, code atom, and the code's args."""
     status, pos = read_atom(rest, 0, 8)
-    st = _STATUS_NAMES.get(status.upper())
+    st = STATUS_NAMES.get(status.upper())
     if st is None:
         return None, None, b""
     if rest[pos : pos + 2] != b" [":

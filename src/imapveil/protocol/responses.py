@@ -45,7 +45,6 @@ _SIMPLE = re.compile(
 lines that announce no literal and that nothing but that is read of: message data
 (`* 1 FETCH (FLAGS (\\Seen))`, `* 3 EXISTS`: lines the framer passes without a look, see
 `framer._SKIP`) and the kinds in `_PASSIVE` (`* SEARCH 1 2 3`): `simple` reads it."""
-_STATUS = {b"OK": "OK", b"NO": "NO", b"BAD": "BAD"}
 
 
 class Responses:
@@ -124,7 +123,7 @@ class Responses:
             code = lexer.status_and_code(rest)[1]
             if code == "CAPABILITY":
                 return False
-        self.commands.answered(tag, _STATUS[m.group(3)], code)
+        self.commands.answered(tag, lexer.STATUS_NAMES[m.group(3)], code)
         return True
 
     def not_imap(self, line: bytes) -> None:
