@@ -12,6 +12,7 @@ import logging
 import shutil
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ import trio
 
 from imapveil.config import ConfigError, load
 from imapveil.records import CommandCompleted, IdExchange, SessionEnded, SessionStarted
+from imapveil.stats import sink as sink_module
 from imapveil.stats import store as store_module
 from imapveil.stats.metrics import Metrics
 from imapveil.stats.sink import StoreSink
@@ -326,6 +328,41 @@ async def test_a_batch_of_many_statements_stores_every_row_and_finds_a_collision
     assert query(url, "SELECT count(DISTINCT session) FROM command_counts") == [(sessions,)]
     assert sink.collisions == 1
     assert any("id collision" in r.getMessage() for r in caplog.records)
+
+
+async def test_under_steady_load_rows_gather_into_few_transactions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sessions end all the time on a busy proxy: after each write the writer lets rows gather
+    for `COALESCE` seconds (unless a full batch is queued), so that a transaction holds a
+    quarter second of sessions, not the few that ended while the last one was written (SQLite
+    pays for a transaction's pages whether it holds one session or hundreds)."""
+    url = f"sqlite:///{tmp_path / 'stats.sqlite'}"
+    sink = StoreSink(url, spool=tmp_path / "spool")
+    writes = 0
+    write = sink.store.write
+
+    def counted(batch: Any) -> Any:
+        nonlocal writes
+        writes += 1
+        time.sleep(0.02)  # a transaction takes a while: sessions end meanwhile (its thread)
+        return write(batch)
+
+    monkeypatch.setattr(sink.store, "write", counted)
+    load, stop, seconds = Load(sink, "s"), trio.Event(), 1.0
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sink.run)
+        nursery.start_soon(load.run, stop)
+        await trio.sleep(seconds)
+        stop.set()
+        with trio.fail_after(WAIT):
+            await sink.flush()
+        nursery.cancel_scope.cancel()
+    assert query(url, "SELECT count(*) FROM sessions") == [(load.done,)]
+    # Back to back before (a write every 20 ms, each of what ended meanwhile: about 50); one
+    # per COALESCE now, and the flush's.
+    assert load.done >= 100
+    assert writes <= seconds / sink_module.COALESCE + 3, writes
 
 
 # --- two instances ------------------------------------------------------------------------------
