@@ -380,3 +380,19 @@ async def test_login_timeout_says_bye_and_closes_both_sides(dovecot: Dovecot) ->
     assert tail == b"* BYE Disconnected for inactivity\r\n"
     assert end.reason == "idle_timeout"
     assert end.duration_ms >= 300
+
+
+async def test_both_legs_of_a_session_have_tcp_keepalive(proxy: RunningProxy) -> None:
+    """Peers that vanish without a FIN (a laptop shut, a NAT entry dropped) are found by TCP
+    keepalive on both legs. The client leg's comes from the listener, set once: Linux copies it
+    to every connection the listener accepts."""
+    client = await trio.open_tcp_stream(*proxy.address)
+    try:
+        assert (await client.receive_some(1000)).startswith(b"* OK")  # both legs are open
+        (connection,) = proxy.proxy.connections
+        for leg in (connection.client, connection.server):
+            stream = leg.stream if leg is not None else None
+            assert isinstance(stream, trio.SocketStream)
+            assert stream.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1, leg
+    finally:
+        await client.aclose()

@@ -142,8 +142,7 @@ class Proxy:
     ) -> tuple[Connection, str | None] | None:
         """The session for a new connection, and the address it was admitted under (None: a
         refused PROXY header, the session says so); None when a limit refused it (answered)."""
-        admittance = self.admittance
-        keepalive(stream)
+        admittance = self.admittance  # keepalive: from the listener (`_serve_listeners`)
         peer = _peer_pair(stream)
         local = _local_pair(stream)
         refusal: tuple[str, str] | None = None
@@ -334,6 +333,8 @@ async def _serve_listeners(
     frame fewer that every session's task keeps for as long as it lives."""
     async with trio.open_nursery() as nursery:
         for listener in listeners:
+            # Set once here, not on each connection (one system call a session fewer).
+            keepalive(listener.socket)
             nursery.start_soon(_accept, listener, handler, sessions)
 
 

@@ -304,8 +304,9 @@ async def connect_numeric(addresses: tuple[tuple[int, tuple[Any, ...]], ...]) ->
     raise error or OSError("no upstream address")
 
 
-def keepalive(stream: trio.SocketStream) -> None:
-    """TCP keepalive: finds peers that vanished without a FIN (laptops, NAT timeouts)."""
+def keepalive(stream: trio.SocketStream | trio.socket.SocketType) -> None:
+    """TCP keepalive: finds peers that vanished without a FIN (laptops, NAT timeouts). On a
+    listening socket, for every connection it accepts: Linux copies the option to them."""
     with contextlib.suppress(OSError):
         stream.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, True)
 
