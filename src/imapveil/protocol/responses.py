@@ -117,9 +117,12 @@ class Responses:
             return False
         rest = m.group(2)
         code = None
-        if rest.startswith(b" [", len(m.group(3))):
-            # A response code, read as `_tagged` reads it; one that carries capabilities is
-            # that method's to read.
+        at = len(m.group(3))
+        if rest.startswith(b" [", at):
+            # A response code, read as `_tagged` reads it; one that carries capabilities (a
+            # LOGIN's OK, every session) is that method's to read, and is seen before reading.
+            if rest[at + 2 : at + 12].upper() == b"CAPABILITY":
+                return False
             code = lexer.status_and_code(rest)[1]
             if code == "CAPABILITY":
                 return False
