@@ -181,9 +181,15 @@ class Collision:
 
 
 def digest(row: Sequence[Any]) -> str:
-    """What a session row says, in 32 hex digits: equal for a replay, different for a collision."""
-    text = json.dumps(list(row), separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
+    """What a session row says, in 32 hex digits: equal for a replay, different for a collision.
+
+    Stored with the row and compared with a replay's, also one a later version spooled: the text
+    hashed never changes (`json.dumps(list(row), separators=(",", ":"), ensure_ascii=False)`,
+    with one encoder made once instead of one per call)."""
+    return hashlib.sha256(_DIGEST_TEXT(list(row)).encode()).hexdigest()[:32]
+
+
+_DIGEST_TEXT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
 class Store:
