@@ -6,6 +6,7 @@ a reset)."""
 from __future__ import annotations
 
 import socket
+import struct
 
 import trio
 
@@ -67,3 +68,14 @@ async def test_a_leg_whose_peer_is_still_there_is_closed_gracefully() -> None:
                 await leg.close_gracefully()
         assert got == [b"* BYE bye\r\n"]
         assert ours.fileno() == -1
+
+
+async def test_a_leg_whose_peer_resets_while_it_closes_is_closed_at_once() -> None:
+    ours, peer = tcp_pair()
+    leg = leg_of(ours)
+    await leg.send_many([b"* BYE bye\r\n"])  # unread by the peer: its close sends a reset
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    peer.close()
+    with trio.fail_after(CLOSE_GRACE / 4):
+        await leg.close_gracefully()
+    assert ours.fileno() == -1

@@ -211,10 +211,13 @@ class Leg:
         with trio.move_on_after(CLOSE_GRACE) as scope:
             scope.shield = True
             try:
-                if isinstance(stream, trio.abc.HalfCloseableStream):
-                    await stream.send_eof()
-                while await stream.receive_some(RECEIVE_SIZE):
-                    pass
+                if type(stream) is trio.SocketStream:
+                    await _half_close_and_drain(stream.socket)
+                else:
+                    if isinstance(stream, trio.abc.HalfCloseableStream):
+                        await stream.send_eof()
+                    while await stream.receive_some(RECEIVE_SIZE):
+                        pass
             except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
                 pass
             except OSError:
@@ -232,6 +235,24 @@ async def close_now(stream: trio.abc.AsyncResource) -> None:
         stream.socket.close()  # trio's close: tasks waiting on it are woken first
         return
     await trio.aclose_forcefully(stream)
+
+
+async def _half_close_and_drain(sock: trio.socket.SocketType) -> None:
+    """`send_eof`, then `receive_some` until the end, for a plain TCP socket: what
+    `trio.SocketStream` does, without its per-call conflict checks and receive buffers (no task
+    sends or receives on a leg being closed); what comes is dropped, read into the shared
+    buffer. Errors are OSError (a reset) and `trio.ClosedResourceError`."""
+    fd = sock.fileno()
+    if fd < 0:
+        raise trio.ClosedResourceError("the leg is closed")
+    sock.shutdown(socket.SHUT_WR)
+    while True:
+        await wait_readable(fd)
+        try:
+            if not os.readv(fd, _RECEIVE_BUFFERS):
+                return
+        except BlockingIOError:
+            continue
 
 
 def _fileno(stream: trio.abc.Stream) -> int:
