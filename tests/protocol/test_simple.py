@@ -6,6 +6,7 @@ line ends, answers with codes, lower-case or unknown statuses, reused and unknow
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -13,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from imapveil.policy_files import resolve_policy
+from imapveil.protocol import lexer, responses
 from imapveil.protocol.actions import Action, Direction, Forward
 from imapveil.protocol.commands import Commands
 from imapveil.protocol.responses import Responses
@@ -400,3 +402,41 @@ def test_the_one_match_paths_are_taken(monkeypatch: pytest.MonkeyPatch) -> None:
     assert core.commands == 3
     traits = core._traits.record("s", core.capabilities)
     assert traits is not None and "CONDSTORE" in traits.extensions
+
+
+_ALTERNATION = re.compile(
+    rb"(?:\* "
+    + responses._PASSIVE
+    + rb"(?:[^\n}]|\}(?!\r?\n))*+\n)*+"
+    + lexer.TAG_PATTERN
+    + rb" ((OK|NO|BAD)(?: [^\r\n]*+)?)\r?\n"
+)
+"""The one-match answer's pattern as it was first written: the rest of an untagged line one
+octet at a time, an alternation each (20 ns an octet)."""
+
+_pieces = st.sampled_from(
+    [b"}", b"}}", b"\r", b" ", b"x", b"(FLAGS (\\Seen))", b"{3}", b"[", b"]", b"\x80", b"*"]
+)
+_untagged = st.tuples(
+    st.sampled_from([b"1 FETCH ", b"SEARCH", b"FLAGS ", b"OK ", b"OK [CAPABILITY", b"BYE ", b"x"]),
+    st.lists(_pieces, max_size=6).map(b"".join),
+    st.sampled_from([b"\r\n", b"\n", b"}\r\n", b"}\n", b"\r", b""]),
+).map(lambda t: b"* " + b"".join(t))
+_answer = st.tuples(
+    st.sampled_from([b"a1", b"a]", b"", b"*"]),
+    st.sampled_from([b" OK", b" NO", b" BAD", b" ok", b" OK [UIDNEXT 4]"]),
+    st.lists(_pieces, max_size=4).map(b"".join),
+    st.sampled_from([b"\r\n", b"\n", b"}\r\n", b""]),
+).map(b"".join)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.lists(_untagged, max_size=4), _answer)
+def test_the_answer_pattern_matches_what_the_alternation_matched(
+    untagged: list[bytes], answer: bytes
+) -> None:
+    """The one-match answer's pattern reads the rest of an untagged line in runs of a class
+    between `}`s: exactly the chunks, and the same groups, as the alternation it replaced."""
+    chunk = b"".join(untagged) + answer
+    old, new = _ALTERNATION.fullmatch(chunk), responses._SIMPLE.fullmatch(chunk)
+    assert (old and old.groups()) == (new and new.groups())

@@ -37,7 +37,9 @@ whose response code is not CAPABILITY (never a CAPABILITY or ID line)."""
 _SIMPLE = re.compile(
     rb"(?:\* "
     + _PASSIVE
-    + rb"(?:[^\n}]|\}(?!\r?\n))*+\n)*+"
+    # The rest of the line, any `}` but one that ends it: runs of a character class between
+    # the `}`s, not an alternation per octet (which costs 20 ns an octet, a SELECT's answer 7 us).
+    + rb"[^\n}]*+(?:\}(?!\r?\n)[^\n}]*+)*+\n)*+"
     + lexer.TAG_PATTERN
     + rb" ((OK|NO|BAD)(?: [^\r\n]*+)?)\r?\n"
 )
