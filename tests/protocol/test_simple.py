@@ -44,6 +44,8 @@ _simple = st.sampled_from(
             b"FETCH 1 (FLAGS) (CHANGEDSINCE 3)",
         ),
         *(b"UID EXPUNGE 1:3", b"NOOP x", b"LIST x %", b"STATUS INBOX (MESSAGES UIDNEXT)"),
+        *(b"SELECT INBOX", b"examine Drafts", b"SELECT INBOX (CONDSTORE)", b"SELECT", b"EXAMINE"),
+        *(b"SELECT a b", b"SELECT INBOX (QRESYNC (1 2))", b'SELECT "a b"', b"SELECT {3}"),
     ]
 )
 _near_misses = st.sampled_from(
@@ -399,7 +401,12 @@ def test_the_one_match_paths_are_taken(monkeypatch: pytest.MonkeyPatch) -> None:
     answered = _seen(core.feed_server(answer, 2.0))
     assert answered[0].record.verb == "UID FETCH"
     assert answered[1:] == [("Forward", Direction.TO_CLIENT, answer)]
-    assert core.commands == 3
+    # A SELECT keeps its mailbox for the state after its answer.
+    select = b"a3 SELECT INBOX\r\n"
+    assert _seen(core.feed_client(select, 3.0)) == [("Forward", Direction.TO_SERVER, select)]
+    core.feed_server(b"* 3 EXISTS\r\na3 OK [READ-WRITE] Select completed\r\n", 3.0)
+    assert (core.state.value, core.mailbox) == ("selected", b"INBOX")
+    assert core.commands == 4
     traits = core._traits.record("s", core.capabilities)
     assert traits is not None and "CONDSTORE" in traits.extensions
 

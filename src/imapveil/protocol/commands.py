@@ -70,11 +70,13 @@ _SIMPLE_VERBS = {
         *(b"NOOP", b"CHECK", b"CLOSE", b"UNSELECT", b"EXPUNGE", b"NAMESPACE", b"LOGOUT"),
         *(b"CAPABILITY", b"FETCH", b"STORE", b"SEARCH", b"COPY", b"MOVE", b"SORT", b"THREAD"),
         *(b"STATUS", b"LIST", b"LSUB", b"UID FETCH", b"UID STORE", b"UID SEARCH", b"UID COPY"),
-        *(b"UID MOVE", b"UID SORT", b"UID THREAD", b"UID EXPUNGE"),
+        *(b"UID MOVE", b"UID SORT", b"UID THREAD", b"UID EXPUNGE", b"SELECT", b"EXAMINE"),
     )
 }
-"""Commands that `_start` does nothing special with (no gate, no ID, no login, no mailbox, not
-answered by the client leg): `simple` may take them in one match."""
+"""Commands that `_start` does nothing special with (no gate, no ID, no login, not answered by
+the client leg) but keep a SELECT's or EXAMINE's mailbox name: `simple` may take them in one
+match."""
+_SELECTS = (b"SELECT", b"EXAMINE")
 _PLAIN = rb"[" + classify.ATOMISH + rb"]++"
 _SIMPLE = re.compile(
     lexer.TAG_PATTERN
@@ -201,7 +203,10 @@ class Commands:
         tag = m.group(1)
         cmd = Command(tag, verb, self.state, self.out.now)
         self.count += 1
-        self.traits.command(tag, verb, m.group(3), None)
+        args = m.group(3)
+        self.traits.command(tag, verb, args, None)
+        if verb in _SELECTS:
+            cmd.select_mailbox(args)  # an atom here (no quoted name, no literal)
         self._pend(cmd)
         self.current = None
         return True
