@@ -119,8 +119,9 @@ def odd_checked(out: Outcome) -> None:
     states = {r["tag"]: r["state"] for r in out.records if r["event"] == "command"}
     assert (states["h9"], states["i1"]) == ("selected", "authenticated"), states
     assert "UID ID" not in out.log
+    # The SELECT and EXAMINE of a plain name too.
     taken = [d.split(b" ")[0] for s, d in out.taken if s == "c"]
-    assert taken == [*ONE_MATCH, b"n", b"f", b"Q"], taken
+    assert taken == [b"s", *ONE_MATCH, b"n", b"s", b"f", b"Q"], taken
     # Dovecot ran one ID only, the proxy's cleaned one.
     assert out.log.count("ID sent:") == 1
     assert "ID sent: name=Mail" in out.log
@@ -167,8 +168,8 @@ def pipelined_checked(out: Outcome, tags: list[bytes]) -> None:
         t.decode(): "OK" for t in (b"L", b"s", *tags)
     } | {"Q": "OK"}
     assert ("b", "ID", "OK") in out.commands
-    # Two commands a chunk: none taken in one match (but the LOGOUT at the end).
-    assert [d for s, d in out.taken if s == "c"] == [b"Q LOGOUT\r\n"]
+    # Two commands a chunk: none taken in one match (but the SELECT before, the LOGOUT after).
+    assert [d for s, d in out.taken if s == "c"] == [b"s SELECT T\r\n", b"Q LOGOUT\r\n"]
     assert "ID sent: name=Mail" in out.log
     assert SHOWN.in_log(out.log) == []
     assert SHOWN.in_records(out.records_json) == []
