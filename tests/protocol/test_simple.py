@@ -46,6 +46,7 @@ _simple = st.sampled_from(
         *(b"UID EXPUNGE 1:3", b"NOOP x", b"LIST x %", b"STATUS INBOX (MESSAGES UIDNEXT)"),
         *(b"SELECT INBOX", b"examine Drafts", b"SELECT INBOX (CONDSTORE)", b"SELECT", b"EXAMINE"),
         *(b"SELECT a b", b"SELECT INBOX (QRESYNC (1 2))", b'SELECT "a b"', b"SELECT {3}"),
+        *(b"IDLE", b"idle", b"IDLE x", b"IDLE ", b"DONE", b"done"),
     ]
 )
 _near_misses = st.sampled_from(

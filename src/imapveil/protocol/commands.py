@@ -71,12 +71,14 @@ _SIMPLE_VERBS = {
         *(b"CAPABILITY", b"FETCH", b"STORE", b"SEARCH", b"COPY", b"MOVE", b"SORT", b"THREAD"),
         *(b"STATUS", b"LIST", b"LSUB", b"UID FETCH", b"UID STORE", b"UID SEARCH", b"UID COPY"),
         *(b"UID MOVE", b"UID SORT", b"UID THREAD", b"UID EXPUNGE", b"SELECT", b"EXAMINE"),
+        b"IDLE",
     )
 }
-"""Commands that `_start` does nothing special with (no gate, no ID, no login, not answered by
-the client leg) but keep a SELECT's or EXAMINE's mailbox name: `simple` may take them in one
-match."""
+"""Commands that `_start` does nothing special with (no ID, no login, not answered by the client
+leg) but keep a SELECT's or EXAMINE's mailbox name, or, for IDLE, hold the client until the
+server's `+`: `simple` may take them in one match."""
 _SELECTS = (b"SELECT", b"EXAMINE")
+_IDLE = _SIMPLE_VERBS[b"IDLE"]
 _PLAIN = rb"[" + classify.ATOMISH + rb"]++"
 _SIMPLE = re.compile(
     lexer.TAG_PATTERN
@@ -200,15 +202,17 @@ class Commands:
         verb = _SIMPLE_VERBS.get(m.group(2).upper())
         if verb is None:
             return False
+        args = m.group(3)
         tag = m.group(1)
         cmd = Command(tag, verb, self.state, self.out.now)
         self.count += 1
-        args = m.group(3)
         self.traits.command(tag, verb, args, None)
         if verb in _SELECTS:
             cmd.select_mailbox(args)  # an atom here (no quoted name, no literal)
         self._pend(cmd)
         self.current = None
+        if verb is _IDLE:
+            self._sent(cmd)  # the gate: nothing more from the client until the server's "+"
         return True
 
     def too_long(self) -> None:
