@@ -18,7 +18,7 @@ from imapveil.protocol import lexer, responses
 from imapveil.protocol.actions import Action, Direction, Forward
 from imapveil.protocol.commands import Commands
 from imapveil.protocol.responses import Responses
-from imapveil.protocol.session import CoreConfig, SessionCore
+from imapveil.protocol.session import CoreConfig, SessionCore, State
 from imapveil.records import CommandCompleted
 
 GREETING = b"* OK [CAPABILITY IMAP4rev1 LITERAL+ IDLE ID] ready\r\n"
@@ -129,6 +129,10 @@ _untagged = st.sampled_from(
         b"* OK [capability IMAP4rev1 X] z\r\n",
         b"* OK [CAPABILITYX] z\r\n",
         b"* PREAUTH [ALERT] z\r\n",
+        b"* OK [CLOSED] Previous mailbox closed.\r\n",
+        b"* OK [closed] x\r\n",
+        b"* OK [CLOSEDX] x\r\n",
+        b"* NO [CLOSED] x\r\n",
     ]
 )
 
@@ -335,6 +339,16 @@ SCENARIOS = {
         ("s", b"abc)\r\n"),
         ("s", b"f OK done\r\n"),
     ],
+    "a SELECT answered BAD after the mailbox closed": [
+        ("c", b"l LOGIN u p\r\n"),
+        ("s", b"imapveil.1 OK done\r\n"),
+        ("s", b"l OK done\r\n"),
+        ("c", b"s SELECT INBOX\r\n"),
+        ("s", b"* 1 EXISTS\r\ns OK [READ-WRITE] done\r\n"),
+        ("c", b"t SELECT INBOX (FOO)\r\n"),
+        ("s", b"* OK [CLOSED] Previous mailbox closed.\r\nt BAD Unknown FETCH modifier\r\n"),
+        ("c", b"u NOOP\r\n"),
+    ],
 }
 
 
@@ -367,6 +381,35 @@ def test_edges_of_the_one_match_paths(name: str) -> None:
                 seen.append(_seen(feed(chunk, now)))
         assert seen[0] == seen[1], (side, chunk)
         assert _state(cores[0]) == _state(cores[1]), (side, chunk)
+
+
+@pytest.mark.parametrize("kind", [SessionCore, GeneralCore])
+def test_a_closed_mailbox_is_no_longer_selected(kind: type[SessionCore]) -> None:
+    """Dovecot closes the selected mailbox for a SELECT it answers BAD once it has read the
+    name (`SELECT INBOX (FOO)`), and says so (`* OK [CLOSED]`): the commands after it are in
+    the authenticated state, whichever path read the answer (attack7: the BAD alone left the
+    state `selected`)."""
+    core = kind(CoreConfig(), session_id="s", client="c", upstream="u", now=0.0)
+    steps = [
+        ("s", GREETING),
+        ("c", b"l LOGIN u p\r\n"),
+        ("s", b"l OK done\r\n"),
+        ("c", b"s SELECT INBOX\r\n"),
+        ("s", b"* 1 EXISTS\r\ns OK [READ-WRITE] done\r\n"),
+        ("c", b"t EXAMINE INBOX (QRESYNC (1 2))\r\n"),
+        ("s", b"* OK [CLOSED] Previous mailbox closed.\r\nt BAD QRESYNC not enabled\r\n"),
+    ]
+    for side, chunk in steps:
+        (core.feed_client if side == "c" else core.feed_server)(chunk, 1.0)
+    assert (core.state, core.mailbox) == (State.AUTHENTICATED, None)
+    # A SELECT that succeeds after closing the previous mailbox selects its own.
+    core.feed_client(b"v SELECT Drafts\r\n", 2.0)
+    core.feed_server(b"* OK [CLOSED] x\r\n* 0 EXISTS\r\nv OK [READ-WRITE] done\r\n", 2.0)
+    assert (core.state, core.mailbox) == (State.SELECTED, b"Drafts")
+    # A parse error answered BAD (no CLOSED) leaves it selected, as Dovecot does.
+    core.feed_client(b"w SELECT x\r\n", 3.0)
+    core.feed_server(b"w BAD Error in IMAP command SELECT: Missing ')'\r\n", 3.0)
+    assert (core.state, core.mailbox) == (State.SELECTED, b"Drafts")
 
 
 def test_the_one_match_paths_are_taken(monkeypatch: pytest.MonkeyPatch) -> None:
