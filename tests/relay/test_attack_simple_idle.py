@@ -8,6 +8,7 @@ held client bytes reach the server only after its "+".
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -128,6 +129,45 @@ async def test_a_literal_where_done_must_be(
     assert out.transcript.endswith(b"* BYE Expected DONE to end IDLE\r\n"), out.transcript
     assert out.commands[-1] == ("i", "IDLE", None)
     assert taken(out)[-1] == b"i IDLE\r\n"
+    assert (out.end.reason, out.end.bytes_from_client) == ("protocol_error", out.sent)
+
+
+def id_while_idle(c: Typist) -> None:
+    """IDLE right after LOGIN (before its answer, behind the proxy's own ID), then an ID with
+    identifiers sent with IDLE, before the "+": held, then (where DONE must be) the session
+    ends. Dovecot never logs an ID from this session but the proxy's."""
+    c.alone(b"L LOGIN alice wonderland\r\n")
+    c.alone(b"i1 IDLE\r\n")  # one match, sent before the LOGIN's answer
+    assert c.until(b"L").startswith(b"L OK"), c.transcript
+    assert c.line().startswith(b"+ idling"), c.transcript
+    c.alone(b"DONE\r\n")
+    assert c.until(b"i1").startswith(b"i1 OK"), c.transcript
+    c.alone(b"i2 IDLE\r\n" + SHOWN.id_command())
+    assert c.line().startswith(b"+ idling"), c.transcript
+    c.rest()
+
+
+async def test_an_id_where_done_must_be(
+    target: Dovecot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = await both_ways(
+        target,
+        tmp_path,
+        monkeypatch,
+        id_while_idle,
+        inject_id="name=imapveil",
+    )
+    assert SHOWN.in_log(out.log) == []
+    assert SHOWN.in_records(out.records_json) == []
+    assert re.findall(r"ID sent: [^:,\n]*", out.log) == ["ID sent: name=imapveil"]
+    assert out.transcript.endswith(b"* BYE Expected DONE to end IDLE\r\n"), out.transcript
+    assert [(t, v, s) for t, v, s in out.commands if not t.startswith("imapveil")] == [
+        ("L", "LOGIN", "OK"),
+        ("i1", "IDLE", "OK"),
+        ("i2", "IDLE", None),
+    ]
+    assert states(out, "i1") == [("i1", "not_authenticated", "OK")]
+    assert taken(out) == [b"i1 IDLE\r\n"]
     assert (out.end.reason, out.end.bytes_from_client) == ("protocol_error", out.sent)
 
 
