@@ -7,6 +7,7 @@ line ends, answers with codes, lower-case or unknown statuses, reused and unknow
 from __future__ import annotations
 
 import re
+import time
 from typing import Any
 
 import pytest
@@ -18,7 +19,7 @@ from imapveil.protocol import lexer, responses
 from imapveil.protocol.actions import Action, Direction, Forward
 from imapveil.protocol.commands import Commands
 from imapveil.protocol.responses import Responses
-from imapveil.protocol.session import CoreConfig, SessionCore
+from imapveil.protocol.session import CoreConfig, SessionCore, State
 from imapveil.records import CommandCompleted
 
 GREETING = b"* OK [CAPABILITY IMAP4rev1 LITERAL+ IDLE ID] ready\r\n"
@@ -129,6 +130,10 @@ _untagged = st.sampled_from(
         b"* OK [capability IMAP4rev1 X] z\r\n",
         b"* OK [CAPABILITYX] z\r\n",
         b"* PREAUTH [ALERT] z\r\n",
+        b"* OK [CLOSED] Previous mailbox closed.\r\n",
+        b"* OK [closed] x\r\n",
+        b"* OK [CLOSEDX] x\r\n",
+        b"* NO [CLOSED] x\r\n",
     ]
 )
 
@@ -335,6 +340,16 @@ SCENARIOS = {
         ("s", b"abc)\r\n"),
         ("s", b"f OK done\r\n"),
     ],
+    "a SELECT answered BAD after the mailbox closed": [
+        ("c", b"l LOGIN u p\r\n"),
+        ("s", b"imapveil.1 OK done\r\n"),
+        ("s", b"l OK done\r\n"),
+        ("c", b"s SELECT INBOX\r\n"),
+        ("s", b"* 1 EXISTS\r\ns OK [READ-WRITE] done\r\n"),
+        ("c", b"t SELECT INBOX (FOO)\r\n"),
+        ("s", b"* OK [CLOSED] Previous mailbox closed.\r\nt BAD Unknown FETCH modifier\r\n"),
+        ("c", b"u NOOP\r\n"),
+    ],
 }
 
 
@@ -367,6 +382,35 @@ def test_edges_of_the_one_match_paths(name: str) -> None:
                 seen.append(_seen(feed(chunk, now)))
         assert seen[0] == seen[1], (side, chunk)
         assert _state(cores[0]) == _state(cores[1]), (side, chunk)
+
+
+@pytest.mark.parametrize("kind", [SessionCore, GeneralCore])
+def test_a_closed_mailbox_is_no_longer_selected(kind: type[SessionCore]) -> None:
+    """Dovecot closes the selected mailbox for a SELECT it answers BAD once it has read the
+    name (`SELECT INBOX (FOO)`), and says so (`* OK [CLOSED]`): the commands after it are in
+    the authenticated state, whichever path read the answer (attack7: the BAD alone left the
+    state `selected`)."""
+    core = kind(CoreConfig(), session_id="s", client="c", upstream="u", now=0.0)
+    steps = [
+        ("s", GREETING),
+        ("c", b"l LOGIN u p\r\n"),
+        ("s", b"l OK done\r\n"),
+        ("c", b"s SELECT INBOX\r\n"),
+        ("s", b"* 1 EXISTS\r\ns OK [READ-WRITE] done\r\n"),
+        ("c", b"t EXAMINE INBOX (QRESYNC (1 2))\r\n"),
+        ("s", b"* OK [CLOSED] Previous mailbox closed.\r\nt BAD QRESYNC not enabled\r\n"),
+    ]
+    for side, chunk in steps:
+        (core.feed_client if side == "c" else core.feed_server)(chunk, 1.0)
+    assert (core.state, core.mailbox) == (State.AUTHENTICATED, None)
+    # A SELECT that succeeds after closing the previous mailbox selects its own.
+    core.feed_client(b"v SELECT Drafts\r\n", 2.0)
+    core.feed_server(b"* OK [CLOSED] x\r\n* 0 EXISTS\r\nv OK [READ-WRITE] done\r\n", 2.0)
+    assert (core.state, core.mailbox) == (State.SELECTED, b"Drafts")
+    # A parse error answered BAD (no CLOSED) leaves it selected, as Dovecot does.
+    core.feed_client(b"w SELECT x\r\n", 3.0)
+    core.feed_server(b"w BAD Error in IMAP command SELECT: Missing ')'\r\n", 3.0)
+    assert (core.state, core.mailbox) == (State.SELECTED, b"Drafts")
 
 
 def test_the_one_match_paths_are_taken(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -448,3 +492,64 @@ def test_the_answer_pattern_matches_what_the_alternation_matched(
     chunk = b"".join(untagged) + answer
     old, new = _ALTERNATION.fullmatch(chunk), responses._SIMPLE.fullmatch(chunk)
     assert (old and old.groups()) == (new and new.groups())
+
+
+_FETCH_LINE = b"* 12345 FETCH (FLAGS (\\Seen) UID 99999)\r\n"  # 40 octets
+_MEGA = 1 << 20
+LINEAR = {
+    # 1 MiB of message data, then the answer: one match.
+    "fetch lines": (_FETCH_LINE * (_MEGA // 40) + b"f OK done\r\n", True),
+    # ... whose answer is no answer at the very end: the whole scanned, then declined.
+    "fetch lines, no answer": (_FETCH_LINE * (_MEGA // 40) + b"f OKAY\r\n", False),
+    "fetch lines, a literal last": (_FETCH_LINE * (_MEGA // 40) + b"* 1 FETCH (X {3}\r\n", False),
+    # Runs of "}" inside a line, none ending it: one match.
+    "brace runs": (b"* 1 FETCH (" + b"}}}}x" * (_MEGA // 5) + b")\r\nf OK\r\n", True),
+    "brace-CR runs": (b"* SEARCH " + b"}\r" * (_MEGA // 2) + b"x\nf OK\r\n", True),
+    # A line of "}" whose last one ends it (a literal's place): declined after one pass.
+    "one brace run": (b"* 1 " + b"}" * _MEGA + b"\r\nf OK\r\n", False),
+    "lines of braces": (b"* 1 }x}\r}\r\n" * (_MEGA // 10) + b"f OK\r\n", False),
+    "brace lines, the last ends in one": (b"* 1 }x}\r}x\r\n" * (_MEGA // 11) + b"* 1 }\r\n", False),
+    # An answer of 1 MiB, its text with a bare CR at its end.
+    "long answer text": (b"f OK " + b"x}" * (_MEGA // 2) + b"\r\r\n", False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LINEAR))
+def test_the_one_match_answer_stays_linear(name: str) -> None:
+    """A 1 MiB server chunk made to make the answer's pattern backtrack (attack7: runs of `}`
+    between its character classes, lines that fail only at their end, an answer that fails at
+    the last octet) is decided in one pass, well under a second (a guard against backtracking,
+    not a benchmark: each takes a few tens of milliseconds), and as the general path decides."""
+    chunk, taken = LINEAR[name]
+    probe, fast, general = (
+        kind(CoreConfig(), session_id="s", client="c", upstream="u", now=0.0)
+        for kind in (SessionCore, SessionCore, GeneralCore)
+    )
+    for core in (probe, fast, general):
+        core.feed_server(GREETING, 0.0)
+        core.feed_client(b"f FETCH 1:* (FLAGS UID)\r\n", 0.0)
+    started = time.perf_counter()
+    assert probe._responses.simple(chunk) is taken
+    assert time.perf_counter() - started < 0.5
+    # Then, fed whole, the same as the general path (line by line: not timed).
+    assert _seen(fast.feed_server(chunk, 1.0)) == _seen(general.feed_server(chunk, 1.0))
+    assert _state(fast) == _state(general)
+
+
+def test_the_one_match_command_stays_linear() -> None:
+    """A client line of the longest length allowed, shaped to make the command's pattern
+    backtrack (atoms then an unclosed list, lists then a stray parenthesis, `UID` repeated),
+    is declined in one pass, well under a second."""
+    core = SessionCore(CoreConfig(), session_id="s", client="c", upstream="u", now=0.0)
+    core.feed_server(GREETING, 0.0)
+    room = CoreConfig().max_line - 16
+    for line in (
+        b"a FETCH " + b"x " * (room // 2) + b"(\r\n",
+        b"a FETCH " + b"(x x) " * (room // 6) + b"(\r\n",
+        b"a FETCH " + b"(x" * (room // 2) + b"\r\n",
+        b"a " + b"UID " * (room // 4) + b"\r\n",
+        b"a FETCH " + b"x" * room + b" \r\n",
+    ):
+        started = time.perf_counter()
+        assert not core._commands.simple(line)
+        assert time.perf_counter() - started < 0.5

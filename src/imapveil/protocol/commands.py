@@ -525,6 +525,14 @@ class Commands:
         if self.config.log_commands:
             self.out.actions.append(self.out.command_record(cmd, status, code))
 
+    def mailbox_closed(self) -> None:
+        """`* OK [CLOSED]` (RFC 9051 §7.1): the selected mailbox was closed, as a SELECT or
+        EXAMINE begins. Dovecot closes it for one it then answers BAD (`SELECT INBOX (FOO)`),
+        where the answer alone would leave the state as it was."""
+        if self.state is State.SELECTED:
+            self.state = State.AUTHENTICATED
+            self.mailbox = None
+
     def _transition(self, cmd: Command, status: str) -> None:
         """The connection state after the server's answer (RFC 9051 §3)."""
         verb = cmd.verb

@@ -3,9 +3,9 @@
 The greeting must be an IMAP greeting (`* OK`, `* PREAUTH`, `* BYE`): a client's LOGIN must not
 go to an SMTP or SSH port configured by mistake, so nothing of the client's reaches the server
 before it. Continuations (`+`) and tagged answers move the commands along; untagged responses
-say what the connection is (BYE, PREAUTH, CAPABILITY) and carry the server's ID. Data responses
-may announce literals, which the framer then passes through uncounted by the grammar; status
-responses cannot (their text is no place for a literal, whatever it ends with).
+say what the connection is (BYE, PREAUTH, CAPABILITY, a mailbox CLOSED) and carry the server's
+ID. Data responses may announce literals, which the framer then passes through uncounted by the
+grammar; status responses cannot (their text is no place for a literal, whatever it ends with).
 
 Each line comes back as what the client is shown instead of it (b"": nothing), or None: the line
 as it came.
@@ -29,11 +29,11 @@ _GREETINGS = (b"* OK", b"* PREAUTH", b"* BYE")
 UNAVAILABLE = b"* BYE [UNAVAILABLE] Mail server is not reachable\r\n"
 _PASSIVE = (
     rb"(?:[0-9]|(?:SEARCH|ESEARCH|FLAGS|LIST|LSUB|STATUS|ENABLED|SORT|THREAD)(?=[ \r\n])"
-    rb"|(?:OK|NO|BAD) (?!\[(?i:CAPABILITY)(?!" + lexer.ATOM_CLASS + rb")))"
+    rb"|(?:OK|NO|BAD) (?!\[(?i:CAPABILITY|CLOSED)(?!" + lexer.ATOM_CLASS + rb")))"
 )
 """What an untagged line may start with (after `* `) for `simple`: message data, a kind of
 response `line` only checks for a literal at its end, or a status other than BYE and PREAUTH
-whose response code is not CAPABILITY (never a CAPABILITY or ID line)."""
+whose response code is neither CAPABILITY nor CLOSED (never a CAPABILITY or ID line)."""
 _SIMPLE = re.compile(
     rb"(?:\* "
     + _PASSIVE
@@ -178,6 +178,8 @@ class Responses:
             if code == "CAPABILITY":
                 self.capabilities = lexer.capabilities(args)
                 shown = self.leg.capability_code(body, self._authenticated())
+            elif code == "CLOSED" and kind == b"OK":
+                self.commands.mailbox_closed()
             if kind == b"BYE":
                 self.bye_seen = True
                 self.commands.state = State.LOGOUT
