@@ -553,3 +553,36 @@ def test_the_one_match_command_stays_linear() -> None:
         started = time.perf_counter()
         assert not core._commands.simple(line)
         assert time.perf_counter() - started < 0.5
+
+
+@pytest.mark.parametrize(
+    ("line", "closed"),
+    [
+        (b"* OK [CLOSED] Previous mailbox closed.\r\n", True),
+        (b"* OK [closed] x\r\n", True),
+        (b"* OK [Closed more] x\r\n", True),
+        (b"* OK [CLOSEDX] x\r\n", False),
+        (b"* NO [CLOSED] x\r\n", False),
+        (b"* 1 FETCH (FLAGS (\\Seen))\r\n", False),
+    ],
+)
+@pytest.mark.parametrize("kind", [SessionCore, GeneralCore])
+def test_closed_is_read_alike_in_any_case_and_only_as_an_ok_code(
+    kind: type[SessionCore], line: bytes, closed: bool
+) -> None:
+    """The one-match answer sees an untagged `OK [CLOSED]` (Dovecot's, before every SELECT's
+    answer while a mailbox is selected) as the general path reads it: a whole code atom, in any
+    case, on OK only, before the tagged answer, which here answers a NOOP."""
+    core = kind(CoreConfig(), session_id="s", client="c", upstream="u", now=0.0)
+    for side, chunk in [
+        ("s", GREETING),
+        ("c", b"l LOGIN u p\r\n"),
+        ("s", b"l OK done\r\n"),
+        ("c", b"s SELECT INBOX\r\n"),
+        ("s", b"s OK [READ-WRITE] done\r\n"),
+        ("c", b"n NOOP\r\n"),
+        ("s", line + b"n OK done\r\n"),
+    ]:
+        (core.feed_client if side == "c" else core.feed_server)(chunk, 1.0)
+    selected = (State.SELECTED, b"INBOX")
+    assert (core.state, core.mailbox) == ((State.AUTHENTICATED, None) if closed else selected)
