@@ -1,0 +1,82 @@
+"""TCP keepalive on the client legs (b6d925e: set once on each listener, which Linux copies to
+the connections it accepts, instead of on every accepted connection), attacked from outside
+(attack6): raw sockets to the proxy (as `imapveil serve` builds it) in front of a real Dovecot.
+
+Linux copies a listener's options to a connection when the connection is made (when the
+three-way handshake completes, in the kernel, before `accept`), not when it is accepted: a
+connection that was already waiting in the listener's queue when the option was set does not
+get it. Such connections are not rare: with systemd socket activation the connection that
+started the service is always one of them, as is every one that came while it started; a
+service that opens its own listeners has one between its `listen` and serving them. Each must
+have keepalive as much as the connections that come later.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from imapveil.relay.server import Proxy, open_listeners
+from imapveil.service import PolicyHolder, admittance, load_all
+from tests.conftest import RecordingSink
+from tests.helpers.attack import own_dovecot
+from tests.helpers.dovecot import Dovecot
+
+pytestmark = pytest.mark.dovecot
+
+
+@pytest.fixture(scope="module")
+def target() -> Iterator[Dovecot]:
+    with own_dovecot() as server:
+        yield server
+
+
+def keepalive_of(stream: object) -> int:
+    assert isinstance(stream, trio.SocketStream)
+    return int(stream.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE))
+
+
+async def test_connections_queued_before_serving_get_keepalive(
+    target: Dovecot, tmp_path: Path
+) -> None:
+    """Three clients connect to the proxy's listener before it serves it (socket activation:
+    the connection that started the service, and those that came while it started), a fourth
+    once it serves: each one's client leg (and server leg) has TCP keepalive."""
+    loaded = load_all(
+        None,
+        {
+            "upstream": f"{target.address[0]}:{target.address[1]}",
+            "user_key_file": str(tmp_path / "user-key"),
+        },
+    )
+    sink = RecordingSink()
+    proxy = Proxy(admittance(loaded, PolicyHolder(loaded.policy)), sink, shutdown_grace=2.0)
+    listeners = await open_listeners("127.0.0.1", 0)
+    address = listeners[0].socket.getsockname()[:2]
+    early = [socket.create_connection(address, timeout=5) for _ in range(3)]  # queued, unserved
+    clients = list(early)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(proxy.serve, listeners)
+            for client in early:  # greeted: both legs of the session are open
+                assert (await trio.to_thread.run_sync(client.recv, 1000)).startswith(b"* OK")
+            late = socket.create_connection(address, timeout=5)  # once the proxy accepts
+            clients.append(late)
+            assert (await trio.to_thread.run_sync(late.recv, 1000)).startswith(b"* OK")
+            connections = sorted(proxy.connections, key=lambda c: c.core.session_id)
+            assert len(connections) == 4
+            options = [
+                (keepalive_of(c.client.stream), keepalive_of(c.server and c.server.stream))
+                for c in connections
+            ]
+            proxy.stop()
+            for client in clients:
+                client.close()
+    finally:
+        for client in clients:
+            client.close()
+    assert options == [(1, 1)] * 4
