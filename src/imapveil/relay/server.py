@@ -16,6 +16,7 @@ import errno
 import functools
 import logging
 import secrets
+import select
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -142,7 +143,7 @@ class Proxy:
     ) -> tuple[Connection, str | None] | None:
         """The session for a new connection, and the address it was admitted under (None: a
         refused PROXY header, the session says so); None when a limit refused it (answered)."""
-        admittance = self.admittance  # keepalive: from the listener (`_serve_listeners`)
+        admittance = self.admittance  # keepalive: from the listener (`_accept`)
         peer = _peer_pair(stream)
         local = _local_pair(stream)
         refusal: tuple[str, str] | None = None
@@ -333,8 +334,6 @@ async def _serve_listeners(
     frame fewer that every session's task keeps for as long as it lives."""
     async with trio.open_nursery() as nursery:
         for listener in listeners:
-            # Set once here, not on each connection (one system call a session fewer).
-            keepalive(listener.socket)
             nursery.start_soon(_accept, listener, handler, sessions)
 
 
@@ -343,8 +342,17 @@ async def _accept(
     handler: Callable[[trio.SocketStream], Awaitable[None]],
     sessions: trio.Nursery,
 ) -> None:
+    """Accept until cancelled. TCP keepalive is set once, on the listener: Linux copies it to
+    each connection made from then on (one system call a session fewer). Not to those already
+    made and waiting in its queue (the one that started a socket-activated service, those that
+    came while it started): each connection accepted is given its own until the queue has been
+    seen empty once, which is after the last of them."""
+    keepalive(listener.socket)
+    queued = True
     async with listener:
         while True:
+            if queued:
+                queued = _waiting(listener.socket)
             try:
                 stream = await listener.accept()
             except OSError as exc:
@@ -353,8 +361,20 @@ async def _accept(
                 log.error("accept failed: %s; retrying in %g s", describe(exc), ACCEPT_RETRY)
                 await trio.sleep(ACCEPT_RETRY)
                 continue
+            if queued:
+                keepalive(stream)
             sessions.start_soon(handler, stream)
             del stream
+
+
+def _waiting(sock: trio.socket.SocketType) -> bool:
+    """Whether a connection waits in a listening socket's queue (it is readable)."""
+    poll = select.poll()
+    try:
+        poll.register(sock.fileno(), select.POLLIN)
+        return bool(poll.poll(0))
+    except (OSError, ValueError):
+        return False  # closed: its accept says so
 
 
 async def open_listeners(host: str, port: int) -> list[trio.SocketListener]:
