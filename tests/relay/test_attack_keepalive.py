@@ -14,6 +14,8 @@ have keepalive as much as the connections that come later.
 from __future__ import annotations
 
 import socket
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from imapveil.service import PolicyHolder, admittance, load_all
 from tests.conftest import RecordingSink
 from tests.helpers.attack import own_dovecot
 from tests.helpers.dovecot import Dovecot
+from tests.helpers.process import imapveil
 
 pytestmark = pytest.mark.dovecot
 
@@ -80,3 +83,57 @@ async def test_connections_queued_before_serving_get_keepalive(
         for client in clients:
             client.close()
     assert options == [(1, 1)] * 4
+
+
+def tcp_timer(local: tuple[str, int], remote: tuple[str, int]) -> int:
+    """The timer the kernel runs for the established IPv4 connection `local`-`remote` (of any
+    process), from /proc/net/tcp: 0 none, 1 retransmission, 2 keepalive, ..."""
+
+    def hexed(address: tuple[str, int]) -> str:
+        packed = socket.inet_aton(address[0])
+        return f"{int.from_bytes(packed, 'little'):08X}:{address[1]:04X}"
+
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if (fields[1], fields[2], fields[3]) == (hexed(local), hexed(remote), "01"):
+                return int(fields[5].split(":")[0], 16)
+    raise AssertionError(f"no connection {local} - {remote}")
+
+
+def test_the_connection_that_activates_a_socket_activated_service_gets_keepalive(
+    target: Dovecot, tmp_path: Path
+) -> None:
+    """systemd accepts the first connection's handshake on the socket it holds, then starts the
+    service with that socket: that connection, made before the service set anything on the
+    socket, is relayed with TCP keepalive on the proxy's side of it (the kernel's keepalive
+    timer runs for it), as is a connection made later."""
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        address = listening.getsockname()[:2]
+        first = socket.create_connection(address, timeout=10)  # before the service runs
+        fd = listening.fileno()
+        wrap = [
+            sys.executable,
+            "-c",
+            "import os, sys\n"
+            f"os.dup2({fd}, 3)\nos.close({fd})\n"
+            "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1',"
+            " LISTEN_FDNAMES='imap')\n"
+            "os.execv(sys.argv[1], sys.argv[1:])",
+        ]
+        with imapveil(tmp_path, target.address, wrap=wrap, pass_fds=[fd]) as proxy:
+            listening.close()
+            with first, socket.create_connection(address, timeout=10) as later:
+                timers = []
+                for client in (first, later):
+                    assert client.recv(1000).startswith(b"* OK")  # relaying: the leg is open
+                    deadline = time.monotonic() + 5
+                    # (retransmission while our ACK of the greeting is on its way)
+                    while (timer := tcp_timer(address, client.getsockname()[:2])) == 1:
+                        assert time.monotonic() < deadline
+                        time.sleep(0.001)
+                    timers.append(timer)
+            assert proxy.stop() == 0
+    assert timers == [2, 2]
