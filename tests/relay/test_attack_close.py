@@ -29,6 +29,7 @@ from imapveil.records import SessionEnded
 from imapveil.relay import splice, streams
 from tests.helpers.attack import own_dovecot, veil
 from tests.helpers.dovecot import Dovecot
+from tests.helpers.scripted import Peer, serve
 
 pytestmark = pytest.mark.dovecot
 run = trio.to_thread.run_sync
@@ -204,3 +205,83 @@ async def test_a_close_the_client_ends_early_ends_at_once(
             assert time.monotonic() - eof < 5
         ends = v.sink.of(SessionEnded)
     assert [(e.reason, e.bytes_from_client) for e in ends] == [("logout", len(SIGN_IN))] * 4
+
+
+class Server:
+    """A scripted server: greets, answers LOGIN and NOOPs, and LOGOUT with BYE and OK (and does
+    not close). When
+    the user is `flood`, once the proxy has half-closed the connection it sends `mark` over
+    and over and never closes, until the proxy cuts it off (then `cut_after` says when)."""
+
+    def __init__(self, mark: bytes) -> None:
+        self.mark = mark
+        self.cut_after: list[float] = []
+
+    async def script(self, peer: Peer) -> None:
+        await peer.say(b"* OK ready\r\n")
+        flood = False
+        while line := await peer.line():
+            tag, verb = line.split(b" ")[:2]
+            if verb == b"LOGIN":
+                flood = line.split(b" ")[2] == b"flood"
+                await peer.say(tag + b" OK in\r\n")
+            elif verb.rstrip() == b"LOGOUT":
+                await peer.say(b"* BYE bye\r\n" + tag + b" OK out\r\n")
+            else:
+                await peer.say(tag + b" OK done\r\n")
+        if not flood:
+            return
+        eof = time.monotonic()  # the proxy's half-close
+        data = self.mark * (65536 // len(self.mark))
+        try:
+            while time.monotonic() - eof < 10:
+                await peer.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        self.cut_after.append(time.monotonic() - eof)
+
+
+def normal_client(address: tuple[str, int], user: bytes, noops: int) -> bytes:
+    with socket.create_connection(address, timeout=10) as s:
+        f = s.makefile("rb")
+        got = f.readline()
+        s.sendall(b"L LOGIN " + user + b" x\r\n")
+        got += f.readline()
+        for k in range(noops):
+            s.sendall(b"N%d NOOP\r\n" % k)
+            got += f.readline()
+        s.sendall(b"Q LOGOUT\r\n")
+        while not got.endswith(b"Q OK out\r\n"):  # the server does not close: the client does
+            line = f.readline()
+            assert line, got
+            got += line
+        f.close()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        return got
+
+
+async def test_a_server_flooding_a_closing_leg_is_cut_at_the_grace_and_others_unaffected(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server side of the same: a server that does not close after its LOGOUT answer (its
+    client resets instead) and, after the proxy's EOF, sends without end and never closes is
+    read (and dropped) until the grace, then cut; a session started meanwhile is served and
+    sees none of the flood; one end record each."""
+    monkeypatch.setattr(streams, "CLOSE_GRACE", GRACE)
+    server = Server(b"SERVERFLOOD-%s\r\n" % uuid.uuid4().hex.encode())
+    async with serve(server.script, bytearray()) as upstream, veil(upstream, tmp_path) as v:
+        t0 = time.monotonic()
+        flooded = await run(normal_client, v.address, b"flood", 0)
+        other = await run(normal_client, v.address, b"plain", 20)
+        other_done = time.monotonic() - t0
+        ends = await v.sessions_ended(2)
+        with trio.fail_after(GRACE + 5):
+            await v.proxy._idle.wait()
+        records = v.records_json()
+    expected = b"* OK ready\r\nL OK in\r\n* BYE bye\r\nQ OK out\r\n"
+    assert flooded == expected
+    assert other.count(b" OK done\r\n") == 20 and b"FLOOD" not in other
+    assert other_done < GRACE  # served while the first session's server leg was drained
+    assert len(server.cut_after) == 1 and GRACE * 0.9 <= server.cut_after[0] < GRACE + 2.0
+    assert [e.reason for e in ends] == ["logout", "logout"]
+    assert "FLOOD" not in records
