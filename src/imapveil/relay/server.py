@@ -143,7 +143,7 @@ class Proxy:
     ) -> tuple[Connection, str | None] | None:
         """The session for a new connection, and the address it was admitted under (None: a
         refused PROXY header, the session says so); None when a limit refused it (answered)."""
-        admittance = self.admittance  # keepalive: from the listener (`_accept`)
+        admittance = self.admittance  # keepalive: from the listener (`_serve_listeners`)
         peer = _peer_pair(stream)
         local = _local_pair(stream)
         refusal: tuple[str, str] | None = None
@@ -334,21 +334,23 @@ async def _serve_listeners(
     frame fewer that every session's task keeps for as long as it lives."""
     async with trio.open_nursery() as nursery:
         for listener in listeners:
-            nursery.start_soon(_accept, listener, handler, sessions)
+            # TCP keepalive, set once on the listener: Linux copies it to each connection made
+            # from then on (one system call a session fewer). Not to those already made and
+            # waiting in its queue (the one that started a socket-activated service, those that
+            # came while it started): `_accept` gives them their own.
+            keepalive(listener.socket)
+            nursery.start_soon(_accept, listener, handler, sessions, True)
 
 
 async def _accept(
     listener: trio.SocketListener,
     handler: Callable[[trio.SocketStream], Awaitable[None]],
     sessions: trio.Nursery,
+    queued: bool = False,
 ) -> None:
-    """Accept until cancelled. TCP keepalive is set once, on the listener: Linux copies it to
-    each connection made from then on (one system call a session fewer). Not to those already
-    made and waiting in its queue (the one that started a socket-activated service, those that
-    came while it started): each connection accepted is given its own until the queue has been
-    seen empty once, which is after the last of them."""
-    keepalive(listener.socket)
-    queued = True
+    """Accept until cancelled. `queued`: connections may wait in the listener's queue that were
+    made before its keepalive was set; each connection accepted is given keepalive of its own
+    until the queue has been seen empty once, which is after the last of them."""
     async with listener:
         while True:
             if queued:
