@@ -13,6 +13,7 @@ have keepalive as much as the connections that come later.
 
 from __future__ import annotations
 
+import functools
 import socket
 import sys
 import time
@@ -24,7 +25,7 @@ import trio
 
 from imapveil.relay.server import Proxy, open_listeners
 from imapveil.service import PolicyHolder, admittance, load_all
-from tests.conftest import RecordingSink
+from tests.conftest import RecordingSink, TlsMaterial
 from tests.helpers.attack import own_dovecot
 from tests.helpers.dovecot import Dovecot
 from tests.helpers.process import imapveil
@@ -137,3 +138,43 @@ def test_the_connection_that_activates_a_socket_activated_service_gets_keepalive
                     timers.append(timer)
             assert proxy.stop() == 0
     assert timers == [2, 2]
+
+
+async def test_connections_queued_on_an_implicit_tls_listener_get_keepalive(
+    target: Dovecot, tmp_path: Path, tls_material: TlsMaterial
+) -> None:
+    """The implicit-TLS listener (993-style) too: two connections made before the proxy serves
+    it and one after, each waiting for its TLS handshake, have the kernel's keepalive timer on
+    the proxy's side."""
+    loaded = load_all(
+        None,
+        {
+            "upstream": f"{target.address[0]}:{target.address[1]}",
+            "user_key_file": str(tmp_path / "user-key"),
+            "cert": str(tls_material.cert),
+            "key": str(tls_material.key),
+        },
+    )
+    proxy = Proxy(admittance(loaded, PolicyHolder(loaded.policy)), RecordingSink())
+    plain = await open_listeners("127.0.0.1", 0)
+    secure = await open_listeners("127.0.0.1", 0)
+    address = secure[0].socket.getsockname()[:2]
+    clients = [socket.create_connection(address, timeout=5) for _ in range(2)]  # queued
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(functools.partial(proxy.serve, plain, tls_listeners=secure))
+            with trio.fail_after(5):
+                while proxy.stats.accepted < 2:  # noqa: ASYNC110 (the accept loop's count)
+                    await trio.sleep(0.001)
+            clients.append(socket.create_connection(address, timeout=5))
+            with trio.fail_after(5):
+                while proxy.stats.accepted < 3:  # noqa: ASYNC110
+                    await trio.sleep(0.001)
+            timers = [tcp_timer(address, c.getsockname()[:2]) for c in clients]
+            proxy.stop()
+            for client in clients:
+                client.close()
+    finally:
+        for client in clients:
+            client.close()
+    assert timers == [2, 2, 2]
