@@ -16,6 +16,7 @@ import errno
 import functools
 import logging
 import secrets
+import select
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -333,18 +334,27 @@ async def _serve_listeners(
     frame fewer that every session's task keeps for as long as it lives."""
     async with trio.open_nursery() as nursery:
         for listener in listeners:
-            # Set once here, not on each connection (one system call a session fewer).
+            # TCP keepalive, set once on the listener: Linux copies it to each connection made
+            # from then on (one system call a session fewer). Not to those already made and
+            # waiting in its queue (the one that started a socket-activated service, those that
+            # came while it started): `_accept` gives them their own.
             keepalive(listener.socket)
-            nursery.start_soon(_accept, listener, handler, sessions)
+            nursery.start_soon(_accept, listener, handler, sessions, True)
 
 
 async def _accept(
     listener: trio.SocketListener,
     handler: Callable[[trio.SocketStream], Awaitable[None]],
     sessions: trio.Nursery,
+    queued: bool = False,
 ) -> None:
+    """Accept until cancelled. `queued`: connections may wait in the listener's queue that were
+    made before its keepalive was set; each connection accepted is given keepalive of its own
+    until the queue has been seen empty once, which is after the last of them."""
     async with listener:
         while True:
+            if queued:
+                queued = _waiting(listener.socket)
             try:
                 stream = await listener.accept()
             except OSError as exc:
@@ -353,8 +363,20 @@ async def _accept(
                 log.error("accept failed: %s; retrying in %g s", describe(exc), ACCEPT_RETRY)
                 await trio.sleep(ACCEPT_RETRY)
                 continue
+            if queued:
+                keepalive(stream)
             sessions.start_soon(handler, stream)
             del stream
+
+
+def _waiting(sock: trio.socket.SocketType) -> bool:
+    """Whether a connection waits in a listening socket's queue (it is readable)."""
+    poll = select.poll()
+    try:
+        poll.register(sock.fileno(), select.POLLIN)
+        return bool(poll.poll(0))
+    except (OSError, ValueError):
+        return False  # closed: its accept says so
 
 
 async def open_listeners(host: str, port: int) -> list[trio.SocketListener]:
