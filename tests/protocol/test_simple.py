@@ -112,6 +112,11 @@ _untagged = st.sampled_from(
         b"* 1 FETCH (BODY[] {2}",
         b"* 4 EXPUNGE\n",
         b"* BYE x\r\n",
+        b"* BYE Logging out\r\n",
+        b"* BYE [ALERT] going\r\n",
+        b"* BYE [CAPABILITY IMAP4rev1] going\r\n",
+        b"* bye x\r\n",
+        b"* BYE\r\n",
         b"* OK hi\r\n",
         b"* x\r\n",
         b"* SEARCH 1 2 3\r\n",
@@ -181,6 +186,7 @@ def _state(core: SessionCore) -> tuple[Any, ...]:
         core.held,
         core.wants_client_data,
         core.capabilities,
+        core._responses.bye_seen,
         commands.mode,
         commands.gate,
         [(c.tag, c.verb, c.state, c.started) for c in commands.unanswered()],
@@ -586,3 +592,35 @@ def test_closed_is_read_alike_in_any_case_and_only_as_an_ok_code(
         (core.feed_client if side == "c" else core.feed_server)(chunk, 1.0)
     selected = (State.SELECTED, b"INBOX")
     assert (core.state, core.mailbox) == ((State.AUTHENTICATED, None) if closed else selected)
+
+
+@pytest.mark.parametrize(
+    ("lines", "expected"),
+    [
+        (b"* BYE Logging out\r\n", (State.LOGOUT, b"INBOX", True)),
+        (b"* BYE x\r\n* OK [CLOSED] y\r\n", (State.LOGOUT, b"INBOX", True)),
+        (b"* OK [CLOSED] y\r\n* BYE x\r\n", (State.LOGOUT, None, True)),
+        (b"* bye x\r\n", (State.LOGOUT, b"INBOX", True)),
+        (b'* 1 FETCH (X "* BYE ")\r\n', (State.SELECTED, b"INBOX", False)),
+    ],
+)
+@pytest.mark.parametrize("kind", [SessionCore, GeneralCore])
+def test_bye_and_closed_are_read_in_the_order_they_come(
+    kind: type[SessionCore], lines: bytes, expected: tuple[State, bytes | None, bool]
+) -> None:
+    """An untagged BYE (Dovecot's before its LOGOUT answer) moves the state to logout and says
+    the server will close; a CLOSED after it finds no mailbox selected any more and leaves the
+    name as it was, one before it clears it: read in turn, whichever path reads the chunk. A
+    `* BYE ` inside another line is no BYE."""
+    core = kind(CoreConfig(), session_id="s", client="c", upstream="u", now=0.0)
+    for side, chunk in [
+        ("s", GREETING),
+        ("c", b"l LOGIN u p\r\n"),
+        ("s", b"l OK done\r\n"),
+        ("c", b"s SELECT INBOX\r\n"),
+        ("s", b"s OK [READ-WRITE] done\r\n"),
+        ("c", b"n NOOP\r\n"),
+        ("s", lines + b"n OK done\r\n"),
+    ]:
+        (core.feed_client if side == "c" else core.feed_server)(chunk, 1.0)
+    assert (core.state, core.mailbox, core._responses.bye_seen) == expected

@@ -866,6 +866,7 @@ async def test_answers_from_a_misbehaving_server(
         b"t OK one\r\n",
         b"t NO two\r\n",
         b"z OK\r\n",
+        b"* BYE bye\r\nQ OK\r\n",  # the LOGOUT's answer after its BYE
     ]
 
 

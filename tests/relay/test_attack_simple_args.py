@@ -339,4 +339,5 @@ async def test_passive_lines_from_a_scripted_server(
         b"u1",  # `u1 OK listed`, alone
         b"u2",
         b"u3",
+        b"Q",  # the LOGOUT's answer after its BYE
     ], fast[2]

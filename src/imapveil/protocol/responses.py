@@ -29,12 +29,14 @@ _GREETINGS = (b"* OK", b"* PREAUTH", b"* BYE")
 UNAVAILABLE = b"* BYE [UNAVAILABLE] Mail server is not reachable\r\n"
 _PASSIVE = (
     rb"(?:[0-9]|(?:SEARCH|ESEARCH|FLAGS|LIST|LSUB|STATUS|ENABLED|SORT|THREAD)(?=[ \r\n])"
-    rb"|(?:OK|NO|BAD) (?!\[(?i:CAPABILITY)(?!" + lexer.ATOM_CLASS + rb")))"
+    rb"|(?:OK|NO|BAD|BYE) (?!\[(?i:CAPABILITY)(?!" + lexer.ATOM_CLASS + rb")))"
 )
 """What an untagged line may start with (after `* `) for `simple`: message data, a kind of
-response `line` only checks for a literal at its end, or a status other than BYE and PREAUTH
-whose response code is not CAPABILITY (never a CAPABILITY or ID line). An `OK [CLOSED]` among
-them is `simple`'s to see (`_CLOSED`)."""
+response `line` only checks for a literal at its end, or a status other than PREAUTH whose
+response code is not CAPABILITY (never a CAPABILITY or ID line). An `OK [CLOSED]` or a `BYE`
+among them is `simple`'s to see (`_CLOSED`, `_BYE`)."""
+_BYE = re.compile(rb"(?m)^\* BYE ")
+"""An untagged BYE (Dovecot's before its answer to LOGOUT, every session): the server will close."""
 _CLOSED = re.compile(rb"(?m)^\* OK \[(?i:CLOSED)(?!" + lexer.ATOM_CLASS + rb")")
 """An untagged `OK [CLOSED]` (Dovecot's answer to every SELECT while a mailbox is selected), as
 `_untagged` reads it: the code a whole atom, in any case."""
@@ -132,8 +134,19 @@ class Responses:
             code = lexer.status_and_code(rest)[1]
             if code == "CAPABILITY":
                 return False
-        if last and line.find(b"* OK [", 0, last) >= 0 and _CLOSED.search(line, 0, last):
-            self.commands.mailbox_closed()  # before the answer, as the lines come
+        closed = bye = False
+        if last:
+            # What the untagged lines say, before the answer, as they come (both: one order
+            # or the other decides the mailbox left; the general path reads them in turn).
+            closed = line.find(b"* OK [", 0, last) >= 0 and bool(_CLOSED.search(line, 0, last))
+            bye = line.find(b"* BYE ", 0, last) >= 0 and bool(_BYE.search(line, 0, last))
+            if closed and bye:
+                return False
+        if closed:
+            self.commands.mailbox_closed()
+        elif bye:
+            self.bye_seen = True
+            self.commands.state = State.LOGOUT
         self.commands.answered(tag, lexer.STATUS_NAMES[m.group(3)], code)
         return True
 
