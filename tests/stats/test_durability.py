@@ -365,6 +365,28 @@ async def test_under_steady_load_rows_gather_into_few_transactions(
     assert writes <= seconds / sink_module.COALESCE + 3, writes
 
 
+async def test_a_full_batch_goes_at_once_however_long_the_writer_would_rest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows gather for COALESCE seconds before a write, unless a full batch is queued: then it
+    is written at once, so that a burst cannot fill the queue (and lose rows beyond its
+    capacity) while the writer rests (found attacking 03cc437, which rests after each write)."""
+    monkeypatch.setattr(sink_module, "COALESCE", 60.0)
+    url = f"sqlite:///{tmp_path / 'stats.sqlite'}"
+    sink = StoreSink(url, spool=tmp_path / "spool")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sink.run)
+        with trio.fail_after(WAIT):
+            await sink.ready.wait()
+        emit_session(sink, "first")  # the writer now rests, for a minute
+        await trio.sleep(0.05)
+        sessions = sink_module.BATCH // 4 + 1  # four rows each: a batch and more
+        for i in range(sessions):
+            emit_session(sink, f"s{i:04d}")
+        await until(lambda: query(url, "SELECT count(*) FROM sessions")[0][0] >= 100)
+        nursery.cancel_scope.cancel()
+
+
 def test_a_session_rows_digest_never_changes() -> None:
     """A row's digest is stored with it and compared with a replay's, also one a later version
     spooled: the same row must give the same digest in every version (these were computed with

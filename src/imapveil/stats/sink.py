@@ -164,6 +164,7 @@ class StoreSink:
         self._seq = itertools.count(1)
         self._queue: deque[Item] = deque()
         self._wake = trio.Event()
+        self._full = trio.Event()  # a full batch is queued: no more gathering
         self._stepped = trio.Event()
         self.connected = False
         self.ready = trio.Event()
@@ -230,6 +231,8 @@ class StoreSink:
             return
         self._queue.append((kind, row))
         self._wake.set()
+        if len(self._queue) >= BATCH:
+            self._full.set()
 
     def _id(self, r: IdExchange) -> None:
         state = self._open.get(r.session)
@@ -316,11 +319,17 @@ class StoreSink:
         self._stepped = trio.Event()
 
     async def _rest(self, seconds: float) -> None:
-        """Wait for rows (or `seconds`), then let rows gather: one write for many sessions."""
+        """Wait for rows (or `seconds`), then let rows gather: one write for many sessions.
+        A full batch queued ends both at once: a burst must not fill the queue (rows beyond
+        `capacity` are dropped) while the writer rests."""
         self._wake = trio.Event()
+        self._full = trio.Event()
+        if len(self._queue) >= BATCH:
+            return
         with trio.move_on_after(seconds):
             await self._wake.wait()
-            await trio.sleep(COALESCE)
+            with trio.move_on_after(COALESCE):
+                await self._full.wait()
 
     async def flush(self) -> None:
         """Return once everything emitted so far is stored (waits for the store to be back)."""
