@@ -115,6 +115,48 @@ def reselect_checked(out: Outcome) -> None:
     assert out.end.bytes_from_server == fed_from_server(out)
 
 
+def qresync(c: Typist) -> None:
+    """With QRESYNC enabled: SELECT and EXAMINE with parameters, missing or refused, while a
+    mailbox is selected (Dovecot's CLOSED, then its answer)."""
+    c.sign_in()
+    for tag, command, status in [
+        (b"e1", b"ENABLE QRESYNC", b"OK"),
+        (b"s1", b"SELECT INBOX", b"OK"),
+        (b"s2", b"SELECT T (QRESYNC (1 1))", b"OK"),
+        (b"s3", b"EXAMINE Missing (CONDSTORE)", b"NO"),
+        (b"n1", b"NOOP", b"OK"),
+        (b"s4", b"EXAMINE T (CONDSTORE)", b"OK"),
+        (b"s5", b"EXAMINE INBOX (FOO)", b"BAD"),
+        (b"n2", b"NOOP", b"OK"),
+        (b"s6", b"select inbox", b"OK"),
+        (b"s7", b"Select Missing", b"NO"),
+        (b"n3", b"NOOP", b"OK"),
+    ]:
+        assert c.ask(tag, command).startswith(tag + b" " + status), c.transcript[-800:]
+
+
+def qresync_checked(out: Outcome) -> None:
+    a, s = "authenticated", "selected"
+    assert states(out)[2:] == [
+        ("s1", a, "OK"),
+        ("s2", s, "OK"),
+        ("s3", s, "NO"),
+        ("n1", a, "OK"),
+        ("s4", a, "OK"),
+        ("s5", s, "BAD"),
+        ("n2", a, "OK"),
+        ("s6", a, "OK"),
+        ("s7", s, "NO"),
+        ("n3", a, "OK"),
+        ("Q", a, "OK"),
+    ]
+    closed = [d.split(b"\r\n")[-2][:3] for d in taken_answers(out) if b"[CLOSED]" in d]
+    assert closed == [b"s2 ", b"s3 ", b"s5 ", b"s7 "], taken_answers(out)
+    assert out.transcript.count(b"* OK [CLOSED]") == 4
+    assert out.end.reason == "logout"
+    assert out.end.bytes_from_server == fed_from_server(out)
+
+
 def pipelined(c: Typist) -> None:
     """The same, all in one receive, LOGOUT and a NOOP after it included: Dovecot answers
     what it reads, in chunks of its own, and closes after the LOGOUT."""
@@ -167,6 +209,7 @@ def logged_out(state: str) -> Callable[[Outcome], None]:
 
 CASES: dict[str, tuple[Callable[[Typist], None], Callable[[Outcome], None]]] = {
     "reselect": (reselect, reselect_checked),
+    "qresync": (qresync, qresync_checked),
     "pipelined": (pipelined, pipelined_checked),
     "logout-unauthenticated": (logout_unauthenticated, logged_out("not_authenticated")),
     "logout-authenticated": (logout_authenticated, logged_out("authenticated")),
