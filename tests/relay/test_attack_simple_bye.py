@@ -13,6 +13,7 @@ CAPABILITY, with CLOSED before or after it), the client going on after the BYE, 
 
 from __future__ import annotations
 
+import socket
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -207,10 +208,31 @@ def logged_out(state: str) -> Callable[[Outcome], None]:
     return check
 
 
+def half_closed_logout(c: Typist) -> None:
+    """LOGOUT while selected, pipelined after a re-SELECT, then the client's EOF (`nc -N`):
+    Dovecot's CLOSED chunk, then its BYE and answer, reach the client; the end is `logout`."""
+    c.sign_in()
+    assert c.ask(b"s", b"SELECT INBOX").startswith(b"s OK")
+    c.alone(b"t SELECT T\r\n")
+    assert c.until(b"t").startswith(b"t OK"), c.transcript[-800:]
+    c.alone(b"Q LOGOUT\r\n")
+    c.sock.shutdown(socket.SHUT_WR)
+    c.rest()
+
+
+def half_closed_checked(out: Outcome) -> None:
+    assert states(out)[-2:] == [("t", "selected", "OK"), ("Q", "selected", "OK")]
+    assert normal(taken_answers(out)[-1]) == b"* BYE Logging out\r\nQ OK Logout completed.\r\n"
+    assert out.end.reason == "logout"
+    assert out.end.bytes_from_client == out.sent
+    assert out.end.bytes_from_server == fed_from_server(out)
+
+
 CASES: dict[str, tuple[Callable[[Typist], None], Callable[[Outcome], None]]] = {
     "reselect": (reselect, reselect_checked),
     "qresync": (qresync, qresync_checked),
     "pipelined": (pipelined, pipelined_checked),
+    "half-closed-logout": (half_closed_logout, half_closed_checked),
     "logout-unauthenticated": (logout_unauthenticated, logged_out("not_authenticated")),
     "logout-authenticated": (logout_authenticated, logged_out("authenticated")),
     "logout-selected": (logout_selected, logged_out("selected")),
