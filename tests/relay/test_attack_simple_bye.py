@@ -6,7 +6,8 @@ the same.
 
 Against Dovecot: SELECT after SELECT, EXAMINE after SELECT, a SELECT of a missing mailbox and
 one with arguments Dovecot refuses after reading the name (both after `* OK [CLOSED]`), UNSELECT
-and CLOSE then SELECT, LOGOUT in every state, and all of it pipelined in one receive. Against a
+and CLOSE then SELECT, the same with QRESYNC enabled and parameters, LOGOUT in every state and
+after the client's EOF, all of it pipelined in one receive, and `doveadm kick`. Against a
 scripted server: BYEs Dovecot will not send on demand (before a NOOP's answer, with ALERT, with
 CAPABILITY, with CLOSED before or after it), the client going on after the BYE, and the close.
 """
