@@ -106,9 +106,9 @@ class Responses:
     def simple(self, line: bytes) -> bool:
         """`line` (the whole of a chunk, between responses, after the greeting) is a tagged
         answer to a command of the client's (with no CAPABILITY response code), after untagged
-        lines nothing is read of (`_PASSIVE`, no literal at their end): taken, as the framer
-        and `line` would take them when they show the lines as they came, and True; False:
-        nothing done.
+        lines of which only a BYE or an `OK [CLOSED]` is read (`_PASSIVE`, no literal at their
+        end): taken, as the framer and `line` would take them when they show the lines as they
+        came, and True; False: nothing done.
 
         The common case in one match instead of the tag, status and code readers (compared
         with `line` in tests/protocol/test_simple.py)."""
