@@ -81,7 +81,8 @@ async def test_capability_codes_in_odd_forms_are_shown_as_the_general_path_shows
     """Lower case, `[CAPABILITYX`, empty, on NO and BAD, after message data and pipelined,
     split across receives, after an untagged one, with a tab, two spaces, no `]`: the client
     sees the same with the one-match paths and without, the records are the same, and a code
-    that is CAPABILITY (any case, then a space) is mediated wherever it is."""
+    that is CAPABILITY (any case, whatever follows it, closed or not) is mediated wherever it
+    is."""
     fed = Fed(monkeypatch)
     outcomes = []
     for simple in (True, False):
@@ -110,6 +111,12 @@ async def test_capability_codes_in_odd_forms_are_shown_as_the_general_path_shows
     assert b"d BAD [Capability " + MEDIATED + b"] on a BAD" in shown
     assert b"f OK [CAPABILITY " + MEDIATED + b"] pipelined" in shown
     assert b"g OK [CAPABILITY " + MEDIATED + b"] split" in shown
+    assert b"h OK [CAPABILITY " + MEDIATED + b"] two" in shown
+    # A tab for a space, no `]`: a lenient client may read the list all the same, so it is
+    # mediated (written with spaces, and closed).
+    assert b"i OK [CAPABILITY " + MEDIATED + b"] a tab" in shown
+    assert b"k OK [CAPABILITY " + MEDIATED + b"]" in shown
+    assert b"j OK  [CAPABILITY " + CAPS + b"] two spaces before" in shown  # text, not a code
     assert b"a OK [CAPABILITYX " + CAPS + b"] not the code" in shown
     assert b"CLIENTID" not in fast[0].split(b"a OK")[0]  # before the CAPABILITYX line
     assert fast[2] == [

@@ -143,16 +143,24 @@ class ClientLeg:
         return body[:after] + b" " + mediated + b"\r\n"
 
     def capability_code(self, body: bytes, authenticated: bool) -> bytes | None:
-        """A status line with `[CAPABILITY ...]` (greeting, tagged OK) as the client is shown
-        it, or None: as it came."""
-        start = body.upper().find(b"[CAPABILITY ")
-        end = body.find(b"]", start)
-        if start < 0 or end < 0:
-            return None
-        mediated = capabilities.rewrite(body[start + 12 : end], self._leg_state(authenticated))
+        """A status line whose response code is CAPABILITY (`* OK [CAPABILITY ...] text`,
+        `tag OK [...]`: the code right after the status, as `lexer.status_and_code` found it)
+        as the client is shown it, or None: as it came.
+
+        Whatever separates the names (a tab, two spaces) and even without its `]`, the code is
+        mediated: a lenient client may read the list all the same. The mediated list is written
+        with single spaces, and closed."""
+        start = body.find(b" ", body.find(b" ") + 1) + 1  # after the tag (or `*`) and status
+        names = start + len(b"[CAPABILITY")
+        if body[start : start + 1] != b"[" or body[start + 1 : names].upper() != b"CAPABILITY":
+            return None  # not a code where status_and_code reads one (callers check first)
+        end = body.find(b"]", names)
+        if end < 0:
+            end = len(body)
+        mediated = capabilities.rewrite(body[names:end], self._leg_state(authenticated))
         if mediated is None:
             return None
-        return body[: start + 12] + mediated + body[end:] + b"\r\n"
+        return body[:names] + b" " + mediated + b"]" + body[end + 1 :] + b"\r\n"
 
 
 class UpstreamTlsError(Exception):
