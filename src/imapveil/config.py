@@ -179,7 +179,8 @@ class Settings:
     )  # fmt: skip
     login_timeout: float = setting(
         60.0, _positive("expected a number of seconds", "login_timeout"),
-        "seconds without traffic before login, then `* BYE`",
+        "seconds without traffic before login (and after a BYE or LOGOUT, while the server "
+        "closes), then `* BYE`",
         metavar=SECONDS,
     )  # fmt: skip
     login_deadline: float = setting(

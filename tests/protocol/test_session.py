@@ -422,6 +422,21 @@ def test_no_login_deadline_after_login(split: Splitter) -> None:
     assert conv.core.deadline(conv.clock) == conv.clock + 1800.0
 
 
+def test_after_a_bye_the_session_waits_no_longer_than_before_login(split: Splitter) -> None:
+    """A BYE moves the state to logout: the server is about to close. If it does not, the
+    session waits no longer than before login (`idle_timeout_login`), not the half hour of a
+    logged-in session: whether the BYE came before login (in place of a LOGIN's answer) or
+    after (a LOGOUT answered). Found attacking the one-match BYE (attack8)."""
+    before = talk(split, idle_timeout_login=60.0, idle_timeout=1800.0)
+    before.server(b"* BYE going away\r\n")
+    assert before.core.deadline(before.clock) == before.clock + 60.0
+    after = talk(split, idle_timeout_login=60.0, idle_timeout=1800.0)
+    after.client(b"a LOGIN alice x\r\n").server(b"a OK\r\n")
+    assert after.core.deadline(after.clock) == after.clock + 1800.0
+    after.client(b"b LOGOUT\r\n").server(b"* BYE bye\r\nb OK\r\n")
+    assert after.core.deadline(after.clock) == after.clock + 60.0
+
+
 def test_a_password_sent_after_a_refused_login_is_never_read(split: Splitter) -> None:
     # The LOGIN is refused (an 8-bit atom) before its synchronizing literal: a client that sends
     # the password anyway must not have it read as a command (its first word a record's tag).

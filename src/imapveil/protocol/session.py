@@ -152,12 +152,13 @@ class SessionCore:
     @property
     def idle_timeout(self) -> float:
         """Seconds without traffic before `timed_out`: short while the proxy waits for the
-        server's greeting or for its `+` to a literal, long once the client is logged in."""
+        server's greeting or for its `+` to a literal, long once the client is logged in, and
+        short again after a BYE or a LOGOUT (the logout state: the server is about to close)."""
         if self._commands.gate is Gate.GREETING:
             return self.config.greeting_timeout
         timeout = (
             self.config.idle_timeout_login
-            if self.state is State.NOT_AUTHENTICATED
+            if self.state is State.NOT_AUTHENTICATED or self.state is State.LOGOUT
             else self.config.idle_timeout
         )
         if self._commands.gate is Gate.LITERAL:
