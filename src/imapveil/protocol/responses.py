@@ -132,8 +132,6 @@ class Responses:
             if rest[at + 2 : at + 12].upper() == b"CAPABILITY":
                 return False
             code = lexer.status_and_code(rest)[1]
-            if code == "CAPABILITY":
-                return False
         closed = bye = False
         if last:
             # What the untagged lines say, before the answer, as they come (both: one order
@@ -145,8 +143,7 @@ class Responses:
         if closed:
             self.commands.mailbox_closed()
         elif bye:
-            self.bye_seen = True
-            self.commands.state = State.LOGOUT
+            self._bye()
         self.commands.answered(tag, lexer.STATUS_NAMES[m.group(3)], code)
         return True
 
@@ -186,6 +183,11 @@ class Responses:
     def _authenticated(self) -> bool:
         return self.commands.state is not State.NOT_AUTHENTICATED
 
+    def _bye(self) -> None:
+        """An untagged BYE: the server is about to close (`line` and `simple` alike)."""
+        self.bye_seen = True
+        self.commands.state = State.LOGOUT
+
     def _untagged(self, line: bytes) -> bytes | None:
         body = lexer.strip_eol(line)
         word, after = lexer.read_atom(body, 2, 16)
@@ -200,8 +202,7 @@ class Responses:
             elif code == "CLOSED" and kind == b"OK":
                 self.commands.mailbox_closed()
             if kind == b"BYE":
-                self.bye_seen = True
-                self.commands.state = State.LOGOUT
+                self._bye()
             elif kind == b"PREAUTH" and not self.greeted:
                 self.commands.state = State.AUTHENTICATED
             return shown
