@@ -19,7 +19,7 @@ import pytest
 
 from imapveil.protocol.proxy_header import build_v2
 from tests.helpers.dovecot import Dovecot
-from tests.helpers.process import imapveil
+from tests.helpers.process import imapveil, socket_activated
 
 pytestmark = pytest.mark.dovecot
 REPO = Path(__file__).resolve().parents[1]
@@ -72,16 +72,7 @@ def test_socket_activation(dovecot: Dovecot, tmp_path: Path) -> None:
         port = listening.getsockname()[1]
         fd = listening.fileno()
         # What systemd does: the socket as fd 3, and LISTEN_PID set to the service's own pid.
-        wrap = [
-            sys.executable,
-            "-c",
-            "import os, sys\n"
-            f"os.dup2({fd}, 3)\nos.close({fd})\n"
-            "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1',"
-            " LISTEN_FDNAMES='imap')\n"
-            "os.execv(sys.argv[1], sys.argv[1:])",
-        ]
-        with imapveil(tmp_path, dovecot.address, wrap=wrap, pass_fds=[fd]) as proxy:
+        with imapveil(tmp_path, dovecot.address, wrap=socket_activated(fd), pass_fds=[fd]) as proxy:
             listening.close()  # only the proxy holds it now
             assert b"using the imap socket handed over by systemd" in proxy.early_stderr
             m = imaplib.IMAP4("127.0.0.1", port)

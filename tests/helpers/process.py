@@ -56,6 +56,21 @@ def wait_until_listening(process: subprocess.Popen[bytes]) -> bytes:
     return stderr_until(process, b"listening on")
 
 
+def socket_activated(fd: int) -> list[str]:
+    """A `wrap` for `imapveil` that does what systemd does for a socket-activated service: the
+    listening socket `fd` (pass it in `pass_fds`) as descriptor 3, LISTEN_PID the service's own
+    pid, LISTEN_FDS and LISTEN_FDNAMES saying what it is."""
+    return [
+        sys.executable,
+        "-c",
+        "import os, sys\n"
+        f"os.dup2({fd}, 3)\nos.close({fd})\n"
+        "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1',"
+        " LISTEN_FDNAMES='imap')\n"
+        "os.execv(sys.argv[1], sys.argv[1:])",
+    ]
+
+
 @contextmanager
 def imapveil(
     tmp_path: Path,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import socket
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +27,7 @@ from imapveil.service import PolicyHolder, admittance, load_all
 from tests.conftest import RecordingSink, TlsMaterial
 from tests.helpers.attack import own_dovecot
 from tests.helpers.dovecot import Dovecot
-from tests.helpers.process import imapveil
+from tests.helpers.process import imapveil, socket_activated
 
 pytestmark = pytest.mark.dovecot
 
@@ -115,16 +114,7 @@ def test_the_connection_that_activates_a_socket_activated_service_gets_keepalive
         address = listening.getsockname()[:2]
         first = socket.create_connection(address, timeout=10)  # before the service runs
         fd = listening.fileno()
-        wrap = [
-            sys.executable,
-            "-c",
-            "import os, sys\n"
-            f"os.dup2({fd}, 3)\nos.close({fd})\n"
-            "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1',"
-            " LISTEN_FDNAMES='imap')\n"
-            "os.execv(sys.argv[1], sys.argv[1:])",
-        ]
-        with imapveil(tmp_path, target.address, wrap=wrap, pass_fds=[fd]) as proxy:
+        with imapveil(tmp_path, target.address, wrap=socket_activated(fd), pass_fds=[fd]) as proxy:
             listening.close()
             with first, socket.create_connection(address, timeout=10) as later:
                 timers = []
