@@ -561,6 +561,23 @@ def test_the_one_match_command_stays_linear() -> None:
         assert time.perf_counter() - started < 0.5
 
 
+def noop_answered_in_inbox(kind: type[SessionCore], untagged: bytes) -> SessionCore:
+    """A core of `kind` logged in, INBOX selected, then a NOOP answered after `untagged`
+    lines, all in one chunk."""
+    core = kind(CoreConfig(), session_id="s", client="c", upstream="u", now=0.0)
+    for side, chunk in [
+        ("s", GREETING),
+        ("c", b"l LOGIN u p\r\n"),
+        ("s", b"l OK done\r\n"),
+        ("c", b"s SELECT INBOX\r\n"),
+        ("s", b"s OK [READ-WRITE] done\r\n"),
+        ("c", b"n NOOP\r\n"),
+        ("s", untagged + b"n OK done\r\n"),
+    ]:
+        (core.feed_client if side == "c" else core.feed_server)(chunk, 1.0)
+    return core
+
+
 @pytest.mark.parametrize(
     ("line", "closed"),
     [
@@ -579,17 +596,7 @@ def test_closed_is_read_alike_in_any_case_and_only_as_an_ok_code(
     """The one-match answer sees an untagged `OK [CLOSED]` (Dovecot's, before every SELECT's
     answer while a mailbox is selected) as the general path reads it: a whole code atom, in any
     case, on OK only, before the tagged answer, which here answers a NOOP."""
-    core = kind(CoreConfig(), session_id="s", client="c", upstream="u", now=0.0)
-    for side, chunk in [
-        ("s", GREETING),
-        ("c", b"l LOGIN u p\r\n"),
-        ("s", b"l OK done\r\n"),
-        ("c", b"s SELECT INBOX\r\n"),
-        ("s", b"s OK [READ-WRITE] done\r\n"),
-        ("c", b"n NOOP\r\n"),
-        ("s", line + b"n OK done\r\n"),
-    ]:
-        (core.feed_client if side == "c" else core.feed_server)(chunk, 1.0)
+    core = noop_answered_in_inbox(kind, line)
     selected = (State.SELECTED, b"INBOX")
     assert (core.state, core.mailbox) == ((State.AUTHENTICATED, None) if closed else selected)
 
@@ -612,15 +619,5 @@ def test_bye_and_closed_are_read_in_the_order_they_come(
     the server will close; a CLOSED after it finds no mailbox selected any more and leaves the
     name as it was, one before it clears it: read in turn, whichever path reads the chunk. A
     `* BYE ` inside another line is no BYE."""
-    core = kind(CoreConfig(), session_id="s", client="c", upstream="u", now=0.0)
-    for side, chunk in [
-        ("s", GREETING),
-        ("c", b"l LOGIN u p\r\n"),
-        ("s", b"l OK done\r\n"),
-        ("c", b"s SELECT INBOX\r\n"),
-        ("s", b"s OK [READ-WRITE] done\r\n"),
-        ("c", b"n NOOP\r\n"),
-        ("s", lines + b"n OK done\r\n"),
-    ]:
-        (core.feed_client if side == "c" else core.feed_server)(chunk, 1.0)
+    core = noop_answered_in_inbox(kind, lines)
     assert (core.state, core.mailbox, core._responses.bye_seen) == expected
