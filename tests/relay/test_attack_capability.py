@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import trio
 
-from imapveil.protocol.session import SessionCore
 from imapveil.records import CommandCompleted
 from tests.helpers.attack import veil
 from tests.helpers.scripted import Peer, serve
@@ -85,9 +84,7 @@ async def test_capability_codes_in_odd_forms_are_shown_as_the_general_path_shows
     is."""
     fed = Fed(monkeypatch)
     outcomes = []
-    for simple in (True, False):
-        monkeypatch.setattr(SessionCore, "SIMPLE", simple)
-        fed.reset()
+    for _ in fed.each_way():
         server = CapabilityCodes(fed)
         async with (
             serve(server.script, server.sent) as address,

@@ -70,6 +70,7 @@ class Fed:
     ("c" or "s", octets). Installed for one test; one session at a time goes through it."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self._monkeypatch = monkeypatch
         self.chunks: list[tuple[str, bytes]] = []
         self.taken: list[tuple[str, bytes]] = []
         self.cores: list[SessionCore] = []
@@ -106,6 +107,14 @@ class Fed:
         monkeypatch.setattr(SessionCore, "feed_server", fed_server)
         monkeypatch.setattr(Commands, "simple", took_command)
         monkeypatch.setattr(Responses, "simple", took_answer)
+
+    def each_way(self) -> Iterator[bool]:
+        """For a case run twice: with the one-match paths (True), then without
+        (`SessionCore.SIMPLE`), what was fed forgotten before each run."""
+        for simple in (True, False):
+            self._monkeypatch.setattr(SessionCore, "SIMPLE", simple)
+            self.reset()
+            yield simple
 
     def reset(self) -> None:
         with self._changed:
@@ -176,6 +185,12 @@ class Typist(Client):
         self.ahead(data)
         if self.fed is not None:
             self.fed.wait("c", self.sent)
+
+    def through(self, suffix: bytes) -> None:
+        """Read lines until what was received ends with `suffix` (an answer without a tag of
+        the client's own, or one of several with the same tag)."""
+        while not self.transcript.endswith(suffix):
+            assert self.line(), self.transcript
 
     def ask(self, tag: bytes, command: bytes) -> bytes:
         """`tag command`, alone; its tagged answer."""
@@ -304,6 +319,17 @@ async def both_ways(
     assert fast.records == general.records
     assert fast.sent == general.sent
     return fast
+
+
+def states(out: Outcome, tags: str | None = None) -> list[tuple[str, str, str | None]]:
+    """(tag, state the command was sent in, status) of the command records, in order: all of
+    them, or those whose tag is one of `tags` (space-separated)."""
+    wanted = None if tags is None else tags.split()
+    return [
+        (r["tag"], r["state"], r["status"])
+        for r in out.records
+        if r["event"] == "command" and (wanted is None or r["tag"] in wanted)
+    ]
 
 
 def answered(out: Outcome, tag: str) -> list[str | None]:
@@ -795,21 +821,16 @@ class Misbehaving(Scripted):
 
 def against_misbehaving(address: tuple[str, int], fed: Fed) -> tuple[bytes, int]:
     with Typist(address, fed) as c:
-
-        def through(suffix: bytes) -> None:
-            while not c.transcript.endswith(suffix):
-                assert c.line(), c.transcript
-
         c.greeting()
         c.alone(b"L LOGIN x y\r\n")
-        through(b"L OK in\r\n")
+        c.through(b"L OK in\r\n")
         c.alone(b"f FETCH 1:2 BODY[]\r\n")
-        through(b"f OK done\n")
+        c.through(b"f OK done\n")
         c.alone(b"t NOOP\r\n")
         c.alone(b"t NOOP\r\n")
-        through(b"t NO two\r\n")
+        c.through(b"t NO two\r\n")
         c.alone(b"a APPEND X {3+}\r\nabc\r\nz NOOP\r\n")
-        through(b"z OK\r\n")
+        c.through(b"z OK\r\n")
         c.alone(b"Q LOGOUT\r\n")
         return c.rest(), c.sent
 
@@ -819,9 +840,7 @@ async def test_answers_from_a_misbehaving_server(
 ) -> None:
     fed = Fed(monkeypatch)
     outcomes = []
-    for simple in (True, False):
-        monkeypatch.setattr(SessionCore, "SIMPLE", simple)
-        fed.reset()
+    for _ in fed.each_way():
         server = Misbehaving(fed)
         async with (
             serve(server.script, server.sent) as address,

@@ -22,7 +22,6 @@ from pathlib import Path
 import pytest
 import trio
 
-from imapveil.protocol.session import SessionCore
 from imapveil.records import CommandCompleted
 from tests.helpers.attack import veil
 from tests.helpers.dovecot import Dovecot
@@ -36,16 +35,12 @@ from tests.relay.test_attack_simple import (
     comparable,
     normal,
     run,
+    states,
     target,
 )
 
 pytestmark = pytest.mark.dovecot
 __all__ = ["target"]  # the module's Dovecot, a fixture
-
-
-def states(out: Outcome) -> list[tuple[str, str, str | None]]:
-    """(tag, state it began in, status) of every command record."""
-    return [(r["tag"], r["state"], r["status"]) for r in out.records if r["event"] == "command"]
 
 
 def fed_from_server(out: Outcome) -> int:
@@ -316,9 +311,7 @@ async def test_the_client_goes_on_after_a_bye(
     lines, taken, reason = LEAVING[name]
     fed = Fed(monkeypatch)
     outcomes = []
-    for simple in (True, False):
-        monkeypatch.setattr(SessionCore, "SIMPLE", simple)
-        fed.reset()
+    for simple in fed.each_way():
         server = Leaving(fed, lines)
         async with serve(server.script, server.sent) as address, veil(address, tmp_path) as v:
             transcript, sent = await run(against_leaving, v.address, fed)

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import trio
 
-from imapveil.protocol.session import SessionCore
 from imapveil.records import CommandCompleted, Violation
 from tests.helpers.attack import veil
 from tests.helpers.dovecot import Dovecot
@@ -29,21 +28,13 @@ from tests.relay.test_attack_simple import (
     comparable,
     never_ran,
     run,
+    states,
     stored,
     target,
 )
 
 pytestmark = pytest.mark.dovecot
 __all__ = ["target"]  # the module's Dovecot, a fixture
-
-
-def states(out: Outcome, tags: str) -> list[tuple[str, str, str | None]]:
-    """(tag, state the command was sent in, status) of the records whose tag is in `tags`."""
-    return [
-        (r["tag"], r["state"], r["status"])
-        for r in out.records
-        if r["event"] == "command" and r["tag"] in tags.split()
-    ]
 
 
 def taken(out: Outcome, side: str = "c") -> list[bytes]:
@@ -321,40 +312,35 @@ FETCHES: list[tuple[bytes, tuple[bytes, ...]]] = [
 
 def against_idler(address: tuple[str, int], fed: Fed) -> tuple[bytes, int]:
     with Typist(address, fed) as c:
-
-        def through(suffix: bytes) -> None:
-            while not c.transcript.endswith(suffix):
-                assert c.line(), c.transcript
-
         c.greeting()
         c.alone(b"L LOGIN x y\r\n")
-        through(b"L OK in\r\n")
+        c.through(b"L OK in\r\n")
         c.alone(b"i1 IDLE\r\nDONE\r\n")
-        through(b"i1 OK idled\r\n")
+        c.through(b"i1 OK idled\r\n")
         c.alone(b"i2 IDLE\r\n")
-        through(b"i2 NO [LIMIT] no idling\r\n")
+        c.through(b"i2 NO [LIMIT] no idling\r\n")
         c.alone(b"n NOOP\r\n")
-        through(b"n OK\r\n")
+        c.through(b"n OK\r\n")
         c.alone(b"i3 IDLE\r\n")
         c.ahead(b"DONE\r\n")
-        through(b"DONE BAD [CLIENTBUG] Command not understood by the proxy\r\n")
+        c.through(b"DONE BAD [CLIENTBUG] Command not understood by the proxy\r\n")
         c.alone(b"m NOOP\r\n")
-        through(b"m OK\r\n")
+        c.through(b"m OK\r\n")
         c.alone(b"i4 idle\r\n")
-        through(b"+ idling\r\n")
+        c.through(b"+ idling\r\n")
         c.alone(b"DO")
         c.alone(b"NE\r\n")
-        through(b"i4 OK\r\n")
+        c.through(b"i4 OK\r\n")
         c.alone(b"s SELECT A\r\n")
         c.alone(b"t SELECT B\r\n")
-        through(b"s NO [NONEXISTENT] A\r\n")
+        c.through(b"s NO [NONEXISTENT] A\r\n")
         c.alone(b"u EXAMINE C\r\n")
-        through(b"u OK [READ-ONLY] C\r\n")
+        c.through(b"u OK [READ-ONLY] C\r\n")
         for tag, pieces in FETCHES:
             c.alone(tag + b" FETCH 1 BODY[]\r\n")
-            through(pieces[-1])
+            c.through(pieces[-1])
         c.alone(b"i5 IDLE\r\n")
-        through(b"+ idling\r\n")
+        c.through(b"+ idling\r\n")
         c.alone(b"x NOOP\r\n")
         return c.rest(), c.sent
 
@@ -368,9 +354,7 @@ async def test_idle_and_odd_answers_from_a_scripted_server(
         b"DONE BAD [CLIENTBUG] Command not understood by the proxy\r\n",
         b"* BYE Expected DONE to end IDLE\r\n",
     )
-    for simple in (True, False):
-        monkeypatch.setattr(SessionCore, "SIMPLE", simple)
-        fed.reset()
+    for _ in fed.each_way():
         server = Idler(fed)
         async with serve(server.script, server.sent) as address, veil(address, tmp_path) as v:
             transcript, sent = await run(against_idler, v.address, fed)
