@@ -39,7 +39,7 @@ from imapveil.relay.connection import RelaySettings
 from imapveil.relay.limits import Limits
 from imapveil.relay.server import Admittance, Proxy, listener_address, open_listeners
 from imapveil.relay.streams import Networks, resolve
-from imapveil.sinks import Fanout, Sink
+from imapveil.sinks import Fanout, Sink, TimedSink
 from imapveil.sinks.jsonl import JsonLinesSink
 from imapveil.stats.metrics import Metrics, serve_metrics
 from imapveil.stats.sink import StoreSink
@@ -181,13 +181,15 @@ class Service:
             if url
             else None
         )
-        sinks: list[Sink] = [self.sink, self.metrics]
+        sinks: list[TimedSink] = [self.sink, self.metrics]
         if self.store is not None:
             sinks.append(self.store)
+        self.fanout = Fanout(*sinks)
+        self.metrics.refresh = self.fanout.deliver  # a scrape sees every record made before it
         self.notifier = Notifier()
         self.proxy = Proxy(
             admittance(loaded, self.holder),
-            Fanout(*sinks),
+            self.fanout,
             shutdown_grace=loaded.settings.shutdown_grace,
         )
         stats = self.proxy.stats
@@ -229,6 +231,7 @@ class Service:
         async with trio.open_nursery() as events:
             events.start_soon(self.sink.run)
             async with trio.open_nursery() as nursery, trio.open_nursery() as writers:
+                nursery.start_soon(self.fanout.run)
                 if self.store is not None:
                     writers.start_soon(self.store.run)
                     nursery.start_soon(self._report_store_drops, self.store)
@@ -251,6 +254,7 @@ class Service:
                 self.notifier.ready(f"relaying {where} to {upstream}")
                 await self.proxy.serve(listeners, tls_listeners=tls_listeners)
                 log.info("stopped after %d sessions", self.proxy.stats.accepted)
+                self.fanout.deliver()  # every session's records, before the writers finish
                 nursery.cancel_scope.cancel()
                 # The store's writer first: it drains its queue to the store or the spool.
                 writers.cancel_scope.cancel()

@@ -2,13 +2,33 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Protocol
 
+import trio
+from trio.testing import wait_all_tasks_blocked
+
 from imapveil.records import Record
+
+log = logging.getLogger(__name__)
+
+DELIVER_WITHIN = 0.1
+"""Seconds a record waits at most in `Fanout` before its sinks get it."""
+PENDING_MAX = 1000
+"""Records `Fanout` holds at most: the next one delivers them all at once."""
+FAILURE_LOG_INTERVAL = 60.0
+"""Seconds between two logged failures of one sink."""
 
 
 class Sink(Protocol):
     def emit(self, record: Record) -> None: ...
+
+
+class TimedSink(Protocol):
+    """A sink that can be told when a record was made (it may get it later)."""
+
+    def emit(self, record: Record, when: float | None = None) -> None: ...
 
 
 class MemorySink:
@@ -22,11 +42,70 @@ class MemorySink:
 
 
 class Fanout:
-    """Every record to every sink, in order."""
+    """Every record to every sink, in order, in batches.
 
-    def __init__(self, *sinks: Sink) -> None:
+    `emit` only keeps the record with the time it came; `deliver` hands what is kept to each
+    sink in turn, with that time. `run` delivers when the event loop has nothing else to run
+    (every task waits), and at the latest `DELIVER_WITHIN` seconds after the first record kept;
+    `PENDING_MAX` records kept are delivered at once. Batches, because each record handed over
+    as it comes runs the sinks' code with cold caches: between two records of a session the
+    proxy runs everything else (the other sessions, the kernel, the server on the same cores),
+    and the sinks cost about three times what they cost one record after another (a
+    LOGIN/LOGOUT session's five records: about 60 us as they came, 20 in a batch).
+
+    A sink that raises loses that record, nothing more; the failure is logged (at most once a
+    `FAILURE_LOG_INTERVAL` for each sink).
+    """
+
+    def __init__(self, *sinks: TimedSink) -> None:
         self.sinks = sinks
+        self._pending: list[tuple[Record, float]] = []
+        self._wake = trio.Event()
+        self._failed_at: dict[int, float] = {}
+        self.failures = 0
+        """Records some sink could not take."""
 
     def emit(self, record: Record) -> None:
-        for sink in self.sinks:
-            sink.emit(record)
+        pending = self._pending
+        pending.append((record, time.time()))
+        if len(pending) == 1:
+            self._wake.set()
+        elif len(pending) >= PENDING_MAX:
+            self.deliver()
+
+    def deliver(self) -> None:
+        """Every record kept, to every sink, now."""
+        pending = self._pending
+        if not pending:
+            return
+        self._pending = []
+        sinks = self.sinks
+        for record, when in pending:
+            for sink in sinks:
+                try:
+                    sink.emit(record, when)
+                except Exception:
+                    self._failed(sink, record)
+
+    def _failed(self, sink: TimedSink, record: Record) -> None:
+        self.failures += 1
+        now = time.monotonic()
+        last = self._failed_at.get(id(sink))
+        if last is None or now - last >= FAILURE_LOG_INTERVAL:
+            self._failed_at[id(sink)] = now
+            log.exception(
+                "%s could not take a %s record (it is lost to that sink; %d so far)",
+                type(sink).__name__, record.event, self.failures,
+            )  # fmt: skip
+
+    async def run(self) -> None:
+        """Deliver until cancelled, then deliver what is left."""
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake = trio.Event()
+                with trio.move_on_after(DELIVER_WITHIN):
+                    await wait_all_tasks_blocked()
+                self.deliver()
+        finally:
+            self.deliver()

@@ -1,12 +1,16 @@
 """The JSON-lines event log: one object per line, appended to a file or written to stdout.
 
-`emit` is called from the relay and must never block it: each record is encoded at once (a few
-microseconds, spread over the sessions' own turns) into a bounded queue of lines that a writer
-task joins and writes in large batches from a worker thread, which holds no interpreter lock
-while it writes (a slow disk slows the writer, not the sessions; and no encoding competes with
-the event loop for the lock in bursts). When the queue is full the record is dropped and
-counted; the count is written as a record of its own once there is room again, so a reader of
-the log knows something is missing.
+`emit` is called from the relay and must never block it: it only queues the record with the
+time it came (a bounded queue). A writer task, in the event loop, encodes what is queued in
+slices of `BATCH` records and writes each slice from a worker thread, which holds no interpreter
+lock while it writes (a slow disk slows the writer, not the sessions). Encoding many records in
+one go costs a quarter of encoding each as it comes: between two records of a session the
+proxy runs everything else (the other sessions, the kernel, Dovecot on the same cores), and each
+record would be encoded with cold caches. A slice is about a millisecond of the loop's time;
+the worker thread runs no Python while it writes, so nothing competes with the event loop for
+the interpreter lock. When the queue is full the record is dropped and counted; the count is
+written as a record of its own once there is room again, so a reader of the log knows something
+is missing. A record that cannot be encoded (a bug) is dropped, counted and logged the same way.
 
 The queue is shared fairly, so that one session's flood cannot cost another session its
 records: per-command and violation records ("bulk") may fill only three quarters of it, and one
@@ -23,7 +27,7 @@ import math
 import sys
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, Any
 
@@ -36,8 +40,8 @@ log = logging.getLogger(__name__)
 
 COALESCE = 0.05
 """Seconds the writer waits after a wake-up, so that one write carries many records."""
-BATCH = 5000
-"""Lines one write carries at most."""
+BATCH = 1000
+"""Records one write carries at most: encoding them holds the event loop for about 2 ms."""
 
 BULK = frozenset(("command", "violation"))
 """Record kinds a single session can produce without bound (one per command it sends)."""
@@ -156,7 +160,9 @@ class JsonLinesSink:
         self.capacity = capacity
         self.dropped = 0
         self._unreported_drops = 0
-        self._queue: deque[tuple[bytes, str | None]] = deque()  # (a line, its bulk session)
+        # (a record, when it came, its bulk session): encoded when written, see the module's text
+        self._queue: deque[tuple[Record | dict[str, Any], float, str | None]] = deque()
+        self._unencodable = 0  # records dropped because they could not be encoded (logged once)
         self._bulk = 0  # bulk records queued
         self._bulk_by_session: dict[str, int] = {}
         self._wake = trio.Event()
@@ -182,7 +188,8 @@ class JsonLinesSink:
             if old is not None and old is not sys.stdout.buffer:
                 old.close()
 
-    def emit(self, record: Record) -> None:
+    def emit(self, record: Record, when: float | None = None) -> None:
+        """`when`: the time the record was made (`time.time()`), if not now."""
         if record.event in PRIVATE:
             return
         session = _bulk_session(record)
@@ -198,12 +205,12 @@ class JsonLinesSink:
             self.dropped += 1
             self._unreported_drops += 1
             return
-        now = time.time()
+        now = time.time() if when is None else when
         if self._unreported_drops:
             drops = {"event": "records_dropped", "count": self._unreported_drops}
-            self._queue.append((encode(drops, now), None))
+            self._queue.append((drops, now, None))
             self._unreported_drops = 0
-        self._queue.append((encode(record, now), session))
+        self._queue.append((record, now, session))
         self._wake.set()
 
     async def run(self) -> None:
@@ -238,7 +245,7 @@ class JsonLinesSink:
         while todo and queue:
             count = min(todo, len(queue), BATCH)
             todo -= count
-            data = b"".join(line for line, _session in itertools.islice(queue, count))
+            data = self._encode(itertools.islice(queue, count))
             try:
                 await trio.to_thread.run_sync(self._write, data)
             except OSError as exc:
@@ -246,7 +253,7 @@ class JsonLinesSink:
             # Taken off the queue only once written (or failed): a cancellation before the
             # write leaves them for the final drain.
             for _ in range(count):
-                _line, session = queue.popleft()
+                _record, _when, session = queue.popleft()
                 if session is not None:
                     self._bulk -= 1
                     left = self._bulk_by_session[session] - 1
@@ -254,6 +261,23 @@ class JsonLinesSink:
                         self._bulk_by_session[session] = left
                     else:
                         del self._bulk_by_session[session]
+
+    def _encode(self, items: Iterable[tuple[Record | dict[str, Any], float, str | None]]) -> bytes:
+        """The lines of `items`, joined. A record that cannot be encoded (a bug of ours: records
+        hold strings, numbers and lists of them) is left out, counted as dropped, and logged
+        once with its kind, never its content; the others are written."""
+        lines = []
+        for record, when, _session in items:
+            try:
+                lines.append(encode(record, when))
+            except Exception:
+                self.dropped += 1
+                self._unreported_drops += 1  # said in the next record's company
+                self._unencodable += 1
+                if self._unencodable == 1:
+                    kind = record.get("event") if isinstance(record, dict) else record.event
+                    log.exception("an event log record (%s) could not be encoded", kind)
+        return b"".join(lines)
 
     def _write(self, data: bytes) -> None:
         assert self._file is not None, "open() the sink first"

@@ -64,6 +64,10 @@ def _verb(verb: str) -> str:
 Read = Callable[[], float]
 
 
+def _nothing() -> None:
+    pass
+
+
 class Metrics:
     """imapveil's metrics, the process's and the build's, in one registry of their own."""
 
@@ -81,6 +85,9 @@ class Metrics:
         `_total`) -> (help, read)."""
         self.store: StoreSink | None = None
         """The statistics writer whose queue, spool and outcomes are exposed (`watch_store`)."""
+        self.refresh: Callable[[], None] = _nothing
+        """Called before each collection: hands over records held for delivery in batches
+        (`sinks.Fanout.deliver`), so that a scrape counts every record made before it."""
         self.registry = CollectorRegistry()
         self.registry.register(self)
         self.registry.register(ProcessCollector(proc))
@@ -94,7 +101,7 @@ class Metrics:
     def watch_store(self, store: StoreSink) -> None:
         self.store = store
 
-    def emit(self, record: Record) -> None:
+    def emit(self, record: Record, when: float | None = None) -> None:
         if isinstance(record, SessionEnded):
             self.sessions[record.reason] += 1
             self.bytes["from_client"] += record.bytes_from_client
@@ -116,6 +123,7 @@ class Metrics:
 
     def collect(self) -> Iterator[Metric]:
         """For the registry: every imapveil_* family, as it is now."""
+        self.refresh()
         build = GaugeMetricFamily(
             "imapveil_build_info", "The imapveil version running", labels=["version"]
         )

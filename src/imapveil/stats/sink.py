@@ -93,8 +93,11 @@ MAX_FINGERPRINT = 64
 values come from fixed vocabularies by construction; the bounds are a second line."""
 
 
-def now_iso() -> str:
-    return datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
+def now_iso(when: float | None = None) -> str:
+    """`when` (`time.time()`; now if None) in ISO 8601, UTC, to the millisecond."""
+    if when is None:
+        return datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
+    return datetime.datetime.fromtimestamp(when, datetime.UTC).isoformat(timespec="milliseconds")
 
 
 OUTCOMES = ("written", "spooled", "replayed", "dropped")
@@ -206,10 +209,11 @@ class StoreSink:
 
     # --- from the relay: memory only ------------------------------------------------------------
 
-    def emit(self, record: Record) -> None:
+    def emit(self, record: Record, when: float | None = None) -> None:
+        """`when`: the time the record was made (`time.time()`), if not now."""
         if isinstance(record, SessionStarted):
             if len(self._open) < 10 * self.capacity:
-                self._open[record.session] = _Open(now_iso())
+                self._open[record.session] = _Open(now_iso(when))
         elif isinstance(record, CommandCompleted):
             state = self._open.get(record.session)
             if state is not None:
@@ -217,13 +221,13 @@ class StoreSink:
                 key = _command_key(verb, record.status or "none")
                 state.commands[key] = state.commands.get(key, 0) + 1
         elif isinstance(record, IdExchange):
-            self._id(record)
+            self._id(record, when)
         elif isinstance(record, SessionTraits):
             state = self._open.get(record.session)
             if state is not None:
                 state.traits = bounded_traits(record)
         elif isinstance(record, SessionEnded):
-            self._ended(record)
+            self._ended(record, when)
 
     def _put(self, kind: str, row: tuple[Any, ...]) -> None:
         if len(self._queue) >= self.capacity:
@@ -234,7 +238,7 @@ class StoreSink:
         if len(self._queue) >= BATCH:
             self._full.set()
 
-    def _id(self, r: IdExchange) -> None:
+    def _id(self, r: IdExchange, when: float | None) -> None:
         state = self._open.get(r.session)
         if state is not None and r.client and not r.injected and state.client is None:
             state.client = r.client
@@ -243,7 +247,7 @@ class StoreSink:
         self._put(
             "id",
             (
-                r.session, tag_style(r.tag.encode()), now_iso(), r.state, r.status,
+                r.session, tag_style(r.tag.encode()), now_iso(when), r.state, r.status,
                 int(r.malformed), int(r.injected), client.family, fields.get("name"),
                 fields.get("version"), fields.get("os"), fields.get("os-version"),
                 fields.get("vendor"), json.dumps(list(r.dropped)), r.policy,
@@ -251,14 +255,15 @@ class StoreSink:
             ),
         )  # fmt: skip
 
-    def _ended(self, r: SessionEnded) -> None:
-        state = self._open.pop(r.session, None) or _Open(now_iso())
+    def _ended(self, r: SessionEnded, when: float | None) -> None:
+        ended = now_iso(when)
+        state = self._open.pop(r.session, None) or _Open(ended)
         client = identify(state.client)
         os_version = (state.client or {}).get("os-version")
         self._put(
             "session",
             (
-                r.session, self.proxy, state.started_at, now_iso(), state.started_at[:10],
+                r.session, self.proxy, state.started_at, ended, state.started_at[:10],
                 r.user, r.reason, r.duration_ms, r.bytes_from_client, r.bytes_from_server,
                 r.commands, int(r.client_tls), client.family, client.version, client.platform,
                 os_version[:64] if os_version else None,
