@@ -28,9 +28,11 @@ class Timed:
 
     def __init__(self) -> None:
         self.got: list[tuple[Record, float | None]] = []
+        self.arrived = trio.Event()
 
     def emit(self, record: Record, when: float | None = None) -> None:
         self.got.append((record, when))
+        self.arrived.set()
 
     def tags(self) -> list[str]:
         return [r.tag for r, _ in self.got if isinstance(r, CommandCompleted)]
@@ -55,16 +57,14 @@ def ended(session: str = "s1") -> SessionEnded:
     )  # fmt: skip
 
 
-async def test_records_wait_until_the_loop_is_idle_then_go_in_order_with_their_time() -> None:
+async def test_a_batch_waits_until_the_loop_is_idle_then_goes_in_order_with_its_time() -> None:
     a, b = Timed(), Timed()
     fanout = Fanout(a, b)
-    records: list[Record] = [
-        SessionStarted("s1", "127.0.0.1:1", "127.0.0.1:143"),
-        command("t1"),
-        ended(),
-    ]
+    records: list[Record] = [SessionStarted("s1", "127.0.0.1:1", "127.0.0.1:143")]
+    records += [command(f"t{i}") for i in range(sinks.IDLE_BATCH - 2)] + [ended()]
     async with trio.open_nursery() as nursery:
         nursery.start_soon(fanout.run)
+        await trio.testing.wait_all_tasks_blocked()
         before = time.time()
         for record in records:
             fanout.emit(record)
@@ -76,6 +76,25 @@ async def test_records_wait_until_the_loop_is_idle_then_go_in_order_with_their_t
             assert [r for r, _ in sink.got] == records
             assert all(when is not None and before <= when <= after for _, when in sink.got)
         nursery.cancel_scope.cancel()
+
+
+async def test_a_few_records_wait_for_more_or_for_the_time_bound() -> None:
+    a = Timed()
+    fanout = Fanout(a)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fanout.run)
+        await trio.testing.wait_all_tasks_blocked()
+        start = trio.current_time()
+        fanout.emit(command("t1"))
+        fanout.emit(command("t2"))
+        await trio.testing.wait_all_tasks_blocked()
+        assert a.got == []  # idle, but two records are not worth a delivery yet
+        with trio.fail_after(5):
+            await a.arrived.wait()
+        waited = trio.current_time() - start
+        nursery.cancel_scope.cancel()
+    assert a.tags() == ["t1", "t2"]
+    assert sinks.DELIVER_WITHIN * 0.9 <= waited < sinks.DELIVER_WITHIN + 1.0
 
 
 async def test_a_loop_that_is_never_idle_still_gets_its_records_delivered_soon() -> None:
