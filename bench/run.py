@@ -588,9 +588,22 @@ async def settle(relay: ProxyProcess, seconds: float = 5.0) -> None:
                 return
 
 
-def start_proxy(work: Path, dovecot: Dovecot, cert: Path, key: Path) -> ProxyProcess:
+def certificate(work: Path) -> tuple[trustme.CA, Path, Path]:
+    """A test CA, and a certificate for 127.0.0.1 and its key written to `work`."""
+    ca = trustme.CA()
+    issued = ca.issue_cert("127.0.0.1")
+    cert, key = work / "cert.pem", work / "key.pem"
+    issued.cert_chain_pems[0].write_to_path(cert)
+    issued.private_key_pem.write_to_path(key)
+    return ca, cert, key
+
+
+def start_proxy(
+    work: Path, dovecot: Dovecot, cert: Path, key: Path, env: dict[str, str] | None = None
+) -> ProxyProcess:
     """An `imapveil serve` with an event log and a statistics store of its own (a store and its
-    spool serve one process: a second one would find them in use and drop its rows)."""
+    spool serve one process: a second one would find them in use and drop its rows); `env`:
+    its environment (PYTHONPATH for another source tree: bench/ab.py)."""
     port, tls_port = free_port(), free_port()
     own = work / f"imapveil-{port}"
     own.mkdir()
@@ -605,6 +618,7 @@ def start_proxy(work: Path, dovecot: Dovecot, cert: Path, key: Path) -> ProxyPro
          "--max-sessions-per-client", "100000", "--max-connection-rate", "100000",
          "--log-level", "warning"],
         start_new_session=True,
+        env=env,
     )  # fmt: skip
     wait_port(port, process)
     return ProxyProcess(process, port, tls_port)
@@ -742,11 +756,7 @@ def main() -> None:
     restore = raise_limits(n)
     work = Path(tempfile.mkdtemp(prefix="imapveil-bench-"))
     work.chmod(0o755)
-    ca = trustme.CA()
-    issued = ca.issue_cert("127.0.0.1")
-    cert, key = work / "cert.pem", work / "key.pem"
-    issued.cert_chain_pems[0].write_to_path(cert)
-    issued.private_key_pem.write_to_path(key)
+    ca, cert, key = certificate(work)
     limits = dovecot_limits(n)
     dovecot = Dovecot(USERS | IdleUsers(n).all(), tls=(cert, key), extra_config=limits)
     proxy = None

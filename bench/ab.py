@@ -1,0 +1,155 @@
+"""Paired A/B: is a change cheaper? Two relays at once, in front of one Dovecot, under one load.
+
+    python bench/ab.py --a /path/to/old/src --b src churn --rounds 8
+    python bench/ab.py --a naive --b src mixed
+    python bench/ab.py --a /path/to/old/src --b src latency --noops 20000
+
+`--a` and `--b` are source trees (`imapveil serve` runs with that tree first on PYTHONPATH; a
+git worktree of the commit before, say) or `naive` (bench/naive_relay.py). On a shared machine
+the load of the moment moves a relay's CPU per session by 5 to 10 % from one run to the next:
+more than most changes are worth. Here both relays are measured in the same seconds: churn and
+mixed load both at once, each with the workload of `run.py`; latency sends one NOOP to each in
+turn. Each round prints both relays' CPU per unit (session, operation, NOOP) and B/A; the end,
+the median of the rounds' ratios with their min-max. Run it with A and B the same tree to see
+what the method's own spread is on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import trio
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))  # run.py is a script beside this one, not a package
+
+from tests.helpers.dovecot import Dovecot, stop_group  # noqa: E402
+
+import run as bench  # noqa: E402
+
+Percentiles = dict[str, float]
+
+
+def start(which: str, work: Path, dovecot: Dovecot, cert: Path, key: Path) -> bench.ProxyProcess:
+    if which == "naive":
+        return bench.start_naive(dovecot)
+    src = str(Path(which).resolve())
+    return bench.start_proxy(work, dovecot, cert, key, env=dict(os.environ, PYTHONPATH=src))
+
+
+async def loaded(
+    relays: dict[str, bench.ProxyProcess], workload: str, seconds: float
+) -> Percentiles:
+    """Both relays under the same workload at the same time: CPU microseconds per unit."""
+    done: dict[str, float] = {}
+
+    async def one(name: str, relay: bench.ProxyProcess) -> None:
+        address = ("127.0.0.1", relay.port)
+        if workload == "churn":
+            result = await bench.churn(address, None, relay, seconds)
+            units = result["sessions/s"] * seconds
+        else:
+            result = await bench.mixed(address, None, seconds, relay)
+            units = result["ops/s"] * seconds
+        done[name] = units
+
+    before = {name: relay.cpu() for name, relay in relays.items()}
+    async with trio.open_nursery() as nursery:
+        for name, relay in relays.items():
+            nursery.start_soon(one, name, relay)
+    return {
+        name: relay.cpu_since(before[name]) / done[name] * 1e6 for name, relay in relays.items()
+    }
+
+
+async def alternating(relays: dict[str, bench.ProxyProcess], noops: int) -> dict[str, Percentiles]:
+    """One NOOP to each relay in turn (which goes first alternates): latency percentiles in
+    milliseconds and CPU microseconds per NOOP."""
+    clients = {
+        name: await bench.logged_in(("127.0.0.1", relay.port), "u1")
+        for name, relay in relays.items()
+    }
+    times: dict[str, list[float]] = {name: [] for name in relays}
+    names = list(relays)
+    before = {name: relay.cpu() for name, relay in relays.items()}
+    for i in range(noops):
+        for name in names if i % 2 else reversed(names):
+            start = time.perf_counter()
+            await clients[name].command(b"NOOP")
+            times[name].append(time.perf_counter() - start)
+    out = {}
+    for name, relay in relays.items():
+        used = relay.cpu_since(before[name])
+        await clients[name].close()
+        x = sorted(times[name])
+        out[name] = {
+            "p50 ms": x[len(x) // 2] * 1e3,
+            "p99 ms": x[len(x) * 99 // 100] * 1e3,
+            "p99.9 ms": x[len(x) * 999 // 1000] * 1e3,
+            "CPU us": used / noops * 1e6,
+        }
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("workload", choices=["churn", "mixed", "latency"])
+    parser.add_argument("--a", required=True, help="a source tree, or naive")
+    parser.add_argument("--b", required=True, help="a source tree, or naive")
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--seconds", type=float, default=5.0, help="churn and mixed")
+    parser.add_argument("--noops", type=int, default=10_000, help="latency: NOOPs to each")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="imapveil-ab-"))
+    _ca, cert, key = bench.certificate(work)
+    (work / "user-key").write_bytes(os.urandom(32))
+    dovecot = Dovecot(bench.USERS, tls=(cert, key), extra_config=bench.dovecot_limits(200))
+    relays: dict[str, bench.ProxyProcess] = {}
+    try:
+        dovecot.start()
+        for user in bench.USERS:
+            dovecot.seed(user, [b"Subject: small %d\r\n\r\nhello\r\n" % i for i in range(20)])
+        relays = {name: start(which, work, dovecot, cert, key) for name, which in
+                  (("A", args.a), ("B", args.b))}  # fmt: skip
+        ratios = []
+        for r in range(args.rounds):
+            if args.workload == "latency":
+                lat = trio.run(alternating, relays, args.noops)
+                shown = " | ".join(
+                    name + ": " + ", ".join(f"{k} {v:.4g}" for k, v in lat[name].items())
+                    for name in relays
+                )
+                ratios.append(lat["B"]["CPU us"] / lat["A"]["CPU us"])
+                print(f"round {r}: {shown}", flush=True)
+                continue
+            cpu = trio.run(loaded, relays, args.workload, args.seconds)
+            ratios.append(cpu["B"] / cpu["A"])
+            print(
+                f"round {r}: CPU us per unit A {cpu['A']:.1f}, B {cpu['B']:.1f}, "
+                f"B/A {ratios[-1]:.3f}",
+                flush=True,
+            )
+        print(
+            f"{args.workload}: CPU B/A median {statistics.median(ratios):.3f} "
+            f"({min(ratios):.3f}-{max(ratios):.3f}) over {len(ratios)} rounds"
+        )
+    finally:
+        for relay in relays.values():
+            stop_group(relay.process, signal.SIGTERM)
+        dovecot.cleanup()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
