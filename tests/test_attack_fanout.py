@@ -1,0 +1,135 @@
+"""Records reach the sinks in batches (670ff67: `sinks.Fanout` keeps each record with its time and
+delivers when the loop is idle, within 0.1 s, at 1,000, at shutdown and before a scrape),
+attacked from outside (attack9): a real `imapveil serve` in front of a real Dovecot, flooded,
+rotated, reloaded, stopped and scraped while records wait in the Fanout.
+"""
+
+from __future__ import annotations
+
+import datetime
+import itertools
+import json
+import os
+import signal
+import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers.dovecot import Dovecot
+from tests.helpers.process import imapveil
+
+pytestmark = pytest.mark.dovecot
+
+
+def when(record: dict[str, Any]) -> float:
+    """A record's `ts`, in seconds since the epoch."""
+    return datetime.datetime.fromisoformat(record["ts"].replace("Z", "+00:00")).timestamp()
+
+
+@contextmanager
+def flooding(port: int, window: int = 2000) -> Iterator[list[int]]:
+    """A client that pipelines NOOPs `window` at a time, always one window ahead of the answers
+    it reads, until the block ends: the event loop is never idle, records wait in the Fanout.
+    Yields the count of NOOPs sent (all answered once the block is over)."""
+    sent = [0]
+    stop = threading.Event()
+    failure: list[BaseException] = []
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s, s.makefile("rb") as f:
+        f.readline()
+        s.sendall(b"l LOGIN alice wonderland\r\n")
+        assert f.readline().startswith(b"l OK")
+        burst = b"".join(b"n%d NOOP\r\n" % i for i in range(window))
+        last = b"n%d " % (window - 1)
+
+        def flood() -> None:
+            try:
+                s.sendall(burst)
+                while True:
+                    more = not stop.is_set()
+                    if more:
+                        s.sendall(burst)
+                    while not f.readline().startswith(last):
+                        pass
+                    sent[0] += window
+                    if not more:
+                        return
+            except BaseException as exc:
+                failure.append(exc)
+
+        thread = threading.Thread(target=flood)
+        thread.start()
+        try:
+            yield sent
+        finally:
+            stop.set()
+            thread.join(20)
+        assert not failure, failure
+        s.sendall(b"q LOGOUT\r\n")
+        f.read()
+
+
+ROTATIONS = 20
+"""Each rotation in a flood found records waiting in the Fanout about one time in four."""
+
+
+def in_order(records: list[dict[str, Any]]) -> list[tuple[str, str, float]]:
+    """Neighbours whose `ts` goes backwards (kind, kind, seconds back): none in a sane log."""
+    return [
+        (a["event"], b["event"], round(when(a) - when(b), 3))
+        for a, b in itertools.pairwise(records)
+        if when(b) < when(a)
+    ]
+
+
+def test_a_rotation_in_a_flood_keeps_each_file_in_the_order_records_were_made(
+    dovecot: Dovecot, tmp_path: Path
+) -> None:
+    """Log rotation while a flood keeps the loop busy (records wait in the Fanout up to 0.1 s):
+    the file is renamed, then SIGHUP, 20 times. The reload's `config` and `policy` records
+    went straight to the event log while older session records still waited in the Fanout, so
+    a new file said `config` and then records made before it (its `ts` going backwards). Each
+    file is in the order records were made, and every command of the flood is in one of them."""
+    files = []
+    with imapveil(tmp_path, dovecot.address) as proxy:
+        with flooding(proxy.port, 500) as sent:
+            for k in range(ROTATIONS):
+                while sent[0] < 1000 * (k + 1):
+                    threading.Event().wait(0.005)
+                files.append(proxy.events.with_name(f"{proxy.events.name}.{k}"))
+                proxy.events.rename(files[-1])
+                proxy.signal(signal.SIGHUP)
+                assert b"reloaded" in proxy.stderr_until(b" imapveil: reload")
+        assert proxy.stop() == 0
+    files.append(proxy.events)
+    logs = [[json.loads(line) for line in path.read_text().splitlines()] for path in files]
+    assert [in_order(records) for records in logs] == [[]] * (ROTATIONS + 1)
+    for records in logs[1:]:
+        assert [r["event"] for r in records if r["event"] in ("config", "policy")] == [
+            "config",
+            "policy",
+        ]
+    everything = [r for records in logs for r in records]
+    commands = sum(1 for r in everything if r["event"] == "command")
+    dropped = sum(r["count"] for r in everything if r["event"] == "records_dropped")
+    assert commands + dropped == sent[0] + 2  # the NOOPs, LOGIN and LOGOUT
+
+
+def test_serve_does_not_import_pytest(dovecot: Dovecot, tmp_path: Path) -> None:
+    """670ff67 imported `trio.testing` (for `wait_all_tasks_blocked`) in the service; it imports
+    pytest when pytest is installed: about 70 modules and 9 MB of resident memory more for every
+    `imapveil serve` (37 MB idle before, 46 after). The service imports no test framework."""
+    env = {**os.environ, "PYTHONPROFILEIMPORTTIME": "1"}
+    with imapveil(tmp_path, dovecot.address, env=env) as proxy:
+        assert proxy.stop() == 0
+    imported = [
+        line.rsplit("|", 1)[-1].strip()
+        for line in proxy.stderr.decode().splitlines()
+        if line.startswith("import time:")
+    ]
+    assert "imapveil.sinks" in imported
+    assert not [m for m in imported if m.split(".")[0] in ("pytest", "_pytest", "pluggy")]
