@@ -242,9 +242,9 @@ class Service:
                 await nursery.start(self._on_signals)
                 if self.notifier.watchdog_interval:
                     nursery.start_soon(self._watchdog, self.notifier.watchdog_interval)
-                self.sink.emit(ConfigLoaded(self.config or "command line", True))
+                self.fanout.emit(ConfigLoaded(self.config or "command line", True))
                 policy = self.loaded.policy
-                self.sink.emit(PolicyLoaded(policy.name, policy.digest, True))
+                self.fanout.emit(PolicyLoaded(policy.name, policy.digest, True))
                 upstream = self.proxy.settings.upstream
                 where = ", ".join(
                     [listener_address(x) for x in listeners]
@@ -319,8 +319,8 @@ class Service:
                 loaded = load_all(self.config, self.overrides)
             except ConfigError as exc:
                 log.error("reload refused, the running configuration stays: %s", exc)
-                self.sink.emit(ConfigLoaded(source, False, str(exc)))
-                self.sink.emit(
+                self.fanout.emit(ConfigLoaded(source, False, str(exc)))
+                self.fanout.emit(
                     PolicyLoaded(
                         self.holder.current.name, self.holder.current.digest, False, str(exc)
                     )
@@ -337,9 +337,13 @@ class Service:
             self.proxy.shutdown_grace = loaded.settings.shutdown_grace
             if logs.set_level(loaded.settings.log_level):
                 log.info("log level now %s", loaded.settings.log_level)
+            # The records made before the reload go to the file as it was (renamed by a log
+            # rotation), those made after it to the one it opens; and the service's own records,
+            # like every other, through the Fanout: after the records made before them.
+            self.fanout.deliver()
             await self.sink.reopen(loaded.settings.events)
-            self.sink.emit(ConfigLoaded(source, True))
-            self.sink.emit(PolicyLoaded(loaded.policy.name, loaded.policy.digest, True))
+            self.fanout.emit(ConfigLoaded(source, True))
+            self.fanout.emit(PolicyLoaded(loaded.policy.name, loaded.policy.digest, True))
             log.info(
                 "reloaded; policy %s (sha256 %s)", loaded.policy.name, loaded.policy.digest[:12]
             )
@@ -350,7 +354,7 @@ class Service:
         """A record in the event log whenever statistics were lost (besides the metrics)."""
         while True:
             await trio.sleep(every)
-            report_store_drops(store, self.sink)
+            report_store_drops(store, self.fanout)
 
     def _health(self) -> tuple[bool, str]:
         """Healthy while sessions are served. A statistics store that is away does not make the
