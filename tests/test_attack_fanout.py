@@ -7,6 +7,7 @@ rotated, reloaded, stopped and scraped while records wait in the Fanout.
 from __future__ import annotations
 
 import datetime
+import imaplib
 import itertools
 import json
 import os
@@ -133,3 +134,34 @@ def test_serve_does_not_import_pytest(dovecot: Dovecot, tmp_path: Path) -> None:
     ]
     assert "imapveil.sinks" in imported
     assert not [m for m in imported if m.split(".")[0] in ("pytest", "_pytest", "pluggy")]
+
+
+def test_a_reload_whose_event_log_cannot_be_opened_keeps_the_old_one(
+    dovecot: Dovecot, tmp_path: Path
+) -> None:
+    """The event log renamed for rotation, and in its place something that cannot be opened (here
+    a directory; in production a path the service may not write): SIGHUP ended the service with a
+    traceback, every session cut off and the records still queued lost. The reload goes on with
+    the file open before (said on stderr), sessions go on, and a later reload opens the path."""
+    with imapveil(tmp_path, dovecot.address) as proxy:
+        rotated = proxy.events.with_name(proxy.events.name + ".1")
+        proxy.events.rename(rotated)
+        proxy.events.mkdir()
+        proxy.signal(signal.SIGHUP)
+        assert b"Is a directory" in proxy.stderr_until(b" imapveil: reload")
+        m = imaplib.IMAP4("127.0.0.1", proxy.port)
+        m.login("alice", "wonderland")
+        m.logout()
+        proxy.events.rmdir()
+        proxy.signal(signal.SIGHUP)
+        assert b"reloaded" in proxy.stderr_until(b" imapveil: reload")
+        m = imaplib.IMAP4("127.0.0.1", proxy.port)
+        m.login("bob", "builder")
+        m.logout()
+        assert proxy.stop() == 0
+    old = [json.loads(line) for line in rotated.read_text().splitlines()]
+    assert [r["user"] is not None for r in old if r["event"] == "session_end"] == [True]
+    assert [r["ok"] for r in old if r["event"] == "config"] == [True, True]
+    new = proxy.records()
+    assert [r["event"] for r in new][:2] == ["config", "policy"]
+    assert len([r for r in new if r["event"] == "session_end"]) == 1
