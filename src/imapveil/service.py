@@ -341,7 +341,13 @@ class Service:
             # rotation), those made after it to the one it opens; and the service's own records,
             # like every other, through the Fanout: after the records made before them.
             self.fanout.deliver()
-            await self.sink.reopen(loaded.settings.events)
+            try:
+                await self.sink.reopen(loaded.settings.events)
+            except OSError as exc:
+                log.error(
+                    "event log %s: %s; still writing to the file open before",
+                    loaded.settings.events, exc.strerror or exc,
+                )  # fmt: skip
             self.fanout.emit(ConfigLoaded(source, True))
             self.fanout.emit(PolicyLoaded(loaded.policy.name, loaded.policy.digest, True))
             log.info(
