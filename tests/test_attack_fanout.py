@@ -14,6 +14,8 @@ import os
 import signal
 import socket
 import threading
+import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,8 +23,9 @@ from typing import Any
 
 import pytest
 
-from tests.helpers.dovecot import Dovecot
+from tests.helpers.dovecot import Dovecot, free_port
 from tests.helpers.process import imapveil
+from tests.stats.test_durability import query
 
 pytestmark = pytest.mark.dovecot
 
@@ -165,3 +168,128 @@ def test_a_reload_whose_event_log_cannot_be_opened_keeps_the_old_one(
     new = proxy.records()
     assert [r["event"] for r in new][:2] == ["config", "policy"]
     assert len([r for r in new if r["event"] == "session_end"]) == 1
+
+
+def sessions_total(port: int) -> float:
+    """imapveil_sessions_total, all reasons, as a scrape of /metrics says it."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("imapveil_sessions_total{")
+    )
+
+
+def test_in_a_flood_a_scrape_counts_a_session_just_ended_and_every_sink_has_its_times(
+    dovecot: Dovecot, tmp_path: Path
+) -> None:
+    """A flood keeps the loop busy, so records wait in the Fanout: a scrape right after a session
+    ended (the client has read the end of the stream, which comes after the record) counts it,
+    and the event log's and the store's times are when the session started and ended (within
+    the client's own clock readings), not when they were delivered; the two agree to the
+    millisecond."""
+    metrics, store = free_port(), tmp_path / "stats.sqlite"
+    args = ("--metrics", f"127.0.0.1:{metrics}", "--store", str(store))
+    windows = []
+    with imapveil(tmp_path, dovecot.address, *args) as proxy:
+        proxy.stderr_until(b"statistics store ready")
+        with flooding(proxy.port, 500) as sent:
+            while sent[0] < 1000:
+                threading.Event().wait(0.005)
+            for _ in range(10):
+                before = sessions_total(metrics)
+                opened = time.time()
+                with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
+                    s.sendall(b"l LOGIN bob builder\r\nq LOGOUT\r\n")
+                    while s.recv(65536):
+                        pass
+                windows.append((opened, time.time()))
+                assert sessions_total(metrics) == before + 1
+        assert proxy.stop() == 0
+    records = proxy.records()
+    starts = {r["session"]: r for r in records if r["event"] == "session_start"}
+    ends = [r for r in records if r["event"] == "session_end" and r["commands"] == 2]
+    assert len(ends) == len(windows) == 10
+    for end, (opened, closed) in zip(ends, windows, strict=True):
+        start = starts[end["session"]]
+        assert opened - 0.002 <= when(start) <= when(end) <= closed + 0.002, (opened, closed)
+    rows = query(str(store), "SELECT session, started_at, ended_at FROM sessions")
+    stored = {session: (started, ended) for session, started, ended in rows}
+    for end in ends:
+        started, ended = stored[end["session"]]
+        assert started == starts[end["session"]]["ts"].replace("Z", "+00:00")
+        assert ended == end["ts"].replace("Z", "+00:00")
+
+
+def churn(port: int, stop: threading.Event, churned: list[int], k: int) -> None:
+    """Sessions one after another (LOGIN, NOOP, LOGOUT, read to the end) until `stop` or the
+    proxy stops listening; `churned[k]` counts them."""
+    while not stop.is_set():
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                s.sendall(b"l LOGIN bob builder\r\nn NOOP\r\nq LOGOUT\r\n")
+                while s.recv(65536):
+                    pass
+            churned[k] += 1
+        except OSError:
+            return
+
+
+def flood(port: int, stop: threading.Event) -> None:
+    """NOOPs pipelined 500 at a time, without waiting for their answers, until `stop` or the
+    proxy ends the session."""
+    burst = b"".join(b"n%d NOOP\r\n" % i for i in range(500))
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"l LOGIN alice wonderland\r\n")
+            while not stop.is_set():
+                s.sendall(burst)
+                if not s.recv(65536):
+                    return
+    except OSError:
+        return
+
+
+def test_sigterm_in_a_flood_and_a_churn_writes_every_record_once(
+    dovecot: Dovecot, tmp_path: Path
+) -> None:
+    """Two clients pipeline NOOPs and two open and end sessions as fast as they can; SIGTERM
+    comes while they do, with records waiting in the Fanout. Every session's end is written
+    once, in the event log and in the store; every command a session counted is a command
+    record or counted in a `records_dropped` line, and in the store's command counts."""
+    store = tmp_path / "stats.sqlite"
+    stop = threading.Event()
+    churned = [0, 0]
+    with imapveil(tmp_path, dovecot.address, "--store", str(store)) as proxy:
+        proxy.stderr_until(b"statistics store ready")
+        threads = [threading.Thread(target=flood, args=(proxy.port, stop)) for _ in range(2)]
+        threads += [
+            threading.Thread(target=churn, args=(proxy.port, stop, churned, k)) for k in range(2)
+        ]
+        for thread in threads:
+            thread.start()
+        try:
+            while sum(churned) < 20:
+                threading.Event().wait(0.01)
+            proxy.signal(signal.SIGTERM)
+            assert proxy.process.wait(timeout=20) == 0
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(20)
+        assert proxy.stop() == 0
+    records = proxy.records()
+    ends = [r for r in records if r["event"] == "session_end"]
+    sessions = [r["session"] for r in ends]
+    assert len(sessions) == len(set(sessions)) >= 22
+    started = {r["session"] for r in records if r["event"] == "session_start"}
+    assert sorted(sessions) == sorted(started)
+    counted = sum(r["commands"] for r in ends)
+    written = sum(1 for r in records if r["event"] == "command")
+    dropped = sum(r["count"] for r in records if r["event"] == "records_dropped")
+    assert written + dropped == counted
+    rows = query(str(store), "SELECT session FROM sessions")
+    assert sorted(r for (r,) in rows) == sorted(sessions)
+    ((stored,),) = query(str(store), "SELECT COALESCE(SUM(count), 0) FROM command_counts")
+    assert stored == counted
