@@ -22,7 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 
+from imapveil import service as service_module
+from imapveil.service import Service, load_all
 from tests.helpers.dovecot import Dovecot, free_port
 from tests.helpers.process import imapveil
 from tests.stats.test_durability import query
@@ -293,3 +296,61 @@ def test_sigterm_in_a_flood_and_a_churn_writes_every_record_once(
     assert sorted(r for (r,) in rows) == sorted(sessions)
     ((stored,),) = query(str(store), "SELECT COALESCE(SUM(count), 0) FROM command_counts")
     assert stored == counted
+
+
+async def test_a_service_that_fails_still_writes_the_end_of_its_sessions(
+    dovecot: Dovecot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A task of the service fails (a bug; from outside, a malformed Accept header on /metrics
+    did it): the service ends with the error, its sessions cut off. Before 670ff67 their
+    `session_end` records still reached the event log (written last); since, they waited in
+    the Fanout, whose task had delivered for the last time already, and were lost."""
+    port = free_port()
+    overrides = {
+        "upstream": f"{dovecot.address[0]}:{dovecot.address[1]}",
+        "listen": f"127.0.0.1:{port}",
+        "events": str(tmp_path / "events.jsonl"),
+        "user_key_file": str(tmp_path / "user-key"),
+        "metrics": f"127.0.0.1:{free_port()}",
+    }
+    service = Service(None, overrides, load_all(None, overrides))
+    logged_in = trio.Event()
+
+    async def failing(_metrics: object, listeners: list[trio.SocketListener], _h: object) -> None:
+        for listener in listeners:
+            await listener.aclose()
+        await logged_in.wait()
+        raise RuntimeError("a bug in a task of the service")
+
+    monkeypatch.setattr(service_module, "serve_metrics", failing)
+
+    async def client() -> None:
+        while True:
+            try:
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+                break
+            except OSError:
+                await trio.sleep(0.01)
+        async with stream:
+            received = b""
+            await stream.send_all(b"l LOGIN alice wonderland\r\n")
+            while b"l OK" not in received:
+                received += await stream.receive_some(65536)
+            logged_in.set()
+            await trio.sleep_forever()
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    try:
+        with pytest.raises(BaseExceptionGroup) as failure:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client)
+                await service.run()
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    assert failure.group_contains(RuntimeError, match="a bug in a task", depth=None)
+    records = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert [r["event"] for r in records if r["event"].startswith("session")] == [
+        "session_start",
+        "session_end",
+    ]
