@@ -230,39 +230,53 @@ class Service:
                 return 1
         async with trio.open_nursery() as events:
             events.start_soon(self.sink.run)
-            async with trio.open_nursery() as nursery, trio.open_nursery() as writers:
-                nursery.start_soon(self.fanout.run)
-                if self.store is not None:
-                    writers.start_soon(self.store.run)
-                    nursery.start_soon(self._report_store_drops, self.store)
-                if metrics_listeners:
-                    nursery.start_soon(serve_metrics, self.metrics, metrics_listeners, self._health)
-                # Signals are handled before anyone is told we are ready: a reload right after
-                # READY=1 must not find the default SIGHUP action (which ends the process).
-                await nursery.start(self._on_signals)
-                if self.notifier.watchdog_interval:
-                    nursery.start_soon(self._watchdog, self.notifier.watchdog_interval)
-                self.fanout.emit(ConfigLoaded(self.config or "command line", True))
-                policy = self.loaded.policy
-                self.fanout.emit(PolicyLoaded(policy.name, policy.digest, True))
-                upstream = self.proxy.settings.upstream
-                where = ", ".join(
-                    [listener_address(x) for x in listeners]
-                    + [listener_address(x) + " (TLS)" for x in tls_listeners]
-                )
-                log.info("listening on %s, relaying to %s, policy %s", where, upstream, policy.name)
-                self.notifier.ready(f"relaying {where} to {upstream}")
-                await self.proxy.serve(listeners, tls_listeners=tls_listeners)
-                log.info("stopped after %d sessions", self.proxy.stats.accepted)
-                self.fanout.deliver()  # every session's records, before the writers finish
-                nursery.cancel_scope.cancel()
-                # The store's writer first: it drains its queue to the store or the spool.
-                writers.cancel_scope.cancel()
+            try:
+                await self._serve(listeners, tls_listeners, metrics_listeners)
+            finally:
+                # The service failing (a bug in one of its tasks), its sessions cut off: what
+                # they said last is in the Fanout still, and goes to the event log, written last.
+                self.fanout.deliver()
             if self.store is not None:
                 report_store_drops(self.store, self.sink, final=True)
             # The event log goes last: every record of every session is written before exit.
             events.cancel_scope.cancel()
         return 0
+
+    async def _serve(
+        self,
+        listeners: list[trio.SocketListener],
+        tls_listeners: list[trio.SocketListener],
+        metrics_listeners: list[trio.SocketListener],
+    ) -> None:
+        """Serve until stopped; return once the store's writer has finished."""
+        async with trio.open_nursery() as nursery, trio.open_nursery() as writers:
+            nursery.start_soon(self.fanout.run)
+            if self.store is not None:
+                writers.start_soon(self.store.run)
+                nursery.start_soon(self._report_store_drops, self.store)
+            if metrics_listeners:
+                nursery.start_soon(serve_metrics, self.metrics, metrics_listeners, self._health)
+            # Signals are handled before anyone is told we are ready: a reload right after
+            # READY=1 must not find the default SIGHUP action (which ends the process).
+            await nursery.start(self._on_signals)
+            if self.notifier.watchdog_interval:
+                nursery.start_soon(self._watchdog, self.notifier.watchdog_interval)
+            self.fanout.emit(ConfigLoaded(self.config or "command line", True))
+            policy = self.loaded.policy
+            self.fanout.emit(PolicyLoaded(policy.name, policy.digest, True))
+            upstream = self.proxy.settings.upstream
+            where = ", ".join(
+                [listener_address(x) for x in listeners]
+                + [listener_address(x) + " (TLS)" for x in tls_listeners]
+            )
+            log.info("listening on %s, relaying to %s, policy %s", where, upstream, policy.name)
+            self.notifier.ready(f"relaying {where} to {upstream}")
+            await self.proxy.serve(listeners, tls_listeners=tls_listeners)
+            log.info("stopped after %d sessions", self.proxy.stats.accepted)
+            self.fanout.deliver()  # every session's records, before the writers finish
+            nursery.cancel_scope.cancel()
+            # The store's writer first: it drains its queue to the store or the spool.
+            writers.cancel_scope.cancel()
 
     async def _listeners(self) -> tuple[list[trio.SocketListener], list[trio.SocketListener]]:
         """(plain, implicit TLS): inherited from systemd ("imap", "imaps"), or bound here."""
