@@ -179,3 +179,28 @@ def test_process_metrics_under_procsubset_pid() -> None:
     theirs, ours = result.stdout.split(" ", 1)
     assert theirs == "0"  # prometheus_client's own collector: nothing at all
     assert "process_start_time_seconds" in ours and "process_open_fds" in ours
+
+
+@pytest.mark.dovecot
+@pytest.mark.parametrize(
+    "accept", ["text/plain; version=abc", "application/openmetrics-text; version=1.x"]
+)
+def test_a_malformed_accept_header_gets_the_text_format_and_ends_nothing(
+    dovecot: Dovecot, tmp_path: Path, accept: str
+) -> None:
+    """(attack9) prometheus_client's `choose_encoder` raises TypeError on a version it cannot
+    compare: one such scrape ended `imapveil serve` with a traceback, every session cut off. The
+    scrape gets the default text format; the session open meanwhile goes on."""
+    port = free_port()
+    with imapveil(tmp_path, dovecot.address, "--metrics", f"127.0.0.1:{port}") as proxy:
+        m = imaplib.IMAP4("127.0.0.1", proxy.port)
+        try:
+            m.login("alice", "wonderland")
+            content_type, text = scrape(port, accept)
+            assert content_type.startswith("text/plain; version=0.0.4")
+            assert "imapveil_sessions_active 1.0" in text
+            assert m.noop()[0] == "OK"
+            m.logout()
+        finally:
+            m.sock.close()
+        assert proxy.stop() == 0
