@@ -204,3 +204,31 @@ def test_a_malformed_accept_header_gets_the_text_format_and_ends_nothing(
         finally:
             m.sock.close()
         assert proxy.stop() == 0
+
+
+@pytest.mark.dovecot
+def test_records_the_event_log_cannot_write_are_counted_as_dropped(
+    dovecot: Dovecot, tmp_path: Path
+) -> None:
+    """(attack9) The event log on a full disk (/dev/full: every write fails with ENOSPC): the
+    records were lost and imapveil_events_dropped_total stayed 0, so nothing an operator alerts
+    on said so. Every record made is counted there: config and policy at start, and for each
+    session its start, its commands and its end."""
+    port = free_port()
+    args = ("--metrics", f"127.0.0.1:{port}", "--events", "/dev/full")
+    with imapveil(tmp_path, dovecot.address, *args) as proxy:
+        for _ in range(3):
+            m = imaplib.IMAP4("127.0.0.1", proxy.port)
+            m.login("alice", "wonderland")
+            m.noop()
+            m.logout()
+        made = 2 + 3 * (2 + 3)
+        deadline = time.monotonic() + 5
+        while True:
+            dropped = value(families(scrape(port)[1])["imapveil_events_dropped"])
+            if dropped == made or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert dropped == made
+        assert proxy.stop() == 0
+    assert b"cannot write the event log /dev/full" in proxy.stderr
