@@ -207,13 +207,20 @@ def test_a_malformed_accept_header_gets_the_text_format_and_ends_nothing(
 
 
 @pytest.mark.dovecot
+@pytest.mark.xfail(
+    strict=True,
+    reason="a failed event log write loses its records uncounted; counting them is not enough: "
+    "the file's buffer keeps the lines and writes them if the disk frees (so they would be "
+    "counted dropped and written), a partial write tears a line, and closing the file at exit "
+    "raises the error again (exit status 1, a traceback)",
+)
 def test_records_the_event_log_cannot_write_are_counted_as_dropped(
     dovecot: Dovecot, tmp_path: Path
 ) -> None:
     """(attack9) The event log on a full disk (/dev/full: every write fails with ENOSPC): the
-    records were lost and imapveil_events_dropped_total stayed 0, so nothing an operator alerts
-    on said so. Every record made is counted there: config and policy at start, and for each
-    session its start, its commands and its end."""
+    records are lost and imapveil_events_dropped_total stays 0, so nothing an operator alerts
+    on says so. Every record made is counted there (config and policy at start, and each
+    session's start, commands and end), and the service stops cleanly."""
     port = free_port()
     args = ("--metrics", f"127.0.0.1:{port}", "--events", "/dev/full")
     with imapveil(tmp_path, dovecot.address, *args) as proxy:
@@ -222,13 +229,17 @@ def test_records_the_event_log_cannot_write_are_counted_as_dropped(
             m.login("alice", "wonderland")
             m.noop()
             m.logout()
-        made = 2 + 3 * (2 + 3)
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 3
         while True:
-            dropped = value(families(scrape(port)[1])["imapveil_events_dropped"])
+            found = families(scrape(port)[1])
+            sessions = sum(s.value for s in found["imapveil_sessions"].samples)
+            commands = sum(s.value for s in found["imapveil_commands"].samples)
+            made = 2 + 2 * sessions + commands
+            dropped = value(found["imapveil_events_dropped"])
             if dropped == made or time.monotonic() > deadline:
                 break
             time.sleep(0.05)
+        assert sessions == 3
         assert dropped == made
         assert proxy.stop() == 0
     assert b"cannot write the event log /dev/full" in proxy.stderr
