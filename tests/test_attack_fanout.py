@@ -16,6 +16,7 @@ import socket
 import threading
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -354,3 +355,34 @@ async def test_a_service_that_fails_still_writes_the_end_of_its_sessions(
         "session_start",
         "session_end",
     ]
+
+
+def test_a_command_flood_in_batches_costs_no_other_session_its_records(
+    dovecot: Dovecot, tmp_path: Path
+) -> None:
+    """Two clients pipeline NOOPs 2,000 at a time (records reach the event log 1,000 at once,
+    past each flooder's share of its queue); a third session sends 300 commands meanwhile. The
+    floods lose records, said in `records_dropped` lines; the third session loses none."""
+    with imapveil(tmp_path, dovecot.address) as proxy:
+        with flooding(proxy.port) as one, flooding(proxy.port) as other:
+            while one[0] + other[0] < 8000:
+                threading.Event().wait(0.01)
+            with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
+                f = s.makefile("rb")
+                s.sendall(b"l LOGIN bob builder\r\n")
+                for _ in range(3):
+                    s.sendall(b"".join(b"p%d NOOP\r\n" % i for i in range(100)))
+                    while not f.readline().startswith(b"p99 "):
+                        pass
+                s.sendall(b"q LOGOUT\r\n")
+                f.read()
+                f.close()
+        assert proxy.stop() == 0
+    records = proxy.records()
+    ends = {r["session"]: r["commands"] for r in records if r["event"] == "session_end"}
+    written = Counter(r["session"] for r in records if r["event"] == "command")
+    (quiet,) = [session for session, commands in ends.items() if commands == 302]
+    assert written[quiet] == 302
+    dropped = sum(r["count"] for r in records if r["event"] == "records_dropped")
+    assert dropped > 0
+    assert sum(written.values()) + dropped == sum(ends.values())
