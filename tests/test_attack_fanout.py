@@ -101,8 +101,9 @@ def test_a_rotation_in_a_flood_keeps_each_file_in_the_order_records_were_made(
     the file is renamed, then SIGHUP, 20 times. The reload's `config` and `policy` records
     went straight to the event log while older session records still waited in the Fanout, so
     a new file said `config` and then records made before it (its `ts` going backwards). Each
-    file is in the order records were made, and every command of the flood is in one of them."""
-    files = []
+    file is in the order records were made, none made before its SIGHUP was sent, and every
+    command of the flood is in one of them."""
+    files, signalled = [], []
     with imapveil(tmp_path, dovecot.address) as proxy:
         with flooding(proxy.port, 500) as sent:
             for k in range(ROTATIONS):
@@ -110,12 +111,16 @@ def test_a_rotation_in_a_flood_keeps_each_file_in_the_order_records_were_made(
                     threading.Event().wait(0.005)
                 files.append(proxy.events.with_name(f"{proxy.events.name}.{k}"))
                 proxy.events.rename(files[-1])
+                signalled.append(time.time())
                 proxy.signal(signal.SIGHUP)
                 assert b"reloaded" in proxy.stderr_until(b" imapveil: reload")
         assert proxy.stop() == 0
     files.append(proxy.events)
     logs = [[json.loads(line) for line in path.read_text().splitlines()] for path in files]
     assert [in_order(records) for records in logs] == [[]] * (ROTATIONS + 1)
+    for records, since in zip(logs[1:], signalled, strict=True):
+        # Made before the reload was asked for: in the file as it was (`ts` is to the ms).
+        assert when(records[0]) >= since - 0.001
     for records in logs[1:]:
         assert [r["event"] for r in records if r["event"] in ("config", "policy")] == [
             "config",
