@@ -391,3 +391,35 @@ def test_a_command_flood_in_batches_costs_no_other_session_its_records(
     dropped = sum(r["count"] for r in records if r["event"] == "records_dropped")
     assert dropped > 0
     assert sum(written.values()) + dropped == sum(ends.values())
+
+
+def test_a_sighup_while_the_service_stops_does_not_end_it(dovecot: Dovecot, tmp_path: Path) -> None:
+    """SIGTERM in a flood and a churn, then SIGHUP again and again (a log rotation's reload
+    while the service stops) until it exits: once the signal task had ended, SIGHUP had its
+    default action back and killed the process in its last writes, sessions' ends lost (older
+    than 670ff67). It exits 0 with every session's end written."""
+    stop = threading.Event()
+    churned = [0, 0]
+    with imapveil(tmp_path, dovecot.address, "--store", str(tmp_path / "stats.sqlite")) as proxy:
+        proxy.stderr_until(b"statistics store ready")
+        threads = [threading.Thread(target=flood, args=(proxy.port, stop)) for _ in range(2)]
+        threads += [
+            threading.Thread(target=churn, args=(proxy.port, stop, churned, k)) for k in range(2)
+        ]
+        for thread in threads:
+            thread.start()
+        try:
+            while sum(churned) < 20:
+                threading.Event().wait(0.01)
+            proxy.signal(signal.SIGTERM)
+            while proxy.process.poll() is None:
+                proxy.signal(signal.SIGHUP)
+                threading.Event().wait(0.002)
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(20)
+        assert proxy.stop() == 0
+    records = proxy.records()
+    started = sorted(r["session"] for r in records if r["event"] == "session_start")
+    assert sorted(r["session"] for r in records if r["event"] == "session_end") == started
