@@ -306,9 +306,11 @@ class Service:
         # What trio restores when its receiver closes, and where it redelivers a signal that
         # arrived but was not read: from then on the service is writing its last records (the
         # store's queue, the event log), and a further SIGTERM (a repeated `systemctl stop`)
-        # must not cut that short, as the default action would.
-        for stop in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(stop, _stopping_already)
+        # or SIGHUP (a log rotation's reload) must not cut that short, as the default action
+        # would. Ignored, not a handler of Python's: the interpreter, as it exits, puts the
+        # default action back in place of its own handlers.
+        for stop in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(stop, signal.SIG_IGN)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             task_status.started()
             async for signum in signals:
@@ -425,7 +427,3 @@ def check(config: str, overrides: Mapping[str, Any]) -> Loaded:
     except OSError as exc:
         raise ConfigError(f"listen: {listen}: {exc}") from None
     return loaded
-
-
-def _stopping_already(signum: int, frame: object) -> None:
-    """SIGTERM/SIGINT once the service has stopped serving: it is ending anyway."""
