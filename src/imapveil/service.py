@@ -230,39 +230,53 @@ class Service:
                 return 1
         async with trio.open_nursery() as events:
             events.start_soon(self.sink.run)
-            async with trio.open_nursery() as nursery, trio.open_nursery() as writers:
-                nursery.start_soon(self.fanout.run)
-                if self.store is not None:
-                    writers.start_soon(self.store.run)
-                    nursery.start_soon(self._report_store_drops, self.store)
-                if metrics_listeners:
-                    nursery.start_soon(serve_metrics, self.metrics, metrics_listeners, self._health)
-                # Signals are handled before anyone is told we are ready: a reload right after
-                # READY=1 must not find the default SIGHUP action (which ends the process).
-                await nursery.start(self._on_signals)
-                if self.notifier.watchdog_interval:
-                    nursery.start_soon(self._watchdog, self.notifier.watchdog_interval)
-                self.sink.emit(ConfigLoaded(self.config or "command line", True))
-                policy = self.loaded.policy
-                self.sink.emit(PolicyLoaded(policy.name, policy.digest, True))
-                upstream = self.proxy.settings.upstream
-                where = ", ".join(
-                    [listener_address(x) for x in listeners]
-                    + [listener_address(x) + " (TLS)" for x in tls_listeners]
-                )
-                log.info("listening on %s, relaying to %s, policy %s", where, upstream, policy.name)
-                self.notifier.ready(f"relaying {where} to {upstream}")
-                await self.proxy.serve(listeners, tls_listeners=tls_listeners)
-                log.info("stopped after %d sessions", self.proxy.stats.accepted)
-                self.fanout.deliver()  # every session's records, before the writers finish
-                nursery.cancel_scope.cancel()
-                # The store's writer first: it drains its queue to the store or the spool.
-                writers.cancel_scope.cancel()
+            try:
+                await self._serve(listeners, tls_listeners, metrics_listeners)
+            finally:
+                # The service failing (a bug in one of its tasks), its sessions cut off: what
+                # they said last is in the Fanout still, and goes to the event log, written last.
+                self.fanout.deliver()
             if self.store is not None:
                 report_store_drops(self.store, self.sink, final=True)
             # The event log goes last: every record of every session is written before exit.
             events.cancel_scope.cancel()
         return 0
+
+    async def _serve(
+        self,
+        listeners: list[trio.SocketListener],
+        tls_listeners: list[trio.SocketListener],
+        metrics_listeners: list[trio.SocketListener],
+    ) -> None:
+        """Serve until stopped; return once the store's writer has finished."""
+        async with trio.open_nursery() as nursery, trio.open_nursery() as writers:
+            nursery.start_soon(self.fanout.run)
+            if self.store is not None:
+                writers.start_soon(self.store.run)
+                nursery.start_soon(self._report_store_drops, self.store)
+            if metrics_listeners:
+                nursery.start_soon(serve_metrics, self.metrics, metrics_listeners, self._health)
+            # Signals are handled before anyone is told we are ready: a reload right after
+            # READY=1 must not find the default SIGHUP action (which ends the process).
+            await nursery.start(self._on_signals)
+            if self.notifier.watchdog_interval:
+                nursery.start_soon(self._watchdog, self.notifier.watchdog_interval)
+            self.fanout.emit(ConfigLoaded(self.config or "command line", True))
+            policy = self.loaded.policy
+            self.fanout.emit(PolicyLoaded(policy.name, policy.digest, True))
+            upstream = self.proxy.settings.upstream
+            where = ", ".join(
+                [listener_address(x) for x in listeners]
+                + [listener_address(x) + " (TLS)" for x in tls_listeners]
+            )
+            log.info("listening on %s, relaying to %s, policy %s", where, upstream, policy.name)
+            self.notifier.ready(f"relaying {where} to {upstream}")
+            await self.proxy.serve(listeners, tls_listeners=tls_listeners)
+            log.info("stopped after %d sessions", self.proxy.stats.accepted)
+            self.fanout.deliver()  # every session's records, before the writers finish
+            nursery.cancel_scope.cancel()
+            # The store's writer first: it drains its queue to the store or the spool.
+            writers.cancel_scope.cancel()
 
     async def _listeners(self) -> tuple[list[trio.SocketListener], list[trio.SocketListener]]:
         """(plain, implicit TLS): inherited from systemd ("imap", "imaps"), or bound here."""
@@ -292,9 +306,11 @@ class Service:
         # What trio restores when its receiver closes, and where it redelivers a signal that
         # arrived but was not read: from then on the service is writing its last records (the
         # store's queue, the event log), and a further SIGTERM (a repeated `systemctl stop`)
-        # must not cut that short, as the default action would.
-        for stop in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(stop, _stopping_already)
+        # or SIGHUP (a log rotation's reload) must not cut that short, as the default action
+        # would. Ignored, not a handler of Python's: the interpreter, as it exits, puts the
+        # default action back in place of its own handlers.
+        for stop in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(stop, signal.SIG_IGN)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             task_status.started()
             async for signum in signals:
@@ -319,8 +335,8 @@ class Service:
                 loaded = load_all(self.config, self.overrides)
             except ConfigError as exc:
                 log.error("reload refused, the running configuration stays: %s", exc)
-                self.sink.emit(ConfigLoaded(source, False, str(exc)))
-                self.sink.emit(
+                self.fanout.emit(ConfigLoaded(source, False, str(exc)))
+                self.fanout.emit(
                     PolicyLoaded(
                         self.holder.current.name, self.holder.current.digest, False, str(exc)
                     )
@@ -337,9 +353,19 @@ class Service:
             self.proxy.shutdown_grace = loaded.settings.shutdown_grace
             if logs.set_level(loaded.settings.log_level):
                 log.info("log level now %s", loaded.settings.log_level)
-            await self.sink.reopen(loaded.settings.events)
-            self.sink.emit(ConfigLoaded(source, True))
-            self.sink.emit(PolicyLoaded(loaded.policy.name, loaded.policy.digest, True))
+            # The records made before the reload go to the file as it was (renamed by a log
+            # rotation), those made after it to the one it opens; and the service's own records,
+            # like every other, through the Fanout: after the records made before them.
+            self.fanout.deliver()
+            try:
+                await self.sink.reopen(loaded.settings.events)
+            except OSError as exc:
+                log.error(
+                    "event log %s: %s; still writing to the file open before",
+                    loaded.settings.events, exc.strerror or exc,
+                )  # fmt: skip
+            self.fanout.emit(ConfigLoaded(source, True))
+            self.fanout.emit(PolicyLoaded(loaded.policy.name, loaded.policy.digest, True))
             log.info(
                 "reloaded; policy %s (sha256 %s)", loaded.policy.name, loaded.policy.digest[:12]
             )
@@ -350,7 +376,7 @@ class Service:
         """A record in the event log whenever statistics were lost (besides the metrics)."""
         while True:
             await trio.sleep(every)
-            report_store_drops(store, self.sink)
+            report_store_drops(store, self.fanout)
 
     def _health(self) -> tuple[bool, str]:
         """Healthy while sessions are served. A statistics store that is away does not make the
@@ -401,7 +427,3 @@ def check(config: str, overrides: Mapping[str, Any]) -> Loaded:
     except OSError as exc:
         raise ConfigError(f"listen: {listen}: {exc}") from None
     return loaded
-
-
-def _stopping_already(signum: int, frame: object) -> None:
-    """SIGTERM/SIGINT once the service has stopped serving: it is ending anyway."""

@@ -185,7 +185,7 @@ async def test_store_drops_become_a_record(tmp_path: Path, autojump_clock: trio.
     for i in range(5):
         session(sink, f"s{i}", "hmac:u", None)
     log = MemorySink()
-    holder = SimpleNamespace(sink=log)
+    holder = SimpleNamespace(fanout=log)
     with trio.move_on_after(61):
         await Service._report_store_drops(cast(Service, holder), sink)
     dropped = sink.counts["dropped"]

@@ -179,13 +179,18 @@ class JsonLinesSink:
             self._file = path.open("ab")
 
     async def reopen(self, target: str) -> None:
-        """Write to `target` from now on (the same path after log rotation, or a new one)."""
+        """Write to `target` from now on (the same path after log rotation, or a new one). If it
+        cannot be opened (OSError), the file open before stays the one written to."""
         async with self._writing:
             await self._drain_locked()
-            old = self._file
-            self.target, self._file = target, None
-            self.open()
-            if old is not None and old is not sys.stdout.buffer:
+            old, old_target = self._file, self.target
+            self.target = target
+            try:
+                self.open()
+            except OSError:
+                self.target, self._file = old_target, old
+                raise
+            if old is not None and old is not sys.stdout.buffer and old is not self._file:
                 old.close()
 
     def emit(self, record: Record, when: float | None = None) -> None:

@@ -260,7 +260,7 @@ async def serve_metrics(
                     request += chunk
                 path = request.split(b" ", 2)[1] if request.count(b" ") >= 2 else b""
                 if path == b"/metrics":
-                    encode, content_type = choose_encoder(_header(request, b"accept"))
+                    encode, content_type = _encoder(_header(request, b"accept"))
                     status, body = b"200 OK", encode(metrics.registry)
                     kind = content_type.encode()
                 elif path == b"/healthz":
@@ -279,6 +279,15 @@ async def serve_metrics(
             await trio.aclose_forcefully(stream)
 
     await trio.serve_listeners(handle, listeners)
+
+
+def _encoder(accept: str) -> tuple[Callable[[CollectorRegistry], bytes], str]:
+    """The format the scraper asks for; the default text format when prometheus_client cannot
+    read its Accept header (`choose_encoder` raises TypeError on a version such as `1.x`)."""
+    try:
+        return choose_encoder(accept)
+    except (TypeError, ValueError):
+        return choose_encoder("")
 
 
 def _header(request: bytes, name: bytes) -> str:
