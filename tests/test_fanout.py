@@ -8,7 +8,9 @@ import dataclasses
 import json
 import logging
 import time
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -17,7 +19,7 @@ import trio.testing
 
 from imapveil import sinks
 from imapveil.records import CommandCompleted, Record, SessionEnded, SessionStarted
-from imapveil.sinks import Fanout
+from imapveil.sinks import Fanout, jsonl
 from imapveil.sinks.jsonl import JsonLinesSink
 from imapveil.stats.metrics import Metrics
 from imapveil.stats.sink import StoreSink
@@ -225,3 +227,50 @@ async def test_the_event_log_drops_and_counts_a_record_it_cannot_encode(
     lines = [json.loads(x) for x in log_path.read_text().splitlines()]
     assert lines[2] == {"ts": lines[2]["ts"], "event": "records_dropped", "count": 1}
     assert lines[3]["tag"] == "t4"
+
+
+async def test_the_event_log_lets_the_loop_run_between_slices_of_one_large_write(
+    tmp_path: Path,
+) -> None:
+    log_path = tmp_path / "events.jsonl"
+    sink = JsonLinesSink(str(log_path))
+    sink.open()
+    ticks = 0
+    seen: list[tuple[int, int]] = []  # (records in a slice, the other task's ticks by then)
+    encode = sink._encode
+
+    def counted(items: Iterable[tuple[Record | dict[str, Any], float, str | None]]) -> bytes:
+        data = encode(items)
+        seen.append((data.count(b"\n"), ticks))
+        return data
+
+    sink._encode = counted  # type: ignore[method-assign]
+    writes: list[int] = []
+    write = sink._write
+
+    def write_counted(data: bytes) -> None:
+        writes.append(data.count(b"\n"))
+        write(data)
+
+    sink._write = write_counted  # type: ignore[method-assign]
+
+    async def other() -> None:
+        nonlocal ticks
+        while True:
+            await trio.lowlevel.checkpoint()
+            ticks += 1
+
+    n = jsonl.ENCODE_SLICE * 2 + 500
+    for i in range(n):
+        sink.emit(SessionStarted(f"s{i}", "127.0.0.1:1", "127.0.0.1:143"))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sink.run)
+        nursery.start_soon(other)
+        await sink.flush()
+        nursery.cancel_scope.cancel()
+    assert [size for size, _ in seen] == [jsonl.ENCODE_SLICE, jsonl.ENCODE_SLICE, 500]
+    # The other task ran meanwhile (trio runs each runnable task once a batch, in an order of its
+    # own: between two slices, or just before the next; between the first and the last, surely).
+    assert seen[0][1] < seen[2][1]
+    assert writes == [n]  # one worker-thread round trip: BATCH is more than n
+    assert len(log_path.read_text().splitlines()) == n

@@ -1,16 +1,16 @@
 """The JSON-lines event log: one object per line, appended to a file or written to stdout.
 
 `emit` is called from the relay and must never block it: it only queues the record with the
-time it came (a bounded queue). A writer task, in the event loop, encodes what is queued in
-slices of `BATCH` records and writes each slice from a worker thread, which holds no interpreter
-lock while it writes (a slow disk slows the writer, not the sessions). Encoding many records in
-one go costs a quarter of encoding each as it comes: between two records of a session the
-proxy runs everything else (the other sessions, the kernel, Dovecot on the same cores), and each
-record would be encoded with cold caches. A slice is about a millisecond of the loop's time;
-the worker thread runs no Python while it writes, so nothing competes with the event loop for
-the interpreter lock. When the queue is full the record is dropped and counted; the count is
-written as a record of its own once there is room again, so a reader of the log knows something
-is missing. A record that cannot be encoded (a bug) is dropped, counted and logged the same way.
+time it came (a bounded queue). A writer task, in the event loop, encodes what is queued
+(`ENCODE_SLICE` records between two checkpoints: about two milliseconds of the loop's time) and
+writes up to `BATCH` records at a time from a worker thread, which runs no Python while it
+writes: a slow disk slows the writer, not the sessions, and nothing competes with the event loop
+for the interpreter lock. Encoding many records in one go costs a quarter of encoding each as it
+comes: between two records of a session the proxy runs everything else (the other sessions, the
+kernel, Dovecot on the same cores), and each record would be encoded with cold caches. When the
+queue is full the record is dropped and counted; the count is written as a record of its own
+once there is room again, so a reader of the log knows something is missing. A record that
+cannot be encoded (a bug) is dropped, counted and logged the same way.
 
 The queue is shared fairly, so that one session's flood cannot cost another session its
 records: per-command and violation records ("bulk") may fill only three quarters of it, and one
@@ -40,8 +40,11 @@ log = logging.getLogger(__name__)
 
 COALESCE = 0.05
 """Seconds the writer waits after a wake-up, so that one write carries many records."""
-BATCH = 1000
-"""Records one write carries at most: encoding them holds the event loop for about 2 ms."""
+BATCH = 5000
+"""Records one write carries at most (one worker-thread round trip: slow while the loop is busy,
+so a flood's records need large writes not to be crowded out of the queue)."""
+ENCODE_SLICE = 1000
+"""Records encoded between two checkpoints: about 2 ms of the event loop."""
 
 BULK = frozenset(("command", "violation"))
 """Record kinds a single session can produce without bound (one per command it sends)."""
@@ -250,7 +253,15 @@ class JsonLinesSink:
         while todo and queue:
             count = min(todo, len(queue), BATCH)
             todo -= count
-            data = self._encode(itertools.islice(queue, count))
+            parts = []
+            for start in range(0, count, ENCODE_SLICE):
+                if start:
+                    # The others' turn. The queue only grows at its end meanwhile (the lock is
+                    # ours): the records up to `count` stay where they are.
+                    await trio.lowlevel.checkpoint()
+                end = min(start + ENCODE_SLICE, count)
+                parts.append(self._encode(itertools.islice(queue, start, end)))
+            data = b"".join(parts)
             try:
                 await trio.to_thread.run_sync(self._write, data)
             except OSError as exc:
