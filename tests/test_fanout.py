@@ -260,7 +260,7 @@ async def test_the_event_log_lets_the_loop_run_between_slices_of_one_large_write
             await trio.lowlevel.checkpoint()
             ticks += 1
 
-    n = jsonl.ENCODE_SLICE * 2 + 500
+    n = jsonl.ENCODE_SLICE * 2 + jsonl.ENCODE_SLICE // 2
     for i in range(n):
         sink.emit(SessionStarted(f"s{i}", "127.0.0.1:1", "127.0.0.1:143"))
     async with trio.open_nursery() as nursery:
@@ -268,7 +268,7 @@ async def test_the_event_log_lets_the_loop_run_between_slices_of_one_large_write
         nursery.start_soon(other)
         await sink.flush()
         nursery.cancel_scope.cancel()
-    assert [size for size, _ in seen] == [jsonl.ENCODE_SLICE, jsonl.ENCODE_SLICE, 500]
+    assert [size for size, _ in seen] == [jsonl.ENCODE_SLICE] * 2 + [jsonl.ENCODE_SLICE // 2]
     # The other task ran meanwhile (trio runs each runnable task once a batch, in an order of its
     # own: between two slices, or just before the next; between the first and the last, surely).
     assert seen[0][1] < seen[2][1]
