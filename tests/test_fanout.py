@@ -248,9 +248,9 @@ async def test_the_event_log_lets_the_loop_run_between_slices_of_one_large_write
     writes: list[int] = []
     write = sink._write
 
-    def write_counted(data: bytes) -> None:
+    def write_counted(data: bytes) -> tuple[int, OSError | None]:
         writes.append(data.count(b"\n"))
-        write(data)
+        return write(data)
 
     sink._write = write_counted  # type: ignore[method-assign]
 

@@ -20,10 +20,12 @@ own records use the rest. Session traits (fingerprints) are never written here.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import logging
 import math
+import os
 import sys
 import time
 from collections import deque
@@ -47,6 +49,12 @@ BATCH = 5000
 so a flood's records need large writes not to be crowded out of the queue)."""
 ENCODE_SLICE = 250
 """Records encoded between two checkpoints: about half a millisecond of the event loop."""
+
+FAILURE_LOG_INTERVAL = 60.0
+"""Seconds between two errors logged while the event log's writes keep failing."""
+_DROPS = b'","event":"records_dropped","count":'
+"""In a line of ours that says how many records were dropped, and in no other: in a string
+value every quote is escaped."""
 
 BULK = frozenset(("command", "violation"))
 """Record kinds a single session can produce without bound (one per command it sends)."""
@@ -172,6 +180,9 @@ class JsonLinesSink:
         self._bulk_by_session: dict[str, int] = {}
         self._wake = trio.Event()
         self._file: IO[bytes] | None = None
+        self._torn = False  # a failed write cut the file's last line short
+        self._failing = False  # the last write failed
+        self._failure_logged = 0.0
         self._writing = trio.Lock()
 
     def open(self) -> None:
@@ -181,7 +192,9 @@ class JsonLinesSink:
         else:
             path = Path(self.target)
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = path.open("ab")
+            # Unbuffered: a write that fails leaves nothing in a buffer of ours, to go out later
+            # (the disk freed) after records counted as lost, or to fail again at close.
+            self._file = path.open("ab", buffering=0)
 
     async def reopen(self, target: str) -> None:
         """Write to `target` from now on (the same path after log rotation, or a new one). If it
@@ -264,10 +277,12 @@ class JsonLinesSink:
                 end = min(start + ENCODE_SLICE, count)
                 parts.append(self._encode(itertools.islice(queue, start, end)))
             data = b"".join(parts)
-            try:
-                await trio.to_thread.run_sync(self._write, data)
-            except OSError as exc:
-                log.error("cannot write the event log %s: %s", self.target, exc)
+            written, error = await trio.to_thread.run_sync(self._write, data)
+            if error is not None:
+                self._failed(data, written, error)
+            elif self._failing:
+                self._failing = False
+                log.warning("the event log %s is written again", self.target)
             # Taken off the queue only once written (or failed): a cancellation before the
             # write leaves them for the final drain.
             for _ in range(count):
@@ -297,10 +312,65 @@ class JsonLinesSink:
                     log.exception("an event log record (%s) could not be encoded", kind)
         return b"".join(lines)
 
-    def _write(self, data: bytes) -> None:
-        assert self._file is not None, "open() the sink first"
-        self._file.write(data)
-        self._file.flush()
+    def _write(self, data: bytes) -> tuple[int, OSError | None]:
+        """All of `data`, or what the file takes of it before an error: (octets written, the
+        error or None). In a worker thread; nothing else writes meanwhile (`_writing`)."""
+        file = self._file
+        assert file is not None, "open() the sink first"
+        try:
+            fd = file.fileno()
+        except (OSError, ValueError):  # a stream without a descriptor (stdout replaced)
+            try:
+                file.write(data)
+                file.flush()
+            except OSError as exc:
+                return 0, exc
+            return len(data), None
+        if file is sys.stdout.buffer:
+            file.flush()  # what went to stdout by other means first
+        view, done = memoryview(data), 0
+        try:
+            if self._torn and os.write(fd, b"\n"):  # the last line was cut short
+                self._torn = False
+            while done < len(data):
+                n = os.write(fd, view[done:])
+                if not n:
+                    raise OSError(errno.EIO, "the event log took nothing")
+                done += n
+        except OSError as exc:
+            return done, exc
+        finally:
+            view.release()
+        return done, None
+
+    def _failed(self, data: bytes, written: int, error: OSError) -> None:
+        """A write took `written` octets of `data`, then failed (a full disk, an I/O error):
+        the records whose lines did not go out whole are lost. They are counted (`dropped`,
+        the metric) and said in a `records_dropped` line once writes go through again; a lost
+        `records_dropped` line's own count is said again instead of being counted. A line cut
+        short is ended before the next write, so that it stands on a line of its own."""
+        start = data.rfind(b"\n", 0, written) + 1  # the first line not written whole
+        if written > start:
+            self._torn = True
+        lost = 0
+        for line in data[start:].splitlines():
+            if _DROPS in line:
+                try:
+                    self._unreported_drops += int(json.loads(line)["count"])
+                    continue
+                except (ValueError, KeyError, TypeError):
+                    pass
+            lost += 1
+        self.dropped += lost
+        self._unreported_drops += lost
+        now = time.monotonic()
+        if not self._failing or now - self._failure_logged >= FAILURE_LOG_INTERVAL:
+            self._failure_logged = now
+            log.error(
+                "cannot write the event log %s: %s (%d records lost so far)",
+                self.target, error.strerror or error, self.dropped,
+            )  # fmt: skip
+        self._failing = True
 
 
 def _bulk_session(record: Record) -> str | None:
