@@ -102,7 +102,6 @@ def limited() -> list[str]:
     return ["prlimit", f"--fsize={LIMIT}:unlimited", "--"]  # the soft limit: raised later
 
 
-@pytest.mark.xfail(strict=True, reason="the new file begins with a blank line")
 def test_a_rotation_while_writes_fail_starts_the_new_file_with_a_record(
     dovecot: Dovecot, tmp_path: Path
 ) -> None:
@@ -156,7 +155,6 @@ def test_records_lost_are_said_at_exit_once_writes_go_through(
     assert written + said == made(metrics)
 
 
-@pytest.mark.xfail(strict=True, reason="the first record is glued to the fragment")
 def test_a_restart_on_a_log_cut_short_does_not_glue_the_first_record_to_it(
     dovecot: Dovecot, tmp_path: Path
 ) -> None:

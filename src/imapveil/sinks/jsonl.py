@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import os
+import stat
 import sys
 import time
 from collections import deque
@@ -195,18 +196,21 @@ class JsonLinesSink:
             # Unbuffered: a write that fails leaves nothing in a buffer of ours, to go out later
             # (the disk freed) after records counted as lost, or to fail again at close.
             self._file = path.open("ab", buffering=0)
+        # This file's own last line: one cut short (a full disk, by this process or one before
+        # it) is ended before the first write; a new file (a rotation) has none.
+        self._torn = _cut_short(self.target, self._file)
 
     async def reopen(self, target: str) -> None:
         """Write to `target` from now on (the same path after log rotation, or a new one). If it
         cannot be opened (OSError), the file open before stays the one written to."""
         async with self._writing:
             await self._drain_locked()
-            old, old_target = self._file, self.target
+            old, old_target, old_torn = self._file, self.target, self._torn
             self.target = target
             try:
                 self.open()
             except OSError:
-                self.target, self._file = old_target, old
+                self.target, self._file, self._torn = old_target, old, old_torn
                 raise
             if old is not None and old is not sys.stdout.buffer and old is not self._file:
                 old.close()
@@ -371,6 +375,20 @@ class JsonLinesSink:
                 self.target, error.strerror or error, self.dropped,
             )  # fmt: skip
         self._failing = True
+
+
+def _cut_short(target: str, file: IO[bytes]) -> bool:
+    """Whether `file`, a regular file, ends with an unfinished line (not with a newline)."""
+    if target == "-":
+        return False
+    try:
+        status = os.fstat(file.fileno())
+        if not status.st_size or not stat.S_ISREG(status.st_mode):
+            return False
+        with open(target, "rb", buffering=0) as f:  # ours is opened to append only
+            return os.pread(f.fileno(), 1, status.st_size - 1) != b"\n"
+    except (OSError, ValueError):  # not readable: assume it is whole
+        return False
 
 
 def _bulk_session(record: Record) -> str | None:
