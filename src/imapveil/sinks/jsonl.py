@@ -234,14 +234,19 @@ class JsonLinesSink:
             return
         now = time.time() if when is None else when
         if self._unreported_drops:
-            drops = {"event": "records_dropped", "count": self._unreported_drops}
-            self._queue.append((drops, now, None))
-            self._unreported_drops = 0
+            self._say_drops(now)
         self._queue.append((record, now, session))
         self._wake.set()
 
+    def _say_drops(self, now: float) -> None:
+        """Queue a `records_dropped` record for the records lost and not said yet."""
+        drops = {"event": "records_dropped", "count": self._unreported_drops}
+        self._queue.append((drops, now, None))
+        self._unreported_drops = 0
+
     async def run(self) -> None:
-        """Write queued records until cancelled; then write what is left."""
+        """Write queued records until cancelled; then write what is left, and a
+        `records_dropped` line for records lost that no record after them said."""
         try:
             while True:
                 await self._wake.wait()
@@ -251,6 +256,9 @@ class JsonLinesSink:
         finally:
             with trio.CancelScope(shield=True):
                 while self._queue:
+                    await self._drain()
+                if self._unreported_drops:  # records lost, and none came after to say so
+                    self._say_drops(time.time())
                     await self._drain()
                 if self._file is not None and self.target != "-":
                     self._file.close()
