@@ -172,7 +172,6 @@ def test_a_restart_on_a_log_cut_short_does_not_glue_the_first_record_to_it(
     assert records[-1]["event"] == "session_end"
 
 
-@pytest.mark.xfail(strict=True, reason="the exit waits for the stuck write for ever")
 @pytest.mark.parametrize("reload", [False, True], ids=["stop", "reload-then-stop"])
 def test_stdout_a_pipe_nobody_reads_neither_stops_relaying_nor_the_exit(
     dovecot: Dovecot, tmp_path: Path, reload: bool

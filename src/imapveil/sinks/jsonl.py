@@ -28,6 +28,7 @@ import math
 import os
 import stat
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -50,6 +51,11 @@ BATCH = 5000
 so a flood's records need large writes not to be crowded out of the queue)."""
 ENCODE_SLICE = 250
 """Records encoded between two checkpoints: about half a millisecond of the event loop."""
+
+CLOSE_WITHIN = 5.0
+"""Seconds the event log gets at exit to take what is queued: a pipe nobody reads (a stuck log
+collector) would keep the service from exiting for ever. What it has not taken by then is
+counted lost and logged."""
 
 FAILURE_LOG_INTERVAL = 60.0
 """Seconds between two errors logged while the event log's writes keep failing."""
@@ -185,6 +191,7 @@ class JsonLinesSink:
         self._failing = False  # the last write failed
         self._failure_logged = 0.0
         self._writing = trio.Lock()
+        self._job: _Write | None = None  # a write its task stopped waiting for (cancelled)
 
     def open(self) -> None:
         """Open the target now, so a bad path fails at start-up, not at the first record."""
@@ -203,6 +210,8 @@ class JsonLinesSink:
     async def reopen(self, target: str) -> None:
         """Write to `target` from now on (the same path after log rotation, or a new one). If it
         cannot be opened (OSError), the file open before stays the one written to."""
+        if target == "-" and self.target == "-":
+            return  # stdout stays: nothing to wait for (a reader that stopped reading)
         async with self._writing:
             await self._drain_locked()
             old, old_target, old_torn = self._file, self.target, self._torn
@@ -255,12 +264,15 @@ class JsonLinesSink:
                 await self._drain()
         finally:
             with trio.CancelScope(shield=True):
-                while self._queue:
-                    await self._drain()
-                if self._unreported_drops:  # records lost, and none came after to say so
-                    self._say_drops(time.time())
-                    await self._drain()
-                if self._file is not None and self.target != "-":
+                with trio.move_on_after(CLOSE_WITHIN) as late:
+                    while self._queue or self._job is not None:
+                        await self._drain()
+                    if self._unreported_drops:  # records lost, and none came after to say so
+                        self._say_drops(time.time())
+                        await self._drain()
+                if late.cancelled_caught:
+                    self._give_up()
+                elif self._file is not None and self.target != "-":
                     self._file.close()
 
     async def flush(self) -> None:
@@ -275,6 +287,10 @@ class JsonLinesSink:
         """Write what is queued now, and only that: records emitted meanwhile wait for the next
         round (after COALESCE), so that a steady trickle of records costs one write, one
         worker-thread round trip, per COALESCE, not one per record or two."""
+        if self._job is not None:  # its records are the first queued
+            job = self._job
+            await trio.to_thread.run_sync(job.done.wait, abandon_on_cancel=True)
+            self._written(job)
         queue = self._queue
         todo = len(queue)
         while todo and queue:
@@ -288,24 +304,45 @@ class JsonLinesSink:
                     await trio.lowlevel.checkpoint()
                 end = min(start + ENCODE_SLICE, count)
                 parts.append(self._encode(itertools.islice(queue, start, end)))
-            data = b"".join(parts)
-            written, error = await trio.to_thread.run_sync(self._write, data)
-            if error is not None:
-                self._failed(data, written, error)
-            elif self._failing:
-                self._failing = False
-                log.warning("the event log %s is written again", self.target)
-            # Taken off the queue only once written (or failed): a cancellation before the
-            # write leaves them for the final drain.
-            for _ in range(count):
-                _record, _when, session = queue.popleft()
-                if session is not None:
-                    self._bulk -= 1
-                    left = self._bulk_by_session[session] - 1
-                    if left:
-                        self._bulk_by_session[session] = left
-                    else:
-                        del self._bulk_by_session[session]
+            # Not waited for once cancelled (at exit: a write that never ends must not keep the
+            # service from exiting): the final drain waits for it, as long as it may.
+            job = self._job = _Write(self._write, count, b"".join(parts))
+            await trio.to_thread.run_sync(job.run, abandon_on_cancel=True)
+            self._written(job)
+
+    def _written(self, job: _Write) -> None:
+        """`job`'s write is over: its records are taken off the queue, those lost counted."""
+        self._job = None
+        written, error = job.result
+        if error is not None:
+            self._failed(job.data, written, error)
+        elif self._failing:
+            self._failing = False
+            log.warning("the event log %s is written again", self.target)
+        # Taken off the queue only once written (or failed): a cancellation before the write
+        # leaves them for the final drain.
+        queue = self._queue
+        for _ in range(job.count):
+            _record, _when, session = queue.popleft()
+            if session is not None:
+                self._bulk -= 1
+                left = self._bulk_by_session[session] - 1
+                if left:
+                    self._bulk_by_session[session] = left
+                else:
+                    del self._bulk_by_session[session]
+
+    def _give_up(self) -> None:
+        """At exit, the event log took nothing for `CLOSE_WITHIN` seconds: what is queued (the
+        write in progress included) is lost. The file stays open: the write may yet end."""
+        lost = sum(not _is_drops(record) for record, _when, _session in self._queue)
+        self._queue.clear()
+        self.dropped += lost
+        log.error(
+            "the event log %s took nothing more for %g s: %d records lost at exit "
+            "(%d in all)",
+            self.target, CLOSE_WITHIN, lost, self.dropped,
+        )  # fmt: skip
 
     def _encode(self, items: Iterable[tuple[Record | dict[str, Any], float, str | None]]) -> bytes:
         """The lines of `items`, joined. A record that cannot be encoded (a bug of ours: records
@@ -383,6 +420,32 @@ class JsonLinesSink:
                 self.target, error.strerror or error, self.dropped,
             )  # fmt: skip
         self._failing = True
+
+
+class _Write:
+    """One write of the event log, in a worker thread that may outlive the task that started it
+    (cancelled at exit): its result is kept here, not returned."""
+
+    __slots__ = ("count", "data", "done", "result", "write")
+
+    def __init__(self, write: Callable[[bytes], tuple[int, OSError | None]], count: int,
+                 data: bytes) -> None:  # fmt: skip
+        self.write = write
+        self.count = count  # the records queued first that `data` holds
+        self.data = data
+        self.done = threading.Event()
+        self.result: tuple[int, OSError | None] = (0, None)
+
+    def run(self) -> None:
+        try:
+            self.result = self.write(self.data)
+        finally:
+            self.done.set()
+
+
+def _is_drops(record: Record | dict[str, Any]) -> bool:
+    """Whether `record` is our `records_dropped` record (its count is counted already)."""
+    return isinstance(record, dict) and record.get("event") == "records_dropped"
 
 
 def _cut_short(target: str, file: IO[bytes]) -> bool:
