@@ -223,7 +223,6 @@ def test_stdout_a_pipe_nobody_reads_neither_stops_relaying_nor_the_exit(
     assert not reload or b"reloaded" in stderr
 
 
-@pytest.mark.xfail(strict=True, reason="the spool's close fails: exit 1 with a traceback")
 def test_a_full_disk_under_the_statistics_spool_lets_the_service_exit_cleanly(
     dovecot: Dovecot, tmp_path: Path
 ) -> None:
@@ -270,7 +269,6 @@ print(" ".join(item[1][0] for item in items))
 """
 
 
-@pytest.mark.xfail(strict=True, reason="the failed write's rows stay buffered, go out twice")
 def test_rows_a_full_disk_refused_are_spooled_once_when_it_takes_them(tmp_path: Path) -> None:
     """The spool's write fails (the disk full): its rows stay queued, to be written again. They
     also stayed in the spool file's buffer, and went out with the next write as well: each row
