@@ -193,16 +193,21 @@ class JsonLinesSink:
         self._writing = trio.Lock()
         self._job: _Write | None = None  # a write its task stopped waiting for (cancelled)
 
-    def open(self) -> None:
-        """Open the target now, so a bad path fails at start-up, not at the first record."""
+    def open(self, *, wait: bool = True) -> None:
+        """Open the target now, so a bad path fails at start-up, not at the first record.
+        `wait=False`: a named pipe nobody reads is an error (ENXIO), not waited for."""
         if self.target == "-":
             self._file = sys.stdout.buffer
         else:
             path = Path(self.target)
             path.parent.mkdir(parents=True, exist_ok=True)
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+            fd = os.open(path, flags | (0 if wait else os.O_NONBLOCK), 0o666)
+            if not wait:  # writes block (in the worker thread), as they always did
+                os.set_blocking(fd, True)
             # Unbuffered: a write that fails leaves nothing in a buffer of ours, to go out later
             # (the disk freed) after records counted as lost, or to fail again at close.
-            self._file = path.open("ab", buffering=0)
+            self._file = open(fd, "ab", buffering=0)  # noqa: SIM115 (kept open)
         # This file's own last line: one cut short (a full disk, by this process or one before
         # it) is ended before the first write; a new file (a rotation) has none.
         self._torn = _cut_short(self.target, self._file)
@@ -217,7 +222,9 @@ class JsonLinesSink:
             old, old_target, old_torn = self._file, self.target, self._torn
             self.target = target
             try:
-                self.open()
+                # Not waited for: a named pipe whose reader went away would keep the event loop,
+                # every session, waiting in open(2) until another came.
+                self.open(wait=False)
             except OSError:
                 self.target, self._file, self._torn = old_target, old, old_torn
                 raise
