@@ -11,6 +11,7 @@ fragment, and no blank line; the service relays and stops cleanly and in time.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -309,3 +310,49 @@ def test_a_reload_with_the_event_log_a_fifo_nobody_reads_freezes_nothing(
             reader.wait()
     assert b"Broken pipe" in proxy.stderr
     assert b"still writing to the file open before" in proxy.stderr
+
+
+def test_a_full_disk_then_freed_while_sessions_run(dovecot: Dovecot, tmp_path: Path) -> None:
+    """A real full disk (a 64 KB tmpfs, filled but for a page: ENOSPC, a write taken in part),
+    then freed, sessions all along: each record made is in the log whole, or counted in
+    the metric and said in a `records_dropped` line, the line cut short stands alone."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a tmpfs")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.decode().strip()}")
+    try:
+        events = disk / "events.jsonl"
+        filler = disk / "filler"
+        port = free_port()
+        args = ("--store", "off", "--metrics", f"127.0.0.1:{port}", "--events", str(events))
+        with imapveil(tmp_path, dovecot.address, *args) as proxy:
+            session(proxy.port)
+            # The disk filled but for a page (and the room left in the log's last page): a few
+            # sessions' records.
+            with filler.open("wb", buffering=0) as f:
+                with contextlib.suppress(OSError):
+                    while f.write(b"x" * 1024):
+                        pass
+                f.truncate(f.tell() - 4096)
+            until_dropped(proxy.port, port)
+            session(proxy.port)  # lost too
+            filler.unlink()  # the disk freed
+            session(proxy.port)
+            session(proxy.port)
+            metrics = scrape(port)
+            assert proxy.stop() == 0
+        records, other = read_log(events)
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+    assert len(other) == 1 and other[0].startswith(b'{"ts":')  # cut short, on a line alone
+    written, said = accounted(records)
+    assert said == metrics["imapveil_events_dropped_total"] > 0
+    assert written + said == made(metrics)
+    assert records[-1]["event"] == "session_end"
