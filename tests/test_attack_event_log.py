@@ -26,6 +26,8 @@ from typing import Any
 
 import pytest
 
+from imapveil.records import IdExchange
+from imapveil.sinks.jsonl import _DROPS, COALESCE, encode
 from tests.helpers.dovecot import Dovecot, free_port
 from tests.helpers.process import imapveil
 
@@ -356,3 +358,38 @@ def test_a_full_disk_then_freed_while_sessions_run(dovecot: Dovecot, tmp_path: P
     assert said == metrics["imapveil_events_dropped_total"] > 0
     assert written + said == made(metrics)
     assert records[-1]["event"] == "session_end"
+
+
+def test_a_client_cannot_make_its_id_pass_for_a_records_dropped_line(
+    dovecot: Dovecot, tmp_path: Path
+) -> None:
+    """A policy that records every ID field a client sends: a client names its fields so that
+    its ID record holds `","event":"records_dropped","count":` (the marker of our own count
+    lines) and a count. Lost with the rest (the log on /dev/full), it is counted as one record
+    lost, not read as a count of lost records: the metric is exactly the records made."""
+    policy = tmp_path / "all.toml"
+    policy.write_text(
+        'name = "all"\ndefault = { forward = "keep", record = "keep" }\ndetectors = []\n'
+    )
+    port = free_port()
+    args = ("--store", "off", "--metrics", f"127.0.0.1:{port}", "--events", "/dev/full")
+    with imapveil(tmp_path, dovecot.address, *args, "--policy", str(policy)) as proxy:
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
+            f = s.makefile("rb")
+            f.readline()
+            s.sendall(b'i ID ("x" "" "event" "records_dropped" "count" "100000")\r\n')
+            while not f.readline().startswith(b"i "):
+                pass
+            s.sendall(b"q LOGOUT\r\n")
+            f.read()
+            f.close()
+        time.sleep(2 * COALESCE + 0.2)  # written (lost); a count read from it said after
+        metrics = scrape(port)
+        assert proxy.stop() == 0
+    assert metrics["imapveil_id_exchanges_total"] == 1
+    everything = made(metrics) + 1  # and the ID exchange's own record
+    assert metrics["imapveil_events_dropped_total"] == everything
+    # The record as the log writes it (a writable log shows the same line): the marker is in it.
+    client: dict[str, str | None] = {"x": "", "event": "records_dropped", "count": "100000"}
+    record = IdExchange("s", "i", "not_authenticated", "OK", False, client, (), None, None)
+    assert _DROPS in encode(record)

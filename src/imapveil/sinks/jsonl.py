@@ -60,8 +60,10 @@ counted lost and logged."""
 FAILURE_LOG_INTERVAL = 60.0
 """Seconds between two errors logged while the event log's writes keep failing."""
 _DROPS = b'","event":"records_dropped","count":'
-"""In a line of ours that says how many records were dropped, and in no other: in a string
-value every quote is escaped."""
+"""In a line of ours that says how many records were dropped. Not only there: a client's ID
+fields, recorded by a policy that keeps them all, can spell it as keys of the record's `client`
+object (tests/test_attack_event_log.py); such a line has no `count` of its own, and is counted
+as a record lost."""
 
 BULK = frozenset(("command", "violation"))
 """Record kinds a single session can produce without bound (one per command it sends)."""
