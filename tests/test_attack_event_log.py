@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ import pytest
 from imapveil.records import IdExchange
 from imapveil.sinks.jsonl import _DROPS, COALESCE, encode
 from tests.helpers.dovecot import Dovecot, free_port
-from tests.helpers.process import imapveil
+from tests.helpers.process import imapveil, wait_until_listening
 
 pytestmark = pytest.mark.dovecot
 
@@ -393,3 +394,58 @@ def test_a_client_cannot_make_its_id_pass_for_a_records_dropped_line(
     client: dict[str, str | None] = {"x": "", "event": "records_dropped", "count": "100000"}
     record = IdExchange("s", "i", "not_authenticated", "OK", False, client, (), None, None)
     assert _DROPS in encode(record)
+
+
+@pytest.mark.xfail(strict=True, reason="EAGAIN: a batch more than the pipe holds is lost")
+def test_stdout_a_non_blocking_pipe_loses_nothing(dovecot: Dovecot, tmp_path: Path) -> None:
+    """`--events -` into a pipe whose file description another process made non-blocking (the
+    flag is shared: a supervisor's own end, say), read as fast as it comes: a write of more than
+    the pipe holds (a batch of a few hundred records) failed with EAGAIN, the batch counted
+    lost. The writer waits for room, as a blocking write would."""
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    port = free_port()
+    command = [
+        sys.executable, "-m", "imapveil", "serve",
+        "--listen", f"127.0.0.1:{port}", "--upstream", f"127.0.0.1:{dovecot.address[1]}",
+        "--events", "-", "--store", "off", "--user-key-file", str(tmp_path / "user-key"),
+    ]  # fmt: skip
+    got = bytearray()
+
+    def read() -> None:
+        while chunk := os.read(read_end, 1 << 16):
+            got.extend(chunk)
+
+    reader = threading.Thread(target=read)
+    process = subprocess.Popen(command, stdout=write_end, stderr=subprocess.PIPE)
+    os.close(write_end)
+    reader.start()
+    try:
+        assert process.stderr is not None
+        wait_until_listening(process)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            f = s.makefile("rb")
+            f.readline()
+            s.sendall(b"l LOGIN alice wonderland\r\n")
+            f.readline()
+            for _ in range(2):  # 500 records in a batch: some 100 KB, the pipe holds 64
+                s.sendall(b"".join(b"n%d NOOP\r\n" % i for i in range(500)))
+                while not f.readline().startswith(b"n499 "):
+                    pass
+                time.sleep(2 * COALESCE)
+            s.sendall(b"q LOGOUT\r\n")
+            f.read()
+            f.close()
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=20)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+        reader.join(20)
+        os.close(read_end)
+    assert process.returncode == 0, stderr.decode()
+    assert b"cannot write the event log" not in stderr, stderr.decode()
+    records = [json.loads(line) for line in got.splitlines()]
+    assert [r["event"] for r in records].count("command") == 1 + 1000 + 1
+    assert records[-1]["event"] == "session_end"
