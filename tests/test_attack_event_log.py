@@ -396,7 +396,6 @@ def test_a_client_cannot_make_its_id_pass_for_a_records_dropped_line(
     assert _DROPS in encode(record)
 
 
-@pytest.mark.xfail(strict=True, reason="EAGAIN: a batch more than the pipe holds is lost")
 def test_stdout_a_non_blocking_pipe_loses_nothing(dovecot: Dovecot, tmp_path: Path) -> None:
     """`--events -` into a pipe whose file description another process made non-blocking (the
     flag is shared: a supervisor's own end, say), read as fast as it comes: a write of more than

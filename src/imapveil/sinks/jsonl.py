@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import os
+import select
 import stat
 import sys
 import threading
@@ -388,10 +389,10 @@ class JsonLinesSink:
             file.flush()  # what went to stdout by other means first
         view, done = memoryview(data), 0
         try:
-            if self._torn and os.write(fd, b"\n"):  # the last line was cut short
+            if self._torn and _write_some(fd, b"\n"):  # the last line was cut short
                 self._torn = False
             while done < len(data):
-                n = os.write(fd, view[done:])
+                n = _write_some(fd, view[done:])
                 if not n:
                     raise OSError(errno.EIO, "the event log took nothing")
                 done += n
@@ -429,6 +430,18 @@ class JsonLinesSink:
                 self.target, error.strerror or error, self.dropped,
             )  # fmt: skip
         self._failing = True
+
+
+def _write_some(fd: int, data: bytes | memoryview) -> int:
+    """`os.write`, waiting for room if the descriptor is non-blocking (stdout, a pipe another
+    process made so: the flag is the file description's, shared), as a blocking write would."""
+    while True:
+        try:
+            return os.write(fd, data)
+        except BlockingIOError:
+            waiting = select.poll()
+            waiting.register(fd, select.POLLOUT)
+            waiting.poll()
 
 
 class _Write:
