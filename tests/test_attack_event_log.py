@@ -46,15 +46,19 @@ def session(port: int, timeout: float = 10) -> None:
         f.read()
 
 
-def scrape(port: int) -> dict[str, float]:
-    """The proxy's own counters: records dropped, and how many it made (start: config and
-    policy; each session: start, commands, end)."""
+def metrics_text(port: int) -> str:
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
         connection.request("GET", "/metrics")
-        text = connection.getresponse().read().decode()
+        return connection.getresponse().read().decode()
     finally:
         connection.close()
+
+
+def scrape(port: int) -> dict[str, float]:
+    """The proxy's own counters: records dropped, and how many it made (start: config and
+    policy; each session: start, commands, end)."""
+    text = metrics_text(port)
     values: dict[str, float] = {}
     for line in text.splitlines():
         if line.startswith("#"):
@@ -125,7 +129,12 @@ def test_a_rotation_while_writes_fail_starts_the_new_file_with_a_record(
         assert b"reloaded" in proxy.stderr_until(b" imapveil: reload")
         session(proxy.port)
         metrics = scrape(port)
+        (help_line,) = [
+            x for x in metrics_text(port).splitlines() if x.startswith("# HELP imapveil_events_d")
+        ]
         assert proxy.stop() == 0
+    # What the metric counts, as an operator reads it: not only a full queue.
+    assert "writes failed" in help_line
     new_records, new_other = read_log(proxy.events)
     assert new_other == []
     assert new_records[0]["event"] == "records_dropped"
