@@ -456,7 +456,8 @@ class _Write:
         self.count = count  # the records queued first that `data` holds
         self.data = data
         self.done = threading.Event()
-        self.result: tuple[int, OSError | None] = (0, None)
+        # Until the write says otherwise (it may raise: a bug), nothing of `data` went out.
+        self.result: tuple[int, OSError | None] = (0, OSError(errno.EIO, "the write failed"))
 
     def run(self) -> None:
         try:
