@@ -490,3 +490,25 @@ async def test_a_write_that_raises_counts_its_records_lost(tmp_path: Path) -> No
         ("records_dropped", None, 1),
         ("session_start", "c", None),
     ]
+
+
+@pytest.mark.xfail(strict=True, reason="the truncated file begins with a blank line")
+def test_a_copytruncate_rotation_while_writes_fail_starts_the_file_with_a_record(
+    dovecot: Dovecot, tmp_path: Path
+) -> None:
+    """logrotate's `copytruncate` (the file copied, then truncated in place, no SIGHUP) after a
+    write the limit cut short: the newline meant to end that line was written first, to the
+    empty file: a blank line. What follows is whole records, the first of them saying the
+    loss."""
+    port = free_port()
+    args = ("--store", "off", "--metrics", f"127.0.0.1:{port}")
+    with imapveil(tmp_path, dovecot.address, *args, wrap=limited()) as proxy:
+        until_dropped(proxy.port, port)
+        time.sleep(2 * COALESCE)  # the last session's records: written or lost
+        with proxy.events.open("r+b") as f:
+            f.truncate(0)
+        session(proxy.port)
+        assert proxy.stop() == 0
+    records, other = read_log(proxy.events)
+    assert other == []
+    assert records[0]["event"] == "records_dropped"
