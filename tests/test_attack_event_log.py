@@ -492,7 +492,6 @@ async def test_a_write_that_raises_counts_its_records_lost(tmp_path: Path) -> No
     ]
 
 
-@pytest.mark.xfail(strict=True, reason="the truncated file begins with a blank line")
 def test_a_copytruncate_rotation_while_writes_fail_starts_the_file_with_a_record(
     dovecot: Dovecot, tmp_path: Path
 ) -> None:

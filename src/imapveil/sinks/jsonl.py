@@ -389,6 +389,8 @@ class JsonLinesSink:
             file.flush()  # what went to stdout by other means first
         view, done = memoryview(data), 0
         try:
+            if self._torn and _emptied(fd):  # truncated in place (copytruncate): no line left
+                self._torn = False
             if self._torn and _write_some(fd, b"\n"):  # the last line was cut short
                 self._torn = False
             while done < len(data):
@@ -430,6 +432,15 @@ class JsonLinesSink:
                 self.target, error.strerror or error, self.dropped,
             )  # fmt: skip
         self._failing = True
+
+
+def _emptied(fd: int) -> bool:
+    """Whether `fd` is a regular file with nothing in it."""
+    try:
+        status = os.fstat(fd)
+    except OSError:
+        return False
+    return stat.S_ISREG(status.st_mode) and not status.st_size
 
 
 def _write_some(fd: int, data: bytes | memoryview) -> int:
