@@ -195,7 +195,8 @@ class Service:
         stats = self.proxy.stats
         self.metrics.gauge("sessions_active", "Sessions open now", lambda: stats.active)
         self.metrics.counter(
-            "events_dropped", "Records the event log dropped (its queue was full)",
+            "events_dropped",
+            "Records the event log lost (its queue was full, or its writes failed)",
             lambda: self.sink.dropped,
         )  # fmt: skip
         self.metrics.counter(

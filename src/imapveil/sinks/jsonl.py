@@ -26,7 +26,10 @@ import json
 import logging
 import math
 import os
+import select
+import stat
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -50,11 +53,18 @@ so a flood's records need large writes not to be crowded out of the queue)."""
 ENCODE_SLICE = 250
 """Records encoded between two checkpoints: about half a millisecond of the event loop."""
 
+CLOSE_WITHIN = 5.0
+"""Seconds the event log gets at exit to take what is queued: a pipe nobody reads (a stuck log
+collector) would keep the service from exiting for ever. What it has not taken by then is
+counted lost and logged."""
+
 FAILURE_LOG_INTERVAL = 60.0
 """Seconds between two errors logged while the event log's writes keep failing."""
 _DROPS = b'","event":"records_dropped","count":'
-"""In a line of ours that says how many records were dropped, and in no other: in a string
-value every quote is escaped."""
+"""In a line of ours that says how many records were dropped. Not only there: a client's ID
+fields, recorded by a policy that keeps them all, can spell it as keys of the record's `client`
+object (tests/test_attack_event_log.py); such a line has no `count` of its own, and is counted
+as a record lost."""
 
 BULK = frozenset(("command", "violation"))
 """Record kinds a single session can produce without bound (one per command it sends)."""
@@ -184,29 +194,42 @@ class JsonLinesSink:
         self._failing = False  # the last write failed
         self._failure_logged = 0.0
         self._writing = trio.Lock()
+        self._job: _Write | None = None  # a write its task stopped waiting for (cancelled)
 
-    def open(self) -> None:
-        """Open the target now, so a bad path fails at start-up, not at the first record."""
+    def open(self, *, wait: bool = True) -> None:
+        """Open the target now, so a bad path fails at start-up, not at the first record.
+        `wait=False`: a named pipe nobody reads is an error (ENXIO), not waited for."""
         if self.target == "-":
             self._file = sys.stdout.buffer
         else:
             path = Path(self.target)
             path.parent.mkdir(parents=True, exist_ok=True)
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+            fd = os.open(path, flags | (0 if wait else os.O_NONBLOCK), 0o666)
+            if not wait:  # writes block (in the worker thread), as they always did
+                os.set_blocking(fd, True)
             # Unbuffered: a write that fails leaves nothing in a buffer of ours, to go out later
             # (the disk freed) after records counted as lost, or to fail again at close.
-            self._file = path.open("ab", buffering=0)
+            self._file = open(fd, "ab", buffering=0)  # noqa: SIM115 (kept open)
+        # This file's own last line: one cut short (a full disk, by this process or one before
+        # it) is ended before the first write; a new file (a rotation) has none.
+        self._torn = _cut_short(self.target, self._file)
 
     async def reopen(self, target: str) -> None:
         """Write to `target` from now on (the same path after log rotation, or a new one). If it
         cannot be opened (OSError), the file open before stays the one written to."""
+        if target == "-" and self.target == "-":
+            return  # stdout stays: nothing to wait for (a reader that stopped reading)
         async with self._writing:
             await self._drain_locked()
-            old, old_target = self._file, self.target
+            old, old_target, old_torn = self._file, self.target, self._torn
             self.target = target
             try:
-                self.open()
+                # Not waited for: a named pipe whose reader went away would keep the event loop,
+                # every session, waiting in open(2) until another came.
+                self.open(wait=False)
             except OSError:
-                self.target, self._file = old_target, old
+                self.target, self._file, self._torn = old_target, old, old_torn
                 raise
             if old is not None and old is not sys.stdout.buffer and old is not self._file:
                 old.close()
@@ -230,14 +253,19 @@ class JsonLinesSink:
             return
         now = time.time() if when is None else when
         if self._unreported_drops:
-            drops = {"event": "records_dropped", "count": self._unreported_drops}
-            self._queue.append((drops, now, None))
-            self._unreported_drops = 0
+            self._say_drops(now)
         self._queue.append((record, now, session))
         self._wake.set()
 
+    def _say_drops(self, now: float) -> None:
+        """Queue a `records_dropped` record for the records lost and not said yet."""
+        drops = {"event": "records_dropped", "count": self._unreported_drops}
+        self._queue.append((drops, now, None))
+        self._unreported_drops = 0
+
     async def run(self) -> None:
-        """Write queued records until cancelled; then write what is left."""
+        """Write queued records until cancelled; then write what is left, and a
+        `records_dropped` line for records lost that no record after them said."""
         try:
             while True:
                 await self._wake.wait()
@@ -246,9 +274,15 @@ class JsonLinesSink:
                 await self._drain()
         finally:
             with trio.CancelScope(shield=True):
-                while self._queue:
-                    await self._drain()
-                if self._file is not None and self.target != "-":
+                with trio.move_on_after(CLOSE_WITHIN) as late:
+                    while self._queue or self._job is not None:
+                        await self._drain()
+                    if self._unreported_drops:  # records lost, and none came after to say so
+                        self._say_drops(time.time())
+                        await self._drain()
+                if late.cancelled_caught:
+                    self._give_up()
+                elif self._file is not None and self.target != "-":
                     self._file.close()
 
     async def flush(self) -> None:
@@ -263,6 +297,10 @@ class JsonLinesSink:
         """Write what is queued now, and only that: records emitted meanwhile wait for the next
         round (after COALESCE), so that a steady trickle of records costs one write, one
         worker-thread round trip, per COALESCE, not one per record or two."""
+        if self._job is not None:  # its records are the first queued
+            job = self._job
+            await trio.to_thread.run_sync(job.done.wait, abandon_on_cancel=True)
+            self._written(job)
         queue = self._queue
         todo = len(queue)
         while todo and queue:
@@ -276,24 +314,45 @@ class JsonLinesSink:
                     await trio.lowlevel.checkpoint()
                 end = min(start + ENCODE_SLICE, count)
                 parts.append(self._encode(itertools.islice(queue, start, end)))
-            data = b"".join(parts)
-            written, error = await trio.to_thread.run_sync(self._write, data)
-            if error is not None:
-                self._failed(data, written, error)
-            elif self._failing:
-                self._failing = False
-                log.warning("the event log %s is written again", self.target)
-            # Taken off the queue only once written (or failed): a cancellation before the
-            # write leaves them for the final drain.
-            for _ in range(count):
-                _record, _when, session = queue.popleft()
-                if session is not None:
-                    self._bulk -= 1
-                    left = self._bulk_by_session[session] - 1
-                    if left:
-                        self._bulk_by_session[session] = left
-                    else:
-                        del self._bulk_by_session[session]
+            # Not waited for once cancelled (at exit: a write that never ends must not keep the
+            # service from exiting): the final drain waits for it, as long as it may.
+            job = self._job = _Write(self._write, count, b"".join(parts))
+            await trio.to_thread.run_sync(job.run, abandon_on_cancel=True)
+            self._written(job)
+
+    def _written(self, job: _Write) -> None:
+        """`job`'s write is over: its records are taken off the queue, those lost counted."""
+        self._job = None
+        written, error = job.result
+        if error is not None:
+            self._failed(job.data, written, error)
+        elif self._failing:
+            self._failing = False
+            log.warning("the event log %s is written again", self.target)
+        # Taken off the queue only once written (or failed): a cancellation before the write
+        # leaves them for the final drain.
+        queue = self._queue
+        for _ in range(job.count):
+            _record, _when, session = queue.popleft()
+            if session is not None:
+                self._bulk -= 1
+                left = self._bulk_by_session[session] - 1
+                if left:
+                    self._bulk_by_session[session] = left
+                else:
+                    del self._bulk_by_session[session]
+
+    def _give_up(self) -> None:
+        """At exit, the event log took nothing for `CLOSE_WITHIN` seconds: what is queued (the
+        write in progress included) is lost. The file stays open: the write may yet end."""
+        lost = sum(not _is_drops(record) for record, _when, _session in self._queue)
+        self._queue.clear()
+        self.dropped += lost
+        log.error(
+            "the event log %s took nothing more for %g s: %d records lost at exit "
+            "(%d in all)",
+            self.target, CLOSE_WITHIN, lost, self.dropped,
+        )  # fmt: skip
 
     def _encode(self, items: Iterable[tuple[Record | dict[str, Any], float, str | None]]) -> bytes:
         """The lines of `items`, joined. A record that cannot be encoded (a bug of ours: records
@@ -330,10 +389,12 @@ class JsonLinesSink:
             file.flush()  # what went to stdout by other means first
         view, done = memoryview(data), 0
         try:
-            if self._torn and os.write(fd, b"\n"):  # the last line was cut short
+            if self._torn and _emptied(fd):  # truncated in place (copytruncate): no line left
+                self._torn = False
+            if self._torn and _write_some(fd, b"\n"):  # the last line was cut short
                 self._torn = False
             while done < len(data):
-                n = os.write(fd, view[done:])
+                n = _write_some(fd, view[done:])
                 if not n:
                     raise OSError(errno.EIO, "the event log took nothing")
                 done += n
@@ -371,6 +432,68 @@ class JsonLinesSink:
                 self.target, error.strerror or error, self.dropped,
             )  # fmt: skip
         self._failing = True
+
+
+def _emptied(fd: int) -> bool:
+    """Whether `fd` is a regular file with nothing in it."""
+    try:
+        status = os.fstat(fd)
+    except OSError:
+        return False
+    return stat.S_ISREG(status.st_mode) and not status.st_size
+
+
+def _write_some(fd: int, data: bytes | memoryview) -> int:
+    """`os.write`, waiting for room if the descriptor is non-blocking (stdout, a pipe another
+    process made so: the flag is the file description's, shared), as a blocking write would."""
+    while True:
+        try:
+            return os.write(fd, data)
+        except BlockingIOError:
+            waiting = select.poll()
+            waiting.register(fd, select.POLLOUT)
+            waiting.poll()
+
+
+class _Write:
+    """One write of the event log, in a worker thread that may outlive the task that started it
+    (cancelled at exit): its result is kept here, not returned."""
+
+    __slots__ = ("count", "data", "done", "result", "write")
+
+    def __init__(self, write: Callable[[bytes], tuple[int, OSError | None]], count: int,
+                 data: bytes) -> None:  # fmt: skip
+        self.write = write
+        self.count = count  # the records queued first that `data` holds
+        self.data = data
+        self.done = threading.Event()
+        # Until the write says otherwise (it may raise: a bug), nothing of `data` went out.
+        self.result: tuple[int, OSError | None] = (0, OSError(errno.EIO, "the write failed"))
+
+    def run(self) -> None:
+        try:
+            self.result = self.write(self.data)
+        finally:
+            self.done.set()
+
+
+def _is_drops(record: Record | dict[str, Any]) -> bool:
+    """Whether `record` is our `records_dropped` record (its count is counted already)."""
+    return isinstance(record, dict) and record.get("event") == "records_dropped"
+
+
+def _cut_short(target: str, file: IO[bytes]) -> bool:
+    """Whether `file`, a regular file, ends with an unfinished line (not with a newline)."""
+    if target == "-":
+        return False
+    try:
+        status = os.fstat(file.fileno())
+        if not status.st_size or not stat.S_ISREG(status.st_mode):
+            return False
+        with open(target, "rb", buffering=0) as f:  # ours is opened to append only
+            return os.pread(f.fileno(), 1, status.st_size - 1) != b"\n"
+    except (OSError, ValueError):  # not readable: assume it is whole
+        return False
 
 
 def _bulk_session(record: Record) -> str | None:

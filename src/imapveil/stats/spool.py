@@ -11,6 +11,7 @@ files written before it existed hold none and replay as they always did.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -150,14 +151,22 @@ class Spool:
             self._close_tail()
             path = self.directory / f"{self._next:012d}.jsonl"
             self._next += 1
-            self._tail = path.open("ab")
+            # Unbuffered: a write that fails (a full disk) leaves no rows in a buffer of ours, to
+            # go out with a later write (the rows then twice in the spool: they stay queued) or
+            # to fail again at close (an exception at exit).
+            self._tail = path.open("ab", buffering=0)
             self._tail_path = path
             self._files.append(path)
             _fsync_directory(self.directory)
         start = self._tail.tell()
+        data = memoryview(b"".join(lines))
         try:
-            self._tail.write(b"".join(lines))
-            self._tail.flush()
+            done = 0
+            while done < len(data):
+                taken = self._tail.write(data[done:])  # what the file takes of it
+                if not taken:
+                    raise OSError(errno.EIO, "the spool file took nothing")
+                done += taken
             os.fsync(self._tail.fileno())
         except OSError:
             # A full disk, say: leave the file as it was, so that the rows stay in memory only.
