@@ -16,13 +16,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import trio
 from prometheus_client.metrics_core import Metric
 from prometheus_client.openmetrics import parser as openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
 from imapveil import __version__
 from imapveil.records import SessionEnded
-from imapveil.stats.metrics import Metrics, ProcessCollector
+from imapveil.stats.metrics import Metrics, ProcessCollector, serve_metrics
 from tests.helpers.dovecot import Dovecot, free_port
 from tests.helpers.process import imapveil
 
@@ -236,3 +237,43 @@ def test_records_the_event_log_cannot_write_are_counted_as_dropped(
         assert dropped == made
         assert proxy.stop() == 0
     assert b"cannot write the event log /dev/full" in proxy.stderr
+
+
+async def test_a_scrape_that_fails_costs_that_scrape_only(caplog: pytest.LogCaptureFixture) -> None:
+    """Whatever goes wrong while one scrape is answered (here a gauge whose reading raises: a
+    bug) answers that scrape 500 and is logged; the metrics server, and the service around it,
+    go on (before: the exception left the handler and ended the service)."""
+    metrics = Metrics()
+    failing = [True]
+
+    def reading() -> float:
+        if failing[0]:
+            raise ZeroDivisionError("a bug in a gauge")
+        return 1.0
+
+    metrics.gauge("flaky", "A gauge that fails once", reading)
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+
+    async def get(path: str) -> tuple[int, bytes]:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            answer = b""
+            while chunk := await stream.receive_some(65536):
+                answer += chunk
+        return int(answer.split(b" ", 2)[1]), answer.partition(b"\r\n\r\n")[2]
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_metrics, metrics, listeners, lambda: (True, "ok"))
+        with trio.fail_after(10):
+            status, _ = await get("/metrics")
+            assert status == 500
+            failing[0] = False
+            status, body = await get("/metrics")
+            assert status == 200 and b"imapveil_flaky 1.0" in body
+            assert (await get("/healthz"))[0] == 200
+        nursery.cancel_scope.cancel()
+    failures = [r for r in caplog.records if "scrape" in r.getMessage()]
+    assert len(failures) == 1 and failures[0].exc_info is not None
+    assert "a bug in a gauge" not in failures[0].getMessage()  # the trace has it, not the line

@@ -13,6 +13,7 @@ counted as "other".
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import resource
@@ -275,6 +276,14 @@ async def serve_metrics(
                 )  # fmt: skip
         except (trio.BrokenResourceError, OSError):
             pass
+        except Exception:
+            # A bug (a gauge's reading, a library's): this scrape fails, nothing else does.
+            log.exception("a metrics scrape failed")
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                await stream.send_all(
+                    b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain\r\n"
+                    b"Content-Length: 6\r\nConnection: close\r\n\r\nerror\n"
+                )
         finally:
             await trio.aclose_forcefully(stream)
 
