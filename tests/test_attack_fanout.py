@@ -263,6 +263,26 @@ def flood(port: int, stop: threading.Event) -> None:
         return
 
 
+@contextmanager
+def flood_and_churn(port: int) -> Iterator[None]:
+    """Two clients pipelining NOOPs and two opening and ending sessions, until the block ends;
+    the block starts once 20 sessions have been churned."""
+    stop = threading.Event()
+    churned = [0, 0]
+    threads = [threading.Thread(target=flood, args=(port, stop)) for _ in range(2)]
+    threads += [threading.Thread(target=churn, args=(port, stop, churned, k)) for k in range(2)]
+    for thread in threads:
+        thread.start()
+    try:
+        while sum(churned) < 20:
+            threading.Event().wait(0.01)
+        yield
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(20)
+
+
 def test_sigterm_in_a_flood_and_a_churn_writes_every_record_once(
     dovecot: Dovecot, tmp_path: Path
 ) -> None:
@@ -271,25 +291,11 @@ def test_sigterm_in_a_flood_and_a_churn_writes_every_record_once(
     once, in the event log and in the store; every command a session counted is a command
     record or counted in a `records_dropped` line, and in the store's command counts."""
     store = tmp_path / "stats.sqlite"
-    stop = threading.Event()
-    churned = [0, 0]
     with imapveil(tmp_path, dovecot.address, "--store", str(store)) as proxy:
         proxy.stderr_until(b"statistics store ready")
-        threads = [threading.Thread(target=flood, args=(proxy.port, stop)) for _ in range(2)]
-        threads += [
-            threading.Thread(target=churn, args=(proxy.port, stop, churned, k)) for k in range(2)
-        ]
-        for thread in threads:
-            thread.start()
-        try:
-            while sum(churned) < 20:
-                threading.Event().wait(0.01)
+        with flood_and_churn(proxy.port):
             proxy.signal(signal.SIGTERM)
             assert proxy.process.wait(timeout=20) == 0
-        finally:
-            stop.set()
-            for thread in threads:
-                thread.join(20)
         assert proxy.stop() == 0
     records = proxy.records()
     ends = [r for r in records if r["event"] == "session_end"]
@@ -401,27 +407,13 @@ def test_a_sighup_while_the_service_stops_does_not_end_it(dovecot: Dovecot, tmp_
     while the service stops) until it exits: once the signal task had ended, SIGHUP had its
     default action back and killed the process in its last writes, sessions' ends lost (older
     than 670ff67). It exits 0 with every session's end written."""
-    stop = threading.Event()
-    churned = [0, 0]
     with imapveil(tmp_path, dovecot.address, "--store", str(tmp_path / "stats.sqlite")) as proxy:
         proxy.stderr_until(b"statistics store ready")
-        threads = [threading.Thread(target=flood, args=(proxy.port, stop)) for _ in range(2)]
-        threads += [
-            threading.Thread(target=churn, args=(proxy.port, stop, churned, k)) for k in range(2)
-        ]
-        for thread in threads:
-            thread.start()
-        try:
-            while sum(churned) < 20:
-                threading.Event().wait(0.01)
+        with flood_and_churn(proxy.port):
             proxy.signal(signal.SIGTERM)
             while proxy.process.poll() is None:
                 proxy.signal(signal.SIGHUP)
                 threading.Event().wait(0.002)
-        finally:
-            stop.set()
-            for thread in threads:
-                thread.join(20)
         assert proxy.stop() == 0
     records = proxy.records()
     started = sorted(r["session"] for r in records if r["event"] == "session_start")
