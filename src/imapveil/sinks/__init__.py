@@ -27,7 +27,7 @@ IDLE_BATCH = 32
 PENDING_MAX = 1000
 """Records `Fanout` holds at most: the next one delivers them all at once."""
 FAILURE_LOG_INTERVAL = 60.0
-"""Seconds between two logged failures of one sink."""
+"""Seconds between two logged failures of one sink (and of the event log's writes)."""
 
 
 class Sink(Protocol):

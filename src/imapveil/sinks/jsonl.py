@@ -39,6 +39,7 @@ from typing import IO, Any
 import trio
 
 from imapveil.records import CommandCompleted, Record, SessionEnded, SessionStarted
+from imapveil.sinks import FAILURE_LOG_INTERVAL
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +59,6 @@ CLOSE_WITHIN = 5.0
 collector) would keep the service from exiting for ever. What it has not taken by then is
 counted lost and logged."""
 
-FAILURE_LOG_INTERVAL = 60.0
-"""Seconds between two errors logged while the event log's writes keep failing."""
 _DROPS = b'","event":"records_dropped","count":'
 """In a line of ours that says how many records were dropped. Not only there: a client's ID
 fields, recorded by a policy that keeps them all, can spell it as keys of the record's `client`

@@ -95,9 +95,8 @@ values come from fixed vocabularies by construction; the bounds are a second lin
 
 def now_iso(when: float | None = None) -> str:
     """`when` (`time.time()`; now if None) in ISO 8601, UTC, to the millisecond."""
-    if when is None:
-        return datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
-    return datetime.datetime.fromtimestamp(when, datetime.UTC).isoformat(timespec="milliseconds")
+    moment = time.time() if when is None else when
+    return datetime.datetime.fromtimestamp(moment, datetime.UTC).isoformat(timespec="milliseconds")
 
 
 OUTCOMES = ("written", "spooled", "replayed", "dropped")
