@@ -16,7 +16,14 @@ import trio
 import trio.testing
 
 from imapveil.relay import server
-from imapveil.relay.streams import IOV_MAX, RECEIVE_SIZE, Leg, WriteLock, close_now
+from imapveil.relay.streams import (
+    IOV_MAX,
+    RECEIVE_SIZE,
+    Leg,
+    WriteLock,
+    close_now,
+    connect_numeric,
+)
 
 
 async def test_waiters_get_the_lock_in_arrival_order_and_newcomers_do_not_barge() -> None:
@@ -233,3 +240,81 @@ async def test_closing_a_tls_stream_at_once_closes_what_is_under_it() -> None:
     await close_now(tls)
     assert inner.socket.fileno() == -1
     b.close()
+
+
+# --- The upstream connect (`connect_numeric`): a non-blocking connect(2) of its own.
+
+
+def _closed_port() -> int:
+    """A loopback port nobody listens on (bound, never listening: nothing else takes it)."""
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    _closed_ports.append(holder)
+    return int(holder.getsockname()[1])
+
+
+_closed_ports: list[socket.socket] = []
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_connect_takes_the_first_address_that_accepts_and_gives_a_working_stream() -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    refused = _closed_port()
+    addresses = ((socket.AF_INET, ("127.0.0.1", refused)), (socket.AF_INET, ("127.0.0.1", port)))
+    stream = await connect_numeric(addresses)
+    peer, _ = listener.accept()
+    try:
+        assert stream.socket.getpeername() == ("127.0.0.1", port)
+        assert stream.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        await stream.send_all(b"* OK\r\n")
+        assert peer.recv(100) == b"* OK\r\n"
+        peer.sendall(b"a NOOP\r\n")
+        assert await stream.receive_some(100) == b"a NOOP\r\n"
+    finally:
+        await close_now(stream)
+        peer.close()
+        listener.close()
+
+
+async def test_connect_says_why_when_no_address_accepts() -> None:
+    addresses = tuple((socket.AF_INET, ("127.0.0.1", _closed_port())) for _ in range(2))
+    before = _open_fds()
+    with pytest.raises(OSError) as caught:
+        await connect_numeric(addresses)
+    assert caught.value.errno == errno.ECONNREFUSED
+    assert _open_fds() == before  # both sockets closed
+    with pytest.raises(OSError, match="no upstream address"):
+        await connect_numeric(())
+
+
+async def test_connect_is_a_checkpoint_and_a_cancelled_connect_closes_its_socket() -> None:
+    # A listener whose accept queue is full: the kernel drops the next SYN, the connect waits.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    address = listener.getsockname()
+    queued = []
+    for _ in range(4):  # a backlog of 0 still admits one or two
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(address)
+        queued.append(s)
+    before = _open_fds()
+    try:
+        with trio.move_on_after(0.3) as scope:
+            await connect_numeric(((socket.AF_INET, address),))
+        assert scope.cancelled_caught, "the connect should have waited for the full queue"
+        assert _open_fds() == before
+        with trio.CancelScope() as cancelled:
+            cancelled.cancel()
+            await connect_numeric(((socket.AF_INET, address),))  # cancelled before it connects
+        assert cancelled.cancelled_caught
+        assert _open_fds() == before
+    finally:
+        for s in queued:
+            s.close()
+        listener.close()

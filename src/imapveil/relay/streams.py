@@ -311,17 +311,31 @@ def resolve(host: str, port: int) -> tuple[tuple[int, tuple[Any, ...]], ...]:
 
 
 async def connect_numeric(addresses: tuple[tuple[int, tuple[Any, ...]], ...]) -> trio.SocketStream:
-    """Try each address in turn; the first that accepts wins."""
+    """Try each address in turn; the first that accepts wins.
+
+    A non-blocking connect(2), then trio's `wait_writable` and SO_ERROR: what trio's own
+    `socket.connect` does for a numeric address, without its address checks and the
+    generator-based context manager around the call (about 20 us a session)."""
     error: OSError | None = None
     for family, sockaddr in addresses:
-        sock = trio.socket.socket(family, socket.SOCK_STREAM)
+        raw = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         try:
-            await sock.connect(sockaddr)
+            code = raw.connect_ex(sockaddr)
+            if code == errno.EINPROGRESS:
+                await wait_writable(raw)
+                code = raw.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            else:
+                await trio.lowlevel.checkpoint()
+            if code:
+                raise OSError(code, os.strerror(code))
         except OSError as exc:
-            sock.close()
+            raw.close()
             error = exc
             continue
-        return trio.SocketStream(sock)
+        except BaseException:  # cancelled (the connect timeout, a shutdown)
+            raw.close()
+            raise
+        return trio.SocketStream(trio.socket.from_stdlib_socket(raw))
     raise error or OSError("no upstream address")
 
 
