@@ -7,10 +7,20 @@ Aimed at what the earlier attack modules do not cover:
   zlib keeps whatever follows the end in `unused_data`, copying it whole at each receive: the
   proxy's memory grew without bound and its CPU with the square of what came, on the one event
   loop every session shares.
+- AUTHENTICATE: a client that left its mechanism out put its SASL-IR where the mechanism goes,
+  and the command record kept it as the mechanism (upper-cased base64: the password, recoverable).
+  Held: `*` cancel, the response pipelined before the "+" with commands behind, LOGIN's two steps.
+- ID (held, regression guards): values and names as literals of every kind, 8-bit octets and
+  NULs, a field again in another case, far more pairs than RFC 2971 allows, ID twice, ID in a
+  burst behind LITERAL+ APPENDs, a literal value that looks like the next command, empty literals
+  and NIL in any case, before login, after AUTHENTICATE with SASL-IR: nothing the default policy
+  drops reaches Dovecot (its `ID sent:` line, a session's first ID) or a record, and a NOOP after
+  each is answered (the proxy's view of the stream is Dovecot's).
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import socket
 import time
@@ -22,7 +32,7 @@ import pytest
 import trio
 
 from imapveil.records import SessionEnded
-from tests.helpers.attack import Client, own_dovecot, veil
+from tests.helpers.attack import MAC, Client, DovecotLog, Identifiers, own_dovecot, veil
 from tests.helpers.dovecot import Dovecot
 
 pytestmark = pytest.mark.dovecot
@@ -104,3 +114,243 @@ async def test_data_after_the_end_of_a_deflate_stream_ends_the_session(
     assert worst < 1.0
     assert isinstance(end, SessionEnded)
     assert got.startswith(b"z OK") or not got  # read past the COMPRESS answer; compressed rest
+
+
+# --- ID in unusual forms and positions: nothing the policy drops reaches Dovecot or a record,
+# and the proxy's view of the command stream stays Dovecot's (a NOOP after each is answered).
+
+IDS = Identifiers()
+DEVICE = IDS.device.encode()
+MACB = MAC.encode()
+
+
+def lit(value: bytes, plus: bool = False) -> bytes:
+    return b"{%d%s}\r\n" % (len(value), b"+" if plus else b"") + value
+
+
+def sync_literal(c: Client, head: bytes, value: bytes) -> None:
+    """`head` ending in a synchronizing `{N}`: wait for a "+" (the proxy's own), then the value."""
+    c.send(head)
+    until_plus(c)
+    c.send(value)
+
+
+def until_plus(c: Client) -> None:
+    """Read up to a continuation request (answers to earlier commands may come first)."""
+    while not (line := c.line()).startswith(b"+"):
+        assert line, c.transcript[-300:]
+
+
+def case_literal_values(c: Client) -> list[bytes]:
+    """Every value (and the identifying names) as literals, LITERAL+ and synchronizing."""
+    c.send(
+        b'i1 ID ("name" ' + lit(b"Thunderbird", True) + b" " + lit(b"x-device-id", True) + b" "
+        + lit(DEVICE, True) + b' "x-mac" ' + lit(MACB, True) + b")\r\n"
+    )  # fmt: skip
+    sync_literal(c, b'i2 ID ("x-device-id" {%d}\r\n' % len(DEVICE), DEVICE)
+    sync_literal(c, b' "name" {5}\r\n', b"Mutt1)\r\n")
+    return [b"i1", b"i2"]
+
+
+def case_eight_bit_and_nul(c: Client) -> list[bytes]:
+    """8-bit octets and NULs in kept fields' values, and in names, via literals."""
+    name = b"Thunderbird\xc3\xa9 " + MACB
+    c.send(
+        b'i1 ID ("name" ' + lit(name, True) + b' "version" ' + lit(b"115.0\x00" + DEVICE, True)
+        + b" " + lit(b"x-device-id\x00junk", True) + b" " + lit(DEVICE, True)
+        + b' "os" "Linux\xff ' + DEVICE + b'")\r\n'
+    )  # fmt: skip
+    return [b"i1"]
+
+
+def case_duplicates_in_case(c: Client) -> list[bytes]:
+    """The same field again in another case, with an identifier the second time."""
+    c.send(
+        b'i1 ID ("name" "Thunderbird" "NAME" "' + MACB + b'" "Name" "' + DEVICE + b'"'
+        b' "version" "115.0" "VERSION" "' + DEVICE + b'" "X-Device-Id" "' + DEVICE + b'")\r\n'
+    )
+    return [b"i1"]
+
+
+def case_many_pairs(c: Client) -> list[bytes]:
+    """Far more pairs than RFC 2971 allows (30), the identifiers last; then just over 30."""
+    filler = b" ".join(b'"name" "Thunderbird"' for _ in range(200))
+    c.send(b"i1 ID (" + filler + b" " + IDS.pairs() + b")\r\n")
+    kept = b" ".join(b'"x-f%d" "v"' % i for i in range(31))
+    c.send(b'i2 ID ("name" "Mutt" ' + kept + b" " + IDS.pairs() + b")\r\n")
+    return [b"i1", b"i2"]
+
+
+def named_id(tag: bytes) -> bytes:
+    """An ID with a field the default policy keeps (Dovecot logs it: the ID got there)."""
+    return tag + b' ID ("name" "Thunderbird" ' + IDS.pairs() + b")\r\n"
+
+
+def case_twice(c: Client) -> list[bytes]:
+    """ID twice, pipelined, then once more after the answers."""
+    c.send(named_id(b"i1") + IDS.id_command(b"i2"))
+    c.until(b"i2")
+    c.send(IDS.id_command(b"i3"))
+    return [b"i1", b"i2", b"i3"]
+
+
+def case_after_literal_plus_append(c: Client) -> list[bytes]:
+    """One burst: a LITERAL+ APPEND whose message holds an ID line, an ID, another APPEND."""
+    message = b"Subject: x\r\n\r\n" + IDS.id_command(b"s1")
+    c.send(
+        b"a1 APPEND INBOX {%d+}\r\n" % len(message) + message + b"\r\n"
+        + named_id(b"i1")
+        + b"a2 APPEND INBOX (\\Seen) {%d+}\r\n" % len(message) + message + b"\r\n"
+        + IDS.id_command(b"i2")
+    )  # fmt: skip
+    return [b"a1", b"i1", b"a2", b"i2"]
+
+
+def case_literal_looks_like_a_command(c: Client) -> list[bytes]:
+    """A literal value whose octets end a line and start another ID: they are a value."""
+    smuggled = b'x")\r\n' + IDS.id_command(b"s1") + b'i9 ID ("a" "'
+    c.send(
+        b'i1 ID ("name" "Thunderbird" "x-a" ' + lit(smuggled, True) + b' "os" ~'
+        + lit(smuggled, True) + b")\r\n"
+    )  # fmt: skip
+    return [b"i1"]
+
+
+def case_empty_and_odd(c: Client) -> list[bytes]:
+    """Empty literals, NIL names' values, NIL in every case, tabs... whatever parses."""
+    c.send(b'i1 ID ("name" {0+}\r\n "x-device-id" nil "os" Nil)\r\n')
+    c.send(b"i2 ID nIl\r\n")
+    c.send(b'i3 ID ("x-mac" {0+}\r\n "x-device-id" ' + lit(DEVICE, True) + b")\r\n")
+    c.send(b'i4 ID ( "name"  "Mutt"  "x-device-id"  "' + DEVICE + b'" )\r\n')
+    return [b"i1", b"i2", b"i3", b"i4"]
+
+
+def case_after_authenticate(c: Client) -> list[bytes]:
+    """AUTHENTICATE PLAIN with SASL-IR (no LOGIN), then the ID; and an ID pipelined behind."""
+    ir = __import__("base64").b64encode(b"\x00alice\x00wonderland")
+    c.send(b"A AUTHENTICATE PLAIN " + ir + b"\r\n" + named_id(b"i1"))
+    return [b"A", b"i1"]
+
+
+ID_CASES = {
+    "literal-values": (case_literal_values, True),
+    "eight-bit-and-nul": (case_eight_bit_and_nul, True),
+    "duplicates-in-case": (case_duplicates_in_case, True),
+    "many-pairs": (case_many_pairs, True),
+    "twice": (case_twice, True),
+    "after-literal-plus-append": (case_after_literal_plus_append, True),
+    "literal-looks-like-a-command": (case_literal_looks_like_a_command, True),
+    "empty-and-odd": (case_empty_and_odd, False),
+    "before-login": (case_duplicates_in_case, False),
+    "after-authenticate": (case_after_authenticate, False),
+}
+OBSERVED = {"eight-bit-and-nul": None, "many-pairs": None, "empty-and-odd": "os=NIL"}
+"""What Dovecot logs of each case's first ID (it logs only a session's first): `name=Thunderbird`
+unless said here (None: the policy left nothing, `ID NIL`, which Dovecot does not log)."""
+
+
+def id_session(address: tuple[str, int], name: str) -> bytes:
+    case, login = ID_CASES[name]
+    with Client(address) as c:
+        c.greeting()
+        if login:
+            c.login()
+        tags = case(c)
+        c.send(b"z NOOP\r\n")
+        assert c.until(b"z").startswith(b"z OK"), c.transcript[-1500:]
+        for tag in tags:
+            assert any(line.startswith(tag + b" OK") for line in c.transcript.splitlines()), (
+                tag,
+                c.transcript[-1500:],
+            )
+        c.logout()
+        return c.transcript
+
+
+@pytest.mark.parametrize("name", list(ID_CASES))
+async def test_ids_in_odd_forms_carry_no_identifier(
+    target: Dovecot, tmp_path: Path, name: str
+) -> None:
+    log = DovecotLog(target)
+    async with veil(target.address, tmp_path) as v:
+        await run(id_session, v.address, name)
+        await v.sessions_ended(1)
+    text = await run(log.settled, 1)
+    sent = [line.split("ID sent: ", 1)[1] for line in text.splitlines() if "ID sent: " in line]
+    observed = OBSERVED.get(name, "name=Thunderbird")
+    assert [s.split(",")[0] for s in sent] == ([observed] if observed else []), sent
+    assert IDS.in_log(text) == [], [line for line in text.splitlines() if "ID sent" in line]
+    records = v.records_json()
+    assert IDS.in_records(records) == [], records
+    assert b"wonderland" not in records.encode()
+
+
+# --- AUTHENTICATE in odd forms: no credential in any record, the stream in step.
+
+PASSWORD = b"wonderland"
+PLAIN_IR = base64.b64encode(b"\x00alice\x00" + PASSWORD)
+LONG_JUNK = base64.b64encode(b"SECRET-" + b"x" * 9000)
+
+
+def auth_no_mechanism(c: Client) -> None:
+    """SASL-IR data where the mechanism goes (a script that lost its mechanism), twice."""
+    c.send(b"A1 AUTHENTICATE " + PLAIN_IR + b"\r\n")
+    assert c.until(b"A1").startswith((b"A1 NO", b"A1 BAD")), c.transcript[-300:]
+    c.send(b"A2 AUTHENTICATE " + PLAIN_IR + b" PLAIN\r\n")
+    assert c.until(b"A2").startswith((b"A2 NO", b"A2 BAD")), c.transcript[-300:]
+    c.login()
+
+
+def auth_cancelled(c: Client) -> None:
+    """`*` cancels; then the real one, its response sent before the "+" with a NOOP behind."""
+    c.send(b"A1 AUTHENTICATE PLAIN\r\n")
+    until_plus(c)
+    c.send(b"*\r\n")
+    assert c.until(b"A1").startswith(b"A1 BAD"), c.transcript[-300:]
+    c.send(b"n NOOP\r\nA2 AUTHENTICATE PLAIN\r\n" + PLAIN_IR + b"\r\nz1 NOOP\r\n")
+    assert c.until(b"A2").startswith(b"A2 OK"), c.transcript[-300:]
+    assert c.until(b"z1").startswith(b"z1 OK"), c.transcript[-300:]
+
+
+def auth_login_mechanism(c: Client) -> None:
+    """LOGIN: the user as SASL-IR, the password after the second challenge."""
+    c.send(b"A1 AUTHENTICATE LOGIN " + base64.b64encode(b"alice") + b"\r\n")
+    until_plus(c)
+    c.send(base64.b64encode(PASSWORD) + b"\r\n")
+    assert c.until(b"A1").startswith(b"A1 OK"), c.transcript[-300:]
+
+
+AUTH_CASES = {
+    "no-mechanism": auth_no_mechanism,
+    "cancelled": auth_cancelled,
+    "login-mechanism": auth_login_mechanism,
+}
+
+
+def auth_session(address: tuple[str, int], name: str) -> bytes:
+    with Client(address) as c:
+        c.greeting()
+        AUTH_CASES[name](c)
+        c.send(b"z NOOP\r\n")
+        assert c.until(b"z").startswith(b"z OK"), c.transcript[-1500:]
+        c.logout()
+        return c.transcript
+
+
+def credentials_in(text: str) -> list[str]:
+    """Any form of the password in `text`, case-blind (an upper-cased base64 is recoverable)."""
+    low = text.lower()
+    forms = [PASSWORD, PLAIN_IR, base64.b64encode(PASSWORD), LONG_JUNK[:40], b"secret-"]
+    return [f.decode() for f in forms if f.decode().lower() in low]
+
+
+@pytest.mark.parametrize("name", list(AUTH_CASES))
+async def test_authenticate_in_odd_forms_records_no_credential(
+    target: Dovecot, tmp_path: Path, name: str
+) -> None:
+    """Found (attack11), `no-mechanism`: the record's `mechanism` was the SASL-IR upper-cased
+    (`AGFSAWNLAHDVBMRLCMXHBMQ=`). Now a mechanism outside `sasl.MECHANISMS` is `OTHER`."""
+    async with veil(target.address, tmp_path, user_identity="plain") as v:
+        await run(auth_session, v.address, name)
+        await v.sessions_ended(1)
+    assert credentials_in(v.records_json()) == [], v.records_json()

@@ -116,7 +116,9 @@ class Command:
         if args[:1] != b" ":
             return
         mechanism, end = lexer.read_atom(args, 1, 40)
-        self.mechanism = mechanism.upper().decode("ascii") or None
+        name = mechanism.upper().decode("ascii")
+        # A known name, or OTHER: an unknown word here may be a credential (sasl.MECHANISMS).
+        self.mechanism = (name if name in sasl.MECHANISMS else sasl.OTHER) if name else None
         if args[end : end + 1] == b" ":  # SASL-IR (RFC 4959)
             self.sasl_identity(args[end + 1 :], identify)
             self.sasl_step = 1
