@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import socket
 import time
 import zlib
@@ -31,7 +32,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from imapveil.records import SessionEnded
+from imapveil.protocol.command import MAX_LITERALS
+from imapveil.records import CommandCompleted, SessionEnded
 from tests.helpers.attack import MAC, Client, DovecotLog, Identifiers, own_dovecot, veil
 from tests.helpers.dovecot import Dovecot
 
@@ -354,3 +356,38 @@ async def test_authenticate_in_odd_forms_records_no_credential(
         await run(auth_session, v.address, name)
         await v.sessions_ended(1)
     assert credentials_in(v.records_json()) == [], v.records_json()
+
+
+# --- Many literals in one command: the record stays small.
+
+EMPTY_LITERALS = 200_000
+
+
+def many_empty_literals(address: tuple[str, int]) -> bytes:
+    """An ID made of EMPTY_LITERALS empty LITERAL+ values (the proxy says "+" to none, the
+    server sees none: nothing paces them), then a NOOP."""
+    with Client(address, timeout=30) as c:
+        c.greeting()
+        c.login()
+        c.send(b'i ID ("name" {0+}\r\n' + b' "x" {0+}\r\n' * EMPTY_LITERALS + b")\r\n")
+        assert c.until(b"i").startswith(b"i OK"), c.transcript[-300:]
+        c.send(b"z NOOP\r\n")
+        assert c.until(b"z").startswith(b"z OK"), c.transcript[-300:]
+        c.logout()
+        return c.transcript
+
+
+async def test_an_id_of_many_empty_literals_makes_a_small_record(
+    target: Dovecot, tmp_path: Path
+) -> None:
+    """Found (attack11): each literal's size went into the command's record: an ID of 200,000
+    empty LITERAL+ values (1.2 MB, which the proxy takes without the server: up to
+    `max_discard`, 64 MiB, some 11 million literals) made one event-log line of 200,000 sizes
+    and kept a list of them in memory for the session. Now a command keeps the first
+    `command.MAX_LITERALS` sizes for its record."""
+    async with veil(target.address, tmp_path) as v:
+        await run(many_empty_literals, v.address)
+        await v.sessions_ended(1)
+    (record,) = [r for r in v.sink.of(CommandCompleted) if r.verb == "ID"]
+    assert record.literals == (0,) * MAX_LITERALS, len(record.literals)
+    assert len(json.dumps(record.to_dict())) < 4096

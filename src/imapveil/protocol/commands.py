@@ -389,7 +389,7 @@ class Commands:
                 self._set_gate(Gate.DRIVE, cmd)
             self._sent(cmd)
             return Verdict.WITHHOLD if collected else Verdict.RELAY
-        cmd.literals.append(literal.size)
+        cmd.literal(literal.size)
         self.mode = Mode.CONTINUE
         if collected:
             if not self.ids.literal(literal.size, literal.synchronizing):
