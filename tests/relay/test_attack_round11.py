@@ -23,8 +23,11 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import re
 import socket
+import threading
 import time
+import uuid
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -391,3 +394,100 @@ async def test_an_id_of_many_empty_literals_makes_a_small_record(
     (record,) = [r for r in v.sink.of(CommandCompleted) if r.verb == "ID"]
     assert record.literals == (0,) * MAX_LITERALS, len(record.literals)
     assert len(json.dumps(record.to_dict())) < 4096
+
+
+# --- The proxy's own lines owed while the server is mid-response.
+
+BIG = 8 * 1024 * 1024
+BAD_LINE = b"\x01" + b"x" * 61 + b"\r\n"
+"""A line the proxy refuses itself (a control octet where a tag goes): it owes a BAD for each,
+sent once the server's stream is at a response boundary."""
+OFFER = 64 * 1024 * 1024
+"""Octets of such lines the attacker offers while the server's answer is stalled mid-literal."""
+
+
+def big_mailbox(address: tuple[str, int]) -> bytes:
+    """bob's own new mailbox holding one BIG-octet message (directly, not through the proxy)."""
+    box = b"R11-" + uuid.uuid4().hex.encode()
+    body = b"Subject: big\r\n\r\n" + b"y" * (BIG - 18) + b"\r\n"
+    with Client(address, timeout=30) as c:
+        c.greeting()
+        c.login(b"bob", b"builder")
+        c.send(b"c CREATE " + box + b"\r\n")
+        assert c.until(b"c").startswith(b"c OK"), c.transcript[-300:]
+        c.send(b"a APPEND " + box + b" {%d+}\r\n" % len(body) + body + b"\r\n")
+        assert c.until(b"a").startswith(b"a OK"), c.transcript[-300:]
+        c.logout()
+    return box
+
+
+def flood_while_stalled(address: tuple[str, int], box: bytes) -> tuple[int, int, bytes]:
+    """FETCH the big message and stop reading it mid-literal; then offer OFFER octets of lines
+    the proxy refuses, as fast as it takes them (until it has taken none for a second). Then
+    read everything: (octets the proxy took while stalled, BAD lines received, the rest)."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the answer stalls at once
+    s.settimeout(30)
+    s.connect(address)
+    with s:
+        f = s.makefile("rb")
+        assert f.readline().startswith(b"* OK")
+        s.sendall(b"l LOGIN bob builder\r\ns SELECT " + box + b"\r\nf FETCH 1 BODY[]\r\n")
+        while not (line := f.readline()).startswith(b"* 1 FETCH"):
+            assert line, "no FETCH answer"
+        s.setblocking(False)
+        chunk = BAD_LINE * 1024
+        sent, idle_since = 0, time.monotonic()
+        while sent < OFFER and time.monotonic() - idle_since < 1.0:
+            try:
+                sent += s.send(chunk[sent % len(chunk) :] if sent % len(chunk) else chunk)
+                idle_since = time.monotonic()
+            except BlockingIOError:
+                time.sleep(0.01)
+        # Now read (in a thread: what is left to send may wait for that), and end with whole
+        # lines (the last send may have stopped mid-line) and a NOOP.
+        s.settimeout(30)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
+        received: list[bytes] = []
+
+        def read_all() -> None:
+            got = b""
+            while not re.search(rb"(^|\n)z OK", got[-300:]):
+                data = f.read1(1 << 20)
+                if not data:
+                    break
+                got += data
+            received.append(got)
+
+        reader = threading.Thread(target=read_all)
+        reader.start()
+        rest = (-sent) % len(BAD_LINE)
+        s.sendall(BAD_LINE[len(BAD_LINE) - rest :] + b"z NOOP\r\n")
+        sent += rest
+        reader.join(60)
+        assert received, "no answer to the NOOP"
+        got = received[0]
+        assert re.search(rb"(^|\n)z OK", got[-300:]), got[-300:]
+        return sent, got.count(b"* BAD [CLIENTBUG]"), got
+
+
+async def test_lines_owed_while_the_server_is_mid_answer_hold_the_client_back(
+    target: Dovecot, tmp_path: Path
+) -> None:
+    """A client that stops reading a big answer (the server's stream stalls mid-literal, where
+    the proxy may not speak) and sends lines the proxy refuses: each BAD is owed until the
+    answer ends. Found (attack11): the proxy went on reading the client meanwhile, keeping every
+    BAD in memory (an 18-fold amplification for 3-octet lines), without bound. Now it stops
+    reading the client while it owes more than `max_held`; the lines wait in the client's
+    socket, and every one is answered, in order, once the answer has gone out."""
+    box = await run(big_mailbox, target.address)
+    async with veil(target.address, tmp_path) as v:
+        with trio.fail_after(120):
+            sent, bads, got = await run(flood_while_stalled, v.address, box)
+        await v.sessions_ended(0)
+    lines = sent // len(BAD_LINE)
+    assert sent < OFFER // 2, (
+        f"the proxy took {sent} octets of refused lines while it could not answer"
+    )
+    assert bads == lines, (bads, lines)
+    assert got.index(b")\r\nf OK") < got.index(b"* BAD [CLIENTBUG]")

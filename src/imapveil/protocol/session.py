@@ -192,8 +192,15 @@ class SessionCore:
     def wants_client_data(self) -> bool:
         """False while the client must wait for the server: the shell stops reading the client
         (backpressure), so what a LITERAL+ client sends ahead stays in its own socket buffers.
-        At most one receive's worth is held here."""
-        return self._commands.gate is None and not self.closed and not self._out.close_pending
+        At most one receive's worth is held here. Also while the proxy owes the client more than
+        `max_held` of its own lines (BADs, "+"), which wait for the response in progress to end:
+        a client that does not read that response must not make them grow without bound."""
+        return (
+            self._commands.gate is None
+            and not self.closed
+            and not self._out.close_pending
+            and len(self._out.owed) <= self.config.max_held
+        )
 
     @property
     def end_detail(self) -> str | None:
@@ -258,7 +265,7 @@ class SessionCore:
             return out
         self._scan_server(data)
         self._out.pay_owed()
-        if self._commands.gate is None and self._client.parked and not self.closed:
+        if self._client.parked and self.wants_client_data:
             self._scan_client(*self._client.unpark())
         return out
 
@@ -431,8 +438,12 @@ class SessionCore:
         f, commands, out = self._client, self._commands, self._out.actions
         n = len(data)
         pos = start = at
+        owed = self._out.owed
         while pos < n:
-            if commands.gate is not None:
+            if commands.gate is not None or len(owed) > self.config.max_held:
+                # The client waits for the server: for an answer (a gate), or for the end of the
+                # response in progress, where the proxy may say what it owes (BADs of its own,
+                # "+" for an ID's literals). Kept in memory without bound otherwise.
                 self._flush(Direction.TO_SERVER, data, start, pos)
                 self._hold(data, pos)
                 return
