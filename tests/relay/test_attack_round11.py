@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import os
 import re
 import socket
 import threading
@@ -491,3 +492,77 @@ async def test_lines_owed_while_the_server_is_mid_answer_hold_the_client_back(
     )
     assert bads == lines, (bads, lines)
     assert got.index(b")\r\nf OK") < got.index(b"* BAD [CLIENTBUG]")
+
+
+# --- Pipelined commands whose answers the client does not read.
+
+
+def rss_mib() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // (1 << 20)
+
+
+def pipeline_without_reading(address: tuple[str, int]) -> tuple[int, int, int]:
+    """LOGIN, then NOOPs (all tagged `a`) as fast as the proxy takes them, reading nothing, until
+    it has taken none for a second; then read every answer: (NOOPs sent, answered, the growth of
+    this process's memory meanwhile in MiB: the proxy runs in it)."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.settimeout(30)
+    s.connect(address)
+    with s:
+        f = s.makefile("rb")
+        assert f.readline().startswith(b"* OK")
+        s.sendall(b"l LOGIN alice wonderland\r\n")
+        while not f.readline().startswith(b"l OK"):
+            pass
+        before = rss_mib()
+        s.setblocking(False)
+        noop = b"a NOOP\r\n"
+        chunk = noop * 8192
+        sent, idle_since, grown = 0, time.monotonic(), 0
+        while sent < OFFER and time.monotonic() - idle_since < 1.0:
+            try:
+                sent += s.send(chunk[sent % len(chunk) :] if sent % len(chunk) else chunk)
+                idle_since = time.monotonic()
+            except BlockingIOError:
+                grown = max(grown, rss_mib() - before)
+                time.sleep(0.01)
+        grown = max(grown, rss_mib() - before)
+        s.settimeout(60)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
+        rest = (-sent) % len(noop)
+        received: list[int] = []
+
+        def count_answers() -> None:
+            answered, line = 0, b""
+            while not line.startswith(b"z "):
+                line = f.readline()
+                if not line:
+                    break
+                answered += line.startswith(b"a OK")
+            received.append(answered)
+
+        reader = threading.Thread(target=count_answers)
+        reader.start()
+        s.sendall(noop[len(noop) - rest :] + b"z NOOP\r\n")
+        reader.join(120)
+        assert received, "no answer to the last NOOP"
+        return (sent + rest) // len(noop), received[0], grown
+
+
+async def test_pipelined_commands_a_client_does_not_read_hold_it_back(
+    target: Dovecot, tmp_path: Path
+) -> None:
+    """Found (attack11): a client that pipelines NOOPs and reads none of the answers. The proxy
+    kept a command object for each one sent and not yet answered (as far as it had read the
+    server): as many as the socket buffers between client, proxy and Dovecot hold, some 740,000
+    for 10 MB sent, 200 MB of the proxy's memory for one session, a thousand times as much for
+    the thousand sessions one address may open. Now it stops reading the client while
+    `max_unanswered` commands wait for their answers; every command is answered, in order."""
+    async with veil(target.address, tmp_path) as v:
+        with trio.fail_after(180):
+            sent, answered, grown = await run(pipeline_without_reading, v.address)
+        await v.sessions_ended(0)
+    assert grown < 48, f"{grown} MiB more for one session's {sent} NOOPs"
+    assert answered == sent, (answered, sent)
