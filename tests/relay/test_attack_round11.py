@@ -37,8 +37,8 @@ import pytest
 import trio
 
 from imapveil.protocol.command import MAX_LITERALS
-from imapveil.records import CommandCompleted, SessionEnded
-from tests.helpers.attack import MAC, Client, DovecotLog, Identifiers, own_dovecot, veil
+from imapveil.records import CommandCompleted, IdExchange, SessionEnded
+from tests.helpers.attack import CLIENT_IP, MAC, Client, DovecotLog, Identifiers, own_dovecot, veil
 from tests.helpers.dovecot import Dovecot
 
 pytestmark = pytest.mark.dovecot
@@ -566,3 +566,41 @@ async def test_pipelined_commands_a_client_does_not_read_hold_it_back(
         await v.sessions_ended(0)
     assert grown < 48, f"{grown} MiB more for one session's {sent} NOOPs"
     assert answered == sent, (answered, sent)
+
+
+# --- Identifiers as ID field names.
+
+NAME_IDS = (MAC, CLIENT_IP, "490154203237518", "x-" + uuid.UUID(int=0x1234_5678_9ABC).hex)
+"""A MAC, an IP address, an IMEI and a UUID, each as a field's name (at most 30 octets)."""
+
+
+def ids_as_names(address: tuple[str, int]) -> bytes:
+    with Client(address) as c:
+        c.greeting()
+        c.login()
+        pairs = b" ".join(b'"%s" "1"' % n.encode() for n in NAME_IDS)
+        c.send(b'i ID ("name" "Thunderbird" "x-device-id" "2" ' + pairs + b")\r\n")
+        assert c.until(b"i").startswith(b"i OK"), c.transcript[-300:]
+        c.logout()
+        return c.transcript
+
+
+async def test_identifiers_as_field_names_reach_no_record(target: Dovecot, tmp_path: Path) -> None:
+    """Found (attack11): the names of the fields the policy drops are recorded as the client sent
+    them (the event log's `id` record, the statistics store, the debug log), so an identifier
+    sent as a field's name reached them all. Now a dropped name in which a detector of the
+    policy finds an identifier is recorded as `detected:<kind>`; other names stay as they were
+    (`x-device-id`)."""
+    log = DovecotLog(target)
+    async with veil(target.address, tmp_path) as v:
+        await run(ids_as_names, v.address)
+        await v.sessions_ended(1)
+    text = await run(log.settled, 1)
+    assert [n for n in NAME_IDS if n in text] == [], text
+    records = v.records_json()
+    assert [n for n in NAME_IDS if n.lower() in records.lower()] == [], records
+    (exchange,) = v.sink.of(IdExchange)
+    assert "x-device-id" in exchange.dropped
+    assert {"detected:mac", "detected:ip", "detected:imei", "detected:uuid"} <= set(
+        exchange.dropped
+    ), exchange.dropped
