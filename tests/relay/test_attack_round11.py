@@ -26,6 +26,7 @@ import json
 import os
 import re
 import socket
+import struct
 import threading
 import time
 import uuid
@@ -37,6 +38,7 @@ import pytest
 import trio
 
 from imapveil.protocol.command import MAX_LITERALS
+from imapveil.protocol.proxy_header import V2_SIGNATURE
 from imapveil.records import CommandCompleted, IdExchange, SessionEnded
 from tests.helpers.attack import CLIENT_IP, MAC, Client, DovecotLog, Identifiers, own_dovecot, veil
 from tests.helpers.dovecot import Dovecot
@@ -604,3 +606,58 @@ async def test_identifiers_as_field_names_reach_no_record(target: Dovecot, tmp_p
     assert {"detected:mac", "detected:ip", "detected:imei", "detected:uuid"} <= set(
         exchange.dropped
     ), exchange.dropped
+
+
+# --- PROXY v2 headers with TLVs (held: a regression guard; nothing else sends TLVs).
+
+
+def v2(command: int, family: int, body: bytes) -> bytes:
+    return V2_SIGNATURE + bytes([0x20 | command, family]) + struct.pack("!H", len(body)) + body
+
+
+INET = bytes([203, 0, 113, 9, 127, 0, 0, 1]) + struct.pack("!HH", 40000, 143)
+TLVS = (
+    b"\x01" + struct.pack("!H", 8) + b"imap/1.0"  # ALPN
+    + b"\x02" + struct.pack("!H", 11) + b"example.org"  # authority
+    + b"\x20" + struct.pack("!H", 5) + b"\x01\x00\x00\x00\x00"  # SSL, no sub-TLVs
+    + b"\xee" + struct.pack("!H", 3) + b"abc"  # a custom type
+)  # fmt: skip
+PROXY_V2 = {
+    # name: (header, accepted, the client address the session is recorded with)
+    "tlvs": (v2(1, 0x11, INET + TLVS), True, "203.0.113.9:40000"),
+    "tlv-longer-than-the-body": (
+        v2(1, 0x11, INET + b"\x01\xff\xff" + b"x"),
+        True,
+        "203.0.113.9:40000",
+    ),
+    "local-with-tlvs": (v2(0, 0x00, TLVS), True, None),
+    "unix-family": (v2(1, 0x31, bytes(216)), False, None),
+    "short-inet": (v2(1, 0x11, INET[:8]), False, None),
+    "bad-version": (V2_SIGNATURE + b"\x11\x11" + struct.pack("!H", 12) + INET, False, None),
+    "too-long": (v2(1, 0x11, INET + bytes(3000)), False, None),
+}
+
+
+def behind_balancer(address: tuple[str, int], header: bytes) -> bytes:
+    """The header and LOGIN in one segment, as a balancer forwards them; the transcript."""
+    with Client(address) as c:
+        c.send(header + b"L LOGIN alice wonderland\r\nQ LOGOUT\r\n")
+        return c.rest()
+
+
+@pytest.mark.parametrize("name", list(PROXY_V2))
+async def test_proxy_v2_headers_with_tlvs(target: Dovecot, tmp_path: Path, name: str) -> None:
+    header, accepted, client = PROXY_V2[name]
+    log = DovecotLog(target)
+    async with veil(target.address, tmp_path, proxy_protocol_from=("127.0.0.0/8",)) as v:
+        got = await run(behind_balancer, v.address, header)
+        (end,) = await v.sessions_ended(1)
+    if accepted:
+        assert b"L OK" in got and end.reason == "logout", (got, end)
+        assert end.client == (client or end.client) and end.client.startswith(
+            "203.0.113.9" if client else "127.0.0.1"
+        ), end
+        await run(log.settled, 1)
+    else:
+        assert b"OK" not in got and end.reason == "proxy_header", (got, end)
+        assert "alice" not in log.new_text()
