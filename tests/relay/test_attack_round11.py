@@ -661,3 +661,28 @@ async def test_proxy_v2_headers_with_tlvs(target: Dovecot, tmp_path: Path, name:
     else:
         assert b"OK" not in got and end.reason == "proxy_header", (got, end)
         assert "alice" not in log.new_text()
+
+
+def long_sasl_response(address: tuple[str, int]) -> bytes:
+    """A SASL response longer than Dovecot takes (it closes the connection without a word)."""
+    with Client(address) as c:
+        c.greeting()
+        c.send(b"A AUTHENTICATE PLAIN\r\n")
+        until_plus(c)
+        c.send(LONG_JUNK + b"\r\nz NOOP\r\n")
+        return c.rest()
+
+
+async def test_a_sasl_response_too_long_for_dovecot_records_nothing_of_it(
+    target: Dovecot, tmp_path: Path
+) -> None:
+    """Held (a regression guard): the proxy relays a SASL response as it comes (up to
+    `max_line_length`); Dovecot closes the connection on one of 12 KB, and the session ends
+    as the server's close with nothing of the response in a record, and the NOOP after it
+    never run."""
+    async with veil(target.address, tmp_path, user_identity="plain") as v:
+        got = await run(long_sasl_response, v.address)
+        (end,) = await v.sessions_ended(1)
+    assert b"z OK" not in got
+    assert end.reason == "server_closed", end
+    assert credentials_in(v.records_json()) == [], v.records_json()
