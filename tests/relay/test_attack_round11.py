@@ -686,3 +686,38 @@ async def test_a_sasl_response_too_long_for_dovecot_records_nothing_of_it(
     assert b"z OK" not in got
     assert end.reason == "server_closed", end
     assert credentials_in(v.records_json()) == [], v.records_json()
+
+
+def id_under_compress(address: tuple[str, int]) -> bytes:
+    """COMPRESS, then LOGIN and an ID cut into 1-octet DEFLATE flushes, then a NOOP; the
+    answers inflated."""
+    with socket.create_connection(address, timeout=10) as s:
+        f = s.makefile("rb")
+        assert f.readline().startswith(b"* OK")
+        s.sendall(b"z COMPRESS DEFLATE\r\n")
+        assert f.readline().startswith(b"z OK")
+        out, back = zlib.compressobj(6, zlib.DEFLATED, -15), zlib.decompressobj(-15)
+        for octet in b"L LOGIN alice wonderland\r\n" + named_id(b"i") + b"n NOOP\r\n":
+            s.sendall(out.compress(bytes([octet])) + out.flush(zlib.Z_SYNC_FLUSH))
+        got = b""
+        while b"\r\nn OK" not in got:
+            data = s.recv(65536)
+            assert data, got[-300:]
+            got += back.decompress(data)
+        s.sendall(out.compress(b"Q LOGOUT\r\n") + out.flush(zlib.Z_SYNC_FLUSH))
+        while s.recv(65536):
+            pass
+        return got
+
+
+async def test_an_id_under_compress_carries_no_identifier(target: Dovecot, tmp_path: Path) -> None:
+    """Held (a regression guard): an ID over a COMPRESS=DEFLATE client leg, each octet its own
+    DEFLATE flush, is read and cleaned as in clear text."""
+    log = DovecotLog(target)
+    async with veil(target.address, tmp_path, compress=True) as v:
+        got = await run(id_under_compress, v.address)
+        (end,) = await v.sessions_ended(1)
+    text = await run(log.settled, 1)
+    assert b"\r\ni OK" in got and end.compressed
+    assert "ID sent: name=Thunderbird" in text, text
+    assert IDS.in_log(text) == [] and IDS.in_records(v.records_json()) == []
