@@ -721,3 +721,44 @@ async def test_an_id_under_compress_carries_no_identifier(target: Dovecot, tmp_p
     assert b"\r\ni OK" in got and end.compressed
     assert "ID sent: name=Thunderbird" in text, text
     assert IDS.in_log(text) == [] and IDS.in_records(v.records_json()) == []
+
+
+# --- Serial numbers inside the fields the default policy keeps.
+
+SERIALS = ("C02XK1ZTJGH5", "H4V9K2P7QX", "DNPXK2ZJHG7F", "R58M12ABCDE")
+"""Device serial numbers as Apple and Samsung print them: ten or more capitals and digits, few
+digits (random ones of ten have three on average, within the four a name's word may have)."""
+
+
+def serials_in_kept_fields(address: tuple[str, int]) -> bytes:
+    with Client(address) as c:
+        c.greeting()
+        c.login()
+        c.send(
+            b'i ID ("name" "Mail %s" "vendor" "Apple %s" "os" "iOS %s" "version" "16.0 %s"'
+            b' "os-version" "17.1 (%s)")\r\n' % tuple(s.encode() for s in (*SERIALS, SERIALS[0]))
+        )
+        assert c.until(b"i").startswith(b"i OK"), c.transcript[-300:]
+        c.logout()
+        return c.transcript
+
+
+@pytest.mark.parametrize("policy", ["default", "strict"])
+async def test_serial_numbers_in_kept_fields_are_not_kept(
+    target: Dovecot, tmp_path: Path, policy: str
+) -> None:
+    """Found (attack11): a name's words may hold four digits ("Outlook 2016"), and a version's
+    words ten octets with digits, so a serial number such as `C02XK1ZTJGH5` passed as part of a
+    `name`, `vendor`, `os` or `version`: forwarded to Dovecot and recorded. Now a word of ten or
+    more capitals and digits (at least one digit, two capitals, no small letter) is no word of
+    a program's, vendor's or system's name, nor of a version."""
+    log = DovecotLog(target)
+    async with veil(target.address, tmp_path, policy=policy) as v:
+        await run(serials_in_kept_fields, v.address)
+        await v.sessions_ended(1)
+    text = await run(log.settled, 1)
+    assert [s for s in SERIALS if s in text] == [], [
+        line for line in text.splitlines() if "ID sent" in line
+    ]
+    records = v.records_json()
+    assert [s for s in SERIALS if s in records] == [], records
