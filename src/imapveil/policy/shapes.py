@@ -54,7 +54,22 @@ def _label_word(word: bytes) -> bool:
     Device ids, hashes and tokens are long runs of digits mixed with letters, or of letters whose
     case keeps changing; names are words, at most a year's worth of digits in one.
     """
-    return len(word) <= 32 and _count(word, _DIGITS) <= 4 and len(_HUMP.findall(word)) <= 4
+    return (
+        len(word) <= 32
+        and _count(word, _DIGITS) <= 4
+        and len(_HUMP.findall(word)) <= 4
+        and not _serial(word)
+    )
+
+
+def _serial(word: bytes) -> bool:
+    """A device's serial number: "C02XK1ZTJGH5", "H4V9K2P7QX", "R58M12ABCDE". Ten or more
+    capitals and digits, at least one digit and two capitals, no small letter: random ones of
+    ten have three digits on average, which a name's or a version's word may have."""
+    if len(word) < 10 or not word.isupper():  # isupper: a capital, and no small letter
+        return False
+    digits = _count(word, _DIGITS)
+    return digits >= 1 and len(word) - digits >= 2
 
 
 def _label(value: bytes, longest: int, punctuation: bytes) -> bool:
@@ -103,7 +118,10 @@ def version(value: bytes) -> bool:
             return False
     if depth:
         return False
-    return all(len(w) <= (10 if _count(w, _DIGITS) else 16) for w in _WORD.findall(value))
+    return all(
+        len(w) <= (10 if _count(w, _DIGITS) else 16) and not _serial(w)
+        for w in _WORD.findall(value)
+    )
 
 
 _DAY_MONTH_YEAR = re.compile(

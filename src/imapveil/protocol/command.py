@@ -1,9 +1,9 @@
 """One client command as the proxy follows it, and the connection states (RFC 9051 §3).
 
 What a command keeps is what its records say: its tag and verb, the state it was sent in, its
-literals' sizes, and for LOGIN, AUTHENTICATE and SELECT the user name or mailbox, taken only
-where the command's shape leaves no doubt which argument it is (never the password by a
-misreading).
+literals' sizes (the first `MAX_LITERALS`), and for LOGIN, AUTHENTICATE and SELECT the user name
+or mailbox, taken only where the command's shape leaves no doubt which argument it is (never the
+password by a misreading).
 """
 
 from __future__ import annotations
@@ -16,6 +16,10 @@ from imapveil.protocol.framer import KEEP_LIMIT
 from imapveil.protocol.id_policy import IdOutcome
 
 Identify = Callable[[bytes], str | None]
+
+MAX_LITERALS = 64
+"""Literal sizes a command keeps for its record. An ID's literals take no round trip to the
+server (the proxy says "+" itself, or the client sends `{0+}`): one command can have millions."""
 
 
 class State(enum.Enum):
@@ -70,6 +74,11 @@ class Command:
     def __repr__(self) -> str:
         return f"<command {self.tag!r} {self.verb!r}>"
 
+    def literal(self, size: int) -> None:
+        """The command announced a literal of `size` octets (kept for the record, bounded)."""
+        if len(self.literals) < MAX_LITERALS:
+            self.literals.append(size)
+
     def wants_literal(self) -> bool:
         """Keep the body of this literal? Only a mailbox that is a literal (LOGIN's user name
         is decided where its literal is announced)."""
@@ -116,7 +125,9 @@ class Command:
         if args[:1] != b" ":
             return
         mechanism, end = lexer.read_atom(args, 1, 40)
-        self.mechanism = mechanism.upper().decode("ascii") or None
+        name = mechanism.upper().decode("ascii")
+        # A known name, or OTHER: an unknown word here may be a credential (sasl.MECHANISMS).
+        self.mechanism = (name if name in sasl.MECHANISMS else sasl.OTHER) if name else None
         if args[end : end + 1] == b" ":  # SASL-IR (RFC 4959)
             self.sasl_identity(args[end + 1 :], identify)
             self.sasl_step = 1

@@ -120,6 +120,7 @@ class Commands:
         "sasl_command",
         "state",
         "traits",
+        "unanswered_count",
         "user",
     )
 
@@ -148,6 +149,7 @@ class Commands:
         # Commands sent and not answered yet, by tag: the command itself, or (a tag the client
         # reused before its answer came) the queue of them in order.
         self.pending: dict[bytes, Command | deque[Command]] = {}
+        self.unanswered_count = 0  # commands in `pending`, all tags
         self.sasl_command: Command | None = None
         self.idle_command: Command | None = None
         self.logout_done = False
@@ -276,6 +278,7 @@ class Commands:
     def _pend(self, cmd: Command) -> None:
         """`cmd` waits for its tagged answer."""
         tag = cmd.tag
+        self.unanswered_count += 1
         waiting = self.pending.get(tag)
         if waiting is None:
             self.pending[tag] = cmd
@@ -389,7 +392,7 @@ class Commands:
                 self._set_gate(Gate.DRIVE, cmd)
             self._sent(cmd)
             return Verdict.WITHHOLD if collected else Verdict.RELAY
-        cmd.literals.append(literal.size)
+        cmd.literal(literal.size)
         self.mode = Mode.CONTINUE
         if collected:
             if not self.ids.literal(literal.size, literal.synchronizing):
@@ -495,6 +498,7 @@ class Commands:
             cmd = waiting.popleft()
             if not waiting:
                 del self.pending[tag]
+        self.unanswered_count -= 1
         self._complete(cmd, status, code)
 
     def _complete(self, cmd: Command, status: str, code: str | None) -> None:

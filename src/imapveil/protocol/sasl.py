@@ -12,6 +12,19 @@ from collections.abc import Callable
 
 from imapveil.secret import Secret
 
+MECHANISMS = frozenset(
+    (
+        *("PLAIN", "LOGIN", "XOAUTH2", "OAUTHBEARER", "CRAM-MD5", "DIGEST-MD5", "EXTERNAL"),
+        *("SCRAM-SHA-1", "SCRAM-SHA-1-PLUS", "SCRAM-SHA-256", "SCRAM-SHA-256-PLUS"),
+        *("SCRAM-SHA-512", "SCRAM-SHA-512-PLUS", "SCRAM-SHA3-512", "SCRAM-SHA3-512-PLUS"),
+        *("GSSAPI", "GSS-SPNEGO", "GS2-KRB5", "NTLM", "ANONYMOUS", "OTP", "XOAUTH"),
+    )
+)
+"""SASL mechanisms named in records as sent; any other word where the mechanism goes is
+recorded as `OTHER`: it is the client's to choose, and a client that left its mechanism out
+put its initial response there (`AUTHENTICATE AGFsaWNl...`): credentials, whatever the case."""
+OTHER = "OTHER"
+
 
 def decode_response(line: bytes) -> Secret | None:
     """A client's base64 SASL response line (or SASL-IR), decoded; None for `*` or junk."""

@@ -192,8 +192,17 @@ class SessionCore:
     def wants_client_data(self) -> bool:
         """False while the client must wait for the server: the shell stops reading the client
         (backpressure), so what a LITERAL+ client sends ahead stays in its own socket buffers.
-        At most one receive's worth is held here."""
-        return self._commands.gate is None and not self.closed and not self._out.close_pending
+        At most one receive's worth is held here. Also while the proxy owes the client more than
+        `max_held` of its own lines (BADs, "+"), which wait for the response in progress to end,
+        and while `max_unanswered` commands wait for their answers (one receive's worth more at
+        most): a client that does not read the answers must not make either grow without bound."""
+        return (
+            self._commands.gate is None
+            and not self.closed
+            and not self._out.close_pending
+            and len(self._out.owed) <= self.config.max_held
+            and self._commands.unanswered_count < self.config.max_unanswered
+        )
 
     @property
     def end_detail(self) -> str | None:
@@ -258,7 +267,7 @@ class SessionCore:
             return out
         self._scan_server(data)
         self._out.pay_owed()
-        if self._commands.gate is None and self._client.parked and not self.closed:
+        if self._client.parked and self.wants_client_data:
             self._scan_client(*self._client.unpark())
         return out
 
@@ -349,6 +358,7 @@ class SessionCore:
         if self.config.log_commands:
             out.extend(self._out.command_record(c, None, None) for c in self._commands.unanswered())
         self._commands.pending.clear()
+        self._commands.unanswered_count = 0
         out.extend(self._out.suppressed())
         traits = self._traits.record(self.session_id, self.capabilities)
         if traits is not None:
@@ -431,8 +441,12 @@ class SessionCore:
         f, commands, out = self._client, self._commands, self._out.actions
         n = len(data)
         pos = start = at
+        owed, max_held = self._out.owed, self.config.max_held
         while pos < n:
-            if commands.gate is not None:
+            if commands.gate is not None or len(owed) > max_held:
+                # The client waits for the server: for an answer (a gate), or for the end of the
+                # response in progress, where the proxy may say what it owes (BADs of its own,
+                # "+" for an ID's literals). Kept in memory without bound otherwise.
                 self._flush(Direction.TO_SERVER, data, start, pos)
                 self._hold(data, pos)
                 return

@@ -3,7 +3,8 @@ another stream, each send flushed with Z_SYNC_FLUSH so the peer can decode it at
 
 Decompression is bounded: a small compressed input can expand enormously (a "zip bomb"), so
 at most `max_output` octets come out of one `receive_some`; the rest waits in the decompressor's
-own unconsumed input until the next call.
+own unconsumed input until the next call. A stream the peer ended (a final block) takes nothing
+more: zlib would keep every later octet, copying it all at each call.
 """
 
 from __future__ import annotations
@@ -35,9 +36,11 @@ class DeflateStream(trio.abc.Stream):
                 out = self._inflate(self._pending, limit)
                 if out:
                     return out
+            self._check_end()  # what came with the final block, before waiting for more
             data = await self.inner.receive_some()
             if not data:
                 return b""
+            self._check_end(more=True)
             out = self._inflate(data, limit)
             if out:
                 return out
@@ -50,8 +53,16 @@ class DeflateStream(trio.abc.Stream):
         except zlib.error as exc:
             self._pending = b""
             raise trio.BrokenResourceError(f"bad DEFLATE data: {exc}") from None
-        self._pending = self._decompress.unconsumed_tail
+        self._pending = self._decompress.unconsumed_tail  # b"" once the stream has ended
         return out
+
+    def _check_end(self, more: bool = False) -> None:
+        """The peer ended its DEFLATE stream (a final block) and something followed (`more`,
+        or what came with the final block): the stream is broken. Nothing may follow, and zlib
+        would keep all of it in `unused_data`, copying everything kept so far at each call:
+        memory without bound, time the square of what came."""
+        if self._decompress.eof and (more or self._decompress.unused_data):
+            raise trio.BrokenResourceError("data after the end of the DEFLATE stream")
 
     async def aclose(self) -> None:
         await self.inner.aclose()
