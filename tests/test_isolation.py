@@ -46,6 +46,8 @@ def test_bad_deflate_after_a_large_chunk_ends_only_that_session(
         with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
             f = s.makefile("rb")
             f.readline()
+            s.sendall(b"l LOGIN alice wonderland\r\n")
+            assert f.readline().startswith(b"l OK")
             s.sendall(b"a COMPRESS DEFLATE\r\n")
             assert f.readline().startswith(b"a OK")
             # More than one receive's worth of output (256 KiB) from valid DEFLATE, then junk:

@@ -138,13 +138,17 @@ def test_compress_deflate_on_the_client_leg(
     with imapveil(tmp_path, seeded.address, "--compress", "true") as proxy:
         with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as raw:
             f = raw.makefile("rb")
-            assert b"COMPRESS=DEFLATE" in f.readline()
+            assert b"COMPRESS=DEFLATE" not in f.readline()  # RFC 4978: after login only
+            raw.sendall(b"y COMPRESS DEFLATE\r\n")
+            assert f.readline() == b"y BAD COMPRESS is only valid after authentication\r\n"
+            raw.sendall(b"a LOGIN bob builder\r\n")
+            assert b"COMPRESS=DEFLATE" in f.readline()  # the OK's capabilities
             raw.sendall(b"z COMPRESS DEFLATE\r\n")
             assert f.readline() == b"z OK DEFLATE active\r\n"
             f.close()
             deflate = zlib.compressobj(6, zlib.DEFLATED, -15)
             inflate = zlib.decompressobj(-15)
-            commands = b"a LOGIN bob builder\r\nb SELECT INBOX\r\nc FETCH 1 BODY.PEEK[]\r\n"
+            commands = b"b SELECT INBOX\r\nc FETCH 1 BODY.PEEK[]\r\n"
             raw.sendall(deflate.compress(commands) + deflate.flush(zlib.Z_SYNC_FLUSH))
             received = b""
             while b"\r\nc OK" not in received:

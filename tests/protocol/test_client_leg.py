@@ -90,12 +90,22 @@ def test_mediation_offers_what_the_proxy_does() -> None:
         b"IMAP4rev1",
         b"STARTTLS",
         b"LOGINDISABLED",
-        b"COMPRESS=DEFLATE",
     ]
     secure = LegState("require", True, True, True, False)
     assert mediate([b"IMAP4rev1", b"AUTH=PLAIN"], secure) == [b"IMAP4rev1", b"AUTH=PLAIN"]
     after_login = LegState("offer", False, False, False, False, authenticated=True)
     assert mediate([b"IMAP4rev1"], after_login) == [b"IMAP4rev1"]
+
+
+def test_compress_is_offered_after_login_only() -> None:
+    """RFC 4978 §5: `command-auth =/ compress`. Before login the proxy neither offers COMPRESS
+    nor takes it (`test_session_tls`): no decompressor for a client that has not logged in."""
+    before = LegState("off", True, True, False, False)
+    after = LegState("off", True, True, False, False, authenticated=True)
+    active = LegState("off", True, True, True, False, authenticated=True)
+    assert mediate([b"IMAP4rev1"], before) == [b"IMAP4rev1"]
+    assert mediate([b"IMAP4rev1"], after) == [b"IMAP4rev1", b"COMPRESS=DEFLATE"]
+    assert mediate([b"IMAP4rev1"], active) == [b"IMAP4rev1"]
 
 
 def test_strict_mediation_keeps_only_known_capabilities() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from imapveil.protocol.actions import Direction, StartCompress, StartTls
 from imapveil.protocol.capabilities import LegState, mediate
 from imapveil.records import CommandCompleted, Violation
@@ -24,7 +26,7 @@ def actions_of(conv: Conversation, data: bytes) -> list[object]:
 def test_greeting_is_mediated_for_the_client_leg(split: Splitter) -> None:
     conv = talk(split, client_tls="require", compress=True).server(GREETING)
     assert conv.to_client == (
-        b"* OK [CAPABILITY IMAP4rev1 ID STARTTLS LOGINDISABLED COMPRESS=DEFLATE] hi\r\n"
+        b"* OK [CAPABILITY IMAP4rev1 ID STARTTLS LOGINDISABLED] hi\r\n"  # COMPRESS: after login
     )
     # What the server said is still what the core knows of the server.
     assert "STARTTLS" in conv.core.capabilities
@@ -70,22 +72,46 @@ def test_starttls_when_not_offered_and_when_commands_are_outstanding(split: Spli
     assert offered.to_server == b"n NOOP\r\n"
 
 
+def _logged_in(split: Splitter, **settings: Any) -> Conversation:
+    conv = talk(split, **settings).server(GREETING)
+    conv.client(b"l LOGIN alice secret\r\n")
+    conv.server(b"l OK Logged in\r\n")
+    return conv
+
+
 def test_compress_on_the_client_leg(split: Splitter) -> None:
-    conv = talk(split, compress=True).server(GREETING)
+    conv = _logged_in(split, compress=True)
     conv.client(b"a COMPRESS DEFLATE\r\n")
     assert conv.to_client.endswith(b"a OK DEFLATE active\r\n")
-    assert conv.to_server == b""
+    assert conv.to_server == b"l LOGIN alice secret\r\n"
     conv.client(b"b COMPRESS DEFLATE\r\n")
     assert conv.to_client.endswith(b"b NO [COMPRESSIONACTIVE] DEFLATE is already active\r\n")
     statuses = [(r.verb, r.status, r.code) for r in conv.of(CommandCompleted)]
-    assert statuses == [("COMPRESS", "OK", None), ("COMPRESS", "NO", "COMPRESSIONACTIVE")]
-    off = talk(split).server(GREETING)
+    assert statuses == [
+        ("LOGIN", "OK", None),
+        ("COMPRESS", "OK", None),
+        ("COMPRESS", "NO", "COMPRESSIONACTIVE"),
+    ]
+    off = _logged_in(split)
     off.client(b"a COMPRESS DEFLATE\r\n")
     assert off.to_client.endswith(b"a NO [CANNOT] COMPRESS is not offered here\r\n")
 
 
+def test_compress_before_login_is_refused(split: Splitter) -> None:
+    """RFC 4978 §5 (`command-auth =/ compress`): before login a client gets BAD and no
+    decompressor (the proxy's DEFLATE was the one way for a client that had not logged in to
+    make it inflate what it sent), and nothing reaches the server."""
+    conv = talk(split, compress=True).server(GREETING)
+    actions = conv.core.feed_client(b"a COMPRESS DEFLATE\r\n", conv.clock)
+    assert not any(isinstance(a, StartCompress) for a in actions)
+    conv.client(b"b COMPRESS DEFLATE\r\nc NOOP\r\n")
+    assert b"b BAD COMPRESS is only valid after authentication\r\n" in conv.to_client
+    assert conv.to_server == b"c NOOP\r\n"  # read on as usual: nothing switched
+    assert not conv.core.compressed
+
+
 def test_compress_action() -> None:
-    conv = talk(SPLITTERS["whole"], compress=True).server(GREETING)
+    conv = _logged_in(SPLITTERS["whole"], compress=True)
     actions = conv.core.feed_client(b"a COMPRESS deflate\r\n", conv.clock)
     assert any(isinstance(a, StartCompress) for a in actions)
 
@@ -110,5 +136,6 @@ def test_mediation_rules() -> None:
         b"XFOO",
         b"STARTTLS",
         b"LOGINDISABLED",
-        b"COMPRESS=DEFLATE",
     ]
+    logged_in = LegState("require", True, True, False, False, authenticated=True)
+    assert mediate(tokens, logged_in) == [b"IMAP4rev1", b"AUTH=PLAIN", b"XFOO", b"COMPRESS=DEFLATE"]

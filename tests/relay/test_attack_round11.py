@@ -65,6 +65,8 @@ def deflate_then_garbage(address: tuple[str, int]) -> tuple[bytes, int, float]:
     with socket.create_connection(address, timeout=10) as s:
         f = s.makefile("rb")
         assert f.readline().startswith(b"* OK")
+        s.sendall(b"L LOGIN alice wonderland\r\n")  # COMPRESS is for after login (RFC 4978)
+        assert f.readline().startswith(b"L OK")
         s.sendall(b"z COMPRESS DEFLATE\r\n")
         assert f.readline().startswith(b"z OK"), "COMPRESS refused"
         deflate = zlib.compressobj(6, zlib.DEFLATED, -15)
@@ -689,15 +691,17 @@ async def test_a_sasl_response_too_long_for_dovecot_records_nothing_of_it(
 
 
 def id_under_compress(address: tuple[str, int]) -> bytes:
-    """COMPRESS, then LOGIN and an ID cut into 1-octet DEFLATE flushes, then a NOOP; the
+    """LOGIN, COMPRESS, then an ID cut into 1-octet DEFLATE flushes, then a NOOP; the
     answers inflated."""
     with socket.create_connection(address, timeout=10) as s:
         f = s.makefile("rb")
         assert f.readline().startswith(b"* OK")
+        s.sendall(b"L LOGIN alice wonderland\r\n")  # COMPRESS is for after login (RFC 4978)
+        assert f.readline().startswith(b"L OK")
         s.sendall(b"z COMPRESS DEFLATE\r\n")
         assert f.readline().startswith(b"z OK")
         out, back = zlib.compressobj(6, zlib.DEFLATED, -15), zlib.decompressobj(-15)
-        for octet in b"L LOGIN alice wonderland\r\n" + named_id(b"i") + b"n NOOP\r\n":
+        for octet in named_id(b"i") + b"n NOOP\r\n":
             s.sendall(out.compress(bytes([octet])) + out.flush(zlib.Z_SYNC_FLUSH))
         got = b""
         while b"\r\nn OK" not in got:

@@ -53,7 +53,7 @@ def mediate(tokens: list[bytes], leg: LegState) -> list[bytes]:
         out.append(b"STARTTLS")
         if leg.client_tls == "require":
             out.append(b"LOGINDISABLED")
-    if leg.compress and not leg.compressed:
+    if leg.compress and not leg.compressed and leg.authenticated:  # RFC 4978: after login
         out.append(b"COMPRESS=DEFLATE")
     return out
 

@@ -115,6 +115,10 @@ class ClientLeg:
                 return b"NO", b"[CANNOT] STARTTLS is not offered here", None
             self.secure = True
             return b"OK", b"Begin TLS negotiation now", StartTls(Direction.TO_CLIENT)
+        if cmd.state is State.NOT_AUTHENTICATED:
+            # RFC 4978 §5: `command-auth =/ compress`. Not before login: a client that has not
+            # authenticated gets no decompressor of the proxy's to feed.
+            return b"BAD", b"COMPRESS is only valid after authentication", None
         if self.compressed:
             return b"NO", b"[COMPRESSIONACTIVE] DEFLATE is already active", None
         if not self.config.compress:
