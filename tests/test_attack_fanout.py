@@ -27,7 +27,7 @@ import trio
 from imapveil import service as service_module
 from imapveil.service import Service, load_all
 from tests.helpers.dovecot import Dovecot, free_port
-from tests.helpers.process import imapveil
+from tests.helpers.process import imapveil, service_overrides, signal_handlers_restored
 from tests.stats.test_durability import query
 
 pytestmark = pytest.mark.dovecot
@@ -321,13 +321,8 @@ async def test_a_service_that_fails_still_writes_the_end_of_its_sessions(
     `session_end` records still reached the event log (written last); since, they waited in
     the Fanout, whose task had delivered for the last time already, and were lost."""
     port = free_port()
-    overrides = {
-        "upstream": f"{dovecot.address[0]}:{dovecot.address[1]}",
-        "listen": f"127.0.0.1:{port}",
-        "events": str(tmp_path / "events.jsonl"),
-        "user_key_file": str(tmp_path / "user-key"),
-        "metrics": f"127.0.0.1:{free_port()}",
-    }
+    overrides = service_overrides(dovecot.address, port, tmp_path)
+    overrides["metrics"] = f"127.0.0.1:{free_port()}"
     service = Service(None, overrides, load_all(None, overrides))
     logged_in = trio.Event()
 
@@ -354,15 +349,10 @@ async def test_a_service_that_fails_still_writes_the_end_of_its_sessions(
             logged_in.set()
             await trio.sleep_forever()
 
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
-    try:
-        with pytest.raises(BaseExceptionGroup) as failure:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(client)
-                await service.run()
-    finally:
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
+    with signal_handlers_restored(), pytest.raises(BaseExceptionGroup) as failure:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client)
+            await service.run()
     assert failure.group_contains(RuntimeError, match="a bug in a task", depth=None)
     records = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
     assert [r["event"] for r in records if r["event"].startswith("session")] == [

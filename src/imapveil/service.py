@@ -328,12 +328,20 @@ class Service:
                 self.notifier.stopping()
                 self.proxy.stop()
 
+    def _load(self) -> tuple[Loaded, Admittance]:
+        """The configuration as the files say now, and what new connections get from it (the
+        upstream's addresses looked up again). Blocking: for a worker thread."""
+        loaded = load_all(self.config, self.overrides)
+        return loaded, admittance(loaded, self.holder)
+
     async def reload(self) -> None:
         self.notifier.reloading()
         try:
             source = self.config or "command line"
             try:
-                loaded = load_all(self.config, self.overrides)
+                # In a worker thread: reading the files (a hung mount) and looking the upstream
+                # up again (a resolver that answers late) must not hold up the sessions.
+                loaded, admitted = await trio.to_thread.run_sync(self._load)
             except ConfigError as exc:
                 log.error("reload refused, the running configuration stays: %s", exc)
                 self.fanout.emit(ConfigLoaded(source, False, str(exc)))
@@ -350,7 +358,7 @@ class Service:
                 log.warning("proxy_name changed to %s: restart to apply", loaded.settings.proxy())
             self.loaded = loaded
             self.holder.current = loaded.policy
-            self.proxy.reconfigure(admittance(loaded, self.holder))
+            self.proxy.reconfigure(admitted)
             self.proxy.shutdown_grace = loaded.settings.shutdown_grace
             if logs.set_level(loaded.settings.log_level):
                 log.info("log level now %s", loaded.settings.log_level)

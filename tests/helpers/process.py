@@ -107,3 +107,28 @@ def imapveil(
         if process.poll() is None:
             process.kill()
             process.communicate()
+
+
+# --- The service in this process (for tests that patch something inside it).
+
+
+def service_overrides(upstream: tuple[str, int], port: int, state: Path) -> dict[str, Any]:
+    """What `imapveil serve` flags would set for an in-process `Service`: `upstream`, a
+    listener on `port`, the event log and user key under `state`."""
+    return {
+        "upstream": f"{upstream[0]}:{upstream[1]}",
+        "listen": f"127.0.0.1:{port}",
+        "events": str(state / "events.jsonl"),
+        "user_key_file": str(state / "user-key"),
+    }
+
+
+@contextmanager
+def signal_handlers_restored() -> Iterator[None]:
+    """`Service.run` installs handlers for SIGTERM, SIGINT and SIGHUP; the test's are put back."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
