@@ -277,3 +277,40 @@ async def test_a_scrape_that_fails_costs_that_scrape_only(caplog: pytest.LogCapt
     failures = [r for r in caplog.records if "scrape" in r.getMessage()]
     assert len(failures) == 1 and failures[0].exc_info is not None
     assert "a bug in a gauge" not in failures[0].getMessage()  # the trace has it, not the line
+
+
+@pytest.mark.dovecot
+def test_connections_held_open_on_the_metrics_port_leave_the_mail_port_alone(
+    dovecot: Dovecot, tmp_path: Path
+) -> None:
+    """Anyone who reaches the metrics port could open connections and send nothing: each one
+    held a descriptor for its 5 s, without a limit, and under the process's descriptor limit
+    the IMAP listener could then accept nobody (EMFILE). At most `SCRAPES_AT_ONCE` are served
+    at a time; a connection beyond them is closed at once (a flood costs scrapes, not mail)."""
+    port = free_port()
+    wrap = ["prlimit", "--nofile=160:160", "--"]  # 160 descriptors for the whole process
+    with imapveil(tmp_path, dovecot.address, "--metrics", f"127.0.0.1:{port}", wrap=wrap) as proxy:
+        held = []
+        try:
+            for _ in range(300):
+                held.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+            time.sleep(0.5)  # the proxy accepts what it will
+            m = imaplib.IMAP4("127.0.0.1", proxy.port, timeout=2)  # the held ones live 5 s
+            try:
+                assert m.login("alice", "wonderland")[0] == "OK"
+                m.logout()
+            finally:
+                m.sock.close()
+        finally:
+            for s in held:
+                s.close()
+        deadline = time.monotonic() + 5
+        while True:  # the flood gone, scrapes are served again
+            try:
+                _, text = scrape(port)
+                break
+            except (OSError, http.client.HTTPException):
+                assert time.monotonic() < deadline, "no scrape served after the flood"
+                time.sleep(0.05)
+        assert "imapveil_sessions_active" in text
+        assert proxy.stop() == 0

@@ -242,6 +242,15 @@ class ProcessCollector:
                                     value=limit)  # fmt: skip
 
 
+SCRAPES_AT_ONCE = 16
+"""Connections to the metrics port served at a time; one more is closed as soon as it is
+accepted. Each holds a descriptor until it is answered or `SCRAPE_WITHIN` has passed: without a
+limit, connections held open there could take every descriptor the process may have, and the
+mail listeners could accept nobody."""
+SCRAPE_WITHIN = 5.0
+"""Seconds a connection to the metrics port has to send its request and take the answer."""
+
+
 async def serve_metrics(
     metrics: Metrics,
     listeners: list[trio.SocketListener],
@@ -250,9 +259,16 @@ async def serve_metrics(
     """Serve `/metrics` and `/healthz`. `health` says whether the proxy serves sessions and, in
     one line, anything an operator should know (the body: `ok`, `ok; …`, or why not)."""
 
+    serving = 0
+
     async def handle(stream: trio.SocketStream) -> None:
+        nonlocal serving
+        if serving >= SCRAPES_AT_ONCE:
+            await trio.aclose_forcefully(stream)  # its descriptor back at once
+            return
+        serving += 1
         try:
-            with trio.move_on_after(5):
+            with trio.move_on_after(SCRAPE_WITHIN):
                 request = b""
                 while b"\r\n\r\n" not in request and len(request) < 8192:
                     chunk = await stream.receive_some(4096)
@@ -285,6 +301,7 @@ async def serve_metrics(
                     b"Content-Length: 6\r\nConnection: close\r\n\r\nerror\n"
                 )
         finally:
+            serving -= 1
             await trio.aclose_forcefully(stream)
 
     await trio.serve_listeners(handle, listeners)
