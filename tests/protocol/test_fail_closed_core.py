@@ -129,3 +129,33 @@ def test_a_skipped_command_whose_framing_is_lost_ends_the_session(split: Splitte
         assert conv.closed == "protocol_error"
         assert conv.to_client.endswith(b"* BYE Command not understood by the proxy\r\n")
         assert SECRET.split()[0] not in recorded(conv)
+
+
+def test_a_refused_literal_the_client_sent_before_its_plus_is_no_command(split: Splitter) -> None:
+    """The client sends `{N}` and the literal at once (it should wait for "+"); the server
+    answers the command instead of asking for the literal. What the client sent after the
+    announcement is that literal, never commands: BYE, and nothing of it goes anywhere. A
+    client that waited is followed as usual."""
+    conv = talk(split)
+    conv.client(b"a LOGIN alice wonderland\r\n").server(b"a OK in\r\n")
+    conv.client(b"b LOGIN %s {%d}\r\n%s\r\n" % (MARKER, len(SECRET), SECRET))
+    conv.server(b"b NO [AUTHENTICATIONFAILED] no literals here\r\n")
+    assert conv.closed == "protocol_error"
+    assert conv.to_server == b"a LOGIN alice wonderland\r\nb LOGIN %s {%d}\r\n" % (
+        MARKER,
+        len(SECRET),
+    )
+    assert conv.to_client.endswith(
+        b"b NO [AUTHENTICATIONFAILED] no literals here\r\n"
+        b"* BYE Literal sent before the server asked for it\r\n"
+    )
+    assert SECRET.split()[0] not in recorded(conv) and SECRET.split()[1] not in recorded(conv)
+    (violation,) = [r for r in conv.records if r.to_dict()["event"] == "violation"]
+    assert violation.to_dict()["kind"] == "literal_before_continuation"
+
+    waited = talk(split)
+    waited.client(b"a LOGIN alice wonderland\r\n").server(b"a OK in\r\n")
+    waited.client(b"b APPEND nosuch {5}\r\n").server(b"b NO [TRYCREATE] no such mailbox\r\n")
+    waited.client(b"c NOOP\r\n").server(b"c OK\r\n").finish()
+    assert waited.closed is None or waited.closed != "protocol_error"
+    assert waited.to_server.endswith(b"b APPEND nosuch {5}\r\nc NOOP\r\n")

@@ -766,3 +766,49 @@ async def test_serial_numbers_in_kept_fields_are_not_kept(
     ]
     records = v.records_json()
     assert [s for s in SERIALS if s in records] == [], records
+
+
+# --- A synchronising literal sent before the server's "+", which the server then refuses.
+
+BODY_TAG = "Mark" + uuid.uuid4().hex[:12]
+BODY = (
+    b"From: a@example.org\r\nSubject: private matters\r\n\r\n"
+    + BODY_TAG.encode() + b" NOOP\r\nsecond line of the body\r\n"
+)  # fmt: skip
+
+
+def literal_before_plus(address: tuple[str, int]) -> bytes:
+    """An APPEND to a mailbox that does not exist, with its message in the same segment as the
+    command (no LITERAL+: the client should have waited for "+"). Dovecot answers NO
+    [TRYCREATE] before any "+"; the message is then what the client sends next."""
+    with Client(address) as c:
+        c.greeting()
+        c.login()
+        c.send(b"a APPEND nosuch {%d}\r\n" % len(BODY) + BODY + b"\r\n")
+        return c.rest()
+
+
+async def test_a_refused_literal_sent_before_its_plus_ends_the_session(
+    target: Dovecot, tmp_path: Path
+) -> None:
+    """Found (after attack11): octets a client sends after `{N}` before the server's "+" are
+    the literal, whatever they look like. When the server refused the command instead of asking
+    for them (Dovecot's NO [TRYCREATE] for an APPEND to a mailbox that does not exist), the
+    proxy read what it held as the client's next commands: a line of the message became a
+    command with the message's words as its tag and verb, in the records and at Dovecot. The
+    client cannot be followed: BYE, and the held octets go nowhere."""
+    log = DovecotLog(target)
+    async with veil(target.address, tmp_path) as v:
+        transcript = await run(literal_before_plus, v.address)
+        (end,) = await v.sessions_ended(1)
+    assert b"a NO [TRYCREATE]" in transcript
+    assert b"* BYE" in transcript and BODY_TAG.encode() not in transcript
+    assert end.reason == "protocol_error", end
+    records = v.records_json()
+    assert BODY_TAG not in records and "Subject" not in records and "private" not in records
+    commands = [r for r in v.sink.records if isinstance(r, CommandCompleted)]
+    assert [(c.tag, c.verb, c.status) for c in commands] == [
+        ("L", "LOGIN", "OK"),
+        ("a", "APPEND", "NO"),
+    ]
+    assert BODY_TAG not in await run(log.settled, 1)

@@ -111,6 +111,7 @@ class Commands:
         "ids",
         "leg",
         "literal_hidden",
+        "literal_refused",
         "logout_done",
         "mailbox",
         "mode",
@@ -144,6 +145,7 @@ class Commands:
         self.gate_owner: Command | None = None
         self.pending_literal = 0
         self.literal_hidden = False  # the literal waiting for "+" was {N+}: the "+" is ours
+        self.literal_refused = False  # the server answered a command waiting for its "+"
         self.discarded = 0  # octets skipped for the refused command being discarded
         self.current: Command | None = None  # the command whose fragments are arriving
         # Commands sent and not answered yet, by tag: the command itself, or (a tag the client
@@ -518,6 +520,10 @@ class Commands:
                     self.literal_hidden = False
                     self.discarded = 0
                     self._discard_literal(size)
+                else:
+                    # A synchronising literal: the client must not have sent it. Whatever it did
+                    # send meanwhile is the literal, not commands (`SessionCore.feed_server`).
+                    self.literal_refused = True
         if cmd is self.sasl_command:
             self.sasl_command = None
             if self.mode is Mode.SASL:

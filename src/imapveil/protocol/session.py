@@ -264,9 +264,22 @@ class SessionCore:
             # The answer may leave words owed (a refused LITERAL+ whose literal is too large to
             # skip: a BYE, then the close), paid at this boundary as after `_scan_server`.
             o.pay_owed()
+            self._commands.literal_refused = False  # nothing was held: nothing sent ahead
             return out
         self._scan_server(data)
         self._out.pay_owed()
+        if self._commands.literal_refused:
+            self._commands.literal_refused = False
+            if self._client.parked:
+                # Sent after `{N}` before any "+", and the server answered the command instead:
+                # those octets are the literal (a message, a password), whatever they look like.
+                # Where the client's next command starts cannot be known: BYE, and they go
+                # nowhere, neither to the server as commands nor into a record.
+                held = self.held
+                self._client.unpark()
+                o.violation("client", "literal_before_continuation", f"{held} octets", "closed")
+                o.protocol_error(b"* BYE Literal sent before the server asked for it\r\n")
+                return out
         if self._client.parked and self.wants_client_data:
             self._scan_client(*self._client.unpark())
         return out
