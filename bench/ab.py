@@ -9,14 +9,18 @@ git worktree of the commit before, say) or `naive` (bench/naive_relay.py). On a 
 the load of the moment moves a relay's CPU per session by 5 to 10 % from one run to the next:
 more than most changes are worth. Here both relays are measured in the same seconds: churn and
 mixed load both at once, each with the workload of `run.py`; latency sends one NOOP to each in
-turn. Each round prints both relays' CPU per unit (session, operation, NOOP) and B/A; the end,
-the median of the rounds' ratios with their min-max. Run it with A and B the same tree to see
-what the method's own spread is on this machine.
+turn. Each round prints both relays' CPU per unit (session, operation, NOOP) and B/A. The
+rounds run twice: with B's relay started (and loaded) first, then A's, each pair of relays fresh,
+because the position alone has moved CPU per unit by up to 7 % on this machine (where the
+scheduler put each process). The end: the median of each order's ratios with their min-max, and
+B/A with the position's share taken out (the geometric mean of the two medians). Run it with A
+and B the same tree to see what the method's own spread is on this machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shutil
 import signal
@@ -100,6 +104,27 @@ async def alternating(relays: dict[str, bench.ProxyProcess], noops: int) -> dict
     return out
 
 
+def one_round(
+    relays: dict[str, bench.ProxyProcess], args: argparse.Namespace, r: int, order: str
+) -> float:
+    """One round of the workload on both relays: B's CPU per unit over A's."""
+    if args.workload == "latency":
+        lat = trio.run(alternating, relays, args.noops)
+        shown = " | ".join(
+            name + ": " + ", ".join(f"{k} {v:.4g}" for k, v in lat[name].items())
+            for name in ("A", "B")
+        )
+        print(f"{order}, round {r}: {shown}", flush=True)
+        return lat["B"]["CPU us"] / lat["A"]["CPU us"]
+    cpu = trio.run(loaded, relays, args.workload, args.seconds)
+    ratio = cpu["B"] / cpu["A"]
+    print(
+        f"{order}, round {r}: CPU us per unit A {cpu['A']:.1f}, B {cpu['B']:.1f}, B/A {ratio:.3f}",
+        flush=True,
+    )
+    return ratio
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -120,29 +145,31 @@ def main() -> None:
         dovecot.start()
         for user in bench.USERS:
             dovecot.seed(user, [b"Subject: small %d\r\n\r\nhello\r\n" % i for i in range(20)])
-        relays = {name: start(which, work, dovecot, cert, key) for name, which in
-                  (("A", args.a), ("B", args.b))}  # fmt: skip
-        ratios = []
-        for r in range(args.rounds):
-            if args.workload == "latency":
-                lat = trio.run(alternating, relays, args.noops)
-                shown = " | ".join(
-                    name + ": " + ", ".join(f"{k} {v:.4g}" for k, v in lat[name].items())
-                    for name in relays
-                )
-                ratios.append(lat["B"]["CPU us"] / lat["A"]["CPU us"])
-                print(f"round {r}: {shown}", flush=True)
-                continue
-            cpu = trio.run(loaded, relays, args.workload, args.seconds)
-            ratios.append(cpu["B"] / cpu["A"])
+        ratios: dict[str, list[float]] = {"B first": [], "A first": []}
+        for order, rounds in ratios.items():
+            # Each relay once started (and loaded) first, once second: on a shared machine the
+            # position alone has moved CPU per unit by up to 7 % (where the scheduler put each
+            # process), which one order of runs would count as the change's effect.
+            first, second = ("B", "A") if order == "B first" else ("A", "B")
+            paths = {"A": args.a, "B": args.b}
+            relays = {
+                name: start(paths[name], work, dovecot, cert, key) for name in (first, second)
+            }
+            for r in range(args.rounds):
+                rounds.append(one_round(relays, args, r, order))
+            for relay in relays.values():
+                stop_group(relay.process, signal.SIGTERM)
+            relays = {}
+        for order, rs in ratios.items():
             print(
-                f"round {r}: CPU us per unit A {cpu['A']:.1f}, B {cpu['B']:.1f}, "
-                f"B/A {ratios[-1]:.3f}",
-                flush=True,
+                f"{args.workload}, {order}: CPU B/A median {statistics.median(rs):.3f} "
+                f"({min(rs):.3f}-{max(rs):.3f}) over {len(rs)} rounds"
             )
+        b_first, a_first = (statistics.median(rs) for rs in ratios.values())
+        effect, leading = math.sqrt(b_first * a_first), math.sqrt(b_first / a_first)
         print(
-            f"{args.workload}: CPU B/A median {statistics.median(ratios):.3f} "
-            f"({min(ratios):.3f}-{max(ratios):.3f}) over {len(ratios)} rounds"
+            f"{args.workload}: CPU B/A {effect:.3f} with the position's share taken out (the"
+            f" relay started and loaded first costs {leading:.3f} times the other)"
         )
     finally:
         for relay in relays.values():
