@@ -30,7 +30,7 @@ import pytest
 from imapveil.records import IdExchange, SessionStarted
 from imapveil.sinks.jsonl import _DROPS, COALESCE, JsonLinesSink, encode
 from tests.helpers.dovecot import Dovecot, free_port
-from tests.helpers.process import imapveil, wait_until_listening
+from tests.helpers.process import imapveil, read_log, wait_until_listening
 
 pytestmark = pytest.mark.dovecot
 
@@ -85,21 +85,6 @@ def until_dropped(proxy_port: int, metrics_port: int) -> dict[str, float]:
                 return metrics
             time.sleep(0.05)
     raise AssertionError("the event log never failed")
-
-
-def read_log(path: Path) -> tuple[list[dict[str, Any]], list[bytes]]:
-    """(the records, the lines that are not one): every line ends with a newline but a last
-    fragment."""
-    lines = path.read_bytes().split(b"\n")
-    records, other = [], []
-    for line in lines[:-1]:
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            other.append(line)
-    if lines[-1]:
-        other.append(lines[-1])
-    return records, other
 
 
 def accounted(records: list[dict[str, Any]]) -> tuple[int, int]:

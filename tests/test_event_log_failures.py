@@ -11,6 +11,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+from tests.helpers.process import read_log
+
 # In a process of its own: a file size limit (RLIMIT_FSIZE) is the kernel's own way to make
 # writes fail part of the way through, then succeed again once the limit is raised.
 SCRIPT = textwrap.dedent(
@@ -69,14 +71,8 @@ def test_failed_writes_are_counted_said_and_leave_no_glued_line(tmp_path: Path) 
     errors = [x for x in run.stderr.decode().splitlines() if "cannot write the event log" in x]
     assert len(errors) == 1, run.stderr.decode()  # not one per failed write
     assert "File too large" in errors[0]
-    lines = path.read_bytes().split(b"\n")
-    assert lines[-1] == b""
-    parsed, torn = [], []
-    for line in lines[:-1]:
-        try:
-            parsed.append(json.loads(line))
-        except ValueError:
-            torn.append(line)
+    assert path.read_bytes().endswith(b"\n")
+    parsed, torn = read_log(path)
     # b1 was cut short (half of it went out): a line of its own, a prefix of a record's line.
     assert len(torn) == 1 and torn[0].startswith(b'{"ts":')
     whole = json.dumps(parsed[10], separators=(",", ":")).encode()  # b0's, as long as b1's

@@ -40,6 +40,21 @@ class Running:
         return [json.loads(line) for line in self.events.read_text().splitlines()]
 
 
+def read_log(path: Path) -> tuple[list[dict[str, Any]], list[bytes]]:
+    """(the records, the lines that are not one): every line ends with a newline but a last
+    fragment."""
+    lines = path.read_bytes().split(b"\n")
+    records, other = [], []
+    for line in lines[:-1]:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            other.append(line)
+    if lines[-1]:
+        other.append(lines[-1])
+    return records, other
+
+
 def stderr_until(process: subprocess.Popen[bytes], marker: bytes) -> bytes:
     """The process's diagnostics, read up to the first line containing `marker`."""
     assert process.stderr is not None

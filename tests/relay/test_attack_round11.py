@@ -59,16 +59,22 @@ AFTER_END = 32 * 1024 * 1024
 """Octets the attacker offers after its final DEFLATE block (64 KiB a send)."""
 
 
+def compress_after_login(s: socket.socket) -> None:
+    """The greeting, LOGIN (COMPRESS is for after login, RFC 4978), then COMPRESS DEFLATE."""
+    f = s.makefile("rb")
+    assert f.readline().startswith(b"* OK")
+    s.sendall(b"L LOGIN alice wonderland\r\n")
+    assert f.readline().startswith(b"L OK")
+    s.sendall(b"z COMPRESS DEFLATE\r\n")
+    assert f.readline().startswith(b"z OK"), "COMPRESS refused"
+    f.close()
+
+
 def deflate_then_garbage(address: tuple[str, int]) -> tuple[bytes, int, float]:
     """COMPRESS, then a NOOP in a DEFLATE stream that ends (Z_FINISH), then up to AFTER_END
     octets more: (what came back, octets sent after the end, seconds until the proxy closed)."""
     with socket.create_connection(address, timeout=10) as s:
-        f = s.makefile("rb")
-        assert f.readline().startswith(b"* OK")
-        s.sendall(b"L LOGIN alice wonderland\r\n")  # COMPRESS is for after login (RFC 4978)
-        assert f.readline().startswith(b"L OK")
-        s.sendall(b"z COMPRESS DEFLATE\r\n")
-        assert f.readline().startswith(b"z OK"), "COMPRESS refused"
+        compress_after_login(s)
         deflate = zlib.compressobj(6, zlib.DEFLATED, -15)
         s.sendall(deflate.compress(b"n NOOP\r\n") + deflate.flush(zlib.Z_FINISH))
         started = time.monotonic()
@@ -694,12 +700,7 @@ def id_under_compress(address: tuple[str, int]) -> bytes:
     """LOGIN, COMPRESS, then an ID cut into 1-octet DEFLATE flushes, then a NOOP; the
     answers inflated."""
     with socket.create_connection(address, timeout=10) as s:
-        f = s.makefile("rb")
-        assert f.readline().startswith(b"* OK")
-        s.sendall(b"L LOGIN alice wonderland\r\n")  # COMPRESS is for after login (RFC 4978)
-        assert f.readline().startswith(b"L OK")
-        s.sendall(b"z COMPRESS DEFLATE\r\n")
-        assert f.readline().startswith(b"z OK")
+        compress_after_login(s)
         out, back = zlib.compressobj(6, zlib.DEFLATED, -15), zlib.decompressobj(-15)
         for octet in named_id(b"i") + b"n NOOP\r\n":
             s.sendall(out.compress(bytes([octet])) + out.flush(zlib.Z_SYNC_FLUSH))
