@@ -187,6 +187,9 @@ class Service:
         self.fanout = Fanout(*sinks)
         self.metrics.refresh = self.fanout.deliver  # a scrape sees every record made before it
         self.notifier = Notifier()
+        self._reload_wanted = False  # a reload is running
+        self._reload_again = False  # a SIGHUP came during it
+        self._reload_scope: trio.CancelScope | None = None  # what a stop cancels
         self.proxy = Proxy(
             admittance(loaded, self.holder),
             self.fanout,
@@ -312,21 +315,48 @@ class Service:
         # default action back in place of its own handlers.
         for stop in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(stop, signal.SIG_IGN)
+        # Reloads run beside this loop, one at a time: a stop must be read while a reload
+        # waits on a hung mount or a resolver, and it abandons that reload.
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-            task_status.started()
-            async for signum in signals:
-                if signum == signal.SIGHUP:
+            async with trio.open_nursery() as nursery:
+                task_status.started()
+                async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        if self._reload_wanted:  # one is running: one more after it, no more
+                            if not self._reload_again:
+                                log.info("SIGHUP during a reload: reloading again after it")
+                            self._reload_again = True
+                        else:
+                            self._reload_wanted = True
+                            nursery.start_soon(self._reloads)
+                        continue
+                    name = signal.Signals(signum).name
+                    if self.proxy.stopping.is_set():
+                        log.info("received %s again: sessions get BYE now", name)
+                        self.proxy.shutdown.set()
+                        continue
+                    grace = self.proxy.shutdown_grace
+                    if self._reload_scope is not None:
+                        log.warning("received %s during a reload: the reload is abandoned", name)
+                        self._reload_scope.cancel()
+                    log.info("received %s, shutting down (sessions get %g s)", name, grace)
+                    self.notifier.stopping()
+                    self.proxy.stop()
+
+    async def _reloads(self) -> None:
+        """Reload until no SIGHUP came during the last reload."""
+        try:
+            while True:
+                self._reload_again = False
+                with trio.CancelScope() as scope:
+                    self._reload_scope = scope
                     await self.reload()
-                    continue
-                name = signal.Signals(signum).name
-                if self.proxy.stopping.is_set():
-                    log.info("received %s again: sessions get BYE now", name)
-                    self.proxy.shutdown.set()
-                    continue
-                grace = self.proxy.shutdown_grace
-                log.info("received %s, shutting down (sessions get %g s)", name, grace)
-                self.notifier.stopping()
-                self.proxy.stop()
+                self._reload_scope = None
+                if scope.cancelled_caught or not self._reload_again:  # abandoned by a stop
+                    return
+        finally:
+            self._reload_wanted = False
+            self._reload_scope = None
 
     def _load(self) -> tuple[Loaded, Admittance]:
         """The configuration as the files say now, and what new connections get from it (the
@@ -341,7 +371,8 @@ class Service:
             try:
                 # In a worker thread: reading the files (a hung mount) and looking the upstream
                 # up again (a resolver that answers late) must not hold up the sessions.
-                loaded, admitted = await trio.to_thread.run_sync(self._load)
+                # Abandoned (the thread left to finish on its own) if the service stops.
+                loaded, admitted = await trio.to_thread.run_sync(self._load, abandon_on_cancel=True)
             except ConfigError as exc:
                 log.error("reload refused, the running configuration stays: %s", exc)
                 self.fanout.emit(ConfigLoaded(source, False, str(exc)))
@@ -379,7 +410,8 @@ class Service:
                 "reloaded; policy %s (sha256 %s)", loaded.policy.name, loaded.policy.digest[:12]
             )
         finally:
-            self.notifier.ready()
+            if not self.proxy.stopping.is_set():  # STOPPING=1 said already: no READY=1 after it
+                self.notifier.ready()
 
     async def _report_store_drops(self, store: StoreSink, every: float = 60.0) -> None:
         """A record in the event log whenever statistics were lost (besides the metrics)."""
