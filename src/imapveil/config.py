@@ -220,6 +220,13 @@ class Settings:
         metavar="PER_SECOND",
         note="A reconnect storm of a few hundred people behind one NAT address fits the burst.",
     )  # fmt: skip
+    ipv6_prefix: int = setting(
+        64, _whole(32, "expected a whole number from 32 to 128", 128),
+        "IPv6 clients count toward the per-address limits per network of this prefix length "
+        "(a customer holds a /64, and a client may pick any address in it); `128` counts each "
+        "address alone. IPv4 addresses count one by one",
+        metavar="BITS",
+    )  # fmt: skip
     limits_exempt: tuple[str, ...] = setting(
         (), _networks,
         "client networks (CIDR list; comma-separated on the command line) without per-address "

@@ -94,13 +94,15 @@ def _proxy_name(value: Any) -> str:
     return text
 
 
-def _whole(minimum: int, expected: str) -> Callable[[Any], int]:
+def _whole(minimum: int, expected: str, maximum: int | None = None) -> Callable[[Any], int]:
     def convert(value: Any) -> int:
         try:
             number = int(value) if isinstance(value, str) else value
         except ValueError:
             raise ValueError(expected) from None
         if type(number) is not int or number < minimum:
+            raise ValueError(expected)
+        if maximum is not None and number > maximum:
             raise ValueError(expected)
         return number
 

@@ -202,7 +202,8 @@ class StoreDropped:
 
 @dataclass(slots=True)
 class OverLimit:
-    """Connections from `client` (an address, no port) refused over a connection limit: one
+    """Connections from `client` (an address, no port; for IPv6 the network counted as one
+    client, `2001:db8:1:2::/64`) refused over a connection limit: one
     record for the first, then one per interval for the `refused` ones that followed in the last
     `seconds`, instead of a session record each. `detail` is the latest reason."""
 

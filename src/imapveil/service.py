@@ -153,6 +153,7 @@ def admittance(loaded: Loaded, holder: PolicyHolder) -> Admittance:
         s.max_sessions_per_client,
         s.max_connection_rate,
         exempt=_networks(s.limits_exempt),
+        ipv6_prefix=s.ipv6_prefix,
     )
     return Admittance(relay, limits, _networks(s.proxy_protocol_from))
 

@@ -41,6 +41,9 @@ class Limits:
     exempt: tuple[Network, ...] = ()
     """Client networks without per-address limits (loopback is always exempt)."""
     burst_seconds: float = BURST_SECONDS
+    ipv6_prefix: int = 64
+    """IPv6 clients are counted per network of this length: one customer holds a /64, and a
+    client rotating its address in it is still one client. IPv4 addresses count one by one."""
 
     @property
     def burst(self) -> float:
@@ -50,6 +53,10 @@ class Limits:
     def exempts(self, host: str) -> bool:
         """Whether `host` (an address as text) skips the per-address limits."""
         return _exempts(host, self.exempt)
+
+    def client(self, host: str) -> str:
+        """Whom `host` counts as: the address, or for IPv6 its `ipv6_prefix` network."""
+        return _client(host, self.ipv6_prefix)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -65,6 +72,21 @@ def _exempts(host: str, exempt: tuple[Network, ...]) -> bool:
     return address.is_loopback or any(address in network for network in exempt)
 
 
+@functools.lru_cache(maxsize=4096)
+def _client(host: str, prefix: int) -> str:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv4Address):
+        return host
+    if address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    if prefix >= 128:
+        return str(address)
+    return str(ipaddress.IPv6Network((address, prefix), strict=False))
+
+
 class Admission:
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
@@ -73,11 +95,13 @@ class Admission:
         self._buckets: dict[str, tuple[float, float]] = {}  # address -> (tokens, when)
 
     def admit(self, address: str, now: float) -> str | None:
-        """None to admit (and count) the connection, else why it is refused."""
+        """None to admit (and count) the connection, else why it is refused. Counted under
+        `Limits.client(address)`."""
         limits = self.limits
         if self.active >= limits.max_sessions:
             return f"{limits.max_sessions} sessions in all"
         if not limits.exempts(address):
+            address = limits.client(address)
             if self._per_address.get(address, 0) >= limits.max_sessions_per_client:
                 return f"{limits.max_sessions_per_client} sessions from one address"
             rate, burst = limits.max_connection_rate, limits.burst
@@ -98,10 +122,10 @@ class Admission:
         UNCOUNTED if the limits exempt it. Decided now, not at the release: a reload may have
         changed the exempt networks by then, and must not take a session off a count it is
         not in (nor leave one on)."""
-        return UNCOUNTED if self.limits.exempts(address) else address
+        return UNCOUNTED if self.limits.exempts(address) else self.limits.client(address)
 
     def release(self, address: str) -> None:
-        """A session admitted from `address` ended (`key`'s key, or the address itself)."""
+        """A session admitted from `address` ended: `key(address)`, taken when it was admitted."""
         self.active -= 1
         if address == UNCOUNTED:
             return

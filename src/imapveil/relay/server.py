@@ -186,7 +186,10 @@ class Proxy:
     def _note_refusal(self, host: str, why: str) -> None:
         self.stats.refused += 1
         log.debug("refused a connection from %s over a limit: %s", host, why)
-        summary = self.refusals.note(host, why, trio.current_time())
+        # Under whom it was counted: an IPv6 client rotating its address within its prefix
+        # gets one report, not one per address.
+        client = self._admission.limits.client(host)
+        summary = self.refusals.note(client, why, trio.current_time())
         if summary is not None:
             self._report(summary)
 
