@@ -10,7 +10,13 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
+import pytest
+import trio
+
+from imapveil.records import SessionStarted
+from imapveil.sinks.jsonl import JsonLinesSink
 from tests.helpers.process import read_log
 
 # In a process of its own: a file size limit (RLIMIT_FSIZE) is the kernel's own way to make
@@ -80,3 +86,35 @@ def test_failed_writes_are_counted_said_and_leave_no_glued_line(tmp_path: Path) 
     sessions = [x.get("session") or f"dropped {x['count']}" for x in parsed]
     expected = [f"a{i}" for i in range(10)] + ["b0", "dropped 14", "c0", "c1", "c2"]
     assert sessions == expected
+
+
+async def test_a_drain_cancelled_before_its_write_starts_leaves_no_write_to_wait_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found (a SIGTERM abandoning a reload, under load): a drain whose task was cancelled after
+    its last checkpoint (the lock taken) kept its write as the one in progress, then raised
+    Cancelled at the worker thread's start, so the write never ran; the final drain at exit
+    waited for it `CLOSE_WITHIN` seconds and gave up, sessions' ends lost. A write is the one in
+    progress only once it cannot be cancelled before it runs."""
+    path = tmp_path / "events.jsonl"
+    sink = JsonLinesSink(str(path))
+    sink.open()
+    sink.emit(SessionStarted("s1", "c", "u"))
+    encode = sink._encode
+    scope = trio.CancelScope()
+
+    def encode_then_cancel(records: Any) -> bytes:
+        scope.cancel()  # as the signal task does, while this task runs no checkpoint
+        return encode(records)
+
+    monkeypatch.setattr(sink, "_encode", encode_then_cancel)
+    with scope:
+        await sink.flush()
+    monkeypatch.setattr(sink, "_encode", encode)
+    try:
+        with trio.fail_after(2):
+            await sink.flush()
+    finally:
+        assert sink._file is not None
+        sink._file.close()
+    assert [json.loads(line)["session"] for line in path.read_text().splitlines()] == ["s1"]

@@ -315,7 +315,13 @@ class JsonLinesSink:
                 parts.append(self._encode(itertools.islice(queue, start, end)))
             # Not waited for once cancelled (at exit: a write that never ends must not keep the
             # service from exiting): the final drain waits for it, as long as it may.
-            job = self._job = _Write(self._write, count, b"".join(parts))
+            job = _Write(self._write, count, b"".join(parts))
+            # Cancelled since the last checkpoint (a cancel scope's holder runs while this
+            # task waits in one that does not raise, as a lock taken does): not started, and
+            # not the write in progress, which the final drain would wait for in vain. With
+            # nothing run between this check and the thread's start, the write does start.
+            await trio.lowlevel.checkpoint_if_cancelled()
+            self._job = job
             await trio.to_thread.run_sync(job.run, abandon_on_cancel=True)
             self._written(job)
 
