@@ -15,6 +15,7 @@ tests/policy/test_detectors.py holds them to that.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Callable
@@ -54,37 +55,172 @@ def _is_hex(word: bytes) -> bool:
     return not word.translate(None, _HEX)
 
 
+_VALUE = bytes.maketrans(b"0123456789", bytes(range(10)))
+_DOUBLED = bytes.maketrans(b"0123456789", bytes((0, 2, 4, 6, 8, 1, 3, 5, 7, 9)))
+
+
 def _luhn(digits: bytes) -> bool:
-    total = 0
-    for i, c in enumerate(reversed(digits)):
-        d = c - 0x30
-        if i % 2:
-            d *= 2
-            if d > 9:
-                d -= 9
-        total += d
-    return total % 10 == 0
+    """Luhn's check digit holds (ISO/IEC 7812): every second digit from the right doubled, the
+    digits of each product summed."""
+    return (
+        sum(digits[-1::-2].translate(_VALUE)) + sum(digits[-2::-2].translate(_DOUBLED))
+    ) % 10 == 0
+
+
+_SEPARATORS = b":-._ /"
+
+
+@functools.lru_cache(maxsize=8)
+def chains(value: bytes) -> tuple[tuple[bytes, tuple[bytes, ...]], ...]:
+    """Runs of two or more words (`[0-9A-Za-z]+`) joined each to the next by one octet of
+    `:-._ /`, the same one throughout, with that octet: "49-015420-323751-8" is one chain of four
+    words joined by "-", "a4 c3 f0 85 1b 2e" one of six joined by " ". Where the separator
+    changes, the word between ends one chain and begins the next. One pass; every word is in at
+    most two chains. Kept for the few detectors that ask about the same value in turn."""
+    found: list[tuple[bytes, tuple[bytes, ...]]] = []
+    words: list[bytes] = []
+    joiner = b""
+    end = 0
+    for m in _WORD.finditer(value):
+        gap = value[end : m.start()]
+        end = m.end()
+        if words and len(gap) == 1 and gap in _SEPARATORS:
+            if joiner not in (b"", gap):
+                found.append((joiner, tuple(words)))
+                words = [words[-1]]
+            words.append(m.group())
+            joiner = gap
+            continue
+        if len(words) > 1:
+            found.append((joiner, tuple(words)))
+        words, joiner = [m.group()], b""
+    if len(words) > 1:
+        found.append((joiner, tuple(words)))
+    return tuple(found)
+
+
+def _count_in(value: bytes, octets: bytes) -> int:
+    return len(value) - len(value.translate(None, octets))
+
+
+_HEX_LETTERS = b"abcdefABCDEF"
+# (words, octets each) of a MAC address in groups: six pairs, four triples, three quads, two
+# halves: "a4 c3 f0 85 1b 2e", "a4c-3f0-851-b2e", "a4c3_f085_1b2e", "a4c3f0-851b2e".
+_MAC_GROUPS = ((6, 2), (4, 3), (3, 4), (2, 6))
+
+
+def _grouped_mac(words: tuple[bytes, ...]) -> bool:
+    """Equal groups of hex digits, twelve in all, one of them a letter (a version's numbers,
+    "10.11.12.13.14.15", are no address; colons and hyphens between pairs are `_MAC`'s). Six
+    pairs or more (EUI-64 has eight); exactly so many longer groups (more are the uuid's or the
+    token's: "0f8f-ad5b-d9cb-469f-...")."""
+    for count, size in _MAC_GROUPS:
+        run = letters = 0  # equal hex words in a row; for pairs, letters in the last six
+        for i, w in enumerate((*words, b"")):
+            if len(w) == size and _is_hex(w):
+                run += 1
+                if size == 2:
+                    letters = _count_in(b"".join(words[max(0, i - 5) : i + 1]), _HEX_LETTERS)
+                    if run >= count and letters:
+                        return True
+                else:
+                    letters += _count_in(w, _HEX_LETTERS)
+                continue
+            if size > 2 and run == count and letters:
+                return True
+            run = letters = 0
+    return False
 
 
 def mac(value: bytes) -> bool:
-    """With colons or hyphens, Cisco's dotted form, or 12 hex digits standing alone."""
+    """With colons or hyphens, Cisco's dotted form, or 12 hex digits standing alone; or grouped
+    otherwise, by any of `:-._` or space (`_grouped_mac`)."""
     if _MAC.search(value):
         return True
     rest = _UUID.sub(b" ", value)  # a UUID ends in 12 hex digits: that one is the uuid detector's
-    return any(len(w) == 12 and _is_hex(w) for w in _WORD.findall(rest))
+    if any(len(w) == 12 and _is_hex(w) for w in _WORD.findall(rest)):
+        return True
+    return any(sep != b"/" and _grouped_mac(words) for sep, words in chains(rest))
+
+
+def _digit_groups(words: tuple[bytes, ...], dotted: bool) -> bool:
+    """Groups of digits that together are a phone's identity: 15 digits passing Luhn's check
+    (an IMEI, "49-015420-323751-8"), or, unless the groups are a version's ("16.0.17425.20000"),
+    15 or more (an IMSI, IMEISV or ICCID: "8901 2601 2345 6789 012")."""
+    lengths = [len(w) if w.isdigit() else 0 for w in words]  # 0: not digits, ends a run
+    first = total = 0  # the window words[first:i + 1], its digits in all
+    for i, n in enumerate(lengths):
+        if not n:
+            first, total = i + 1, 0
+            continue
+        total += n
+        if not dotted and total >= 15 and i > first:
+            return True
+        while total > 15:
+            total -= lengths[first]
+            first += 1
+        if total == 15 and i > first and _luhn(b"".join(words[first : i + 1])):
+            return True
+    return False
 
 
 def imei(value: bytes) -> bool:
-    return any(len(m) == 15 and _luhn(m) for m in _DIGIT_RUN.findall(value))
+    """15 digits passing Luhn's check; and phone identities written in groups (`_digit_groups`),
+    by any of `-_ /` or dots (`:` joins times, not identities)."""
+    if any(len(m) == 15 and _luhn(m) for m in _DIGIT_RUN.findall(value)):
+        return True
+    return any(
+        sep != b":" and _digit_groups(words, dotted=sep == b".") for sep, words in chains(value)
+    )
+
+
+def _hex_groups(words: tuple[bytes, ...], total: int) -> bool:
+    """Consecutive hex words, two or more, of `total` digits in all: a UUID grouped otherwise
+    ("0f8f-ad5b-d9cb-469f-a165-7086-7728-950e")."""
+    lengths = [len(w) if _is_hex(w) else 0 for w in words]
+    first = digits = 0
+    for i, n in enumerate(lengths):
+        if not n:
+            first, digits = i + 1, 0
+            continue
+        digits += n
+        while digits > total:
+            digits -= lengths[first]
+            first += 1
+        if digits == total and i > first:
+            return True
+    return False
 
 
 def uuid(value: bytes) -> bool:
-    return _UUID.search(value) is not None
+    """8-4-4-4-12 with or without separators, or its 32 hex digits grouped otherwise."""
+    if _UUID.search(value) is not None:
+        return True
+    return any(sep != b"/" and _hex_groups(words, 32) for sep, words in chains(value))
+
+
+def _even_hex_groups(words: tuple[bytes, ...]) -> bool:
+    """Two or more hex words of one length, at least four digits each, sixteen or more in all,
+    a letter among them: a device id in groups ("9774-d56d-682e-549c")."""
+    size = count = letters = 0  # the current run: its words' length, how many, letters in all
+    for w in words:
+        if len(w) < 4 or not _is_hex(w):
+            size = count = letters = 0
+            continue
+        if len(w) != size:
+            size, count, letters = len(w), 0, 0
+        count += 1
+        letters += _count_in(w, _HEX_LETTERS)
+        if count > 1 and size * count >= 16 and letters:
+            return True
+    return False
 
 
 def token(value: bytes) -> bool:
     """Long hex, or base64-like runs mixing letters and digits (device hashes, session ids)."""
     if any(len(w) >= 16 and _is_hex(w) for w in _WORD.findall(value)):
+        return True
+    if any(sep != b"/" and _even_hex_groups(words) for sep, words in chains(value)):
         return True
     for run in _B64_RUN.findall(value):
         if len(run) < 16:

@@ -1,0 +1,107 @@
+"""Round 12 of attacks from outside: identifiers written so that the policy does not know them.
+
+Raw sockets through the proxy (built as `imapveil serve` builds it) to a real Dovecot that logs
+every ID it receives (`imap_id_log = *`): what reaches its `ID sent:` line reached the server, and
+the records (event log, statistics store, debug log) are read from the proxy's sink.
+
+Each value is carried in a field the shipped policies keep (name, vendor, os, version,
+os-version), beside a real client's name and version, which must still arrive as they were sent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from tests.helpers.attack import Client, DovecotLog, own_dovecot, veil
+from tests.helpers.dovecot import Dovecot
+
+pytestmark = pytest.mark.dovecot
+run = trio.to_thread.run_sync
+
+
+@pytest.fixture(scope="module")
+def target() -> Iterator[Dovecot]:
+    with own_dovecot() as server:
+        yield server
+
+
+def id_sent(text: str) -> list[str]:
+    return [line for line in text.splitlines() if "ID sent" in line]
+
+
+def send_id(address: tuple[str, int], pairs: list[tuple[bytes, bytes]]) -> bytes:
+    """LOGIN, one ID of `pairs` (quoted), LOGOUT; the transcript."""
+    with Client(address) as c:
+        c.greeting()
+        c.login()
+        c.send(b"i ID (" + b" ".join(b'"%s" "%s"' % p for p in pairs) + b")\r\n")
+        assert c.until(b"i").startswith(b"i OK"), c.transcript[-300:]
+        c.logout()
+        return c.transcript
+
+
+# The fields a value is carried in: the identifier alone, after a version, in a comment.
+CARRIERS = (
+    (b"name", b"Mail %s"),
+    (b"vendor", b"Apple %s"),
+    (b"os", b"iOS %s"),
+    (b"version", b"16.0 (%s)"),
+    (b"os-version", b"%s"),
+)
+
+# Phone identities in groups, as phones' settings and labels print them. Each word has few digits,
+# so each fitted a version's shape; the detector knew only 15 digits in one run.
+PHONE = {
+    "imei, dashes (AA-BBBBBB-CCCCCC-D)": b"49-015420-323751-8",
+    "imei, spaces": b"35 209900 176148 1",
+    "imei, TAC and serial": b"35209900-176148-1",
+    "imei, dots": b"49.015420.323751.8",
+    "imsi, dashes": b"310-150-123456789",
+    "iccid, spaces": b"8901 2601 2345 6789 012",
+}
+# MAC addresses and device ids in groups the detectors did not know.
+GROUPED = {
+    "mac, pairs and spaces": b"a4 c3 f0 85 1b 2e",
+    "mac, pairs and dots": b"a4.c3.f0.85.1b.2e",
+    "mac, pairs and underscores": b"a4_c3_f0_85_1b_2e",
+    "mac, two halves": b"a4c3f0-851b2e",
+    "mac, four triples": b"a4c-3f0-851-b2e",
+    "mac, quads and underscores": b"a4c3_f085_1b2e",
+    "uuid, groups of four": b"0f8f-ad5b-d9cb-469f-a165-7086-7728-950e",
+    "uuid, its last group split": b"0f8fad5b d9cb 469f a165 7086 7728 950e",
+    "android id, groups of four": b"9774-d56d-682e-549c",
+}
+CLASSES = {"phone": PHONE, "grouped": GROUPED}
+
+
+@pytest.mark.parametrize("policy", ["default", "strict"])
+@pytest.mark.parametrize("kind", list(CLASSES))
+async def test_identifiers_in_groups_reach_neither_dovecot_nor_a_record(
+    target: Dovecot, tmp_path: Path, policy: str, kind: str
+) -> None:
+    """Found (attack12i): an IMEI written as a phone prints it, `49-015420-323751-8`, has words
+    of at most six digits: it fitted the `version` shape, and the `imei` detector looked only for
+    15 digits in one run. So it reached Dovecot's `ID sent:` line in `version` and `os-version`
+    and was recorded as the client's version. The same for IMSIs and ICCIDs in groups, MAC
+    addresses grouped by spaces, dots or underscores or in halves or triples, and UUIDs and
+    device ids in groups of four: every word short enough for a name or a version."""
+    forms = CLASSES[kind]
+    log = DovecotLog(target)
+    async with veil(target.address, tmp_path, policy=policy) as v:
+        for secret in forms.values():
+            pairs = [(f, shape % secret) for f, shape in CARRIERS]
+            await run(send_id, v.address, [(b"name", b"Thunderbird"), *pairs[1:]])
+            await run(send_id, v.address, [pairs[0], (b"version", b"115.5.0")])
+        await v.sessions_ended(2 * len(forms))
+    text = await run(log.settled, 2 * len(forms))
+    leaked = [k for k, s in forms.items() if s.decode() in text]
+    assert leaked == [], id_sent(text)
+    records = v.records_json()
+    assert [k for k, s in forms.items() if s.decode() in records] == [], records
+    if policy == "default":  # the client's identity still arrives
+        assert sum("name=Thunderbird" in line for line in id_sent(text)) == len(forms)
+        assert sum("version=115.5.0" in line for line in id_sent(text)) == len(forms)
