@@ -43,6 +43,10 @@ def test_corpus_values_have_their_shape(shape: str, value: bytes) -> None:
         ("version", b"10.0.22631"),
         ("version", b"2023"),
         ("name", b"Outlook 2016"),
+        ("name", b"HUAWEI P30 PRO"),  # capitals and digits in groups, one word mixing them
+        ("name", b"IBM Notes 9.0.1 FP10 HF197"),
+        ("version", b"14; UP1A.231005.007"),  # dots: an Android build
+        ("version", b"SP1A.210812.016.A1"),
         ("name", b"OutlookForWindowsDesktopClient"),
         ("name", b"eM Client"),
         ("os", b"Linux x86_64"),
@@ -84,6 +88,12 @@ UUID = b"0f8fad5b-d9cb-469f-a165-70867728950e"
         ("name", b"Mail\r\nx"),
         ("name", "Почта".encode()),  # not ASCII: the shipped shapes keep ASCII only
         ("os", b"10.1.2.3"),
+        # Attack 12: serial numbers in groups, each word short.
+        ("version", b"16.0 (C02X-K1ZT-JGH5)"),
+        ("version", b"C02XK1 ZTJGH5"),
+        ("name", b"Mail C02X K1ZT JGH5"),
+        ("vendor", b"Apple R58M_12AB-CDE"),
+        ("os", b"iOS C02X-K1ZT JGH5"),
         ("os", b"iOS 490154203237518"),
         ("vendor", b"Apple Inc.\x00"),
         ("date", b"2020-03-19"),

@@ -75,7 +75,14 @@ GROUPED = {
     "uuid, its last group split": b"0f8fad5b d9cb 469f a165 7086 7728 950e",
     "android id, groups of four": b"9774-d56d-682e-549c",
 }
-CLASSES = {"phone": PHONE, "grouped": GROUPED}
+# Serial numbers in groups (one word of ten capitals and digits is no name's or version's).
+SERIAL = {
+    "serial, hyphens": b"C02X-K1ZT-JGH5",
+    "serial, spaces": b"C02X K1ZT JGH5",
+    "serial, in halves": b"C02XK1 ZTJGH5",
+    "serial, mixed separators": b"R58M_12AB-CDE",
+}
+CLASSES = {"phone": PHONE, "grouped": GROUPED, "serial": SERIAL}
 
 
 @pytest.mark.parametrize("policy", ["default", "strict"])
@@ -88,7 +95,8 @@ async def test_identifiers_in_groups_reach_neither_dovecot_nor_a_record(
     15 digits in one run. So it reached Dovecot's `ID sent:` line in `version` and `os-version`
     and was recorded as the client's version. The same for IMSIs and ICCIDs in groups, MAC
     addresses grouped by spaces, dots or underscores or in halves or triples, and UUIDs and
-    device ids in groups of four: every word short enough for a name or a version."""
+    device ids in groups of four, and serial numbers in groups (`C02X-K1ZT-JGH5`): every word
+    short enough for a name or a version."""
     forms = CLASSES[kind]
     log = DovecotLog(target)
     async with veil(target.address, tmp_path, policy=policy) as v:

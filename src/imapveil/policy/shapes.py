@@ -72,6 +72,31 @@ def _serial(word: bytes) -> bool:
     return digits >= 1 and len(word) - digits >= 2
 
 
+def _mixed(word: bytes) -> bool:
+    return 0 < _count(word, _DIGITS) < len(word)
+
+
+def _grouped_serial(value: bytes) -> bool:
+    """A serial number in groups: "C02X-K1ZT-JGH5", "C02X K1ZT JGH5", "R58M_12AB CDE". Words of
+    capitals and digits, each with a capital, joined by one hyphen, space or underscore, which
+    together are a `_serial` and of which two or more mix letters and digits ("HUAWEI P30 PRO"
+    has one). Not dots: "TQ3A.230805.001" is an Android build, a version. One pass."""
+    run: list[bytes] = []
+    end = 0
+    for m in [*_WORD.finditer(value), None]:
+        word = m.group() if m else b""
+        joined = m is not None and len(value[end : m.start()]) == 1 and value[end] in b"- _"
+        if run and not (joined and word.isupper()):
+            if len(run) > 1 and sum(map(_mixed, run)) > 1 and _serial(b"".join(run)):
+                return True
+            run = []
+        if m is not None:
+            if word.isupper():  # a capital, no small letter: "C02X", not "9" ("9.0.1 FP10")
+                run.append(word)
+            end = m.end()
+    return False
+
+
 def _label(value: bytes, longest: int, punctuation: bytes) -> bool:
     return (
         0 < len(value) <= longest
@@ -79,6 +104,7 @@ def _label(value: bytes, longest: int, punctuation: bytes) -> bool:
         and value[:1].isalnum()
         and _count(value, _LETTERS) > 0
         and all(_label_word(w) for w in _WORD.findall(value))
+        and not _grouped_serial(value)
     )
 
 
@@ -121,7 +147,7 @@ def version(value: bytes) -> bool:
     return all(
         len(w) <= (10 if _count(w, _DIGITS) else 16) and not _serial(w)
         for w in _WORD.findall(value)
-    )
+    ) and not _grouped_serial(value)
 
 
 _DAY_MONTH_YEAR = re.compile(
