@@ -225,3 +225,28 @@ def test_what_goes_out_of_a_shaped_field_has_its_shape(
     for name, text in out.recorded.items():
         shape = chosen.rule_for(name).shape
         assert shape is not None and text is not None and shape.fits(text.encode()), (name, text)
+
+
+# Attack 12: identifiers in field names that are not printable ASCII. Such a name is dropped and
+# recorded escaped (\xNN); the escapes hid the identifier from the detectors: "\x20" ends in a
+# hex digit ("x\x20a4:c3:..." has no MAC standing alone), a zero-width space splits it, and
+# fullwidth forms are not ASCII at all.
+HIDDEN_NAMES = {
+    "space before a mac": b"x a4:c3:f0:85:1b:2e",
+    "nul before a mac": b"\x00a4:c3:f0:85:1b:2e",
+    "zero-width space in a mac": "a4:c3:f0\u200b:85:1b:2e".encode(),
+    "nbsp between a mac's pairs": b"a4\xa0c3\xa0f0\xa085\xa01b\xa02e",
+    "fullwidth colons": "a4\uff1ac3\uff1af0\uff1a85\uff1a1b\uff1a2e".encode(),
+    "fullwidth imei": "".join(chr(0xFF10 + int(d)) for d in "490154203237518").encode(),
+    "tab in an address": b"ip\t198.51.100.7",
+    # Printable, but recorded in lower case, where a base64 token no longer mixes cases.
+    "base64 token": b"3kWq1b0Zr9mYb8Jx2n4Vt0cP5sI=",
+}
+
+
+@pytest.mark.parametrize("policy", ["default", "strict"])
+@pytest.mark.parametrize("kind", HIDDEN_NAMES)
+def test_identifiers_hidden_in_names_are_not_recorded(policy: str, kind: str) -> None:
+    out = run(policy, ((HIDDEN_NAMES[kind], b"1"), (b"name", b"Mail")))
+    assert out.dropped[0].startswith("detected:"), out.dropped
+    assert out.recorded == {"name": "Mail"}

@@ -10,12 +10,14 @@ os-version), beside a real client's name and version, which must still arrive as
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trio
 
+from imapveil.records import IdExchange
 from tests.helpers.attack import Client, DovecotLog, own_dovecot, veil
 from tests.helpers.dovecot import Dovecot
 
@@ -113,3 +115,57 @@ async def test_identifiers_in_groups_reach_neither_dovecot_nor_a_record(
     if policy == "default":  # the client's identity still arrives
         assert sum("name=Thunderbird" in line for line in id_sent(text)) == len(forms)
         assert sum("version=115.5.0" in line for line in id_sent(text)) == len(forms)
+
+
+# --- Identifiers as field names the records show escaped.
+
+HIDDEN_NAMES = {
+    "space before a mac": b"x a4:c3:f0:85:1b:2e",
+    "tab before an address": b"ip\t198.51.100.7",
+    "zero-width space in a mac": "a4:c3:f0\u200b:85:1b:2e".encode(),
+    "nbsp between a mac's pairs": b"a4\xa0c3\xa0f0\xa085\xa01b\xa02e",
+    "fullwidth imei": "".join(chr(0xFF10 + int(d)) for d in "490154203237518").encode(),
+    "base64 token, printable": b"3kWq1b0Zr9mYb8Jx2n4Vt0cP5sI=",
+}
+HIDDEN_CORES = ("a4c3f0851b2e", "198511007", "490154203237518", "3kwq1b0zr9myb8jx2n4vt0cp5si")
+"""What each name holds, in letters and digits only: what a reader of the records recovers."""
+
+
+def names_as_literals(address: tuple[str, int]) -> bytes:
+    with Client(address) as c:
+        c.greeting()
+        c.login()
+        pairs = b" ".join(b'{%d+}\r\n%s "1"' % (len(n), n) for n in HIDDEN_NAMES.values())
+        c.send(b'i ID ("name" "Thunderbird" ' + pairs + b")\r\n")
+        assert c.until(b"i").startswith(b"i OK"), c.transcript[-300:]
+        c.logout()
+        return c.transcript
+
+
+def _letters_and_digits(text: str) -> str:
+    """The records' text without \\xNN escapes, then only its letters and digits, lower case."""
+    text = re.sub(r"\\\\x[0-9a-f]{2}", "", text.lower())
+    return "".join(ch for ch in text if ch.isascii() and ch.isalnum())
+
+
+@pytest.mark.parametrize("policy", ["default", "strict"])
+async def test_identifiers_hidden_in_field_names_reach_no_record(
+    target: Dovecot, tmp_path: Path, policy: str
+) -> None:
+    """Found (attack12i): a field name that is not printable ASCII is dropped and recorded with
+    its other octets as \\xNN (the `id` record's `dropped`, the statistics store, the debug log).
+    The detectors read that escaped form, in which an escape ending in a hex digit stands beside
+    the identifier (`x\\x20a4:c3:f0:85:1b:2e`: no MAC standing alone; `ip\\x09198.51.100.7`: no
+    address) and a zero-width space or a no-break space splits it; fullwidth digits were not
+    ASCII at all. And printable names were looked at in lower case, in which a base64 token
+    mixes no cases. All were recorded readable. Now the detectors also read the name as sent,
+    with those octets as spaces, without them, and in NFKC."""
+    async with veil(target.address, tmp_path, policy=policy) as v:
+        await run(names_as_literals, v.address)
+        await v.sessions_ended(1)
+    records = _letters_and_digits(v.records_json())
+    assert [c for c in HIDDEN_CORES if c in records] == [], v.records_json()
+    (exchange,) = v.sink.of(IdExchange)
+    hidden = [d for d in exchange.dropped if d != "name"]  # strict forwards no name either
+    assert len(hidden) == len(HIDDEN_NAMES), exchange.dropped
+    assert all(d.startswith("detected:") for d in hidden), exchange.dropped
