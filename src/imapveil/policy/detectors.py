@@ -248,10 +248,35 @@ def email(value: bytes) -> bool:
     return False
 
 
+def _octet(word: bytes) -> bool:
+    """A part of an IPv4 address: up to three digits of at most 255, or 0x and two hex digits."""
+    if word[:2].lower() == b"0x":
+        return 2 < len(word) <= 4 and _is_hex(word[2:])
+    return len(word) <= 3 and word.isdigit() and int(word) <= 255
+
+
+def _grouped_ipv4(sep: bytes, words: tuple[bytes, ...]) -> bool:
+    """Four parts of an address joined by hyphens or underscores ("ip-198-51-100-7", as cloud
+    host names write them), or by dots with a part in hex ("0xc6.0x33.0x64.0x07", which
+    inet_aton reads); dotted decimal is `_IPV4`'s."""
+    if sep not in (b"-", b"_", b"."):
+        return False
+    run = hexed = 0  # parts in a row; of the last four, those in hex
+    for i, w in enumerate(words):
+        run = run + 1 if _octet(w) else 0
+        if run >= 4:
+            hexed = sum(p[:2].lower() == b"0x" for p in words[i - 3 : i + 1])
+            if sep != b"." or hexed:
+                return True
+    return False
+
+
 def ip(value: bytes) -> bool:
     for m in _IPV4.finditer(value):
         if all(int(part) <= 255 for part in m.group().split(b".")):
             return True  # leading zeros too: "010.000.000.001" is still meant as an address
+    if any(_grouped_ipv4(sep, words) for sep, words in chains(value)):
+        return True
     for run in _IP6_RUN.findall(value):
         if run.count(b":") < 2:
             continue  # "16.0", "1.983": versions, not addresses
