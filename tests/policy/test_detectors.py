@@ -60,7 +60,18 @@ ALL = tuple(DETECTORS)
         (b"0f8f-ad5b-d9cb-469f-a165-7086-7728-950e", "uuid"),
         (b"0f8fad5b d9cb 469f a165 7086 7728 950e", "uuid"),
         (b"9774-d56d-682e-549c", "token"),
+        # ... whatever joins the groups: mixed, or punctuation a version may hold.
+        (b"49+015420+323751+8", "imei"),
+        (b"(49)015420-323751-8", "imei"),
+        (b"49-015420 323751.8", "imei"),
+        (b"a4.c3-f0.85-1b.2e", "mac"),
+        (b"a4/c3/f0/85/1b/2e", "mac"),
+        (b"a4(c3)f0(85)1b(2e)", "mac"),
+        (b"a4  c3  f0  85  1b  2e", "mac"),
+        (b"0f8fad5b,d9cb,469f,a165,7086,7728,950e", "uuid"),
+        (b"9774+d56d+682e+549c", "token"),
         (b"ip-198-51-100-7", "ip"),
+        (b"198+51+100+7", "ip"),
         (b"198_51_100_7", "ip"),
         (b"0xc6.0x33.0x64.0x07", "ip"),
         # ... and what such groups are in real versions: not identifiers.
@@ -73,6 +84,10 @@ ALL = tuple(DETECTORS)
         (b"1.0.0-beta.1+exp.sha.5114f85", None),
         (b"3.10.0-1160.el7.x86_64", None),
         (b"6.5.0-14-generic", None),
+        (b"16.0 (3826.300.87.2.22)", None),  # 15 digits, but not joined by single octets
+        (b"10.0.22621.2861-1", None),
+        (b"1.2.3-14-g47349e2 (abc1234)", None),
+        (b"2.3.21 (47349e2482) (a8bdba 12)", None),
         (b"4.9.1-0+deb11u1", None),
         (b"49.015420.323751.9", None),  # dotted 15 digits failing Luhn's check: a version's
         # Versions, names and dates stay clean.

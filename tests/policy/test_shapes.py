@@ -94,6 +94,8 @@ UUID = b"0f8fad5b-d9cb-469f-a165-70867728950e"
         ("name", b"Mail C02X K1ZT JGH5"),
         ("vendor", b"Apple R58M_12AB-CDE"),
         ("os", b"iOS C02X-K1ZT JGH5"),
+        ("name", b"Mail C02X/K1ZT/JGH5"),
+        ("version", b"16.0 (C02X+K1ZT+JGH5)"),
         ("os", b"iOS 490154203237518"),
         ("vendor", b"Apple Inc.\x00"),
         ("date", b"2020-03-19"),

@@ -64,6 +64,8 @@ PHONE = {
     "imei, dots": b"49.015420.323751.8",
     "imsi, dashes": b"310-150-123456789",
     "iccid, spaces": b"8901 2601 2345 6789 012",
+    "imei, plus signs": b"49+015420+323751+8",
+    "imei, mixed": b"(49)015420-323751.8",
 }
 # MAC addresses and device ids in groups the detectors did not know.
 GROUPED = {
@@ -76,6 +78,10 @@ GROUPED = {
     "uuid, groups of four": b"0f8f-ad5b-d9cb-469f-a165-7086-7728-950e",
     "uuid, its last group split": b"0f8fad5b d9cb 469f a165 7086 7728 950e",
     "android id, groups of four": b"9774-d56d-682e-549c",
+    "mac, slashes": b"a4/c3/f0/85/1b/2e",
+    "mac, mixed": b"a4.c3-f0.85-1b.2e",
+    "mac, two spaces": b"a4  c3  f0  85  1b  2e",
+    "android id, plus signs": b"9774+d56d+682e+549c",
 }
 # Serial numbers in groups (one word of ten capitals and digits is no name's or version's).
 SERIAL = {
@@ -83,6 +89,8 @@ SERIAL = {
     "serial, spaces": b"C02X K1ZT JGH5",
     "serial, in halves": b"C02XK1 ZTJGH5",
     "serial, mixed separators": b"R58M_12AB-CDE",
+    "serial, plus signs": b"C02X+K1ZT+JGH5",
+    "serial, slashes": b"C02X/K1ZT/JGH5",
 }
 # IPv4 addresses as host names and inet_aton write them. Not carried in `version`: there the
 # default policy keeps a four-part number, which is a version there (README, default.toml).
@@ -90,6 +98,7 @@ ADDRESS = {
     "ipv4, hyphens": b"ip-198-51-100-7",
     "ipv4, underscores": b"198_51_100_7",
     "ipv4, hex parts": b"0xc6.0x33.0x64.0x07",
+    "ipv4, plus signs": b"198+51+100+7",
 }
 CLASSES = {"phone": PHONE, "grouped": GROUPED, "serial": SERIAL, "address": ADDRESS}
 

@@ -67,35 +67,28 @@ def _luhn(digits: bytes) -> bool:
     ) % 10 == 0
 
 
-_SEPARATORS = b":-._ /"
-
-
-@functools.lru_cache(maxsize=8)
-def chains(value: bytes) -> tuple[tuple[bytes, tuple[bytes, ...]], ...]:
-    """Runs of two or more words (`[0-9A-Za-z]+`) joined each to the next by one octet of
-    `:-._ /`, the same one throughout, with that octet: "49-015420-323751-8" is one chain of four
-    words joined by "-", "a4 c3 f0 85 1b 2e" one of six joined by " ". Where the separator
-    changes, the word between ends one chain and begins the next. One pass; every word is in at
-    most two chains. Kept for the few detectors that ask about the same value in turn."""
-    found: list[tuple[bytes, tuple[bytes, ...]]] = []
+@functools.lru_cache(maxsize=16)
+def groups(value: bytes, widest: int) -> tuple[tuple[tuple[bytes, ...], tuple[bytes, ...]], ...]:
+    """Runs of two or more words (`[0-9A-Za-z]+`), each joined to the next by at most `widest`
+    other octets: (the words, the gaps between them). With `widest` 1, "49-015420-323751-8" is
+    one run of four words and "16.0 (3731.600.7)" two ("16.0", "3731.600.7"); with 3, one. One
+    pass; kept for the detectors that ask about the same value in turn."""
+    found: list[tuple[tuple[bytes, ...], tuple[bytes, ...]]] = []
     words: list[bytes] = []
-    joiner = b""
+    gaps: list[bytes] = []
     end = 0
     for m in _WORD.finditer(value):
         gap = value[end : m.start()]
         end = m.end()
-        if words and len(gap) == 1 and gap in _SEPARATORS:
-            if joiner not in (b"", gap):
-                found.append((joiner, tuple(words)))
-                words = [words[-1]]
+        if words and len(gap) <= widest:
             words.append(m.group())
-            joiner = gap
+            gaps.append(gap)
             continue
         if len(words) > 1:
-            found.append((joiner, tuple(words)))
-        words, joiner = [m.group()], b""
+            found.append((tuple(words), tuple(gaps)))
+        words, gaps = [m.group()], []
     if len(words) > 1:
-        found.append((joiner, tuple(words)))
+        found.append((tuple(words), tuple(gaps)))
     return tuple(found)
 
 
@@ -134,43 +127,46 @@ def _grouped_mac(words: tuple[bytes, ...]) -> bool:
 
 def mac(value: bytes) -> bool:
     """With colons or hyphens, Cisco's dotted form, or 12 hex digits standing alone; or grouped
-    otherwise, by any of `:-._` or space (`_grouped_mac`)."""
+    otherwise, whatever joins the groups (up to three octets: `_grouped_mac`)."""
     if _MAC.search(value):
         return True
     rest = _UUID.sub(b" ", value)  # a UUID ends in 12 hex digits: that one is the uuid detector's
     if any(len(w) == 12 and _is_hex(w) for w in _WORD.findall(rest)):
         return True
-    return any(sep != b"/" and _grouped_mac(words) for sep, words in chains(rest))
+    return any(_grouped_mac(words) for words, _ in groups(rest, 3))
 
 
-def _digit_groups(words: tuple[bytes, ...], dotted: bool) -> bool:
-    """Groups of digits that together are a phone's identity: 15 digits passing Luhn's check
-    (an IMEI, "49-015420-323751-8"), or, unless the groups are a version's ("16.0.17425.20000"),
-    15 or more (an IMSI, IMEISV or ICCID: "8901 2601 2345 6789 012")."""
-    lengths = [len(w) if w.isdigit() else 0 for w in words]  # 0: not digits, ends a run
-    first = total = 0  # the window words[first:i + 1], its digits in all
-    for i, n in enumerate(lengths):
-        if not n:
-            first, total = i + 1, 0
+def _digit_groups(words: tuple[bytes, ...], gaps: tuple[bytes, ...], dots: bool) -> bool:
+    """Words of digits joined by single octets, not colons (times), nor dots unless `dots`:
+    with dots, 15 of their digits in a row that pass Luhn's check (an IMEI, "49.015420.323751.8",
+    but "16.0.17425.20000" has 13); without, 15 or more (an IMEI, IMSI, IMEISV or ICCID:
+    "49-015420-323751-8", "8901 2601 2345 6789 012")."""
+    start = total = 0  # the words counted: words[start:i + 1], their digits
+    for i, w in enumerate(words):
+        joined = i > 0 and gaps[i - 1] != b":" and (dots or gaps[i - 1] != b".")
+        if not w.isdigit():
+            start, total = i + 1, 0
             continue
-        total += n
-        if not dotted and total >= 15 and i > first:
+        if not joined:
+            start, total = i, 0
+        total += len(w)
+        if not dots and total >= 15 and i > start:
             return True
-        while total > 15:
-            total -= lengths[first]
-            first += 1
-        if total == 15 and i > first and _luhn(b"".join(words[first : i + 1])):
+        while dots and total > 15:
+            total -= len(words[start])
+            start += 1
+        if dots and total == 15 and i > start and _luhn(b"".join(words[start : i + 1])):
             return True
     return False
 
 
 def imei(value: bytes) -> bool:
-    """15 digits passing Luhn's check; and phone identities written in groups (`_digit_groups`),
-    by any of `-_ /` or dots (`:` joins times, not identities)."""
+    """15 digits passing Luhn's check; and phone identities written in groups (`_digit_groups`)."""
     if any(len(m) == 15 and _luhn(m) for m in _DIGIT_RUN.findall(value)):
         return True
     return any(
-        sep != b":" and _digit_groups(words, dotted=sep == b".") for sep, words in chains(value)
+        _digit_groups(words, gaps, False) or _digit_groups(words, gaps, True)
+        for words, gaps in groups(value, 1)
     )
 
 
@@ -196,22 +192,24 @@ def uuid(value: bytes) -> bool:
     """8-4-4-4-12 with or without separators, or its 32 hex digits grouped otherwise."""
     if _UUID.search(value) is not None:
         return True
-    return any(sep != b"/" and _hex_groups(words, 32) for sep, words in chains(value))
+    return any(_hex_groups(words, 32) for words, _ in groups(value, 3))
 
 
 def _even_hex_groups(words: tuple[bytes, ...]) -> bool:
     """Two or more hex words of one length, at least four digits each, sixteen or more in all,
-    a letter among them: a device id in groups ("9774-d56d-682e-549c")."""
+    letters and digits among them: a device id in groups ("9774-d56d-682e-549c")."""
     size = count = letters = 0  # the current run: its words' length, how many, letters in all
+    digits = 0
     for w in words:
         if len(w) < 4 or not _is_hex(w):
-            size = count = letters = 0
+            size = count = letters = digits = 0
             continue
         if len(w) != size:
-            size, count, letters = len(w), 0, 0
+            size, count, letters, digits = len(w), 0, 0, 0
         count += 1
         letters += _count_in(w, _HEX_LETTERS)
-        if count > 1 and size * count >= 16 and letters:
+        digits += len(w) - _count_in(w, _HEX_LETTERS)
+        if count > 1 and size * count >= 16 and letters and digits:
             return True
     return False
 
@@ -220,7 +218,7 @@ def token(value: bytes) -> bool:
     """Long hex, or base64-like runs mixing letters and digits (device hashes, session ids)."""
     if any(len(w) >= 16 and _is_hex(w) for w in _WORD.findall(value)):
         return True
-    if any(sep != b"/" and _even_hex_groups(words) for sep, words in chains(value)):
+    if any(_even_hex_groups(words) for words, _ in groups(value, 3)):
         return True
     for run in _B64_RUN.findall(value):
         if len(run) < 16:
@@ -255,19 +253,24 @@ def _octet(word: bytes) -> bool:
     return len(word) <= 3 and word.isdigit() and int(word) <= 255
 
 
-def _grouped_ipv4(sep: bytes, words: tuple[bytes, ...]) -> bool:
-    """Four parts of an address joined by hyphens or underscores ("ip-198-51-100-7", as cloud
-    host names write them), or by dots with a part in hex ("0xc6.0x33.0x64.0x07", which
-    inet_aton reads); dotted decimal is `_IPV4`'s."""
-    if sep not in (b"-", b"_", b"."):
-        return False
-    run = hexed = 0  # parts in a row; of the last four, those in hex
+_IP_JOINERS = frozenset(b"-_+,/;~&'")
+
+
+def _grouped_ipv4(words: tuple[bytes, ...], gaps: tuple[bytes, ...]) -> bool:
+    """Four parts of an address joined by single octets such as hyphens or underscores
+    ("ip-198-51-100-7", as cloud host names write them), or by dots with a part in hex
+    ("0xc6.0x33.0x64.0x07", which inet_aton reads); dotted decimal is `_IPV4`'s."""
+    run = 0
     for i, w in enumerate(words):
         run = run + 1 if _octet(w) else 0
-        if run >= 4:
-            hexed = sum(p[:2].lower() == b"0x" for p in words[i - 3 : i + 1])
-            if sep != b"." or hexed:
-                return True
+        if run < 4:
+            continue
+        joins = gaps[i - 3 : i]
+        if all(len(g) == 1 and g[0] in _IP_JOINERS for g in joins):
+            return True
+        hexed = any(p[:2].lower() == b"0x" for p in words[i - 3 : i + 1])
+        if hexed and all(g == b"." for g in joins):
+            return True
     return False
 
 
@@ -275,7 +278,7 @@ def ip(value: bytes) -> bool:
     for m in _IPV4.finditer(value):
         if all(int(part) <= 255 for part in m.group().split(b".")):
             return True  # leading zeros too: "010.000.000.001" is still meant as an address
-    if any(_grouped_ipv4(sep, words) for sep, words in chains(value)):
+    if any(_grouped_ipv4(words, gaps) for words, gaps in groups(value, 1)):
         return True
     for run in _IP6_RUN.findall(value):
         if run.count(b":") < 2:

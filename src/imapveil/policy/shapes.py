@@ -17,6 +17,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from imapveil.policy.detectors import groups
 from imapveil.rfc2971 import MAX_VALUE_LENGTH
 
 _DIGITS = b"0123456789"
@@ -77,23 +78,19 @@ def _mixed(word: bytes) -> bool:
 
 
 def _grouped_serial(value: bytes) -> bool:
-    """A serial number in groups: "C02X-K1ZT-JGH5", "C02X K1ZT JGH5", "R58M_12AB CDE". Words of
-    capitals and digits, each with a capital, joined by one hyphen, space or underscore, which
-    together are a `_serial` and of which two or more mix letters and digits ("HUAWEI P30 PRO"
-    has one). Not dots: "TQ3A.230805.001" is an Android build, a version. One pass."""
-    run: list[bytes] = []
-    end = 0
-    for m in [*_WORD.finditer(value), None]:
-        word = m.group() if m else b""
-        joined = m is not None and len(value[end : m.start()]) == 1 and value[end] in b"- _"
-        if run and not (joined and word.isupper()):
-            if len(run) > 1 and sum(map(_mixed, run)) > 1 and _serial(b"".join(run)):
-                return True
-            run = []
-        if m is not None:
+    """A serial number in groups: "C02X-K1ZT-JGH5", "C02X K1ZT JGH5", "R58M_12AB+CDE". Words of
+    capitals and digits, each with a capital, joined by up to three octets other than a dot,
+    which together are a `_serial` and of which two or more mix letters and digits ("HUAWEI P30
+    PRO" has one). Not dots: "TQ3A.230805.001" is an Android build, a version. One pass."""
+    for words, gaps in groups(value, 3):
+        run: list[bytes] = []
+        for i, word in enumerate((*words, b"")):
+            if run and not (word.isupper() and b"." not in gaps[i - 1]):
+                if len(run) > 1 and sum(map(_mixed, run)) > 1 and _serial(b"".join(run)):
+                    return True
+                run = []
             if word.isupper():  # a capital, no small letter: "C02X", not "9" ("9.0.1 FP10")
                 run.append(word)
-            end = m.end()
     return False
 
 
