@@ -188,3 +188,42 @@ async def test_identifiers_hidden_in_field_names_reach_no_record(
     hidden = [d for d in exchange.dropped if d != "name"]  # strict forwards no name either
     assert len(hidden) == len(HIDDEN_NAMES), exchange.dropped
     assert all(d.startswith("detected:") for d in hidden), exchange.dropped
+
+
+# --- An address beside a version, where the default policy lets a four-part number be one.
+
+BESIDE = {
+    "in the comment": (b"16.0 (198.51.100.7)", "version=16.0"),
+    "after the version": (b"7.2.25.230 198.51.100.7", "version=7.2.25.230"),
+    "after a build": (b"16.0 build 10.0.0.7", "version=16.0"),
+}
+
+
+def versions(address: tuple[str, int], values: list[bytes]) -> None:
+    for value in values:
+        send_id(address, [(b"name", b"Foxmail"), (b"version", value)])
+
+
+@pytest.mark.parametrize("policy", ["default", "strict"])
+async def test_an_address_beside_a_version_is_not_kept(
+    target: Dovecot, tmp_path: Path, policy: str
+) -> None:
+    """Found (attack12i): in `version` the `ip` detector does not apply (Foxmail's version,
+    `7.2.25.230`, is a four-part number), and that let an address anywhere in the value through:
+    `16.0 (198.51.100.7)` reached Dovecot's `ID sent:` line and the records as the client's
+    version. Now a four-part number is a version only at the value's head; elsewhere the value
+    does not have a version's shape and is coarsened to its leading version (`16.0`). Foxmail's
+    version itself is kept as it came."""
+    log = DovecotLog(target)
+    values = [v for v, _ in BESIDE.values()] + [b"7.2.25.230"]
+    async with veil(target.address, tmp_path, policy=policy) as v:
+        await run(versions, v.address, values)
+        await v.sessions_ended(len(values))
+    text = await run(log.settled, len(values))
+    addresses = ("198.51.100.7", "10.0.0.7")
+    assert [a for a in addresses if a in text] == [], id_sent(text)
+    assert [a for a in addresses if a in v.records_json()] == [], v.records_json()
+    if policy == "default":
+        sent = id_sent(text)
+        for expected in [e for _, e in BESIDE.values()] + ["version=7.2.25.230"]:
+            assert any(line.endswith(expected) or expected + "," in line for line in sent), sent

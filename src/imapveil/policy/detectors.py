@@ -274,10 +274,19 @@ def _grouped_ipv4(words: tuple[bytes, ...], gaps: tuple[bytes, ...]) -> bool:
     return False
 
 
+def dotted_quads(value: bytes) -> list[int]:
+    """Where an IPv4 address in dotted decimal begins, each one (leading zeros too:
+    "010.000.000.001" is still meant as an address)."""
+    return [
+        m.start()
+        for m in _IPV4.finditer(value)
+        if all(int(part) <= 255 for part in m.group().split(b"."))
+    ]
+
+
 def ip(value: bytes) -> bool:
-    for m in _IPV4.finditer(value):
-        if all(int(part) <= 255 for part in m.group().split(b".")):
-            return True  # leading zeros too: "010.000.000.001" is still meant as an address
+    if dotted_quads(value):
+        return True
     if any(_grouped_ipv4(words, gaps) for words, gaps in groups(value, 1)):
         return True
     for run in _IP6_RUN.findall(value):

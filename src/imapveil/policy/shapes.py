@@ -17,7 +17,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from imapveil.policy.detectors import groups
+from imapveil.policy.detectors import dotted_quads, groups
 from imapveil.rfc2971 import MAX_VALUE_LENGTH
 
 _DIGITS = b"0123456789"
@@ -125,7 +125,8 @@ def version(value: bytes) -> bool:
 
     Words with digits are at most 10 octets (builds and dates: "3731", "230805", "20230322"); a MAC
     address without separators is 12, an IMEI 15. No colon or at sign, so no IPv6 address, MAC
-    with colons or e-mail address fits. A four-part number fits: it is a version in this field.
+    with colons or e-mail address fits. A four-part number fits at the head ("7.2.25.230", a
+    version), nowhere else: "16.0 (198.51.100.7)" holds an address beside its version.
     """
     if not (
         0 < len(value) <= 64
@@ -141,10 +142,14 @@ def version(value: bytes) -> bool:
             return False
     if depth:
         return False
-    return all(
-        len(w) <= (10 if _count(w, _DIGITS) else 16) and not _serial(w)
-        for w in _WORD.findall(value)
-    ) and not _grouped_serial(value)
+    return (
+        all(
+            len(w) <= (10 if _count(w, _DIGITS) else 16) and not _serial(w)
+            for w in _WORD.findall(value)
+        )
+        and not _grouped_serial(value)
+        and all(start == 0 for start in dotted_quads(value))
+    )
 
 
 _DAY_MONTH_YEAR = re.compile(
