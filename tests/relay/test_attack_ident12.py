@@ -227,3 +227,63 @@ async def test_an_address_beside_a_version_is_not_kept(
         sent = id_sent(text)
         for expected in [e for _, e in BESIDE.values()] + ["version=7.2.25.230"]:
             assert any(line.endswith(expected) or expected + "," in line for line in sent), sent
+
+
+# --- Held (regression guards): forms the policy already knew, in every carrier.
+
+HELD = {
+    "mac, cisco": b"0011.2233.4455",
+    "mac, bare": b"A4C3F0851B2E",
+    "mac, mixed case": b"a4:C3:f0:85:1B:2e",
+    "ipv6, compressed": b"2001:db8::7",
+    "ipv6, zone": b"fe80::1%eth0",
+    "ipv6, v4-mapped": b"::ffff:198.51.100.7",
+    "ipv6, bracketed with port": b"[2001:db8::7]:993",
+    "ipv4, port": b"198.51.100.7:993",
+    "ipv4, octal": b"0306.0063.0144.0007",
+    "imei": b"490154203237518",
+    "android id": b"9774d56d682e549c",
+    "udid": b"2b6f0cc904d137be2e1730235f5664094b831186",
+    "uuid, braces": b"{0f8fad5b-d9cb-469f-a165-70867728950e}",
+    "uuid, upper case": b"0F8FAD5B-D9CB-469F-A165-70867728950E",
+    "uuid, urn": b"urn:uuid:0f8fad5b-d9cb-469f-a165-70867728950e",
+    "uuid, no dashes": b"0f8fad5bd9cb469fa16570867728950e",
+    "device id in a user agent": b"Mozilla/5.0 (Linux; Android 13; 9774d56d682e549c)",
+}
+
+
+def held_forms(address: tuple[str, int]) -> None:
+    """Each form in every carrier, quoted; then as literals; then as a second `version`."""
+    for secret in HELD.values():
+        pairs = [(f, shape % secret) for f, shape in CARRIERS]
+        send_id(address, [(b"name", b"Thunderbird"), *pairs[1:]])
+        with Client(address) as c:
+            c.greeting()
+            c.login()
+            c.send(
+                b'i ID ("name" {%d+}\r\n%s "version" "115.5.0" "VERSION" {%d+}\r\n%s)\r\n'
+                % (len(b"Mail " + secret), b"Mail " + secret, len(secret), secret)
+            )
+            assert c.until(b"i").startswith(b"i OK"), c.transcript[-300:]
+            c.logout()
+
+
+@pytest.mark.parametrize("policy", ["default", "strict"])
+async def test_known_forms_still_reach_neither_dovecot_nor_a_record(
+    target: Dovecot, tmp_path: Path, policy: str
+) -> None:
+    """Held (attack12i): MAC addresses in Cisco's form, bare or in mixed case; IPv6 compressed,
+    with a zone, IPv4-mapped, bracketed with a port; IPv4 with a port or in octal; an IMEI, an
+    Android id, a UDID; UUIDs in braces, upper case, as a URN or without dashes; a device id in
+    a user agent: in every carrier, as literals, and as a second `version` (RFC 2971: a field
+    once; the first counts)."""
+    log = DovecotLog(target)
+    async with veil(target.address, tmp_path, policy=policy) as v:
+        await run(held_forms, v.address)
+        await v.sessions_ended(2 * len(HELD))
+    text = await run(log.settled, 2 * len(HELD))
+    assert [k for k, s in HELD.items() if s.decode() in text] == [], id_sent(text)
+    records = v.records_json()
+    assert [k for k, s in HELD.items() if s.decode() in records] == [], records
+    if policy == "default":
+        assert sum("version=115.5.0" in line for line in id_sent(text)) == len(HELD)
