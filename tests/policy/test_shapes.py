@@ -256,3 +256,33 @@ def test_loader_compiles_shapes(tmp_path: Path) -> None:
     assert build.shape is not None and build.shape.fits(b"20231130")
     assert not build.shape.fits(b"202311301")
     assert build.misfit == "drop"
+
+
+# Attack 12: a support address carries no serial number or long number (an IMSI) in its host,
+# path or mailbox: a version's words, no longer.
+@pytest.mark.parametrize(
+    "value",
+    [
+        b"https://support.example.com/d/310150123456789",
+        b"https://C02XK1ZTJGH5.example.com/",
+        b"https://support.example.com/C02X_K1ZT_JGH5/help",
+        b"mailto:C02XK1ZTJGH5@example.com",
+        b"mailto:310150123456789@example.com",
+    ],
+)
+def test_a_support_url_carries_no_device_number(value: bytes) -> None:
+    assert not NAMED["url"](value)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        b"https://support.google.com/mail/answer/7126229",
+        b"https://github.com/postalsys/imapflow/issues/1234",
+        b"mailto:cyrus-bugs+@andrew.cmu.edu",
+        b"https://imapsync.lamiral.info/",
+        b"http://localhost.localdomain:8080/help",
+    ],
+)
+def test_support_urls_of_vendors_have_the_shape(value: bytes) -> None:
+    assert NAMED["url"](value)

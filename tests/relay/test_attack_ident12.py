@@ -287,3 +287,36 @@ async def test_known_forms_still_reach_neither_dovecot_nor_a_record(
     assert [k for k, s in HELD.items() if s.decode() in records] == [], records
     if policy == "default":
         assert sum("version=115.5.0" in line for line in id_sent(text)) == len(HELD)
+
+
+# --- A device's number in the support address, which the default policy forwards.
+
+SUPPORT_URLS = {
+    "imsi in the path": b"https://support.example.com/d/310150123456789",
+    "serial as the host": b"https://C02XK1ZTJGH5.example.com/",
+    "serial in groups in the path": b"https://support.example.com/C02X_K1ZT_JGH5/help",
+    "serial as the mailbox": b"mailto:C02XK1ZTJGH5@example.com",
+}
+
+
+def support_urls(address: tuple[str, int]) -> None:
+    for value in SUPPORT_URLS.values():
+        send_id(address, [(b"name", b"Thunderbird"), (b"support-url", value)])
+
+
+async def test_a_device_number_in_the_support_url_does_not_reach_dovecot(
+    target: Dovecot, tmp_path: Path
+) -> None:
+    """Found (attack12i): the `url` shape checked the scheme, host, port and the path's octets,
+    not what the words were, so an IMSI, a serial number as the host, in the path or as the
+    mailbox reached Dovecot's `ID sent:` line in `support-url` (the default policy forwards it;
+    it records none). Now its words are a version's: digits in words of at most 10 octets, no
+    serial number. A vendor's address (`https://github.com/postalsys/imapflow/issues`) passes."""
+    log = DovecotLog(target)
+    async with veil(target.address, tmp_path) as v:
+        await run(support_urls, v.address)
+        await v.sessions_ended(len(SUPPORT_URLS))
+    text = await run(log.settled, len(SUPPORT_URLS))
+    leaked = [k for k, s in SUPPORT_URLS.items() if s.decode() in text]
+    assert leaked == [], id_sent(text)
+    assert sum("name=Thunderbird" in line for line in id_sent(text)) == len(SUPPORT_URLS)

@@ -180,23 +180,41 @@ def _host(value: bytes) -> bool:
     )
 
 
+def _vendor_words(value: bytes) -> bool:
+    """A support address's host, path or mailbox: words with digits of at most 10 octets (an
+    IMSI has 15), no serial number, alone or in groups ("C02XK1ZTJGH5.example.com")."""
+    return (
+        all(len(w) <= 10 or not _count(w, _DIGITS) for w in _WORD.findall(value))
+        and not any(_serial(w) for w in _WORD.findall(value))
+        and not _grouped_serial(value)
+    )
+
+
 def url(value: bytes) -> bool:
     """A vendor's support address: "https://github.com/postalsys/imapflow/issues", "mailto:a@b.org".
 
-    No query, fragment or user part: those are where a URL would carry something about the user.
+    No query, fragment or user part: those are where a URL would carry something about the user;
+    nor a long number or serial number in the rest (`_vendor_words`).
     """
     if len(value) > 128:
         return False
     low = value.lower()
     if low.startswith(b"mailto:"):
         local, at, domain = value[7:].partition(b"@")
-        return bool(local and at) and _only(local, _ALNUM + b"._+-") and _host(domain)
+        return (
+            bool(local and at)
+            and _only(local, _ALNUM + b"._+-")
+            and _host(domain)
+            and _vendor_words(value[7:])
+        )
     for scheme in (b"https://", b"http://"):
         if low.startswith(scheme):
             authority, _, path = value[len(scheme) :].partition(b"/")
             host, colon, port = authority.partition(b":")
             port_ok = not colon or (port.isdigit() and len(port) <= 5)
-            return _host(host) and port_ok and _only(path, _PATH)
+            return (
+                _host(host) and port_ok and _only(path, _PATH) and _vendor_words(host + b"/" + path)
+            )
     return False
 
 
