@@ -91,6 +91,8 @@ SERIAL = {
     "serial, mixed separators": b"R58M_12AB-CDE",
     "serial, plus signs": b"C02X+K1ZT+JGH5",
     "serial, slashes": b"C02X/K1ZT/JGH5",
+    "serial, small letters": b"c02xk1ztjgh5",
+    "serial of ten, small letters": b"h4v9k2p7qx",
 }
 # IPv4 addresses as host names and inet_aton write them. Not carried in `version`: there the
 # default policy keeps a four-part number, which is a version there (README, default.toml).

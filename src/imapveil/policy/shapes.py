@@ -63,14 +63,27 @@ def _label_word(word: bytes) -> bool:
     )
 
 
+_HEX = _DIGITS + b"abcdef"
+_KIND = bytes.maketrans(_DIGITS + _LETTERS, b"1" * 10 + b"0" * 52)  # digit 1, letter 0
+
+
 def _serial(word: bytes) -> bool:
     """A device's serial number: "C02XK1ZTJGH5", "H4V9K2P7QX", "R58M12ABCDE". Ten or more
     capitals and digits, at least one digit and two capitals, no small letter: random ones of
-    ten have three digits on average, which a name's or a version's word may have."""
-    if len(word) < 10 or not word.isupper():  # isupper: a capital, and no small letter
+    ten have three digits on average, which a name's or a version's word may have.
+
+    Or one in small letters ("c02xk1ztjgh5"): ten or more small letters and digits, two digits
+    or more, and letters and digits taking turns four times or more, which "imap4server" or
+    "thunderbird115" do not; not hex digits alone (a hash: "7e2e900c1a")."""
+    if len(word) < 10:
         return False
     digits = _count(word, _DIGITS)
-    return digits >= 1 and len(word) - digits >= 2
+    if word.isupper():  # isupper: a capital, and no small letter
+        return digits >= 1 and len(word) - digits >= 2
+    if not word.islower() or _only(word, _HEX) or digits < 2:
+        return False
+    kinds = word.translate(_KIND)
+    return kinds.count(b"01") + kinds.count(b"10") >= 4
 
 
 def _mixed(word: bytes) -> bool:
