@@ -45,6 +45,7 @@ def test_corpus_values_have_their_shape(shape: str, value: bytes) -> None:
         ("name", b"Outlook 2016"),
         ("version", b"2.3.16 (7e2e900c1a)"),  # a hash, hex only: no serial number
         ("name", b"imap4server"),
+        ("name", b"Microsoft.Exchange.Imap4.Imap4Server"),
         ("name", b"thunderbird115"),
         ("name", b"HUAWEI P30 PRO"),  # capitals and digits in groups, one word mixing them
         ("name", b"IBM Notes 9.0.1 FP10 HF197"),
@@ -101,6 +102,7 @@ UUID = b"0f8fad5b-d9cb-469f-a165-70867728950e"
         ("name", b"Mail c02xk1ztjgh5"),  # a serial number in small letters
         ("vendor", b"h4v9k2p7qx"),
         ("os", b"iOS r58m12abcde"),
+        ("name", b"Mail C02xK1ztJGH5"),  # or in mixed case
         ("version", b"16.0 (C02X+K1ZT+JGH5)"),
         ("os", b"iOS 490154203237518"),
         ("vendor", b"Apple Inc.\x00"),

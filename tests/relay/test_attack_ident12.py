@@ -93,6 +93,7 @@ SERIAL = {
     "serial, slashes": b"C02X/K1ZT/JGH5",
     "serial, small letters": b"c02xk1ztjgh5",
     "serial of ten, small letters": b"h4v9k2p7qx",
+    "serial, mixed case": b"C02xK1ztJGH5",
 }
 # IPv4 addresses as host names and inet_aton write them. Not carried in `version`: there the
 # default policy keeps a four-part number, which is a version there (README, default.toml).

@@ -72,15 +72,15 @@ def _serial(word: bytes) -> bool:
     capitals and digits, at least one digit and two capitals, no small letter: random ones of
     ten have three digits on average, which a name's or a version's word may have.
 
-    Or one in small letters ("c02xk1ztjgh5"): ten or more small letters and digits, two digits
-    or more, and letters and digits taking turns four times or more, which "imap4server" or
-    "thunderbird115" do not; not hex digits alone (a hash: "7e2e900c1a")."""
+    Or one in small or mixed letters ("c02xk1ztjgh5", "C02xK1ztJGH5"): ten or more letters and
+    digits, two digits or more, and letters and digits taking turns four times or more, which
+    "Imap4Server" or "thunderbird115" do not; not hex digits alone (a hash: "7e2e900c1a")."""
     if len(word) < 10:
         return False
     digits = _count(word, _DIGITS)
     if word.isupper():  # isupper: a capital, and no small letter
         return digits >= 1 and len(word) - digits >= 2
-    if not word.islower() or _only(word, _HEX) or digits < 2:
+    if _only(word.lower(), _HEX) or digits < 2:
         return False
     kinds = word.translate(_KIND)
     return kinds.count(b"01") + kinds.count(b"10") >= 4
