@@ -292,3 +292,29 @@ def test_more_clients_keep_their_identity(policy: str, line: bytes) -> None:
     for field, value in sent.items():
         if not (policy == "strict" and field == b"vendor"):  # strict records no vendor
             assert field.decode() in out.recorded, (field, value, out.decisions)
+
+
+# Attack 12: what no detector knows but no name's word is, sent as a field's name.
+UNSHAPED_NAMES = {
+    "serial": b"C02XK1ZTJGH5",
+    "serial in groups": b"x-C02X-K1ZT-JGH5",
+    "serial in small letters": b"sn-c02xk1ztjgh5",
+    "imsi": b"310150123456789",
+    "fullwidth serial": "".join(chr(ord(c) + 0xFEE0) for c in "C02XK1ZTJGH5").encode(),
+}
+
+
+@pytest.mark.parametrize("policy", ["default", "strict"])
+@pytest.mark.parametrize("kind", UNSHAPED_NAMES)
+def test_names_no_name_has_are_not_recorded(policy: str, kind: str) -> None:
+    out = run(policy, ((UNSHAPED_NAMES[kind], b"1"), (b"name", b"Mail")))
+    assert out.dropped[0].startswith("detected:"), out.dropped  # "shape", or a detector's kind
+    assert out.recorded == {"name": "Mail"}
+
+
+@pytest.mark.parametrize(
+    "raw", [b"x-android-mobile-net-operator", b"AGUID", b"TransID", b"x-rfc2971-test", b"side"]
+)
+def test_names_of_real_fields_are_recorded(raw: bytes) -> None:
+    out = run("default", ((raw, b"1"),))
+    assert out.dropped == (raw.decode().lower(),)

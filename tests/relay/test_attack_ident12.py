@@ -148,8 +148,19 @@ HIDDEN_NAMES = {
     "nbsp between a mac's pairs": b"a4\xa0c3\xa0f0\xa085\xa01b\xa02e",
     "fullwidth imei": "".join(chr(0xFF10 + int(d)) for d in "490154203237518").encode(),
     "base64 token, printable": b"3kWq1b0Zr9mYb8Jx2n4Vt0cP5sI=",
+    "serial": b"C02XK1ZTJGH5",
+    "serial in small letters": b"sn-h4v9k2p7qx",
+    "imsi": b"310150123456789",
 }
-HIDDEN_CORES = ("a4c3f0851b2e", "198511007", "490154203237518", "3kwq1b0zr9myb8jx2n4vt0cp5si")
+HIDDEN_CORES = (
+    "a4c3f0851b2e",
+    "198511007",
+    "490154203237518",
+    "3kwq1b0zr9myb8jx2n4vt0cp5si",
+    "c02xk1ztjgh5",
+    "h4v9k2p7qx",
+    "310150123456789",
+)
 """What each name holds, in letters and digits only: what a reader of the records recovers."""
 
 
@@ -181,7 +192,8 @@ async def test_identifiers_hidden_in_field_names_reach_no_record(
     address) and a zero-width space or a no-break space splits it; fullwidth digits were not
     ASCII at all. And printable names were looked at in lower case, in which a base64 token
     mixes no cases. All were recorded readable. Now the detectors also read the name as sent,
-    with those octets as spaces, without them, and in NFKC."""
+    with those octets as spaces, without them, and in NFKC. And what no detector knows but no
+    name's word is (a serial number, an IMSI) is recorded as `detected:shape`."""
     async with veil(target.address, tmp_path, policy=policy) as v:
         await run(names_as_literals, v.address)
         await v.sessions_ended(1)

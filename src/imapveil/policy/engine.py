@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from imapveil import __version__
 from imapveil.policy.detectors import detect
 from imapveil.policy.model import Policy, Rule, is_anti_spoof
-from imapveil.policy.shapes import Shape
+from imapveil.policy.shapes import Shape, label_words
 from imapveil.rfc2971 import MAX_FIELD_LENGTH, MAX_FIELDS, MAX_VALUE_LENGTH, IdFields
 
 RECORD_LIMIT = 256  # octets of a value kept in a record (RFC 2971 §7: logs must not flood)
@@ -106,12 +106,17 @@ def _views(raw: bytes) -> tuple[bytes, ...]:
 def _recorded_name(policy: Policy, raw: bytes) -> str:
     """A field's name as records show it (`dropped`, the keys of `recorded`): as sent (bounded),
     unless a detector of the policy finds an identifier in it (`"a4:c3:f0:85:1b:2e" "1"`): then
-    `detected:<kind>`. The client chooses its names: records keep no identifier, wherever it is."""
+    `detected:<kind>`; or `detected:shape` if it has a word no name has (a serial number, a
+    long number: `label_words`). The client chooses its names: records keep no identifier,
+    wherever it is."""
     if policy.detectors:
-        for view in _views(raw):
+        views = _views(raw)
+        for view in views:
             kind = detect(view, policy.detectors)
             if kind is not None:
                 return f"detected:{kind}"
+        if not all(label_words(view) for view in views):
+            return "detected:shape"
     return _name(raw)[:MAX_FIELD_LENGTH]
 
 

@@ -107,6 +107,12 @@ def _grouped_serial(value: bytes) -> bool:
     return False
 
 
+def label_words(value: bytes) -> bool:
+    """Every word of `value` could be a word of a name (`_label_word`), and no serial number is
+    there in groups: what the records may show of a field's name, whatever its punctuation."""
+    return all(_label_word(w) for w in _WORD.findall(value)) and not _grouped_serial(value)
+
+
 def _label(value: bytes, longest: int, punctuation: bytes) -> bool:
     return (
         0 < len(value) <= longest
