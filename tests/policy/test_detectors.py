@@ -72,6 +72,11 @@ ALL = tuple(DETECTORS)
         (b"9774+d56d+682e+549c", "token"),
         (b"ip-198-51-100-7", "ip"),
         (b"198+51+100+7", "ip"),
+        (b"198 51 100 7", "ip"),
+        (b"2001-db8--7.ipv6-literal.net", "ip"),
+        (b"fe80--1", "ip"),
+        (b"2001-db8-85a3-0-0-8a2e-370-7334", "ip"),
+        (b"Mail--Deluxe 1.0--beta", None),
         (b"198_51_100_7", "ip"),
         (b"0xc6.0x33.0x64.0x07", "ip"),
         # ... and what such groups are in real versions: not identifiers.

@@ -100,6 +100,8 @@ UUID = b"0f8fad5b-d9cb-469f-a165-70867728950e"
         ("os", b"iOS C02X-K1ZT JGH5"),
         ("name", b"Mail C02X/K1ZT/JGH5"),
         ("name", b"Mail c02xk1ztjgh5"),  # a serial number in small letters
+        ("version", b"16.0 (ip-198-51-100-7)"),  # an address written otherwise: no version
+        ("version", b"2001-db8--7"),
         ("vendor", b"h4v9k2p7qx"),
         ("os", b"iOS r58m12abcde"),
         ("name", b"Mail C02xK1ztJGH5"),  # or in mixed case

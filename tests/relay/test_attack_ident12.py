@@ -95,13 +95,15 @@ SERIAL = {
     "serial of ten, small letters": b"h4v9k2p7qx",
     "serial, mixed case": b"C02xK1ztJGH5",
 }
-# IPv4 addresses as host names and inet_aton write them. Not carried in `version`: there the
-# default policy keeps a four-part number, which is a version there (README, default.toml).
+# IPv4 addresses as host names and inet_aton write them, IPv6 as Windows' UNC names do. In
+# `version` too, where the default policy keeps a dotted four-part number (a version there).
 ADDRESS = {
     "ipv4, hyphens": b"ip-198-51-100-7",
     "ipv4, underscores": b"198_51_100_7",
     "ipv4, hex parts": b"0xc6.0x33.0x64.0x07",
     "ipv4, plus signs": b"198+51+100+7",
+    "ipv4, spaces": b"198 51 100 7",
+    "ipv6, hyphens": b"2001-db8--7",
 }
 CLASSES = {"phone": PHONE, "grouped": GROUPED, "serial": SERIAL, "address": ADDRESS}
 
@@ -116,16 +118,14 @@ async def test_identifiers_in_groups_reach_neither_dovecot_nor_a_record(
     15 digits in one run. So it reached Dovecot's `ID sent:` line in `version` and `os-version`
     and was recorded as the client's version. The same for IMSIs and ICCIDs in groups, MAC
     addresses grouped by spaces, dots or underscores or in halves or triples, and UUIDs and
-    device ids in groups of four, serial numbers in groups (`C02X-K1ZT-JGH5`), and IPv4
-    addresses joined by hyphens or underscores or with hex parts (`ip-198-51-100-7`): every
-    word short enough for a name or a version."""
+    device ids in groups of four, serial numbers in groups (`C02X-K1ZT-JGH5`), IPv4 addresses
+    joined by hyphens, underscores or spaces or with hex parts (`ip-198-51-100-7`), and IPv6
+    with hyphens for colons (`2001-db8--7`): every word short enough for a name or a version."""
     forms = CLASSES[kind]
     log = DovecotLog(target)
     async with veil(target.address, tmp_path, policy=policy) as v:
         for secret in forms.values():
             pairs = [(f, shape % secret) for f, shape in CARRIERS]
-            if kind == "address":
-                pairs = [p for p in pairs if p[0] != b"version"]
             await run(send_id, v.address, [(b"name", b"Thunderbird"), *pairs[1:]])
             await run(send_id, v.address, [pairs[0], (b"version", b"115.5.0")])
         await v.sessions_ended(2 * len(forms))

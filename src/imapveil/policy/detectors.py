@@ -15,6 +15,7 @@ tests/policy/test_detectors.py holds them to that.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import ipaddress
 import re
@@ -43,8 +44,9 @@ _WORD = re.compile(rb"[0-9A-Za-z]+")
 _DIGIT_RUN = re.compile(rb"[0-9]+")
 _B64_RUN = re.compile(rb"[A-Za-z0-9+/_-]+")
 _IP6_RUN = re.compile(rb"[0-9A-Fa-f:.]+")
+_IP6_DASHED = re.compile(rb"[0-9A-Fa-f-]+")
 
-PATTERNS = (_MAC, _UUID, _IPV4, _WORD, _DIGIT_RUN, _B64_RUN, _IP6_RUN)  # for the tests
+PATTERNS = (_MAC, _UUID, _IPV4, _WORD, _DIGIT_RUN, _B64_RUN, _IP6_RUN, _IP6_DASHED)  # for the tests
 
 _HEX = b"0123456789abcdefABCDEF"
 _LOCAL_PART = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._%+-'")
@@ -253,11 +255,11 @@ def _octet(word: bytes) -> bool:
     return len(word) <= 3 and word.isdigit() and int(word) <= 255
 
 
-_IP_JOINERS = frozenset(b"-_+,/;~&'")
+_IP_JOINERS = frozenset(b"-_+,/;~&' ")
 
 
 def _grouped_ipv4(words: tuple[bytes, ...], gaps: tuple[bytes, ...]) -> bool:
-    """Four parts of an address joined by single octets such as hyphens or underscores
+    """Four parts of an address joined by single octets such as hyphens, underscores or spaces
     ("ip-198-51-100-7", as cloud host names write them), or by dots with a part in hex
     ("0xc6.0x33.0x64.0x07", which inet_aton reads); dotted decimal is `_IPV4`'s."""
     run = 0
@@ -284,10 +286,31 @@ def dotted_quads(value: bytes) -> list[int]:
     ]
 
 
-def ip(value: bytes) -> bool:
-    if dotted_quads(value):
-        return True
+def written_address(value: bytes) -> bool:
+    """An address written otherwise than dotted or with colons: an IPv4 address in groups
+    (`_grouped_ipv4`) or an IPv6 address with hyphens for colons. No version is written so, so
+    the `version` shape refuses them too, where the policy lets `ip` pass for "7.2.25.230"."""
     if any(_grouped_ipv4(words, gaps) for words, gaps in groups(value, 1)):
+        return True
+    # Hyphens for colons, as in Windows' "2001-db8--7.ipv6-literal.net": a run standing alone,
+    # with "--" (a "::") or in eight groups, one of three hex digits or more, that reads as an
+    # address ("1-2-3-4-5-6-7-8" and "Mail--Deluxe" do not).
+    for m in _IP6_DASHED.finditer(value):
+        run = m.group().strip(b"-")
+        if (
+            (b"--" in run or run.count(b"-") == 7)
+            and not value[m.start() - 1 : m.start()].isalnum()
+            and not value[m.end() : m.end() + 1].isalnum()
+            and any(len(group) >= 3 for group in run.split(b"-"))
+        ):
+            with contextlib.suppress(ValueError):
+                ipaddress.IPv6Address(run.replace(b"-", b":").decode("ascii"))
+                return True
+    return False
+
+
+def ip(value: bytes) -> bool:
+    if dotted_quads(value) or written_address(value):
         return True
     for run in _IP6_RUN.findall(value):
         if run.count(b":") < 2:

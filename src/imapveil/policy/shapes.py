@@ -17,7 +17,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from imapveil.policy.detectors import dotted_quads, groups
+from imapveil.policy.detectors import dotted_quads, groups, written_address
 from imapveil.rfc2971 import MAX_VALUE_LENGTH
 
 _DIGITS = b"0123456789"
@@ -145,7 +145,8 @@ def version(value: bytes) -> bool:
     Words with digits are at most 10 octets (builds and dates: "3731", "230805", "20230322"); a MAC
     address without separators is 12, an IMEI 15. No colon or at sign, so no IPv6 address, MAC
     with colons or e-mail address fits. A four-part number fits at the head ("7.2.25.230", a
-    version), nowhere else: "16.0 (198.51.100.7)" holds an address beside its version.
+    version), nowhere else: "16.0 (198.51.100.7)" holds an address beside its version. Nor does
+    an address written otherwise ("ip-198-51-100-7", "2001-db8--7": `written_address`).
     """
     if not (
         0 < len(value) <= 64
@@ -168,6 +169,7 @@ def version(value: bytes) -> bool:
         )
         and not _grouped_serial(value)
         and all(start == 0 for start in dotted_quads(value))
+        and not written_address(value)
     )
 
 
