@@ -46,7 +46,8 @@ _B64_RUN = re.compile(rb"[A-Za-z0-9+/_-]+")
 _IP6_RUN = re.compile(rb"[0-9A-Fa-f:.]+")
 _IP6_DASHED = re.compile(rb"[0-9A-Fa-f-]+")
 
-PATTERNS = (_MAC, _UUID, _IPV4, _WORD, _DIGIT_RUN, _B64_RUN, _IP6_RUN, _IP6_DASHED)  # for the tests
+# For the tests.
+PATTERNS = (_MAC, _UUID, _IPV4, _WORD, _DIGIT_RUN, _B64_RUN, _IP6_RUN, _IP6_DASHED)
 
 _HEX = b"0123456789abcdefABCDEF"
 _LOCAL_PART = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._%+-'")

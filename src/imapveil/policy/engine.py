@@ -87,10 +87,10 @@ _SPACED = bytes.maketrans(_NOT_PRINTABLE, b" " * len(_NOT_PRINTABLE))
 def _views(raw: bytes) -> tuple[bytes, ...]:
     """What the detectors look at in a name: the name as sent (not in the records' lower case,
     in which a base64 token mixes no cases: "3kWq1b0Zr9mYb8Jx2n4Vt0cP5sI="); and, for a name
-    that is not printable ASCII (shown with \\xNN escapes, which split an
-    identifier or end in a hex digit beside it: "\\x20a4:c3:..."), the name with every other
-    octet a space, without them, and its NFKC form in ASCII (fullwidth digits and colons, a
-    zero-width space inside a MAC address). At most 1024 octets of it, as for a value."""
+    that is not printable ASCII (shown with \\xNN escapes, which split an identifier or end in
+    a hex digit beside it: "\\x20a4:c3:..."), also the name with every other octet a space,
+    without them, and its NFKC form in ASCII (fullwidth digits and colons, a zero-width space
+    inside a MAC address). At most 1024 octets of it, as for a value."""
     raw = raw[:MAX_VALUE_LENGTH]
     if _is_field_name(raw):
         return (raw,)
