@@ -70,6 +70,8 @@ ALL = tuple(DETECTORS)
         (b"a4  c3  f0  85  1b  2e", "mac"),
         (b"0f8fad5b,d9cb,469f,a165,7086,7728,950e", "uuid"),
         (b"9774+d56d+682e+549c", "token"),
+        (b"a4c3f-0851b-2e", "mac"),  # chunks of five, the last shorter
+        (b"9774d-56d68-2e549-c", "token"),
         (b"ip-198-51-100-7", "ip"),
         (b"198+51+100+7", "ip"),
         (b"198 51 100 7", "ip"),

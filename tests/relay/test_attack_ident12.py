@@ -82,6 +82,8 @@ GROUPED = {
     "mac, mixed": b"a4.c3-f0.85-1b.2e",
     "mac, two spaces": b"a4  c3  f0  85  1b  2e",
     "android id, plus signs": b"9774+d56d+682e+549c",
+    "mac, in fives": b"a4c3f-0851b-2e",
+    "android id, in fives": b"9774d-56d68-2e549-c",
 }
 # Serial numbers in groups (one word of ten capitals and digits is no name's or version's).
 SERIAL = {

@@ -136,7 +136,7 @@ def mac(value: bytes) -> bool:
     rest = _UUID.sub(b" ", value)  # a UUID ends in 12 hex digits: that one is the uuid detector's
     if any(len(w) == 12 and _is_hex(w) for w in _WORD.findall(rest)):
         return True
-    return any(_grouped_mac(words) for words, _ in groups(rest, 3))
+    return any(_grouped_mac(words) or _chunked(words, 12, 2) for words, _ in groups(rest, 3))
 
 
 def _digit_groups(words: tuple[bytes, ...], gaps: tuple[bytes, ...], dots: bool) -> bool:
@@ -198,21 +198,37 @@ def uuid(value: bytes) -> bool:
     return any(_hex_groups(words, 32) for words, _ in groups(value, 3))
 
 
-def _even_hex_groups(words: tuple[bytes, ...]) -> bool:
-    """Two or more hex words of one length, at least four digits each, sixteen or more in all,
-    letters and digits among them: a device id in groups ("9774-d56d-682e-549c")."""
-    size = count = letters = 0  # the current run: its words' length, how many, letters in all
-    digits = 0
-    for w in words:
-        if len(w) < 4 or not _is_hex(w):
-            size = count = letters = digits = 0
+def _chunks(words: tuple[bytes, ...]) -> list[tuple[bytes, ...]]:
+    """Runs of hex words of one length, two or more, and then possibly a shorter one: a hex string
+    cut into chunks ("9774-d56d-682e-549c", "a4c3f-0851b-2e"; not "47349e2482 a8bdba"). Each
+    word is looked at once or twice."""
+    found: list[tuple[bytes, ...]] = []
+    i = 0
+    while i < len(words):
+        if not _is_hex(words[i]):
+            i += 1
             continue
-        if len(w) != size:
-            size, count, letters, digits = len(w), 0, 0, 0
-        count += 1
-        letters += _count_in(w, _HEX_LETTERS)
-        digits += len(w) - _count_in(w, _HEX_LETTERS)
-        if count > 1 and size * count >= 16 and letters and digits:
+        size, j = len(words[i]), i + 1
+        while j < len(words) and len(words[j]) == size and _is_hex(words[j]):
+            j += 1
+        rest = j - i > 1 and j < len(words) and len(words[j]) < size and _is_hex(words[j])
+        found.append(words[i : j + rest])
+        i = j  # a shorter last chunk may begin the next run too
+    return found
+
+
+def _chunked(words: tuple[bytes, ...], total: int, least: int) -> bool:
+    """A hex string in chunks of `least` digits or more: `total` digits in all, or at least
+    -`total` if `total` is negative; letters among them, and digits unless it is a MAC
+    address's twelve."""
+    for run in _chunks(words):
+        joined = b"".join(run)
+        letters = _count_in(joined, _HEX_LETTERS)
+        if len(run) < 2 or len(run[0]) < least or not letters:
+            continue
+        if total > 0 and len(joined) == total:
+            return True
+        if total < 0 and len(joined) >= -total and letters < len(joined):
             return True
     return False
 
@@ -221,7 +237,7 @@ def token(value: bytes) -> bool:
     """Long hex, or base64-like runs mixing letters and digits (device hashes, session ids)."""
     if any(len(w) >= 16 and _is_hex(w) for w in _WORD.findall(value)):
         return True
-    if any(_even_hex_groups(words) for words, _ in groups(value, 3)):
+    if any(_chunked(words, -16, 3) for words, _ in groups(value, 3)):
         return True
     for run in _B64_RUN.findall(value):
         if len(run) < 16:
