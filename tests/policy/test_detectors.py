@@ -44,6 +44,59 @@ ALL = tuple(DETECTORS)
         (b"::ffff:10.0.0.1", "ip"),
         # A four-part number is an address to the detector; the version field's rule allows it.
         (b"7.2.25.230", "ip"),
+        # Attack 12: identifiers in groups, each word short enough for a name or a version.
+        (b"49-015420-323751-8", "imei"),
+        (b"16.0 (49 015420 323751 8)", "imei"),
+        (b"35209900-176148-1", "imei"),
+        (b"49.015420.323751.8", "imei"),  # dots: only 15 digits that pass Luhn's check
+        (b"310-150-123456789", "imei"),  # an IMSI: 15 digits in groups, no check digit
+        (b"8901 2601 2345 6789 012", "imei"),  # an ICCID
+        (b"a4 c3 f0 85 1b 2e", "mac"),
+        (b"1.a4.c3.f0.85.1b.2e", "mac"),
+        (b"a4_c3_f0_85_1b_2e", "mac"),
+        (b"a4c3f0-851b2e", "mac"),
+        (b"a4c-3f0-851-b2e", "mac"),
+        (b"a4c3_f085_1b2e", "mac"),
+        (b"0f8f-ad5b-d9cb-469f-a165-7086-7728-950e", "uuid"),
+        (b"0f8fad5b d9cb 469f a165 7086 7728 950e", "uuid"),
+        (b"9774-d56d-682e-549c", "token"),
+        # ... whatever joins the groups: mixed, or punctuation a version may hold.
+        (b"49+015420+323751+8", "imei"),
+        (b"(49)015420-323751-8", "imei"),
+        (b"49-015420 323751.8", "imei"),
+        (b"a4.c3-f0.85-1b.2e", "mac"),
+        (b"a4/c3/f0/85/1b/2e", "mac"),
+        (b"a4(c3)f0(85)1b(2e)", "mac"),
+        (b"a4  c3  f0  85  1b  2e", "mac"),
+        (b"0f8fad5b,d9cb,469f,a165,7086,7728,950e", "uuid"),
+        (b"9774+d56d+682e+549c", "token"),
+        (b"a4c3f-0851b-2e", "mac"),  # chunks of five, the last shorter
+        (b"9774d-56d68-2e549-c", "token"),
+        (b"ip-198-51-100-7", "ip"),
+        (b"198+51+100+7", "ip"),
+        (b"198 51 100 7", "ip"),
+        (b"2001-db8--7.ipv6-literal.net", "ip"),
+        (b"fe80--1", "ip"),
+        (b"2001-db8-85a3-0-0-8a2e-370-7334", "ip"),
+        (b"Mail--Deluxe 1.0--beta", None),
+        (b"198_51_100_7", "ip"),
+        (b"0xc6.0x33.0x64.0x07", "ip"),
+        # ... and what such groups are in real versions: not identifiers.
+        (b"16.0.17425.20000", None),
+        (b"10.0.19045.3693", None),
+        (b"3774.300.61.1.2", None),
+        (b"10.11.12.13.14.15", None),  # six pairs of digits: a version's numbers, no hex letter
+        (b"2.3.21 (47349e2482)", None),
+        (b"v1.2.3-14-g47349e2", None),
+        (b"1.0.0-beta.1+exp.sha.5114f85", None),
+        (b"3.10.0-1160.el7.x86_64", None),
+        (b"6.5.0-14-generic", None),
+        (b"16.0 (3826.300.87.2.22)", None),  # 15 digits, but not joined by single octets
+        (b"10.0.22621.2861-1", None),
+        (b"1.2.3-14-g47349e2 (abc1234)", None),
+        (b"2.3.21 (47349e2482) (a8bdba 12)", None),
+        (b"4.9.1-0+deb11u1", None),
+        (b"49.015420.323751.9", None),  # dotted 15 digits failing Luhn's check: a version's
         # Versions, names and dates stay clean.
         (b"3826.300.87.2.22", None),
         (b"16.0 (3696.80.82.1.1)", None),

@@ -43,6 +43,14 @@ def test_corpus_values_have_their_shape(shape: str, value: bytes) -> None:
         ("version", b"10.0.22631"),
         ("version", b"2023"),
         ("name", b"Outlook 2016"),
+        ("version", b"2.3.16 (7e2e900c1a)"),  # a hash, hex only: no serial number
+        ("name", b"imap4server"),
+        ("name", b"Microsoft.Exchange.Imap4.Imap4Server"),
+        ("name", b"thunderbird115"),
+        ("name", b"HUAWEI P30 PRO"),  # capitals and digits in groups, one word mixing them
+        ("name", b"IBM Notes 9.0.1 FP10 HF197"),
+        ("version", b"14; UP1A.231005.007"),  # dots: an Android build
+        ("version", b"SP1A.210812.016.A1"),
         ("name", b"OutlookForWindowsDesktopClient"),
         ("name", b"eM Client"),
         ("os", b"Linux x86_64"),
@@ -84,6 +92,20 @@ UUID = b"0f8fad5b-d9cb-469f-a165-70867728950e"
         ("name", b"Mail\r\nx"),
         ("name", "Почта".encode()),  # not ASCII: the shipped shapes keep ASCII only
         ("os", b"10.1.2.3"),
+        # Attack 12: serial numbers in groups, each word short.
+        ("version", b"16.0 (C02X-K1ZT-JGH5)"),
+        ("version", b"C02XK1 ZTJGH5"),
+        ("name", b"Mail C02X K1ZT JGH5"),
+        ("vendor", b"Apple R58M_12AB-CDE"),
+        ("os", b"iOS C02X-K1ZT JGH5"),
+        ("name", b"Mail C02X/K1ZT/JGH5"),
+        ("name", b"Mail c02xk1ztjgh5"),  # a serial number in small letters
+        ("version", b"16.0 (ip-198-51-100-7)"),  # an address written otherwise: no version
+        ("version", b"2001-db8--7"),
+        ("vendor", b"h4v9k2p7qx"),
+        ("os", b"iOS r58m12abcde"),
+        ("name", b"Mail C02xK1ztJGH5"),  # or in mixed case
+        ("version", b"16.0 (C02X+K1ZT+JGH5)"),
         ("os", b"iOS 490154203237518"),
         ("vendor", b"Apple Inc.\x00"),
         ("date", b"2020-03-19"),
@@ -244,3 +266,33 @@ def test_loader_compiles_shapes(tmp_path: Path) -> None:
     assert build.shape is not None and build.shape.fits(b"20231130")
     assert not build.shape.fits(b"202311301")
     assert build.misfit == "drop"
+
+
+# Attack 12: a support address carries no serial number or long number (an IMSI) in its host,
+# path or mailbox: a version's words, no longer.
+@pytest.mark.parametrize(
+    "value",
+    [
+        b"https://support.example.com/d/310150123456789",
+        b"https://C02XK1ZTJGH5.example.com/",
+        b"https://support.example.com/C02X_K1ZT_JGH5/help",
+        b"mailto:C02XK1ZTJGH5@example.com",
+        b"mailto:310150123456789@example.com",
+    ],
+)
+def test_a_support_url_carries_no_device_number(value: bytes) -> None:
+    assert not NAMED["url"](value)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        b"https://support.google.com/mail/answer/7126229",
+        b"https://github.com/postalsys/imapflow/issues/1234",
+        b"mailto:cyrus-bugs+@andrew.cmu.edu",
+        b"https://imapsync.lamiral.info/",
+        b"http://localhost.localdomain:8080/help",
+    ],
+)
+def test_support_urls_of_vendors_have_the_shape(value: bytes) -> None:
+    assert NAMED["url"](value)

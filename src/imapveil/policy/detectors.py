@@ -15,6 +15,8 @@ tests/policy/test_detectors.py holds them to that.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import ipaddress
 import re
 from collections.abc import Callable
@@ -42,8 +44,10 @@ _WORD = re.compile(rb"[0-9A-Za-z]+")
 _DIGIT_RUN = re.compile(rb"[0-9]+")
 _B64_RUN = re.compile(rb"[A-Za-z0-9+/_-]+")
 _IP6_RUN = re.compile(rb"[0-9A-Fa-f:.]+")
+_IP6_DASHED = re.compile(rb"[0-9A-Fa-f-]+")
 
-PATTERNS = (_MAC, _UUID, _IPV4, _WORD, _DIGIT_RUN, _B64_RUN, _IP6_RUN)  # for the tests
+# For the tests.
+PATTERNS = (_MAC, _UUID, _IPV4, _WORD, _DIGIT_RUN, _B64_RUN, _IP6_RUN, _IP6_DASHED)
 
 _HEX = b"0123456789abcdefABCDEF"
 _LOCAL_PART = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._%+-'")
@@ -54,37 +58,186 @@ def _is_hex(word: bytes) -> bool:
     return not word.translate(None, _HEX)
 
 
+_VALUE = bytes.maketrans(b"0123456789", bytes(range(10)))
+_DOUBLED = bytes.maketrans(b"0123456789", bytes((0, 2, 4, 6, 8, 1, 3, 5, 7, 9)))
+
+
 def _luhn(digits: bytes) -> bool:
-    total = 0
-    for i, c in enumerate(reversed(digits)):
-        d = c - 0x30
-        if i % 2:
-            d *= 2
-            if d > 9:
-                d -= 9
-        total += d
-    return total % 10 == 0
+    """Luhn's check digit holds (ISO/IEC 7812): every second digit from the right doubled, the
+    digits of each product summed."""
+    return (
+        sum(digits[-1::-2].translate(_VALUE)) + sum(digits[-2::-2].translate(_DOUBLED))
+    ) % 10 == 0
+
+
+@functools.lru_cache(maxsize=16)
+def groups(value: bytes, widest: int) -> tuple[tuple[tuple[bytes, ...], tuple[bytes, ...]], ...]:
+    """Runs of two or more words (`[0-9A-Za-z]+`), each joined to the next by at most `widest`
+    other octets: (the words, the gaps between them). With `widest` 1, "49-015420-323751-8" is
+    one run of four words and "16.0 (3731.600.7)" two ("16.0", "3731.600.7"); with 3, one. One
+    pass; kept for the detectors that ask about the same value in turn."""
+    found: list[tuple[tuple[bytes, ...], tuple[bytes, ...]]] = []
+    words: list[bytes] = []
+    gaps: list[bytes] = []
+    end = 0
+    for m in _WORD.finditer(value):
+        gap = value[end : m.start()]
+        end = m.end()
+        if words and len(gap) <= widest:
+            words.append(m.group())
+            gaps.append(gap)
+            continue
+        if len(words) > 1:
+            found.append((tuple(words), tuple(gaps)))
+        words, gaps = [m.group()], []
+    if len(words) > 1:
+        found.append((tuple(words), tuple(gaps)))
+    return tuple(found)
+
+
+def _count_in(value: bytes, octets: bytes) -> int:
+    return len(value) - len(value.translate(None, octets))
+
+
+_HEX_LETTERS = b"abcdefABCDEF"
+# (words, octets each) of a MAC address in groups: six pairs, four triples, three quads, two
+# halves: "a4 c3 f0 85 1b 2e", "a4c-3f0-851-b2e", "a4c3_f085_1b2e", "a4c3f0-851b2e".
+_MAC_GROUPS = ((6, 2), (4, 3), (3, 4), (2, 6))
+
+
+def _grouped_mac(words: tuple[bytes, ...]) -> bool:
+    """Equal groups of hex digits, twelve in all, one of them a letter (a version's numbers,
+    "10.11.12.13.14.15", are no address; colons and hyphens between pairs are `_MAC`'s). Six
+    pairs or more (EUI-64 has eight); exactly so many longer groups (more are the uuid's or the
+    token's: "0f8f-ad5b-d9cb-469f-...")."""
+    for count, size in _MAC_GROUPS:
+        run = letters = 0  # equal hex words in a row; for pairs, letters in the last six
+        for i, w in enumerate((*words, b"")):
+            if len(w) == size and _is_hex(w):
+                run += 1
+                if size == 2:
+                    letters = _count_in(b"".join(words[max(0, i - 5) : i + 1]), _HEX_LETTERS)
+                    if run >= count and letters:
+                        return True
+                else:
+                    letters += _count_in(w, _HEX_LETTERS)
+                continue
+            if size > 2 and run == count and letters:
+                return True
+            run = letters = 0
+    return False
 
 
 def mac(value: bytes) -> bool:
-    """With colons or hyphens, Cisco's dotted form, or 12 hex digits standing alone."""
+    """With colons or hyphens, Cisco's dotted form, or 12 hex digits standing alone; or grouped
+    otherwise, whatever joins the groups (up to three octets: `_grouped_mac`)."""
     if _MAC.search(value):
         return True
     rest = _UUID.sub(b" ", value)  # a UUID ends in 12 hex digits: that one is the uuid detector's
-    return any(len(w) == 12 and _is_hex(w) for w in _WORD.findall(rest))
+    if any(len(w) == 12 and _is_hex(w) for w in _WORD.findall(rest)):
+        return True
+    return any(_grouped_mac(words) or _chunked(words, 12, 2) for words, _ in groups(rest, 3))
+
+
+def _digit_groups(words: tuple[bytes, ...], gaps: tuple[bytes, ...], dots: bool) -> bool:
+    """Words of digits joined by single octets, not colons (times), nor dots unless `dots`:
+    with dots, 15 of their digits in a row that pass Luhn's check (an IMEI, "49.015420.323751.8",
+    but "16.0.17425.20000" has 13); without, 15 or more (an IMEI, IMSI, IMEISV or ICCID:
+    "49-015420-323751-8", "8901 2601 2345 6789 012")."""
+    start = total = 0  # the words counted: words[start:i + 1], their digits
+    for i, w in enumerate(words):
+        joined = i > 0 and gaps[i - 1] != b":" and (dots or gaps[i - 1] != b".")
+        if not w.isdigit():
+            start, total = i + 1, 0
+            continue
+        if not joined:
+            start, total = i, 0
+        total += len(w)
+        if not dots and total >= 15 and i > start:
+            return True
+        while dots and total > 15:
+            total -= len(words[start])
+            start += 1
+        if dots and total == 15 and i > start and _luhn(b"".join(words[start : i + 1])):
+            return True
+    return False
 
 
 def imei(value: bytes) -> bool:
-    return any(len(m) == 15 and _luhn(m) for m in _DIGIT_RUN.findall(value))
+    """15 digits passing Luhn's check; and phone identities written in groups (`_digit_groups`)."""
+    if any(len(m) == 15 and _luhn(m) for m in _DIGIT_RUN.findall(value)):
+        return True
+    return any(
+        _digit_groups(words, gaps, False) or _digit_groups(words, gaps, True)
+        for words, gaps in groups(value, 1)
+    )
+
+
+def _hex_groups(words: tuple[bytes, ...], total: int) -> bool:
+    """Consecutive hex words, two or more, of `total` digits in all: a UUID grouped otherwise
+    ("0f8f-ad5b-d9cb-469f-a165-7086-7728-950e")."""
+    lengths = [len(w) if _is_hex(w) else 0 for w in words]
+    first = digits = 0
+    for i, n in enumerate(lengths):
+        if not n:
+            first, digits = i + 1, 0
+            continue
+        digits += n
+        while digits > total:
+            digits -= lengths[first]
+            first += 1
+        if digits == total and i > first:
+            return True
+    return False
 
 
 def uuid(value: bytes) -> bool:
-    return _UUID.search(value) is not None
+    """8-4-4-4-12 with or without separators, or its 32 hex digits grouped otherwise."""
+    if _UUID.search(value) is not None:
+        return True
+    return any(_hex_groups(words, 32) for words, _ in groups(value, 3))
+
+
+def _chunks(words: tuple[bytes, ...]) -> list[tuple[bytes, ...]]:
+    """Runs of hex words of one length, two or more, and then possibly a shorter one: a hex string
+    cut into chunks ("9774-d56d-682e-549c", "a4c3f-0851b-2e"; not "47349e2482 a8bdba"). Each
+    word is looked at once or twice."""
+    found: list[tuple[bytes, ...]] = []
+    i = 0
+    while i < len(words):
+        if not _is_hex(words[i]):
+            i += 1
+            continue
+        size, j = len(words[i]), i + 1
+        while j < len(words) and len(words[j]) == size and _is_hex(words[j]):
+            j += 1
+        rest = j - i > 1 and j < len(words) and len(words[j]) < size and _is_hex(words[j])
+        found.append(words[i : j + rest])
+        i = j  # a shorter last chunk may begin the next run too
+    return found
+
+
+def _chunked(words: tuple[bytes, ...], total: int, least: int) -> bool:
+    """A hex string in chunks of `least` digits or more: `total` digits in all, or at least
+    -`total` if `total` is negative; letters among them, and digits unless it is a MAC
+    address's twelve."""
+    for run in _chunks(words):
+        joined = b"".join(run)
+        letters = _count_in(joined, _HEX_LETTERS)
+        if len(run) < 2 or len(run[0]) < least or not letters:
+            continue
+        if total > 0 and len(joined) == total:
+            return True
+        if total < 0 and len(joined) >= -total and letters < len(joined):
+            return True
+    return False
 
 
 def token(value: bytes) -> bool:
     """Long hex, or base64-like runs mixing letters and digits (device hashes, session ids)."""
     if any(len(w) >= 16 and _is_hex(w) for w in _WORD.findall(value)):
+        return True
+    if any(_chunked(words, -16, 3) for words, _ in groups(value, 3)):
         return True
     for run in _B64_RUN.findall(value):
         if len(run) < 16:
@@ -112,10 +265,70 @@ def email(value: bytes) -> bool:
     return False
 
 
+def _octet(word: bytes) -> bool:
+    """A part of an IPv4 address: up to three digits of at most 255, or 0x and two hex digits."""
+    if word[:2].lower() == b"0x":
+        return 2 < len(word) <= 4 and _is_hex(word[2:])
+    return len(word) <= 3 and word.isdigit() and int(word) <= 255
+
+
+_IP_JOINERS = frozenset(b"-_+,/;~&' ")
+
+
+def _grouped_ipv4(words: tuple[bytes, ...], gaps: tuple[bytes, ...]) -> bool:
+    """Four parts of an address joined by single octets such as hyphens, underscores or spaces
+    ("ip-198-51-100-7", as cloud host names write them), or by dots with a part in hex
+    ("0xc6.0x33.0x64.0x07", which inet_aton reads); dotted decimal is `_IPV4`'s."""
+    run = 0
+    for i, w in enumerate(words):
+        run = run + 1 if _octet(w) else 0
+        if run < 4:
+            continue
+        joins = gaps[i - 3 : i]
+        if all(len(g) == 1 and g[0] in _IP_JOINERS for g in joins):
+            return True
+        hexed = any(p[:2].lower() == b"0x" for p in words[i - 3 : i + 1])
+        if hexed and all(g == b"." for g in joins):
+            return True
+    return False
+
+
+def dotted_quads(value: bytes) -> list[int]:
+    """Where an IPv4 address in dotted decimal begins, each one (leading zeros too:
+    "010.000.000.001" is still meant as an address)."""
+    return [
+        m.start()
+        for m in _IPV4.finditer(value)
+        if all(int(part) <= 255 for part in m.group().split(b"."))
+    ]
+
+
+def written_address(value: bytes) -> bool:
+    """An address written otherwise than dotted or with colons: an IPv4 address in groups
+    (`_grouped_ipv4`) or an IPv6 address with hyphens for colons. No version is written so, so
+    the `version` shape refuses them too, where the policy lets `ip` pass for "7.2.25.230"."""
+    if any(_grouped_ipv4(words, gaps) for words, gaps in groups(value, 1)):
+        return True
+    # Hyphens for colons, as in Windows' "2001-db8--7.ipv6-literal.net": a run standing alone,
+    # with "--" (a "::") or in eight groups, one of three hex digits or more, that reads as an
+    # address ("1-2-3-4-5-6-7-8" and "Mail--Deluxe" do not).
+    for m in _IP6_DASHED.finditer(value):
+        run = m.group().strip(b"-")
+        if (
+            (b"--" in run or run.count(b"-") == 7)
+            and not value[m.start() - 1 : m.start()].isalnum()
+            and not value[m.end() : m.end() + 1].isalnum()
+            and any(len(group) >= 3 for group in run.split(b"-"))
+        ):
+            with contextlib.suppress(ValueError):
+                ipaddress.IPv6Address(run.replace(b"-", b":").decode("ascii"))
+                return True
+    return False
+
+
 def ip(value: bytes) -> bool:
-    for m in _IPV4.finditer(value):
-        if all(int(part) <= 255 for part in m.group().split(b".")):
-            return True  # leading zeros too: "010.000.000.001" is still meant as an address
+    if dotted_quads(value) or written_address(value):
+        return True
     for run in _IP6_RUN.findall(value):
         if run.count(b":") < 2:
             continue  # "16.0", "1.983": versions, not addresses

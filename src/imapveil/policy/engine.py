@@ -9,13 +9,14 @@ goes out as NIL, never `()` (some servers reject it).
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from imapveil import __version__
 from imapveil.policy.detectors import detect
 from imapveil.policy.model import Policy, Rule, is_anti_spoof
-from imapveil.policy.shapes import Shape
+from imapveil.policy.shapes import Shape, label_words
 from imapveil.rfc2971 import MAX_FIELD_LENGTH, MAX_FIELDS, MAX_VALUE_LENGTH, IdFields
 
 RECORD_LIMIT = 256  # octets of a value kept in a record (RFC 2971 §7: logs must not flood)
@@ -79,12 +80,44 @@ def _name(raw: bytes) -> str:
     return raw.decode("ascii").lower() if _is_field_name(raw) else _shown(raw)
 
 
-def _recorded_name(policy: Policy, name: str) -> str:
+_NOT_PRINTABLE = bytes(c for c in range(256) if c not in _PRINTABLE)
+_SPACED = bytes.maketrans(_NOT_PRINTABLE, b" " * len(_NOT_PRINTABLE))
+
+
+def _views(raw: bytes) -> tuple[bytes, ...]:
+    """What the detectors look at in a name: the name as sent (not in the records' lower case,
+    in which a base64 token mixes no cases: "3kWq1b0Zr9mYb8Jx2n4Vt0cP5sI="); and, for a name
+    that is not printable ASCII (shown with \\xNN escapes, which split an identifier or end in
+    a hex digit beside it: "\\x20a4:c3:..."), also the name with every other octet a space,
+    without them, and its NFKC form in ASCII (fullwidth digits and colons, a zero-width space
+    inside a MAC address). At most 1024 octets of it, as for a value."""
+    raw = raw[:MAX_VALUE_LENGTH]
+    if _is_field_name(raw):
+        return (raw,)
+    text = raw.decode("utf-8", "replace")
+    return (
+        _shown(raw).encode(),
+        raw.translate(_SPACED),
+        raw.translate(None, _NOT_PRINTABLE),
+        unicodedata.normalize("NFKC", text).encode("ascii", "ignore"),
+    )
+
+
+def _recorded_name(policy: Policy, raw: bytes) -> str:
     """A field's name as records show it (`dropped`, the keys of `recorded`): as sent (bounded),
     unless a detector of the policy finds an identifier in it (`"a4:c3:f0:85:1b:2e" "1"`): then
-    `detected:<kind>`. The client chooses its names: records keep no identifier, wherever it is."""
-    kind = detect(name.encode(), policy.detectors)  # lower case: names are case-blind
-    return f"detected:{kind}" if kind is not None else name[:MAX_FIELD_LENGTH]
+    `detected:<kind>`; or `detected:shape` if it has a word no name has (a serial number, a
+    long number: `label_words`). The client chooses its names: records keep no identifier,
+    wherever it is."""
+    if policy.detectors:
+        views = _views(raw)
+        for view in views:
+            kind = detect(view, policy.detectors)
+            if kind is not None:
+                return f"detected:{kind}"
+        if not all(label_words(view) for view in views):
+            return "detected:shape"
+    return _name(raw)[:MAX_FIELD_LENGTH]
 
 
 def apply(
@@ -106,7 +139,7 @@ def apply(
     changed = False
     for raw_name, value in fields:
         name, readable = _name(raw_name), _is_field_name(raw_name)
-        shown = _recorded_name(policy, name)
+        shown = _recorded_name(policy, raw_name)
         if not readable or name in seen:  # §3.3: a field once; the first one counts
             dropped.append(shown)
             decisions.append(Decision(name, "drop", "drop", "duplicate" if readable else "name"))
@@ -127,7 +160,7 @@ def apply(
         decisions.append(decision)
     if len(forwarded) > MAX_FIELDS:
         for raw_name, _ in forwarded[MAX_FIELDS:]:
-            dropped.append(_recorded_name(policy, _name(raw_name)))
+            dropped.append(_recorded_name(policy, raw_name))
         forwarded = forwarded[:MAX_FIELDS]
         changed = True
     if changed and announce_changes and policy.announce and forwarded:

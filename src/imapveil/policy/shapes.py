@@ -17,6 +17,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from imapveil.policy.detectors import dotted_quads, groups, written_address
 from imapveil.rfc2971 import MAX_VALUE_LENGTH
 
 _DIGITS = b"0123456789"
@@ -62,14 +63,54 @@ def _label_word(word: bytes) -> bool:
     )
 
 
+_HEX = _DIGITS + b"abcdef"
+_KIND = bytes.maketrans(_DIGITS + _LETTERS, b"1" * 10 + b"0" * 52)  # digit 1, letter 0
+
+
 def _serial(word: bytes) -> bool:
     """A device's serial number: "C02XK1ZTJGH5", "H4V9K2P7QX", "R58M12ABCDE". Ten or more
     capitals and digits, at least one digit and two capitals, no small letter: random ones of
-    ten have three digits on average, which a name's or a version's word may have."""
-    if len(word) < 10 or not word.isupper():  # isupper: a capital, and no small letter
+    ten have three digits on average, which a name's or a version's word may have.
+
+    Or one in small or mixed letters ("c02xk1ztjgh5", "C02xK1ztJGH5"): ten or more letters and
+    digits, two digits or more, and letters and digits taking turns four times or more, which
+    "Imap4Server" or "thunderbird115" do not; not hex digits alone (a hash: "7e2e900c1a")."""
+    if len(word) < 10:
         return False
     digits = _count(word, _DIGITS)
-    return digits >= 1 and len(word) - digits >= 2
+    if word.isupper():  # isupper: a capital, and no small letter
+        return digits >= 1 and len(word) - digits >= 2
+    if _only(word.lower(), _HEX) or digits < 2:
+        return False
+    kinds = word.translate(_KIND)
+    return kinds.count(b"01") + kinds.count(b"10") >= 4
+
+
+def _mixed(word: bytes) -> bool:
+    return 0 < _count(word, _DIGITS) < len(word)
+
+
+def _grouped_serial(value: bytes) -> bool:
+    """A serial number in groups: "C02X-K1ZT-JGH5", "C02X K1ZT JGH5", "R58M_12AB+CDE". Words of
+    capitals and digits, each with a capital, joined by up to three octets other than a dot,
+    which together are a `_serial` and of which two or more mix letters and digits ("HUAWEI P30
+    PRO" has one). Not dots: "TQ3A.230805.001" is an Android build, a version. One pass."""
+    for words, gaps in groups(value, 3):
+        run: list[bytes] = []
+        for i, word in enumerate((*words, b"")):
+            if run and not (word.isupper() and b"." not in gaps[i - 1]):
+                if len(run) > 1 and sum(map(_mixed, run)) > 1 and _serial(b"".join(run)):
+                    return True
+                run = []
+            if word.isupper():  # a capital, no small letter: "C02X", not "9" ("9.0.1 FP10")
+                run.append(word)
+    return False
+
+
+def label_words(value: bytes) -> bool:
+    """Every word of `value` could be a word of a name (`_label_word`), and no serial number is
+    there in groups: what the records may show of a field's name, whatever its punctuation."""
+    return all(_label_word(w) for w in _WORD.findall(value)) and not _grouped_serial(value)
 
 
 def _label(value: bytes, longest: int, punctuation: bytes) -> bool:
@@ -79,6 +120,7 @@ def _label(value: bytes, longest: int, punctuation: bytes) -> bool:
         and value[:1].isalnum()
         and _count(value, _LETTERS) > 0
         and all(_label_word(w) for w in _WORD.findall(value))
+        and not _grouped_serial(value)
     )
 
 
@@ -102,7 +144,9 @@ def version(value: bytes) -> bool:
 
     Words with digits are at most 10 octets (builds and dates: "3731", "230805", "20230322"); a MAC
     address without separators is 12, an IMEI 15. No colon or at sign, so no IPv6 address, MAC
-    with colons or e-mail address fits. A four-part number fits: it is a version in this field.
+    with colons or e-mail address fits. A four-part number fits at the head ("7.2.25.230", a
+    version), nowhere else: "16.0 (198.51.100.7)" holds an address beside its version. Nor does
+    an address written otherwise ("ip-198-51-100-7", "2001-db8--7": `written_address`).
     """
     if not (
         0 < len(value) <= 64
@@ -118,9 +162,14 @@ def version(value: bytes) -> bool:
             return False
     if depth:
         return False
-    return all(
-        len(w) <= (10 if _count(w, _DIGITS) else 16) and not _serial(w)
-        for w in _WORD.findall(value)
+    return (
+        all(
+            len(w) <= (10 if _count(w, _DIGITS) else 16) and not _serial(w)
+            for w in _WORD.findall(value)
+        )
+        and not _grouped_serial(value)
+        and all(start == 0 for start in dotted_quads(value))
+        and not written_address(value)
     )
 
 
@@ -152,23 +201,41 @@ def _host(value: bytes) -> bool:
     )
 
 
+def _vendor_words(value: bytes) -> bool:
+    """A support address's host, path or mailbox: words with digits of at most 10 octets (an
+    IMSI has 15), no serial number, alone or in groups ("C02XK1ZTJGH5.example.com")."""
+    return (
+        all(len(w) <= 10 or not _count(w, _DIGITS) for w in _WORD.findall(value))
+        and not any(_serial(w) for w in _WORD.findall(value))
+        and not _grouped_serial(value)
+    )
+
+
 def url(value: bytes) -> bool:
     """A vendor's support address: "https://github.com/postalsys/imapflow/issues", "mailto:a@b.org".
 
-    No query, fragment or user part: those are where a URL would carry something about the user.
+    No query, fragment or user part: those are where a URL would carry something about the user;
+    nor a long number or serial number in the rest (`_vendor_words`).
     """
     if len(value) > 128:
         return False
     low = value.lower()
     if low.startswith(b"mailto:"):
         local, at, domain = value[7:].partition(b"@")
-        return bool(local and at) and _only(local, _ALNUM + b"._+-") and _host(domain)
+        return (
+            bool(local and at)
+            and _only(local, _ALNUM + b"._+-")
+            and _host(domain)
+            and _vendor_words(value[7:])
+        )
     for scheme in (b"https://", b"http://"):
         if low.startswith(scheme):
             authority, _, path = value[len(scheme) :].partition(b"/")
             host, colon, port = authority.partition(b":")
             port_ok = not colon or (port.isdigit() and len(port) <= 5)
-            return _host(host) and port_ok and _only(path, _PATH)
+            return (
+                _host(host) and port_ok and _only(path, _PATH) and _vendor_words(host + b"/" + path)
+            )
     return False
 
 
