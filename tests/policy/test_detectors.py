@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from imapveil.policy import apply, detectors, shapes
@@ -229,3 +229,40 @@ def test_the_old_email_pattern_fails_that_test() -> None:
     parsed = _sre.parse(old.pattern)
     assert not _one_class_repeated(parsed)
     assert any(most > 64 for most, _ in _repeats(parsed))
+
+
+def _every_detector(value: bytes, enabled: tuple[str, ...]) -> str | None:
+    """`detect` without the counts it takes first (`detectors.NEEDS`)."""
+    value = value[:1024]
+    return next((name for name in enabled if DETECTORS[name](value)), None)
+
+
+_GROUPED = st.builds(
+    lambda words, joins: b"".join(w + j for w, j in zip(words, joins, strict=False)),
+    st.lists(st.binary(min_size=1, max_size=6).map(lambda b: b.hex().encode()[:6]), max_size=12)
+    | st.lists(st.text("0123456789abcdefABCDEFxz", min_size=1, max_size=7).map(str.encode)),
+    st.lists(st.sampled_from([b"", b"-", b":", b".", b" ", b"_", b"--", b"+", b"/", b" - "])),
+)
+
+
+@settings(max_examples=1000)
+@given(st.one_of(_GROUPED, st.binary(max_size=80)))
+# Each at a count's edge: 15 digits, 12 and 32 hex digits, 16 octets, 4 digits, "--".
+@example(b"49-015420-323751-8")
+@example(b"310150123456789")
+@example(b"a4 c3 f0 85 1b 2e")
+@example(b"0f8fad5b d9cb 469f a165 7086 7728 950e")
+@example(b"3kWq1b0Zr9mYb8Jx")
+@example(b"1 2 3 4")
+@example(b"fe80--1")
+@example(b"ip-1-2-3")
+@example(b"ip 1 2 34")
+@example(b"::")
+def test_the_counts_taken_first_change_no_verdict(value: bytes) -> None:
+    """`detect` skips a detector when the value has too few hex digits, digits or octets for
+    anything it finds (12 hex digits for a MAC address, however grouped, ...): a shortcut for the
+    usual short value, never a different answer."""
+    assert detect(value, ALL) == _every_detector(value, ALL)
+    for name in ALL:
+        assert detect(value, (name,)) == _every_detector(value, (name,)), name
+    assert detectors.written_address(value) == detectors._written_address(value[:1024])

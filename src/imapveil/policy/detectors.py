@@ -306,7 +306,15 @@ def dotted_quads(value: bytes) -> list[int]:
 def written_address(value: bytes) -> bool:
     """An address written otherwise than dotted or with colons: an IPv4 address in groups
     (`_grouped_ipv4`) or an IPv6 address with hyphens for colons. No version is written so, so
-    the `version` shape refuses them too, where the policy lets `ip` pass for "7.2.25.230"."""
+    the `version` shape refuses them too, where the policy lets `ip` pass for "7.2.25.230".
+    Four parts have four digits at least ("0x" too), hyphens for colons two hyphens at least:
+    a value with neither is looked at no further (`_written_address`)."""
+    if value.count(b"-") < 2 and len(value) - len(value.translate(None, _DIGITS)) < 4:
+        return False
+    return _written_address(value)
+
+
+def _written_address(value: bytes) -> bool:
     if any(_grouped_ipv4(words, gaps) for words, gaps in groups(value, 1)):
         return True
     # Hyphens for colons, as in Windows' "2001-db8--7.ipv6-literal.net": a run standing alone,
@@ -354,6 +362,21 @@ DETECTORS: dict[str, Callable[[bytes], bool]] = {
 }
 
 
+_DIGITS = b"0123456789"
+
+NEEDS: dict[str, tuple[int, int, int]] = {
+    "mac": (12, 0, 12),
+    "imei": (0, 15, 15),
+    "uuid": (32, 0, 32),
+    "token": (0, 0, 16),
+}
+"""What a value must have for a detector to find anything in it, in every form it knows:
+(hex digits, decimal digits, octets). Twelve hex digits make a MAC address, however grouped;
+fifteen digits an IMEI; 32 hex digits a UUID; sixteen octets a token. Counted once a value, so
+that the usual short value ("Thunderbird", "115.3.1") costs the grouping detectors nothing
+(tests/policy/test_detectors.py checks that no value lacking these is found by them)."""
+
+
 def detect(value: bytes, enabled: tuple[str, ...]) -> str | None:
     """The first enabled detector that matches, by name.
 
@@ -361,7 +384,13 @@ def detect(value: bytes, enabled: tuple[str, ...]) -> str | None:
     before it gets here, and no caller can make a detector spend more than that.
     """
     value = value[:MAX_VALUE_LENGTH]
+    size = len(value)
+    hexes = size - len(value.translate(None, _HEX))
+    digits = size - len(value.translate(None, _DIGITS))
     for name in enabled:
+        need = NEEDS.get(name)
+        if need is not None and (hexes < need[0] or digits < need[1] or size < need[2]):
+            continue
         if DETECTORS[name](value):
             return name
     return None

@@ -8,6 +8,7 @@ goes out as NIL, never `()` (some servers reject it).
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from collections.abc import Callable
@@ -109,10 +110,17 @@ def _recorded_name(policy: Policy, raw: bytes) -> str:
     `detected:<kind>`; or `detected:shape` if it has a word no name has (a serial number, a
     long number: `label_words`). The client chooses its names: records keep no identifier,
     wherever it is."""
-    if policy.detectors:
+    return _name_as_recorded(policy.detectors, raw)
+
+
+@functools.lru_cache(maxsize=256)
+def _name_as_recorded(detectors: tuple[str, ...], raw: bytes) -> str:
+    """`_recorded_name`, remembered: every client sends the same few names ("name", "version"),
+    whose look at every detector cost more than the rest of the policy's work."""
+    if detectors:
         views = _views(raw)
         for view in views:
-            kind = detect(view, policy.detectors)
+            kind = detect(view, detectors)
             if kind is not None:
                 return f"detected:{kind}"
         if not all(label_words(view) for view in views):
