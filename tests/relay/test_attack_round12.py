@@ -1,0 +1,111 @@
+"""Round 12 of attacks from outside (the wire): raw sockets through the proxy (built as
+`imapveil serve` builds it) to a real Dovecot.
+
+- AUTHENTICATE with its response sent before the server asked for it: when the server answers
+  the command instead of sending "+" (a mechanism it does not offer, a state it is not valid
+  in, a failed first step, or the proxy's own `NO [PRIVACYREQUIRED]`), that response is the
+  client's next line, read as a command (Dovecot does the same). The proxy refused it, and its
+  record kept the one word of it as the command's tag: the base64 credentials.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from imapveil.records import CommandCompleted, Violation
+from tests.conftest import TlsMaterial
+from tests.helpers.attack import Client, own_dovecot, veil
+from tests.helpers.dovecot import Dovecot
+
+pytestmark = pytest.mark.dovecot
+run = trio.to_thread.run_sync
+
+
+@pytest.fixture(scope="module")
+def target() -> Iterator[Dovecot]:
+    with own_dovecot() as server:
+        yield server
+
+
+# --- A SASL response the server never asked for, read as a command.
+
+PASSWORD = b"wonderland"
+PLAIN = base64.b64encode(b"\x00alice\x00" + PASSWORD)  # no "+" in it: a tag's characters
+LOGIN_PASSWORD = base64.b64encode(PASSWORD)
+
+
+def credentials_in(text: str) -> list[str]:
+    """Any form of the password in `text`, case-blind (an upper-cased base64 is recoverable)."""
+    low = text.lower()
+    forms = [PASSWORD, PLAIN, LOGIN_PASSWORD, PLAIN[:12]]
+    return [f.decode() for f in forms if f.decode().lower() in low]
+
+
+def unknown_mechanism(c: Client) -> None:
+    """A mechanism Dovecot does not offer: `NO` at once, no "+"; the response was sent ahead."""
+    c.send(b"A AUTHENTICATE XFOO\r\n" + PLAIN + b"\r\n")
+    assert c.until(b"A").startswith(b"A NO"), c.transcript[-300:]
+
+
+def after_login(c: Client) -> None:
+    """AUTHENTICATE once logged in: `BAD` at once (Dovecot's imap process does not know it)."""
+    c.login()
+    c.send(b"A AUTHENTICATE PLAIN\r\n" + PLAIN + b"\r\n")
+    assert c.until(b"A").startswith(b"A BAD"), c.transcript[-300:]
+
+
+def login_mechanism_ahead(c: Client) -> None:
+    """LOGIN with its user as SASL-IR and its password sent ahead, for a mechanism refused."""
+    c.send(b"A AUTHENTICATE XLOGIN " + base64.b64encode(b"alice") + b"\r\n")
+    c.send(LOGIN_PASSWORD + b"\r\n")
+    assert c.until(b"A").startswith(b"A NO"), c.transcript[-300:]
+
+
+def privacy_required(c: Client) -> None:
+    """The proxy's own `NO [PRIVACYREQUIRED]` (TLS required, not there yet)."""
+    c.send(b"A AUTHENTICATE PLAIN\r\n" + PLAIN + b"\r\n")
+    assert c.until(b"A").startswith(b"A NO [PRIVACYREQUIRED]"), c.transcript[-300:]
+
+
+AHEAD: dict[str, Callable[[Client], None]] = {
+    "unknown-mechanism": unknown_mechanism,
+    "after-login": after_login,
+    "login-mechanism": login_mechanism_ahead,
+    "privacy-required": privacy_required,
+}
+
+
+def sasl_ahead(address: tuple[str, int], name: str) -> bytes:
+    with Client(address) as c:
+        c.greeting()
+        AHEAD[name](c)
+        # The response was read as a command and refused (as Dovecot would); the session goes on.
+        c.send(b"z NOOP\r\n")
+        assert c.until(b"z").startswith(b"z OK"), c.transcript[-600:]
+        c.logout()
+        return c.transcript
+
+
+@pytest.mark.parametrize("name", list(AHEAD))
+async def test_a_sasl_response_sent_ahead_reaches_no_record(
+    target: Dovecot, tmp_path: Path, tls_material: TlsMaterial, name: str
+) -> None:
+    """Found (attack12): the response became a refused command whose record kept its one word
+    as the tag (`"tag": "AGFsaWNlAHdvbmRlcmxhbmQ="`). A line of one word is no command: it is
+    refused (BAD) and counted as a violation, with no command record."""
+    tls = {"client_tls": "require", "cert": str(tls_material.cert), "key": str(tls_material.key)}
+    settings = tls if name == "privacy-required" else {}
+    async with veil(target.address, tmp_path, **settings) as v:
+        transcript = await run(sasl_ahead, v.address, name)
+        await v.sessions_ended(1)
+    assert b" BAD [CLIENTBUG]" in transcript, transcript
+    records = v.records_json()
+    assert credentials_in(records) == [], records
+    kinds = [r.kind for r in v.sink.of(Violation)]
+    assert "refused_no_command" in kinds, kinds
+    assert [r.verb for r in v.sink.of(CommandCompleted)][-2:] == ["NOOP", "LOGOUT"]
