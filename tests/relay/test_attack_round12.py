@@ -6,6 +6,11 @@
   in, a failed first step, or the proxy's own `NO [PRIVACYREQUIRED]`), that response is the
   client's next line, read as a command (Dovecot does the same). The proxy refused it, and its
   record kept the one word of it as the command's tag: the base64 credentials.
+- Held (regression guards), compared line by line with what Dovecot gives a direct connection:
+  `*` at each step of AUTHENTICATE LOGIN, a literal's announcement, `=`, a trailing space and
+  LF-only lines where SASL expects a response, a NOOP pipelined into a SASL exchange; literal8
+  and LITERAL+ lengths with leading zeros, `{0}`, CATENATE with several LITERAL+ parts (binary,
+  a bad URL between two, a part with a bare LF).
 """
 
 from __future__ import annotations
@@ -109,3 +114,90 @@ async def test_a_sasl_response_sent_ahead_reaches_no_record(
     kinds = [r.kind for r in v.sink.of(Violation)]
     assert "refused_no_command" in kinds, kinds
     assert [r.verb for r in v.sink.of(CommandCompleted)][-2:] == ["NOOP", "LOGOUT"]
+
+
+# --- SASL and literals in odd forms: what the client gets is what Dovecot alone would give.
+
+Step = tuple[bytes, bytes]
+"""Octets to send, and what ends their answer: a tag (its tagged line) or b"+"."""
+
+LOGIN_STEPS: list[Step] = [(b"L LOGIN alice wonderland\r\n", b"L")]
+WIRE: dict[str, list[Step]] = {
+    # `*` at each step of LOGIN: Dovecot's BAD, the next command in step.
+    "cancel-at-user": [(b"A AUTHENTICATE LOGIN\r\n", b"+"), (b"*\r\n", b"A")],
+    "cancel-at-password": [
+        (b"A AUTHENTICATE LOGIN\r\n", b"+"),
+        (base64.b64encode(b"alice") + b"\r\n", b"+"),
+        (b"*\r\n", b"A"),
+    ],
+    # Where SASL expects a line, a literal's announcement is a line (invalid base64).
+    "literal-as-response": [(b"A AUTHENTICATE PLAIN\r\n", b"+"), (b"{24}\r\n", b"A")],
+    "lf-only": [(b"A AUTHENTICATE PLAIN\n", b"+"), (PLAIN + b"\n", b"A")],
+    "trailing-space": [(b"A AUTHENTICATE PLAIN\r\n", b"+"), (PLAIN + b" \r\n", b"A")],
+    "equals-after-plus": [(b"A AUTHENTICATE PLAIN\r\n", b"+"), (b"=\r\n", b"A")],
+    # A NOOP pipelined behind AUTHENTICATE with SASL-IR is the password step's response, as
+    # Dovecot reads it; the password sent after it is then a command (refused, not recorded).
+    "pipelined-into-sasl": [
+        (
+            b"n1 NOOP\r\nA AUTHENTICATE LOGIN " + base64.b64encode(b"alice") + b"\r\nn2 NOOP\r\n",
+            b"A",
+        ),
+        (LOGIN_PASSWORD + b"\r\nn3 NOOP\r\n", b"n3"),
+    ],
+    # Literal forms: leading zeros (literal8, and a 20-digit LITERAL+), {0}, CATENATE parts.
+    "leading-zeros": [
+        *LOGIN_STEPS,
+        (b"a APPEND INBOX ~{00005}\r\n", b"+"),
+        (b"hello\r\n", b"a"),
+        (b"b APPEND INBOX {00000000000000000005+}\r\nhello\r\n", b"b"),
+    ],
+    "empty-literal": [*LOGIN_STEPS, (b"a APPEND INBOX {0}\r\n", b"a"), (b"\r\n", b"*")],
+    "catenate": [
+        *LOGIN_STEPS,
+        (
+            b"a APPEND INBOX CATENATE (TEXT {5+}\r\nhello TEXT {3+}\r\nabc TEXT ~{2+}\r\nxy)\r\n",
+            b"a",
+        ),
+        (
+            b"b APPEND INBOX CATENATE (TEXT {5+}\r\nhello"
+            b' URL "/INBOX;UID=99" TEXT {3+}\r\nabc)\r\n',
+            b"b",
+        ),
+        (b"c APPEND INBOX CATENATE (TEXT {7+}\r\nSub: x\n TEXT {4+}\r\n\r\nab)\r\n", b"c"),
+    ],
+}
+
+
+def answers(address: tuple[str, int], steps: list[Step]) -> list[bytes]:
+    """Each line received, as its tag (or `*`, `+`) and status: what says where a stream is."""
+    with Client(address) as c:
+        c.greeting()
+        for data, end in steps:
+            c.send(data)
+            while line := c.line():
+                if line.startswith(end + b" ") or (end == b"+" and line.startswith(b"+")):
+                    break
+            assert line, c.transcript[-600:]
+        c.send(b"z NOOP\r\n")
+        assert c.until(b"z").startswith(b"z OK"), c.transcript[-600:]
+        c.logout()
+    shown = []
+    for line in c.transcript.splitlines()[1:]:
+        words = line.split(b" ")
+        shown.append(b" ".join(words[:2]) if words[0] != b"+" else b"+")
+    return shown
+
+
+@pytest.mark.parametrize("name", list(WIRE))
+async def test_sasl_and_literals_in_odd_forms_stay_in_step(
+    target: Dovecot, tmp_path: Path, name: str
+) -> None:
+    """Held (attack12), but for `pipelined-into-sasl`, whose password was a record's tag until
+    the fix above: every answer (tag and status, line by line) is the one Dovecot gives a
+    direct connection, and no credential reaches a record."""
+    direct = await run(answers, target.address, WIRE[name])
+    async with veil(target.address, tmp_path) as v:
+        proxied = await run(answers, v.address, WIRE[name])
+        await v.sessions_ended(1)
+    assert proxied == direct
+    assert credentials_in(v.records_json()) == [], v.records_json()
