@@ -11,11 +11,17 @@
   LF-only lines where SASL expects a response, a NOOP pipelined into a SASL exchange; literal8
   and LITERAL+ lengths with leading zeros, `{0}`, CATENATE with several LITERAL+ parts (binary,
   a bad URL between two, a part with a bare LF).
+- TLS 1.2 renegotiation asked by the client (openssl s_client's `R`): refused, the session ends,
+  others are served. That held through OpenSSL 3's default only; the client leg's context now
+  refuses it itself (OpenSSL 1.1.1 allows it unless told not to).
 """
 
 from __future__ import annotations
 
 import base64
+import shutil
+import ssl
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -23,6 +29,7 @@ import pytest
 import trio
 
 from imapveil.records import CommandCompleted, Violation
+from imapveil.relay import tls
 from tests.conftest import TlsMaterial
 from tests.helpers.attack import Client, own_dovecot, veil
 from tests.helpers.dovecot import Dovecot
@@ -103,8 +110,12 @@ async def test_a_sasl_response_sent_ahead_reaches_no_record(
     """Found (attack12): the response became a refused command whose record kept its one word
     as the tag (`"tag": "AGFsaWNlAHdvbmRlcmxhbmQ="`). A line of one word is no command: it is
     refused (BAD) and counted as a violation, with no command record."""
-    tls = {"client_tls": "require", "cert": str(tls_material.cert), "key": str(tls_material.key)}
-    settings = tls if name == "privacy-required" else {}
+    require = {
+        "client_tls": "require",
+        "cert": str(tls_material.cert),
+        "key": str(tls_material.key),
+    }
+    settings = require if name == "privacy-required" else {}
     async with veil(target.address, tmp_path, **settings) as v:
         transcript = await run(sasl_ahead, v.address, name)
         await v.sessions_ended(1)
@@ -201,3 +212,68 @@ async def test_sasl_and_literals_in_odd_forms_stay_in_step(
         await v.sessions_ended(1)
     assert proxied == direct
     assert credentials_in(v.records_json()) == [], v.records_json()
+
+
+# --- TLS 1.2 renegotiation on the client leg.
+
+
+def renegotiate(address: tuple[str, int]) -> tuple[bytes, int | None]:
+    """STARTTLS with TLS 1.2 (openssl s_client), then `R`: a client-initiated renegotiation,
+    each one a full handshake's work for the proxy and no new connection (no admission limit
+    sees it). What s_client printed after the `R`, and its exit status (None: still running,
+    the renegotiation went through)."""
+    command = ["openssl", "s_client", "-connect", f"{address[0]}:{address[1]}", "-starttls", "imap"]
+    with subprocess.Popen(
+        [*command, "-tls1_2", "-crlf"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    ) as proc:
+        assert proc.stdin is not None and proc.stdout is not None
+        while not (line := proc.stdout.readline()).startswith(b"    Verify return code"):
+            assert line, "s_client ended before its handshake was done"
+        proc.stdin.write(b"R\n")
+        proc.stdin.flush()
+        try:
+            status: int | None = proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            status = None
+            proc.kill()
+        return proc.stdout.read(), status
+
+
+def one_noop(address: tuple[str, int]) -> None:
+    """A bystander: a NOOP answered."""
+    with Client(address) as c:
+        c.greeting()
+        c.send(b"n NOOP\r\n")
+        assert c.until(b"n").startswith(b"n OK"), c.transcript
+        c.logout()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+async def test_a_client_initiated_renegotiation_is_refused(
+    target: Dovecot, tmp_path: Path, tls_material: TlsMaterial
+) -> None:
+    """Held (attack12): OpenSSL 3 refuses a client's renegotiation (`no renegotiation` alert),
+    the session ends there, and the proxy goes on serving others."""
+    offer = {"client_tls": "offer", "cert": str(tls_material.cert), "key": str(tls_material.key)}
+    async with veil(target.address, tmp_path, **offer) as v:
+        after, status = await run(renegotiate, v.address)
+        (end,) = await v.sessions_ended(1)
+        await run(one_noop, v.address)
+        await v.sessions_ended(2)
+    assert b"RENEGOTIATING" in after, after
+    assert status is not None, f"the renegotiation went through: {after[-500:]!r}"
+    assert b"no renegotiation" in after, after
+    assert end.client_tls
+
+
+def test_the_client_leg_context_refuses_renegotiation_whatever_the_openssl(
+    tls_material: TlsMaterial,
+) -> None:
+    """The test above holds through OpenSSL 3's default; OpenSSL 1.1.1 (which Python 3.11 may
+    be built with) lets a client renegotiate unless told not to. The client leg's context says
+    so itself (attack12: it did not)."""
+    context = tls.server_context(str(tls_material.cert), str(tls_material.key))
+    assert context.options & ssl.OP_NO_RENEGOTIATION
