@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import base64
+import logging
 import shutil
 import ssl
 import subprocess
@@ -105,7 +106,11 @@ def sasl_ahead(address: tuple[str, int], name: str) -> bytes:
 
 @pytest.mark.parametrize("name", list(AHEAD))
 async def test_a_sasl_response_sent_ahead_reaches_no_record(
-    target: Dovecot, tmp_path: Path, tls_material: TlsMaterial, name: str
+    target: Dovecot,
+    tmp_path: Path,
+    tls_material: TlsMaterial,
+    caplog: pytest.LogCaptureFixture,
+    name: str,
 ) -> None:
     """Found (attack12): the response became a refused command whose record kept its one word
     as the tag (`"tag": "AGFsaWNlAHdvbmRlcmxhbmQ="`). A line of one word is no command: it is
@@ -116,12 +121,15 @@ async def test_a_sasl_response_sent_ahead_reaches_no_record(
         "key": str(tls_material.key),
     }
     settings = require if name == "privacy-required" else {}
+    caplog.set_level(logging.DEBUG)
     async with veil(target.address, tmp_path, **settings) as v:
         transcript = await run(sasl_ahead, v.address, name)
         await v.sessions_ended(1)
     assert b" BAD [CLIENTBUG]" in transcript, transcript
     records = v.records_json()
     assert credentials_in(records) == [], records
+    assert "refused_no_command" in caplog.text  # the debug log was written
+    assert credentials_in(caplog.text) == [], caplog.text
     kinds = [r.kind for r in v.sink.of(Violation)]
     assert "refused_no_command" in kinds, kinds
     assert [r.verb for r in v.sink.of(CommandCompleted)][-2:] == ["NOOP", "LOGOUT"]
