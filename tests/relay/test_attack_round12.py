@@ -6,6 +6,8 @@
   in, a failed first step, or the proxy's own `NO [PRIVACYREQUIRED]`), that response is the
   client's next line, read as a command (Dovecot does the same). The proxy refused it, and its
   record kept the one word of it as the command's tag: the base64 credentials.
+- AUTHENTICATE LOGIN answered with PLAIN's response (`authzid NUL user NUL password`): the
+  whole of it was taken as LOGIN's user name, and the command's record kept it as its user.
 - Held (regression guards), compared line by line with what Dovecot gives a direct connection:
   `*` at each step of AUTHENTICATE LOGIN, a literal's announcement, `=`, a trailing space and
   LF-only lines where SASL expects a response, a NOOP pipelined into a SASL exchange; literal8
@@ -285,3 +287,32 @@ def test_the_client_leg_context_refuses_renegotiation_whatever_the_openssl(
     so itself (attack12: it did not)."""
     context = tls.server_context(str(tls_material.cert), str(tls_material.key))
     assert context.options & ssl.OP_NO_RENEGOTIATION
+
+
+# --- A PLAIN response where LOGIN's user name goes.
+
+
+def plain_for_login(address: tuple[str, int]) -> bytes:
+    """AUTHENTICATE LOGIN answered with PLAIN's response (authzid NUL user NUL password): a
+    client that mixed its mechanisms. Dovecot refuses such a user name at once."""
+    with Client(address) as c:
+        c.greeting()
+        c.send(b"A AUTHENTICATE LOGIN\r\n")
+        assert c.line().startswith(b"+ "), c.transcript
+        c.send(PLAIN + b"\r\n")
+        assert c.until(b"A").startswith(b"A NO"), c.transcript
+        c.logout()
+        return c.transcript
+
+
+async def test_a_plain_response_to_login_is_no_user_name(target: Dovecot, tmp_path: Path) -> None:
+    """Found (attack12, by a fuzzer of the core): LOGIN's first response is its user name, and
+    the whole of it was taken as one: `"user": "\\u0000alice\\u0000wonderland"` in the command's
+    record (`user_identity = plain`; a keyed hash of it with the default). A name with a NUL in
+    it is no user name, whatever the mechanism."""
+    async with veil(target.address, tmp_path, user_identity="plain") as v:
+        await run(plain_for_login, v.address)
+        await v.sessions_ended(1)
+    (auth,) = [r for r in v.sink.of(CommandCompleted) if r.verb == "AUTHENTICATE"]
+    assert (auth.mechanism, auth.user) == ("LOGIN", None), auth
+    assert credentials_in(v.records_json()) == [], v.records_json()

@@ -48,7 +48,12 @@ def username(mechanism: str, step: int, response: Secret) -> bytes | None:
     extract = _scram if mechanism.startswith("SCRAM-") else _EXTRACT.get(mechanism)
     if extract is None or step != 0:
         return None
-    return extract(response.reveal())
+    name = extract(response.reveal())
+    if name is None or b"\x00" in name:
+        # No user name has a NUL in it: it is another mechanism's response (PLAIN's
+        # `authzid NUL user NUL password` sent for LOGIN's user name), password and all.
+        return None
+    return name
 
 
 def _plain(data: bytes) -> bytes | None:
