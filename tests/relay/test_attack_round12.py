@@ -6,8 +6,9 @@
   in, a failed first step, or the proxy's own `NO [PRIVACYREQUIRED]`), that response is the
   client's next line, read as a command (Dovecot does the same). The proxy refused it, and its
   record kept the one word of it as the command's tag: the base64 credentials.
-- AUTHENTICATE LOGIN answered with PLAIN's response (`authzid NUL user NUL password`): the
-  whole of it was taken as LOGIN's user name, and the command's record kept it as its user.
+- AUTHENTICATE LOGIN answered with another mechanism's response (PLAIN's `authzid NUL user NUL
+  password`, XOAUTH2's with its token): the whole of it was taken as LOGIN's user name, and the
+  command's record kept it as its user.
 - Held (regression guards), compared line by line with what Dovecot gives a direct connection:
   `*` at each step of AUTHENTICATE LOGIN, a literal's announcement, `=`, a trailing space and
   LF-only lines where SASL expects a response, a NOOP pipelined into a SASL exchange; literal8
@@ -21,6 +22,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import shutil
 import ssl
@@ -36,6 +38,7 @@ from imapveil.relay import tls
 from tests.conftest import TlsMaterial
 from tests.helpers.attack import Client, own_dovecot, veil
 from tests.helpers.dovecot import Dovecot
+from tests.helpers.scripted import Peer, serve
 
 pytestmark = pytest.mark.dovecot
 run = trio.to_thread.run_sync
@@ -57,7 +60,7 @@ LOGIN_PASSWORD = base64.b64encode(PASSWORD)
 def credentials_in(text: str) -> list[str]:
     """Any form of the password in `text`, case-blind (an upper-cased base64 is recoverable)."""
     low = text.lower()
-    forms = [PASSWORD, PLAIN, LOGIN_PASSWORD, PLAIN[:12]]
+    forms = [PASSWORD, PLAIN, LOGIN_PASSWORD, PLAIN[:12], b"TOKEN-"]
     return [f.decode() for f in forms if f.decode().lower() in low]
 
 
@@ -292,26 +295,58 @@ def test_the_client_leg_context_refuses_renegotiation_whatever_the_openssl(
 # --- A PLAIN response where LOGIN's user name goes.
 
 
-def plain_for_login(address: tuple[str, int]) -> bytes:
-    """AUTHENTICATE LOGIN answered with PLAIN's response (authzid NUL user NUL password): a
-    client that mixed its mechanisms. Dovecot refuses such a user name at once."""
+TOKEN = b"ya29.TOKEN-" + PASSWORD
+MIXED = {
+    "plain": PLAIN,  # authzid NUL user NUL password
+    "xoauth2": base64.b64encode(b"user=alice\x01auth=Bearer " + TOKEN + b"\x01\x01"),
+}
+
+
+def other_for_login(address: tuple[str, int], response: bytes) -> bytes:
+    """AUTHENTICATE LOGIN answered with another mechanism's response: a client that mixed its
+    mechanisms. It cancels at once (Dovecot refuses such a name, some after its failure delay)."""
     with Client(address) as c:
         c.greeting()
         c.send(b"A AUTHENTICATE LOGIN\r\n")
         assert c.line().startswith(b"+ "), c.transcript
-        c.send(PLAIN + b"\r\n")
-        assert c.until(b"A").startswith(b"A NO"), c.transcript
+        c.send(response + b"\r\n*\r\n")
+        assert c.until(b"A").startswith((b"A BAD", b"A NO")), c.transcript
         c.logout()
         return c.transcript
 
 
-async def test_a_plain_response_to_login_is_no_user_name(target: Dovecot, tmp_path: Path) -> None:
+async def login_mechanism_server(peer: Peer) -> None:
+    """Dovecot's LOGIN mechanism in brief: both prompts, `*` cancels; then LOGOUT."""
+    await peer.say(b"* OK [CAPABILITY IMAP4rev1 AUTH=LOGIN] scripted\r\n")
+    while line := await peer.line():
+        tag = line.split(b" ", 1)[0]
+        if b" AUTHENTICATE " in line:
+            await peer.say(b"+ VXNlcm5hbWU6\r\n")
+            await peer.line()
+            await peer.say(b"+ UGFzc3dvcmQ6\r\n")
+            if (await peer.line()).strip() == b"*":
+                await peer.say(tag + b" BAD Authentication aborted by client.\r\n")
+        elif b" LOGOUT" in line:
+            await peer.say(b"* BYE Logging out\r\n" + tag + b" OK Logout completed.\r\n")
+            return
+
+
+@pytest.mark.parametrize("name", list(MIXED))
+async def test_another_mechanisms_response_to_login_is_no_user_name(
+    target: Dovecot, tmp_path: Path, name: str
+) -> None:
     """Found (attack12, by a fuzzer of the core): LOGIN's first response is its user name, and
     the whole of it was taken as one: `"user": "\\u0000alice\\u0000wonderland"` in the command's
-    record (`user_identity = plain`; a keyed hash of it with the default). A name with a NUL in
-    it is no user name, whatever the mechanism."""
-    async with veil(target.address, tmp_path, user_identity="plain") as v:
-        await run(plain_for_login, v.address)
+    record (`user_identity = plain`; a keyed hash of it with the default), and XOAUTH2's the
+    same way, its token with it. A name with a control octet in it is no user name, whatever
+    the mechanism. (XOAUTH2's against a scripted server: Dovecot refuses that name only after
+    its failure delay.)"""
+    upstream: contextlib.AbstractAsyncContextManager[tuple[str, int]]
+    upstream = contextlib.nullcontext(target.address)
+    if name != "plain":
+        upstream = serve(login_mechanism_server, bytearray())
+    async with upstream as address, veil(address, tmp_path, user_identity="plain") as v:
+        await run(other_for_login, v.address, MIXED[name])
         await v.sessions_ended(1)
     (auth,) = [r for r in v.sink.of(CommandCompleted) if r.verb == "AUTHENTICATE"]
     assert (auth.mechanism, auth.user) == ("LOGIN", None), auth
