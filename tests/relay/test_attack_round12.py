@@ -9,6 +9,9 @@
 - AUTHENTICATE LOGIN answered with another mechanism's response (PLAIN's `authzid NUL user NUL
   password`, XOAUTH2's with its token): the whole of it was taken as LOGIN's user name, and the
   command's record kept it as its user.
+- A trusted balancer's PROXY v1 header with an IPv6 zone in an address (`fe80::1%a<LF>b`): taken
+  as the client's address, into the records and the ID the proxy sends before LOGIN, whose value
+  then went as a synchronizing literal sent before the server's "+".
 - Held (regression guards), compared line by line with what Dovecot gives a direct connection:
   `*` at each step of AUTHENTICATE LOGIN, a literal's announcement, `=`, a trailing space and
   LF-only lines where SASL expects a response, a NOOP pipelined into a SASL exchange; literal8
@@ -33,11 +36,13 @@ from pathlib import Path
 import pytest
 import trio
 
+from imapveil.protocol.session import CoreConfig
 from imapveil.records import CommandCompleted, Violation
 from imapveil.relay import tls
 from tests.conftest import TlsMaterial
 from tests.helpers.attack import Client, own_dovecot, veil
 from tests.helpers.dovecot import Dovecot
+from tests.helpers.feeding import Conversation, whole
 from tests.helpers.scripted import Peer, serve
 
 pytestmark = pytest.mark.dovecot
@@ -351,3 +356,53 @@ async def test_another_mechanisms_response_to_login_is_no_user_name(
     (auth,) = [r for r in v.sink.of(CommandCompleted) if r.verb == "AUTHENTICATE"]
     assert (auth.mechanism, auth.user) == ("LOGIN", None), auth
     assert credentials_in(v.records_json()) == [], v.records_json()
+
+
+# --- A PROXY v1 header whose address carries an IPv6 zone (scope id).
+
+ZONED = [
+    b"PROXY TCP6 fe80::1%a\nb ::1 51234 143\r\n",  # a line feed in it
+    b'PROXY TCP6 fe80::1%"x\\ ::1 51234 143\r\n',
+    b"PROXY TCP6 ::1 fe80::1%eth0 51234 143\r\n",
+]
+
+
+def zoned_header(address: tuple[str, int], header: bytes) -> bytes:
+    """A trusted balancer's v1 header with a zone in an address, then LOGIN."""
+    with Client(address) as c:
+        c.send(header + b"L LOGIN alice wonderland\r\n")
+        return c.rest()
+
+
+@pytest.mark.parametrize("header", ZONED)
+async def test_a_proxy_v1_address_with_a_zone_is_refused(
+    target: Dovecot, tmp_path: Path, header: bytes
+) -> None:
+    """Found (attack12): `ipaddress` takes `fe80::1%<anything but %>` (a zone, RFC 4007), so a v1
+    header passed any octets but space and CRLF as the client's address: into the records, and
+    with `forward_client_address` into the ID the proxy sends before LOGIN, where a line feed
+    made the value a synchronizing literal the proxy sent whole without waiting for the "+"
+    (Dovecot's "+ OK" for it then reached the client, before its LOGIN's answer). PROXY v1
+    names addresses as inet_ntop writes them: no zone. Such a header is refused."""
+    settings = {"proxy_protocol_from": "127.0.0.1/32", "forward_client_address": True}
+    async with veil(target.address, tmp_path, **settings) as v:
+        transcript = await run(zoned_header, v.address, header)
+        (end,) = await v.sessions_ended(1)
+    assert b"+ OK" not in transcript, transcript
+    assert (end.reason, end.commands) == ("proxy_header", 0), end
+    assert "%" not in v.records_json(), v.records_json()
+
+
+def test_the_injected_id_never_carries_a_literal() -> None:
+    """The ID the proxy sends ahead of LOGIN goes whole: a value that needs a literal (the
+    zoned address above did) would send a synchronizing literal's octets before the server's
+    "+". Such a value is left out; the rest is sent (attack12: it went as `{11}` CRLF value)."""
+    config = CoreConfig(forward_client_address=True)
+    conv = Conversation(whole, config)
+    conv.core.client_endpoints = (("fe80::1%a\nb", 40001), ("198.51.100.1", 143))
+    conv.server(b"* OK ready\r\n").client(b"a LOGIN alice x\r\n")
+    assert conv.to_server == (
+        b'imapveil.1 ID ("x-originating-port" "40001" "x-connected-ip" "198.51.100.1" '
+        b'"x-connected-port" "143" "x-session-id" "s1")\r\n'
+        b"a LOGIN alice x\r\n"
+    )
