@@ -12,6 +12,8 @@
 - A trusted balancer's PROXY v1 header with an IPv6 zone in an address (`fe80::1%a<LF>b`): taken
   as the client's address, into the records and the ID the proxy sends before LOGIN, whose value
   then went as a synchronizing literal sent before the server's "+".
+- A tag with `]` (RFC 9051 allows it; Dovecot answers `* BAD`, never the tag): the proxy took
+  the command and waited for its answer, behind its literal, its rewritten ID, or for ever.
 - Held (regression guards), compared line by line with what Dovecot gives a direct connection:
   `*` at each step of AUTHENTICATE LOGIN, a literal's announcement, `=`, a trailing space and
   LF-only lines where SASL expects a response, a NOOP pipelined into a SASL exchange; literal8
@@ -406,3 +408,40 @@ def test_the_injected_id_never_carries_a_literal() -> None:
         b'"x-connected-port" "143" "x-session-id" "s1")\r\n'
         b"a LOGIN alice x\r\n"
     )
+
+
+# --- A tag Dovecot does not take.
+
+BRACKET_TAG = {
+    "append": b"t] APPEND INBOX {5+}\r\nhello\r\n",
+    "id": b't] ID ("name" "x" "os" {5+}\r\nhello)\r\n',
+    "noop": b"t] NOOP\r\n" * 3,
+}
+
+
+def bracket_tag(address: tuple[str, int], command: bytes) -> bytes:
+    with Client(address) as c:
+        c.greeting()
+        c.login()
+        c.send(command + b"n NOOP\r\n")
+        assert c.until(b"n").startswith(b"n OK"), c.transcript[-600:]
+        c.logout()
+        return c.transcript
+
+
+@pytest.mark.parametrize("name", list(BRACKET_TAG))
+async def test_a_tag_with_a_bracket_is_refused_as_dovecot_refuses_it(
+    target: Dovecot, tmp_path: Path, name: str
+) -> None:
+    """Found (attack12): `]` is a tag character in RFC 9051's grammar, and Dovecot refuses it
+    (`* BAD`, untagged: the command is never answered). The proxy took such a command and
+    waited for its answer: behind its literal ("+" never came: the session stalled until the
+    literal timeout, a minute), behind its rewritten ID's first piece (no timeout of its own),
+    or for ever (a waiting command: STARTTLS refused as busy, `max_unanswered` of them and the
+    client was no longer read). A tag with `]` is now refused by the proxy, as Dovecot does;
+    no command waits for an answer at the end."""
+    async with veil(target.address, tmp_path) as v:
+        transcript = await run(bracket_tag, v.address, BRACKET_TAG[name])
+        await v.sessions_ended(1)
+    assert b"* BAD [CLIENTBUG]" in transcript, transcript
+    assert not [r for r in v.sink.of(CommandCompleted) if r.status is None]

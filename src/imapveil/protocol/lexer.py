@@ -16,7 +16,10 @@ from dataclasses import dataclass
 _ATOM_SPECIALS = frozenset(b'(){ %*"\\]') | frozenset(range(0x20)) | {0x7F}
 ATOM_CHARS = frozenset(range(0x21, 0x7F)) - _ATOM_SPECIALS
 ASTRING_CHARS = ATOM_CHARS | {ord("]")}
-TAG_CHARS = ASTRING_CHARS - {ord("+")}
+# Not "]" either, though the grammar allows it: Dovecot refuses such a tag with an untagged BAD,
+# so a command the proxy took with it would wait for an answer that never comes (behind its
+# literal's "+", or an ID's). The proxy refuses it as Dovecot does.
+TAG_CHARS = ATOM_CHARS - {ord("+")}
 
 
 def _char_class(chars: frozenset[int]) -> bytes:
