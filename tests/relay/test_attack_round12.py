@@ -13,7 +13,8 @@
   as the client's address, into the records and the ID the proxy sends before LOGIN, whose value
   then went as a synchronizing literal sent before the server's "+".
 - A tag with `]` (RFC 9051 allows it; Dovecot answers `* BAD`, never the tag): the proxy took
-  the command and waited for its answer, behind its literal, its rewritten ID, or for ever.
+  the command and waited for its answer, behind its literal, its rewritten ID, or for ever; the
+  same with a tag longer than Dovecot's login process takes (126 octets).
 - Held (regression guards), compared line by line with what Dovecot gives a direct connection:
   `*` at each step of AUTHENTICATE LOGIN, a literal's announcement, `=`, a trailing space and
   LF-only lines where SASL expects a response, a NOOP pipelined into a SASL exchange; literal8
@@ -445,3 +446,40 @@ async def test_a_tag_with_a_bracket_is_refused_as_dovecot_refuses_it(
         await v.sessions_ended(1)
     assert b"* BAD [CLIENTBUG]" in transcript, transcript
     assert not [r for r in v.sink.of(CommandCompleted) if r.status is None]
+
+
+# --- A tag longer than Dovecot's login process takes.
+
+LONG_TAG = b"t" * 127  # imap-login: IMAP_TAG_MAX_LEN is 126
+
+
+def long_tag_before_login(address: tuple[str, int], command: bytes) -> bytes:
+    with Client(address) as c:
+        c.greeting()
+        c.send(LONG_TAG + command + b"n NOOP\r\n")
+        assert c.until(b"n").startswith(b"n OK"), c.transcript[-600:]
+        c.login()
+        c.logout()
+        return c.transcript
+
+
+LONG_TAGGED = {
+    "login-literal": b" LOGIN alice {10+}\r\nwonderland\r\n",
+    "noop": b" NOOP\r\n",
+}
+
+
+@pytest.mark.parametrize("name", list(LONG_TAGGED))
+async def test_a_tag_too_long_for_dovecots_login_is_refused(
+    target: Dovecot, tmp_path: Path, name: str
+) -> None:
+    """Found (attack12): before login, Dovecot answers a command whose tag is longer than 126
+    octets with an untagged `* BAD`, never with its tag; the proxy took it and waited for that
+    answer (behind a LOGIN's literal: until the literal timeout, its password held; a NOOP for
+    ever). Such a tag is refused by the proxy (after login too: no client needs one)."""
+    async with veil(target.address, tmp_path) as v:
+        transcript = await run(long_tag_before_login, v.address, LONG_TAGGED[name])
+        await v.sessions_ended(1)
+    assert b"* BAD [CLIENTBUG]" in transcript, transcript
+    assert not [r for r in v.sink.of(CommandCompleted) if r.status is None]
+    assert credentials_in(v.records_json()) == [], v.records_json()
