@@ -20,6 +20,9 @@
   LF-only lines where SASL expects a response, a NOOP pipelined into a SASL exchange; literal8
   and LITERAL+ lengths with leading zeros, `{0}`, CATENATE with several LITERAL+ parts (binary,
   a bad URL between two, a part with a bare LF).
+- Where DONE must end IDLE: DONE with a trailing space, a NUL, a CR in it, an empty line before
+  it, a command: the session ends with `* BYE` (Dovecot would read some as DONE, some as a BAD
+  then a command).
 - TLS 1.2 renegotiation asked by the client (openssl s_client's `R`): refused, the session ends,
   others are served. That held through OpenSSL 3's default only; the client leg's context now
   refuses it itself (OpenSSL 1.1.1 allows it unless told not to).
@@ -483,3 +486,41 @@ async def test_a_tag_too_long_for_dovecots_login_is_refused(
     assert b"* BAD [CLIENTBUG]" in transcript, transcript
     assert not [r for r in v.sink.of(CommandCompleted) if r.status is None]
     assert credentials_in(v.records_json()) == [], v.records_json()
+
+
+# --- DONE in forms Dovecot would take or read otherwise.
+
+ODD_DONE = {
+    "trailing-space": b"DONE \r\n",  # Dovecot: "BAD Expected DONE", IDLE over, next command read
+    "nul": b"DONE\x00\r\n",  # Dovecot: DONE
+    "bare-cr": b"DONE\rX\r\n",
+    "empty-line-first": b"\r\nDONE\r\n",
+    "a-command": b"n NOOP\r\n",
+}
+
+
+def odd_done(address: tuple[str, int], done: bytes) -> bytes:
+    with Client(address) as c:
+        c.greeting()
+        c.login()
+        c.send(b"s SELECT INBOX\r\n")
+        assert c.until(b"s").startswith(b"s OK"), c.transcript[-300:]
+        c.send(b"i IDLE\r\n")
+        assert c.line().startswith(b"+ "), c.transcript[-300:]
+        c.send(done + b"z NOOP\r\n")
+        return c.rest()
+
+
+@pytest.mark.parametrize("name", list(ODD_DONE))
+async def test_anything_but_done_ends_idle_and_the_session(
+    target: Dovecot, tmp_path: Path, name: str
+) -> None:
+    """Held (attack12): where DONE must be, anything else (DONE with a space, a NUL, a CR in
+    it, an empty line before it, a command) ends the session with `* BYE`; Dovecot reads some
+    as DONE and some as a BAD and the next line as a command: the proxy does not guess."""
+    async with veil(target.address, tmp_path) as v:
+        transcript = await run(odd_done, v.address, ODD_DONE[name])
+        (end,) = await v.sessions_ended(1)
+    assert transcript.endswith(b"* BYE Expected DONE to end IDLE\r\n"), transcript[-300:]
+    assert (end.reason, end.detail) == ("protocol_error", None), end
+    assert [r.kind for r in v.sink.of(Violation)] == ["idle_not_done"]
