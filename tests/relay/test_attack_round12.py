@@ -23,6 +23,8 @@
 - Where DONE must end IDLE: DONE with a trailing space, a NUL, a CR in it, an empty line before
   it, a command: the session ends with `* BYE` (Dovecot would read some as DONE, some as a BAD
   then a command).
+- TLS records of one octet each after STARTTLS (a pump turn each): all answered, a bystander
+  not held up.
 - TLS 1.2 renegotiation asked by the client (openssl s_client's `R`): refused, the session ends,
   others are served. That held through OpenSSL 3's default only; the client leg's context now
   refuses it itself (OpenSSL 1.1.1 allows it unless told not to).
@@ -34,8 +36,11 @@ import base64
 import contextlib
 import logging
 import shutil
+import socket
 import ssl
 import subprocess
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -532,3 +537,80 @@ async def test_anything_but_done_ends_idle_and_the_session(
     assert transcript.endswith(b"* BYE Expected DONE to end IDLE\r\n"), transcript[-300:]
     assert (end.reason, end.detail) == ("protocol_error", None), end
     assert [r.kind for r in v.sink.of(Violation)] == ["idle_not_done"]
+
+
+# --- TLS records of one octet each.
+
+TINY_RECORDS = 8000
+"""Octets of NOOPs the attacker sends after STARTTLS, each in a TLS record of its own."""
+
+
+def one_octet_records(address: tuple[str, int], context: ssl.SSLContext) -> int:
+    """STARTTLS, then NOOPs one octet per TLS record (each a receive of its own for the proxy:
+    OpenSSL hands over one record at a time), all sent at once; the answers counted."""
+    with socket.create_connection(address, timeout=10) as s:
+        f = s.makefile("rb")
+        assert f.readline().startswith(b"* OK")
+        s.sendall(b"S STARTTLS\r\n")
+        assert f.readline().startswith(b"S OK")
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = context.wrap_bio(incoming, outgoing, server_hostname="127.0.0.1")
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                s.sendall(outgoing.read())
+                incoming.write(s.recv(65536))
+        payload = b"n NOOP\r\n" * (TINY_RECORDS // 8)
+        for i in range(len(payload)):
+            tls.write(payload[i : i + 1])
+        s.sendall(outgoing.read())
+        answered = 0
+        while answered < payload.count(b"\n"):
+            data = s.recv(65536)
+            assert data, f"closed after {answered} answers"
+            incoming.write(data)
+            with contextlib.suppress(ssl.SSLWantReadError):
+                while chunk := tls.read(65536):
+                    answered += chunk.count(b"n OK")
+        return answered
+
+
+def noops_until(address: tuple[str, int], done: threading.Event) -> float:
+    """A bystander: NOOPs one after another until `done`; the longest wait (seconds)."""
+    worst = 0.0
+    with Client(address) as c:
+        c.greeting()
+        i = 0
+        while not done.is_set() or i < 3:
+            began = time.monotonic()
+            c.send(b"b%d NOOP\r\n" % i)
+            assert c.until(b"b%d" % i).startswith(b"b%d OK" % i), c.transcript[-300:]
+            worst = max(worst, time.monotonic() - began)
+            i += 1
+        c.logout()
+    return worst
+
+
+async def test_one_octet_tls_records_cost_their_own_session(
+    target: Dovecot, tmp_path: Path, tls_material: TlsMaterial
+) -> None:
+    """Held (attack12): 8,000 TLS records of one octet each (184 KB on the wire, a pump turn
+    each: some 50 us of the proxy's one loop apiece) are all answered, and a bystander's NOOPs
+    meanwhile wait no longer than a blink (trio checkpoints at every receive)."""
+    offer = {"client_tls": "offer", "cert": str(tls_material.cert), "key": str(tls_material.key)}
+    done = threading.Event()
+    worst: list[float] = []
+
+    async def bystander() -> None:
+        worst.append(await run(noops_until, v.address, done))
+
+    async with veil(target.address, tmp_path, **offer) as v, trio.open_nursery() as nursery:
+        nursery.start_soon(bystander)
+        try:
+            answered = await run(one_octet_records, v.address, tls_material.client_context())
+        finally:
+            done.set()
+    assert answered == TINY_RECORDS // 8
+    assert worst and worst[0] < 0.5, worst
