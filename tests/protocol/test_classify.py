@@ -23,7 +23,7 @@ from imapveil.protocol import classify
         b"a APPEND INBOX ~{5}",
         b'a SEARCH CHARSET UTF-8 TEXT "h\xc3\xa9llo"',  # UTF-8 inside quotes (RFC 6855)
         b"a X-UNKNOWN-EXTENSION foo (bar) baz",
-        b"a" * 500 + b" NOOP",  # tags have no length limit but the line's
+        b"a" * 126 + b" NOOP",  # as long a tag as Dovecot's login process takes
         b"a ENABLE QRESYNC",
         b"a ID NIL",
     ],
@@ -40,6 +40,8 @@ def test_well_formed_lines_are_read(line: bytes) -> None:
         (b"", "tag"),
         (b"(((", "tag"),
         (b"a+b NOOP", "tag"),  # "+" is not a tag character
+        (b"a]b NOOP", "tag"),  # nor "]" for Dovecot (an untagged BAD: never answered)
+        (b"a" * 127 + b" NOOP", "tag"),  # longer than Dovecot's login process takes
         (b"a", "no_command"),
         (b"a 123", "command_name"),
         (b"a NOOP \x00", "nul"),

@@ -220,6 +220,11 @@ class IdFlow:
                 (b"x-session-id", session_id.encode()),
             ]
             self.address_sent = True
+        # Sent whole, ahead of the client's command: a value that needs a literal would be a
+        # synchronizing one whose octets go before the server's "+" (and that "+" to the
+        # client). None is expected (addresses, digits, a session id, printable ASCII from the
+        # configuration); one that does is left out.
+        fields = [(name, value) for name, value in fields if not id_params.needs_literal(value)]
         if not fields:
             return None
         self.sent = True

@@ -16,7 +16,10 @@ from dataclasses import dataclass
 _ATOM_SPECIALS = frozenset(b'(){ %*"\\]') | frozenset(range(0x20)) | {0x7F}
 ATOM_CHARS = frozenset(range(0x21, 0x7F)) - _ATOM_SPECIALS
 ASTRING_CHARS = ATOM_CHARS | {ord("]")}
-TAG_CHARS = ASTRING_CHARS - {ord("+")}
+# Not "]" either, though the grammar allows it: Dovecot refuses such a tag with an untagged BAD,
+# so a command the proxy took with it would wait for an answer that never comes (behind its
+# literal's "+", or an ID's). The proxy refuses it as Dovecot does.
+TAG_CHARS = ATOM_CHARS - {ord("+")}
 
 
 def _char_class(chars: frozenset[int]) -> bytes:
@@ -29,7 +32,11 @@ def _char_class(chars: frozenset[int]) -> bytes:
 ATOM_CLASS = _char_class(ATOM_CHARS)
 """An atom character, as a pattern."""
 _ATOM = re.compile(ATOM_CLASS + b"*+")
-TAG_PATTERN = b"(" + _char_class(TAG_CHARS) + b"++)"
+MAX_TAG = 126
+"""The longest tag taken: Dovecot's login process answers a longer one (its IMAP_TAG_MAX_LEN)
+with an untagged BAD, never with the tag, so a command the proxy took with it would wait for an
+answer that never comes (behind its literal's "+", an ID's). No client needs more."""
+TAG_PATTERN = b"(" + _char_class(TAG_CHARS) + b"{1,%d}+)" % MAX_TAG
 """A tag as a group of a pattern."""
 _TAG = re.compile(TAG_PATTERN)
 
@@ -96,9 +103,9 @@ def split_tag(line: bytes) -> tuple[bytes, bytes] | None:
 
 
 def is_tag(data: bytes, start: int, end: int) -> bool:
-    """Whether data[start:end] is a tag: one or more tag characters."""
+    """Whether data[start:end] is a tag: one to MAX_TAG tag characters."""
     m = _TAG.match(data, start, end)
-    return m is not None and m.end() == end
+    return m is not None and m.end() == end  # at most MAX_TAG octets: the pattern's bound
 
 
 def read_atom(data: bytes, pos: int, limit: int = 64) -> tuple[bytes, int]:

@@ -68,6 +68,10 @@ def _parse_v1(data: bytes) -> tuple[ProxyInfo, int] | None:
         return ProxyInfo(None, None, 1), end + 2
     if len(parts) != 6 or parts[1] not in (b"TCP4", b"TCP6"):
         raise ProxyHeaderError("malformed v1 header")
+    if b"%" in parts[2] or b"%" in parts[3]:
+        # `ipaddress` takes an IPv6 zone (`fe80::1%<any octets but %>`: control octets, quotes);
+        # v1 writes addresses as inet_ntop does, without one.
+        raise ProxyHeaderError("malformed v1 addresses")
     try:
         version = 4 if parts[1] == b"TCP4" else 6
         src = ipaddress.ip_address(parts[2].decode("ascii"))

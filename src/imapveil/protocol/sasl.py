@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from collections.abc import Callable
 
 from imapveil.secret import Secret
@@ -24,6 +25,7 @@ MECHANISMS = frozenset(
 recorded as `OTHER`: it is the client's to choose, and a client that left its mechanism out
 put its initial response there (`AUTHENTICATE AGFsaWNl...`): credentials, whatever the case."""
 OTHER = "OTHER"
+_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
 
 
 def decode_response(line: bytes) -> Secret | None:
@@ -48,7 +50,13 @@ def username(mechanism: str, step: int, response: Secret) -> bytes | None:
     extract = _scram if mechanism.startswith("SCRAM-") else _EXTRACT.get(mechanism)
     if extract is None or step != 0:
         return None
-    return extract(response.reveal())
+    name = extract(response.reveal())
+    if name is None or _CONTROL.search(name):
+        # No user name has a control octet in it: it is another mechanism's response (PLAIN's
+        # `authzid NUL user NUL password`, XOAUTH2's `user=... ^A auth=Bearer token ^A ^A`,
+        # sent for LOGIN's user name), credentials and all.
+        return None
+    return name
 
 
 def _plain(data: bytes) -> bytes | None:
