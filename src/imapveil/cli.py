@@ -433,7 +433,9 @@ def policy_tool(args: argparse.Namespace) -> int:
     except id_params.IdSyntaxError as exc:
         print(f"not an ID list the proxy would rewrite (it would be forwarded unchanged): {exc}")
         return 1
-    outcome = apply(policy, fields, hasher=lambda _v: "hmac:<keyed>", trusted_client=args.trusted)
+    outcome = apply(
+        policy, fields, hasher=lambda _v: "hmac:<keyed>", trusted_client=args.trusted, explain=True
+    )
     forwarded = id_params.serialize(outcome.forwarded, literal_plus=True)
     print(f"policy:    {policy.name} (sha256 {policy.digest[:12]})")
     print(f"forwarded: ID {forwarded.decode('utf-8', 'backslashreplace')}")

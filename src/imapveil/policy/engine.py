@@ -135,8 +135,11 @@ def apply(
     hasher: Callable[[bytes], str],
     trusted_client: bool = False,
     announce_changes: bool = True,
+    explain: bool = False,
 ) -> Outcome:
-    """Decide every field. `hasher` is a keyed HMAC for `record = "hash"`."""
+    """Decide every field. `hasher` is a keyed HMAC for `record = "hash"`. `explain`: examine
+    even the values that go nowhere, to name the detector that finds something in them
+    (`imapveil policy test`); the outcome is the same."""
     if fields is None:
         return Outcome(None, {}, (), (), False)
     forwarded: list[tuple[bytes, bytes | None]] = []
@@ -154,7 +157,7 @@ def apply(
             changed = True
             continue
         seen.add(name)
-        out, rec, decision = _decide(policy, name, value, hasher, trusted_client)
+        out, rec, decision = _decide(policy, name, value, hasher, trusted_client, explain=explain)
         if len(raw_name) > MAX_FIELD_LENGTH:
             out, decision = _DROP, Decision(name, "drop", decision.record, "limit")
         if isinstance(out, _Dropped):
@@ -192,12 +195,19 @@ def _decide(
     value: bytes | None,
     hasher: Callable[[bytes], str],
     trusted_client: bool,
+    *,
+    explain: bool = False,
 ) -> tuple[bytes | _Dropped | None, str | _Dropped | None, Decision]:
     """One field: what goes upstream, what is recorded, and which rule said so."""
     if not trusted_client and is_anti_spoof(name):
         return _DROP, _DROP, Decision(name, "drop", "drop", "anti-spoof")
     rule = policy.rule_for(name)
     why, done = rule.label, rule.forward
+    if value is not None and not explain and _nowhere(rule) and _nowhere(policy.detected):
+        # Dropped and not recorded, whatever it holds: not examined. The detectors would only
+        # name the reason, at up to a few milliseconds a hostile value of the loop every
+        # session shares (the default policy drops every field it does not know).
+        return _DROP, _DROP, Decision(name, "drop", "drop", why)
     if value is not None:
         if len(value) > MAX_VALUE_LENGTH:
             # §3.3: not a value anyone may send. Nothing in it is examined (detection and shape
@@ -232,6 +242,11 @@ def _decide(
             why,
         ),
     )
+
+
+def _nowhere(rule: Rule) -> bool:
+    """A rule under which a value is neither forwarded nor recorded."""
+    return rule.forward == "drop" and rule.record == "drop"
 
 
 def _refit(rule: Rule, shape: Shape, value: bytes, enabled: tuple[str, ...]) -> bytes | None:
