@@ -300,10 +300,15 @@ async def both_ways(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     script: Script,
+    *,
+    racy: frozenset[str] = frozenset(),
     **settings: Any,
 ) -> Outcome:
     """The case with the one-match paths (returned) and without: the same for the client and
-    in the records; the general path never takes a chunk in one match."""
+    in the records; the general path never takes a chunk in one match. `racy`: tags of commands
+    whose recorded state depends on whether the server's answer to an earlier command came
+    before the proxy read them (Dovecot's timing, not the path taken): their state is not
+    compared."""
     fed = Fed(monkeypatch)
     fast = await through(dovecot, tmp_path, fed, script, **settings)
     monkeypatch.setattr(SessionCore, "SIMPLE", False)
@@ -316,9 +321,18 @@ async def both_ways(
         fast.transcript[-1500:],
         general.transcript[-1500:],
     )
-    assert fast.records == general.records
+    assert _settled(fast.records, racy) == _settled(general.records, racy)
     assert fast.sent == general.sent
     return fast
+
+
+def _settled(records: list[dict[str, Any]], racy: frozenset[str]) -> list[dict[str, Any]]:
+    return [
+        {k: v for k, v in r.items() if k != "state"}
+        if r["event"] == "command" and r["tag"] in racy
+        else r
+        for r in records
+    ]
 
 
 def states(out: Outcome, tags: str | None = None) -> list[tuple[str, str, str | None]]:
@@ -586,6 +600,8 @@ class Case:
     script: Script
     check: Callable[[Outcome], None]
     settings: dict[str, Any] = field(default_factory=dict)
+    racy: frozenset[str] = frozenset()
+    """`both_ways`'s: commands whose recorded state is Dovecot's timing's."""
 
 
 def appended(body: bytes, spliced: bool = False) -> Callable[[Outcome], None]:
@@ -746,6 +762,9 @@ CASES = {
         injected_id,
         injected_checked,
         {"inject_id": "name=imapveil", "forward_client_address": True},
+        # Sent before LOGIN's answer: read before it (not authenticated) unless Dovecot's
+        # answer came first (about 1 run in 20).
+        racy=frozenset({"imapveil.1"}),
     ),
     "injected-id-tag-taken": Case(
         injected_id_tag_taken, injected_tag_taken_checked, {"inject_id": "name=imapveil"}
@@ -758,7 +777,9 @@ async def test_a_simple_chunk_where_no_command_may_start(
     target: Dovecot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
 ) -> None:
     case = CASES[name]
-    out = await both_ways(target, tmp_path, monkeypatch, case.script, **case.settings)
+    out = await both_ways(
+        target, tmp_path, monkeypatch, case.script, racy=case.racy, **case.settings
+    )
     case.check(out)
 
 
@@ -947,7 +968,11 @@ async def test_clear_text_after_starttls(
     monkeypatch: pytest.MonkeyPatch,
     tls_material: TlsMaterial,
 ) -> None:
-    settings = {"client_tls": "offer", "cert": str(tls_material.cert), "key": str(tls_material.key)}
+    settings: dict[str, Any] = {
+        "client_tls": "offer",
+        "cert": str(tls_material.cert),
+        "key": str(tls_material.key),
+    }
     out = await both_ways(target, tmp_path, monkeypatch, plain_after_starttls, **settings)
     never_ran(out)
     assert out.end.reason == "tls_error"
