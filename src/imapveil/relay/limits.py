@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import itertools
 from dataclasses import dataclass
 
 MAX_TRACKED = 100_000
@@ -140,8 +141,12 @@ class Admission:
         for address, (tokens, when) in list(self._buckets.items()):
             if tokens + (now - when) * rate >= burst:
                 del self._buckets[address]
-        while len(self._buckets) > MAX_TRACKED:  # all busy: forget the oldest
-            del self._buckets[next(iter(self._buckets))]
+        # All busy: forget the oldest, a tenth of the table at once, so that the next scan
+        # comes that many new addresses later (one scan per new address was quadratic).
+        keep = MAX_TRACKED - MAX_TRACKED // 10
+        if len(self._buckets) > keep:
+            for address in list(itertools.islice(self._buckets, len(self._buckets) - keep)):
+                del self._buckets[address]
 
 
 @dataclass(frozen=True, slots=True)
