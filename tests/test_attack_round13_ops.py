@@ -3,10 +3,20 @@ what held. Each test failed before the fix named in its docstring, or guards wha
 
 from __future__ import annotations
 
+import contextlib
+import imaplib
+import os
+import signal
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
 
 from imapveil.relay import limits as limits_module
 from imapveil.relay.limits import Admission, Limits
+from tests.helpers.dovecot import Dovecot
+from tests.helpers.process import imapveil
 
 
 def test_rotating_addresses_past_the_bucket_cap_cost_linear_time(
@@ -34,3 +44,56 @@ def test_rotating_addresses_past_the_bucket_cap_cost_linear_time(
         gate.release(gate.key(host))
     assert len(gate._buckets) <= 1000
     assert scans <= 110, f"{scans} scans of the whole table for 10,000 addresses past the cap"
+
+
+@pytest.fixture
+def notify_socket(tmp_path: Path) -> Iterator[tuple[socket.socket, str]]:
+    """A datagram socket of our own in place of systemd's ($NOTIFY_SOCKET)."""
+    path = str(tmp_path / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(path)
+        sock.settimeout(10)
+        yield sock, path
+
+
+def _notifications(sock: socket.socket, until: str) -> list[str]:
+    """Each datagram's first line, up to the first that is `until`."""
+    seen: list[str] = []
+    while until not in seen:
+        seen.append(sock.recv(4096).decode().split("\n")[0])
+    return seen
+
+
+def _left(sock: socket.socket) -> list[str]:
+    """The datagrams waiting now (the service has exited: no more come)."""
+    sock.setblocking(False)
+    seen = []
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            seen.append(sock.recv(4096).decode().split("\n")[0])
+    return seen
+
+
+@pytest.mark.dovecot
+def test_a_sighup_while_stopping_tells_systemd_no_reload(
+    dovecot: Dovecot, tmp_path: Path, notify_socket: tuple[socket.socket, str]
+) -> None:
+    """Found: a SIGHUP in the grace period (a log rotation's reload; or one sent with the
+    SIGTERM, read before the reload had begun, so not abandoned) reloaded and sent RELOADING=1
+    after STOPPING=1, with no READY=1 after it: systemd was told the stopping service was
+    reloading. The reload still reopens the event log (rotation), but says nothing to systemd."""
+    sock, path = notify_socket
+    env = {**os.environ, "NOTIFY_SOCKET": path}
+    with imapveil(tmp_path, dovecot.address, "--shutdown-grace", "20", env=env) as proxy:
+        assert _notifications(sock, "READY=1")
+        client = imaplib.IMAP4("127.0.0.1", proxy.port)
+        client.login("alice", "wonderland")
+        proxy.signal(signal.SIGTERM)
+        assert _notifications(sock, "STOPPING=1")[-1] == "STOPPING=1"
+        proxy.signal(signal.SIGHUP)
+        proxy.stderr_until(b"reloaded")
+        client.logout()
+        assert proxy.stop() == 0
+    assert _left(sock) == [], "notified after STOPPING=1"
+    ends = [r for r in proxy.records() if r["event"] == "session_end"]
+    assert [e["reason"] for e in ends] == ["logout"]

@@ -366,7 +366,11 @@ class Service:
         return loaded, admittance(loaded, self.holder)
 
     async def reload(self) -> None:
-        self.notifier.reloading()
+        # Once stopping (a rotation's SIGHUP in the grace period, or one read with the SIGTERM
+        # before its reload began), the reload still reopens the event log, but systemd, told
+        # STOPPING=1, is told nothing more: no RELOADING=1 without its READY=1.
+        if not self.proxy.stopping.is_set():
+            self.notifier.reloading()
         try:
             source = self.config or "command line"
             try:
