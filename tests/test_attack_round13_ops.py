@@ -8,6 +8,8 @@ import imaplib
 import os
 import signal
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import pytest
 from imapveil.relay import limits as limits_module
 from imapveil.relay.limits import Admission, Limits
 from tests.helpers.dovecot import Dovecot
+from tests.helpers.postgres import Postgres
 from tests.helpers.process import imapveil
 
 
@@ -97,3 +100,36 @@ def test_a_sighup_while_stopping_tells_systemd_no_reload(
     assert _left(sock) == [], "notified after STOPPING=1"
     ends = [r for r in proxy.records() if r["event"] == "session_end"]
     assert [e["reason"] for e in ends] == ["logout"]
+
+
+SECRET = "s3cret-Pw"  # noqa: S105 (a test value)
+
+
+@pytest.mark.parametrize("parameter", ["password", "pass%77ord", "PASSWORD"])
+def test_a_store_password_given_as_a_parameter_is_not_shown(parameter: str) -> None:
+    """Found: a PostgreSQL URL's password may be a query parameter (libpq's `?password=`, its
+    key percent-decoded as well); the redaction looked only at `user:PASSWORD@`, and `imapveil
+    stats` and `check-config --online` printed the password when the store was away."""
+    url = f"postgresql://nobody@127.0.0.1:1/stats?sslmode=disable&{parameter}={SECRET}"
+    done = subprocess.run(
+        [sys.executable, "-m", "imapveil", "stats", "--store", url],
+        check=False,
+        capture_output=True,
+        timeout=30,
+    )
+    assert done.returncode == 1
+    assert b"statistics store postgresql://nobody@127.0.0.1:1/stats?" in done.stderr
+    assert SECRET.encode() not in done.stderr + done.stdout
+
+
+@pytest.mark.dovecot
+def test_the_service_does_not_log_a_store_password_given_as_a_parameter(
+    dovecot: Dovecot, tmp_path: Path, postgres: Postgres
+) -> None:
+    """Found with the one above: `statistics store ready (URL)` showed `?password=...`."""
+    url = f"{postgres.url}?password={SECRET}"
+    with imapveil(tmp_path, dovecot.address, "--store", url) as proxy:
+        seen = proxy.early_stderr + proxy.stderr_until(b"statistics store ready")
+        assert proxy.stop() == 0
+    assert b"password=***" in seen
+    assert SECRET.encode() not in seen + proxy.stderr
