@@ -14,12 +14,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
 
 from imapveil.relay import limits as limits_module
 from imapveil.relay.limits import Admission, Limits
-from tests.helpers.dovecot import Dovecot
+from imapveil.service import Service, load_all
+from tests.helpers.dovecot import Dovecot, free_port
 from tests.helpers.postgres import Postgres
-from tests.helpers.process import imapveil
+from tests.helpers.process import imapveil, read_log, service_overrides, signal_handlers_restored
 
 
 def test_rotating_addresses_past_the_bucket_cap_cost_linear_time(
@@ -133,3 +135,39 @@ def test_the_service_does_not_log_a_store_password_given_as_a_parameter(
         assert proxy.stop() == 0
     assert b"password=***" in seen
     assert SECRET.encode() not in seen + proxy.stderr
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        'policy = "' + "x" * 5000 + '"',  # ENAMETOOLONG from Path.exists()
+        'policy = "/etc/imapveil/p\\u0000.toml"',  # ValueError: embedded null byte
+        'events = "{tmp}/events\\u0000.jsonl"',  # the reload's reopen: ValueError
+        'cert = "{tmp}/c\\u0000.pem"\nkey = "{tmp}/k.pem"',  # check_files: ValueError
+    ],
+    ids=["long policy name", "NUL in policy", "NUL in events", "NUL in cert"],
+)
+async def test_a_reload_of_a_file_naming_an_impossible_path_is_refused(
+    dovecot: Dovecot, tmp_path: Path, line: str
+) -> None:
+    """Found: a reload whose configuration named a policy too long for a file name (OSError
+    from `Path.exists`, not a PolicyError) or any file with a NUL in it (TOML's `\\u0000`:
+    ValueError from open) raised out of `reload`: the service ended with a traceback, exit
+    status 1, every session cut off. Such names are refused now, the old configuration kept."""
+    config = tmp_path / "imapveil.toml"
+    config.write_text("")
+    port = free_port()
+    overrides = service_overrides(dovecot.address, port, tmp_path)
+    service = Service(str(config), overrides, load_all(str(config), overrides))
+    config.write_text(line.replace("{tmp}", str(tmp_path)) + "\n")
+    loaded = service.loaded
+    with signal_handlers_restored(), trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(service.run)
+            await service.reload()
+            service.proxy.stop()
+    assert service.loaded is loaded
+    records, other = read_log(tmp_path / "events.jsonl")
+    assert not other
+    refused = [r for r in records if r["event"] == "config" and not r["ok"]]
+    assert len(refused) == 1, records

@@ -378,7 +378,12 @@ class Service:
                 # up again (a resolver that answers late) must not hold up the sessions.
                 # Abandoned (the thread left to finish on its own) if the service stops.
                 loaded, admitted = await trio.to_thread.run_sync(self._load, abandon_on_cancel=True)
-            except ConfigError as exc:
+            except Exception as exc:
+                if not isinstance(
+                    exc, ConfigError
+                ):  # a check missing (a bug): refused all the same
+                    log.exception("reload failed")
+                    exc = ConfigError(f"reload failed: {type(exc).__name__}")
                 log.error("reload refused, the running configuration stays: %s", exc)
                 self.fanout.emit(ConfigLoaded(source, False, str(exc)))
                 self.fanout.emit(
