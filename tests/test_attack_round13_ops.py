@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import imaplib
+import ipaddress
 import os
 import signal
 import socket
@@ -21,7 +22,13 @@ from imapveil.relay.limits import Admission, Limits
 from imapveil.service import Service, load_all
 from tests.helpers.dovecot import Dovecot, free_port
 from tests.helpers.postgres import Postgres
-from tests.helpers.process import imapveil, read_log, service_overrides, signal_handlers_restored
+from tests.helpers.process import (
+    imapveil,
+    read_log,
+    service_overrides,
+    signal_handlers_restored,
+    socket_activated,
+)
 
 
 def test_rotating_addresses_past_the_bucket_cap_cost_linear_time(
@@ -171,3 +178,46 @@ async def test_a_reload_of_a_file_naming_an_impossible_path_is_refused(
     assert not other
     refused = [r for r in records if r["event"] == "config" and not r["ok"]]
     assert len(refused) == 1, records
+
+
+@pytest.mark.dovecot
+def test_a_balancer_on_a_dual_stack_socket_is_known_by_its_ipv4_network(
+    dovecot: Dovecot, tmp_path: Path
+) -> None:
+    """Found: the shipped imapveil.socket (`ListenStream=143`) is dual-stack, so an IPv4
+    balancer's connections come from `::ffff:10.0.0.5`; the limits count such an address as its
+    IPv4 one (ab53104), but `proxy_protocol_from = ["10.0.0.0/8"]` (and `trusted_networks`) did
+    not match it: the PROXY header went to Dovecot as a command, every session was the
+    balancer's. An IPv4-mapped address now lies in the IPv4 networks its IPv4 address is in."""
+    with socket.socket(socket.AF_INET6) as listening:
+        listening.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        listening.bind(("::ffff:127.0.0.1", 0))
+        listening.listen()
+        port = listening.getsockname()[1]
+        fd = listening.fileno()
+        wrap = socket_activated(fd)
+        with imapveil(
+            tmp_path, dovecot.address, "--proxy-protocol-from", "127.0.0.0/8",
+            wrap=wrap, pass_fds=[fd],
+        ) as proxy:  # fmt: skip
+            listening.close()
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+                client.sendall(b"PROXY TCP4 203.0.113.7 127.0.0.1 5555 143\r\n")
+                stream = client.makefile("rb")
+                assert stream.readline().startswith(b"* OK")
+                client.sendall(b"a LOGIN alice wonderland\r\nb LOGOUT\r\n")
+                answers = stream.read()
+            assert proxy.stop() == 0
+    assert b"a OK" in answers, answers
+    starts = [r for r in proxy.records() if r["event"] == "session_start"]
+    assert [s["client"] for s in starts] == ["203.0.113.7:5555"]
+
+
+def test_an_exemption_written_as_ipv4_mapped_still_exempts() -> None:
+    """Found with the one above: since the limits read `::ffff:198.51.100.7` as 198.51.100.7
+    (ab53104), an exempt network written as the dual-stack listener shows its clients
+    (`::ffff:198.51.100.0/120`, as the logs print them) exempted no one any more."""
+    office = ipaddress.ip_network("::ffff:198.51.100.0/120")
+    gate = Admission(Limits(max_sessions_per_client=1, exempt=(office,)))
+    assert [gate.admit("::ffff:198.51.100.7", 0.0) for _ in range(3)] == [None, None, None]
+    assert gate.key("::ffff:198.51.100.7") == limits_module.UNCOUNTED

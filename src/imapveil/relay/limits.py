@@ -68,9 +68,11 @@ def _exempts(host: str, exempt: tuple[Network, ...]) -> bool:
         address = ipaddress.ip_address(host)
     except ValueError:
         return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped  # a dual-stack listener's view of an IPv4 client
-    return address.is_loopback or any(address in network for network in exempt)
+    if address.is_loopback or any(address in network for network in exempt):
+        return True
+    # A dual-stack listener's view of an IPv4 client: exempt as its IPv4 address is too.
+    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+    return mapped is not None and (mapped.is_loopback or any(mapped in n for n in exempt))
 
 
 @functools.lru_cache(maxsize=4096)
