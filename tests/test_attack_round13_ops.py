@@ -221,3 +221,20 @@ def test_an_exemption_written_as_ipv4_mapped_still_exempts() -> None:
     gate = Admission(Limits(max_sessions_per_client=1, exempt=(office,)))
     assert [gate.admit("::ffff:198.51.100.7", 0.0) for _ in range(3)] == [None, None, None]
     assert gate.key("::ffff:198.51.100.7") == limits_module.UNCOUNTED
+
+
+def test_ipv4_clients_behind_a_translator_are_not_one_ipv6_network() -> None:
+    """Found: IPv4 clients reaching an IPv6-only proxy through a stateless translator (SIIT-DC,
+    RFC 7755) arrive as `64:ff9b::a.b.c.d` (RFC 6052's well-known prefix), and Teredo clients
+    as `2001:0:SERVER::/64`: every IPv4 user of the translator (every user of one Teredo server)
+    was one client for the per-/64 limits, and one of them reconnecting in a loop shut out all
+    the others. They count as the IPv4 address in them now, as an IPv4-mapped address does."""
+    gate = Admission(Limits(max_sessions_per_client=1))
+    nat64 = ["64:ff9b::198.51.100.1", "64:ff9b::198.51.100.2", "64:ff9b::203.0.113.9"]
+    assert [gate.admit(a, 0.0) for a in nat64] == [None, None, None]
+    assert gate.admit("64:ff9b::c633:6401", 0.0) == "1 sessions from one address"  # the 1st
+    assert gate.key(nat64[0]) == "198.51.100.1"
+    # Teredo: server 65.54.227.120; clients 192.0.2.45 and 192.0.2.46 (obfuscated, port 40000)
+    teredo = ["2001:0:4136:e378:8000:63bf:3fff:fdd2", "2001:0:4136:e378:8000:63bf:3fff:fdd1"]
+    assert [gate.admit(a, 0.0) for a in teredo] == [None, None]
+    assert gate.key(teredo[0]) == "192.0.2.45"

@@ -75,6 +75,10 @@ def _exempts(host: str, exempt: tuple[Network, ...]) -> bool:
     return mapped is not None and (mapped.is_loopback or any(mapped in n for n in exempt))
 
 
+NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+"""RFC 6052's well-known prefix: IPv4 addresses, translated (the last 32 bits)."""
+
+
 @functools.lru_cache(maxsize=4096)
 def _client(host: str, prefix: int) -> str:
     try:
@@ -85,6 +89,10 @@ def _client(host: str, prefix: int) -> str:
         return host
     if address.ipv4_mapped is not None:
         return str(address.ipv4_mapped)
+    if address in NAT64:  # an IPv4 client through a translator (SIIT-DC): each is its own
+        return str(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
+    if address.teredo is not None:  # a Teredo client: its /64 is its Teredo server's
+        return str(address.teredo[1])
     if prefix >= 128:
         return str(address)
     return str(ipaddress.IPv6Network((address, prefix), strict=False))
