@@ -238,3 +238,52 @@ def test_ipv4_clients_behind_a_translator_are_not_one_ipv6_network() -> None:
     teredo = ["2001:0:4136:e378:8000:63bf:3fff:fdd2", "2001:0:4136:e378:8000:63bf:3fff:fdd1"]
     assert [gate.admit(a, 0.0) for a in teredo] == [None, None]
     assert gate.key(teredo[0]) == "192.0.2.45"
+
+
+def _descriptors(pid: int) -> list[str]:
+    found = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            found.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    return sorted(found)
+
+
+@pytest.mark.dovecot
+def test_a_hundred_reloads_then_a_signal_storm_leak_nothing_and_lose_nothing(
+    dovecot: Dovecot, tmp_path: Path, notify_socket: tuple[socket.socket, str]
+) -> None:
+    """Held (a guard): 100 reloads, each awaited, leave the descriptors and threads as they
+    were; then SIGTERM, SIGHUP and SIGINT at once: exit 0, each session's end written once, the
+    event log whole, STOPPING=1 said once and last."""
+    sock, path = notify_socket
+    config = tmp_path / "imapveil.toml"
+    config.write_text('log_level = "info"\n')
+    env = {**os.environ, "NOTIFY_SOCKET": path}
+    with imapveil(tmp_path, dovecot.address, "--config", str(config), env=env) as proxy:
+        pid = proxy.process.pid
+        clients = [imaplib.IMAP4("127.0.0.1", proxy.port) for _ in range(3)]
+        for client in clients:
+            client.login("alice", "wonderland")
+        proxy.signal(signal.SIGHUP)  # the first reload starts the worker thread and the store
+        proxy.stderr_until(b"reloaded")
+        fds, threads = _descriptors(pid), len(os.listdir(f"/proc/{pid}/task"))
+        for _ in range(100):
+            proxy.signal(signal.SIGHUP)
+            proxy.stderr_until(b"reloaded")
+            assert _notifications(sock, "READY=1")[-1] == "READY=1"
+        assert _descriptors(pid) == fds
+        assert len(os.listdir(f"/proc/{pid}/task")) == threads
+        for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            proxy.signal(signum)
+        proxy.stderr_until(b"sessions get BYE now")  # the SIGINT: a second stop
+        for client in clients:
+            with contextlib.suppress(imaplib.IMAP4.abort, OSError):
+                client.logout()
+        assert proxy.stop() == 0
+    said = _left(sock)
+    assert said.count("STOPPING=1") == 1 and said[-1] == "STOPPING=1", said
+    records, other = read_log(proxy.events)
+    assert not other
+    ends = [r["session"] for r in records if r["event"] == "session_end"]
+    starts = [r["session"] for r in records if r["event"] == "session_start"]
+    assert sorted(ends) == sorted(starts) and len(set(ends)) == 3
