@@ -287,3 +287,29 @@ def test_a_hundred_reloads_then_a_signal_storm_leak_nothing_and_lose_nothing(
     ends = [r["session"] for r in records if r["event"] == "session_end"]
     starts = [r["session"] for r in records if r["event"] == "session_start"]
     assert sorted(ends) == sorted(starts) and len(set(ends)) == 3
+
+
+async def test_a_reload_says_which_changes_need_a_restart(
+    dovecot: Dovecot, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found: a reload that changed the statistics store, the metrics port or the TLS
+    listeners said `reloaded` and nothing else, and kept the ones it started with (only
+    `listen` and `proxy_name` were said to need a restart): an operator moving the statistics
+    to PostgreSQL saw them go on into the SQLite file, with no word why."""
+    config = tmp_path / "imapveil.toml"
+    config.write_text("")
+    port = free_port()
+    overrides = service_overrides(dovecot.address, port, tmp_path)
+    service = Service(str(config), overrides, load_all(str(config), overrides))
+    metrics = free_port()
+    config.write_text(
+        f'store = "{tmp_path}/other.sqlite"\nmetrics = "127.0.0.1:{metrics}"\nretention_days = 7\n'
+    )
+    with signal_handlers_restored(), trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(service.run)
+            await service.reload()
+            service.proxy.stop()
+    said = [r.getMessage() for r in caplog.records if "restart to apply" in r.getMessage()]
+    for name in ("store", "metrics", "retention_days"):
+        assert any(m.startswith(f"{name} changed") for m in said), (name, said)

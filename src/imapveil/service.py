@@ -397,6 +397,15 @@ class Service:
                 log.warning("listen changed to %s: restart to apply", loaded.settings.listen)
             if loaded.settings.proxy() != old.proxy() and self.store is not None:
                 log.warning("proxy_name changed to %s: restart to apply", loaded.settings.proxy())
+            new = loaded.settings
+            for name, changed in (
+                ("listen_tls", new.listen_tls != old.listen_tls),
+                ("metrics", new.metrics != old.metrics),
+                ("store", new.store_url() != old.store_url()),  # not shown: it may hold a password
+                ("retention_days", new.retention_days != old.retention_days and self.store),
+            ):
+                if changed:
+                    log.warning("%s changed: restart to apply", name)
             self.loaded = loaded
             self.holder.current = loaded.policy
             self.proxy.reconfigure(admitted)
