@@ -313,3 +313,38 @@ async def test_a_reload_says_which_changes_need_a_restart(
     said = [r.getMessage() for r in caplog.records if "restart to apply" in r.getMessage()]
     for name in ("store", "metrics", "retention_days"):
         assert any(m.startswith(f"{name} changed") for m in said), (name, said)
+
+
+def test_a_reload_changing_the_ipv6_prefix_releases_sessions_where_admitted() -> None:
+    """Held (a guard): sessions admitted per /64 and released after a reload to /128 (and back)
+    come off the counts they were put on; none is left, none goes negative."""
+    gate = Admission(Limits(max_sessions_per_client=2))
+    hosts = ["2001:db8:1:2::1", "2001:db8:1:2::2"]
+    assert [gate.admit(h, 0.0) for h in hosts] == [None, None]
+    assert gate.admit("2001:db8:1:2::3", 0.0) == "2 sessions from one address"
+    old = [gate.key(h) for h in hosts]
+    gate.limits = Limits(max_sessions_per_client=2, ipv6_prefix=128)  # the reload
+    assert gate.admit("2001:db8:1:2::3", 0.1) is None
+    new = gate.key("2001:db8:1:2::3")
+    for key in old:
+        gate.release(key)
+    gate.limits = Limits(max_sessions_per_client=2, ipv6_prefix=32)  # and another
+    assert [gate.admit("2001:db8:ffff::1", 0.2) for _ in range(3)][:2] == [None, None]
+    gate.release(new)
+    assert gate._per_address == {"2001:db8::/32": 2} and gate.active == 2
+
+
+def test_refusals_from_rotating_prefixes_are_tracked_within_capacity() -> None:
+    """Held (a guard): refusals from ever new /64s keep at most `capacity` tallies and one for
+    the others; the summaries at the end count every refusal."""
+    gate = Admission(Limits(max_sessions=0))  # everyone refused: sessions in all
+    refusals = limits_module.Refusals(capacity=100)
+    limits = gate.limits
+    for i in range(1000):
+        host = f"2001:db8:{i:x}::1"
+        why = gate.admit(host, 0.0)
+        assert why is not None
+        refusals.note(limits.client(host), why, 0.0)
+    assert len(refusals) == 101
+    summaries = refusals.due(1.0, final=True)
+    assert sum(s.count for s in summaries) + 101 == 1000  # the first of each said at once
