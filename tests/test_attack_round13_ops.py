@@ -348,3 +348,53 @@ def test_refusals_from_rotating_prefixes_are_tracked_within_capacity() -> None:
     assert len(refusals) == 101
     summaries = refusals.due(1.0, final=True)
     assert sum(s.count for s in summaries) + 101 == 1000  # the first of each said at once
+
+
+async def _connect(port: int) -> trio.SocketStream:
+    while True:
+        try:
+            return await trio.open_tcp_stream("127.0.0.1", port)
+        except OSError:
+            await trio.sleep(0.01)  # not listening yet
+
+
+async def test_a_reload_cut_short_after_it_took_effect_still_says_so(
+    dovecot: Dovecot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found: a SIGTERM while a reload reopened the event log (its drain waiting on a slow disk)
+    abandoned the reload after the new configuration and policy had taken effect: the grace
+    period's ID commands went through the new policy, but no `config` or `policy` record said
+    it was loaded. They are written now whatever cuts the reopening short (to the file open
+    before, if it is)."""
+    config = tmp_path / "imapveil.toml"
+    config.write_text("")
+    port = free_port()
+    overrides = service_overrides(dovecot.address, port, tmp_path)
+    service = Service(str(config), overrides, load_all(str(config), overrides))
+    config.write_text('policy = "strict"\n')
+    reopening = trio.Event()
+
+    async def slow_reopen(target: str) -> None:
+        reopening.set()
+        await trio.sleep_forever()
+
+    monkeypatch.setattr(service.sink, "reopen", slow_reopen)
+    finished: list[int] = []
+
+    async def serve() -> None:
+        finished.append(await service.run())
+
+    with signal_handlers_restored(), trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve)
+            async with await _connect(port) as stream:
+                assert (await stream.receive_some(4096)).startswith(b"* OK")
+                os.kill(os.getpid(), signal.SIGHUP)
+                await reopening.wait()
+                os.kill(os.getpid(), signal.SIGTERM)
+    assert finished == [0]
+    assert service.holder.current.name == "strict"  # it took effect
+    records, other = read_log(tmp_path / "events.jsonl")
+    assert not other
+    policies = [(r["policy"], r["ok"]) for r in records if r["event"] == "policy"]
+    assert policies == [("default", True), ("strict", True)], policies

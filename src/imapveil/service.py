@@ -423,8 +423,11 @@ class Service:
                     "event log %s: %s; still writing to the file open before",
                     loaded.settings.events, exc.strerror or exc,
                 )  # fmt: skip
-            self.fanout.emit(ConfigLoaded(source, True))
-            self.fanout.emit(PolicyLoaded(loaded.policy.name, loaded.policy.digest, True))
+            finally:
+                # In force from here on, whatever cuts the reopening short (a stop: then they go
+                # to the file open before).
+                self.fanout.emit(ConfigLoaded(source, True))
+                self.fanout.emit(PolicyLoaded(loaded.policy.name, loaded.policy.digest, True))
             log.info(
                 "reloaded; policy %s (sha256 %s)", loaded.policy.name, loaded.policy.digest[:12]
             )
