@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from imapveil.config import ConfigError
 from imapveil.relay import limits as limits_module
 from imapveil.relay.limits import Admission, Limits
 from imapveil.service import Service, load_all
@@ -398,3 +399,27 @@ async def test_a_reload_cut_short_after_it_took_effect_still_says_so(
     assert not other
     policies = [(r["policy"], r["ok"]) for r in records if r["event"] == "policy"]
     assert policies == [("default", True), ("strict", True)], policies
+
+
+@pytest.mark.parametrize(
+    "store",
+    [
+        f"postgresql:/imapveil:{SECRET}@db.internal/stats",  # one slash short
+        f"postgres:imapveil:{SECRET}@db.internal/stats",
+        f"host=db.internal user=imapveil password={SECRET} dbname=stats",  # libpq key=value
+    ],
+    ids=["one slash short", "no slashes", "key=value"],
+)
+def test_a_store_url_written_wrong_is_refused_without_its_password(
+    tmp_path: Path, store: str
+) -> None:
+    """Found: a PostgreSQL URL written wrong was taken for a SQLite file name: one slash short,
+    it was refused with the whole value in the message (`directory postgresql:/USER:PASSWORD@HOST
+    does not exist`: on stderr and, at a reload, in the event log's `config` record); libpq's
+    key=value form was accepted, a SQLite file created with the password in its name, and the
+    name logged (`statistics store ready (...)`). Both are refused, the value not shown."""
+    overrides = {"upstream": "127.0.0.1:143", "user_key_file": str(tmp_path / "key")}
+    with pytest.raises(ConfigError) as refused:
+        load_all(None, {**overrides, "store": store})
+    assert SECRET not in str(refused.value)
+    assert "postgresql://" in str(refused.value)
