@@ -10,18 +10,18 @@ state directory, which would lock the service out).
 from __future__ import annotations
 
 import os
-import re
 import socket
 import sqlite3
 from pathlib import Path
 
 from imapveil.config import ConfigError, Settings
 from imapveil.stats.store import Store, StoreError
+from imapveil.stats.store import redact as redact_url
 
 
 def redact(url: str) -> str:
     """A store URL without its password."""
-    return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", url)
+    return redact_url(url)
 
 
 def one_line(exc: BaseException) -> str:

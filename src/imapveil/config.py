@@ -396,7 +396,10 @@ def _apply(settings: Settings, table: Mapping[str, Any], source: str) -> Setting
         if name not in BY_NAME:
             raise ConfigError(f"{source}: unknown setting {key!r}")
         try:
-            changes[name] = BY_NAME[name].convert(value)
+            changes[name] = converted = BY_NAME[name].convert(value)
+            if (BY_NAME[name].path or name == "policy") and "\0" in converted:
+                # TOML writes one as \u0000; open(2) cannot take it (ValueError, not OSError)
+                raise ValueError("a file name cannot hold a NUL")
         except ValueError as exc:
             raise ConfigError(f"{source}: {key}: {exc}") from None
     return replace(settings, **changes)

@@ -79,6 +79,11 @@ def _file(value: Any) -> str:
 def _store(value: Any) -> str:
     text = _string(value, "expected a file name, postgresql://... or off")
     scheme, sep, _ = text.partition("://")
+    lowered = text.lower()
+    if not sep and (lowered.startswith(("postgresql:", "postgres:")) or "password=" in lowered):
+        # A URL written wrong, or libpq's key=value form: not a SQLite file name to create (and
+        # show); the value is not repeated, it may hold a password.
+        raise ValueError("not a store imapveil can read: write postgresql://USER@HOST/DB")
     if sep and scheme not in ("sqlite", "postgresql", "postgres"):
         raise ValueError(
             f"{scheme}:// is not a store imapveil knows: a SQLite file, sqlite://PATH, "

@@ -25,10 +25,13 @@ def resolve_policy(spec: str | None) -> Policy:
     if spec is None:
         spec = "default"
     path = Path(spec)
-    if path.exists() or "/" in spec or spec.endswith(".toml"):
-        return load_policy(path)
     shipped = SHIPPED / f"{spec}.toml"
-    if shipped.exists():
-        return load_policy(shipped)
+    try:
+        if path.exists() or "/" in spec or spec.endswith(".toml"):
+            return load_policy(path)
+        if shipped.exists():
+            return load_policy(shipped)
+    except OSError as exc:  # exists() raises for a name too long for a file name
+        raise PolicyError(f"{spec[:100]}: {exc.strerror or exc}") from None
     names = ", ".join(sorted(p.stem for p in SHIPPED.glob("*.toml")))
     raise PolicyError(f"{spec}: no such policy file or shipped policy (shipped: {names})")

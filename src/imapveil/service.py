@@ -366,7 +366,11 @@ class Service:
         return loaded, admittance(loaded, self.holder)
 
     async def reload(self) -> None:
-        self.notifier.reloading()
+        # Once stopping (a rotation's SIGHUP in the grace period, or one read with the SIGTERM
+        # before its reload began), the reload still reopens the event log, but systemd, told
+        # STOPPING=1, is told nothing more: no RELOADING=1 without its READY=1.
+        if not self.proxy.stopping.is_set():
+            self.notifier.reloading()
         try:
             source = self.config or "command line"
             try:
@@ -374,7 +378,12 @@ class Service:
                 # up again (a resolver that answers late) must not hold up the sessions.
                 # Abandoned (the thread left to finish on its own) if the service stops.
                 loaded, admitted = await trio.to_thread.run_sync(self._load, abandon_on_cancel=True)
-            except ConfigError as exc:
+            except Exception as exc:
+                if not isinstance(
+                    exc, ConfigError
+                ):  # a check missing (a bug): refused all the same
+                    log.exception("reload failed")
+                    exc = ConfigError(f"reload failed: {type(exc).__name__}")
                 log.error("reload refused, the running configuration stays: %s", exc)
                 self.fanout.emit(ConfigLoaded(source, False, str(exc)))
                 self.fanout.emit(
@@ -388,6 +397,15 @@ class Service:
                 log.warning("listen changed to %s: restart to apply", loaded.settings.listen)
             if loaded.settings.proxy() != old.proxy() and self.store is not None:
                 log.warning("proxy_name changed to %s: restart to apply", loaded.settings.proxy())
+            new = loaded.settings
+            for name, changed in (
+                ("listen_tls", new.listen_tls != old.listen_tls),
+                ("metrics", new.metrics != old.metrics),
+                ("store", new.store_url() != old.store_url()),  # not shown: it may hold a password
+                ("retention_days", new.retention_days != old.retention_days and self.store),
+            ):
+                if changed:
+                    log.warning("%s changed: restart to apply", name)
             self.loaded = loaded
             self.holder.current = loaded.policy
             self.proxy.reconfigure(admitted)
@@ -405,8 +423,11 @@ class Service:
                     "event log %s: %s; still writing to the file open before",
                     loaded.settings.events, exc.strerror or exc,
                 )  # fmt: skip
-            self.fanout.emit(ConfigLoaded(source, True))
-            self.fanout.emit(PolicyLoaded(loaded.policy.name, loaded.policy.digest, True))
+            finally:
+                # In force from here on, whatever cuts the reopening short (a stop: then they go
+                # to the file open before).
+                self.fanout.emit(ConfigLoaded(source, True))
+                self.fanout.emit(PolicyLoaded(loaded.policy.name, loaded.policy.digest, True))
             log.info(
                 "reloaded; policy %s (sha256 %s)", loaded.policy.name, loaded.policy.digest[:12]
             )

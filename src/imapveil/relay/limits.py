@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import itertools
 from dataclasses import dataclass
 
 MAX_TRACKED = 100_000
@@ -67,9 +68,15 @@ def _exempts(host: str, exempt: tuple[Network, ...]) -> bool:
         address = ipaddress.ip_address(host)
     except ValueError:
         return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped  # a dual-stack listener's view of an IPv4 client
-    return address.is_loopback or any(address in network for network in exempt)
+    if address.is_loopback or any(address in network for network in exempt):
+        return True
+    # A dual-stack listener's view of an IPv4 client: exempt as its IPv4 address is too.
+    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+    return mapped is not None and (mapped.is_loopback or any(mapped in n for n in exempt))
+
+
+NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+"""RFC 6052's well-known prefix: IPv4 addresses, translated (the last 32 bits)."""
 
 
 @functools.lru_cache(maxsize=4096)
@@ -82,6 +89,10 @@ def _client(host: str, prefix: int) -> str:
         return host
     if address.ipv4_mapped is not None:
         return str(address.ipv4_mapped)
+    if address in NAT64:  # an IPv4 client through a translator (SIIT-DC): each is its own
+        return str(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
+    if address.teredo is not None:  # a Teredo client: its /64 is its Teredo server's
+        return str(address.teredo[1])
     if prefix >= 128:
         return str(address)
     return str(ipaddress.IPv6Network((address, prefix), strict=False))
@@ -140,8 +151,12 @@ class Admission:
         for address, (tokens, when) in list(self._buckets.items()):
             if tokens + (now - when) * rate >= burst:
                 del self._buckets[address]
-        while len(self._buckets) > MAX_TRACKED:  # all busy: forget the oldest
-            del self._buckets[next(iter(self._buckets))]
+        # All busy: forget the oldest, a tenth of the table at once, so that the next scan
+        # comes that many new addresses later (one scan per new address was quadratic).
+        keep = MAX_TRACKED - MAX_TRACKED // 10
+        if len(self._buckets) > keep:
+            for address in list(itertools.islice(self._buckets, len(self._buckets) - keep)):
+                del self._buckets[address]
 
 
 @dataclass(frozen=True, slots=True)

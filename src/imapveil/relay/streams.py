@@ -40,7 +40,12 @@ def in_networks(host: str, networks: Networks) -> bool:
         address = ipaddress.ip_address(host)
     except ValueError:
         return False
-    return any(address in network for network in networks)
+    if any(address in network for network in networks):
+        return True
+    # An IPv4 client on a dual-stack listener (systemd's `ListenStream=143`): `::ffff:a.b.c.d`,
+    # in the IPv4 networks its IPv4 address is in (as the limits count it).
+    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+    return mapped is not None and any(mapped in network for network in networks)
 
 
 class WriteLock:

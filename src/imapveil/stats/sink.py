@@ -68,7 +68,7 @@ from imapveil.stats.spool import (
     spool_directory,
     well_formed,
 )
-from imapveil.stats.store import Batch, Collision, Store
+from imapveil.stats.store import Batch, Collision, Store, redact
 
 log = logging.getLogger(__name__)
 
@@ -610,5 +610,5 @@ def _redacted(url: str) -> str:
     """A store URL without its password."""
     if "@" in url and "://" in url:
         scheme, rest = url.split("://", 1)
-        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
-    return url
+        url = f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+    return redact(url)  # a password given as a parameter

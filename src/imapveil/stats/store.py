@@ -30,12 +30,33 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import re
 import sqlite3
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
+
+_USERINFO_PASSWORD = re.compile(r"(://[^:/@]*):[^@/]*@")
+_PARAMETER = re.compile(r"([?&])([^=&#]*)=([^&#]*)")
+
+
+def redact(url: str) -> str:
+    """A store URL without its password: the one in its user information (`user:PASSWORD@`)
+    and one given as a parameter (`?password=`, as libpq takes it, its name percent-decoded)."""
+    url = _USERINFO_PASSWORD.sub(r"\1:***@", url)
+    if "?" not in url:
+        return url
+
+    def hidden(match: re.Match[str]) -> str:
+        if unquote(match[2]).strip().lower() != "password":
+            return match[0]
+        return f"{match[1]}{match[2]}=***"
+
+    return _PARAMETER.sub(hidden, url)
+
 
 SESSION_COLUMNS = (
     "session", "proxy", "started_at", "ended_at", "day", "user_id", "reason", "duration_ms",
