@@ -207,6 +207,8 @@ class Commands:
         if verb is None:
             return False
         args = m.group(3)
+        if b"&" in args:
+            return False  # a modified UTF-7 run: the classifier's to read (`_shifted_control`)
         tag = m.group(1)
         cmd = Command(tag, verb, self.state, self.out.now)
         self.count += 1

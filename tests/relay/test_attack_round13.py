@@ -1,0 +1,200 @@
+"""Round 13 of attacks from outside: the server's side of the stream, through the proxy (built
+as `imapveil serve` builds it) to a real Dovecot.
+
+- A mailbox name in modified UTF-7 whose run decodes to LF or CR LF (`x&AAo-+ y`): Dovecot
+  decodes it and writes it into its answer's text as it is (`a NO Mailbox doesn't exist: x`,
+  LF, `+ y`), so the client chooses lines the server sends. A `+` made so, behind a pipelined
+  command with a LITERAL+ literal the server refuses, released that literal to Dovecot, which
+  ran its octets as a command: an ID with identifiers reached Dovecot past the policy. The
+  proxy now refuses such a run in any command (`classify._shifted_control`).
+- Held (regression guards), compared with what Dovecot gives a direct connection, with the
+  server's octets reaching the proxy a few at a time (`Trickle`): ENVELOPE and BODYSTRUCTURE
+  with literals (8-bit and quoted text), BINARY literal8 on 8-bit and binary parts, a body
+  whose lines look like tagged answers, `+` and `* BYE`; lines longer than the proxy holds;
+  mailbox names Dovecot sends as literals in LIST and STATUS.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from imapveil.records import CommandCompleted, Violation
+from tests.helpers.attack import Client, DovecotLog, Identifiers, own_dovecot, veil
+from tests.helpers.dovecot import Dovecot
+
+pytestmark = pytest.mark.dovecot
+run = trio.to_thread.run_sync
+
+
+@pytest.fixture(scope="module")
+def target() -> Iterator[Dovecot]:
+    with own_dovecot() as server:
+        yield server
+
+
+class Trickle:
+    """A TCP relay in front of `upstream` that sends what the server says `step` octets per
+    send (TCP_NODELAY), so the proxy receives it cut at many places."""
+
+    def __init__(self, upstream: tuple[str, int], step: int) -> None:
+        self.upstream = upstream
+        self.step = step
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address: tuple[str, int] = self.listener.getsockname()[:2]
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def __enter__(self) -> Trickle:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+        for s in self.sockets:
+            s.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                proxy_side, _ = self.listener.accept()
+            except OSError:
+                return
+            server_side = socket.create_connection(self.upstream)
+            for s in (proxy_side, server_side):
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self.sockets.append(s)
+            threading.Thread(
+                target=_pipe, args=(server_side, proxy_side, self.step), daemon=True
+            ).start()
+            threading.Thread(
+                target=_pipe, args=(proxy_side, server_side, 1 << 20), daemon=True
+            ).start()
+
+
+def _pipe(source: socket.socket, sink: socket.socket, step: int) -> None:
+    with contextlib.suppress(OSError):
+        while data := source.recv(65536):
+            for i in range(0, len(data), step):
+                sink.sendall(data[i : i + step])
+        sink.shutdown(socket.SHUT_WR)
+
+
+def comparable(transcript: bytes) -> bytes:
+    """What may differ between two runs or a direct and a proxied one: Dovecot's timings, the
+    capability lists the proxy mediates, RECENT (the first session to see a message takes it)."""
+    t = re.sub(rb"\(\d+\.\d+ \+ \d+\.\d+(?: \+ \d+\.\d+)? secs\)", b"(T)", transcript)
+    t = re.sub(rb"(?m)^.*CAPABILITY.*$", b"CAP", t)
+    return re.sub(rb"(?m)^\* \d+ RECENT", b"* n RECENT", t)
+
+
+# --- Mailbox names that decode to line ends.
+
+SMUGGLE = [b"x&AAo-+ y", b"x&AA0ACg-+ y", b"&AGEACgArACA-y"]
+"""Runs that decode to `x LF + y`, `x CR LF + y`, `a LF + SP y`: each makes Dovecot write a
+line `+ y...` after its NO."""
+
+
+def echo_then_literal(c: Client, name: bytes, smuggled: bytes) -> None:
+    """A SELECT of `name`, then pipelined a command Dovecot refuses without reading its
+    LITERAL+ literal (an unknown one), whose literal is a command of its own."""
+    quoted = b'"' + name + b'"' if b" " in name else name
+    c.send(
+        b"a SELECT "
+        + quoted
+        + b"\r\nb XFOO {%d+}\r\n" % len(smuggled)
+        + smuggled
+        + b"\r\nd NOOP\r\n"
+    )
+    assert c.until(b"d").startswith(b"d OK"), c.transcript[-600:]
+
+
+def test_dovecot_echoes_a_decoded_line_end(target: Dovecot) -> None:
+    """The premise, on a direct connection: the decoded name's LF starts a line of its own."""
+    with Client(target.address) as c:
+        c.greeting()
+        c.login()
+        c.send(b'a SELECT "x&AAo-+ y"\r\n')
+        c.until(b"a")
+        c.send(b"z NOOP\r\n")
+        c.until(b"z")
+        assert b"\n+ y" in c.transcript, c.transcript[-300:]
+
+
+def smuggling_session(address: tuple[str, int], name: bytes, smuggled: bytes) -> bytes:
+    with Client(address) as c:
+        c.greeting()
+        c.login()
+        echo_then_literal(c, name, smuggled)
+        c.send(b"i IDLE\r\n")
+        assert c.line().startswith(b"+ "), c.transcript[-300:]
+        c.send(b"DONE\r\n")
+        assert c.until(b"i").startswith(b"i OK"), c.transcript[-300:]
+        return c.logout()
+
+
+@pytest.mark.parametrize("name", SMUGGLE)
+async def test_a_line_end_in_a_mailbox_name_is_refused(
+    target: Dovecot, tmp_path: Path, name: bytes
+) -> None:
+    ids = Identifiers()
+    log = DovecotLog(target)
+    async with veil(target.address, tmp_path) as v:
+        transcript = await run(smuggling_session, v.address, name, ids.id_command(b"c"))
+        await v.sessions_ended(1)
+    text = log.settled(1)
+    assert ids.in_log(text) == [], text[-2000:]
+    assert not re.search(rb"\n\+ (?!idling)", transcript), transcript[-600:]
+    answers = {r.tag: r.status for r in v.sink.of(CommandCompleted)}
+    assert answers["a"] == "BAD" and answers["b"] == "BAD" and "c" not in answers, answers
+    kinds = [r.kind for r in v.sink.of(Violation)]
+    assert "refused_shifted_control" in kinds, kinds
+    assert "unknown_tag" not in kinds, kinds
+    assert ids.in_records(v.records_json()) == []
+
+
+def atom_session(address: tuple[str, int]) -> bytes:
+    with Client(address) as c:
+        c.greeting()
+        c.login()
+        c.send(b"a STATUS x&AA0ACg-b9+OK (MESSAGES)\r\n")
+        assert c.until(b"a").startswith(b"a BAD"), c.transcript[-300:]
+        c.send(b"z NOOP\r\n")
+        assert c.until(b"z").startswith(b"z OK"), c.transcript[-300:]
+        return c.logout()
+
+
+async def test_a_line_end_in_a_mailbox_name_as_an_atom_is_refused(
+    target: Dovecot, tmp_path: Path
+) -> None:
+    """The same name as an atom, in a command the one-match path takes (`Commands.simple`)."""
+    async with veil(target.address, tmp_path) as v:
+        transcript = await run(atom_session, v.address)
+        await v.sessions_ended(1)
+    assert b"b9" not in transcript
+
+
+def utf7_session(address: tuple[str, int]) -> bytes:
+    with Client(address) as c:
+        c.greeting()
+        c.login()
+        c.send(b'a STATUS "caf&AOk-" (MESSAGES)\r\nb STATUS &AOk-t&AOk- (MESSAGES)\r\n')
+        assert c.until(b"b").startswith(b"b NO"), c.transcript[-300:]
+        assert b"a NO" in c.transcript
+        return c.logout()
+
+
+async def test_mailbox_names_in_utf7_that_are_no_controls_pass(
+    target: Dovecot, tmp_path: Path
+) -> None:
+    async with veil(target.address, tmp_path) as v:
+        await run(utf7_session, v.address)
+        await v.sessions_ended(1)
