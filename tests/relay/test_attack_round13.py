@@ -6,7 +6,8 @@ as `imapveil serve` builds it) to a real Dovecot.
   LF, `+ y`), so the client chooses lines the server sends. A `+` made so, behind a pipelined
   command with a LITERAL+ literal the server refuses, released that literal to Dovecot, which
   ran its octets as a command: an ID with identifiers reached Dovecot past the policy. The
-  proxy now refuses such a run in any command (`classify._shifted_control`).
+  proxy now refuses such a run in any command line (`classify.shifted_control`), and ends the
+  session at a literal of at most 1 KiB that holds one, before the command ends.
 - Held (regression guards), compared with what Dovecot gives a direct connection, with the
   server's octets reaching the proxy a few at a time (`Trickle`): ENVELOPE and BODYSTRUCTURE
   with literals (8-bit and quoted text), BINARY literal8 on 8-bit and binary parts, a body
@@ -198,3 +199,31 @@ async def test_mailbox_names_in_utf7_that_are_no_controls_pass(
     async with veil(target.address, tmp_path) as v:
         await run(utf7_session, v.address)
         await v.sessions_ended(1)
+
+
+def literal_session(address: tuple[str, int], smuggled: bytes) -> bytes:
+    """The name as a LITERAL+ literal (its octets are counted, not read as a line)."""
+    with Client(address) as c:
+        c.greeting()
+        c.login()
+        c.send(
+            b"a SELECT {9+}\r\nx&AAo-+ y\r\nb XFOO {%d+}\r\n" % len(smuggled)
+            + smuggled
+            + b"\r\nd NOOP\r\n"
+        )
+        return c.rest()
+
+
+async def test_a_line_end_in_a_mailbox_name_as_a_literal_ends_the_session(
+    target: Dovecot, tmp_path: Path
+) -> None:
+    ids = Identifiers()
+    log = DovecotLog(target)
+    async with veil(target.address, tmp_path) as v:
+        transcript = await run(literal_session, v.address, ids.id_command(b"c"))
+        await v.sessions_ended(1)
+    assert ids.in_log(log.settled(1)) == []
+    assert b"* BYE" in transcript and b"\n+ y" not in transcript, transcript[-600:]
+    answers = {r.tag: r.status for r in v.sink.of(CommandCompleted)}
+    assert "c" not in answers and answers.get("a") is None, answers
+    assert ids.in_records(v.records_json()) == []

@@ -124,7 +124,7 @@ def fragment(body: bytes, start: int, depth: int) -> Fragment:
     matched = m.end() if m is not None else 0  # the pattern matches the empty string
     if matched != len(content):
         return Fragment(_diagnose(content, matched), depth, literal)
-    if b"&" in content and _shifted_control(content):
+    if b"&" in content and shifted_control(content):
         return Fragment("shifted_control", depth, literal)
     if b"(" in content or b")" in content:
         for token in _PARENS.finditer(content):
@@ -155,7 +155,7 @@ def values(content: bytes, limit: int = 4) -> list[bytes | None]:
     return out
 
 
-def _shifted_control(content: bytes) -> bool:
+def shifted_control(content: bytes) -> bool:
     """Whether a modified UTF-7 run in `content` decodes to a control character (C0 or DEL):
     no mailbox name has one, and Dovecot would write it into its answer as it is. A run that
     is no valid modified base64 is the server's to refuse (Dovecot does, without echoing)."""

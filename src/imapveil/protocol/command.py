@@ -80,8 +80,11 @@ class Command:
             self.literals.append(size)
 
     def wants_literal(self) -> bool:
-        """Keep the body of this literal? Only a mailbox that is a literal (LOGIN's user name
-        is decided where its literal is announced)."""
+        """Keep the body of this literal? A mailbox that is a literal, and any literal short
+        enough to be a mailbox name, to be read before the command ends (LOGIN's user name is
+        decided where its literal is announced)."""
+        if self.literals and 0 < self.literals[-1] <= KEEP_LIMIT:
+            return True
         if len(self.literals) != 1:
             return False
         return self.verb in (b"SELECT", b"EXAMINE") and self.mailbox is None
@@ -91,7 +94,7 @@ class Command:
         if self.verb == b"LOGIN":
             if self.argc == 1 and self.literals[-1] <= KEEP_LIMIT:
                 self.first_arg = value
-        else:
+        elif self.verb in (b"SELECT", b"EXAMINE") and len(self.literals) == 1:
             self.mailbox = value
 
     def login_args(self, frag: classify.Fragment) -> None:

@@ -208,7 +208,7 @@ class Commands:
             return False
         args = m.group(3)
         if b"&" in args:
-            return False  # a modified UTF-7 run: the classifier's to read (`_shifted_control`)
+            return False  # a modified UTF-7 run: the classifier's to read (`shifted_control`)
         tag = m.group(1)
         cmd = Command(tag, verb, self.state, self.out.now)
         self.count += 1
@@ -234,6 +234,12 @@ class Commands:
         """A literal's octets have all passed (or been collected)."""
         kept = self.framer.take_kept()
         if kept is not None and self.current is not None:
+            if b"&" in kept and classify.shifted_control(kept):
+                # A mailbox name Dovecot would echo with its line ends (`classify`): the
+                # command must not end, so the server never runs it.
+                self.out.violation("client", "refused_shifted_control", "in a literal", "closed")
+                self.out.protocol_error(b"* BYE Command not understood by the proxy\r\n")
+                return
             self.current.literal_kept(kept)
         self.mode = Mode.CONTINUE
 

@@ -465,7 +465,12 @@ class SessionCore:
                 return
             kind, end, line = f.next(data, pos)
             if kind is Fragment.LITERAL:
+                mark = len(out)
                 start = self._client_literal(data, start, pos, end)
+                if self._out.closed:
+                    # Refused when it ended: what came before it still goes, nothing after.
+                    self._flush(Direction.TO_SERVER, data, start, pos, at=mark)
+                    return
                 pos = end
                 continue
             if kind is not Fragment.LINE:  # PARTIAL (now held) or TOO_LONG
