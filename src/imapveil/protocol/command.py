@@ -79,15 +79,15 @@ class Command:
         if len(self.literals) < MAX_LITERALS:
             self.literals.append(size)
 
-    def wants_literal(self) -> bool:
-        """Keep the body of this literal? A mailbox that is a literal, and any literal short
-        enough to be a mailbox name, to be read before the command ends (LOGIN's user name is
-        decided where its literal is announced)."""
-        if self.literals and 0 < self.literals[-1] <= KEEP_LIMIT:
-            return True
-        if len(self.literals) != 1:
-            return False
-        return self.verb in (b"SELECT", b"EXAMINE") and self.mailbox is None
+    def wants_literal(self, scan_limit: int) -> int:
+        """How much of this literal to keep (0: none): all of one short enough to be a mailbox
+        name Dovecot echoes (`scan_limit`), read before the command ends; else the start of a
+        SELECT's mailbox (LOGIN's user name is decided where its literal is announced)."""
+        if self.literals and 0 < self.literals[-1] <= scan_limit:
+            return self.literals[-1]
+        if len(self.literals) == 1 and self.verb in (b"SELECT", b"EXAMINE") and not self.mailbox:
+            return KEEP_LIMIT
+        return 0
 
     def literal_kept(self, value: bytes) -> None:
         """The start of a literal this command wanted kept has arrived."""
@@ -95,7 +95,7 @@ class Command:
             if self.argc == 1 and self.literals[-1] <= KEEP_LIMIT:
                 self.first_arg = value
         elif self.verb in (b"SELECT", b"EXAMINE") and len(self.literals) == 1:
-            self.mailbox = value
+            self.mailbox = value[:KEEP_LIMIT]
 
     def login_args(self, frag: classify.Fragment) -> None:
         """Count LOGIN's arguments in a fragment, keeping the first (the user name)."""

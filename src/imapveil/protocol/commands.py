@@ -419,8 +419,10 @@ class Commands:
             cmd.argc += 1
             if cmd.argc == 1 and not cmd.bad_args:
                 self.framer.keep_next()
-        elif self.framer.kept is None and cmd.wants_literal():
-            self.framer.keep_next()
+        elif self.framer.kept is None and (keep := cmd.wants_literal(self.config.max_line)):
+            # A literal up to a line's size is read whole before its command ends (a mailbox
+            # name Dovecot would echo with its line ends: `literal_done`).
+            self.framer.keep_next(keep)
         # Literal octets go to the server only when it asked for them. A server that does not
         # read a literal the proxy saw announced (RFC 7888 says it must look for {N+} at every
         # line's end; Dovecot 2.3 does not always) runs its octets as commands, unseen by the
