@@ -161,6 +161,7 @@ def shifted_control(content: bytes) -> bool:
     is no valid modified base64 is the server's to refuse (Dovecot does, without echoing)."""
     for m in _SHIFTED.finditer(content):
         run = m.group(1).replace(b",", b"/")
+        run = run[: len(run) // 4 * 4 + (len(run) % 4 > 1) * (len(run) % 4)]  # no lone sextet
         try:
             raw = binascii.a2b_base64(run + b"=" * (-len(run) % 4))
         except binascii.Error:
