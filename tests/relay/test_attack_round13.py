@@ -12,14 +12,18 @@ as `imapveil serve` builds it) to a real Dovecot.
   server's octets reaching the proxy a few at a time (`Trickle`): ENVELOPE and BODYSTRUCTURE
   with literals (8-bit and quoted text), BINARY literal8 on 8-bit and binary parts, a body
   whose lines look like tagged answers, `+` and `* BYE`; lines longer than the proxy holds;
-  mailbox names Dovecot sends as literals in LIST and STATUS.
+  mailbox names Dovecot sends as literals in LIST and STATUS. A session `doveadm kick` ends
+  mid-IDLE ends with Dovecot's `* BYE`, recorded as `server_bye`, IDLE unanswered.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import re
+import shutil
 import socket
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -233,3 +237,136 @@ async def test_a_line_end_in_a_mailbox_name_as_a_literal_ends_the_session(
     answers = {r.tag: r.status for r in v.sink.of(CommandCompleted)}
     assert "c" not in answers and answers.get("a") is None, answers
     assert ids.in_records(v.records_json()) == []
+
+
+# --- Held: the server's literals and long lines, cut at many places (regression guards).
+
+SUBJECT = b"SUBJECT-13f2c0de"
+BODY_MARK = b"BODY-9b1e77aa"
+ODD = [
+    b'From: "Al \\"x\\"" <alice@example.org>\r\nTo: b\xc3\xa9b <bob@example.org>\r\n'
+    b"Subject: caf\xe9 " + SUBJECT + b' "q" \\ x\r\n'
+    b'Content-Type: text/plain; charset="utf-8"; name="a\xc3\xa9"\r\n'
+    b"Content-Transfer-Encoding: 8bit\r\n\r\n"
+    b"a1 OK fake\r\n+ go on\r\n* BYE fake\r\n* 1 FETCH (BODY[] {3}\r\n" + BODY_MARK + b"\r\n",
+    b'From: x@y\r\nSubject: bin\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="b"'
+    b"\r\n\r\n--b\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64"
+    b"\r\n\r\nAAECA0ZPTwAKDQ==\r\n--b\r\nContent-Type: text/plain\r\n"
+    b"Content-Transfer-Encoding: binary\r\n\r\nL OK \x00\x01 x}\r\n--b--\r\n",
+    b"From: a@b\r\nSubject: " + b"w" * 100_000 + b"{5}\r\n\r\nbody\r\n",
+]
+ODD_COMMANDS = [
+    b"e FETCH 1:* (ENVELOPE BODYSTRUCTURE)",
+    b"f FETCH 1:* (BINARY.PEEK[] BINARY.SIZE[1] BINARY.PEEK[1] BINARY.PEEK[2])",
+    b"g FETCH 1:* (BODY.PEEK[] BODY.PEEK[HEADER.FIELDS (SUBJECT)])",
+    b"h UID SEARCH ALL",
+]
+
+
+def odd_session(address: tuple[str, int]) -> bytes:
+    with Client(address) as c:
+        c.greeting()
+        c.login(b"bob", b"builder")
+        c.send(b"s EXAMINE INBOX\r\n")
+        c.until(b"s")
+        for command in ODD_COMMANDS:
+            c.send(command + b"\r\n")
+            assert c.until(command[:1]).startswith(command[:1] + b" OK"), c.transcript[-300:]
+        c.send(b"i IDLE\r\n")
+        assert c.line().startswith(b"+ "), c.transcript[-300:]
+        c.send(b"DONE\r\n")
+        assert c.until(b"i").startswith(b"i OK"), c.transcript[-300:]
+        return c.logout()
+
+
+@pytest.fixture(scope="module")
+def seeded(target: Dovecot) -> Dovecot:
+    target.seed("bob", ODD)
+    return target
+
+
+@pytest.mark.parametrize("step", [1, 3, 4096])
+async def test_server_literals_in_odd_places_stay_in_step(
+    seeded: Dovecot, tmp_path: Path, step: int
+) -> None:
+    direct = await run(odd_session, seeded.address)
+    with Trickle(seeded.address, step) as trickle:
+        async with veil(trickle.address, tmp_path) as v:
+            proxied = await run(odd_session, v.address)
+            await v.sessions_ended(1)
+    assert comparable(proxied) == comparable(direct)
+    assert v.sink.of(Violation) == []
+    answers = [(r.tag, r.status) for r in v.sink.of(CommandCompleted)]
+    assert answers == [(t, "OK") for t in ("L", "s", "e", "f", "g", "h", "i", "Q")], answers
+    records = v.records_json()
+    assert SUBJECT.decode() not in records and BODY_MARK.decode() not in records
+
+
+NAMES = [b'q"""""x', b"end}", b"sp ace{3}", b"ta OK x"]
+"""Folders made on disk: the first Dovecot sends as a literal (five quotes)."""
+
+
+def names_session(address: tuple[str, int]) -> bytes:
+    with Client(address) as c:
+        c.greeting()
+        c.login(b"bob", b"builder")
+        for command in (
+            b'a LIST "" *',
+            b'b LIST "" * RETURN (STATUS (MESSAGES UIDNEXT))',
+            b'c LSUB "" *',
+        ):
+            c.send(command + b"\r\n")
+            assert c.until(command[:1]).startswith(command[:1] + b" OK"), c.transcript[-300:]
+        c.send(b"d STATUS {7}\r\n")
+        assert c.line().startswith(b"+ "), c.transcript[-300:]
+        c.send(b'q"""""x (MESSAGES)\r\n')
+        assert c.until(b"d").startswith(b"d OK"), c.transcript[-300:]
+        return c.logout()
+
+
+async def test_mailbox_names_dovecot_sends_as_literals_stay_in_step(
+    seeded: Dovecot, tmp_path: Path
+) -> None:
+    box = bytes(seeded.maildir("bob") / "Maildir")
+    for name in NAMES:
+        for sub in (b"", b"/cur", b"/new", b"/tmp"):
+            os.makedirs(box + b"/." + name + sub, exist_ok=True)
+            os.chown(box + b"/." + name + sub, seeded.mail_uid, seeded.mail_gid)
+    direct = await run(names_session, seeded.address)
+    assert b'"." {7}\r\nq"""""x\r\n' in direct
+    with Trickle(seeded.address, 2) as trickle:
+        async with veil(trickle.address, tmp_path) as v:
+            proxied = await run(names_session, v.address)
+            await v.sessions_ended(1)
+    assert comparable(proxied) == comparable(direct)
+    assert v.sink.of(Violation) == []
+    records = v.records_json()
+    assert [n for n in (b'q\\"', b"end}", b"sp ace", b"ta OK") if n.decode() in records] == []
+
+
+# --- Held: the server ends a session on its own (regression guard).
+
+
+def kicked_session(address: tuple[str, int], server: Dovecot) -> bytes:
+    with Client(address) as c:
+        c.greeting()
+        c.login(b"bob", b"builder")
+        c.send(b"s SELECT INBOX\r\n")
+        c.until(b"s")
+        c.send(b"i IDLE\r\n")
+        assert c.line().startswith(b"+ "), c.transcript[-300:]
+        kick = [shutil.which("doveadm") or "doveadm", "-c", str(server.root / "dovecot.conf")]
+        subprocess.run([*kick, "kick", "bob"], check=True, capture_output=True, timeout=10)
+        return c.rest()
+
+
+async def test_a_session_dovecot_kicks_mid_idle_ends_with_its_bye(
+    target: Dovecot, tmp_path: Path
+) -> None:
+    async with veil(target.address, tmp_path) as v:
+        transcript = await run(kicked_session, v.address, target)
+        (ended,) = await v.sessions_ended(1)
+    assert transcript.endswith(b"* BYE Server shutting down.\r\n"), transcript[-300:]
+    assert (ended.reason, ended.state) == ("server_bye", "logout")
+    answers = [(r.tag, r.status) for r in v.sink.of(CommandCompleted)]
+    assert answers == [("L", "OK"), ("s", "OK"), ("i", None)], answers
