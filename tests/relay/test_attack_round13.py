@@ -7,7 +7,7 @@ as `imapveil serve` builds it) to a real Dovecot.
   command with a LITERAL+ literal the server refuses, released that literal to Dovecot, which
   ran its octets as a command: an ID with identifiers reached Dovecot past the policy. The
   proxy now refuses such a run in any command line (`classify.shifted_control`), and ends the
-  session at a literal of at most 1 KiB that holds one, before the command ends.
+  session at a literal of at most `max_line` octets that holds one, before its command ends.
 - Held (regression guards), compared with what Dovecot gives a direct connection, with the
   server's octets reaching the proxy a few at a time (`Trickle`): ENVELOPE and BODYSTRUCTURE
   with literals (8-bit and quoted text), BINARY literal8 on 8-bit and binary parts, a body
