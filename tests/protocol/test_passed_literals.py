@@ -27,14 +27,7 @@ from tests.helpers import feeding
 from tests.helpers.feeding import Conversation, Splitter, splitting_at
 
 GREETING = b"* OK [CAPABILITY IMAP4rev1 LITERAL+ ID IDLE AUTH=PLAIN] ready\r\n"
-# A client literal up to `max_line` is read whole before its command ends (a mailbox name
-# Dovecot would echo, `Commands.literal_done`): never passed. BODY is longer than this one.
-talk = partial(
-    feeding.talk,
-    greeting=GREETING,
-    identify_user=lambda user: "user:" + user.decode(),
-    max_line=4096,
-)
+talk = partial(feeding.talk, greeting=GREETING, identify_user=lambda user: "user:" + user.decode())
 
 BODY = bytes(range(256)) * 40 + b"\r\na2 OK not a line\r\n* 1 FETCH {3}\r\n"  # 10 KiB and a trap
 LOGIN = [("c", b"a1 LOGIN alice secret\r\n"), ("s", b"a1 OK logged in\r\n")]
@@ -141,10 +134,23 @@ def test_fetch_literals_passed_by_the_shell_count_as_fed(split: Splitter) -> Non
     assert spliced.ended().reason == "logout"
 
 
+SEARCH = [
+    ("c", b"a5 SEARCH TEXT {%d}\r\n" % len(BODY)),
+    ("s", b"+ go ahead\r\n"),
+    ("c", BODY + b"\r\n"),
+    ("s", b"* SEARCH\r\na5 OK done\r\n"),
+]
+
+
 def test_a_client_literal_a_line_could_hold_is_never_passed(split: Splitter) -> None:
-    fed, spliced, passed = both_ways(LOGIN + APPEND + LOGOUT, split, max_line=len(BODY))
+    """Read whole before its command ends (a mailbox name Dovecot would echo with its line
+    ends, `Commands.literal_done`); APPEND's message is not (the literal above)."""
+    fed, spliced, passed = both_ways(LOGIN + SEARCH + LOGOUT, split)
     assert_same(fed, spliced)
     assert passed.client == 0
+    fed, spliced, passed = both_ways(LOGIN + SEARCH + LOGOUT, split, max_line=len(BODY) - 1)
+    assert_same(fed, spliced)
+    assert passed.client > 0
 
 
 def test_append_literal_after_the_servers_continuation(split: Splitter) -> None:

@@ -370,3 +370,27 @@ async def test_a_session_dovecot_kicks_mid_idle_ends_with_its_bye(
     assert (ended.reason, ended.state) == ("server_bye", "logout")
     answers = [(r.tag, r.status) for r in v.sink.of(CommandCompleted)]
     assert answers == [("L", "OK"), ("s", "OK"), ("i", None)], answers
+
+
+def append_session(address: tuple[str, int]) -> tuple[bytes, bytes]:
+    message = b"Subject: on mUTF-7\r\n\r\nA name like x&AAo-+ y decodes to a LF.\r\n"
+    with Client(address) as c:
+        c.greeting()
+        c.login(b"bob", b"builder")
+        c.send(b"a APPEND INBOX {%d+}\r\n" % len(message) + message + b"\r\n")
+        assert c.until(b"a").startswith(b"a OK"), c.transcript[-300:]
+        kept = c.transcript
+        c.send(b"b APPEND {9+}\r\nx&AAo-+ y {%d+}\r\n" % len(message) + message + b"\r\n")
+        return kept, c.rest()
+
+
+async def test_appends_mailbox_literal_is_read_and_its_message_is_not(
+    target: Dovecot, tmp_path: Path
+) -> None:
+    """A message that holds such a run goes (no mailbox name); a mailbox literal does not."""
+    async with veil(target.address, tmp_path) as v:
+        _, transcript = await run(append_session, v.address)
+        await v.sessions_ended(1)
+    assert b"\n+ y" not in transcript and b"* BYE" in transcript, transcript[-300:]
+    answers = [(r.tag, r.status) for r in v.sink.of(CommandCompleted)]
+    assert answers == [("L", "OK"), ("a", "OK"), ("b", None)], answers

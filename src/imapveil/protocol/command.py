@@ -79,12 +79,17 @@ class Command:
         if len(self.literals) < MAX_LITERALS:
             self.literals.append(size)
 
-    def wants_literal(self, scan_limit: int) -> int:
+    def wants_literal(self, scan_limit: int, before: bytes) -> int:
         """How much of this literal to keep (0: none): all of one short enough to be a mailbox
-        name Dovecot echoes (`scan_limit`), read before the command ends; else the start of a
-        SELECT's mailbox (LOGIN's user name is decided where its literal is announced)."""
-        if self.literals and 0 < self.literals[-1] <= scan_limit:
-            return self.literals[-1]
+        name Dovecot echoes (`scan_limit`), read before the command ends (not APPEND's message
+        or its parts: only a literal with nothing before it, the mailbox); else the start of a
+        SELECT's mailbox (LOGIN's user name is decided where its literal is announced).
+        `before`: the arguments of the fragment that announced it."""
+        size = self.literals[-1] if self.literals else 0
+        if 0 < size <= scan_limit and (
+            self.verb != b"APPEND" or (len(self.literals) == 1 and not before.strip())
+        ):
+            return size
         if len(self.literals) == 1 and self.verb in (b"SELECT", b"EXAMINE") and not self.mailbox:
             return KEEP_LIMIT
         return 0

@@ -419,7 +419,9 @@ class Commands:
             cmd.argc += 1
             if cmd.argc == 1 and not cmd.bad_args:
                 self.framer.keep_next()
-        elif self.framer.kept is None and (keep := cmd.wants_literal(self.config.max_line)):
+        elif self.framer.kept is None and (
+            keep := cmd.wants_literal(self.config.max_line, frag.content)
+        ):
             # A literal up to a line's size is read whole before its command ends (a mailbox
             # name Dovecot would echo with its line ends: `literal_done`).
             self.framer.keep_next(keep)
