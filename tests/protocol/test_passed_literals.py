@@ -143,11 +143,14 @@ SEARCH = [
 
 
 def test_a_client_literal_a_line_could_hold_is_never_passed(split: Splitter) -> None:
-    """Read whole before its command ends (a mailbox name Dovecot would echo with its line
-    ends, `Commands.literal_done`); APPEND's message is not (the literal above)."""
+    """Read whole before its command ends (a string Dovecot would echo with its line ends,
+    `Commands.literal_done`: BODY has some, the session ends at it, however it was cut); APPEND's
+    message is not (the literal above)."""
     fed, spliced, passed = both_ways(LOGIN + SEARCH + LOGOUT, split)
     assert_same(fed, spliced)
     assert passed.client == 0
+    assert fed.closed and fed.ended().reason == "protocol_error"
+    assert bytes(fed.to_server).endswith(BODY)  # the literal went, nothing after it
     fed, spliced, passed = both_ways(LOGIN + SEARCH + LOGOUT, split, max_line=len(BODY) - 1)
     assert_same(fed, spliced)
     assert passed.client > 0

@@ -8,6 +8,9 @@ as `imapveil serve` builds it) to a real Dovecot.
   ran its octets as a command: an ID with identifiers reached Dovecot past the policy. The
   proxy now refuses such a run in any command line (`classify.shifted_control`), and ends the
   session at a literal of at most `max_line` octets that holds one, before its command ends.
+- The same with a string Dovecot writes back as it came (`SORT (<literal>)`: "Unknown sort
+  argument: ...", `SEARCH <literal>`: "Unexpected string as search key: ..."), a raw CR LF in
+  a literal: such a literal ends the session too (not APPEND's message, nor a metadata value).
 - Held (regression guards), compared with what Dovecot gives a direct connection, with the
   server's octets reaching the proxy a few at a time (`Trickle`): ENVELOPE and BODYSTRUCTURE
   with literals (8-bit and quoted text), BINARY literal8 on 8-bit and binary parts, a body
@@ -394,3 +397,49 @@ async def test_appends_mailbox_literal_is_read_and_its_message_is_not(
     assert b"\n+ y" not in transcript and b"* BYE" in transcript, transcript[-300:]
     answers = [(r.tag, r.status) for r in v.sink.of(CommandCompleted)]
     assert answers == [("L", "OK"), ("a", "OK"), ("b", None)], answers
+
+
+# --- A literal Dovecot writes back into its answer as it came.
+
+ECHOED = {
+    "sort-criterion": (b"s1 SORT ({%d+}\r\n", b") UTF-8 ALL\r\n"),  # Unknown sort argument: ...
+    "search-key": (b"s1 SEARCH {%d+}\r\n", b"\r\n"),  # Unexpected string as search key: ...
+}
+
+
+def echoed_literal_session(
+    address: tuple[str, int], head: bytes, tail: bytes, smuggled: bytes
+) -> bytes:
+    echoed = b"X\r\n+ OK"
+    with Client(address) as c:
+        c.greeting()
+        c.login(b"bob", b"builder")
+        c.send(b"s EXAMINE INBOX\r\n")
+        c.until(b"s")
+        c.send(
+            head % len(echoed)
+            + echoed
+            + tail
+            + b"b XFOO {%d+}\r\n" % len(smuggled)
+            + smuggled
+            + b"\r\nd NOOP\r\n"
+        )
+        c.until(b"d")  # b"": the proxy ended the session
+        return c.logout()
+
+
+@pytest.mark.parametrize("where", ECHOED)
+async def test_a_literal_with_a_line_end_dovecot_echoes_ends_the_session(
+    target: Dovecot, tmp_path: Path, where: str
+) -> None:
+    head, tail = ECHOED[where]
+    ids = Identifiers()
+    log = DovecotLog(target)
+    async with veil(target.address, tmp_path) as v:
+        transcript = await run(echoed_literal_session, v.address, head, tail, ids.id_command(b"c"))
+        await v.sessions_ended(1)
+    assert ids.in_log(log.settled(1)) == []
+    assert b"\n+ OK" not in transcript and b"* BYE" in transcript, transcript[-600:]
+    answers = {r.tag: r.status for r in v.sink.of(CommandCompleted)}
+    assert "c" not in answers and answers.get("s1") is None, answers
+    assert ids.in_records(v.records_json()) == []

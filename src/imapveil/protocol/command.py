@@ -22,6 +22,11 @@ MAX_LITERALS = 64
 server (the proxy says "+" itself, or the client sends `{0+}`): one command can have millions."""
 
 
+_VALUES_AFTER_MAILBOX = frozenset((b"APPEND", b"SETMETADATA"))
+"""Commands whose literals after the mailbox carry data that may hold line ends (a message, a
+CATENATE part, a metadata value): not kept, never read (`Command.wants_literal`)."""
+
+
 class State(enum.Enum):
     """RFC 9051 §3: the IMAP connection states."""
 
@@ -80,14 +85,16 @@ class Command:
             self.literals.append(size)
 
     def wants_literal(self, scan_limit: int, before: bytes) -> int:
-        """How much of this literal to keep (0: none): all of one short enough to be a mailbox
-        name Dovecot echoes (`scan_limit`), read before the command ends (not APPEND's message
-        or its parts: only a literal with nothing before it, the mailbox); else the start of a
-        SELECT's mailbox (LOGIN's user name is decided where its literal is announced).
-        `before`: the arguments of the fragment that announced it."""
+        """How much of this literal to keep (0: none): all of one short enough for Dovecot to
+        echo (`scan_limit`), read before the command ends (of APPEND and SETMETADATA only a
+        literal with nothing before it, the mailbox: not a message, its parts or a value, where
+        line ends belong); else the start of a SELECT's mailbox (LOGIN's user name is decided
+        where its literal is announced). `before`: the arguments of the fragment that
+        announced it."""
         size = self.literals[-1] if self.literals else 0
         if 0 < size <= scan_limit and (
-            self.verb != b"APPEND" or (len(self.literals) == 1 and not before.strip())
+            self.verb not in _VALUES_AFTER_MAILBOX
+            or (len(self.literals) == 1 and not before.strip())
         ):
             return size
         if len(self.literals) == 1 and self.verb in (b"SELECT", b"EXAMINE") and not self.mailbox:

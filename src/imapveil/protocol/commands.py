@@ -234,10 +234,13 @@ class Commands:
         """A literal's octets have all passed (or been collected)."""
         kept = self.framer.take_kept()
         if kept is not None and self.current is not None:
-            if b"&" in kept and classify.shifted_control(kept):
-                # A mailbox name Dovecot would echo with its line ends (`classify`): the
-                # command must not end, so the server never runs it.
-                self.out.violation("client", "refused_shifted_control", "in a literal", "closed")
+            if b"\n" in kept or b"\r" in kept or (b"&" in kept and classify.shifted_control(kept)):
+                # Dovecot writes a string argument it refuses back into its answer as it came
+                # (`SORT (<literal>)`: "Unknown sort argument: <literal>"), a mailbox name as
+                # decoded (`classify`): a line end in it makes lines of the client's choosing
+                # (a "+" that releases a literal the server never asked for). The command must
+                # not end, so the server never runs it.
+                self.out.violation("client", "refused_line_end", "in a literal", "closed")
                 self.out.protocol_error(b"* BYE Command not understood by the proxy\r\n")
                 return
             self.current.literal_kept(kept)

@@ -421,8 +421,8 @@ class SessionCore:
         the server asked for them (its `+` came, no gate holds the client back), they are
         forwarded as they come (not an ID's, collected; not a refused command's, skipped; not a
         LOGIN user name's, whose start is kept; not one of at most `max_line` octets but APPEND's
-        message, read whole before its command ends), and nothing the client sent earlier is
-        still parked. 0 otherwise."""
+        message or a metadata value, read whole before its command ends), and nothing the client
+        sent earlier is still parked. 0 otherwise."""
         f = self._client
         if (
             not f.literal_left
@@ -469,8 +469,10 @@ class SessionCore:
                 mark = len(out)
                 start = self._client_literal(data, start, pos, end)
                 if self._out.closed:
-                    # Refused when it ended: what came before it still goes, nothing after.
-                    self._flush(Direction.TO_SERVER, data, start, pos, at=mark)
+                    # Refused when it ended: it goes, as whatever of it came before did (the
+                    # same octets however it was cut), and nothing after it: its command does
+                    # not end, so the server never runs it.
+                    self._flush(Direction.TO_SERVER, data, start, end, at=mark)
                     return
                 pos = end
                 continue
