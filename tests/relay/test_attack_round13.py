@@ -443,3 +443,33 @@ async def test_a_literal_with_a_line_end_dovecot_echoes_ends_the_session(
     answers = {r.tag: r.status for r in v.sink.of(CommandCompleted)}
     assert "c" not in answers and answers.get("s1") is None, answers
     assert ids.in_records(v.records_json()) == []
+
+
+def catenate_session(address: tuple[str, int], smuggled: bytes) -> bytes:
+    echoed = b"X\r\n+ OK"
+    with Client(address) as c:
+        c.greeting()
+        c.login(b"bob", b"builder")
+        c.send(
+            b"u APPEND INBOX CATENATE (URL {%d+}\r\n" % len(echoed)
+            + echoed
+            + b")\r\nb XFOO {%d+}\r\n" % len(smuggled)
+            + smuggled
+            + b"\r\nd NOOP\r\n"
+        )
+        c.until(b"d")  # b"": the proxy ended the session
+        return c.logout()
+
+
+async def test_a_catenate_url_with_a_line_end_ends_the_session(
+    target: Dovecot, tmp_path: Path
+) -> None:
+    """`NO [BADURL <url>]`: Dovecot writes the URL back as it came."""
+    ids = Identifiers()
+    log = DovecotLog(target)
+    async with veil(target.address, tmp_path) as v:
+        transcript = await run(catenate_session, v.address, ids.id_command(b"c"))
+        await v.sessions_ended(1)
+    assert ids.in_log(log.settled(1)) == []
+    assert b"\n+ OK" not in transcript and b"* BYE" in transcript, transcript[-600:]
+    assert ids.in_records(v.records_json()) == []

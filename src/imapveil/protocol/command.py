@@ -9,6 +9,7 @@ password by a misreading).
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Callable
 
 from imapveil.protocol import classify, lexer, sasl
@@ -24,7 +25,9 @@ server (the proxy says "+" itself, or the client sends `{0+}`): one command can 
 
 _VALUES_AFTER_MAILBOX = frozenset((b"APPEND", b"SETMETADATA"))
 """Commands whose literals after the mailbox carry data that may hold line ends (a message, a
-CATENATE part, a metadata value): not kept, never read (`Command.wants_literal`)."""
+CATENATE part, a metadata value): not kept, never read (`Command.wants_literal`), but for a
+CATENATE URL (`_URL_BEFORE`), which Dovecot writes back as it came (`NO [BADURL <url>]`)."""
+_URL_BEFORE = re.compile(rb"(?:^|[ (])[Uu][Rr][Ll] *$")
 
 
 class State(enum.Enum):
@@ -95,6 +98,7 @@ class Command:
         if 0 < size <= scan_limit and (
             self.verb not in _VALUES_AFTER_MAILBOX
             or (len(self.literals) == 1 and not before.strip())
+            or _URL_BEFORE.search(before) is not None  # CATENATE's URL: Dovecot echoes it
         ):
             return size
         if len(self.literals) == 1 and self.verb in (b"SELECT", b"EXAMINE") and not self.mailbox:
