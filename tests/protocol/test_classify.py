@@ -108,3 +108,29 @@ def test_hostile_long_lines_are_one_pass() -> None:
     assert classify.fragment(b'"' + b"\\\\" * (n // 2), 0, 0).problem == "unterminated_quoted"
     assert classify.fragment(b"(" * n, 0, 0).depth == n
     assert classify.fragment(b"a" * n + b"\xff", 0, 0).problem == "eight_bit"
+
+
+@pytest.mark.parametrize(
+    ("name", "refused"),
+    [
+        (b"x&AAo-+ y", True),  # LF
+        (b"x&AA0ACg-", True),  # CR LF
+        (b"&AGEAYQBhAGEAYQBhAGEACg-", True),  # the LF after six letters
+        (b"&AAoA-", True),  # LF and a partial unit
+        (b"&AAoAA-", True),  # LF and a lone sextet (Dovecot refuses it, as the proxy does)
+        (b"&AH8-", True),  # DEL
+        (b"&AAA-", True),  # NUL
+        (b"caf&AOk-", False),
+        (b"&AOkA6QDp-", False),
+        (b"&-", False),  # "&" itself
+        (b"a&b-c", False),  # no valid run
+    ],
+)
+def test_a_modified_utf7_run_that_decodes_to_a_control_is_refused(
+    name: bytes, refused: bool
+) -> None:
+    """Dovecot writes a decoded mailbox name into its answers as it is (tests/relay/
+    test_attack_round13.py): a line end in it makes lines of the client's choosing."""
+    for body in (b"a SELECT " + name, b'a STATUS "' + name + b'" (MESSAGES)'):
+        problem = classify.first_fragment(body).fragment.problem
+        assert problem == ("shifted_control" if refused else None), body

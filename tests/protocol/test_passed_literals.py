@@ -134,6 +134,28 @@ def test_fetch_literals_passed_by_the_shell_count_as_fed(split: Splitter) -> Non
     assert spliced.ended().reason == "logout"
 
 
+SEARCH = [
+    ("c", b"a5 SEARCH TEXT {%d}\r\n" % len(BODY)),
+    ("s", b"+ go ahead\r\n"),
+    ("c", BODY + b"\r\n"),
+    ("s", b"* SEARCH\r\na5 OK done\r\n"),
+]
+
+
+def test_a_client_literal_a_line_could_hold_is_never_passed(split: Splitter) -> None:
+    """Read whole before its command ends (a string Dovecot would echo with its line ends,
+    `Commands.literal_done`: BODY has some, the session ends at it, however it was cut); APPEND's
+    message is not (the literal above)."""
+    fed, spliced, passed = both_ways(LOGIN + SEARCH + LOGOUT, split)
+    assert_same(fed, spliced)
+    assert passed.client == 0
+    assert fed.closed and fed.ended().reason == "protocol_error"
+    assert bytes(fed.to_server).endswith(BODY)  # the literal went, nothing after it
+    fed, spliced, passed = both_ways(LOGIN + SEARCH + LOGOUT, split, max_line=len(BODY) - 1)
+    assert_same(fed, spliced)
+    assert passed.client > 0
+
+
 def test_append_literal_after_the_servers_continuation(split: Splitter) -> None:
     fed, spliced, passed = both_ways(LOGIN + APPEND + LOGOUT, split)
     assert_same(fed, spliced)

@@ -21,6 +21,7 @@ expressions, no backtracking), and nothing quotes the fragment's bytes: they may
 
 from __future__ import annotations
 
+import binascii
 import re
 from dataclasses import dataclass
 
@@ -46,6 +47,12 @@ _VERB = re.compile(rb"[A-Za-z][A-Za-z0-9.\-_]*+")
 # for the literal, so a literal there is refused (Dovecot answers `a IDLE {5}` with "+ idling"
 # and then runs the octets as commands).
 _NO_LITERAL = frozenset((b"IDLE", b"AUTHENTICATE"))
+# A modified UTF-7 run (RFC 9051 §5.1.3: `&`, modified base64, `-`), as mailbox names carry
+# non-ASCII characters. Dovecot decodes a mailbox argument and puts the name in its answer's
+# text as decoded (`NO Mailbox doesn't exist: <name>`), control octets and all: a name whose
+# run decodes to CR or LF makes the server send lines of the client's choosing (a `+` that
+# releases a literal the server never asked for, a tagged answer to another command).
+_SHIFTED = re.compile(rb"&([A-Za-z0-9+,]++)-")
 
 
 @dataclass(slots=True)
@@ -117,6 +124,8 @@ def fragment(body: bytes, start: int, depth: int) -> Fragment:
     matched = m.end() if m is not None else 0  # the pattern matches the empty string
     if matched != len(content):
         return Fragment(_diagnose(content, matched), depth, literal)
+    if b"&" in content and shifted_control(content):
+        return Fragment("shifted_control", depth, literal)
     if b"(" in content or b")" in content:
         for token in _PARENS.finditer(content):
             c = token.group()
@@ -144,6 +153,24 @@ def values(content: bytes, limit: int = 4) -> list[bytes | None]:
         else:
             out.append(atom)
     return out
+
+
+def shifted_control(content: bytes) -> bool:
+    """Whether a modified UTF-7 run in `content` decodes to a control character (C0 or DEL):
+    no mailbox name has one, and Dovecot would write it into its answer as it is. A run that
+    is no valid modified base64 is the server's to refuse (Dovecot does, without echoing)."""
+    for m in _SHIFTED.finditer(content):
+        run = m.group(1).replace(b",", b"/")
+        run = run[: len(run) // 4 * 4 + (len(run) % 4 > 1) * (len(run) % 4)]  # no lone sextet
+        try:
+            raw = binascii.a2b_base64(run + b"=" * (-len(run) % 4))
+        except binascii.Error:
+            continue
+        for i in range(0, len(raw) - 1, 2):
+            unit = raw[i] << 8 | raw[i + 1]
+            if unit < 0x20 or unit == 0x7F:
+                return True
+    return False
 
 
 def _fail(problem: str, body: bytes) -> Fragment:

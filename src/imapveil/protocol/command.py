@@ -9,6 +9,7 @@ password by a misreading).
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Callable
 
 from imapveil.protocol import classify, lexer, sasl
@@ -20,6 +21,13 @@ Identify = Callable[[bytes], str | None]
 MAX_LITERALS = 64
 """Literal sizes a command keeps for its record. An ID's literals take no round trip to the
 server (the proxy says "+" itself, or the client sends `{0+}`): one command can have millions."""
+
+
+_VALUES_AFTER_MAILBOX = frozenset((b"APPEND", b"SETMETADATA"))
+"""Commands whose literals after the mailbox carry data that may hold line ends (a message, a
+CATENATE part, a metadata value): not kept, never read (`Command.wants_literal`), but for a
+CATENATE URL (`_URL_BEFORE`), which Dovecot writes back as it came (`NO [BADURL <url>]`)."""
+_URL_BEFORE = re.compile(rb"(?:^|[ (])[Uu][Rr][Ll] *$")
 
 
 class State(enum.Enum):
@@ -79,20 +87,31 @@ class Command:
         if len(self.literals) < MAX_LITERALS:
             self.literals.append(size)
 
-    def wants_literal(self) -> bool:
-        """Keep the body of this literal? Only a mailbox that is a literal (LOGIN's user name
-        is decided where its literal is announced)."""
-        if len(self.literals) != 1:
-            return False
-        return self.verb in (b"SELECT", b"EXAMINE") and self.mailbox is None
+    def wants_literal(self, scan_limit: int, before: bytes) -> int:
+        """How much of this literal to keep (0: none): all of one short enough for Dovecot to
+        echo (`scan_limit`), read before the command ends (of APPEND and SETMETADATA only a
+        literal with nothing before it, the mailbox: not a message, its parts or a value, where
+        line ends belong); else the start of a SELECT's mailbox (LOGIN's user name is decided
+        where its literal is announced). `before`: the arguments of the fragment that
+        announced it."""
+        size = self.literals[-1] if self.literals else 0
+        if 0 < size <= scan_limit and (
+            self.verb not in _VALUES_AFTER_MAILBOX
+            or (len(self.literals) == 1 and not before.strip())
+            or _URL_BEFORE.search(before) is not None  # CATENATE's URL: Dovecot echoes it
+        ):
+            return size
+        if len(self.literals) == 1 and self.verb in (b"SELECT", b"EXAMINE") and not self.mailbox:
+            return KEEP_LIMIT
+        return 0
 
     def literal_kept(self, value: bytes) -> None:
         """The start of a literal this command wanted kept has arrived."""
         if self.verb == b"LOGIN":
             if self.argc == 1 and self.literals[-1] <= KEEP_LIMIT:
                 self.first_arg = value
-        else:
-            self.mailbox = value
+        elif self.verb in (b"SELECT", b"EXAMINE") and len(self.literals) == 1:
+            self.mailbox = value[:KEEP_LIMIT]
 
     def login_args(self, frag: classify.Fragment) -> None:
         """Count LOGIN's arguments in a fragment, keeping the first (the user name)."""

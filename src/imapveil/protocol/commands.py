@@ -208,6 +208,8 @@ class Commands:
         if verb is None:
             return False
         args = m.group(3)
+        if b"&" in args:
+            return False  # a modified UTF-7 run: the classifier's to read (`shifted_control`)
         tag = m.group(1)
         cmd = Command(tag, verb, self.state, self.out.now)
         self.count += 1
@@ -233,6 +235,15 @@ class Commands:
         """A literal's octets have all passed (or been collected)."""
         kept = self.framer.take_kept()
         if kept is not None and self.current is not None:
+            if b"\n" in kept or b"\r" in kept or (b"&" in kept and classify.shifted_control(kept)):
+                # Dovecot writes a string argument it refuses back into its answer as it came
+                # (`SORT (<literal>)`: "Unknown sort argument: <literal>"), a mailbox name as
+                # decoded (`classify`): a line end in it makes lines of the client's choosing
+                # (a "+" that releases a literal the server never asked for). The command must
+                # not end, so the server never runs it.
+                self.out.violation("client", "refused_line_end", "in a literal", "closed")
+                self.out.protocol_error(b"* BYE Command not understood by the proxy\r\n")
+                return
             self.current.literal_kept(kept)
         self.mode = Mode.CONTINUE
 
@@ -416,8 +427,12 @@ class Commands:
             cmd.argc += 1
             if cmd.argc == 1 and not cmd.bad_args:
                 self.framer.keep_next()
-        elif self.framer.kept is None and cmd.wants_literal():
-            self.framer.keep_next()
+        elif self.framer.kept is None and (
+            keep := cmd.wants_literal(self.config.max_line, frag.content)
+        ):
+            # A literal up to a line's size is read whole before its command ends (a mailbox
+            # name Dovecot would echo with its line ends: `literal_done`).
+            self.framer.keep_next(keep)
         # Literal octets go to the server only when it asked for them. A server that does not
         # read a literal the proxy saw announced (RFC 7888 says it must look for {N+} at every
         # line's end; Dovecot 2.3 does not always) runs its octets as commands, unseen by the

@@ -39,7 +39,7 @@ class Use(enum.Enum):
     SKIP = 3  # not forwarded: a refused command's literal, dropped
 
 
-KEEP_LIMIT = 1024  # how much of a literal LOGIN user name or SELECT mailbox is kept
+KEEP_LIMIT = 1024  # how much of a literal LOGIN user name or SELECT mailbox is kept (by default)
 HEAD = 4096  # how much of a streamed (over-long) server line is kept for parsing
 MAX_GREETING = 4096  # octets before the server's first line end, at most
 
@@ -52,7 +52,16 @@ _SKIP = re.compile(rb"\}\r?\n|\n(?!\* [0-9])")
 class ClientFramer:
     """The client's stream. Holds raw bytes, so its repr shows sizes only."""
 
-    __slots__ = ("buf", "kept", "literal_left", "max_line", "parked_at", "parked_data", "use")
+    __slots__ = (
+        "buf",
+        "keep_limit",
+        "kept",
+        "literal_left",
+        "max_line",
+        "parked_at",
+        "parked_data",
+        "use",
+    )
 
     def __init__(self, max_line: int) -> None:
         self.max_line = max_line
@@ -60,6 +69,7 @@ class ClientFramer:
         self.literal_left = 0  # octets of literal body still to come
         self.use = Use.PASS
         self.kept: bytearray | None = None  # a literal body being kept (bounded)
+        self.keep_limit = KEEP_LIMIT  # how much of it
         # Octets not read yet, while the client must wait for the server: the chunk they came
         # in and where they start in it (no copy, so many gates in one chunk cost one pass).
         self.parked_data = b""
@@ -92,9 +102,11 @@ class ClientFramer:
         self.literal_left = size
         self.use = use
 
-    def keep_next(self) -> None:
-        """Keep the start of the next literal's body (announced, not yet `literal`)."""
+    def keep_next(self, limit: int = KEEP_LIMIT) -> None:
+        """Keep the first `limit` octets of the next literal's body (announced, not yet
+        `literal`)."""
         self.kept = bytearray()
+        self.keep_limit = limit
 
     def forget(self) -> None:
         """The literal the grammar meant to keep will not come."""
@@ -122,8 +134,8 @@ class ClientFramer:
         if self.literal_left:
             take = min(self.literal_left, n - pos)
             kept = self.kept
-            if kept is not None and self.use is not Use.SKIP and len(kept) < KEEP_LIMIT:
-                kept += data[pos : pos + min(take, KEEP_LIMIT - len(kept))]
+            if kept is not None and self.use is not Use.SKIP and len(kept) < self.keep_limit:
+                kept += data[pos : pos + min(take, self.keep_limit - len(kept))]
             self.literal_left -= take
             return Fragment.LITERAL, pos + take, b""
         nl = data.find(b"\n", pos)

@@ -420,8 +420,9 @@ class SessionCore:
         """Octets of the current client literal still to come that nothing here needs to read:
         the server asked for them (its `+` came, no gate holds the client back), they are
         forwarded as they come (not an ID's, collected; not a refused command's, skipped; not a
-        LOGIN user name's or a mailbox name's, whose start is kept), and nothing the client sent
-        earlier is still parked. 0 otherwise."""
+        LOGIN user name's, whose start is kept; not one of at most `max_line` octets but APPEND's
+        message or a metadata value, read whole before its command ends), and nothing the client
+        sent earlier is still parked. 0 otherwise."""
         f = self._client
         if (
             not f.literal_left
@@ -465,7 +466,14 @@ class SessionCore:
                 return
             kind, end, line = f.next(data, pos)
             if kind is Fragment.LITERAL:
+                mark = len(out)
                 start = self._client_literal(data, start, pos, end)
+                if self._out.closed:
+                    # Refused when it ended: it goes, as whatever of it came before did (the
+                    # same octets however it was cut), and nothing after it: its command does
+                    # not end, so the server never runs it.
+                    self._flush(Direction.TO_SERVER, data, start, end, at=mark)
+                    return
                 pos = end
                 continue
             if kind is not Fragment.LINE:  # PARTIAL (now held) or TOO_LONG
