@@ -65,6 +65,9 @@ class Gate(enum.Enum):
 
 _LEG_VERBS = frozenset((b"STARTTLS", b"COMPRESS", b"LOGIN", b"AUTHENTICATE"))  # see ClientLeg.owns
 
+_URL_VERBS = frozenset((b"APPEND", b"URLFETCH", b"GENURLAUTH"))
+"""Commands with IMAP URLs (CATENATE's), whose percent-escapes Dovecot decodes and may echo."""
+
 _SIMPLE_VERBS = {
     verb: verb
     for verb in (
@@ -235,12 +238,18 @@ class Commands:
         """A literal's octets have all passed (or been collected)."""
         kept = self.framer.take_kept()
         if kept is not None and self.current is not None:
-            if b"\n" in kept or b"\r" in kept or (b"&" in kept and classify.shifted_control(kept)):
+            if (
+                b"\n" in kept
+                or b"\r" in kept
+                or (b"&" in kept and classify.shifted_control(kept))
+                or (self.current.verb in _URL_VERBS and classify.escaped_control(kept))
+            ):
                 # Dovecot writes a string argument it refuses back into its answer as it came
                 # (`SORT (<literal>)`: "Unknown sort argument: <literal>"), a mailbox name as
                 # decoded (`classify`): a line end in it makes lines of the client's choosing
                 # (a "+" that releases a literal the server never asked for). The command must
                 # not end, so the server never runs it.
+                # A URL's mailbox, percent-decoded, the same (`classify.escaped_control`).
                 self.out.violation("client", "refused_line_end", "in a literal", "closed")
                 self.out.protocol_error(b"* BYE Command not understood by the proxy\r\n")
                 return
@@ -257,6 +266,8 @@ class Commands:
         tag, verb, frag = parsed.tag, parsed.verb, parsed.fragment
         if frag.problem is None and frag.literal is None and frag.depth:
             frag = replace(frag, problem="unbalanced_list")
+        if frag.problem is None and verb in _URL_VERBS and classify.escaped_control(frag.content):
+            frag = replace(frag, problem="escaped_control")
         if frag.problem == "literal_length":
             self.traits.refused()
             return self._bad_literal()
@@ -378,6 +389,12 @@ class Commands:
 
     def _fragment(self, cmd: Command, line: bytes) -> Fate:
         frag = classify.fragment(lexer.strip_eol(line), 0, cmd.depth)
+        if (
+            frag.problem is None
+            and cmd.verb in _URL_VERBS
+            and classify.escaped_control(frag.content)
+        ):
+            frag = replace(frag, problem="escaped_control")
         if frag.problem == "literal_length":
             return self._bad_literal()
         if frag.problem is not None:

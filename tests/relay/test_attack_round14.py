@@ -1,0 +1,82 @@
+"""Round 14 of attacks from outside: more places Dovecot writes what a client sent into its
+answer with raw line ends, through the proxy (built as `imapveil serve` builds it) to a real
+Dovecot.
+
+- A CATENATE URL whose mailbox is percent-encoded (`URL "/x%0A%2B%20y/;UID=1"`): Dovecot
+  decodes it and writes the name into its answer as it is (`NO [BADURL ...] Mailbox doesn't
+  exist: x`, LF, `+ y`). No raw line end and no modified UTF-7 run reach the proxy, so round 13's
+  checks let it through; the `+` released a pipelined refused command's literal to Dovecot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from imapveil.records import CommandCompleted, Violation
+from tests.helpers.attack import Client, DovecotLog, Identifiers, own_dovecot, veil
+from tests.helpers.dovecot import Dovecot
+
+pytestmark = pytest.mark.dovecot
+run = trio.to_thread.run_sync
+
+
+@pytest.fixture(scope="module")
+def target() -> Iterator[Dovecot]:
+    with own_dovecot() as server:
+        yield server
+
+
+# --- Percent-encoded line ends in a CATENATE URL.
+
+URLS = [b"/x%0A%2B%20y/;UID=1", b"/x%0d%0a%2B%20y/;UID=1", b"/x%0A%2B%20y/;UID=1/;SECTION=1"]
+
+
+def test_dovecot_echoes_a_decoded_url_line_end(target: Dovecot) -> None:
+    """The premise, on a direct connection: the decoded mailbox's LF starts a line."""
+    with Client(target.address) as c:
+        c.greeting()
+        c.login()
+        c.send(b'u APPEND INBOX CATENATE (URL "' + URLS[0] + b'")\r\n')
+        c.until(b"u")
+        c.send(b"z NOOP\r\n")
+        c.until(b"z")
+        assert b"\n+ y" in c.transcript, c.transcript[-300:]
+
+
+def url_session(address: tuple[str, int], url: bytes, as_literal: bool, smuggled: bytes) -> bytes:
+    with Client(address) as c:
+        c.greeting()
+        c.login()
+        quoted = b"{%d+}\r\n" % len(url) + url if as_literal else b'"' + url + b'"'
+        c.send(
+            b"u APPEND INBOX CATENATE (URL "
+            + quoted
+            + b")\r\nb XFOO {%d+}\r\n" % len(smuggled)
+            + smuggled
+            + b"\r\nd NOOP\r\n"
+        )
+        c.until(b"d")  # b"" if the proxy ended the session
+        return c.logout()
+
+
+@pytest.mark.parametrize("as_literal", [False, True], ids=["quoted", "literal"])
+@pytest.mark.parametrize("url", URLS)
+async def test_a_percent_encoded_line_end_in_a_url_is_refused(
+    target: Dovecot, tmp_path: Path, url: bytes, as_literal: bool
+) -> None:
+    ids = Identifiers()
+    log = DovecotLog(target)
+    async with veil(target.address, tmp_path) as v:
+        transcript = await run(url_session, v.address, url, as_literal, ids.id_command(b"c"))
+        await v.sessions_ended(1)
+    assert ids.in_log(log.settled(1)) == []
+    assert b"\n+ y" not in transcript, transcript[-600:]
+    answers = {r.tag: r.status for r in v.sink.of(CommandCompleted)}
+    assert "c" not in answers and answers.get("u") in (None, "BAD"), answers
+    kinds = [r.kind for r in v.sink.of(Violation)]
+    assert ("refused_line_end" if as_literal else "refused_escaped_control") in kinds, kinds
+    assert ids.in_records(v.records_json()) == []
