@@ -80,3 +80,42 @@ async def test_a_percent_encoded_line_end_in_a_url_is_refused(
     kinds = [r.kind for r in v.sink.of(Violation)]
     assert ("refused_line_end" if as_literal else "refused_escaped_control") in kinds, kinds
     assert ids.in_records(v.records_json()) == []
+
+
+# --- A literal longer than the proxy's line limit, shorter than Dovecot's.
+
+
+def long_literal_session(address: tuple[str, int], echoed: bytes, smuggled: bytes) -> bytes:
+    with Client(address) as c:
+        c.greeting()
+        c.login()
+        c.send(b"s EXAMINE INBOX\r\n")
+        c.until(b"s")
+        c.send(
+            b"s1 SEARCH {%d+}\r\n" % len(echoed)
+            + echoed
+            + b"\r\nb XFOO {%d+}\r\n" % len(smuggled)
+            + smuggled
+            + b"\r\nd NOOP\r\n"
+        )
+        c.until(b"d")  # b"" if the proxy ended the session
+        return c.logout()
+
+
+async def test_a_line_end_in_a_literal_longer_than_max_line_is_refused(
+    target: Dovecot, tmp_path: Path
+) -> None:
+    """`max_line_length = 1024` (the least it takes): Dovecot still reads and echoes strings up
+    to its own line limit (64 KiB), so a 2,000-octet literal with a line end made lines of the
+    client's choosing."""
+    ids = Identifiers()
+    log = DovecotLog(target)
+    echoed = b"n" * 2000 + b"X\r\n+ OK"
+    async with veil(target.address, tmp_path, max_line_length=1024) as v:
+        transcript = await run(long_literal_session, v.address, echoed, ids.id_command(b"c"))
+        await v.sessions_ended(1)
+    assert ids.in_log(log.settled(1)) == []
+    assert b"\n+ OK" not in transcript and b"* BYE" in transcript, transcript[-600:]
+    answers = {r.tag: r.status for r in v.sink.of(CommandCompleted)}
+    assert "c" not in answers and answers.get("s1") is None, answers
+    assert ids.in_records(v.records_json()) == []

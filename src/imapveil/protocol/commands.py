@@ -65,6 +65,11 @@ class Gate(enum.Enum):
 
 _LEG_VERBS = frozenset((b"STARTTLS", b"COMPRESS", b"LOGIN", b"AUTHENTICATE"))  # see ClientLeg.owns
 
+ECHO_SCAN = 64 * 1024
+"""Client literals up to this many octets (or `max_line`, if larger) are read whole before their
+command ends (`Command.wants_literal`): Dovecot reads and echoes strings up to its own line
+limit (`imap_max_line_length`, 64 KiB by default), whatever the proxy's `max_line` is."""
+
 _URL_VERBS = frozenset((b"APPEND", b"URLFETCH", b"GENURLAUTH"))
 """Commands with IMAP URLs (CATENATE's), whose percent-escapes Dovecot decodes and may echo."""
 
@@ -445,7 +450,7 @@ class Commands:
             if cmd.argc == 1 and not cmd.bad_args:
                 self.framer.keep_next()
         elif self.framer.kept is None and (
-            keep := cmd.wants_literal(self.config.max_line, frag.content)
+            keep := cmd.wants_literal(max(self.config.max_line, ECHO_SCAN), frag.content)
         ):
             # A literal up to a line's size is read whole before its command ends (a mailbox
             # name Dovecot would echo with its line ends: `literal_done`).
