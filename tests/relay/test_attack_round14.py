@@ -6,6 +6,12 @@ Dovecot.
   decodes it and writes the name into its answer as it is (`NO [BADURL ...] Mailbox doesn't
   exist: x`, LF, `+ y`). No raw line end and no modified UTF-7 run reach the proxy, so round 13's
   checks let it through; the `+` released a pipelined refused command's literal to Dovecot.
+- A literal longer than a small `max_line_length` (1024) was not read for line ends; Dovecot
+  echoes strings up to its own line limit (64 KiB).
+- Two IDs the proxy rewrites piece by piece (a value a quoted string cannot carry), pipelined:
+  the first one's last piece opened the gate, the second was decided before the first was
+  answered, and that answer threw its pieces away: Dovecot's "+" reached the client, and
+  Dovecot and the proxy waited for each other.
 """
 
 from __future__ import annotations
@@ -119,3 +125,38 @@ async def test_a_line_end_in_a_literal_longer_than_max_line_is_refused(
     answers = {r.tag: r.status for r in v.sink.of(CommandCompleted)}
     assert "c" not in answers and answers.get("s1") is None, answers
     assert ids.in_records(v.records_json()) == []
+
+
+# --- The ID gate: rewritten IDs sent piece by piece.
+
+NAME = "Mail caf\u00e9".encode()
+"""A value that a quoted string cannot carry (the passthrough policy keeps it): the proxy sends
+it as a literal of its own, on the server's "+" (the DRIVE gate)."""
+
+
+def driven_ids_session(address: tuple[str, int]) -> bytes:
+    with Client(address) as c:
+        c.greeting()
+        c.login()
+        c.send(
+            b"".join(
+                b'%s ID ("name" {%d+}\r\n%s)\r\n' % (tag, len(NAME), NAME) for tag in (b"t1", b"t2")
+            )
+            + b"d NOOP\r\n"
+        )
+        assert c.until(b"d").startswith(b"d OK"), c.transcript[-600:]
+        return c.logout()
+
+
+async def test_ids_rewritten_piece_by_piece_are_answered_in_turn(
+    target: Dovecot, tmp_path: Path
+) -> None:
+    """The first ID's last piece cleared the DRIVE gate: the second was read and decided before
+    the first was answered, and that answer threw away the second's pieces. Dovecot's "+" for
+    them reached the client, Dovecot waited for the literal, the proxy for Dovecot."""
+    async with veil(target.address, tmp_path, policy="passthrough") as v:
+        transcript = await run(driven_ids_session, v.address)
+        await v.sessions_ended(1)
+    assert b"\r\n+ " not in transcript, transcript[-600:]
+    answers = [(r.tag, r.status) for r in v.sink.of(CommandCompleted)]
+    assert answers == [("L", "OK"), ("t1", "OK"), ("t2", "OK"), ("d", "OK"), ("Q", "OK")], answers

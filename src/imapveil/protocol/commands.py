@@ -510,7 +510,10 @@ class Commands:
             # The server is ready for the next piece of the ID we rewrote: ours, not the client's.
             self.out.to_server(piece)
             if not self.ids.pieces and self.gate is Gate.DRIVE:
-                self.clear_gate()
+                # Sent whole: the client's next command is read once the server has answered
+                # it, as for any ID (a second ID decided before would have its pieces thrown
+                # away by this one's answer, `IdFlow.answered`).
+                self.gate = Gate.ID
             return b""
         gate = self.gate
         shown: bytes | None = None
