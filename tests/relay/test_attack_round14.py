@@ -12,10 +12,14 @@ Dovecot.
   the first one's last piece opened the gate, the second was decided before the first was
   answered, and that answer threw its pieces away: Dovecot's "+" reached the client, and
   Dovecot and the proxy waited for each other.
+- Held (regression guard): with COMPRESS on the client leg and the attack cut into DEFLATE
+  flushes of 7 octets, the literal, URL and modified UTF-7 echoes are refused the same way.
 """
 
 from __future__ import annotations
 
+import socket
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -160,3 +164,49 @@ async def test_ids_rewritten_piece_by_piece_are_answered_in_turn(
     assert b"\r\n+ " not in transcript, transcript[-600:]
     answers = [(r.tag, r.status) for r in v.sink.of(CommandCompleted)]
     assert answers == [("L", "OK"), ("t1", "OK"), ("t2", "OK"), ("d", "OK"), ("Q", "OK")], answers
+
+
+# --- Held: the same attacks with COMPRESS on the client leg, cut into many DEFLATE flushes.
+
+
+def compressed_session(address: tuple[str, int], attack: bytes) -> bytes:
+    """LOGIN, COMPRESS DEFLATE, then `attack` a few octets per flush; what came back, inflated."""
+    with socket.create_connection(address, timeout=5) as s:
+        f = s.makefile("rb")
+        assert f.readline().startswith(b"* OK")
+        s.sendall(b"L LOGIN alice wonderland\r\n")
+        assert f.readline().startswith(b"L OK")
+        s.sendall(b"z COMPRESS DEFLATE\r\n")
+        assert f.readline().startswith(b"z OK"), "COMPRESS refused"
+        deflate = zlib.compressobj(6, zlib.DEFLATED, -15)
+        for i in range(0, len(attack), 7):
+            s.sendall(deflate.compress(attack[i : i + 7]) + deflate.flush(zlib.Z_SYNC_FLUSH))
+        inflate = zlib.decompressobj(-15)
+        got = b""
+        while b"* BYE" not in got and (data := f.read1(65536)):
+            got += inflate.decompress(data)
+        return got  # (the proxy's EOF would come after its close grace: no half-close in DEFLATE)
+
+
+def attacks(smuggled: bytes) -> list[bytes]:
+    echoed = b"X\r\n+ OK"
+    tail = b"b XFOO {%d+}\r\n" % len(smuggled) + smuggled + b"\r\nd NOOP\r\nQ LOGOUT\r\n"
+    return [
+        b"s1 SEARCH {%d+}\r\n" % len(echoed) + echoed + b"\r\n" + tail,
+        b'u APPEND INBOX CATENATE (URL "/x%0A%2B%20y/;UID=1")\r\n' + tail,
+        b'a SELECT "x&AAo-+ y"\r\n' + tail,
+    ]
+
+
+@pytest.mark.parametrize("which", range(3))
+async def test_compress_does_not_change_what_is_refused(
+    target: Dovecot, tmp_path: Path, which: int
+) -> None:
+    ids = Identifiers()
+    log = DovecotLog(target)
+    async with veil(target.address, tmp_path, compress=True) as v:
+        got = await run(compressed_session, v.address, attacks(ids.id_command(b"c"))[which])
+        await v.sessions_ended(1)
+    assert ids.in_log(log.settled(1)) == []
+    assert b"\n+ " not in got, got[-600:]
+    assert "c" not in {r.tag for r in v.sink.of(CommandCompleted)}
