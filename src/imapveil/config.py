@@ -169,7 +169,9 @@ class Settings:
     )  # fmt: skip
     max_line_length: int = setting(
         64 * 1024, _whole(1024, "expected a whole number of octets, at least 1024"),
-        "longest client line outside literals, in octets; longer gets `* BYE [TOOBIG]`",
+        "longest client line outside literals, in octets; longer gets `* BYE [TOOBIG]`; "
+        "literals up to this or 64 KiB, whichever is more, are read whole for line ends: "
+        "keep it at least Dovecot's `imap_max_line_length`",
         metavar="OCTETS", section="Time and size limits",
     )  # fmt: skip
     connect_timeout: float = setting(

@@ -144,9 +144,10 @@ def test_value_needing_a_literal_without_literal_plus_is_sent_piece_by_piece(
     assert conv.to_server == (
         b'a ID ("name" "Mail" "x-weird" {2}\r\n'
         b'\r\n "x-imapveil" "imapveil 0.1.0 removed or shortened fields")\r\n'
-        b"b NOOP\r\n"
     )
-    conv.server(b"a OK\r\nb OK\r\n")
+    conv.server(b"a OK\r\n")
+    assert conv.to_server.endswith(b")\r\nb NOOP\r\n")  # once the ID is answered
+    conv.server(b"b OK\r\n")
     assert set(ids(conv)[0].dropped) == {"x-originating-ip"}
     assert [r.status for r in conv.of(CommandCompleted)] == ["OK", "OK"]
 
@@ -326,3 +327,24 @@ def test_pipelined_ids_are_decided_one_per_answer(split: Splitter) -> None:
         assert len(decided) == min(i + 2, 3)
     assert conv.to_server.endswith(b'i2 ID ("name" "x")\r\nn NOOP\r\n')
     assert not [v for v in conv.records if isinstance(v, Violation)]
+
+
+def test_ids_sent_piece_by_piece_are_answered_in_turn(split: Splitter) -> None:
+    """attack14: the first ID's last piece cleared the DRIVE gate, so the second was read and
+    decided before the first was answered; that answer threw away the second's pieces, the
+    server's "+" for them went to the client, and the server waited for a literal that never
+    came (the proxy for the server). The next command is read once the ID is answered."""
+    conv = talk(split, "passthrough", GREETING_NO_LITERAL_PLUS)
+    conv.client(b'a ID ("x-weird" {2+}\r\n\r\n)\r\nb ID ("x-weird" {2+}\r\n\r\n)\r\nc NOOP\r\n')
+    assert conv.to_server == b'a ID ("x-weird" {2}\r\n'
+    conv.server(b"+ go ahead\r\n")
+    assert conv.to_server == b'a ID ("x-weird" {2}\r\n\r\n)\r\n'
+    conv.server(b"* ID NIL\r\na OK\r\n")
+    assert conv.to_server.endswith(b'a ID ("x-weird" {2}\r\n\r\n)\r\nb ID ("x-weird" {2}\r\n')
+    conv.server(b"+ go ahead\r\n")
+    assert conv.to_server.endswith(b'b ID ("x-weird" {2}\r\n\r\n)\r\n')
+    assert b"go ahead" not in conv.to_client
+    conv.server(b"* ID NIL\r\nb OK\r\n")
+    assert conv.to_server.endswith(b")\r\nc NOOP\r\n")
+    conv.server(b"c OK\r\n")
+    assert [r.status for r in conv.of(CommandCompleted)] == ["OK", "OK", "OK"]

@@ -53,6 +53,7 @@ _NO_LITERAL = frozenset((b"IDLE", b"AUTHENTICATE"))
 # run decodes to CR or LF makes the server send lines of the client's choosing (a `+` that
 # releases a literal the server never asked for, a tagged answer to another command).
 _SHIFTED = re.compile(rb"&([A-Za-z0-9+,]++)-")
+_ESCAPED_CONTROL = re.compile(rb"%(?:[01][0-9A-Fa-f]|7[Ff])")
 
 
 @dataclass(slots=True)
@@ -171,6 +172,13 @@ def shifted_control(content: bytes) -> bool:
             if unit < 0x20 or unit == 0x7F:
                 return True
     return False
+
+
+def escaped_control(content: bytes) -> bool:
+    """Whether `content` has a URL's percent-escape of a control character (C0 or DEL):
+    Dovecot decodes an IMAP URL's mailbox and writes it into its answer as it is
+    (`NO [BADURL ...] Mailbox doesn't exist: <name>`), as it does a modified UTF-7 run."""
+    return b"%" in content and _ESCAPED_CONTROL.search(content) is not None
 
 
 def _fail(problem: str, body: bytes) -> Fragment:

@@ -65,6 +65,14 @@ class Gate(enum.Enum):
 
 _LEG_VERBS = frozenset((b"STARTTLS", b"COMPRESS", b"LOGIN", b"AUTHENTICATE"))  # see ClientLeg.owns
 
+ECHO_SCAN = 64 * 1024
+"""Client literals up to this many octets (or `max_line`, if larger) are read whole before their
+command ends (`Command.wants_literal`): Dovecot reads and echoes strings up to its own line
+limit (`imap_max_line_length`, 64 KiB by default), whatever the proxy's `max_line` is."""
+
+_URL_VERBS = frozenset((b"APPEND", b"URLFETCH", b"GENURLAUTH"))
+"""Commands with IMAP URLs (CATENATE's), whose percent-escapes Dovecot decodes and may echo."""
+
 _SIMPLE_VERBS = {
     verb: verb
     for verb in (
@@ -235,12 +243,18 @@ class Commands:
         """A literal's octets have all passed (or been collected)."""
         kept = self.framer.take_kept()
         if kept is not None and self.current is not None:
-            if b"\n" in kept or b"\r" in kept or (b"&" in kept and classify.shifted_control(kept)):
+            if (
+                b"\n" in kept
+                or b"\r" in kept
+                or (b"&" in kept and classify.shifted_control(kept))
+                or (self.current.verb in _URL_VERBS and classify.escaped_control(kept))
+            ):
                 # Dovecot writes a string argument it refuses back into its answer as it came
                 # (`SORT (<literal>)`: "Unknown sort argument: <literal>"), a mailbox name as
                 # decoded (`classify`): a line end in it makes lines of the client's choosing
                 # (a "+" that releases a literal the server never asked for). The command must
                 # not end, so the server never runs it.
+                # A URL's mailbox, percent-decoded, the same (`classify.escaped_control`).
                 self.out.violation("client", "refused_line_end", "in a literal", "closed")
                 self.out.protocol_error(b"* BYE Command not understood by the proxy\r\n")
                 return
@@ -257,6 +271,8 @@ class Commands:
         tag, verb, frag = parsed.tag, parsed.verb, parsed.fragment
         if frag.problem is None and frag.literal is None and frag.depth:
             frag = replace(frag, problem="unbalanced_list")
+        if frag.problem is None and verb in _URL_VERBS and classify.escaped_control(frag.content):
+            frag = replace(frag, problem="escaped_control")
         if frag.problem == "literal_length":
             self.traits.refused()
             return self._bad_literal()
@@ -378,6 +394,12 @@ class Commands:
 
     def _fragment(self, cmd: Command, line: bytes) -> Fate:
         frag = classify.fragment(lexer.strip_eol(line), 0, cmd.depth)
+        if (
+            frag.problem is None
+            and cmd.verb in _URL_VERBS
+            and classify.escaped_control(frag.content)
+        ):
+            frag = replace(frag, problem="escaped_control")
         if frag.problem == "literal_length":
             return self._bad_literal()
         if frag.problem is not None:
@@ -428,7 +450,7 @@ class Commands:
             if cmd.argc == 1 and not cmd.bad_args:
                 self.framer.keep_next()
         elif self.framer.kept is None and (
-            keep := cmd.wants_literal(self.config.max_line, frag.content)
+            keep := cmd.wants_literal(max(self.config.max_line, ECHO_SCAN), frag.content)
         ):
             # A literal up to a line's size is read whole before its command ends (a mailbox
             # name Dovecot would echo with its line ends: `literal_done`).
@@ -488,7 +510,10 @@ class Commands:
             # The server is ready for the next piece of the ID we rewrote: ours, not the client's.
             self.out.to_server(piece)
             if not self.ids.pieces and self.gate is Gate.DRIVE:
-                self.clear_gate()
+                # Sent whole: the client's next command is read once the server has answered
+                # it, as for any ID (a second ID decided before would have its pieces thrown
+                # away by this one's answer, `IdFlow.answered`).
+                self.gate = Gate.ID
             return b""
         gate = self.gate
         shown: bytes | None = None

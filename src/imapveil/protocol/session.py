@@ -420,9 +420,9 @@ class SessionCore:
         """Octets of the current client literal still to come that nothing here needs to read:
         the server asked for them (its `+` came, no gate holds the client back), they are
         forwarded as they come (not an ID's, collected; not a refused command's, skipped; not a
-        LOGIN user name's, whose start is kept; not one of at most `max_line` octets but APPEND's
-        message or a metadata value, read whole before its command ends), and nothing the client
-        sent earlier is still parked. 0 otherwise."""
+        LOGIN user name's, whose start is kept; not one of at most `max_line` or 64 KiB octets
+        but APPEND's message or a metadata value, read whole before its command ends), and
+        nothing the client sent earlier is still parked. 0 otherwise."""
         f = self._client
         if (
             not f.literal_left
