@@ -265,7 +265,7 @@ def reused_tags(address: tuple[str, int], hidden: Identifiers) -> tuple[bytes, i
         + big
         + b"\r\nt NOOP\r\n"
         + b"u SELECT INBOX\r\n"
-        + b"t FETCH * (BODY.PEEK[])\r\n"  # the message just appended (INBOX fills up)
+        + b"t FETCH 1:* (BODY.PEEK[])\r\n"
         + b"t NOOP\r\n"
     )
     with Client(address) as c:
