@@ -17,6 +17,8 @@ import ipaddress
 import itertools
 from dataclasses import dataclass
 
+from imapveil.relay.streams import seen_as
+
 MAX_TRACKED = 100_000
 BURST_SECONDS = 30.0
 """A rate bucket holds this many seconds' worth of connections: a reconnect storm after a
@@ -64,15 +66,8 @@ class Limits:
 def _exempts(host: str, exempt: tuple[Network, ...]) -> bool:
     """`Limits.exempts`, remembered for the last few thousand addresses (clients reconnect from
     the same few; parsing an address is most of the admission's cost)."""
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    if address.is_loopback or any(address in network for network in exempt):
-        return True
-    # A dual-stack listener's view of an IPv4 client: exempt as its IPv4 address is too.
-    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
-    return mapped is not None and (mapped.is_loopback or any(mapped in n for n in exempt))
+    seen = seen_as(host)  # and a dual-stack listener's IPv4 client as its IPv4 address
+    return any(a.is_loopback for a in seen) or any(a in n for a in seen for n in exempt)
 
 
 NAT64 = ipaddress.IPv6Network("64:ff9b::/96")

@@ -32,20 +32,23 @@ CLOSE_GRACE = 2.0
 Networks = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
 
 
+def seen_as(host: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...]:
+    """`host` (an address as text) as an address, none if it is not one; for an IPv4 client on
+    a dual-stack listener (systemd's `ListenStream=143`: `::ffff:a.b.c.d`) its IPv4 address
+    too, so that IPv4 networks hold it (as the limits count it)."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return ()
+    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+    return (address,) if mapped is None else (address, mapped)
+
+
 def in_networks(host: str, networks: Networks) -> bool:
     """Whether `host` (an address as text; anything else is not) lies in one of `networks`."""
     if not networks:  # the usual case, asked once per connection: no address to parse
         return False
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    if any(address in network for network in networks):
-        return True
-    # An IPv4 client on a dual-stack listener (systemd's `ListenStream=143`): `::ffff:a.b.c.d`,
-    # in the IPv4 networks its IPv4 address is in (as the limits count it).
-    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
-    return mapped is not None and any(mapped in network for network in networks)
+    return any(address in network for address in seen_as(host) for network in networks)
 
 
 class WriteLock:
