@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import shutil
+import socket
 import ssl
 import tempfile
 from collections.abc import AsyncIterator, Iterator
@@ -30,6 +31,16 @@ def dovecot() -> Iterator[Dovecot]:
         yield server
     finally:
         server.cleanup()
+
+
+@pytest.fixture
+def notify_socket(tmp_path: Path) -> Iterator[tuple[socket.socket, str]]:
+    """A datagram socket of our own in place of systemd's ($NOTIFY_SOCKET)."""
+    path = str(tmp_path / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(path)
+        sock.settimeout(10)
+        yield sock, path
 
 
 R = TypeVar("R", bound=Record)

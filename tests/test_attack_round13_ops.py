@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -57,16 +56,6 @@ def test_rotating_addresses_past_the_bucket_cap_cost_linear_time(
         gate.release(gate.key(host))
     assert len(gate._buckets) <= 1000
     assert scans <= 110, f"{scans} scans of the whole table for 10,000 addresses past the cap"
-
-
-@pytest.fixture
-def notify_socket(tmp_path: Path) -> Iterator[tuple[socket.socket, str]]:
-    """A datagram socket of our own in place of systemd's ($NOTIFY_SOCKET)."""
-    path = str(tmp_path / "notify")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.bind(path)
-        sock.settimeout(10)
-        yield sock, path
 
 
 def _notifications(sock: socket.socket, until: str) -> list[str]:

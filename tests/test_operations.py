@@ -37,15 +37,6 @@ def notifications(sock: socket.socket, until: str) -> list[str]:
             return seen
 
 
-@pytest.fixture
-def notify_socket(tmp_path: Path) -> Iterator[tuple[socket.socket, str]]:
-    path = str(tmp_path / "notify")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.bind(path)
-        sock.settimeout(10)
-        yield sock, path
-
-
 def test_sd_notify_ready_reload_watchdog_stopping(
     dovecot: Dovecot, tmp_path: Path, notify_socket: tuple[socket.socket, str]
 ) -> None:
