@@ -163,3 +163,23 @@ def test_stats_reads_the_store_of_the_configuration(
     since = ["--since", "2026-11-01T10:00:01Z", "--format", "json"]
     assert main(["stats", "--config", str(conf), *since]) == 0
     assert '"sessions": 0' in capsys.readouterr().out
+
+
+def test_the_statistics_tools_do_not_load_the_relay(tmp_path: Path) -> None:
+    """`stats` and `report` are run by hand and from cron, often many at once (and 25 times by
+    the traits attack): they read the store only. The relay (trio, the core, the metrics) took
+    two thirds of their start-up (0.8 s of 1.1 s); it is imported by `serve` and `check-config`."""
+    store = tmp_path / "s.sqlite"
+    Store(str(store)).connect()
+    probe = (
+        "import sys\n"
+        "from imapveil.cli import main\n"
+        f"status = main(['stats', '--store', {str(store)!r}, '--min-users', '0'])\n"
+        "loaded = sorted(m for m in sys.modules if m == 'trio' or m.startswith('imapveil.relay'))\n"
+        "print(status, loaded)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "0 []"
