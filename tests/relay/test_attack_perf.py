@@ -168,7 +168,7 @@ CASES = {
     "refused-by-dovecot": Case(refused_by_dovecot, spliced=False),
     "idle-literal": Case(idle_literal, spliced=False),
     "id-literal": Case(id_literal, spliced=False, runs=False),
-    # Dovecot ends the session: `* BYE Literal size too large` (no login attempt, no penalty).
+    # Dovecot ends the session: `* BYE Literal size too large` (no login attempt).
     "login-literal": Case(login_literal, spliced=False, runs=False, login=False),
 }
 

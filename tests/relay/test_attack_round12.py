@@ -66,14 +66,6 @@ def target() -> Iterator[Dovecot]:
         yield server
 
 
-@pytest.fixture(scope="module")
-def sasl_target() -> Iterator[Dovecot]:
-    """A Dovecot of the SASL attacks' own: their failed authentications make Dovecot delay the
-    next logins from 127.0.0.1 (its auth penalty), which the other tests here need fast."""
-    with own_dovecot() as server:
-        yield server
-
-
 # --- A SASL response the server never asked for, read as a command.
 
 PASSWORD = b"wonderland"
@@ -135,7 +127,7 @@ def sasl_ahead(address: tuple[str, int], name: str) -> bytes:
 
 @pytest.mark.parametrize("name", list(AHEAD))
 async def test_a_sasl_response_sent_ahead_reaches_no_record(
-    sasl_target: Dovecot,
+    target: Dovecot,
     tmp_path: Path,
     tls_material: TlsMaterial,
     caplog: pytest.LogCaptureFixture,
@@ -151,7 +143,7 @@ async def test_a_sasl_response_sent_ahead_reaches_no_record(
     }
     settings = require if name == "privacy-required" else {}
     caplog.set_level(logging.DEBUG)
-    async with veil(sasl_target.address, tmp_path, **settings) as v:
+    async with veil(target.address, tmp_path, **settings) as v:
         transcript = await run(sasl_ahead, v.address, name)
         await v.sessions_ended(1)
     assert b" BAD [CLIENTBUG]" in transcript, transcript
@@ -238,13 +230,13 @@ def answers(address: tuple[str, int], steps: list[Step]) -> list[bytes]:
 
 @pytest.mark.parametrize("name", list(WIRE))
 async def test_sasl_and_literals_in_odd_forms_stay_in_step(
-    sasl_target: Dovecot, tmp_path: Path, name: str
+    target: Dovecot, tmp_path: Path, name: str
 ) -> None:
     """Held (attack12), but for `pipelined-into-sasl`, whose password was a record's tag until
     the fix above: every answer (tag and status, line by line) is the one Dovecot gives a
     direct connection, and no credential reaches a record."""
-    direct = await run(answers, sasl_target.address, WIRE[name])
-    async with veil(sasl_target.address, tmp_path) as v:
+    direct = await run(answers, target.address, WIRE[name])
+    async with veil(target.address, tmp_path) as v:
         proxied = await run(answers, v.address, WIRE[name])
         await v.sessions_ended(1)
     assert proxied == direct
@@ -357,7 +349,7 @@ async def login_mechanism_server(peer: Peer) -> None:
 
 @pytest.mark.parametrize("name", list(MIXED))
 async def test_another_mechanisms_response_to_login_is_no_user_name(
-    sasl_target: Dovecot, tmp_path: Path, name: str
+    target: Dovecot, tmp_path: Path, name: str
 ) -> None:
     """Found (attack12, by a fuzzer of the core): LOGIN's first response is its user name, and
     the whole of it was taken as one: `"user": "\\u0000alice\\u0000wonderland"` in the command's
@@ -366,7 +358,7 @@ async def test_another_mechanisms_response_to_login_is_no_user_name(
     the mechanism. (XOAUTH2's against a scripted server: Dovecot refuses that name only after
     its failure delay.)"""
     upstream: contextlib.AbstractAsyncContextManager[tuple[str, int]]
-    upstream = contextlib.nullcontext(sasl_target.address)
+    upstream = contextlib.nullcontext(target.address)
     if name != "plain":
         upstream = serve(login_mechanism_server, bytearray())
     async with upstream as address, veil(address, tmp_path, user_identity="plain") as v:

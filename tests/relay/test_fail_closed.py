@@ -57,8 +57,7 @@ def xfail(item: int, what: str) -> pytest.MarkDecorator:
 
 
 CAROL = marker("PW") + " with a space"
-"""A password with a space. Tests never fail a login: Dovecot then delays every later login
-from the same address (its auth penalty, up to 15 s)."""
+"""A password with a space."""
 
 
 @pytest.fixture(scope="module")
