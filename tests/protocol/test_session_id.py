@@ -348,3 +348,22 @@ def test_ids_sent_piece_by_piece_are_answered_in_turn(split: Splitter) -> None:
     assert conv.to_server.endswith(b")\r\nc NOOP\r\n")
     conv.server(b"c OK\r\n")
     assert [r.status for r in conv.of(CommandCompleted)] == ["OK", "OK", "OK"]
+
+
+def test_a_server_that_never_asks_for_a_rewritten_ids_piece_ends_the_session(
+    split: Splitter,
+) -> None:
+    """The proxy sends a rewritten ID piece by piece, each on the server's "+": while it waits
+    for one, it waits as for any literal of the client's (`literal_timeout`), not for the idle
+    timeout after login (31 minutes, the client held all the while)."""
+    conv = talk(split, "passthrough", GREETING_NO_LITERAL_PLUS)
+    conv.client(b"L LOGIN alice x\r\n").server(b"L OK\r\n")
+    conv.client(b'a ID ("name" "Mail" "x-weird" {2+}\r\n\r\n)\r\nb NOOP\r\n')
+    assert conv.to_server.endswith(b'a ID ("name" "Mail" "x-weird" {2}\r\n')
+    assert conv.core.idle_timeout == conv.core.config.literal_timeout
+    conv.apply(conv.core.timed_out(conv.clock)).finish()
+    assert b"b NOOP" not in conv.to_server
+    assert (conv.ended().reason, conv.ended().detail) == (
+        "literal_timeout",
+        "no answer to a literal",
+    )

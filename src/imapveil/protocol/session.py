@@ -30,6 +30,11 @@ from imapveil.records import SessionEnded, SessionStarted
 
 __all__ = ["CoreConfig", "SessionCore", "State"]
 
+_WAITS_FOR_PLUS = (Gate.LITERAL, Gate.DRIVE)
+"""The proxy waits for the server's "+" to send what it holds: a synchronizing literal of the
+client's, or the next piece of an ID it rewrote. A server that neither asks nor answers within
+`literal_timeout` ends the session."""
+
 
 class SessionCore:
     """Follows one IMAP session. Not thread-safe; one per connection."""
@@ -161,7 +166,7 @@ class SessionCore:
             if self.state is State.NOT_AUTHENTICATED or self.state is State.LOGOUT
             else self.config.idle_timeout
         )
-        if self._commands.gate is Gate.LITERAL:
+        if self._commands.gate in _WAITS_FOR_PLUS:
             return min(timeout, self.config.literal_timeout)
         return timeout
 
@@ -325,7 +330,7 @@ class SessionCore:
             wait = self.config.greeting_timeout
             return self.upstream_unavailable(f"no IMAP greeting within {wait:g} s", now)
         bye = b"* BYE Disconnected for inactivity\r\n"
-        if self._commands.gate is Gate.LITERAL:
+        if self._commands.gate in _WAITS_FOR_PLUS:
             self._out.end("literal_timeout", "no answer to a literal")
         deadline = self.config.login_deadline
         if self.state is State.NOT_AUTHENTICATED and 0 < deadline <= now - self.started:
