@@ -7,6 +7,7 @@ so as root the cluster belongs to the `postgres` account the package creates.
 
 from __future__ import annotations
 
+import atexit
 import glob
 import os
 import pwd
@@ -26,6 +27,19 @@ def ensure_postgres() -> Path:
     if not found:
         raise RuntimeError("PostgreSQL is not installed: run `bash scripts/check`")
     return Path(found[-1]).parent
+
+
+_templates: dict[Path, Postgres] = {}
+
+
+def _template(binaries: Path, timeout: float) -> Path:
+    """The directory of this run's stopped template cluster, made on first use."""
+    if binaries not in _templates:
+        template = Postgres()
+        template._init(timeout)
+        _templates[binaries] = template
+        atexit.register(template.cleanup)
+    return _templates[binaries].root
 
 
 class Postgres:
@@ -49,11 +63,20 @@ class Postgres:
         subprocess.run([*self.as_user, *command], check=True, capture_output=True, timeout=120)
 
     def start(self, timeout: float = 30.0) -> Postgres:
+        """A fresh cluster: a copy of one made once a run (initdb and CREATE DATABASE took 2 of
+        the 2.5 s a start cost; a copy of the stopped cluster takes 0.5)."""
+        # cp -a keeps the owner (the postgres account, as root) and the data directory's 0700.
+        self._run("cp", "-a", str(_template(self.bin, timeout) / "data"), str(self.root / "data"))
+        self._serve(timeout, create=False)
+        return self
+
+    def _init(self, timeout: float) -> None:
+        """initdb, and the statistics database, in a cluster left stopped."""
         data = self.root / "data"
         self._run(str(self.bin / "initdb"), "-D", str(data), "-A", "trust", "-U", "imapveil",
                   "--no-sync")  # fmt: skip
         self._serve(timeout, create=True)
-        return self
+        self.stop()
 
     def restart(self, timeout: float = 30.0) -> None:
         """Start the same cluster again after `stop()` (the store "comes back")."""
