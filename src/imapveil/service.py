@@ -245,6 +245,7 @@ class Service:
                 report_store_drops(self.store, self.sink, final=True)
             # The event log goes last: every record of every session is written before exit.
             events.cancel_scope.cancel()
+        self.notifier.close()
         return 0
 
     async def _serve(
@@ -264,6 +265,8 @@ class Service:
             # Signals are handled before anyone is told we are ready: a reload right after
             # READY=1 must not find the default SIGHUP action (which ends the process).
             await nursery.start(self._on_signals)
+            if self.notifier.enabled:  # what its socket could not take at once, later
+                nursery.start_soon(self.notifier.run)
             if self.notifier.watchdog_interval:
                 nursery.start_soon(self._watchdog, self.notifier.watchdog_interval)
             self.fanout.emit(ConfigLoaded(self.config or "command line", True))
