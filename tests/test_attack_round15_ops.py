@@ -10,13 +10,15 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 import trio
 
 from imapveil import systemd
+from imapveil.stats import metrics as metrics_module
+from imapveil.stats.metrics import SCRAPES_AT_ONCE, Metrics, serve_metrics
 from imapveil.systemd import Notifier
 from tests.helpers.dovecot import Dovecot
 from tests.helpers.process import imapveil
@@ -124,3 +126,170 @@ def test_the_service_serves_while_its_notify_socket_is_full(
             seen += _drain(sock)
         assert seen[:1] == ["READY=1"], seen
         assert proxy.stop() == 0
+
+
+# --- The metrics port, from outside: raw sockets, as anyone who reaches it can.
+
+
+@contextlib.asynccontextmanager
+async def metrics_port() -> AsyncIterator[int]:
+    """`serve_metrics` in this process, on a port of its own."""
+    metrics = Metrics()
+    metrics.gauge("up_here", "A gauge of the test's", lambda: 1.0)
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_metrics, metrics, listeners, lambda: (True, "ok"))
+        yield listeners[0].socket.getsockname()[1]
+        nursery.cancel_scope.cancel()
+
+
+async def exchange(port: int, request: bytes, within: float = 2.0) -> bytes:
+    """What the port answers to `request` (sent at once) before it closes, within `within`."""
+    with trio.fail_after(within):
+        async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+            await stream.send_all(request)
+            answer = b""
+            with contextlib.suppress(trio.BrokenResourceError):
+                while chunk := await stream.receive_some(65536):
+                    answer += chunk
+    return answer
+
+
+def status(answer: bytes) -> int:
+    return int(answer.split(b" ", 2)[1])
+
+
+def head_and_body(answer: bytes) -> tuple[bytes, bytes]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return head, body
+
+
+async def test_a_request_ended_by_bare_line_feeds_is_answered_at_once() -> None:
+    """Found: the metrics port read a request until CRLF CRLF; one whose lines end in a bare
+    LF (`printf 'GET /metrics HTTP/1.0\\n\\n' | nc`, some health checkers) waited out the
+    5 seconds and was closed unanswered. Request lines and headers ending in LF are read as
+    most HTTP servers read them (RFC 9112 §2.2)."""
+    async with metrics_port() as port:
+        answer = await exchange(port, b"GET /metrics HTTP/1.0\nAccept: text/plain\n\n", 1.0)
+        assert status(answer) == 200 and b"imapveil_up_here 1.0" in answer
+        answer = await exchange(port, b"GET /healthz HTTP/1.1\r\nHost: x\n\r\n", 1.0)
+        assert status(answer) == 200 and head_and_body(answer)[1] == b"ok\n"
+
+
+async def test_connections_holding_every_slot_do_not_lock_the_scraper_out() -> None:
+    """Found: `SCRAPES_AT_ONCE` connections that send nothing (or a request a byte at a time)
+    held the metrics port's slots for 5 s each, and every connection beyond them was closed
+    unanswered: whoever reaches the port could keep Prometheus out for good by reconnecting.
+    As nginx does when it runs out of connections, a new one now closes the oldest that has not
+    sent its whole request; a scraper sends its request at once and is answered."""
+    async with metrics_port() as port:
+        held = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(SCRAPES_AT_ONCE)]
+        for stream in held[::2]:
+            await stream.send_all(b"GET /metr")  # slowloris: a request begun, never ended
+        await trio.sleep(0.2)
+        for _ in range(3):
+            answer = await exchange(port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", 1.0)
+            assert status(answer) == 200
+        for stream in held:
+            await stream.aclose()
+
+
+async def test_a_request_never_finished_is_closed_by_its_own_deadline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Held with the fix above: a request whose head does not end within `REQUEST_WITHIN`
+    is closed, however it trickles (a byte every 0.1 s)."""
+    monkeypatch.setattr(metrics_module, "REQUEST_WITHIN", 0.5)
+    async with metrics_port() as port, await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        with trio.fail_after(2):
+            with contextlib.suppress(trio.BrokenResourceError):
+                for octet in b"GET /metrics HTTP/1.1\r\nX-Slow: " + b"y" * 100:
+                    await stream.send_all(bytes([octet]))
+                    await trio.sleep(0.1)
+            assert await stream.receive_some(4096) in (b"", None)
+
+
+@pytest.mark.parametrize(
+    ("request_line", "expected"),
+    [
+        (b"HEAD /metrics HTTP/1.1", 200),
+        (b"OPTIONS /metrics HTTP/1.1", 200),
+        (b"OPTIONS * HTTP/1.1", 200),
+        (b"POST /metrics HTTP/1.1", 405),
+        (b"DELETE /healthz HTTP/1.1", 405),
+        (b"GET /metrics?name[]=imapveil_up_here HTTP/1.1", 200),
+        (b"GET http://127.0.0.1/healthz HTTP/1.1", 200),
+        (b"GET /metrics\x01\x1b[2J HTTP/1.1", 400),
+        (b"GET /metr\x7fics HTTP/1.1", 400),
+        (b"GET /metrics HTTP/1.1 extra", 400),
+        (b"GET /metrics", 400),
+        (b"GET /metrics FTP/1.0", 400),
+        (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", 400),  # a TLS ClientHello
+        (b"GET /%2e%2e/etc/passwd HTTP/1.1", 404),
+        (b"GET /metrics\xc3\xa9 HTTP/1.1", 400),
+    ],
+)
+async def test_methods_and_targets_get_the_answer_http_gives(
+    request_line: bytes, expected: int
+) -> None:
+    """Found: the port answered any method with the metrics (a HEAD with the body, which an
+    HTTP client then reads as the next response's start) and any line with three spaces as a
+    request. HEAD gets the headers of GET and no body, OPTIONS what is allowed, another method
+    405 with `Allow`, a target with a control or 8-bit octet or a line that is no HTTP/1.x
+    request line 400; a query is ignored (Prometheus's `params`), an absolute URI read as its
+    path (RFC 9112 §3.2.2)."""
+    async with metrics_port() as port:
+        answer = await exchange(port, request_line + b"\r\nHost: x\r\n\r\n")
+    assert status(answer) == expected, answer[:200]
+    head, body = head_and_body(answer)
+    assert b"\r\nConnection: close\r\n" in head + b"\r\n"
+    if request_line.startswith(b"HEAD"):
+        assert body == b""
+        assert b"Content-Length: 0" not in head  # the length GET's body would have
+    if expected == 405:
+        assert b"\r\nAllow: GET, HEAD, OPTIONS" in head
+    if request_line.startswith(b"OPTIONS"):
+        assert b"\r\nAllow: GET, HEAD, OPTIONS" in head and body == b""
+
+
+@pytest.mark.parametrize(
+    ("sent", "expected"),
+    [
+        (b"GET /" + b"a" * 100_000 + b" HTTP/1.1\r\n\r\n", 414),
+        (b"GET /metrics HTTP/1.1\r\n" + b"X-Many: y\r\n" * 5000 + b"\r\n", 431),
+        (b"GET /metrics HTTP/1.1\r\nX-Big: " + b"y" * 100_000 + b"\r\n\r\n", 431),
+    ],
+    ids=["a huge request line", "many headers", "a huge header"],
+)
+async def test_a_request_head_too_large_is_refused_at_its_bound(sent: bytes, expected: int) -> None:
+    """Held, made explicit: a request head is read up to `MAX_REQUEST` octets; beyond, the
+    port answers 414 (the request line alone is too long) or 431 and closes, having read no
+    more than that (before: a 404 for a cut request line, or the metrics)."""
+    async with metrics_port() as port:
+        answer = await exchange(port, sent)
+    assert status(answer) == expected, answer[:200]
+
+
+async def test_pipelined_requests_get_one_answer_and_the_close() -> None:
+    """Held: two requests in one segment (HTTP/1.1 pipelining) get the first one's answer
+    and `Connection: close`; the second is not read as anything."""
+    async with metrics_port() as port:
+        answer = await exchange(
+            port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /metrics HTTP/1.1\r\n\r\n"
+        )
+    assert answer.count(b"HTTP/1.1 ") == 1 and head_and_body(answer)[1] == b"ok\n"
+
+
+async def test_a_flood_of_connections_keeps_the_port_bounded_and_serving() -> None:
+    """Held with the fix above: 200 connections at once, half of them never sending a request,
+    leave at most `SCRAPES_AT_ONCE` served; the port answers a scrape afterwards at once."""
+    async with metrics_port() as port:
+        streams = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(200)]
+        for stream in streams[::2]:
+            with contextlib.suppress(trio.BrokenResourceError):
+                await stream.send_all(b"GET /metrics HTTP/1.1\r\n\r\n")
+        await trio.sleep(0.3)
+        answer = await exchange(port, b"GET /healthz HTTP/1.1\r\n\r\n", 1.0)
+        assert status(answer) == 200
+        for stream in streams:
+            await stream.aclose()
