@@ -8,6 +8,8 @@ import contextlib
 import imaplib
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -17,11 +19,15 @@ import pytest
 import trio
 
 from imapveil import systemd
+from imapveil.config import DECLARATIONS, ConfigError
+from imapveil.policy import PolicyError
+from imapveil.policy_files import load_policy
+from imapveil.service import Service, load_all
 from imapveil.stats import metrics as metrics_module
 from imapveil.stats.metrics import SCRAPES_AT_ONCE, Metrics, serve_metrics
 from imapveil.systemd import Notifier
-from tests.helpers.dovecot import Dovecot
-from tests.helpers.process import imapveil
+from tests.helpers.dovecot import Dovecot, free_port
+from tests.helpers.process import imapveil, read_log, service_overrides, signal_handlers_restored
 
 
 @pytest.fixture
@@ -293,3 +299,132 @@ async def test_a_flood_of_connections_keeps_the_port_bounded_and_serving() -> No
         assert status(answer) == 200
         for stream in streams:
             await stream.aclose()
+
+
+# --- What configuration and policy errors echo of the file.
+
+HUGE = "k" * 1_000_000
+LONG_PATH = "/" + "d/" * 400_000 + "f"
+
+
+def _config_cases() -> dict[str, str]:
+    cases = {
+        "unknown key": f"{HUGE} = 1\n",
+        "unknown quoted key": f'"{HUGE}\\n" = 1\n',
+        "inject_id name": f'inject_id = {{ "{HUGE}" = "v" }}\n',
+        "inject_id value": f'inject_id = {{ name = "{HUGE}" }}\n',
+    }
+    for d in DECLARATIONS:
+        cases[d.name] = f'{d.name} = "{HUGE}"\n'
+        cases[f"{d.name} in a list"] = f'{d.name} = ["{HUGE}"]\n'
+        cases[f"{d.name} deep"] = f'{d.name} = "{LONG_PATH}"\n'
+    return cases
+
+
+CONFIG_CASES = _config_cases()
+
+
+@pytest.mark.parametrize("name", list(CONFIG_CASES))
+def test_a_configuration_error_quotes_a_bounded_part_of_the_value(
+    tmp_path: Path, name: str
+) -> None:
+    """Found: a key or value of a megabyte (a file filled by mistake, or by someone who may
+    write it) was quoted whole in the error (`unknown setting 'kkk…'`, `listen: 'kkk…' is not
+    HOST:PORT`, `cert: /d/d/…: No such file`): at start one line of megabytes on stderr, at a
+    reload the same in the log and in the event log's `config` record; a path too long for the
+    system (ENAMETOOLONG from the directory check of `events` or `store`) was no ConfigError at
+    all: a traceback. Errors quote at most `MAX_SHOWN` characters of it, marked as cut, and a
+    file name too long for the system is refused as such."""
+    config = tmp_path / "c.toml"
+    config.write_text(CONFIG_CASES[name])
+    overrides = {"upstream": "127.0.0.1:143", "user_key_file": str(tmp_path / "key")}
+    try:
+        load_all(str(config), overrides)
+    except ConfigError as exc:
+        message = str(exc)
+    else:
+        return  # taken as it is (a name imapveil will create, say): nothing echoed
+    assert len(message) <= 1000, (len(message), message[:300])
+    if "k" * 100 in message or "d/" * 100 in message:
+        assert "more characters]" in message, message  # said to be cut
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        f'{HUGE} = "x"\n',
+        f'detectors = ["{HUGE}"]\n',
+        f'[[rule]]\nfields = ["name"]\n{HUGE} = "keep"\n',
+        f'[[rule]]\nfields = ["{HUGE}"]\nforward = "keep"\n',
+        f'[[rule]]\nfields = ["name"]\nforward = "{HUGE}"\n',
+        f'[[rule]]\nfields = ["name"]\nforward = "keep"\nshape = "{HUGE}"\n',
+        f'[[rule]]\nfields = ["name"]\nforward = "keep"\nshape = "^{HUGE}$"\n',
+        f'[default]\nforward = "{HUGE}"\n',
+        f'[default]\n{HUGE} = "keep"\n',
+    ],
+    ids=["top key", "detector", "rule key", "field", "action", "shape", "pattern",
+         "default action", "default key"],
+)  # fmt: skip
+def test_a_policy_error_quotes_a_bounded_part_of_the_file(tmp_path: Path, text: str) -> None:
+    """Found with the one above: the policy file's errors quoted unknown keys and values whole
+    (`imapveil policy check`, and at a reload the log and the `policy` record)."""
+    policy = tmp_path / "p.toml"
+    policy.write_text(text)
+    with pytest.raises(PolicyError) as refused:
+        load_policy(policy)
+    assert len(str(refused.value)) <= 1000, str(refused.value)[:300]
+
+
+def test_a_label_error_quotes_a_bounded_part_of_the_file(tmp_path: Path) -> None:
+    """Found with the one above: `fingerprint_labels` errors listed unknown keys whole."""
+    labels = tmp_path / "labels.toml"
+    labels.write_text(f'{HUGE} = 1\n[[label]]\nfingerprint = "b1_0123456789ab"\n{HUGE} = 2\n')
+    overrides = {
+        "upstream": "127.0.0.1:143",
+        "user_key_file": str(tmp_path / "key"),
+        "fingerprint_labels": str(labels),
+    }
+    with pytest.raises(ConfigError) as refused:
+        load_all(None, overrides)
+    assert len(str(refused.value)) <= 1000
+
+
+async def test_a_reload_of_a_key_tens_of_megabytes_long_logs_a_bounded_line(
+    dovecot: Dovecot, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found: a reload of a file with a key of 20 MB wrote a 20 MB log line and a 20 MB
+    `config` record (and one more in the `policy` record). Both quote at most `MAX_SHOWN`
+    characters of it now."""
+    config = tmp_path / "imapveil.toml"
+    config.write_text("")
+    port = free_port()
+    overrides = service_overrides(dovecot.address, port, tmp_path)
+    service = Service(str(config), overrides, load_all(str(config), overrides))
+    config.write_text("k" * 20_000_000 + " = 1\n")
+    with signal_handlers_restored(), trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(service.run)
+            await service.reload()
+            service.proxy.stop()
+    refused = [r.getMessage() for r in caplog.records if "reload refused" in r.getMessage()]
+    assert len(refused) == 1 and len(refused[0]) < 1000
+    records, other = read_log(tmp_path / "events.jsonl")
+    assert not other and len(repr(records)) < 10_000
+    assert [r["ok"] for r in records if r["event"] == "config"] == [True, False]
+
+
+@pytest.mark.parametrize("command", ["serve", "check-config"])
+def test_a_huge_key_at_start_is_one_short_line(tmp_path: Path, command: str) -> None:
+    """Found with the reload: at start (`serve`, `check-config`) the error was one line of the
+    key's size on stderr, the journal's."""
+    config = tmp_path / "imapveil.toml"
+    config.write_text('upstream = "127.0.0.1:143"\n' + "k" * 20_000_000 + " = 1\n")
+    args = ["--config", str(config)] if command == "serve" else [str(config)]
+    done = subprocess.run(
+        [sys.executable, "-m", "imapveil", command, *args],
+        check=False,
+        capture_output=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert done.stderr.count(b"\n") == 1 and len(done.stderr) < 1000, done.stderr[:300]
