@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import imaplib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -428,3 +429,141 @@ def test_a_huge_key_at_start_is_one_short_line(tmp_path: Path, command: str) -> 
     )
     assert done.returncode == 1
     assert done.stderr.count(b"\n") == 1 and len(done.stderr) < 1000, done.stderr[:300]
+
+
+# --- SIGHUP storms during sessions.
+
+
+def _noops(
+    port: int, stop: threading.Event, worst: list[float], errors: list[BaseException]
+) -> None:
+    """A logged-in session doing NOOPs until `stop`; the slowest round trip into `worst`."""
+    try:
+        client = imaplib.IMAP4("127.0.0.1", port, timeout=10)
+        client.login("alice", "wonderland")
+        while not stop.is_set():
+            began = time.monotonic()
+            assert client.noop()[0] == "OK"
+            worst[0] = max(worst[0], time.monotonic() - began)
+        client.logout()
+    except BaseException as exc:  # the test reports it
+        errors.append(exc)
+
+
+@pytest.mark.dovecot
+def test_a_sighup_storm_during_sessions_coalesces_and_stalls_nothing(
+    dovecot: Dovecot, tmp_path: Path
+) -> None:
+    """Held (a guard): 2,000 SIGHUPs as fast as `kill` sends them, while three sessions do
+    NOOPs: the reloads coalesce (a SIGHUP during a reload asks for one more, no more), no NOOP
+    waits long, systemd hears RELOADING=1 and READY=1 in pairs ending with READY=1, the event
+    log is whole and every session's end is written once."""
+    path = str(tmp_path / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(path)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 * 1024 * 1024)
+        config = tmp_path / "imapveil.toml"
+        config.write_text('log_level = "info"\n')
+        env = {**os.environ, "NOTIFY_SOCKET": path}
+        with imapveil(tmp_path, dovecot.address, "--config", str(config), env=env) as proxy:
+            stop, worst = threading.Event(), [0.0]
+            errors: list[BaseException] = []
+            workers = [
+                threading.Thread(target=_noops, args=(proxy.port, stop, worst, errors))
+                for _ in range(3)
+            ]
+            for worker in workers:
+                worker.start()
+            time.sleep(0.3)
+            for _ in range(2000):
+                os.kill(proxy.process.pid, signal.SIGHUP)
+            time.sleep(1.0)
+            stop.set()
+            for worker in workers:
+                worker.join(20)
+            assert proxy.stop() == 0
+        said = [line for line in _drain(sock) if line in ("RELOADING=1", "READY=1")]
+    assert not errors, errors
+    assert worst[0] < 1.0, f"a NOOP waited {worst[0]:.2f} s"
+    reloads = proxy.stderr.count(b"reloaded;")
+    assert 1 <= reloads < 500, reloads
+    assert said[0] == "READY=1" and said[-1] == "READY=1"
+    assert said[1:] == ["RELOADING=1", "READY=1"] * reloads, said[:10]
+    records, other = read_log(proxy.events)
+    assert not other
+    ends = [r["session"] for r in records if r["event"] == "session_end"]
+    assert len(ends) == len(set(ends)) == 3
+
+
+# --- Log flooding by clients (RFC 2971 §7).
+
+
+def _label_sets(port: int) -> int:
+    """Samples in the metrics exposition: each label set of each family is one."""
+    answer = http_get(port, "/metrics")
+    return sum(1 for line in answer.splitlines() if line and not line.startswith(b"#"))
+
+
+def http_get(port: int, path: str) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    return answer.partition(b"\r\n\r\n")[2]
+
+
+def _flood(port: int, session: int) -> None:
+    """One session of 40 IDs, each with names and values never seen before, then unknown verbs
+    and refused lines (violations)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        stream = s.makefile("rb")
+        assert stream.readline().startswith(b"* OK")
+        commands = []
+        for i in range(40):
+            fields = " ".join(f'"x-f{session}-{i}-{k}" "v{session}.{i}.{k}"' for k in range(20))
+            commands.append(f'i{i} ID ("name" "Client {session}-{i}" {fields})\r\n')
+        commands.append("l LOGIN alice wonderland\r\n")
+        for i in range(8):
+            commands.append(f"u{i} XUNKNOWN{session}X{i} arg\r\n")
+            commands.append(f'b{i} NOOP "unterminated\r\n')
+        commands.append("z LOGOUT\r\n")
+        s.sendall("".join(commands).encode())
+        while stream.readline():
+            pass
+
+
+@pytest.mark.dovecot
+def test_clients_with_ever_new_ids_and_verbs_grow_neither_metrics_nor_the_log(
+    dovecot: Dovecot, tmp_path: Path
+) -> None:
+    """Held (a guard): sessions sending 40 IDs each with names, fields and values never seen
+    before, unknown verbs and refused lines: the metrics keep the label sets they had after the
+    first such session (families, verbs and fields outside the known ones are `other`), the
+    event log has at most 10 `id` records a session and its violations capped, stderr says
+    nothing of them at the default level, and no value a client sent is in a record."""
+    metrics = free_port()
+    with imapveil(tmp_path, dovecot.address, "--metrics", f"127.0.0.1:{metrics}") as proxy:
+        _flood(proxy.port, 0)
+        before = _label_sets(metrics)
+        for session in range(1, 11):
+            _flood(proxy.port, session)
+        after = _label_sets(metrics)
+        assert proxy.stop() == 0
+    assert after == before, (before, after)
+    records, other = read_log(proxy.events)
+    assert not other
+    by_session: dict[str, list[dict[str, object]]] = {}
+    for r in records:
+        if "session" in r:
+            by_session.setdefault(str(r["session"]), []).append(r)
+    assert len(by_session) == 11
+    for rows in by_session.values():
+        assert 1 <= sum(r["event"] == "id" for r in rows) <= 10
+        assert any(r["event"] == "violation" for r in rows)
+        (end,) = [r for r in rows if r["event"] == "session_end"]
+        assert end["reason"] == "logout" and end["commands"] == 50  # refused lines: none
+        assert sum(r["event"] == "violation" for r in rows) <= 21  # the cap and its summary
+    text = proxy.events.read_text()
+    assert "v3.7.2" not in text and "Client 3-17" not in text  # values; names are kept (10 IDs)
+    assert b"Client 3" not in proxy.stderr and b"XUNKNOWN" not in proxy.stderr
