@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import re
 import resource
@@ -187,6 +188,18 @@ def _counter(
     return family
 
 
+FD_COUNT_EVERY = 10.0
+"""Seconds between two listings of /proc/self/fd, where its size does not say the count."""
+
+
+def _counted_by_size(fd: Path) -> int:
+    """The number of open descriptors as the size of /proc/PID/fd (Linux 6.2 on), else 0. Only
+    procfs says it so: a directory elsewhere (a test's stand-in) has a size of its own."""
+    if not str(fd).startswith("/proc/"):
+        return 0
+    return os.stat(fd).st_size
+
+
 class ProcessCollector:
     """process_cpu_seconds_total, process_resident_memory_bytes, process_virtual_memory_bytes,
     process_open_fds, process_max_fds and process_start_time_seconds, from /proc/self.
@@ -200,6 +213,24 @@ class ProcessCollector:
         self.proc = proc
         self.ticks = os.sysconf("SC_CLK_TCK")
         self.page = os.sysconf("SC_PAGE_SIZE")
+        self._fds: int | None = None  # the last listing's count, and when it was made
+        self._fds_at = -math.inf
+
+    def open_fds(self) -> int | None:
+        """Open descriptors: the size of /proc/self/fd where the kernel puts the count there
+        (Linux 6.2 on: one stat), else a listing, made at most every `FD_COUNT_EVERY` seconds:
+        a listing costs some 2 us a descriptor (39 ms at 10,000 sessions), in the event loop."""
+        fd = self.proc / "self" / "fd"
+        try:
+            counted = _counted_by_size(fd)
+            if counted > 0:
+                return counted
+            now = time.monotonic()
+            if self._fds is None or now - self._fds_at >= FD_COUNT_EVERY:
+                self._fds, self._fds_at = len(os.listdir(fd)), now
+        except OSError:
+            return None
+        return self._fds
 
     def boot_time(self) -> float:
         try:
@@ -231,11 +262,8 @@ class ProcessCollector:
                 "Start time of the process since the Unix epoch, seconds",
                 value=round(self.boot_time() + int(fields[19]) / self.ticks, 2),
             )
-        try:
-            open_fds = len(os.listdir(me / "fd"))
-        except OSError:
-            pass
-        else:
+        open_fds = self.open_fds()
+        if open_fds is not None:
             yield GaugeMetricFamily("process_open_fds", "Open file descriptors", value=open_fds)
         limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         if limit != resource.RLIM_INFINITY:
