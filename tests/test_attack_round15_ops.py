@@ -27,6 +27,7 @@ from imapveil.service import Service, load_all
 from imapveil.stats import metrics as metrics_module
 from imapveil.stats.metrics import SCRAPES_AT_ONCE, Metrics, ProcessCollector, serve_metrics
 from imapveil.systemd import Notifier
+from tests.conftest import TlsMaterial
 from tests.helpers.dovecot import Dovecot, free_port
 from tests.helpers.process import imapveil, read_log, service_overrides, signal_handlers_restored
 
@@ -612,3 +613,44 @@ def test_without_the_kernel_s_count_the_descriptors_are_listed_seldom(
         found = {f.name: f for f in collector.collect()}
     assert len(listed) == 1
     assert found["process_open_fds"].samples[0].value > 0
+
+
+@pytest.mark.dovecot
+def test_clients_failing_tls_by_the_hundred_are_one_line_on_stderr(
+    dovecot: Dovecot, tls_material: TlsMaterial, tmp_path: Path
+) -> None:
+    """Found: every connection to the TLS port that failed its handshake (clear text, a port
+    scanner, nothing at all) wrote an info line to stderr (the journal): anyone could write
+    lines there at the rate of their connections. Now the first is said, and then one line a
+    `LOG_EVERY` with how many more there were; each session is still recorded (`tls_error`),
+    and the debug level still says each one."""
+    tls_port = free_port()
+    args = ["--cert", str(tls_material.cert), "--key", str(tls_material.key)]
+    args += ["--listen-tls", f"127.0.0.1:{tls_port}"]
+    with imapveil(tmp_path, dovecot.address, *args) as proxy:
+        for i in range(150):
+            with socket.create_connection(("127.0.0.1", tls_port), timeout=10) as s:
+                s.sendall(b"a%d LOGIN bob builder\r\n" % i)
+                assert s.recv(100) == b""
+        assert proxy.stop() == 0
+    said = proxy.stderr.count(b"client TLS failed")
+    assert 1 <= said <= 2, said
+    ends = [r for r in proxy.records() if r["event"] == "session_end"]
+    assert [e["reason"] for e in ends] == ["tls_error"] * 150
+
+
+def test_an_upstream_that_is_away_is_not_a_warning_per_connection(tmp_path: Path) -> None:
+    """Found with the one above: with the upstream away, each client connection wrote a
+    warning (`upstream ... unavailable`): a reconnect storm of thousands of mail clients during
+    an outage, thousands of lines a second. The first is said, then one a `LOG_EVERY` with the
+    count; every session is recorded (`upstream_unavailable`)."""
+    nowhere = ("127.0.0.1", free_port())  # nothing listens there
+    with imapveil(tmp_path, nowhere, "--store", "off") as proxy:
+        for _ in range(100):
+            with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
+                assert s.makefile("rb").readline().startswith(b"* BYE [UNAVAILABLE]")
+        assert proxy.stop() == 0
+    said = proxy.stderr.count(b"unavailable: ")
+    assert 1 <= said <= 2, proxy.stderr.decode()[-2000:]
+    ends = [r for r in proxy.records() if r["event"] == "session_end"]
+    assert [e["reason"] for e in ends] == ["upstream_unavailable"] * 100
