@@ -654,3 +654,28 @@ def test_an_upstream_that_is_away_is_not_a_warning_per_connection(tmp_path: Path
     assert 1 <= said <= 2, proxy.stderr.decode()[-2000:]
     ends = [r for r in proxy.records() if r["event"] == "session_end"]
     assert [e["reason"] for e in ends] == ["upstream_unavailable"] * 100
+
+
+MANY_KEYS = "".join(f'k{i} = "v{i}"\n' for i in range(1_000_000))  # 20 MB of TOML
+
+
+@pytest.mark.parametrize("which", ["config", "policy", "fingerprint_labels"])
+def test_a_file_of_megabytes_is_refused_before_it_is_parsed(tmp_path: Path, which: str) -> None:
+    """Found: a configuration (or policy, or labels) file of 20 MB was read whole and parsed
+    before anything was checked: 8 s of pure-Python TOML parsing in the reload's worker thread,
+    holding the interpreter lock in turns with every session, and its size in memory again.
+    Files imapveil reads its settings from are at most `MAX_FILE` (1 MiB) now: a larger one is
+    refused at once, with its size said."""
+    big = tmp_path / "big.toml"
+    big.write_text(MANY_KEYS)
+    overrides = {"upstream": "127.0.0.1:143", "user_key_file": str(tmp_path / "key")}
+    config = None
+    if which == "config":
+        config = str(big)
+    else:
+        overrides[which] = str(big)
+    began = time.monotonic()
+    with pytest.raises(ConfigError) as refused:
+        load_all(config, overrides)
+    assert time.monotonic() - began < 1.0
+    assert "larger than 1 MiB" in str(refused.value), str(refused.value)[:300]

@@ -44,6 +44,7 @@ from imapveil.config_values import (
     parse_endpoint,
 )
 from imapveil.identity import IDENTITIES, default_key_file
+from imapveil.settings_file import TooLarge, read_limited
 from imapveil.shown import quoted
 
 # Re-exported: the rest of imapveil imports these from here.
@@ -374,10 +375,12 @@ def load(
     if path is not None:
         path = Path(path)
         try:
-            raw = (read or Path.read_bytes)(path)
+            raw = (read or read_limited)(path)
             table = tomllib.loads(raw.decode("utf-8"))
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        except TooLarge as exc:
+            raise ConfigError(f"{path}: {exc}") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as exc:
             # RecursionError: nested too deeply for Python's TOML reader
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from imapveil.policy.load import PolicyError, parse_policy
 from imapveil.policy.model import Policy
+from imapveil.settings_file import TooLarge, read_limited
 from imapveil.shown import shown
 
 SHIPPED = Path(__file__).resolve().parent / "policies"
@@ -15,9 +16,11 @@ SHIPPED = Path(__file__).resolve().parent / "policies"
 def load_policy(path: str | Path) -> Policy:
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        raw = read_limited(path)
     except OSError as exc:
         raise PolicyError(f"{shown(str(path))}: cannot read: {exc.strerror or exc}") from None
+    except TooLarge as exc:
+        raise PolicyError(f"{shown(str(path))}: {exc}") from None
     return parse_policy(raw, shown(str(path)))
 
 

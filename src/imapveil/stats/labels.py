@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from imapveil.settings_file import TooLarge, read_limited
 from imapveil.shown import bounded, shown
 
 SHIPPED = Path(__file__).resolve().parent / "fingerprints.toml"
@@ -125,11 +126,11 @@ def _name(value: Any, where: str) -> str | None:
 
 def read_labels(path: Path) -> dict[str, Label]:
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
+        text = read_limited(path).decode("utf-8")
+    except (OSError, UnicodeDecodeError, TooLarge) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-        raise LabelError(f"{path}: cannot read: {reason}") from None
-    return parse_labels(text, str(path))
+        raise LabelError(f"{shown(str(path))}: cannot read: {reason}") from None
+    return parse_labels(text, shown(str(path)))
 
 
 def load_labels(own: str | Path | None = None) -> Mapping[str, Label]:
