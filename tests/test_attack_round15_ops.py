@@ -23,12 +23,16 @@ from imapveil import systemd
 from imapveil.config import DECLARATIONS, ConfigError
 from imapveil.policy import PolicyError
 from imapveil.policy_files import load_policy
+from imapveil.records import IdExchange, SessionEnded, SessionStarted
 from imapveil.service import Service, load_all
 from imapveil.stats import metrics as metrics_module
 from imapveil.stats.metrics import SCRAPES_AT_ONCE, Metrics, ProcessCollector, serve_metrics
+from imapveil.stats.sink import StoreSink
+from imapveil.stats.store import Store
 from imapveil.systemd import Notifier
 from tests.conftest import TlsMaterial
 from tests.helpers.dovecot import Dovecot, free_port
+from tests.helpers.postgres import Postgres
 from tests.helpers.process import imapveil, read_log, service_overrides, signal_handlers_restored
 
 
@@ -679,3 +683,43 @@ def test_a_file_of_megabytes_is_refused_before_it_is_parsed(tmp_path: Path, whic
         load_all(config, overrides)
     assert time.monotonic() - began < 1.0
     assert "larger than 1 MiB" in str(refused.value), str(refused.value)[:300]
+
+
+# --- The statistics store and what clients put in it.
+
+
+async def test_a_nul_in_an_id_value_costs_no_statistics_row_in_postgresql(
+    postgres: Postgres, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A policy that records a field as sent (`passthrough`, or one's own `record = "keep"`)
+    records an ID value sent as a literal with a NUL in it (`ID ("name" {5}` a NUL `bcd)`):
+    PostgreSQL takes no NUL in text, refused the batch, then each of the session's rows, one
+    transaction a row (and every other session's in the batch the same way): its statistics
+    lost, and a warning each on stderr. So did a LOGIN name with a NUL (`user_identity =
+    "plain"`). A NUL in a client's text is stored as U+FFFD now."""
+    sink = StoreSink(postgres.url, spool=None, spool_cap=0)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sink.run)
+        with trio.fail_after(15):
+            await sink.ready.wait()
+            for i in range(20):
+                sid = f"nul-{i}"
+                sink.emit(SessionStarted(sid, "127.0.0.1:1", "u"))
+                client: dict[str, str | None] = {"name": f"Evil\x00{i}", "version": "1\x002"}
+                sink.emit(IdExchange(sid, "a", "authenticated", "OK", False, client, (), (), None))
+                sink.emit(
+                    SessionEnded(sid, "127.0.0.1:1", "u", "logout", None, "logout", "bo\x00b",
+                                 5.0, 10, 20, 3)
+                )  # fmt: skip
+            await sink.flush()
+        nursery.cancel_scope.cancel()
+    assert sink.counts["dropped"].items == 0, sink.counts
+    assert sink.counts["written"].sessions == 20
+    assert "refused" not in caplog.text
+    store = Store(postgres.url)
+    store.connect()
+    try:
+        names = store.rows("SELECT DISTINCT name FROM id_exchanges")
+    finally:
+        store.close()
+    assert ("Evil\ufffd3",) in [tuple(n) for n in names]

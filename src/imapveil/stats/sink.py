@@ -238,10 +238,11 @@ class StoreSink:
             self._full.set()
 
     def _id(self, r: IdExchange, when: float | None) -> None:
+        recorded = _without_nul(r.client) if r.client else r.client
         state = self._open.get(r.session)
-        if state is not None and r.client and not r.injected and state.client is None:
-            state.client = r.client
-        fields = r.client or {}
+        if state is not None and recorded and not r.injected and state.client is None:
+            state.client = recorded
+        fields = recorded or {}
         client = identify(fields) if not r.injected else identify({"name": "imapveil"})
         self._put(
             "id",
@@ -259,11 +260,12 @@ class StoreSink:
         state = self._open.pop(r.session, None) or _Open(ended)
         client = identify(state.client)
         os_version = (state.client or {}).get("os-version")
+        user = r.user.replace("\0", NUL_SHOWN) if r.user else r.user
         self._put(
             "session",
             (
                 r.session, self.proxy, state.started_at, ended, state.started_at[:10],
-                r.user, r.reason, r.duration_ms, r.bytes_from_client, r.bytes_from_server,
+                user, r.reason, r.duration_ms, r.bytes_from_client, r.bytes_from_server,
                 r.commands, int(r.client_tls), client.family, client.version, client.platform,
                 os_version[:64] if os_version else None,
             ),
@@ -567,6 +569,21 @@ class StoreSink:
             return
         if removed:
             log.info("purged %d sessions older than %d days", removed, self.retention_days)
+
+
+NUL_SHOWN = "\ufffd"
+"""What a NUL in a client's text becomes in the store. PostgreSQL takes no NUL in text: a
+value with one (an ID value sent as a literal, recorded by a policy that keeps it as sent; a
+LOGIN name, with `user_identity = "plain"`) had the store refuse the batch, then each of that
+session's rows, one transaction a row: the rows lost, a warning each, and every other
+session of the batch written one by one."""
+
+
+def _without_nul(fields: dict[str, str | None]) -> dict[str, str | None]:
+    """`fields`, each NUL in a value replaced by `NUL_SHOWN` (the same dict if there is none)."""
+    if not any(v and "\0" in v for v in fields.values()):
+        return fields
+    return {k: v.replace("\0", NUL_SHOWN) if v else v for k, v in fields.items()}
 
 
 def _batch(items: Iterable[Item]) -> Batch:
