@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import imaplib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -723,3 +724,34 @@ async def test_a_nul_in_an_id_value_costs_no_statistics_row_in_postgresql(
     finally:
         store.close()
     assert ("Evil\ufffd3",) in [tuple(n) for n in names]
+
+
+@pytest.mark.dovecot
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv")
+def test_a_read_only_spool_with_the_store_away_loses_rows_and_says_so(
+    dovecot: Dovecot, tmp_path: Path
+) -> None:
+    """Held (a guard): the store away (PostgreSQL unreachable) and the spool's directory
+    read-only (root without CAP_DAC_OVERRIDE, as the shipped unit runs: a dynamic user): the
+    spool is said to be unusable once, sessions are relayed, the rows beyond the memory queue
+    are dropped and counted, a `store_dropped` record says how many at exit, and the exit is
+    clean."""
+    spool = tmp_path / "stats-spool" / "p1"
+    spool.mkdir(parents=True)
+    spool.chmod(0o500)
+    wrap = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--"]
+    if os.geteuid() != 0:
+        wrap = []  # the permissions hold for anyone else as they are
+    args = ("--proxy-name", "p1", "--store", f"postgresql://nobody@127.0.0.1:{free_port()}/x")
+    with imapveil(tmp_path, dovecot.address, *args, wrap=wrap) as proxy:
+        for _ in range(10):
+            client = imaplib.IMAP4("127.0.0.1", proxy.port, timeout=10)
+            client.login("alice", "wonderland")
+            client.logout()
+        assert proxy.stop() == 0
+    assert proxy.stderr.count(b"unusable") == 1
+    assert b"Traceback" not in proxy.stderr
+    dropped = [r for r in proxy.records() if r["event"] == "store_dropped"]
+    assert [(d["sessions"], d["total_sessions"]) for d in dropped] == [(10, 10)]
+    ends = [r for r in proxy.records() if r["event"] == "session_end"]
+    assert [e["reason"] for e in ends] == ["logout"] * 10
