@@ -27,6 +27,7 @@ from imapveil.policy_files import load_policy
 from imapveil.records import IdExchange, SessionEnded, SessionStarted
 from imapveil.service import Service, load_all
 from imapveil.stats import metrics as metrics_module
+from imapveil.stats import sink as sink_module
 from imapveil.stats.metrics import SCRAPES_AT_ONCE, Metrics, ProcessCollector, serve_metrics
 from imapveil.stats.sink import StoreSink
 from imapveil.stats.store import Store
@@ -755,3 +756,78 @@ def test_a_read_only_spool_with_the_store_away_loses_rows_and_says_so(
     assert [(d["sessions"], d["total_sessions"]) for d in dropped] == [(10, 10)]
     ends = [r for r in proxy.records() if r["event"] == "session_end"]
     assert [e["reason"] for e in ends] == ["logout"] * 10
+
+
+async def test_a_frozen_postgresql_is_spooled_for_not_waited_for(
+    postgres: Postgres, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found: a PostgreSQL that stops answering but whose kernel still acknowledges (its
+    processes stopped, its host's disk hung, a paused VM with a running hypervisor network) held
+    the writer's thread in a write for ever: neither `statement_timeout` (the server's own) nor
+    TCP's timeouts end it. The writer counted the store as connected and did not spool; the
+    queue filled and everything beyond it was dropped (here 1,000 of 3,000 sessions). Now a
+    call the store does not answer within `STORE_WITHIN` is left to its thread, the store counts
+    as away, rows go to the spool, and once the server runs again the spool is replayed: every
+    session stored once."""
+    monkeypatch.setattr(sink_module, "STORE_WITHIN", 1.0, raising=False)
+    assert postgres.process is not None
+    sink = StoreSink(postgres.url, spool=tmp_path / "spool", capacity=4000)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sink.run)
+            with trio.fail_after(15):
+                await sink.ready.wait()
+            frozen = _process_tree(postgres.process.pid)  # each backend in a session of its own
+            for pid in frozen:
+                os.kill(pid, signal.SIGSTOP)
+            for i in range(3000):
+                emit_one(sink, f"frozen-{i}")
+                if i % 100 == 99:
+                    await trio.sleep(0.25)  # 400 sessions a second
+            await trio.sleep(2)
+            spooled, dropped = sink.counts["spooled"].sessions, sink.counts["dropped"].items
+            for pid in frozen:
+                os.kill(pid, signal.SIGCONT)
+            with trio.fail_after(60):
+                await sink.flush()
+            nursery.cancel_scope.cancel()
+    finally:
+        for pid in _process_tree(postgres.process.pid):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGCONT)
+    assert dropped == 0, sink.counts
+    assert spooled > 0
+    store = Store(postgres.url)
+    store.connect()
+    try:
+        (count,) = store.rows("SELECT count(*) FROM sessions WHERE session LIKE ?", ["frozen-%"])
+    finally:
+        store.close()
+    assert count == (3000,)
+
+
+def _process_tree(root: int) -> list[int]:
+    """`root` and its descendants, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                parent = int(stat.rsplit(")", 1)[1].split()[1])
+                children.setdefault(parent, []).append(int(entry))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo += children.get(pid, [])
+    return found
+
+
+def emit_one(sink: StoreSink, sid: str) -> None:
+    """What the relay emits for one session with an ID."""
+    sink.emit(SessionStarted(sid, "127.0.0.1:1", "u"))
+    client: dict[str, str | None] = {"name": "Thunderbird", "version": "128.1"}
+    sink.emit(IdExchange(sid, "a", "authenticated", "OK", False, client, (), ("name",), None))
+    sink.emit(
+        SessionEnded(sid, "127.0.0.1:1", "u", "logout", None, "logout", "hmac:u", 5.0, 10, 20, 3)
+    )
