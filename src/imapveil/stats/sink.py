@@ -7,7 +7,8 @@ thread, one thing at a time:
 - While the store takes rows, it commits the queue in batches (one transaction each), after
   gathering rows for `COALESCE` seconds: once the first row comes, and again after each write
   that left less than a full batch queued.
-- While the store cannot take them (down, unreachable, a locked or full SQLite database), it
+- While the store cannot take them (down, unreachable, a locked or full SQLite database, or no
+  answer to a call within `STORE_WITHIN`: a frozen server), it
   appends the queue to the spool, a directory of append-only JSON-lines files on local disk
   (one fsync per batch), and probes the store every `PROBE` seconds. When the store is back, it
   replays the spool in order, batch by batch, before anything newer; a replayed file is deleted
