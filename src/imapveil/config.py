@@ -14,6 +14,7 @@ the key, at start-up, never at the first connection.
 
 from __future__ import annotations
 
+import os
 import socket
 import tomllib
 from collections.abc import Callable, Mapping
@@ -43,6 +44,8 @@ from imapveil.config_values import (
     parse_endpoint,
 )
 from imapveil.identity import IDENTITIES, default_key_file
+from imapveil.settings_file import TooLarge, read_limited
+from imapveil.shown import quoted
 
 # Re-exported: the rest of imapveil imports these from here.
 __all__ = [
@@ -372,10 +375,12 @@ def load(
     if path is not None:
         path = Path(path)
         try:
-            raw = (read or Path.read_bytes)(path)
+            raw = (read or read_limited)(path)
             table = tomllib.loads(raw.decode("utf-8"))
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        except TooLarge as exc:
+            raise ConfigError(f"{path}: {exc}") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as exc:
             # RecursionError: nested too deeply for Python's TOML reader
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
@@ -391,17 +396,38 @@ def load(
     return settings
 
 
+MAX_PATH = 4096
+"""Octets of a file name at most (Linux's PATH_MAX, with its NUL)."""
+MAX_NAME = 255
+"""Octets of one component of a file name at most (NAME_MAX)."""
+
+
+def _fits(name: str, value: str) -> None:
+    """Refuse a file name no system call would take (ENAMETOOLONG, later and less clearly).
+    A PostgreSQL store's URL is no file name, and is never shown: it may hold a password."""
+    if name == "store" and value.partition("://")[0] in ("postgresql", "postgres"):
+        return
+    raw = os.fsencode(value)
+    if len(raw) >= MAX_PATH or any(len(part) > MAX_NAME for part in raw.split(b"/")):
+        raise ValueError(
+            f"{quoted(value)}: a file name too long for the system ({MAX_PATH - 1} octets, "
+            f"{MAX_NAME} between two slashes)"
+        )
+
+
 def _apply(settings: Settings, table: Mapping[str, Any], source: str) -> Settings:
     changes: dict[str, Any] = {}
     for key, value in table.items():
         name = key.replace("-", "_") if source == "command line" else key
         if name not in BY_NAME:
-            raise ConfigError(f"{source}: unknown setting {key!r}")
+            raise ConfigError(f"{source}: unknown setting {quoted(key)}")
         try:
             changes[name] = converted = BY_NAME[name].convert(value)
             if (BY_NAME[name].path or name == "policy") and "\0" in converted:
                 # TOML writes one as \u0000; open(2) cannot take it (ValueError, not OSError)
                 raise ValueError("a file name cannot hold a NUL")
+            if BY_NAME[name].path or name == "policy":
+                _fits(name, converted)
         except ValueError as exc:
             raise ConfigError(f"{source}: {key}: {exc}") from None
     return replace(settings, **changes)

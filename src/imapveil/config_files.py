@@ -10,6 +10,7 @@ from pathlib import Path
 
 from imapveil.config import DECLARATIONS, ConfigError, Settings
 from imapveil.identity import default_key_file
+from imapveil.shown import shown
 from imapveil.stats.labels import LabelError, read_labels
 
 
@@ -24,14 +25,20 @@ def check_files(settings: Settings) -> None:
             if d.name == "store" and value.startswith(("postgresql://", "postgres://")):
                 continue
             parent = Path(value.removeprefix("sqlite://")).parent
-            if not parent.is_dir():
-                raise ConfigError(f"{d.name}: {value}: directory {parent} does not exist")
+            try:
+                found = parent.is_dir()
+            except OSError as exc:  # EACCES on the way there, say
+                raise ConfigError(f"{d.name}: {shown(value)}: {exc.strerror or exc}") from None
+            if not found:
+                raise ConfigError(
+                    f"{d.name}: {shown(value)}: directory {shown(str(parent))} does not exist"
+                )
         if d.path == "in" and value:
             try:
                 with open(value, "rb") as f:
                     f.read(1)
             except OSError as exc:
-                raise ConfigError(f"{d.name}: {value}: {exc.strerror or exc}") from None
+                raise ConfigError(f"{d.name}: {shown(value)}: {exc.strerror or exc}") from None
     if settings.fingerprint_labels:
         try:
             read_labels(Path(settings.fingerprint_labels))
@@ -44,7 +51,8 @@ def check_files(settings: Settings) -> None:
             ssl.create_default_context(cafile=settings.upstream_ca)
         except ssl.SSLError as exc:
             raise ConfigError(
-                f"upstream_ca: {settings.upstream_ca}: no usable PEM certificate ({_reason(exc)})"
+                f"upstream_ca: {shown(settings.upstream_ca)}: no usable PEM certificate "
+                f"({_reason(exc)})"
             ) from None
 
 
@@ -54,10 +62,12 @@ _PEM_KEY = re.compile(rb"-----BEGIN ((RSA|EC|ENCRYPTED) )?PRIVATE KEY-----")
 
 def check_certificate(cert: str, key: str) -> None:
     """`cert` and `key` as the client leg loads them; errors say FILE: problem."""
+    cert_path, key_path = cert, key
     try:
         cert_text, key_text = Path(cert).read_bytes(), Path(key).read_bytes()
     except OSError as exc:
-        raise ConfigError(f"{exc.filename}: {exc.strerror or exc}") from None
+        raise ConfigError(f"{shown(str(exc.filename))}: {exc.strerror or exc}") from None
+    cert, key = shown(cert), shown(key)  # as errors show them
     if not _PEM_CERT.search(cert_text):
         raise ConfigError(f"cert: {cert}: no PEM certificate in it")
     found = _PEM_KEY.search(key_text)
@@ -67,7 +77,7 @@ def check_certificate(cert: str, key: str) -> None:
         raise ConfigError(f"key: {key}: the key is encrypted; imapveil needs it unencrypted")
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
-        context.load_cert_chain(cert, key, password=lambda: b"")
+        context.load_cert_chain(cert_path, key_path, password=lambda: b"")
     except ssl.SSLError as exc:
         if exc.reason == "KEY_VALUES_MISMATCH":
             raise ConfigError(f"key: {key}: does not match the certificate in {cert}") from None
@@ -75,7 +85,7 @@ def check_certificate(cert: str, key: str) -> None:
             raise ConfigError(f"cert: {cert}: a truncated PEM certificate") from None
         raise ConfigError(f"cert: {cert}, key: {key}: not usable ({_reason(exc)})") from None
     except OSError as exc:
-        raise ConfigError(f"{exc.filename or cert}: {exc.strerror or exc}") from None
+        raise ConfigError(f"{shown(str(exc.filename or cert))}: {exc.strerror or exc}") from None
 
 
 def _reason(exc: ssl.SSLError) -> str:

@@ -9,9 +9,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from imapveil.shown import bounded, quoted
+
 
 class ConfigError(ValueError):
-    pass
+    """A configuration refused; its message is bounded (`shown.MAX_MESSAGE`)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(bounded(message))
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,20 +28,26 @@ class Endpoint:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
+MAX_HOST = 253
+"""Characters of a host name at most (RFC 1035: 253 in text)."""
+
+
 def parse_endpoint(text: str) -> Endpoint:
     """`HOST:PORT`, `[V6]:PORT`, or `:PORT` (all addresses)."""
     if text.startswith("["):
         host, sep, port = text[1:].partition("]:")
         if not sep:
-            raise ValueError(f"{text!r} is not [HOST]:PORT")
+            raise ValueError(f"{quoted(text)} is not [HOST]:PORT")
     else:
         host, sep, port = text.rpartition(":")
         if not sep:
-            raise ValueError(f"{text!r} is not HOST:PORT")
+            raise ValueError(f"{quoted(text)} is not HOST:PORT")
         if ":" in host:
-            raise ValueError(f"{text!r}: write IPv6 addresses as [ADDRESS]:PORT")
+            raise ValueError(f"{quoted(text)}: write IPv6 addresses as [ADDRESS]:PORT")
     if not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"{text!r}: the port must be a number from 0 to 65535")
+        raise ValueError(f"{quoted(text)}: the port must be a number from 0 to 65535")
+    if len(host) > MAX_HOST:
+        raise ValueError(f"{quoted(text)}: a host name is at most {MAX_HOST} characters")
     return Endpoint(host, int(port))
 
 
@@ -171,7 +182,12 @@ def _policy(value: Any) -> str:
 def _networks(value: Any) -> tuple[str, ...]:
     networks = tuple(_items(value, "expected a list of networks like 10.0.0.0/8"))
     for network in networks:
-        ipaddress.ip_network(network, strict=False)  # ValueError names the bad one
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise ValueError(
+                f"{quoted(network)} does not appear to be an IPv4 or IPv6 network"
+            ) from None
     return networks
 
 
@@ -189,7 +205,7 @@ def _inject_id(value: Any) -> tuple[tuple[str, str], ...]:
         raise ValueError("at most 29 fields (RFC 2971 allows 30)")
     for k, v in value.items():
         if not 0 < len(k.encode()) <= 30 or not k.isascii() or not k.isprintable():
-            raise ValueError(f"field {k!r}: 1 to 30 printable ASCII characters")
+            raise ValueError(f"field {quoted(k)}: 1 to 30 printable ASCII characters")
         if len(v.encode()) > 1024 or not v.isascii() or not v.isprintable():
             raise ValueError(f"field {k!r}: value of at most 1024 printable ASCII characters")
     return tuple(value.items())

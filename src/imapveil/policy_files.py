@@ -7,6 +7,8 @@ from pathlib import Path
 
 from imapveil.policy.load import PolicyError, parse_policy
 from imapveil.policy.model import Policy
+from imapveil.settings_file import TooLarge, read_limited
+from imapveil.shown import shown
 
 SHIPPED = Path(__file__).resolve().parent / "policies"
 
@@ -14,10 +16,12 @@ SHIPPED = Path(__file__).resolve().parent / "policies"
 def load_policy(path: str | Path) -> Policy:
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        raw = read_limited(path)
     except OSError as exc:
-        raise PolicyError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    return parse_policy(raw, str(path))
+        raise PolicyError(f"{shown(str(path))}: cannot read: {exc.strerror or exc}") from None
+    except TooLarge as exc:
+        raise PolicyError(f"{shown(str(path))}: {exc}") from None
+    return parse_policy(raw, shown(str(path)))
 
 
 def resolve_policy(spec: str | None) -> Policy:
@@ -32,6 +36,6 @@ def resolve_policy(spec: str | None) -> Policy:
         if shipped.exists():
             return load_policy(shipped)
     except OSError as exc:  # exists() raises for a name too long for a file name
-        raise PolicyError(f"{spec[:100]}: {exc.strerror or exc}") from None
+        raise PolicyError(f"{shown(spec)}: {exc.strerror or exc}") from None
     names = ", ".join(sorted(p.stem for p in SHIPPED.glob("*.toml")))
-    raise PolicyError(f"{spec}: no such policy file or shipped policy (shipped: {names})")
+    raise PolicyError(f"{shown(spec)}: no such policy file or shipped policy (shipped: {names})")

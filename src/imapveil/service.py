@@ -39,6 +39,7 @@ from imapveil.relay.connection import RelaySettings
 from imapveil.relay.limits import Limits
 from imapveil.relay.server import Admittance, Proxy, listener_address, open_listeners
 from imapveil.relay.streams import Networks, resolve
+from imapveil.shown import shown
 from imapveil.sinks import Fanout, Sink, TimedSink
 from imapveil.sinks.jsonl import JsonLinesSink
 from imapveil.stats.metrics import Metrics, serve_metrics
@@ -77,18 +78,20 @@ def load_all(config: str | None, overrides: Mapping[str, Any]) -> Loaded:
     try:
         key = load_or_create_key(settings.key_file())
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"user_key_file {settings.key_file()}: {exc}") from None
+        raise ConfigError(f"user_key_file {shown(str(settings.key_file()))}: {exc}") from None
     client_context = upstream_context = None
     if settings.cert and settings.key:
         try:
             client_context = tls.server_context(settings.cert, settings.key)
         except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"cert/key {settings.cert}, {settings.key}: {exc}") from None
+            raise ConfigError(
+                f"cert/key {shown(settings.cert)}, {shown(settings.key)}: {exc}"
+            ) from None
     if settings.upstream_tls != "plain":
         try:
             upstream_context = tls.client_context(settings.upstream_ca, settings.upstream_verify)
         except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"upstream_ca {settings.upstream_ca}: {exc}") from None
+            raise ConfigError(f"upstream_ca {shown(settings.upstream_ca)}: {exc}") from None
     return Loaded(settings, policy, key, client_context, upstream_context)
 
 
@@ -245,6 +248,7 @@ class Service:
                 report_store_drops(self.store, self.sink, final=True)
             # The event log goes last: every record of every session is written before exit.
             events.cancel_scope.cancel()
+        self.notifier.close()
         return 0
 
     async def _serve(
@@ -264,6 +268,8 @@ class Service:
             # Signals are handled before anyone is told we are ready: a reload right after
             # READY=1 must not find the default SIGHUP action (which ends the process).
             await nursery.start(self._on_signals)
+            if self.notifier.enabled:  # what its socket could not take at once, later
+                nursery.start_soon(self.notifier.run)
             if self.notifier.watchdog_interval:
                 nursery.start_soon(self._watchdog, self.notifier.watchdog_interval)
             self.fanout.emit(ConfigLoaded(self.config or "command line", True))

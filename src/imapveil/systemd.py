@@ -1,7 +1,9 @@
 """The two systemd interfaces a service needs, spoken directly (no library).
 
 - sd_notify (systemd.service(5) Type=notify, sd_notify(3)): one datagram per state change to the
-  AF_UNIX socket in $NOTIFY_SOCKET ("@" means the abstract namespace).
+  AF_UNIX socket in $NOTIFY_SOCKET ("@" means the abstract namespace). Never blocking: a
+  datagram the socket cannot take now (PID 1 wedged or slow, its receive queue full) waits in
+  the notifier and is sent, in order, when there is room (`Notifier.run`).
 - Socket activation (sd_listen_fds(3)): inherited listening sockets from fd 3 on, counted by
   $LISTEN_FDS, named by $LISTEN_FDNAMES, and meant for us only if $LISTEN_PID is our pid.
 """
@@ -9,14 +11,26 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import time
+from collections import deque
 from collections.abc import Mapping
+
+import trio
 
 log = logging.getLogger(__name__)
 
 SD_LISTEN_FDS_START = 3
+MAX_PENDING = 16
+"""Datagrams kept while the notify socket takes none; beyond, the oldest is dropped (the last
+ones say the state systemd must end up knowing)."""
+RETRY = 0.5
+"""Seconds between attempts to send what waits."""
+WARN_EVERY = 60.0
+"""Seconds between two warnings about datagrams that wait or were lost."""
+_WATCHDOG = b"WATCHDOG=1"
 
 
 class Notifier:
@@ -32,20 +46,73 @@ class Notifier:
         if watchdog.isdigit() and int(watchdog) > 0 and (not pid or pid == str(os.getpid())):
             # Ping at half the interval, as sd_watchdog_enabled(3) recommends.
             self.watchdog_interval = int(watchdog) / 2_000_000
+        self.pending: deque[bytes] = deque()
+        """Datagrams said but not yet sent, oldest first."""
+        self.dropped = 0
+        """Datagrams given up: more than `MAX_PENDING` waited, or the socket refused them."""
+        self._socket: socket.socket | None = None
+        self._blocked = trio.Event()  # set when something waits: `run` retries
+        self._warned = -math.inf
+        self._unsaid = 0  # problems since the last warning
 
     @property
     def enabled(self) -> bool:
         return bool(self.address)
 
     def send(self, *fields: str) -> None:
+        """Send now if the socket takes it; else keep it, in order, for `run` to send."""
         if not self.address:
             return
         message = "\n".join(fields).encode()
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-                s.sendto(message, self.address)
-        except OSError as exc:  # systemd gone: nothing to tell, nothing to stop for
-            log.warning("sd_notify failed: %s", exc)
+        if message == _WATCHDOG and _WATCHDOG in self.pending:
+            return  # one ping waiting says as much as many
+        if len(self.pending) >= MAX_PENDING:
+            self.pending.popleft()
+            self.dropped += 1
+            self._warn("sd_notify: the notify socket takes nothing; dropped the oldest datagram")
+        self.pending.append(message)
+        self.flush()
+
+    def flush(self) -> None:
+        """Send what waits, in order, until the socket takes no more. Never blocks."""
+        while self.pending:
+            try:
+                if self._socket is None:
+                    self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                    self._socket.setblocking(False)
+                self._socket.sendto(self.pending[0], self.address)
+            except BlockingIOError:  # its receive queue is full: later (`run`)
+                self._blocked.set()
+                self._warn(f"sd_notify: the notify socket is full; retrying every {RETRY:g} s")
+                return
+            except OSError as exc:  # systemd gone: nothing to tell, nothing to stop for
+                self.dropped += 1
+                self._warn(f"sd_notify failed: {exc}")
+            self.pending.popleft()
+
+    async def run(self) -> None:
+        """Send what the socket could not take when it was said, every `RETRY` seconds."""
+        while True:
+            await self._blocked.wait()
+            self._blocked = trio.Event()
+            while self.pending:
+                await trio.sleep(RETRY)
+                self.flush()
+
+    def close(self) -> None:
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
+
+    def _warn(self, message: str) -> None:
+        """At most one warning a `WARN_EVERY`, with how many problems it did not say."""
+        now = time.monotonic()
+        if now - self._warned < WARN_EVERY:
+            self._unsaid += 1
+            return
+        more = f" ({self._unsaid} more since the last warning)" if self._unsaid else ""
+        log.warning("%s%s", message, more)
+        self._warned, self._unsaid = now, 0
 
     def ready(self, status: str = "") -> None:
         self.send("READY=1", *([f"STATUS={status}"] if status else []))

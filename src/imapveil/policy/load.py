@@ -31,10 +31,14 @@ from typing import TYPE_CHECKING, Any
 from imapveil.policy.detectors import DETECTORS
 from imapveil.policy.model import FORWARD_ACTIONS, MISFIT_ACTIONS, RECORD_ACTIONS, Policy, Rule
 from imapveil.policy.shapes import Shape, ShapeError, compile_shape
+from imapveil.shown import bounded, quoted, shown
 
 
 class PolicyError(ValueError):
-    pass
+    """A policy refused; its message is bounded (`shown.MAX_MESSAGE`)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(bounded(message))
 
 
 _TOP = {
@@ -73,7 +77,7 @@ def parse_policy(raw: bytes, source: str) -> Policy:
     for d in detectors:
         if d not in DETECTORS:
             raise PolicyError(
-                f"{source}: detectors: unknown detector {d!r} (known: {', '.join(DETECTORS)})"
+                f"{source}: detectors: unknown detector {quoted(d)} (known: {', '.join(DETECTORS)})"
             )
     default = where.rule(table.get("default", {}), "default", need_fields=False)
     # What becomes of an identifier is not a question of its shape.
@@ -107,7 +111,7 @@ class _Where:
         self.source = source
 
     def fail(self, key: str, why: str) -> PolicyError:
-        return PolicyError(f"{self.source}: {key}: {why}")
+        return PolicyError(f"{self.source}: {shown(key)}: {why}")
 
     def no_unknown(self, table: dict[str, Any], known: set[str], prefix: str) -> None:
         for key in table:
@@ -132,7 +136,7 @@ class _Where:
             raise self.fail(key + ".fields", "a rule needs at least one field name or pattern")
         for n in names:
             if not 0 < len(n.encode()) <= 30 or not n.isascii():
-                raise self.fail(key + ".fields", f"{n!r} is not 1 to 30 ASCII characters")
+                raise self.fail(key + ".fields", f"{quoted(n)} is not 1 to 30 ASCII characters")
         return tuple(n.lower() for n in names)
 
     def shape(self, table: dict[str, Any], key: str) -> Shape | None:
@@ -171,7 +175,7 @@ class _Where:
         allow = tuple(self.strings(table, "allow", default=[]))
         for d in allow:
             if d not in DETECTORS:
-                raise self.fail(key + ".allow", f"unknown detector {d!r}")
+                raise self.fail(key + ".allow", f"unknown detector {quoted(d)}")
         shape = self.shape(table, key)
         misfit = table.get("misfit", "drop")
         if misfit not in MISFIT_ACTIONS:

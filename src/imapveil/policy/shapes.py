@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from imapveil.policy.detectors import dotted_quads, groups, written_address
 from imapveil.rfc2971 import MAX_VALUE_LENGTH
+from imapveil.shown import quoted
 
 _DIGITS = b"0123456789"
 _LETTERS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
@@ -259,7 +260,7 @@ def compile_shape(spec: str) -> Shape:
     check = NAMED.get(spec)
     if check is None:
         known = ", ".join(NAMED)
-        raise ShapeError(f"unknown shape {spec!r} (known: {known}; or a pattern from ^ to $)")
+        raise ShapeError(f"unknown shape {quoted(spec)} (known: {known}; or a pattern from ^ to $)")
     return Shape(spec, check)
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import trio
 from trio.lowlevel import wait_readable
 
+from imapveil.logs import Throttled
 from imapveil.protocol import ja4, proxy_header
 from imapveil.protocol.actions import (
     Action,
@@ -53,6 +54,10 @@ from imapveil.relay.tls import UpstreamTlsError, upstream_starttls
 from imapveil.sinks import Sink
 
 log = logging.getLogger(__name__)
+TLS_FAILED = Throttled(log, logging.INFO)
+"""Clients whose TLS handshake failed: anyone can cause one a connection."""
+UPSTREAM_AWAY = Throttled(log, logging.WARNING)
+"""Sessions the upstream was not there for: each client connection during an outage."""
 
 TLS_HANDSHAKE_TIMEOUT = 30.0
 _SENDS = (Forward, Reply)  # a tuple: `isinstance` with `Forward | Reply` builds the union each call
@@ -297,7 +302,7 @@ class Connection:
             self.core.tls_fingerprint(ja4.fingerprint(recording.stop()))
             leg.broken = True
         detail = detail or f"no TLS handshake within {TLS_HANDSHAKE_TIMEOUT:g} s"
-        log.info("session %s: client TLS failed: %s", self.core.session_id, detail)
+        TLS_FAILED.say("session %s: client TLS failed: %s", self.core.session_id, detail)
         self._emit_all(self.core.tls_failed(f"client: {detail}", trio.current_time()))
         return False
 
@@ -569,7 +574,7 @@ class Connection:
             self._emit_records(records)
             if isinstance(action, Close):
                 if action.reason == "upstream_unavailable":
-                    log.warning(
+                    UPSTREAM_AWAY.say(
                         "upstream %s unavailable: %s", self.settings.upstream, self.core.end_detail
                     )
                 self._close()

@@ -25,6 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from imapveil.settings_file import TooLarge, read_limited
+from imapveil.shown import bounded, shown
+
 SHIPPED = Path(__file__).resolve().parent / "fingerprints.toml"
 JA4 = re.compile(r"[0-9A-Za-z]{10}_[0-9a-f]{12}_[0-9a-f]{12}")
 """A JA4 fingerprint: `t13d1516h2_8daaf6152771_02713d6af862`."""
@@ -38,7 +41,11 @@ KEYS = frozenset(("fingerprint", "family", "platform"))
 
 
 class LabelError(ValueError):
-    """A labels file is wrong; the message names the file, the line and the problem."""
+    """A labels file is wrong; the message names the file, the line and the problem (bounded:
+    `shown.MAX_MESSAGE`)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(bounded(message))
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +70,7 @@ def parse_labels(text: str, source: str) -> dict[str, Label]:
     unknown = set(table) - {"label"}
     if unknown:
         raise LabelError(
-            f"{source}: unknown key(s) {', '.join(sorted(unknown))} (rows are [[label]])"
+            f"{source}: unknown key(s) {shown(', '.join(sorted(unknown)))} (rows are [[label]])"
         )
     rows = table.get("label", [])
     if not isinstance(rows, list):
@@ -91,7 +98,7 @@ def _row(row: Any, where: str) -> tuple[str, Label]:
         raise LabelError(f"{where}: expected a table")
     unknown = set(row) - KEYS
     if unknown:
-        raise LabelError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+        raise LabelError(f"{where}: unknown key(s) {shown(', '.join(sorted(unknown)))}")
     fingerprint = row.get("fingerprint")
     if not isinstance(fingerprint, str) or kind(fingerprint) is None:
         raise LabelError(
@@ -119,11 +126,11 @@ def _name(value: Any, where: str) -> str | None:
 
 def read_labels(path: Path) -> dict[str, Label]:
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
+        text = read_limited(path).decode("utf-8")
+    except (OSError, UnicodeDecodeError, TooLarge) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-        raise LabelError(f"{path}: cannot read: {reason}") from None
-    return parse_labels(text, str(path))
+        raise LabelError(f"{shown(str(path))}: cannot read: {reason}") from None
+    return parse_labels(text, shown(str(path)))
 
 
 def load_labels(own: str | Path | None = None) -> Mapping[str, Label]:

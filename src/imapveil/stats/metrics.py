@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
+import re
 import resource
 import time
 from collections import Counter
@@ -186,6 +188,18 @@ def _counter(
     return family
 
 
+FD_COUNT_EVERY = 10.0
+"""Seconds between two listings of /proc/self/fd, where its size does not say the count."""
+
+
+def _counted_by_size(fd: Path) -> int:
+    """The number of open descriptors as the size of /proc/PID/fd (Linux 6.2 on), else 0. Only
+    procfs says it so: a directory elsewhere (a test's stand-in) has a size of its own."""
+    if not str(fd).startswith("/proc/"):
+        return 0
+    return os.stat(fd).st_size
+
+
 class ProcessCollector:
     """process_cpu_seconds_total, process_resident_memory_bytes, process_virtual_memory_bytes,
     process_open_fds, process_max_fds and process_start_time_seconds, from /proc/self.
@@ -199,6 +213,24 @@ class ProcessCollector:
         self.proc = proc
         self.ticks = os.sysconf("SC_CLK_TCK")
         self.page = os.sysconf("SC_PAGE_SIZE")
+        self._fds: int | None = None  # the last listing's count, and when it was made
+        self._fds_at = -math.inf
+
+    def open_fds(self) -> int | None:
+        """Open descriptors: the size of /proc/self/fd where the kernel puts the count there
+        (Linux 6.2 on: one stat), else a listing, made at most every `FD_COUNT_EVERY` seconds:
+        a listing costs some 2 us a descriptor (39 ms at 10,000 sessions), in the event loop."""
+        fd = self.proc / "self" / "fd"
+        try:
+            counted = _counted_by_size(fd)
+            if counted > 0:
+                return counted
+            now = time.monotonic()
+            if self._fds is None or now - self._fds_at >= FD_COUNT_EVERY:
+                self._fds, self._fds_at = len(os.listdir(fd)), now
+        except OSError:
+            return None
+        return self._fds
 
     def boot_time(self) -> float:
         try:
@@ -230,11 +262,8 @@ class ProcessCollector:
                 "Start time of the process since the Unix epoch, seconds",
                 value=round(self.boot_time() + int(fields[19]) / self.ticks, 2),
             )
-        try:
-            open_fds = len(os.listdir(me / "fd"))
-        except OSError:
-            pass
-        else:
+        open_fds = self.open_fds()
+        if open_fds is not None:
             yield GaugeMetricFamily("process_open_fds", "Open file descriptors", value=open_fds)
         limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         if limit != resource.RLIM_INFINITY:
@@ -243,12 +272,48 @@ class ProcessCollector:
 
 
 SCRAPES_AT_ONCE = 16
-"""Connections to the metrics port served at a time; one more is closed as soon as it is
-accepted. Each holds a descriptor until it is answered or `SCRAPE_WITHIN` has passed: without a
-limit, connections held open there could take every descriptor the process may have, and the
-mail listeners could accept nobody."""
+"""Connections to the metrics port served at a time. Each holds a descriptor until it is
+answered or its time is up: without a limit, connections held open there could take every
+descriptor the process may have, and the mail listeners could accept nobody. When all are
+taken, a new connection closes the oldest that has not sent its whole request (as nginx reuses
+its oldest idle connections): a scraper sends its request at once, so a flood of connections
+that send nothing, or a byte at a time, cannot keep it out. When every one is being answered,
+the new one gets a 503."""
+REQUEST_WITHIN = 2.0
+"""Seconds a connection to the metrics port has to send its whole request head (nginx's
+`client_header_timeout`, Go's `ReadHeaderTimeout`)."""
 SCRAPE_WITHIN = 5.0
-"""Seconds a connection to the metrics port has to send its request and take the answer."""
+"""Seconds a connection to the metrics port has in all, to send its request and take the
+answer."""
+STUCK = 1.0
+"""Seconds after which a connection whose answer is still being sent (its client does not
+read) may be closed for a new one, when no connection is left that is still sending."""
+MAX_REQUEST = 8192
+"""Octets of a request head at most (the request line and the headers); beyond, 414 or 431."""
+ALLOW = b"GET, HEAD, OPTIONS"
+_END_OF_HEAD = re.compile(rb"\n\r?\n")
+_TARGET = re.compile(rb"[!-~]+")  # printable ASCII, no space: no control or 8-bit octet
+_VERSION = re.compile(rb"HTTP/1\.[0-9]")
+
+
+class _Slot:
+    """One connection being served: when it came, whether its answer is being sent, and how to
+    close it."""
+
+    __slots__ = ("answering", "scope", "since")
+
+    def __init__(self, scope: trio.CancelScope) -> None:
+        self.since = trio.current_time()
+        self.answering = False
+        self.scope = scope
+
+
+class _Refused(Exception):
+    """A request answered with an error status (`status`), not served."""
+
+    def __init__(self, status: bytes) -> None:
+        super().__init__(status.decode())
+        self.status = status
 
 
 async def serve_metrics(
@@ -257,54 +322,155 @@ async def serve_metrics(
     health: Callable[[], tuple[bool, str]],
 ) -> None:
     """Serve `/metrics` and `/healthz`. `health` says whether the proxy serves sessions and, in
-    one line, anything an operator should know (the body: `ok`, `ok; …`, or why not)."""
+    one line, anything an operator should know (the body: `ok`, `ok; …`, or why not).
 
-    serving = 0
+    HTTP/1.0 and 1.1, one request per connection (`Connection: close`; a pipelined second one is
+    not read): GET, HEAD (GET's headers, no body) and OPTIONS; lines may end in LF alone, as most
+    servers read them; a query is ignored; the head is bounded (`MAX_REQUEST`). Nothing here is
+    logged but a failure of imapveil's own: a client cannot flood the log from this port."""
+
+    slots: list[_Slot] = []
+    overflow = 0  # connections beyond the slots being told 503
 
     async def handle(stream: trio.SocketStream) -> None:
-        nonlocal serving
-        if serving >= SCRAPES_AT_ONCE:
-            await trio.aclose_forcefully(stream)  # its descriptor back at once
+        nonlocal overflow
+        live = sum(not s.scope.cancel_called for s in slots)  # not closed for another
+        if live >= SCRAPES_AT_ONCE and not _make_room(slots):
+            if overflow >= SCRAPES_AT_ONCE:
+                await trio.aclose_forcefully(stream)  # its descriptor back at once
+                return
+            overflow += 1
+            try:
+                with trio.move_on_after(STUCK):
+                    await _answer(stream, b"503 Service Unavailable", b"busy\n")
+            except (trio.BrokenResourceError, OSError):
+                pass
+            finally:
+                overflow -= 1
+                await trio.aclose_forcefully(stream)
             return
-        serving += 1
-        try:
-            with trio.move_on_after(SCRAPE_WITHIN):
-                request = b""
-                while b"\r\n\r\n" not in request and len(request) < 8192:
-                    chunk = await stream.receive_some(4096)
-                    if not chunk:
-                        return
-                    request += chunk
-                path = request.split(b" ", 2)[1] if request.count(b" ") >= 2 else b""
-                if path == b"/metrics":
-                    encode, content_type = _encoder(_header(request, b"accept"))
-                    status, body = b"200 OK", encode(metrics.registry)
-                    kind = content_type.encode()
-                elif path == b"/healthz":
-                    ok, detail = health()
-                    status = b"200 OK" if ok else b"503 Service Unavailable"
-                    body, kind = detail.encode() + b"\n", b"text/plain"
-                else:
-                    status, body, kind = b"404 Not Found", b"not found\n", b"text/plain"
-                await stream.send_all(
-                    b"HTTP/1.1 " + status + b"\r\nContent-Type: " + kind
-                    + b"\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body
-                )  # fmt: skip
-        except (trio.BrokenResourceError, OSError):
-            pass
-        except Exception:
-            # A bug (a gauge's reading, a library's): this scrape fails, nothing else does.
-            log.exception("a metrics scrape failed")
-            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                await stream.send_all(
-                    b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain\r\n"
-                    b"Content-Length: 6\r\nConnection: close\r\n\r\nerror\n"
-                )
-        finally:
-            serving -= 1
-            await trio.aclose_forcefully(stream)
+        with trio.CancelScope(deadline=trio.current_time() + SCRAPE_WITHIN) as scope:
+            slot = _Slot(scope)
+            slots.append(slot)
+            try:
+                await _serve_one(stream, slot, metrics, health)
+            finally:
+                slots.remove(slot)
+                await trio.aclose_forcefully(stream)
 
     await trio.serve_listeners(handle, listeners)
+
+
+def _make_room(slots: list[_Slot]) -> bool:
+    """Close the connection that has waited longest for its request (else one whose answer has
+    been stuck for `STUCK`); False if none may be closed."""
+    reading = [s for s in slots if not s.answering and not s.scope.cancel_called]
+    if not reading:
+        stuck = trio.current_time() - STUCK
+        reading = [s for s in slots if s.since < stuck and not s.scope.cancel_called]
+    if not reading:
+        return False
+    min(reading, key=lambda s: s.since).scope.cancel()
+    return True
+
+
+async def _serve_one(
+    stream: trio.SocketStream,
+    slot: _Slot,
+    metrics: Metrics,
+    health: Callable[[], tuple[bool, str]],
+) -> None:
+    try:
+        try:
+            with trio.fail_after(REQUEST_WITHIN):
+                head = await _read_head(stream)
+            if head is None:
+                return  # closed before its request ended
+            method, path, headers = _parse(head)
+        except _Refused as refused:
+            slot.answering = True
+            await _answer(stream, refused.status, b"")
+            return
+        except trio.TooSlowError:
+            return
+        slot.answering = True
+        extra = b""
+        if method == b"OPTIONS":
+            status, body, kind, extra = b"200 OK", b"", b"", b"Allow: " + ALLOW + b"\r\n"
+        elif path == b"/metrics":
+            encode, content_type = _encoder(_header(headers, b"accept"))
+            status, body = b"200 OK", encode(metrics.registry)
+            kind = content_type.encode()
+        elif path == b"/healthz":
+            ok, detail = health()
+            status = b"200 OK" if ok else b"503 Service Unavailable"
+            body, kind = detail.encode() + b"\n", b"text/plain"
+        else:
+            status, body, kind = b"404 Not Found", b"not found\n", b"text/plain"
+        await _answer(stream, status, body, kind, extra, send_body=method != b"HEAD")
+    except (trio.BrokenResourceError, OSError):
+        pass
+    except Exception:
+        # A bug (a gauge's reading, a library's): this scrape fails, nothing else does.
+        log.exception("a metrics scrape failed")
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            await _answer(stream, b"500 Internal Server Error", b"error\n")
+
+
+async def _read_head(stream: trio.SocketStream) -> bytes | None:
+    """The request line and headers, up to the empty line (CRLF or LF); None at an EOF before
+    it. Raises _Refused past `MAX_REQUEST` octets."""
+    request = b""
+    while True:
+        chunk = await stream.receive_some(4096)
+        if not chunk:
+            return None
+        searched = max(0, len(request) - 2)  # the end may straddle two chunks
+        request += chunk
+        end = _END_OF_HEAD.search(request, searched)
+        if end is not None and end.start() < MAX_REQUEST:
+            return request[: end.start()]
+        if len(request) >= MAX_REQUEST:
+            line_ended = b"\n" in request[:MAX_REQUEST]
+            raise _Refused(
+                b"431 Request Header Fields Too Large" if line_ended else b"414 URI Too Long"
+            )
+
+
+def _parse(head: bytes) -> tuple[bytes, bytes, list[bytes]]:
+    """(method, path, header lines) of a request head; raises _Refused for what is no
+    HTTP/1.x request, or a method other than GET, HEAD and OPTIONS."""
+    line, *headers = [h.removesuffix(b"\r") for h in head.split(b"\n")]
+    parts = line.split(b" ")
+    if len(parts) != 3 or not _VERSION.fullmatch(parts[2]) or not _TARGET.fullmatch(parts[1]):
+        raise _Refused(b"400 Bad Request")
+    method, target, _ = parts
+    if method not in (b"GET", b"HEAD", b"OPTIONS"):
+        raise _Refused(b"405 Method Not Allowed")
+    if target.startswith((b"http://", b"https://")):  # the absolute form (RFC 9112 §3.2.2)
+        target = b"/" + target.split(b"/", 3)[3] if target.count(b"/") >= 3 else b"/"
+    elif not target.startswith(b"/") and not (method == b"OPTIONS" and target == b"*"):
+        raise _Refused(b"400 Bad Request")
+    return method, target.split(b"?", 1)[0], headers
+
+
+async def _answer(
+    stream: trio.SocketStream,
+    status: bytes,
+    body: bytes,
+    kind: bytes = b"text/plain",
+    extra: bytes = b"",
+    *,
+    send_body: bool = True,
+) -> None:
+    if status.startswith(b"405"):
+        extra += b"Allow: " + ALLOW + b"\r\n"
+    typed = b"Content-Type: " + kind + b"\r\n" if kind else b""
+    await stream.send_all(
+        b"HTTP/1.1 " + status + b"\r\n" + typed + extra
+        + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
+        + (body if send_body else b"")
+    )  # fmt: skip
 
 
 def _encoder(accept: str) -> tuple[Callable[[CollectorRegistry], bytes], str]:
@@ -316,9 +482,9 @@ def _encoder(accept: str) -> tuple[Callable[[CollectorRegistry], bytes], str]:
         return choose_encoder("")
 
 
-def _header(request: bytes, name: bytes) -> str:
+def _header(headers: list[bytes], name: bytes) -> str:
     """A request header's value ("" if absent), as text."""
-    for line in request.split(b"\r\n")[1:]:
+    for line in headers:
         key, sep, value = line.partition(b":")
         if sep and key.strip().lower() == name:
             return value.strip().decode("latin-1")

@@ -7,7 +7,8 @@ thread, one thing at a time:
 - While the store takes rows, it commits the queue in batches (one transaction each), after
   gathering rows for `COALESCE` seconds: once the first row comes, and again after each write
   that left less than a full batch queued.
-- While the store cannot take them (down, unreachable, a locked or full SQLite database), it
+- While the store cannot take them (down, unreachable, a locked or full SQLite database, or no
+  answer to a call within `STORE_WITHIN`: a frozen server), it
   appends the queue to the spool, a directory of append-only JSON-lines files on local disk
   (one fsync per batch), and probes the store every `PROBE` seconds. When the store is back, it
   replays the spool in order, batch by batch, before anything newer; a replayed file is deleted
@@ -35,6 +36,7 @@ import itertools
 import json
 import logging
 import math
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -68,7 +70,7 @@ from imapveil.stats.spool import (
     spool_directory,
     well_formed,
 )
-from imapveil.stats.store import Batch, Collision, Store, redact
+from imapveil.stats.store import WRITE_TIMEOUT, Batch, Collision, Store, redact
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +83,13 @@ STORE_TIMEOUT = 2.0
 """Seconds to connect, or to wait for a SQLite lock, before the store counts as away."""
 DRAIN_TIMEOUT = 5.0
 """Seconds a shutdown waits for the store to take the queue before spooling the rest."""
+STORE_WITHIN = WRITE_TIMEOUT + 5.0
+"""Seconds the writer waits for the store to answer one call (a write, a purge, a connection)
+before it takes the store for away: a frozen server (stopped, or its host paused with its
+kernel running) acknowledges what is sent, so neither PostgreSQL's `statement_timeout` nor
+TCP's timeouts end the wait, and the writer would wait for ever while the queue overflowed
+(rows dropped, not spooled). The call is left to its thread, which closes its connection when
+it returns; writes are idempotent, so one that goes through later is stored once."""
 REMIND = 60.0
 """Seconds between reminders that the store is still away."""
 DAY = 24 * 3600.0
@@ -238,10 +247,11 @@ class StoreSink:
             self._full.set()
 
     def _id(self, r: IdExchange, when: float | None) -> None:
+        recorded = _without_nul(r.client) if r.client else r.client
         state = self._open.get(r.session)
-        if state is not None and r.client and not r.injected and state.client is None:
-            state.client = r.client
-        fields = r.client or {}
+        if state is not None and recorded and not r.injected and state.client is None:
+            state.client = recorded
+        fields = recorded or {}
         client = identify(fields) if not r.injected else identify({"name": "imapveil"})
         self._put(
             "id",
@@ -259,11 +269,12 @@ class StoreSink:
         state = self._open.pop(r.session, None) or _Open(ended)
         client = identify(state.client)
         os_version = (state.client or {}).get("os-version")
+        user = r.user.replace("\0", NUL_SHOWN) if r.user else r.user
         self._put(
             "session",
             (
                 r.session, self.proxy, state.started_at, ended, state.started_at[:10],
-                r.user, r.reason, r.duration_ms, r.bytes_from_client, r.bytes_from_server,
+                user, r.reason, r.duration_ms, r.bytes_from_client, r.bytes_from_server,
                 r.commands, int(r.client_tls), client.family, client.version, client.platform,
                 os_version[:64] if os_version else None,
             ),
@@ -297,6 +308,8 @@ class StoreSink:
                 if trio.current_time() - last_purge >= DAY:
                     await self._purge()
                     last_purge = trio.current_time()
+                    if not self.connected:  # the store did not answer it (`STORE_WITHIN`)
+                        continue
                 if self.spool is not None and self.spool.pending:
                     await self._replay_some()
                     if len(self._queue) >= self.capacity // 2:
@@ -341,6 +354,36 @@ class StoreSink:
             self._wake.set()
             await self._stepped.wait()
 
+    async def _on_store(self, fn: Callable[[], T], *, abandon: bool = False) -> T:
+        """`fn` (a call on `self.store`) in a worker thread, for at most `STORE_WITHIN`; then
+        (or when cancelled, with `abandon`) the store is left to that thread and a new one
+        (not connected) takes its place: StoreHung, or the cancellation. Without `abandon` a
+        stop waits for the call, within the same bound."""
+        call = _Call(self.store)
+
+        def run() -> T:
+            try:
+                return fn()
+            finally:
+                call.finished()
+
+        try:
+            with trio.CancelScope(shield=not abandon), trio.move_on_after(STORE_WITHIN):
+                return await trio.to_thread.run_sync(run, abandon_on_cancel=True)
+        except trio.Cancelled:
+            self._forsake(call)
+            raise
+        self._forsake(call)
+        raise StoreHung(f"no answer within {STORE_WITHIN:g} s")
+
+    def _forsake(self, call: _Call) -> None:
+        """Leave `call`'s store (and connection) to its thread; a new one takes its place."""
+        if call.forsake():  # its thread returned meanwhile: nobody else will close it
+            call.store.close()
+        if self.store is call.store:
+            self.store = Store(call.store.url, timeout=call.store.timeout)
+        self.connected = False
+
     async def _thread(self, fn: Callable[[], T], *, abandon: bool = False) -> T:
         return await trio.to_thread.run_sync(fn, abandon_on_cancel=abandon)
 
@@ -362,7 +405,7 @@ class StoreSink:
 
     async def _connect(self) -> None:
         try:
-            await self._thread(self.store.connect)
+            await self._on_store(self.store.connect)
         except Exception as exc:  # StoreError, or any driver's error
             self._away(f"statistics store unavailable: {exc}")
             return
@@ -404,7 +447,7 @@ class StoreSink:
         """
         try:
             try:
-                collisions = await self._thread(
+                collisions = await self._on_store(
                     partial(self.store.write, _batch(items)), abandon=abandon
                 )
             except trio.Cancelled:
@@ -425,7 +468,7 @@ class StoreSink:
         collisions: list[Collision] = []
         for item in items:
             try:
-                collisions += await self._thread(partial(self.store.write, _batch([item])))
+                collisions += await self._on_store(partial(self.store.write, _batch([item])))
             except Exception as exc:  # any driver's error
                 if not self.store.refuses(exc):
                     raise
@@ -561,12 +604,55 @@ class StoreSink:
     async def _purge(self) -> None:
         cutoff = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=self.retention_days)
         try:
-            removed = await self._thread(lambda: self.store.purge(cutoff.isoformat()))
+            removed = await self._on_store(partial(self.store.purge, cutoff.isoformat()))
         except Exception as exc:  # any driver's error
             log.warning("statistics retention purge failed: %s", exc)
             return
         if removed:
             log.info("purged %d sessions older than %d days", removed, self.retention_days)
+
+
+NUL_SHOWN = "\ufffd"
+"""What a NUL in a client's text becomes in the store. PostgreSQL takes no NUL in text: a
+value with one (an ID value sent as a literal, recorded by a policy that keeps it as sent; a
+LOGIN name, with `user_identity = "plain"`) had the store refuse the batch, then each of that
+session's rows, one transaction a row: the rows lost, a warning each, and every other
+session of the batch written one by one."""
+
+
+def _without_nul(fields: dict[str, str | None]) -> dict[str, str | None]:
+    """`fields`, each NUL in a value replaced by `NUL_SHOWN` (the same dict if there is none)."""
+    if not any(v and "\0" in v for v in fields.values()):
+        return fields
+    return {k: v.replace("\0", NUL_SHOWN) if v else v for k, v in fields.items()}
+
+
+class StoreHung(Exception):
+    """The store did not answer a call within `STORE_WITHIN`."""
+
+
+class _Call:
+    """A call on a store in a worker thread, and whether the writer has left the store to it."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._lock = threading.Lock()
+        self._done = False
+        self._forsaken = False
+
+    def finished(self) -> None:
+        """In the thread, as the call returns: close the store if the writer has left it."""
+        with self._lock:
+            self._done = True
+            forsaken = self._forsaken
+        if forsaken:
+            self.store.close()
+
+    def forsake(self) -> bool:
+        """The writer leaves the store to the thread; True if the call had returned already."""
+        with self._lock:
+            self._forsaken = True
+            return self._done
 
 
 def _batch(items: Iterable[Item]) -> Batch:
