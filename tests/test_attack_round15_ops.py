@@ -39,20 +39,18 @@ from tests.helpers.process import imapveil, read_log, service_overrides, signal_
 
 
 @pytest.fixture
-def full_notify_socket(tmp_path: Path) -> Iterator[tuple[socket.socket, str]]:
-    """A datagram socket in place of systemd's ($NOTIFY_SOCKET) that nobody reads: its receive
-    queue is full (net.unix.max_dgram_qlen datagrams), as a wedged PID 1's would be."""
-    path = str(tmp_path / "notify")
-    with (
-        socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock,
-        socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as filler,
-    ):
-        sock.bind(path)
+def full_notify_socket(
+    notify_socket: tuple[socket.socket, str],
+) -> Iterator[tuple[socket.socket, str]]:
+    """conftest's notify socket, nobody reading it: its receive queue is full
+    (net.unix.max_dgram_qlen datagrams), as a wedged PID 1's would be."""
+    _, path = notify_socket
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as filler:
         filler.setblocking(False)
         with contextlib.suppress(BlockingIOError):
             for _ in range(100_000):
                 filler.sendto(b"FILLER=1", path)
-        yield sock, path
+        yield notify_socket
 
 
 def _drain(sock: socket.socket) -> list[str]:
