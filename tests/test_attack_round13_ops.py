@@ -23,6 +23,7 @@ from imapveil.service import Service, load_all
 from tests.helpers.dovecot import Dovecot, free_port
 from tests.helpers.postgres import Postgres
 from tests.helpers.process import (
+    datagrams_waiting,
     imapveil,
     read_log,
     service_overrides,
@@ -68,12 +69,7 @@ def _notifications(sock: socket.socket, until: str) -> list[str]:
 
 def _left(sock: socket.socket) -> list[str]:
     """The datagrams waiting now (the service has exited: no more come)."""
-    sock.setblocking(False)
-    seen = []
-    with contextlib.suppress(BlockingIOError):
-        while True:
-            seen.append(sock.recv(4096).decode().split("\n")[0])
-    return seen
+    return datagrams_waiting(sock)
 
 
 @pytest.mark.dovecot

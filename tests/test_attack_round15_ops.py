@@ -35,7 +35,13 @@ from imapveil.systemd import Notifier
 from tests.conftest import TlsMaterial
 from tests.helpers.dovecot import Dovecot, free_port
 from tests.helpers.postgres import Postgres
-from tests.helpers.process import imapveil, read_log, service_overrides, signal_handlers_restored
+from tests.helpers.process import (
+    datagrams_waiting,
+    imapveil,
+    read_log,
+    service_overrides,
+    signal_handlers_restored,
+)
 
 
 @pytest.fixture
@@ -55,14 +61,7 @@ def full_notify_socket(
 
 def _drain(sock: socket.socket) -> list[str]:
     """Each datagram waiting now, its first line; filler left out."""
-    sock.setblocking(False)
-    seen = []
-    with contextlib.suppress(BlockingIOError):
-        while True:
-            line = sock.recv(4096).decode().split("\n")[0]
-            if line != "FILLER=1":
-                seen.append(line)
-    return seen
+    return [line for line in datagrams_waiting(sock) if line != "FILLER=1"]
 
 
 def test_a_notify_socket_nobody_reads_does_not_block_the_sender(

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
@@ -147,3 +149,13 @@ def signal_handlers_restored() -> Iterator[None]:
     finally:
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
+
+
+def datagrams_waiting(sock: socket.socket) -> list[str]:
+    """The first line of each datagram waiting on a notify socket now (none more are read)."""
+    sock.setblocking(False)
+    seen = []
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            seen.append(sock.recv(4096).decode().split("\n")[0])
+    return seen
