@@ -39,9 +39,6 @@ answer that never comes (behind its literal's "+", an ID's). No client needs mor
 TAG_PATTERN = b"(" + _char_class(TAG_CHARS) + b"{1,%d}+)" % MAX_TAG
 """A tag as a group of a pattern."""
 _TAG = re.compile(TAG_PATTERN)
-# An astring as `read_astring` takes it: a quoted string (group 1) whose backslash escapes any
-# octet and which no bare CR or LF is in, or one or more ASTRING-CHARs. One pass, in C.
-_ASTRING = re.compile(rb'"((?:[^"\\\r\n]++|\\[\s\S])*+)"|' + _char_class(ASTRING_CHARS) + b"++")
 
 # A literal's length has at most 20 digits: 2**64 - 1 has 20 (RFC 9051 number64 is 63 bits).
 MAX_LITERAL_DIGITS = 20
@@ -125,20 +122,31 @@ def read_astring(data: bytes, pos: int) -> tuple[bytes, int] | None:
 
     Returns None for anything else (a literal, a syntax error): the caller decides.
     """
-    m = _ASTRING.match(data, pos)
-    if m is None:
+    n = len(data)
+    if pos >= n:
         return None
-    quoted = m.group(1)
-    if quoted is None:
-        return m.group(), m.end()
-    if b"\\" in quoted:
-        # Every backslash the pattern took escapes the octet after it: the leftmost pairs of
-        # backslashes are the escaped ones, and every other backslash goes (no match per escape).
-        if b"\0" not in quoted:  # NUL holds the escaped backslashes' place meanwhile
-            quoted = quoted.replace(b"\\\\", b"\0").replace(b"\\", b"").replace(b"\0", b"\\")
-        else:
-            quoted = b"\\".join(p.replace(b"\\", b"") for p in quoted.split(b"\\\\"))
-    return quoted, m.end()
+    if data[pos] == ord('"'):
+        out = bytearray()
+        i = pos + 1
+        while i < n:
+            c = data[i]
+            if c == ord("\\") and i + 1 < n:
+                out.append(data[i + 1])
+                i += 2
+                continue
+            if c == ord('"'):
+                return bytes(out), i + 1
+            if c in (0x0A, 0x0D):
+                return None
+            out.append(c)
+            i += 1
+        return None
+    end = pos
+    while end < n and data[end] in ASTRING_CHARS:
+        end += 1
+    if end == pos:
+        return None
+    return data[pos:end], end
 
 
 STATUS_NAMES = {s: s.decode() for s in (b"OK", b"NO", b"BAD", b"BYE", b"PREAUTH")}
