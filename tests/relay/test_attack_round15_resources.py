@@ -10,21 +10,30 @@ this test's trio run, and its cores are found among the live objects.
   answer kept its mailbox name whole (up to the line limit, 64 KiB); Dovecot reads on and
   buffers its answers, so `max_unanswered` (10,000) commands could be waiting: 137 MB of the
   proxy's memory for one session after 2,300 of them (then Dovecot ran out of memory).
+- Lines the proxy refuses itself, 3 octets each: one receive was read whole in one turn of the
+  event loop (87,000 lines, ~370 ms); another client's NOOP took seconds meanwhile. Counted:
+  the lines read in one call into the core.
+- Pipelined NOOPs, unread: `max_unanswered` was checked before a receive, not within it (24,320
+  commands seen waiting at once, 10,000 allowed), and 10,000 waiting commands are 4 MB.
 """
 
 from __future__ import annotations
 
 import enum
 import gc
+import re
 import socket
 import sys
+import threading
+import time
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import trio
 
+from imapveil.protocol.commands import Commands
 from imapveil.protocol.config import CoreConfig
 from imapveil.protocol.session import SessionCore
 from tests.helpers.attack import own_dovecot, veil
@@ -114,4 +123,125 @@ async def test_pipelined_selects_of_long_names_keep_little(target: Dovecot, tmp_
             core = await one_core(count + 1)
             kept = retained(core)
         await v.sessions_ended(1)
+    assert kept < 2 * MIB, f"{kept} octets kept for one session"
+
+
+# --- How much one session reads in one turn of the event loop.
+
+
+class Turns:
+    """Counts, for every call into a session's core (a turn of its reader task), the client
+    lines it read and the most commands that waited for their answers."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.lines = 0
+        self.most_lines = 0  # in one call
+        self.most_unanswered = 0
+        line, pend = Commands.line, Commands._pend
+
+        def counting_line(commands: Commands, data: bytes) -> object:
+            self.lines += 1
+            return line(commands, data)
+
+        def counting_pend(commands: Commands, cmd: object) -> None:
+            pend(commands, cmd)  # type: ignore[arg-type]
+            self.most_unanswered = max(self.most_unanswered, commands.unanswered_count)
+
+        monkeypatch.setattr(Commands, "line", counting_line)
+        monkeypatch.setattr(Commands, "_pend", counting_pend)
+        for name in ("feed_client", "feed_server", "resume_client"):
+            if hasattr(SessionCore, name):
+                monkeypatch.setattr(SessionCore, name, self._turn(getattr(SessionCore, name)))
+
+    def _turn(self, call: Callable[..., list[object]]) -> Callable[..., list[object]]:
+        def turn(core: SessionCore, *args: object) -> list[object]:
+            before = self.lines
+            try:
+                return call(core, *args)
+            finally:
+                self.most_lines = max(self.most_lines, self.lines - before)
+
+        return turn
+
+
+REFUSED = b"x\r\n"  # no command: the proxy answers `* BAD` itself
+
+
+def refused_flood(address: tuple[str, int], octets: int) -> tuple[int, bytes]:
+    """`octets` of lines the proxy refuses, in one send, the answers read meanwhile; then a
+    NOOP: (the BADs received, the NOOP's answer)."""
+    s = attacker(address)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    with s:
+        got: list[bytes] = []
+
+        def read_all() -> None:
+            data = b""
+            while not re.search(rb"(^|\n)z [A-Z]", data[-300:]):
+                chunk = s.recv(1 << 20)
+                if not chunk:
+                    break
+                data += chunk
+            got.append(data)
+
+        reader = threading.Thread(target=read_all)
+        reader.start()
+        s.sendall(REFUSED * (octets // len(REFUSED)) + b"z NOOP\r\n")
+        reader.join(60)
+        assert got, "no answer to the NOOP"
+        tail = got[0][got[0].rfind(b"\n", 0, len(got[0]) - 1) + 1 :]
+        return got[0].count(b" BAD [CLIENTBUG]"), tail
+
+
+async def test_a_flood_of_refused_lines_is_read_a_turn_at_a_time(
+    target: Dovecot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lines the proxy refuses itself (3 octets each, a `* BAD` each): one receive (up to
+    256 KiB) was read whole in one turn of the event loop every session shares, 87,000 lines,
+    about 370 ms; a second client's NOOP took seconds while one session sent such lines. A
+    session reads a bounded amount of lines per turn (`TURN`), then lets the others run."""
+    turns = Turns(monkeypatch)
+    octets = 1 << 20
+    async with veil(target.address, tmp_path) as v:
+        with trio.fail_after(120):
+            bads, last = await run(refused_flood, v.address, octets)
+        await v.sessions_ended(1)
+    assert bads == octets // len(REFUSED), bads
+    assert last.startswith(b"z OK"), last
+    assert turns.most_lines <= 1000, f"{turns.most_lines} lines read in one turn"
+
+
+def noop_flood(s: socket.socket) -> int:
+    """NOOPs as fast as the proxy takes them, reading nothing, until it has taken none for a
+    second: the octets sent."""
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+    s.setblocking(False)
+    chunk = b"a NOOP\r\n" * 8192
+    sent, idle_since = 0, time.monotonic()
+    while time.monotonic() - idle_since < 1.0:
+        try:
+            sent += s.send(chunk[sent % len(chunk) :])
+            idle_since = time.monotonic()
+        except BlockingIOError:
+            time.sleep(0.01)
+    return sent
+
+
+async def test_pipelined_noops_unread_keep_little(
+    target: Dovecot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NOOPs pipelined, the answers unread: the client was not read once `max_unanswered`
+    (10,000) commands waited, but one receive (up to 256 KiB: 32,768 NOOPs) was read whole
+    past it. Every waiting command is kept (its tag, its record's fields): 4-10 MB for one
+    session. Now at most `max_unanswered` (1,000) wait, and the rest waits in the socket."""
+    turns = Turns(monkeypatch)
+    async with veil(target.address, tmp_path) as v:
+        s = await run(attacker, v.address)
+        with s, trio.fail_after(120):
+            sent = await run(noop_flood, s)
+            core = await one_core(1)
+            kept = retained(core)
+        await v.sessions_ended(1)
+    assert sent > 100_000  # it flooded: 12,500 NOOPs and more, most waiting in socket buffers
+    assert turns.most_unanswered <= 1000, turns.most_unanswered
     assert kept < 2 * MIB, f"{kept} octets kept for one session"

@@ -51,10 +51,11 @@ class CoreConfig:
     max_held: int = 1024 * 1024
     """Client octets held while the client must wait for the server (the shell stops reading
     meanwhile, so this is one receive's worth; more is a client that cannot be followed)."""
-    max_unanswered: int = 10_000
+    max_unanswered: int = 1_000
     """Commands sent and not answered yet, at most: beyond, the client is not read until answers
-    come (each is kept until its answer; a client that pipelines and reads nothing would have
-    as many kept as the socket buffers on both legs hold, hundreds of MB a session)."""
+    come (each is kept until its answer, a few hundred octets, up to 4 KiB with a long tag, a
+    mailbox and `MAX_LITERALS` literal sizes; a client that pipelines and reads nothing would
+    have as many kept as the socket buffers on both legs hold, hundreds of MB a session)."""
     max_discard: int = 64 * 1024 * 1024
     """Octets of a refused command's literals the proxy skips to stay in step with a LITERAL+
     client; a larger literal ends the session instead (a `{2^63}` never drains)."""

@@ -30,6 +30,16 @@ from imapveil.records import SessionEnded, SessionStarted
 
 __all__ = ["CoreConfig", "SessionCore", "State"]
 
+TURN = 64 * 1024
+"""Client octets read as lines in one call at most (`_scan_client`), each line counting as at
+least `LINE_COST`: then the rest waits (`client_backlog`) until the shell has let the other
+sessions run (`resume_client`). One receive (256 KiB) of 3-octet lines the proxy refuses was
+87,000 lines and ~370 ms of the loop every session shares in one go; now ~256 lines, ~1 ms, and
+at most one line of `max_line` octets more."""
+LINE_COST = 256
+"""What a line costs of a turn at least, in octets: a short line's cost is the line's handling
+(a command, a `BAD`), not its octets."""
+
 
 class SessionCore:
     """Follows one IMAP session. Not thread-safe; one per connection."""
@@ -194,8 +204,20 @@ class SessionCore:
         (backpressure), so what a LITERAL+ client sends ahead stays in its own socket buffers.
         At most one receive's worth is held here. Also while the proxy owes the client more than
         `max_held` of its own lines (BADs, "+"), which wait for the response in progress to end,
-        and while `max_unanswered` commands wait for their answers (one receive's worth more at
-        most): a client that does not read the answers must not make either grow without bound."""
+        and while `max_unanswered` commands wait for their answers: a client that does not read
+        the answers must not make either grow without bound. And while octets it sent earlier
+        wait to be read (`client_backlog`)."""
+        return self._may_read_client and not self._client.parked_data
+
+    @property
+    def client_backlog(self) -> bool:
+        """Client octets received earlier wait to be read, and may be read now: a turn ended
+        (`TURN`), or the server's answer that held them back came. The shell lets the other
+        sessions run, then calls `resume_client`."""
+        return bool(self._client.parked_data) and self._may_read_client
+
+    @property
+    def _may_read_client(self) -> bool:
         return (
             self._commands.gate is None
             and not self.closed
@@ -237,8 +259,25 @@ class SessionCore:
             out.append(Forward(Direction.TO_SERVER, data))
             return out
         readable = self._leg.first_octets(data, first=self.bytes_from_client == len(data))
-        if readable is not None:
+        if readable is None:
+            return out
+        if f.parked_data and self._may_read_client:
+            # Fed while octets from before wait (a shell that did not call `resume_client`):
+            # they come first.
+            f.park(readable, 0)
+            self._scan_client(*f.unpark())
+        else:
             self._scan_client(readable)
+        return out
+
+    def resume_client(self, now: float) -> list[Action]:
+        """Read on what the client sent earlier (`client_backlog`); nothing if nothing waits."""
+        o = self._out
+        o.now = now
+        out: list[Action] = []
+        o.actions = out
+        if self.client_backlog:
+            self._scan_client(*self._client.unpark())
         return out
 
     def feed_server(self, data: bytes, now: float) -> list[Action]:
@@ -280,7 +319,7 @@ class SessionCore:
                 o.violation("client", "literal_before_continuation", f"{held} octets", "closed")
                 o.protocol_error(b"* BYE Literal sent before the server asked for it\r\n")
                 return out
-        if self._client.parked and self.wants_client_data:
+        if self.client_backlog:
             self._scan_client(*self._client.unpark())
         return out
 
@@ -456,11 +495,19 @@ class SessionCore:
         n = len(data)
         pos = start = at
         owed, max_held = self._out.owed, self.config.max_held
+        max_unanswered, turn = self.config.max_unanswered, TURN
         while pos < n:
-            if commands.gate is not None or len(owed) > max_held:
-                # The client waits for the server: for an answer (a gate), or for the end of the
-                # response in progress, where the proxy may say what it owes (BADs of its own,
-                # "+" for an ID's literals). Kept in memory without bound otherwise.
+            if (
+                commands.gate is not None
+                or len(owed) > max_held
+                or commands.unanswered_count >= max_unanswered
+                or turn <= 0
+            ):
+                # The client waits for the server: for an answer (a gate, or enough commands
+                # waiting for theirs), or for the end of the response in progress, where the
+                # proxy may say what it owes (BADs of its own, "+" for an ID's literals). Kept in
+                # memory without bound otherwise. Or this session's turn is over: the other
+                # sessions run before it reads on (`client_backlog`).
                 self._flush(Direction.TO_SERVER, data, start, pos)
                 self._hold(data, pos)
                 return
@@ -481,6 +528,7 @@ class SessionCore:
                 if kind is Fragment.TOO_LONG:
                     commands.too_long()
                 return
+            turn -= max(end - pos, LINE_COST)
             mark = len(out)
             fate = commands.line(line)
             if fate is Verdict.STOP:
@@ -522,7 +570,14 @@ class SessionCore:
 
     def _hold(self, data: bytes, at: int) -> None:
         size = self.held + len(data) - at
-        if at >= len(data) or size <= self.config.max_held:
+        config = self.config
+        if (
+            at >= len(data)
+            or size <= config.max_held
+            or (self._commands.gate is None and len(self._out.owed) <= config.max_held)
+        ):
+            # Within its bound, or not sent while waiting (a turn ended, or answers are awaited:
+            # the rest of one receive, the shell reads no more meanwhile).
             self._client.park(data, at)
             return
         # The client keeps talking where it must wait: it is not an IMAP client we can follow.

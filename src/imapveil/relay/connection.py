@@ -372,6 +372,13 @@ class Connection:
         literal_left = core.client_literal_left if from_client else core.server_literal_left
         while not self._closed:
             if from_client and not core.wants_client_data:
+                if core.client_backlog:
+                    # What the client sent earlier waits to be read (this session's turn was
+                    # over, `session.TURN`): the other sessions' turn first, then read on.
+                    await trio.lowlevel.checkpoint()
+                    await self._apply(core.resume_client(trio.current_time()))
+                    self._touch()
+                    continue
                 # The client must wait for the server (its greeting, a "+" for a literal, an
                 # AUTHENTICATE challenge): stop reading, so that what it sends ahead stays in
                 # its own socket buffers (TCP backpressure), not in ours.
@@ -441,7 +448,8 @@ class Connection:
         """Wake the client's reader if it waits and the core wants its data again (or closed).
         A method, not inline: a local in `_pump`'s frame would keep the Event while it waits."""
         resume = self._resume
-        if resume is not None and (self.core.wants_client_data or self.core.closed):
+        core = self.core
+        if resume is not None and (core.wants_client_data or core.client_backlog or core.closed):
             self._resume = None
             resume.set()
 
