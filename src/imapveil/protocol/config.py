@@ -30,6 +30,8 @@ class CoreConfig:
     hash_value: Callable[[bytes], str] = field(default=lambda _v: "hmac:")
     """Keyed HMAC for `record = "hash"` in ID policies."""
     max_id_records: int = 10
+    """`id` records per session, and the client's IDs the policy decides: past it an ID goes
+    out as `ID NIL`, undecided (deciding a hostile one costs milliseconds of the loop)."""
     max_violation_records: int = 20
     """Violation records per session (refused commands count too); the rest are counted in one
     `violations_suppressed` record at the end: one client's garbage must not flood the log."""
