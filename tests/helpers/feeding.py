@@ -111,10 +111,14 @@ class Conversation:
         return self
 
     def _backlog(self) -> None:
-        """What the client sent that waits to be read (a turn was over), read on as the
-        shell does once the other sessions have run."""
-        while self.core.client_backlog:
-            self._apply(self.core.resume_client(self.clock))
+        """What the peers sent that waits to be read (a turn was over), read on as the shell
+        does once the other sessions have run."""
+        core = self.core
+        while core.server_backlog or core.client_backlog:
+            if core.server_backlog:
+                self._apply(core.resume_server(self.clock))
+            else:
+                self._apply(core.resume_client(self.clock))
 
     def play(self, steps: Iterable[tuple[str, bytes]]) -> Iterator[None]:
         """Feed ("c" | "s", bytes) steps in order, pausing after each for the caller's checks."""

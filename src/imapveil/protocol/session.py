@@ -31,11 +31,12 @@ from imapveil.records import SessionEnded, SessionStarted
 __all__ = ["CoreConfig", "SessionCore", "State"]
 
 TURN = 64 * 1024
-"""Client octets read as lines in one call at most (`_scan_client`), each line counting as at
-least `LINE_COST`: then the rest waits (`client_backlog`) until the shell has let the other
-sessions run (`resume_client`). One receive (256 KiB) of 3-octet lines the proxy refuses was
-87,000 lines and ~370 ms of the loop every session shares in one go; now ~256 lines, ~1 ms, and
-at most one line of `max_line` octets more."""
+"""Octets read as lines in one call at most, from either side (`_scan_client`, `_scan_server`),
+each line counting as at least `LINE_COST`: then the rest waits (`client_backlog`,
+`server_backlog`) until the shell has let the other sessions run (`resume_client`,
+`resume_server`). One receive (256 KiB) of 3-octet lines the proxy refuses was 87,000 lines and
+~370 ms of the loop every session shares in one go, one of a FETCH's message lines each with a
+small literal ~14,000 lines and ~70 ms; now ~256 lines, ~1 ms, and at most one line more."""
 LINE_COST = 256
 """What a line costs of a turn at least, in octets: a short line's cost is the line's handling
 (a command, a `BAD`), not its octets."""
@@ -57,6 +58,8 @@ class SessionCore:
         "_out",
         "_responses",
         "_server",
+        "_server_parked",
+        "_server_parked_at",
         "_traits",
         "bytes_from_client",
         "bytes_from_server",
@@ -99,6 +102,9 @@ class SessionCore:
         self._traits = self._commands.traits
         self._responses = Responses(self._out, self._server, self._commands, self._ids, self._leg)
         self._ended = False
+        # Server octets received and not read yet (a turn was over): the chunk, where they start.
+        self._server_parked = b""
+        self._server_parked_at = 0
 
     def __repr__(self) -> str:
         return (
@@ -290,7 +296,12 @@ class SessionCore:
         out: list[Action] = []
         o.actions = out
         f = self._server
-        if (
+        if self._server_parked:
+            # Fed while octets from before wait (a shell that did not call `resume_server`):
+            # they come first.
+            data = self._server_parked[self._server_parked_at :] + data
+            self._server_parked, self._server_parked_at = b"", 0
+        elif (
             self.SIMPLE
             and self._responses.greeted
             and not (f.buf or f.literal_left or f.continues or f.streaming or o.owed)
@@ -305,8 +316,33 @@ class SessionCore:
             o.pay_owed()
             self._commands.literal_refused = False  # nothing was held: nothing sent ahead
             return out
-        self._scan_server(data)
-        self._out.pay_owed()
+        self._server_input(data, 0)
+        return out
+
+    @property
+    def server_backlog(self) -> bool:
+        """Server octets received earlier wait to be read (a turn was over, `TURN`): the shell
+        lets the other sessions run, then calls `resume_server`."""
+        return bool(self._server_parked) and not self._out.closed
+
+    def resume_server(self, now: float) -> list[Action]:
+        """Read on what the server sent earlier (`server_backlog`); nothing if nothing waits."""
+        o = self._out
+        o.now = now
+        out: list[Action] = []
+        o.actions = out
+        if self.server_backlog:
+            data, at = self._server_parked, self._server_parked_at
+            self._server_parked, self._server_parked_at = b"", 0
+            self._server_input(data, at)
+        return out
+
+    def _server_input(self, data: bytes, at: int) -> None:
+        """data[at:] from the server: read (up to a turn's worth), then what its answers let the
+        client's side do."""
+        o = self._out
+        self._scan_server(data, at)
+        o.pay_owed()
         if self._commands.literal_refused:
             self._commands.literal_refused = False
             if self._client.parked:
@@ -318,10 +354,9 @@ class SessionCore:
                 self._client.unpark()
                 o.violation("client", "literal_before_continuation", f"{held} octets", "closed")
                 o.protocol_error(b"* BYE Literal sent before the server asked for it\r\n")
-                return out
+                return
         if self.client_backlog:
             self._scan_client(*self._client.unpark())
-        return out
 
     def client_closed(self, now: float) -> list[Action]:
         """The client closed its side (EOF or reset)."""
@@ -443,7 +478,7 @@ class SessionCore:
         """Octets of the current server literal still to come that nothing here needs to read:
         they pass to the client as they come, whatever the grammar decides (0: not inside a
         literal body, or the session is closed)."""
-        if self._out.closed:
+        if self._out.closed or self._server_parked:
             return 0
         return self._server.literal_left
 
@@ -584,12 +619,21 @@ class SessionCore:
         self._out.violation("client", "sent_while_waiting", f"{size} octets")
         self._out.protocol_error(b"* BYE Client sent data before the server's continuation\r\n")
 
-    def _scan_server(self, data: bytes) -> None:
+    def _scan_server(self, data: bytes, at: int = 0) -> None:
         f, responses, out = self._server, self._responses, self._out.actions
         n = len(data)
-        pos = start = 0
+        pos = start = at
+        turn = TURN
         while pos < n:
+            if turn <= 0:
+                # This session's turn is over: the other sessions run before it reads on
+                # (`server_backlog`; the shell reads no more meanwhile).
+                self._flush(Direction.TO_CLIENT, data, start, pos)
+                self._server_parked, self._server_parked_at = data, pos
+                return
+            was = pos
             kind, line_start, pos, line = f.next(data, pos, responses.greeted)
+            turn -= max(pos - was, LINE_COST)
             if kind is Fragment.LINE:
                 start = self._server_line(data, start, line_start, pos, line)
                 if self.closed:

@@ -370,15 +370,17 @@ class Connection:
         from_client = direction is Direction.TO_SERVER
         feed = core.feed_client if from_client else core.feed_server
         literal_left = core.client_literal_left if from_client else core.server_literal_left
+        resume = core.resume_client if from_client else core.resume_server
         while not self._closed:
+            if core.client_backlog if from_client else core.server_backlog:
+                # What the peer sent earlier waits to be read (this session's turn was over,
+                # `session.TURN`): the other sessions' turn first, then read on.
+                await trio.lowlevel.checkpoint()
+                await self._apply(resume(trio.current_time()))
+                self._touch()
+                self._resume_client()
+                continue
             if from_client and not core.wants_client_data:
-                if core.client_backlog:
-                    # What the client sent earlier waits to be read (this session's turn was
-                    # over, `session.TURN`): the other sessions' turn first, then read on.
-                    await trio.lowlevel.checkpoint()
-                    await self._apply(core.resume_client(trio.current_time()))
-                    self._touch()
-                    continue
                 # The client must wait for the server (its greeting, a "+" for a literal, an
                 # AUTHENTICATE challenge): stop reading, so that what it sends ahead stays in
                 # its own socket buffers (TCP backpressure), not in ours.
