@@ -22,6 +22,7 @@ expressions, no backtracking), and nothing quotes the fragment's bytes: they may
 from __future__ import annotations
 
 import binascii
+import itertools
 import re
 from dataclasses import dataclass
 
@@ -36,8 +37,11 @@ ATOMISH = rb"\x21\x23-\x27\x2a-\x7a\x7c-\x7e"
 _TOKENS = re.compile(
     rb'(?:[ ]++|"(?:[^"\\\x00-\x1f\x7f]++|\\["\\])*+"|[()]|[' + ATOMISH + rb"]++)*+"
 )
-# Quoted strings (skipped) and parentheses, to follow list depth across fragments.
-_PARENS = re.compile(rb'"(?:[^"\\]++|\\.)*+"|[()]')
+# Quoted strings (dropped) and what is not a parenthesis, to follow list depth across fragments
+# in C: a loop over 32,000 parentheses cost 17 ms of the event loop.
+_QUOTED = re.compile(rb'"(?:[^"\\]++|\\.)*+"')
+_NOT_PARENS = bytes(c for c in range(256) if c not in b"()")
+_STEP = tuple(1 if c == ord("(") else -1 if c == ord(")") else 0 for c in range(256))
 # Arguments as values: quoted (group 1, escaped), a parenthesis (2), or an atom (3).
 _VALUES = re.compile(rb'"((?:[^"\\]++|\\.)*+)"|([()])|([' + ATOMISH + rb"]++)")
 _UNESCAPE = re.compile(rb"\\(.)")
@@ -128,14 +132,11 @@ def fragment(body: bytes, start: int, depth: int) -> Fragment:
     if b"&" in content and shifted_control(content):
         return Fragment("shifted_control", depth, literal)
     if b"(" in content or b")" in content:
-        for token in _PARENS.finditer(content):
-            c = token.group()
-            if c == b"(":
-                depth += 1
-            elif c == b")":
-                depth -= 1
-                if depth < 0:
-                    return Fragment("unbalanced_list", 0, literal)
+        outside = _QUOTED.sub(b"", content) if b'"' in content else content
+        parens = outside.translate(None, _NOT_PARENS)
+        if min(itertools.accumulate(map(_STEP.__getitem__, parens), initial=depth)) < 0:
+            return Fragment("unbalanced_list", 0, literal)  # a ")" without its "("
+        depth += 2 * parens.count(b"(") - len(parens)
     return Fragment(None, depth, literal, content)
 
 

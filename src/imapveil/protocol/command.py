@@ -139,9 +139,9 @@ class Command:
         wait (a line holds up to `max_line` octets)."""
         if args[:1] != b" ":
             return
-        parsed = lexer.read_astring(args, 1)
+        parsed = lexer.read_astring(args, 1, KEEP_LIMIT)
         if parsed is not None:
-            self.mailbox = parsed[0][:KEEP_LIMIT]
+            self.mailbox = parsed[0]
 
     def authenticate_start(self, args: bytes, identify: Identify) -> None:
         if args[:1] != b" ":
