@@ -23,6 +23,8 @@ this test's trio run, and its cores are found among the live objects.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import enum
 import gc
 import re
@@ -453,3 +455,40 @@ def test_list_depth_follows_as_the_loop_did(content: bytes, depth: int) -> None:
         assert frag.problem == "unbalanced_list"
     else:
         assert (frag.problem, frag.depth) == (None, expected)
+
+
+def _shifted_control_loop(content: bytes) -> bool:
+    """`classify.shifted_control` as it was: each run decoded, and a loop over its units."""
+    for m in re.finditer(rb"&([A-Za-z0-9+,]++)-", content):
+        run = m.group(1).replace(b",", b"/")
+        run = run[: len(run) // 4 * 4 + (len(run) % 4 > 1) * (len(run) % 4)]
+        try:
+            raw = binascii.a2b_base64(run + b"=" * (-len(run) % 4))
+        except binascii.Error:
+            continue
+        for i in range(0, len(raw) - 1, 2):
+            unit = raw[i] << 8 | raw[i + 1]
+            if unit < 0x20 or unit == 0x7F:
+                return True
+    return False
+
+
+def _utf7(text: str) -> bytes:
+    """`text` as one modified UTF-7 run (any code units, controls included)."""
+    encoded = base64.b64encode(text.encode("utf-16-be", "surrogatepass")).rstrip(b"=")
+    return b"&" + encoded.replace(b"/", b",") + b"-"
+
+
+_RUN_CHARS = st.sampled_from(list(b"AB,/+wgQa09Zz"))
+_RUNS = st.lists(
+    st.lists(_RUN_CHARS, max_size=20).map(lambda cs: b"&" + bytes(cs).replace(b"/", b",") + b"-")
+    | st.text(st.characters(max_codepoint=0x2FFFF), max_size=6).map(_utf7)
+    | st.sampled_from([b"x", b"&", b"-", b"&-", b" "]),
+    max_size=8,
+).map(b"".join)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(_RUNS)
+def test_modified_utf7_controls_are_found_as_the_loop_found_them(content: bytes) -> None:
+    assert classify.shifted_control(content) == _shifted_control_loop(content)

@@ -58,6 +58,7 @@ _NO_LITERAL = frozenset((b"IDLE", b"AUTHENTICATE"))
 # releases a literal the server never asked for, a tagged answer to another command).
 _SHIFTED = re.compile(rb"&([A-Za-z0-9+,]++)-")
 _ESCAPED_CONTROL = re.compile(rb"%(?:[01][0-9A-Fa-f]|7[Ff])")
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
 
 
 @dataclass(slots=True)
@@ -161,18 +162,25 @@ def shifted_control(content: bytes) -> bool:
     """Whether a modified UTF-7 run in `content` decodes to a control character (C0 or DEL):
     no mailbox name has one, and Dovecot would write it into its answer as it is. A run that
     is no valid modified base64 is the server's to refuse (Dovecot does, without echoing)."""
-    for m in _SHIFTED.finditer(content):
-        run = m.group(1).replace(b",", b"/")
-        run = run[: len(run) // 4 * 4 + (len(run) % 4 > 1) * (len(run) % 4)]  # no lone sextet
-        try:
-            raw = binascii.a2b_base64(run + b"=" * (-len(run) % 4))
-        except binascii.Error:
-            continue
-        for i in range(0, len(raw) - 1, 2):
-            unit = raw[i] << 8 | raw[i + 1]
-            if unit < 0x20 or unit == 0x7F:
-                return True
-    return False
+    # All runs decoded at once (a decoding and a loop per run cost 14 ms of the event loop for
+    # 64 KiB of `&AGE-`): each run made a multiple of 8 base64 characters (48 bits, three
+    # UTF-16 units), so that every run's units start where its own would. What a run has
+    # beyond its last multiple of 8 holds one unit (3 to 5 characters: its first 3; a lone
+    # last sextet says nothing) or two (6 or 7: its first 6), padded with "/" (one bits), which
+    # makes no control character of the bits left over.
+    parts: list[bytes] = []
+    for run in _SHIFTED.findall(content):
+        whole = len(run) & ~7
+        rest = len(run) - whole
+        parts.append(run[:whole])
+        if rest >= 6:
+            parts.append(run[whole : whole + 6] + b"//")
+        elif rest >= 3:
+            parts.append(run[whole : whole + 3] + b"/////")
+    if not parts:
+        return False
+    raw = binascii.a2b_base64(b"".join(parts).replace(b",", b"/"))
+    return _CONTROL.search(raw.decode("utf-16-be", "surrogatepass")) is not None
 
 
 def escaped_control(content: bytes) -> bool:
