@@ -100,13 +100,25 @@ class Conversation:
         self.from_client += data
         for chunk in self.split(data):
             self._apply(self.core.feed_client(chunk, self.clock))
+            self._backlog()
         return self
 
     def server(self, data: bytes) -> Conversation:
         self.from_server += data
         for chunk in self.split(data):
             self._apply(self.core.feed_server(chunk, self.clock))
+            self._backlog()
         return self
+
+    def _backlog(self) -> None:
+        """What the peers sent that waits to be read (a turn was over), read on as the shell
+        does once the other sessions have run."""
+        core = self.core
+        while core.server_backlog or core.client_backlog:
+            if core.server_backlog:
+                self._apply(core.resume_server(self.clock))
+            else:
+                self._apply(core.resume_client(self.clock))
 
     def play(self, steps: Iterable[tuple[str, bytes]]) -> Iterator[None]:
         """Feed ("c" | "s", bytes) steps in order, pausing after each for the caller's checks."""

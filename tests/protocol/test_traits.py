@@ -486,7 +486,9 @@ def test_nothing_the_client_chose_reaches_the_record(split: Splitter) -> None:
 
 
 def hostile_traits(verbs: int, split: Splitter) -> tuple[SessionTraits, Traits]:
-    conv = talk(split)
+    # Unanswered, all of them: the core reads a client that has `max_unanswered` commands
+    # waiting no further.
+    conv = talk(split, max_unanswered=verbs + 100)
     lines = b"".join(b"t%d X%dVERB%d\r\n" % (i, i, i * 7919) for i in range(verbs))
     for n in range(0, 100_000, 5000):  # 100,000 distinct ENABLE arguments
         lines += b"e ENABLE " + b" ".join(b"E%d" % i for i in range(n, n + 5000)) + b"\r\n"

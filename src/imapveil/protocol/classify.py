@@ -22,6 +22,7 @@ expressions, no backtracking), and nothing quotes the fragment's bytes: they may
 from __future__ import annotations
 
 import binascii
+import itertools
 import re
 from dataclasses import dataclass
 
@@ -36,8 +37,11 @@ ATOMISH = rb"\x21\x23-\x27\x2a-\x7a\x7c-\x7e"
 _TOKENS = re.compile(
     rb'(?:[ ]++|"(?:[^"\\\x00-\x1f\x7f]++|\\["\\])*+"|[()]|[' + ATOMISH + rb"]++)*+"
 )
-# Quoted strings (skipped) and parentheses, to follow list depth across fragments.
-_PARENS = re.compile(rb'"(?:[^"\\]++|\\.)*+"|[()]')
+# Quoted strings (dropped) and what is not a parenthesis, to follow list depth across fragments
+# in C: a loop over 32,000 parentheses cost 17 ms of the event loop.
+_QUOTED = re.compile(rb'"(?:[^"\\]++|\\.)*+"')
+_NOT_PARENS = bytes(c for c in range(256) if c not in b"()")
+_STEP = tuple(1 if c == ord("(") else -1 if c == ord(")") else 0 for c in range(256))
 # Arguments as values: quoted (group 1, escaped), a parenthesis (2), or an atom (3).
 _VALUES = re.compile(rb'"((?:[^"\\]++|\\.)*+)"|([()])|([' + ATOMISH + rb"]++)")
 _UNESCAPE = re.compile(rb"\\(.)")
@@ -54,6 +58,7 @@ _NO_LITERAL = frozenset((b"IDLE", b"AUTHENTICATE"))
 # releases a literal the server never asked for, a tagged answer to another command).
 _SHIFTED = re.compile(rb"&([A-Za-z0-9+,]++)-")
 _ESCAPED_CONTROL = re.compile(rb"%(?:[01][0-9A-Fa-f]|7[Ff])")
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
 
 
 @dataclass(slots=True)
@@ -128,14 +133,11 @@ def fragment(body: bytes, start: int, depth: int) -> Fragment:
     if b"&" in content and shifted_control(content):
         return Fragment("shifted_control", depth, literal)
     if b"(" in content or b")" in content:
-        for token in _PARENS.finditer(content):
-            c = token.group()
-            if c == b"(":
-                depth += 1
-            elif c == b")":
-                depth -= 1
-                if depth < 0:
-                    return Fragment("unbalanced_list", 0, literal)
+        outside = _QUOTED.sub(b"", content) if b'"' in content else content
+        parens = outside.translate(None, _NOT_PARENS)
+        if min(itertools.accumulate(map(_STEP.__getitem__, parens), initial=depth)) < 0:
+            return Fragment("unbalanced_list", 0, literal)  # a ")" without its "("
+        depth += 2 * parens.count(b"(") - len(parens)
     return Fragment(None, depth, literal, content)
 
 
@@ -160,18 +162,25 @@ def shifted_control(content: bytes) -> bool:
     """Whether a modified UTF-7 run in `content` decodes to a control character (C0 or DEL):
     no mailbox name has one, and Dovecot would write it into its answer as it is. A run that
     is no valid modified base64 is the server's to refuse (Dovecot does, without echoing)."""
-    for m in _SHIFTED.finditer(content):
-        run = m.group(1).replace(b",", b"/")
-        run = run[: len(run) // 4 * 4 + (len(run) % 4 > 1) * (len(run) % 4)]  # no lone sextet
-        try:
-            raw = binascii.a2b_base64(run + b"=" * (-len(run) % 4))
-        except binascii.Error:
-            continue
-        for i in range(0, len(raw) - 1, 2):
-            unit = raw[i] << 8 | raw[i + 1]
-            if unit < 0x20 or unit == 0x7F:
-                return True
-    return False
+    # All runs decoded at once (a decoding and a loop per run cost 14 ms of the event loop for
+    # 64 KiB of `&AGE-`): each run made a multiple of 8 base64 characters (48 bits, three
+    # UTF-16 units), so that every run's units start where its own would. What a run has
+    # beyond its last multiple of 8 holds one unit (3 to 5 characters: its first 3; a lone
+    # last sextet says nothing) or two (6 or 7: its first 6), padded with "/" (one bits), which
+    # makes no control character of the bits left over.
+    parts: list[bytes] = []
+    for run in _SHIFTED.findall(content):
+        whole = len(run) & ~7
+        rest = len(run) - whole
+        parts.append(run[:whole])
+        if rest >= 6:
+            parts.append(run[whole : whole + 6] + b"//")
+        elif rest >= 3:
+            parts.append(run[whole : whole + 3] + b"/////")
+    if not parts:
+        return False
+    raw = binascii.a2b_base64(b"".join(parts).replace(b",", b"/"))
+    return _CONTROL.search(raw.decode("utf-16-be", "surrogatepass")) is not None
 
 
 def escaped_control(content: bytes) -> bool:

@@ -134,9 +134,12 @@ class Command:
             self.user = identify(value)
 
     def select_mailbox(self, args: bytes) -> None:
+        """The mailbox of a SELECT or EXAMINE line, its first `KEEP_LIMIT` octets (as from a
+        literal): a command waiting for its answer keeps it, and `max_unanswered` of them may
+        wait (a line holds up to `max_line` octets)."""
         if args[:1] != b" ":
             return
-        parsed = lexer.read_astring(args, 1)
+        parsed = lexer.read_astring(args, 1, KEEP_LIMIT)
         if parsed is not None:
             self.mailbox = parsed[0]
 

@@ -30,6 +30,8 @@ class CoreConfig:
     hash_value: Callable[[bytes], str] = field(default=lambda _v: "hmac:")
     """Keyed HMAC for `record = "hash"` in ID policies."""
     max_id_records: int = 10
+    """`id` records per session, and the client's IDs the policy decides: past it an ID goes
+    out as `ID NIL`, undecided (deciding a hostile one costs milliseconds of the loop)."""
     max_violation_records: int = 20
     """Violation records per session (refused commands count too); the rest are counted in one
     `violations_suppressed` record at the end: one client's garbage must not flood the log."""
@@ -51,10 +53,11 @@ class CoreConfig:
     max_held: int = 1024 * 1024
     """Client octets held while the client must wait for the server (the shell stops reading
     meanwhile, so this is one receive's worth; more is a client that cannot be followed)."""
-    max_unanswered: int = 10_000
+    max_unanswered: int = 1_000
     """Commands sent and not answered yet, at most: beyond, the client is not read until answers
-    come (each is kept until its answer; a client that pipelines and reads nothing would have
-    as many kept as the socket buffers on both legs hold, hundreds of MB a session)."""
+    come (each is kept until its answer, a few hundred octets, up to 4 KiB with a long tag, a
+    mailbox and `MAX_LITERALS` literal sizes; a client that pipelines and reads nothing would
+    have as many kept as the socket buffers on both legs hold, hundreds of MB a session)."""
     max_discard: int = 64 * 1024 * 1024
     """Octets of a refused command's literals the proxy skips to stay in step with a LITERAL+
     client; a larger literal ends the session instead (a `{2^63}` never drains)."""

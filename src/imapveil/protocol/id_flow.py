@@ -7,7 +7,8 @@ What the policy left unchanged goes out byte for byte; what it changed is writte
 that needs a literal sent the synchronizing way, one piece per server `+` (which the client never
 sees). An ID the proxy cannot parse, or one too large to collect, goes out as `ID NIL`: never as
 it came, since the server would read it its own way (RFC 2971 §3: NIL says nothing, which is
-true). The server's `* ID` passes the same policy on its way to the client.
+true); so does one past the session's share (`max_id_records`), undecided. The server's `* ID`
+passes the same policy on its way to the client.
 
 Before LOGIN the proxy may send an ID of its own (configured fields, the client's address for a
 backend that trusts the proxy); its answer is not shown to the client.
@@ -61,6 +62,7 @@ class IdFlow:
         "address_sent",
         "collecting",
         "config",
+        "decided",
         "endpoints",
         "injected",
         "injected_fields",
@@ -88,6 +90,7 @@ class IdFlow:
         self.collecting: IdCollect | None = None
         self.waiting: Command | None = None  # the ID whose answer is awaited
         self.records = 0
+        self.decided = 0  # the client's IDs parsed and given to the policy
         self.pieces: list[bytes] = []  # rest of a rewritten ID, one piece per "+"
         self.sent = False  # the client sent an ID in this session
         self.injected: bytes | None = None  # tag of an ID the proxy sent itself, until answered
@@ -158,6 +161,16 @@ class IdFlow:
             self.out.to_server(cmd.tag + b" ID NIL\r\n")
             cmd.id_outcome = False
             return False
+        if self.decided >= self.config.max_id_records:
+            # Deciding a hostile ID costs milliseconds of the loop every session shares, and a
+            # session may send one after another: past its share (whose records it would not
+            # get anyway), an ID goes out as `ID NIL`, undecided, and is answered as usual.
+            share = self.config.max_id_records
+            self.out.violation("client", "id_limit", f"more than {share} IDs", "replaced")
+            self.out.to_server(cmd.tag + b" ID NIL\r\n")
+            cmd.id_outcome = False
+            return False
+        self.decided += 1
         try:
             fields = id_params.parse(raw[verb_at + 2 :])
         except IdSyntaxError:

@@ -32,6 +32,11 @@ def _char_class(chars: frozenset[int]) -> bytes:
 ATOM_CLASS = _char_class(ATOM_CHARS)
 """An atom character, as a pattern."""
 _ATOM = re.compile(ATOM_CLASS + b"*+")
+_ASTRING_ATOM = re.compile(_char_class(ASTRING_CHARS) + b"++")
+_QUOTED = re.compile(rb'"((?:[^"\\\r\n]++|\\[\s\S])*+)"')
+"""A quoted string: any octet but a quote, a backslash and a line end, or a backslash and any
+octet (undone by `_ESCAPED`)."""
+_ESCAPED = re.compile(rb"\\([\s\S])")
 MAX_TAG = 126
 """The longest tag taken: Dovecot's login process answers a longer one (its IMAP_TAG_MAX_LEN)
 with an untagged BAD, never with the tag, so a command the proxy took with it would wait for an
@@ -117,36 +122,26 @@ def read_atom(data: bytes, pos: int, limit: int = 64) -> tuple[bytes, int]:
     return m.group(), m.end()
 
 
-def read_astring(data: bytes, pos: int) -> tuple[bytes, int] | None:
-    """An atom, or a quoted string with its escapes undone, starting at pos.
+def read_astring(data: bytes, pos: int, limit: int | None = None) -> tuple[bytes, int] | None:
+    """An atom, or a quoted string with its escapes undone, starting at pos: its first `limit`
+    octets (all if None), and where it ends.
 
     Returns None for anything else (a literal, a syntax error): the caller decides.
     """
-    n = len(data)
-    if pos >= n:
+    if pos >= len(data):
         return None
+    # Patterns, not a loop over octets: a 64 KiB quoted mailbox cost 11 ms of the event loop.
     if data[pos] == ord('"'):
-        out = bytearray()
-        i = pos + 1
-        while i < n:
-            c = data[i]
-            if c == ord("\\") and i + 1 < n:
-                out.append(data[i + 1])
-                i += 2
-                continue
-            if c == ord('"'):
-                return bytes(out), i + 1
-            if c in (0x0A, 0x0D):
-                return None
-            out.append(c)
-            i += 1
-        return None
-    end = pos
-    while end < n and data[end] in ASTRING_CHARS:
-        end += 1
-    if end == pos:
-        return None
-    return data[pos:end], end
+        m = _QUOTED.match(data, pos)
+        if m is None:
+            return None
+        value = m.group(1)
+        if b"\\" in value:
+            # An escape is two octets: the first 2 * limit hold the first `limit` undone.
+            value = _ESCAPED.sub(rb"\1", value if limit is None else value[: 2 * limit])
+        return value[:limit], m.end()
+    m = _ASTRING_ATOM.match(data, pos)
+    return None if m is None else (m.group()[:limit], m.end())
 
 
 STATUS_NAMES = {s: s.decode() for s in (b"OK", b"NO", b"BAD", b"BYE", b"PREAUTH")}

@@ -375,7 +375,16 @@ class Connection:
         from_client = direction is Direction.TO_SERVER
         feed = core.feed_client if from_client else core.feed_server
         literal_left = core.client_literal_left if from_client else core.server_literal_left
+        resume = core.resume_client if from_client else core.resume_server
         while not self._closed:
+            if core.client_backlog if from_client else core.server_backlog:
+                # What the peer sent earlier waits to be read (this session's turn was over,
+                # `session.TURN`): the other sessions' turn first, then read on.
+                await trio.lowlevel.checkpoint()
+                await self._apply(resume(trio.current_time()))
+                self._touch()
+                self._resume_client()
+                continue
             if from_client and not core.wants_client_data:
                 # The client must wait for the server (its greeting, a "+" for a literal, an
                 # AUTHENTICATE challenge): stop reading, so that what it sends ahead stays in
@@ -446,7 +455,8 @@ class Connection:
         """Wake the client's reader if it waits and the core wants its data again (or closed).
         A method, not inline: a local in `_pump`'s frame would keep the Event while it waits."""
         resume = self._resume
-        if resume is not None and (self.core.wants_client_data or self.core.closed):
+        core = self.core
+        if resume is not None and (core.wants_client_data or core.client_backlog or core.closed):
             self._resume = None
             resume.set()
 
