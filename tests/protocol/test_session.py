@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from functools import partial
 
-from imapveil.protocol.session import State
+from imapveil.protocol.session import TURN, State
 from imapveil.records import CommandCompleted, SessionEnded, Violation
 from tests.helpers import feeding
 from tests.helpers.feeding import Conversation, Splitter
@@ -476,3 +476,22 @@ def test_a_tag_reused_before_its_answer_pairs_answers_with_commands_in_order(
     last = commands(conv)[-1]
     assert (last.tag, last.verb, last.status, last.duration_ms) == ("t", "LSUB", None, None)
     assert not violations(conv)
+
+
+def test_message_octets_do_not_end_a_servers_turn() -> None:
+    """A session's turn (`session.TURN`) bounds what its lines cost the event loop; literal
+    octets are counted, never read, and cost nothing per octet. A receive of a FETCH of ordinary
+    messages (20 KiB each, a line and a literal a message) is read in one turn: were their octets
+    counted, a turn would end every three messages, each a checkpoint and no splice meanwhile."""
+    conv = talk(feeding.whole)
+    conv.client(b"a LOGIN alice x\r\n").server(b"a OK\r\n")
+    conv.client(b"b FETCH 1:12 BODY[]\r\n")
+    body = b"x" * (20 * 1024)
+    messages = b"".join(
+        b"* %d FETCH (BODY[] {%d}\r\n%s)\r\n" % (i, len(body), body) for i in range(1, 13)
+    )
+    assert len(messages) > 3 * TURN
+    actions = conv.core.feed_server(messages + b"b OK\r\n", conv.clock)
+    assert not conv.core.server_backlog
+    conv._apply(actions)
+    assert conv.to_client.endswith(b")\r\nb OK\r\n")

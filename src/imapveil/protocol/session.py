@@ -636,9 +636,11 @@ class SessionCore:
                 self._flush(Direction.TO_CLIENT, data, start, pos)
                 self._server_parked, self._server_parked_at = data, pos
                 return
-            was = pos
             kind, line_start, pos, line = f.next(data, pos, responses.greeted)
-            turn -= max(pos - was, LINE_COST)
+            # What the framer passed over to get here (literal octets, message data lines) is
+            # counted in C, never read: only the fragment it stops at costs, by its length (a
+            # receive of ordinary messages, a line and a literal each, is one turn).
+            turn -= max(pos - line_start, LINE_COST)
             if kind is Fragment.LINE:
                 start = self._server_line(data, start, line_start, pos, line)
                 if self.closed:
