@@ -27,6 +27,8 @@ from imapveil.protocol.outbox import Outbox
 _STATUS_WORDS = frozenset((b"OK", b"NO", b"BAD", b"BYE", b"PREAUTH"))
 _GREETINGS = (b"* OK", b"* PREAUTH", b"* BYE")
 UNAVAILABLE = b"* BYE [UNAVAILABLE] Mail server is not reachable\r\n"
+SERVERBUG = b"* BYE [SERVERBUG] Response from the mail server not understood\r\n"
+"""What the client is told when the server's stream cannot be read on (`Responses.unreadable`)."""
 _PASSIVE = (
     rb"(?:[0-9]|(?:SEARCH|ESEARCH|FLAGS|LIST|LSUB|STATUS|ENABLED|SORT|THREAD)(?=[ \r\n])"
     rb"|(?:OK|NO|BAD|BYE) (?!\[(?i:CAPABILITY)(?!" + lexer.ATOM_CLASS + rb")))"
@@ -81,8 +83,7 @@ class Responses:
     def line(self, line: bytes) -> bytes | None:
         """One complete server line."""
         if self.framer.continues:
-            self.data_line(line)
-            return None
+            return None if self.data_line(line) else b""
         if not self.greeted:
             if not line[:10].upper().startswith(_GREETINGS):
                 self.not_imap(line)
@@ -97,9 +98,8 @@ class Responses:
         else:
             parsed = lexer.split_tag(lexer.strip_eol(line))
             if parsed is None:
-                self.out.violation("server", "unparsable_response", f"{len(line)} octets")
-            else:
-                shown = self._tagged(*parsed)
+                return self.unreadable("unparsable_response", f"{len(line)} octets")
+            shown = self._tagged(*parsed)
         self.greeted = True
         return shown
 
@@ -121,7 +121,7 @@ class Responses:
         if m is None:
             return False
         tag = m.group(1)
-        if tag == self.ids.injected:
+        if tag == self.ids.injected or not self.commands.answers(tag):
             return False
         rest = m.group(2)
         code = None
@@ -155,6 +155,59 @@ class Responses:
         self.out.reply(UNAVAILABLE)
         self.out.actions.extend(self.out.close("upstream_unavailable"))
 
+    def unreadable(self, kind: str, detail: str, *, said: bool = False) -> bytes:
+        """A server line the proxy cannot read (or must read and cannot hold): it is not
+        forwarded as it came, and the server's stream cannot be followed past it. The client is
+        told `* BYE [SERVERBUG]` where a line of the proxy's own can go (at a response boundary,
+        none of this line shown: not `said`), and both legs close; the commands in flight get
+        their records without a status. Returns b"": what the client is shown of the line."""
+        out = self.out
+        out.violation("server", kind, detail, "closed")
+        out.end("protocol_error", f"server: {kind}")
+        if not said and out.can_speak:
+            out.pay_owed()
+            out.reply(SERVERBUG)
+        out.actions.extend(out.close("protocol_error"))
+        return b""
+
+    def may_stream(self, head: bytes) -> bool:
+        """A server line longer than the proxy holds starts (`head`: its first octets, nothing
+        of it forwarded yet). True: it goes out as it comes, as message data, or as a status or
+        tagged answer the proxy shows as it came (`long_line` reads it at its end). False: a
+        line whose fate is not "as it came" (a "+" the proxy may hide or answer itself, an
+        answer to the proxy's own ID or to no command, a CAPABILITY list it rewrites, an ID the
+        policy reads) or that is unreadable: refused before any of it goes out, the session
+        closing (`unreadable`)."""
+        if self.framer.continues:
+            return True  # the rest of a data response after a literal
+        self.framer.streaming = False  # if refused: nothing of it goes out, a BYE may
+        if not self.greeted:
+            self.not_imap(head)
+            return False
+        if head.startswith(b"* "):
+            kind = lexer.read_atom(head, 2, 16)[0].upper()
+            if kind in _STATUS_WORDS:
+                readable = lexer.status_and_code(head[2:])[1] != "CAPABILITY"
+            else:
+                readable = kind not in (b"CAPABILITY", b"ID")
+        elif head.startswith(b"+"):
+            readable = False
+        else:
+            parsed = lexer.split_tag(head)
+            readable = parsed is not None and parsed[0] != self.ids.injected
+            if parsed is not None and readable:
+                status, code, _args = lexer.status_and_code(parsed[1])
+                readable = (
+                    status in ("OK", "NO", "BAD")
+                    and code != "CAPABILITY"
+                    and self.commands.answers(parsed[0])
+                )
+        if not readable:
+            self.unreadable("response_too_long", f"longer than {self.framer.hold} octets")
+            return False
+        self.framer.streaming = True
+        return True
+
     def long_line(self, head: bytes, tail: bytes) -> None:
         """An over-long server line has ended; it was streamed, only its head and tail kept.
 
@@ -163,22 +216,25 @@ class Responses:
         grammar would have shown instead.
         """
         if self.framer.continues or (head.startswith(b"* ") and not _is_status(head[2:])):
-            self.data_line(tail)
+            self.data_line(tail, said=True)
             return
         # A status or tagged response: its text cannot announce a literal, the head is enough.
         self.line(head + b"\r\n")
 
-    def data_line(self, line: bytes) -> None:
-        """The end of a data response fragment, which may announce a literal."""
+    def data_line(self, line: bytes, *, said: bool = False) -> bool:
+        """The end of a data response fragment, which may announce a literal. False: a literal
+        whose octets cannot be counted (more than 20 digits, or too large): where the response
+        ends is unknown, so the session ends (`unreadable`; `said`: the client has the line)."""
         try:
             literal = lexer.literal_at_end(line)
         except LiteralError as exc:
-            self.out.violation("server", "bad_literal", str(exc))
-            literal = None
+            self.unreadable("bad_literal", str(exc), said=said)
+            return False
         if literal is None:
             self.framer.no_literal()
         else:
             self.framer.literal(literal.size)
+        return True
 
     def _authenticated(self) -> bool:
         return self.commands.state is not State.NOT_AUTHENTICATED
@@ -211,17 +267,22 @@ class Responses:
             shown = self.leg.capability_line(body, after, self._authenticated())
         elif kind == b"ID" and not line.rstrip().endswith(b"}"):
             shown = self.ids.server_id(line)
-        self.data_line(line)
+        if not self.data_line(line):
+            return b""
         return shown
 
     def _tagged(self, tag: bytes, rest: bytes) -> bytes | None:
         status, code, args = lexer.status_and_code(rest)
         if status not in ("OK", "NO", "BAD"):
-            self.out.violation("server", "unparsable_response", f"{len(rest)} octets")
-            return None
+            return self.unreadable("unparsable_response", f"{len(rest)} octets")
+        injected = tag == self.ids.injected
+        if not injected and not self.commands.answers(tag):
+            # An answer to no command the server was sent: the server read something the proxy
+            # did not see as a command (or is not following the client at all).
+            return self.unreadable("unknown_tag", f"tag of {len(tag)} octets")
         if code == "CAPABILITY":
             self.capabilities = lexer.capabilities(args)
-        if tag == self.ids.injected:
+        if injected:
             # The answer to our own ID: the client did not ask, so it does not see it.
             self.ids.injected_answered(status, self.commands.state)
             return b""

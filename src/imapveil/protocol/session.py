@@ -30,6 +30,9 @@ from imapveil.records import SessionEnded, SessionStarted
 
 __all__ = ["CoreConfig", "SessionCore", "State"]
 
+_READ_AND_PASS = frozenset((Fragment.DATA_LINE, Fragment.STREAM, Fragment.LONG_LINE))
+"""Server fragments that pass as they came once read (`SessionCore._server_fragment`)."""
+
 
 class SessionCore:
     """Follows one IMAP session. Not thread-safe; one per connection."""
@@ -539,13 +542,14 @@ class SessionCore:
                 start = self._server_line(data, start, line_start, pos, line)
                 if self.closed:
                     return
-            elif kind is Fragment.DATA_LINE:
-                responses.data_line(line)
-            elif kind is Fragment.LONG_LINE:
-                responses.long_line(line, f.tail)
-            elif kind is Fragment.STREAM:
-                if line:
-                    out.append(Forward(Direction.TO_CLIENT, line))
+            elif kind in _READ_AND_PASS:
+                mark = len(out)
+                if not self._server_fragment(kind, line):
+                    # Refused: what came before the line goes out, ahead of the BYE (if any)
+                    # and the close; the line does not, unless the client has its start.
+                    end = pos if kind is Fragment.LONG_LINE else line_start
+                    self._flush(Direction.TO_CLIENT, data, start, end, at=mark)
+                    return
             elif kind is Fragment.NO_GREETING:
                 responses.not_imap(line)
                 return
@@ -553,6 +557,23 @@ class SessionCore:
                 self._flush(Direction.TO_CLIENT, data, start, line_start)
                 return
         self._flush(Direction.TO_CLIENT, data, start, pos)
+
+    def _server_fragment(self, kind: Fragment, line: bytes) -> bool:
+        """A server line that passes as it came once read: the end of a message data line
+        (which may announce a literal), an over-long line starting to stream (nothing of it
+        out yet), or ending (the client has its start). False: the proxy cannot read it, the
+        session is closing."""
+        responses = self._responses
+        if kind is Fragment.DATA_LINE:
+            return responses.data_line(line)
+        if kind is Fragment.STREAM:
+            if not responses.may_stream(self._server.head):
+                return False
+            if line:  # what was held of it goes out first
+                self._out.actions.append(Forward(Direction.TO_CLIENT, line))
+            return True
+        responses.long_line(line, self._server.tail)  # its end may announce a bad literal
+        return not self.closed
 
     def _server_line(self, data: bytes, start: int, line_start: int, end: int, line: bytes) -> int:
         """A complete server line, data[line_start:end] after what was held of it; returns

@@ -1,0 +1,210 @@
+"""Attack round 15 in the core: the server's bytes are the attack (a misbehaving or compromised
+upstream, or Dovecot echoing the client's bytes). What the proxy cannot read of the server's
+stream is never forwarded as it came: the client is told `* BYE [SERVERBUG]` where a line of its
+own can go (at a response boundary), both legs close, and a violation record says what kind of
+line it was (never its octets). Commands in flight get their records without a status."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import pytest
+
+from imapveil.policy_files import resolve_policy
+from imapveil.records import CommandCompleted, Violation
+from tests.helpers import feeding
+from tests.helpers.feeding import Conversation, Splitter
+
+GREETING = b"* OK [CAPABILITY IMAP4rev1 LITERAL+ ID IDLE] ready\r\n"
+BYE = b"* BYE [SERVERBUG] Response from the mail server not understood\r\n"
+DEFAULT = resolve_policy("default")
+
+talk = partial(feeding.talk, greeting=GREETING)
+
+
+def logged_in(split: Splitter, **config: Any) -> Conversation:
+    conv = talk(split, **config)
+    conv.client(b"a LOGIN alice secret\r\n").server(b"a OK in\r\n")
+    return conv
+
+
+def kinds(conv: Conversation) -> list[tuple[str, str, str]]:
+    return [(v.source, v.kind, v.action) for v in conv.of(Violation)]
+
+
+def closed_with_bye(conv: Conversation, before: bytes, kind: str) -> None:
+    """The client got what came before the unreadable line, then the BYE, and nothing more."""
+    assert bytes(conv.to_client) == before + BYE
+    assert conv.closed == "protocol_error"
+    assert kinds(conv) == [("server", kind, "closed")]
+    conv.finish()
+    assert conv.ended().reason == "protocol_error"
+
+
+UNREADABLE = {
+    "tagged-preauth": b"b PREAUTH now\r\n",
+    "tagged-bye": b"b BYE going\r\n",
+    "tagged-other-status": b"b MAYBE\r\n",
+    "tag-alone": b"b\r\n",
+    "empty-line": b"\r\n",
+    "bare-lf": b"\n",
+    "paren": b")\r\n",
+    "star-no-space": b"*\r\n",
+    "nul-in-tag": b"b\x00 OK\r\n",
+    "space-first": b" b OK\r\n",
+}
+
+
+@pytest.mark.parametrize("name", list(UNREADABLE))
+def test_an_unreadable_server_line_ends_the_session(split: Splitter, name: str) -> None:
+    conv = logged_in(split)
+    conv.client(b"b NOOP\r\n")
+    before = bytes(conv.to_client)
+    conv.server(b"* 3 EXISTS\r\n" + UNREADABLE[name] + b"b OK done\r\nc OK more\r\n")
+    closed_with_bye(conv, before + b"* 3 EXISTS\r\n", "unparsable_response")
+    # The command in flight has its record, without a status: no answer the proxy could read.
+    (*_, noop) = conv.of(CommandCompleted)
+    assert (noop.tag, noop.status) == ("b", None)
+
+
+def test_an_answer_to_a_tag_never_sent_ends_the_session(split: Splitter) -> None:
+    conv = logged_in(split)
+    conv.client(b"b NOOP\r\n")
+    before = bytes(conv.to_client)
+    conv.server(b"zz OK nobody asked\r\nb OK done\r\n")
+    closed_with_bye(conv, before, "unknown_tag")
+
+
+def test_a_second_answer_to_a_command_ends_the_session(split: Splitter) -> None:
+    conv = logged_in(split)
+    conv.client(b"b NOOP\r\n")
+    conv.server(b"b OK done\r\n")
+    before = bytes(conv.to_client)
+    conv.server(b"b OK again\r\n")
+    closed_with_bye(conv, before, "unknown_tag")
+
+
+def test_an_answer_to_an_id_the_proxy_has_not_sent_ends_the_session(split: Splitter) -> None:
+    """The ID is collected before it goes out: a server that answers it meanwhile answers a
+    command it never received (it would otherwise hold the client behind the ID's gate, whose
+    command is gone, until the idle timeout)."""
+    conv = logged_in(split, policy=lambda: DEFAULT)
+    conv.client(b'c ID ("name" {3}\r\n')
+    assert conv.to_client.endswith(b"+ Ready for literal data\r\n")
+    before = bytes(conv.to_client)
+    conv.server(b"c OK ID completed\r\n")
+    closed_with_bye(conv, before, "unknown_tag")
+    assert conv.to_server == b"a LOGIN alice secret\r\n"
+
+
+def test_the_injected_id_answered_twice_ends_the_session(split: Splitter) -> None:
+    conv = talk(split, inject_id=((b"name", b"gateway"),), policy=lambda: DEFAULT)
+    conv.client(b"a LOGIN alice secret\r\n")
+    assert conv.to_server.startswith(b"imapveil.1 ID (")
+    conv.server(b"* ID NIL\r\nimapveil.1 OK\r\na OK in\r\n")
+    before = bytes(conv.to_client)
+    assert before == GREETING + b"a OK in\r\n"
+    conv.server(b"imapveil.1 OK\r\n")
+    closed_with_bye(conv, before, "unknown_tag")
+
+
+def test_well_formed_answers_still_pass(split: Splitter) -> None:
+    """The control: statuses, a reused tag answered twice, untagged kinds the proxy does not
+    know, BYE then the answer."""
+    conv = logged_in(split)
+    conv.client(b"b NOOP\r\nb NOOP\r\nc NOOP\r\n")
+    answers = b"* FOO bar\r\nb OK\r\nb NO\r\n* OK [ALERT] x\r\n* BYE later\r\nc BAD\r\n"
+    conv.server(answers)
+    assert conv.to_client.endswith(answers)
+    assert not conv.closed and not conv.of(Violation)
+
+
+# --- Literals the server announces.
+
+
+def test_a_server_literal_too_large_ends_the_session_before_its_line(split: Splitter) -> None:
+    conv = logged_in(split)
+    conv.client(b"b FETCH 1 BODY[]\r\n")
+    before = bytes(conv.to_client)
+    conv.server(b"* 2 EXISTS\r\n* 1 FETCH (BODY[] {99999999999999999999}\r\n+ OK\r\nb OK\r\n")
+    closed_with_bye(conv, before + b"* 2 EXISTS\r\n", "bad_literal")
+
+
+@pytest.mark.parametrize("first", [b"* 1 FETCH (BODY[] ", b'* LIST () "/" '])
+def test_a_server_literal_of_too_many_digits_ends_the_session(
+    split: Splitter, first: bytes
+) -> None:
+    conv = logged_in(split)
+    conv.client(b"b FETCH 1 BODY[]\r\n")
+    before = bytes(conv.to_client)
+    conv.server(first + b"{123456789012345678901}\r\nb OK\r\n")
+    closed_with_bye(conv, before, "bad_literal")
+
+
+def test_a_bad_literal_inside_a_response_closes_without_a_bye(split: Splitter) -> None:
+    """After a literal the client is inside the response: a line of the proxy's own would be
+    read as part of it. The connection closes, with the record."""
+    conv = logged_in(split)
+    conv.client(b"b FETCH 1 BODY[]\r\n")
+    start = b"* 1 FETCH (BODY[1] {3}\r\nabc"
+    conv.server(start + b" BODY[2] {99999999999999999999}\r\nb OK\r\n")
+    assert conv.to_client.endswith(start)
+    assert b"BYE" not in conv.to_client
+    assert conv.closed == "protocol_error"
+    assert kinds(conv) == [("server", "bad_literal", "closed")]
+
+
+# --- Lines longer than the proxy holds (`server_hold`): streamed, unless their fate is not
+# "as they came".
+
+
+LONG = b"x" * 500
+
+LONG_REFUSED = {
+    "capability-code": b"b OK [CAPABILITY IMAP4rev1 STARTTLS " + LONG + b"] done\r\n",
+    "untagged-capability-code": b"* OK [CAPABILITY IMAP4rev1 STARTTLS " + LONG + b"] hi\r\n",
+    "capability": b"* CAPABILITY IMAP4rev1 STARTTLS COMPRESS=DEFLATE " + LONG + b"\r\n",
+    "id": b'* ID ("name" "Dovecot" "guid" "' + LONG + b'")\r\n',
+    "unknown-tag": b"zz OK " + LONG + b"\r\n",
+    "bad-status": b"b PREAUTH " + LONG + b"\r\n",
+    "continuation": b"+ " + LONG + b"\r\n",
+}
+
+
+@pytest.mark.parametrize("name", list(LONG_REFUSED))
+def test_a_long_line_the_proxy_must_read_is_refused(split: Splitter, name: str) -> None:
+    conv = logged_in(split, server_hold=100)
+    conv.client(b"b NOOP\r\n")
+    before = bytes(conv.to_client)
+    line = LONG_REFUSED[name]
+    # Its first 300 octets come without a line end: more than the proxy holds (whole, a line
+    # longer than that is read as any other).
+    conv.server(b"* 4 EXISTS\r\n" + line[:300]).server(line[300:] + b"b OK\r\n")
+    closed_with_bye(conv, before + b"* 4 EXISTS\r\n", "response_too_long")
+
+
+def test_a_long_continuation_for_a_hidden_literal_is_refused(split: Splitter) -> None:
+    """The client sent {3+}: the server's "+" to the proxy's {3} is never the client's to see."""
+    conv = logged_in(split, server_hold=100)
+    conv.client(b"b APPEND INBOX {3+}\r\nabc\r\n")
+    assert conv.to_server.endswith(b"b APPEND INBOX {3}\r\n")
+    before = bytes(conv.to_client)
+    conv.server(b"+ " + LONG[:300]).server(LONG[300:] + b"\r\n")
+    closed_with_bye(conv, before, "response_too_long")
+    assert conv.to_server.endswith(b"b APPEND INBOX {3}\r\n")
+
+
+def test_long_lines_the_proxy_need_not_rewrite_still_stream(split: Splitter) -> None:
+    conv = logged_in(split, server_hold=100)
+    conv.client(b"b SEARCH ALL\r\n")
+    answers = (
+        b"* SEARCH " + b" ".join(b"%d" % i for i in range(1, 300)) + b"\r\n"
+        b"* OK [ALERT] " + LONG + b"\r\n"
+        b"* 1 FETCH (BODY[] {3}\r\nabc " + LONG + b")\r\n"
+        b"b NO " + LONG + b"\r\n"
+    )
+    conv.server(answers)
+    assert conv.to_client.endswith(answers)
+    assert not conv.closed and not conv.of(Violation)
+    assert conv.of(CommandCompleted)[-1].status == "NO"
