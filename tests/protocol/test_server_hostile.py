@@ -6,13 +6,15 @@ line it was (never its octets). Commands in flight get their records without a s
 
 from __future__ import annotations
 
+import json
 from functools import partial
 from typing import Any
 
 import pytest
 
+from imapveil.policy.load import parse_policy
 from imapveil.policy_files import resolve_policy
-from imapveil.records import CommandCompleted, Violation
+from imapveil.records import CommandCompleted, IdExchange, Violation
 from tests.helpers import feeding
 from tests.helpers.feeding import Conversation, Splitter
 
@@ -208,3 +210,105 @@ def test_long_lines_the_proxy_need_not_rewrite_still_stream(split: Splitter) -> 
     assert conv.to_client.endswith(answers)
     assert not conv.closed and not conv.of(Violation)
     assert conv.of(CommandCompleted)[-1].status == "NO"
+
+
+# --- The server's ID, on its way to the client and into the records.
+
+
+def id_session(split: Splitter, policy: object = DEFAULT) -> Conversation:
+    conv = logged_in(split, policy=lambda: policy, hash_value=lambda v: "hmac:test")
+    conv.client(b'i ID ("name" "Thunderbird")\r\n')
+    return conv
+
+
+def test_a_malformed_server_id_goes_to_the_client_as_nil(split: Splitter) -> None:
+    conv = id_session(split)
+    before = bytes(conv.to_client)
+    conv.server(b'* ID ("name" "Dovecot" "guid" "0123456789abcdef0123456789abcdef"\r\ni OK\r\n')
+    assert bytes(conv.to_client) == before + b"* ID NIL\r\ni OK\r\n"
+    assert kinds(conv) == [("server", "malformed_id", "replaced")]
+    (rec,) = conv.of(IdExchange)
+    assert rec.server is None
+
+
+KEEP_ALL = parse_policy(
+    b'name = "keep-all"\ndefault = { forward = "keep", record = "drop" }\n'
+    b'detectors = ["uuid"]\ndetected = { forward = "drop", record = "drop" }\n',
+    "keep-all.toml",
+)
+
+
+def test_a_rewritten_server_id_that_needs_a_literal_is_sent_with_one(split: Splitter) -> None:
+    """The policy drops a field, and a value it keeps has 8-bit octets (a quoted string may
+    carry them from the server; the proxy writes them as a literal): the line must not go out
+    as it came, with the dropped field."""
+    conv = id_session(split, KEEP_ALL)
+    uuid = b"0a1b2c3d-1111-2222-3333-444455556666"
+    conv.server(b'* ID ("name" "D\xc3\xb6vecot" "guid" "' + uuid + b'")\r\ni OK\r\n')
+    assert uuid not in conv.to_client
+    assert b'* ID ("name" {8}\r\nD\xc3\xb6vecot "x-imapveil" "imapveil ' in conv.to_client
+    assert conv.to_client.endswith(b")\r\ni OK\r\n")
+    assert uuid.decode() not in json.dumps([r.to_dict() for r in conv.records])
+    assert not conv.closed
+
+
+UUID = b"0a1b2c3d-1111-2222-3333-444455556666"
+
+
+def test_a_server_id_with_a_literal_passes_the_policy(split: Splitter) -> None:
+    """A `* ID` whose values come as literals (Dovecot writes an 8-bit `imap_id_send` value so)
+    is collected whole, nothing of it forwarded meanwhile, then filtered like any other."""
+    conv = id_session(split)
+    before = bytes(conv.to_client)
+    conv.server(b'* ID ("name" "Dovecot" "guid" {36}\r\n' + UUID[:10])
+    assert bytes(conv.to_client) == before
+    assert conv.core.server_literal_left() == 0  # never spliced past the core
+    conv.server(UUID[10:] + b")\r\ni OK\r\n")
+    shown = bytes(conv.to_client[len(before) :])
+    assert shown.startswith(b'* ID ("name" "Dovecot" "x-imapveil" "imapveil ')
+    assert shown.endswith(b")\r\ni OK\r\n")
+    assert UUID not in conv.to_client
+    assert UUID.decode() not in json.dumps([r.to_dict() for r in conv.records])
+    (rec,) = conv.of(IdExchange)
+    assert rec.server == {"name": "Dovecot"}
+    assert not conv.closed and not conv.of(Violation)
+
+
+def test_a_server_id_with_a_literal_is_relayed_as_it_came_when_unchanged(split: Splitter) -> None:
+    conv = id_session(split, resolve_policy("passthrough"))
+    answer = b'* ID ("name" {8}\r\nD\xc3\xb6vecot "os" ~{5}\r\nLinux)\r\n'
+    conv.server(answer + b"i OK\r\n")
+    assert conv.to_client.endswith(answer + b"i OK\r\n")
+    assert not conv.closed and not conv.of(Violation)
+
+
+def test_a_server_id_too_large_to_collect_ends_the_session(split: Splitter) -> None:
+    conv = id_session(split)
+    before = bytes(conv.to_client)
+    conv.server(b'* ID ("name" {70000}\r\n' + b"v" * 1000)
+    closed_with_bye(conv, before, "id_too_large")
+
+
+def test_a_bad_literal_in_a_server_id_ends_the_session(split: Splitter) -> None:
+    conv = id_session(split)
+    before = bytes(conv.to_client)
+    conv.server(b'* ID ("a" {1}\r\nx "b" {123456789012345678901}\r\nzzz')
+    closed_with_bye(conv, before, "bad_literal")
+
+
+def test_a_long_line_in_a_server_id_ends_the_session(split: Splitter) -> None:
+    conv = logged_in(split, policy=lambda: DEFAULT, server_hold=100)
+    conv.client(b'i ID ("name" "Thunderbird")\r\n')
+    before = bytes(conv.to_client)
+    conv.server(b'* ID ("a" {1}\r\nx "b" "' + LONG[:300]).server(LONG[300:] + b'")\r\n')
+    closed_with_bye(conv, before, "response_too_long")
+    assert b"x" not in conv.to_client[len(before) :]
+
+
+def test_without_a_policy_a_server_id_with_a_literal_is_relayed(split: Splitter) -> None:
+    conv = logged_in(split)
+    conv.client(b'i ID ("name" "Thunderbird")\r\n')
+    answer = b'* ID ("name" {7}\r\nDovecot)\r\ni OK\r\n'
+    conv.server(answer)
+    assert conv.to_client.endswith(answer)
+    assert not conv.closed and not conv.of(Violation)

@@ -9,6 +9,10 @@ hostile octets matter, and to a real Dovecot where Dovecot decides the outcome.
   ID) was recorded and forwarded as it came. Now the client is told `* BYE [SERVERBUG]`, both
   legs close, the commands in flight get records without a status; nothing of the line goes
   out.
+- The server's `* ID` with a value in a literal (Dovecot writes an 8-bit `imap_id_send` value
+  so) went to the client as it came, past the policy; a malformed one too; and a rewritten one
+  whose kept value needs a literal was left as it came, the fields the policy dropped with it.
+  Now it is collected whole and filtered, malformed ones go out as `* ID NIL`.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from imapveil.records import CommandCompleted, Violation
+from imapveil.records import CommandCompleted, IdExchange, Violation
 from tests.helpers.attack import DISCONNECTED, Client, own_dovecot, veil
 from tests.helpers.dovecot import Dovecot
 from tests.helpers.scripted import Peer, serve
@@ -134,6 +138,99 @@ async def test_a_server_line_the_proxy_cannot_read_ends_the_session(
     assert fast == general
 
 
+# --- The server's ID.
+
+
+class ServerId(Scripted):
+    """Greets, answers LOGIN, answers the client's `i ID` with `answer`, then LOGOUT."""
+
+    def __init__(self, fed: Fed, answer: bytes) -> None:
+        super().__init__(fed)
+        self.answer = answer
+
+    async def script(self, peer: Peer) -> None:
+        await self._say(peer, GREETING)
+        await self._line(peer, b"L LOGIN")
+        await self._say(peer, b"L OK in\r\n")
+        await self._line(peer, b"i ID")
+        await self._say(peer, self.answer + b"i OK ID completed\r\n")
+        await self._line(peer, b"Q LOGOUT")
+        await self._say(peer, b"* BYE bye\r\nQ OK\r\n")
+        await trio.aclose_forcefully(peer.stream)
+
+
+def id_client(address: tuple[str, int], fed: Fed) -> bytes:
+    with Typist(address, fed) as c:
+        c.greeting()
+        c.alone(b"L LOGIN x y\r\n")
+        c.through(b"L OK in\r\n")
+        c.alone(b'i ID ("name" "Thunderbird")\r\n')
+        c.until(b"i")
+        c.alone(b"Q LOGOUT\r\n")
+        return c.rest()
+
+
+KEEP_ALL = """name = "keep-all"
+default = { forward = "keep", record = "drop" }
+detectors = ["uuid"]
+detected = { forward = "drop", record = "drop" }
+"""
+
+ID_CASES: dict[str, tuple[bytes, str, bytes, str | None]] = {
+    # (the server's ID, the policy, what the client is shown of it, the violation)
+    "malformed": (
+        b'* ID ("name" "Dovecot" "guid" "' + UUID + b'"\r\n',
+        "default",
+        b"* ID NIL\r\n",
+        "malformed_id",
+    ),
+    "rewritten-8bit": (
+        b'* ID ("name" "D\xc3\xb6vecot" "guid" "' + UUID + b'")\r\n',
+        "keep-all",
+        b'* ID ("name" {8}\r\nD\xc3\xb6vecot "x-imapveil" "imapveil ',
+        None,
+    ),
+    "literal": (
+        b'* ID ("name" "Dovecot" "guid" {36}\r\n' + UUID + b")\r\n",
+        "default",
+        b'* ID ("name" "Dovecot" "x-imapveil" "imapveil ',
+        None,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(ID_CASES))
+async def test_the_servers_id_never_passes_the_policy_as_it_came(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    """Before round 15 the three went to the client as they came, the UUID with them."""
+    answer, policy, shown, violation = ID_CASES[name]
+    if policy == "keep-all":
+        (tmp_path / "keep-all.toml").write_text(KEEP_ALL)
+        policy = str(tmp_path / "keep-all.toml")
+    fed = Fed(monkeypatch)
+    outcomes = []
+    for _ in fed.each_way():
+        server = ServerId(fed, answer)
+        async with (
+            serve(server.script, server.sent) as address,
+            veil(address, tmp_path, policy=policy) as v,
+        ):
+            transcript = await run(id_client, v.address, fed)
+            (end,) = await v.sessions_ended(1)
+        assert UUID not in transcript
+        assert shown in transcript, transcript
+        assert transcript.endswith(b"i OK ID completed\r\n* BYE bye\r\nQ OK\r\n")
+        assert UUID.decode() not in v.records_json()
+        assert [r.kind for r in v.sink.of(Violation)] == ([violation] if violation else [])
+        (exchange,) = v.sink.of(IdExchange)
+        assert exchange.status == "OK"
+        assert end.reason == "logout"
+        outcomes.append((transcript, comparable(v.sink.records)))
+    fast, general = outcomes
+    assert fast == general
+
+
 # --- Real Dovecot.
 
 
@@ -145,6 +242,42 @@ def dovecot_with(extra_config: str) -> Iterator[Dovecot]:
         yield server
     finally:
         server.cleanup()
+
+
+BACKEND = "10.20.30.40"
+"""An address Dovecot is told to send in its ID: the default policy's detectors drop it."""
+
+
+@pytest.mark.dovecot
+async def test_dovecots_id_with_a_literal_passes_the_policy(tmp_path: Path) -> None:
+    """Dovecot writes an 8-bit `imap_id_send` value as a literal (`"name" {8}` CRLF `Dövecot`):
+    that `* ID` went to the client as it came, the backend's address with it."""
+    config = f'imap_id_send = name "D\u00f6vecot" x-backend "{BACKEND}"\n'
+    with dovecot_with(config) as target:
+        with Client(target.address) as c:  # the premise, on a direct connection
+            c.greeting()
+            c.send(b"i ID NIL\r\n")
+            c.until(b"i")
+            assert b'* ID ("name" {8}\r\nD\xc3\xb6vecot' in c.transcript, c.transcript
+            assert BACKEND.encode() in c.transcript
+        async with veil(target.address, tmp_path) as v:
+
+            def session(address: tuple[str, int]) -> bytes:
+                with Client(address) as c:
+                    c.greeting()
+                    c.send(b'i ID ("name" "Thunderbird")\r\n')
+                    assert c.until(b"i").startswith(b"i OK")
+                    c.login()
+                    return c.logout()
+
+            transcript = await run(session, v.address)
+            (end,) = await v.sessions_ended(1)
+    assert BACKEND.encode() not in transcript
+    assert BACKEND not in v.records_json()
+    # Neither field has a shape the policy keeps (the name is not ASCII): nothing is left.
+    assert b"* ID NIL\r\ni OK" in transcript
+    assert end.reason == "logout"
+    assert not v.sink.of(Violation)
 
 
 @pytest.mark.dovecot

@@ -157,7 +157,16 @@ class ServerFramer:
     """The server's stream: literal bodies and message data runs pass without a return to the
     session; lines that need the grammar come back one by one."""
 
-    __slots__ = ("buf", "continues", "head", "hold", "literal_left", "streaming", "tail")
+    __slots__ = (
+        "buf",
+        "collecting",
+        "continues",
+        "head",
+        "hold",
+        "literal_left",
+        "streaming",
+        "tail",
+    )
 
     def __init__(self, hold: int) -> None:
         self.hold = hold
@@ -167,6 +176,9 @@ class ServerFramer:
         self.streaming = False  # inside an over-long line that is forwarded as it comes
         self.head = b""  # the start of that line, for parsing
         self.tail = b""  # its last octets, to see a literal announced at its end
+        # The response in progress is the session's to collect (a server `* ID` with literals):
+        # its literal octets come back as LITERAL fragments instead of passing.
+        self.collecting = False
 
     def __repr__(self) -> str:
         return (
@@ -207,8 +219,10 @@ class ServerFramer:
         while pos < n:
             if self.literal_left:
                 take = min(self.literal_left, n - pos)
-                pos += take
                 self.literal_left -= take
+                if self.collecting:
+                    return Fragment.LITERAL, pos, pos + take, b""
+                pos += take
                 continue
             if self.streaming:
                 nl = data.find(b"\n", pos)
@@ -241,18 +255,23 @@ class ServerFramer:
                     continue
             nl = data.find(b"\n", pos)
             if nl < 0:
-                if not greeted and len(self.buf) + n - pos > MAX_GREETING:
-                    return Fragment.NO_GREETING, pos, n, bytes(self.buf) + data[pos : pos + 24]
-                if len(self.buf) + n - pos > self.hold:
-                    # Too long to hold whole (a huge SEARCH result): stream it through.
-                    held = self.held()
-                    self.head = (held + data[pos : pos + HEAD])[:HEAD]
-                    self.tail = data[-32:]
-                    self.streaming = True
-                    return Fragment.STREAM, pos, n, held
-                self.buf += data[pos:]
-                return Fragment.PARTIAL, pos, n, b""
+                return self._incomplete(data, pos, greeted)
             end = nl + 1
             line = bytes(self.buf) + data[pos:end] if self.buf else data[pos:end]
             return Fragment.LINE, pos, end, line
         return Fragment.END, n, n, b""
+
+    def _incomplete(self, data: bytes, pos: int, greeted: bool) -> tuple[Fragment, int, int, bytes]:
+        """data[pos:] is the start of a line (after what is held of it): held, or streamed."""
+        n = len(data)
+        if not greeted and len(self.buf) + n - pos > MAX_GREETING:
+            return Fragment.NO_GREETING, pos, n, bytes(self.buf) + data[pos : pos + 24]
+        if len(self.buf) + n - pos > self.hold:
+            # Too long to hold whole (a huge SEARCH result): stream it through.
+            held = self.held()
+            self.head = (held + data[pos : pos + HEAD])[:HEAD]
+            self.tail = data[-32:]
+            self.streaming = True
+            return Fragment.STREAM, pos, n, held
+        self.buf += data[pos:]
+        return Fragment.PARTIAL, pos, n, b""

@@ -20,7 +20,7 @@ from imapveil.protocol.client_leg import ClientLeg
 from imapveil.protocol.command import State
 from imapveil.protocol.commands import Commands, Gate
 from imapveil.protocol.framer import ServerFramer
-from imapveil.protocol.id_flow import IdFlow
+from imapveil.protocol.id_flow import ID_LIMIT, IdFlow
 from imapveil.protocol.lexer import LiteralError
 from imapveil.protocol.outbox import Outbox
 
@@ -58,7 +58,17 @@ lines that announce no literal and that nothing but that is read of: message dat
 
 
 class Responses:
-    __slots__ = ("bye_seen", "capabilities", "commands", "framer", "greeted", "ids", "leg", "out")
+    __slots__ = (
+        "bye_seen",
+        "capabilities",
+        "commands",
+        "framer",
+        "greeted",
+        "id_parts",
+        "ids",
+        "leg",
+        "out",
+    )
 
     def __init__(
         self,
@@ -76,6 +86,9 @@ class Responses:
         self.greeted = False
         self.capabilities: frozenset[str] = frozenset()
         self.bye_seen = False
+        # A server `* ID` with literals, collected whole (bounded by ID_LIMIT) before the
+        # policy reads it: nothing of it goes out until it has.
+        self.id_parts: bytearray | None = None
 
     def __repr__(self) -> str:
         return f"<responses greeted={self.greeted}>"
@@ -83,6 +96,8 @@ class Responses:
     def line(self, line: bytes) -> bytes | None:
         """One complete server line."""
         if self.framer.continues:
+            if self.id_parts is not None:
+                return self._server_id_line(line)
             return None if self.data_line(line) else b""
         if not self.greeted:
             if not line[:10].upper().startswith(_GREETINGS):
@@ -178,6 +193,11 @@ class Responses:
         answer to the proxy's own ID or to no command, a CAPABILITY list it rewrites, an ID the
         policy reads) or that is unreadable: refused before any of it goes out, the session
         closing (`unreadable`)."""
+        if self.id_parts is not None:
+            # A line of the server's `* ID` being collected: it cannot be held whole.
+            self.framer.streaming = False
+            self._unreadable_id("response_too_long", f"longer than {self.framer.hold} octets")
+            return False
         if self.framer.continues:
             return True  # the rest of a data response after a literal
         self.framer.streaming = False  # if refused: nothing of it goes out, a BYE may
@@ -265,11 +285,51 @@ class Responses:
         if kind == b"CAPABILITY":
             self.capabilities = lexer.capabilities(body[after:])
             shown = self.leg.capability_line(body, after, self._authenticated())
-        elif kind == b"ID" and not line.rstrip().endswith(b"}"):
+        elif kind == b"ID" and self.ids.reads_server_id:
+            if line.rstrip().endswith(b"}"):
+                # A value in a literal (Dovecot writes an 8-bit one so): the response is
+                # collected whole, its literals too, and read once it has ended.
+                self.id_parts = bytearray()
+                self.framer.collecting = True
+                return self._server_id_line(line)
             shown = self.ids.server_id(line)
         if not self.data_line(line):
             return b""
         return shown
+
+    def collect(self, octets: bytes) -> None:
+        """Literal octets of the server's `* ID` being collected (`ServerFramer.collecting`)."""
+        assert self.id_parts is not None
+        self.id_parts += octets
+
+    def _server_id_line(self, line: bytes) -> bytes:
+        """A line of the server's `* ID` being collected: b"" (nothing shown) until its last,
+        then the whole response as the policy has it (`IdFlow.server_id`)."""
+        parts = self.id_parts
+        assert parts is not None
+        parts += line
+        try:
+            literal = lexer.literal_at_end(line)
+        except LiteralError as exc:
+            return self._unreadable_id("bad_literal", str(exc))
+        if len(parts) + (literal.size if literal else 0) > ID_LIMIT:
+            return self._unreadable_id("id_too_large", f"more than {ID_LIMIT} octets")
+        if literal is not None:
+            self.framer.literal(literal.size)
+            return b""  # more to come
+        self.framer.no_literal()
+        self.id_parts = None
+        self.framer.collecting = False
+        collected = bytes(parts)
+        shown = self.ids.server_id(collected)
+        return collected if shown is None else shown
+
+    def _unreadable_id(self, kind: str, detail: str) -> bytes:
+        """The server's `* ID` being collected cannot be: nothing of it went out, so the client
+        is between responses and may be told BYE."""
+        self.id_parts = None
+        self.framer.collecting = self.framer.continues = False
+        return self.unreadable(kind, detail)
 
     def _tagged(self, tag: bytes, rest: bytes) -> bytes | None:
         status, code, args = lexer.status_and_code(rest)

@@ -407,7 +407,7 @@ class SessionCore:
         """Octets of the current server literal still to come that nothing here needs to read:
         they pass to the client as they come, whatever the grammar decides (0: not inside a
         literal body, or the session is closed)."""
-        if self._out.closed:
+        if self._out.closed or self._server.collecting:
             return 0
         return self._server.literal_left
 
@@ -542,6 +542,11 @@ class SessionCore:
                 start = self._server_line(data, start, line_start, pos, line)
                 if self.closed:
                     return
+            elif kind is Fragment.LITERAL:
+                # A literal of a response being collected (a server `* ID`): not forwarded.
+                self._flush(Direction.TO_CLIENT, data, start, line_start)
+                start = pos
+                responses.collect(data[line_start:pos])
             elif kind in _READ_AND_PASS:
                 mark = len(out)
                 if not self._server_fragment(kind, line):
