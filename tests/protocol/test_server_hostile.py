@@ -157,6 +157,22 @@ def test_a_bad_literal_inside_a_response_closes_without_a_bye(split: Splitter) -
     assert kinds(conv) == [("server", "bad_literal", "closed")]
 
 
+@pytest.mark.parametrize("strict", [False, True])
+def test_a_capability_list_announcing_a_literal_ends_the_session(
+    split: Splitter, strict: bool
+) -> None:
+    """Capabilities are atoms (no `{`). The list is rewritten for the client's leg (`{N}` moved
+    or dropped), so the client read as lines the octets the proxy counted as a literal and
+    passed unread: here an ID past the policy."""
+    conv = logged_in(split, policy=lambda: DEFAULT, strict_capabilities=strict)
+    conv.client(b"b CAPABILITY\r\n")
+    before = bytes(conv.to_client)
+    hidden = b'* ID ("name" "Dovecot" "guid" "' + UUID + b'")\r\n'
+    conv.server(b"* CAPABILITY IMAP4rev1 X {%d}\r\n" % len(hidden) + hidden + b"b OK\r\n")
+    closed_with_bye(conv, before, "unparsable_response")
+    assert UUID not in conv.to_client
+
+
 # --- Lines longer than the proxy holds (`server_hold`): streamed, unless their fate is not
 # "as they came".
 

@@ -83,6 +83,10 @@ CASES: dict[str, tuple[list[bytes], str]] = {
     "nul": ([b"\x00 OK\r\n"], "unparsable_response"),
     "cr-alone": ([b"\r\r\n"], "unparsable_response"),
     "unknown-tag": ([b"zz OK never sent\r\n"], "unknown_tag"),
+    "capability-literal": (
+        [b"* CAPABILITY IMAP4rev1 X {70}\r\n", b'* ID ("guid" "' + UUID + b'")\r\n' + b"x" * 16],
+        "unparsable_response",
+    ),
     "answered-twice": ([b"b OK\r\n", b"b OK again\r\n"], "unknown_tag"),
     "literal-too-large": ([b"* 1 FETCH (BODY[] {99999999999999999999}\r\n"], "bad_literal"),
     "literal-digits": ([b"* 1 FETCH (BODY[] {123456789012345678901}\r\n"], "bad_literal"),

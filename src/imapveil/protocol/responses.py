@@ -283,6 +283,11 @@ class Responses:
                 self.commands.state = State.AUTHENTICATED
             return shown
         if kind == b"CAPABILITY":
+            if body.endswith(b"}") and _announces_literal(body):
+                # Capabilities are atoms, which hold no `{`: no capability list. The list is
+                # rewritten for the client's leg (the `{N}` moved or dropped), so the client
+                # would read as lines the octets the proxy counts as a literal and passes.
+                return self.unreadable("unparsable_response", f"{len(line)} octets")
             self.capabilities = lexer.capabilities(body[after:])
             shown = self.leg.capability_line(body, after, self._authenticated())
         elif kind == b"ID" and self.ids.reads_server_id:
@@ -351,6 +356,13 @@ class Responses:
             # After the answer: the list in a LOGIN's OK describes the authenticated state.
             return self.leg.capability_code(tag + b" " + rest, self._authenticated())
         return None
+
+
+def _announces_literal(line: bytes) -> bool:
+    try:
+        return lexer.literal_at_end(line) is not None
+    except LiteralError:
+        return True
 
 
 def _is_status(rest: bytes) -> bool:
