@@ -144,6 +144,22 @@ def test_a_server_literal_of_too_many_digits_ends_the_session(
     closed_with_bye(conv, before, "bad_literal")
 
 
+@pytest.mark.parametrize("marker", [b"{%d+}", b"~{%d+}"])
+def test_a_non_synchronizing_literal_from_the_server_ends_the_session(
+    split: Splitter, marker: bytes
+) -> None:
+    """RFC 9051 §4.3: a server never sends `{N+}`, and a client's parser need not read one as
+    a literal (Python's imaplib does not): the octets the proxy counted and passed unread were
+    lines to such a client, here an ID past the policy."""
+    conv = logged_in(split, policy=lambda: DEFAULT)
+    conv.client(b"b FETCH 1 BODY[]\r\n")
+    before = bytes(conv.to_client)
+    hidden = b'* ID ("name" "Dovecot" "guid" "' + UUID + b'")\r\n'
+    conv.server(b"* 1 FETCH (BODY[] " + marker % len(hidden) + b"\r\n" + hidden + b")\r\nb OK\r\n")
+    closed_with_bye(conv, before, "bad_literal")
+    assert UUID not in conv.to_client
+
+
 def test_a_bad_literal_inside_a_response_closes_without_a_bye(split: Splitter) -> None:
     """After a literal the client is inside the response: a line of the proxy's own would be
     read as part of it. The connection closes, with the record."""
@@ -309,6 +325,13 @@ def test_a_bad_literal_in_a_server_id_ends_the_session(split: Splitter) -> None:
     conv = id_session(split)
     before = bytes(conv.to_client)
     conv.server(b'* ID ("a" {1}\r\nx "b" {123456789012345678901}\r\nzzz')
+    closed_with_bye(conv, before, "bad_literal")
+
+
+def test_a_non_synchronizing_literal_in_a_server_id_ends_the_session(split: Splitter) -> None:
+    conv = id_session(split)
+    before = bytes(conv.to_client)
+    conv.server(b'* ID ("name" {7+}\r\nDovecot)\r\ni OK\r\n')
     closed_with_bye(conv, before, "bad_literal")
 
 

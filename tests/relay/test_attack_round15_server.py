@@ -89,6 +89,10 @@ CASES: dict[str, tuple[list[bytes], str]] = {
     ),
     "answered-twice": ([b"b OK\r\n", b"b OK again\r\n"], "unknown_tag"),
     "literal-too-large": ([b"* 1 FETCH (BODY[] {99999999999999999999}\r\n"], "bad_literal"),
+    "literal-plus": (
+        [b"* 1 FETCH (BODY[] {70+}\r\n", b'* ID ("guid" "' + UUID + b'")\r\n' + b"x" * 16],
+        "bad_literal",
+    ),
     "literal-digits": ([b"* 1 FETCH (BODY[] {123456789012345678901}\r\n"], "bad_literal"),
     "long-continuation": ([b"+ " + LONG[:66_000], LONG[66_000:] + b"\r\n"], "response_too_long"),
     "long-capability": (

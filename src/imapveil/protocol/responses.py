@@ -246,7 +246,7 @@ class Responses:
         whose octets cannot be counted (more than 20 digits, or too large): where the response
         ends is unknown, so the session ends (`unreadable`; `said`: the client has the line)."""
         try:
-            literal = lexer.literal_at_end(line)
+            literal = server_literal(line)
         except LiteralError as exc:
             self.unreadable("bad_literal", str(exc), said=said)
             return False
@@ -314,7 +314,7 @@ class Responses:
         assert parts is not None
         parts += line
         try:
-            literal = lexer.literal_at_end(line)
+            literal = server_literal(line)
         except LiteralError as exc:
             return self._unreadable_id("bad_literal", str(exc))
         if len(parts) + (literal.size if literal else 0) > ID_LIMIT:
@@ -356,6 +356,17 @@ class Responses:
             # After the answer: the list in a LOGIN's OK describes the authenticated state.
             return self.leg.capability_code(tag + b" " + rest, self._authenticated())
         return None
+
+
+def server_literal(line: bytes) -> lexer.LiteralAnnouncement | None:
+    """The literal a server line announces at its end, if any. Raises LiteralError for one
+    whose octets cannot be counted, and for `{N+}`: a server never sends one (RFC 9051 §4.3),
+    and a client need not read it as a literal (Python's imaplib does not), so the octets the
+    proxy would count and pass unread could be lines to the client."""
+    literal = lexer.literal_at_end(line)
+    if literal is not None and not literal.synchronizing:
+        raise LiteralError("non-synchronizing literal from the server")
+    return literal
 
 
 def _announces_literal(line: bytes) -> bool:
