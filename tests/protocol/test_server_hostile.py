@@ -351,3 +351,52 @@ def test_without_a_policy_a_server_id_with_a_literal_is_relayed(split: Splitter)
     conv.server(answer)
     assert conv.to_client.endswith(answer)
     assert not conv.closed and not conv.of(Violation)
+
+
+class Counting:
+    """The default policy, counting the ID lists it is asked to decide."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.name = DEFAULT.name
+        self.digest = DEFAULT.digest
+
+    def apply(self, fields: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        return DEFAULT.apply(fields, **kwargs)
+
+
+HOSTILE_ID = b'* ID ("name" "Dovecot" "guid" "' + UUID + b'")\r\n'
+
+
+def test_the_server_id_is_examined_once_per_id_exchange(split: Splitter) -> None:
+    """Deciding an ID list costs up to milliseconds of the loop every session shares (30 values
+    of 1024 octets: ~4 ms). The client's IDs are decided one per server answer (the ID gate);
+    a server's `* ID` lines were each decided, as many as it sent: a flood of them stalled
+    every session. Only the first one answering an ID in flight is examined now; any other goes
+    out as `* ID NIL`, unexamined."""
+    counting = Counting()
+    conv = logged_in(split, policy=lambda: counting, hash_value=lambda v: "hmac:test")
+    conv.client(b'i ID ("name" "Thunderbird")\r\n')
+    assert counting.calls == 1  # the client's
+    before = bytes(conv.to_client)
+    conv.server(HOSTILE_ID * 5 + b"i OK\r\n" + HOSTILE_ID * 3)
+    assert counting.calls == 2  # and the server's first
+    shown = bytes(conv.to_client[len(before) :])
+    assert shown.startswith(b'* ID ("name" "Dovecot" "x-imapveil" "imapveil ')
+    assert shown.endswith(b")\r\n" + b"* ID NIL\r\n" * 4 + b"i OK\r\n" + b"* ID NIL\r\n" * 3)
+    assert UUID not in conv.to_client
+    assert [(v.kind, v.action) for v in conv.of(Violation)] == [("unexpected_id", "replaced")] * 7
+    (rec,) = conv.of(IdExchange)
+    assert rec.server == {"name": "Dovecot"}
+    assert not conv.closed
+
+
+def test_the_answer_to_the_proxys_own_id_is_examined_once(split: Splitter) -> None:
+    counting = Counting()
+    conv = talk(split, inject_id=((b"name", b"gateway"),), policy=lambda: counting)
+    conv.client(b"a LOGIN alice secret\r\n")
+    conv.server(HOSTILE_ID * 4 + b"imapveil.1 OK\r\na OK in\r\n")
+    assert counting.calls == 1
+    assert bytes(conv.to_client) == GREETING + b"a OK in\r\n"
+    assert [(v.kind, v.action) for v in conv.of(Violation)] == [("unexpected_id", "dropped")] * 3

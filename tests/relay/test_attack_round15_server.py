@@ -21,10 +21,12 @@ import contextlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 
+from imapveil.policy_files import resolve_policy
 from imapveil.records import CommandCompleted, IdExchange, Violation
 from tests.helpers.attack import DISCONNECTED, Client, own_dovecot, veil
 from tests.helpers.dovecot import Dovecot
@@ -237,6 +239,45 @@ async def test_the_servers_id_never_passes_the_policy_as_it_came(
         outcomes.append((transcript, comparable(v.sink.records)))
     fast, general = outcomes
     assert fast == general
+
+
+BIG_ID = (
+    b'* ID ("name" "Dovecot" "guid" "'
+    + UUID
+    + b'" '
+    + b" ".join(b'"f%d" "%s"' % (i, b"0123456789abcdef" * 64) for i in range(28))
+    + b")\r\n"
+)
+
+
+async def test_a_flood_of_server_ids_is_decided_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """40 `* ID` lists of 30 values of 1024 octets answer one ID: each was decided (about 4 ms
+    of the loop every session shares, 160 ms for this answer, without end for a server that
+    goes on). The first is decided; the others go out as `* ID NIL`, unexamined."""
+    decided = []
+    real_apply = type(resolve_policy("default")).apply
+
+    def apply(self: Any, fields: Any, **kwargs: Any) -> Any:
+        decided.append(len(fields or ()))
+        return real_apply(self, fields, **kwargs)
+
+    monkeypatch.setattr(type(resolve_policy("default")), "apply", apply)
+    fed = Fed(monkeypatch)
+    server = ServerId(fed, BIG_ID * 40)
+    async with (
+        serve(server.script, server.sent) as address,
+        veil(address, tmp_path) as v,
+    ):
+        transcript = await run(id_client, v.address, fed)
+        (end,) = await v.sessions_ended(1)
+    assert decided == [1, 30]  # the client's ID, the server's first
+    assert transcript.count(b"* ID NIL\r\n") == 39
+    assert UUID not in transcript
+    assert end.reason == "logout"
+    kinds = [(r.kind, r.action) for r in v.sink.of(Violation)]
+    assert kinds[:20] == [("unexpected_id", "replaced")] * 20  # then one record for the rest
 
 
 # --- Real Dovecot.
