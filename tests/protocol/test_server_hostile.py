@@ -400,3 +400,20 @@ def test_the_answer_to_the_proxys_own_id_is_examined_once(split: Splitter) -> No
     assert counting.calls == 1
     assert bytes(conv.to_client) == GREETING + b"a OK in\r\n"
     assert [(v.kind, v.action) for v in conv.of(Violation)] == [("unexpected_id", "dropped")] * 3
+
+
+def test_an_unreadable_line_while_closing_after_owed_words(split: Splitter) -> None:
+    """Shutting down mid-response owes the client a BYE at the next boundary; an unreadable
+    line there ends the session with that BYE, and nothing after the close."""
+    conv = logged_in(split)
+    conv.client(b"b FETCH 1 BODY[]\r\n").server(b"* 1 FETCH (BODY[] {5}\r\nab")
+    conv.apply(conv.core.shutting_down(conv.clock))
+    assert conv.core.closed is False
+    conv.server(b"cde)\r\n)\r\nb OK\r\n")
+    assert conv.to_client.endswith(b"cde)\r\n* BYE [UNAVAILABLE] Server shutting down\r\n")
+    assert conv.core.closed
+    # Read in the receive that ended the response, or never (closed at the boundary before).
+    assert [(v.kind, v.action) for v in conv.of(Violation)] in (
+        [],
+        [("unparsable_response", "closed")],
+    )

@@ -180,8 +180,9 @@ class Responses:
         out.violation("server", kind, detail, "closed")
         out.end("protocol_error", f"server: {kind}")
         if not said and out.can_speak:
-            out.pay_owed()
-            out.reply(SERVERBUG)
+            out.pay_owed()  # which closes, after a BYE of its own, if the session was closing
+            if not out.closed:
+                out.reply(SERVERBUG)
         out.actions.extend(out.close("protocol_error"))
         return b""
 
