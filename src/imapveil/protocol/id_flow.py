@@ -95,8 +95,8 @@ class IdFlow:
         self.injected_fields: IdFields = None
         self.injected_server: IdOutcome | None = None
         self.address_sent = False
-        # The server's `* ID` for the ID in flight (the client's or ours) was examined: any
-        # other is not (deciding one costs milliseconds of the loop every session shares).
+        # A server's `* ID` was decided since its last tagged answer: any other is not until
+        # the next (deciding one costs milliseconds of the loop every session shares).
         self.examined = False
 
     def __repr__(self) -> str:
@@ -157,7 +157,6 @@ class IdFlow:
         # "tag ID args": the arguments start after the verb, wherever spaces put it.
         verb_at = raw.upper().find(b"ID", len(cmd.tag))
         self.waiting = cmd
-        self.examined = False
         if collecting.overflow:
             self.out.violation("client", "id_too_large", f"{collecting.skipped} octets", "replaced")
             self.out.to_server(cmd.tag + b" ID NIL\r\n")
@@ -233,7 +232,6 @@ class IdFlow:
         if not fields:
             return None
         self.sent = True
-        self.examined = False
         tag = b"imapveil.%d" % number
         again = 0
         while tag in busy:
@@ -245,7 +243,6 @@ class IdFlow:
 
     def injected_answered(self, status: str, state: State) -> None:
         tag, self.injected = self.injected, None
-        self.examined = False
         assert tag is not None
         server, self.injected_server = self.injected_server, None
         fields = self.injected_fields or ()
@@ -280,11 +277,9 @@ class IdFlow:
         """`* ID (...)`: the same policy applies on the way to the client. Returns what goes
         to the client instead of the line (b"": nothing), or None: the line as it came."""
         policy_source = self.config.policy
-        if policy_source is not None and (
-            self.examined or (self.injected is None and self.waiting is None)
-        ):
-            # No ID in flight, or its answer's `* ID` came already: one list is decided per ID
-            # exchange, as for the client's (the ID gate), not as many as a server sends.
+        if policy_source is not None and self.examined:
+            # One list is decided per server answer, as the client's are (the ID gate), not as
+            # many as a server sends before it.
             action = "dropped" if self.injected is not None else "replaced"
             self.out.violation("server", "unexpected_id", f"{len(line)} octets", action)
             return b"" if self.injected is not None else b"* ID NIL\r\n"
@@ -322,7 +317,6 @@ class IdFlow:
     def answered(self, cmd: Command, status: str) -> None:
         """The server answered the client's ID: the record, under the policy that decided."""
         self.pieces.clear()
-        self.examined = False
         self.waiting = None if self.waiting is cmd else self.waiting
         client = None if isinstance(cmd.id_outcome, bool) else cmd.id_outcome
         self._emit(

@@ -159,6 +159,7 @@ class Responses:
             self.commands.mailbox_closed()
         elif bye:
             self._bye()
+        self.ids.examined = False  # as `_tagged`
         self.commands.answered(tag, lexer.STATUS_NAMES[m.group(3)], code)
         return True
 
@@ -346,6 +347,7 @@ class Responses:
             # An answer to no command the server was sent: the server read something the proxy
             # did not see as a command (or is not following the client at all).
             return self.unreadable("unknown_tag", f"tag of {len(tag)} octets")
+        self.ids.examined = False  # the next `* ID` may be decided
         if code == "CAPABILITY":
             self.capabilities = lexer.capabilities(args)
         if injected:
