@@ -418,3 +418,22 @@ def test_an_unreadable_line_while_closing_after_owed_words(split: Splitter) -> N
         [],
         [("unparsable_response", "closed")],
     )
+
+
+# --- What a server's answer puts in the records.
+
+
+def test_a_response_code_outside_the_registry_is_recorded_as_other(split: Splitter) -> None:
+    """A command record keeps its answer's response code: an atom of the server's choosing, up
+    to 64 octets, so a server could write a password or an identifier into the event log
+    (`L NO [PW-HUNTER2]`). Codes of the IANA registry (and Dovecot's) are kept, any other is
+    `OTHER`."""
+    conv = talk(split)
+    conv.client(b"L LOGIN alice hunter2\r\n").server(b"L NO [HUNTER2] no\r\n")
+    conv.client(b"a SELECT x\r\n").server(b"a NO [TRYCREATE] no\r\n")
+    conv.client(b"b SELECT x\r\n").server(b"b NO [" + UUID + b"] no\r\n")
+    conv.client(b"c NOOP\r\n").server(b"c OK [uidvalidity 3] fine\r\n")
+    codes = [(r.tag, r.code) for r in conv.of(CommandCompleted)]
+    assert codes == [("L", "OTHER"), ("a", "TRYCREATE"), ("b", "OTHER"), ("c", "UIDVALIDITY")]
+    dump = json.dumps([r.to_dict() for r in conv.records])
+    assert "HUNTER2" not in dump.upper() and UUID.decode().upper() not in dump.upper()
