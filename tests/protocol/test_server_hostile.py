@@ -14,6 +14,7 @@ import pytest
 
 from imapveil.policy.load import parse_policy
 from imapveil.policy_files import resolve_policy
+from imapveil.protocol import lexer
 from imapveil.records import CommandCompleted, IdExchange, Violation
 from tests.helpers import feeding
 from tests.helpers.feeding import Conversation, Splitter
@@ -437,3 +438,19 @@ def test_a_response_code_outside_the_registry_is_recorded_as_other(split: Splitt
     assert codes == [("L", "OTHER"), ("a", "TRYCREATE"), ("b", "OTHER"), ("c", "UIDVALIDITY")]
     dump = json.dumps([r.to_dict() for r in conv.records])
     assert "HUNTER2" not in dump.upper() and UUID.decode().upper() not in dump.upper()
+
+
+def test_what_a_long_capability_list_leaves_kept_is_bounded(split: Splitter) -> None:
+    """The server's capabilities are kept for the session (a set of names; the traits record
+    reads LITERAL+ and LITERAL- in it). A list of 64 KB of distinct names (Dovecot's has 40)
+    left a set of 16,000 names, 1.6 MB, in every session of that server. The first
+    `MAX_CAPABILITIES` names are kept; the whole list is still mediated for the client."""
+    names = [b"X%04d" % i for i in range(10_000)]
+    line = b"* CAPABILITY IMAP4rev1 " + b" ".join(names) + b" STARTTLS LITERAL+\r\n"
+    conv = logged_in(split, client_tls="offer")
+    conv.client(b"b CAPABILITY\r\n").server(line + b"b OK\r\n")
+    assert len(conv.core.capabilities) <= 256
+    assert lexer.MAX_CAPABILITIES == 256
+    assert "IMAP4REV1" in conv.core.capabilities
+    assert b"STARTTLS" not in conv.to_client[-300:]  # mediated: not after login
+    assert conv.to_client.endswith(b"X9999 LITERAL+\r\nb OK\r\n")
