@@ -454,3 +454,70 @@ def test_what_a_long_capability_list_leaves_kept_is_bounded(split: Splitter) -> 
     assert "IMAP4REV1" in conv.core.capabilities
     assert b"STARTTLS" not in conv.to_client[-300:]  # mediated: not after login
     assert conv.to_client.endswith(b"X9999 LITERAL+\r\nb OK\r\n")
+
+
+# --- A CR that ends no line.
+
+BARE_CR = {
+    "tagged": b"b OK x\r" + HOSTILE_ID,
+    "status": b"* OK x\r" + HOSTILE_ID,
+    "data": b"* 1 FETCH (FLAGS ())\r" + HOSTILE_ID,
+    "data-after-data": b"* 1 FETCH (FLAGS ())\r\n* 2 FETCH (FLAGS ())\r" + HOSTILE_ID,
+    "search": b"* SEARCH 1\r" + HOSTILE_ID,
+    "before-crlf": b"* 2 EXISTS\r\r\n",
+}
+
+
+@pytest.mark.parametrize("name", list(BARE_CR))
+def test_a_bare_cr_in_a_server_line_ends_the_session(split: Splitter, name: str) -> None:
+    """A CR not followed by LF is no line end to the proxy, and is one to a client that ends
+    lines at a CR (Java's BufferedReader.readLine does): `b OK x` CR `* ID (...)` was one
+    tagged line to the proxy and an ID past the policy to such a client. IMAP allows no bare
+    CR outside literals (Dovecot writes one only in a literal)."""
+    conv = logged_in(split, policy=lambda: DEFAULT)
+    conv.client(b"b FETCH 1 FLAGS\r\n")
+    before = bytes(conv.to_client)
+    conv.server(b"* 3 EXISTS\r\n" + BARE_CR[name] + b"b OK\r\n")
+    shown = bytes(conv.to_client[len(before) :])
+    assert UUID not in shown
+    shown_first = b"* 3 EXISTS\r\n"
+    if name == "data-after-data":
+        shown_first += b"* 1 FETCH (FLAGS ())\r\n"
+    closed_with_bye(conv, before + shown_first, "unparsable_response")
+
+
+def test_a_bare_cr_after_a_literal_closes_without_a_bye(split: Splitter) -> None:
+    conv = logged_in(split, policy=lambda: DEFAULT)
+    conv.client(b"b FETCH 1 BODY[]\r\n")
+    conv.server(b"* 1 FETCH (BODY[] {3}\r\nabc\r" + HOSTILE_ID + b"b OK\r\n")
+    assert conv.to_client.endswith(b"{3}\r\nabc")
+    assert conv.closed == "protocol_error"
+    assert [(v.kind, v.action) for v in conv.of(Violation)] == [("unparsable_response", "closed")]
+
+
+def test_a_cr_inside_a_literal_is_the_literals(split: Splitter) -> None:
+    conv = logged_in(split)
+    conv.client(b"b FETCH 1 BODY[]\r\n")
+    answer = b"* 1 FETCH (BODY[] {7}\r\na\rb\rc\r\r)\r\nb OK\r\n"
+    conv.server(answer)
+    assert conv.to_client.endswith(answer)
+    assert not conv.closed and not conv.of(Violation)
+
+
+@pytest.mark.parametrize("cut", [150, 300, 301])
+def test_a_bare_cr_in_a_long_line_stops_it_there(split: Splitter, cut: int) -> None:
+    """A line longer than the proxy holds streams out: a bare CR found before it starts
+    streaming refuses it whole (a BYE), one found while it streams stops it there (the client
+    has its start: no BYE). Whatever the cuts, nothing after the CR goes out; `cut` 300 puts
+    the CR last in the first piece, and the next piece goes on without LF."""
+    conv = logged_in(split, policy=lambda: DEFAULT, server_hold=100)
+    conv.client(b"b SEARCH ALL\r\n")
+    line = b"* SEARCH " + b"1 " * 200
+    line = line[:cut] + b"\r" + HOSTILE_ID
+    before = bytes(conv.to_client)
+    conv.server(line[: cut + 1]).server(line[cut + 1 :] + b"b OK\r\n")
+    shown = bytes(conv.to_client[len(before) :])
+    assert UUID not in shown and b"* ID" not in shown
+    assert conv.closed == "protocol_error"
+    assert [(v.kind, v.action) for v in conv.of(Violation)] == [("unparsable_response", "closed")]
+    assert shown in (BYE, line[: len(shown)])  # a BYE, or the line's start, up to the CR

@@ -84,6 +84,7 @@ CASES: dict[str, tuple[list[bytes], str]] = {
     "no-tag": ([b")\r\n"], "unparsable_response"),
     "nul": ([b"\x00 OK\r\n"], "unparsable_response"),
     "cr-alone": ([b"\r\r\n"], "unparsable_response"),
+    "bare-cr": ([b'b OK x\r* ID ("guid" "' + UUID + b'")\r\n'], "unparsable_response"),
     "unknown-tag": ([b"zz OK never sent\r\n"], "unknown_tag"),
     "capability-literal": (
         [b"* CAPABILITY IMAP4rev1 X {70}\r\n", b'* ID ("guid" "' + UUID + b'")\r\n' + b"x" * 16],

@@ -29,6 +29,8 @@ class Fragment(enum.Enum):
     STREAM = 7  # server: an over-long line starts streaming (what was held goes out first)
     NO_GREETING = 8  # server: more than a greeting's worth without a line end, before greeting
     END = 9  # the chunk is used up
+    BARE_CR = 10  # server: a CR that ends no line, in a line nothing of which has gone out
+    BARE_CR_STREAMED = 11  # the same in a line streaming out: what came before it has gone
 
 
 class Use(enum.Enum):
@@ -46,7 +48,9 @@ MAX_GREETING = 4096  # octets before the server's first line end, at most
 # A run of untagged message data ("* 12 FETCH ...", "* 3 EXPUNGE") needs nothing from the
 # proxy but its literals. This finds, from the start of such a line, the first place that does:
 # a literal announcement, or a line that does not start with "* <digit>".
-_SKIP = re.compile(rb"\}\r?\n|\n(?!\* [0-9])")
+_SKIP = re.compile(rb"\}\r?\n|\n(?!\* [0-9])|\r(?=[^\n])")
+# A CR not followed by LF (a client may end a line there; IMAP has none outside literals).
+_BARE_CR = re.compile(rb"\r(?=[^\n])")
 
 
 class ClientFramer:
@@ -225,14 +229,11 @@ class ServerFramer:
                 pos += take
                 continue
             if self.streaming:
-                nl = data.find(b"\n", pos)
-                end = n if nl < 0 else nl + 1
-                self.tail = (self.tail + data[pos:end])[-32:]
-                if nl < 0:
-                    pos = end
+                found = self._stream(data, pos)
+                if found is None:
+                    pos = n
                     continue
-                self.streaming = False
-                return Fragment.LONG_LINE, pos, end, self.head
+                return found
             if (
                 not self.buf
                 and not self.continues
@@ -250,9 +251,11 @@ class ServerFramer:
                 elif data[m.start()] == 0x7D:  # "}": a literal announced at a line's end
                     line_start = data.rfind(b"\n", pos, m.start()) + 1 or pos
                     return Fragment.DATA_LINE, line_start, m.end(), data[line_start : m.end()]
-                else:
+                elif data[m.start()] == 0x0A:
                     pos = m.end()
                     continue
+                else:  # a bare CR: its line is the grammar's (`Responses.line`)
+                    pos = data.rfind(b"\n", pos, m.start()) + 1 or pos
             nl = data.find(b"\n", pos)
             if nl < 0:
                 return self._incomplete(data, pos, greeted)
@@ -261,6 +264,27 @@ class ServerFramer:
             return Fragment.LINE, pos, end, line
         return Fragment.END, n, n, b""
 
+    def _stream(self, data: bytes, pos: int) -> tuple[Fragment, int, int, bytes] | None:
+        """More of an over-long line streaming out: None, all of data[pos:] passes (no line
+        end in it); else the line's end (LONG_LINE), or a bare CR in it (nothing from there
+        passes)."""
+        n = len(data)
+        nl = data.find(b"\n", pos)
+        end = n if nl < 0 else nl + 1
+        if self.tail.endswith(b"\r") and data[pos] != 0x0A:
+            at = pos  # the chunk before ended in a CR, this one goes on without LF
+        else:
+            cr = _BARE_CR.search(data, pos, end)
+            at = -1 if cr is None else cr.start()
+        if at >= 0:
+            self.streaming = False
+            return Fragment.BARE_CR_STREAMED, at, at, b""
+        self.tail = (self.tail + data[pos:end])[-32:]
+        if nl < 0:
+            return None
+        self.streaming = False
+        return Fragment.LONG_LINE, pos, end, self.head
+
     def _incomplete(self, data: bytes, pos: int, greeted: bool) -> tuple[Fragment, int, int, bytes]:
         """data[pos:] is the start of a line (after what is held of it): held, or streamed."""
         n = len(data)
@@ -268,6 +292,13 @@ class ServerFramer:
             return Fragment.NO_GREETING, pos, n, bytes(self.buf) + data[pos : pos + 24]
         if len(self.buf) + n - pos > self.hold:
             # Too long to hold whole (a huge SEARCH result): stream it through.
+            if (
+                _BARE_CR.search(self.buf)
+                or _BARE_CR.search(data, pos)
+                or (self.buf.endswith(b"\r") and data[pos] != 0x0A)
+            ):
+                self.buf.clear()
+                return Fragment.BARE_CR, pos, pos, b""
             held = self.held()
             self.head = (held + data[pos : pos + HEAD])[:HEAD]
             self.tail = data[-32:]

@@ -47,7 +47,7 @@ _SIMPLE = re.compile(
     + _PASSIVE
     # The rest of the line, any `}` but one that ends it: runs of a character class between
     # the `}`s, not an alternation per octet (which costs 20 ns an octet, a SELECT's answer 7 us).
-    + rb"[^\n}]*+(?:\}(?!\r?\n)[^\n}]*+)*+\n)*+"
+    + rb"[^\r\n}]*+(?:\}(?!\r?\n)[^\r\n}]*+)*+\r?\n)*+"
     + lexer.TAG_PATTERN
     + rb" ((OK|NO|BAD)(?: [^\r\n]*+)?)\r?\n"
 )
@@ -95,6 +95,11 @@ class Responses:
 
     def line(self, line: bytes) -> bytes | None:
         """One complete server line."""
+        cr = line.find(b"\r")
+        if 0 <= cr != len(line) - 2 and (self.greeted or line[:10].upper().startswith(_GREETINGS)):
+            # A CR that ends no line: a client may end one there (Java's readLine does), and
+            # read what follows as a line the proxy never saw (`b OK x` CR `* ID (...)`).
+            return self.unreadable("unparsable_response", "a CR alone")
         if self.framer.continues:
             if self.id_parts is not None:
                 return self._server_id_line(line)

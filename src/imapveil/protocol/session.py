@@ -555,6 +555,14 @@ class SessionCore:
                     end = pos if kind is Fragment.LONG_LINE else line_start
                     self._flush(Direction.TO_CLIENT, data, start, end, at=mark)
                     return
+            elif kind is Fragment.BARE_CR or kind is Fragment.BARE_CR_STREAMED:
+                # A CR that ends no line: nothing from it goes out (a BYE may, if none of
+                # its line went out and the client is between responses).
+                mark = len(out)
+                said = kind is Fragment.BARE_CR_STREAMED
+                responses.unreadable("unparsable_response", "a CR alone", said=said)
+                self._flush(Direction.TO_CLIENT, data, start, line_start, at=mark)
+                return
             elif kind is Fragment.NO_GREETING:
                 responses.not_imap(line)
                 return
