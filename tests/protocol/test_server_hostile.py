@@ -464,7 +464,7 @@ BARE_CR = {
     "data": b"* 1 FETCH (FLAGS ())\r" + HOSTILE_ID,
     "data-after-data": b"* 1 FETCH (FLAGS ())\r\n* 2 FETCH (FLAGS ())\r" + HOSTILE_ID,
     "search": b"* SEARCH 1\r" + HOSTILE_ID,
-    "before-crlf": b"* 2 EXISTS\r\r\n",
+    "cr-cr-then-more": b"* SEARCH 1\r\r" + HOSTILE_ID,
 }
 
 
@@ -498,7 +498,8 @@ def test_a_bare_cr_after_a_literal_closes_without_a_bye(split: Splitter) -> None
 def test_a_cr_inside_a_literal_is_the_literals(split: Splitter) -> None:
     conv = logged_in(split)
     conv.client(b"b FETCH 1 BODY[]\r\n")
-    answer = b"* 1 FETCH (BODY[] {7}\r\na\rb\rc\r\r)\r\nb OK\r\n"
+    # And CRs just before the LF: empty lines at most to a client that ends lines at a CR.
+    answer = b"* 1 FETCH (BODY[] {7}\r\na\rb\rc\r\r)\r\r\n* 2 EXISTS\r\r\r\nb OK\r\n"
     conv.server(answer)
     assert conv.to_client.endswith(answer)
     assert not conv.closed and not conv.of(Violation)

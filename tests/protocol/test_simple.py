@@ -465,13 +465,13 @@ def test_the_one_match_paths_are_taken(monkeypatch: pytest.MonkeyPatch) -> None:
 _ALTERNATION = re.compile(
     rb"(?:\* "
     + responses._PASSIVE
-    + rb"(?:[^\r\n}]|\}(?!\r?\n))*+\r?\n)*+"
+    + rb"(?:[^\r\n}]|\}(?!\r?\n)|\r(?=[\r\n]))*+\n)*+"
     + lexer.TAG_PATTERN
     + rb" ((OK|NO|BAD)(?: [^\r\n]*+)?)\r?\n"
 )
 """The one-match answer's pattern as it was first written: the rest of an untagged line one
-octet at a time, an alternation each (20 ns an octet). Since round 15 no CR but before the LF:
-a line with a bare CR is `Responses.line`'s to refuse."""
+octet at a time, an alternation each (20 ns an octet). Since round 15 no CR but before a CR
+or the LF: a line with a bare CR is `Responses.line`'s to refuse."""
 
 _pieces = st.sampled_from(
     [b"}", b"}}", b"\r", b" ", b"x", b"(FLAGS (\\Seen))", b"{3}", b"[", b"]", b"\x80", b"*"]

@@ -48,9 +48,11 @@ MAX_GREETING = 4096  # octets before the server's first line end, at most
 # A run of untagged message data ("* 12 FETCH ...", "* 3 EXPUNGE") needs nothing from the
 # proxy but its literals. This finds, from the start of such a line, the first place that does:
 # a literal announcement, or a line that does not start with "* <digit>".
-_SKIP = re.compile(rb"\}\r?\n|\n(?!\* [0-9])|\r(?=[^\n])")
-# A CR not followed by LF (a client may end a line there; IMAP has none outside literals).
-_BARE_CR = re.compile(rb"\r(?=[^\n])")
+_SKIP = re.compile(rb"\}\r?\n|\n(?!\* [0-9])|\r(?=[^\r\n])")
+# A CR that ends no line: followed by neither LF nor another CR (a client may end a line at a
+# CR and read what follows as a line; IMAP has none outside literals). CRs just before the LF
+# are empty lines at most to such a client.
+BARE_CR = re.compile(rb"\r(?=[^\r\n])")
 
 
 class ClientFramer:
@@ -271,10 +273,10 @@ class ServerFramer:
         n = len(data)
         nl = data.find(b"\n", pos)
         end = n if nl < 0 else nl + 1
-        if self.tail.endswith(b"\r") and data[pos] != 0x0A:
+        if self.tail.endswith(b"\r") and data[pos] not in b"\r\n":
             at = pos  # the chunk before ended in a CR, this one goes on without LF
         else:
-            cr = _BARE_CR.search(data, pos, end)
+            cr = BARE_CR.search(data, pos, end)
             at = -1 if cr is None else cr.start()
         if at >= 0:
             self.streaming = False
@@ -293,9 +295,9 @@ class ServerFramer:
         if len(self.buf) + n - pos > self.hold:
             # Too long to hold whole (a huge SEARCH result): stream it through.
             if (
-                _BARE_CR.search(self.buf)
-                or _BARE_CR.search(data, pos)
-                or (self.buf.endswith(b"\r") and data[pos] != 0x0A)
+                BARE_CR.search(self.buf)
+                or BARE_CR.search(data, pos)
+                or (self.buf.endswith(b"\r") and data[pos] not in b"\r\n")
             ):
                 self.buf.clear()
                 return Fragment.BARE_CR, pos, pos, b""
