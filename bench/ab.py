@@ -4,22 +4,24 @@
     python bench/ab.py --a naive --b src mixed
     python bench/ab.py --a /path/to/old/src --b src latency --noops 20000
 
-`--a` and `--b` are source trees (`imapveil serve` runs with that tree first on PYTHONPATH; a
-git worktree of the commit before, say) or `naive` (bench/naive_relay.py). On a shared machine
-the load of the moment moves a relay's CPU per session by 5 to 10 % from one run to the next:
-more than most changes are worth. Here both relays are measured in the same seconds: churn and
-mixed load both at once, each with the workload of `run.py`; latency sends one NOOP to each in
-turn. Each round prints both relays' CPU per unit (session, operation, NOOP) and B/A. The
-rounds run twice: with B's relay started (and loaded) first, then A's, each pair of relays fresh,
-because the position alone has moved CPU per unit by up to 7 % on this machine (where the
-scheduler put each process). The end: the median of each order's ratios with their min-max, and
-B/A with the position's share taken out (the geometric mean of the two medians). Run it with A
-and B the same tree to see what the method's own spread is on this machine.
+`--a` and `--b` are source trees (`imapveil serve` runs with that tree first on PYTHONPATH; a git
+worktree of the commit before, say) or `naive` (bench/naive_relay.py). On a shared machine the load
+of the moment moves a relay's CPU per session by 5 to 10 % from one run to the next: more than most
+changes are worth. Here both relays are measured in the same seconds: churn and mixed load both at
+once, each with the workload of `run.py`; latency sends one NOOP to each in turn; bulk fetches
+run.py's 150 MB through both at once (plain legs). Each round prints both relays' CPU per unit
+(session, operation, NOOP, GB) and B/A. The rounds run twice: with B's relay started (and loaded)
+first, then A's, each pair of relays fresh, because the position alone has moved CPU per unit by up
+to 7 % on this machine (where the scheduler put each process). The end: the median of each order's
+ratios with their min-max, and B/A with the position's share taken out (the geometric mean of the
+two medians). Run it with A and B the same tree to see what the method's own spread is on this
+machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import math
 import os
 import shutil
@@ -61,6 +63,10 @@ async def loaded(
         if workload == "churn":
             result = await bench.churn(address, None, relay, seconds)
             units = result["sessions/s"] * seconds
+        elif workload == "bulk":
+            result = await bench.bulk(address, None, relay)
+            done[name] = 1e6 / result["CPU s/GB"]  # turned back into CPU s/GB below
+            return
         else:
             result = await bench.mixed(address, None, seconds, relay)
             units = result["ops/s"] * seconds
@@ -70,6 +76,8 @@ async def loaded(
     async with trio.open_nursery() as nursery:
         for name, relay in relays.items():
             nursery.start_soon(one, name, relay)
+    if workload == "bulk":  # measured per relay by `bench.bulk` itself: CPU seconds per GB
+        return {name: 1e6 / units for name, units in done.items()}
     return {
         name: relay.cpu_since(before[name]) / done[name] * 1e6 for name, relay in relays.items()
     }
@@ -118,8 +126,9 @@ def one_round(
         return lat["B"]["CPU us"] / lat["A"]["CPU us"]
     cpu = trio.run(loaded, relays, args.workload, args.seconds)
     ratio = cpu["B"] / cpu["A"]
+    unit = "CPU s per GB" if args.workload == "bulk" else "CPU us per unit"
     print(
-        f"{order}, round {r}: CPU us per unit A {cpu['A']:.1f}, B {cpu['B']:.1f}, B/A {ratio:.3f}",
+        f"{order}, round {r}: {unit} A {cpu['A']:.3g}, B {cpu['B']:.3g}, B/A {ratio:.3f}",
         flush=True,
     )
     return ratio
@@ -129,7 +138,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("workload", choices=["churn", "mixed", "latency"])
+    parser.add_argument("workload", choices=["churn", "mixed", "latency", "bulk"])
     parser.add_argument("--a", required=True, help="a source tree, or naive")
     parser.add_argument("--b", required=True, help="a source tree, or naive")
     parser.add_argument("--rounds", type=int, default=6)
@@ -143,7 +152,13 @@ def main() -> None:
     relays: dict[str, bench.ProxyProcess] = {}
     try:
         dovecot.start()
-        for user in bench.USERS:
+        users = list(bench.USERS)
+        if args.workload == "bulk":  # run.py's: 20 + 5 + 5 MB in u0's INBOX, fetched 5 times
+            body = base64.encodebytes(os.urandom(23 * 1024 * 1024)).replace(b"\n", b"\r\n")
+            big = b"Subject: big\r\n\r\n" + body[: 20 * 1000 * 1000]
+            five = b"Subject: five\r\n\r\n" + body[: 5 * 1000 * 1000]
+            dovecot.seed(users.pop(0), [big, five, five])
+        for user in users:
             dovecot.seed(user, [b"Subject: small %d\r\n\r\nhello\r\n" % i for i in range(20)])
         ratios: dict[str, list[float]] = {"B first": [], "A first": []}
         for order, rounds in ratios.items():

@@ -236,7 +236,7 @@ END_REASONS = (
     "server_closed",  # the server closed the connection without BYE
     "server_bye",  # the server sent * BYE and closed
     "line_too_long",  # a client line exceeded the limit; we sent * BYE
-    "protocol_error",  # the client broke framing beyond recovery; we sent * BYE
+    "protocol_error",  # a peer broke framing beyond recovery; we sent * BYE (if we could)
     "idle_timeout",  # no traffic within the idle timeout; we sent * BYE
     "upstream_unavailable",  # the upstream could not be reached; we sent * BYE
     "over_limit",  # a connection limit was reached; we sent * BYE [UNAVAILABLE]

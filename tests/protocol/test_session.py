@@ -325,11 +325,15 @@ def test_literal_announced_at_end_of_long_server_line(split: Splitter) -> None:
     assert not violations(conv)
 
 
-def test_unknown_server_tag_is_a_violation(split: Splitter) -> None:
+def test_unknown_server_tag_ends_the_session(split: Splitter) -> None:
     conv = talk(split)
     conv.server(b"zz OK nobody asked\r\n")
-    assert [v.kind for v in violations(conv)] == ["unknown_tag"]
-    assert conv.to_client.endswith(b"zz OK nobody asked\r\n")
+    assert [(v.kind, v.action) for v in violations(conv)] == [("unknown_tag", "closed")]
+    assert (
+        conv.to_client
+        == GREETING + b"* BYE [SERVERBUG] Response from the mail server not understood\r\n"
+    )
+    assert conv.closed == "protocol_error"
 
 
 def test_unreadable_client_lines_are_refused_not_forwarded(split: Splitter) -> None:

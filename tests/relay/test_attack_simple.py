@@ -808,8 +808,9 @@ class Scripted:
 
 class Misbehaving(Scripted):
     """A scripted server that sends, each piece as its own receive: an answer inside its own
-    literal, after a literal where its response goes on, to a tag never sent, to a reused tag,
-    with a bare LF, and one while client octets wait in the proxy."""
+    literal, after a literal where its response goes on, to a reused tag, with a bare LF, and
+    one while client octets wait in the proxy. (An answer to a tag never sent, and a line that
+    is no response, end the session since round 15: tests/relay/test_attack_round15_server.py.)"""
 
     async def script(self, peer: Peer) -> None:
         await self._say(peer, b"* OK [CAPABILITY IMAP4rev1 LITERAL+] fake ready\r\n")
@@ -822,10 +823,8 @@ class Misbehaving(Scripted):
             b"* 1 FETCH (BODY[] {14}\r\n",
             b"f OK fetched\r\n",  # literal octets
             b")\r\n",
-            b"zz OK never sent\r\n",
             b"* 2 FETCH (BODY[] {3}\r\nabc",
-            b"f NO x\r\n",  # the rest of `* 2 FETCH`, after its literal
-            b")\r\n",
+            b"f NO x)\r\n",  # the rest of `* 2 FETCH`, after its literal
             b"f OK done\n",
         )
         await self._line(peer, b"t NOOP")
@@ -882,10 +881,7 @@ async def test_answers_from_a_misbehaving_server(
             ("z", "NOOP", "OK"),
             ("Q", "LOGOUT", "OK"),
         ]
-        assert [(r.kind, r.action) for r in v.sink.of(Violation)] == [
-            ("unknown_tag", "forwarded"),
-            ("unparsable_response", "forwarded"),
-        ]
+        assert v.sink.of(Violation) == []
         (exchange,) = v.sink.of(IdExchange)
         assert (exchange.tag, exchange.status, exchange.injected) == ("imapveil.1", "OK", True)
         # The skipped literal never reached the server.
@@ -901,7 +897,6 @@ async def test_answers_from_a_misbehaving_server(
     assert general[2] == []
     assert [d for s, d in fast[2] if s == "s"] == [
         b"L OK in\r\n",
-        b"zz OK never sent\r\n",
         b"f OK done\n",
         b"t OK one\r\n",
         b"t NO two\r\n",

@@ -536,12 +536,19 @@ class Commands:
         # Otherwise the "+" answers nothing we know of; the client will make of it what it can.
         return shown
 
-    def answered(self, tag: bytes, status: str, code: str | None) -> None:
-        """A tagged answer to one of the client's commands."""
+    def answers(self, tag: bytes) -> bool:
+        """Whether an answer with this tag answers a command the server was sent: one is
+        waiting with it, and it is not an ID still being collected (not sent yet)."""
         waiting = self.pending.get(tag)
         if waiting is None:
-            self.out.violation("server", "unknown_tag", f"tag of {len(tag)} octets")
-            return
+            return False
+        cmd = waiting if isinstance(waiting, Command) else waiting[0]
+        collecting = self.ids.collecting
+        return collecting is None or collecting.cmd is not cmd
+
+    def answered(self, tag: bytes, status: str, code: str | None) -> None:
+        """A tagged answer to one of the client's commands (`answers` says it is one)."""
+        waiting = self.pending[tag]
         if isinstance(waiting, Command):
             cmd = waiting
             del self.pending[tag]

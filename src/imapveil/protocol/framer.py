@@ -29,6 +29,8 @@ class Fragment(enum.Enum):
     STREAM = 7  # server: an over-long line starts streaming (what was held goes out first)
     NO_GREETING = 8  # server: more than a greeting's worth without a line end, before greeting
     END = 9  # the chunk is used up
+    BARE_CR = 10  # server: a CR that ends no line, in a line nothing of which has gone out
+    BARE_CR_STREAMED = 11  # the same in a line streaming out: what came before it has gone
 
 
 class Use(enum.Enum):
@@ -46,7 +48,11 @@ MAX_GREETING = 4096  # octets before the server's first line end, at most
 # A run of untagged message data ("* 12 FETCH ...", "* 3 EXPUNGE") needs nothing from the
 # proxy but its literals. This finds, from the start of such a line, the first place that does:
 # a literal announcement, or a line that does not start with "* <digit>".
-_SKIP = re.compile(rb"\}\r?\n|\n(?!\* [0-9])")
+_SKIP = re.compile(rb"\}\r?\n|\n(?!\* [0-9])|\r(?=[^\r\n])")
+# A CR that ends no line: followed by neither LF nor another CR (a client may end a line at a
+# CR and read what follows as a line; IMAP has none outside literals). CRs just before the LF
+# are empty lines at most to such a client.
+BARE_CR = re.compile(rb"\r(?=[^\r\n])")
 
 
 class ClientFramer:
@@ -157,7 +163,16 @@ class ServerFramer:
     """The server's stream: literal bodies and message data runs pass without a return to the
     session; lines that need the grammar come back one by one."""
 
-    __slots__ = ("buf", "continues", "head", "hold", "literal_left", "streaming", "tail")
+    __slots__ = (
+        "buf",
+        "collecting",
+        "continues",
+        "head",
+        "hold",
+        "literal_left",
+        "streaming",
+        "tail",
+    )
 
     def __init__(self, hold: int) -> None:
         self.hold = hold
@@ -167,6 +182,9 @@ class ServerFramer:
         self.streaming = False  # inside an over-long line that is forwarded as it comes
         self.head = b""  # the start of that line, for parsing
         self.tail = b""  # its last octets, to see a literal announced at its end
+        # The response in progress is the session's to collect (a server `* ID` with literals):
+        # its literal octets come back as LITERAL fragments instead of passing.
+        self.collecting = False
 
     def __repr__(self) -> str:
         return (
@@ -207,18 +225,17 @@ class ServerFramer:
         while pos < n:
             if self.literal_left:
                 take = min(self.literal_left, n - pos)
-                pos += take
                 self.literal_left -= take
+                if self.collecting:
+                    return Fragment.LITERAL, pos, pos + take, b""
+                pos += take
                 continue
             if self.streaming:
-                nl = data.find(b"\n", pos)
-                end = n if nl < 0 else nl + 1
-                self.tail = (self.tail + data[pos:end])[-32:]
-                if nl < 0:
-                    pos = end
+                found = self._stream(data, pos)
+                if found is None:
+                    pos = n
                     continue
-                self.streaming = False
-                return Fragment.LONG_LINE, pos, end, self.head
+                return found
             if (
                 not self.buf
                 and not self.continues
@@ -236,23 +253,58 @@ class ServerFramer:
                 elif data[m.start()] == 0x7D:  # "}": a literal announced at a line's end
                     line_start = data.rfind(b"\n", pos, m.start()) + 1 or pos
                     return Fragment.DATA_LINE, line_start, m.end(), data[line_start : m.end()]
-                else:
+                elif data[m.start()] == 0x0A:
                     pos = m.end()
                     continue
+                else:  # a bare CR: its line is the grammar's (`Responses.line`)
+                    pos = data.rfind(b"\n", pos, m.start()) + 1 or pos
             nl = data.find(b"\n", pos)
             if nl < 0:
-                if not greeted and len(self.buf) + n - pos > MAX_GREETING:
-                    return Fragment.NO_GREETING, pos, n, bytes(self.buf) + data[pos : pos + 24]
-                if len(self.buf) + n - pos > self.hold:
-                    # Too long to hold whole (a huge SEARCH result): stream it through.
-                    held = self.held()
-                    self.head = (held + data[pos : pos + HEAD])[:HEAD]
-                    self.tail = data[-32:]
-                    self.streaming = True
-                    return Fragment.STREAM, pos, n, held
-                self.buf += data[pos:]
-                return Fragment.PARTIAL, pos, n, b""
+                return self._incomplete(data, pos, greeted)
             end = nl + 1
             line = bytes(self.buf) + data[pos:end] if self.buf else data[pos:end]
             return Fragment.LINE, pos, end, line
         return Fragment.END, n, n, b""
+
+    def _stream(self, data: bytes, pos: int) -> tuple[Fragment, int, int, bytes] | None:
+        """More of an over-long line streaming out: None, all of data[pos:] passes (no line
+        end in it); else the line's end (LONG_LINE), or a bare CR in it (nothing from there
+        passes)."""
+        n = len(data)
+        nl = data.find(b"\n", pos)
+        end = n if nl < 0 else nl + 1
+        if self.tail.endswith(b"\r") and data[pos] not in b"\r\n":
+            at = pos  # the chunk before ended in a CR, this one goes on without LF
+        else:
+            cr = BARE_CR.search(data, pos, end)
+            at = -1 if cr is None else cr.start()
+        if at >= 0:
+            self.streaming = False
+            return Fragment.BARE_CR_STREAMED, at, at, b""
+        self.tail = (self.tail + data[pos:end])[-32:]
+        if nl < 0:
+            return None
+        self.streaming = False
+        return Fragment.LONG_LINE, pos, end, self.head
+
+    def _incomplete(self, data: bytes, pos: int, greeted: bool) -> tuple[Fragment, int, int, bytes]:
+        """data[pos:] is the start of a line (after what is held of it): held, or streamed."""
+        n = len(data)
+        if not greeted and len(self.buf) + n - pos > MAX_GREETING:
+            return Fragment.NO_GREETING, pos, n, bytes(self.buf) + data[pos : pos + 24]
+        if len(self.buf) + n - pos > self.hold:
+            # Too long to hold whole (a huge SEARCH result): stream it through.
+            if (
+                BARE_CR.search(self.buf)
+                or BARE_CR.search(data, pos)
+                or (self.buf.endswith(b"\r") and data[pos] not in b"\r\n")
+            ):
+                self.buf.clear()
+                return Fragment.BARE_CR, pos, pos, b""
+            held = self.held()
+            self.head = (held + data[pos : pos + HEAD])[:HEAD]
+            self.tail = data[-32:]
+            self.streaming = True
+            return Fragment.STREAM, pos, n, held
+        self.buf += data[pos:]
+        return Fragment.PARTIAL, pos, n, b""

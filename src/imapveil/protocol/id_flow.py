@@ -64,6 +64,7 @@ class IdFlow:
         "config",
         "decided",
         "endpoints",
+        "examined",
         "injected",
         "injected_fields",
         "injected_server",
@@ -97,6 +98,9 @@ class IdFlow:
         self.injected_fields: IdFields = None
         self.injected_server: IdOutcome | None = None
         self.address_sent = False
+        # A server's `* ID` was decided since its last tagged answer: any other is not until
+        # the next (deciding one costs milliseconds of the loop every session shares).
+        self.examined = False
 
     def __repr__(self) -> str:
         return f"<id flow collecting={self.collecting!r} pieces={len(self.pieces)}>"
@@ -276,10 +280,23 @@ class IdFlow:
             )
         )
 
+    @property
+    def reads_server_id(self) -> bool:
+        """Whether the server's `* ID` is the proxy's to read: a policy applies to it, or it
+        answers the proxy's own ID (which the client never sees)."""
+        return self.config.policy is not None or self.injected is not None
+
     def server_id(self, line: bytes) -> bytes | None:
         """`* ID (...)`: the same policy applies on the way to the client. Returns what goes
         to the client instead of the line (b"": nothing), or None: the line as it came."""
         policy_source = self.config.policy
+        if policy_source is not None and self.examined:
+            # One list is decided per server answer, as the client's are (the ID gate), not as
+            # many as a server sends before it.
+            action = "dropped" if self.injected is not None else "replaced"
+            self.out.violation("server", "unexpected_id", f"{len(line)} octets", action)
+            return b"" if self.injected is not None else b"* ID NIL\r\n"
+        self.examined = True
         if self.injected is not None:
             # The answer to our own ID: the client did not ask, so it does not see it.
             if policy_source is not None:
@@ -297,15 +314,17 @@ class IdFlow:
         try:
             fields = id_params.parse(body[5:])
         except IdSyntaxError:
-            self.out.violation("server", "malformed_id", f"{len(line)} octets")
-            return None
+            # Never forwarded as it came (the client would read it its own way, what the
+            # policy never saw): NIL says nothing, which is true, as for a client's ID.
+            self.out.violation("server", "malformed_id", f"{len(line)} octets", "replaced")
+            return b"* ID NIL\r\n"
         outcome = policy_source().apply(fields, hasher=self.config.hash_value, trusted_client=True)
         if self.waiting is not None:
             self.waiting.id_server = outcome
         if outcome.changed:
-            args = id_params.serialize(outcome.forwarded, literal_plus=False)
-            if b"\n" not in args:  # a value that needs a literal: leave the line as it was
-                return b"* ID " + args + b"\r\n"
+            # A value that needs a literal (8-bit octets a quoted string of the server's may
+            # carry) is written as one: a server's literal needs no "+".
+            return b"* ID " + id_params.serialize(outcome.forwarded, literal_plus=False) + b"\r\n"
         return None
 
     def answered(self, cmd: Command, status: str) -> None:

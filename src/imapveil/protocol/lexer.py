@@ -168,6 +168,9 @@ def status_and_code(rest: bytes) -> tuple[str | None, str | None, bytes]:
 
 CAPABILITY_CACHE_SIZE = 32
 """Distinct capability lists remembered (a server sends a few: before and after login, TLS)."""
+MAX_CAPABILITIES = 256
+"""Names of a capability list kept, at most (Dovecot lists about 40): a server's list of 64 KB
+of distinct names would otherwise leave a set of 16,000 in each of its sessions."""
 CAPABILITY_CACHE_TEXT = 2048
 """Longer lists are parsed every time and not kept: what the cache holds stays small (about
 CAPABILITY_CACHE_SIZE times a few tens of KiB at most) whatever a server sends."""
@@ -185,9 +188,8 @@ def capabilities(args: bytes) -> frozenset[str]:
 
 
 def _capabilities(args: bytes) -> frozenset[str]:
-    return frozenset(
-        a.upper().decode("ascii", "replace") for a in strip_eol(args).split() if len(a) <= 128
-    )
+    names = strip_eol(args).split(None, MAX_CAPABILITIES)[:MAX_CAPABILITIES]
+    return frozenset(a.upper().decode("ascii", "replace") for a in names if len(a) <= 128)
 
 
 _cached_capabilities = functools.lru_cache(maxsize=CAPABILITY_CACHE_SIZE)(_capabilities)

@@ -16,6 +16,20 @@ from imapveil.records import CommandCompleted, Record, Violation
 
 _RECORD_TAG = 64  # a tag is recorded up to this length (it is the client's to choose)
 
+RESPONSE_CODES = frozenset(
+    """ALERT ALREADYEXISTS ANNOTATE ANNOTATIONS APPENDUID AUTHENTICATIONFAILED
+    AUTHORIZATIONFAILED BADCHARSET BADCOMPARATOR BADEVENT BADURL CANNOT CAPABILITY CLIENTBUG
+    CLOSED COMPARATOR COMPRESSIONACTIVE CONTACTADMIN CONTEXT COPYUID CORRUPTION DOWNGRADED
+    EXPIRED EXPUNGEISSUED HASCHILDREN HIGHESTMODSEQ INPROGRESS INUSE LIMIT MAILBOXID METADATA
+    MODIFIED NOMODSEQ NONEXISTENT NOPERM NOTIFICATIONOVERFLOW NOTSAVED NOUPDATE OVERQUOTA PARSE
+    PERMANENTFLAGS PRIVACYREQUIRED READ-ONLY READ-WRITE REFERRAL SERVERBUG TEMPFAIL TOOBIG
+    TRYCREATE UIDNEXT UIDNOTSTICKY UIDREQUIRED UIDVALIDITY UNAVAILABLE UNDEFINED-FILTER
+    UNKNOWN-CTE UNSEEN URLMECH USEATTR""".split()  # noqa: SIM905 (one word per code reads best)
+)
+"""Response codes a record keeps (the IANA registry's, which Dovecot's are among); any other is
+recorded `OTHER`: the code is an atom of the server's choosing, which must not write a password
+or an identifier into the event log."""
+
 
 class Outbox:
     __slots__ = (
@@ -123,7 +137,7 @@ class Outbox:
                 else verb[:32].decode("ascii", "replace"),
                 cmd.state.value,
                 status,
-                code,
+                code if code is None or code in RESPONSE_CODES else "OTHER",
                 None if status is None else round((self.now - cmd.started) * 1000.0, 3),
                 tuple(cmd.literals) if cmd.literals else (),
                 cmd.mechanism,

@@ -19,14 +19,16 @@ from imapveil.protocol import lexer
 from imapveil.protocol.client_leg import ClientLeg
 from imapveil.protocol.command import State
 from imapveil.protocol.commands import Commands, Gate
-from imapveil.protocol.framer import ServerFramer
-from imapveil.protocol.id_flow import IdFlow
+from imapveil.protocol.framer import BARE_CR, ServerFramer
+from imapveil.protocol.id_flow import ID_LIMIT, IdFlow
 from imapveil.protocol.lexer import LiteralError
 from imapveil.protocol.outbox import Outbox
 
 _STATUS_WORDS = frozenset((b"OK", b"NO", b"BAD", b"BYE", b"PREAUTH"))
 _GREETINGS = (b"* OK", b"* PREAUTH", b"* BYE")
 UNAVAILABLE = b"* BYE [UNAVAILABLE] Mail server is not reachable\r\n"
+SERVERBUG = b"* BYE [SERVERBUG] Response from the mail server not understood\r\n"
+"""What the client is told when the server's stream cannot be read on (`Responses.unreadable`)."""
 _PASSIVE = (
     rb"(?:[0-9]|(?:SEARCH|ESEARCH|FLAGS|LIST|LSUB|STATUS|ENABLED|SORT|THREAD)(?=[ \r\n])"
     rb"|(?:OK|NO|BAD|BYE) (?!\[(?i:CAPABILITY)(?!" + lexer.ATOM_CLASS + rb")))"
@@ -45,7 +47,7 @@ _SIMPLE = re.compile(
     + _PASSIVE
     # The rest of the line, any `}` but one that ends it: runs of a character class between
     # the `}`s, not an alternation per octet (which costs 20 ns an octet, a SELECT's answer 7 us).
-    + rb"[^\n}]*+(?:\}(?!\r?\n)[^\n}]*+)*+\n)*+"
+    + rb"[^\r\n}]*+(?:(?:\}(?!\r?\n)|\r(?=[\r\n]))[^\r\n}]*+)*+\n)*+"
     + lexer.TAG_PATTERN
     + rb" ((OK|NO|BAD)(?: [^\r\n]*+)?)\r?\n"
 )
@@ -56,7 +58,17 @@ lines that announce no literal and that nothing but that is read of: message dat
 
 
 class Responses:
-    __slots__ = ("bye_seen", "capabilities", "commands", "framer", "greeted", "ids", "leg", "out")
+    __slots__ = (
+        "bye_seen",
+        "capabilities",
+        "commands",
+        "framer",
+        "greeted",
+        "id_parts",
+        "ids",
+        "leg",
+        "out",
+    )
 
     def __init__(
         self,
@@ -74,15 +86,28 @@ class Responses:
         self.greeted = False
         self.capabilities: frozenset[str] = frozenset()
         self.bye_seen = False
+        # A server `* ID` with literals, collected whole (bounded by ID_LIMIT) before the
+        # policy reads it: nothing of it goes out until it has.
+        self.id_parts: bytearray | None = None
 
     def __repr__(self) -> str:
         return f"<responses greeted={self.greeted}>"
 
     def line(self, line: bytes) -> bytes | None:
         """One complete server line."""
+        cr = line.find(b"\r")
+        if (
+            0 <= cr < len(line) - 2
+            and BARE_CR.search(line, cr)
+            and (self.greeted or line[:10].upper().startswith(_GREETINGS))
+        ):
+            # A CR that ends no line: a client may end one there (Java's readLine does), and
+            # read what follows as a line the proxy never saw (`b OK x` CR `* ID (...)`).
+            return self.unreadable("unparsable_response", "a CR alone")
         if self.framer.continues:
-            self.data_line(line)
-            return None
+            if self.id_parts is not None:
+                return self._server_id_line(line)
+            return None if self.data_line(line) else b""
         if not self.greeted:
             if not line[:10].upper().startswith(_GREETINGS):
                 self.not_imap(line)
@@ -97,9 +122,8 @@ class Responses:
         else:
             parsed = lexer.split_tag(lexer.strip_eol(line))
             if parsed is None:
-                self.out.violation("server", "unparsable_response", f"{len(line)} octets")
-            else:
-                shown = self._tagged(*parsed)
+                return self.unreadable("unparsable_response", f"{len(line)} octets")
+            shown = self._tagged(*parsed)
         self.greeted = True
         return shown
 
@@ -121,7 +145,7 @@ class Responses:
         if m is None:
             return False
         tag = m.group(1)
-        if tag == self.ids.injected:
+        if tag == self.ids.injected or not self.commands.answers(tag):
             return False
         rest = m.group(2)
         code = None
@@ -144,6 +168,7 @@ class Responses:
             self.commands.mailbox_closed()
         elif bye:
             self._bye()
+        self.ids.examined = False  # as `_tagged`
         self.commands.answered(tag, lexer.STATUS_NAMES[m.group(3)], code)
         return True
 
@@ -155,6 +180,65 @@ class Responses:
         self.out.reply(UNAVAILABLE)
         self.out.actions.extend(self.out.close("upstream_unavailable"))
 
+    def unreadable(self, kind: str, detail: str, *, said: bool = False) -> bytes:
+        """A server line the proxy cannot read (or must read and cannot hold): it is not
+        forwarded as it came, and the server's stream cannot be followed past it. The client is
+        told `* BYE [SERVERBUG]` where a line of the proxy's own can go (at a response boundary,
+        none of this line shown: not `said`), and both legs close; the commands in flight get
+        their records without a status. Returns b"": what the client is shown of the line."""
+        out = self.out
+        out.violation("server", kind, detail, "closed")
+        out.end("protocol_error", f"server: {kind}")
+        if not said and out.can_speak:
+            out.pay_owed()  # which closes, after a BYE of its own, if the session was closing
+            if not out.closed:
+                out.reply(SERVERBUG)
+        out.actions.extend(out.close("protocol_error"))
+        return b""
+
+    def may_stream(self, head: bytes) -> bool:
+        """A server line longer than the proxy holds starts (`head`: its first octets, nothing
+        of it forwarded yet). True: it goes out as it comes, as message data, or as a status or
+        tagged answer the proxy shows as it came (`long_line` reads it at its end). False: a
+        line whose fate is not "as it came" (a "+" the proxy may hide or answer itself, an
+        answer to the proxy's own ID or to no command, a CAPABILITY list it rewrites, an ID the
+        policy reads) or that is unreadable: refused before any of it goes out, the session
+        closing (`unreadable`)."""
+        if self.id_parts is not None:
+            # A line of the server's `* ID` being collected: it cannot be held whole.
+            self.framer.streaming = False
+            self._unreadable_id("response_too_long", f"longer than {self.framer.hold} octets")
+            return False
+        if self.framer.continues:
+            return True  # the rest of a data response after a literal
+        self.framer.streaming = False  # if refused: nothing of it goes out, a BYE may
+        if not self.greeted:
+            self.not_imap(head)
+            return False
+        if head.startswith(b"* "):
+            kind = lexer.read_atom(head, 2, 16)[0].upper()
+            if kind in _STATUS_WORDS:
+                readable = lexer.status_and_code(head[2:])[1] != "CAPABILITY"
+            else:
+                readable = kind not in (b"CAPABILITY", b"ID")
+        elif head.startswith(b"+"):
+            readable = False
+        else:
+            parsed = lexer.split_tag(head)
+            readable = parsed is not None and parsed[0] != self.ids.injected
+            if parsed is not None and readable:
+                status, code, _args = lexer.status_and_code(parsed[1])
+                readable = (
+                    status in ("OK", "NO", "BAD")
+                    and code != "CAPABILITY"
+                    and self.commands.answers(parsed[0])
+                )
+        if not readable:
+            self.unreadable("response_too_long", f"longer than {self.framer.hold} octets")
+            return False
+        self.framer.streaming = True
+        return True
+
     def long_line(self, head: bytes, tail: bytes) -> None:
         """An over-long server line has ended; it was streamed, only its head and tail kept.
 
@@ -163,22 +247,25 @@ class Responses:
         grammar would have shown instead.
         """
         if self.framer.continues or (head.startswith(b"* ") and not _is_status(head[2:])):
-            self.data_line(tail)
+            self.data_line(tail, said=True)
             return
         # A status or tagged response: its text cannot announce a literal, the head is enough.
         self.line(head + b"\r\n")
 
-    def data_line(self, line: bytes) -> None:
-        """The end of a data response fragment, which may announce a literal."""
+    def data_line(self, line: bytes, *, said: bool = False) -> bool:
+        """The end of a data response fragment, which may announce a literal. False: a literal
+        whose octets cannot be counted (more than 20 digits, or too large): where the response
+        ends is unknown, so the session ends (`unreadable`; `said`: the client has the line)."""
         try:
-            literal = lexer.literal_at_end(line)
+            literal = server_literal(line)
         except LiteralError as exc:
-            self.out.violation("server", "bad_literal", str(exc))
-            literal = None
+            self.unreadable("bad_literal", str(exc), said=said)
+            return False
         if literal is None:
             self.framer.no_literal()
         else:
             self.framer.literal(literal.size)
+        return True
 
     def _authenticated(self) -> bool:
         return self.commands.state is not State.NOT_AUTHENTICATED
@@ -207,21 +294,72 @@ class Responses:
                 self.commands.state = State.AUTHENTICATED
             return shown
         if kind == b"CAPABILITY":
+            if body.endswith(b"}") and _announces_literal(body):
+                # Capabilities are atoms, which hold no `{`: no capability list. The list is
+                # rewritten for the client's leg (the `{N}` moved or dropped), so the client
+                # would read as lines the octets the proxy counts as a literal and passes.
+                return self.unreadable("unparsable_response", f"{len(line)} octets")
             self.capabilities = lexer.capabilities(body[after:])
             shown = self.leg.capability_line(body, after, self._authenticated())
-        elif kind == b"ID" and not line.rstrip().endswith(b"}"):
+        elif kind == b"ID" and self.ids.reads_server_id:
+            if line.rstrip().endswith(b"}"):
+                # A value in a literal (Dovecot writes an 8-bit one so): the response is
+                # collected whole, its literals too, and read once it has ended.
+                self.id_parts = bytearray()
+                self.framer.collecting = True
+                return self._server_id_line(line)
             shown = self.ids.server_id(line)
-        self.data_line(line)
+        if not self.data_line(line):
+            return b""
         return shown
+
+    def collect(self, octets: bytes) -> None:
+        """Literal octets of the server's `* ID` being collected (`ServerFramer.collecting`)."""
+        assert self.id_parts is not None
+        self.id_parts += octets
+
+    def _server_id_line(self, line: bytes) -> bytes:
+        """A line of the server's `* ID` being collected: b"" (nothing shown) until its last,
+        then the whole response as the policy has it (`IdFlow.server_id`)."""
+        parts = self.id_parts
+        assert parts is not None
+        parts += line
+        try:
+            literal = server_literal(line)
+        except LiteralError as exc:
+            return self._unreadable_id("bad_literal", str(exc))
+        if len(parts) + (literal.size if literal else 0) > ID_LIMIT:
+            return self._unreadable_id("id_too_large", f"more than {ID_LIMIT} octets")
+        if literal is not None:
+            self.framer.literal(literal.size)
+            return b""  # more to come
+        self.framer.no_literal()
+        self.id_parts = None
+        self.framer.collecting = False
+        collected = bytes(parts)
+        shown = self.ids.server_id(collected)
+        return collected if shown is None else shown
+
+    def _unreadable_id(self, kind: str, detail: str) -> bytes:
+        """The server's `* ID` being collected cannot be: nothing of it went out, so the client
+        is between responses and may be told BYE."""
+        self.id_parts = None
+        self.framer.collecting = self.framer.continues = False
+        return self.unreadable(kind, detail)
 
     def _tagged(self, tag: bytes, rest: bytes) -> bytes | None:
         status, code, args = lexer.status_and_code(rest)
         if status not in ("OK", "NO", "BAD"):
-            self.out.violation("server", "unparsable_response", f"{len(rest)} octets")
-            return None
+            return self.unreadable("unparsable_response", f"{len(rest)} octets")
+        injected = tag == self.ids.injected
+        if not injected and not self.commands.answers(tag):
+            # An answer to no command the server was sent: the server read something the proxy
+            # did not see as a command (or is not following the client at all).
+            return self.unreadable("unknown_tag", f"tag of {len(tag)} octets")
+        self.ids.examined = False  # the next `* ID` may be decided
         if code == "CAPABILITY":
             self.capabilities = lexer.capabilities(args)
-        if tag == self.ids.injected:
+        if injected:
             # The answer to our own ID: the client did not ask, so it does not see it.
             self.ids.injected_answered(status, self.commands.state)
             return b""
@@ -230,6 +368,24 @@ class Responses:
             # After the answer: the list in a LOGIN's OK describes the authenticated state.
             return self.leg.capability_code(tag + b" " + rest, self._authenticated())
         return None
+
+
+def server_literal(line: bytes) -> lexer.LiteralAnnouncement | None:
+    """The literal a server line announces at its end, if any. Raises LiteralError for one
+    whose octets cannot be counted, and for `{N+}`: a server never sends one (RFC 9051 §4.3),
+    and a client need not read it as a literal (Python's imaplib does not), so the octets the
+    proxy would count and pass unread could be lines to the client."""
+    literal = lexer.literal_at_end(line)
+    if literal is not None and not literal.synchronizing:
+        raise LiteralError("non-synchronizing literal from the server")
+    return literal
+
+
+def _announces_literal(line: bytes) -> bool:
+    try:
+        return lexer.literal_at_end(line) is not None
+    except LiteralError:
+        return True
 
 
 def _is_status(rest: bytes) -> bool:

@@ -46,6 +46,9 @@ LINE_COST = 256
 """What a line costs of a turn at least, in octets: a short line's cost is the line's handling
 (a command, a `BAD`), not its octets."""
 
+_READ_AND_PASS = frozenset((Fragment.DATA_LINE, Fragment.STREAM, Fragment.LONG_LINE))
+"""Server fragments that pass as they came once read (`SessionCore._server_fragment`)."""
+
 
 class SessionCore:
     """Follows one IMAP session. Not thread-safe; one per connection."""
@@ -483,7 +486,7 @@ class SessionCore:
         """Octets of the current server literal still to come that nothing here needs to read:
         they pass to the client as they come, whatever the grammar decides (0: not inside a
         literal body, or the session is closed)."""
-        if self._out.closed or self._server_parked:
+        if self._out.closed or self._server_parked or self._server.collecting:
             return 0
         return self._server.literal_left
 
@@ -645,13 +648,27 @@ class SessionCore:
                 start = self._server_line(data, start, line_start, pos, line)
                 if self.closed:
                     return
-            elif kind is Fragment.DATA_LINE:
-                responses.data_line(line)
-            elif kind is Fragment.LONG_LINE:
-                responses.long_line(line, f.tail)
-            elif kind is Fragment.STREAM:
-                if line:
-                    out.append(Forward(Direction.TO_CLIENT, line))
+            elif kind is Fragment.LITERAL:
+                # A literal of a response being collected (a server `* ID`): not forwarded.
+                self._flush(Direction.TO_CLIENT, data, start, line_start)
+                start = pos
+                responses.collect(data[line_start:pos])
+            elif kind in _READ_AND_PASS:
+                mark = len(out)
+                if not self._server_fragment(kind, line):
+                    # Refused: what came before the line goes out, ahead of the BYE (if any)
+                    # and the close; the line does not, unless the client has its start.
+                    end = pos if kind is Fragment.LONG_LINE else line_start
+                    self._flush(Direction.TO_CLIENT, data, start, end, at=mark)
+                    return
+            elif kind is Fragment.BARE_CR or kind is Fragment.BARE_CR_STREAMED:
+                # A CR that ends no line: nothing from it goes out (a BYE may, if none of
+                # its line went out and the client is between responses).
+                mark = len(out)
+                said = kind is Fragment.BARE_CR_STREAMED
+                responses.unreadable("unparsable_response", "a CR alone", said=said)
+                self._flush(Direction.TO_CLIENT, data, start, line_start, at=mark)
+                return
             elif kind is Fragment.NO_GREETING:
                 responses.not_imap(line)
                 return
@@ -659,6 +676,23 @@ class SessionCore:
                 self._flush(Direction.TO_CLIENT, data, start, line_start)
                 return
         self._flush(Direction.TO_CLIENT, data, start, pos)
+
+    def _server_fragment(self, kind: Fragment, line: bytes) -> bool:
+        """A server line that passes as it came once read: the end of a message data line
+        (which may announce a literal), an over-long line starting to stream (nothing of it
+        out yet), or ending (the client has its start). False: the proxy cannot read it, the
+        session is closing."""
+        responses = self._responses
+        if kind is Fragment.DATA_LINE:
+            return responses.data_line(line)
+        if kind is Fragment.STREAM:
+            if not responses.may_stream(self._server.head):
+                return False
+            if line:  # what was held of it goes out first
+                self._out.actions.append(Forward(Direction.TO_CLIENT, line))
+            return True
+        responses.long_line(line, self._server.tail)  # its end may announce a bad literal
+        return not self.closed
 
     def _server_line(self, data: bytes, start: int, line_start: int, end: int, line: bytes) -> int:
         """A complete server line, data[line_start:end] after what was held of it; returns
