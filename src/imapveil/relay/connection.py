@@ -568,11 +568,7 @@ class Connection:
                 continue
             self._emit_records(records)
             if isinstance(action, Close):
-                if action.reason == "upstream_unavailable":
-                    log.warning(
-                        "upstream %s unavailable: %s", self.settings.upstream, self.core.end_detail
-                    )
-                self._close()
+                self._close()  # an unavailable upstream is logged by the `Proxy`, not each time
             elif isinstance(action, StartTls):
                 if not await self._client_handshake():
                     return

@@ -1,0 +1,185 @@
+"""Attack round 15: file descriptors and connection slots, from outside.
+
+A real `imapveil serve` (under `prlimit` for a low RLIMIT_NOFILE where the test says so) in front
+of a real Dovecot, attacked with raw sockets on loopback: more connections than descriptors,
+connections that say nothing or stop half-way through a TLS handshake or a PROXY header, and
+connections reset at every stage. What must hold: no spinning, no crash, no log line per event a
+client can cause, sessions already open keep working, the proxy recovers, and nothing leaks
+(descriptors counted in /proc/PID/fd).
+
+Nothing here asserts on time but the bounds a timeout sets (with generous margins); what is
+asserted is counted.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from imapveil.relay.limits import Occurrences
+from tests.helpers.dovecot import Dovecot, free_port
+from tests.helpers.process import Running, imapveil
+
+pytestmark = pytest.mark.dovecot
+
+WAIT = 30.0
+"""Seconds any one expected answer or state may take on a loaded machine."""
+
+
+def limited(nofile: int) -> list[str]:
+    return ["prlimit", f"--nofile={nofile}:{nofile}", "--"]
+
+
+def fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def until(what: Callable[[], bool], message: str, timeout: float = WAIT) -> None:
+    deadline = time.monotonic() + timeout
+    while not what():
+        assert time.monotonic() < deadline, message
+        time.sleep(0.05)
+
+
+def connect(port: int, host: str = "127.0.0.1", source: str = "127.0.0.1") -> socket.socket:
+    s = socket.create_connection((host, port), timeout=WAIT, source_address=(source, 0))
+    return s
+
+
+def greeting(s: socket.socket) -> bytes:
+    return s.recv(4096)
+
+
+def logged_in(port: int) -> tuple[socket.socket, object]:
+    s = connect(port)
+    f = s.makefile("rb")
+    assert f.readline().startswith(b"* OK")
+    s.sendall(b"a LOGIN alice wonderland\r\n")
+    line = f.readline()
+    while line.startswith(b"*"):
+        line = f.readline()
+    assert line.startswith(b"a OK"), line
+    return s, f
+
+
+def noop(s: socket.socket, f: object, tag: bytes) -> None:
+    s.sendall(tag + b" NOOP\r\n")
+    line = f.readline()  # type: ignore[attr-defined]
+    while line.startswith(b"*"):
+        line = f.readline()  # type: ignore[attr-defined]
+    assert line.startswith(tag + b" OK"), line
+
+
+def stopped(proxy: Running) -> list[str]:
+    """Stop the proxy (it must stop cleanly) and return its diagnostics, line by line."""
+    assert proxy.stop() == 0, proxy.stderr.decode()
+    return proxy.stderr.decode().splitlines()
+
+
+def count(lines: list[str], pattern: str) -> int:
+    return sum(bool(re.search(pattern, line)) for line in lines)
+
+
+# --- (1) The process at its descriptor limit.
+
+
+def test_at_the_descriptor_limit_accept_failures_are_not_a_line_each(
+    dovecot: Dovecot, tmp_path: Path
+) -> None:
+    """More connections than descriptors: accept(2) fails with EMFILE while the backlog holds
+    connections, and the loop retries every ACCEPT_RETRY (0.1 s). Each retry logged an ERROR
+    line: clients holding connections open made 10 lines a second for as long as they liked (520
+    lines in 8 s here, with the upstream warnings below). Now the first failure is logged and
+    the rest summarised once a minute. No spinning (CPU counted), a session open before keeps
+    working, and once the attackers go, new clients are served."""
+    nofile = 48
+    with imapveil(tmp_path, dovecot.address, "--store", "off", wrap=limited(nofile)) as proxy:
+        pid = proxy.process.pid
+        before = fds(pid)
+        held, held_file = logged_in(proxy.port)
+        attackers = [connect(proxy.port) for _ in range(3 * nofile)]
+        until(lambda: fds(pid) >= nofile - 2, "the proxy never reached its descriptor limit")
+        cpu = cpu_seconds(pid)
+        time.sleep(3)  # at the limit, with connections waiting in the backlog
+        assert cpu_seconds(pid) - cpu < 1.5, "the accept loop spins"
+        noop(held, held_file, b"h1")  # the session open before is served at the limit
+        for s in attackers:
+            s.close()
+        until(lambda: fds(pid) <= before + 2, "descriptors not given back")
+        noop(held, held_file, b"h2")
+        fresh = connect(proxy.port)
+        assert greeting(fresh).startswith(b"* OK"), "not served once the attackers went"
+        fresh.close()
+        held.close()
+        lines = stopped(proxy)
+    failures = count(lines, "accept failed")
+    assert 1 <= failures <= 2, "\n".join(lines)
+
+
+def test_an_unreachable_upstream_is_not_a_warning_per_client(tmp_path: Path) -> None:
+    """Each client of an upstream that refuses connections (or of a proxy out of descriptors,
+    whose connect(2) fails with EMFILE) gets `* BYE [UNAVAILABLE]`, and each made a WARNING line
+    `upstream … unavailable`: a client reconnecting in a loop wrote the log. Now the first is
+    logged and the rest summarised once a minute; every session still has its record."""
+    dead = free_port()
+    clients = 30
+    with imapveil(tmp_path, ("127.0.0.1", dead), "--store", "off") as proxy:
+        for _ in range(clients):
+            s = connect(proxy.port)
+            answer = s.makefile("rb").read()
+            assert answer.startswith(b"* BYE [UNAVAILABLE]"), answer
+            s.close()
+        lines = stopped(proxy)
+        ends = [r for r in proxy.records() if r["event"] == "session_end"]
+    assert len(ends) == clients
+    assert all(r["reason"] == "upstream_unavailable" for r in ends)
+    warnings = count(lines, "unavailable")
+    assert 1 <= warnings <= 2, "\n".join(lines)
+
+
+def test_out_of_descriptors_mid_session_the_client_gets_bye_unavailable(
+    dovecot: Dovecot, tmp_path: Path
+) -> None:
+    """Admitted, but connect(2) to the upstream fails with EMFILE: `* BYE [UNAVAILABLE]` and
+    the session's record (`upstream_unavailable`, detail `emfile`), no hang, no traceback."""
+    nofile = 40
+    with imapveil(tmp_path, dovecot.address, "--store", "off", wrap=limited(nofile)) as proxy:
+        attackers = [connect(proxy.port) for _ in range(2 * nofile)]
+        answers = []
+        for s in attackers:  # in the order the backlog hands them over; each closed once read
+            answers.append(s.recv(4096))
+            s.close()
+        lines = stopped(proxy)
+        ends = [r for r in proxy.records() if r["event"] == "session_end"]
+    refused = [a for a in answers if a.startswith(b"* BYE [UNAVAILABLE]")]
+    greeted = [a for a in answers if a.startswith(b"* OK")]
+    assert refused and greeted and len(refused) + len(greeted) == len(answers), answers
+    assert sum(r["detail"] == "emfile" for r in ends) == len(refused)
+    assert count(lines, "Traceback") == 0, "\n".join(lines)
+
+
+def test_occurrences_are_said_once_an_interval_with_their_count() -> None:
+    """The summary `Occurrences` gives the log lines above: the first at once, then one line an
+    interval with how many came since the last."""
+    occurrences = Occurrences(interval=60)
+    said = [occurrences.note(t) for t in (0.0, 1.0, 2.0, 59.0, 61.0, 62.0, 200.0)]
+    assert said == [
+        " (summarised every 60 s from now on)",
+        None,
+        None,
+        None,
+        " (4 times in the last 61 s)",
+        None,
+        " (2 times in the last 139 s)",
+    ]
