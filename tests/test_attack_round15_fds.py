@@ -13,16 +13,21 @@ asserted is counted.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
+import ssl
+import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 
 from imapveil.relay.limits import Occurrences
+from tests.conftest import TlsMaterial
 from tests.helpers.dovecot import Dovecot, free_port
 from tests.helpers.process import Running, imapveil
 
@@ -61,7 +66,7 @@ def greeting(s: socket.socket) -> bytes:
     return s.recv(4096)
 
 
-def logged_in(port: int) -> tuple[socket.socket, object]:
+def logged_in(port: int) -> tuple[socket.socket, BinaryIO]:
     s = connect(port)
     f = s.makefile("rb")
     assert f.readline().startswith(b"* OK")
@@ -73,11 +78,11 @@ def logged_in(port: int) -> tuple[socket.socket, object]:
     return s, f
 
 
-def noop(s: socket.socket, f: object, tag: bytes) -> None:
+def noop(s: socket.socket, f: BinaryIO, tag: bytes) -> None:
     s.sendall(tag + b" NOOP\r\n")
-    line = f.readline()  # type: ignore[attr-defined]
+    line = f.readline()
     while line.startswith(b"*"):
-        line = f.readline()  # type: ignore[attr-defined]
+        line = f.readline()
     assert line.startswith(tag + b" OK"), line
 
 
@@ -183,3 +188,134 @@ def test_occurrences_are_said_once_an_interval_with_their_count() -> None:
         None,
         " (2 times in the last 139 s)",
     ]
+
+
+# --- (3) Resets at every stage: nothing leaks, nothing is logged per reset.
+
+
+def reset(s: socket.socket) -> None:
+    """Close with SO_LINGER 0: the peer sees a reset (RST), not an end."""
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()
+
+
+def client_hello() -> bytes:
+    """The first flight of a real TLS client (a ClientHello), from an in-memory handshake."""
+    context = ssl.create_default_context()
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+@contextlib.contextmanager
+def stalled_upstream() -> Iterator[tuple[str, int]]:
+    """A listening socket that never accepts, its backlog full: connect(2) to it hangs."""
+    with socket.socket() as server, contextlib.ExitStack() as fillers:
+        server.bind(("127.0.0.1", 0))
+        server.listen(0)
+        for _ in range(4):
+            c = fillers.enter_context(socket.socket())
+            c.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                c.connect(server.getsockname())
+        yield server.getsockname()
+
+
+def unended(proxy: Running) -> list[dict[str, object]]:
+    """The sessions whose end is not in the event log (yet), with what the log has of them."""
+    records = proxy.records()
+    ended = {r["session"] for r in records if r["event"] == "session_end"}
+    return [r for r in records if r.get("session") not in ended and "session" in r]
+
+
+def quiet(lines: list[str]) -> list[str]:
+    """Diagnostics other than the start and stop lines."""
+    routine = ("listening on", "received SIGTERM", "stopped after", "grace period over")
+    return [line for line in lines if not any(r in line for r in routine)]
+
+
+ROUNDS = 20
+
+
+def test_resets_at_every_stage_leak_nothing_and_log_nothing(
+    dovecot: Dovecot, tls_material: TlsMaterial, tmp_path: Path
+) -> None:
+    """Clients that reset: at once, after the greeting, mid-command after login, after our OK
+    to STARTTLS with half a ClientHello sent, and on the implicit-TLS port with nothing, half
+    or all of a ClientHello sent. ROUNDS of each: the descriptors come back to what they were,
+    every session has its end record, and the log has no line for any of them but the first TLS
+    failure's (each TLS reset made an INFO line `client TLS failed`: 80 lines here, and a client
+    looping on the TLS port wrote the log; now one line a minute says how many)."""
+    tls_port = free_port()
+    args = (
+        "--store", "off", "--client-tls", "offer", "--listen-tls", f"127.0.0.1:{tls_port}",
+        "--cert", str(tls_material.cert), "--key", str(tls_material.key),
+    )  # fmt: skip
+    hello = client_hello()
+    with imapveil(tmp_path, dovecot.address, *args) as proxy:
+        pid = proxy.process.pid
+        warm = connect(proxy.port)  # the first session loads what sessions need, once
+        assert greeting(warm).startswith(b"* OK")
+        warm.close()
+        until(lambda: fds(pid) <= 12, "the first session's descriptors")
+        before = fds(pid)
+        for _ in range(ROUNDS):
+            reset(connect(proxy.port))
+
+            s = connect(proxy.port)
+            assert greeting(s).startswith(b"* OK")
+            reset(s)
+
+            s, f = logged_in(proxy.port)
+            s.sendall(b"b SELECT INBOX\r\nc FETCH 1:* (FLAGS)\r\n")
+            f.close()  # else the socket's descriptor stays open: no reset
+            reset(s)
+
+            s = connect(proxy.port)
+            f = s.makefile("rb")
+            assert f.readline().startswith(b"* OK")
+            s.sendall(b"t STARTTLS\r\n")
+            assert f.readline().startswith(b"t OK")
+            s.sendall(hello[: len(hello) // 2])
+            f.close()
+            reset(s)
+
+            for part in (b"", hello[: len(hello) // 2], hello):
+                s = connect(tls_port)
+                s.sendall(part)
+                reset(s)
+        sessions = 1 + 7 * ROUNDS
+        until(
+            lambda: proxy.events.read_text().count('"session_end"') >= sessions,
+            f"ends: {unended(proxy)}",
+        )
+        until(lambda: fds(pid) <= before, f"descriptors leaked: {before} before")
+        lines = stopped(proxy)
+    assert count(lines, "client TLS failed") == 1, "\n".join(lines)  # the first, then a minute
+    assert [line for line in quiet(lines) if "client TLS failed" not in line] == [], lines
+    ends = [r for r in proxy.records() if r["event"] == "session_end"]
+    assert len(ends) == sessions
+
+
+def test_resets_while_the_upstream_connect_hangs_leak_nothing(tmp_path: Path) -> None:
+    """Clients that reset while the proxy's connect(2) to the upstream hangs (a server whose
+    backlog is full): the proxy does not read the client meanwhile, so each session lasts until
+    `connect_timeout`, then ends (its BYE cannot be delivered) with its record; descriptors come
+    back, and the log has one `unavailable` line for all of them."""
+    clients = 10
+    with stalled_upstream() as upstream:
+        args = ("--store", "off", "--connect-timeout", "2")
+        with imapveil(tmp_path, upstream, *args) as proxy:
+            pid = proxy.process.pid
+            before = fds(pid)
+            for _ in range(clients):
+                reset(connect(proxy.port))
+            until(lambda: proxy.events.read_text().count('"session_end"') >= clients, "ends")
+            until(lambda: fds(pid) <= before, f"descriptors leaked: {before} before")
+            lines = stopped(proxy)
+    ends = [r for r in proxy.records() if r["event"] == "session_end"]
+    assert len(ends) == clients, ends
+    assert count(lines, "unavailable") == 1, "\n".join(lines)
+    assert quiet([line for line in lines if "unavailable" not in line]) == [], lines

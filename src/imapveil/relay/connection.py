@@ -297,7 +297,9 @@ class Connection:
             self.core.tls_fingerprint(ja4.fingerprint(recording.stop()))
             leg.broken = True
         detail = detail or f"no TLS handshake within {TLS_HANDSHAKE_TIMEOUT:g} s"
-        log.info("session %s: client TLS failed: %s", self.core.session_id, detail)
+        # Per session at debug only: any client can make one (connect, reset). The `Proxy`
+        # says them at info once a minute; the session's record has the detail.
+        log.debug("session %s: client TLS failed: %s", self.core.session_id, detail)
         self._emit_all(self.core.tls_failed(f"client: {detail}", trio.current_time()))
         return False
 

@@ -91,6 +91,8 @@ class Proxy:
         self._unavailable = Occurrences()
         """Sessions the upstream was not there for: each client can make one (and a client out
         of descriptors, connect(2)'s EMFILE), so they are said once a minute, not each."""
+        self._tls_failures = Occurrences()
+        """Client TLS handshakes that failed: a client that resets makes one."""
         self._idle = trio.Event()
         self._idle.set()
         self.timers = Timers()
@@ -127,8 +129,7 @@ class Proxy:
                 del opened
                 self.connections.add(connection)
                 await connection.run()
-                if connection.core.end_reason == "upstream_unavailable":
-                    self._upstream_unavailable(connection.core.end_detail)
+                self._ended(connection.core.end_reason, connection.core.end_detail)
         except Exception:
             # `run` never raises; this is what comes before it. One connection's failure must
             # not reach the nursery every session shares.
@@ -188,9 +189,18 @@ class Proxy:
             raise
         return connection, admitted
 
-    def _upstream_unavailable(self, detail: str | None) -> None:
-        if (said := self._unavailable.note(trio.current_time())) is not None:
-            log.warning("upstream %s unavailable: %s%s", self.settings.upstream, detail, said)
+    def _ended(self, reason: str | None, detail: str | None) -> None:
+        """What an operator must hear of, of the ways a session can end, and a client can make
+        happen over and over: said once a minute with a count (the records have every one)."""
+        now = trio.current_time()
+        if reason == "upstream_unavailable":
+            said = self._unavailable.note(now)
+            if said is not None:
+                log.warning("upstream %s unavailable: %s%s", self.settings.upstream, detail, said)
+        elif reason == "tls_error" and detail and detail.startswith("client: "):
+            said = self._tls_failures.note(now)
+            if said is not None:
+                log.info("client TLS failed: %s%s", detail.removeprefix("client: "), said)
 
     def _note_refusal(self, host: str, why: str) -> None:
         self.stats.refused += 1
