@@ -19,6 +19,7 @@ import re
 import socket
 import ssl
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -319,3 +320,142 @@ def test_resets_while_the_upstream_connect_hangs_leak_nothing(tmp_path: Path) ->
     assert len(ends) == clients, ends
     assert count(lines, "unavailable") == 1, "\n".join(lines)
     assert quiet([line for line in lines if "unavailable" not in line]) == [], lines
+
+
+# --- (2) Slots: connections that say nothing, or say it slowly.
+
+
+def dribble(s: socket.socket, data: bytes, every: float, stop: threading.Event) -> None:
+    """Send `data` an octet at a time, one every `every` seconds, until done or refused."""
+    for i in range(len(data)):
+        if stop.wait(every):
+            return
+        try:
+            s.sendall(data[i : i + 1])
+        except OSError:
+            return
+
+
+def closed_within(s: socket.socket, timeout: float) -> bytes:
+    """What the proxy says before it closes `s` (an AssertionError if it does not in time)."""
+    s.settimeout(timeout)
+    seen = b""
+    try:
+        while chunk := s.recv(4096):
+            seen += chunk
+    except ConnectionResetError:
+        pass
+    except TimeoutError:
+        raise AssertionError(f"still open after {timeout} s: {seen!r}") from None
+    return seen
+
+
+def test_silent_and_slow_handshakes_hold_a_slot_only_until_their_timeout(
+    dovecot: Dovecot, tls_material: TlsMaterial, tmp_path: Path
+) -> None:
+    """`max_sessions` 3, taken by a plain connection that says nothing, one to the TLS port
+    that says nothing, and one dribbling its ClientHello an octet every 2 s. They count (a
+    fourth client gets `* BYE [UNAVAILABLE]`), but only until their timeouts: the plain one's
+    `login_timeout`, the TLS ones' TLS_HANDSHAKE_TIMEOUT (30 s in all, however slowly the
+    octets come: not per octet). Then a new client is served; descriptors come back."""
+    tls_port = free_port()
+    args = (
+        "--store", "off", "--max-sessions", "3", "--login-timeout", "3",
+        "--listen-tls", f"127.0.0.1:{tls_port}",
+        "--cert", str(tls_material.cert), "--key", str(tls_material.key),
+    )  # fmt: skip
+    stop = threading.Event()
+    with imapveil(tmp_path, dovecot.address, *args) as proxy:
+        pid = proxy.process.pid
+        warm = connect(proxy.port)
+        assert greeting(warm).startswith(b"* OK")
+        warm.close()
+        until(lambda: proxy.events.read_text().count('"session_end"') >= 1, "the first session")
+        before = fds(pid)
+        plain = connect(proxy.port)
+        silent = connect(tls_port)
+        slow = connect(tls_port)
+        dribbler = threading.Thread(target=dribble, args=(slow, client_hello(), 2.0, stop))
+        dribbler.start()
+        try:
+            until(lambda: fds(pid) >= before + 4, "the three are not all in")  # 3 + upstream
+            refused = connect(proxy.port)
+            assert closed_within(refused, WAIT).startswith(b"* BYE [UNAVAILABLE]")
+            started = time.monotonic()
+            assert b"* BYE" in closed_within(plain, WAIT)
+            assert closed_within(silent, 30 + WAIT) == b""
+            assert closed_within(slow, 30 + WAIT) == b""
+            assert time.monotonic() - started < 30 + WAIT
+        finally:
+            stop.set()
+            dribbler.join()
+        fresh = connect(proxy.port)
+        assert greeting(fresh).startswith(b"* OK")
+        fresh.close()
+        for s in (plain, silent, slow, refused):
+            s.close()
+        until(lambda: fds(pid) <= before, f"descriptors leaked: {before} before")
+        lines = stopped(proxy)
+    ends = [r for r in proxy.records() if r["event"] == "session_end"]
+    reasons = sorted(r["reason"] for r in ends)
+    # the first and the last client's, the silent plain one's, the two TLS ones'
+    assert reasons == ["client_closed", "client_closed", "idle_timeout", "tls_error", "tls_error"]
+    assert count(lines, "client TLS failed") == 1, "\n".join(lines)
+    assert count(lines, "refused a connection") == 1, "\n".join(lines)
+
+
+def proxy_v1(source: str, port: int) -> bytes:
+    return f"PROXY TCP4 {source} 127.0.0.1 {port} 143\r\n".encode()
+
+
+def test_per_address_limits_behind_a_balancer_lock_out_only_that_address(
+    dovecot: Dovecot, tmp_path: Path
+) -> None:
+    """Behind a balancer (PROXY headers from 127.0.0.1; loopback itself is exempt from the
+    per-address limits), `max_sessions_per_client` 2: an address holding two silent sessions
+    gets `* BYE [UNAVAILABLE]` for a third, another address is served. A header sent an octet
+    at a time, or none at all, is cut off after PROXY_HEADER_TIMEOUT (5 s) and is not counted
+    as a session of anyone meanwhile."""
+    args = (
+        "--store", "off", "--max-sessions-per-client", "2", "--max-sessions", "4",
+        "--proxy-protocol-from", "127.0.0.1/32",
+    )  # fmt: skip
+    stop = threading.Event()
+    with imapveil(tmp_path, dovecot.address, *args) as proxy:
+        held = []
+        for i in range(2):
+            s = connect(proxy.port)
+            s.sendall(proxy_v1("198.51.100.1", 40000 + i))
+            assert greeting(s).startswith(b"* OK")
+            held.append(s)
+        third = connect(proxy.port)
+        third.sendall(proxy_v1("198.51.100.1", 40002))
+        assert closed_within(third, WAIT).startswith(b"* BYE [UNAVAILABLE]")
+        # Two slow headers and two silent ones: with the two held, six connections, more than
+        # max_sessions (4); none of them takes a slot from another address.
+        slow = [connect(proxy.port) for _ in range(2)]
+        silent = [connect(proxy.port) for _ in range(2)]
+        dribblers = [
+            threading.Thread(target=dribble, args=(s, proxy_v1("198.51.100.3", 1), 0.5, stop))
+            for s in slow
+        ]
+        for t in dribblers:
+            t.start()
+        try:
+            other = connect(proxy.port)
+            other.sendall(proxy_v1("198.51.100.2", 40003))
+            assert greeting(other).startswith(b"* OK")
+            other.close()
+            for s in slow + silent:
+                closed_within(s, 5 + WAIT)
+        finally:
+            stop.set()
+            for t in dribblers:
+                t.join()
+        for s in held + slow + silent + [third]:
+            s.close()
+        lines = stopped(proxy)
+    ends = [r for r in proxy.records() if r["event"] == "session_end"]
+    refused_headers = [r for r in ends if r["reason"] == "proxy_header"]
+    assert len(refused_headers) == 4, ends
+    assert count(lines, "refused a connection from 198.51.100.1") == 1, "\n".join(lines)
