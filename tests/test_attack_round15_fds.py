@@ -459,3 +459,32 @@ def test_per_address_limits_behind_a_balancer_lock_out_only_that_address(
     refused_headers = [r for r in ends if r["reason"] == "proxy_header"]
     assert len(refused_headers) == 4, ends
     assert count(lines, "refused a connection from 198.51.100.1") == 1, "\n".join(lines)
+
+
+def test_at_the_descriptor_limit_the_metrics_listener_does_not_log_a_traceback_a_retry(
+    dovecot: Dovecot, tmp_path: Path
+) -> None:
+    """Clients take every descriptor; a scrape of /metrics waits in that listener's backlog.
+    The metrics port was served by `trio.serve_listeners`, which logs every failed accept (each
+    0.1 s) at ERROR with its traceback: the mail clients made the log grow by a traceback ten
+    times a second for as long as they held on. Now its accept failures are summarised as the
+    mail listeners' are, and the scrape is answered once descriptors are free again."""
+    nofile = 48
+    metrics = free_port()
+    args = ("--store", "off", "--metrics", f"127.0.0.1:{metrics}")
+    with imapveil(tmp_path, dovecot.address, *args, wrap=limited(nofile)) as proxy:
+        pid = proxy.process.pid
+        before = fds(pid)
+        attackers = [connect(proxy.port) for _ in range(2 * nofile)]
+        until(lambda: fds(pid) >= nofile - 1, "the proxy never reached its descriptor limit")
+        scrape = connect(metrics)
+        scrape.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        time.sleep(3)  # at the limit, the scrape waiting in the backlog
+        for s in attackers:
+            s.close()
+        assert closed_within(scrape, WAIT).startswith(b"HTTP/1.1 200")
+        scrape.close()
+        until(lambda: fds(pid) <= before + 2, "descriptors not given back")
+        lines = stopped(proxy)
+    assert count(lines, "Traceback") == 0, "\n".join(lines)
+    assert count(lines, "accept") <= 4, "\n".join(lines)  # the listeners' first failures

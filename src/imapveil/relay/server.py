@@ -364,6 +364,18 @@ async def _serve_listeners(
             nursery.start_soon(_accept, listener, handler, sessions, True)
 
 
+async def serve_each(
+    handler: Callable[[trio.SocketStream], Awaitable[None]],
+    listeners: list[trio.SocketListener],
+) -> None:
+    """`trio.serve_listeners` for a service beside the mail listeners (the metrics port): the
+    handler closes its stream, and a lack of descriptors is said as `_accept` says it (trio's
+    loop logs every retry, ten a second, each with its traceback)."""
+    async with trio.open_nursery() as nursery:
+        for listener in listeners:
+            nursery.start_soon(_accept, listener, handler, nursery)
+
+
 async def _accept(
     listener: trio.SocketListener,
     handler: Callable[[trio.SocketStream], Awaitable[None]],

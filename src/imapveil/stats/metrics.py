@@ -36,6 +36,7 @@ from imapveil.records import (
     SessionEnded,
     Violation,
 )
+from imapveil.relay.server import serve_each
 from imapveil.stats.identify import NO_ID, identify, load_table
 
 if TYPE_CHECKING:
@@ -304,7 +305,7 @@ async def serve_metrics(
             serving -= 1
             await trio.aclose_forcefully(stream)
 
-    await trio.serve_listeners(handle, listeners)
+    await serve_each(handle, listeners)  # the handler closes each stream
 
 
 def _encoder(accept: str) -> tuple[Callable[[CollectorRegistry], bytes], str]:
