@@ -488,3 +488,40 @@ def test_at_the_descriptor_limit_the_metrics_listener_does_not_log_a_traceback_a
         lines = stopped(proxy)
     assert count(lines, "Traceback") == 0, "\n".join(lines)
     assert count(lines, "accept") <= 4, "\n".join(lines)  # the listeners' first failures
+
+
+def test_at_the_descriptor_limit_the_watchdog_is_still_fed(
+    dovecot: Dovecot, tmp_path: Path, notify_socket: tuple[socket.socket, str]
+) -> None:
+    """Under systemd (`WatchdogSec=30`) the service pings its watchdog; each sd_notify opened a
+    socket of its own, which fails with EMFILE once clients hold every descriptor: no ping, a
+    `sd_notify failed` warning each time, and after 30 s systemd kills the service and every
+    session with it. The notification socket is now opened once and kept: the pings go on."""
+    sock, path = notify_socket
+    env = {**os.environ, "NOTIFY_SOCKET": path, "WATCHDOG_USEC": "400000"}  # a ping each 0.2 s
+    nofile = 48
+    with imapveil(
+        tmp_path, dovecot.address, "--store", "off", env=env, wrap=limited(nofile)
+    ) as proxy:
+        pid = proxy.process.pid
+        before = fds(pid)
+        assert b"READY=1" in sock.recv(4096)
+        attackers = [connect(proxy.port) for _ in range(2 * nofile)]
+        until(lambda: fds(pid) >= nofile - 1, "the proxy never reached its descriptor limit")
+        sock.settimeout(0)
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                sock.recv(4096)  # the pings before the limit
+        time.sleep(3)  # at the limit: some 15 pings due
+        pings = 0
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                pings += sock.recv(4096) == b"WATCHDOG=1"
+        still_full = fds(pid) >= nofile - 1
+        for s in attackers:
+            s.close()
+        until(lambda: fds(pid) <= before + 2, "descriptors not given back")
+        lines = stopped(proxy)
+    assert still_full
+    assert pings >= 3, "\n".join(lines)
+    assert count(lines, "sd_notify failed") == 0, "\n".join(lines)

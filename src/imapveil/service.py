@@ -210,6 +210,12 @@ class Service:
             self.metrics.watch_store(self.store)
 
     async def run(self) -> int:
+        try:
+            return await self._run()
+        finally:
+            self.notifier.close()
+
+    async def _run(self) -> int:
         settings = self.loaded.settings
         try:
             self.sink.open()

@@ -32,6 +32,10 @@ class Notifier:
         if watchdog.isdigit() and int(watchdog) > 0 and (not pid or pid == str(os.getpid())):
             # Ping at half the interval, as sd_watchdog_enabled(3) recommends.
             self.watchdog_interval = int(watchdog) / 2_000_000
+        self._socket: socket.socket | None = None
+        """Opened at the first message and kept: a socket for each would fail with EMFILE
+        once clients hold every descriptor, and the watchdog, unfed, would have systemd kill
+        the service and every session with it."""
 
     @property
     def enabled(self) -> bool:
@@ -42,10 +46,16 @@ class Notifier:
             return
         message = "\n".join(fields).encode()
         try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-                s.sendto(message, self.address)
+            if self._socket is None:
+                self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            self._socket.sendto(message, self.address)
         except OSError as exc:  # systemd gone: nothing to tell, nothing to stop for
             log.warning("sd_notify failed: %s", exc)
+
+    def close(self) -> None:
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
 
     def ready(self, status: str = "") -> None:
         self.send("READY=1", *([f"STATUS={status}"] if status else []))
