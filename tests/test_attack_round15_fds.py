@@ -525,3 +525,33 @@ def test_at_the_descriptor_limit_the_watchdog_is_still_fed(
     assert still_full
     assert pings >= 3, "\n".join(lines)
     assert count(lines, "sd_notify failed") == 0, "\n".join(lines)
+
+
+def soft_nofile(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return int(line.split()[3])
+    raise AssertionError("no Max open files in /proc/PID/limits")
+
+
+def test_the_soft_descriptor_limit_is_raised_to_the_hard_one_and_a_short_one_is_said(
+    dovecot: Dovecot, tmp_path: Path
+) -> None:
+    """Started from a shell (soft limit 1024 on most distributions, hard 524288), the proxy kept
+    the soft limit: about 500 sessions (two descriptors each) and then EMFILE, whatever
+    `max_sessions` said (10000 by default), without a word. Now it raises its soft limit to the
+    hard one at start, as Go's runtime does, and says so when even that cannot hold
+    `max_sessions` sessions."""
+    with imapveil(
+        tmp_path, dovecot.address, "--store", "off", wrap=["prlimit", "--nofile=64:4096", "--"]
+    ) as proxy:
+        raised = soft_nofile(proxy.process.pid)
+        early = proxy.early_stderr.decode()
+        lines = stopped(proxy)
+    assert raised == 4096
+    assert count(early.splitlines(), "max_sessions") == 1, early  # 4096 < 2 x 10000
+    args = ("--store", "off", "--max-sessions", "100")
+    with imapveil(tmp_path, dovecot.address, *args, wrap=limited(4096)) as proxy:
+        early = proxy.early_stderr.decode()
+        lines = stopped(proxy)
+    assert count(lines, "max_sessions") == 0, early  # 4096 holds 100 sessions
