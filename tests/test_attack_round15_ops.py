@@ -627,8 +627,8 @@ def test_clients_failing_tls_by_the_hundred_are_one_line_on_stderr(
     """Found: every connection to the TLS port that failed its handshake (clear text, a port
     scanner, nothing at all) wrote an info line to stderr (the journal): anyone could write
     lines there at the rate of their connections. Now the first is said, and then one line a
-    `LOG_EVERY` with how many more there were; each session is still recorded (`tls_error`),
-    and the debug level still says each one."""
+    minute with how many more there were (`limits.Occurrences`); each session is still
+    recorded (`tls_error`), and the debug level still says each one."""
     tls_port = free_port()
     args = ["--cert", str(tls_material.cert), "--key", str(tls_material.key)]
     args += ["--listen-tls", f"127.0.0.1:{tls_port}"]
@@ -647,7 +647,7 @@ def test_clients_failing_tls_by_the_hundred_are_one_line_on_stderr(
 def test_an_upstream_that_is_away_is_not_a_warning_per_connection(tmp_path: Path) -> None:
     """Found with the one above: with the upstream away, each client connection wrote a
     warning (`upstream ... unavailable`): a reconnect storm of thousands of mail clients during
-    an outage, thousands of lines a second. The first is said, then one a `LOG_EVERY` with the
+    an outage, thousands of lines a second. The first is said, then one a minute with the
     count; every session is recorded (`upstream_unavailable`)."""
     nowhere = ("127.0.0.1", free_port())  # nothing listens there
     with imapveil(tmp_path, nowhere, "--store", "off") as proxy:

@@ -97,7 +97,7 @@ def test_under_journald_lines_carry_priorities_and_no_timestamp(tmp_path: Path) 
     assert lines and all(re.match(rb"<[2-7]>\S+: ", line) for line in lines), seen.decode()
     assert not TIMESTAMP.search(seen), seen.decode()
     assert any(line.startswith(b"<6>imapveil: listening on 127.0.0.1:") for line in lines)
-    assert f"<4>imapveil.relay.connection: upstream {upstream} unavailable".encode() in seen
+    assert f"<4>imapveil.relay.server: upstream {upstream} unavailable".encode() in seen
     assert b"<7>imapveil.relay.connection: session " in seen  # the failed connect, at debug
 
 

@@ -14,10 +14,8 @@ it, and so does a process whose stderr was redirected since.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import sys
-import time
 from collections.abc import Mapping
 from typing import TextIO
 
@@ -85,33 +83,3 @@ def set_level(level: str) -> bool:
         return False
     root.setLevel(new)
     return True
-
-
-LOG_EVERY = 10.0
-"""Seconds between two lines of a `Throttled` kind."""
-
-
-class Throttled:
-    """A kind of line that peers can cause as often as they connect (a failed TLS handshake,
-    the upstream away): the first is said at `level`, then at most one a `LOG_EVERY`, saying
-    how many were not; each is said at debug level. Every such session has its record in the
-    event log all the same: the diagnostics are not the record."""
-
-    def __init__(self, logger: logging.Logger, level: int, every: float = LOG_EVERY) -> None:
-        self.logger = logger
-        self.level = level
-        self.every = every
-        self._said = -math.inf
-        self._unsaid = 0
-
-    def say(self, message: str, *args: object) -> None:
-        now = time.monotonic()
-        if now - self._said < self.every:
-            self._unsaid += 1
-            self.logger.debug(message, *args)
-            return
-        more = ""
-        if self._unsaid:
-            more = f" (and {self._unsaid} more like it in the {now - self._said:.0f} s before)"
-        self.logger.log(self.level, message + "%s", *args, more)
-        self._said, self._unsaid = now, 0

@@ -16,6 +16,7 @@ import hashlib
 import hmac
 import ipaddress
 import logging
+import resource
 import signal
 import socket
 import ssl
@@ -213,7 +214,14 @@ class Service:
             self.metrics.watch_store(self.store)
 
     async def run(self) -> int:
+        try:
+            return await self._run()
+        finally:
+            self.notifier.close()
+
+    async def _run(self) -> int:
         settings = self.loaded.settings
+        descriptors(settings.max_sessions)
         try:
             self.sink.open()
         except OSError as exc:
@@ -465,6 +473,32 @@ class Service:
         while True:
             self.notifier.watchdog()
             await trio.sleep(interval)
+
+
+DESCRIPTORS_RESERVE = 64
+"""Descriptors beyond two a session (a client's and its upstream's): listeners, the event log,
+the store, the metrics port."""
+
+
+def descriptors(max_sessions: int) -> int:
+    """Raise the soft limit of open descriptors to the hard one (a shell's 1024 holds ~500
+    sessions, two descriptors each, whatever `max_sessions` says; Go's runtime does the same),
+    and say so when even that cannot hold `max_sessions`. The limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (OSError, ValueError) as exc:
+            log.debug("could not raise the descriptor limit to %s: %s", hard, exc)
+    need = 2 * max_sessions  # a gross shortfall is what to say (the reserve is a guess)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        log.warning(
+            "max_sessions %d needs about %d open descriptors, the limit is %d: clients beyond "
+            "about %d sessions get * BYE (raise LimitNOFILE, or lower max_sessions)",
+            max_sessions, need, soft, max(0, (soft - DESCRIPTORS_RESERVE) // 2),
+        )  # fmt: skip
+    return int(soft)
 
 
 def report_store_drops(store: StoreSink, sink: Sink, *, final: bool = False) -> None:

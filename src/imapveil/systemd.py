@@ -51,6 +51,9 @@ class Notifier:
         self.dropped = 0
         """Datagrams given up: more than `MAX_PENDING` waited, or the socket refused them."""
         self._socket: socket.socket | None = None
+        """Opened at the first message and kept: a socket for each would fail with EMFILE
+        once clients hold every descriptor, and the watchdog, unfed, would have systemd kill
+        the service and every session with it."""
         self._blocked = trio.Event()  # set when something waits: `run` retries
         self._warned = -math.inf
         self._unsaid = 0  # problems since the last warning

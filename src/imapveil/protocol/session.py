@@ -241,6 +241,11 @@ class SessionCore:
         )
 
     @property
+    def end_reason(self) -> str | None:
+        """Why the session is ending (a `SessionEnded` reason), None while it is not."""
+        return self._out.end_reason
+
+    @property
     def end_detail(self) -> str | None:
         """Why the session is ending, as recorded (never peer data but for a few printable
         octets of a non-IMAP upstream's banner)."""

@@ -21,7 +21,6 @@ from typing import Any
 import trio
 from trio.lowlevel import wait_readable
 
-from imapveil.logs import Throttled
 from imapveil.protocol import ja4, proxy_header
 from imapveil.protocol.actions import (
     Action,
@@ -54,10 +53,6 @@ from imapveil.relay.tls import UpstreamTlsError, upstream_starttls
 from imapveil.sinks import Sink
 
 log = logging.getLogger(__name__)
-TLS_FAILED = Throttled(log, logging.INFO)
-"""Clients whose TLS handshake failed: anyone can cause one a connection."""
-UPSTREAM_AWAY = Throttled(log, logging.WARNING)
-"""Sessions the upstream was not there for: each client connection during an outage."""
 
 TLS_HANDSHAKE_TIMEOUT = 30.0
 _SENDS = (Forward, Reply)  # a tuple: `isinstance` with `Forward | Reply` builds the union each call
@@ -302,7 +297,9 @@ class Connection:
             self.core.tls_fingerprint(ja4.fingerprint(recording.stop()))
             leg.broken = True
         detail = detail or f"no TLS handshake within {TLS_HANDSHAKE_TIMEOUT:g} s"
-        TLS_FAILED.say("session %s: client TLS failed: %s", self.core.session_id, detail)
+        # Per session at debug only: any client can make one (connect, reset). The `Proxy`
+        # says them at info once a minute; the session's record has the detail.
+        log.debug("session %s: client TLS failed: %s", self.core.session_id, detail)
         self._emit_all(self.core.tls_failed(f"client: {detail}", trio.current_time()))
         return False
 
@@ -583,11 +580,7 @@ class Connection:
                 continue
             self._emit_records(records)
             if isinstance(action, Close):
-                if action.reason == "upstream_unavailable":
-                    UPSTREAM_AWAY.say(
-                        "upstream %s unavailable: %s", self.settings.upstream, self.core.end_detail
-                    )
-                self._close()
+                self._close()  # an unavailable upstream is logged by the `Proxy`, not each time
             elif isinstance(action, StartTls):
                 if not await self._client_handshake():
                     return

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import itertools
+import math
 from dataclasses import dataclass
 
 from imapveil.relay.streams import seen_as
@@ -222,3 +223,31 @@ class Refusals:
             else:
                 del self._tallies[address]
         return out
+
+
+class Occurrences:
+    """A condition clients can cause over and over (accept(2) out of descriptors, an upstream
+    that cannot be reached), said at most once per `interval`: the first at once, the ones after
+    it counted and said with the next line. A log line per occurrence would let clients write
+    the log."""
+
+    __slots__ = ("_pending", "_said", "interval")
+
+    def __init__(self, interval: float = REFUSAL_INTERVAL) -> None:
+        self.interval = interval
+        self._pending = 0
+        self._said = -math.inf
+
+    def note(self, now: float) -> str | None:
+        """Count one. None: say nothing now; else say it now, with this suffix (how many times
+        since the last line, or that the next ones are summarised)."""
+        self._pending += 1
+        if now - self._said < self.interval:
+            return None
+        first = math.isinf(self._said)
+        pending, seconds = self._pending, now - self._said
+        self._pending, self._said = 0, now
+        if first:
+            return f" (summarised every {self.interval:g} s from now on)"
+        s = "" if pending == 1 else "s"
+        return f" ({pending} time{s} in the last {seconds:.0f} s)"

@@ -27,7 +27,7 @@ from imapveil.protocol import proxy_header
 from imapveil.protocol.proxy_header import ProxyHeaderError, ProxyInfo
 from imapveil.records import OverLimit
 from imapveil.relay.connection import Connection, RelaySettings
-from imapveil.relay.limits import Admission, Limits, Refusals, RefusalSummary
+from imapveil.relay.limits import Admission, Limits, Occurrences, Refusals, RefusalSummary
 from imapveil.relay.streams import (
     Networks,
     close_now,
@@ -88,6 +88,11 @@ class Proxy:
         """Set when the grace period is over: every session says BYE and closes."""
         self._admission = Admission(self.admittance.limits)
         self.refusals = Refusals()
+        self._unavailable = Occurrences()
+        """Sessions the upstream was not there for: each client can make one (and a client out
+        of descriptors, connect(2)'s EMFILE), so they are said once a minute, not each."""
+        self._tls_failures = Occurrences()
+        """Client TLS handshakes that failed: a client that resets makes one."""
         self._idle = trio.Event()
         self._idle.set()
         self.timers = Timers()
@@ -124,6 +129,7 @@ class Proxy:
                 del opened
                 self.connections.add(connection)
                 await connection.run()
+                self._ended(connection.core.end_reason, connection.core.end_detail)
         except Exception:
             # `run` never raises; this is what comes before it. One connection's failure must
             # not reach the nursery every session shares.
@@ -182,6 +188,19 @@ class Proxy:
                 self._admission.release(admitted)
             raise
         return connection, admitted
+
+    def _ended(self, reason: str | None, detail: str | None) -> None:
+        """What an operator must hear of, of the ways a session can end, and a client can make
+        happen over and over: said once a minute with a count (the records have every one)."""
+        now = trio.current_time()
+        if reason == "upstream_unavailable":
+            said = self._unavailable.note(now)
+            if said is not None:
+                log.warning("upstream %s unavailable: %s%s", self.settings.upstream, detail, said)
+        elif reason == "tls_error" and detail and detail.startswith("client: "):
+            said = self._tls_failures.note(now)
+            if said is not None:
+                log.info("client TLS failed: %s%s", detail.removeprefix("client: "), said)
 
     def _note_refusal(self, host: str, why: str) -> None:
         self.stats.refused += 1
@@ -345,6 +364,18 @@ async def _serve_listeners(
             nursery.start_soon(_accept, listener, handler, sessions, True)
 
 
+async def serve_each(
+    handler: Callable[[trio.SocketStream], Awaitable[None]],
+    listeners: list[trio.SocketListener],
+) -> None:
+    """`trio.serve_listeners` for a service beside the mail listeners (the metrics port): the
+    handler closes its stream, and a lack of descriptors is said as `_accept` says it (trio's
+    loop logs every retry, ten a second, each with its traceback)."""
+    async with trio.open_nursery() as nursery:
+        for listener in listeners:
+            nursery.start_soon(_accept, listener, handler, nursery)
+
+
 async def _accept(
     listener: trio.SocketListener,
     handler: Callable[[trio.SocketStream], Awaitable[None]],
@@ -354,6 +385,7 @@ async def _accept(
     """Accept until cancelled. `queued`: connections may wait in the listener's queue that were
     made before its keepalive was set; each connection accepted is given keepalive of its own
     until the queue has been seen empty once, which is after the last of them."""
+    failures = Occurrences()  # while the backlog holds connections, every retry fails
     async with listener:
         while True:
             if queued:
@@ -363,7 +395,11 @@ async def _accept(
             except OSError as exc:
                 if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
                     raise
-                log.error("accept failed: %s; retrying in %g s", describe(exc), ACCEPT_RETRY)
+                if (said := failures.note(trio.current_time())) is not None:
+                    log.error(
+                        "accept failed: %s; retrying every %g s%s",
+                        describe(exc), ACCEPT_RETRY, said,
+                    )  # fmt: skip
                 await trio.sleep(ACCEPT_RETRY)
                 continue
             if queued:

@@ -38,6 +38,7 @@ from imapveil.records import (
     SessionEnded,
     Violation,
 )
+from imapveil.relay.server import serve_each
 from imapveil.stats.identify import NO_ID, identify, load_table
 
 if TYPE_CHECKING:
@@ -358,7 +359,7 @@ async def serve_metrics(
                 slots.remove(slot)
                 await trio.aclose_forcefully(stream)
 
-    await trio.serve_listeners(handle, listeners)
+    await serve_each(handle, listeners)  # the handler closes each stream
 
 
 def _make_room(slots: list[_Slot]) -> bool:
