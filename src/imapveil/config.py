@@ -182,6 +182,12 @@ class Settings:
         "seconds for the upstream to accept a connection, and again for its IMAP greeting",
         metavar=SECONDS,
     )  # fmt: skip
+    tls_handshake_timeout: float = setting(
+        30.0, _positive("expected a number of seconds", "tls_handshake_timeout"),
+        "seconds a client gets for its whole TLS handshake (implicit TLS, or after STARTTLS), "
+        "however slowly its octets come; then the connection is closed",
+        metavar=SECONDS,
+    )  # fmt: skip
     login_timeout: float = setting(
         60.0, _positive("expected a number of seconds", "login_timeout"),
         "seconds without traffic before login (and after a BYE or LOGOUT, while the server "

@@ -146,6 +146,7 @@ def admittance(loaded: Loaded, holder: PolicyHolder) -> Admittance:
         upstream_addresses=addresses,
         core=core,
         connect_timeout=s.connect_timeout,
+        tls_handshake_timeout=s.tls_handshake_timeout,
         trusted_networks=_networks(s.trusted_networks),
         upstream_proxy_protocol=s.upstream_proxy_protocol,
         client_context=loaded.client_context,

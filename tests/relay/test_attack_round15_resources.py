@@ -426,7 +426,7 @@ _ASTRINGS = st.binary(max_size=40) | st.lists(
 ).map(b"".join)
 
 
-@settings(max_examples=2000, deadline=None)
+@settings(max_examples=400, deadline=None)
 @given(_ASTRINGS, st.integers(0, 3), st.none() | st.integers(0, 12))
 def test_read_astring_reads_as_the_loop_did(data: bytes, pos: int, limit: int | None) -> None:
     expected = _read_astring_loop(data, pos)
@@ -443,7 +443,7 @@ _CONTENTS = st.lists(
 ).map(b"".join)
 
 
-@settings(max_examples=2000, deadline=None)
+@settings(max_examples=400, deadline=None)
 @given(_CONTENTS, st.integers(0, 3))
 def test_list_depth_follows_as_the_loop_did(content: bytes, depth: int) -> None:
     body = b"a FETCH " + content
@@ -488,7 +488,7 @@ _RUNS = st.lists(
 ).map(b"".join)
 
 
-@settings(max_examples=3000, deadline=None)
+@settings(max_examples=600, deadline=None)
 @given(_RUNS)
 def test_modified_utf7_controls_are_found_as_the_loop_found_them(content: bytes) -> None:
     assert classify.shifted_control(content) == _shifted_control_loop(content)

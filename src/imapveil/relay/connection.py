@@ -54,7 +54,6 @@ from imapveil.sinks import Sink
 
 log = logging.getLogger(__name__)
 
-TLS_HANDSHAKE_TIMEOUT = 30.0
 _SENDS = (Forward, Reply)  # a tuple: `isinstance` with `Forward | Reply` builds the union each call
 
 
@@ -64,6 +63,8 @@ class RelaySettings:
     upstream_port: int
     core: CoreConfig
     connect_timeout: float = 10.0
+    tls_handshake_timeout: float = 30.0
+    """Seconds for a client's whole TLS handshake (a deadline, not per octet)."""
     trusted_networks: Networks = ()
     """Clients whose ID may carry x-originating-* and the like (see policy.model.ANTI_SPOOF)."""
     upstream_proxy_protocol: bool = False
@@ -287,7 +288,7 @@ class Connection:
             tls = trio.SSLStream(recording, context, server_side=True)
             leg.stream = tls
             detail = ""
-            with trio.move_on_after(TLS_HANDSHAKE_TIMEOUT):
+            with trio.move_on_after(self.settings.tls_handshake_timeout):
                 try:
                     await tls.do_handshake()
                     self.core.tls_fingerprint(ja4.fingerprint(recording.stop()))
@@ -296,7 +297,7 @@ class Connection:
                     detail = tls_reason(exc)
             self.core.tls_fingerprint(ja4.fingerprint(recording.stop()))
             leg.broken = True
-        detail = detail or f"no TLS handshake within {TLS_HANDSHAKE_TIMEOUT:g} s"
+        detail = detail or f"no TLS handshake within {self.settings.tls_handshake_timeout:g} s"
         # Per session at debug only: any client can make one (connect, reset). The `Proxy`
         # says them at info once a minute; the session's record has the detail.
         log.debug("session %s: client TLS failed: %s", self.core.session_id, detail)
