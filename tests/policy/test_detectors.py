@@ -245,7 +245,7 @@ _GROUPED = st.builds(
 )
 
 
-@settings(max_examples=1000)
+@settings(max_examples=400)
 @given(st.one_of(_GROUPED, st.binary(max_size=80)))
 # Each at a count's edge: 15 digits, 12 and 32 hex digits, 16 octets, 4 digits, "--".
 @example(b"49-015420-323751-8")

@@ -489,7 +489,7 @@ _answer = st.tuples(
 ).map(b"".join)
 
 
-@settings(max_examples=2000, deadline=None)
+@settings(max_examples=600, deadline=None)
 @given(st.lists(_untagged, max_size=4), _answer)
 def test_the_answer_pattern_matches_what_the_alternation_matched(
     untagged: list[bytes], answer: bytes
