@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 import socket
 import time
@@ -19,6 +18,8 @@ from collections import deque
 from collections.abc import Mapping
 
 import trio
+
+from imapveil.relay.limits import Occurrences
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +56,7 @@ class Notifier:
         once clients hold every descriptor, and the watchdog, unfed, would have systemd kill
         the service and every session with it."""
         self._blocked = trio.Event()  # set when something waits: `run` retries
-        self._warned = -math.inf
-        self._unsaid = 0  # problems since the last warning
+        self._problems = Occurrences(WARN_EVERY)  # one warning a `WARN_EVERY` at most
 
     @property
     def enabled(self) -> bool:
@@ -108,14 +108,11 @@ class Notifier:
             self._socket = None
 
     def _warn(self, message: str) -> None:
-        """At most one warning a `WARN_EVERY`, with how many problems it did not say."""
-        now = time.monotonic()
-        if now - self._warned < WARN_EVERY:
-            self._unsaid += 1
-            return
-        more = f" ({self._unsaid} more since the last warning)" if self._unsaid else ""
-        log.warning("%s%s", message, more)
-        self._warned, self._unsaid = now, 0
+        """The first problem at once, then at most one a `WARN_EVERY`, with how many there were
+        (`limits.Occurrences`, as for what clients cause over and over)."""
+        said = self._problems.note(time.monotonic())
+        if said is not None:
+            log.warning("%s%s", message, said)
 
     def ready(self, status: str = "") -> None:
         self.send("READY=1", *([f"STATUS={status}"] if status else []))
