@@ -13,7 +13,6 @@ import csv
 import imaplib
 import io
 import ipaddress
-import json
 import shutil
 import signal
 import socket
@@ -41,7 +40,7 @@ from imapveil.relay.server import Admittance, Proxy, open_listeners
 from tests.conftest import RecordingSink, TlsMaterial
 from tests.helpers.dovecot import Dovecot, free_port, stop_group
 from tests.helpers.postgres import Postgres
-from tests.helpers.process import Running, imapveil
+from tests.helpers.process import Running, complete_records, imapveil
 from tests.stats.test_durability import query
 
 pytestmark = pytest.mark.dovecot
@@ -77,7 +76,7 @@ class Instance:
     def records(self) -> list[dict[str, Any]]:
         if not self.running.events.exists():
             return []
-        return [json.loads(line) for line in self.running.events.read_text().splitlines()]
+        return complete_records(self.running.events)
 
     def sessions_of_balancer(self) -> list[dict[str, Any]]:
         """Ended sessions from HAProxy's own address (127.0.0.1): its health checks."""
@@ -227,11 +226,20 @@ class SourcedIMAPS(imaplib.IMAP4_SSL):
 
 def session(client: imaplib.IMAP4) -> str:
     """LOGIN, SELECT, LOGOUT; the client's own address as the proxy's records write it."""
-    host, port = client.sock.getsockname()[:2]
-    assert client.login("alice", "wonderland")[0] == "OK"
-    assert client.select("INBOX")[0] == "OK"
-    assert client.logout()[0] == "BYE"
+    try:
+        host, port = client.sock.getsockname()[:2]
+        assert client.login("alice", "wonderland")[0] == "OK"
+        assert client.select("INBOX")[0] == "OK"
+        assert client.logout()[0] == "BYE"
+    finally:  # closed even if an assertion fails: no socket left to the collector
+        close(client)
     return f"{host}:{port}"
+
+
+def close(client: imaplib.IMAP4) -> None:
+    """The client's socket and file, closed (again, if LOGOUT closed them)."""
+    client.file.close()
+    client.sock.close()
 
 
 @dataclass
@@ -389,22 +397,25 @@ def test_a_drained_instance_keeps_its_sessions_and_gets_no_new_ones(cluster: Clu
     """The maintenance procedure of docs/scale-out.md: `set server ... state drain` on the plain
     backend; its TLS twin follows (`track`); an open session on the drained instance goes on."""
     open_client = SourcedIMAP(cluster.haproxy.port, "127.0.0.5")
-    assert open_client.login("alice", "wonderland")[0] == "OK"
-    host, port = open_client.sock.getsockname()[:2]
-    drained = cluster.instance(cluster.started_on(f"{host}:{port}"))
-    (other,) = [i for i in cluster.instances if i is not drained]
-    reply = cluster.haproxy.command(f"set server imap/{drained.name} state drain")
-    assert reply.strip() == "", reply
-    assert cluster.haproxy.states()[("imaps", drained.name)] == "DRAIN"
-    new = [
-        cluster.plain("127.0.0.3"),
-        cluster.implicit_tls("127.0.0.4"),
-        cluster.plain("127.0.0.3"),
-    ]
-    assert [cluster.served_by(c) for c in new] == [other.name] * 3
-    assert open_client.select("INBOX")[0] == "OK"  # the open session goes on
-    assert open_client.logout()[0] == "BYE"
-    assert cluster.served_by(f"{host}:{port}") == drained.name
+    try:
+        assert open_client.login("alice", "wonderland")[0] == "OK"
+        host, port = open_client.sock.getsockname()[:2]
+        drained = cluster.instance(cluster.started_on(f"{host}:{port}"))
+        (other,) = [i for i in cluster.instances if i is not drained]
+        reply = cluster.haproxy.command(f"set server imap/{drained.name} state drain")
+        assert reply.strip() == "", reply
+        assert cluster.haproxy.states()[("imaps", drained.name)] == "DRAIN"
+        new = [
+            cluster.plain("127.0.0.3"),
+            cluster.implicit_tls("127.0.0.4"),
+            cluster.plain("127.0.0.3"),
+        ]
+        assert [cluster.served_by(c) for c in new] == [other.name] * 3
+        assert open_client.select("INBOX")[0] == "OK"  # the open session goes on
+        assert open_client.logout()[0] == "BYE"
+        assert cluster.served_by(f"{host}:{port}") == drained.name
+    finally:  # closed even if an assertion above fails
+        close(open_client)
 
 
 def test_an_imap_level_health_check_is_recorded_as_a_session(
