@@ -18,6 +18,7 @@ from typing import Any
 import trio
 from trio.lowlevel import wait_readable, wait_writable
 
+from imapveil.relay.deflate import DeflateStream
 from imapveil.relay.splice import Pipe
 
 RECEIVE_SIZE = 256 * 1024
@@ -210,21 +211,26 @@ class Leg:
         Closing a TCP socket that still has unread input sends a reset, which can destroy our
         last `* BYE` in flight; so stop writing first and drain until the peer closes (briefly).
         A leg whose peer has closed has nothing left to read: it is closed at once.
+
+        A COMPRESS leg is drained below its DEFLATE: what comes is thrown away, so it is never
+        inflated (a few KiB of a peer's DEFLATE can be megabytes of it), and its socket can be
+        half-closed.
         """
         stream = self.stream
         if self.ended:
             with contextlib.suppress(Exception):
                 await close_now(stream)
             return
+        drained = stream.inner if isinstance(stream, DeflateStream) else stream
         with trio.move_on_after(CLOSE_GRACE) as scope:
             scope.shield = True
             try:
-                if type(stream) is trio.SocketStream:
-                    await _half_close_and_drain(stream.socket)
+                if type(drained) is trio.SocketStream:
+                    await _half_close_and_drain(drained.socket)
                 else:
-                    if isinstance(stream, trio.abc.HalfCloseableStream):
-                        await stream.send_eof()
-                    while await stream.receive_some(RECEIVE_SIZE):
+                    if isinstance(drained, trio.abc.HalfCloseableStream):
+                        await drained.send_eof()
+                    while await drained.receive_some(RECEIVE_SIZE):
                         pass
             except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
                 pass

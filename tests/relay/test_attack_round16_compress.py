@@ -1,0 +1,115 @@
+"""Round 16 of attacks from outside, on COMPRESS=DEFLATE on the client leg (`compress = true`):
+raw sockets through the proxy (built as `imapveil serve` builds it) to a real Dovecot, the
+client's side deflated with Python's zlib (raw DEFLATE, wbits -15).
+
+- A decompression bomb after the session ends: a line of 64 MiB of `x` in 65 KiB of DEFLATE.
+  The proxy answered `* BYE [TOOBIG]` at the line limit, then, closing the leg gracefully (let
+  the peer read our last words, drain what it sends), inflated everything the client had sent
+  and went on sending for `CLOSE_GRACE` (2 s): 64 MiB inflated to be thrown away, in runs of
+  about 0.17 s of the event loop every session shares (another client's NOOP took up to 0.7 s),
+  about 1.2 s of CPU per 200 KB the attacker sent; and the client saw its connection end only
+  after those 2 s (a DEFLATE stream cannot be half-closed, so no FIN came before).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import time
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from imapveil.records import Violation
+from imapveil.relay.deflate import DeflateStream
+from imapveil.relay.streams import CLOSE_GRACE
+from tests.helpers.attack import own_dovecot, veil
+from tests.helpers.dovecot import Dovecot
+
+pytestmark = pytest.mark.dovecot
+run = trio.to_thread.run_sync
+
+MIB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def target() -> Iterator[Dovecot]:
+    with own_dovecot() as server:
+        yield server
+
+
+def compress_after_login(s: socket.socket) -> None:
+    """The greeting, LOGIN (COMPRESS is for after login, RFC 4978), then COMPRESS DEFLATE."""
+    f = s.makefile("rb")
+    assert f.readline().startswith(b"* OK")
+    s.sendall(b"L LOGIN alice wonderland\r\n")
+    assert f.readline().startswith(b"L OK")
+    s.sendall(b"z COMPRESS DEFLATE\r\n")
+    assert f.readline().startswith(b"z OK"), "COMPRESS refused"
+    f.close()
+
+
+def bomb(prefix: bytes, mib: int, suffix: bytes = b"") -> bytes:
+    """`prefix`, `mib` MiB of `x`, `suffix`, as one raw DEFLATE flush (about 1 KiB per MiB)."""
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
+    chunk = b"x" * MIB
+    parts = [deflate.compress(prefix)]
+    parts += [deflate.compress(chunk) for _ in range(mib)]
+    parts += [deflate.compress(suffix), deflate.flush(zlib.Z_SYNC_FLUSH)]
+    return b"".join(parts)
+
+
+@pytest.fixture
+def inflated(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Octets the proxy's DEFLATE streams gave out (inflated), counted as they come."""
+    counted = [0]
+    receive_some = DeflateStream.receive_some
+
+    async def counting(self: DeflateStream, max_bytes: int | None = None) -> bytes:
+        data = await receive_some(self, max_bytes)
+        counted[0] += len(data)
+        return data
+
+    monkeypatch.setattr(DeflateStream, "receive_some", counting)
+    return counted
+
+
+# --- A bomb the proxy need not read: inflated only to be thrown away.
+
+
+def bomb_after_the_end(address: tuple[str, int]) -> tuple[bytes, float]:
+    """LOGIN, COMPRESS, then a 64 MiB line in one flush: (what came back inflated, seconds from
+    the `* BYE` to the end of the connection)."""
+    with socket.create_connection(address, timeout=10) as s:
+        compress_after_login(s)
+        s.sendall(bomb(b"a NOOP ", 64, b"\r\n"))
+        inflate, got = zlib.decompressobj(-15), b""
+        while b"\r\n" not in got:
+            data = s.recv(65536)
+            assert data, got
+            got += inflate.decompress(data)
+        bye = time.monotonic()
+        with contextlib.suppress(ConnectionResetError):
+            while data := s.recv(65536):
+                got += inflate.decompress(data)
+        return got, time.monotonic() - bye
+
+
+async def test_a_bomb_after_the_bye_is_not_inflated(
+    target: Dovecot, tmp_path: Path, inflated: list[int]
+) -> None:
+    """Found (attack16c): after its `* BYE` the proxy inflated all the client sent while it
+    closed the leg (64 MiB here, 2 s of draining); the connection ended only after
+    `CLOSE_GRACE`. Now the compressed octets are drained as they came, never inflated, and the
+    client sees the end of the connection at once."""
+    async with veil(target.address, tmp_path, compress=True) as v:
+        got, took = await run(bomb_after_the_end, v.address)
+        (end,) = await v.sessions_ended(1)
+    assert got.startswith(b"* BYE [TOOBIG]"), got
+    assert end.reason == "line_too_long" and end.compressed, end
+    assert [r.kind for r in v.sink.of(Violation)] == ["line_too_long"]
+    assert inflated[0] < 4 * MIB, f"{inflated[0]} octets inflated for a line limit of 64 KiB"
+    assert took < CLOSE_GRACE / 2, f"the connection ended {took:.2f} s after the BYE"
