@@ -150,3 +150,54 @@ async def test_a_partial_flush_is_inflated_to_its_end(target: Dovecot, tmp_path:
         answered = await run(partially_flushed_burst, v.address)
         await v.sessions_ended(1)
     assert answered == BURST.count(b"\r\n")
+
+
+# --- DEFLATE the proxy cannot inflate: an answer and a record, not a "client_closed".
+
+
+def _finished(text: bytes) -> bytes:
+    deflate = zlib.compressobj(6, zlib.DEFLATED, -15)
+    return deflate.compress(text) + deflate.flush(zlib.Z_FINISH)
+
+
+UNREADABLE = {
+    "garbage": b"\xff" * 64,
+    "zlib_header": zlib.compress(b"n NOOP\r\n"),  # RFC 1950 framing, not raw DEFLATE
+    "preset_dictionary": b"\x78\xbb" + b"\x00\x00\x00\x01" + _finished(b"n NOOP\r\n"),  # FDICT
+    "after_the_final_block": _finished(b"n NOOP\r\n") + b"n NOOP\r\n",
+}
+
+
+def unreadable_deflate(address: tuple[str, int], data: bytes) -> bytes:
+    """LOGIN, COMPRESS, then `data`: everything that came back, inflated (as far as it can be)."""
+    with socket.create_connection(address, timeout=5) as s:
+        compress_after_login(s)
+        s.sendall(data)
+        inflate, got = zlib.decompressobj(-15), b""
+        with contextlib.suppress(ConnectionResetError):
+            while data := s.recv(65536):
+                got += inflate.decompress(data)
+        return got
+
+
+@pytest.mark.parametrize("kind", sorted(UNREADABLE))
+async def test_deflate_that_cannot_be_inflated_gets_a_bye_and_a_record(
+    target: Dovecot, tmp_path: Path, kind: str
+) -> None:
+    """Found (attack16c): invalid DEFLATE data (garbage, a zlib header, a preset dictionary) or
+    data after the final block ended the session as a reset: no answer, no violation, and
+    `session_end` said `client_closed`, as if the client had hung up; an administrator could not
+    tell an attack (or a broken client) from a user quitting. Now the client gets `* BYE`
+    (compressed: the proxy's own DEFLATE stream is intact), a `bad_deflate` violation is
+    recorded, and the session ends as a `protocol_error`."""
+    async with veil(target.address, tmp_path, compress=True) as v:
+        got = await run(unreadable_deflate, v.address, UNREADABLE[kind])
+        (end,) = await v.sessions_ended(1)
+    assert got.endswith(b"* BYE [CLIENTBUG] Invalid DEFLATE data\r\n"), got
+    assert end.reason == "protocol_error" and end.compressed, end
+    (violation,) = v.sink.of(Violation)
+    assert (violation.source, violation.kind, violation.action) == (
+        "client",
+        "bad_deflate",
+        "closed",
+    )

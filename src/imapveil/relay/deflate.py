@@ -17,6 +17,11 @@ import zlib
 import trio
 
 
+class DeflateError(trio.BrokenResourceError):
+    """The peer's DEFLATE stream cannot be read on: invalid data, or data after its end. The
+    message says which (zlib's words, never the peer's octets)."""
+
+
 class DeflateStream(trio.abc.Stream):
     def __init__(self, inner: trio.abc.Stream, *, max_output: int = 256 * 1024) -> None:
         self.inner = inner
@@ -56,7 +61,7 @@ class DeflateStream(trio.abc.Stream):
             out = self._decompress.decompress(data, limit)
         except zlib.error as exc:
             self._pending = b""
-            raise trio.BrokenResourceError(f"bad DEFLATE data: {exc}") from None
+            raise DeflateError(f"invalid DEFLATE data: {exc}") from None
         self._pending = self._decompress.unconsumed_tail  # b"" once the stream has ended
         self._full = len(out) >= limit
         return out
@@ -67,7 +72,7 @@ class DeflateStream(trio.abc.Stream):
         would keep all of it in `unused_data`, copying everything kept so far at each call:
         memory without bound, time the square of what came."""
         if self._decompress.eof and (more or self._decompress.unused_data):
-            raise trio.BrokenResourceError("data after the end of the DEFLATE stream")
+            raise DeflateError("data after the end of the DEFLATE stream")
 
     async def aclose(self) -> None:
         await self.inner.aclose()
