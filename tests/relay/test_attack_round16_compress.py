@@ -24,10 +24,13 @@ import pytest
 import trio
 
 from imapveil.records import Violation
+from imapveil.relay import streams
 from imapveil.relay.deflate import DeflateStream
 from imapveil.relay.streams import CLOSE_GRACE
+from tests.helpers import scripted
 from tests.helpers.attack import own_dovecot, veil
 from tests.helpers.dovecot import Dovecot
+from tests.helpers.scripted import Peer
 
 pytestmark = pytest.mark.dovecot
 run = trio.to_thread.run_sync
@@ -201,3 +204,83 @@ async def test_deflate_that_cannot_be_inflated_gets_a_bye_and_a_record(
         "bad_deflate",
         "closed",
     )
+
+
+# --- The switch: after our OK to COMPRESS, everything toward the client is DEFLATE.
+
+EXISTS = b"* 1 EXISTS\r\n"
+
+
+async def flooding(peer: Peer) -> None:
+    """An upstream that, once logged in, sends untagged responses without end (a server may send
+    them at any time: RFC 9051 section 7), as a busy mailbox's would."""
+    await peer.say(b"* OK [CAPABILITY IMAP4rev1] hi\r\n")
+    tag = (await peer.line()).split(b" ")[0]
+    await peer.say(tag + b" OK logged in\r\n")
+
+    async def flood(cancel: trio.CancelScope) -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            while True:
+                await peer.say(EXISTS * 1000)
+        cancel.cancel()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(flood, nursery.cancel_scope)
+        while await peer.line():  # until the proxy closes its side: then the flood ends
+            pass
+        nursery.cancel_scope.cancel()
+    await peer.stream.aclose()
+
+
+def compress_in_a_flood(address: tuple[str, int]) -> str:
+    """LOGIN, COMPRESS while the upstream floods: "clean" if everything after our OK inflates to
+    the server's lines, "refused" if COMPRESS got a BAD, else what went wrong."""
+    with socket.create_connection(address, timeout=5) as s:
+        f = s.makefile("rb")
+        assert f.readline().startswith(b"* OK")
+        s.sendall(b"L LOGIN alice wonderland\r\n")
+        while not f.readline().startswith(b"L OK"):
+            pass
+        s.sendall(b"z COMPRESS DEFLATE\r\n")
+        while (line := f.readline()) == EXISTS:
+            pass
+        if line.startswith(b"z BAD"):
+            return "refused"
+        assert line == b"z OK DEFLATE active\r\n", line
+        rest = f.read1(1 << 16)  # what the buffered reader took beyond the OK
+        inflate, out = zlib.decompressobj(-15), b""
+        try:
+            out = inflate.decompress(rest)
+            while len(out) < 64 * 1024:
+                out += inflate.decompress(s.recv(1 << 16))
+        except zlib.error as exc:
+            return f"not DEFLATE after our OK: {exc}; {rest[:24]!r}"
+        lines = out.split(b"\r\n")[:-1]
+        return "clean" if set(lines) == {EXISTS[:-2]} else f"inflated to {lines[:2]!r}"
+
+
+async def test_nothing_of_the_servers_goes_between_our_ok_and_deflate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found (attack16c): our OK to COMPRESS went out under one hold of the client leg's write
+    lock, DEFLATE began under the next: a server response waiting for the lock (the client's
+    socket full, so our OK had to wait) went out between them, in clear text where the client
+    reads DEFLATE (its inflater failed: "invalid distance too far back"), in 2 of 5 sessions of
+    a flooding upstream. Each send is made to wait here (a checkpoint, as a full socket makes
+    it) so the other sender runs in between whenever it can: about 2 sessions in 3 failed, so
+    all 8 clean by chance is about 1 in 4,000. Dovecot sends nothing unsolicited outside IDLE,
+    which a COMPRESS cannot interrupt; other servers may."""
+    send_fd = streams._send_fd
+
+    async def waiting(fd: int, chunks: list[bytes | memoryview]) -> None:
+        await send_fd(fd, chunks)
+        await trio.lowlevel.checkpoint()
+
+    monkeypatch.setattr(streams, "_send_fd", waiting)
+    async with (
+        scripted.serve(flooding, bytearray()) as upstream,
+        veil(upstream, tmp_path, compress=True) as v,
+    ):
+        outcomes = [await run(compress_in_a_flood, v.address) for _ in range(8)]
+    assert set(outcomes) <= {"clean", "refused"}, outcomes
+    assert "clean" in outcomes

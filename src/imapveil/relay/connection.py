@@ -567,12 +567,18 @@ class Connection:
                     else:
                         records.append(nxt.record)
                     j += 1
-                i = j
+                # Our OK to COMPRESS, then DEFLATE, under one hold of the client leg's lock.
+                deflate = (
+                    direction is Direction.TO_CLIENT
+                    and j < n
+                    and isinstance(actions[j], StartCompress)
+                )
+                i = j + 1 if deflate else j
                 leg = self.server if direction is Direction.TO_SERVER else self.client
                 if leg is None or leg.broken:
                     continue
                 try:
-                    await leg.send_many(batch)
+                    await leg.send_many(batch, then_deflate=deflate)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                     self._emit_records(records)
                     self._send_failed(leg, exc, trio.current_time())

@@ -161,7 +161,12 @@ class Leg:
             return None
         return _RECEIVED[:n].tobytes()
 
-    async def send_many(self, chunks: list[bytes | memoryview]) -> None:
+    async def send_many(
+        self, chunks: list[bytes | memoryview], *, then_deflate: bool = False
+    ) -> None:
+        """`chunks`, in order, under the write lock; with `then_deflate` (our OK to COMPRESS is
+        the last of them) the leg turns DEFLATE before the lock is let go: nothing another task
+        sends can go between the OK and the compressed stream the client reads after it."""
         lock = self.write_lock
         if lock.locked():
             await lock.acquire()
@@ -176,6 +181,8 @@ class Leg:
             else:
                 for data in chunks:
                     await stream.send_all(data)
+            if then_deflate:
+                self.stream = DeflateStream(stream)
         except BaseException:
             self.broken = True
             raise
