@@ -14,7 +14,10 @@ client's side deflated with Python's zlib (raw DEFLATE, wbits -15).
 from __future__ import annotations
 
 import contextlib
+import gc
+import re
 import socket
+import threading
 import time
 import zlib
 from collections.abc import Iterator
@@ -23,6 +26,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from imapveil.protocol.session import SessionCore
 from imapveil.records import Violation
 from imapveil.relay import streams
 from imapveil.relay.deflate import DeflateStream
@@ -284,3 +288,71 @@ async def test_nothing_of_the_servers_goes_between_our_ok_and_deflate(
         outcomes = [await run(compress_in_a_flood, v.address) for _ in range(8)]
     assert set(outcomes) <= {"clean", "refused"}, outcomes
     assert "clean" in outcomes
+
+
+# --- A COMPRESS the proxy refuses while the server's answer streams: the BAD waits for its end.
+
+BIG = b"Subject: big\r\n\r\n" + (b"x" * 78 + b"\r\n") * (100 * 1024)
+"""8 MiB: more than the sockets between Dovecot, the proxy and a client that does not read hold."""
+
+
+def fetch_then_compress(
+    address: tuple[str, int], sent: trio.Event, go: threading.Event
+) -> tuple[bytes, list[bytes]]:
+    """bob's message fetched, and COMPRESS sent once its literal has begun (the proxy is in the
+    middle of it); then, when told to, LOGOUT and everything read: (the literal, the lines
+    after it)."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    s.settimeout(10)
+    s.connect(address)
+    with s, s.makefile("rb") as f:
+        assert f.readline().startswith(b"* OK")
+        s.sendall(b"L LOGIN bob builder\r\ns SELECT INBOX\r\n")
+        while not f.readline().startswith(b"s OK"):
+            pass
+        s.sendall(b"f FETCH 1 BODY[]\r\n")
+        head = f.readline()
+        found = re.search(rb"BODY\[\] \{(\d+)\}\r\n$", head)
+        assert found, head
+        s.sendall(b"z COMPRESS DEFLATE\r\n")
+        trio.from_thread.run_sync(sent.set)
+        assert go.wait(10)
+        s.sendall(b"Q LOGOUT\r\n")
+        literal = f.read(int(found.group(1)))
+        return literal, f.read().splitlines(keepends=True)
+
+
+async def test_a_compress_refused_mid_response_waits_for_its_end(
+    target: Dovecot, tmp_path: Path
+) -> None:
+    """Found (attack16c): COMPRESS while a FETCH's literal streamed to the client got its
+    `BAD [CLIENTBUG] Wait for the outstanding commands first` at once, written into the middle
+    of the message (the literal's octets were the message's with our line among them; the
+    client, counting octets, read the message's last line as a response). The proxy's own
+    answer now waits for the end of the server's response, as its other lines do."""
+    target.seed("bob", [BIG])
+    sent, go = trio.Event(), threading.Event()
+    async with veil(target.address, tmp_path, compress=True) as v, trio.open_nursery() as nursery:
+        result: list[tuple[bytes, list[bytes]]] = []
+
+        async def client() -> None:
+            result.append(await run(fetch_then_compress, v.address, sent, go))
+
+        nursery.start_soon(client)
+        with trio.fail_after(10):
+            await sent.wait()
+            (core,) = [c for c in gc.get_objects() if isinstance(c, SessionCore) and not c.closed]
+            while core.commands < 4:  # noqa: ASYNC110 (LOGIN, SELECT, FETCH, COMPRESS read)
+                await trio.sleep(0.01)
+        go.set()
+    ((literal, lines),) = result
+    at = literal.find(b"z BAD")
+    assert literal == BIG, f"octets {at}-: {literal[at - 8 : at + 70]!r}"
+    assert lines[0] == b")\r\n", lines
+    # At a response boundary (whichever: here the proxy says it after what it read with the
+    # FETCH's end), a line of its own.
+    assert [line[:2] for line in lines[1:]] == [b"f ", b"* ", b"Q ", b"z "] or [
+        line[:2] for line in lines[1:]
+    ] == [b"f ", b"z ", b"* ", b"Q "], lines
+    assert b"z BAD [CLIENTBUG] Wait for the outstanding commands first\r\n" in lines
