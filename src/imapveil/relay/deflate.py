@@ -61,7 +61,9 @@ class DeflateStream(trio.abc.Stream):
             out = self._decompress.decompress(data, limit)
         except zlib.error as exc:
             self._pending = b""
-            raise DeflateError(f"invalid DEFLATE data: {exc}") from None
+            # zlib's own words ("Error -3 while decompressing data: invalid block type"), the
+            # part after the code: a fixed phrase, never the peer's octets.
+            raise DeflateError(f"invalid DEFLATE data: {str(exc).rpartition(': ')[2]}") from None
         self._pending = self._decompress.unconsumed_tail  # b"" once the stream has ended
         self._full = len(out) >= limit
         return out
