@@ -940,7 +940,9 @@ def compress_checked(out: Outcome) -> None:
         b"n3 NOOP\r\n",
     ]
     assert out.end.compressed
-    assert out.end.reason == "client_closed"  # a broken DEFLATE stream ends it as a reset
+    # A broken DEFLATE stream is answered and recorded (attack16c), not taken for a reset.
+    assert out.end.reason == "protocol_error"
+    assert b"* BYE [CLIENTBUG] Invalid DEFLATE data\r\n" in out.transcript
 
 
 async def test_after_compress(

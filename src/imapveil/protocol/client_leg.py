@@ -89,7 +89,9 @@ class ClientLeg:
             self.out.protocol_error(b"* BYE Command not allowed here\r\n")
             return False
         status, text, then = self._decide(cmd, args, busy)
-        self.out.reply(cmd.tag + b" " + status + b" " + text + b"\r\n")
+        # Owed, not said at once: in the middle of the server's response (a FETCH's literal on its
+        # way) the answer would be written into it. When there is a `then`, it is said now.
+        self.out.owe(cmd.tag + b" " + status + b" " + text + b"\r\n")
         if self.config.log_commands:
             # Before the switch: a TLS handshake that fails ends the relay's actions there.
             code = text[1 : text.find(b"]")].decode() if text.startswith(b"[") else None

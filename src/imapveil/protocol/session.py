@@ -381,6 +381,19 @@ class SessionCore:
             self._out.end("client_closed", "mid_literal" if literal else self._client.position)
         return self._out.close("client_closed")
 
+    def unreadable_deflate(self, detail: str, now: float) -> list[Action]:
+        """The client's DEFLATE stream (COMPRESS) cannot be inflated on: invalid data, or data
+        after its end. Nothing more of it can be read: `* BYE` (the proxy's own stream toward the
+        client is intact) where it can be said, and the close."""
+        o = self._out
+        o.now = now
+        out: list[Action] = []
+        o.actions = out
+        if not o.closed:
+            o.violation("client", "bad_deflate", detail, "closed")
+            o.protocol_error(b"* BYE [CLIENTBUG] Invalid DEFLATE data\r\n")
+        return out
+
     def server_closed(self, now: float) -> list[Action]:
         """The server closed its side (EOF or reset)."""
         self._out.now = now

@@ -35,7 +35,7 @@ from imapveil.protocol.actions import (
 from imapveil.protocol.session import CoreConfig, SessionCore
 from imapveil.records import IdExchange, Record, SessionEnded, Violation
 from imapveil.relay import splice
-from imapveil.relay.deflate import DeflateStream
+from imapveil.relay.deflate import DeflateError, DeflateStream
 from imapveil.relay.recording import RecordingStream
 from imapveil.relay.streams import (
     Leg,
@@ -405,6 +405,10 @@ class Connection:
                     await wait_readable(fd)
                     if (data := source.read(fd)) is None:
                         continue
+            except DeflateError as exc:
+                # Not a reset: the client sent what cannot be read (its answer and its record).
+                await self._apply(core.unreadable_deflate(str(exc), trio.current_time()))
+                return
             except (trio.BrokenResourceError, OSError) as exc:
                 # A reset is how many clients hang up; it is the peer's business, not an error.
                 log.debug("session %s: %s reset: %s", core.session_id, source.name, exc)
@@ -563,12 +567,18 @@ class Connection:
                     else:
                         records.append(nxt.record)
                     j += 1
-                i = j
+                # Our OK to COMPRESS, then DEFLATE, under one hold of the client leg's lock.
+                deflate = (
+                    direction is Direction.TO_CLIENT
+                    and j < n
+                    and isinstance(actions[j], StartCompress)
+                )
+                i = j + 1 if deflate else j
                 leg = self.server if direction is Direction.TO_SERVER else self.client
                 if leg is None or leg.broken:
                     continue
                 try:
-                    await leg.send_many(batch)
+                    await leg.send_many(batch, then_deflate=deflate)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                     self._emit_records(records)
                     self._send_failed(leg, exc, trio.current_time())

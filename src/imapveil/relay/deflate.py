@@ -3,8 +3,11 @@ another stream, each send flushed with Z_SYNC_FLUSH so the peer can decode it at
 
 Decompression is bounded: a small compressed input can expand enormously (a "zip bomb"), so
 at most `max_output` octets come out of one `receive_some`; the rest waits in the decompressor's
-own unconsumed input until the next call. A stream the peer ended (a final block) takes nothing
-more: zlib would keep every later octet, copying it all at each call.
+own unconsumed input until the next call, or, all input taken, in zlib itself: after a call
+that filled its limit, zlib is asked again before more input is awaited (a partial flush, as
+Thunderbird, K-9 Mail and iOS Mail flush, can leave a burst's last octets there). A stream the
+peer ended (a final block) takes nothing more: zlib would keep every later octet, copying it all
+at each call.
 """
 
 from __future__ import annotations
@@ -14,6 +17,11 @@ import zlib
 import trio
 
 
+class DeflateError(trio.BrokenResourceError):
+    """The peer's DEFLATE stream cannot be read on: invalid data, or data after its end. The
+    message says which (zlib's words, never the peer's octets)."""
+
+
 class DeflateStream(trio.abc.Stream):
     def __init__(self, inner: trio.abc.Stream, *, max_output: int = 256 * 1024) -> None:
         self.inner = inner
@@ -21,6 +29,7 @@ class DeflateStream(trio.abc.Stream):
         self._compress = zlib.compressobj(6, zlib.DEFLATED, -15)
         self._decompress = zlib.decompressobj(-15)
         self._pending = b""  # compressed input not yet turned into output
+        self._full = False  # the last inflate filled its limit: zlib may hold more output
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         out = self._compress.compress(bytes(data)) + self._compress.flush(zlib.Z_SYNC_FLUSH)
@@ -32,7 +41,7 @@ class DeflateStream(trio.abc.Stream):
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         limit = min(max_bytes or self.max_output, self.max_output)
         while True:
-            if self._pending:
+            if self._pending or self._full:
                 out = self._inflate(self._pending, limit)
                 if out:
                     return out
@@ -52,8 +61,11 @@ class DeflateStream(trio.abc.Stream):
             out = self._decompress.decompress(data, limit)
         except zlib.error as exc:
             self._pending = b""
-            raise trio.BrokenResourceError(f"bad DEFLATE data: {exc}") from None
+            # zlib's own words ("Error -3 while decompressing data: invalid block type"), the
+            # part after the code: a fixed phrase, never the peer's octets.
+            raise DeflateError(f"invalid DEFLATE data: {str(exc).rpartition(': ')[2]}") from None
         self._pending = self._decompress.unconsumed_tail  # b"" once the stream has ended
+        self._full = len(out) >= limit
         return out
 
     def _check_end(self, more: bool = False) -> None:
@@ -62,7 +74,7 @@ class DeflateStream(trio.abc.Stream):
         would keep all of it in `unused_data`, copying everything kept so far at each call:
         memory without bound, time the square of what came."""
         if self._decompress.eof and (more or self._decompress.unused_data):
-            raise trio.BrokenResourceError("data after the end of the DEFLATE stream")
+            raise DeflateError("data after the end of the DEFLATE stream")
 
     async def aclose(self) -> None:
         await self.inner.aclose()

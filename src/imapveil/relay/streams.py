@@ -18,6 +18,7 @@ from typing import Any
 import trio
 from trio.lowlevel import wait_readable, wait_writable
 
+from imapveil.relay.deflate import DeflateStream
 from imapveil.relay.splice import Pipe
 
 RECEIVE_SIZE = 256 * 1024
@@ -160,7 +161,12 @@ class Leg:
             return None
         return _RECEIVED[:n].tobytes()
 
-    async def send_many(self, chunks: list[bytes | memoryview]) -> None:
+    async def send_many(
+        self, chunks: list[bytes | memoryview], *, then_deflate: bool = False
+    ) -> None:
+        """`chunks`, in order, under the write lock; with `then_deflate` (our OK to COMPRESS is
+        the last of them) the leg turns DEFLATE before the lock is let go: nothing another task
+        sends can go between the OK and the compressed stream the client reads after it."""
         lock = self.write_lock
         if lock.locked():
             await lock.acquire()
@@ -175,6 +181,8 @@ class Leg:
             else:
                 for data in chunks:
                     await stream.send_all(data)
+            if then_deflate:
+                self.stream = DeflateStream(stream)
         except BaseException:
             self.broken = True
             raise
@@ -210,21 +218,26 @@ class Leg:
         Closing a TCP socket that still has unread input sends a reset, which can destroy our
         last `* BYE` in flight; so stop writing first and drain until the peer closes (briefly).
         A leg whose peer has closed has nothing left to read: it is closed at once.
+
+        A COMPRESS leg is drained below its DEFLATE: what comes is thrown away, so it is never
+        inflated (a few KiB of a peer's DEFLATE can be megabytes of it), and its socket can be
+        half-closed.
         """
         stream = self.stream
         if self.ended:
             with contextlib.suppress(Exception):
                 await close_now(stream)
             return
+        drained = stream.inner if isinstance(stream, DeflateStream) else stream
         with trio.move_on_after(CLOSE_GRACE) as scope:
             scope.shield = True
             try:
-                if type(stream) is trio.SocketStream:
-                    await _half_close_and_drain(stream.socket)
+                if type(drained) is trio.SocketStream:
+                    await _half_close_and_drain(drained.socket)
                 else:
-                    if isinstance(stream, trio.abc.HalfCloseableStream):
-                        await stream.send_eof()
-                    while await stream.receive_some(RECEIVE_SIZE):
+                    if isinstance(drained, trio.abc.HalfCloseableStream):
+                        await drained.send_eof()
+                    while await drained.receive_some(RECEIVE_SIZE):
                         pass
             except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
                 pass
