@@ -15,6 +15,7 @@ import errno
 import logging
 import math
 import ssl
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -279,30 +280,52 @@ class Connection:
         return None
 
     async def _client_handshake(self) -> bool:
-        """TLS on the client leg (implicit-TLS listener, or after our OK to STARTTLS)."""
+        """TLS on the client leg of an implicit-TLS listener."""
+        async with self.client.write_lock:
+            return await self._handshake_locked()
+
+    async def _handshake_locked(self) -> bool:
+        """TLS on the client leg, its write lock held (on an implicit-TLS listener, or after our
+        OK to STARTTLS, sent under the same hold: see `_carry_out`)."""
         context = self.settings.client_context
         assert context is not None, "a TLS listener needs a certificate"
         leg = self.client
-        async with leg.write_lock:
-            recording = RecordingStream(leg.stream)  # the ClientHello, for its JA4
-            tls = trio.SSLStream(recording, context, server_side=True)
-            leg.stream = tls
-            detail = ""
-            with trio.move_on_after(self.settings.tls_handshake_timeout):
-                try:
-                    await tls.do_handshake()
-                    self.core.tls_fingerprint(ja4.fingerprint(recording.stop()))
-                    return True
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                    detail = tls_reason(exc)
-            self.core.tls_fingerprint(ja4.fingerprint(recording.stop()))
-            leg.broken = True
+        recording = RecordingStream(leg.stream)  # the ClientHello, for its JA4
+        tls = trio.SSLStream(recording, context, server_side=True)
+        leg.stream = tls
+        detail = ""
+        with trio.move_on_after(self.settings.tls_handshake_timeout):
+            try:
+                await tls.do_handshake()
+                self.core.tls_fingerprint(ja4.fingerprint(recording.stop()))
+                return True
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                detail = tls_reason(exc)
+        self.core.tls_fingerprint(ja4.fingerprint(recording.stop()))
+        leg.broken = True
         detail = detail or f"no TLS handshake within {self.settings.tls_handshake_timeout:g} s"
         # Per session at debug only: any client can make one (connect, reset). The `Proxy`
         # says them at info once a minute; the session's record has the detail.
         log.debug("session %s: client TLS failed: %s", self.core.session_id, detail)
         self._emit_all(self.core.tls_failed(f"client: {detail}", trio.current_time()))
         return False
+
+    def _switch(self, action: Action) -> Callable[[], Awaitable[object]] | None:
+        """What turns the client leg after our OK, when `action` (the one after it) says so."""
+        if isinstance(action, StartCompress):
+            return self._deflate_locked
+        if isinstance(action, StartTls):
+            return self._starttls_locked
+        return None
+
+    async def _deflate_locked(self) -> None:
+        """The client leg turns DEFLATE (after our OK to COMPRESS), its write lock held."""
+        self.client.stream = DeflateStream(self.client.stream)
+
+    async def _starttls_locked(self) -> None:
+        """The handshake after our OK to STARTTLS, its write lock held; a failure leaves the leg
+        broken, said and recorded by `_handshake_locked`."""
+        await self._handshake_locked()
 
     async def _upstream_tls(self) -> bool:
         s = self.settings
@@ -567,23 +590,24 @@ class Connection:
                     else:
                         records.append(nxt.record)
                     j += 1
-                # Our OK to COMPRESS, then DEFLATE, under one hold of the client leg's lock.
-                deflate = (
-                    direction is Direction.TO_CLIENT
-                    and j < n
-                    and isinstance(actions[j], StartCompress)
+                # Our OK to COMPRESS or STARTTLS, then DEFLATE or the TLS handshake, under one
+                # hold of the client leg's lock: no server response goes out between them.
+                then = (
+                    self._switch(actions[j]) if direction is Direction.TO_CLIENT and j < n else None
                 )
-                i = j + 1 if deflate else j
+                i = j + 1 if then is not None else j
                 leg = self.server if direction is Direction.TO_SERVER else self.client
                 if leg is None or leg.broken:
                     continue
                 try:
-                    await leg.send_many(batch, then_deflate=deflate)
+                    await leg.send_many(batch, then=then)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                     self._emit_records(records)
                     self._send_failed(leg, exc, trio.current_time())
                     return
                 self._emit_records(records)
+                if leg.broken:  # the handshake after our OK to STARTTLS failed (and said so)
+                    return
                 continue
             if isinstance(action, Emit):
                 records.append(action.record)

@@ -13,6 +13,7 @@ import ipaddress
 import os
 import socket
 import ssl
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -162,11 +163,14 @@ class Leg:
         return _RECEIVED[:n].tobytes()
 
     async def send_many(
-        self, chunks: list[bytes | memoryview], *, then_deflate: bool = False
+        self,
+        chunks: list[bytes | memoryview],
+        *,
+        then: Callable[[], Awaitable[object]] | None = None,
     ) -> None:
-        """`chunks`, in order, under the write lock; with `then_deflate` (our OK to COMPRESS is
-        the last of them) the leg turns DEFLATE before the lock is let go: nothing another task
-        sends can go between the OK and the compressed stream the client reads after it."""
+        """`chunks`, in order, under the write lock; then `then()` before the lock is let go:
+        after our OK to COMPRESS or STARTTLS, the switch to DEFLATE or the TLS handshake, so that
+        nothing another task sends goes between the OK and what the client reads after it."""
         lock = self.write_lock
         if lock.locked():
             await lock.acquire()
@@ -181,8 +185,8 @@ class Leg:
             else:
                 for data in chunks:
                     await stream.send_all(data)
-            if then_deflate:
-                self.stream = DeflateStream(stream)
+            if then is not None:
+                await then()
         except BaseException:
             self.broken = True
             raise
