@@ -7,13 +7,35 @@ it cannot read is refused, said, and the configuration in force stays."""
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
 import pytest
 
 from imapveil.policy import Policy
 from imapveil.policy_files import resolve_policy
 from imapveil.protocol.session import CoreConfig
 from imapveil.records import IdExchange
+from tests.conftest import TlsMaterial
+from tests.helpers.dovecot import Dovecot
 from tests.helpers.feeding import SPLITTERS, Conversation, Splitter
+from tests.helpers.process import Running, imapveil
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT = (REPO / "policies" / "default.toml").read_text()
+FORWARDING = (
+    DEFAULT
+    + '\n[[rule]]\nfields = ["x-device"]\nforward = "keep"\nrecord = "keep"\n'
+    + 'allow = ["mac", "imei", "uuid", "token", "email", "ip"]\n'
+)
+"""The default policy, but `x-device` forwarded and recorded: Dovecot's `ID sent:` line shows
+which of the two decided."""
 
 GREETING = b"* OK [CAPABILITY IMAP4rev1 LITERAL+ ID] ready\r\n"
 
@@ -74,3 +96,167 @@ def test_the_answer_to_the_proxy_s_own_id_is_decided_by_the_policy_it_went_out_u
     assert isinstance(record, IdExchange) and record.injected
     assert (record.policy, record.policy_digest) == (strict.name, strict.digest)
     assert record.server == {"name": "Dovecot"}
+
+
+# --- Helpers for the real process.
+
+
+def said(proxy: Running, marker: bytes, within: float = 5.0) -> bytes:
+    """stderr up to the first line with `marker`, failing (not hanging) after `within` s. (Read
+    in a thread: the lines may be in the pipe's buffered reader already, where select(2) does
+    not see them.)"""
+    found: list[bytes] = []
+    reader = threading.Thread(target=lambda: found.append(proxy.stderr_until(marker)))
+    reader.start()
+    reader.join(within)
+    assert found, f"{marker!r} not said within {within} s"
+    return found[0]
+
+
+class Session:
+    """A logged-in session through the proxy, line by line."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        self.file = self.sock.makefile("rb")
+        assert self.file.readline().startswith(b"* OK")
+        self.ask(b"l", b"LOGIN alice wonderland")
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def until(self, tag: bytes) -> list[bytes]:
+        lines: list[bytes] = []
+        while True:
+            line = self.file.readline()
+            assert line, lines
+            lines.append(line)
+            if line.startswith(tag + b" "):
+                assert line.startswith(tag + b" OK"), lines
+                return lines
+
+    def ask(self, tag: bytes, command: bytes) -> list[bytes]:
+        self.send(tag + b" " + command + b"\r\n")
+        return self.until(tag)
+
+    def close(self) -> None:
+        self.ask(b"z", b"LOGOUT")
+        self.file.close()
+        self.sock.close()
+
+
+def _device_sent(dovecot: Dovecot, value: str) -> str:
+    """Dovecot's `ID sent:` line naming x-device=`value`, once it is in its log."""
+    text = dovecot.wait_for_log(f"x-device={value}", 1, timeout=2.5)
+    (line,) = [x for x in text.splitlines() if f"x-device={value}" in x]
+    return line
+
+
+# --- A reload that finds a file broken: refused, said, and the policy in force stays.
+
+
+def _fifo(path: Path) -> None:
+    path.unlink()
+    os.mkfifo(path)
+
+
+def _directory(path: Path) -> None:
+    path.unlink()
+    path.mkdir()
+
+
+def _loop(path: Path) -> None:
+    path.unlink()
+    path.symlink_to(path)
+
+
+def _truncated(path: Path) -> None:
+    path.write_text(FORWARDING[: FORWARDING.rindex("[[rule]]") + 20])  # `fields = [` cut off
+
+
+def _not_utf8(path: Path) -> None:
+    path.write_bytes(b'name = "\xff\xfe"\n')
+
+
+BREAKS = {
+    "fifo": _fifo,
+    "directory": _directory,
+    "symlink loop": _loop,
+    "truncated": _truncated,
+    "not utf-8": _not_utf8,
+}
+
+
+@pytest.mark.dovecot
+@pytest.mark.parametrize("break_it", BREAKS.values(), ids=BREAKS.keys())
+def test_a_reload_finding_the_policy_broken_keeps_the_one_in_force(
+    dovecot: Dovecot, tmp_path: Path, break_it: object
+) -> None:
+    """Found (the FIFO): a policy file replaced by a named pipe nobody writes held the reload's
+    worker thread in open(2) for good, and with it every reload after it (a SIGHUP during a
+    reload only asks for one more after it): no answer, no log line, no record, and the
+    configuration frozen until a restart. `check-config` and a start hung the same way. Now a
+    settings file that is not a regular file is refused at once. The other breaks held: each
+    reload is refused, said, recorded, and an ID after it is decided by the policy in force
+    before (Dovecot's `ID sent:` line shows `x-device`, which only that one forwards)."""
+    policy = tmp_path / "p.toml"
+    policy.write_text(FORWARDING)
+    assert callable(break_it)
+    with imapveil(tmp_path, dovecot.address, "--policy", str(policy)) as proxy:
+        session = Session(proxy.port)
+        break_it(policy)
+        proxy.signal(signal.SIGHUP)
+        assert b"reload refused" in said(proxy, b" imapveil: reload")
+        value = f"kept-{os.getpid()}-{time.monotonic_ns()}"
+        session.ask(b"i", b'ID ("name" "Mail" "x-device" "%s")' % value.encode())
+        assert "name=Mail" in _device_sent(dovecot, value)
+        # Mended, the next reload takes it: the reloads are not stuck behind the broken one.
+        if policy.is_dir():
+            policy.rmdir()
+        else:
+            policy.unlink()
+        policy.write_text(DEFAULT)
+        proxy.signal(signal.SIGHUP)
+        assert b"reloaded" in said(proxy, b" imapveil: reload")
+        session.close()
+        assert proxy.stop() == 0
+    records = proxy.records()
+    loaded = [r["ok"] for r in records if r["event"] == "policy"]
+    assert loaded == [True, False, True], loaded
+    (refused,) = [r for r in records if r["event"] == "policy" and not r["ok"]]
+    assert str(policy) in refused["error"]
+    (decided,) = [r for r in records if r["event"] == "id"]
+    assert decided["forwarded"] == ["name", "x-device"]
+
+
+@pytest.mark.parametrize(
+    "setting", ["config", "policy", "cert", "key", "upstream_ca", "user_key_file"]
+)
+def test_check_config_refuses_a_named_pipe_at_once(
+    tmp_path: Path, setting: str, tls_material: TlsMaterial
+) -> None:
+    """`check-config` (and `serve` and a reload, which read the same way) on a FIFO: refused,
+    not hung."""
+    config, pipe = tmp_path / "imapveil.toml", tmp_path / "pipe"
+    os.mkfifo(pipe)
+    files = {
+        "cert": tls_material.cert,
+        "key": tls_material.key,
+        "upstream_ca": tls_material.ca_file,
+        "user_key_file": tmp_path / "user-key",
+        "policy": REPO / "policies" / "default.toml",
+    }
+    if setting in files:
+        files[setting] = pipe
+    text = 'upstream = "127.0.0.1:143"\nupstream_tls = "implicit"\n'
+    config.write_text(text + "".join(f'{name} = "{path}"\n' for name, path in files.items()))
+    if setting == "config":
+        config = pipe
+    done = subprocess.run(
+        [sys.executable, "-m", "imapveil", "check-config", str(config)],
+        capture_output=True,
+        timeout=5,
+        check=False,
+    )
+    assert done.returncode == 1, done
+    assert b"not a regular file" in done.stderr, done.stderr
