@@ -7,6 +7,7 @@ it cannot read is refused, said, and the configuration in force stays."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import socket
@@ -14,7 +15,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -116,9 +119,12 @@ def said(proxy: Running, marker: bytes, within: float = 5.0) -> bytes:
 class Session:
     """A logged-in session through the proxy, line by line."""
 
+    opened: ClassVar[list[Session]] = []
+
     def __init__(self, port: int) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
         self.file = self.sock.makefile("rb")
+        Session.opened.append(self)
         assert self.file.readline().startswith(b"* OK")
         self.ask(b"l", b"LOGIN alice wonderland")
 
@@ -141,8 +147,20 @@ class Session:
 
     def close(self) -> None:
         self.ask(b"z", b"LOGOUT")
+        self.drop()
+
+    def drop(self) -> None:
         self.file.close()
         self.sock.close()
+
+
+@pytest.fixture(autouse=True)
+def _sessions_dropped() -> Iterator[None]:
+    """Every session's socket closed, whatever the test's outcome (-W error: a leaked socket
+    would fail a later test)."""
+    yield
+    while Session.opened:
+        Session.opened.pop().drop()
 
 
 def _device_sent(dovecot: Dovecot, value: str) -> str:
@@ -260,3 +278,108 @@ def test_check_config_refuses_a_named_pipe_at_once(
     )
     assert done.returncode == 1, done
     assert b"not a regular file" in done.stderr, done.stderr
+
+
+# --- An ID half received when the reload comes: the policy in force when it is complete decides.
+
+
+@pytest.mark.dovecot
+@pytest.mark.parametrize("plus", [b"", b"+"], ids=["synchronizing", "literal+"])
+def test_an_id_half_received_at_the_reload_is_decided_by_the_new_policy(
+    dovecot: Dovecot, tmp_path: Path, plus: bytes
+) -> None:
+    """Held: `ID ("name" "Mail" "x-device" {N}` (the proxy's own `+` for a synchronizing one),
+    then a reload to a policy that forwards x-device, then the literal and the rest: the ID is
+    complete after the reload, so the new policy decides (Dovecot's `ID sent:` shows the
+    field), and its record names the new policy's digest. An ID decided before the reload keeps
+    the record of the one that decided it."""
+    policy = tmp_path / "p.toml"
+    policy.write_text(DEFAULT)
+    value = f"half-{os.getpid()}-{time.monotonic_ns()}".encode()
+    with imapveil(tmp_path, dovecot.address, "--policy", str(policy)) as proxy:
+        earlier, session = Session(proxy.port), Session(proxy.port)
+        earlier.send(b'a ID ("name" "Mail" "x-device" "before")\r\n')  # default: dropped
+        session.send(b'b ID ("name" "Mail" "x-device" {%d%s}\r\n' % (len(value), plus))
+        if not plus:  # the proxy's own `+`: the ID is being collected
+            assert session.file.readline().startswith(b"+ ")
+        earlier.until(b"a")  # decided before the reload (the server may answer after it)
+        policy.write_text(FORWARDING)
+        proxy.signal(signal.SIGHUP)
+        assert b"reloaded" in said(proxy, b" imapveil: reload")
+        session.send(value + b")\r\n")
+        session.until(b"b")
+        assert "name=Mail" in _device_sent(dovecot, value.decode())
+        session.close()
+        earlier.close()
+        assert proxy.stop() == 0
+    ids = {r["tag"]: r for r in proxy.records() if r["event"] == "id"}
+    digests = [r["policy_digest"] for r in proxy.records() if r["event"] == "policy"]
+    assert ids["a"]["forwarded"] == ["name", "x-imapveil"] and ids["a"]["dropped"] == ["x-device"]
+    assert ids["a"]["policy_digest"] == digests[0]
+    assert ids["b"]["forwarded"] == ["name", "x-device"]
+    assert ids["b"]["client"]["x-device"] == value.decode()
+    assert ids["b"]["policy_digest"] == digests[1] != digests[0]
+
+
+# --- Sessions holding something while reloads come by the hundred.
+
+
+def _mailbox(session: Session, name: bytes) -> None:
+    session.send(b"c CREATE " + name + b"\r\n")
+    while not (line := session.file.readline()).startswith(b"c "):
+        assert line
+    session.ask(b"s", b"SELECT " + name)
+
+
+@pytest.mark.dovecot
+def test_an_append_and_an_idle_go_through_a_storm_of_reloads_that_change_the_limits(
+    dovecot: Dovecot, tmp_path: Path
+) -> None:
+    """Held: an APPEND of 3 MB (spliced between the plain legs) half sent, an IDLE on the box it
+    goes to, and a line half sent; then 300 SIGHUPs while the configuration lowers
+    `max_line_length` to 1024 and the policy changes: the message arrives whole (its digest as
+    the server has it), the IDLE sees it and ends with DONE, and the half line of 4,000 octets
+    ends under the limit its session started with; a new session gets the new one."""
+    config, policy = tmp_path / "imapveil.toml", tmp_path / "p.toml"
+    config.write_text(f'policy = "{policy}"\n')
+    policy.write_text(DEFAULT)
+    box = b"storm%d" % time.monotonic_ns()
+    message = b"Subject: storm\r\n\r\n" + b"".join(
+        b"%07d %s\r\n" % (i, b"x" * 70) for i in range(3 * 1024 * 1024 // 80)
+    )
+    digest = hashlib.sha256(message).hexdigest()
+    with imapveil(tmp_path, dovecot.address, "--config", str(config)) as proxy:
+        idler, appender, talker = (Session(proxy.port) for _ in range(3))
+        _mailbox(idler, box)
+        talker.ask(b"e", b"EXAMINE INBOX")
+        idler.send(b"i IDLE\r\n")
+        assert idler.file.readline().startswith(b"+ ")
+        appender.send(b"p APPEND %s {%d}\r\n" % (box, len(message)))
+        assert appender.file.readline().startswith(b"+ ")
+        half = len(message) // 2
+        appender.send(message[:half])
+        talker.send(b"t SEARCH TEXT " + b"y" * 4000)  # a line, its end not sent yet
+        config.write_text(f'policy = "{policy}"\nmax_line_length = 1024\n')
+        policy.write_text(FORWARDING)
+        for _ in range(300):
+            os.kill(proxy.process.pid, signal.SIGHUP)
+        appender.send(message[half:] + b"\r\n")
+        appender.until(b"p")
+        talker.send(b"\r\n")
+        talker.until(b"t")
+        assert b"EXISTS" in idler.file.readline()
+        idler.send(b"DONE\r\n")
+        idler.until(b"i")
+        assert b"reloaded" in said(proxy, b"reloaded")
+        fetched = b"".join(idler.ask(b"f", b"FETCH 1 BODY.PEEK[]"))
+        body = fetched[fetched.index(b"}\r\n") + 3 : fetched.rindex(b")\r\nf OK")]
+        assert hashlib.sha256(body).hexdigest() == digest
+        late = Session(proxy.port)
+        late.send(b"t SEARCH TEXT " + b"y" * 2000 + b"\r\n")
+        assert late.file.readline().startswith(b"* BYE [TOOBIG]")
+        late.drop()
+        for session in (idler, appender, talker):
+            session.close()
+        assert proxy.stop() == 0
+    ends = [r for r in proxy.records() if r["event"] == "session_end"]
+    assert sorted(e["reason"] for e in ends) == ["line_too_long", "logout", "logout", "logout"]
