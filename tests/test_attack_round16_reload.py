@@ -7,15 +7,18 @@ it cannot read is refused, said, and the configuration in force stays."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import ClassVar
 
@@ -26,7 +29,7 @@ from imapveil.policy_files import resolve_policy
 from imapveil.protocol.session import CoreConfig
 from imapveil.records import IdExchange
 from tests.conftest import TlsMaterial
-from tests.helpers.dovecot import Dovecot
+from tests.helpers.dovecot import Dovecot, free_port
 from tests.helpers.feeding import SPLITTERS, Conversation, Splitter
 from tests.helpers.process import Running, imapveil
 
@@ -383,3 +386,105 @@ def test_an_append_and_an_idle_go_through_a_storm_of_reloads_that_change_the_lim
         assert proxy.stop() == 0
     ends = [r for r in proxy.records() if r["event"] == "session_end"]
     assert sorted(e["reason"] for e in ends) == ["line_too_long", "logout", "logout", "logout"]
+
+
+@pytest.mark.dovecot
+def test_a_reload_lowering_max_sessions_below_the_count_keeps_the_open_ones(
+    dovecot: Dovecot, tmp_path: Path
+) -> None:
+    """Held: three sessions open, a reload to `max_sessions = 2`: the three go on, a fourth is
+    refused (`* BYE [UNAVAILABLE]`), and once two have ended one more is admitted (the count
+    the reload found was kept, not started again)."""
+    config = tmp_path / "imapveil.toml"
+    config.write_text("max_sessions = 10\n")
+    with imapveil(tmp_path, dovecot.address, "--config", str(config)) as proxy:
+        sessions = [Session(proxy.port) for _ in range(3)]
+        config.write_text("max_sessions = 2\n")
+        proxy.signal(signal.SIGHUP)
+        assert b"reloaded" in said(proxy, b" imapveil: reload")
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as refused:
+            assert refused.makefile("rb").readline().startswith(b"* BYE [UNAVAILABLE]")
+        for session in sessions:
+            session.ask(b"n", b"NOOP")
+        sessions[0].close()
+        sessions[1].close()
+        deadline = time.monotonic() + 2.5
+        while True:  # the two ends are counted once their legs are closed
+            with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as probe:
+                greeting = probe.makefile("rb").readline()
+            if greeting.startswith(b"* OK") or time.monotonic() > deadline:
+                break
+        assert greeting.startswith(b"* OK"), greeting
+        sessions[2].close()
+        assert proxy.stop() == 0
+
+
+# --- The client leg's certificate, replaced while a handshake is in progress.
+
+
+def _handshake(sock: socket.socket, context: ssl.SSLContext, between: Callable[[], None]) -> bytes:
+    """A TLS handshake over `sock` with the ClientHello sent in two halves and `between()`
+    called between them; the server certificate (DER) it ends with."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname="127.0.0.1")
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls.do_handshake()
+    hello = outgoing.read()
+    sock.sendall(hello[: len(hello) // 2])
+    between()
+    sock.sendall(hello[len(hello) // 2 :])
+    while True:
+        try:
+            tls.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            if data := outgoing.read():
+                sock.sendall(data)
+            received = sock.recv(65536)
+            assert received, "closed during the handshake"
+            incoming.write(received)
+    if data := outgoing.read():
+        sock.sendall(data)
+    der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return der
+
+
+@pytest.mark.dovecot
+def test_a_handshake_in_progress_ends_with_the_certificate_it_began_with(
+    dovecot: Dovecot, tmp_path: Path, tls_material: TlsMaterial
+) -> None:
+    """Held: half a ClientHello received on the implicit-TLS port, then the certificate and key
+    replaced and reloaded: that handshake completes with the certificate it began with; the next
+    connection gets the new one. Then a certificate cut short in the middle of a rotation: the
+    reload is refused and new connections keep the last good one."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    shutil.copy(tls_material.cert, cert)
+    shutil.copy(tls_material.key, key)
+    renewed = tls_material.ca.issue_cert("127.0.0.1", "localhost")
+    tls_port = free_port()
+    args = ["--listen-tls", f"127.0.0.1:{tls_port}", "--cert", str(cert), "--key", str(key)]
+    context = tls_material.client_context()
+    first = Path(tls_material.cert).read_text()
+    old_der = ssl.PEM_cert_to_DER_cert(first[: first.index("-----END CERTIFICATE-----") + 25])
+    new_der = ssl.PEM_cert_to_DER_cert(renewed.cert_chain_pems[0].bytes().decode())
+
+    with imapveil(tmp_path, dovecot.address, *args) as proxy:
+
+        def rotate() -> None:
+            renewed.private_key_pem.write_to_path(str(key))
+            renewed.cert_chain_pems[0].write_to_path(str(cert))
+            proxy.signal(signal.SIGHUP)
+            assert b"reloaded" in said(proxy, b" imapveil: reload")
+
+        with socket.create_connection(("127.0.0.1", tls_port), timeout=5) as sock:
+            assert _handshake(sock, context, rotate) == old_der
+        with socket.create_connection(("127.0.0.1", tls_port), timeout=5) as sock:
+            assert _handshake(sock, context, lambda: None) == new_der
+        text = cert.read_text()
+        cert.write_text(text[: len(text) // 2])  # a rotation caught half written
+        proxy.signal(signal.SIGHUP)
+        assert b"truncated PEM certificate" in said(proxy, b" imapveil: reload")
+        with socket.create_connection(("127.0.0.1", tls_port), timeout=5) as sock:
+            assert _handshake(sock, context, lambda: None) == new_der
+        assert proxy.stop() == 0
