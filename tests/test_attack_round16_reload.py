@@ -31,7 +31,7 @@ from imapveil.records import IdExchange
 from tests.conftest import TlsMaterial
 from tests.helpers.dovecot import Dovecot, free_port
 from tests.helpers.feeding import SPLITTERS, Conversation, Splitter
-from tests.helpers.process import Running, imapveil
+from tests.helpers.process import Running, imapveil, read_log
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT = (REPO / "policies" / "default.toml").read_text()
@@ -488,3 +488,96 @@ def test_a_handshake_in_progress_ends_with_the_certificate_it_began_with(
         with socket.create_connection(("127.0.0.1", tls_port), timeout=5) as sock:
             assert _handshake(sock, context, lambda: None) == new_der
         assert proxy.stop() == 0
+
+
+# --- Log rotation by the dozen while sessions make records.
+
+
+def _noops(port: int, stop: threading.Event, answered: list[int], errors: list[object]) -> None:
+    try:
+        session = Session(port)
+        count = 0
+        while not stop.is_set():
+            count += 1
+            session.ask(b"n%d" % count, b"NOOP")
+        answered.append(count)
+        session.close()
+    except Exception as exc:  # the test reports it
+        errors.append(exc)
+
+
+@pytest.mark.dovecot
+def test_rotations_during_a_storm_of_reloads_lose_and_repeat_no_record(
+    dovecot: Dovecot, tmp_path: Path
+) -> None:
+    """Held: three sessions doing NOOPs (a record each) while the event log is renamed and
+    SIGHUP sent 40 times, 10 ms apart, among 400 more SIGHUPs: across all the files every line
+    is one whole record, every NOOP answered has its record once, every session its end."""
+    with imapveil(tmp_path, dovecot.address) as proxy:
+        stop, answered, errors = threading.Event(), list[int](), list[object]()
+        workers = [
+            threading.Thread(target=_noops, args=(proxy.port, stop, answered, errors))
+            for _ in range(3)
+        ]
+        for worker in workers:
+            worker.start()
+        for i in range(40):
+            if proxy.events.exists():  # reopened since the last rotation (logrotate's missingok)
+                proxy.events.rename(proxy.events.with_name(f"rotated-{i:02d}.jsonl"))
+            for _ in range(10):
+                os.kill(proxy.process.pid, signal.SIGHUP)
+            time.sleep(0.01)  # the rotations' pace, not a wait for an outcome
+        stop.set()
+        for worker in workers:
+            worker.join(10)
+        assert proxy.stop() == 0
+    assert not errors, errors
+    records: list[dict[str, object]] = []
+    for path in [*sorted(tmp_path.glob("rotated-*.jsonl")), proxy.events]:
+        found, other = read_log(path)
+        assert not other, (path, other[:3])
+        records += found
+    noops = [r for r in records if r["event"] == "command" and r["verb"] == "NOOP"]
+    assert len(noops) == sum(answered) == len({(r["session"], r["tag"]) for r in noops})
+    ends = [r["session"] for r in records if r["event"] == "session_end"]
+    assert len(ends) == len(set(ends)) == 3
+
+
+@pytest.mark.dovecot
+def test_sighups_during_the_shutdown_grace_cut_no_append_short(
+    dovecot: Dovecot, tmp_path: Path
+) -> None:
+    """Held: an APPEND of 2 MB half sent, then SIGTERM (a grace of 20 s) and 200 SIGHUPs with
+    the policy file gone: the APPEND completes whole, the session logs out, and the proxy exits
+    0 as soon as it has, not at the grace's end."""
+    policy = tmp_path / "p.toml"
+    policy.write_text(DEFAULT)
+    box = b"grace%d" % time.monotonic_ns()
+    message = b"Subject: grace\r\n\r\n" + b"z" * 78 * 26_000
+    digest = hashlib.sha256(message).hexdigest()
+    args = ["--policy", str(policy), "--shutdown-grace", "20"]
+    with imapveil(tmp_path, dovecot.address, *args) as proxy:
+        session = Session(proxy.port)
+        session.send(b"c CREATE " + box + b"\r\n")
+        session.until(b"c")
+        session.send(b"p APPEND %s {%d}\r\n" % (box, len(message)))
+        assert session.file.readline().startswith(b"+ ")
+        session.send(message[: len(message) // 2])
+        proxy.signal(signal.SIGTERM)
+        policy.unlink()
+        for _ in range(200):
+            os.kill(proxy.process.pid, signal.SIGHUP)
+        session.send(message[len(message) // 2 :] + b"\r\n")
+        session.until(b"p")
+        session.ask(b"s", b"SELECT " + box)
+        fetched = b"".join(session.ask(b"f", b"FETCH 1 BODY.PEEK[]"))
+        body = fetched[fetched.index(b"}\r\n") + 3 : fetched.rindex(b")\r\nf OK")]
+        assert hashlib.sha256(body).hexdigest() == digest
+        began = time.monotonic()
+        session.close()
+        assert proxy.process.wait(5) == 0
+        assert time.monotonic() - began < 3
+        assert proxy.stop() == 0
+    assert b"Traceback" not in proxy.stderr
+    (end,) = [r for r in proxy.records() if r["event"] == "session_end"]
+    assert end["reason"] == "logout"
