@@ -20,18 +20,26 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import pytest
+import trio
 
 from imapveil.policy import Policy
 from imapveil.policy_files import resolve_policy
 from imapveil.protocol.session import CoreConfig
 from imapveil.records import IdExchange
+from imapveil.service import Service, load_all
 from tests.conftest import TlsMaterial
 from tests.helpers.dovecot import Dovecot, free_port
 from tests.helpers.feeding import SPLITTERS, Conversation, Splitter
-from tests.helpers.process import Running, imapveil, read_log
+from tests.helpers.process import (
+    Running,
+    imapveil,
+    read_log,
+    service_overrides,
+    signal_handlers_restored,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT = (REPO / "policies" / "default.toml").read_text()
@@ -581,3 +589,81 @@ def test_sighups_during_the_shutdown_grace_cut_no_append_short(
     assert b"Traceback" not in proxy.stderr
     (end,) = [r for r in proxy.records() if r["event"] == "session_end"]
     assert end["reason"] == "logout"
+
+
+# --- The event log's reopening at a reload, on a file system that answers late.
+
+SLOW = 1.5
+"""Seconds the event log's directory takes to answer during the reload."""
+
+
+async def _connect(port: int) -> trio.SocketStream:
+    while True:
+        try:
+            return await trio.open_tcp_stream("127.0.0.1", port)
+        except OSError:
+            await trio.sleep(0.01)
+
+
+async def _ask(stream: trio.SocketStream, tag: bytes, command: bytes) -> float:
+    """Seconds until the tagged answer."""
+    began = trio.current_time()
+    await stream.send_all(tag + b" " + command + b"\r\n")
+    received = b""
+    while b"\r\n" + tag + b" OK" not in b"\r\n" + received:
+        chunk = await stream.receive_some(65536)
+        assert chunk, received
+        received += chunk
+    return trio.current_time() - began
+
+
+@pytest.mark.dovecot
+async def test_reopening_the_event_log_on_a_slow_mount_holds_up_no_session(
+    dovecot: Dovecot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found: a reload read the files in a worker thread (a hung mount must not hold up the
+    sessions), but reopened the event log on the event loop: its directory's mkdir, open(2)
+    and the read of its last octet. With the log's file system answering in 1.5 s (NFS
+    recovering, a disk failing), every session waited 1.5 s at each reload, log rotation's
+    included. Now the file is opened in a worker thread too."""
+    port = free_port()
+    overrides = service_overrides(dovecot.address, port, tmp_path)
+    service = Service(None, overrides, load_all(None, overrides))
+    logs = Path(overrides["events"]).parent
+    mkdir = Path.mkdir
+    slow, reloaded = threading.Event(), trio.Event()
+
+    def late(self: Path, *args: Any, **kwargs: Any) -> None:
+        if slow.is_set() and self == logs:
+            time.sleep(SLOW)  # blocks the thread that asks, as a hung mount does
+        mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", late)
+    during: list[float] = []
+
+    async def noops(stream: trio.SocketStream) -> None:
+        i = 0
+        while not reloaded.is_set():
+            i += 1
+            waited = await _ask(stream, b"n%d" % i, b"NOOP")
+            if slow.is_set():
+                during.append(waited)
+
+    async def client() -> None:
+        async with await _connect(port) as stream:
+            await _ask(stream, b"l", b"LOGIN alice wonderland")
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(noops, stream)
+                await trio.sleep(0.1)  # NOOPs going on before the reload
+                slow.set()
+                await service.reload()
+                reloaded.set()
+            await stream.send_all(b"q LOGOUT\r\n")
+        service.proxy.stop()
+
+    with signal_handlers_restored(), trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client)
+            await service.run()
+    assert max(during, default=0.0) < SLOW / 3, f"a NOOP waited {max(during):.2f} s"
+    assert len(during) >= 5, f"{len(during)} NOOPs answered while the reload ran"
