@@ -26,7 +26,7 @@ import pytest
 import trio
 
 from imapveil.policy import Policy
-from imapveil.policy_files import resolve_policy
+from imapveil.policy_files import load_policy, resolve_policy
 from imapveil.protocol.session import CoreConfig
 from imapveil.records import IdExchange
 from imapveil.service import Service, load_all
@@ -667,3 +667,32 @@ async def test_reopening_the_event_log_on_a_slow_mount_holds_up_no_session(
             await service.run()
     assert max(during, default=0.0) < SLOW / 3, f"a NOOP waited {max(during):.2f} s"
     assert len(during) >= 5, f"{len(during)} NOOPs answered while the reload ran"
+
+
+# --- A shipped policy's name, and what the working directory holds.
+
+
+@pytest.mark.parametrize("spec", [None, "default", "strict"])
+@pytest.mark.parametrize("what", ["directory", "file"])
+def test_a_shipped_policy_s_name_is_never_a_file_of_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, spec: str | None, what: str
+) -> None:
+    """Found: `policy = "default"` (the default) or `"strict"` was first looked up as a file
+    in the working directory: started (or reloaded) from /etc, which holds a directory named
+    `default`, the proxy refused to start ("policy: default: cannot read"); from a directory
+    with a file of that name, that file was the policy, under the shipped one's name (here one
+    forwarding everything, named "default"). A bare shipped name is the shipped policy now; a
+    file is named with a `/` or `.toml`."""
+    monkeypatch.chdir(tmp_path)
+    name = spec or "default"
+    if what == "directory":
+        (tmp_path / name).mkdir()
+    else:
+        (tmp_path / name).write_text(
+            f'name = "{name}"\ndefault = {{ forward = "keep", record = "keep" }}\ndetectors = []\n'
+        )
+    shipped = load_policy(REPO / "policies" / f"{name}.toml")
+    assert resolve_policy(spec).digest == shipped.digest
+    # A file is still a file when named as one.
+    if what == "file":
+        assert resolve_policy(f"./{name}").digest != shipped.digest
