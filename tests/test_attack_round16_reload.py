@@ -40,6 +40,7 @@ from tests.helpers.process import (
     service_overrides,
     signal_handlers_restored,
 )
+from tests.helpers.scripted import Peer, serve
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT = (REPO / "policies" / "default.toml").read_text()
@@ -696,3 +697,53 @@ def test_a_shipped_policy_s_name_is_never_a_file_of_the_working_directory(
     # A file is still a file when named as one.
     if what == "file":
         assert resolve_policy(f"./{name}").digest != shipped.digest
+
+
+async def test_a_reload_while_the_server_takes_its_time_over_an_id_changes_nothing_of_it(
+    tmp_path: Path,
+) -> None:
+    """The first fix above through the service: a scripted server holds its answer to the
+    client's ID until the policy file has become passthrough and been reloaded; the client is
+    shown the server's ID as strict (the policy its ID went out under) has it, and the record
+    names strict and keeps only what strict records of the server's fields."""
+    policy = tmp_path / "p.toml"
+    policy.write_text((REPO / "policies" / "strict.toml").read_text())
+    got_id, reloaded = trio.Event(), trio.Event()
+
+    async def script(peer: Peer) -> None:
+        await peer.say(b"* OK [CAPABILITY IMAP4rev1 ID LITERAL+] ready\r\n")
+        while line := await peer.line():
+            tag = line.split(b" ", 1)[0]
+            if b" ID " in line:
+                got_id.set()
+                await reloaded.wait()
+                await peer.say(b'* ID ("name" "Srv" "x-serial" "SN-778899")\r\n')
+            await peer.say(tag + b" OK done\r\n")
+
+    port = free_port()
+    async with serve(script, bytearray()) as upstream:
+        overrides = {**service_overrides(upstream, port, tmp_path), "policy": str(policy)}
+        overrides["store"] = "off"
+        service = Service(None, overrides, load_all(None, overrides))
+        shown = b""
+
+        async def client() -> None:
+            nonlocal shown
+            async with await _connect(port) as stream:
+                await stream.send_all(b'a ID ("name" "Mail" "guid" "1234")\r\n')
+                await got_id.wait()
+                policy.write_text((REPO / "policies" / "passthrough.toml").read_text())
+                await service.reload()
+                reloaded.set()
+                while b"a OK" not in shown:
+                    shown += await stream.receive_some(4096)
+            service.proxy.stop()
+
+        with signal_handlers_restored(), trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client)
+                await service.run()
+    assert b"SN-778899" not in shown and b"* ID NIL" in shown, shown
+    records, _ = read_log(Path(overrides["events"]))
+    (record,) = [r for r in records if r["event"] == "id"]
+    assert record["policy"] == "strict" and record["server"] == {"name": "Srv"}
