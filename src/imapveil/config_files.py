@@ -10,6 +10,7 @@ from pathlib import Path
 
 from imapveil.config import DECLARATIONS, ConfigError, Settings
 from imapveil.identity import default_key_file
+from imapveil.settings_file import open_regular
 from imapveil.shown import shown
 from imapveil.stats.labels import LabelError, read_labels
 
@@ -35,7 +36,7 @@ def check_files(settings: Settings) -> None:
                 )
         if d.path == "in" and value:
             try:
-                with open(value, "rb") as f:
+                with open_regular(value) as f:  # a named pipe is refused, not waited for
                     f.read(1)
             except OSError as exc:
                 raise ConfigError(f"{d.name}: {shown(value)}: {exc.strerror or exc}") from None

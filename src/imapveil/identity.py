@@ -17,6 +17,8 @@ import secrets
 from collections.abc import Callable
 from pathlib import Path
 
+from imapveil.settings_file import open_regular
+
 IDENTITIES = ("hash", "plain", "none")
 KEY_SIZE = 32
 
@@ -33,7 +35,8 @@ def default_key_file() -> Path:
 def load_or_create_key(path: Path) -> bytes:
     """Read the key, or create it (0600, never overwriting) when the file does not exist."""
     try:
-        key = path.read_bytes()
+        with open_regular(path) as f:  # a named pipe is refused, not waited for
+            key = f.read()
     except FileNotFoundError:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         key = secrets.token_bytes(KEY_SIZE)

@@ -29,12 +29,16 @@ def resolve_policy(spec: str | None) -> Policy:
     if spec is None:
         spec = "default"
     path = Path(spec)
+    named = "/" not in spec and not spec.endswith(".toml")
     shipped = SHIPPED / f"{spec}.toml"
     try:
-        if path.exists() or "/" in spec or spec.endswith(".toml"):
-            return load_policy(path)
-        if shipped.exists():
+        # A shipped policy's name is that policy, whatever the working directory holds (/etc
+        # has a directory `default`); a file is named with a `/` or `.toml`, or a name no
+        # shipped policy has.
+        if named and shipped.exists():
             return load_policy(shipped)
+        if path.exists() or not named:
+            return load_policy(path)
     except OSError as exc:  # exists() raises for a name too long for a file name
         raise PolicyError(f"{shown(spec)}: {exc.strerror or exc}") from None
     names = ", ".join(sorted(p.stem for p in SHIPPED.glob("*.toml")))

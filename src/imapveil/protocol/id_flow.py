@@ -23,7 +23,7 @@ from imapveil.protocol import id_params, lexer
 from imapveil.protocol.command import Command, State
 from imapveil.protocol.config import CoreConfig
 from imapveil.protocol.id_params import IdSyntaxError
-from imapveil.protocol.id_policy import IdOutcome
+from imapveil.protocol.id_policy import IdOutcome, IdPolicy
 from imapveil.protocol.outbox import Outbox, record_tag
 from imapveil.records import IdExchange
 from imapveil.rfc2971 import IdFields
@@ -63,10 +63,12 @@ class IdFlow:
         "collecting",
         "config",
         "decided",
+        "deciding",
         "endpoints",
         "examined",
         "injected",
         "injected_fields",
+        "injected_policy",
         "injected_server",
         "out",
         "pieces",
@@ -90,12 +92,16 @@ class IdFlow:
         self.endpoints = endpoints  # (client, the address it connected to)
         self.collecting: IdCollect | None = None
         self.waiting: Command | None = None  # the ID whose answer is awaited
+        # The policy in force when the client's ID awaited went out: it decides the server's
+        # `* ID` of that exchange too, whatever a reload put in force meanwhile.
+        self.deciding: IdPolicy | None = None
         self.records = 0
         self.decided = 0  # the client's IDs parsed and given to the policy
         self.pieces: list[bytes] = []  # rest of a rewritten ID, one piece per "+"
         self.sent = False  # the client sent an ID in this session
         self.injected: bytes | None = None  # tag of an ID the proxy sent itself, until answered
         self.injected_fields: IdFields = None
+        self.injected_policy: IdPolicy | None = None  # in force when our own ID went out
         self.injected_server: IdOutcome | None = None
         self.address_sent = False
         # A server's `* ID` was decided since its last tagged answer: any other is not until
@@ -160,6 +166,11 @@ class IdFlow:
         # "tag ID args": the arguments start after the verb, wherever spaces put it.
         verb_at = raw.upper().find(b"ID", len(cmd.tag))
         self.waiting = cmd
+        # The policy in force now decides the whole exchange (the server's `* ID` too), and
+        # the record names this one (not the one in force when the server answers: a reload
+        # may come between).
+        policy = self.deciding = policy_source()
+        cmd.policy = (policy.name, policy.digest)
         if collecting.overflow:
             self.out.violation("client", "id_too_large", f"{collecting.skipped} octets", "replaced")
             self.out.to_server(cmd.tag + b" ID NIL\r\n")
@@ -186,14 +197,10 @@ class IdFlow:
             self.out.to_server(cmd.tag + b" ID NIL\r\n")
             cmd.id_outcome = False
             return False
-        # The policy in force now decides, and the record names this one (not the one in
-        # force when the server answers: a reload may come between).
-        policy = policy_source()
         outcome = policy.apply(
             fields, hasher=self.config.hash_value, trusted_client=self.trusted_client
         )
         cmd.id_outcome = outcome
-        cmd.policy = (policy.name, policy.digest)
         if not outcome.changed and not collecting.literals:
             self.out.to_server(raw)  # byte for byte
             return False
@@ -245,6 +252,8 @@ class IdFlow:
         if not fields:
             return None
         self.sent = True
+        if self.config.policy is not None:
+            self.injected_policy = self.config.policy()
         tag = b"imapveil.%d" % number
         again = 0
         while tag in busy:
@@ -258,6 +267,7 @@ class IdFlow:
         tag, self.injected = self.injected, None
         assert tag is not None
         server, self.injected_server = self.injected_server, None
+        policy, self.injected_policy = self.injected_policy, None
         fields = self.injected_fields or ()
         self._emit(
             IdExchange(
@@ -277,7 +287,8 @@ class IdFlow:
                 forwarded=_names(self.injected_fields),
                 server=_recorded(server),
                 injected=True,
-            )
+            ),
+            (policy.name, policy.digest) if policy is not None else None,
         )
 
     @property
@@ -299,12 +310,13 @@ class IdFlow:
         self.examined = True
         if self.injected is not None:
             # The answer to our own ID: the client did not ask, so it does not see it.
-            if policy_source is not None:
+            policy = self.injected_policy
+            if policy is not None:
                 try:
                     fields = id_params.parse(lexer.strip_eol(line)[5:])
                 except IdSyntaxError:
                     return b""
-                self.injected_server = policy_source().apply(
+                self.injected_server = policy.apply(
                     fields, hasher=self.config.hash_value, trusted_client=True
                 )
             return b""
@@ -318,9 +330,14 @@ class IdFlow:
             # policy never saw): NIL says nothing, which is true, as for a client's ID.
             self.out.violation("server", "malformed_id", f"{len(line)} octets", "replaced")
             return b"* ID NIL\r\n"
-        outcome = policy_source().apply(fields, hasher=self.config.hash_value, trusted_client=True)
-        if self.waiting is not None:
-            self.waiting.id_server = outcome
+        # The exchange's own policy (see `complete`); one the client did not ask for, the one
+        # in force.
+        waiting, policy = self.waiting, self.deciding
+        if waiting is None or policy is None:
+            policy = policy_source()
+        outcome = policy.apply(fields, hasher=self.config.hash_value, trusted_client=True)
+        if waiting is not None:
+            waiting.id_server = outcome
         if outcome.changed:
             # A value that needs a literal (8-bit octets a quoted string of the server's may
             # carry) is written as one: a server's literal needs no "+".
@@ -330,7 +347,8 @@ class IdFlow:
     def answered(self, cmd: Command, status: str) -> None:
         """The server answered the client's ID: the record, under the policy that decided."""
         self.pieces.clear()
-        self.waiting = None if self.waiting is cmd else self.waiting
+        if self.waiting is cmd:
+            self.waiting = self.deciding = None
         client = None if isinstance(cmd.id_outcome, bool) else cmd.id_outcome
         self._emit(
             IdExchange(

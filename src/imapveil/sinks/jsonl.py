@@ -21,6 +21,7 @@ own records use the rest. Session traits (fingerprints) are never written here.
 from __future__ import annotations
 
 import errno
+import functools
 import itertools
 import json
 import logging
@@ -198,21 +199,7 @@ class JsonLinesSink:
     def open(self, *, wait: bool = True) -> None:
         """Open the target now, so a bad path fails at start-up, not at the first record.
         `wait=False`: a named pipe nobody reads is an error (ENXIO), not waited for."""
-        if self.target == "-":
-            self._file = sys.stdout.buffer
-        else:
-            path = Path(self.target)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
-            fd = os.open(path, flags | (0 if wait else os.O_NONBLOCK), 0o666)
-            if not wait:  # writes block (in the worker thread), as they always did
-                os.set_blocking(fd, True)
-            # Unbuffered: a write that fails leaves nothing in a buffer of ours, to go out later
-            # (the disk freed) after records counted as lost, or to fail again at close.
-            self._file = open(fd, "ab", buffering=0)  # noqa: SIM115 (kept open)
-        # This file's own last line: one cut short (a full disk, by this process or one before
-        # it) is ended before the first write; a new file (a rotation) has none.
-        self._torn = _cut_short(self.target, self._file)
+        self._file, self._torn = _open_target(self.target, wait=wait)
 
     async def reopen(self, target: str) -> None:
         """Write to `target` from now on (the same path after log rotation, or a new one). If it
@@ -221,17 +208,17 @@ class JsonLinesSink:
             return  # stdout stays: nothing to wait for (a reader that stopped reading)
         async with self._writing:
             await self._drain_locked()
-            old, old_target, old_torn = self._file, self.target, self._torn
-            self.target = target
-            try:
-                # Not waited for: a named pipe whose reader went away would keep the event loop,
-                # every session, waiting in open(2) until another came.
-                self.open(wait=False)
-            except OSError:
-                self.target, self._file, self._torn = old_target, old, old_torn
-                raise
-            if old is not None and old is not sys.stdout.buffer and old is not self._file:
-                old.close()
+            # In a worker thread, as a reload reads its files: the log's file system may answer
+            # late (a hung mount), and every session would wait. Not waited for: a named pipe
+            # whose reader went away would keep the thread in open(2) until another came.
+            # Abandoned if the reload is (a stop): the file open before stays.
+            file, torn = await trio.to_thread.run_sync(
+                functools.partial(_open_target, target, wait=False), abandon_on_cancel=True
+            )
+            old = self._file
+            self.target, self._file, self._torn = target, file, torn
+            if old is not None and old is not sys.stdout.buffer and old is not file:
+                await trio.to_thread.run_sync(old.close, abandon_on_cancel=True)
 
     def emit(self, record: Record, when: float | None = None) -> None:
         """`when`: the time the record was made (`time.time()`), if not now."""
@@ -485,6 +472,24 @@ class _Write:
 def _is_drops(record: Record | dict[str, Any]) -> bool:
     """Whether `record` is our `records_dropped` record (its count is counted already)."""
     return isinstance(record, dict) and record.get("event") == "records_dropped"
+
+
+def _open_target(target: str, *, wait: bool) -> tuple[IO[bytes], bool]:
+    """(the file to write `target` with, whether its last line is cut short). Blocking."""
+    if target == "-":
+        return sys.stdout.buffer, False
+    path = Path(target)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+    fd = os.open(path, flags | (0 if wait else os.O_NONBLOCK), 0o666)
+    if not wait:  # writes block (in the worker thread), as they always did
+        os.set_blocking(fd, True)
+    # Unbuffered: a write that fails leaves nothing in a buffer of ours, to go out later (the
+    # disk freed) after records counted as lost, or to fail again at close.
+    file = open(fd, "ab", buffering=0)  # noqa: SIM115 (kept open)
+    # This file's own last line: one cut short (a full disk, by this process or one before it)
+    # is ended before the first write; a new file (a rotation) has none.
+    return file, _cut_short(target, file)
 
 
 def _cut_short(target: str, file: IO[bytes]) -> bool:
