@@ -37,6 +37,13 @@ _PASSIVE = (
 response `line` only checks for a literal at its end, or a status other than PREAUTH whose
 response code is not CAPABILITY (never a CAPABILITY or ID line). An `OK [CLOSED]` or a `BYE`
 among them is `simple`'s to see (`_CLOSED`, `_BYE`)."""
+_KIND = re.compile(rb"[0-9]|[A-Za-z][A-Za-z0-9._-]*+(?![^ \r\n])")
+"""How an untagged response's kind may start (after `* `): message data (its number, the
+framer's fast path reads it without a look, `framer._SKIP`), or a name followed by a space or
+the line's end. A kind run into what follows (`* OK[ALERT] x {54}`) is no response the proxy
+can read: it would take `OK[ALERT` for a kind whose literal it counts and passes unread, where a
+client reads `OK` and text (Python's imaplib; parsers that end an atom at `[`), and so reads
+those octets as lines (an ID past the policy)."""
 _BYE = re.compile(rb"(?m)^\* BYE ")
 """An untagged BYE (Dovecot's before its answer to LOGOUT, every session): the server will close."""
 _CLOSED = re.compile(rb"(?m)^\* OK \[(?i:CLOSED)(?!" + lexer.ATOM_CLASS + rb")")
@@ -217,7 +224,9 @@ class Responses:
             return False
         if head.startswith(b"* "):
             kind = lexer.read_atom(head, 2, 16)[0].upper()
-            if kind in _STATUS_WORDS:
+            if _KIND.match(head, 2) is None:
+                readable = False
+            elif kind in _STATUS_WORDS:
                 readable = lexer.status_and_code(head[2:])[1] != "CAPABILITY"
             else:
                 readable = kind not in (b"CAPABILITY", b"ID")
@@ -277,6 +286,8 @@ class Responses:
 
     def _untagged(self, line: bytes) -> bytes | None:
         body = lexer.strip_eol(line)
+        if _KIND.match(body, 2) is None:
+            return self.unreadable("unparsable_response", f"{len(line)} octets")
         word, after = lexer.read_atom(body, 2, 16)
         kind = word.upper()
         shown: bytes | None = None
