@@ -1,0 +1,237 @@
+"""Round 16 of attacks on the server's side of the stream: text where no literal can be, ending
+like a literal announcement, used to make the proxy's reading of the server's stream differ from
+the client's. Dovecot echoes a client's strings (mailbox names in `NO` texts, LIST and STATUS
+names, METADATA values, ESEARCH tags, keywords); a hostile server writes any text it likes.
+
+- Dovecot, directly and through the proxy, answers the same: every echo (`x {5}`, `{5}}`,
+  `q"x {0}`, a message `{5}` CRLF, a keyword `x}`) comes back as Dovecot sent it and the next
+  command's answer with it (tests/protocol/test_server_status_text.py has the same in the core).
+- A scripted server's status and continuation texts ending `{N}`, `{N+}`, `~{N}`, `{0}`, with N
+  octets after them that look like responses (a `* ID` with an identifier): the texts go out as
+  they came, the octets after them are read as the lines they are (the ID filtered).
+- A kind run into what follows it (`* OK[ALERT] x {N}`) was read as a kind of its own whose
+  literal the proxy passed unread, an ID in it past the policy for a client that reads `OK` and
+  text. Now the session ends with `* BYE [SERVERBUG]`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from imapveil.records import CommandCompleted, Violation
+from tests.helpers.attack import DISCONNECTED, Client, veil
+from tests.helpers.dovecot import Dovecot
+from tests.helpers.scripted import Peer, serve
+from tests.relay.test_attack_round15_server import BYE, Hostile, hostile_client
+from tests.relay.test_attack_simple import Fed, Scripted, Typist, comparable, normal
+
+run = trio.to_thread.run_sync
+
+GREETING = b"* OK [CAPABILITY IMAP4rev1 LITERAL+ ID IDLE] fake ready\r\n"
+UUID = b"0a1b2c3d-1111-2222-3333-444455556666"
+HIDDEN = b'* ID ("name" "Dovecot" "guid" "' + UUID + b'")\r\n'
+N = len(HIDDEN)
+
+METADATA = """mail_attribute_dict = file:%h/Maildir/dovecot-attributes
+protocol imap {
+  imap_metadata = yes
+}
+"""
+
+
+@contextlib.contextmanager
+def dovecot_with_metadata() -> Iterator[Dovecot]:
+    server = Dovecot(extra_config=METADATA).start()
+    try:
+        server.wait_for_log(DISCONNECTED, 1)
+        yield server
+    finally:
+        server.cleanup()
+
+
+# Commands whose answers echo the client's strings; `None` between pieces: wait for the `+`.
+ECHOES: list[tuple[bytes | None, ...]] = [
+    (b'p1 ID ("name" "v {5}")\r\n',),
+    (b'p2 LOGIN "nobody {5}" "pw {5}"\r\n',),
+    (b"LOGIN",),
+    (b'a1 SELECT "x {5}"\r\n',),  # NO Mailbox doesn't exist: x {5}
+    (b'a2 SELECT "x {0}"\r\n',),
+    (b'a3 EXAMINE "y {5+}"\r\n',),
+    (b'a4 CREATE "x {5}"\r\n',),
+    (b'a5 LIST "" "*"\r\n',),  # * LIST (\HasNoChildren) "." "x {5}"
+    (b'a6 STATUS "x {5}" (MESSAGES)\r\n',),
+    (b"a7 SELECT {4}\r\n", None, b"{5}}\r\n"),
+    (b"a8 CREATE {7}\r\n", None, b'q"x {0}\r\n'),
+    (b'a9 LIST "" "q*"\r\n',),  # "q\"x {0}"
+    (b'a10 LIST "" "*" RETURN (STATUS (MESSAGES))\r\n',),
+    (b'a11 SETMETADATA "" (/private/comment "end {5}")\r\n',),
+    (b'a12 GETMETADATA "" /private/comment\r\n',),  # (/private/comment {7} CRLF end {5})
+    (b'a13 APPEND "x {5}" {5}\r\n', None, b"{5}\r\n\r\n"),
+    (b'a14 SELECT "x {5}"\r\n',),
+    (b"a15 FETCH 1 (BODY[])\r\n",),  # BODY[] {5} CRLF {5} CRLF )
+    (b"a16 STORE 1 +FLAGS (x})\r\n",),  # * FLAGS (... x}), PERMANENTFLAGS (... x} \*)
+    (b"a17 FETCH 1 (BODY.PEEK[HEADER.FIELDS (X-A})])\r\n",),
+    (b"a18 SEARCH RETURN (MIN) ALL\r\n",),  # * ESEARCH (TAG "a18") MIN 1
+    (b'a19 SEARCH HEADER "x {5}" "y {5}"\r\n',),
+    (b'a20 RENAME "nope {5}" "y {5}"\r\n',),
+    (b'a21 DELETE "nope {0}"\r\n',),
+    (b'a22 FOO "x {5}"\r\n',),  # BAD Error in IMAP command FOO: Unknown command
+    (b'a23 GETMETADATA "nope {5}" /private/comment\r\n',),
+    (b"a24 NOOP\r\n",),
+]
+
+
+def echoes(address: tuple[str, int], user: bytes, password: bytes) -> dict[bytes, bytes]:
+    """Each command's answers, as received, by tag."""
+    answers = {}
+    with Client(address) as c:
+        c.greeting()
+        for pieces in ECHOES:
+            start = len(c.transcript)
+            if pieces == (b"LOGIN",):
+                c.login(user, password)
+                continue
+            for piece in pieces:
+                if piece is None:
+                    assert c.line().startswith(b"+ "), c.transcript
+                else:
+                    c.send(piece)
+            first = pieces[0]
+            assert first is not None
+            tag = first.split(b" ")[0]
+            assert c.until(tag), c.transcript
+            answers[tag] = normal(c.transcript[start:])
+        c.logout()
+    return answers
+
+
+@pytest.mark.dovecot
+async def test_dovecots_echoes_come_back_as_dovecot_sent_them(tmp_path: Path) -> None:
+    """alice directly, bob through the proxy (both new): the same answers, command by command,
+    and the next command's answer follows each (the proxy's framing is Dovecot's)."""
+    with dovecot_with_metadata() as target:
+        direct = await run(echoes, target.address, b"alice", b"wonderland")
+        assert b"a1 NO Mailbox doesn't exist: x {5}" in direct[b"a1"], direct
+        assert b"(/private/comment {7}\r\nend {5})\r\n" in direct[b"a12"]
+        assert b"BODY[] {5}\r\n{5}\r\n)\r\na15 OK" in direct[b"a15"]
+        assert b"a7 NO Mailbox doesn't exist: {5}}" in direct[b"a7"]
+        async with veil(target.address, tmp_path) as v:
+            proxied = await run(echoes, v.address, b"bob", b"builder")
+            (end,) = await v.sessions_ended(1)
+    assert proxied == direct
+    assert end.reason == "logout"
+    assert not v.sink.of(Violation)
+    assert all(r.status is not None for r in v.sink.of(CommandCompleted))
+
+
+# --- A scripted server's texts.
+
+
+class Texts(Scripted):
+    """Greets, answers LOGIN, reads `b NOOP` and `c NOOP`, says `answers` (one receive), then
+    answers `d NOOP` and LOGOUT."""
+
+    def __init__(self, fed: Fed, answers: bytes) -> None:
+        super().__init__(fed)
+        self.answers = answers
+
+    async def script(self, peer: Peer) -> None:
+        await self._say(peer, GREETING)
+        await self._line(peer, b"L LOGIN")
+        await self._say(peer, b"L OK in\r\n")
+        await self._line(peer, b"b NOOP")
+        await self._line(peer, b"c NOOP")
+        await self._say(peer, self.answers)
+        await self._line(peer, b"d NOOP")
+        await self._say(peer, b"d OK\r\n")
+        await self._line(peer, b"Q LOGOUT")
+        await self._say(peer, b"* BYE bye\r\nQ OK\r\n")
+        await trio.aclose_forcefully(peer.stream)
+
+
+def texts_client(address: tuple[str, int], fed: Fed) -> bytes:
+    with Typist(address, fed) as c:
+        c.greeting()
+        c.alone(b"L LOGIN x pw\r\n")
+        c.through(b"L OK in\r\n")
+        c.alone(b"b NOOP\r\nc NOOP\r\n")
+        assert c.until(b"c"), c.transcript
+        c.alone(b"d NOOP\r\n")
+        assert c.until(b"d") == b"d OK\r\n", c.transcript
+        c.alone(b"Q LOGOUT\r\n")
+        return c.rest()
+
+
+TEXTS = {
+    "ok": b"* OK x {%d}\r\n" % N,
+    "no": b"* NO Mailbox doesn't exist: x {%d}\r\n" % N,
+    "alert": b"* OK [ALERT] {%d}\r\n" % N,
+    "plus": b"* BAD x {%d+}\r\n" % N,
+    "binary": b"* NO x ~{%d}\r\n" % N,
+    "zero": b"* OK x {0}\r\n",
+    "continuation": b"+ x {%d}\r\n" % N,
+    "tagged": b"b NO Mailbox doesn't exist: x {%d}\r\n" % N,
+}
+
+
+@pytest.mark.parametrize("name", list(TEXTS))
+async def test_a_status_text_ending_like_a_literal_announces_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    text = TEXTS[name]
+    answers = text + HIDDEN + (b"" if text.startswith(b"b ") else b"b OK\r\n") + b"c OK\r\n"
+    fed = Fed(monkeypatch)
+    outcomes = []
+    for _ in fed.each_way():
+        server = Texts(fed, answers)
+        async with serve(server.script, server.sent) as address, veil(address, tmp_path) as v:
+            transcript = await run(texts_client, v.address, fed)
+            (end,) = await v.sessions_ended(1)
+        # The text as it came, then the ID read as a line: filtered, the guid gone.
+        assert text + b'* ID ("name" "Dovecot" "x-imapveil" ' in transcript
+        assert UUID not in transcript
+        assert transcript.endswith(b"c OK\r\nd OK\r\n* BYE bye\r\nQ OK\r\n")
+        assert end.reason == "logout"
+        assert not v.sink.of(Violation)
+        outcomes.append((transcript, comparable(v.sink.records)))
+    fast, general = outcomes
+    assert fast == general
+
+
+RUN_ON = {
+    "ok-code": b"* OK[ALERT] x {%d}\r\n" % N,
+    "bye-code": b"* BYE[x] {%d}\r\n" % N,
+    "id": b"* ID[ {%d}\r\n" % N,
+    "capability": b"* CAPABILITY[x] {%d}\r\n" % N,
+}
+
+
+@pytest.mark.parametrize("name", list(RUN_ON))
+async def test_a_response_kind_run_into_its_text_ends_the_session(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    """Before round 16 the line went out, its `{N}` counted, and the ID after it unread: a
+    client that reads `OK` and text (imaplib) read the guid."""
+    fed = Fed(monkeypatch)
+    outcomes = []
+    for _ in fed.each_way():
+        server = Hostile(fed, [b"* 3 EXISTS\r\n" + RUN_ON[name] + HIDDEN + b"b OK\r\nc OK\r\n"])
+        async with serve(server.script, server.sent) as address, veil(address, tmp_path) as v:
+            transcript = await run(hostile_client, v.address, fed)
+            (end,) = await v.sessions_ended(1)
+            with trio.fail_after(5):
+                await server.eof.wait()
+        assert transcript == GREETING + b"L OK in\r\n* 3 EXISTS\r\n" + BYE
+        assert UUID not in transcript
+        assert [(r.source, r.kind, r.action) for r in v.sink.of(Violation)] == [
+            ("server", "unparsable_response", "closed")
+        ]
+        assert (end.reason, end.detail) == ("protocol_error", "server: unparsable_response")
+        outcomes.append((transcript, comparable(v.sink.records)))
+    fast, general = outcomes
+    assert fast == general
