@@ -12,18 +12,25 @@ names, METADATA values, ESEARCH tags, keywords); a hostile server writes any tex
 - A kind run into what follows it (`* OK[ALERT] x {N}`) was read as a kind of its own whose
   literal the proxy passed unread, an ID in it past the policy for a client that reads `OK` and
   text. Now the session ends with `* BYE [SERVERBUG]`.
+- Upstream STARTTLS refused, bytes after its OK (in the OK's segment, or in the clear where the
+  handshake should be: CVE-2011-0411's shape), a handshake cut off, another CA's certificate:
+  the client gets `* BYE [UNAVAILABLE]`, its LOGIN (sent before any greeting) never reaches the
+  server, and nothing the server said in the clear is shown as a response (no change needed).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ssl
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trio
+import trustme
 
 from imapveil.records import CommandCompleted, Violation
+from tests.conftest import TlsMaterial
 from tests.helpers.attack import DISCONNECTED, Client, veil
 from tests.helpers.dovecot import Dovecot
 from tests.helpers.scripted import Peer, serve
@@ -235,3 +242,168 @@ async def test_a_response_kind_run_into_its_text_ends_the_session(
         outcomes.append((transcript, comparable(v.sink.records)))
     fast, general = outcomes
     assert fast == general
+
+
+# --- STARTTLS toward an upstream that misbehaves (`upstream_tls = "starttls"`).
+
+PLAIN_GREETING = b"* OK [CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED] fake ready\r\n"
+UNAVAILABLE = b"* BYE [UNAVAILABLE] Mail server is not reachable\r\n"
+SECRET = b"pw-5d1e0c9b77"
+
+
+class StartTls:
+    """Greets in the clear and answers STARTTLS as `how` says; under TLS (if it gets there)
+    answers CAPABILITY, a LOGIN and LOGOUT. Keeps what it received in the clear (`clear`) and
+    under TLS (`secure`)."""
+
+    def __init__(self, how: str, context: ssl.SSLContext) -> None:
+        self.how = how
+        self.context = context
+        self.sent = bytearray()
+        self.clear = bytearray()
+        self.secure = bytearray()
+        self._buffer = bytearray()
+        self.done = trio.Event()
+
+    async def script(self, peer: Peer) -> None:
+        try:
+            await self._script(peer)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        finally:
+            self.done.set()
+
+    async def _line(self, stream: trio.abc.Stream, kept: bytearray) -> bytes:
+        while b"\n" not in self._buffer:
+            data = await stream.receive_some(65536)
+            if not data:
+                return b""
+            kept += data
+            self._buffer += data
+        end = self._buffer.index(b"\n") + 1
+        line = bytes(self._buffer[:end])
+        del self._buffer[:end]
+        return line
+
+    async def _script(self, peer: Peer) -> None:
+        raw = peer.stream
+        await peer.say(PLAIN_GREETING)
+        assert await self._line(raw, self.clear) == b"imapveil.0 STARTTLS\r\n"
+        how = self.how
+        if how == "refused":
+            await peer.say(b"imapveil.0 NO [UNAVAILABLE] not now\r\n")
+        elif how == "injected":
+            # One segment: the OK and what a man in the middle adds after it.
+            await peer.say(b"imapveil.0 OK Begin TLS\r\n* CAPABILITY IMAP4rev1 AUTH=PLAIN\r\n")
+        elif how == "cleartext":
+            # The OK, then (once the proxy's ClientHello came) responses in the clear.
+            await peer.say(b"imapveil.0 OK Begin TLS\r\n")
+            self.clear += await raw.receive_some(65536)
+            await peer.say(b"* CAPABILITY IMAP4rev1 AUTH=PLAIN\r\nimapveil.1 OK\r\n" + HIDDEN)
+        elif how == "cut":
+            # The handshake starts and is cut off midway (after the ClientHello).
+            await peer.say(b"imapveil.0 OK Begin TLS\r\n")
+            self.clear += await raw.receive_some(65536)
+            await peer.say(b"\x16\x03\x03\x00\x40" + b"\x02" * 8)  # half a ServerHello record
+            await trio.aclose_forcefully(raw)
+            return
+        else:  # "tls" (with a trusted certificate) or "untrusted" (another CA's)
+            await peer.say(b"imapveil.0 OK Begin TLS\r\n")
+            tls = trio.SSLStream(raw, self.context, server_side=True)
+            await tls.do_handshake()
+            assert await self._line(tls, self.secure) == b"imapveil.1 CAPABILITY\r\n"
+            await tls.send_all(b"* CAPABILITY IMAP4rev1 AUTH=PLAIN ID\r\nimapveil.1 OK\r\n")
+            assert (await self._line(tls, self.secure)).startswith(b"a LOGIN ")
+            await tls.send_all(b"a OK in\r\n")
+            assert await self._line(tls, self.secure) == b"Q LOGOUT\r\n"
+            await tls.send_all(b"* BYE bye\r\nQ OK\r\n")
+            await tls.aclose()
+            return
+        # Keep what comes in the clear until the proxy closes.
+        while data := await raw.receive_some(65536):
+            self.clear += data
+
+
+def early_login(address: tuple[str, int]) -> bytes:
+    """LOGIN before any greeting (a client that does not wait), then LOGOUT once answered."""
+    with Client(address) as c:
+        c.send(b"a LOGIN bob " + SECRET + b"\r\n")
+        if c.line() != UNAVAILABLE and c.until(b"a"):
+            c.send(b"Q LOGOUT\r\n")
+        return c.rest()
+
+
+STARTTLS_CASES = {
+    # How the upstream misbehaves: what the session's end says (OpenSSL's reason).
+    "refused": ("tls: STARTTLS refused",),
+    # One segment, as sent (were it split, the handshake would read the line: not TLS).
+    "injected": ("tls: data after the STARTTLS OK", "tls: wrong_version_number"),
+    "cleartext": ("tls: wrong_version_number",),
+    "cut": ("tls: unexpected_eof_while_reading",),
+    "untrusted": ("tls: certificate_verify_failed",),
+}
+
+
+@pytest.mark.parametrize("how", list(STARTTLS_CASES))
+async def test_an_upstream_starttls_that_misbehaves_gets_nothing_in_the_clear(
+    tmp_path: Path, tls_material: TlsMaterial, how: str
+) -> None:
+    """Refused, bytes after the OK (in its segment, or in the clear where the handshake should
+    be), a handshake cut off, a certificate of another CA: the client is told the server is
+    unreachable, and its LOGIN, sent at once, never reaches the server, in the clear or at
+    all; nothing the server sent in the clear is shown to it."""
+    if how == "untrusted":
+        other = trustme.CA().issue_cert("127.0.0.1")
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        other.configure_cert(context)
+    else:
+        context = tls_server_context(tls_material)
+    server = StartTls(how, context)
+    async with (
+        serve(server.script, server.sent) as address,
+        veil(
+            address,
+            tmp_path,
+            upstream_tls="starttls",
+            upstream_ca=str(tls_material.ca_file),
+            connect_timeout=2,
+        ) as v,
+    ):
+        transcript = await run(early_login, v.address)
+        (end,) = await v.sessions_ended(1)
+        with trio.fail_after(5):
+            await server.done.wait()
+    assert transcript == UNAVAILABLE
+    assert end.reason == "upstream_unavailable"
+    assert end.detail in STARTTLS_CASES[how], end.detail
+    assert b"LOGIN" not in server.clear and not server.secure
+    assert SECRET.decode() not in v.records_json()
+
+
+def tls_server_context(tls_material: TlsMaterial) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tls_material.cert, tls_material.key)
+    return context
+
+
+async def test_an_upstream_starttls_that_works_carries_the_login_under_tls(
+    tmp_path: Path, tls_material: TlsMaterial
+) -> None:
+    """The control: the same script, TLS done; the LOGIN reaches the server under TLS only,
+    and the client sees the capabilities announced under it."""
+    server = StartTls("tls", tls_server_context(tls_material))
+    async with (
+        serve(server.script, server.sent) as address,
+        veil(
+            address, tmp_path, upstream_tls="starttls", upstream_ca=str(tls_material.ca_file)
+        ) as v,
+    ):
+        transcript = await run(early_login, v.address)
+        (end,) = await v.sessions_ended(1)
+        with trio.fail_after(5):
+            await server.done.wait()
+    assert transcript.startswith(b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN ID")
+    assert transcript.endswith(b"] fake ready\r\na OK in\r\n* BYE bye\r\nQ OK\r\n")
+    assert end.reason == "logout"
+    assert server.clear == b"imapveil.0 STARTTLS\r\n"  # the only line in the clear
+    assert b"a LOGIN bob " + SECRET + b"\r\n" in server.secure
