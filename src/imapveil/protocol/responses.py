@@ -25,7 +25,8 @@ from imapveil.protocol.lexer import LiteralError
 from imapveil.protocol.outbox import Outbox
 
 _STATUS_WORDS = frozenset((b"OK", b"NO", b"BAD", b"BYE", b"PREAUTH"))
-_GREETINGS = (b"* OK", b"* PREAUTH", b"* BYE")
+_GREETING = re.compile(rb"\* (?i:OK|PREAUTH|BYE)(?![^ \r\n])")
+"""An IMAP greeting's start: the word whole (`* OKAY` is none, nor `* OK[x]`)."""
 UNAVAILABLE = b"* BYE [UNAVAILABLE] Mail server is not reachable\r\n"
 SERVERBUG = b"* BYE [SERVERBUG] Response from the mail server not understood\r\n"
 """What the client is told when the server's stream cannot be read on (`Responses.unreadable`)."""
@@ -106,7 +107,7 @@ class Responses:
         if (
             0 <= cr < len(line) - 2
             and BARE_CR.search(line, cr)
-            and (self.greeted or line[:10].upper().startswith(_GREETINGS))
+            and (self.greeted or _GREETING.match(line))
         ):
             # A CR that ends no line: a client may end one there (Java's readLine does), and
             # read what follows as a line the proxy never saw (`b OK x` CR `* ID (...)`).
@@ -116,7 +117,7 @@ class Responses:
                 return self._server_id_line(line)
             return None if self.data_line(line) else b""
         if not self.greeted:
-            if not line[:10].upper().startswith(_GREETINGS):
+            if not _GREETING.match(line):
                 self.not_imap(line)
                 return b""
             if self.commands.gate is Gate.GREETING:
