@@ -61,6 +61,19 @@ def dovecot_with_metadata() -> Iterator[Dovecot]:
         server.cleanup()
 
 
+MESSAGE = (
+    b'From: "x {5}" <a@example.org>\r\n'
+    b"Subject: end {5}\r\n"
+    b"X-End: v {0}\r\n"
+    b"To: =?utf-8?q?=C3=BC_{5}?= <b@example.org>\r\n"
+    b'Content-Type: text/plain; name="q \\"{5}\\""\r\n'
+    b"\r\n"
+    b"body {5}\r\n"
+    b"{5}\r\n"
+)
+"""A message whose headers and text end like literal announcements (Dovecot shows them in
+ENVELOPE, BODYSTRUCTURE, PREVIEW and header fetches)."""
+
 # Commands whose answers echo the client's strings; `None` between pieces: wait for the `+`.
 ECHOES: list[tuple[bytes | None, ...]] = [
     (b'p1 ID ("name" "v {5}")\r\n',),
@@ -89,7 +102,13 @@ ECHOES: list[tuple[bytes | None, ...]] = [
     (b'a21 DELETE "nope {0}"\r\n',),
     (b'a22 FOO "x {5}"\r\n',),  # BAD Error in IMAP command FOO: Unknown command
     (b'a23 GETMETADATA "nope {5}" /private/comment\r\n',),
-    (b"a24 NOOP\r\n",),
+    (b'a24 APPEND "x {5}" {%d}\r\n' % len(MESSAGE), None, MESSAGE + b"\r\n"),
+    (b"a25 NOOP\r\n",),  # * 2 EXISTS
+    # The message's headers come back quoted or as literals, inside lists that end in ")".
+    (b"a26 FETCH 2 (ENVELOPE BODYSTRUCTURE PREVIEW)\r\n",),
+    (b"a27 FETCH 2 (BODY.PEEK[HEADER.FIELDS (SUBJECT X-END)])\r\n",),
+    (b'a28 SEARCH RETURN (ALL) SUBJECT "end {5}"\r\n',),
+    (b"a29 NOOP\r\n",),
 ]
 
 
