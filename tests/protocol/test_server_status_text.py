@@ -180,3 +180,65 @@ def test_well_formed_kinds_with_a_literal_still_pass(split: Splitter, name: str)
     conv.server(answers)
     assert bytes(conv.to_client) == before + answers
     assert not conv.closed and not conv.of(Violation)
+
+
+# --- A literal announced inside a quoted string.
+
+SMUGGLED = b'")\r\n' + HIDDEN + b"* 2 FETCH (Y "
+"""The octets after `{N}`: to a client that reads the quoted string on across the line's end
+(K-9 Mail's parser reads a quoted string until its closing quote, CRLF or not), the string
+ends at their first octet and HIDDEN is a line; to the proxy they were a literal."""
+
+OPEN_QUOTE = {
+    "open": b'* 1 FETCH (X "a {%d}\r\n',
+    "escaped-quote": b'* 1 FETCH (X "a\\" {%d}\r\n',
+    "second-string": b'* 1 FETCH (X "a" Y "b {%d}\r\n',
+}
+
+
+@pytest.mark.parametrize("name", list(OPEN_QUOTE))
+def test_a_literal_announced_inside_a_quoted_string_ends_the_session(
+    split: Splitter, name: str
+) -> None:
+    """Before round 16 the proxy counted the literal and passed its octets unread: HIDDEN
+    reached such a client as an ID response, past the policy."""
+    conv = logged_in(split)
+    conv.client(b"b FETCH 1 X\r\n")
+    before = bytes(conv.to_client)
+    first = OPEN_QUOTE[name] % len(SMUGGLED)
+    conv.server(b"* 3 EXISTS\r\n" + first + SMUGGLED + b"NIL)\r\nb OK\r\n")
+    assert bytes(conv.to_client) == before + b"* 3 EXISTS\r\n" + BYE
+    assert UUID not in conv.to_client
+    assert kinds(conv) == [("server", "bad_literal", "closed")]
+
+
+CLOSED_QUOTE = {
+    "closed": b'* 1 FETCH (X "a {5}" BODY[] {%d}\r\n',
+    "escaped-backslash": b'* 1 FETCH (X "a\\\\" BODY[] {%d}\r\n',
+    "escaped-quote-closed": b'* 1 FETCH (X "a\\" {5}" BODY[] {%d}\r\n',
+    "flag": b"* 1 FETCH (FLAGS (\\Seen) BODY[] {%d}\r\n",
+}
+
+
+@pytest.mark.parametrize("name", list(CLOSED_QUOTE))
+def test_a_literal_after_closed_quoted_strings_still_passes(split: Splitter, name: str) -> None:
+    conv = logged_in(split)
+    conv.client(b"b FETCH 1 X\r\n")
+    before = bytes(conv.to_client)
+    answers = CLOSED_QUOTE[name] % len(HIDDEN) + HIDDEN + b")\r\nb OK\r\n"
+    conv.server(answers)
+    assert bytes(conv.to_client) == before + answers  # the literal passed unread
+    assert not conv.closed and not conv.of(Violation)
+
+
+def test_a_server_id_with_a_literal_inside_a_quoted_string_goes_out_as_nil(
+    split: Splitter,
+) -> None:
+    """Collected whole and never shown as it came (the policy cannot parse it): nothing of
+    it reaches the client to be read either way."""
+    conv = logged_in(split)
+    conv.client(b'i ID ("name" "Thunderbird")\r\n')
+    before = bytes(conv.to_client)
+    conv.server(b'* ID ("name" "a {%d}\r\n' % len(SMUGGLED) + SMUGGLED + b"NIL)\r\ni OK\r\n")
+    assert bytes(conv.to_client) == before + b"* ID NIL\r\ni OK\r\n"
+    assert kinds(conv) == [("server", "malformed_id", "replaced")]

@@ -12,6 +12,9 @@ names, METADATA values, ESEARCH tags, keywords); a hostile server writes any tex
 - A kind run into what follows it (`* OK[ALERT] x {N}`) was read as a kind of its own whose
   literal the proxy passed unread, an ID in it past the policy for a client that reads `OK` and
   text. Now the session ends with `* BYE [SERVERBUG]`.
+- A literal announced inside a quoted string that never closed (`* 1 FETCH (X "a {N}`): the
+  proxy counted it and passed its octets unread, which a client that reads a quoted string on
+  across the line's end (K-9 Mail) reads as lines. Now `* BYE [SERVERBUG]` too.
 - Upstream STARTTLS refused, bytes after its OK (in the OK's segment, or in the clear where the
   handshake should be: CVE-2011-0411's shape), a handshake cut off, another CA's certificate:
   the client gets `* BYE [UNAVAILABLE]`, its LOGIN (sent before any greeting) never reaches the
@@ -229,11 +232,20 @@ async def test_a_status_text_ending_like_a_literal_announces_none(
     assert fast == general
 
 
+SMUGGLED = b'")\r\n' + HIDDEN + b"* 2 FETCH (Y "
+"""After a `{N}` inside a quoted string: to a client that reads the string on across the line's
+end (K-9 Mail), the string ends at their first octet and HIDDEN is a line."""
+
+# (the line, announcing a literal of the octets after it; the violation's kind)
 RUN_ON = {
-    "ok-code": b"* OK[ALERT] x {%d}\r\n" % N,
-    "bye-code": b"* BYE[x] {%d}\r\n" % N,
-    "id": b"* ID[ {%d}\r\n" % N,
-    "capability": b"* CAPABILITY[x] {%d}\r\n" % N,
+    "ok-code": (b"* OK[ALERT] x {%d}\r\n" % N + HIDDEN, "unparsable_response"),
+    "bye-code": (b"* BYE[x] {%d}\r\n" % N + HIDDEN, "unparsable_response"),
+    "id": (b"* ID[ {%d}\r\n" % N + HIDDEN, "unparsable_response"),
+    "capability": (b"* CAPABILITY[x] {%d}\r\n" % N + HIDDEN, "unparsable_response"),
+    "in-quotes": (
+        b'* 1 FETCH (X "a {%d}\r\n' % len(SMUGGLED) + SMUGGLED + b"NIL)\r\n",
+        "bad_literal",
+    ),
 }
 
 
@@ -242,11 +254,13 @@ async def test_a_response_kind_run_into_its_text_ends_the_session(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
 ) -> None:
     """Before round 16 the line went out, its `{N}` counted, and the ID after it unread: a
-    client that reads `OK` and text (imaplib) read the guid."""
+    client that reads `OK` and text (imaplib), or a quoted string across a line's end (K-9),
+    read the guid."""
+    line, kind = RUN_ON[name]
     fed = Fed(monkeypatch)
     outcomes = []
     for _ in fed.each_way():
-        server = Hostile(fed, [b"* 3 EXISTS\r\n" + RUN_ON[name] + HIDDEN + b"b OK\r\nc OK\r\n"])
+        server = Hostile(fed, [b"* 3 EXISTS\r\n" + line + b"b OK\r\nc OK\r\n"])
         async with serve(server.script, server.sent) as address, veil(address, tmp_path) as v:
             transcript = await run(hostile_client, v.address, fed)
             (end,) = await v.sessions_ended(1)
@@ -255,9 +269,9 @@ async def test_a_response_kind_run_into_its_text_ends_the_session(
         assert transcript == GREETING + b"L OK in\r\n* 3 EXISTS\r\n" + BYE
         assert UUID not in transcript
         assert [(r.source, r.kind, r.action) for r in v.sink.of(Violation)] == [
-            ("server", "unparsable_response", "closed")
+            ("server", kind, "closed")
         ]
-        assert (end.reason, end.detail) == ("protocol_error", "server: unparsable_response")
+        assert (end.reason, end.detail) == ("protocol_error", f"server: {kind}")
         outcomes.append((transcript, comparable(v.sink.records)))
     fast, general = outcomes
     assert fast == general

@@ -268,6 +268,8 @@ class Responses:
         ends is unknown, so the session ends (`unreadable`; `said`: the client has the line)."""
         try:
             literal = server_literal(line)
+            if literal is not None and not said and b'"' in line and _in_quotes(line):
+                raise LiteralError("literal inside a quoted string")
         except LiteralError as exc:
             self.unreadable("bad_literal", str(exc), said=said)
             return False
@@ -391,6 +393,20 @@ def server_literal(line: bytes) -> lexer.LiteralAnnouncement | None:
     if literal is not None and not literal.synchronizing:
         raise LiteralError("non-synchronizing literal from the server")
     return literal
+
+
+_OUTSIDE_QUOTES = re.compile(rb'(?:[^"]++|"(?:[^"\\\r\n]++|\\[^\r\n])*+")*+')
+"""Octets that end outside any quoted string (a backslash escapes the next octet in one)."""
+
+
+def _in_quotes(line: bytes) -> bool:
+    """Whether the literal announced at the end of `line` (a whole line, or what follows a
+    literal in one) is inside a quoted string that never closed: a client that reads a quoted
+    string on across the line's end (K-9 Mail's parser does) reads the octets the proxy would
+    count and pass unread as the rest of the string and then as lines."""
+    at = line.rfind(b"{")
+    m = _OUTSIDE_QUOTES.match(line, 0, at)
+    return m is None or m.end() != at
 
 
 def _announces_literal(line: bytes) -> bool:
