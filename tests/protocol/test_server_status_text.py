@@ -16,8 +16,11 @@ from functools import partial
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from imapveil.policy_files import resolve_policy
+from imapveil.protocol.framer import ESCAPED, INSIDE, OUTSIDE, quote_state
 from imapveil.records import CommandCompleted, Violation
 from tests.helpers import feeding
 from tests.helpers.feeding import Conversation, Splitter
@@ -242,3 +245,61 @@ def test_a_server_id_with_a_literal_inside_a_quoted_string_goes_out_as_nil(
     conv.server(b'* ID ("name" "a {%d}\r\n' % len(SMUGGLED) + SMUGGLED + b"NIL)\r\ni OK\r\n")
     assert bytes(conv.to_client) == before + b"* ID NIL\r\ni OK\r\n"
     assert kinds(conv) == [("server", "malformed_id", "replaced")]
+
+
+LONG_QUOTED = b'x\\"y\\\\' * 100  # escapes: a quote and a backslash, never the string's end
+
+
+@pytest.mark.parametrize("close", [False, True])
+def test_a_long_line_with_a_literal_inside_a_quoted_string_ends_the_session(
+    split: Splitter, close: bool
+) -> None:
+    """Longer than the proxy holds: it streams, and only its tail was read for the literal.
+    The client has the line (so no BYE): the session closes before the literal's octets."""
+    conv = logged_in(split, server_hold=100)
+    conv.client(b"b FETCH 1 X\r\n")
+    before = bytes(conv.to_client)
+    line = b'* 1 FETCH (X "' + LONG_QUOTED + (b'" BODY[] {%d}\r\n' if close else b" {%d}\r\n")
+    # Its first 300 octets come without a line end: more than the proxy holds.
+    if close:
+        answers = line % len(HIDDEN) + HIDDEN + b")\r\nb OK\r\n"
+        conv.server(answers[:300]).server(answers[300:])
+        assert bytes(conv.to_client) == before + answers  # the control: the literal passed
+        assert not conv.closed and not conv.of(Violation)
+        return
+    answers = line % len(SMUGGLED) + SMUGGLED + b"NIL)\r\nb OK\r\n"
+    conv.server(answers[:300]).server(answers[300:])
+    assert bytes(conv.to_client) == before + line % len(SMUGGLED)
+    assert UUID not in conv.to_client
+    assert conv.closed == "protocol_error"
+    assert kinds(conv) == [("server", "bad_literal", "closed")]
+
+
+QUOTING = b'ab{ "\\'
+"""Octets that matter to quoted strings, and two that do not."""
+
+
+def reference_quote_state(data: bytes) -> int:
+    """An octet at a time: what `quote_state` computes with patterns."""
+    state = OUTSIDE
+    for c in data:
+        if state == ESCAPED:
+            state = INSIDE
+        elif state == INSIDE:
+            state = ESCAPED if c == 0x5C else OUTSIDE if c == 0x22 else INSIDE
+        elif c == 0x22:
+            state = INSIDE
+    return state
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=40).map(lambda b: bytes(QUOTING[x % 6] for x in b)), st.data())
+def test_the_quote_state_of_a_streaming_line_is_the_same_however_it_comes(
+    data: bytes, draw: st.DataObject
+) -> None:
+    cuts = sorted(draw.draw(st.lists(st.integers(0, len(data)), max_size=4)))
+    state, pos = OUTSIDE, 0
+    for cut in [*cuts, len(data)]:
+        state = quote_state(state, data, pos, cut)
+        pos = cut
+    assert state == reference_quote_state(data) == quote_state(OUTSIDE, data, 0, len(data))

@@ -440,3 +440,23 @@ async def test_an_upstream_starttls_that_works_carries_the_login_under_tls(
     assert end.reason == "logout"
     assert server.clear == b"imapveil.0 STARTTLS\r\n"  # the only line in the clear
     assert b"a LOGIN bob " + SECRET + b"\r\n" in server.secure
+
+
+async def test_a_long_line_with_a_literal_inside_a_quoted_string_ends_the_session(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Longer than the proxy holds (64 KiB): it streams to the client as it comes, and only
+    its tail was read for the literal. Now the quoted strings are followed as it streams: the
+    session closes before the literal's octets (no BYE: the client is inside the line)."""
+    line = b'* 1 FETCH (X "' + b"x" * 70_000 + b" {%d}\r\n" % len(SMUGGLED)
+    fed = Fed(monkeypatch)
+    server = Hostile(fed, [line[:66_000], line[66_000:] + SMUGGLED + b"NIL)\r\nb OK\r\nc OK\r\n"])
+    async with serve(server.script, server.sent) as address, veil(address, tmp_path) as v:
+        transcript = await run(hostile_client, v.address, fed)
+        (end,) = await v.sessions_ended(1)
+        with trio.fail_after(5):
+            await server.eof.wait()
+    assert transcript == GREETING + b"L OK in\r\n" + line
+    assert UUID not in transcript
+    assert [(r.kind, r.action) for r in v.sink.of(Violation)] == [("bad_literal", "closed")]
+    assert (end.reason, end.detail) == ("protocol_error", "server: bad_literal")

@@ -19,7 +19,7 @@ from imapveil.protocol import lexer
 from imapveil.protocol.client_leg import ClientLeg
 from imapveil.protocol.command import State
 from imapveil.protocol.commands import Commands, Gate
-from imapveil.protocol.framer import BARE_CR, ServerFramer
+from imapveil.protocol.framer import BARE_CR, OUTSIDE, ServerFramer
 from imapveil.protocol.id_flow import ID_LIMIT, IdFlow
 from imapveil.protocol.lexer import LiteralError
 from imapveil.protocol.outbox import Outbox
@@ -268,7 +268,9 @@ class Responses:
         ends is unknown, so the session ends (`unreadable`; `said`: the client has the line)."""
         try:
             literal = server_literal(line)
-            if literal is not None and not said and b'"' in line and _in_quotes(line):
+            if literal is not None and (
+                self.framer.quote != OUTSIDE if said else b'"' in line and _in_quotes(line)
+            ):
                 raise LiteralError("literal inside a quoted string")
         except LiteralError as exc:
             self.unreadable("bad_literal", str(exc), said=said)
