@@ -57,15 +57,20 @@ BARE_CR = re.compile(rb"\r(?=[^\r\n])")
 # Quoted strings in a line that streams (too long to hold): the run from outside any quoted
 # string up to a quote that opens one not closed in the run, and the run inside one up to its
 # closing quote or a backslash the run ends with. A backslash escapes the next octet in one.
-_OUTSIDE = re.compile(rb'(?:[^"]++|"(?:[^"\\]++|\\[\s\S])*+")*+')
-_INSIDE = re.compile(rb"(?:[^\"\\]++|\\[\s\S])*+")
+# Unrolled (a class run between escapes), possessive: linear, half the cost of alternations.
+_OUTSIDE = re.compile(rb'[^"]*+(?:"[^"\\]*+(?:\\[\s\S][^"\\]*+)*+"[^"]*+)*+')
+_INSIDE = re.compile(rb'[^"\\]*+(?:\\[\s\S][^"\\]*+)*+')
 OUTSIDE, INSIDE, ESCAPED = 0, 1, 2
 """Where a streaming line is, so far: outside any quoted string, inside one, just after a
 backslash in one (`ServerFramer.quote`)."""
 
 
 def quote_state(state: int, data: bytes, pos: int, end: int) -> int:
-    """The quote state after data[pos:end], from `state` before it."""
+    """The quote state after data[pos:end], from `state` before it. Without a backslash in
+    them (a long SEARCH result, most lines) each quote opens or closes a string: counted. With
+    them, at most ~5 ms for 256 KiB of quotes and backslashes (a hostile server's worst)."""
+    if state != ESCAPED and data.find(b"\\", pos, end) < 0:
+        return state ^ (data.count(b'"', pos, end) & 1)
     while pos < end:
         if state == ESCAPED:
             pos += 1
