@@ -19,7 +19,7 @@ from imapveil.protocol import lexer
 from imapveil.protocol.client_leg import ClientLeg
 from imapveil.protocol.command import State
 from imapveil.protocol.commands import Commands, Gate
-from imapveil.protocol.framer import BARE_CR, OUTSIDE, ServerFramer
+from imapveil.protocol.framer import BARE_CR, OUTSIDE, ServerFramer, quote_state
 from imapveil.protocol.id_flow import ID_LIMIT, IdFlow
 from imapveil.protocol.lexer import LiteralError
 from imapveil.protocol.outbox import Outbox
@@ -397,18 +397,12 @@ def server_literal(line: bytes) -> lexer.LiteralAnnouncement | None:
     return literal
 
 
-_OUTSIDE_QUOTES = re.compile(rb'(?:[^"]++|"(?:[^"\\\r\n]++|\\[^\r\n])*+")*+')
-"""Octets that end outside any quoted string (a backslash escapes the next octet in one)."""
-
-
 def _in_quotes(line: bytes) -> bool:
     """Whether the literal announced at the end of `line` (a whole line, or what follows a
     literal in one) is inside a quoted string that never closed: a client that reads a quoted
     string on across the line's end (K-9 Mail's parser does) reads the octets the proxy would
     count and pass unread as the rest of the string and then as lines."""
-    at = line.rfind(b"{")
-    m = _OUTSIDE_QUOTES.match(line, 0, at)
-    return m is None or m.end() != at
+    return quote_state(OUTSIDE, line, 0, line.rfind(b"{")) != OUTSIDE
 
 
 def _announces_literal(line: bytes) -> bool:
