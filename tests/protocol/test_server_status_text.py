@@ -114,6 +114,11 @@ RUN_ON = {
     "capability": b"* CAPABILITY[x] {%d}" % N,  # was: kind `CAPABILITY[x`, literal counted
     "id": b"* ID[ {%d}" % N,  # was: the same
     "other": b"* FOO[1] {%d}" % N,
+    # Python's imaplib reads a kind as `[A-Z-]+`: `X` here, and no text, so no literal.
+    "digit-in-kind": b"* X1 {%d}" % N,
+    "underscore-in-kind": b"* X_Y {%d}" % N,
+    "message-data-kind": b"* 1 FETCH1 {%d}" % N,
+    "message-data-bracket": b"* 1[ {%d}" % N,
 }
 
 
@@ -132,7 +137,7 @@ def test_a_response_kind_run_into_its_text_ends_the_session(split: Splitter, nam
     assert (noop.tag, noop.status) == ("b", None)
 
 
-@pytest.mark.parametrize("kind", [b"OK[ALERT]", b"ID["])
+@pytest.mark.parametrize("kind", [b"OK[ALERT]", b"ID[", b"X1", b"1 FETCH1"])
 def test_a_long_response_kind_run_into_its_text_ends_the_session(
     split: Splitter, kind: bytes
 ) -> None:
@@ -169,6 +174,8 @@ WELL_FORMED = {
     "unknown-kind": b"* OKAY x {%d}\r\n" % N,
     "data": b"* SEARCH {%d}\r\n" % N,
     "extension": b"* X-GM-THING {%d}\r\n" % N,
+    "message-data": b"* 12 FETCH (BODY[] {%d}\r\n" % N,
+    "message-data-lower": b"* 12 fetch (BODY[] {%d}\r\n" % N,
 }
 
 

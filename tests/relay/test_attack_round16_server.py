@@ -242,6 +242,8 @@ RUN_ON = {
     "bye-code": (b"* BYE[x] {%d}\r\n" % N + HIDDEN, "unparsable_response"),
     "id": (b"* ID[ {%d}\r\n" % N + HIDDEN, "unparsable_response"),
     "capability": (b"* CAPABILITY[x] {%d}\r\n" % N + HIDDEN, "unparsable_response"),
+    "digit-in-kind": (b"* X1 {%d}\r\n" % N + HIDDEN, "unparsable_response"),
+    "message-data-kind": (b"* 1 FETCH1 {%d}\r\n" % N + HIDDEN, "unparsable_response"),
     "in-quotes": (
         b'* 1 FETCH (X "a {%d}\r\n' % len(SMUGGLED) + SMUGGLED + b"NIL)\r\n",
         "bad_literal",

@@ -38,13 +38,17 @@ _PASSIVE = (
 response `line` only checks for a literal at its end, or a status other than PREAUTH whose
 response code is not CAPABILITY (never a CAPABILITY or ID line). An `OK [CLOSED]` or a `BYE`
 among them is `simple`'s to see (`_CLOSED`, `_BYE`)."""
-_KIND = re.compile(rb"[0-9]|[A-Za-z][A-Za-z0-9._-]*+(?![^ \r\n])")
+_KIND = re.compile(rb"[0-9]|[A-Za-z][A-Za-z-]*+(?![^ \r\n])")
 """How an untagged response's kind may start (after `* `): message data (its number, the
-framer's fast path reads it without a look, `framer._SKIP`), or a name followed by a space or
-the line's end. A kind run into what follows (`* OK[ALERT] x {54}`) is no response the proxy
-can read: it would take `OK[ALERT` for a kind whose literal it counts and passes unread, where a
-client reads `OK` and text (Python's imaplib; parsers that end an atom at `[`), and so reads
-those octets as lines (an ID past the policy)."""
+framer's fast path reads it without a look, `framer._SKIP`; `_DATA_KIND` where it announces a
+literal), or a name of letters and hyphens followed by a space or the line's end. A kind run
+into what follows (`* OK[ALERT] x {54}`) is no response the proxy can read: it would take
+`OK[ALERT` for a kind whose literal it counts and passes unread, where a client reads `OK` and
+text (Python's imaplib reads a kind as `[A-Z-]+`, `X` of `* X1 {54}`; parsers that end an atom
+at `[`), and so reads those octets as lines (an ID past the policy)."""
+_DATA_KIND = re.compile(rb"\* [0-9]++ [A-Za-z][A-Za-z-]*+(?![^ \r\n])")
+"""Message data (`* 12 FETCH`), as the first line of a response that announces a literal, or
+one that streams: the same rule for its kind."""
 _BYE = re.compile(rb"(?m)^\* BYE ")
 """An untagged BYE (Dovecot's before its answer to LOGOUT, every session): the server will close."""
 _CLOSED = re.compile(rb"(?m)^\* OK \[(?i:CLOSED)(?!" + lexer.ATOM_CLASS + rb")")
@@ -225,7 +229,7 @@ class Responses:
             return False
         if head.startswith(b"* "):
             kind = lexer.read_atom(head, 2, 16)[0].upper()
-            if _KIND.match(head, 2) is None:
+            if _KIND.match(head, 2) is None or (head[2:3].isdigit() and not _DATA_KIND.match(head)):
                 readable = False
             elif kind in _STATUS_WORDS:
                 readable = lexer.status_and_code(head[2:])[1] != "CAPABILITY"
@@ -266,6 +270,7 @@ class Responses:
         """The end of a data response fragment, which may announce a literal. False: a literal
         whose octets cannot be counted (more than 20 digits, or too large): where the response
         ends is unknown, so the session ends (`unreadable`; `said`: the client has the line)."""
+        first = not self.framer.continues
         try:
             literal = server_literal(line)
             if literal is not None and (
@@ -277,8 +282,12 @@ class Responses:
             return False
         if literal is None:
             self.framer.no_literal()
-        else:
-            self.framer.literal(literal.size)
+            return True
+        if first and not said and line[2:3].isdigit() and not _DATA_KIND.match(line):
+            # The first line of message data (the framer's fast path did not look at it).
+            self.unreadable("unparsable_response", f"{len(line)} octets")
+            return False
+        self.framer.literal(literal.size)
         return True
 
     def _authenticated(self) -> bool:
