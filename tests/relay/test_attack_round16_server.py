@@ -80,7 +80,6 @@ ENVELOPE, BODYSTRUCTURE, PREVIEW and header fetches)."""
 # Commands whose answers echo the client's strings; `None` between pieces: wait for the `+`.
 ECHOES: list[tuple[bytes | None, ...]] = [
     (b'p1 ID ("name" "v {5}")\r\n',),
-    (b'p2 LOGIN "nobody {5}" "pw {5}"\r\n',),
     (b"LOGIN",),
     (b'a1 SELECT "x {5}"\r\n',),  # NO Mailbox doesn't exist: x {5}
     (b'a2 SELECT "x {0}"\r\n',),
