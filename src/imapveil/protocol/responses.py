@@ -19,13 +19,14 @@ from imapveil.protocol import lexer
 from imapveil.protocol.client_leg import ClientLeg
 from imapveil.protocol.command import State
 from imapveil.protocol.commands import Commands, Gate
-from imapveil.protocol.framer import BARE_CR, ServerFramer
+from imapveil.protocol.framer import BARE_CR, OUTSIDE, ServerFramer, quote_state
 from imapveil.protocol.id_flow import ID_LIMIT, IdFlow
 from imapveil.protocol.lexer import LiteralError
 from imapveil.protocol.outbox import Outbox
 
 _STATUS_WORDS = frozenset((b"OK", b"NO", b"BAD", b"BYE", b"PREAUTH"))
-_GREETINGS = (b"* OK", b"* PREAUTH", b"* BYE")
+_GREETING = re.compile(rb"\* (?i:OK|PREAUTH|BYE)(?![^ \r\n])")
+"""An IMAP greeting's start: the word whole (`* OKAY` is none, nor `* OK[x]`)."""
 UNAVAILABLE = b"* BYE [UNAVAILABLE] Mail server is not reachable\r\n"
 SERVERBUG = b"* BYE [SERVERBUG] Response from the mail server not understood\r\n"
 """What the client is told when the server's stream cannot be read on (`Responses.unreadable`)."""
@@ -37,6 +38,17 @@ _PASSIVE = (
 response `line` only checks for a literal at its end, or a status other than PREAUTH whose
 response code is not CAPABILITY (never a CAPABILITY or ID line). An `OK [CLOSED]` or a `BYE`
 among them is `simple`'s to see (`_CLOSED`, `_BYE`)."""
+_KIND = re.compile(rb"[0-9]|[A-Za-z][A-Za-z-]*+(?![^ \r\n])")
+"""How an untagged response's kind may start (after `* `): message data (its number, the
+framer's fast path reads it without a look, `framer._SKIP`; `_DATA_KIND` where it announces a
+literal), or a name of letters and hyphens followed by a space or the line's end. A kind run
+into what follows (`* OK[ALERT] x {54}`) is no response the proxy can read: it would take
+`OK[ALERT` for a kind whose literal it counts and passes unread, where a client reads `OK` and
+text (Python's imaplib reads a kind as `[A-Z-]+`, `X` of `* X1 {54}`; parsers that end an atom
+at `[`), and so reads those octets as lines (an ID past the policy)."""
+_DATA_KIND = re.compile(rb"\* [0-9]++ [A-Za-z][A-Za-z-]*+(?![^ \r\n])")
+"""Message data (`* 12 FETCH`), as the first line of a response that announces a literal, or
+one that streams: the same rule for its kind."""
 _BYE = re.compile(rb"(?m)^\* BYE ")
 """An untagged BYE (Dovecot's before its answer to LOGOUT, every session): the server will close."""
 _CLOSED = re.compile(rb"(?m)^\* OK \[(?i:CLOSED)(?!" + lexer.ATOM_CLASS + rb")")
@@ -99,7 +111,7 @@ class Responses:
         if (
             0 <= cr < len(line) - 2
             and BARE_CR.search(line, cr)
-            and (self.greeted or line[:10].upper().startswith(_GREETINGS))
+            and (self.greeted or _GREETING.match(line))
         ):
             # A CR that ends no line: a client may end one there (Java's readLine does), and
             # read what follows as a line the proxy never saw (`b OK x` CR `* ID (...)`).
@@ -109,7 +121,7 @@ class Responses:
                 return self._server_id_line(line)
             return None if self.data_line(line) else b""
         if not self.greeted:
-            if not line[:10].upper().startswith(_GREETINGS):
+            if not _GREETING.match(line):
                 self.not_imap(line)
                 return b""
             if self.commands.gate is Gate.GREETING:
@@ -217,7 +229,9 @@ class Responses:
             return False
         if head.startswith(b"* "):
             kind = lexer.read_atom(head, 2, 16)[0].upper()
-            if kind in _STATUS_WORDS:
+            if _KIND.match(head, 2) is None or (head[2:3].isdigit() and not _DATA_KIND.match(head)):
+                readable = False
+            elif kind in _STATUS_WORDS:
                 readable = lexer.status_and_code(head[2:])[1] != "CAPABILITY"
             else:
                 readable = kind not in (b"CAPABILITY", b"ID")
@@ -256,15 +270,24 @@ class Responses:
         """The end of a data response fragment, which may announce a literal. False: a literal
         whose octets cannot be counted (more than 20 digits, or too large): where the response
         ends is unknown, so the session ends (`unreadable`; `said`: the client has the line)."""
+        first = not self.framer.continues
         try:
             literal = server_literal(line)
+            if literal is not None and (
+                self.framer.quote != OUTSIDE if said else b'"' in line and _in_quotes(line)
+            ):
+                raise LiteralError("literal inside a quoted string")
         except LiteralError as exc:
             self.unreadable("bad_literal", str(exc), said=said)
             return False
         if literal is None:
             self.framer.no_literal()
-        else:
-            self.framer.literal(literal.size)
+            return True
+        if first and not said and line[2:3].isdigit() and not _DATA_KIND.match(line):
+            # The first line of message data (the framer's fast path did not look at it).
+            self.unreadable("unparsable_response", f"{len(line)} octets")
+            return False
+        self.framer.literal(literal.size)
         return True
 
     def _authenticated(self) -> bool:
@@ -277,6 +300,8 @@ class Responses:
 
     def _untagged(self, line: bytes) -> bytes | None:
         body = lexer.strip_eol(line)
+        if _KIND.match(body, 2) is None:
+            return self.unreadable("unparsable_response", f"{len(line)} octets")
         word, after = lexer.read_atom(body, 2, 16)
         kind = word.upper()
         shown: bytes | None = None
@@ -379,6 +404,14 @@ def server_literal(line: bytes) -> lexer.LiteralAnnouncement | None:
     if literal is not None and not literal.synchronizing:
         raise LiteralError("non-synchronizing literal from the server")
     return literal
+
+
+def _in_quotes(line: bytes) -> bool:
+    """Whether the literal announced at the end of `line` (a whole line, or what follows a
+    literal in one) is inside a quoted string that never closed: a client that reads a quoted
+    string on across the line's end (K-9 Mail's parser does) reads the octets the proxy would
+    count and pass unread as the rest of the string and then as lines."""
+    return quote_state(OUTSIDE, line, 0, line.rfind(b"{")) != OUTSIDE
 
 
 def _announces_literal(line: bytes) -> bool:
