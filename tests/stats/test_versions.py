@@ -71,7 +71,7 @@ def test_bounded_input() -> None:
     long = "1." * 10_000_000
     started = time.perf_counter()
     version = v(long)
-    assert time.perf_counter() - started < 0.5
+    assert time.perf_counter() - started < 5.0  # linear: ~10 ms; quadratic: hours
     assert version.text == long[:MAX_TEXT]
 
 
