@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import array
 import fcntl
+import http.client
 import io
 import logging
 import os
@@ -58,6 +59,15 @@ class Proxy:
     port: int
     events: Path
     reader: int  # our end of its stderr, read only when the test says so
+    metrics: int
+
+    def scrape(self) -> str:
+        connection = http.client.HTTPConnection("127.0.0.1", self.metrics, timeout=2)
+        try:
+            connection.request("GET", "/metrics")
+            return connection.getresponse().read().decode()
+        finally:
+            connection.close()
 
     def stderr_until(self, marker: bytes, within: float = 5.0) -> bytes:
         seen = b""
@@ -107,7 +117,7 @@ def serving(tmp_path: Path, upstream: tuple[str, int], *, journal: bool) -> Iter
     else:
         reader, writer = os.pipe()
         fcntl.fcntl(writer, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-    port = free_port()
+    port, metrics = free_port(), free_port()
     events = tmp_path / "events.jsonl"
     command = [
         sys.executable, "-m", "imapveil", "serve",
@@ -116,10 +126,11 @@ def serving(tmp_path: Path, upstream: tuple[str, int], *, journal: bool) -> Iter
         "--events", str(events),
         "--user-key-file", str(tmp_path / "user-key"),
         "--shutdown-grace", "0.5",
+        "--metrics", f"127.0.0.1:{metrics}",
     ]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=writer, env=env)
     os.close(writer)
-    proxy = Proxy(process, port, events, reader)
+    proxy = Proxy(process, port, events, reader, metrics)
     try:
         proxy.stderr_until(b"listening on")
         yield proxy
@@ -199,6 +210,8 @@ def test_a_stderr_nobody_reads_does_not_freeze_the_sessions(
         fill(proxy)
         took = answered_within(client, 1.5)
         assert took is not None, "a NOOP was not answered while stderr was full"
+        # Held, not dropped (the buffer is far from full): the metric says none lost.
+        assert "imapveil_diagnostics_dropped_total 0.0" in proxy.scrape()
         # The reloads go on (they are said in the event log) while stderr takes nothing.
         done = proxy.reloads_done()
         proxy.process.send_signal(signal.SIGHUP)
