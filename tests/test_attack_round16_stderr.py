@@ -60,6 +60,7 @@ class Proxy:
     events: Path
     reader: int  # our end of its stderr, read only when the test says so
     metrics: int
+    journal: bool
 
     def scrape(self) -> str:
         connection = http.client.HTTPConnection("127.0.0.1", self.metrics, timeout=2)
@@ -130,7 +131,7 @@ def serving(tmp_path: Path, upstream: tuple[str, int], *, journal: bool) -> Iter
     ]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=writer, env=env)
     os.close(writer)
-    proxy = Proxy(process, port, events, reader, metrics)
+    proxy = Proxy(process, port, events, reader, metrics, journal)
     try:
         proxy.stderr_until(b"listening on")
         yield proxy
@@ -170,12 +171,19 @@ def clients() -> Iterator[list[Client]]:
 
 
 def fill(proxy: Proxy) -> int:
-    """SIGHUP until stderr takes no more (a reload's line did not arrive within 0.3 s); the
-    number of SIGHUPs sent."""
+    """SIGHUP until stderr takes no more; the number of SIGHUPs sent. Full: a reload's line did
+    not arrive within 0.3 s, twice in a row, and (a pipe, where a line is written whole or not
+    at all) less room is left than two lines take. A reload slow on a loaded machine is no
+    reason to stop."""
+    quiet = 0
     for sent in range(1, 400):
         before = waiting(proxy.reader)
         proxy.process.send_signal(signal.SIGHUP)
-        if not poll(lambda: waiting(proxy.reader) > before, 0.3):  # noqa: B023 (called here)
+        if poll(lambda: waiting(proxy.reader) > before, 0.3):  # noqa: B023 (called here)
+            quiet = 0
+            continue
+        quiet += 1
+        if quiet >= 2 and (proxy.journal or PIPE_SIZE - waiting(proxy.reader) < 200):
             return sent
     raise AssertionError("stderr never filled")
 
@@ -239,7 +247,7 @@ def test_a_stop_with_stderr_full_exits_in_bounded_time(dovecot: Dovecot, tmp_pat
         fill(proxy)
         start = time.monotonic()
         proxy.process.send_signal(signal.SIGTERM)
-        assert poll(lambda: proxy.process.poll() is not None, FLUSH_WITHIN + 1.5), "stop hung"
+        assert poll(lambda: proxy.process.poll() is not None, FLUSH_WITHIN + 2.0), "stop hung"
         assert proxy.process.returncode == 0
         assert time.monotonic() - start >= FLUSH_WITHIN  # stderr had its time
         said = b""

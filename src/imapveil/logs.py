@@ -79,9 +79,10 @@ BUFFER = 256 * 1024
 """Characters of diagnostics held for a stderr that takes nothing (a few thousand lines, on top
 of what the pipe or socket holds itself); a line that would go beyond is dropped and counted."""
 
-FLUSH_WITHIN = 2.0
+FLUSH_WITHIN = 1.0
 """Seconds stderr gets, when the service stops, to take the lines held: a stderr nobody reads
-must not keep the service from exiting."""
+must not keep the service from exiting (nor a restart waiting: the lines of a stop are a few,
+and a journal that took nothing for a second is stalled, not slow)."""
 
 DROPPED = "%d diagnostic lines dropped: stderr was not being read"
 
