@@ -21,6 +21,7 @@ import argparse
 import fcntl
 import logging
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -119,6 +120,7 @@ def latency(src: str, *, stalled: bool, noops: int) -> None:
         process.wait()
         os.close(reader)
         dovecot.cleanup()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def micro(lines: int) -> None:
