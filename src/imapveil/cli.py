@@ -291,6 +291,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return trio.run(service.Service(args.config, overrides, loaded).run)
     except KeyboardInterrupt:
         return 130
+    finally:
+        service.settle_logging()
 
 
 def check_config(file: str, overrides: dict[str, Any], *, online: bool) -> int:

@@ -61,8 +61,16 @@ class Loaded:
 
 
 def setup_logging(level: str) -> None:
-    """Diagnostics on stderr as `serve` writes them: journald's priorities under systemd."""
+    """Diagnostics on stderr as `serve` writes them: journald's priorities under systemd; written
+    at once until `Service.run` starts, then by a writer thread (see `logs`)."""
     logs.setup(level)
+
+
+def settle_logging() -> None:
+    """At exit: stderr gets up to `logs.FLUSH_WITHIN` seconds to take the lines held."""
+    stderr = logs.installed()
+    if stderr is not None:
+        stderr.stop()
 
 
 def load_all(config: str | None, overrides: Mapping[str, Any]) -> Loaded:
@@ -211,10 +219,20 @@ class Service:
         self.metrics.counter(
             "connections_refused", "Connections refused over a limit", lambda: stats.refused
         )
+        self.metrics.counter(
+            "diagnostics_dropped",
+            "Diagnostic lines lost: stderr (the journal) took nothing and the buffer was full",
+            lambda: stderr.dropped if (stderr := logs.installed()) is not None else 0,
+        )
         if self.store is not None:
             self.metrics.watch_store(self.store)
 
     async def run(self) -> int:
+        # From here on no diagnostic line is written from the event loop (logs.StderrHandler);
+        # `serve` gives stderr a bounded time to take what is held once the loop has returned.
+        stderr = logs.installed()
+        if stderr is not None:
+            stderr.start()
         try:
             return await self._run()
         finally:
