@@ -35,6 +35,8 @@ from tests.helpers.dovecot import Dovecot, free_port
 from tests.helpers.feeding import SPLITTERS, Conversation, Splitter
 from tests.helpers.process import (
     Running,
+    ask,
+    connect_until_listening,
     imapveil,
     read_log,
     service_overrides,
@@ -601,26 +603,6 @@ SLOW = 1.5
 """Seconds the event log's directory takes to answer during the reload."""
 
 
-async def _connect(port: int) -> trio.SocketStream:
-    while True:
-        try:
-            return await trio.open_tcp_stream("127.0.0.1", port)
-        except OSError:
-            await trio.sleep(0.01)
-
-
-async def _ask(stream: trio.SocketStream, tag: bytes, command: bytes) -> float:
-    """Seconds until the tagged answer."""
-    began = trio.current_time()
-    await stream.send_all(tag + b" " + command + b"\r\n")
-    received = b""
-    while b"\r\n" + tag + b" OK" not in b"\r\n" + received:
-        chunk = await stream.receive_some(65536)
-        assert chunk, received
-        received += chunk
-    return trio.current_time() - began
-
-
 @pytest.mark.dovecot
 async def test_reopening_the_event_log_on_a_slow_mount_holds_up_no_session(
     dovecot: Dovecot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -649,13 +631,13 @@ async def test_reopening_the_event_log_on_a_slow_mount_holds_up_no_session(
         i = 0
         while not reloaded.is_set():
             i += 1
-            waited = await _ask(stream, b"n%d" % i, b"NOOP")
+            waited = await ask(stream, b"n%d" % i, b"NOOP")
             if slow.is_set():
                 during.append(waited)
 
     async def client() -> None:
-        async with await _connect(port) as stream:
-            await _ask(stream, b"l", b"LOGIN alice wonderland")
+        async with await connect_until_listening(port) as stream:
+            await ask(stream, b"l", b"LOGIN alice wonderland")
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(noops, stream)
                 await trio.sleep(0.1)  # NOOPs going on before the reload
@@ -732,7 +714,7 @@ async def test_a_reload_while_the_server_takes_its_time_over_an_id_changes_nothi
 
         async def client() -> None:
             nonlocal shown
-            async with await _connect(port) as stream:
+            async with await connect_until_listening(port) as stream:
                 await stream.send_all(b'a ID ("name" "Mail" "guid" "1234")\r\n')
                 await got_id.wait()
                 policy.write_text((REPO / "policies" / "passthrough.toml").read_text())

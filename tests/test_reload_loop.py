@@ -19,30 +19,15 @@ from imapveil import service as service_module
 from imapveil.relay import streams
 from imapveil.service import Service, load_all
 from tests.helpers.dovecot import Dovecot, free_port
-from tests.helpers.process import service_overrides, signal_handlers_restored
+from tests.helpers.process import (
+    ask,
+    connect_until_listening,
+    service_overrides,
+    signal_handlers_restored,
+)
 
 SLOW = 1.5
 """Seconds the resolver takes during the reload."""
-
-
-async def _connect(port: int) -> trio.SocketStream:
-    while True:
-        try:
-            return await trio.open_tcp_stream("127.0.0.1", port)
-        except OSError:
-            await trio.sleep(0.01)
-
-
-async def _ask(stream: trio.SocketStream, tag: bytes, command: bytes) -> float:
-    """Seconds until the tagged answer."""
-    began = trio.current_time()
-    await stream.send_all(tag + b" " + command + b"\r\n")
-    received = b""
-    while b"\r\n" + tag + b" OK" not in b"\r\n" + received:
-        chunk = await stream.receive_some(65536)
-        assert chunk, received
-        received += chunk
-    return trio.current_time() - began
 
 
 async def test_a_slow_lookup_at_reload_holds_up_no_session(
@@ -69,12 +54,12 @@ async def test_a_slow_lookup_at_reload_holds_up_no_session(
         i = 0
         while not reloaded.is_set():
             i += 1
-            waited = await _ask(stream, b"n%d" % i, b"NOOP")
+            waited = await ask(stream, b"n%d" % i, b"NOOP")
             (during if slow.is_set() else before).append(waited)
 
     async def client() -> None:
-        async with await _connect(port) as stream:
-            await _ask(stream, b"l", b"LOGIN alice wonderland")
+        async with await connect_until_listening(port) as stream:
+            await ask(stream, b"l", b"LOGIN alice wonderland")
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(noops, stream)
                 await trio.sleep(0.2)  # NOOPs answered before the reload
@@ -127,16 +112,16 @@ async def test_a_stop_during_a_reload_that_hangs_does_not_wait_for_it(
         with signal_handlers_restored(), trio.fail_after(5):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(serve)
-                async with await _connect(port) as stream:
-                    await _ask(stream, b"l", b"LOGIN alice wonderland")
+                async with await connect_until_listening(port) as stream:
+                    await ask(stream, b"l", b"LOGIN alice wonderland")
                     hang.set()
                     os.kill(os.getpid(), signal.SIGHUP)
                     await entered.wait()
                     os.kill(os.getpid(), signal.SIGHUP)  # a second one, while the first hangs
-                    waited = await _ask(stream, b"n", b"NOOP")  # sessions still served
+                    waited = await ask(stream, b"n", b"NOOP")  # sessions still served
                     assert waited < 1.0
                     os.kill(os.getpid(), signal.SIGTERM)
-                    await _ask(stream, b"q", b"LOGOUT")
+                    await ask(stream, b"q", b"LOGOUT")
         assert finished == [0]
         assert calls == 1, f"{calls} lookups started"
     finally:
@@ -192,7 +177,7 @@ async def test_sighups_during_a_reload_make_one_more_reload(
         with signal_handlers_restored(), trio.fail_after(5):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(service.run)
-                (await _connect(port)).socket.close()  # serving, signals handled
+                (await connect_until_listening(port)).socket.close()  # serving, signals handled
                 os.kill(os.getpid(), signal.SIGHUP)
                 await entered.wait()
                 for _ in range(3):

@@ -111,6 +111,17 @@ async def veil(upstream: tuple[str, int], state: Path, **settings: Any) -> Async
 # --- A client that types raw bytes.
 
 
+def compress_after_login(s: socket.socket) -> None:
+    """The greeting, LOGIN (COMPRESS is for after login, RFC 4978), then COMPRESS DEFLATE."""
+    f = s.makefile("rb")
+    assert f.readline().startswith(b"* OK")
+    s.sendall(b"L LOGIN alice wonderland\r\n")
+    assert f.readline().startswith(b"L OK")
+    s.sendall(b"z COMPRESS DEFLATE\r\n")
+    assert f.readline().startswith(b"z OK"), "COMPRESS refused"
+    f.close()
+
+
 class Client:
     """One connection; `transcript` is everything received, in order."""
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import trio
+
 from tests.helpers.dovecot import free_port
 
 
@@ -167,3 +169,24 @@ def datagrams_waiting(sock: socket.socket) -> list[str]:
         while True:
             seen.append(sock.recv(4096).decode().split("\n")[0])
     return seen
+
+
+async def connect_until_listening(port: int) -> trio.SocketStream:
+    """A connection to a proxy process on loopback, retried until it listens."""
+    while True:
+        try:
+            return await trio.open_tcp_stream("127.0.0.1", port)
+        except OSError:
+            await trio.sleep(0.01)
+
+
+async def ask(stream: trio.SocketStream, tag: bytes, command: bytes) -> float:
+    """Seconds until the tagged OK of `command`."""
+    began = trio.current_time()
+    await stream.send_all(tag + b" " + command + b"\r\n")
+    received = b""
+    while b"\r\n" + tag + b" OK" not in b"\r\n" + received:
+        chunk = await stream.receive_some(65536)
+        assert chunk, received
+        received += chunk
+    return trio.current_time() - began

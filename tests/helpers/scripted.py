@@ -3,6 +3,7 @@ proxy's lines and says what the script says, and `serve` runs it on a loopback p
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -49,6 +50,29 @@ async def serve(
         await nursery.start(trio.serve_listeners, handler, listeners)
         yield listeners[0].socket.getsockname()[:2]
         nursery.cancel_scope.cancel()
+
+
+async def talkative(peer: Peer, lines: bytes, *, after_login: bool) -> None:
+    """An upstream that sends `lines` (untagged responses, which a server may send at any time:
+    RFC 9051 section 7) without end: from its greeting on, or once the client has logged in
+    (any first command is answered OK), until the proxy closes its side."""
+    await peer.say(b"* OK [CAPABILITY IMAP4rev1] hi\r\n")
+    if after_login:
+        tag = (await peer.line()).split(b" ")[0]
+        await peer.say(tag + b" OK logged in\r\n")
+
+    async def flood(cancel: trio.CancelScope) -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            while True:
+                await peer.say(lines)
+        cancel.cancel()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(flood, nursery.cancel_scope)
+        while await peer.line():  # until the proxy closes its side: then the flood ends
+            pass
+        nursery.cancel_scope.cancel()
+    await peer.stream.aclose()
 
 
 def fetch_until_closed(address: tuple[str, int], logout: bool = True) -> bytes:

@@ -40,7 +40,16 @@ import trio
 from imapveil.protocol.command import MAX_LITERALS
 from imapveil.protocol.proxy_header import V2_SIGNATURE
 from imapveil.records import CommandCompleted, IdExchange, SessionEnded, Violation
-from tests.helpers.attack import CLIENT_IP, MAC, Client, DovecotLog, Identifiers, own_dovecot, veil
+from tests.helpers.attack import (
+    CLIENT_IP,
+    MAC,
+    Client,
+    DovecotLog,
+    Identifiers,
+    compress_after_login,
+    own_dovecot,
+    veil,
+)
 from tests.helpers.dovecot import Dovecot
 
 pytestmark = pytest.mark.dovecot
@@ -57,17 +66,6 @@ def target() -> Iterator[Dovecot]:
 
 AFTER_END = 32 * 1024 * 1024
 """Octets the attacker offers after its final DEFLATE block (64 KiB a send)."""
-
-
-def compress_after_login(s: socket.socket) -> None:
-    """The greeting, LOGIN (COMPRESS is for after login, RFC 4978), then COMPRESS DEFLATE."""
-    f = s.makefile("rb")
-    assert f.readline().startswith(b"* OK")
-    s.sendall(b"L LOGIN alice wonderland\r\n")
-    assert f.readline().startswith(b"L OK")
-    s.sendall(b"z COMPRESS DEFLATE\r\n")
-    assert f.readline().startswith(b"z OK"), "COMPRESS refused"
-    f.close()
 
 
 def deflate_then_garbage(address: tuple[str, int]) -> tuple[bytes, int, float]:

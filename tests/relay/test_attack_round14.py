@@ -27,7 +27,14 @@ import pytest
 import trio
 
 from imapveil.records import CommandCompleted, Violation
-from tests.helpers.attack import Client, DovecotLog, Identifiers, own_dovecot, veil
+from tests.helpers.attack import (
+    Client,
+    DovecotLog,
+    Identifiers,
+    compress_after_login,
+    own_dovecot,
+    veil,
+)
 from tests.helpers.dovecot import Dovecot
 
 pytestmark = pytest.mark.dovecot
@@ -172,18 +179,13 @@ async def test_ids_rewritten_piece_by_piece_are_answered_in_turn(
 def compressed_session(address: tuple[str, int], attack: bytes) -> bytes:
     """LOGIN, COMPRESS DEFLATE, then `attack` a few octets per flush; what came back, inflated."""
     with socket.create_connection(address, timeout=5) as s:
-        f = s.makefile("rb")
-        assert f.readline().startswith(b"* OK")
-        s.sendall(b"L LOGIN alice wonderland\r\n")
-        assert f.readline().startswith(b"L OK")
-        s.sendall(b"z COMPRESS DEFLATE\r\n")
-        assert f.readline().startswith(b"z OK"), "COMPRESS refused"
+        compress_after_login(s)
         deflate = zlib.compressobj(6, zlib.DEFLATED, -15)
         for i in range(0, len(attack), 7):
             s.sendall(deflate.compress(attack[i : i + 7]) + deflate.flush(zlib.Z_SYNC_FLUSH))
         inflate = zlib.decompressobj(-15)
         got = b""
-        while b"* BYE" not in got and (data := f.read1(65536)):
+        while b"* BYE" not in got and (data := s.recv(65536)):
             got += inflate.decompress(data)
         return got  # (the proxy's EOF would come after its close grace: no half-close in DEFLATE)
 

@@ -48,7 +48,7 @@ from imapveil.relay import streams
 from imapveil.relay.deflate import DeflateStream
 from imapveil.relay.streams import CLOSE_GRACE
 from tests.helpers import scripted
-from tests.helpers.attack import own_dovecot, veil
+from tests.helpers.attack import compress_after_login, own_dovecot, veil
 from tests.helpers.dovecot import Dovecot
 from tests.helpers.scripted import Peer
 
@@ -62,17 +62,6 @@ MIB = 1 << 20
 def target() -> Iterator[Dovecot]:
     with own_dovecot() as server:
         yield server
-
-
-def compress_after_login(s: socket.socket) -> None:
-    """The greeting, LOGIN (COMPRESS is for after login, RFC 4978), then COMPRESS DEFLATE."""
-    f = s.makefile("rb")
-    assert f.readline().startswith(b"* OK")
-    s.sendall(b"L LOGIN alice wonderland\r\n")
-    assert f.readline().startswith(b"L OK")
-    s.sendall(b"z COMPRESS DEFLATE\r\n")
-    assert f.readline().startswith(b"z OK"), "COMPRESS refused"
-    f.close()
 
 
 def bomb(prefix: bytes, mib: int, suffix: bytes = b"") -> bytes:
@@ -237,24 +226,9 @@ EXISTS = b"* 1 EXISTS\r\n"
 
 
 async def flooding(peer: Peer) -> None:
-    """An upstream that, once logged in, sends untagged responses without end (a server may send
-    them at any time: RFC 9051 section 7), as a busy mailbox's would."""
-    await peer.say(b"* OK [CAPABILITY IMAP4rev1] hi\r\n")
-    tag = (await peer.line()).split(b" ")[0]
-    await peer.say(tag + b" OK logged in\r\n")
-
-    async def flood(cancel: trio.CancelScope) -> None:
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            while True:
-                await peer.say(EXISTS * 1000)
-        cancel.cancel()
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(flood, nursery.cancel_scope)
-        while await peer.line():  # until the proxy closes its side: then the flood ends
-            pass
-        nursery.cancel_scope.cancel()
-    await peer.stream.aclose()
+    """An upstream that, once logged in, sends untagged responses without end, as a busy
+    mailbox's would."""
+    await scripted.talkative(peer, EXISTS * 1000, after_login=True)
 
 
 def compress_in_a_flood(address: tuple[str, int]) -> str:

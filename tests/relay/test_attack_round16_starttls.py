@@ -9,7 +9,6 @@ clear text, where the client reads the TLS handshake. The client's handshake the
 
 from __future__ import annotations
 
-import contextlib
 import socket
 import ssl
 from pathlib import Path
@@ -30,20 +29,7 @@ NOTE = b"* OK [ALERT] still here\r\n"
 
 async def chatty(peer: Peer) -> None:
     """An upstream that sends untagged responses without end from its greeting on."""
-    await peer.say(b"* OK [CAPABILITY IMAP4rev1] hi\r\n")
-
-    async def flood(cancel: trio.CancelScope) -> None:
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            while True:
-                await peer.say(NOTE * 200)
-        cancel.cancel()
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(flood, nursery.cancel_scope)
-        while await peer.line():  # until the proxy closes its side: then the flood ends
-            pass
-        nursery.cancel_scope.cancel()
-    await peer.stream.aclose()
+    await scripted.talkative(peer, NOTE * 200, after_login=False)
 
 
 def line(s: socket.socket) -> bytes:
