@@ -197,7 +197,7 @@ service anvil {{
     def tls_address(self) -> tuple[str, int]:
         return ("127.0.0.1", self.tls_port)
 
-    def start(self, timeout: float = 15.0) -> Dovecot:
+    def start(self, timeout: float = 30.0) -> Dovecot:
         self._write_config()
         for user in self.users:
             self._ensure_maildir(user)
@@ -256,7 +256,7 @@ service anvil {{
             path.write_bytes(message)
             os.chown(path, self.mail_uid, self.mail_gid)
 
-    def wait_for_log(self, marker: str, count: int, timeout: float = 10.0) -> str:
+    def wait_for_log(self, marker: str, count: int, timeout: float = 20.0) -> str:
         """The info log once it holds `count` lines with `marker` (Dovecot writes it a moment
         after answering, from its log process, so this polls the file)."""
         deadline = time.monotonic() + timeout
