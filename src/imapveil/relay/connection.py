@@ -14,6 +14,7 @@ import contextlib
 import errno
 import logging
 import math
+import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -466,6 +467,24 @@ class Connection:
         if server is None or server.ended or server.broken or self.core.closed:
             return False
         stream = server.stream
+        if type(stream) is trio.SocketStream:
+            # Plain TCP (nearly always): shutdown(2) at once, under the write lock taken without
+            # the scheduling round trip when free (as `Leg.send_many` takes it), not through
+            # `send_eof` and its checkpoint: two scheduler steps and a cancel scope fewer, and
+            # no Cancelled raised in them when the server's EOF ends the session meanwhile.
+            lock = server.write_lock
+            if lock.locked():
+                await lock.acquire()  # after anything the other pump is sending
+            else:
+                lock.acquire_nowait()
+            try:
+                stream.socket.shutdown(socket.SHUT_WR)
+            except OSError:
+                return False
+            finally:
+                lock.release()
+            self._client_eof = True
+            return True
         if not isinstance(stream, trio.abc.HalfCloseableStream):
             return False
         async with server.write_lock:  # after anything the other pump is sending
