@@ -193,13 +193,14 @@ class Connection:
             except Exception:
                 log.exception("session %s: could not record the failure", self.core.session_id)
         finally:
-            with trio.CancelScope(shield=True):
-                try:
-                    self._emit_all(self.core.finish(trio.current_time()))
-                except Exception:
-                    log.exception("session %s: could not finish", self.core.session_id)
-                    self._emit(self._fallback_end())
-                await self._close_legs()
+            # No shield of its own: what could wait here is shielded where it waits (a leg's
+            # graceful close, the nursery closing two), a cancel scope a session fewer.
+            try:
+                self._emit_all(self.core.finish(trio.current_time()))
+            except Exception:
+                log.exception("session %s: could not finish", self.core.session_id)
+                self._emit(self._fallback_end())
+            await self._close_legs()
 
     def _fallback_end(self) -> SessionEnded:
         """The end record when the core could not write its own."""
@@ -670,18 +671,29 @@ class Connection:
 
     async def _close_legs(self) -> None:
         """Legs whose peer closed are closed at once; the others gracefully (`close_gracefully`
-        may wait for the peer), side by side when there are two."""
-        legs = [leg for leg in (self.client, self.server) if leg is not None]
-        waiting = [leg for leg in legs if not leg.ended]
-        for leg in legs:
+        may wait for the peer), side by side when there are two.
+
+        Whether or not the session is being cancelled (the proxy cutting off what is left):
+        nothing here takes a cancellation before the legs are closed. A plain leg closes
+        without a checkpoint, any other through `trio.aclose_forcefully` (cancelled by design),
+        a graceful close waits in a shielded scope, and so do two side by side."""
+        client, server = self.client, self.server
+        waiting = None
+        for leg in (client, server):
+            if leg is None:
+                continue
             if leg.ended:
                 await self._close_leg(leg)
-        if len(waiting) == 1:
-            await self._close_leg(waiting[0])
-        elif waiting:
-            async with trio.open_nursery() as nursery:
-                for leg in waiting:
-                    nursery.start_soon(self._close_leg, leg)
+            elif waiting is None:
+                waiting = leg
+            else:
+                with trio.CancelScope(shield=True):
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._close_leg, waiting)
+                        nursery.start_soon(self._close_leg, leg)
+                return
+        if waiting is not None:
+            await self._close_leg(waiting)
 
     async def _close_leg(self, leg: Leg) -> None:
         try:
