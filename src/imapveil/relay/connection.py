@@ -96,6 +96,7 @@ class Connection:
         "_expired",
         "_implicit_tls",
         "_pumps",
+        "_readers",
         "_refusal",
         "_resume",
         "_shortest",
@@ -142,6 +143,8 @@ class Connection:
         self._closed = False
         self._client_eof = False  # the client half-closed; the server's answers still go to it
         self._pumps: trio.CancelScope | None = None
+        self._readers: trio.Nursery | None = None
+        """Where the client's pump starts once the core first wants its data (see `run`)."""
         self._expired = False  # the timers cancelled the pumps: no traffic in time
         self._endpoints = client_endpoints  # (client, the address it connected to)
         self._refusal = refusal
@@ -179,9 +182,15 @@ class Connection:
                         self._pumps = pumps.cancel_scope
                         if self._closed:  # closed while connecting (shutdown)
                             pumps.cancel_scope.cancel()
-                        pumps.start_soon(self._pump, self.client, Direction.TO_SERVER)
+                        # The client's pump starts when the core first wants the client's data
+                        # (after the greeting: `_resume_client`), not to wait for it in a task
+                        # step and an Event of its own: one scheduler step a session fewer.
+                        if not self._closed:
+                            self._readers = pumps
+                            self._resume_client()
                         await self._pump(self.server, Direction.TO_CLIENT)
                 finally:
+                    self._readers = None
                     self._timers.leave(self)
                 if self._expired and pumps.cancel_scope.cancelled_caught and not self._closed:
                     await self._apply(self.core.timed_out(trio.current_time()))
@@ -382,6 +391,7 @@ class Connection:
     def _close(self) -> None:
         """Stop both pumps; `run` then closes the legs."""
         self._closed = True
+        self._readers = None  # the client's pump, if not started yet, never starts
         if self._resume is not None:
             self._resume.set()
         if self._pumps is not None:
@@ -497,13 +507,21 @@ class Connection:
         return True
 
     def _resume_client(self) -> None:
-        """Wake the client's reader if it waits and the core wants its data again (or closed).
-        A method, not inline: a local in `_pump`'s frame would keep the Event while it waits."""
+        """Wake the client's reader if it waits and the core wants its data again (or closed);
+        the first time, start it (see `run`). A method, not inline: a local in `_pump`'s frame
+        would keep the Event while it waits."""
         resume = self._resume
+        readers = self._readers
+        if resume is None and readers is None:
+            return
         core = self.core
-        if resume is not None and (core.wants_client_data or core.client_backlog or core.closed):
-            self._resume = None
-            resume.set()
+        if core.wants_client_data or core.client_backlog or core.closed:
+            if readers is not None:
+                self._readers = None
+                readers.start_soon(self._pump, self.client, Direction.TO_SERVER)
+            elif resume is not None:
+                self._resume = None
+                resume.set()
 
     def _splice_to(self, source: Leg) -> Leg | None:
         """Where the literal octets that follow (at least `SPLICE_MIN` the core need not read)
