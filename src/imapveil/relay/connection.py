@@ -326,17 +326,12 @@ class Connection:
         if isinstance(action, StartCompress):
             return self._deflate_locked
         if isinstance(action, StartTls):
-            return self._starttls_locked
+            return self._handshake_locked  # a failure leaves the leg broken, said and recorded
         return None
 
     async def _deflate_locked(self) -> None:
         """The client leg turns DEFLATE (after our OK to COMPRESS), its write lock held."""
         self.client.stream = DeflateStream(self.client.stream)
-
-    async def _starttls_locked(self) -> None:
-        """The handshake after our OK to STARTTLS, its write lock held; a failure leaves the leg
-        broken, said and recorded by `_handshake_locked`."""
-        await self._handshake_locked()
 
     async def _upstream_tls(self) -> bool:
         s = self.settings
@@ -484,10 +479,8 @@ class Connection:
             # `send_eof` and its checkpoint: two scheduler steps and a cancel scope fewer, and
             # no Cancelled raised in them when the server's EOF ends the session meanwhile.
             lock = server.write_lock
-            if lock.locked():
+            if not lock.take_if_free():
                 await lock.acquire()  # after anything the other pump is sending
-            else:
-                lock.acquire_nowait()
             try:
                 stream.socket.shutdown(socket.SHUT_WR)
             except OSError:
@@ -654,12 +647,13 @@ class Connection:
             self._emit_records(records)
             if isinstance(action, Close):
                 self._close()  # an unavailable upstream is logged by the `Proxy`, not each time
-            elif isinstance(action, StartTls):
-                if not await self._client_handshake():
-                    return
-            elif isinstance(action, StartCompress):
+            elif (then := self._switch(action)) is not None:
+                # A switch with no OK of ours just before it (the core sends one with each:
+                # they share a hold of the lock above); under the lock all the same.
                 async with self.client.write_lock:
-                    self.client.stream = DeflateStream(self.client.stream)
+                    await then()
+                if self.client.broken:  # the handshake failed (and said so)
+                    return
             i += 1
 
     def _send_failed(self, leg: Leg, exc: BaseException, now: float) -> None:

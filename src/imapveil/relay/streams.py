@@ -74,6 +74,14 @@ class WriteLock:
             raise trio.WouldBlock
         self._held = True
 
+    def take_if_free(self) -> bool:
+        """Take the lock if it is free (True), with no checkpoint: a sender's way, whose send
+        then goes out without the scheduling round trip `acquire` costs; `acquire` if False."""
+        if self._held:
+            return False
+        self._held = True
+        return True
+
     async def acquire(self) -> None:
         await trio.lowlevel.checkpoint_if_cancelled()
         if not self._held:
@@ -172,12 +180,8 @@ class Leg:
         after our OK to COMPRESS or STARTTLS, the switch to DEFLATE or the TLS handshake, so that
         nothing another task sends goes between the OK and what the client reads after it."""
         lock = self.write_lock
-        if lock.locked():
+        if not lock.take_if_free():  # uncontended nearly always: no scheduling round trip
             await lock.acquire()
-        else:
-            # Uncontended (nearly always): take it without the scheduling round trip that
-            # `async with` costs.
-            lock.acquire_nowait()
         try:
             stream = self.stream
             if type(stream) is trio.SocketStream:
@@ -197,10 +201,8 @@ class Leg:
         """Everything `pipe` holds to this plain TCP leg (splice(2)), under the write lock: no
         other bytes go out between octets of a literal. Raises as `send_many` does."""
         lock = self.write_lock
-        if lock.locked():
+        if not lock.take_if_free():  # as in `send_many`
             await lock.acquire()
-        else:
-            lock.acquire_nowait()  # as in `send_many`
         try:
             await pipe.drain(_fileno(self.stream))
         except BaseException:
