@@ -96,34 +96,16 @@ def quote_state(state: int, data: bytes, pos: int, end: int) -> int:
     return state
 
 
-class ClientFramer:
-    """The client's stream. Holds raw bytes, so its repr shows sizes only."""
+class Parking:
+    """Octets received and not read yet, while the peer must wait (for the server, or for the
+    other sessions' turn: `session.TURN`): the chunk they came in and where they start in it
+    (no copy, so many stops in one chunk cost one pass). Both framers park so."""
 
-    __slots__ = (
-        "buf",
-        "keep_limit",
-        "kept",
-        "literal_left",
-        "max_line",
-        "parked_at",
-        "parked_data",
-        "use",
-    )
+    __slots__ = ("parked_at", "parked_data")
 
-    def __init__(self, max_line: int) -> None:
-        self.max_line = max_line
-        self.buf = bytearray()  # an incomplete line, not yet forwarded
-        self.literal_left = 0  # octets of literal body still to come
-        self.use = Use.PASS
-        self.kept: bytearray | None = None  # a literal body being kept (bounded)
-        self.keep_limit = KEEP_LIMIT  # how much of it
-        # Octets not read yet, while the client must wait for the server: the chunk they came
-        # in and where they start in it (no copy, so many gates in one chunk cost one pass).
+    def __init__(self) -> None:
         self.parked_data = b""
         self.parked_at = 0
-
-    def __repr__(self) -> str:
-        return f"<client framer buffered={len(self.buf)} literal_left={self.literal_left}>"
 
     @property
     def parked(self) -> int:
@@ -143,6 +125,31 @@ class ClientFramer:
         parked = self.parked_data, self.parked_at
         self.parked_data, self.parked_at = b"", 0
         return parked
+
+
+class ClientFramer(Parking):
+    """The client's stream. Holds raw bytes, so its repr shows sizes only."""
+
+    __slots__ = (
+        "buf",
+        "keep_limit",
+        "kept",
+        "literal_left",
+        "max_line",
+        "use",
+    )
+
+    def __init__(self, max_line: int) -> None:
+        super().__init__()
+        self.max_line = max_line
+        self.buf = bytearray()  # an incomplete line, not yet forwarded
+        self.literal_left = 0  # octets of literal body still to come
+        self.use = Use.PASS
+        self.kept: bytearray | None = None  # a literal body being kept (bounded)
+        self.keep_limit = KEEP_LIMIT  # how much of it
+
+    def __repr__(self) -> str:
+        return f"<client framer buffered={len(self.buf)} literal_left={self.literal_left}>"
 
     def literal(self, size: int, use: Use) -> None:
         """The line just read announced a literal of `size` octets, to be used so."""
@@ -200,7 +207,7 @@ class ClientFramer:
         return Fragment.LINE, end, line
 
 
-class ServerFramer:
+class ServerFramer(Parking):
     """The server's stream: literal bodies and message data runs pass without a return to the
     session; lines that need the grammar come back one by one."""
 
@@ -217,6 +224,7 @@ class ServerFramer:
     )
 
     def __init__(self, hold: int) -> None:
+        super().__init__()
         self.hold = hold
         self.buf = bytearray()  # an incomplete line, not yet forwarded
         self.literal_left = 0  # octets of literal body still to pass through

@@ -66,8 +66,6 @@ class SessionCore:
         "_out",
         "_responses",
         "_server",
-        "_server_parked",
-        "_server_parked_at",
         "_traits",
         "bytes_from_client",
         "bytes_from_server",
@@ -110,9 +108,6 @@ class SessionCore:
         self._traits = self._commands.traits
         self._responses = Responses(self._out, self._server, self._commands, self._ids, self._leg)
         self._ended = False
-        # Server octets received and not read yet (a turn was over): the chunk, where they start.
-        self._server_parked = b""
-        self._server_parked_at = 0
 
     def __repr__(self) -> str:
         return (
@@ -309,12 +304,13 @@ class SessionCore:
         out: list[Action] = []
         o.actions = out
         f = self._server
-        if self._server_parked:
+        if f.parked_data:
             # Fed while octets from before wait (a shell that did not call `resume_server`):
             # they come first.
-            data = self._server_parked[self._server_parked_at :] + data
-            self._server_parked, self._server_parked_at = b"", 0
-        elif (
+            f.park(data, 0)
+            self._server_input(*f.unpark())
+            return out
+        if (
             self.SIMPLE
             and self._responses.greeted
             and not (f.buf or f.literal_left or f.continues or f.streaming or o.owed)
@@ -336,7 +332,7 @@ class SessionCore:
     def server_backlog(self) -> bool:
         """Server octets received earlier wait to be read (a turn was over, `TURN`): the shell
         lets the other sessions run, then calls `resume_server`."""
-        return bool(self._server_parked) and not self._out.closed
+        return bool(self._server.parked_data) and not self._out.closed
 
     def resume_server(self, now: float) -> list[Action]:
         """Read on what the server sent earlier (`server_backlog`); nothing if nothing waits."""
@@ -345,9 +341,7 @@ class SessionCore:
         out: list[Action] = []
         o.actions = out
         if self.server_backlog:
-            data, at = self._server_parked, self._server_parked_at
-            self._server_parked, self._server_parked_at = b"", 0
-            self._server_input(data, at)
+            self._server_input(*self._server.unpark())
         return out
 
     def _server_input(self, data: bytes, at: int) -> None:
@@ -504,7 +498,7 @@ class SessionCore:
         """Octets of the current server literal still to come that nothing here needs to read:
         they pass to the client as they come, whatever the grammar decides (0: not inside a
         literal body, or the session is closed)."""
-        if self._out.closed or self._server_parked or self._server.collecting:
+        if self._out.closed or self._server.parked_data or self._server.collecting:
             return 0
         return self._server.literal_left
 
@@ -655,7 +649,7 @@ class SessionCore:
                 # This session's turn is over: the other sessions run before it reads on
                 # (`server_backlog`; the shell reads no more meanwhile).
                 self._flush(Direction.TO_CLIENT, data, start, pos)
-                self._server_parked, self._server_parked_at = data, pos
+                f.park(data, pos)
                 return
             kind, line_start, pos, line = f.next(data, pos, responses.greeted)
             # What the framer passed over to get here (literal octets, message data lines) is
