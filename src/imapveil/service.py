@@ -219,10 +219,11 @@ class Service:
         self.metrics.counter(
             "connections_refused", "Connections refused over a limit", lambda: stats.refused
         )
+        stderr = self._stderr = logs.installed()  # `setup_logging` came first; None in tests
         self.metrics.counter(
             "diagnostics_dropped",
             "Diagnostic lines lost: stderr (the journal) took nothing and the buffer was full",
-            lambda: stderr.dropped if (stderr := logs.installed()) is not None else 0,
+            lambda: stderr.dropped if stderr is not None else 0,
         )
         if self.store is not None:
             self.metrics.watch_store(self.store)
@@ -230,9 +231,8 @@ class Service:
     async def run(self) -> int:
         # From here on no diagnostic line is written from the event loop (logs.StderrHandler);
         # `serve` gives stderr a bounded time to take what is held once the loop has returned.
-        stderr = logs.installed()
-        if stderr is not None:
-            stderr.start()
+        if self._stderr is not None:
+            self._stderr.start()
         try:
             return await self._run()
         finally:
