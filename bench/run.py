@@ -599,16 +599,24 @@ def certificate(work: Path) -> tuple[trustme.CA, Path, Path]:
 
 
 def start_proxy(
-    work: Path, dovecot: Dovecot, cert: Path, key: Path, env: dict[str, str] | None = None
+    work: Path,
+    dovecot: Dovecot,
+    cert: Path,
+    key: Path,
+    env: dict[str, str] | None = None,
+    *,
+    under: Sequence[str] = (),
+    startup: float = 15.0,
 ) -> ProxyProcess:
     """An `imapveil serve` with an event log and a statistics store of its own (a store and its
     spool serve one process: a second one would find them in use and drop its rows); `env`:
-    its environment (PYTHONPATH for another source tree: bench/ab.py)."""
+    its environment (PYTHONPATH for another source tree: bench/ab.py); `under`: a command it
+    runs under (valgrind: bench/instructions.py), given `startup` seconds to listen."""
     port, tls_port = free_port(), free_port()
     own = work / f"imapveil-{port}"
     own.mkdir()
     process = subprocess.Popen(
-        [sys.executable, "-m", "imapveil", "serve",
+        [*under, sys.executable, "-m", "imapveil", "serve",
          "--listen", f"127.0.0.1:{port}",
          "--listen-tls", f"127.0.0.1:{tls_port}", "--cert", str(cert), "--key", str(key),
          "--upstream", f"127.0.0.1:{dovecot.port}",
@@ -620,23 +628,25 @@ def start_proxy(
         start_new_session=True,
         env=env,
     )  # fmt: skip
-    wait_port(port, process)
+    wait_port(port, process, startup)
     return ProxyProcess(process, port, tls_port)
 
 
-def start_naive(dovecot: Dovecot) -> ProxyProcess:
+def start_naive(
+    dovecot: Dovecot, *, under: Sequence[str] = (), startup: float = 15.0
+) -> ProxyProcess:
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, str(Path(__file__).with_name("naive_relay.py")), str(port),
+        [*under, sys.executable, str(Path(__file__).with_name("naive_relay.py")), str(port),
          str(dovecot.port)],
         start_new_session=True,
     )  # fmt: skip
-    wait_port(port, process)
+    wait_port(port, process, startup)
     return ProxyProcess(process, port)
 
 
-def wait_port(port: int, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 15
+def wait_port(port: int, process: subprocess.Popen[bytes], startup: float = 15.0) -> None:
+    deadline = time.monotonic() + startup
     while True:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
