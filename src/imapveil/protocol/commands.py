@@ -333,9 +333,10 @@ class Commands:
         out = self.out
         out.violation("client", f"refused_{frag.problem}", f"{size} octets", "refused")
         out.owe((tag or b"*") + b" BAD [CLIENTBUG] Command not understood by the proxy\r\n")
-        # A line of one word is no command, and its word is no tag the record may keep: it is
-        # what a client sent where the server never asked for it, a SASL response above all
-        # (base64 credentials, one word), after an AUTHENTICATE answered without a "+".
+        # A line of one word (and trailing spaces) is no command, and its word is no tag the
+        # record may keep: it is what a client sent where the server never asked for it, a
+        # SASL response above all (base64 credentials, one word), after an AUTHENTICATE
+        # answered without a "+".
         if (
             tag is not None
             and frag.problem != "no_command"
