@@ -9,6 +9,10 @@ where Dovecot cannot make the server's side wanted.
 - XOAUTH2 and OAUTHBEARER responses whose separators are not `^A` octets (the two characters
   `^A` of the documentation's notation, a space) were read to their end as the user name, the
   bearer token with it, into the command's record.
+- Held (pinned where nothing else pins it at the wire): a scripted server that checks that no
+  octet reaches it before its `+` (LOGIN's two responses and a NOOP sent in one segment); a `+`
+  and the tagged NO in one segment, the response sent ahead then read as a command (refused,
+  never sent).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from imapveil.records import CommandCompleted, Violation
 from imapveil.secret import Secret
 from tests.helpers.attack import Client, own_dovecot, veil
 from tests.helpers.dovecot import Dovecot
+from tests.helpers.scripted import Peer, serve
 
 run = trio.to_thread.run_sync
 
@@ -150,3 +155,105 @@ def test_an_oauth_user_only_beside_its_token(
 ) -> None:
     """The same, on `sasl.username` (tests/protocol/test_sasl.py has the well-formed ones)."""
     assert sasl.username(mechanism, 0, Secret(response)) == user
+
+
+# --- Only what the server asked for: a scripted server that checks.
+
+QUIET = 0.25
+"""Seconds the scripted server listens for octets it did not ask for, before each "+"."""
+
+
+class Strict:
+    """Offers PLAIN and LOGIN; before each "+" it sends, notes anything that reached it since
+    the line it answers (`early`): the proxy must have held it. `plus_and_no`: the first "+"
+    of PLAIN and a tagged NO in one segment (a server that ends the exchange at once)."""
+
+    def __init__(self, *, plus_and_no: bool = False) -> None:
+        self.plus_and_no = plus_and_no
+        self.received = bytearray()
+        self.early: list[bytes] = []
+
+    async def _plus(self, peer: Peer, challenge: bytes, then: bytes = b"") -> None:
+        with trio.move_on_after(QUIET):
+            data = await peer.stream.receive_some(4096)
+            self.early.append(bytes(data))
+            peer._buffer.extend(data)  # read on as lines (the test fails anyway)
+        await peer.say(b"+ " + challenge + b"\r\n" + then)  # one send: one segment
+
+    async def _response(self, peer: Peer) -> bytes:
+        line = await peer.line()
+        self.received += line
+        return line
+
+    async def script(self, peer: Peer) -> None:
+        await peer.say(b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=PLAIN AUTH=LOGIN] hi\r\n")
+        while line := await peer.line():
+            self.received += line
+            tag, _, rest = line.partition(b" ")
+            if rest.startswith(b"AUTHENTICATE LOGIN"):
+                await self._plus(peer, b"VXNlcm5hbWU6")
+                await self._response(peer)
+                await self._plus(peer, b"UGFzc3dvcmQ6")
+                ok = await self._response(peer) == LOGIN_PASSWORD + b"\r\n"
+                await peer.say(tag + (b" OK in\r\n" if ok else b" NO no\r\n"))
+            elif rest.startswith(b"AUTHENTICATE PLAIN") and self.plus_and_no:
+                await self._plus(peer, b"", tag + b" NO [UNAVAILABLE] not now\r\n")
+            elif rest.startswith(b"LOGOUT"):
+                await peer.say(b"* BYE bye\r\n" + tag + b" OK bye\r\n")
+                return
+            else:
+                await peer.say(tag + b" OK done\r\n")
+
+
+def in_one_segment(address: tuple[str, int], data: bytes, answers: list[bytes]) -> bytes:
+    """`data` in one send before any answer, then the tagged answers `answers` awaited."""
+    with Client(address) as c:
+        c.greeting()
+        c.sock.sendall(data)
+        for tag in answers:
+            assert c.until(tag), c.transcript[-600:]
+        c.logout()
+        return c.transcript
+
+
+async def test_login_sent_whole_ahead_reaches_the_server_one_response_per_plus(
+    tmp_path: Path,
+) -> None:
+    """Held: AUTHENTICATE LOGIN, its user, its password and a NOOP in one segment. The server
+    gets each response only after its "+" for it, and the NOOP only after the exchange ended
+    (Dovecot cannot tell: it reads a response that came early as if it came in time)."""
+    server = Strict()
+    data = b"A AUTHENTICATE LOGIN\r\n" + LOGIN_USER + b"\r\n" + LOGIN_PASSWORD + b"\r\nz1 NOOP\r\n"
+    async with (
+        serve(server.script, bytearray()) as address,
+        veil(address, tmp_path, user_identity="plain") as v,
+    ):
+        transcript = await run(in_one_segment, v.address, data, [b"A", b"z1"])
+        await v.sessions_ended(1)
+    assert server.early == []
+    assert bytes(server.received) == data + b"Q LOGOUT\r\n"
+    assert b"A OK in\r\n" in transcript
+    (auth, *_) = v.sink.of(CommandCompleted)
+    assert (auth.mechanism, auth.user, auth.status) == ("LOGIN", "alice", "OK"), auth
+    assert credentials_in(v.records_json()) == [], v.records_json()
+
+
+async def test_a_response_held_when_the_exchange_ends_at_its_plus_is_never_sent(
+    tmp_path: Path,
+) -> None:
+    """Held: the response sent ahead waits for the "+"; the server's "+" and its tagged NO come
+    in one segment, so the server reads the response as its next command: the proxy reads it
+    so too (one word: BAD, no record) and never sends it."""
+    server = Strict(plus_and_no=True)
+    data = b"A AUTHENTICATE PLAIN\r\n" + PLAIN + b"\r\nz1 NOOP\r\n"
+    async with (
+        serve(server.script, bytearray()) as address,
+        veil(address, tmp_path, user_identity="plain") as v,
+    ):
+        transcript = await run(in_one_segment, v.address, data, [b"A", b"z1"])
+        await v.sessions_ended(1)
+    assert server.early == []
+    assert bytes(server.received) == b"A AUTHENTICATE PLAIN\r\nz1 NOOP\r\nQ LOGOUT\r\n"
+    assert PLAIN + b" BAD [CLIENTBUG]" in transcript, transcript
+    assert credentials_in(v.records_json()) == [], v.records_json()
+    assert [r.verb for r in v.sink.of(CommandCompleted)] == ["AUTHENTICATE", "NOOP", "LOGOUT"]
