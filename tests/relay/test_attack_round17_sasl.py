@@ -9,10 +9,14 @@ where Dovecot cannot make the server's side wanted.
 - XOAUTH2 and OAUTHBEARER responses whose separators are not `^A` octets (the two characters
   `^A` of the documentation's notation, a space) were read to their end as the user name, the
   bearer token with it, into the command's record.
-- Held (pinned where nothing else pins it at the wire): a scripted server that checks that no
-  octet reaches it before its `+` (LOGIN's two responses and a NOOP sent in one segment); a `+`
-  and the tagged NO in one segment, the response sent ahead then read as a command (refused,
-  never sent).
+- AUTHENTICATE pipelined behind STARTTLS (the injection class): dropped, never sent, but its
+  `starttls_pipelining` violation was lost when no TLS handshake followed (the relay ended the
+  core's actions at the failed handshake, the violation's record after it).
+- Held (pinned where nothing else pins it at the wire): AUTHENTICATE in clear text after
+  STARTTLS's OK (no ClientHello: the session ends, the response goes nowhere); a scripted
+  server that checks that no octet reaches it before its `+` (LOGIN's two responses
+  and a NOOP sent in one segment); a `+` and the tagged NO in one segment, the response sent
+  ahead then read as a command (refused, never sent).
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ import trio
 from imapveil.protocol import sasl
 from imapveil.records import CommandCompleted, Violation
 from imapveil.secret import Secret
-from tests.helpers.attack import Client, own_dovecot, veil
+from tests.conftest import TlsMaterial
+from tests.helpers.attack import Client, DovecotLog, own_dovecot, veil
 from tests.helpers.dovecot import Dovecot
 from tests.helpers.scripted import Peer, serve
 
@@ -85,14 +90,69 @@ async def test_a_response_sent_ahead_with_a_trailing_space_is_no_tag(
     its record (and the debug log's copy) had `"tag": "AGFsaWNlAHdvbmRlcmxhbmQ="`. A tag
     followed by nothing but spaces is one word: no command, no record."""
     caplog.set_level(logging.DEBUG)
+    log = DovecotLog(target)
     async with veil(target.address, tmp_path, user_identity="plain") as v:
         transcript = await run(sent_ahead, v.address, AHEAD[name])
         await v.sessions_ended(1)
     assert b" BAD [CLIENTBUG]" in transcript, transcript
+    assert credentials_in(await run(log.settled, 1)) == []
     assert credentials_in(v.records_json()) == [], v.records_json()
     assert credentials_in(caplog.text) == [], caplog.text
     assert "refused_no_command" in [r.kind for r in v.sink.of(Violation)]
     assert [r.verb for r in v.sink.of(CommandCompleted)] == ["AUTHENTICATE", "NOOP", "LOGOUT"]
+
+
+# --- AUTHENTICATE sent in the clear behind STARTTLS.
+
+
+def authenticate_behind_starttls(address: tuple[str, int], together: bool) -> bytes:
+    """STARTTLS, then AUTHENTICATE with SASL-IR in clear text: in the same segment, or once
+    the OK came, where the proxy's TLS handshake reads the client's ClientHello."""
+    with Client(address) as c:
+        c.greeting()
+        auth = b"A AUTHENTICATE PLAIN " + PLAIN + b"\r\n"
+        if together:
+            c.sock.sendall(b"S STARTTLS\r\n" + auth)
+        else:
+            c.send(b"S STARTTLS\r\n")
+            assert c.line().startswith(b"S OK"), c.transcript
+            c.send(auth)
+        return c.rest()
+
+
+@pytest.mark.dovecot
+@pytest.mark.parametrize("together", [True, False], ids=["same-segment", "after-ok"])
+async def test_authenticate_in_clear_text_behind_starttls_goes_nowhere(
+    target: Dovecot,
+    tmp_path: Path,
+    tls_material: TlsMaterial,
+    caplog: pytest.LogCaptureFixture,
+    together: bool,
+) -> None:
+    """Pipelined behind STARTTLS it is dropped and no ClientHello comes; after the OK it is no
+    ClientHello. Either way the session ends without TLS and the response reaches neither
+    Dovecot (no auth attempt in its log) nor a record, nor the proxy's log (the JA4 recorder
+    had it after the OK, and keeps only a fingerprint: none). Found (attack17s): the dropped
+    octets' `starttls_pipelining` violation was never written when the handshake then failed
+    (`Connection._carry_out` returned at the failed switch, before the records after it)."""
+    caplog.set_level(logging.DEBUG)
+    settings = {
+        "client_tls": "offer",
+        "cert": str(tls_material.cert),
+        "key": str(tls_material.key),
+        "tls_handshake_timeout": 0.5,
+    }
+    log = DovecotLog(target)
+    async with veil(target.address, tmp_path, user_identity="plain", **settings) as v:
+        transcript = await run(authenticate_behind_starttls, v.address, together)
+        (end,) = await v.sessions_ended(1)
+    assert transcript.endswith(b"S OK Begin TLS negotiation now\r\n"), transcript
+    assert (end.reason, end.user) == ("tls_error", None), end
+    assert "no auth attempts" in (text := await run(log.settled, 1)), text
+    assert credentials_in(text + v.records_json() + caplog.text) == []
+    assert [r.verb for r in v.sink.of(CommandCompleted)] == ["STARTTLS"]
+    dropped = [r.kind for r in v.sink.of(Violation)] == ["starttls_pipelining"]
+    assert dropped == together, v.sink.of(Violation)
 
 
 # --- OAuth responses with their separators spelled wrong.
