@@ -16,13 +16,17 @@ where Dovecot cannot make the server's side wanted.
   STARTTLS's OK (no ClientHello: the session ends, the response goes nowhere); a scripted
   server that checks that no octet reaches it before its `+` (LOGIN's two responses
   and a NOOP sent in one segment); a `+` and the tagged NO in one segment, the response sent
-  ahead then read as a command (refused, never sent).
+  ahead then read as a command (refused, never sent); CRAM-MD5 and SCRAM-SHA-256 through a
+  Dovecot that offers them (several steps, an empty last response).
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,7 +37,7 @@ from imapveil.protocol import sasl
 from imapveil.records import CommandCompleted, Violation
 from imapveil.secret import Secret
 from tests.conftest import TlsMaterial
-from tests.helpers.attack import Client, DovecotLog, own_dovecot, veil
+from tests.helpers.attack import DISCONNECTED, Client, DovecotLog, own_dovecot, veil
 from tests.helpers.dovecot import Dovecot
 from tests.helpers.scripted import Peer, serve
 
@@ -220,6 +224,76 @@ def test_an_oauth_user_only_beside_its_token(
 ) -> None:
     """The same, on `sasl.username` (tests/protocol/test_sasl.py has the well-formed ones)."""
     assert sasl.username(mechanism, 0, Secret(response)) == user
+
+
+# --- Mechanisms of several steps, as Dovecot runs them.
+
+MECHANISMS = "auth_mechanisms = plain login cram-md5 scram-sha-256\n"
+
+
+def cram_md5(c: Client) -> bytes:
+    c.send(b"A AUTHENTICATE CRAM-MD5\r\n")
+    line = c.line()
+    assert line.startswith(b"+ "), c.transcript
+    digest = hmac.new(PASSWORD, base64.b64decode(line[2:].strip()), hashlib.md5).hexdigest()
+    c.send(base64.b64encode(b"alice " + digest.encode()) + b"\r\n")
+    return c.until(b"A")
+
+
+def scram_sha_256(c: Client) -> bytes:
+    """RFC 5802 with SASL-IR: client-first, client-final with the proof, then the empty
+    response to the server-final "+" (RFC 4959 has no success data in OK)."""
+    bare = b"n=alice,r=" + base64.b64encode(os.urandom(12))
+    c.send(b"A AUTHENTICATE SCRAM-SHA-256 " + base64.b64encode(b"n,," + bare) + b"\r\n")
+    line = c.line()
+    assert line.startswith(b"+ "), c.transcript
+    first = base64.b64decode(line[2:].strip())
+    fields = dict(item.split(b"=", 1) for item in first.split(b","))
+    salt, rounds = base64.b64decode(fields[b"s"]), int(fields[b"i"])
+    salted = hashlib.pbkdf2_hmac("sha256", PASSWORD, salt, rounds)
+    client_key = hmac.new(salted, b"Client Key", hashlib.sha256).digest()
+    final = b"c=biws,r=" + fields[b"r"]
+    message = bare + b"," + first + b"," + final
+    signature = hmac.new(hashlib.sha256(client_key).digest(), message, hashlib.sha256).digest()
+    proof = bytes(a ^ b for a, b in zip(client_key, signature, strict=True))
+    c.send(base64.b64encode(final + b",p=" + base64.b64encode(proof)) + b"\r\n")
+    line = c.line()
+    if line.startswith(b"+ "):  # server-final (v=...)
+        c.send(b"\r\n")
+        line = c.until(b"A")
+    return line
+
+
+STEPS = {"cram-md5": cram_md5, "scram-sha-256": scram_sha_256}
+
+
+def several_steps(address: tuple[str, int], name: str) -> bytes:
+    with Client(address) as c:
+        c.greeting()
+        assert STEPS[name](c).startswith(b"A OK"), c.transcript[-600:]
+        c.send(b"z NOOP\r\n")
+        assert c.until(b"z").startswith(b"z OK"), c.transcript[-600:]
+        c.logout()
+        return c.transcript
+
+
+@pytest.mark.dovecot
+@pytest.mark.parametrize("name", list(STEPS))
+async def test_mechanisms_of_several_steps_stay_in_step(tmp_path: Path, name: str) -> None:
+    """Held: CRAM-MD5 (a challenge first) and SCRAM-SHA-256 (SASL-IR, a proof, an empty last
+    response) through Dovecot: logged in, the NOOP after answered, the user taken from the
+    first response and nothing of the rest in a record."""
+    server = Dovecot(extra_config=MECHANISMS).start()
+    try:
+        server.wait_for_log(DISCONNECTED, 1)
+        async with veil(server.address, tmp_path, user_identity="plain") as v:
+            await run(several_steps, v.address, name)
+            await v.sessions_ended(1)
+    finally:
+        server.cleanup()
+    (auth, *_) = v.sink.of(CommandCompleted)
+    assert (auth.mechanism, auth.user, auth.status) == (name.upper(), "alice", "OK"), auth
+    assert credentials_in(v.records_json()) == [], v.records_json()
 
 
 # --- Only what the server asked for: a scripted server that checks.
