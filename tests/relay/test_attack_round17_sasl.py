@@ -17,7 +17,9 @@ where Dovecot cannot make the server's side wanted.
   server that checks that no octet reaches it before its `+` (LOGIN's two responses
   and a NOOP sent in one segment); a `+` and the tagged NO in one segment, the response sent
   ahead then read as a command (refused, never sent); CRAM-MD5 and SCRAM-SHA-256 through a
-  Dovecot that offers them (several steps, an empty last response).
+  Dovecot that offers them (several steps, an empty last response); LOGIN's empty initial
+  response (`=`) counted as its user name's step, so a server that then asks for the password
+  never has it taken for the user.
 """
 
 from __future__ import annotations
@@ -396,3 +398,49 @@ async def test_a_response_held_when_the_exchange_ends_at_its_plus_is_never_sent(
     assert PLAIN + b" BAD [CLIENTBUG]" in transcript, transcript
     assert credentials_in(v.records_json()) == [], v.records_json()
     assert [r.verb for r in v.sink.of(CommandCompleted)] == ["AUTHENTICATE", "NOOP", "LOGOUT"]
+
+
+async def empty_user_server(peer: Peer) -> None:
+    """Reads LOGIN's empty initial response (`=`) as an empty user name: asks for the password
+    next, and lets anyone in."""
+    await peer.say(b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=LOGIN] hi\r\n")
+    while line := await peer.line():
+        tag, _, rest = line.partition(b" ")
+        if rest.startswith(b"AUTHENTICATE"):
+            await peer.say(b"+ UGFzc3dvcmQ6\r\n")
+            await peer.line()
+            await peer.say(tag + b" OK in\r\n")
+        elif rest.startswith(b"LOGOUT"):
+            await peer.say(b"* BYE bye\r\n" + tag + b" OK bye\r\n")
+            return
+
+
+def login_with_empty_ir(address: tuple[str, int]) -> bytes:
+    with Client(address) as c:
+        c.greeting()
+        c.send(b"A AUTHENTICATE LOGIN =\r\n")
+        assert c.line().startswith(b"+ "), c.transcript
+        c.send(LOGIN_PASSWORD + b"\r\n")
+        assert c.until(b"A").startswith(b"A OK"), c.transcript
+        c.logout()
+        return c.transcript
+
+
+async def test_an_empty_initial_response_is_a_step_the_password_never_a_user(
+    tmp_path: Path,
+) -> None:
+    """Held: `AUTHENTICATE LOGIN =` counts as LOGIN's first response (its user name, empty), so
+    the next response is not taken for the user. Dovecot asks for the user name again after
+    `=` (the proxy then records no user: it cannot know which reading the server has); a server
+    that reads `=` as the user name asks for the password, which a user taken from the first
+    response after `=` would have been."""
+    async with (
+        serve(empty_user_server, bytearray()) as address,
+        veil(address, tmp_path, user_identity="plain") as v,
+    ):
+        await run(login_with_empty_ir, v.address)
+        (end,) = await v.sessions_ended(1)
+    (auth, *_) = v.sink.of(CommandCompleted)
+    assert (auth.mechanism, auth.user, auth.status) == ("LOGIN", None, "OK"), auth
+    assert end.user is None, end
+    assert credentials_in(v.records_json()) == [], v.records_json()
