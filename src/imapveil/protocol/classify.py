@@ -95,7 +95,10 @@ def first_fragment(body: bytes) -> CommandLine:
     tag = body[:sp] if sp > 0 else body
     if not is_tag(body, 0, len(tag)):
         return CommandLine(None, b"", 0, _fail("tag", body))
-    if sp < 0:
+    if sp < 0 or (body[-1] == 0x20 and len(body.rstrip(b" ")) == sp):
+        # One word, spaces after it at most: no command. What a client sends where no "+"
+        # asked for it (a SASL response, base64 credentials) is one word, with a trailing
+        # space from some clients: it must not become a refused command's recorded tag.
         return CommandLine(tag, b"", len(body), _fail("no_command", body))
     m = _VERB.match(body, sp + 1)
     if m is None:

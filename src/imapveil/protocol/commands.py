@@ -333,16 +333,17 @@ class Commands:
         out = self.out
         out.violation("client", f"refused_{frag.problem}", f"{size} octets", "refused")
         out.owe((tag or b"*") + b" BAD [CLIENTBUG] Command not understood by the proxy\r\n")
-        # A line of one word is no command, and its word is no tag the record may keep: it is
-        # what a client sent where the server never asked for it, a SASL response above all
-        # (base64 credentials, one word), after an AUTHENTICATE answered without a "+".
+        # A line without a command name (one word; one word and spaces, a tab, a CR) is no
+        # command, and its first word is no tag the record may keep: it is what a client sent
+        # where the server never asked for it, a SASL response above all (base64 credentials,
+        # one word), after an AUTHENTICATE answered without a "+".
         if (
             tag is not None
-            and frag.problem != "no_command"
+            and verb
             and self.config.log_commands
             and out.violations <= self.config.max_violation_records
         ):
-            cmd = Command(tag, verb or b"?", self.state, out.now)
+            cmd = Command(tag, verb, self.state, out.now)
             out.actions.append(out.command_record(cmd, "BAD", "CLIENTBUG"))
         literal = frag.literal
         if literal is not None and literal.synchronizing:

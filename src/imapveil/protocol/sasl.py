@@ -72,15 +72,25 @@ def _login(data: bytes) -> bytes | None:
 
 
 def _xoauth2(data: bytes) -> bytes | None:
-    for item in data.split(b"\x01"):
+    # "user=" user ^A "auth=Bearer " token ^A ^A, ^A the octet 0x01. The user only if the
+    # token is an item of its own: a client that wrote ^A as the two characters of the
+    # documentation's notation, or a space, has its token in what follows "user=".
+    items = data.split(b"\x01")
+    if not any(item.startswith(b"auth=") for item in items):
+        return None
+    for item in items:
         if item.startswith(b"user="):
             return item[5:] or None
     return None
 
 
 def _oauthbearer(data: bytes) -> bytes | None:
-    # gs2-header: "n,a=user," (RFC 7628 §3.1); "=2C" and "=3D" escape "," and "=".
-    header = data.split(b"\x01", 1)[0]
+    # gs2-header: "n,a=user," (RFC 7628 §3.1); "=2C" and "=3D" escape "," and "=". Then ^A
+    # "auth=Bearer " token ^A ^A: the user only if the token is an item after the header's
+    # end (as for XOAUTH2).
+    header, _, pairs = data.partition(b"\x01")
+    if not any(item.startswith(b"auth=") for item in pairs.split(b"\x01")):
+        return None
     for item in header.split(b","):
         if item.startswith(b"a="):
             return _unescape(item[2:]) or None

@@ -595,7 +595,9 @@ class Connection:
         Records wait until the sends next to them are done (a command's record is written after
         its answer is on its way to the client, not before: the client does not wait for the
         event log), and never longer than the next action that is not a send, nor past the end
-        of this call, whatever happens (a cancelled or failed send included).
+        of this call, whatever happens (a cancelled or failed send included). A TLS handshake
+        that fails after our OK to STARTTLS ends the actions, but for the records after it
+        (what the client sent behind STARTTLS, dropped: its violation).
         """
         records: list[Record] = []
         try:
@@ -638,6 +640,7 @@ class Connection:
                     return
                 self._emit_records(records)
                 if leg.broken:  # the handshake after our OK to STARTTLS failed (and said so)
+                    _records_after(actions, i, records)
                     return
                 continue
             if isinstance(action, Emit):
@@ -653,6 +656,7 @@ class Connection:
                 async with self.client.write_lock:
                     await then()
                 if self.client.broken:  # the handshake failed (and said so)
+                    _records_after(actions, i + 1, records)
                     return
             i += 1
 
@@ -740,6 +744,12 @@ def _debug_record(record: Record) -> None:
             record.duration_ms, record.commands, record.bytes_from_client,
             record.bytes_from_server,
         )  # fmt: skip
+
+
+def _records_after(actions: list[Action], start: int, records: list[Record]) -> None:
+    """The records among actions[start:], for `_apply` to write when the rest is not carried
+    out (a failed switch)."""
+    records.extend(a.record for a in actions[start:] if isinstance(a, Emit))
 
 
 def _peer_gone(exc: BaseException) -> bool:
