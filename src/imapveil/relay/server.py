@@ -148,12 +148,20 @@ class Proxy:
         self, stream: trio.SocketStream, implicit_tls: bool
     ) -> tuple[Connection, str | None] | None:
         """The session for a new connection, and the address it was admitted under (None: a
-        refused PROXY header, the session says so); None when a limit refused it (answered)."""
+        refused PROXY header, the session says so); None when a limit refused it (answered), or
+        when the connection was reset before it was accepted."""
         admittance = self.admittance  # keepalive: from the listener (`_serve_listeners`)
         peer = _peer_pair(stream)
         local = _local_pair(stream)
+        if peer is None or local is None:
+            # getpeername(2) fails (ENOTCONN) once the peer has reset the connection: HAProxy's
+            # layer-4 check does, right after its header. Whom it came from cannot be told, so
+            # neither whether it had to start with a PROXY header: nothing of it is read and no
+            # upstream connection is made; nobody is left to answer, so there is no session.
+            log.debug("a connection was reset before it was accepted")
+            return None
         refusal: tuple[str, str] | None = None
-        if peer is not None and admittance.expects_proxy_header(peer[0]):
+        if admittance.expects_proxy_header(peer[0]):
             try:
                 info = await _read_proxy_header(stream)
             except ProxyHeaderError as exc:
@@ -161,25 +169,25 @@ class Proxy:
             else:
                 if info.source is not None and info.destination is not None:
                     peer, local = info.source, info.destination
-        host = peer[0] if peer is not None else ""
+        host = peer[0]
         admitted: str | None = None
         if refusal is None:
             why = self._admission.admit(host, trio.current_time())
             if why is not None:
-                self._note_refusal(host or "unknown", why)
+                self._note_refusal(host, why)
                 await _refuse(stream)
                 return None
             admitted = self._admission.key(host)
         try:
             connection = Connection(
                 stream,
-                client_address=format_address(*peer) if peer is not None else "unknown",
+                client_address=format_address(*peer),
                 client_host=host,
                 session_id=self._session_id(),
                 settings=admittance.relay,
                 sink=self.sink,
                 timers=self.timers,
-                client_endpoints=(peer, local) if peer is not None and local is not None else None,
+                client_endpoints=(peer, local),
                 refusal=refusal,
                 implicit_tls=implicit_tls,
             )

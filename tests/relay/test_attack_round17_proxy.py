@@ -1,0 +1,180 @@
+"""Round 17: the PROXY protocol front and the HAProxy deployment, attacked from outside with raw
+sockets and with Debian's real HAProxy (as tests/relay/test_haproxy.py runs it)."""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import signal
+import socket
+import struct
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from imapveil.identity import identifier
+from imapveil.protocol.proxy_header import V2_SIGNATURE
+from imapveil.protocol.session import CoreConfig
+from imapveil.relay.connection import RelaySettings
+from imapveil.relay.server import Admittance, Proxy
+from tests.conftest import RecordingSink
+from tests.helpers.dovecot import Dovecot
+from tests.helpers.process import imapveil
+from tests.relay.test_haproxy import (
+    HAProxy,
+    SourcedIMAP,
+    poll,
+    session,
+)
+
+LOCAL = V2_SIGNATURE + bytes([0x20, 0x00, 0, 0])
+SPOOF = b"PROXY TCP4 192.0.2.66 198.51.100.1 51234 143\r\n"
+
+
+def reset_after(port: int, data: bytes) -> None:
+    """Connect, send `data`, and reset the connection (SO_LINGER 0), as HAProxy's layer-4
+    health check does (`check` on a `send-proxy-v2` server: a LOCAL header, then RST)."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    s.sendall(data)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()
+
+
+@pytest.mark.parametrize("trusted", [True, False], ids=["proxy_protocol_from", "direct"])
+@pytest.mark.parametrize("data", [LOCAL, SPOOF, b"a LOGIN alice wonderland\r\n", b""])
+async def test_a_connection_reset_before_it_was_accepted_is_no_session(
+    trusted: bool, data: bytes
+) -> None:
+    """Found (attack17): a connection reset before the proxy accepted it has no peer address
+    (getpeername(2): ENOTCONN), and `_admit` then skipped `proxy_protocol_from` altogether: no
+    header was read (a balancer's LOCAL, or anything a client sent, went to the core as the
+    client's first octets), the session was recorded from `unknown`, and with
+    `upstream_proxy_protocol` the upstream connection was made without a header (Dovecot with
+    `haproxy = yes` waits for one: every such session hung until Dovecot gave up or the proxy
+    stopped). HAProxy's plain `check` on a `send-proxy-v2` server makes one every `inter`. Now
+    such a connection is closed at once: no upstream connection, no session, no record."""
+    upstream_connections = 0
+
+    async def fake_dovecot(stream: trio.SocketStream) -> None:
+        nonlocal upstream_connections
+        upstream_connections += 1
+        async with stream:
+            await stream.send_all(b"* OK ready\r\n")
+            while await stream.receive_some():
+                pass
+
+    sink = RecordingSink()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            serving = functools.partial(trio.serve_tcp, fake_dovecot, 0, host="127.0.0.1")
+            (server,) = await nursery.start(serving)
+            relay = RelaySettings(
+                "127.0.0.1",
+                server.socket.getsockname()[1],
+                CoreConfig(identify_user=identifier("none", None)),
+                upstream_proxy_protocol=True,
+            )
+            trusted_nets = (ipaddress.ip_network("127.0.0.0/8"),) if trusted else ()
+            proxy = Proxy(Admittance(relay, proxy_protocol_from=trusted_nets), sink)
+            nursery.start_soon(proxy.timers.run)
+            listener = trio.socket.socket()
+            with listener:
+                await listener.bind(("127.0.0.1", 0))
+                listener.listen(4)
+                reset_after(listener.getsockname()[1], data)
+                await trio.sleep(0.05)  # the reset has arrived before the accept
+                accepted, _ = await listener.accept()
+            await proxy.handle(trio.SocketStream(accepted))
+            await trio.sleep(0.05)  # an upstream connection, had one been made, is counted
+            nursery.cancel_scope.cancel()
+    assert sink.records == [] and upstream_connections == 0, (sink.records, upstream_connections)
+    assert proxy.stats.active == 0
+
+
+# --- HAProxy's layer-4 health check on the IMAP port, through reloads and a stop.
+
+
+@pytest.fixture(scope="module")
+def proxied_dovecot() -> Iterator[Dovecot]:
+    """Dovecot with `haproxy = yes`: the instance passes the real client on (PROXY v2)."""
+    server = Dovecot(haproxy=True).start()
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
+def l4_check_config(port: int, imap_port: int, admin: Path) -> str:
+    """The simplest HAProxy configuration there is: `check` on a `send-proxy-v2` server, no
+    `port` (so the check goes to the IMAP port, with a LOCAL header, and resets)."""
+    return f"""global
+    stats socket {admin} mode 600 level admin
+defaults
+    mode tcp
+    timeout connect 2s
+    timeout client 60s
+    timeout server 60s
+    timeout check 2s
+frontend imap_in
+    bind 127.0.0.1:{port}
+    default_backend imap
+backend imap
+    server gw-1 127.0.0.1:{imap_port} send-proxy-v2 check inter 100ms fall 2 rise 1
+"""
+
+
+@pytest.mark.dovecot
+def test_layer4_checks_through_reloads_and_a_stop(tmp_path: Path, proxied_dovecot: Dovecot) -> None:
+    """HAProxy's plain `check` (layer 4) every 100 ms while the instance is reloaded (SIGHUP)
+    three times and then stopped. Found with the reset above: each check was a session from
+    `unknown` whose upstream connection lacked the instance's PROXY header, hung until it
+    stopped. Now: the checks keep it UP through the reloads; a check the proxy accepted before
+    HAProxy's reset is the documented LOCAL session from HAProxy's own address, ended as the
+    client's close; the rest make nothing; the real client's session names the real client."""
+    args = ("--proxy-protocol-from", "127.0.0.1/32", "--upstream-proxy-protocol",
+            "--store", str(tmp_path / "stats.sqlite"))  # fmt: skip
+    with imapveil(tmp_path, proxied_dovecot.address, *args) as instance:
+        haproxy = HAProxy(tmp_path)
+        try:
+            config = tmp_path / "haproxy.cfg"
+            config.write_text(l4_check_config(haproxy.port, instance.port, haproxy.socket))
+            with (tmp_path / "haproxy.log").open("wb") as log:
+                haproxy.process = subprocess.Popen(
+                    [haproxy.binary, "-db", "-f", str(config)],
+                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
+                    start_new_session=True,
+                )  # fmt: skip
+            poll("HAProxy sees the instance up", lambda: up_state(haproxy))
+            for _ in range(3):
+                instance.signal(signal.SIGHUP)
+                instance.stderr_until(b"reloaded")
+                time.sleep(0.3)  # three checks' time after each reload
+            assert up_state(haproxy), haproxy.states()
+            client = session(SourcedIMAP(haproxy.port, "127.0.0.2"))
+            instance.signal(signal.SIGTERM)
+            assert instance.stop() == 0, instance.stderr.decode()[-2000:]
+            poll("HAProxy marks the stopped instance down", lambda: down_state(haproxy))
+        finally:
+            haproxy.stop()
+    records = instance.records()
+    clients = {r["client"] for r in records if "client" in r}
+    assert "unknown" not in clients, records
+    ends = [r for r in records if r["event"] == "session_end"]
+    (real,) = [r for r in ends if r["client"] == client]
+    assert real["reason"] == "logout", real
+    checks = [r for r in ends if r is not real]
+    assert all(r["client"].startswith("127.0.0.1:") for r in checks), checks
+    assert {r["reason"] for r in checks} <= {"client_closed"}, checks
+    assert not [r for r in records if r["event"] == "violation"], records
+
+
+def up_state(haproxy: HAProxy) -> bool | None:
+    return True if haproxy.states().get(("imap", "gw-1")) == "UP" else None
+
+
+def down_state(haproxy: HAProxy) -> bool | None:
+    return True if haproxy.states().get(("imap", "gw-1"), "").startswith("DOWN") else None
