@@ -9,6 +9,7 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +24,7 @@ from imapveil.relay.connection import RelaySettings
 from imapveil.relay.server import Admittance, Proxy
 from tests.conftest import RecordingSink
 from tests.helpers.dovecot import Dovecot
-from tests.helpers.process import imapveil
+from tests.helpers.process import imapveil, socket_activated
 from tests.relay.test_haproxy import (
     HAProxy,
     SourcedIMAP,
@@ -178,3 +179,37 @@ def up_state(haproxy: HAProxy) -> bool | None:
 
 def down_state(haproxy: HAProxy) -> bool | None:
     return True if haproxy.states().get(("imap", "gw-1"), "").startswith("DOWN") else None
+
+
+# --- HAProxy on the same host, to a UNIX socket systemd hands over.
+
+
+def test_a_socket_activated_unix_listener_is_refused_at_start(
+    tmp_path: Path, proxied_dovecot: Dovecot
+) -> None:
+    """Found (attack17): systemd may hand over a UNIX stream socket (`ListenStream=/run/...`,
+    what HAProxy on the same host would connect to). The service listened on it, and every
+    connection then failed in `_admit` (getpeername gives '' there): an ERROR line with a
+    traceback per connection, which any local user could write, no record, and a PROXY header
+    could never be trusted (`proxy_protocol_from` holds networks). Now it is a configuration
+    error at start, said in one line."""
+    path = tmp_path / "imap.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listening:
+        listening.bind(str(path))
+        listening.listen()
+        fd = listening.fileno()
+        command = [
+            *socket_activated(fd),
+            sys.executable, "-m", "imapveil", "serve",
+            "--upstream", f"127.0.0.1:{proxied_dovecot.address[1]}",
+            "--events", str(tmp_path / "events.jsonl"),
+            "--user-key-file", str(tmp_path / "user-key"),
+            "--proxy-protocol-from", "127.0.0.1/32",
+        ]  # fmt: skip
+        result = subprocess.run(
+            command, pass_fds=[fd], capture_output=True, timeout=60, check=False
+        )
+    err = result.stderr.decode()
+    assert result.returncode != 0, err
+    assert "socket-activated listener 'imap': not a TCP socket" in err, err
+    assert "Traceback" not in err, err
