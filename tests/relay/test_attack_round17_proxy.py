@@ -18,10 +18,11 @@ import pytest
 import trio
 
 from imapveil.identity import identifier
-from imapveil.protocol.proxy_header import V2_SIGNATURE
+from imapveil.protocol.proxy_header import V2_SIGNATURE, build_v2, parse
 from imapveil.protocol.session import CoreConfig
+from imapveil.records import SessionEnded
 from imapveil.relay.connection import RelaySettings
-from imapveil.relay.server import Admittance, Proxy
+from imapveil.relay.server import Admittance, Proxy, open_listeners
 from tests.conftest import RecordingSink
 from tests.helpers.dovecot import Dovecot
 from tests.helpers.process import imapveil, socket_activated
@@ -213,3 +214,90 @@ def test_a_socket_activated_unix_listener_is_refused_at_start(
     assert result.returncode != 0, err
     assert "socket-activated listener 'imap': not a TCP socket" in err, err
     assert "Traceback" not in err, err
+
+
+# --- IPv6 loopback: the balancer at ::1, headers of both families; a spoof from ::1 untrusted.
+
+V1_6 = b"PROXY TCP6 2001:db8::7 2001:db8::1 51234 143\r\n"
+V1_4 = b"PROXY TCP4 192.0.2.7 198.51.100.1 51234 143\r\n"
+V6_CASES = {
+    # name: (trusted networks, header, the client recorded, the source Dovecot is told)
+    "v1-tcp6": ("::1/128", V1_6, "[2001:db8::7]:51234", "2001:db8::7"),
+    "v1-tcp4": ("::1/128", V1_4, "192.0.2.7:51234", "192.0.2.7"),
+    "v2-inet6": (
+        "::1/128",
+        build_v2(("2001:db8::7", 51234), ("2001:db8::1", 143)),
+        "[2001:db8::7]:51234",
+        "2001:db8::7",
+    ),
+    "v2-inet": (
+        "::1/128",
+        build_v2(("192.0.2.7", 51234), ("198.51.100.1", 143)),
+        "192.0.2.7:51234",
+        "192.0.2.7",
+    ),
+    "v2-local": ("::1/128", LOCAL, "[::1]:", "::1"),
+    "untrusted-v1-spoof": ("127.0.0.1/32", V1_6, "[::1]:", "::1"),
+    "untrusted-v2-spoof": (
+        "127.0.0.1/32",
+        build_v2(("2001:db8::7", 51234), ("2001:db8::1", 143)),
+        "[::1]:",
+        "::1",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(V6_CASES))
+async def test_the_client_address_over_ipv6_loopback(name: str) -> None:
+    """Held (a guard: every earlier test had the balancer on 127.0.0.1): a listener on ::1 with
+    the balancer at ::1. The header's client, IPv6 or IPv4, v1 or v2, is the one recorded and
+    the one the upstream PROXY header names; LOCAL is the balancer's own; a header from ::1
+    when only 127.0.0.1 may send one ends the session, and the address in it reaches nothing."""
+    trusted, header, client, told = V6_CASES[name]
+    headers: list[bytes] = []
+
+    async def fake_dovecot(stream: trio.SocketStream) -> None:
+        async with stream:
+            got = await stream.receive_some()
+            headers.append(got)
+            await stream.send_all(b"* OK ready\r\n")
+            while data := await stream.receive_some():
+                if b"LOGOUT" in data:
+                    await stream.send_all(b"* BYE bye\r\nq OK done\r\n")
+                    return
+
+    sink = RecordingSink()
+    reply = b""
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            serving = functools.partial(trio.serve_tcp, fake_dovecot, 0, host="127.0.0.1")
+            (server,) = await nursery.start(serving)
+            relay = RelaySettings(
+                "127.0.0.1",
+                server.socket.getsockname()[1],
+                CoreConfig(identify_user=identifier("none", None)),
+                upstream_proxy_protocol=True,
+            )
+            networks = (ipaddress.ip_network(trusted),)
+            proxy = Proxy(Admittance(relay, proxy_protocol_from=networks), sink)
+            listeners = await open_listeners("::1", 0)
+            await nursery.start(proxy.serve, listeners)
+            port = listeners[0].socket.getsockname()[1]
+            async with await trio.open_tcp_stream("::1", port) as stream:
+                await stream.send_all(header + b"q LOGOUT\r\n")
+                while chunk := await stream.receive_some():
+                    reply += chunk
+            await sink.wait_for(SessionEnded)
+            proxy.stop()
+            nursery.cancel_scope.cancel()
+    (end,) = sink.of(SessionEnded)
+    assert end.client.startswith(client), end
+    (upstream_header,) = headers
+    result = parse(upstream_header)
+    assert result is not None and result[0].source is not None, upstream_header
+    assert result[0].source[0] == told
+    if name.startswith("untrusted"):
+        assert end.reason == "proxy_header" and b"q OK" not in reply, (end, reply)
+        assert "2001:db8::7" not in repr(sink.records), sink.records
+    else:
+        assert end.reason == "logout" and b"q OK" in reply, (end, reply)
