@@ -237,6 +237,15 @@ V6_CASES = {
         "192.0.2.7",
     ),
     "v2-local": ("::1/128", LOCAL, "[::1]:", "::1"),
+    # The balancer's header, then a client's own as its first octets (a client behind HAProxy).
+    "v1-then-a-client-spoof": ("::1/128", V1_4 + V1_6, "192.0.2.7:51234", "192.0.2.7"),
+    "v2-then-a-client-spoof": (
+        "::1/128",
+        build_v2(("192.0.2.7", 51234), ("198.51.100.1", 143))
+        + build_v2(("2001:db8::7", 51234), ("2001:db8::1", 143)),
+        "192.0.2.7:51234",
+        "192.0.2.7",
+    ),
     "untrusted-v1-spoof": ("127.0.0.1/32", V1_6, "[::1]:", "::1"),
     "untrusted-v2-spoof": (
         "127.0.0.1/32",
@@ -252,7 +261,8 @@ async def test_the_client_address_over_ipv6_loopback(name: str) -> None:
     """Held (a guard: every earlier test had the balancer on 127.0.0.1): a listener on ::1 with
     the balancer at ::1. The header's client, IPv6 or IPv4, v1 or v2, is the one recorded and
     the one the upstream PROXY header names; LOCAL is the balancer's own; a header from ::1
-    when only 127.0.0.1 may send one ends the session, and the address in it reaches nothing."""
+    when only 127.0.0.1 may send one, or a second header after the balancer's (a client's),
+    ends the session, and the address in it reaches nothing."""
     trusted, header, client, told = V6_CASES[name]
     headers: list[bytes] = []
 
@@ -296,8 +306,47 @@ async def test_the_client_address_over_ipv6_loopback(name: str) -> None:
     result = parse(upstream_header)
     assert result is not None and result[0].source is not None, upstream_header
     assert result[0].source[0] == told
-    if name.startswith("untrusted"):
+    if "spoof" in name:
         assert end.reason == "proxy_header" and b"q OK" not in reply, (end, reply)
         assert "2001:db8::7" not in repr(sink.records), sink.records
     else:
         assert end.reason == "logout" and b"q OK" in reply, (end, reply)
+
+
+def close_silently(port: int, reset: bool) -> None:
+    """Connect and end the connection without an octet: a FIN, or a reset once the proxy has
+    surely accepted it (a balancer's connect-only health check, without a PROXY header)."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    time.sleep(0.1)
+    if reset:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()
+
+
+@pytest.mark.parametrize("reset", [False, True], ids=["fin", "rst"])
+async def test_a_balancer_connection_that_says_nothing_is_no_session(reset: bool) -> None:
+    """Found (attack17): a connect-only health check (HAProxy's `check` with
+    `no-check-send-proxy`, a cloud balancer's TCP check) from a network that must send a PROXY
+    header: when the proxy accepted it before it ended, the end was a `proxy_header` refusal
+    (a session, its records, a statistics row), the same as a balancer sending garbage; when
+    it ended before the accept, nothing (the reset case above). Now a connection from there
+    that ends before its first octet is no session either way; one octet makes it a refusal."""
+    sink = RecordingSink()
+    relay = RelaySettings("127.0.0.1", 9, CoreConfig(identify_user=identifier("none", None)))
+    trusted = (ipaddress.ip_network("127.0.0.0/8"),)
+    proxy = Proxy(Admittance(relay, proxy_protocol_from=trusted), sink)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            listeners = await open_listeners("127.0.0.1", 0)
+            await nursery.start(proxy.serve, listeners)
+            port = listeners[0].socket.getsockname()[1]
+            await trio.to_thread.run_sync(close_silently, port, reset)
+            await trio.sleep(0.3)  # the end reaches the proxy; it has done with it
+            assert (proxy.stats.accepted, proxy.stats.active) == (1, 0)
+            assert sink.records == [], sink.records
+            async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+                await stream.send_all(b"P")  # one octet: a header begun, not finished
+            await sink.wait_for(SessionEnded)
+            proxy.stop()
+    (end,) = sink.of(SessionEnded)
+    assert end.reason == "proxy_header" and end.detail == "closed before a PROXY header", end

@@ -149,7 +149,8 @@ class Proxy:
     ) -> tuple[Connection, str | None] | None:
         """The session for a new connection, and the address it was admitted under (None: a
         refused PROXY header, the session says so); None when a limit refused it (answered), or
-        when the connection was reset before it was accepted."""
+        when the connection ended before anything could be read from it (reset before it was
+        accepted, or from a balancer before the first octet of its header)."""
         admittance = self.admittance  # keepalive: from the listener (`_serve_listeners`)
         peer = _peer_pair(stream)
         local = _local_pair(stream)
@@ -164,6 +165,11 @@ class Proxy:
         if admittance.expects_proxy_header(peer[0]):
             try:
                 info = await _read_proxy_header(stream)
+            except _Silent:
+                # Ended before its first octet: a balancer's connect-only health check (or one
+                # reset too late to fail getpeername above). Nothing heard, nobody to answer.
+                log.debug("a connection from %s ended before its PROXY header", peer[0])
+                return None
             except ProxyHeaderError as exc:
                 refusal = ("proxy_header", str(exc))
             else:
@@ -307,6 +313,10 @@ async def _refuse(stream: trio.SocketStream) -> None:
     await close_now(stream)
 
 
+class _Silent(Exception):
+    """The connection ended (closed or reset) before its first octet."""
+
+
 async def _read_proxy_header(stream: trio.SocketStream) -> ProxyInfo:
     """The PROXY header a trusted balancer sends first, and not one octet more.
 
@@ -321,7 +331,7 @@ async def _read_proxy_header(stream: trio.SocketStream) -> ProxyInfo:
             except OSError:
                 peeked = b""
             if not peeked:
-                raise ProxyHeaderError("closed before a PROXY header")
+                raise _Silent() if not data else ProxyHeaderError("closed before a PROXY header")
             # raises ProxyHeaderError for what cannot be one
             parsed = proxy_header.parse(data + peeked)
             take = len(peeked) if parsed is None else parsed[1] - len(data)
