@@ -27,7 +27,7 @@ import pytest
 import trio
 
 from imapveil.protocol.proxy_header import build_v2
-from imapveil.records import CommandCompleted, SessionEnded
+from imapveil.records import CommandCompleted, SessionEnded, SessionStarted
 from imapveil.relay import splice
 from tests.helpers.attack import Client, Veil, own_dovecot, veil
 from tests.helpers.dovecot import Dovecot
@@ -311,7 +311,10 @@ async def test_resets_at_every_phase_leak_nothing(target: Dovecot, tmp_path: Pat
             n = await run(client_phases, v.address)
         await quiet(v)
         ends = v.sink.of(SessionEnded)
-        assert len(ends) == 3 * n
+        # The connection reset at once is a session only if the proxy accepted it before the
+        # reset came (one reset before is closed unread, round 17): each start has its end.
+        assert 3 * (n - 1) <= len(ends) <= 3 * n
+        assert len(ends) == len(v.sink.of(SessionStarted))
         assert open_fds() == inside
         with Client(v.address) as c:
             await run(c.greeting)
