@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from imapveil.identity import identifier
 from imapveil.protocol.proxy_header import V2_SIGNATURE, build_v2, parse
@@ -350,3 +351,59 @@ async def test_a_balancer_connection_that_says_nothing_is_no_session(reset: bool
             proxy.stop()
     (end,) = sink.of(SessionEnded)
     assert end.reason == "proxy_header" and end.detail == "closed before a PROXY header", end
+
+
+async def test_a_header_that_completes_after_the_grace_period_gets_bye() -> None:
+    """Found (attack17): a balancer's connection whose PROXY header was still coming when the
+    grace period ended became a session after the BYEs had been said: it connected upstream,
+    relayed the greeting, was never told BYE, and was cut off CLOSE_WAIT (5 s) later ("cutting
+    off 1 sessions"), recorded as the client's close. Now it gets `* BYE [UNAVAILABLE] Server
+    shutting down` at once, as a connection over a limit gets its BYE: no session, no upstream
+    connection."""
+    upstream_connections = 0
+
+    async def fake_dovecot(stream: trio.SocketStream) -> None:
+        nonlocal upstream_connections
+        upstream_connections += 1
+        async with stream:
+            await stream.send_all(b"* OK ready\r\n")
+            while await stream.receive_some():
+                pass
+
+    sink = RecordingSink()
+    header = build_v2(("192.0.2.7", 51234), ("198.51.100.1", 143))
+    got = b""
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            serving = functools.partial(trio.serve_tcp, fake_dovecot, 0, host="127.0.0.1")
+            (server,) = await nursery.start(serving)
+            relay = RelaySettings(
+                "127.0.0.1",
+                server.socket.getsockname()[1],
+                CoreConfig(identify_user=identifier("none", None)),
+            )
+            trusted = (ipaddress.ip_network("127.0.0.0/8"),)
+            proxy = Proxy(Admittance(relay, proxy_protocol_from=trusted), sink, shutdown_grace=0.1)
+            listeners = await open_listeners("127.0.0.1", 0)
+            port = listeners[0].socket.getsockname()[1]
+            served = trio.Event()
+
+            async def serve() -> None:
+                await proxy.serve(listeners)
+                served.set()
+
+            nursery.start_soon(serve)
+            async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+                await stream.send_all(header[:5])
+                await trio.testing.wait_all_tasks_blocked()
+                proxy.stop()
+                await proxy.shutdown.wait()
+                started = trio.current_time()
+                await stream.send_all(header[5:])
+                while chunk := await stream.receive_some():
+                    got += chunk
+                took = trio.current_time() - started
+            await served.wait()
+            nursery.cancel_scope.cancel()
+    assert got == b"* BYE [UNAVAILABLE] Server shutting down\r\n" and took < 2.0, (got, took)
+    assert upstream_connections == 0 and sink.of(SessionEnded) == [], sink.records

@@ -48,6 +48,7 @@ CLOSE_WAIT = 5.0
 REFUSAL_CLOSE_WAIT = 1.0
 """Seconds a refused client gets to read its BYE before the socket is closed."""
 OVER_LIMIT_BYE = b"* BYE [UNAVAILABLE] Too many connections, try again later\r\n"
+SHUTDOWN_BYE = b"* BYE [UNAVAILABLE] Server shutting down\r\n"
 
 
 @dataclass
@@ -176,6 +177,12 @@ class Proxy:
                 if info.source is not None and info.destination is not None:
                     peer, local = info.source, info.destination
         host = peer[0]
+        if self.shutdown.is_set():
+            # Its header was still coming when the grace period ended: the sessions have been
+            # told BYE by now, and this one would not be (nor be waited for).
+            log.debug("a connection's PROXY header came after the grace period")
+            await _refuse(stream, SHUTDOWN_BYE)
+            return None
         admitted: str | None = None
         if refusal is None:
             why = self._admission.admit(host, trio.current_time())
@@ -299,11 +306,11 @@ async def _then_cancel(wait: Callable[[], Awaitable[object]], scope: trio.Cancel
     scope.cancel()
 
 
-async def _refuse(stream: trio.SocketStream) -> None:
+async def _refuse(stream: trio.SocketStream, bye: bytes = OVER_LIMIT_BYE) -> None:
     """`* BYE [UNAVAILABLE]`, then close once the client has read it (or after a short wait)."""
     with trio.move_on_after(REFUSAL_CLOSE_WAIT):
         try:
-            await stream.send_all(OVER_LIMIT_BYE)
+            await stream.send_all(bye)
             # Closing with unread input would send a reset, which can destroy the BYE in flight.
             await stream.send_eof()
             while await stream.receive_some(4096):
