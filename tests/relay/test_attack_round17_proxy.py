@@ -33,6 +33,7 @@ from tests.relay.test_haproxy import (
     poll,
     session,
 )
+from tests.stats.test_durability import query
 
 LOCAL = V2_SIGNATURE + bytes([0x20, 0x00, 0, 0])
 SPOOF = b"PROXY TCP4 192.0.2.66 198.51.100.1 51234 143\r\n"
@@ -111,9 +112,12 @@ def proxied_dovecot() -> Iterator[Dovecot]:
         server.cleanup()
 
 
-def l4_check_config(port: int, imap_port: int, admin: Path) -> str:
-    """The simplest HAProxy configuration there is: `check` on a `send-proxy-v2` server, no
-    `port` (so the check goes to the IMAP port, with a LOCAL header, and resets)."""
+def check_config(port: int, imap_port: int, admin: Path, check: str) -> str:
+    """`l4`: the simplest HAProxy configuration there is, `check` on a `send-proxy-v2` server
+    and no `port` (the check goes to the IMAP port with a LOCAL header, and resets). `imap`:
+    the IMAP-level check of docs/scale-out.md (`tcp-check`, `check-send-proxy`)."""
+    how = '    option tcp-check\n    tcp-check expect string "* OK"\n' if check == "imap" else ""
+    extra = " check-send-proxy" if check == "imap" else ""
     return f"""global
     stats socket {admin} mode 600 level admin
 defaults
@@ -126,25 +130,31 @@ frontend imap_in
     bind 127.0.0.1:{port}
     default_backend imap
 backend imap
-    server gw-1 127.0.0.1:{imap_port} send-proxy-v2 check inter 100ms fall 2 rise 1
+{how}    server gw-1 127.0.0.1:{imap_port} send-proxy-v2 check{extra} inter 100ms fall 2 rise 1
 """
 
 
 @pytest.mark.dovecot
-def test_layer4_checks_through_reloads_and_a_stop(tmp_path: Path, proxied_dovecot: Dovecot) -> None:
-    """HAProxy's plain `check` (layer 4) every 100 ms while the instance is reloaded (SIGHUP)
-    three times and then stopped. Found with the reset above: each check was a session from
-    `unknown` whose upstream connection lacked the instance's PROXY header, hung until it
-    stopped. Now: the checks keep it UP through the reloads; a check the proxy accepted before
-    HAProxy's reset is the documented LOCAL session from HAProxy's own address, ended as the
-    client's close; the rest make nothing; the real client's session names the real client."""
+@pytest.mark.parametrize("check", ["l4", "imap"])
+def test_health_checks_through_reloads_and_a_stop(
+    tmp_path: Path, proxied_dovecot: Dovecot, check: str
+) -> None:
+    """HAProxy's plain `check` (layer 4), and the IMAP-level one, every 100 ms while the
+    instance is reloaded (SIGHUP) three times and then stopped. Found with the reset above:
+    each layer-4 check was a session from `unknown` whose upstream connection lacked the
+    instance's PROXY header, hung until it stopped. Now: the checks keep it UP through the
+    reloads; a check the proxy accepted before HAProxy's reset is the documented LOCAL session
+    from HAProxy's own address, ended as the client's close; the rest make nothing; the real
+    client's session names the real client.
+    (The IMAP-level check makes such a session each time, as documented; one row each in the
+    store, nothing else.)"""
     args = ("--proxy-protocol-from", "127.0.0.1/32", "--upstream-proxy-protocol",
             "--store", str(tmp_path / "stats.sqlite"))  # fmt: skip
     with imapveil(tmp_path, proxied_dovecot.address, *args) as instance:
         haproxy = HAProxy(tmp_path)
         try:
             config = tmp_path / "haproxy.cfg"
-            config.write_text(l4_check_config(haproxy.port, instance.port, haproxy.socket))
+            config.write_text(check_config(haproxy.port, instance.port, haproxy.socket, check))
             with (tmp_path / "haproxy.log").open("wb") as log:
                 haproxy.process = subprocess.Popen(
                     [haproxy.binary, "-db", "-f", str(config)],
@@ -173,6 +183,10 @@ def test_layer4_checks_through_reloads_and_a_stop(tmp_path: Path, proxied_doveco
     assert all(r["client"].startswith("127.0.0.1:") for r in checks), checks
     assert {r["reason"] for r in checks} <= {"client_closed"}, checks
     assert not [r for r in records if r["event"] == "violation"], records
+    if check == "imap":
+        assert len(checks) >= 5, checks  # each check a session
+    rows = query(str(tmp_path / "stats.sqlite"), "SELECT COUNT(*) FROM sessions")
+    assert rows == [(len(ends),)], (rows, len(ends))
 
 
 def up_state(haproxy: HAProxy) -> bool | None:
