@@ -4,6 +4,7 @@ sockets and with Debian's real HAProxy (as tests/relay/test_haproxy.py runs it).
 from __future__ import annotations
 
 import functools
+import imaplib
 import ipaddress
 import signal
 import socket
@@ -421,3 +422,72 @@ async def test_a_header_that_completes_after_the_grace_period_gets_bye() -> None
             nursery.cancel_scope.cancel()
     assert got == b"* BYE [UNAVAILABLE] Server shutting down\r\n" and took < 2.0, (got, took)
     assert upstream_connections == 0 and sink.of(SessionEnded) == [], sink.records
+
+
+# --- Real HAProxy, v1 and v2, clients over IPv4 and IPv6 loopback.
+
+
+class SourcedIMAP6(SourcedIMAP):
+    """imaplib's client over IPv6 loopback."""
+
+    def __init__(self, port: int) -> None:
+        self.source = "::1"
+        imaplib.IMAP4.__init__(self, "::1", port, timeout=10)
+
+    def _create_socket(self, timeout: float | None) -> socket.socket:
+        return socket.create_connection(("::1", self.port), timeout, source_address=("::1", 0))
+
+
+def both_families_config(port: int, imap_port: int, send: str) -> str:
+    return f"""defaults
+    mode tcp
+    timeout connect 2s
+    timeout client 60s
+    timeout server 60s
+frontend imap_in
+    bind 127.0.0.1:{port}
+    bind [::1]:{port}
+    default_backend imap
+backend imap
+    server gw-1 127.0.0.1:{imap_port} {send}
+"""
+
+
+@pytest.mark.dovecot
+@pytest.mark.parametrize("send", ["send-proxy", "send-proxy-v2"])
+def test_real_haproxy_v1_and_v2_name_ipv4_and_ipv6_clients(
+    tmp_path: Path, proxied_dovecot: Dovecot, send: str
+) -> None:
+    """Held (a guard: test_haproxy.py has v2 and IPv4 clients only): HAProxy's own v1 and v2
+    headers for a client from 127.0.0.2 and one from ::1; each record names the client as it
+    connected to HAProxy, none HAProxy's own address, and Dovecot learns the same clients."""
+    args = ("--proxy-protocol-from", "127.0.0.1/32", "--upstream-proxy-protocol")
+    with imapveil(tmp_path, proxied_dovecot.address, *args) as instance:
+        haproxy = HAProxy(tmp_path)
+        try:
+            config = tmp_path / "haproxy.cfg"
+            config.write_text(both_families_config(haproxy.port, instance.port, send))
+            with (tmp_path / "haproxy.log").open("wb") as log:
+                haproxy.process = subprocess.Popen(
+                    [haproxy.binary, "-db", "-f", str(config)],
+                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
+                    start_new_session=True,
+                )  # fmt: skip
+            v4 = poll("HAProxy listening", lambda: try_session(haproxy.port))
+            host, _, port = session(SourcedIMAP6(haproxy.port)).rpartition(":")
+            v6 = f"[{host}]:{port}"
+        finally:
+            haproxy.stop()
+        assert instance.stop() == 0
+    ends = {r["client"]: r for r in instance.records() if r["event"] == "session_end"}
+    assert set(ends) == {v4, v6} and v4.startswith("127.0.0.2:"), ends
+    assert v6.startswith("[::1]:") and all(e["reason"] == "logout" for e in ends.values())
+    seen = proxied_dovecot.wait_for_log("rip=::1,", 1)
+    assert "rip=127.0.0.2," in seen
+
+
+def try_session(port: int) -> str | None:
+    try:
+        return session(SourcedIMAP(port, "127.0.0.2"))
+    except ConnectionRefusedError:
+        return None
