@@ -148,3 +148,23 @@ def test_any_tiling_of_tlvs_is_taken_and_any_cut_one_refused(
     assert info.source == ("203.0.113.9", 40000) and length == 16 + len(body)
     if tlvs:  # the last TLV one octet short of what it says: the header ends inside it
         refused(splitting_at(cuts), v2(1, 0x11, body[:-1]) + AFTER)
+
+
+BAD_V1 = {
+    # A v1 line is one line: an LF (or a CR) before its CRLF is the end of something else.
+    # Found: `UNKNOWN` took everything up to the next CRLF, the client's first command with it.
+    "unknown-lf-then-a-command": b"PROXY UNKNOWN x\na1 LOGIN alice wonderland\r\n",
+    "unknown-cr-inside": b"PROXY UNKNOWN \r x\r\n",
+    "unknown-nul-inside": b"PROXY UNKNOWN \x00\r\n",
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_V1))
+def test_a_v1_line_is_one_line_of_text(split: Splitter, name: str) -> None:
+    refused(split, BAD_V1[name] + AFTER)
+
+
+def test_v1_unknown_may_say_anything_printable(split: Splitter) -> None:
+    header = b"PROXY UNKNOWN ffff:f...f:ffff ffff:f...f:ffff 65535 65535\r\n"
+    info, length = accumulated(split, header + AFTER)
+    assert info.source is None and length == len(header)

@@ -63,7 +63,12 @@ def _parse_v1(data: bytes) -> tuple[ProxyInfo, int] | None:
         if len(data) >= V1_MAX:
             raise ProxyHeaderError("v1 header longer than 107 octets")
         return None
-    parts = data[:end].split(b" ")
+    line = data[:end]
+    if not line.isascii() or any(octet < 0x20 or octet == 0x7F for octet in line):
+        # One line of text: an LF, a CR or another control octet before the CRLF is the end of
+        # something else (the client's first command would have gone with an UNKNOWN line).
+        raise ProxyHeaderError("v1 header with a control octet")
+    parts = line.split(b" ")
     if parts[1:2] == [b"UNKNOWN"]:
         return ProxyInfo(None, None, 1), end + 2
     if len(parts) != 6 or parts[1] not in (b"TCP4", b"TCP6"):
