@@ -168,3 +168,25 @@ def test_v1_unknown_may_say_anything_printable(split: Splitter) -> None:
     header = b"PROXY UNKNOWN ffff:f...f:ffff ffff:f...f:ffff 65535 65535\r\n"
     info, length = accumulated(split, header + AFTER)
     assert info.source is None and length == len(header)
+
+
+@given(st.integers(0, 255), st.integers(0, 255), st.binary(max_size=300), st.booleans())
+def test_any_v2_header_is_taken_or_refused_with_our_error(
+    ver_cmd: int, family: int, body: bytes, crc: bool
+) -> None:
+    """Whatever the version, command, family and body (with a matching CRC32C or not): the
+    header is taken, with an address of its family, or refused with ProxyHeaderError."""
+    header = V2_SIGNATURE + bytes([ver_cmd, family]) + struct.pack("!H", len(body)) + body
+    if crc:
+        blank = header + tlv(0x03, bytes(4))
+        blank = blank[:14] + struct.pack("!H", len(body) + 7) + blank[16:]
+        header = blank[:-4] + struct.pack("!I", crc32c(blank))
+    try:
+        result = parse(header + AFTER)
+    except ProxyHeaderError:
+        return
+    assert result is not None
+    info, length = result
+    assert length == len(header)
+    if info.source is not None:
+        assert (ver_cmd, family) in ((0x21, 0x11), (0x21, 0x21))
