@@ -330,6 +330,10 @@ class Service:
         for name, sock in inherited:
             if name not in ("imap", "imaps"):
                 raise ConfigError(f"socket-activated listener {name!r}: expected imap or imaps")
+            if sock.family not in (socket.AF_INET, socket.AF_INET6):
+                # A UNIX socket has no client address: no record could name the client, no
+                # limit count it, and `proxy_protocol_from` (networks) never trust its header.
+                raise ConfigError(f"socket-activated listener {name!r}: not a TCP socket")
             if name == "imaps" and self.loaded.client_context is None:
                 raise ConfigError("an imaps socket was handed over but no cert/key is set")
             sock.setblocking(False)

@@ -27,7 +27,7 @@ import pytest
 import trio
 
 from imapveil.protocol.proxy_header import build_v2
-from imapveil.records import CommandCompleted, SessionEnded
+from imapveil.records import CommandCompleted, SessionEnded, SessionStarted
 from imapveil.relay import splice
 from tests.helpers.attack import Client, Veil, own_dovecot, veil
 from tests.helpers.dovecot import Dovecot
@@ -311,7 +311,10 @@ async def test_resets_at_every_phase_leak_nothing(target: Dovecot, tmp_path: Pat
             n = await run(client_phases, v.address)
         await quiet(v)
         ends = v.sink.of(SessionEnded)
-        assert len(ends) == 3 * n
+        # The connection reset at once is a session only if the proxy accepted it before the
+        # reset came (one reset before is closed unread, round 17): each start has its end.
+        assert 3 * (n - 1) <= len(ends) <= 3 * n
+        assert len(ends) == len(v.sink.of(SessionStarted))
         assert open_fds() == inside
         with Client(v.address) as c:
             await run(c.greeting)
@@ -427,7 +430,7 @@ GARBAGE = [
     b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x0c" + b"\x01\x02",  # short, then the end
     b"\r\n\r\n\x00\r\nQUIT\n\x99\x11\x00\x0c" + b"\x00" * 12,
     b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + os.urandom(40),
-    b"",  # connect, then close
+    b"",  # connect, then close: no session since round 17 (a balancer's connect-only check)
 ]
 
 
@@ -452,7 +455,7 @@ async def test_garbage_proxy_headers_are_refused_and_others_served(
     fds = open_fds()
     async with veil(target.address, tmp_path, proxy_protocol_from=("127.0.0.0/8",)) as v:
         got = await run(garbage, v.address)
-        ends = await v.sessions_ended(len(GARBAGE))
+        ends = await v.sessions_ended(len(GARBAGE) - 1)
         assert {e.reason for e in ends} == {"proxy_header"}
         assert all(b"OK" not in g for g in got)
         with await run(with_header, v.address) as c:

@@ -63,7 +63,12 @@ def _parse_v1(data: bytes) -> tuple[ProxyInfo, int] | None:
         if len(data) >= V1_MAX:
             raise ProxyHeaderError("v1 header longer than 107 octets")
         return None
-    parts = data[:end].split(b" ")
+    line = data[:end]
+    if not line.isascii() or any(octet < 0x20 or octet == 0x7F for octet in line):
+        # One line of text: an LF, a CR or another control octet before the CRLF is the end of
+        # something else (the client's first command would have gone with an UNKNOWN line).
+        raise ProxyHeaderError("v1 header with a control octet")
+    parts = line.split(b" ")
     if parts[1:2] == [b"UNKNOWN"]:
         return ProxyInfo(None, None, 1), end + 2
     if len(parts) != 6 or parts[1] not in (b"TCP4", b"TCP6"):
@@ -104,23 +109,87 @@ def _parse_v2(data: bytes) -> tuple[ProxyInfo, int] | None:
         return ProxyInfo(None, None, 2), total
     if command != 0x1:
         raise ProxyHeaderError("unknown v2 command")
+    if family == 0x00:  # AF_UNSPEC: the block is address information, to be ignored
+        return ProxyInfo(None, None, 2), total
     body = data[16:total]
-    transport = family & 0x0F
-    if transport not in (0x0, 0x1, 0x2):
-        raise ProxyHeaderError("unknown v2 transport")
-    if family >> 4 == 0x1 and length >= 12:  # AF_INET
+    # The family octets the specification lists; any other "must be rejected as invalid". UDP
+    # (0x12, 0x22) is not this connection's transport, AF_UNIX (0x31, 0x32) no address of ours.
+    if family == 0x11 and length >= 12:  # TCP over IPv4
         src = str(ipaddress.IPv4Address(body[0:4]))
         dst = str(ipaddress.IPv4Address(body[4:8]))
         sport, dport = struct.unpack("!HH", body[8:12])
-    elif family >> 4 == 0x2 and length >= 36:  # AF_INET6
+        _check_tlvs(data, 16 + 12, total)
+    elif family == 0x21 and length >= 36:  # TCP over IPv6
         src = str(ipaddress.IPv6Address(body[0:16]))
         dst = str(ipaddress.IPv6Address(body[16:32]))
         sport, dport = struct.unpack("!HH", body[32:36])
-    elif family >> 4 == 0x0:  # AF_UNSPEC
-        return ProxyInfo(None, None, 2), total
+        _check_tlvs(data, 16 + 36, total)
     else:
         raise ProxyHeaderError("unsupported v2 address family")
     return ProxyInfo((src, sport), (dst, dport), 2), total
+
+
+PP2_TYPE_CRC32C = 0x03
+PP2_TYPE_SSL = 0x20
+
+
+def _check_tlvs(data: bytes, start: int, end: int) -> None:
+    """The TLVs of a v2 header, `data[start:end]`: each whole within the header and the last
+    ending where the header ends (HAProxy's own reader refuses anything else); an SSL TLV's
+    sub-TLVs likewise within it; a CRC32C four octets that match the header. The rest of what
+    they say is not read."""
+    pos = start
+    while pos < end:
+        if pos + 3 > end:
+            raise ProxyHeaderError("v2 TLV cut short")
+        kind, size = data[pos], int.from_bytes(data[pos + 1 : pos + 3], "big")
+        value = pos + 3
+        if value + size > end:
+            raise ProxyHeaderError("v2 TLV longer than the header")
+        if kind == PP2_TYPE_CRC32C:
+            if size != 4:
+                raise ProxyHeaderError("v2 CRC32C not four octets")
+            blank = data[:value] + bytes(4) + data[value + 4 : end]
+            if crc32c(blank) != int.from_bytes(data[value : value + 4], "big"):
+                raise ProxyHeaderError("v2 CRC32C does not match")
+        elif kind == PP2_TYPE_SSL:
+            if size < 5:
+                raise ProxyHeaderError("v2 SSL TLV too short")
+            _check_tlvs_within(data, value + 5, value + size)
+        pos = value + size
+
+
+def _check_tlvs_within(data: bytes, start: int, end: int) -> None:
+    """Sub-TLVs (of an SSL TLV): each whole within `data[start:end]`."""
+    pos = start
+    while pos < end:
+        if pos + 3 > end:
+            raise ProxyHeaderError("v2 TLV cut short")
+        pos += 3 + int.from_bytes(data[pos + 1 : pos + 3], "big")
+        if pos > end:
+            raise ProxyHeaderError("v2 TLV longer than the header")
+
+
+def _crc32c_table() -> tuple[int, ...]:
+    table = []
+    for octet in range(256):
+        n = octet
+        for _ in range(8):
+            n = (n >> 1) ^ 0x82F63B78 if n & 1 else n >> 1
+        table.append(n)
+    return tuple(table)
+
+
+_CRC32C = _crc32c_table()
+
+
+def crc32c(data: bytes) -> int:
+    """CRC-32C (Castagnoli), as the v2 header's PP2_TYPE_CRC32C carries it."""
+    crc = 0xFFFFFFFF
+    table = _CRC32C
+    for octet in data:
+        crc = table[(crc ^ octet) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
 
 
 def build_v2(source: tuple[str, int], destination: tuple[str, int]) -> bytes:

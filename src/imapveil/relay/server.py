@@ -48,6 +48,7 @@ CLOSE_WAIT = 5.0
 REFUSAL_CLOSE_WAIT = 1.0
 """Seconds a refused client gets to read its BYE before the socket is closed."""
 OVER_LIMIT_BYE = b"* BYE [UNAVAILABLE] Too many connections, try again later\r\n"
+SHUTDOWN_BYE = b"* BYE [UNAVAILABLE] Server shutting down\r\n"
 
 
 @dataclass
@@ -148,38 +149,58 @@ class Proxy:
         self, stream: trio.SocketStream, implicit_tls: bool
     ) -> tuple[Connection, str | None] | None:
         """The session for a new connection, and the address it was admitted under (None: a
-        refused PROXY header, the session says so); None when a limit refused it (answered)."""
+        refused PROXY header, the session says so); None when a limit refused it (answered), or
+        when the connection ended before anything could be read from it (reset before it was
+        accepted, or from a balancer before the first octet of its header)."""
         admittance = self.admittance  # keepalive: from the listener (`_serve_listeners`)
         peer = _peer_pair(stream)
         local = _local_pair(stream)
+        if peer is None or local is None:
+            # getpeername(2) fails (ENOTCONN) once the peer has reset the connection: HAProxy's
+            # layer-4 check does, right after its header. Whom it came from cannot be told, so
+            # neither whether it had to start with a PROXY header: nothing of it is read and no
+            # upstream connection is made; nobody is left to answer, so there is no session.
+            log.debug("a connection was reset before it was accepted")
+            return None
         refusal: tuple[str, str] | None = None
-        if peer is not None and admittance.expects_proxy_header(peer[0]):
+        if admittance.expects_proxy_header(peer[0]):
             try:
                 info = await _read_proxy_header(stream)
+            except _Silent:
+                # Ended before its first octet: a balancer's connect-only health check (or one
+                # reset too late to fail getpeername above). Nothing heard, nobody to answer.
+                log.debug("a connection from %s ended before its PROXY header", peer[0])
+                return None
             except ProxyHeaderError as exc:
                 refusal = ("proxy_header", str(exc))
             else:
                 if info.source is not None and info.destination is not None:
                     peer, local = info.source, info.destination
-        host = peer[0] if peer is not None else ""
+        host = peer[0]
+        if self.shutdown.is_set():
+            # Its header was still coming when the grace period ended: the sessions have been
+            # told BYE by now, and this one would not be (nor be waited for).
+            log.debug("a connection's PROXY header came after the grace period")
+            await _refuse(stream, SHUTDOWN_BYE)
+            return None
         admitted: str | None = None
         if refusal is None:
             why = self._admission.admit(host, trio.current_time())
             if why is not None:
-                self._note_refusal(host or "unknown", why)
+                self._note_refusal(host, why)
                 await _refuse(stream)
                 return None
             admitted = self._admission.key(host)
         try:
             connection = Connection(
                 stream,
-                client_address=format_address(*peer) if peer is not None else "unknown",
+                client_address=format_address(*peer),
                 client_host=host,
                 session_id=self._session_id(),
                 settings=admittance.relay,
                 sink=self.sink,
                 timers=self.timers,
-                client_endpoints=(peer, local) if peer is not None and local is not None else None,
+                client_endpoints=(peer, local),
                 refusal=refusal,
                 implicit_tls=implicit_tls,
             )
@@ -285,11 +306,11 @@ async def _then_cancel(wait: Callable[[], Awaitable[object]], scope: trio.Cancel
     scope.cancel()
 
 
-async def _refuse(stream: trio.SocketStream) -> None:
+async def _refuse(stream: trio.SocketStream, bye: bytes = OVER_LIMIT_BYE) -> None:
     """`* BYE [UNAVAILABLE]`, then close once the client has read it (or after a short wait)."""
     with trio.move_on_after(REFUSAL_CLOSE_WAIT):
         try:
-            await stream.send_all(OVER_LIMIT_BYE)
+            await stream.send_all(bye)
             # Closing with unread input would send a reset, which can destroy the BYE in flight.
             await stream.send_eof()
             while await stream.receive_some(4096):
@@ -297,6 +318,10 @@ async def _refuse(stream: trio.SocketStream) -> None:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
     await close_now(stream)
+
+
+class _Silent(Exception):
+    """The connection ended (closed or reset) before its first octet."""
 
 
 async def _read_proxy_header(stream: trio.SocketStream) -> ProxyInfo:
@@ -313,7 +338,7 @@ async def _read_proxy_header(stream: trio.SocketStream) -> ProxyInfo:
             except OSError:
                 peeked = b""
             if not peeked:
-                raise ProxyHeaderError("closed before a PROXY header")
+                raise _Silent() if not data else ProxyHeaderError("closed before a PROXY header")
             # raises ProxyHeaderError for what cannot be one
             parsed = proxy_header.parse(data + peeked)
             take = len(peeked) if parsed is None else parsed[1] - len(data)
