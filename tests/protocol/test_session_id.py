@@ -185,9 +185,11 @@ def test_injected_id_for_servers_that_insist(split: Splitter) -> None:
     assert rec.client == {"name": "imapveil gateway", "vendor": "Example Org"}
     assert rec.server == {"name": "Coremail Imap"}
     assert not [v for v in conv.records if isinstance(v, Violation)]
-    # Once per session, and never when the client sent its own ID.
+    # Once per session (a second LOGIN is the proxy's to refuse: no ID before it), and never
+    # when the client sent its own ID.
     conv.client(b"c LOGIN alice secret\r\n")
-    assert conv.to_server.endswith(b"\r\nc LOGIN alice secret\r\n")
+    assert conv.to_client.endswith(b"c BAD [CLIENTBUG] Already authenticated\r\n")
+    assert conv.to_server.endswith(b"\r\nb LOGIN alice secret\r\n")
     assert conv.to_server.count(b" ID ") == 1
 
     other = Conversation(split, config).server(GREETING)

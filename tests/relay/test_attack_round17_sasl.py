@@ -36,7 +36,7 @@ import pytest
 import trio
 
 from imapveil.protocol import sasl
-from imapveil.records import CommandCompleted, Violation
+from imapveil.records import CommandCompleted, SessionEnded, Violation
 from imapveil.secret import Secret
 from tests.conftest import TlsMaterial
 from tests.helpers.attack import DISCONNECTED, Client, DovecotLog, own_dovecot, veil
@@ -444,3 +444,71 @@ async def test_an_empty_initial_response_is_a_step_the_password_never_a_user(
     assert (auth.mechanism, auth.user, auth.status) == ("LOGIN", None, "OK"), auth
     assert end.user is None, end
     assert credentials_in(v.records_json()) == [], v.records_json()
+
+
+async def unauthenticating_server(peer: Peer) -> None:
+    """Offers UNAUTHENTICATE (RFC 8437) and carries it out: after its OK the connection is not
+    authenticated, and the next LOGIN (anyone's) is a new user's."""
+    await peer.say(b"* OK [CAPABILITY IMAP4rev1 UNAUTHENTICATE AUTH=PLAIN] hi\r\n")
+    while line := await peer.line():
+        tag, _, rest = line.partition(b" ")
+        verb = rest.split(b" ", 1)[0].rstrip(b"\r\n").upper()
+        if verb == b"LOGIN":
+            await peer.say(tag + b" OK [CAPABILITY IMAP4rev1 UNAUTHENTICATE IDLE] in\r\n")
+        elif verb == b"UNAUTHENTICATE":
+            await peer.say(tag + b" OK [CAPABILITY IMAP4rev1 UNAUTHENTICATE AUTH=PLAIN] out\r\n")
+        elif verb == b"LOGOUT":
+            await peer.say(b"* BYE bye\r\n" + tag + b" OK bye\r\n")
+            return
+        else:
+            await peer.say(tag + b" OK done\r\n")
+
+
+def unauthenticate_then_login_again(address: tuple[str, int]) -> bytes:
+    with Client(address) as c:
+        c.greeting()
+        c.send(b"L LOGIN alice wonderland\r\n")
+        assert c.until(b"L").startswith(b"L OK"), c.transcript
+        c.send(b"U UNAUTHENTICATE\r\n")
+        c.until(b"U")
+        c.send(b"M LOGIN mallory secret\r\n")
+        c.until(b"M")
+        c.logout()
+        return c.transcript
+
+
+async def test_unauthenticate_is_not_offered_and_not_sent(tmp_path: Path) -> None:
+    """UNAUTHENTICATE (RFC 8437) takes the server back to the not authenticated state, where
+    the proxy's state (the session's user, the login deadline, STARTTLS and COMPRESS offered
+    by state) would not follow: it is taken out of the capabilities the client sees and
+    answered BAD by the proxy, never sent. A second LOGIN in the authenticated state was sent,
+    and a server that took it (this one does) put the session in mallory's name: the proxy
+    answers it BAD itself now (RFC 9051: LOGIN is for the not authenticated state), and the
+    session stays alice's."""
+    sent = bytearray()
+    received: list[bytes] = []
+
+    async def server(peer: Peer) -> None:
+        original = peer.line
+
+        async def line() -> bytes:
+            got = await original()
+            received.append(got)
+            return got
+
+        peer.line = line  # type: ignore[method-assign]
+        await unauthenticating_server(peer)
+
+    async with (
+        serve(server, sent) as address,
+        veil(address, tmp_path, user_identity="plain") as v,
+    ):
+        transcript = await run(unauthenticate_then_login_again, v.address)
+        await v.sessions_ended(1)
+    assert b"UNAUTHENTICATE" not in transcript.split(b"U ")[0], transcript
+    assert b"\r\nU BAD " in transcript, transcript
+    assert not any(b"UNAUTHENTICATE" in line for line in received), received
+    assert b"\r\nM BAD [CLIENTBUG] Already authenticated" in transcript, transcript
+    assert not any(b"mallory" in line for line in received), received
+    (end,) = v.sink.of(SessionEnded)
+    assert end.user == "alice", end

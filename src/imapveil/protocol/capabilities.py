@@ -3,7 +3,8 @@
 The server's list describes the server's leg, not the client's: whether STARTTLS is possible and
 LOGIN disabled depends on the client leg; COMPRESS is done by the proxy on the client leg; SASL
 mechanisms with channel binding (`*-PLUS`) cannot cross a TLS terminator; CLIENTID ties a client
-to the server's view of the connection. Unknown extensions pass by default (the framer follows
+to the server's view of the connection; UNAUTHENTICATE would take the session to another user
+behind the proxy's back. Unknown extensions pass by default (the framer follows
 them); `strict` keeps only what the proxy knows (RFC 2971 §5 asks intermediaries to).
 """
 
@@ -25,6 +26,12 @@ KNOWN = frozenset(
 )
 
 
+_LEG_OWN = frozenset((b"STARTTLS", b"LOGINDISABLED", b"CLIENTID", b"UNAUTHENTICATE"))
+"""Never passed on as the server says them: the client leg's own (STARTTLS, LOGINDISABLED),
+or what the proxy's state cannot follow (CLIENTID; UNAUTHENTICATE, answered BAD:
+`ClientLeg._decide`)."""
+
+
 @dataclass(frozen=True, slots=True)
 class LegState:
     client_tls: str  # "off" | "offer" | "require": STARTTLS on a plain client leg
@@ -39,7 +46,7 @@ def mediate(tokens: list[bytes], leg: LegState) -> list[bytes]:
     out = []
     for token in tokens:
         upper = token.upper()
-        if upper in (b"STARTTLS", b"LOGINDISABLED", b"CLIENTID") or upper.startswith(b"COMPRESS="):
+        if upper in _LEG_OWN or upper.startswith(b"COMPRESS="):
             continue
         if upper.startswith(b"AUTH="):
             if upper.endswith(b"-PLUS"):

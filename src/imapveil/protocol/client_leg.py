@@ -71,13 +71,16 @@ class ClientLeg:
         self.out.violation("client", f"{what}_pipelining", f"{rest} octets", "dropped")
         return False
 
-    def owns(self, verb: bytes) -> bool:
-        """Commands the proxy answers itself: STARTTLS and COMPRESS, and LOGIN/AUTHENTICATE
-        before TLS when TLS is required (LOGINDISABLED is advertised until then)."""
-        return verb in (b"STARTTLS", b"COMPRESS") or (
+    def owns(self, verb: bytes, state: State) -> bool:
+        """Commands the proxy answers itself: STARTTLS and COMPRESS, UNAUTHENTICATE (refused,
+        see `_decide`), LOGIN/AUTHENTICATE once authenticated (refused), and before TLS when TLS
+        is required (LOGINDISABLED is advertised until then)."""
+        return verb in (b"STARTTLS", b"COMPRESS", b"UNAUTHENTICATE") or (
             verb in (b"LOGIN", b"AUTHENTICATE")
-            and self.config.client_tls == "require"
-            and not self.secure
+            and (
+                state is not State.NOT_AUTHENTICATED
+                or (self.config.client_tls == "require" and not self.secure)
+            )
         )
 
     def answer(self, cmd: Command, args: bytes, line: bytes, *, busy: bool) -> bool:
@@ -103,6 +106,16 @@ class ClientLeg:
 
     def _decide(self, cmd: Command, args: bytes, busy: bool) -> tuple[bytes, bytes, Action | None]:
         verb = cmd.verb
+        if verb == b"UNAUTHENTICATE":
+            # RFC 8437 takes the server back to the not authenticated state, and the session to
+            # another user, where this proxy's state would not follow (the session's user and
+            # records, the login deadline, STARTTLS and COMPRESS offered by state): not offered
+            # (`capabilities.mediate`), and answered as a server without it answers.
+            return b"BAD", b"[CANNOT] UNAUTHENTICATE is not offered here", None
+        if verb in (b"LOGIN", b"AUTHENTICATE") and cmd.state is not State.NOT_AUTHENTICATED:
+            # RFC 9051 §6.2: only in the not authenticated state. A server that took a second
+            # login would put the session in another user's name behind the records' back.
+            return b"BAD", b"[CLIENTBUG] Already authenticated", None
         if busy:
             return b"BAD", b"[CLIENTBUG] Wait for the outstanding commands first", None
         if verb in (b"LOGIN", b"AUTHENTICATE"):

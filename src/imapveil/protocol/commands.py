@@ -63,7 +63,9 @@ class Gate(enum.Enum):
     ID = 7  # an ID the policy decided waits for its answer: at most one ID's work per answer
 
 
-_LEG_VERBS = frozenset((b"STARTTLS", b"COMPRESS", b"LOGIN", b"AUTHENTICATE"))  # see ClientLeg.owns
+_LEG_VERBS = frozenset(  # see ClientLeg.owns
+    (b"STARTTLS", b"COMPRESS", b"LOGIN", b"AUTHENTICATE", b"UNAUTHENTICATE")
+)
 
 ECHO_SCAN = 64 * 1024
 """Client literals up to this many octets (or `max_line`, if larger) are read whole before their
@@ -282,7 +284,7 @@ class Commands:
         cmd = Command(tag, verb, self.state, self.out.now)
         self.count += 1
         self.traits.command(tag, verb, frag.content, frag.literal)
-        if verb in _LEG_VERBS and self.leg.owns(verb):
+        if verb in _LEG_VERBS and self.leg.owns(verb, self.state):
             busy = bool(self.pending) or self.gate is not None or not self.out.can_speak
             return Verdict.WITHHOLD if self.leg.answer(cmd, args, line, busy=busy) else Verdict.STOP
         cmd.depth = frag.depth
