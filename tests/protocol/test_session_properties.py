@@ -117,13 +117,15 @@ def exchange(draw: st.DrawFn, tag: bytes) -> list[Expect]:
             ]
         )
     if kind == 5:
+        # Failed: a session logs in once, and the proxy answers a second login itself.
         response = base64.b64encode(b"\x00user\x00" + body)
+        failed = b"%s NO [AUTHENTICATIONFAILED] no\r\n" % tag
         return same(
             [
                 ("c", b"%s AUTHENTICATE PLAIN\r\n" % tag),
                 ("s", b"+ \r\n"),
                 ("c", response + b"\r\n"),
-                ("s", extra + done),
+                ("s", extra + failed),
             ]
         )
     # Pipelined: several commands at once, answered in any order.
