@@ -98,7 +98,9 @@ class Squeezed:
         assert _line(raw).startswith(b"* OK")
         raw.sendall(b"s STARTTLS\r\n")
         assert _line(raw).startswith(b"s OK")
-        self.sock = context.wrap_socket(raw, server_hostname="localhost")
+        self.sock = context.wrap_socket(
+            raw, server_hostname="localhost", suppress_ragged_eofs=False
+        )
         self.sock.sendall(b"L LOGIN " + user + b" " + password + b"\r\n")
         while not (got := _line(self.sock)).startswith(b"L "):
             pass
@@ -111,6 +113,7 @@ class Squeezed:
         self.inflate = zlib.decompressobj(-15)
         self.buffer = bytearray()
         self.eof = False
+        self.ragged = False  # the end came without the proxy's close_notify
 
     def __enter__(self) -> Squeezed:
         return self
@@ -130,7 +133,8 @@ class Squeezed:
     def fill(self) -> bool:
         try:
             data = self.sock.recv(1 << 16)
-        except (ConnectionResetError, ssl.SSLError):
+        except (ConnectionResetError, ssl.SSLError) as exc:
+            self.ragged = isinstance(exc, ssl.SSLEOFError)
             data = b""
         if not data:
             self.eof = True
@@ -495,29 +499,42 @@ async def test_what_ends_an_idle_in_a_flood(
         assert [r.kind for r in v.sink.of(Violation)] == ["idle_not_done"]
 
 
-def read_to_the_end(address: tuple[str, int], context: ssl.SSLContext) -> tuple[int, bytes]:
-    """IDLE, then everything until the connection ends: (EXISTS lines, the last line)."""
+def read_to_the_end(
+    address: tuple[str, int], context: ssl.SSLContext
+) -> tuple[int, bytes, float, bool]:
+    """IDLE, then everything until the connection ends: (EXISTS lines, the last line, seconds
+    from it to the end, whether the end came without close_notify)."""
     with Squeezed(address, context) as c:
         c.send(b"i IDLE\r\n")
         assert c.line().startswith(b"+ idling")
-        exists, last = 0, b""
+        exists, last, at = 0, b"", time.monotonic()
         while line := c.line():
             exists += line.endswith(b" EXISTS\r\n")
-            last = line
-        return exists, last
+            last, at = line, time.monotonic()
+        return exists, last, time.monotonic() - at, c.ragged
 
 
 async def test_a_server_that_drops_mid_idle(tmp_path: Path, tls_material: TlsMaterial) -> None:
-    """Held: the server closes mid-IDLE, after three floods: the client gets all of them, whole
-    (through DEFLATE and TLS), then the end of the connection; `server_closed`."""
+    """The server closes mid-IDLE, after three floods: the client gets all of them, whole
+    (through DEFLATE and TLS), then the end of the connection; `server_closed`.
+
+    Found (attack17i): the end came `CLOSE_GRACE` (2 s) after the last octet: closing a TLS
+    leg, the proxy waited for the client to close first (draining it) without telling it
+    anything, where a plain leg gets our FIN at once; an IDLE client learnt that its server had
+    gone 2 s late, and so did a client waiting for the end after a BYE or its LOGOUT; and then
+    the end came without close_notify (a truncation, to a strict TLS client). Now a TLS leg
+    gets our close_notify and FIN at once and is drained below its TLS, as a COMPRESS leg is
+    below its DEFLATE."""
     flood = Flood(floods=3)
     context = tls_material.client_context()
     async with (
         scripted.serve(flood, bytearray()) as upstream,
         veil(upstream, tmp_path, **tls_settings(tls_material)) as v,
     ):
-        exists, last = await run(read_to_the_end, v.address, context)
+        exists, last, took, ragged = await run(read_to_the_end, v.address, context)
         (end,) = await v.sessions_ended(1)
+    assert took < CLOSE_GRACE / 2, f"the end came {took:.2f} s after the last line"
+    assert not ragged, "no close_notify"
     assert exists == 3 * FLOOD.count(b" EXISTS\r\n")
     assert last == b")\r\n" or last.startswith(b"* SEARCH"), last[:40]
     assert end.reason == "server_closed", end
