@@ -226,10 +226,23 @@ class Flood:
                 if self.floods and floods == self.floods:
                     nursery.cancel_scope.cancel()
                     return False
-                await peer.stream.send_all(FLOOD)
+                for at in range(0, len(FLOOD), 1 << 16):  # (a TLS peer's record buffer small)
+                    await peer.stream.send_all(FLOOD[at : at + (1 << 16)])
                 self.sent += len(FLOOD)
                 floods += 1
         return self.lines[-1:] != [b""]
+
+
+class SecureFlood(Flood):
+    """`Flood` over implicit TLS: the proxy's upstream leg is TLS too."""
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        super().__init__()
+        self.context = context
+
+    async def __call__(self, peer: scripted.Peer) -> None:
+        tls = trio.SSLStream(peer.stream, self.context, server_side=True)
+        await super().__call__(scripted.Peer(tls, bytearray()))  # type: ignore[arg-type]
 
 
 def noops(address: tuple[str, int], count: int) -> list[float]:
@@ -258,8 +271,9 @@ async def stalled(flood: Flood) -> None:
             await trio.sleep(0.2)
 
 
+@pytest.mark.parametrize("upstream_tls", ["plain", "implicit"])
 async def test_a_flood_to_an_idle_client_that_does_not_read(
-    tmp_path: Path, tls_material: TlsMaterial
+    tmp_path: Path, tls_material: TlsMaterial, upstream_tls: str
 ) -> None:
     """Held: a client in IDLE (TLS, then DEFLATE) that reads nothing while the server floods
     (EXISTS, FETCH, a literal, a 2 MB line that streams): the proxy keeps about one receive of
@@ -268,12 +282,18 @@ async def test_a_flood_to_an_idle_client_that_does_not_read(
     DONE that comes mid-flood, each octet of its DEFLATE in a TLS record of its own, ends the
     IDLE once the client reads again."""
     flood = Flood()
+    settings = tls_settings(tls_material)
+    if upstream_tls != "plain":
+        server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        server_context.load_cert_chain(tls_material.cert, tls_material.key)
+        flood = SecureFlood(server_context)
+        settings |= {"upstream_tls": upstream_tls, "upstream_ca": str(tls_material.ca_file)}
     context = tls_material.client_context()
     tracemalloc.start()
     try:
         async with (
             scripted.serve(flood, bytearray()) as upstream,
-            veil(upstream, tmp_path, **tls_settings(tls_material)) as v,
+            veil(upstream, tmp_path, **settings) as v,
         ):
             client = await run(lambda: Squeezed(v.address, context, rcvbuf=4096))
             with client:
