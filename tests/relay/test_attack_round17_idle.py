@@ -89,6 +89,7 @@ class Squeezed:
         rcvbuf: int | None = None,
         user: bytes = b"alice",
         password: bytes = b"wonderland",
+        compress: bool = True,
     ) -> None:
         raw = socket.socket()
         if rcvbuf:
@@ -105,10 +106,12 @@ class Squeezed:
         while not (got := _line(self.sock)).startswith(b"L "):
             pass
         assert got.startswith(b"L OK"), got
-        self.sock.sendall(b"z COMPRESS DEFLATE\r\n")
-        while not (got := _line(self.sock)).startswith(b"z "):
-            pass
-        assert got.startswith(b"z OK"), got
+        self.compressed = compress
+        if compress:
+            self.sock.sendall(b"z COMPRESS DEFLATE\r\n")
+            while not (got := _line(self.sock)).startswith(b"z "):
+                pass
+            assert got.startswith(b"z OK"), got
         self.deflate = zlib.compressobj(6, zlib.DEFLATED, -15)
         self.inflate = zlib.decompressobj(-15)
         self.buffer = bytearray()
@@ -123,7 +126,9 @@ class Squeezed:
 
     def send(self, text: bytes, *, split: bool = False) -> None:
         """`text` compressed in one sync flush; `split`: each compressed octet a TLS record."""
-        data = self.deflate.compress(text) + self.deflate.flush(zlib.Z_SYNC_FLUSH)
+        data = text
+        if self.compressed:
+            data = self.deflate.compress(text) + self.deflate.flush(zlib.Z_SYNC_FLUSH)
         if split:
             for i in range(len(data)):
                 self.sock.sendall(data[i : i + 1])
@@ -139,7 +144,7 @@ class Squeezed:
         if not data:
             self.eof = True
             return False
-        self.buffer += self.inflate.decompress(data)
+        self.buffer += self.inflate.decompress(data) if self.compressed else data
         return True
 
     def line(self) -> bytes:
@@ -466,6 +471,14 @@ def compress_where_done_must_be(c: Squeezed) -> None:
     c.send(b"z COMPRESS DEFLATE\r\n")
 
 
+def compress_in_an_idle_begun_uncompressed(c: Squeezed) -> None:
+    """COMPRESS where DONE must be, DONE compressed right after it, as if COMPRESS were on."""
+    c.sock.sendall(b"z COMPRESS DEFLATE\r\n")
+    c.compressed = True
+    c.send(b"DONE\r\n")
+    c.compressed = False
+
+
 def tls_closed_without_close_notify(c: Squeezed) -> None:
     """The client's FIN, with no TLS close_notify before it, the flood unread."""
     socket.socket.shutdown(c.sock, socket.SHUT_WR)
@@ -475,6 +488,11 @@ ENDINGS = {
     "done_pipelined": (done_pipelined, [b"i OK", b"n1 OK", b"n2 OK", b"Q OK"], "logout"),
     "done_partially_flushed": (done_partially_flushed, [b"i OK", b"Q OK"], "logout"),
     "compress_where_done_must_be": (compress_where_done_must_be, [], "protocol_error"),
+    "compress_in_an_idle_begun_uncompressed": (
+        compress_in_an_idle_begun_uncompressed,
+        [],
+        "protocol_error",
+    ),
     "tls_closed_without_close_notify": (tls_closed_without_close_notify, [], "client_closed"),
 }
 
@@ -483,7 +501,8 @@ def idle_then(
     address: tuple[str, int], context: ssl.SSLContext, then: Callable[[Squeezed], None]
 ) -> list[bytes]:
     """IDLE, then `then` mid-flood; the tagged answers (their first words) until the end."""
-    with Squeezed(address, context) as c:
+    compress = then is not compress_in_an_idle_begun_uncompressed
+    with Squeezed(address, context, compress=compress) as c:
         c.send(b"i IDLE\r\n")
         assert c.line().startswith(b"+ idling")
         then(c)
@@ -500,7 +519,9 @@ async def test_what_ends_an_idle_in_a_flood(
 ) -> None:
     """Held: DONE with commands pipelined after it, or in a partial flush split into TLS records
     an octet each, ends the IDLE mid-flood; COMPRESS where DONE must be ends the session (never
-    reaching the server); a TLS leg closed without close_notify ends it as the client's close."""
+    reaching the server), whether DEFLATE is on already or not (then what follows it is never
+    inflated, nor the IDLE ended); a TLS leg closed without close_notify ends it as the
+    client's close."""
     then, answers, reason = ENDINGS[ending]
     flood = Flood()
     context = tls_material.client_context()
@@ -517,6 +538,7 @@ async def test_what_ends_an_idle_in_a_flood(
     assert not any(b"COMPRESS" in line for line in flood.lines), flood.lines
     if reason == "protocol_error":
         assert [r.kind for r in v.sink.of(Violation)] == ["idle_not_done"]
+        assert flood.done == 0
 
 
 def read_to_the_end(
