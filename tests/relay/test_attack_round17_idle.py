@@ -580,3 +580,46 @@ async def test_a_server_that_drops_mid_idle(tmp_path: Path, tls_material: TlsMat
     assert exists == 3 * FLOOD.count(b" EXISTS\r\n")
     assert last == b")\r\n" or last.startswith(b"* SEARCH"), last[:40]
     assert end.reason == "server_closed", end
+
+
+class Quiet(Flood):
+    """`Flood` without the flood: IDLE waits for DONE in silence."""
+
+    async def _idle(self, peer: scripted.Peer) -> bool:
+        line = await peer.line()
+        self.done += line == b"DONE\r\n"
+        return bool(line)
+
+
+def refused_then_more(address: tuple[str, int], context: ssl.SSLContext) -> tuple[float, bool]:
+    """IDLE, then a NOOP where DONE must be and 100 KB more after it, unread by the proxy:
+    (seconds to the end of the connection, whether it came without close_notify)."""
+    with Squeezed(address, context, compress=False) as c:
+        c.send(b"i IDLE\r\n")
+        assert c.line().startswith(b"+ idling")
+        c.send(b"x NOOP\r\n" + b"y" * 100_000)
+        started = time.monotonic()
+        while c.line():
+            pass
+        return time.monotonic() - started, c.ragged
+
+
+async def test_a_closing_tls_leg_says_close_notify_though_the_client_said_more(
+    tmp_path: Path, tls_material: TlsMaterial
+) -> None:
+    """Found (attack17i), with the close above: TLS records of the client's that the proxy had
+    not read made OpenSSL's shutdown fail at its second step, after it had written our
+    close_notify, and the alert was thrown away: the end came ragged (in most sessions: it
+    depends on what the proxy has read of the client's records). A quiet server: a send of the
+    server's cut short by the close leaves half a record, after which nothing is said."""
+    flood = Quiet()
+    context = tls_material.client_context()
+    async with (
+        scripted.serve(flood, bytearray()) as upstream,
+        veil(upstream, tmp_path, **tls_settings(tls_material)) as v,
+    ):
+        ends = [await run(refused_then_more, v.address, context) for _ in range(5)]
+        sessions = await v.sessions_ended(5)
+    assert {end.reason for end in sessions} == {"protocol_error"}, sessions
+    assert max(took for took, _ in ends) < CLOSE_GRACE / 2, ends
+    assert not any(ragged for _, ragged in ends), f"no close_notify: {ends}"

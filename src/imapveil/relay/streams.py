@@ -273,15 +273,14 @@ def _close_notify(tls: trio.SSLStream[Any]) -> bytes:
     makes that a reset, which can destroy the peer's last words in flight) and waits for
     nothing under a cancelled scope (where `close_now` closes it: it says nothing)."""
     try:
-        tls._ssl_object.unwrap()
-    except ssl.SSLWantReadError:
-        pass  # said; the peer's own close_notify is not awaited
-    except (ssl.SSLError, ValueError, AttributeError):
+        ssl_object, outgoing = tls._ssl_object, tls._outgoing
+    except AttributeError:  # another trio
         return b""
-    try:
-        return tls._outgoing.read()
-    except AttributeError:
-        return b""
+    # Said at the first step; the peer's own close_notify is not awaited (SSLWantReadError),
+    # and the peer's records not read yet may make OpenSSL's second step fail: said all the same.
+    with contextlib.suppress(ssl.SSLError, ValueError):
+        ssl_object.unwrap()
+    return outgoing.read()
 
 
 async def close_now(stream: trio.abc.AsyncResource) -> None:
