@@ -10,14 +10,21 @@ Raw sockets through the proxy (built as `imapveil serve` builds it), to a script
   its logged-in server connection) stayed until the idle timeout. The BYE of a timed-out
   session, said once the readers are stopped, to a client whose buffers are full, waited for
   good. Now what goes out once the session is closing waits at most `CLOSE_GRACE`.
+- A TLS leg was closed by draining it through TLS, saying nothing: the client learnt that the
+  session was over (its server gone mid-IDLE, a BYE, after its LOGOUT) `CLOSE_GRACE` (2 s)
+  late, and then without close_notify. Now it gets our close_notify and FIN at once and is
+  drained below its TLS; and the close_notify is said even when client records are left unread
+  (OpenSSL's shutdown wrote it, then failed, and it was thrown away).
 
-Held (kept as tests below where they add coverage): memory while the flood is unread, another
-session's NOOPs meanwhile, DONE mid-flood an octet per TLS record, in a partial flush, with
-commands pipelined after it; COMPRESS where DONE must be; the TLS leg closed without
-close_notify; the server dropping mid-IDLE; new mail seen at once (Dovecot itself takes 0.5 s to
-notify, with or without the proxy). Measured, not kept: a flood of `* CAPABILITY` lines the
-proxy rewrites (each its own DEFLATE flush and TLS record) keeps another session's NOOP p99
-under 7 ms.
+Held (kept as tests below where they add coverage): memory while the flood is unread (TLS on
+one leg or both), another session's NOOPs meanwhile, DONE mid-flood an octet per TLS record, in
+a partial flush, with commands pipelined after it; COMPRESS where DONE must be, DEFLATE on or
+not; the TLS leg closed without close_notify; the server dropping mid-IDLE; new mail seen at
+once (Dovecot itself takes 0.5 s to notify, with or without the proxy). Measured, not kept: a
+flood of `* CAPABILITY` lines the proxy rewrites (each its own DEFLATE flush and TLS record)
+keeps another session's NOOP p99 under 7 ms; DONE and 16 MiB of NOOPs in 24 KB of DEFLATE, the
+answers unread: 1,000 commands wait (`max_unanswered`), the rest stays compressed in the
+socket, the proxy's memory grows by about 2 MB, another session's NOOPs take 7 ms at most.
 """
 
 from __future__ import annotations
