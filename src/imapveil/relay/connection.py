@@ -40,6 +40,7 @@ from imapveil.relay import splice
 from imapveil.relay.deflate import DeflateError, DeflateStream
 from imapveil.relay.recording import RecordingStream
 from imapveil.relay.streams import (
+    CLOSE_GRACE,
     Leg,
     Networks,
     close_now,
@@ -633,14 +634,17 @@ class Connection:
                 if leg is None or leg.broken:
                     continue
                 try:
-                    await leg.send_many(batch, then=then)
+                    if self.core.closed:
+                        await self._last_words(leg, batch, then)
+                    else:
+                        await leg.send_many(batch, then=then)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                     self._emit_records(records)
                     self._send_failed(leg, exc, trio.current_time())
                     return
                 self._emit_records(records)
-                if leg.broken:  # the handshake after our OK to STARTTLS failed (and said so)
-                    _records_after(actions, i, records)
+                if then is not None and leg.broken:  # the handshake after our OK to STARTTLS
+                    _records_after(actions, i, records)  # failed (and said so)
                     return
                 continue
             if isinstance(action, Emit):
@@ -659,6 +663,24 @@ class Connection:
                     _records_after(actions, i + 1, records)
                     return
             i += 1
+
+    async def _last_words(
+        self,
+        leg: Leg,
+        batch: list[bytes | memoryview],
+        then: Callable[[], Awaitable[object]] | None,
+    ) -> None:
+        """What goes out once the session has decided to close (a `* BYE`, the end of an answer)
+        waits at most `CLOSE_GRACE`, for the leg's lock and for the peer to take it: a client
+        that reads nothing (its buffers full, or the other reader's send to it waiting under the
+        lock) must not keep a closing session, and its server connection, open until the idle
+        timeout, or for good after it. Not taken in time, the words are given up and the leg is
+        broken: nothing more is said on it."""
+        with trio.move_on_after(CLOSE_GRACE) as waited:
+            await leg.send_many(batch, then=then)
+        if waited.cancelled_caught:
+            leg.broken = True
+            self._close()
 
     def _send_failed(self, leg: Leg, exc: BaseException, now: float) -> None:
         """A send to `leg` failed: the session ends. A client that sent its EOF before (see

@@ -20,6 +20,7 @@ import trio
 from trio.lowlevel import wait_readable, wait_writable
 
 from imapveil.relay.deflate import DeflateStream
+from imapveil.relay.recording import RecordingStream
 from imapveil.relay.splice import Pipe
 
 RECEIVE_SIZE = 256 * 1024
@@ -227,7 +228,11 @@ class Leg:
 
         A COMPRESS leg is drained below its DEFLATE: what comes is thrown away, so it is never
         inflated (a few KiB of a peer's DEFLATE can be megabytes of it), and its socket can be
-        half-closed.
+        half-closed. A TLS leg likewise below its TLS, after our close_notify: the peer learns at
+        once that the session is over, as over plain TCP, not once it closes first or the grace
+        is over, and what it sends meanwhile is not decrypted. Not a broken one (a send cut
+        short, a failed handshake): it is closed as it always was, without close_notify (the
+        peer may hold half a record), at once if trio's stream is broken too.
         """
         stream = self.stream
         if self.ended:
@@ -235,10 +240,18 @@ class Leg:
                 await close_now(stream)
             return
         drained = stream.inner if isinstance(stream, DeflateStream) else stream
+        notify = b""
+        if isinstance(drained, trio.SSLStream) and not self.broken:
+            notify = _close_notify(drained)
+            drained = drained.transport_stream
+            if isinstance(drained, RecordingStream):
+                drained = drained.inner
         with trio.move_on_after(CLOSE_GRACE) as scope:
             scope.shield = True
             try:
                 if type(drained) is trio.SocketStream:
+                    if notify:
+                        await _send_fd(drained.socket.fileno(), [notify])
                     await _half_close_and_drain(drained.socket)
                 else:
                     if isinstance(drained, trio.abc.HalfCloseableStream):
@@ -251,6 +264,23 @@ class Leg:
                 pass
         with contextlib.suppress(Exception):
             await close_now(stream)
+
+
+def _close_notify(tls: trio.SSLStream[Any]) -> bytes:
+    """The octets of `tls`'s close_notify alert, for its transport; b"" if it has none to say
+    (no handshake done, or already closed). Through trio's own SSL object and outgoing buffer:
+    trio says close_notify only in `aclose`, which then closes the socket at once (unread input
+    makes that a reset, which can destroy the peer's last words in flight) and waits for
+    nothing under a cancelled scope (where `close_now` closes it: it says nothing)."""
+    try:
+        ssl_object, outgoing = tls._ssl_object, tls._outgoing
+    except AttributeError:  # another trio
+        return b""
+    # Said at the first step; the peer's own close_notify is not awaited (SSLWantReadError),
+    # and the peer's records not read yet may make OpenSSL's second step fail: said all the same.
+    with contextlib.suppress(ssl.SSLError, ValueError):
+        ssl_object.unwrap()
+    return outgoing.read()
 
 
 async def close_now(stream: trio.abc.AsyncResource) -> None:
