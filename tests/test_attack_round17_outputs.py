@@ -1,0 +1,173 @@
+"""Attack round 17 on outputs (attack17o): what a client sends, through a real `imapveil serve`
+and a real Dovecot, into what an operator or a scraper reads: `imapveil stats` in every form,
+the HTML report and its exports, the event log, the metrics. Each test failed before the fix
+named in its docstring, or guards what held."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.helpers.dovecot import Dovecot, free_port
+from tests.helpers.process import imapveil, read_log
+
+HOSTILE = {
+    "zero width": "Thunderbird\u200b",
+    "word joiner": "Thunderbird\u2060",
+    "byte order mark": "\ufeffThunderbird",
+    "soft hyphen": "Thunder\u00adbird",
+    "tag characters": "Thunderbird\U000e0041\U000e007f",
+    "variation selector": "Thunderbird\ufe0f",
+    "hangul filler": "Thunderbird\u3164",
+    "combining grapheme joiner": "Thunderbird\u034f",
+    "escape": "\x1b[2J\x1b[31mred",
+    "osc 8 hyperlink": "\x1b]8;;https://evil.example/\x07click\x1b]8;;\x07",
+    "osc 52 clipboard": "\x1b]52;c;cm0gLXJmIH4=\x07",
+    "c1 csi": "\u009b31mcsi",
+    "bidi override": "abc\u202edef",
+    "bidi isolate": "x\u2066y\u2069z",
+    "line break": "one\r\ntwo",
+    "line separator": "one\u2028two",
+    "nul": "nul\x00here",
+    "bell": "bell\x07",
+}
+
+FORBIDDEN = re.compile(
+    "[\x00-\x08\x0b-\x1f\x7f-\x9f\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f"
+    "\u200b-\u200f\u2028-\u202e\u2060-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff0-\ufff8"
+    "\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0000-\U000e0fff]"
+)
+"""What no output for people may carry raw: controls but tab and line feed (a line feed within
+a value is caught by the rows' count), the line and paragraph separators, bidirectional marks
+and every default-ignorable (invisible) code point: a family written `Thunderbird` and a
+zero-width space is a second row reading `Thunderbird`."""
+
+
+def literal(text: str) -> bytes:
+    data = text.encode("utf-8")
+    return b"{%d+}\r\n%s" % (len(data), data)
+
+
+def id_command(name: str) -> bytes:
+    pairs = [("name", name), ("version", name), ("os", name), ("vendor", name)]
+    body = b" ".join(b'"%s" %s' % (k.encode(), literal(v)) for k, v in pairs)
+    return b"I ID (" + body + b")\r\n"
+
+
+def session(port: int, user: str, password: str, name: str) -> None:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s, s.makefile("rb") as f:
+        f.readline()
+        s.sendall(
+            b"L LOGIN %s %s\r\n" % (user.encode(), password.encode())
+            + id_command(name)
+            + b"Z LOGOUT\r\n"
+        )
+        f.read()
+
+
+def cli(*args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "imapveil", *args],
+        capture_output=True, text=True, check=False, timeout=60, encoding="utf-8",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def strings(value: object) -> list[str]:
+    """Every string in parsed JSON, keys included."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for k, v in value.items() for s in (*strings(k), *strings(v))]
+    if isinstance(value, list):
+        return [s for v in value for s in strings(v)]
+    return []
+
+
+def raw(text: str) -> list[str]:
+    return sorted({f"U+{ord(c):04X}" for c in FORBIDDEN.findall(text)})
+
+
+@pytest.fixture(scope="module")
+def hostile_store(tmp_path_factory: pytest.TempPathFactory, dovecot: Dovecot) -> Path:
+    """Sessions, each with an ID whose name, version, os and vendor are one hostile text, under
+    `passthrough` (which records every value as sent), into a SQLite store."""
+    tmp_path = tmp_path_factory.mktemp("hostile")
+    store = tmp_path / "stats.sqlite"
+    metrics = free_port()
+    args = ("--store", str(store), "--policy", "passthrough", "--metrics", f"127.0.0.1:{metrics}")
+    with imapveil(tmp_path, dovecot.address, *args) as proxy:
+        users = list(dovecot.users.items())
+        for i, text in enumerate(HOSTILE.values()):
+            session(proxy.port, *users[i % len(users)], text)
+        with socket.create_connection(("127.0.0.1", metrics), timeout=10) as s:
+            s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            scraped = b""
+            while chunk := s.recv(65536):
+                scraped += chunk
+        assert proxy.stop() == 0
+        events = proxy.events
+        stderr = proxy.stderr
+    (tmp_path / "metrics.txt").write_bytes(scraped.partition(b"\r\n\r\n")[2])
+    (tmp_path / "stderr.txt").write_bytes(stderr)
+    (tmp_path / "events.jsonl").write_bytes(events.read_bytes())
+    return store
+
+
+@pytest.mark.dovecot
+@pytest.mark.parametrize("by", ["family", "version", "os", "week", "currency", "extension"])
+@pytest.mark.parametrize("form", ["table", "csv", "json"])
+def test_stats_shows_nothing_a_client_sent_raw(hostile_store: Path, by: str, form: str) -> None:
+    """Found: `stats --by family|version|os` showed a family, version or system written with a
+    zero-width space, a word joiner, a byte order mark, a soft hyphen, tag characters or a
+    variation selector as it came: `Thunderbird` and an invisible character is a row of its own
+    that reads `Thunderbird`, beside the real one (`charts.safe` escaped controls and bidi marks
+    only)."""
+    out = cli("stats", "--store", str(hostile_store), "--by", by, "--format", form,
+              "--min-users", "0")  # fmt: skip
+    assert raw(out) == []
+
+
+@pytest.mark.dovecot
+def test_the_report_and_its_exports_show_nothing_a_client_sent_raw(
+    hostile_store: Path, tmp_path: Path
+) -> None:
+    """The HTML page (charts' labels and their hover text included) and every exported table."""
+    page = cli("report", "--store", str(hostile_store), "--min-users", "0", "--html", "-")
+    assert raw(page) == []
+    cli("report", "--store", str(hostile_store), "--min-users", "0", "--export", str(tmp_path))
+    for path in sorted(tmp_path.iterdir()):
+        text = path.read_text(encoding="utf-8")
+        assert raw(text) == [], path.name
+        if path.suffix == ".json":
+            assert raw("\n".join(strings(json.loads(text)))) == [], path.name
+
+
+@pytest.mark.dovecot
+def test_the_event_log_metrics_and_stderr_stay_whole(hostile_store: Path) -> None:
+    """Held: every event log line is one JSON object in ASCII (the values escaped), the scrape
+    parses with prometheus_client's own parser and names no client's text, and stderr says
+    nothing a client sent."""
+    folder = hostile_store.parent
+    records, other = read_log(folder / "events.jsonl")
+    assert other == []
+    assert (folder / "events.jsonl").read_bytes().isascii()
+    ids = [r for r in records if r["event"] == "id"]
+    assert {r["client"]["name"] for r in ids} >= {v for v in HOSTILE.values() if "\0" not in v}
+    scraped = (folder / "metrics.txt").read_text()
+    families = list(text_string_to_metric_families(scraped))
+    assert any(f.name == "imapveil_id_exchanges" for f in families)
+    labels = {v for f in families for s in f.samples for v in s.labels.values()}
+    assert not labels & set(HOSTILE.values())
+    assert raw(scraped) == []
+    stderr = (folder / "stderr.txt").read_bytes().decode("utf-8", "replace")
+    assert raw(stderr) == []
+    assert "Thunderbird" not in stderr
