@@ -16,7 +16,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers.dovecot import Dovecot, free_port
+from tests.helpers.postgres import Postgres
 from tests.helpers.process import imapveil, read_log
+from tests.stats.test_durability import query
 
 HOSTILE = {
     "zero width": "Thunderbird\u200b",
@@ -61,15 +63,17 @@ def id_command(name: str) -> bytes:
     return b"I ID (" + body + b")\r\n"
 
 
-def session(port: int, user: str, password: str, name: str) -> None:
+def exchange(port: int, sent: bytes) -> None:
+    """After the greeting, `sent` at once, then everything until the proxy closes."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s, s.makefile("rb") as f:
         f.readline()
-        s.sendall(
-            b"L LOGIN %s %s\r\n" % (user.encode(), password.encode())
-            + id_command(name)
-            + b"Z LOGOUT\r\n"
-        )
+        s.sendall(sent)
         f.read()
+
+
+def session(port: int, user: str, password: str, name: str) -> None:
+    login = b"L LOGIN %s %s\r\n" % (user.encode(), password.encode())
+    exchange(port, login + id_command(name) + b"Z LOGOUT\r\n")
 
 
 def cli(*args: str) -> str:
@@ -123,7 +127,9 @@ def hostile_store(tmp_path_factory: pytest.TempPathFactory, dovecot: Dovecot) ->
 
 
 @pytest.mark.dovecot
-@pytest.mark.parametrize("by", ["family", "version", "os", "week", "currency", "extension"])
+@pytest.mark.parametrize(
+    "by", ["family", "version", "os", "day", "week", "currency", "extension", "fingerprint"]
+)
 @pytest.mark.parametrize("form", ["table", "csv", "json"])
 def test_stats_shows_nothing_a_client_sent_raw(hostile_store: Path, by: str, form: str) -> None:
     """Found: `stats --by family|version|os` showed a family, version or system written with a
@@ -174,3 +180,39 @@ def test_the_event_log_metrics_and_stderr_stay_whole(hostile_store: Path) -> Non
     stderr = (folder / "stderr.txt").read_bytes().decode("utf-8", "replace")
     assert raw(stderr) == []
     assert "Thunderbird" not in stderr
+
+
+NONCHARACTERS = ("Mail\uffff", "Mail\ufffe", "Mail\U0010ffff", "Mail\ue000", "\ufffd")
+"""Valid UTF-8 a store might still refuse: noncharacters, private use, the replacement
+character."""
+
+
+@pytest.mark.dovecot
+def test_hostile_ids_and_login_names_cost_postgresql_no_other_row(
+    dovecot: Dovecot, postgres: Postgres, tmp_path: Path
+) -> None:
+    """Held: through a real proxy into PostgreSQL, sessions whose ID values carry every hostile
+    text above (NUL included) or a noncharacter, and whose failed LOGIN before the real one
+    named a user with NUL, ESC and a bidi override in it (a line end in a literal
+    ends the session: `refused_line_end`) (`user_identity = "plain"`), are each stored,
+    and so is every plain session between them."""
+    texts = [*HOSTILE.values(), *NONCHARACTERS]
+    args = ("--store", postgres.url, "--policy", "passthrough", "--user-identity", "plain")
+    with imapveil(tmp_path, dovecot.address, *args) as proxy:
+        users = list(dovecot.users.items())
+        for i, text in enumerate(texts):
+            user, password = users[i % len(users)]
+            exchange(
+                proxy.port,
+                b"A LOGIN " + literal(f"{user}\x00\x1b[2J\u202ex") + b" x\r\n"
+                + b"L LOGIN %s %s\r\n" % (user.encode(), password.encode())
+                + id_command(text) + b"Z LOGOUT\r\n",
+            )  # fmt: skip
+            session(proxy.port, *users[i % len(users)], "Thunderbird")
+        assert proxy.stop() == 0
+    assert b"refused" not in proxy.stderr, proxy.stderr.decode()
+    assert query(postgres.url, "SELECT COUNT(*) FROM sessions") == [(2 * len(texts),)]
+    names = {n for (n,) in query(postgres.url, "SELECT name FROM id_exchanges")}
+    assert names >= {t.replace("\0", "\ufffd") for t in texts}
+    stored = {u for (u,) in query(postgres.url, "SELECT DISTINCT user_id FROM sessions")}
+    assert stored == {u for u, _ in users}
