@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from imapveil.sinks import jsonl
 from tests.helpers.dovecot import Dovecot, free_port
 from tests.helpers.postgres import Postgres
 from tests.helpers.process import imapveil, read_log
@@ -52,9 +53,12 @@ and every default-ignorable (invisible) code point: a family written `Thunderbir
 zero-width space is a second row reading `Thunderbird`."""
 
 
-def literal(text: str) -> bytes:
-    data = text.encode("utf-8")
+def literal_octets(data: bytes) -> bytes:
     return b"{%d+}\r\n%s" % (len(data), data)
+
+
+def literal(text: str) -> bytes:
+    return literal_octets(text.encode("utf-8"))
 
 
 def id_command(name: str) -> bytes:
@@ -216,3 +220,48 @@ def test_hostile_ids_and_login_names_cost_postgresql_no_other_row(
     assert names >= {t.replace("\0", "\ufffd") for t in texts}
     stored = {u for (u,) in query(postgres.url, "SELECT DISTINCT user_id FROM sessions")}
     assert stored == {u for u, _ in users}
+
+
+JOURNAL_LINE_MAX = 48 * 1024
+"""journald's default `LineMax=`: a stdout line longer than this is cut into several journal
+entries, none of them a JSON record."""
+
+
+@pytest.mark.dovecot
+def test_an_id_of_control_characters_is_one_journal_entry(dovecot: Dovecot, tmp_path: Path) -> None:
+    """Found: the event log (stdout, into the journal, by default) wrote an `id` record of
+    50,437 octets for an ID command of 35 KB under `passthrough`: 30 values of 1024 control
+    octets, each recorded as 256 and written as `\\u0001` (six octets an octet), and 89 more
+    fields with names of control octets, each dropped and named `\\x01...` in `dropped`.
+    journald cuts a line past `LineMax=` (48 KiB) into two entries, neither one JSON. Now a
+    record is written in at most `jsonl.MAX_LINE` octets: past it, its longest texts are cut
+    (ending `…[N more characters]`) and long lists end with `…[N more]`."""
+    pairs = []
+    for i in range(119):
+        name = b"f%02d" % i if i < 30 else b"x%02d" % i + b"\x01" * 27
+        value = b"\x01" * (1024 if i < 30 else 1)
+        pairs.append(literal_octets(name) + b" " + literal_octets(value))
+    command = b"I ID (" + b" ".join(pairs) + b")\r\n"
+    with imapveil(tmp_path, dovecot.address, "--policy", "passthrough") as proxy:
+        exchange(proxy.port, b"L LOGIN alice wonderland\r\n" + command + b"Z LOGOUT\r\n")
+        assert proxy.stop() == 0
+    records, other = read_log(proxy.events)
+    assert other == []
+    longest = max(len(line) for line in proxy.events.read_bytes().split(b"\n"))
+    assert longest < JOURNAL_LINE_MAX
+    (found,) = [r for r in records if r["event"] == "id"]
+    assert found["status"] == "OK" and len(found["client"]) == 30
+    assert found["client"]["f00"].startswith("\x01") and found["client"]["f00"].endswith(
+        "more characters]"
+    )
+    assert found["dropped"][-1].startswith("…[") and found["dropped"][-1].endswith(" more]")
+
+
+def test_a_record_no_cut_fits_is_written_without_its_objects() -> None:
+    """The last step: a record whose objects hold too many keys for any cut (none of ours can)
+    is still one line within the bound, its kind and session kept."""
+    record = {"event": "id", "session": "s", "client": {f"k{i:05}": "v" for i in range(9000)}}
+    line = jsonl.encode(record, 0.0)
+    assert len(line) <= jsonl.MAX_LINE
+    assert json.loads(line) == {"ts": "1970-01-01T00:00:00.000Z", "event": "id", "session": "s",
+                                "client": None}  # fmt: skip
