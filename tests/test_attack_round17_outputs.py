@@ -62,7 +62,13 @@ def literal(text: str) -> bytes:
 
 
 def id_command(name: str) -> bytes:
-    pairs = [("name", name), ("version", name), ("os", name), ("vendor", name)]
+    pairs = [
+        ("name", name),
+        ("version", name),
+        ("os", name),
+        ("os-version", name),
+        ("vendor", name),
+    ]
     body = b" ".join(b'"%s" %s' % (k.encode(), literal(v)) for k, v in pairs)
     return b"I ID (" + body + b")\r\n"
 
@@ -106,8 +112,8 @@ def raw(text: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def hostile_store(tmp_path_factory: pytest.TempPathFactory, dovecot: Dovecot) -> Path:
-    """Sessions, each with an ID whose name, version, os and vendor are one hostile text, under
-    `passthrough` (which records every value as sent), into a SQLite store."""
+    """Sessions, each with an ID whose name, version, os, os-version and vendor are one hostile
+    text, under `passthrough` (which records every value as sent), into a SQLite store."""
     tmp_path = tmp_path_factory.mktemp("hostile")
     store = tmp_path / "stats.sqlite"
     metrics = free_port()
