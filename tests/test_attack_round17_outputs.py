@@ -12,10 +12,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psycopg
 import pytest
+import trio
 from prometheus_client.parser import text_string_to_metric_families
 
+from imapveil.records import IdExchange, SessionEnded, SessionStarted
 from imapveil.sinks import jsonl
+from imapveil.stats.sink import StoreSink
+from imapveil.stats.spool import Tally
 from tests.helpers.dovecot import Dovecot, free_port
 from tests.helpers.postgres import Postgres
 from tests.helpers.process import imapveil, read_log
@@ -271,3 +276,53 @@ def test_a_record_no_cut_fits_is_written_without_its_objects() -> None:
     assert len(line) <= jsonl.MAX_LINE
     assert json.loads(line) == {"ts": "1970-01-01T00:00:00.000Z", "event": "id", "session": "s",
                                 "client": None}  # fmt: skip
+
+
+@pytest.mark.parametrize("encoding", ["LATIN1", "SQL_ASCII"])
+async def test_a_value_a_database_s_encoding_lacks_costs_only_its_own_row(
+    postgres: Postgres, encoding: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found: on a PostgreSQL database in LATIN1 (or another single-octet encoding), one ID
+    value outside it (a Cyrillic letter) failed the batch in the driver itself (psycopg encodes
+    to the server's encoding: UnicodeEncodeError, no database error), so the writer took the
+    store for away: every session of the batch lost without a spool, and with one, spooled and
+    the same batch tried again for ever, every later session behind it. On SQL_ASCII (what
+    initdb gives in the C locale) the driver returned text columns as bytes. The store now
+    talks UTF-8 whatever the database's encoding: the server refuses that one row (dropped,
+    counted and logged: its session's, whose family is that name, and its ID's), and every
+    other session is stored."""
+    admin = postgres.url.rsplit("/", 1)[0] + "/postgres"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(
+            f"CREATE DATABASE enc ENCODING '{encoding}' LC_COLLATE 'C' LC_CTYPE 'C' "
+            "TEMPLATE template0"
+        )
+    url = postgres.url.rsplit("/", 1)[0] + "/enc"
+    sink = StoreSink(url, spool=None, spool_cap=0)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sink.run)
+        with trio.fail_after(15):
+            await sink.ready.wait()
+            for i in range(20):
+                sid = f"enc-{i}"
+                name = "\u0422hunderbird \u65e5\u672c" if i == 3 else "Thunderbird"
+                sink.emit(SessionStarted(sid, "127.0.0.1:1", "u"))
+                client: dict[str, str | None] = {"name": name}
+                sink.emit(IdExchange(sid, "a", "authenticated", "OK", False, client, (), (), None))
+                sink.emit(
+                    SessionEnded(sid, "127.0.0.1:1", "u", "logout", None, "logout", "bob",
+                                 5.0, 10, 20, 3)
+                )  # fmt: skip
+            await sink.flush()
+        nursery.cancel_scope.cancel()
+    assert "store write failed" not in caplog.text
+    names = query(url, "SELECT DISTINCT name FROM id_exchanges")
+    stored = query(url, "SELECT session FROM sessions")
+    if encoding == "LATIN1":  # its session row too: the family is the name
+        assert sink.counts["dropped"] == Tally(sessions=1, items=2), sink.counts
+        assert names == [("Thunderbird",)]
+        assert sorted(s for (s,) in stored) == sorted(f"enc-{i}" for i in range(20) if i != 3)
+    else:
+        assert len(stored) == 20
+        assert sink.counts["dropped"].items == 0
+        assert sorted(names) == [("Thunderbird",), ("\u0422hunderbird \u65e5\u672c",)]
