@@ -326,3 +326,43 @@ async def test_a_value_a_database_s_encoding_lacks_costs_only_its_own_row(
         assert len(stored) == 20
         assert sink.counts["dropped"].items == 0
         assert sorted(names) == [("Thunderbird",), ("\u0422hunderbird \u65e5\u672c",)]
+
+
+COUNT = 60
+
+
+async def test_rows_refused_by_the_hundred_are_one_warning(
+    postgres: Postgres, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found: each row the store refused was a warning of its own, so on a LATIN1 database
+    every client sending a name outside Latin-1 wrote two lines to stderr (its session's row
+    and its ID's): clients could write the log. Now said once, then at most once a minute with
+    how many more (as a client's failed TLS handshake); each one is counted as dropped."""
+    admin = postgres.url.rsplit("/", 1)[0] + "/postgres"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(
+            "CREATE DATABASE enc ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"
+        )
+        # The test cluster's stderr is a pipe nobody reads: a log line per refused row would
+        # fill it and stall the server.
+        conn.execute("ALTER DATABASE enc SET log_min_messages TO fatal")
+        conn.execute("ALTER DATABASE enc SET log_min_error_statement TO panic")
+    sink = StoreSink(postgres.url.rsplit("/", 1)[0] + "/enc", spool=None, spool_cap=0)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sink.run)
+        with trio.fail_after(30):
+            await sink.ready.wait()
+            for i in range(COUNT):
+                sid = f"many-{i}"
+                client: dict[str, str | None] = {"name": f"\u0422hunderbird {i}"}
+                sink.emit(SessionStarted(sid, "127.0.0.1:1", "u"))
+                sink.emit(IdExchange(sid, "a", "authenticated", "OK", False, client, (), (), None))
+                sink.emit(
+                    SessionEnded(sid, "127.0.0.1:1", "u", "logout", None, "logout", "bob",
+                                 5.0, 10, 20, 3)
+                )  # fmt: skip
+            await sink.flush()
+        nursery.cancel_scope.cancel()
+    assert sink.counts["dropped"] == Tally(sessions=COUNT, items=2 * COUNT), sink.counts
+    refused = [r for r in caplog.records if "refused" in r.getMessage()]
+    assert len(refused) <= 2, [r.getMessage() for r in refused[:3]]

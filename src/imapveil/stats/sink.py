@@ -57,6 +57,7 @@ from imapveil.records import (
     SessionStarted,
     SessionTraits,
 )
+from imapveil.relay.limits import Occurrences
 from imapveil.stats.identify import identify
 from imapveil.stats.labels import BEHAVIOUR, JA4
 from imapveil.stats.spool import (
@@ -170,6 +171,9 @@ class StoreSink:
         self.spool: Spool | None = Spool(spool, spool_cap) if spool_cap > 0 else None
         self.counts = {outcome: Tally() for outcome in OUTCOMES}
         self.collisions = 0
+        self._refusals = Occurrences()
+        """Rows the store refused for their content: a client can cause one per session (a
+        name a LATIN1 database cannot hold), so said once a minute at most, with a count."""
         self._reported = Tally()
         self._open: dict[str, _Open] = {}
         self._seq = itertools.count(1)
@@ -473,7 +477,11 @@ class StoreSink:
                 if not self.store.refuses(exc):
                     raise
                 self.counts["dropped"].add([item])
-                log.warning("statistics store refused a %s row (dropped): %s", item[0], exc)
+                said = self._refusals.note(time.monotonic())
+                if said is not None:
+                    log.warning(
+                        "statistics store refused a %s row (dropped): %s%s", item[0], exc, said
+                    )
         return collisions
 
     def _collided(self, c: Collision) -> None:
