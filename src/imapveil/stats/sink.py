@@ -443,12 +443,14 @@ class StoreSink:
         self._away(message)
         self.store.close()
 
-    async def _store(self, items: Sequence[Item], *, abandon: bool = False) -> bool:
-        """Write `items` in one transaction; False if the store is away (then disconnected).
+    async def _store(self, items: Sequence[Item], *, abandon: bool = False) -> list[Item] | None:
+        """Write `items` in one transaction: the items stored, or None if the store is away
+        (then disconnected).
 
         Rows the store refuses for their content (not for being away) are written one by one,
-        and each one refused is dropped, counted and logged.
+        and each one refused is dropped, counted and logged (and not among the items stored).
         """
+        stored = list(items)
         try:
             try:
                 collisions = await self._on_store(
@@ -460,19 +462,22 @@ class StoreSink:
             except Exception as exc:  # any driver's error
                 if not self.store.refuses(exc):
                     raise
-                collisions = await self._one_by_one(items)
+                collisions, stored = await self._one_by_one(items)
         except Exception as exc:  # any driver's error: the store is away
             self._disconnect(f"statistics store write failed: {exc}")
-            return False
+            return None
         for collision in collisions:
             self._collided(collision)
-        return True
+        return stored
 
-    async def _one_by_one(self, items: Sequence[Item]) -> list[Collision]:
+    async def _one_by_one(self, items: Sequence[Item]) -> tuple[list[Collision], list[Item]]:
+        """Each item in a transaction of its own: the collisions, and the items stored."""
         collisions: list[Collision] = []
+        stored: list[Item] = []
         for item in items:
             try:
                 collisions += await self._on_store(partial(self.store.write, _batch([item])))
+                stored.append(item)
             except Exception as exc:  # any driver's error
                 if not self.store.refuses(exc):
                     raise
@@ -482,7 +487,7 @@ class StoreSink:
                     log.warning(
                         "statistics store refused a %s row (dropped): %s%s", item[0], exc, said
                     )
-        return collisions
+        return collisions, stored
 
     def _collided(self, c: Collision) -> None:
         self.collisions += 1
@@ -497,10 +502,11 @@ class StoreSink:
         items = list(itertools.islice(self._queue, BATCH + 1))
         if len(items) > BATCH and items[-1][0] != FOLLOWS:  # a session's traits go with it
             items.pop()
-        if await self._store(items, abandon=abandon):
+        stored = await self._store(items, abandon=abandon)
+        if stored is not None:
             for _ in items:
                 self._queue.popleft()
-            self.counts["written"].add(items)
+            self.counts["written"].add(stored)
 
     async def _replay_some(self, *, abandon: bool = False) -> None:
         spool = self.spool
@@ -509,9 +515,10 @@ class StoreSink:
             items, position = await self._thread(partial(spool.read, BATCH))
             items = self._replayable(items)
             if items:
-                if not await self._store(items, abandon=abandon):
+                stored = await self._store(items, abandon=abandon)
+                if stored is None:
                     return
-                self.counts["replayed"].add(items)
+                self.counts["replayed"].add(stored)
             with trio.CancelScope(shield=True):  # stored: say so, even if stopping now
                 await self._thread(partial(spool.consume, position))
         except OSError as exc:
