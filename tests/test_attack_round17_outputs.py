@@ -5,6 +5,8 @@ named in its docstring, or guards what held."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import re
 import socket
@@ -45,6 +47,8 @@ HOSTILE = {
     "line separator": "one\u2028two",
     "nul": "nul\x00here",
     "bell": "bell\x07",
+    "markup": "<img src=x onerror=alert(1)>\"'&amp;",
+    "formula": '=HYPERLINK("https://evil.example/","x")',
 }
 
 FORBIDDEN = re.compile(
@@ -167,12 +171,16 @@ def test_the_report_and_its_exports_show_nothing_a_client_sent_raw(
     """The HTML page (charts' labels and their hover text included) and every exported table."""
     page = cli("report", "--store", str(hostile_store), "--min-users", "0", "--html", "-")
     assert raw(page) == []
+    assert "<img" not in page and "&amp;amp;" in page
     cli("report", "--store", str(hostile_store), "--min-users", "0", "--export", str(tmp_path))
     for path in sorted(tmp_path.iterdir()):
         text = path.read_text(encoding="utf-8")
         assert raw(text) == [], path.name
         if path.suffix == ".json":
             assert raw("\n".join(strings(json.loads(text)))) == [], path.name
+        else:
+            cells = [c for row in csv.reader(io.StringIO(text)) for c in row]
+            assert not [c for c in cells if c.startswith(("=", "+", "-", "@"))], path.name
 
 
 @pytest.mark.dovecot
