@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from imapveil.records import IdExchange, SessionEnded, SessionStarted
 from imapveil.sinks import jsonl
 from imapveil.stats.sink import StoreSink
-from imapveil.stats.spool import Tally
+from imapveil.stats.spool import ARITY, Tally
 from tests.helpers.dovecot import Dovecot, free_port
 from tests.helpers.postgres import Postgres
 from tests.helpers.process import imapveil, read_log
@@ -376,3 +376,28 @@ async def test_rows_refused_by_the_hundred_are_one_warning(
     assert sink.counts["dropped"] == Tally(sessions=COUNT, items=2 * COUNT), sink.counts
     refused = [r for r in caplog.records if "refused" in r.getMessage()]
     assert len(refused) <= 2, [r.getMessage() for r in refused[:3]]
+
+
+@pytest.mark.parametrize(
+    "value", ["\ud800", 10**30, float("nan")], ids=["surrogate", "huge", "nan"]
+)
+async def test_a_spooled_value_sqlite_cannot_bind_does_not_stop_the_statistics(
+    tmp_path: Path, value: object
+) -> None:
+    """Found: a spool line that is well-formed JSON of the right shape but holds a lone
+    surrogate (`"\\ud800"`, which JSON may spell) or an integer past 64 bits made SQLite's
+    driver raise (UnicodeEncodeError, OverflowError), not a database error: the writer took
+    the store for away and replayed the same line at every probe, every later session spooled
+    behind it, for good. Now such a line is skipped and counted, as a malformed one is."""
+    from tests.stats.test_durability import replay  # noqa: PLC0415
+
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    row: list[object] = [f"v{i}" for i in range(ARITY["session"])]
+    good = json.dumps(["session", ["good", *row[1:]]])
+    row[0], row[3] = "bad", value
+    (spool / "000000000001.jsonl").write_text(json.dumps(["session", row]) + "\n" + good + "\n")
+    sink = await replay(str(tmp_path / "stats.sqlite"), spool)
+    assert sink.counts["dropped"].items == 1 and sink.counts["replayed"].items == 1, sink.counts
+    assert sink.spool is not None and not sink.spool.pending
+    assert query(str(tmp_path / "stats.sqlite"), "SELECT session FROM sessions") == [("good",)]
