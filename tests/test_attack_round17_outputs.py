@@ -17,6 +17,9 @@ from pathlib import Path
 import psycopg
 import pytest
 import trio
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 from imapveil.records import IdExchange, SessionEnded, SessionStarted
@@ -119,6 +122,19 @@ def raw(text: str) -> list[str]:
     return sorted({f"U+{ord(c):04X}" for c in FORBIDDEN.findall(text)})
 
 
+OPENMETRICS = b"application/openmetrics-text; version=1.0.0; charset=utf-8"
+
+
+def scrape(port: int, accept: bytes) -> bytes:
+    """The body of a GET /metrics asking for `accept`."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nAccept: " + accept + b"\r\n\r\n")
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    return answer.partition(b"\r\n\r\n")[2]
+
+
 @pytest.fixture(scope="module")
 def hostile_store(tmp_path_factory: pytest.TempPathFactory, dovecot: Dovecot) -> Path:
     """Sessions, each with an ID whose name, version, os, os-version and vendor are one hostile
@@ -131,15 +147,11 @@ def hostile_store(tmp_path_factory: pytest.TempPathFactory, dovecot: Dovecot) ->
         users = list(dovecot.users.items())
         for i, text in enumerate(HOSTILE.values()):
             session(proxy.port, *users[i % len(users)], text)
-        with socket.create_connection(("127.0.0.1", metrics), timeout=10) as s:
-            s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-            scraped = b""
-            while chunk := s.recv(65536):
-                scraped += chunk
+        for name, accept in (("metrics.txt", b"text/plain"), ("openmetrics.txt", OPENMETRICS)):
+            (tmp_path / name).write_bytes(scrape(metrics, accept))
         assert proxy.stop() == 0
         events = proxy.events
         stderr = proxy.stderr
-    (tmp_path / "metrics.txt").write_bytes(scraped.partition(b"\r\n\r\n")[2])
     (tmp_path / "stderr.txt").write_bytes(stderr)
     (tmp_path / "events.jsonl").write_bytes(events.read_bytes())
     return store
@@ -186,7 +198,8 @@ def test_the_report_and_its_exports_show_nothing_a_client_sent_raw(
 @pytest.mark.dovecot
 def test_the_event_log_metrics_and_stderr_stay_whole(hostile_store: Path) -> None:
     """Held: every event log line is one JSON object in ASCII (the values escaped), the scrape
-    parses with prometheus_client's own parser and names no client's text, and stderr says
+    (text and OpenMetrics) parses with prometheus_client's own parsers and names no client's
+    text, and stderr says
     nothing a client sent."""
     folder = hostile_store.parent
     records, other = read_log(folder / "events.jsonl")
@@ -200,6 +213,13 @@ def test_the_event_log_metrics_and_stderr_stay_whole(hostile_store: Path) -> Non
     labels = {v for f in families for s in f.samples for v in s.labels.values()}
     assert not labels & set(HOSTILE.values())
     assert raw(scraped) == []
+    opened = (folder / "openmetrics.txt").read_text()
+    assert opened.endswith("# EOF\n")
+    families = list(openmetrics_families(opened))  # type: ignore[no-untyped-call]
+    assert any(f.name == "imapveil_id_exchanges" for f in families)
+    assert not {v for f in families for s in f.samples for v in s.labels.values()} & set(
+        HOSTILE.values()
+    )
     stderr = (folder / "stderr.txt").read_bytes().decode("utf-8", "replace")
     assert raw(stderr) == []
     assert "Thunderbird" not in stderr
