@@ -40,6 +40,7 @@ from typing import IO, Any
 import trio
 
 from imapveil.records import CommandCompleted, Record, SessionEnded, SessionStarted
+from imapveil.shown import shown
 from imapveil.sinks import FAILURE_LOG_INTERVAL
 
 log = logging.getLogger(__name__)
@@ -107,13 +108,51 @@ def _timestamp(when: float | None = None) -> str:
     return _CLOCK.stamp(time.time() if when is None else when)
 
 
+MAX_LINE = 32 * 1024
+"""Octets of a record's line at most, its newline included: well within journald's `LineMax=`
+(48 KiB by default), past which the journal cuts a line of stdout into entries none of which
+is JSON. Only an `id` record comes near it: 30 recorded values of 256 control octets each, six
+octets apiece in JSON (`\\u0001`), and up to 120 fields' names in `dropped` make 50 KB."""
+
+_CUTS = ((64, 30), (16, 10), (4, 4))
+"""How a record longer than `MAX_LINE` is cut, one step after another until it fits: each text
+inside its objects and lists to so many characters, each list to so many items."""
+
+
 def encode(record: Record | dict[str, Any], when: float | None = None) -> bytes:
-    """One JSON line: `ts` first, then the record's fields."""
+    """One JSON line: `ts` first, then the record's fields; at most `MAX_LINE` octets."""
     fast = _FAST.get(type(record))
     if fast is not None:
         return fast(record, _timestamp(when))
     body = record if isinstance(record, dict) else record.to_dict()
-    return (_ENCODER.encode({"ts": _timestamp(when), **body}) + "\n").encode()
+    whole = {"ts": _timestamp(when), **body}
+    line = (_ENCODER.encode(whole) + "\n").encode()
+    return line if len(line) <= MAX_LINE else _fitted(whole)
+
+
+def _fitted(whole: dict[str, Any]) -> bytes:
+    """A record too long for one line, cut to fit: its top-level values as they are (the
+    record's kind, session, status), the texts inside its objects and lists cut (ending
+    `…[N more characters]`), its lists ending `…[N more]`; failing all, those objects and
+    lists null."""
+    for chars, items in _CUTS:
+        cut = {k: _cut(v, chars, items) for k, v in whole.items()}
+        line = (_ENCODER.encode(cut) + "\n").encode()
+        if len(line) <= MAX_LINE:
+            return line
+    bare = {k: None if isinstance(v, dict | list | tuple) else v for k, v in whole.items()}
+    return (_ENCODER.encode(bare) + "\n").encode()
+
+
+def _cut(value: Any, chars: int, items: int, nested: bool = False) -> Any:
+    if isinstance(value, str):
+        return shown(value, chars) if nested else value
+    if isinstance(value, dict):
+        return {k: _cut(v, chars, items, True) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        kept = [_cut(v, chars, items, True) for v in value[:items]]
+        return [*kept, f"\u2026[{len(value) - items} more]"] if len(value) > items else kept
+    return value
 
 
 _STRING = json.encoder.encode_basestring_ascii

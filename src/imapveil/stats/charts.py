@@ -10,20 +10,32 @@ import re
 from imapveil.stats.inventory import Trend
 
 _UNSAFE = re.compile(
-    r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]"
+    "[\x00-\x1f\x7f-\x9f\u00ad\u034f\u0600-\u0605\u061c\u06dd\u070f\u0890\u0891\u08e2"
+    "\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f\u2028-\u202e\u2060-\u206f"
+    "\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff0-\ufffb\U000110bd\U000110cd"
+    "\U00013430-\U0001343f\U0001bca0-\U0001bca3\U0001d173-\U0001d17a"
+    "\U000e0000-\U000e0fff]"
 )
 """What a terminal or a reader of text must not get raw from a client: C0 and C1 controls and DEL
 (escape sequences, BEL, a carriage return or line feed forging a row), the line and paragraph
-separators, and the bidirectional marks and overrides that reorder what is shown."""
+separators, the bidirectional marks and overrides that reorder what is shown, every other
+character Unicode says is shown as nothing (Default_Ignorable_Code_Point: zero-width spaces and
+joiners, the byte order mark, soft hyphens, variation selectors, tag characters, fillers), and
+every other format character (Cf: the interlinear annotation marks, number signs and format
+controls that join or reshape what follows them): a family `Thunderbird` followed by a
+zero-width space is a group of its own that reads `Thunderbird`, a row beside the real one."""
 
 
 def _escape_one(match: re.Match[str]) -> str:
     code = ord(match.group())
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
 def safe(text: str) -> str:
-    """`text` with every character of `_UNSAFE` written as an escape (`\\x1b`, `\\u202e`)."""
+    """`text` with every character of `_UNSAFE` written as an escape (`\\x1b`, `\\u202e`,
+    `\\U000e0041`)."""
     return _UNSAFE.sub(_escape_one, text)
 
 

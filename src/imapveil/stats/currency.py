@@ -252,7 +252,7 @@ def as_json(currency: Currency) -> str:
         "since": currency.since,
         "until": currency.until,
         "users": currency.users,
-        "rows": [asdict(r) for r in currency.rows],
+        "rows": [{**asdict(r), "group": safe(r.group)} for r in currency.rows],
     }
     return json.dumps(data, indent=2) + "\n"
 

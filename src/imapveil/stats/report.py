@@ -175,7 +175,9 @@ def as_json(summary: Summary, by: str) -> str:
 
 
 def _json_row(row: Row, by: str) -> dict[str, Any]:
-    data = asdict(row)
+    """A row for JSON, its text made safe as every other output's (a consumer's `jq -r` must
+    not write a client's escape sequences to a terminal)."""
+    data = {k: safe(v) if isinstance(v, str) else v for k, v in asdict(row).items()}
     data["share"] = round(row.share, 4)
     if by != "family":
         del data["platforms"]

@@ -57,6 +57,7 @@ from imapveil.records import (
     SessionStarted,
     SessionTraits,
 )
+from imapveil.relay.limits import Occurrences
 from imapveil.stats.identify import identify
 from imapveil.stats.labels import BEHAVIOUR, JA4
 from imapveil.stats.spool import (
@@ -170,6 +171,9 @@ class StoreSink:
         self.spool: Spool | None = Spool(spool, spool_cap) if spool_cap > 0 else None
         self.counts = {outcome: Tally() for outcome in OUTCOMES}
         self.collisions = 0
+        self._refusals = Occurrences()
+        """Rows the store refused for their content: a client can cause one per session (a
+        name a LATIN1 database cannot hold), so said once a minute at most, with a count."""
         self._reported = Tally()
         self._open: dict[str, _Open] = {}
         self._seq = itertools.count(1)
@@ -439,12 +443,14 @@ class StoreSink:
         self._away(message)
         self.store.close()
 
-    async def _store(self, items: Sequence[Item], *, abandon: bool = False) -> bool:
-        """Write `items` in one transaction; False if the store is away (then disconnected).
+    async def _store(self, items: Sequence[Item], *, abandon: bool = False) -> list[Item] | None:
+        """Write `items` in one transaction: the items stored, or None if the store is away
+        (then disconnected).
 
         Rows the store refuses for their content (not for being away) are written one by one,
-        and each one refused is dropped, counted and logged.
+        and each one refused is dropped, counted and logged (and not among the items stored).
         """
+        stored = list(items)
         try:
             try:
                 collisions = await self._on_store(
@@ -456,25 +462,32 @@ class StoreSink:
             except Exception as exc:  # any driver's error
                 if not self.store.refuses(exc):
                     raise
-                collisions = await self._one_by_one(items)
+                collisions, stored = await self._one_by_one(items)
         except Exception as exc:  # any driver's error: the store is away
             self._disconnect(f"statistics store write failed: {exc}")
-            return False
+            return None
         for collision in collisions:
             self._collided(collision)
-        return True
+        return stored
 
-    async def _one_by_one(self, items: Sequence[Item]) -> list[Collision]:
+    async def _one_by_one(self, items: Sequence[Item]) -> tuple[list[Collision], list[Item]]:
+        """Each item in a transaction of its own: the collisions, and the items stored."""
         collisions: list[Collision] = []
+        stored: list[Item] = []
         for item in items:
             try:
                 collisions += await self._on_store(partial(self.store.write, _batch([item])))
+                stored.append(item)
             except Exception as exc:  # any driver's error
                 if not self.store.refuses(exc):
                     raise
                 self.counts["dropped"].add([item])
-                log.warning("statistics store refused a %s row (dropped): %s", item[0], exc)
-        return collisions
+                said = self._refusals.note(time.monotonic())
+                if said is not None:
+                    log.warning(
+                        "statistics store refused a %s row (dropped): %s%s", item[0], exc, said
+                    )
+        return collisions, stored
 
     def _collided(self, c: Collision) -> None:
         self.collisions += 1
@@ -489,10 +502,11 @@ class StoreSink:
         items = list(itertools.islice(self._queue, BATCH + 1))
         if len(items) > BATCH and items[-1][0] != FOLLOWS:  # a session's traits go with it
             items.pop()
-        if await self._store(items, abandon=abandon):
+        stored = await self._store(items, abandon=abandon)
+        if stored is not None:
             for _ in items:
                 self._queue.popleft()
-            self.counts["written"].add(items)
+            self.counts["written"].add(stored)
 
     async def _replay_some(self, *, abandon: bool = False) -> None:
         spool = self.spool
@@ -501,9 +515,10 @@ class StoreSink:
             items, position = await self._thread(partial(spool.read, BATCH))
             items = self._replayable(items)
             if items:
-                if not await self._store(items, abandon=abandon):
+                stored = await self._store(items, abandon=abandon)
+                if stored is None:
                     return
-                self.counts["replayed"].add(items)
+                self.counts["replayed"].add(stored)
             with trio.CancelScope(shield=True):  # stored: say so, even if stopping now
                 await self._thread(partial(spool.consume, position))
         except OSError as exc:

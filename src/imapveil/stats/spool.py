@@ -68,11 +68,25 @@ def well_formed(kind: Any, row: Any) -> bool:
     if kind not in KINDS or not isinstance(row, list) or len(row) != ARITY[kind]:
         return False
     values = row[:-1] if kind == FOLLOWS else row
-    if not all(v is None or isinstance(v, str | int | float) for v in values):
+    if not all(v is None or isinstance(v, float) or _storable(v) for v in values):
         return False
     return kind != FOLLOWS or (
-        isinstance(row[-1], list) and all(isinstance(n, str) for n in row[-1])
+        isinstance(row[-1], list) and all(isinstance(n, str) and _storable(n) for n in row[-1])
     )
+
+
+INT64 = 2**63
+"""Integers a store column holds: within 64 bits, signed."""
+
+
+def _storable(value: Any) -> bool:
+    """A text a database can hold (UTF-8: no lone surrogate, which JSON may spell `\\ud800`),
+    or an integer within 64 bits. Either one past that makes the driver raise an error that is
+    not the database's (UnicodeEncodeError, OverflowError), taken for the store being away: the
+    line replayed at every probe, every later session behind it."""
+    if isinstance(value, str):
+        return value.isascii() or not any("\ud800" <= c <= "\udfff" for c in value)
+    return isinstance(value, int) and -INT64 <= value < INT64
 
 
 def spool_directory(state: Path, proxy: str) -> Path:

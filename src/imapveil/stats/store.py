@@ -245,6 +245,13 @@ class Store:
                     keepalives_interval=3,
                     keepalives_count=3,
                     tcp_user_timeout=20_000,
+                    # UTF-8 whatever the database's encoding: the server converts, and refuses
+                    # a value its encoding lacks as that row's content (a DataError, that row
+                    # dropped), where the driver, encoding to a LATIN1 database's encoding
+                    # itself, raised UnicodeEncodeError, taken for the store being away (the
+                    # batch retried for ever, every later session behind it); and a SQL_ASCII
+                    # database's text comes back as text, not bytes.
+                    client_encoding="UTF8",
                 )
             except psycopg.Error as exc:
                 raise StoreError(f"cannot connect to the store: {exc}") from None
