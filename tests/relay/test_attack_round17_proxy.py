@@ -12,7 +12,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -49,6 +49,41 @@ def reset_after(port: int, data: bytes) -> None:
     s.close()
 
 
+async def upstream_for(
+    nursery: trio.Nursery,
+    handler: Callable[[trio.SocketStream], Awaitable[None]],
+    *,
+    proxy_protocol: bool = False,
+) -> RelaySettings:
+    """Relay settings toward `handler`, served on a loopback port in `nursery` (with a PROXY v2
+    header to it if `proxy_protocol`)."""
+    (server,) = await nursery.start(functools.partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
+    return RelaySettings(
+        "127.0.0.1",
+        server.socket.getsockname()[1],
+        CoreConfig(identify_user=identifier("none", None)),
+        upstream_proxy_protocol=proxy_protocol,
+    )
+
+
+class CountingUpstream:
+    """An upstream that greets and reads until the proxy closes, counting the connections made
+    to it (a session that should have none must not have made one)."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+
+    def __repr__(self) -> str:
+        return f"<CountingUpstream connections={self.connections}>"
+
+    async def __call__(self, stream: trio.SocketStream) -> None:
+        self.connections += 1
+        async with stream:
+            await stream.send_all(b"* OK ready\r\n")
+            while await stream.receive_some():
+                pass
+
+
 @pytest.mark.parametrize("trusted", [True, False], ids=["proxy_protocol_from", "direct"])
 @pytest.mark.parametrize("data", [LOCAL, SPOOF, b"a LOGIN alice wonderland\r\n", b""])
 async def test_a_connection_reset_before_it_was_accepted_is_no_session(
@@ -62,27 +97,12 @@ async def test_a_connection_reset_before_it_was_accepted_is_no_session(
     `haproxy = yes` waits for one: every such session hung until Dovecot gave up or the proxy
     stopped). HAProxy's plain `check` on a `send-proxy-v2` server makes one every `inter`. Now
     such a connection is closed at once: no upstream connection, no session, no record."""
-    upstream_connections = 0
-
-    async def fake_dovecot(stream: trio.SocketStream) -> None:
-        nonlocal upstream_connections
-        upstream_connections += 1
-        async with stream:
-            await stream.send_all(b"* OK ready\r\n")
-            while await stream.receive_some():
-                pass
+    fake_dovecot = CountingUpstream()
 
     sink = RecordingSink()
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
-            serving = functools.partial(trio.serve_tcp, fake_dovecot, 0, host="127.0.0.1")
-            (server,) = await nursery.start(serving)
-            relay = RelaySettings(
-                "127.0.0.1",
-                server.socket.getsockname()[1],
-                CoreConfig(identify_user=identifier("none", None)),
-                upstream_proxy_protocol=True,
-            )
+            relay = await upstream_for(nursery, fake_dovecot, proxy_protocol=True)
             trusted_nets = (ipaddress.ip_network("127.0.0.0/8"),) if trusted else ()
             proxy = Proxy(Admittance(relay, proxy_protocol_from=trusted_nets), sink)
             nursery.start_soon(proxy.timers.run)
@@ -96,7 +116,7 @@ async def test_a_connection_reset_before_it_was_accepted_is_no_session(
             await proxy.handle(trio.SocketStream(accepted))
             await trio.sleep(0.05)  # an upstream connection, had one been made, is counted
             nursery.cancel_scope.cancel()
-    assert sink.records == [] and upstream_connections == 0, (sink.records, upstream_connections)
+    assert sink.records == [] and fake_dovecot.connections == 0, (sink.records, fake_dovecot)
     assert proxy.stats.active == 0
 
 
@@ -296,14 +316,7 @@ async def test_the_client_address_over_ipv6_loopback(name: str) -> None:
     reply = b""
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
-            serving = functools.partial(trio.serve_tcp, fake_dovecot, 0, host="127.0.0.1")
-            (server,) = await nursery.start(serving)
-            relay = RelaySettings(
-                "127.0.0.1",
-                server.socket.getsockname()[1],
-                CoreConfig(identify_user=identifier("none", None)),
-                upstream_proxy_protocol=True,
-            )
+            relay = await upstream_for(nursery, fake_dovecot, proxy_protocol=True)
             networks = (ipaddress.ip_network(trusted),)
             proxy = Proxy(Admittance(relay, proxy_protocol_from=networks), sink)
             listeners = await open_listeners("::1", 0)
@@ -375,28 +388,14 @@ async def test_a_header_that_completes_after_the_grace_period_gets_bye() -> None
     off 1 sessions"), recorded as the client's close. Now it gets `* BYE [UNAVAILABLE] Server
     shutting down` at once, as a connection over a limit gets its BYE: no session, no upstream
     connection."""
-    upstream_connections = 0
-
-    async def fake_dovecot(stream: trio.SocketStream) -> None:
-        nonlocal upstream_connections
-        upstream_connections += 1
-        async with stream:
-            await stream.send_all(b"* OK ready\r\n")
-            while await stream.receive_some():
-                pass
+    fake_dovecot = CountingUpstream()
 
     sink = RecordingSink()
     header = build_v2(("192.0.2.7", 51234), ("198.51.100.1", 143))
     got = b""
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
-            serving = functools.partial(trio.serve_tcp, fake_dovecot, 0, host="127.0.0.1")
-            (server,) = await nursery.start(serving)
-            relay = RelaySettings(
-                "127.0.0.1",
-                server.socket.getsockname()[1],
-                CoreConfig(identify_user=identifier("none", None)),
-            )
+            relay = await upstream_for(nursery, fake_dovecot)
             trusted = (ipaddress.ip_network("127.0.0.0/8"),)
             proxy = Proxy(Admittance(relay, proxy_protocol_from=trusted), sink, shutdown_grace=0.1)
             listeners = await open_listeners("127.0.0.1", 0)
@@ -421,7 +420,7 @@ async def test_a_header_that_completes_after_the_grace_period_gets_bye() -> None
             await served.wait()
             nursery.cancel_scope.cancel()
     assert got == b"* BYE [UNAVAILABLE] Server shutting down\r\n" and took < 2.0, (got, took)
-    assert upstream_connections == 0 and sink.of(SessionEnded) == [], sink.records
+    assert fake_dovecot.connections == 0 and sink.of(SessionEnded) == [], sink.records
 
 
 # --- Real HAProxy, v1 and v2, clients over IPv4 and IPv6 loopback.
