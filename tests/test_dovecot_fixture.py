@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import imaplib
+import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -94,3 +97,40 @@ def test_id_is_accepted_and_logged(dovecot: Dovecot) -> None:
     assert "rip=127.0.0.1" in pre
     assert " imap(alice)<" in post
     assert token not in dovecot.log_path.read_text()  # the error log stays clean
+
+
+def test_a_port_taken_before_dovecot_binds_it_is_not_mistaken_for_dovecot() -> None:
+    """Two test processes: the port `free_port` found free is bound by the other one's server
+    (Linux hands a port just freed out again to the next bind to port 0) before Dovecot binds
+    it. The readiness probe read that server's `* OK` and took it for Dovecot, which then
+    exited, its port in use: the test's own Dovecot was gone (seen as its probe's disconnect
+    never logged). Now the probe knows this Dovecot's own greeting, and Dovecot is started
+    again on new ports."""
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen(8)
+        taken = other.getsockname()[1]
+        stop = threading.Event()
+
+        def greet() -> None:
+            other.settimeout(0.1)
+            while not stop.is_set():
+                with contextlib.suppress(OSError):
+                    conn, _ = other.accept()
+                    with conn:
+                        conn.sendall(b"* OK [CAPABILITY IMAP4rev1] Dovecot ready.\r\n")
+
+        greeter = threading.Thread(target=greet, daemon=True)
+        greeter.start()
+        server = Dovecot()
+        server.port = taken
+        try:
+            server.start()
+            assert server.port != taken
+            with socket.create_connection(server.address, timeout=5) as s:
+                assert server.greeting_text.encode() in s.recv(1024)
+            assert "Disconnected" in server.wait_for_log("Disconnected", 1)
+        finally:
+            stop.set()
+            greeter.join()
+            server.cleanup()

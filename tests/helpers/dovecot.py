@@ -16,6 +16,7 @@ import contextlib
 import grp
 import os
 import pwd
+import secrets
 import shutil
 import signal
 import socket
@@ -93,6 +94,9 @@ class Dovecot:
         self.root.chmod(0o755)
         self.port = free_port()
         self.tls_port = free_port() if tls else 0
+        self.greeting_text = f"Dovecot ready. {secrets.token_hex(4)}"
+        """This Dovecot's greeting: a probe that reads another's (a server of another test
+        process that bound the port `free_port` found free) knows it is not this one."""
         self.process: subprocess.Popen[bytes] | None = None
         if os.getuid() == 0:
             mail = pwd.getpwnam("nobody")
@@ -154,7 +158,7 @@ haproxy_trusted_networks = 127.0.0.1
 {"login_trusted_networks = 127.0.0.1" if self.trusting else ""}
 imap_id_send = name *
 auth_failure_delay = 0
-login_greeting = Dovecot ready.
+login_greeting = {self.greeting_text}
 passdb {{
   driver = passwd-file
   args = scheme=PLAIN {self.root}/passwd
@@ -198,6 +202,20 @@ service anvil {{
         return ("127.0.0.1", self.tls_port)
 
     def start(self, timeout: float = 30.0) -> Dovecot:
+        """Started once it greets with its own greeting. Ports found free may be taken before
+        Dovecot binds them (by another test process binding port 0: Linux hands a port just
+        freed out again): the probe then reads another server's greeting, and this Dovecot
+        exits, its port in use; it is started again on new ports, three times at most."""
+        for attempt in range(3):
+            if attempt:
+                self.port = free_port()
+                self.tls_port = free_port() if self.tls_port else 0
+            if self._start(timeout):
+                return self
+        raise RuntimeError(f"dovecot found its ports in use three times:\n{self.log_text()}")
+
+    def _start(self, timeout: float) -> bool:
+        """False: Dovecot exited because a port was in use."""
         self._write_config()
         for user in self.users:
             self._ensure_maildir(user)
@@ -209,9 +227,16 @@ service anvil {{
             start_new_session=True,
         )
         deadline = time.monotonic() + timeout
+        mine = self.greeting_text.encode()
         while True:
             if self.process.poll() is not None:
-                out = self.process.stdout.read().decode() if self.process.stdout else ""
+                out = ""
+                if self.process.stdout is not None:
+                    with self.process.stdout:
+                        out = self.process.stdout.read().decode()
+                if "Address already in use" in out + self.log_text():
+                    self.process = None
+                    return False
                 raise RuntimeError(
                     f"dovecot exited ({self.process.returncode}):\n{out}\n{self.log_text()}"
                 )
@@ -220,8 +245,9 @@ service anvil {{
                     s.settimeout(5)
                     if self.haproxy:
                         s.sendall(b"PROXY TCP4 127.0.0.1 127.0.0.1 1024 143\r\n")
-                    if s.recv(1024).startswith(b"* OK"):
-                        return self
+                    greeting = s.recv(1024)
+                    if greeting.startswith(b"* OK") and mine in greeting:
+                        return True
             except OSError:
                 pass
             if time.monotonic() > deadline:
