@@ -56,6 +56,17 @@ class Postgres:
             self.as_user = ["runuser", "-u", "postgres", "--"]
 
     @property
+    def log_path(self) -> Path:
+        """The server's log (its stderr)."""
+        return self.root / "postgres.log"
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    @property
     def url(self) -> str:
         return f"postgresql://imapveil@127.0.0.1:{self.port}/stats"
 
@@ -88,14 +99,17 @@ class Postgres:
         data = self.root / "data"
         setpriv = shutil.which("setpriv")
         prefix = [setpriv, "--pdeathsig", "TERM", "--"] if setpriv else []
-        self.process = subprocess.Popen(
-            [*prefix, *self.as_user, str(self.bin / "postgres"), "-D", str(data),
-             "-p", str(self.port), "-k", str(self.root), "-c", "listen_addresses=127.0.0.1",
-             "-c", "fsync=off"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-        )  # fmt: skip
+        # The server's log to a file: a pipe nobody reads fills with some 64 KiB of it (an
+        # ERROR line per refused statement), and the server stalls in its write.
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [*prefix, *self.as_user, str(self.bin / "postgres"), "-D", str(data),
+                 "-p", str(self.port), "-k", str(self.root), "-c", "listen_addresses=127.0.0.1",
+                 "-c", "fsync=off"],
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                start_new_session=True,
+            )  # fmt: skip
         deadline = time.monotonic() + timeout
         admin = f"postgresql://imapveil@127.0.0.1:{self.port}/postgres"
         while True:
@@ -106,9 +120,8 @@ class Postgres:
                 return
             except psycopg.OperationalError:
                 if self.process.poll() is not None or time.monotonic() > deadline:
-                    err = self.process.stderr.read().decode() if self.process.stderr else ""
                     self.stop()
-                    raise RuntimeError(f"PostgreSQL did not start:\n{err}") from None
+                    raise RuntimeError(f"PostgreSQL did not start:\n{self.log_text()}") from None
                 time.sleep(0.05)  # polling for the server, not waiting a fixed time
 
     def stop(self) -> None:
