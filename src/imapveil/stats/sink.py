@@ -468,6 +468,8 @@ class StoreSink:
             return None
         for collision in collisions:
             self._collided(collision)
+            # Counted as dropped there, so not as stored: one session row of that id fewer.
+            stored = _without_session(stored, collision.session)
         return stored
 
     async def _one_by_one(self, items: Sequence[Item]) -> tuple[list[Collision], list[Item]]:
@@ -713,3 +715,11 @@ def _redacted(url: str) -> str:
         scheme, rest = url.split("://", 1)
         url = f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
     return redact(url)  # a password given as a parameter
+
+
+def _without_session(items: list[Item], session: str) -> list[Item]:
+    """`items` but for the first session row of `session` (a collided one: not stored)."""
+    for i, (kind, row) in enumerate(items):
+        if kind == "session" and row[0] == session:
+            return items[:i] + items[i + 1 :]
+    return items
