@@ -61,6 +61,17 @@ def stop_group(process: subprocess.Popen[bytes], signum: int, timeout: float = 2
             pipe.close()
 
 
+def _log_out(s: socket.socket) -> None:
+    """The readiness probe's end: LOGOUT, and Dovecot's close awaited, so that Dovecot ends the
+    connection and logs its `Disconnected` line as for any client. Closed at once after the
+    greeting instead, the probe's line was now and then never logged (seen in full runs, 3 of 6
+    lately; never in 120 starts alone), and the tests that count those lines wait for it."""
+    with contextlib.suppress(OSError):
+        s.sendall(b"p LOGOUT\r\n")
+        while s.recv(1024):
+            pass
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -247,6 +258,7 @@ service anvil {{
                         s.sendall(b"PROXY TCP4 127.0.0.1 127.0.0.1 1024 143\r\n")
                     greeting = s.recv(1024)
                     if greeting.startswith(b"* OK") and mine in greeting:
+                        _log_out(s)
                         return True
             except OSError:
                 pass
@@ -282,7 +294,7 @@ service anvil {{
             path.write_bytes(message)
             os.chown(path, self.mail_uid, self.mail_gid)
 
-    def wait_for_log(self, marker: str, count: int, timeout: float = 20.0) -> str:
+    def wait_for_log(self, marker: str, count: int, timeout: float = 60.0) -> str:
         """The info log once it holds `count` lines with `marker` (Dovecot writes it a moment
         after answering, from its log process, so this polls the file)."""
         deadline = time.monotonic() + timeout
