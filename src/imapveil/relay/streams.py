@@ -70,11 +70,6 @@ class WriteLock:
     def locked(self) -> bool:
         return self._held
 
-    def acquire_nowait(self) -> None:
-        if self._held:
-            raise trio.WouldBlock
-        self._held = True
-
     def take_if_free(self) -> bool:
         """Take the lock if it is free (True), with no checkpoint: a sender's way, whose send
         then goes out without the scheduling round trip `acquire` costs; `acquire` if False."""
