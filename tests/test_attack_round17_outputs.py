@@ -22,7 +22,7 @@ from prometheus_client.openmetrics.parser import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from imapveil.records import IdExchange, SessionEnded, SessionStarted
+from imapveil.records import CommandCompleted, IdExchange, SessionEnded, SessionStarted
 from imapveil.sinks import jsonl
 from imapveil.stats.sink import StoreSink
 from imapveil.stats.spool import ARITY, Tally
@@ -421,3 +421,22 @@ async def test_a_spooled_value_sqlite_cannot_bind_does_not_stop_the_statistics(
     assert sink.counts["dropped"].items == 1 and sink.counts["replayed"].items == 1, sink.counts
     assert sink.spool is not None and not sink.spool.pending
     assert query(str(tmp_path / "stats.sqlite"), "SELECT session FROM sessions") == [("good",)]
+
+
+def test_the_records_written_field_by_field_keep_the_bound_too() -> None:
+    """The bound was the general encoder's alone: the session's end and the command's record,
+    written field by field, are not `id` records, and were written whole. With
+    `user_identity = "plain"`, a LOGIN's user name is as long as a line may be (64 KiB): a
+    60 KB line, two journal entries. Now `encode` holds every record to `MAX_LINE`, a long
+    text of the record itself cut as the texts inside its objects are."""
+    user = "u" * 40_000
+    end = SessionEnded("s", "127.0.0.1:1", "127.0.0.1:143", "logout", None, "logout", user, 1.0,
+                       10, 20, 3)  # fmt: skip
+    command = CommandCompleted("s", "a1", "LOGIN", "not_authenticated", "OK", None, 1.0,
+                               user=user)  # fmt: skip
+    for record in (end, command):
+        line = jsonl.encode(record, 0.0)
+        assert len(line) <= jsonl.MAX_LINE, (record.event, len(line))
+        written = json.loads(line)
+        assert written["event"] == record.event and written["session"] == "s"
+        assert written["user"].startswith("uuu") and written["user"].endswith("more characters]")

@@ -121,30 +121,38 @@ inside its objects and lists to so many characters, each list to so many items."
 
 def encode(record: Record | dict[str, Any], when: float | None = None) -> bytes:
     """One JSON line: `ts` first, then the record's fields; at most `MAX_LINE` octets."""
+    ts = _timestamp(when)
     fast = _FAST.get(type(record))
     if fast is not None:
-        return fast(record, _timestamp(when))
+        line = fast(record, ts)
+        if len(line) <= MAX_LINE:
+            return line
     body = record if isinstance(record, dict) else record.to_dict()
-    whole = {"ts": _timestamp(when), **body}
-    line = (_ENCODER.encode(whole) + "\n").encode()
+    whole = {"ts": ts, **body}
+    line = line if fast is not None else (_ENCODER.encode(whole) + "\n").encode()
     return line if len(line) <= MAX_LINE else _fitted(whole)
 
 
 def _fitted(whole: dict[str, Any]) -> bytes:
-    """A record too long for one line, cut to fit: its top-level values as they are (the
-    record's kind, session, status), the texts inside its objects and lists cut (ending
-    `…[N more characters]`), its lists ending `…[N more]`; failing all, those objects and
-    lists null."""
-    for chars, items in _CUTS:
-        cut = {k: _cut(v, chars, items) for k, v in whole.items()}
-        line = (_ENCODER.encode(cut) + "\n").encode()
-        if len(line) <= MAX_LINE:
-            return line
-    bare = {k: None if isinstance(v, dict | list | tuple) else v for k, v in whole.items()}
+    """A record too long for one line, cut to fit: the texts inside its objects and lists cut
+    (ending `…[N more characters]`), its lists ending `…[N more]`, its own texts as they are
+    (the record's kind, session, status); then its own texts cut too (a plain user name as long
+    as a command line, in a session's end); failing all, its objects and lists null and its
+    own texts cut to the first cut's length."""
+    for own in (False, True):
+        for chars, items in _CUTS:
+            cut = {k: _cut(v, chars, items, own) for k, v in whole.items()}
+            line = (_ENCODER.encode(cut) + "\n").encode()
+            if len(line) <= MAX_LINE:
+                return line
+    bare = {
+        k: None if isinstance(v, dict | list | tuple) else _cut(v, _CUTS[0][0], 0, True)
+        for k, v in whole.items()
+    }
     return (_ENCODER.encode(bare) + "\n").encode()
 
 
-def _cut(value: Any, chars: int, items: int, nested: bool = False) -> Any:
+def _cut(value: Any, chars: int, items: int, nested: bool) -> Any:
     if isinstance(value, str):
         return shown(value, chars) if nested else value
     if isinstance(value, dict):
