@@ -17,6 +17,11 @@ from imapveil.protocol.command import Command, State
 from imapveil.protocol.config import CoreConfig
 from imapveil.protocol.outbox import Outbox
 
+_ALWAYS = frozenset((b"STARTTLS", b"COMPRESS", b"UNAUTHENTICATE"))
+_LOGINS = frozenset((b"LOGIN", b"AUTHENTICATE"))
+VERBS = _ALWAYS | _LOGINS
+"""The verbs `ClientLeg.owns` may claim: what the command reader asks it about."""
+
 
 class ClientLeg:
     """The client leg's TLS and compression, and its view of the server's capabilities."""
@@ -72,11 +77,11 @@ class ClientLeg:
         return False
 
     def owns(self, verb: bytes, state: State) -> bool:
-        """Commands the proxy answers itself: STARTTLS and COMPRESS, UNAUTHENTICATE (refused,
-        see `_decide`), LOGIN/AUTHENTICATE once authenticated (refused), and before TLS when TLS
-        is required (LOGINDISABLED is advertised until then)."""
-        return verb in (b"STARTTLS", b"COMPRESS", b"UNAUTHENTICATE") or (
-            verb in (b"LOGIN", b"AUTHENTICATE")
+        """Commands the proxy answers itself (of `VERBS`): STARTTLS and COMPRESS, UNAUTHENTICATE
+        (refused, see `_decide`), LOGIN/AUTHENTICATE once authenticated (refused), and before
+        TLS when TLS is required (LOGINDISABLED is advertised until then)."""
+        return verb in _ALWAYS or (
+            verb in _LOGINS
             and (
                 state is not State.NOT_AUTHENTICATED
                 or (self.config.client_tls == "require" and not self.secure)
@@ -112,13 +117,13 @@ class ClientLeg:
             # records, the login deadline, STARTTLS and COMPRESS offered by state): not offered
             # (`capabilities.mediate`), and answered as a server without it answers.
             return b"BAD", b"[CANNOT] UNAUTHENTICATE is not offered here", None
-        if verb in (b"LOGIN", b"AUTHENTICATE") and cmd.state is not State.NOT_AUTHENTICATED:
+        if verb in _LOGINS and cmd.state is not State.NOT_AUTHENTICATED:
             # RFC 9051 §6.2: only in the not authenticated state. A server that took a second
             # login would put the session in another user's name behind the records' back.
             return b"BAD", b"[CLIENTBUG] Already authenticated", None
         if busy:
             return b"BAD", b"[CLIENTBUG] Wait for the outstanding commands first", None
-        if verb in (b"LOGIN", b"AUTHENTICATE"):
+        if verb in _LOGINS:
             return b"NO", b"[PRIVACYREQUIRED] Use STARTTLS first", None
         if verb == b"STARTTLS":
             if self.secure:

@@ -20,7 +20,7 @@ import re
 from collections import deque
 from dataclasses import replace
 
-from imapveil.protocol import classify, lexer
+from imapveil.protocol import classify, client_leg, lexer
 from imapveil.protocol.client_leg import ClientLeg
 from imapveil.protocol.command import Command, State
 from imapveil.protocol.config import CoreConfig
@@ -62,10 +62,6 @@ class Gate(enum.Enum):
     GREETING = 6  # nothing goes to the server before its greeting says it speaks IMAP
     ID = 7  # an ID the policy decided waits for its answer: at most one ID's work per answer
 
-
-_LEG_VERBS = frozenset(  # see ClientLeg.owns
-    (b"STARTTLS", b"COMPRESS", b"LOGIN", b"AUTHENTICATE", b"UNAUTHENTICATE")
-)
 
 ECHO_SCAN = 64 * 1024
 """Client literals up to this many octets (or `max_line`, if larger) are read whole before their
@@ -284,7 +280,7 @@ class Commands:
         cmd = Command(tag, verb, self.state, self.out.now)
         self.count += 1
         self.traits.command(tag, verb, frag.content, frag.literal)
-        if verb in _LEG_VERBS and self.leg.owns(verb, self.state):
+        if verb in client_leg.VERBS and self.leg.owns(verb, self.state):
             busy = bool(self.pending) or self.gate is not None or not self.out.can_speak
             return Verdict.WITHHOLD if self.leg.answer(cmd, args, line, busy=busy) else Verdict.STOP
         cmd.depth = frag.depth
