@@ -363,6 +363,20 @@ def closed_within(s: socket.socket, timeout: float) -> bytes:
     return seen
 
 
+def served_within(port: int, timeout: float) -> None:
+    """A new client is greeted `* OK` within `timeout`; until then, each is told the proxy is
+    full (nothing else), and closed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.closing(connect(port)) as s:
+            said = greeting(s)
+        if said.startswith(b"* OK"):
+            return
+        assert said.startswith(b"* BYE [UNAVAILABLE]"), said
+        assert time.monotonic() < deadline, f"no slot came back in {timeout} s"
+        time.sleep(0.05)
+
+
 HANDSHAKE = 5
 """The TLS handshake's deadline in the slots test: longer than the dribbled ClientHello's gaps
 (2 s), so that a timeout restarted by each octet would never end it."""
@@ -395,6 +409,7 @@ def test_silent_and_slow_handshakes_hold_a_slot_only_until_their_timeout(
         plain = connect(proxy.port)
         silent = connect(tls_port)
         slow = connect(tls_port)
+        refused: socket.socket | None = None
         dribbler = threading.Thread(target=dribble, args=(slow, client_hello(), 2.0, stop))
         dribbler.start()
         try:
@@ -409,11 +424,13 @@ def test_silent_and_slow_handshakes_hold_a_slot_only_until_their_timeout(
         finally:
             stop.set()
             dribbler.join()
-        fresh = connect(proxy.port)
-        assert greeting(fresh).startswith(b"* OK")
-        fresh.close()
-        for s in (plain, silent, slow, refused):
-            s.close()
+            for s in (plain, silent, slow, refused):
+                if s is not None:
+                    s.close()
+        # A slot is the session's until both its legs are closed: the upstream one after
+        # Dovecot closes too (`close_gracefully`, up to CLOSE_GRACE), which the client whose
+        # leg was closed first does not see. So "a new client is served" is "within WAIT".
+        served_within(proxy.port, WAIT)
         until(lambda: fds(pid) <= before, f"descriptors leaked: {before} before")
         lines = stopped(proxy)
     ends = [r for r in proxy.records() if r["event"] == "session_end"]
