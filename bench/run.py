@@ -14,6 +14,10 @@ bulk, per churned session and per IDLE session set up, and memory per IDLE sessi
 is shared and noisy: compare within one run, and prefer the CPU figures, which load disturbs
 least, to the wall-clock ones.
 
+The rows "TLS both legs" go through a second `imapveil serve` whose upstream is Dovecot's imaps
+port (implicit TLS, Dovecot's certificate verified): it decrypts the client's TLS and encrypts
+again toward Dovecot, as direct has TLS on its one connection. The naive relay speaks no TLS.
+
 The idle workloads (plain, and TLS on the client leg: imapveil's implicit TLS listener beside
 Dovecot's imaps port) hold N sessions in IDLE, each its own user, then deliver one message to
 every mailbox and time until every session has seen its EXISTS. Each measurement starts its own
@@ -475,6 +479,8 @@ class Relays:
 
     imapveil: ProxyProcess
     naive: ProxyProcess
+    secure: ProxyProcess
+    """imapveil re-encrypting: its upstream is Dovecot's TLS port (the "TLS both legs" rows)."""
     fresh_imapveil: Callable[[], ProxyProcess]
     fresh_naive: Callable[[], ProxyProcess]
 
@@ -482,12 +488,12 @@ class Relays:
 async def run(
     args: argparse.Namespace, dovecot: Dovecot, relays: Relays, ca: trustme.CA
 ) -> list[Result]:
-    proxy, naive = relays.imapveil, relays.naive
+    proxy, naive, reencrypting = relays.imapveil, relays.naive, relays.secure
     tls = ssl.create_default_context()
     ca.configure_trust(tls)
     seconds = 10.0 if args.full else 3.0
     plain = (dovecot.address, ("127.0.0.1", proxy.port))
-    secure = (dovecot.tls_address, ("127.0.0.1", proxy.tls_port))
+    secure = (dovecot.tls_address, ("127.0.0.1", reencrypting.tls_port))
 
     async def mixed_w(a: Address, t: Tls, p: ProxyProcess | None) -> dict[str, float]:
         return await mixed(a, t, seconds, p)
@@ -496,26 +502,26 @@ async def run(
         return await churn(a, t, p, seconds)
 
     naive_address: Address = ("127.0.0.1", naive.port)
-    plan: list[tuple[str, Workload, tuple[Address, Address], Tls]] = [
-        ("bulk (5 x 20+5+5 MB)", bulk, plain, None),
-        ("latency", latency, plain, None),
-        ("mixed (32 clients)", mixed_w, plain, None),
-        ("churn (16 workers)", churn_w, plain, None),
-        ("bulk, TLS both legs", bulk, secure, tls),
-        ("mixed, TLS both legs", mixed_w, secure, tls),
+    plan: list[tuple[str, Workload, tuple[Address, Address], Tls, ProxyProcess]] = [
+        ("bulk (5 x 20+5+5 MB)", bulk, plain, None, proxy),
+        ("latency", latency, plain, None, proxy),
+        ("mixed (32 clients)", mixed_w, plain, None, proxy),
+        ("churn (16 workers)", churn_w, plain, None, proxy),
+        ("bulk, TLS both legs", bulk, secure, tls, reencrypting),
+        ("mixed, TLS both legs", mixed_w, secure, tls, reencrypting),
     ]
     results = []
-    for name, fn, (direct, through), context in plan:
+    for name, fn, (direct, through), context, relay in plan:
         if args.only and args.only not in name:
             continue
         result = Result(name)
         runs: list[Run] = [
             (result.direct, functools.partial(fn, direct, context, None)),
-            (result.proxied, functools.partial(fn, through, context, proxy)),
+            (result.proxied, functools.partial(fn, through, context, relay)),
         ]
         if context is None:  # the naive relay speaks no TLS
             runs.append((result.naive, functools.partial(fn, naive_address, context, naive)))
-        await _rounds(args.rounds, runs, (proxy, naive))
+        await _rounds(args.rounds, runs, (proxy, naive, reencrypting))
         results.append(result)
         print(f"  {name}: done", file=sys.stderr)
     results += await run_idle(args, dovecot, relays, tls)
@@ -607,19 +613,28 @@ def start_proxy(
     *,
     under: Sequence[str] = (),
     startup: float = 15.0,
+    upstream_ca: Path | None = None,
 ) -> ProxyProcess:
     """An `imapveil serve` with an event log and a statistics store of its own (a store and its
     spool serve one process: a second one would find them in use and drop its rows); `env`:
     its environment (PYTHONPATH for another source tree: bench/ab.py); `under`: a command it
-    runs under (valgrind: bench/instructions.py), given `startup` seconds to listen."""
+    runs under (valgrind: bench/instructions.py), given `startup` seconds to listen;
+    `upstream_ca`: relay to Dovecot's TLS port (implicit TLS, its certificate verified against
+    this CA) instead of its plain one."""
     port, tls_port = free_port(), free_port()
+    upstream = ["--upstream", f"127.0.0.1:{dovecot.port}"]
+    if upstream_ca is not None:
+        upstream = [
+            "--upstream", f"127.0.0.1:{dovecot.tls_port}", "--upstream-tls", "implicit",
+            "--upstream-ca", str(upstream_ca),
+        ]  # fmt: skip
     own = work / f"imapveil-{port}"
     own.mkdir()
     process = subprocess.Popen(
         [*under, sys.executable, "-m", "imapveil", "serve",
          "--listen", f"127.0.0.1:{port}",
          "--listen-tls", f"127.0.0.1:{tls_port}", "--cert", str(cert), "--key", str(key),
-         "--upstream", f"127.0.0.1:{dovecot.port}",
+         *upstream,
          "--events", str(own / "events.jsonl"),
          "--store", str(own / "stats.sqlite"),
          "--user-key-file", str(work / "user-key"), "--proxy-name", f"bench-{port}",
@@ -769,7 +784,7 @@ def main() -> None:
     ca, cert, key = certificate(work)
     limits = dovecot_limits(n)
     dovecot = Dovecot(USERS | IdleUsers(n).all(), tls=(cert, key), extra_config=limits)
-    proxy = None
+    proxy = secure = None
     naive: subprocess.Popen[bytes] | None = None
     try:
         dovecot.start()
@@ -780,11 +795,15 @@ def main() -> None:
         for user in list(USERS)[1:]:
             dovecot.seed(user, [b"Subject: small %d\r\n\r\nhello\r\n" % i for i in range(20)])
         proxy = start_proxy(work, dovecot, cert, key)
+        ca_file = work / "ca.pem"
+        ca.cert_pem.write_to_path(ca_file)
+        secure = start_proxy(work, dovecot, cert, key, upstream_ca=ca_file)
         naive_relay = start_naive(dovecot)
         naive = naive_relay.process
         relays = Relays(
             proxy,
             naive_relay,
+            secure,
             functools.partial(start_proxy, work, dovecot, cert, key),
             functools.partial(start_naive, dovecot),
         )
@@ -826,6 +845,8 @@ def main() -> None:
     finally:
         if proxy is not None:
             stop_group(proxy.process, signal.SIGTERM)
+        if secure is not None:
+            stop_group(secure.process, signal.SIGTERM)
         if naive is not None:
             stop_group(naive, signal.SIGTERM)
         dovecot.cleanup()
