@@ -146,8 +146,8 @@ class Leg:
                     if self._tls_failure is not None:
                         raise trio.BrokenResourceError from self._tls_failure
                     # Asked for no size, trio decrypts into a buffer of what it expects a
-                    # record to be (16 KiB, the most one holds); asked for RECEIVE_SIZE, it
-                    # allocated 256 KiB a record, from malloc's mmap (as `read` explains).
+                    # receive from the socket to bring (16 to 64 KiB); asked for RECEIVE_SIZE,
+                    # it allocated 256 KiB a record, from malloc's mmap (as `read` explains).
                     return self._more_records(stream, await stream.receive_some())
                 return await stream.receive_some()
             await wait_readable(fd)
@@ -162,8 +162,9 @@ class Leg:
         incoming buffer: Dovecot writes records of about 4 KiB, and taking them one per
         `receive_some` (and one per send to the client) made a FETCH from a TLS upstream cost
         some 16 s of CPU per GB, at a quarter of direct's speed (bench/run.py, "bulk, TLS both
-        legs"). A record that is not all there yet stays for trio; an error (the peer's
-        close_notify, a bad record) is kept for the next `receive`, after these octets."""
+        legs"). A record that is not all there yet stays for trio, and so does the peer's
+        close_notify (read as b"", again by trio's next `receive_some`); an error (a record
+        that does not decrypt) is kept for the next `receive`, after these octets."""
         try:
             incoming, ssl_object = tls._incoming, tls._ssl_object
         except AttributeError:  # another trio: one record a receive
