@@ -117,7 +117,12 @@ class Leg:
         self.stream = stream
         self.write_lock = WriteLock()
         self.broken = False
-        """A send was interrupted: the peer may hold half a chunk, so say nothing more."""
+        """A send was interrupted: the peer may hold half a chunk, so say nothing more. Or a TLS
+        record that did not decrypt was read with the records before it (`_more_records`):
+        OpenSSL has failed the connection (a send fails), though the reader has not come to it
+        yet. What is to be sent meanwhile (the server's `+` to a command the client waits on)
+        goes nowhere, and the reader ends the session where it did when it read a record a
+        receive: as the peer's reset, not as a failed send."""
         self.ended = False
         """Its peer closed (or reset) it: nothing is left to read, so closing needs no grace."""
         self._tls_failure: ssl.SSLError | None = None
@@ -179,6 +184,7 @@ class Leg:
                 break
             except ssl.SSLError as exc:
                 self._tls_failure = exc
+                self.broken = True  # OpenSSL has failed it: nothing more is sent on it
                 break
             if not part:
                 break
