@@ -5,9 +5,9 @@ segments are the test's own (`RawTls`: Python's ssl over memory BIOs and a raw s
 
 Found:
 - A record that does not decrypt, in the segment after a command the client then waits on (IDLE,
-  a `{N}` literal), is decrypted with the records before it; OpenSSL has then failed the
-  connection (its alert written, its write side shut), so the server's `+` to the client failed
-  to be sent, and the session ended as `error`, "send to client: enoexec" (the SSLError's code
+  a `{N}` literal; or COMPRESS, which the proxy answers), is decrypted with the records before
+  it; OpenSSL has then failed the connection (its alert written, its write side shut), so the
+  server's `+` (our OK) to the client failed to be sent, and the session ended as `error`, "send to client: enoexec" (the SSLError's code
   read as an errno), where it had ended as the client's reset (`client_closed`, `mid_literal`),
   as it does for a bad record anywhere else. The leg is now broken when that happens: nothing
   more is said on it, and its reader says the end where it said it before.
@@ -152,7 +152,7 @@ def serving(
         ("127.0.0.1", dovecot.tls_port if upstream_tls else dovecot.port),
         "--listen-tls", f"127.0.0.1:{port}",
         "--cert", str(tls.cert), "--key", str(tls.key),
-        "--store", "off", "--user-identity", "plain",
+        "--store", "off", "--user-identity", "plain", "--compress",
         *(upstream if upstream_tls else ()),
     ) as running:  # fmt: skip
         running.port = port  # the TLS listener's
@@ -199,17 +199,22 @@ def bad(wire: bytes) -> bytes:
 
 @pytest.mark.parametrize(
     ("command", "detail"),
-    [(b"a IDLE\r\n", None), (b"a APPEND INBOX {5}\r\n", "mid_literal")],
-    ids=["idle", "literal"],
+    [
+        (b"a IDLE\r\n", None),
+        (b"a APPEND INBOX {5}\r\n", "mid_literal"),
+        (b"a COMPRESS DEFLATE\r\n", None),
+    ],
+    ids=["idle", "literal", "compress"],
 )
 def test_a_bad_record_after_a_command_that_waits_ends_as_the_clients_reset(
     both_tls: process.Running, tls_material: TlsMaterial, command: bytes, detail: str | None
 ) -> None:
     """The command, then a record that does not decrypt, in one segment: the proxy waits for the
-    server's `+` before it reads on. Before the fix the bad record was read with the command,
-    the `+` could not be sent on the failed TLS, and the session ended as `error` ("send to
-    client: enoexec"); it ends as the client's reset, where the reader comes to the record, as
-    it did when a receive took one record."""
+    server's `+` before it reads on (or says its own OK to COMPRESS, then turns DEFLATE). Before
+    the fix the bad record was read with the command, the `+` (the OK) could not be sent on the
+    failed TLS, and the session ended as `error` ("send to client: enoexec"); it ends as the
+    client's reset, where the reader comes to the record, as it did when a receive took one
+    record."""
     client = RawTls(both_tls.port, tls_material.client_context())
     try:
         client.login()
