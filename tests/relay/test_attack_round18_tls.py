@@ -7,10 +7,11 @@ Found:
 - A record that does not decrypt, in the segment after a command the client then waits on (IDLE,
   a `{N}` literal; or COMPRESS, which the proxy answers), is decrypted with the records before
   it; OpenSSL has then failed the connection (its alert written, its write side shut), so the
-  server's `+` (our OK) to the client failed to be sent, and the session ended as `error`, "send to client: enoexec" (the SSLError's code
-  read as an errno), where it had ended as the client's reset (`client_closed`, `mid_literal`),
-  as it does for a bad record anywhere else. The leg is now broken when that happens: nothing
-  more is said on it, and its reader says the end where it said it before.
+  server's `+` (our OK) to the client failed to be sent, and the session ended as `error`,
+  "send to client: enoexec" (the SSLError's code read as an errno), where it had ended as the
+  client's reset (`client_closed`, `mid_literal`), as it does for a bad record anywhere else.
+  The leg is now broken when that happens: nothing more is said on it, and its reader says the
+  end where it said it before.
 - 64 KiB of one-octet records (one receive from the socket) were decrypted in one go: ~2,900
   records, ~9 ms of the loop every session shares; another session's NOOP waited 9 ms at the
   90th percentile during such a flood (1 ms before). A record now counts as 4 KiB of a receive
