@@ -11,7 +11,9 @@ Found:
   "send to client: enoexec" (the SSLError's code read as an errno), where it had ended as the
   client's reset (`client_closed`, `mid_literal`), as it does for a bad record anywhere else.
   The leg is now broken when that happens: nothing more is said on it, and its reader says the
-  end where it said it before.
+  end where it said it before. The server's leg likewise: its `+` and a bad record in one
+  segment made the held literal's send to it fail (`error`, "send to server: enoexec"), where
+  the session had ended as the server's reset (a scripted TLS upstream, `BadAfterPlus`).
 - 64 KiB of one-octet records (one receive from the socket) were decrypted in one go: ~2,900
   records, ~9 ms of the loop every session shares; another session's NOOP waited 9 ms at the
   90th percentile during such a flood (1 ms before). A record now counts as 4 KiB of a receive
@@ -40,9 +42,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 
 from tests.conftest import TlsMaterial
-from tests.helpers import process
+from tests.helpers import process, scripted
+from tests.helpers.attack import veil
 from tests.helpers.dovecot import Dovecot, free_port
 from tests.relay.test_tls_records import delivered
 
@@ -225,6 +229,89 @@ def test_a_bad_record_after_a_command_that_waits_ends_as_the_clients_reset(
     finally:
         client.close()
     assert (end["reason"], end["detail"]) == ("client_closed", detail)
+
+
+class BadAfterPlus:
+    """An upstream with implicit TLS that asks for an APPEND's literal (`+ OK`) and sends, in the
+    same segment, a record that does not decrypt; `received` is what it decrypted of the proxy's."""
+
+    def __init__(self, tls: TlsMaterial) -> None:
+        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.context.load_cert_chain(tls.cert, tls.key)
+        self.received = bytearray()
+        self.before_plus = b""
+
+    async def __call__(self, peer: scripted.Peer) -> None:
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = self.context.wrap_bio(incoming, outgoing, server_side=True)
+        stream = peer.stream
+
+        async def more() -> bool:
+            data = await stream.receive_some(65536)
+            incoming.write(data) if data else incoming.write_eof()
+            return bool(data)
+
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                await stream.send_all(outgoing.read())
+                await more()
+        tls.write(b"* OK [CAPABILITY IMAP4rev1] hi\r\n")
+        await stream.send_all(outgoing.read())
+        while True:
+            try:
+                self.received += tls.read(65536)
+            except ssl.SSLWantReadError:
+                if not await more():
+                    return
+                continue
+            except ssl.SSLError:
+                return
+            if self.received.startswith(b"L ") and self.received.endswith(b"\r\n"):
+                tls.write(b"L OK done\r\n")
+                await stream.send_all(outgoing.read())
+                self.received.clear()
+            elif b"{5}\r\n" in self.received:
+                self.before_plus = bytes(self.received)
+                tls.write(b"+ OK\r\n")
+                good = outgoing.read()
+                tls.write(b"* 1 EXISTS\r\n")
+                await stream.send_all(good + bad(outgoing.read()))
+                while await more():
+                    with contextlib.suppress(ssl.SSLError):
+                        self.received += tls.read(65536)
+                return
+
+
+async def test_a_bad_record_from_the_server_after_its_plus_ends_as_the_servers_reset(
+    tmp_path: Path, tls_material: TlsMaterial
+) -> None:
+    """The server's `+` to a literal the client sent ahead (held), and a record that does not
+    decrypt, in one segment. Before the fix the held literal's send to the server failed on the
+    failed TLS (`error`, "send to server: enoexec"); it ends as the server's reset, as it did
+    when a receive took one record."""
+    upstream_script = BadAfterPlus(tls_material)
+    settings = {"upstream_tls": "implicit", "upstream_ca": str(tls_material.ca_file)}
+    async with (
+        scripted.serve(upstream_script, bytearray()) as upstream,
+        veil(upstream, tmp_path, **settings) as v,
+    ):
+
+        def client() -> bytes:
+            with socket.create_connection(v.address, timeout=TIMEOUT) as s:
+                f = s.makefile("rb")
+                assert f.readline().startswith(b"* OK")
+                s.sendall(b"L LOGIN alice wonderland\r\n")
+                assert f.readline().startswith(b"L OK")
+                s.sendall(b"a APPEND INBOX {5}\r\nhello\r\n")
+                return f.read()
+
+        await trio.to_thread.run_sync(client)
+        (end,) = await v.sessions_ended(1)
+    assert end.reason == "server_closed", (end.reason, end.detail)
+    assert upstream_script.before_plus == b"a APPEND INBOX {5}\r\n"  # the literal was held
 
 
 # --- Found: a receive decrypts a bounded number of records.
