@@ -29,6 +29,14 @@ _RECEIVED = memoryview(bytearray(RECEIVE_SIZE))
 _RECEIVE_BUFFERS = [_RECEIVED]
 RECORD_SIZE = 16 * 1024
 """The most a TLS record holds (RFC 8446 §5.1)."""
+RECORD_COST = 4 * 1024
+"""What a TLS record costs of a receive (`Leg._more_records`) at least, in octets: each costs some
+3 us of the loop whatever it holds (its decryption, its buffer). 64 KiB of one-octet records,
+one receive from the socket, were ~2,900 records and ~9 ms of the loop every session shares in
+one go: while one client sent them, another session's NOOP waited 8-9 ms at the 90th
+percentile and 13 at the 99th (0.5-1 and 1-3 ms when a receive took one record). Now 64 records
+a receive at most, as many as Dovecot's ~4 KiB records fill it with, the rest for the next
+receive: 1.1 and 1.6-2.3 ms, and the flood itself still four times as fast as one a receive."""
 IOV_MAX = 1024
 """Buffers one writev(2) takes at most (Linux's UIO_MAXIOV)."""
 CLOSE_GRACE = 2.0
@@ -117,7 +125,12 @@ class Leg:
         self.stream = stream
         self.write_lock = WriteLock()
         self.broken = False
-        """A send was interrupted: the peer may hold half a chunk, so say nothing more."""
+        """A send was interrupted: the peer may hold half a chunk, so say nothing more. Or a TLS
+        record that did not decrypt was read with the records before it (`_more_records`):
+        OpenSSL has failed the connection (a send fails), though the reader has not come to it
+        yet. What is to be sent meanwhile (the server's `+` to a command the client waits on)
+        goes nowhere, and the reader ends the session where it did when it read a record a
+        receive: as the peer's reset, not as a failed send."""
         self.ended = False
         """Its peer closed (or reset) it: nothing is left to read, so closing needs no grace."""
         self._tls_failure: ssl.SSLError | None = None
@@ -158,13 +171,15 @@ class Leg:
     def _more_records(self, tls: trio.SSLStream[Any], data: bytes | bytearray) -> bytes | bytearray:
         """`data` (one record's octets, what trio's `receive_some` decrypts at a time) and
         those of the records after it that trio's one receive from the socket (64 KiB at most)
-        brought as well, up to RECEIVE_SIZE in all. Decrypted here, with trio's SSL object and
-        incoming buffer: Dovecot writes records of about 4 KiB, and taking them one per
-        `receive_some` (and one per send to the client) made a FETCH from a TLS upstream cost
-        some 16 s of CPU per GB, at a quarter of direct's speed (bench/run.py, "bulk, TLS both
-        legs"). A record that is not all there yet stays for trio, and so does the peer's
+        brought as well, up to RECEIVE_SIZE in all, each record counting as RECORD_COST octets at
+        least (a receive of tiny records is not thousands of them). Decrypted here, with trio's
+        SSL object and incoming buffer: Dovecot writes records of about 4 KiB, and taking them
+        one per `receive_some` (and one per send to the client) made a FETCH from a TLS upstream
+        cost some 16 s of CPU per GB, at a quarter of direct's speed (bench/run.py, "bulk, TLS
+        both legs"). A record that is not all there yet stays for trio, and so does the peer's
         close_notify (read as b"", again by trio's next `receive_some`); an error (a record
-        that does not decrypt) is kept for the next `receive`, after these octets."""
+        that does not decrypt) is kept for the next `receive`, after these octets, and breaks
+        the leg meanwhile (`broken`)."""
         try:
             incoming, ssl_object = tls._incoming, tls._ssl_object
         except AttributeError:  # another trio: one record a receive
@@ -172,19 +187,20 @@ class Leg:
         if not data or not incoming.pending:
             return data
         parts = [data]
-        size = len(data)
-        while size < RECEIVE_SIZE and incoming.pending:
+        cost = max(len(data), RECORD_COST)
+        while cost < RECEIVE_SIZE and incoming.pending:
             try:
                 part = ssl_object.read(RECORD_SIZE)
             except ssl.SSLWantReadError:  # the rest of a record is still to come: trio's
                 break
             except ssl.SSLError as exc:
                 self._tls_failure = exc
+                self.broken = True  # OpenSSL has failed it: nothing more is sent on it
                 break
             if not part:
                 break
             parts.append(part)
-            size += len(part)
+            cost += max(len(part), RECORD_COST)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def readable_fd(self) -> int:
