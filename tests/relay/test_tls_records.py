@@ -21,7 +21,7 @@ import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from imapveil.relay.streams import RECORD_SIZE, Leg, tls_reason
+from imapveil.relay.streams import RECORD_SIZE, Leg, describe, tls_reason
 from tests.conftest import TlsMaterial
 
 Stream = trio.abc.Stream
@@ -185,3 +185,23 @@ async def test_what_ends_the_stream_comes_after_the_octets_before_it_as_trio_say
     expected = "end" if ending == "close_notify" else "decryption_failed_or_bad_record_mac"
     assert leg[1][0] == alone[1][0] == expected
     assert leg[1][1] in (expected, alone[1][1])  # trio's second word is "broken", no cause
+
+
+def test_an_ssl_error_is_described_by_its_reason_not_its_code_as_an_errno(
+    tls_material: TlsMaterial,
+) -> None:
+    """`describe` (a failed send's words in a `session_end` record) took an `ssl.SSLError` for
+    an OSError with an errno: OpenSSL's error code 1 read as `eperm`, 8 as `enoexec`. It names
+    OpenSSL's reason now, as `tls_reason` does; peer data never (a reason is OpenSSL's name)."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tls_material.cert, tls_material.key)
+    incoming = ssl.MemoryBIO()
+    server = context.wrap_bio(incoming, ssl.MemoryBIO(), server_side=True)
+    incoming.write(b"GET /secret HTTP/1.0\r\n\r\n")
+    with pytest.raises(ssl.SSLError) as raised:
+        server.do_handshake()
+    try:
+        raise trio.BrokenResourceError from raised.value
+    except trio.BrokenResourceError as wrapped:
+        assert describe(wrapped) == describe(raised.value) == "http_request"
+    assert tls_reason(raised.value) == "http_request"

@@ -478,7 +478,11 @@ def tls_reason(exc: BaseException) -> str:
 
 
 def describe(exc: BaseException) -> str:
-    """A short, peer-data-free description of a network error: `econnrefused`, `timeout`."""
+    """A short, peer-data-free description of a network error: `econnrefused`, `timeout`;
+    for a TLS error OpenSSL's reason (`http_request`), not its error code, which `ssl.SSLError`
+    (an OSError) holds as its errno: code 1 is no `eperm`."""
+    if isinstance(exc, ssl.SSLError):
+        return (exc.reason or type(exc).__name__).lower()
     if isinstance(exc, OSError) and exc.errno is not None:
         return errno.errorcode.get(exc.errno, str(exc.errno)).lower()
     cause = exc.__cause__
