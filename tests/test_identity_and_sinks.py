@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from imapveil.identity import identifier, load_or_create_key
+from imapveil.identity import PLAIN_MAX, identifier, load_or_create_key
 from imapveil.protocol.actions import Direction, Forward
 from imapveil.records import CommandCompleted, SessionStarted
 from imapveil.secret import Secret
@@ -43,6 +43,19 @@ def test_identities() -> None:
     assert identifier("none")(b"alice") is None
     with pytest.raises(ValueError):
         identifier("md5")
+
+
+def test_a_plain_user_name_past_its_bound_is_recorded_cut_with_its_length() -> None:
+    """Under `plain`, a login name is recorded as sent; a client could send one as long as a
+    command line (64 KiB) into every record and store row of its session. Past PLAIN_MAX (256
+    octets, more than an address may be) it is its first 256 octets and its length."""
+    plain = identifier("plain")
+    assert plain(b"a" * PLAIN_MAX) == "a" * PLAIN_MAX
+    long = plain(b"b" * 40_000)
+    assert long == "b" * PLAIN_MAX + "…[40000 octets]"
+    # cut inside a character: the partial octets are shown escaped, as any invalid UTF-8
+    cut = plain("é".encode() * 200)
+    assert cut is not None and cut.startswith("é" * 128) and cut.endswith("…[400 octets]")
 
 
 def test_secret_never_shows_itself() -> None:

@@ -133,8 +133,8 @@ class Settings:
     )  # fmt: skip
     user_identity: str = setting(
         "hash", _choice(*IDENTITIES),
-        "what records say about the user: `hash` (a keyed HMAC: counted, not named), `plain` or "
-        "`none`",
+        "what records say about the user: `hash` (a keyed HMAC: counted, not named), `plain` "
+        "(the login name; its first 256 octets and its length when longer) or `none`",
         metavar="MODE",
     )  # fmt: skip
     user_key_file: str = setting(

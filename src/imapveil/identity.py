@@ -4,7 +4,8 @@
   across sessions and days without the log naming anyone. The key lives in a file that is
   created with 32 random bytes and mode 0600 the first time the proxy starts; keep it to keep
   counts stable, delete it to unlink all past records from future ones.
-- `plain`: the login name as the client sent it.
+- `plain`: the login name as the client sent it; past PLAIN_MAX octets, its first PLAIN_MAX and
+  its length.
 - `none`: nothing.
 """
 
@@ -21,6 +22,10 @@ from imapveil.settings_file import open_regular
 
 IDENTITIES = ("hash", "plain", "none")
 KEY_SIZE = 32
+PLAIN_MAX = 256
+"""Octets of a login name `plain` records: more than an address may be (RFC 5321: 64 for the
+local part, 255 for the domain, in practice far less); a client could otherwise put a name as
+long as a command line (64 KiB) into every record and statistics row of its session."""
 
 
 def default_key_file() -> Path:
@@ -69,7 +74,9 @@ def _nobody(_user: bytes) -> str | None:
 
 
 def _plain(user: bytes) -> str | None:
-    return user.decode("utf-8", "backslashreplace")
+    if len(user) <= PLAIN_MAX:
+        return user.decode("utf-8", "backslashreplace")
+    return f"{user[:PLAIN_MAX].decode('utf-8', 'backslashreplace')}…[{len(user)} octets]"
 
 
 class _Hasher:
