@@ -25,7 +25,7 @@ import trio.testing
 
 from imapveil.relay import tls as relay_tls
 from imapveil.relay.recording import RecordingStream
-from imapveil.relay.streams import Leg, TlsPath, tls_reason
+from imapveil.relay.streams import RECEIVE_SIZE, RECORD_COST, Leg, TlsPath, tls_reason
 from tests.conftest import TlsMaterial
 
 
@@ -358,3 +358,33 @@ async def test_neither_legs_context_renegotiates(tls_material: TlsMaterial) -> N
     client = relay_tls.server_context(str(tls_material.cert), str(tls_material.key))
     assert upstream.options & ssl.OP_NO_RENEGOTIATION
     assert client.options & ssl.OP_NO_RENEGOTIATION
+
+
+async def test_records_left_by_the_budget_come_with_a_checkpoint(tls_material: TlsMaterial) -> None:
+    """One read of the socket brings more than a receive takes (a record costs RECORD_COST at
+    least): the rest comes from the incoming buffer with no wait, a checkpoint all the same."""
+    leg, peer, recording = await pair(tls_material)
+    recording.stop()
+    path = leg.tls_path()
+    assert path is not None
+    payloads = [bytes([97 + i % 26]) for i in range(300)]  # one-octet records, ~7 KiB
+    await peer.wire.send_all(peer.records(*payloads))
+    got = [await leg.receive()]
+    assert len(got[0]) == RECEIVE_SIZE // RECORD_COST
+    steps = 0
+
+    async def another_session() -> None:
+        nonlocal steps
+        while True:
+            steps += 1
+            await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(another_session)
+        while path.incoming.pending:
+            got.append(await leg.receive())
+        ran = steps
+        nursery.cancel_scope.cancel()
+    assert len(got) > 2
+    assert ran  # the other task ran meanwhile: the receives yielded
+    assert b"".join(got) == b"".join(payloads)

@@ -221,17 +221,20 @@ class Leg:
     async def _tls_receive(self, tls: TlsPath) -> bytes | bytearray:
         """`receive` on the direct path: the records already in the incoming buffer, or those of
         one read(2) of the socket, as `_more_records` takes them (`RECORD_COST`, its errors)."""
-        if tls.incoming.pending:
-            # Records still there from the last read (the budget): a checkpoint all the same,
-            # as every receive has, so that a busy session yields to the others.
-            await trio.lowlevel.checkpoint()
+        waited = False
         while True:
             data = self._records(tls)
             if tls.outgoing.pending:
                 await tls.flush_after_read(self)  # a KeyUpdate's answer, say
             if data is not None:
+                if not waited:
+                    # Records left from the last read (the budget): a checkpoint all the same,
+                    # as every receive has (a busy session yields to the others); shielded,
+                    # as trio's is once it has the octets, which a cancellation would lose.
+                    await trio.lowlevel.cancel_shielded_checkpoint()
                 return data
             await tls.fill()
+            waited = True
 
     def _records(self, tls: TlsPath) -> bytes | None:
         """The octets of the whole records in the incoming buffer, RECEIVE_SIZE at most, a
