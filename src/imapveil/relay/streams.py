@@ -397,7 +397,8 @@ class TlsPath:
 
     trio's `SSLStream` stays the leg's stream: it did the handshake (the ClientHello recorded
     under it), and the close (`close_gracefully`, `close_now`) and COMPRESS (`DeflateStream`
-    over it) go through it as before; nothing here changes its state.
+    over it) go through it as before. Nothing here changes its state but for the handshake's
+    held-back octets, sent here (below) and then forgotten, as trio forgets them once sent.
 
     What `_retry` does that this does too:
     - The octets OpenSSL writes to the outgoing buffer go out in the order written, whoever
