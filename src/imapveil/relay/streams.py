@@ -146,13 +146,15 @@ class Leg:
         On a plain TCP leg this is trio's own wait (`wait_readable`: a checkpoint, so a busy
         session yields to the others at every receive) and one recv(2): no conflict detector,
         no doomed first attempt and no second checkpoint, which is about a third of what a
-        NOOP round trip costs a relay that goes through `SocketStream`. TLS and COMPRESS legs
-        receive through their streams. (`Connection._pump` does the plain path itself, with
-        `readable_fd` and `read`: see there.)
+        NOOP round trip costs a relay that goes through `SocketStream`. A handshaken TLS leg
+        over a socket likewise, decrypting with trio's SSL object (`TlsPath`); COMPRESS legs,
+        and TLS legs that cannot (another trio), receive through their streams.
+        (`Connection._pump` does the plain path itself, with `readable_fd` and `read`: see
+        there.)
 
-        A TLS leg returns every record its socket's receive brought (`_more_records`), not one
-        record a receive. A COMPRESS leg inflates at most `DeflateStream.max_output` octets a
-        receive.
+        A TLS leg returns every record its socket's receive brought (`_records`, or
+        `_more_records` through trio's stream), not one record a receive. A COMPRESS leg
+        inflates at most `DeflateStream.max_output` octets a receive.
         """
         while True:
             fd = self.readable_fd()
