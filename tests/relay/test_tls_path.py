@@ -286,6 +286,8 @@ async def test_a_bad_record_alone(tls_material: TlsMaterial) -> None:
         await leg.receive()
     assert tls_reason(raised.value) == "decryption_failed_or_bad_record_mac"
     assert leg.broken
+    with trio.fail_after(1), pytest.raises(trio.BrokenResourceError):  # again, at once
+        await leg.receive()
 
 
 async def test_an_eof_without_close_notify_is_a_broken_stream(tls_material: TlsMaterial) -> None:

@@ -243,21 +243,27 @@ class Leg:
         record costing RECORD_COST at least; b"" for the peer's close_notify; None if no record
         is whole yet. A record that does not decrypt breaks the leg, and is raised (as
         `trio.BrokenResourceError`) now if it is the first, by the next `receive` if not."""
-        ssl_object = tls.ssl_object
+        ssl_object, incoming = tls.ssl_object, tls.incoming
         parts: list[bytes] = []
         cost = 0
         while cost < RECEIVE_SIZE:
+            if not (incoming.pending or incoming.eof or tls.closed or ssl_object.pending()):
+                # Nothing for OpenSSL to read (the usual end of a receive's records): its
+                # SSLWantReadError, some 2.6 us to raise, is known without asking. (Python's
+                # ssl sets no read-ahead: OpenSSL keeps no whole record of its own.)
+                break
             try:
                 part = ssl_object.read(RECORD_SIZE)
             except ssl.SSLWantReadError:
                 break
             except ssl.SSLError as exc:
                 self.broken = True  # OpenSSL has failed it: nothing more is sent on it
+                self._tls_failure = exc  # raised by every receive after this one
                 if not parts:
                     raise trio.BrokenResourceError from exc
-                self._tls_failure = exc
                 break
             if not part:  # the peer's close_notify: after the octets before it
+                tls.closed = True  # read as b"" again, however often asked
                 return b"".join(parts)
             parts.append(part)
             cost += max(len(part), RECORD_COST)
@@ -418,10 +424,11 @@ class TlsPath:
     way), the leg breaks, with that error as the cause, where trio would have waited for them.
     """
 
-    __slots__ = ("incoming", "outgoing", "sock", "ssl_object", "stream")
+    __slots__ = ("closed", "incoming", "outgoing", "sock", "ssl_object", "stream")
 
     def __init__(self, stream: trio.SSLStream[Any], sock: trio.socket.SocketType) -> None:
         self.stream = stream
+        self.closed = False  # the peer's close_notify was read
         self.sock = sock
         self.ssl_object: ssl.SSLObject = stream._ssl_object
         self.incoming: ssl.MemoryBIO = stream._incoming
