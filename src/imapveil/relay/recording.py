@@ -37,6 +37,10 @@ class RecordingStream(trio.abc.Stream):
             self._room -= len(piece)
         return data
 
+    def recording(self) -> bool:
+        """Whether receives are still copied (until `stop()`)."""
+        return self._room > 0
+
     def stop(self) -> bytes:
         """What was received so far (at most the limit); nothing more is kept after this."""
         kept = bytes(self._kept)

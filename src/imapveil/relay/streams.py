@@ -118,7 +118,7 @@ class WriteLock:
 class Leg:
     """One side of the session. `stream` may be swapped for a wrapped one (TLS) in place."""
 
-    __slots__ = ("_tls_failure", "broken", "ended", "name", "stream", "write_lock")
+    __slots__ = ("_tls", "_tls_failure", "broken", "ended", "name", "stream", "write_lock")
 
     def __init__(self, name: str, stream: trio.abc.Stream) -> None:
         self.name = name
@@ -136,6 +136,9 @@ class Leg:
         self._tls_failure: ssl.SSLError | None = None
         """What reading a TLS leg's next record raised, after records read before it were
         returned (`_more_records`): raised by the next `receive`, as trio would have."""
+        self._tls: TlsPath | None = None
+        """The direct path of a TLS leg's data (`TlsPath`), for the `SSLStream` it was made for
+        (made again when `stream` is another)."""
 
     async def receive(self) -> bytes | bytearray:
         """Up to RECEIVE_SIZE octets (b"" at the end); raises OSError or trio's errors.
@@ -143,13 +146,15 @@ class Leg:
         On a plain TCP leg this is trio's own wait (`wait_readable`: a checkpoint, so a busy
         session yields to the others at every receive) and one recv(2): no conflict detector,
         no doomed first attempt and no second checkpoint, which is about a third of what a
-        NOOP round trip costs a relay that goes through `SocketStream`. TLS and COMPRESS legs
-        receive through their streams. (`Connection._pump` does the plain path itself, with
-        `readable_fd` and `read`: see there.)
+        NOOP round trip costs a relay that goes through `SocketStream`. A handshaken TLS leg
+        over a socket likewise, decrypting with trio's SSL object (`TlsPath`); COMPRESS legs,
+        and TLS legs that cannot (another trio), receive through their streams.
+        (`Connection._pump` does the plain path itself, with `readable_fd` and `read`: see
+        there.)
 
-        A TLS leg returns every record its socket's receive brought (`_more_records`), not one
-        record a receive. A COMPRESS leg inflates at most `DeflateStream.max_output` octets a
-        receive.
+        A TLS leg returns every record its socket's receive brought (`_records`, or
+        `_more_records` through trio's stream), not one record a receive. A COMPRESS leg
+        inflates at most `DeflateStream.max_output` octets a receive.
         """
         while True:
             fd = self.readable_fd()
@@ -158,6 +163,8 @@ class Leg:
                 if type(stream) is trio.SSLStream:
                     if self._tls_failure is not None:
                         raise trio.BrokenResourceError from self._tls_failure
+                    if (tls := self.tls_path()) is not None:
+                        return await self._tls_receive(tls)
                     # Asked for no size, trio decrypts into a buffer of what it expects a
                     # receive from the socket to bring (16 to 64 KiB); asked for RECEIVE_SIZE,
                     # it allocated 256 KiB a record, from malloc's mmap (as `read` explains).
@@ -201,6 +208,67 @@ class Leg:
                 break
             parts.append(part)
             cost += max(len(part), RECORD_COST)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def tls_path(self) -> TlsPath | None:
+        """The direct path of this TLS leg's data (`TlsPath`), None when it has none: not a
+        handshaken `trio.SSLStream` over a socket (yet), or a trio without the internals."""
+        tls = self._tls
+        stream = self.stream
+        if tls is not None and tls.stream is stream:
+            return tls
+        self._tls = tls = TlsPath.of(stream)
+        return tls
+
+    async def _tls_receive(self, tls: TlsPath) -> bytes | bytearray:
+        """`receive` on the direct path: the records already in the incoming buffer, or those of
+        one read(2) of the socket, as `_more_records` takes them (`RECORD_COST`, its errors)."""
+        waited = False
+        while True:
+            data = self._records(tls)
+            if tls.outgoing.pending:
+                await tls.flush_after_read(self)  # a KeyUpdate's answer, say
+            if data is not None:
+                if not waited:
+                    # Records left from the last read (the budget): a checkpoint all the same,
+                    # as every receive has (a busy session yields to the others); shielded,
+                    # as trio's is once it has the octets, which a cancellation would lose.
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                return data
+            await tls.fill()
+            waited = True
+
+    def _records(self, tls: TlsPath) -> bytes | None:
+        """The octets of the whole records in the incoming buffer, RECEIVE_SIZE at most, a
+        record costing RECORD_COST at least; b"" for the peer's close_notify; None if no record
+        is whole yet. A record that does not decrypt breaks the leg, and is raised (as
+        `trio.BrokenResourceError`) now if it is the first, by the next `receive` if not."""
+        ssl_object, incoming = tls.ssl_object, tls.incoming
+        parts: list[bytes] = []
+        cost = 0
+        while cost < RECEIVE_SIZE:
+            if not (incoming.pending or incoming.eof or tls.closed or ssl_object.pending()):
+                # Nothing for OpenSSL to read (the usual end of a receive's records): its
+                # SSLWantReadError, some 2.6 us to raise, is known without asking. (Python's
+                # ssl sets no read-ahead: OpenSSL keeps no whole record of its own.)
+                break
+            try:
+                part = ssl_object.read(RECORD_SIZE)
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLError as exc:
+                self.broken = True  # OpenSSL has failed it: nothing more is sent on it
+                self._tls_failure = exc  # raised by every receive after this one
+                if not parts:
+                    raise trio.BrokenResourceError from exc
+                break
+            if not part:  # the peer's close_notify: after the octets before it
+                tls.closed = True  # read as b"" again, however often asked
+                return b"".join(parts)
+            parts.append(part)
+            cost += max(len(part), RECORD_COST)
+        if not parts:
+            return None
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def readable_fd(self) -> int:
@@ -247,6 +315,8 @@ class Leg:
             stream = self.stream
             if type(stream) is trio.SocketStream:
                 await _send_fd(stream.socket.fileno(), chunks)
+            elif type(stream) is trio.SSLStream and (tls := self.tls_path()) is not None:
+                await tls.send(chunks)
             else:
                 for data in chunks:
                     await stream.send_all(data)
@@ -324,6 +394,135 @@ class Leg:
                 pass
         with contextlib.suppress(Exception):
             await close_now(stream)
+
+
+class TlsPath:
+    """A handshaken TLS leg's data path without trio's `SSLStream` machinery: its `SSLObject`
+    and memory BIOs (trio's own, `_ssl_object`, `_incoming`, `_outgoing`) driven here, its
+    socket read and written the way a plain leg's is (`wait_readable` and one readv(2) into the
+    shared buffer; `_send_fd`). trio's `_retry` cost about 60 % of the loop under TLS (its two
+    locks, conflict detectors, `SocketStream` and `RecordingStream` under it, checkpoints).
+
+    trio's `SSLStream` stays the leg's stream: it did the handshake (the ClientHello recorded
+    under it), and the close (`close_gracefully`, `close_now`) and COMPRESS (`DeflateStream`
+    over it) go through it as before. Nothing here changes its state but for the handshake's
+    held-back octets, sent here (below) and then forgotten, as trio forgets them once sent.
+
+    What `_retry` does that this does too:
+    - The octets OpenSSL writes to the outgoing buffer go out in the order written, whoever
+      wrote them: only the holder of the leg's write lock reads that buffer, and it reads it
+      until it is empty before letting the lock go. A read that makes some (a TLS 1.3
+      KeyUpdate's answer, an alert) sends them if the lock is free, and leaves them to its
+      holder (a sender, who sends them before or with its own) if not (`flush_after_read`).
+    - The server side's TLS 1.3 session tickets, which trio holds back from the handshake
+      until the first send (`_delayed_outgoing`), go out first, before anything else.
+    - A peer's close_notify reads as b"", an EOF without one and a record that does not
+      decrypt as `trio.BrokenResourceError` from OpenSSL's error (and the leg is broken).
+    Renegotiation (TLS 1.2; there is none in 1.3): the client leg's context refuses a
+    client's (`tls.server_context`), the upstream one a server's (`tls.client_context`). Were
+    a write ever to need the peer's octets first (`SSLWantReadError`: a renegotiation under
+    way), the leg breaks, with that error as the cause, where trio would have waited for them.
+    """
+
+    __slots__ = ("closed", "incoming", "outgoing", "sock", "ssl_object", "stream")
+
+    def __init__(self, stream: trio.SSLStream[Any], sock: trio.socket.SocketType) -> None:
+        self.stream = stream
+        self.closed = False  # the peer's close_notify was read
+        self.sock = sock
+        self.ssl_object: ssl.SSLObject = stream._ssl_object
+        self.incoming: ssl.MemoryBIO = stream._incoming
+        self.outgoing: ssl.MemoryBIO = stream._outgoing
+
+    @classmethod
+    def of(cls, stream: trio.abc.Stream) -> TlsPath | None:
+        """The path for `stream` if it is a handshaken `trio.SSLStream` over a socket (or over
+        a `RecordingStream` that has stopped recording, over a socket), whose trio has the
+        internals this relies on; None otherwise (trio's own path then)."""
+        if type(stream) is not trio.SSLStream:
+            return None
+        try:
+            done = stream._handshook.done and stream._state.name == "OK"
+            stream._ssl_object, stream._incoming, stream._outgoing, stream._delayed_outgoing  # noqa: B018
+        except AttributeError:  # another trio
+            return None
+        if not done:
+            return None
+        transport = stream.transport_stream
+        if type(transport) is RecordingStream:
+            if transport.recording():
+                return None
+            transport = transport.inner
+        if type(transport) is not trio.SocketStream:
+            return None
+        return cls(stream, transport.socket)
+
+    def _pending(self) -> list[bytes]:
+        """What waits to be sent, in order: trio's held-back handshake octets (the server
+        side's TLS 1.3 session tickets), then the outgoing buffer's."""
+        stream = self.stream
+        held = stream._delayed_outgoing
+        out = self.outgoing.read() if self.outgoing.pending else b""
+        if held is None:
+            return [out] if out else []
+        stream._delayed_outgoing = None
+        return [held, out] if out else [held]
+
+    async def fill(self) -> None:
+        """Wait for the socket, and put what one read(2) of it brings in the incoming buffer
+        (its EOF as the buffer's)."""
+        fd = self.sock.fileno()
+        if fd < 0:
+            raise trio.ClosedResourceError("the leg is closed")
+        await wait_readable(fd)
+        try:
+            n = os.readv(fd, _RECEIVE_BUFFERS)
+        except BlockingIOError:
+            return
+        if n:
+            self.incoming.write(_RECEIVED[:n])
+        else:
+            self.incoming.write_eof()
+
+    async def send(self, chunks: list[bytes | memoryview]) -> None:
+        """`chunks` encrypted and sent, the leg's write lock held by the caller; raises as a
+        plain leg's send does, or `trio.BrokenResourceError` from an `ssl.SSLError`."""
+        ssl_object = self.ssl_object
+        if len(chunks) > 1 and sum(map(len, chunks)) <= RECORD_SIZE:
+            chunks = [b"".join(chunks)]  # one record for the batch, not one each
+        for chunk in chunks:
+            data = memoryview(chunk)
+            while data:
+                try:
+                    n = ssl_object.write(data)
+                except ssl.SSLError as exc:  # SSLWantReadError included: see the class
+                    raise trio.BrokenResourceError from exc
+                data = data[n:]
+        await self.flush()
+
+    async def flush(self) -> None:
+        """Everything waiting in the outgoing buffer (and trio's held-back octets), until none
+        is left; the leg's write lock held by the caller."""
+        fd = self.sock.fileno()
+        while pending := self._pending():
+            await _send_fd(fd, pending)  # type: ignore[arg-type]
+
+    async def flush_after_read(self, leg: Leg) -> None:
+        """What a read wrote to the outgoing buffer, sent if the leg's write lock is free, else
+        left to its holder (who empties the buffer before letting it go). A send that fails
+        breaks the leg (its reader comes to the end next); a cancelled one too."""
+        lock = leg.write_lock
+        if leg.broken or not lock.take_if_free():
+            return
+        try:
+            await self.flush()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            leg.broken = True
+        except BaseException:
+            leg.broken = True
+            raise
+        finally:
+            lock.release()
 
 
 def _close_notify(tls: trio.SSLStream[Any]) -> bytes:
