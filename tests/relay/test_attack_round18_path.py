@@ -24,13 +24,16 @@ resumption works through the proxy.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import shutil
 import ssl
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -77,6 +80,49 @@ class SServer:
         self.proc.communicate()
 
 
+@contextlib.contextmanager
+def through(tmp_path: Path, tls: TlsMaterial, server: SServer) -> Iterator[tuple[Any, RawTls]]:
+    """(the proxy, a client) in front of `server`, its greeting `* OK hi` read."""
+    port = free_port()
+    try:
+        with process.imapveil(
+            tmp_path, ("127.0.0.1", server.port),
+            "--listen-tls", f"127.0.0.1:{port}",
+            "--cert", str(tls.cert), "--key", str(tls.key), "--store", "off",
+            "--upstream-tls", "implicit", "--upstream-ca", str(tls.ca_file),
+        ) as running:  # fmt: skip
+            client = RawTls(port, ssl.create_default_context(cafile=str(tls.ca_file)))
+            try:
+                assert server.until(b"CIPHER")
+                server.type(b"* OK hi")
+                assert client.until(b"\r\n") == b"* OK hi\r\n"
+                yield running, client
+            finally:
+                client.close()
+    finally:
+        server.stop()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="no openssl")
+def test_a_servers_key_update_is_answered_before_the_next_command(
+    tmp_path: Path, tls_material: TlsMaterial
+) -> None:
+    """TLS 1.3 to the server; `s_server`'s `K` (a KeyUpdate asking for ours), read by the proxy
+    while it sends nothing: ours goes before the next command (OpenSSL writes it with the next
+    write, as it did through trio), and the session carries on."""
+    server = SServer(tls_material, "-tls1_3")
+    with through(tmp_path, tls_material, server) as (_running, client):
+        server.type(b"K")
+        assert server.until(b">>> TLS 1.3, Handshake [length 0005], KeyUpdate")
+        time.sleep(0.1)  # read by the proxy
+        client.send(b"a NOOP\r\n")
+        assert server.until(b"a NOOP")
+        ours = server.out.index(b"<<< TLS 1.3, Handshake [length 0005], KeyUpdate")
+        assert ours < server.out.index(b"a NOOP")
+        server.type(b"a OK done")
+        assert client.until(b"a OK done\r\n")
+
+
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="no openssl")
 def test_a_servers_renegotiation_is_carried_out_not_refused(
     tmp_path: Path, tls_material: TlsMaterial
@@ -85,37 +131,17 @@ def test_a_servers_renegotiation_is_carried_out_not_refused(
     client's commands keep coming meanwhile): the session carries on, every command reaches the
     server and every answer the client."""
     server = SServer(tls_material, "-tls1_2")
-    port = free_port()
-    try:
-        with process.imapveil(
-            tmp_path, ("127.0.0.1", server.port),
-            "--listen-tls", f"127.0.0.1:{port}",
-            "--cert", str(tls_material.cert), "--key", str(tls_material.key), "--store", "off",
-            "--upstream-tls", "implicit", "--upstream-ca", str(tls_material.ca_file),
-        ) as running:  # fmt: skip
-            context = tls_material_context(tls_material)
-            client = RawTls(port, context)
-            try:
-                assert server.until(b"CIPHER")
-                server.type(b"* OK hi")
-                assert client.until(b"\r\n") == b"* OK hi\r\n"
-                client.send(b"a NOOP\r\n")
-                assert server.until(b"a NOOP")
-                server.type(b"r")  # the HelloRequest
-                for i in range(500):  # sends while it is under way
-                    client.send(b"b%d NOOP\r\n" % i)
-                assert server.until(b"b499 NOOP"), server.out[-500:]
-                assert server.until(b"ServerHello\n", 2), server.out[-2000:]
-                server.type(b"a OK done")
-                assert client.until(b"a OK done\r\n")
-                client.send(b"c NOOP\r\n")
-                assert server.until(b"c NOOP"), server.out[-500:]
-            finally:
-                client.close()
-            assert session_end(running, client)["reason"] == "client_closed"
-    finally:
-        server.stop()
-
-
-def tls_material_context(tls: TlsMaterial) -> ssl.SSLContext:
-    return ssl.create_default_context(cafile=str(tls.ca_file))
+    with through(tmp_path, tls_material, server) as (running, client):
+        client.send(b"a NOOP\r\n")
+        assert server.until(b"a NOOP")
+        server.type(b"r")  # the HelloRequest
+        for i in range(500):  # sends while it is under way
+            client.send(b"b%d NOOP\r\n" % i)
+        assert server.until(b"b499 NOOP"), server.out[-500:]
+        assert server.until(b"ServerHello\n", 2), server.out[-2000:]
+        server.type(b"a OK done")
+        assert client.until(b"a OK done\r\n")
+        client.send(b"c NOOP\r\n")
+        assert server.until(b"c NOOP"), server.out[-500:]
+        client.close()
+        assert session_end(running, client)["reason"] == "client_closed"
