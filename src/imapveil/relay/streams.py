@@ -225,7 +225,12 @@ class Leg:
         one read(2) of the socket, as `_more_records` takes them (`RECORD_COST`, its errors)."""
         waited = False
         while True:
-            data = self._records(tls)
+            try:
+                data = self._records(tls)
+            finally:
+                if (done := tls.read_done) is not None:  # a send waits on a renegotiation
+                    tls.read_done = None
+                    done.set()
             if tls.outgoing.pending:
                 await tls.flush_after_read(self)  # a KeyUpdate's answer, say
             if data is not None:
@@ -419,12 +424,14 @@ class TlsPath:
     - A peer's close_notify reads as b"", an EOF without one and a record that does not
       decrypt as `trio.BrokenResourceError` from OpenSSL's error (and the leg is broken).
     Renegotiation (TLS 1.2; there is none in 1.3): the client leg's context refuses a
-    client's (`tls.server_context`), the upstream one a server's (`tls.client_context`). Were
-    a write ever to need the peer's octets first (`SSLWantReadError`: a renegotiation under
-    way), the leg breaks, with that error as the cause, where trio would have waited for them.
+    client's (`tls.server_context`); a server's is carried out, as trio did (servers that ask
+    for one take a refusal as fatal): the leg's reader drives it (OpenSSL's read does, its
+    octets sent as a KeyUpdate's answer is), and a write that needs the server's octets first
+    (`SSLWantReadError`: one under way) sends what OpenSSL wrote and waits for the reader's
+    next records (`read_done`), where trio read them itself.
     """
 
-    __slots__ = ("closed", "incoming", "outgoing", "sock", "ssl_object", "stream")
+    __slots__ = ("closed", "incoming", "outgoing", "read_done", "sock", "ssl_object", "stream")
 
     def __init__(self, stream: trio.SSLStream[Any], sock: trio.socket.SocketType) -> None:
         self.stream = stream
@@ -433,6 +440,9 @@ class TlsPath:
         self.ssl_object: ssl.SSLObject = stream._ssl_object
         self.incoming: ssl.MemoryBIO = stream._incoming
         self.outgoing: ssl.MemoryBIO = stream._outgoing
+        self.read_done: trio.Event | None = None
+        """Set (and forgotten) by the reader once OpenSSL has read what came (`_tls_receive`),
+        for a send waiting on a renegotiation."""
 
     @classmethod
     def of(cls, stream: trio.abc.Stream) -> TlsPath | None:
@@ -495,7 +505,13 @@ class TlsPath:
             while data:
                 try:
                     n = ssl_object.write(data)
-                except ssl.SSLError as exc:  # SSLWantReadError included: see the class
+                except ssl.SSLWantReadError:  # a renegotiation under way: see the class
+                    await self.flush()  # what OpenSSL wrote of it
+                    if self.read_done is None:
+                        self.read_done = trio.Event()
+                    await self.read_done.wait()
+                    continue
+                except ssl.SSLError as exc:
                     raise trio.BrokenResourceError from exc
                 data = data[n:]
         await self.flush()

@@ -27,13 +27,11 @@ def server_context(cert: str, key: str) -> ssl.SSLContext:
 
 
 def client_context(ca_file: str | None, verify: bool) -> ssl.SSLContext:
-    """For the upstream leg: verification and name checking on unless explicitly turned off;
-    no renegotiation (TLS 1.2): a server's request is refused (OpenSSL's no_renegotiation
-    alert), as a client's is on the client leg; the TLS data path (`streams.TlsPath`) does not
-    carry one out."""
+    """For the upstream leg: verification and name checking on unless explicitly turned off.
+    A server's renegotiation (TLS 1.2) is carried out (`streams.TlsPath`): a server that asks
+    for one takes a refusal as fatal."""
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_file or None)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.options |= ssl.OP_NO_RENEGOTIATION
     if not verify:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
