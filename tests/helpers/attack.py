@@ -48,12 +48,11 @@ SPOOF_FIELDS = ("x-originating-ip", "x-session-id", "x-proxy-ttl", "x-client-tra
 
 @contextlib.contextmanager
 def own_dovecot(users: dict[str, str] | None = None) -> Iterator[Dovecot]:
-    """A Dovecot of the caller's own, started once its readiness probe's disconnect is logged:
-    every connection to it from then on is the caller's, so counting its `Disconnected` lines
-    tells when it has logged everything a test made it do."""
+    """A Dovecot of the caller's own: every connection to it but its readiness probe's (whose
+    lines are not counted: `Dovecot.logged`) is the caller's, so counting its `Disconnected`
+    lines tells when it has logged everything a test made it do."""
     server = Dovecot(users).start()
     try:
-        server.wait_for_log(DISCONNECTED, 1)  # the readiness probe's connection
         yield server
     finally:
         server.cleanup()
@@ -265,7 +264,7 @@ class DovecotLog:
         self.dovecot = dovecot
         self.paths = (dovecot.log_path, dovecot.info_log_path)
         self.offsets = [_size(p) for p in self.paths]
-        self.ends = dovecot.log_text().count(DISCONNECTED)
+        self.ends = dovecot.logged(DISCONNECTED)
 
     def new_text(self) -> str:
         parts = []

@@ -34,7 +34,7 @@ import trustme
 
 from imapveil.records import CommandCompleted, Violation
 from tests.conftest import TlsMaterial
-from tests.helpers.attack import DISCONNECTED, Client, veil
+from tests.helpers.attack import Client, veil
 from tests.helpers.dovecot import Dovecot
 from tests.helpers.scripted import Peer, serve
 from tests.relay.test_attack_round15_server import BYE, Hostile, hostile_client
@@ -58,7 +58,6 @@ protocol imap {
 def dovecot_with_metadata() -> Iterator[Dovecot]:
     server = Dovecot(extra_config=METADATA).start()
     try:
-        server.wait_for_log(DISCONNECTED, 1)
         yield server
     finally:
         server.cleanup()

@@ -243,7 +243,7 @@ def comparable(records: list[Any]) -> list[dict[str, Any]]:
 def fresh_box(dovecot: Dovecot) -> None:
     """alice's `T`, empty and new (directly, not through the proxy); returns once Dovecot has
     logged the connection's end."""
-    ends = dovecot.log_text().count(DISCONNECTED)
+    ends = dovecot.logged(DISCONNECTED)
     with Client(dovecot.address) as c:
         c.greeting()
         c.login()
