@@ -2,20 +2,23 @@
 
     python bench/ab.py --a /path/to/old/src --b src churn --rounds 8
     python bench/ab.py --a naive --b src mixed
+    python bench/ab.py --a naive --b src churn --rate 100 --seconds 8
     python bench/ab.py --a /path/to/old/src --b src latency --noops 20000
 
 `--a` and `--b` are source trees (`imapveil serve` runs with that tree first on PYTHONPATH; a git
 worktree of the commit before, say) or `naive` (bench/naive_relay.py). On a shared machine the load
 of the moment moves a relay's CPU per session by 5 to 10 % from one run to the next: more than most
 changes are worth. Here both relays are measured in the same seconds: churn and mixed load both at
-once, each with the workload of `run.py`; latency sends one NOOP to each in turn; bulk fetches
-run.py's 150 MB through both at once (plain legs). Each round prints both relays' CPU per unit
-(session, operation, NOOP, GB) and B/A. The rounds run twice: with B's relay started (and loaded)
-first, then A's, each pair of relays fresh, because the position alone has moved CPU per unit by up
-to 7 % on this machine (where the scheduler put each process). The end: the median of each order's
-ratios with their min-max, and B/A with the position's share taken out (the geometric mean of the
-two medians). Run it with A and B the same tree to see what the method's own spread is on this
-machine.
+once, each with the workload of `run.py` (churn with `--rate N`: N sessions a second to each
+relay on a fixed schedule, a load far from saturation, as most proxies see, and a steadier
+measure: B/A within 4 % over rounds where saturated churn spreads over 20 %); latency sends one
+NOOP to each in turn; bulk fetches run.py's 150 MB through both at once (plain legs). Each round
+prints both relays' CPU per unit (session, operation, NOOP, GB) and B/A. The rounds run twice: with
+B's relay started (and loaded) first, then A's, each pair of relays fresh, because the position
+alone has moved CPU per unit by up to 7 % on this machine (where the scheduler put each process).
+The end: the median of each order's ratios with their min-max, and B/A with the position's share
+taken out (the geometric mean of the two medians). Run it with A and B the same tree to see what
+the method's own spread is on this machine.
 """
 
 from __future__ import annotations
@@ -52,15 +55,43 @@ def start(which: str, work: Path, dovecot: Dovecot, cert: Path, key: Path) -> be
     return bench.start_proxy(work, dovecot, cert, key, env=dict(os.environ, PYTHONPATH=src))
 
 
+async def paced_churn(address: tuple[str, int], rate: float, seconds: float) -> int:
+    """Sessions (connect, LOGIN, LOGOUT) at `rate` a second for `seconds`, from 4 workers each
+    starting its next session on a fixed schedule, whatever the last one took: the relay sees
+    the same offered load however fast it is, far below what saturates it."""
+    done = 0
+
+    async def worker(i: int) -> None:
+        nonlocal done
+        start = trio.current_time()
+        for k in range(int(seconds * rate / PACED_WORKERS)):
+            await trio.sleep_until(start + k * PACED_WORKERS / rate)
+            c = await bench.logged_in(address, f"u{i}")
+            await c.command(b"LOGOUT")
+            await c.close()
+            done += 1
+
+    async with trio.open_nursery() as nursery:
+        for i in range(PACED_WORKERS):
+            nursery.start_soon(worker, i)
+    return done
+
+
+PACED_WORKERS = 4
+
+
 async def loaded(
-    relays: dict[str, bench.ProxyProcess], workload: str, seconds: float
+    relays: dict[str, bench.ProxyProcess], workload: str, seconds: float, rate: float = 0.0
 ) -> Percentiles:
-    """Both relays under the same workload at the same time: CPU microseconds per unit."""
+    """Both relays under the same workload at the same time: CPU microseconds per unit
+    (`rate`: churn paced at that many sessions a second, instead of as fast as they go)."""
     done: dict[str, float] = {}
 
     async def one(name: str, relay: bench.ProxyProcess) -> None:
         address = ("127.0.0.1", relay.port)
-        if workload == "churn":
+        if workload == "churn" and rate:
+            units: float = await paced_churn(address, rate, seconds)
+        elif workload == "churn":
             result = await bench.churn(address, None, relay, seconds)
             units = result["sessions/s"] * seconds
         elif workload == "bulk":
@@ -124,7 +155,7 @@ def one_round(
         )
         print(f"{order}, round {r}: {shown}", flush=True)
         return lat["B"]["CPU us"] / lat["A"]["CPU us"]
-    cpu = trio.run(loaded, relays, args.workload, args.seconds)
+    cpu = trio.run(loaded, relays, args.workload, args.seconds, args.rate)
     ratio = cpu["B"] / cpu["A"]
     unit = "CPU s per GB" if args.workload == "bulk" else "CPU us per unit"
     print(
@@ -143,6 +174,12 @@ def main() -> None:
     parser.add_argument("--b", required=True, help="a source tree, or naive")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--seconds", type=float, default=5.0, help="churn and mixed")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="churn: sessions a second to each relay, paced (default: as fast as they go)",
+    )
     parser.add_argument("--noops", type=int, default=10_000, help="latency: NOOPs to each")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="imapveil-ab-"))

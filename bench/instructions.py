@@ -55,6 +55,10 @@ from tests.helpers.dovecot import Dovecot, stop_group  # noqa: E402
 
 import run as bench  # noqa: E402
 
+Events = dict[str, int]
+Interval = tuple[dict[str, Events], float]
+"""Each thread's counts over an interval, and the interval's seconds."""
+
 STARTUP = 180.0
 """Seconds a relay under valgrind may take to listen (imports run fifty times slower)."""
 
@@ -99,7 +103,7 @@ class Callgrind:
             timeout=120,
         )
 
-    def measure(self, work: Callable[[], Awaitable[int]] | float) -> tuple[dict[str, int], float]:
+    def measure(self, work: Callable[[], Awaitable[int]] | float) -> Interval:
         """Instructions per thread during `work` (a workload, or seconds of idleness) and the
         interval's seconds; the relay is let finish what the workload left it first."""
         self._control("-z")
@@ -114,11 +118,12 @@ class Callgrind:
         self.dumps += 1
         return self.threads(self.dumps), seconds
 
-    def threads(self, dump: int) -> dict[str, int]:
-        """Instructions of each thread in dump number `dump` (callgrind numbers threads from 1:
-        the first is the event loop's)."""
+    def threads(self, dump: int) -> dict[str, Events]:
+        """Each thread's counts in dump number `dump` (callgrind numbers threads from 1: the
+        first is the event loop's): instructions (Ir) and, under `--caches`, the simulated
+        cache misses and branch mispredictions."""
         pid = self.relay.process.pid
-        found: dict[str, int] = {}
+        found: dict[str, Events] = {}
         for path in self.out.parent.glob(f"{self.out.name}.{pid}.{dump}-*"):
             text = path.read_text()
             events = re.search(r"^events:\s*(.*)$", text, re.MULTILINE)
@@ -126,24 +131,50 @@ class Callgrind:
             if events is None or totals is None:
                 continue
             values = dict(zip(events.group(1).split(), totals.group(1).split(), strict=False))
-            found[path.name.rsplit("-", 1)[1]] = int(values.get("Ir", "0"))
+            found[path.name.rsplit("-", 1)[1]] = {k: int(v) for k, v in values.items()}
         return found
 
 
-def per_unit(
-    busy: tuple[dict[str, int], float], idle: tuple[dict[str, int], float], units: int
-) -> dict[str, float]:
-    """Thousands of instructions per unit: the event loop's thread, the others, and all, with
-    what the process does idle for as long subtracted."""
+def per_unit(busy: Interval, idle: Interval, units: int, event: str = "Ir") -> dict[str, float]:
+    """Thousands of `event` (instructions unless said) per unit: the event loop's thread, the
+    others, and all, with what the process does idle for as long subtracted."""
     (threads, seconds), (idle_threads, idle_seconds) = busy, idle
 
+    def count(found: dict[str, Events], names: set[str]) -> int:
+        return sum(sum(found.get(n, {}).get(e, 0) for e in event.split("+")) for n in names)
+
     def net(names: set[str]) -> float:
-        rate = sum(idle_threads.get(n, 0) for n in names) / max(idle_seconds, 1e-9)
-        return (sum(threads.get(n, 0) for n in names) - rate * seconds) / units / 1000
+        rate = count(idle_threads, names) / max(idle_seconds, 1e-9)
+        return (count(threads, names) - rate * seconds) / units / 1000
 
     main = {"01"}
     others = (set(threads) | set(idle_threads)) - main
     return {"loop": net(main), "threads": net(others), "total": net(main | others)}
+
+
+CACHE_EVENTS = {
+    "I1 misses": "I1mr",
+    "D1 misses": "D1mr+D1mw",
+    "LL misses": "ILmr+DLmr+DLmw",
+    "branch mispredictions": "Bcm+Bim",
+}
+"""Under `--caches`: what callgrind's simulation counts beside the instructions, by name."""
+
+
+def caches(busy: Interval, idle: Interval, units: int) -> dict[str, float]:
+    """Thousands of each simulated event per unit, all threads, and a model of the cycles they
+    cost: one an instruction, 10 an L1 miss, 100 a last-level miss, 15 a misprediction (the
+    usual rough weights; a model, not a measurement)."""
+    out = {
+        name: per_unit(busy, idle, units, event)["total"] for name, event in CACHE_EVENTS.items()
+    }
+    out["model cycles"] = (
+        per_unit(busy, idle, units)["total"]
+        + 10 * (out["I1 misses"] + out["D1 misses"])
+        + 100 * out["LL misses"]
+        + 15 * out["branch mispredictions"]
+    )
+    return out
 
 
 def compiled_copy(src: Path, work: Path) -> Path:
@@ -168,6 +199,8 @@ def measure(
         "valgrind", "--tool=callgrind", f"--callgrind-out-file={out / 'cg'}.%p",
         "--separate-threads=yes", "--dump-line=no", "--dump-instr=no",
     ]  # fmt: skip
+    if args.caches:
+        under += ["--cache-sim=yes", "--branch-sim=yes"]
     if src is None:
         relay = bench.start_naive(dovecot, under=under, startup=STARTUP)
     else:
@@ -187,6 +220,9 @@ def measure(
             "churned session": per_unit(sessions, idle, units),
             "NOOP round trip": per_unit(round_trips, idle, args.noops),
         }
+        if args.caches:
+            result["churned session, caches"] = caches(sessions, idle, units)
+            result["NOOP round trip, caches"] = caches(round_trips, idle, args.noops)
     finally:
         relay.process.send_signal(signal.SIGTERM)
         try:
@@ -205,12 +241,26 @@ def report(results: dict[str, dict[str, dict[str, float]]]) -> str:
     naive = results.get("naive", {})
     for name, units in results.items():
         for unit, row in units.items():
+            if unit.endswith(", caches"):
+                continue
             base = naive.get(unit, {}).get("total")
             ratio = f"{row['total'] / base:.2f}x" if base else ""
             loop, threads, total = (max(0.0, row[k]) for k in ("loop", "threads", "total"))
             lines.append(
                 f"| {name} | {unit} | {loop:.0f} | {threads:.0f} | {total:.0f} | {ratio} |"
             )
+    simulated = [
+        (n, u, row) for n, us in results.items() for u, row in us.items() if u.endswith(", caches")
+    ]
+    if simulated:
+        names = [*CACHE_EVENTS, "model cycles"]
+        lines += ["", "| relay | per | " + " | ".join(names) + " | model / naive |"]
+        lines.append("|---|---|" + "---|" * (len(names) + 1))
+        for name, unit, row in simulated:
+            base = naive.get(unit, {}).get("model cycles")
+            ratio = f"{row['model cycles'] / base:.2f}x" if base else ""
+            shown = " | ".join(f"{max(0.0, row[k]):.1f}" for k in names)
+            lines.append(f"| {name} | {unit.removesuffix(', caches')} (k) | {shown} | {ratio} |")
     return "\n".join(lines)
 
 
@@ -222,6 +272,11 @@ def main() -> None:
     parser.add_argument("--no-naive", action="store_true", help="imapveil trees only")
     parser.add_argument(
         "--mypyc", action="store_true", help="also the first tree with its core compiled by mypyc"
+    )
+    parser.add_argument(
+        "--caches",
+        action="store_true",
+        help="also simulate the caches and branch prediction (callgrind's; twice as slow)",
     )
     parser.add_argument("--workers", type=int, default=8, help="churn workers at once")
     parser.add_argument("--sessions", type=int, default=15, help="churned sessions per worker")
