@@ -323,6 +323,27 @@ async def test_close_notify_both_ways(tls_material: TlsMaterial) -> None:
     assert peer.closed
 
 
+async def test_a_close_before_any_send_says_the_held_tickets_first(
+    tls_material: TlsMaterial,
+) -> None:
+    """Found: a TLS 1.3 client leg closed before anything was sent on it (trio still holding
+    the handshake's session tickets, `_delayed_outgoing`) said close_notify without them: the
+    client, expecting the tickets' records first, read a record it could not decrypt and took
+    the clean end for an attack (`decryption failed or bad record mac`). trio's own close
+    sends them first."""
+    leg, peer, recording = await pair(tls_material)
+    recording.stop()
+    stream = leg.stream
+    assert isinstance(stream, trio.SSLStream) and stream._delayed_outgoing  # held by trio
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(leg.close_gracefully)
+            assert await peer.read_until(10**6) == b""
+    assert peer.closed
+    session = peer.tls.session
+    assert session is not None and session.has_ticket
+
+
 async def test_a_peer_that_reads_nothing_holds_only_its_sender(
     tls_material: TlsMaterial,
 ) -> None:

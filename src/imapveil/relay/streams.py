@@ -546,16 +546,20 @@ def _close_notify(tls: trio.SSLStream[Any]) -> bytes:
     (no handshake done, or already closed). Through trio's own SSL object and outgoing buffer:
     trio says close_notify only in `aclose`, which then closes the socket at once (unread input
     makes that a reset, which can destroy the peer's last words in flight) and waits for
-    nothing under a cancelled scope (where `close_now` closes it: it says nothing)."""
+    nothing under a cancelled scope (where `close_now` closes it: it says nothing). Preceded,
+    as trio's own close does, by what trio still holds back from the handshake (a TLS 1.3
+    server's session tickets, `_delayed_outgoing`: nothing was sent on the leg yet), without
+    which the peer could not decrypt the alert."""
     try:
-        ssl_object, outgoing = tls._ssl_object, tls._outgoing
+        ssl_object, outgoing, held = tls._ssl_object, tls._outgoing, tls._delayed_outgoing
     except AttributeError:  # another trio
         return b""
+    tls._delayed_outgoing = None
     # Said at the first step; the peer's own close_notify is not awaited (SSLWantReadError),
     # and the peer's records not read yet may make OpenSSL's second step fail: said all the same.
     with contextlib.suppress(ssl.SSLError, ValueError):
         ssl_object.unwrap()
-    return outgoing.read()
+    return (held or b"") + outgoing.read()
 
 
 async def close_now(stream: trio.abc.AsyncResource) -> None:
