@@ -1,5 +1,6 @@
 """Attacks on a TLS leg's receive taking every record its socket's receive brought
-(`Leg._more_records`, 5a3805e), through a real `imapveil serve` (an implicit-TLS listener) in front
+(`Leg._more_records`, 5a3805e; since done by `TlsPath`, and `_more_records` is gone), through a
+real `imapveil serve` (an implicit-TLS listener) in front
 of a real Dovecot (its imaps port, or its plain one), with a client whose TLS records and TCP
 segments are the test's own (`RawTls`: Python's ssl over memory BIOs and a raw socket).
 
@@ -48,7 +49,7 @@ from tests.conftest import TlsMaterial
 from tests.helpers import process, scripted
 from tests.helpers.attack import veil
 from tests.helpers.dovecot import Dovecot, free_port
-from tests.relay.test_tls_records import delivered
+from tests.relay.test_tls_path import pair
 
 pytestmark = pytest.mark.dovecot
 
@@ -325,7 +326,9 @@ async def test_one_receive_decrypts_a_bounded_number_of_records(
     Each receive takes 64 of them at most (as many as Dovecot's 4 KiB records fill a receive
     with); all come, in order."""
     payloads = [bytes([65 + i % 26]) for i in range(3000)]
-    leg = await delivered(tls_material, payloads)
+    leg, peer, recording = await pair(tls_material)
+    recording.stop()
+    await peer.wire.send_all(peer.records(*payloads))
     got: list[bytes | bytearray] = []
     while sum(map(len, got)) < len(payloads):
         got.append(await leg.receive())

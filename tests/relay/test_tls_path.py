@@ -25,7 +25,15 @@ import trio.testing
 
 from imapveil.relay import tls as relay_tls
 from imapveil.relay.recording import RecordingStream
-from imapveil.relay.streams import RECEIVE_SIZE, RECORD_COST, Leg, TlsPath, tls_reason
+from imapveil.relay.streams import (
+    RECEIVE_SIZE,
+    RECORD_COST,
+    RECORD_SIZE,
+    Leg,
+    TlsPath,
+    describe,
+    tls_reason,
+)
 from tests.conftest import TlsMaterial
 
 
@@ -413,3 +421,53 @@ async def test_records_left_by_the_budget_come_with_a_checkpoint(tls_material: T
     assert len(got) > 2
     assert ran  # the other task ran meanwhile: the receives yielded
     assert b"".join(got) == b"".join(payloads)
+
+
+async def test_one_receive_takes_every_record_the_socket_brought(
+    tls_material: TlsMaterial,
+) -> None:
+    """Dovecot writes records of about 4 KiB: one a receive (trio's `receive_some`), a FETCH
+    from a TLS upstream went through the core and out to the client 4 KiB at a time, at some
+    16 s of CPU per GB (bench/run.py, "bulk, TLS both legs")."""
+    leg, peer, recording = await pair(tls_material)
+    recording.stop()
+    payloads = [bytes([65 + i % 26]) * 4000 for i in range(12)]
+    await peer.wire.send_all(peer.records(*payloads))
+    assert await leg.receive() == b"".join(payloads)
+
+
+async def test_records_past_the_receive_size_wait_for_the_next_receive(
+    tls_material: TlsMaterial,
+) -> None:
+    leg, peer, recording = await pair(tls_material)
+    recording.stop()
+    payloads = [bytes([97 + i % 26]) * RECORD_SIZE for i in range(20)]  # 320 KiB
+    got: list[bytes | bytearray] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(peer.wire.send_all, peer.records(*payloads))
+        with trio.fail_after(10):
+            while sum(map(len, got)) < 20 * RECORD_SIZE:
+                got.append(await leg.receive())
+    assert b"".join(got) == b"".join(payloads)
+    assert max(map(len, got)) <= RECEIVE_SIZE
+    assert len(got) > 1
+
+
+async def test_an_ssl_error_is_described_by_its_reason_not_its_code_as_an_errno(
+    tls_material: TlsMaterial,
+) -> None:
+    """`describe` (a failed send's words in a `session_end` record) took an `ssl.SSLError` for
+    an OSError with an errno: OpenSSL's error code 1 read as `eperm`, 8 as `enoexec`. It names
+    OpenSSL's reason now, as `tls_reason` does; peer data never (a reason is OpenSSL's name)."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tls_material.cert, tls_material.key)
+    incoming = ssl.MemoryBIO()
+    server = context.wrap_bio(incoming, ssl.MemoryBIO(), server_side=True)
+    incoming.write(b"GET /secret HTTP/1.0\r\n\r\n")
+    with pytest.raises(ssl.SSLError) as raised:
+        server.do_handshake()
+    try:
+        raise trio.BrokenResourceError from raised.value
+    except trio.BrokenResourceError as wrapped:
+        assert describe(wrapped) == describe(raised.value) == "http_request"
+    assert tls_reason(raised.value) == "http_request"

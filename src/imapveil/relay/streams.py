@@ -30,7 +30,7 @@ _RECEIVE_BUFFERS = [_RECEIVED]
 RECORD_SIZE = 16 * 1024
 """The most a TLS record holds (RFC 8446 §5.1)."""
 RECORD_COST = 4 * 1024
-"""What a TLS record costs of a receive (`Leg._more_records`) at least, in octets: each costs some
+"""What a TLS record costs of a receive (`Leg._records`) at least, in octets: each costs some
 3 us of the loop whatever it holds (its decryption, its buffer). 64 KiB of one-octet records,
 one receive from the socket, were ~2,900 records and ~9 ms of the loop every session shares in
 one go: while one client sent them, another session's NOOP waited 8-9 ms at the 90th
@@ -126,7 +126,7 @@ class Leg:
         self.write_lock = WriteLock()
         self.broken = False
         """A send was interrupted: the peer may hold half a chunk, so say nothing more. Or a TLS
-        record that did not decrypt was read with the records before it (`_more_records`):
+        record that did not decrypt was read with the records before it (`_records`):
         OpenSSL has failed the connection (a send fails), though the reader has not come to it
         yet. What is to be sent meanwhile (the server's `+` to a command the client waits on)
         goes nowhere, and the reader ends the session where it did when it read a record a
@@ -135,7 +135,7 @@ class Leg:
         """Its peer closed (or reset) it: nothing is left to read, so closing needs no grace."""
         self._tls_failure: ssl.SSLError | None = None
         """What reading a TLS leg's next record raised, after records read before it were
-        returned (`_more_records`): raised by the next `receive`, as trio would have."""
+        returned (`_records`): raised by the next `receive`, as trio would have."""
         self._tls: TlsPath | None = None
         """The direct path of a TLS leg's data (`TlsPath`), for the `SSLStream` it was made for
         (made again when `stream` is another)."""
@@ -152,9 +152,9 @@ class Leg:
         (`Connection._pump` does the plain path itself, with `readable_fd` and `read`: see
         there.)
 
-        A TLS leg returns every record its socket's receive brought (`_records`, or
-        `_more_records` through trio's stream), not one record a receive. A COMPRESS leg
-        inflates at most `DeflateStream.max_output` octets a receive.
+        A TLS leg on its direct path returns every record its socket's receive brought
+        (`_records`), not one record a receive, as trio's stream does. A COMPRESS leg inflates
+        at most `DeflateStream.max_output` octets a receive.
         """
         while True:
             fd = self.readable_fd()
@@ -165,50 +165,14 @@ class Leg:
                         raise trio.BrokenResourceError from self._tls_failure
                     if (tls := self.tls_path()) is not None:
                         return await self._tls_receive(tls)
-                    # Asked for no size, trio decrypts into a buffer of what it expects a
-                    # receive from the socket to bring (16 to 64 KiB); asked for RECEIVE_SIZE,
-                    # it allocated 256 KiB a record, from malloc's mmap (as `read` explains).
-                    return self._more_records(stream, await stream.receive_some())
+                # Asked for no size, trio decrypts into a buffer of what it expects a receive
+                # from the socket to bring (16 to 64 KiB); asked for RECEIVE_SIZE, it allocated
+                # 256 KiB a record, from malloc's mmap (as `read` explains).
                 return await stream.receive_some()
             await wait_readable(fd)
             data = self.read(fd)
             if data is not None:
                 return data
-
-    def _more_records(self, tls: trio.SSLStream[Any], data: bytes | bytearray) -> bytes | bytearray:
-        """`data` (one record's octets, what trio's `receive_some` decrypts at a time) and
-        those of the records after it that trio's one receive from the socket (64 KiB at most)
-        brought as well, up to RECEIVE_SIZE in all, each record counting as RECORD_COST octets at
-        least (a receive of tiny records is not thousands of them). Decrypted here, with trio's
-        SSL object and incoming buffer: Dovecot writes records of about 4 KiB, and taking them
-        one per `receive_some` (and one per send to the client) made a FETCH from a TLS upstream
-        cost some 16 s of CPU per GB, at a quarter of direct's speed (bench/run.py, "bulk, TLS
-        both legs"). A record that is not all there yet stays for trio, and so does the peer's
-        close_notify (read as b"", again by trio's next `receive_some`); an error (a record
-        that does not decrypt) is kept for the next `receive`, after these octets, and breaks
-        the leg meanwhile (`broken`)."""
-        try:
-            incoming, ssl_object = tls._incoming, tls._ssl_object
-        except AttributeError:  # another trio: one record a receive
-            return data
-        if not data or not incoming.pending:
-            return data
-        parts = [data]
-        cost = max(len(data), RECORD_COST)
-        while cost < RECEIVE_SIZE and incoming.pending:
-            try:
-                part = ssl_object.read(RECORD_SIZE)
-            except ssl.SSLWantReadError:  # the rest of a record is still to come: trio's
-                break
-            except ssl.SSLError as exc:
-                self._tls_failure = exc
-                self.broken = True  # OpenSSL has failed it: nothing more is sent on it
-                break
-            if not part:
-                break
-            parts.append(part)
-            cost += max(len(part), RECORD_COST)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def tls_path(self) -> TlsPath | None:
         """The direct path of this TLS leg's data (`TlsPath`), None when it has none: not a
@@ -222,7 +186,7 @@ class Leg:
 
     async def _tls_receive(self, tls: TlsPath) -> bytes | bytearray:
         """`receive` on the direct path: the records already in the incoming buffer, or those of
-        one read(2) of the socket, as `_more_records` takes them (`RECORD_COST`, its errors)."""
+        one read(2) of the socket (`_records`: `RECORD_COST`, its errors)."""
         waited = False
         while True:
             try:
