@@ -27,6 +27,7 @@ from imapveil.policy.load import resolve_policy
 from imapveil.protocol import id_params
 from imapveil.stats import currency, inventory, tables, traits
 from imapveil.stats import report as report_module
+from imapveil.stats.charts import safe
 from imapveil.stats.labels import LabelError, load_labels
 from imapveil.stats.store import Store, StoreError
 
@@ -432,7 +433,9 @@ def policy_tool(args: argparse.Namespace) -> int:
     except PolicyError as exc:
         print(exc, file=sys.stderr)
         return 1
-    text = args.id_command.encode("utf-8")
+    # The octets as they came: a command captured from a client need not be UTF-8, and Python
+    # gives what is not as lone surrogates (PEP 383).
+    text = args.id_command.encode("utf-8", "surrogateescape")
     verb, _, rest = text.strip().partition(b" ")
     if verb.upper() != b"ID":
         rest = text  # the list alone
@@ -445,9 +448,12 @@ def policy_tool(args: argparse.Namespace) -> int:
         policy, fields, hasher=lambda _v: "hmac:<keyed>", trusted_client=args.trusted, explain=True
     )
     forwarded = id_params.serialize(outcome.forwarded, literal_plus=True)
+    # What a client sent, shown as `imapveil stats` shows it: the command may be an attacker's,
+    # its escape sequences, bidirectional overrides and invisible characters escaped, and a
+    # literal's CR LF too (one line each).
     print(f"policy:    {policy.name} (sha256 {policy.digest[:12]})")
-    print(f"forwarded: ID {forwarded.decode('utf-8', 'backslashreplace')}")
-    print(f"recorded:  {json.dumps(outcome.recorded, ensure_ascii=False)}")
+    print(f"forwarded: ID {safe(forwarded.decode('utf-8', 'backslashreplace'))}")
+    print(f"recorded:  {safe(json.dumps(outcome.recorded, ensure_ascii=False))}")
     print("decisions:")
     for d in outcome.decisions:
         print(f"  {d.field:<32} forward={d.forward:<9} record={d.record:<8} by {d.rule}")
