@@ -86,3 +86,17 @@ def test_policy_test_takes_a_captured_command_that_is_not_utf8() -> None:
     )
     recorded = json.loads(out.splitlines()[2].removeprefix("recorded:  "))
     assert recorded == {"name": "Mail\ufffd\ufffd\x1b[2J", "version": "1.0"}
+
+
+@pytest.mark.parametrize("line", [b"a1 ID", b"a1 id", b"A0001 ID", b"ID", b""])
+def test_policy_test_takes_the_command_line_as_the_client_sent_it(line: bytes) -> None:
+    """Found: a command captured from a client starts with its tag (`a1 ID (...)`, what the
+    proxy reads and rewrites), and `imapveil policy test` answered that it was "not an ID list
+    the proxy would rewrite (it would be forwarded unchanged)": wrong, and the administrator
+    saw nothing of what the policy does with it. Now a tag before `ID` is taken, and the line
+    end the capture kept."""
+    command = line + b' ("name" "K-9 Mail" "x-originating-ip" "10.1.2.3")\r\n'
+    done = policy_test("default", command)
+    assert done.returncode == 0, done.stdout
+    out = done.stdout.decode()
+    assert 'forwarded: ID ("name" "K-9 Mail" "x-imapveil"' in out and "by anti-spoof" in out

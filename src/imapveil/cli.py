@@ -248,7 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
         "test", help="show what a policy forwards and records for one ID command"
     )
     test.add_argument("file", metavar="FILE")
-    test.add_argument("id_command", metavar="'ID (...)'", help='e.g. \'ID ("name" "Mail")\'')
+    test.add_argument(
+        "id_command", metavar="'ID (...)'",
+        help='e.g. \'ID ("name" "Mail")\'; a tag before ID, as a client sent the command, and '
+        "the list alone are taken too",
+    )  # fmt: skip
     test.add_argument("--trusted", action="store_true", help="as from a trusted network")
     return parser
 
@@ -436,9 +440,14 @@ def policy_tool(args: argparse.Namespace) -> int:
     # The octets as they came: a command captured from a client need not be UTF-8, and Python
     # gives what is not as lone surrogates (PEP 383).
     text = args.id_command.encode("utf-8", "surrogateescape")
-    verb, _, rest = text.strip().partition(b" ")
-    if verb.upper() != b"ID":
-        rest = text  # the list alone
+    line = text.strip()
+    words = line.split(b" ", 2)
+    if words[0].upper() == b"ID":
+        rest = line.partition(b" ")[2]
+    elif len(words) > 2 and words[1].upper() == b"ID":
+        rest = words[2]  # a tag first: the command line as a client sends it
+    else:
+        rest = line  # the list alone
     try:
         fields = id_params.parse(rest)
     except id_params.IdSyntaxError as exc:
