@@ -4,13 +4,35 @@ print: `imapveil policy test` run by an administrator on an ID command captured 
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import functools
 import json
+import socket
+import ssl
+import struct
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from tests.test_attack_round17_outputs import FORBIDDEN, HOSTILE, id_command
+from imapveil.protocol.proxy_header import V2_SIGNATURE
+from tests.conftest import TlsMaterial
+from tests.helpers.dovecot import Dovecot, free_port
+from tests.helpers.process import imapveil, read_log
+from tests.test_attack_round17_outputs import (
+    FORBIDDEN,
+    HOSTILE,
+    OPENMETRICS,
+    exchange,
+    id_command,
+    literal,
+    literal_octets,
+    scrape,
+)
 
 
 def raw(text: str) -> list[str]:
@@ -100,3 +122,121 @@ def test_policy_test_takes_the_command_line_as_the_client_sent_it(line: bytes) -
     assert done.returncode == 0, done.stdout
     out = done.stdout.decode()
     assert 'forwarded: ID ("name" "K-9 Mail" "x-imapveil"' in out and "by anti-spoof" in out
+
+
+MARK = "zqround19"
+"""In every text a client sends below: searched for in the diagnostics, which name none."""
+
+NOT_UTF8 = b"\xff\xfe\xed\xa0\x80\xc0\xaf\x1b[31m" + MARK.encode()
+"""Octets that are not UTF-8: a lone 0xff, an encoded surrogate, an overlong slash."""
+
+
+def hello_with_sni(name: bytes) -> bytes:
+    """A real ClientHello (Python's ssl) whose SNI host name is replaced, octet for octet, by
+    `name`: a client may put any octets there."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.set_alpn_protocols(["imap", f"\x1b[31m{MARK}"])
+    out = ssl.MemoryBIO()
+    placeholder = "s" * len(name)
+    tls = context.wrap_bio(ssl.MemoryBIO(), out, server_hostname=placeholder)
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls.do_handshake()
+    hello = out.read()
+    assert hello.count(placeholder.encode()) == 1
+    return hello.replace(placeholder.encode(), name)
+
+
+def tlv(kind: int, value: bytes) -> bytes:
+    return bytes([kind]) + len(value).to_bytes(2, "big") + value
+
+
+def proxy_v2(tlvs: bytes) -> bytes:
+    """A PROXY v2 header (TCP over IPv4) carrying `tlvs`."""
+    body = socket.inet_aton("198.51.100.7") + socket.inet_aton("192.0.2.1")
+    body += struct.pack("!HH", 40000, 143) + tlvs
+    return V2_SIGNATURE + bytes([0x21, 0x11]) + len(body).to_bytes(2, "big") + body
+
+
+def send_and_close(port: int, data: bytes, source: str = "127.0.0.1") -> None:
+    with socket.socket() as s:
+        s.bind((source, 0))
+        s.settimeout(10)
+        s.connect(("127.0.0.1", port))
+        s.sendall(data)
+        with contextlib.suppress(OSError):
+            s.shutdown(socket.SHUT_WR)
+            while s.recv(65536):
+                pass
+
+
+@pytest.mark.dovecot
+def test_diagnostics_at_debug_say_nothing_a_client_sent(
+    dovecot: Dovecot, tls_material: TlsMaterial, tmp_path: Path
+) -> None:
+    """Held: `imapveil serve` at `log_level = "debug"` (every session's ID decisions, rule
+    breaks and end) under `passthrough` and `user_identity = "plain"`, with an implicit-TLS
+    listener and PROXY headers expected from 127.0.0.2. Clients send every hostile text of
+    round 17 and octets that are not UTF-8 as ID values, as failed LOGIN and AUTHENTICATE PLAIN
+    user names (then log in), as a SELECT's mailbox, as tags and command names; as a
+    ClientHello's SNI host name (escape sequences, a bidi override, a NUL, octets that are not
+    UTF-8) and ALPN; as the TLVs of a PROXY v2 header (authority, unique id, an SSL TLV's SNI)
+    and inside v1 headers. Stderr names none of it and holds no raw control, bidi or invisible
+    character; every event log line is one JSON object in ASCII; the scrape parses."""
+    tls_port, metrics = free_port(), free_port()
+    args = [
+        "--policy", "passthrough", "--user-identity", "plain", "--log-level", "debug",
+        "--listen-tls", f"127.0.0.1:{tls_port}", "--cert", str(tls_material.cert),
+        "--key", str(tls_material.key), "--tls-handshake-timeout", "2",
+        "--proxy-protocol-from", "127.0.0.2/32", "--metrics", f"127.0.0.1:{metrics}",
+    ]  # fmt: skip
+    user, password = next(iter(dovecot.users.items()))
+    login = b"L LOGIN %s %s\r\n" % (user.encode(), password.encode())
+    texts = [f"{text}{MARK}" for text in HOSTILE.values()]
+    with imapveil(tmp_path, dovecot.address, *args) as proxy:
+        sessions = [
+            id_command(text)
+            + b"A LOGIN " + literal(user + text) + b" " + literal(text) + b"\r\n"
+            + b"P AUTHENTICATE PLAIN "
+            + base64.b64encode(f"{text}\0{user}{text}\0{password}".encode()) + b"\r\n"
+            + login + id_command(text) + b"S SELECT " + literal(text) + b"\r\n"
+            + b"Z LOGOUT\r\n"
+            for text in texts
+        ]  # fmt: skip
+        with ThreadPoolExecutor(8) as pool:  # Dovecot delays each failed login
+            list(pool.map(functools.partial(exchange, proxy.port), sessions))
+        exchange(
+            proxy.port,
+            b'I ID ("name" ' + literal_octets(NOT_UTF8) + b")\r\n"
+            + b"A LOGIN " + literal_octets(NOT_UTF8) + b" x\r\n"
+            + b"\x1b[31m" + MARK.encode() + b" NOOP\r\n"
+            + f"t\u202e{MARK} NOOP\r\n".encode() + b"t \x1b[2J" + MARK.encode() + b"\r\n"
+            + login + b"Z LOGOUT\r\n",
+        )  # fmt: skip
+        for name in (b"\x1b[31m" + MARK.encode() + b"\x07", f"a\u202e{MARK}.test".encode(),
+                     b"x\x00" + MARK.encode(), NOT_UTF8):  # fmt: skip
+            send_and_close(tls_port, hello_with_sni(name))
+        hostile = b"\x1b]0;" + MARK.encode() + "\u202e\x07".encode()
+        headers = [
+            proxy_v2(tlv(0x02, hostile) + tlv(0x05, hostile)),
+            proxy_v2(tlv(0x20, b"\x01" + bytes(4) + tlv(0x22, hostile))),
+            proxy_v2(tlv(0x02, hostile * 100)),
+            b"PROXY TCP4 198.51.100.7 192.0.2.1 1 2 " + hostile + b"\r\n",
+            b"PROXY UNKNOWN " + hostile + b"\r\n",
+        ]
+        for header in headers:
+            send_and_close(proxy.port, header + login + b"Z LOGOUT\r\n", source="127.0.0.2")
+        scraped = {accept: scrape(metrics, accept) for accept in (b"text/plain", OPENMETRICS)}
+        assert proxy.stop() == 0
+    stderr = proxy.stderr.decode("utf-8", "replace")
+    assert "ID under policy passthrough" in stderr and "client TLS failed" in stderr
+    assert "proxy_header" in stderr, stderr
+    assert raw(stderr) == []
+    assert MARK not in stderr.lower()
+    records, other = read_log(proxy.events)
+    assert other == [] and proxy.events.read_bytes().isascii()
+    users = {r.get("user") for r in records if r["event"] == "command"}
+    # A line end in a literal ends the session before its LOGIN (`refused_line_end`).
+    assert {user + t for t in texts if not set(t) & set("\0\r\n")} <= users
+    assert list(text_string_to_metric_families(scraped[b"text/plain"].decode()))
+    assert MARK not in b"".join(scraped.values()).decode().lower()
