@@ -8,11 +8,13 @@ import base64
 import contextlib
 import functools
 import json
+import re
 import socket
 import ssl
 import struct
 import subprocess
 import sys
+import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -20,6 +22,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from imapveil.protocol.proxy_header import V2_SIGNATURE
+from imapveil.stats.charts import safe
 from tests.conftest import TlsMaterial
 from tests.helpers.dovecot import Dovecot, free_port
 from tests.helpers.process import imapveil, read_log
@@ -27,11 +30,14 @@ from tests.test_attack_round17_outputs import (
     FORBIDDEN,
     HOSTILE,
     OPENMETRICS,
+    cli,
     exchange,
     id_command,
     literal,
     literal_octets,
     scrape,
+    session,
+    strings,
 )
 
 
@@ -240,3 +246,58 @@ def test_diagnostics_at_debug_say_nothing_a_client_sent(
     assert {user + t for t in texts if not set(t) & set("\0\r\n")} <= users
     assert list(text_string_to_metric_families(scraped[b"text/plain"].decode()))
     assert MARK not in b"".join(scraped.values()).decode().lower()
+
+
+def _noncharacter(code: int) -> bool:
+    return 0xFDD0 <= code <= 0xFDEF or code & 0xFFFE == 0xFFFE
+
+
+def test_surrogates_noncharacters_and_private_use_are_escaped() -> None:
+    """Found: `charts.safe`, which every output for people uses for what a client sent, left
+    noncharacters (U+FFFE, U+FFFF, U+FDD0…, the last two of every plane) and private-use
+    characters (U+E000…, planes 15 and 16) as they came: a terminal shows them as nothing, or
+    as a font's own icon, so `Mail` and `Mail` with U+E000 were two rows reading `Mail`; and a
+    lone surrogate, which is no character at all, would have stopped the output at it
+    (UnicodeEncodeError writing UTF-8). Now they are escaped as the format characters are."""
+    raw = [
+        f"U+{code:04X}"
+        for code in range(sys.maxunicode + 1)
+        if (unicodedata.category(chr(code)) in ("Cs", "Co") or _noncharacter(code))
+        and safe(chr(code)) == chr(code)
+    ]
+    assert raw == []
+    assert safe("a\ud800b\U0010ffffc") == "a\\ud800b\\U0010ffffc"
+
+
+INVISIBLE = ("Mail\ue000", "Mail\uffff", "Mail\ufffe", "Mail\ufdd0", "Mail\U0001fffe",
+             "Mail\U000f0000", "Mail\U0010ffff")  # fmt: skip
+"""Names that read `Mail` on a terminal, or `Mail` and a box or an icon of its font's choosing."""
+
+NOT_SHOWN = re.compile("[\ud800-\udfff\ue000-\uf8ff\ufdd0-\ufdef\ufffe\uffff\U0001fffe"
+                       "\U0001ffff\U000f0000-\U0010ffff]")  # fmt: skip
+
+
+@pytest.mark.dovecot
+def test_stats_and_the_report_show_no_private_use_or_noncharacter_raw(
+    dovecot: Dovecot, tmp_path: Path
+) -> None:
+    """The finding above, through a real proxy and store: sessions whose ID names, versions
+    and systems are `Mail` and one such character, then `imapveil stats` in every form of
+    `--by family|version|os` and the report; each shows them escaped."""
+    store = tmp_path / "stats.sqlite"
+    with imapveil(tmp_path, dovecot.address, "--store", str(store), "--policy", "passthrough") as p:
+        users = list(dovecot.users.items())
+        for i, name in enumerate(INVISIBLE):
+            session(p.port, *users[i % len(users)], name)
+        assert p.stop() == 0
+    shown = []
+    for by in ("family", "version", "os"):
+        for form in ("table", "csv", "json"):
+            out = cli("stats", "--store", str(store), "--by", by, "--format", form,
+                      "--min-users", "0")  # fmt: skip
+            texts = strings(json.loads(out)) if form == "json" else [out]
+            shown += [f"{by} {form}: U+{ord(c):04X}" for t in texts for c in NOT_SHOWN.findall(t)]
+    page = cli("report", "--store", str(store), "--min-users", "0", "--html", "-")
+    shown += [f"report: U+{ord(c):04X}" for c in NOT_SHOWN.findall(page)]
+    assert shown == []
+    assert "Mail\\ue000" in cli("stats", "--store", str(store), "--min-users", "0")
