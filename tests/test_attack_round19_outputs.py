@@ -133,6 +133,9 @@ def test_policy_test_takes_the_command_line_as_the_client_sent_it(line: bytes) -
 MARK = "zqround19"
 """In every text a client sends below: searched for in the diagnostics, which name none."""
 
+SECRET = "pwround19"  # noqa: S105 (a marker, not a password of anything)
+"""The start of every password a client sends below: in no output."""
+
 NOT_UTF8 = b"\xff\xfe\xed\xa0\x80\xc0\xaf\x1b[31m" + MARK.encode()
 """Octets that are not UTF-8: a lone 0xff, an encoded surrogate, an overlong slash."""
 
@@ -188,7 +191,8 @@ def test_diagnostics_at_debug_say_nothing_a_client_sent(
     ClientHello's SNI host name (escape sequences, a bidi override, a NUL, octets that are not
     UTF-8) and ALPN; as the TLVs of a PROXY v2 header (authority, unique id, an SSL TLV's SNI)
     and inside v1 headers. Stderr names none of it and holds no raw control, bidi or invisible
-    character; every event log line is one JSON object in ASCII; the scrape parses."""
+    character; every event log line is one JSON object in ASCII; the scrape parses; no
+    password is in any of them."""
     tls_port, metrics = free_port(), free_port()
     args = [
         "--policy", "passthrough", "--user-identity", "plain", "--log-level", "debug",
@@ -202,9 +206,9 @@ def test_diagnostics_at_debug_say_nothing_a_client_sent(
     with imapveil(tmp_path, dovecot.address, *args) as proxy:
         sessions = [
             id_command(text)
-            + b"A LOGIN " + literal(user + text) + b" " + literal(text) + b"\r\n"
+            + b"A LOGIN " + literal(user + text) + b" " + literal(SECRET + text) + b"\r\n"
             + b"P AUTHENTICATE PLAIN "
-            + base64.b64encode(f"{text}\0{user}{text}\0{password}".encode()) + b"\r\n"
+            + base64.b64encode(f"{text}\0{user}{text}\0{SECRET}{text}".encode()) + b"\r\n"
             + login + id_command(text) + b"S SELECT " + literal(text) + b"\r\n"
             + b"Z LOGOUT\r\n"
             for text in texts
@@ -238,7 +242,8 @@ def test_diagnostics_at_debug_say_nothing_a_client_sent(
     assert "ID under policy passthrough" in stderr and "client TLS failed" in stderr
     assert "proxy_header" in stderr, stderr
     assert raw(stderr) == []
-    assert MARK not in stderr.lower()
+    assert MARK not in stderr.lower() and SECRET not in stderr
+    assert SECRET.encode() not in proxy.events.read_bytes()
     records, other = read_log(proxy.events)
     assert other == [] and proxy.events.read_bytes().isascii()
     users = {r.get("user") for r in records if r["event"] == "command"}
