@@ -27,6 +27,7 @@ from imapveil.policy.load import resolve_policy
 from imapveil.protocol import id_params
 from imapveil.stats import currency, inventory, tables, traits
 from imapveil.stats import report as report_module
+from imapveil.stats.charts import safe
 from imapveil.stats.labels import LabelError, load_labels
 from imapveil.stats.store import Store, StoreError
 
@@ -247,7 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
         "test", help="show what a policy forwards and records for one ID command"
     )
     test.add_argument("file", metavar="FILE")
-    test.add_argument("id_command", metavar="'ID (...)'", help='e.g. \'ID ("name" "Mail")\'')
+    test.add_argument(
+        "id_command", metavar="'ID (...)'",
+        help='e.g. \'ID ("name" "Mail")\'; a tag before ID, as a client sent the command, and '
+        "the list alone are taken too",
+    )  # fmt: skip
     test.add_argument("--trusted", action="store_true", help="as from a trusted network")
     return parser
 
@@ -432,10 +437,17 @@ def policy_tool(args: argparse.Namespace) -> int:
     except PolicyError as exc:
         print(exc, file=sys.stderr)
         return 1
-    text = args.id_command.encode("utf-8")
-    verb, _, rest = text.strip().partition(b" ")
-    if verb.upper() != b"ID":
-        rest = text  # the list alone
+    # The octets as they came: a command captured from a client need not be UTF-8, and Python
+    # gives what is not as lone surrogates (PEP 383).
+    text = args.id_command.encode("utf-8", "surrogateescape")
+    line = text.strip()
+    words = line.split(b" ", 2)
+    if words[0].upper() == b"ID":
+        rest = line.partition(b" ")[2]
+    elif len(words) > 2 and words[1].upper() == b"ID":
+        rest = words[2]  # a tag first: the command line as a client sends it
+    else:
+        rest = line  # the list alone
     try:
         fields = id_params.parse(rest)
     except id_params.IdSyntaxError as exc:
@@ -445,9 +457,12 @@ def policy_tool(args: argparse.Namespace) -> int:
         policy, fields, hasher=lambda _v: "hmac:<keyed>", trusted_client=args.trusted, explain=True
     )
     forwarded = id_params.serialize(outcome.forwarded, literal_plus=True)
+    # What a client sent, shown as `imapveil stats` shows it: the command may be an attacker's,
+    # its escape sequences, bidirectional overrides and invisible characters escaped, and a
+    # literal's CR LF too (one line each).
     print(f"policy:    {policy.name} (sha256 {policy.digest[:12]})")
-    print(f"forwarded: ID {forwarded.decode('utf-8', 'backslashreplace')}")
-    print(f"recorded:  {json.dumps(outcome.recorded, ensure_ascii=False)}")
+    print(f"forwarded: ID {safe(forwarded.decode('utf-8', 'backslashreplace'))}")
+    print(f"recorded:  {safe(json.dumps(outcome.recorded, ensure_ascii=False))}")
     print("decisions:")
     for d in outcome.decisions:
         print(f"  {d.field:<32} forward={d.forward:<9} record={d.record:<8} by {d.rule}")

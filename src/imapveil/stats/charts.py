@@ -14,7 +14,10 @@ _UNSAFE = re.compile(
     "\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f\u2028-\u202e\u2060-\u206f"
     "\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff0-\ufffb\U000110bd\U000110cd"
     "\U00013430-\U0001343f\U0001bca0-\U0001bca3\U0001d173-\U0001d17a"
-    "\U000e0000-\U000e0fff]"
+    "\U000e0000-\U000e0fff"
+    "\ud800-\udfff\ue000-\uf8ff\ufdd0-\ufdef\ufffe\uffff\U000f0000-\U0010ffff"
+    + "".join(f"{chr(plane << 16 | 0xFFFE)}{chr(plane << 16 | 0xFFFF)}" for plane in range(1, 15))
+    + "]"
 )
 """What a terminal or a reader of text must not get raw from a client: C0 and C1 controls and DEL
 (escape sequences, BEL, a carriage return or line feed forging a row), the line and paragraph
@@ -23,7 +26,11 @@ character Unicode says is shown as nothing (Default_Ignorable_Code_Point: zero-w
 joiners, the byte order mark, soft hyphens, variation selectors, tag characters, fillers), and
 every other format character (Cf: the interlinear annotation marks, number signs and format
 controls that join or reshape what follows them): a family `Thunderbird` followed by a
-zero-width space is a group of its own that reads `Thunderbird`, a row beside the real one."""
+zero-width space is a group of its own that reads `Thunderbird`, a row beside the real one. And
+what a terminal shows as nothing, or as a box or an icon of its font's choosing: noncharacters
+(U+FFFE, U+FFFF, U+FDD0 to U+FDEF, the last two of every plane) and private-use characters;
+and surrogates, which alone are no character at all (written to a UTF-8 stream, one stops the
+output at it)."""
 
 
 def _escape_one(match: re.Match[str]) -> str:
