@@ -212,3 +212,26 @@ def test_each_codec_stores_only_what_postgresql_converts(postgres: Postgres) -> 
 
 EVERY = "".join(chr(c) for c in range(0x80, 0x110000) if not 0xD800 <= c <= 0xDFFF)
 """Every character outside ASCII."""
+
+
+def test_a_replay_is_told_from_a_collision_when_ids_are_escaped(postgres: Postgres) -> None:
+    """A session row whose id the database's encoding lacks (only an edited spool makes one) is
+    stored escaped: written again it is a replay (no collision), and a different row under the
+    same id is a collision named by the id as sent."""
+    url = database(postgres, "LATIN1")
+    row = {c: 0 for c in store_module.SESSION_COLUMNS} | {
+        "session": "s-\u20ac", "proxy": "p", "started_at": "2026-01-01T00:00:00", "ended_at":
+        "2026-01-01T00:00:01", "day": "2026-01-01", "reason": "logout", "family": "Mail \u20ac",
+    }  # fmt: skip
+    first = tuple(row[c] for c in store_module.SESSION_COLUMNS)
+    other = tuple({**row, "family": "Other"}[c] for c in store_module.SESSION_COLUMNS)
+    store = store_module.Store(url)
+    store.connect()
+    try:
+        assert store.write(store_module.Batch(sessions=[first])) == []
+        assert store.write(store_module.Batch(sessions=[first])) == []
+        (collision,) = store.write(store_module.Batch(sessions=[other]))
+        assert collision.session == "s-\u20ac"
+        assert store.rows("SELECT session, family FROM sessions") == [("s-\\u20ac", "Mail \\u20ac")]
+    finally:
+        store.close()
