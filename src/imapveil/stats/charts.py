@@ -7,6 +7,7 @@ from __future__ import annotations
 import html
 import re
 
+from imapveil.stats.escapes import escaped
 from imapveil.stats.inventory import Trend
 
 _UNSAFE = re.compile(
@@ -34,15 +35,12 @@ output at it)."""
 
 
 def _escape_one(match: re.Match[str]) -> str:
-    code = ord(match.group())
-    if code < 0x100:
-        return f"\\x{code:02x}"
-    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+    return escaped(match.group())
 
 
 def safe(text: str) -> str:
     """`text` with every character of `_UNSAFE` written as an escape (`\\x1b`, `\\u202e`,
-    `\\U000e0041`)."""
+    `\\U000e0041`: `escapes.escaped`)."""
     return _UNSAFE.sub(_escape_one, text)
 
 

@@ -71,7 +71,7 @@ from imapveil.stats.spool import (
     spool_directory,
     well_formed,
 )
-from imapveil.stats.store import WRITE_TIMEOUT, Batch, Collision, Store, redact
+from imapveil.stats.store import CODECS, WRITE_TIMEOUT, Batch, Collision, Store, redact
 
 log = logging.getLogger(__name__)
 
@@ -172,8 +172,9 @@ class StoreSink:
         self.counts = {outcome: Tally() for outcome in OUTCOMES}
         self.collisions = 0
         self._refusals = Occurrences()
-        """Rows the store refused for their content: a client can cause one per session (a
-        name a LATIN1 database cannot hold), so said once a minute at most, with a count."""
+        """Rows the store refused for their content: a client might cause one per session
+        (as a name a LATIN1 database cannot hold did, before `store.escaper`), so said once a
+        minute at most, with a count."""
         self._reported = Tally()
         self._open: dict[str, _Open] = {}
         self._seq = itertools.count(1)
@@ -189,6 +190,7 @@ class StoreSink:
         self._abandoned = False
         self._spool_failing = False
         self._spool_full = False
+        self._escaping_said = False
 
     @property
     def depth(self) -> int:
@@ -415,6 +417,9 @@ class StoreSink:
             return
         self.connected = True
         self.ready.set()
+        if self.store.escape is not None and not self._escaping_said:
+            self._escaping_said = True
+            log.warning("%s", escaping(self.store.encoding))
         away = f" after {time.monotonic() - self._away_since:.1f} s" if self._away_since else ""
         self._away_since = None
         spooled = self.spool.bytes if self.spool is not None else 0
@@ -642,6 +647,22 @@ def _without_nul(fields: dict[str, str | None]) -> dict[str, str | None]:
     if not any(v and "\0" in v for v in fields.values()):
         return fields
     return {k: v.replace("\0", NUL_SHOWN) if v else v for k, v in fields.items()}
+
+
+def escaping(encoding: str | None) -> str:
+    """What the writer says once, at its first connection to a PostgreSQL database whose
+    encoding lacks characters (`store.escaper`)."""
+    lacks = (
+        f"{encoding} lacks"
+        if encoding in CODECS
+        else f"are outside ASCII ({encoding} is not an encoding imapveil maps)"
+    )
+    return (
+        f"statistics store: the database's encoding is {encoding}, not UTF8: characters of what "
+        f"clients send (ID values, user names) that {lacks} are stored escaped (U+20AC as "
+        "\\u20ac), their sessions counted; to store them as sent, move the statistics to a "
+        "database created with ENCODING 'UTF8' (pg_dump, then restore into it)"
+    )
 
 
 class StoreHung(Exception):

@@ -14,6 +14,14 @@ is stored once: every table has a key — `sessions (session)`, `id_exchanges (s
 digest of its content, so that a genuinely different session under an existing id (a collision)
 is told apart from a replay and reported.
 
+A PostgreSQL database need not be in UTF8. The store talks UTF-8 to it whatever its encoding
+(`SHOW server_encoding`, read at connect), and the server converts; a character the database's
+encoding lacks (a Cyrillic or Chinese client name, an emoji, `€` in LATIN1), which the server
+refuses, is stored escaped instead (`escaper`: `\\u20ac`, the form the outputs give an invisible
+character), so that no session is lost for it. A UTF8 database (and a SQL_ASCII one, which
+stores the octets it is sent unchecked, and gives them back) is written as it always was, at no
+cost a row.
+
 A session's traits (`records.SessionTraits`, migration 3) are two tables beside `sessions`,
 joined on `session`: `session_traits` has one row per session whose traits are known (its
 behaviour signature's name and canonical text, its JA4 TLS fingerprint, each NULL when there is
@@ -28,16 +36,19 @@ them is floored by `min_group_users` (see `stats.traits`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import re
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
+
+from imapveil.stats.escapes import escaped
 
 _USERINFO_PASSWORD = re.compile(r"(://[^:/@]*):[^@/]*@")
 _PARAMETER = re.compile(r"([?&])([^=&#]*)=([^&#]*)")
@@ -175,6 +186,60 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 )
 
 
+AS_SENT = frozenset({"UTF8", "SQL_ASCII"})
+"""PostgreSQL's encodings that take every character the store sends (UTF-8) as it is."""
+CODECS = {
+    "LATIN1": "iso8859_1", "LATIN2": "iso8859_2", "LATIN3": "iso8859_3", "LATIN4": "iso8859_4",
+    "LATIN5": "iso8859_9", "LATIN6": "iso8859_10", "LATIN7": "iso8859_13",
+    "LATIN8": "iso8859_14", "LATIN9": "iso8859_15", "LATIN10": "iso8859_16",
+    "ISO_8859_5": "iso8859_5", "ISO_8859_6": "iso8859_6", "ISO_8859_7": "iso8859_7",
+    "ISO_8859_8": "iso8859_8", "KOI8R": "koi8_r", "KOI8U": "koi8_u", "WIN866": "cp866",
+    "WIN874": "cp874", "WIN1250": "cp1250", "WIN1251": "cp1251", "WIN1252": "cp1252",
+    "WIN1253": "cp1253", "WIN1254": "cp1254", "WIN1255": "cp1255", "WIN1256": "cp1256",
+    "WIN1257": "cp1257", "WIN1258": "cp1258", "EUC_CN": "gb2312",
+}  # fmt: skip
+"""PostgreSQL's server encodings (as `SHOW server_encoding` names them) and the Python codec that
+encodes what each holds: none keeps a character PostgreSQL's own conversion from UTF-8 refuses
+(tests/stats/test_store_encodings.py hands each codec's every character to the server). Not
+here, so ASCII only: EUC_JP, EUC_JIS_2004 and EUC_KR, whose Python codecs encode characters
+PostgreSQL refuses (`¥` and `‾` in EUC_JP; Hangul beyond KS X 1001's 2,350 syllables in EUC_KR,
+which Python spells with a sequence of jamo), EUC_TW and MULE_INTERNAL (no Python codec), and
+whatever a later PostgreSQL adds."""
+
+
+def escaper(encoding: str) -> Callable[[str], str] | None:
+    """What a text becomes for a PostgreSQL database in `encoding` (its server encoding): each
+    character the encoding lacks written as an escape (`escapes.escaped`), the rest as it is;
+    None for an encoding that takes every character (`AS_SENT`). An encoding not in `CODECS`
+    keeps ASCII only."""
+    if encoding in AS_SENT:
+        return None
+    codec = CODECS.get(encoding, "ascii")
+
+    @functools.lru_cache(maxsize=4096)
+    def holds(char: str) -> bool:
+        try:
+            char.encode(codec)
+        except UnicodeEncodeError:
+            return False
+        return True
+
+    def escape(text: str) -> str:
+        if text.isascii():  # every server encoding holds ASCII
+            return text
+        try:
+            text.encode(codec)
+        except UnicodeError:  # a character the encoding lacks (or a lone surrogate)
+            return "".join(c if holds(c) else escaped(c) for c in text)
+        return text
+
+    return escape
+
+
+def _escaped(rows: Sequence[Sequence[Any]], escape: Callable[[str], str]) -> list[tuple[Any, ...]]:
+    return [tuple(escape(v) if isinstance(v, str) else v for v in row) for row in rows]
+
+
 class StoreError(Exception):
     pass
 
@@ -225,6 +290,10 @@ class Store:
         self.postgres = url.startswith(("postgresql://", "postgres://"))
         self.timeout = timeout
         self._conn: Any = None
+        self.encoding: str | None = None
+        """PostgreSQL's database's encoding (`SHOW server_encoding`), once connected."""
+        self.escape: Callable[[str], str] | None = None
+        """What each text of a row written becomes (`escaper`), None if it goes as it is."""
 
     def connect(self) -> None:
         if self.postgres:
@@ -245,12 +314,12 @@ class Store:
                     keepalives_interval=3,
                     keepalives_count=3,
                     tcp_user_timeout=20_000,
-                    # UTF-8 whatever the database's encoding: the server converts, and refuses
-                    # a value its encoding lacks as that row's content (a DataError, that row
-                    # dropped), where the driver, encoding to a LATIN1 database's encoding
-                    # itself, raised UnicodeEncodeError, taken for the store being away (the
-                    # batch retried for ever, every later session behind it); and a SQL_ASCII
-                    # database's text comes back as text, not bytes.
+                    # UTF-8 whatever the database's encoding: the server converts (a value
+                    # its encoding lacks is escaped first: `escaper`), where the driver,
+                    # encoding to a LATIN1 database's encoding itself, raised
+                    # UnicodeEncodeError, taken for the store being away (the batch retried
+                    # for ever, every later session behind it); and a SQL_ASCII database's
+                    # text comes back as text, not bytes.
                     client_encoding="UTF8",
                 )
             except psycopg.Error as exc:
@@ -260,7 +329,10 @@ class Store:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._conn = sqlite3.connect(path, timeout=self.timeout, check_same_thread=False)
         try:
-            if not self.postgres:
+            if self.postgres:
+                (self.encoding,) = self._conn.execute("SHOW server_encoding").fetchone()
+                self.escape = escaper(self.encoding)
+            else:
                 self._wal()
                 self._conn.execute("PRAGMA synchronous=NORMAL")
             self.migrate()
@@ -380,6 +452,8 @@ class Store:
         interpreter lock and takes it back, which the event loop, holding it, must hand over
         (a few futex calls and a stall per row). PostgreSQL's driver batches on its own."""
         if self.postgres:
+            if self.escape is not None:
+                rows = _escaped(rows, self.escape)
             cur.executemany(self._sql(_insert(table, columns)), rows)
             return int(cur.rowcount)
         per = max(1, SQLITE_PARAMETERS // len(columns))
@@ -391,15 +465,16 @@ class Store:
         return stored
 
     def _collisions(self, cur: Any, rows: list[tuple[Any, ...]]) -> list[Collision]:
-        ids = [row[0] for row in rows]
+        escape = self.escape
+        ids = [row[0] for row in (_escaped(rows, escape) if escape else rows)]  # as stored
         marks = ", ".join("?" * len(ids))
         query = f"SELECT session, digest FROM sessions WHERE session IN ({marks})"  # noqa: S608
         cur.execute(self._sql(query), ids)
         stored = dict(cur.fetchall())
         return [
-            Collision(row[0], stored.get(row[0]), row[-1])
-            for row in rows
-            if stored.get(row[0]) != row[-1]
+            Collision(row[0], stored.get(id_), row[-1])
+            for row, id_ in zip(rows, ids, strict=True)
+            if stored.get(id_) != row[-1]
         ]
 
     def refuses(self, exc: BaseException) -> bool:
