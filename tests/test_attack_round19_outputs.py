@@ -98,6 +98,22 @@ def test_policy_test_escapes_the_forwarded_values_it_shows() -> None:
     assert json.loads(recorded.removeprefix("recorded:  ")) == {"name": text}
 
 
+@pytest.mark.parametrize(
+    "text", ["Mail\U000e0041\U000e007f", "Mail\U0010ffff", "Mail\U0001f4e7\u202e", "Почта\x1b[2J"]
+)
+def test_policy_test_s_recorded_line_stays_json(text: str) -> None:
+    """Found (round 19's report): the `recorded:` line was the JSON with `charts.safe` run over
+    it, which writes a character past U+FFFF as `\\U000e0041`: not JSON (`jq` stops there). Its
+    escapes are JSON's own now (`\\udb40\\udc41`), the same text when read back, and nothing
+    of it raw on the terminal."""
+    command = b'ID ("name" {%d+}\r\n%s)' % (len(text.encode()), text.encode())
+    done = policy_test("passthrough", command)
+    assert done.returncode == 0, done.stderr
+    recorded = done.stdout.decode().splitlines()[2]
+    assert raw(recorded) == []
+    assert json.loads(recorded.removeprefix("recorded:  ")) == {"name": text}
+
+
 def test_policy_test_takes_a_captured_command_that_is_not_utf8() -> None:
     """Found: an ID command whose octets are not UTF-8 (a client may send any octets in a
     literal or a quoted string; Python hands them to the program as lone surrogates) made

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import logging
 import re
 import sqlite3
@@ -27,7 +26,7 @@ from imapveil.policy.load import resolve_policy
 from imapveil.protocol import id_params
 from imapveil.stats import currency, inventory, tables, traits
 from imapveil.stats import report as report_module
-from imapveil.stats.charts import safe
+from imapveil.stats.charts import safe, safe_json
 from imapveil.stats.labels import LabelError, load_labels
 from imapveil.stats.store import Store, StoreError
 
@@ -462,7 +461,7 @@ def policy_tool(args: argparse.Namespace) -> int:
     # literal's CR LF too (one line each).
     print(f"policy:    {policy.name} (sha256 {policy.digest[:12]})")
     print(f"forwarded: ID {safe(forwarded.decode('utf-8', 'backslashreplace'))}")
-    print(f"recorded:  {safe(json.dumps(outcome.recorded, ensure_ascii=False))}")
+    print(f"recorded:  {safe_json(outcome.recorded)}")
     print("decisions:")
     for d in outcome.decisions:
         print(f"  {d.field:<32} forward={d.forward:<9} record={d.record:<8} by {d.rule}")

@@ -5,6 +5,7 @@ chart's box (tests/stats/test_report_layout.py measures them in a real browser).
 from __future__ import annotations
 
 import html
+import json
 import re
 
 from imapveil.stats.escapes import escaped
@@ -42,6 +43,21 @@ def safe(text: str) -> str:
     """`text` with every character of `_UNSAFE` written as an escape (`\\x1b`, `\\u202e`,
     `\\U000e0041`: `escapes.escaped`)."""
     return _UNSAFE.sub(_escape_one, text)
+
+
+def _json_escape_one(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    code -= 0x10000
+    return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
+
+
+def safe_json(value: object) -> str:
+    """`value` as JSON (`ensure_ascii=False`: letters of any script as they are) with every
+    character of `_UNSAFE` written as JSON's own escape (`\\u202e`, a surrogate pair past
+    U+FFFF): safe on a terminal, and still JSON (`safe` over JSON is not, past U+FFFF)."""
+    return _UNSAFE.sub(_json_escape_one, json.dumps(value, ensure_ascii=False))
 
 
 def plural(count: int, noun: str) -> str:
