@@ -7,6 +7,7 @@ from __future__ import annotations
 import html
 import json
 import re
+import unicodedata
 
 from imapveil.stats.escapes import escaped
 from imapveil.stats.inventory import Trend
@@ -86,6 +87,61 @@ def cut(text: str, width: int) -> str:
     if text[width - 1] != " " and space >= width // 2:
         head = head[:space]
     return head.rstrip(" ,;:/-") + "\u2026"
+
+
+def _clusters(text: str) -> list[tuple[str, int]]:
+    """`text` as a terminal table shows it, in the pieces a cut must not split, each with the
+    columns it takes: an escape for a character `safe` escapes (a column an octet of it); a
+    character with the combining marks after it (those take none); a wide character (East
+    Asian Width W or F: CJK, most emoji) two columns, any other one."""
+    out: list[tuple[str, int]] = []
+    for char in text:
+        if _UNSAFE.match(char):
+            shown = escaped(char)
+            out.append((shown, len(shown)))
+        elif unicodedata.combining(char) and out and not out[-1][0].startswith("\\"):
+            out[-1] = (out[-1][0] + char, out[-1][1])
+        elif unicodedata.combining(char):
+            out.append((char, 0))
+        else:
+            out.append((char, 2 if unicodedata.east_asian_width(char) in "WF" else 1))
+    return out
+
+
+def columns(text: str) -> int:
+    """The columns of a terminal a client's `text` takes as `fit` shows it, whole."""
+    return sum(n for _, n in _clusters(text))
+
+
+def fit(text: str, width: int, *, right: bool = False) -> str:
+    """A client's `text` in exactly `width` columns of a terminal, as `cut` puts it in `width`
+    characters: escaped as `safe` escapes it, cut with an ellipsis after a whole word where one
+    ends in the second half, never inside an escape nor between a character and its combining
+    marks, and padded with spaces (on the left if `right`). Wide characters take two columns
+    and combining marks none, so a table's columns line up whatever the names hold."""
+    pieces = _clusters(text)
+    used = sum(n for _, n in pieces)
+    if used <= width:
+        shown = "".join(piece for piece, _ in pieces)
+    else:
+        kept: list[tuple[str, int]] = []
+        used = 0
+        for piece, n in pieces:
+            if used + n > width - 1:
+                break
+            kept.append((piece, n))
+            used += n
+        spaces = [i for i, (piece, _) in enumerate(kept) if piece == " "]
+        if pieces[len(kept)][0] != " " and spaces:
+            space = spaces[-1]
+            if sum(n for _, n in kept[:space]) >= width // 2:
+                kept = kept[:space]
+        while kept and kept[-1][0] in (" ", ",", ";", ":", "/", "-"):
+            kept.pop()
+        shown = "".join(piece for piece, _ in kept) + "\u2026"
+        used = sum(n for _, n in kept) + 1
+    pad = " " * (width - used)
+    return pad + shown if right else shown + pad
 
 
 LABEL_WIDTH = 48

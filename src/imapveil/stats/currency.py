@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from imapveil.stats.charts import cut, plural, safe
+from imapveil.stats.charts import fit, plural, safe
 from imapveil.stats.identify import TABLE
 from imapveil.stats.store import Store
 from imapveil.stats.tables import disarm
@@ -230,7 +230,7 @@ def as_table(currency: Currency) -> str:
     lines = [head, "-" * len(head)]
     for r in currency.rows:
         counts = "".join(f" {getattr(r, c):>11}" for c in CLASSES)
-        line = f"{cut(safe(r.group), w):<{w}} {r.users:>7}{counts}  {r.checked or ''}"
+        line = f"{fit(r.group, w)} {r.users:>7}{counts}  {r.checked or ''}"
         lines.append(line.rstrip())
     lines += ["", f"{plural(currency.users, 'distinct user')}, each by their most recent session"]
     return "\n".join(lines) + "\n"

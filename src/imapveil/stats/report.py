@@ -24,7 +24,7 @@ from typing import Any
 from imapveil.stats import currency, inventory, periods, tables, traits
 from imapveil.stats.charts import CHAR_WIDTH as CHAR_WIDTH  # noqa: PLC0414 (re-exported)
 from imapveil.stats.charts import LABEL_WIDTH as LABEL_WIDTH  # noqa: PLC0414 (re-exported)
-from imapveil.stats.charts import bar_chart, line_chart, matrix_chart
+from imapveil.stats.charts import bar_chart, columns, fit, line_chart, matrix_chart
 from imapveil.stats.charts import cut as cut  # noqa: PLC0414 (re-exported)
 from imapveil.stats.charts import plural as plural  # noqa: PLC0414 (re-exported)
 from imapveil.stats.charts import safe as safe  # noqa: PLC0414 (re-exported)
@@ -133,7 +133,7 @@ def as_table(summary: Summary, by: str) -> str:
     for r in summary.rows:
         seen = f"{safe(r.first_seen)[:19]}  {safe(r.last_seen)[:19]}"
         counts = f"{r.sessions:>9} {r.users:>7} {r.share:>6.1%}"
-        lines.append(f"{cut(safe(r.group), w):<{w}} {counts}  {seen}")
+        lines.append(f"{fit(r.group, w)} {counts}  {seen}")
     if summary.folded:
         lines += ["", fold_note(summary, "group")]
     lines.append("")
@@ -229,9 +229,11 @@ def trend_table(trend: Trend) -> str:
     """A week a line, a column a family ("-" where it had fewer than the minimum), then what
     changed."""
     families = list(trend.series)
-    names = [cut(safe(f), 24) for f in families] + ["other"]
-    widths = [max(len(n), 5) for n in names]
-    head = f"{'week':<8}" + "".join(f" {n:>{w}}" for n, w in zip(names, widths, strict=True))
+    names = [*families, "other"]
+    widths = [max(min(columns(n), 24), 5) for n in names]
+    head = f"{'week':<8}" + "".join(
+        f" {fit(n, w, right=True)}" for n, w in zip(names, widths, strict=True)
+    )
     lines = [head, "-" * len(head)]
     for i, week in enumerate(trend.weeks):
         values = ["-" if (v := trend.series[f][i]) is None else str(v) for f in families]

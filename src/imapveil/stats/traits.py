@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Any
 
-from imapveil.stats.charts import cut, plural, safe
+from imapveil.stats.charts import fit, plural, safe
 from imapveil.stats.identify import NO_ID
 from imapveil.stats.inventory import Fold, Inferred, InferredRow, also, grouped, where
 from imapveil.stats.labels import Label
@@ -198,7 +198,7 @@ def extensions_table(usage: ExtensionUsage) -> str:
     lines = [head, "-" * len(head)]
     for r in usage.rows:
         lines.append(
-            f"{cut(safe(r.family), 32):<32} {cut(safe(r.extension), 20):<20} {r.users:>7} "
+            f"{fit(r.family, 32)} {fit(r.extension, 20)} {r.users:>7} "
             f"{r.share:>6.1%} {r.sessions:>9}"
         )
     if usage.folded.groups:
@@ -350,7 +350,7 @@ def with_inferred(text: str, form: str, found: Inferred) -> str:
     lines = ["", INFERRED_NOTE, head, "-" * len(head)]
     for r in found.rows:
         lines.append(
-            f"{cut(safe(r.family), 32):<32} {r.sessions:>9} {r.users:>7} {r.share:>6.1%}  "
+            f"{fit(r.family, 32)} {r.sessions:>9} {r.users:>7} {r.share:>6.1%}  "
             f"{safe(r.platforms)}".rstrip()
         )
     if found.folded.groups:
