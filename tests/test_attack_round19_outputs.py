@@ -8,6 +8,7 @@ import base64
 import contextlib
 import functools
 import json
+import os
 import re
 import socket
 import ssl
@@ -322,3 +323,51 @@ def test_stats_and_the_report_show_no_private_use_or_noncharacter_raw(
     shown += [f"report: U+{ord(c):04X}" for c in NOT_SHOWN.findall(page)]
     assert shown == []
     assert "Mail\\ue000" in cli("stats", "--store", str(store), "--min-users", "0")
+
+
+# --- Found (round 19's report): a terminal that is not UTF-8.
+
+
+def in_encoding(encoding: str, *args: str | bytes) -> subprocess.CompletedProcess[bytes]:
+    """The CLI with its standard streams in `encoding` (a terminal in a Latin-1 or ASCII locale;
+    PYTHONIOENCODING, as the locale would have it without Python's UTF-8 coercion)."""
+    env = {**os.environ, "PYTHONIOENCODING": encoding}
+    return subprocess.run(
+        [sys.executable, "-m", "imapveil", *args],
+        capture_output=True, check=False, timeout=60, env=env,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("encoding", ["latin-1", "ascii"])
+def test_policy_test_on_a_terminal_that_is_not_utf8(encoding: str) -> None:
+    """`imapveil policy test` on a name a Latin-1 or ASCII terminal cannot show (`Почта…`) was a
+    traceback (UnicodeEncodeError) at the first line that held it. What the terminal cannot
+    show is written as an escape now; the rest of the line, and the lines after, as they are."""
+    done = in_encoding(encoding, "policy", "test", "passthrough", 'ID ("name" "Почта…")')
+    assert done.returncode == 0, done.stderr
+    out = done.stdout.decode(encoding)
+    assert "\\u041f\\u043e\\u0447\\u0442\\u0430\\u2026" in out
+    assert "decisions:" in out
+
+
+@pytest.mark.dovecot
+def test_stats_and_the_report_on_a_terminal_that_is_not_utf8(
+    dovecot: Dovecot, tmp_path: Path
+) -> None:
+    """`imapveil stats` stopped with a traceback on a Latin-1 terminal at its own `…` (a name cut
+    short) or a client's `Почта`; so did `report` writing to stdout. Both go on now, what the
+    terminal cannot show escaped."""
+    store = tmp_path / "stats.sqlite"
+    with imapveil(tmp_path, dovecot.address, "--store", str(store), "--policy", "passthrough") as p:
+        user, password = next(iter(dovecot.users.items()))
+        session(p.port, user, password, "Почта " + "Mail " * 20)
+        assert p.stop() == 0
+    for encoding in ("latin-1", "ascii"):
+        for form in ("table", "csv", "json"):
+            done = in_encoding(encoding, "stats", "--store", str(store), "--format", form,
+                               "--min-users", "0")  # fmt: skip
+            assert done.returncode == 0, (encoding, form, done.stderr)
+            assert b"\\u041f" in done.stdout or b"\\\\u041f" in done.stdout
+        done = in_encoding(encoding, "report", "--store", str(store), "--min-users", "0",
+                           "--html", "-")  # fmt: skip
+        assert done.returncode == 0, (encoding, done.stderr)

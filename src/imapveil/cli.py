@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import io
 import logging
 import re
 import sqlite3
@@ -265,6 +266,11 @@ def fail(message: str, status: int = EXIT_FAILURE) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):
+        # A terminal that is not UTF-8 (a Latin-1 or ASCII locale): what it cannot show, a
+        # client's `Почта` or our own `…`, is written as an escape, not a traceback.
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
     parser = build_parser()
     args = parser.parse_args(legacy_booleans(sys.argv[1:] if argv is None else argv))
     if args.command == "policy":
@@ -408,7 +414,15 @@ def write_report(target: str | None, directory: str | None, made: report_module.
         return EXIT_OK
     page = report_module.render(made)
     if target == "-":
-        sys.stdout.write(page)
+        # In UTF-8, as the page says it is (`<meta charset="utf-8">`), whatever the terminal's
+        # encoding: the page is for a file or a browser.
+        out = sys.stdout
+        if isinstance(out, io.TextIOWrapper):
+            out.flush()
+            out.buffer.write(page.encode("utf-8"))
+            out.buffer.flush()
+        else:
+            out.write(page)
         return EXIT_OK
     try:
         Path(target).write_text(page, encoding="utf-8")
