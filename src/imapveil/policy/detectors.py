@@ -37,8 +37,9 @@ _UUID = re.compile(
     re.IGNORECASE,
 )
 # Not after a digit or "digit.", not before a digit or ".digit": "3826.300.87.2.22" holds none.
+# Four digits a part: a leading zero before three ("0198", or octal "0306"; `_quad_part`).
 _IPV4 = re.compile(
-    rb"(?<![0-9])(?<![0-9]\.)[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}(?![0-9])(?!\.[0-9])"
+    rb"(?<![0-9])(?<![0-9]\.)[0-9]{1,4}\.[0-9]{1,4}\.[0-9]{1,4}\.[0-9]{1,4}(?![0-9])(?!\.[0-9])"
 )
 _WORD = re.compile(rb"[0-9A-Za-z]+")
 _DIGIT_RUN = re.compile(rb"[0-9]+")
@@ -50,7 +51,11 @@ _IP6_DASHED = re.compile(rb"[0-9A-Fa-f-]+")
 PATTERNS = (_MAC, _UUID, _IPV4, _WORD, _DIGIT_RUN, _B64_RUN, _IP6_RUN, _IP6_DASHED)
 
 _HEX = b"0123456789abcdefABCDEF"
-_LOCAL_PART = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._%+-'")
+# What may end a local part (RFC 5322 atext and dots), a quoted one ('"alice"@') or a comment
+# ("alice(home)@").
+_LOCAL_PART = frozenset(
+    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._%+-'!#$&*/=?^`{|}~\")"
+)
 _DOMAIN_START = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789[")
 
 
@@ -128,15 +133,37 @@ def _grouped_mac(words: tuple[bytes, ...]) -> bool:
     return False
 
 
+def _unpadded_mac(words: tuple[bytes, ...], gaps: tuple[bytes, ...]) -> bool:
+    """Six groups or more of one or two hex digits, each joined to the next by the same octet:
+    a MAC address whose groups lost their leading zeros, as BSD's and macOS's `arp` and
+    `ifconfig` print them ("0:1a:2b:3:4d:5e"), whatever the joiner. Three of the six have two
+    digits and one a letter (a version's "1.0.a.b.c.d" or "10.11.12.13.14.15" is none)."""
+    start = 0  # words[start:i + 1]: short hex words, joined alike
+    for i, w in enumerate(words):
+        if len(w) > 2 or not _is_hex(w):
+            start = i + 1
+            continue
+        if i - 1 > start and gaps[i - 1] != gaps[i - 2]:
+            start = i - 1  # another joiner: the word before begins a run
+        if i - start >= 5:
+            six = words[i - 5 : i + 1]
+            if sum(len(x) == 2 for x in six) >= 3 and _count_in(b"".join(six), _HEX_LETTERS):
+                return True
+    return False
+
+
 def mac(value: bytes) -> bool:
     """With colons or hyphens, Cisco's dotted form, or 12 hex digits standing alone; or grouped
-    otherwise, whatever joins the groups (up to three octets: `_grouped_mac`)."""
+    otherwise, whatever joins the groups (up to three octets: `_grouped_mac`); or without the
+    leading zeros of its groups (`_unpadded_mac`)."""
     if _MAC.search(value):
         return True
     rest = _UUID.sub(b" ", value)  # a UUID ends in 12 hex digits: that one is the uuid detector's
     if any(len(w) == 12 and _is_hex(w) for w in _WORD.findall(rest)):
         return True
-    return any(_grouped_mac(words) or _chunked(words, 12, 2) for words, _ in groups(rest, 3))
+    if any(_grouped_mac(words) or _chunked(words, 12, 2) for words, _ in groups(rest, 3)):
+        return True
+    return any(_unpadded_mac(words, gaps) for words, gaps in groups(rest, 1))
 
 
 def _digit_groups(words: tuple[bytes, ...], gaps: tuple[bytes, ...], dots: bool) -> bool:
@@ -265,11 +292,21 @@ def email(value: bytes) -> bool:
     return False
 
 
+def _quad_part(word: bytes) -> bool:
+    """Digits of a part of an IPv4 address, as inet_aton or a reader takes them: at most 255, or
+    after a leading zero at most 0377 in octal ("0306", 198). Four digits at most."""
+    if len(word) > 4 or not word.isdigit():
+        return False
+    if int(word) <= 255:
+        return True
+    return word[:1] == b"0" and not word.translate(None, b"01234567") and int(word, 8) <= 255
+
+
 def _octet(word: bytes) -> bool:
-    """A part of an IPv4 address: up to three digits of at most 255, or 0x and two hex digits."""
+    """A part of an IPv4 address: digits (`_quad_part`), or 0x and two hex digits."""
     if word[:2].lower() == b"0x":
         return 2 < len(word) <= 4 and _is_hex(word[2:])
-    return len(word) <= 3 and word.isdigit() and int(word) <= 255
+    return _quad_part(word)
 
 
 _IP_JOINERS = frozenset(b"-_+,/;~&' ")
@@ -295,11 +332,12 @@ def _grouped_ipv4(words: tuple[bytes, ...], gaps: tuple[bytes, ...]) -> bool:
 
 def dotted_quads(value: bytes) -> list[int]:
     """Where an IPv4 address in dotted decimal begins, each one (leading zeros too:
-    "010.000.000.001" is still meant as an address)."""
+    "010.000.000.001" and "198.051.0100.7" are still meant as addresses; and octal, which
+    inet_aton reads: "0306.063.0144.07")."""
     return [
         m.start()
         for m in _IPV4.finditer(value)
-        if all(int(part) <= 255 for part in m.group().split(b"."))
+        if all(_quad_part(part) for part in m.group().split(b"."))
     ]
 
 
@@ -365,13 +403,14 @@ DETECTORS: dict[str, Callable[[bytes], bool]] = {
 _DIGITS = b"0123456789"
 
 NEEDS: dict[str, tuple[int, int, int]] = {
-    "mac": (12, 0, 12),
+    "mac": (9, 0, 12),
     "imei": (0, 15, 15),
     "uuid": (32, 0, 32),
     "token": (0, 0, 16),
 }
 """What a value must have for a detector to find anything in it, in every form it knows:
-(hex digits, decimal digits, octets). Twelve hex digits make a MAC address, however grouped;
+(hex digits, decimal digits, octets). Twelve hex digits make a MAC address, however grouped
+(nine without its leading zeros: `_unpadded_mac`);
 fifteen digits an IMEI; 32 hex digits a UUID; sixteen octets a token. Counted once a value, so
 that the usual short value ("Thunderbird", "115.3.1") costs the grouping detectors nothing
 (tests/policy/test_detectors.py checks that no value lacking these is found by them)."""

@@ -1,0 +1,156 @@
+"""Round 19 of attacks on the privacy promise, at the policy: identifiers in forms the detectors
+and shapes did not know, under the default policy (tests/relay/test_attack_round19_policy.py
+sends the same through the proxy to a real Dovecot).
+
+Found:
+- an IPv4 address with a part of four digits, a leading zero before it ("198.051.0100.7",
+  "0198.51.100.7"), or in octal as inet_aton reads it ("0306.063.0144.07": 198.51.100.7);
+- a MAC address whose groups lost their leading zeros, as BSD's and macOS's `arp` and `ifconfig`
+  print them ("0:1a:2b:3:4d:5e"), with any one joiner ("0-1a-2b-3-4d-5e", "0.1a.2b.3.4d.5e");
+- a field's name with an address in digits other than ASCII's (Arabic-Indic, Devanagari: NFKC
+  leaves them as they are), recorded as escapes that spell it;
+- a field's name with an e-mail address whose local part ends in a quote, a comment's
+  parenthesis or any other character RFC 5322 allows there ('"alice"@example.org',
+  "~alice~@example.org");
+- a support address with percent-escapes ("https://vendor.example/u/alice%40example.org").
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from imapveil.policy import Outcome, apply
+from imapveil.policy.detectors import DETECTORS, detect
+from imapveil.policy.shapes import NAMED
+from imapveil.policy_files import resolve_policy
+
+ALL = tuple(DETECTORS)
+KEPT = (b"name", b"vendor", b"os", b"version", b"os-version")
+
+
+def in_digits(zero: int, text: str) -> bytes:
+    """`text` with its ASCII digits in another script's, whose zero is `zero`, in UTF-8."""
+    return "".join(chr(zero + int(c)) if c.isdigit() else c for c in text).encode()
+
+
+ARABIC_INDIC, DEVANAGARI, PERSIAN = 0x0660, 0x0966, 0x06F0
+
+
+def run(fields: tuple[tuple[bytes, bytes | None], ...]) -> Outcome:
+    return apply(resolve_policy("default"), fields, hasher=lambda v: "hmac")
+
+
+IPV4_OTHERWISE = [
+    b"198.051.0100.7",
+    b"0198.51.100.7",
+    b"198.051.0100.007",
+    b"0306.063.0144.07",  # octal, as inet_aton reads it
+    b"0306.0063.0144.0007",
+    b"ip-0198-051-0100-007",
+]
+MAC_UNPADDED = [
+    b"0:1a:2b:3:4d:5e",
+    b"0-1a-2b-3-4d-5e",
+    b"0.1a.2b.3.4d.5e",
+    b"0_1a_2b_3_4d_5e",
+    b"0 1a 2b 3 4d 5e",
+    b"a4:c3:f0:5:1b:2e",
+    b"0:1a:2b:3:4d:5e:6f:7",  # EUI-64
+]
+
+
+@pytest.mark.parametrize("value", IPV4_OTHERWISE)
+def test_an_ipv4_address_with_leading_zeros_or_in_octal_is_an_address(value: bytes) -> None:
+    assert detect(value, ALL) is not None
+    assert detect(b"Mail " + value, ALL) is not None
+
+
+@pytest.mark.parametrize("value", MAC_UNPADDED)
+def test_a_mac_address_without_its_leading_zeros_is_one(value: bytes) -> None:
+    assert detect(value, ALL) == "mac"
+    assert detect(b"Acme " + value, ALL) == "mac"
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        # Versions and names with short hex-looking groups stay clean.
+        b"1.2.3.4.5.6",
+        b"10.11.12.13.14.15",
+        b"1.0.a.b.c.d",
+        b"2.3.1 b 4 c",
+        b"16.0 (3731.600.7)",
+        b"3.10.0-1160.el7.x86_64",
+        b"1.2.3.4",
+        b"1.0.0.0999",  # four digits: above 255, and not octal
+        b"1.0.0.0400",  # octal 256
+        b"16.0.17425.20000",
+        b"10.0.19045.3693",
+        b"3826.300.87.2.22",
+    ],
+)
+def test_what_looks_alike_and_is_no_identifier(value: bytes) -> None:
+    assert detect(value, ("mac", "imei", "uuid", "token", "email")) is None
+    if value != b"1.2.3.4":
+        assert detect(value, ("ip",)) is None
+
+
+@pytest.mark.parametrize("field", KEPT)
+@pytest.mark.parametrize(
+    "identifier", [b"198.051.0100.7", b"0306.063.0144.07", b"0-1a-2b-3-4d-5e", b"0.1a.2b.3.4d.5e"]
+)
+def test_kept_fields_keep_none_of_them(field: bytes, identifier: bytes) -> None:
+    value = (b"Acme " if field in (b"name", b"vendor", b"os") else b"16.0 (") + identifier
+    value += b")" if value.startswith(b"16.0 (") else b""
+    out = run(((field, value),))
+    forwarded = dict(out.forwarded or ())
+    assert identifier not in (forwarded.get(field) or b""), forwarded
+    assert all(identifier.decode() not in (v or "") for v in out.recorded.values()), out.recorded
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        in_digits(ARABIC_INDIC, "198.51.100.7"),
+        in_digits(DEVANAGARI, "198.51.100.7"),
+        in_digits(ARABIC_INDIC, "0:1a:2b:3c:4d:5e"),
+        b"a4:c3:f0:" + in_digits(ARABIC_INDIC, "85") + b":1b:2e",
+        in_digits(PERSIAN, "490154203237518"),  # an IMEI
+        b"0:1a:2b:3:4d:5e",
+        b'"alice"@example.org',
+        b"~alice~@example.org",
+        b"alice=@example.org",
+        b"(bob)alice(x)@example.org",
+    ],
+)
+def test_identifiers_as_field_names_are_not_recorded(name: bytes) -> None:
+    out = run(((b"name", b"Thunderbird"), (name, b"1")))
+    (shown,) = out.dropped
+    assert shown.startswith("detected:"), shown
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        b"https://vendor.example/u/alice%40example.org",
+        b"https://vendor.example/%61%34%3a%63%33%3a%66%30%3a%38%35%3a%31%62%3a%32%65",
+        b"https://vendor.example/help%3Fdevice%3Da4c3f0851b2e",
+    ],
+)
+def test_a_support_address_has_no_percent_escapes(url: bytes) -> None:
+    assert not NAMED["url"](url)
+    out = run(((b"support-url", url),))
+    assert out.forwarded is None
+
+
+def test_real_clients_values_are_still_kept() -> None:
+    sent = (
+        (b"name", b"Mac OS X Mail"),
+        (b"version", b"16.0 (3731.600.7)"),
+        (b"os", b"Mac OS X"),
+        (b"os-version", b"13.4.1 (22F82)"),
+        (b"vendor", b"Apple Inc."),
+        (b"support-url", b"https://github.com/postalsys/imapflow/issues"),
+    )
+    out = run(sent)
+    assert out.forwarded == sent and not out.changed
