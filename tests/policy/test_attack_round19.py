@@ -12,7 +12,8 @@ Found:
 - a field's name with an e-mail address whose local part ends in a quote, a comment's
   parenthesis or any other character RFC 5322 allows there ('"alice"@example.org',
   "~alice~@example.org");
-- a support address with percent-escapes ("https://vendor.example/u/alice%40example.org").
+- a support address with percent-escapes ("https://vendor.example/u/alice%40example.org"), and a
+  field's name with them ("alice%40example.org").
 """
 
 from __future__ import annotations
@@ -121,6 +122,9 @@ def test_kept_fields_keep_none_of_them(field: bytes, identifier: bytes) -> None:
         b"~alice~@example.org",
         b"alice=@example.org",
         b"(bob)alice(x)@example.org",
+        b"alice%40example.org",  # percent-escaped, as in a URL
+        b"x-mac-a4%3Ac3%3Af0%3A85%3A1b%3A2e",
+        "alice%40ex\u00e4mple.org".encode(),
     ],
 )
 def test_identifiers_as_field_names_are_not_recorded(name: bytes) -> None:

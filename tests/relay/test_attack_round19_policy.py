@@ -9,8 +9,8 @@ Found (tests/policy/test_attack_round19.py has each form alone):
   zeros of its groups, to Dovecot's `ID sent:` line and into the `id` record;
 - `support-url` carried a percent-escaped e-mail address to Dovecot;
 - dropped fields named by an address in Arabic-Indic digits, a MAC address without its leading
-  zeros or an e-mail address with a quoted local part were recorded under those names (the
-  `id` record's `dropped`).
+  zeros, an e-mail address with a quoted local part or percent-escaped were recorded under
+  those names (the `id` record's `dropped`).
 """
 
 from __future__ import annotations
@@ -45,9 +45,9 @@ KEPT = [
     (b"os-version", b"13.4 (0.1a.2b.3.4d.5e)", b"0.1a.2b.3.4d.5e"),
     (b"support-url", b"https://vendor.example/u/alice%40example.org", b"alice%40example"),
 ]
-NAMES = [b"0:1a:2b:3:4d:5e", b'"alice"@example.org']
+NAMES = [b"0:1a:2b:3:4d:5e", b'"alice"@example.org', b"bob%40example.org"]
 """Field names (dropped by the default policy) that are identifiers; and ARABIC_IP."""
-SECRETS = [s for _, _, s in KEPT] + [b"0:1a:2b:3:4d:5e", b'"alice"@', b"\\xd9\\xa1"]
+SECRETS = [s for _, _, s in KEPT] + [b"0:1a:2b:3:4d:5e", b'"alice"@', b"bob%40", b"\\xd9\\xa1"]
 
 
 def odd_id(tag: bytes) -> bytes:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import re
 import unicodedata
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -92,10 +93,13 @@ def _views(raw: bytes) -> tuple[bytes, ...]:
     a hex digit beside it: "\\x20a4:c3:..."), also the name with every other octet a space,
     without them, its NFKC form in ASCII (fullwidth digits and colons, a zero-width space
     inside a MAC address), and that form with other scripts' digits in ASCII's
-    (`_ascii_digits`). At most 1024 octets of it, as for a value."""
+    (`_ascii_digits`). And a name with a "%", with its percent-escapes decoded. At most 1024
+    octets of it, as for a value."""
     raw = raw[:MAX_VALUE_LENGTH]
+    # Percent-escapes, as in a URL, hide an identifier from every view: "alice%40example.org".
+    unescaped = (urllib.parse.unquote_to_bytes(raw),) if b"%" in raw else ()
     if _is_field_name(raw):
-        return (raw,)
+        return (raw, *unescaped)
     text = unicodedata.normalize("NFKC", raw.decode("utf-8", "replace"))
     return (
         _shown(raw).encode(),
@@ -103,6 +107,7 @@ def _views(raw: bytes) -> tuple[bytes, ...]:
         raw.translate(None, _NOT_PRINTABLE),
         text.encode("ascii", "ignore"),
         _ascii_digits(text),
+        *unescaped,
     )
 
 
