@@ -12,6 +12,8 @@ Found:
 - a field's name with an e-mail address whose local part ends in a quote, a comment's
   parenthesis or any other character RFC 5322 allows there ('"alice"@example.org',
   "~alice~@example.org");
+- an IMEI or IPv4 address in groups joined by punctuation between spaces ("4901, 5420, 3237, 518",
+  "198 / 51 / 100 / 7"), or by two spaces;
 - a support address with percent-escapes ("https://vendor.example/u/alice%40example.org"), and a
   field's name with them ("alice%40example.org").
 """
@@ -60,6 +62,25 @@ MAC_UNPADDED = [
 ]
 
 
+SPACED_OUT = [
+    (b"4901  5420  3237  518", "imei"),  # two spaces between groups
+    (b"4901, 5420, 3237, 518", "imei"),
+    (b"490154 - 203237 - 518", "imei"),
+    (b"310 / 150 / 123456789", "imei"),  # an IMSI
+    (b"198 / 51 / 100 / 7", "ip"),
+    (b"198, 51, 100, 7", "ip"),
+    (b"198 - 51 - 100 - 7", "ip"),
+]
+
+
+@pytest.mark.parametrize(("value", "kind"), SPACED_OUT)
+def test_groups_joined_by_punctuation_and_spaces(value: bytes, kind: str) -> None:
+    assert detect(value, ALL) == kind
+    for field, template in ((b"name", b"Mail %s"), (b"version", b"1.0 (%s)")):
+        out = run(((field, template % value),))
+        assert value not in (dict(out.forwarded or ()).get(field) or b""), out.forwarded
+
+
 @pytest.mark.parametrize("value", IPV4_OTHERWISE)
 def test_an_ipv4_address_with_leading_zeros_or_in_octal_is_an_address(value: bytes) -> None:
     assert detect(value, ALL) is not None
@@ -88,6 +109,12 @@ def test_a_mac_address_without_its_leading_zeros_is_one(value: bytes) -> None:
         b"16.0.17425.20000",
         b"10.0.19045.3693",
         b"3826.300.87.2.22",
+        b"16.0 (3826.300.87.2.22)",
+        b"Outlook 2016 (16.0.17126.20132)",
+        b"20230322-18-a8bdba",
+        b"6.5.0-14-generic (2023, 11, 3)",
+        b"1.0 (20231012-143055)",  # a version and a build: 15 digits, a bracket between
+        b"1.0 (20231012 143055)",
     ],
 )
 def test_what_looks_alike_and_is_no_identifier(value: bytes) -> None:

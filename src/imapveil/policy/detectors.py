@@ -166,14 +166,25 @@ def mac(value: bytes) -> bool:
     return any(_unpadded_mac(words, gaps) for words, gaps in groups(rest, 1))
 
 
+def _spaced(gap: bytes) -> bool:
+    """A gap of one octet, or of spaces around one joiner at most ("4901, 5420", "198 / 51");
+    not a bracket: "1.0 (20231012-143055)" is a version and a build."""
+    return len(gap) == 1 or gap.strip(b" ") in _SPACED_JOINERS
+
+
+_SPACED_JOINERS = frozenset((b"", b",", b"/", b"-", b"_", b"+", b";", b"~", b"&"))
+
+
 def _digit_groups(words: tuple[bytes, ...], gaps: tuple[bytes, ...], dots: bool) -> bool:
-    """Words of digits joined by single octets, not colons (times), nor dots unless `dots`:
-    with dots, 15 of their digits in a row that pass Luhn's check (an IMEI, "49.015420.323751.8",
-    but "16.0.17425.20000" has 13); without, 15 or more (an IMEI, IMSI, IMEISV or ICCID:
-    "49-015420-323751-8", "8901 2601 2345 6789 012")."""
+    """Words of digits joined by single octets (or by one between spaces: `_spaced`), not colons
+    (times), nor dots unless `dots`: with dots, 15 of their digits in a row that pass Luhn's
+    check (an IMEI, "49.015420.323751.8", but "16.0.17425.20000" has 13); without, 15 or more
+    (an IMEI, IMSI, IMEISV or ICCID: "49-015420-323751-8", "8901 2601 2345 6789 012",
+    "4901, 5420, 3237, 518")."""
     start = total = 0  # the words counted: words[start:i + 1], their digits
     for i, w in enumerate(words):
-        joined = i > 0 and gaps[i - 1] != b":" and (dots or gaps[i - 1] != b".")
+        gap = gaps[i - 1] if i else b""
+        joined = i > 0 and _spaced(gap) and b":" not in gap and (dots or b"." not in gap)
         if not w.isdigit():
             start, total = i + 1, 0
             continue
@@ -194,9 +205,8 @@ def imei(value: bytes) -> bool:
     """15 digits passing Luhn's check; and phone identities written in groups (`_digit_groups`)."""
     if any(len(m) == 15 and _luhn(m) for m in _DIGIT_RUN.findall(value)):
         return True
-    return any(
-        _digit_groups(words, gaps, False) or _digit_groups(words, gaps, True)
-        for words, gaps in groups(value, 1)
+    return any(_digit_groups(words, gaps, False) for words, gaps in groups(value, 3)) or any(
+        _digit_groups(words, gaps, True) for words, gaps in groups(value, 1)
     )
 
 
@@ -314,15 +324,16 @@ _IP_JOINERS = frozenset(b"-_+,/;~&' ")
 
 def _grouped_ipv4(words: tuple[bytes, ...], gaps: tuple[bytes, ...]) -> bool:
     """Four parts of an address joined by single octets such as hyphens, underscores or spaces
-    ("ip-198-51-100-7", as cloud host names write them), or by dots with a part in hex
-    ("0xc6.0x33.0x64.0x07", which inet_aton reads); dotted decimal is `_IPV4`'s."""
+    ("ip-198-51-100-7", as cloud host names write them), or one between spaces ("198 / 51 / 100
+    / 7"), or by dots with a part in hex ("0xc6.0x33.0x64.0x07", which inet_aton reads); dotted
+    decimal is `_IPV4`'s."""
     run = 0
     for i, w in enumerate(words):
         run = run + 1 if _octet(w) else 0
         if run < 4:
             continue
         joins = gaps[i - 3 : i]
-        if all(len(g) == 1 and g[0] in _IP_JOINERS for g in joins):
+        if all(_spaced(g) and all(c in _IP_JOINERS for c in g) for g in joins):
             return True
         hexed = any(p[:2].lower() == b"0x" for p in words[i - 3 : i + 1])
         if hexed and all(g == b"." for g in joins):
@@ -353,7 +364,7 @@ def written_address(value: bytes) -> bool:
 
 
 def _written_address(value: bytes) -> bool:
-    if any(_grouped_ipv4(words, gaps) for words, gaps in groups(value, 1)):
+    if any(_grouped_ipv4(words, gaps) for words, gaps in groups(value, 3)):
         return True
     # Hyphens for colons, as in Windows' "2001-db8--7.ipv6-literal.net": a run standing alone,
     # with "--" (a "::") or in eight groups, one of three hex digits or more, that reads as an
