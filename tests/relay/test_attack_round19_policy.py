@@ -98,3 +98,37 @@ async def test_identifiers_in_odd_forms_reach_neither_dovecot_nor_a_record(
         for value in exchange.client.values()
         for secret in SECRETS
     ), exchange.client
+
+
+SPACED = [
+    (b"name", b"Mail 4901, 5420, 3237, 518", b"4901, 5420"),
+    (b"vendor", b"Acme 198 / 51 / 100 / 7", b"198 / 51"),
+    (b"version", b"1.0 (490154 - 203237 - 518)", b"490154 - 203237"),
+    (b"os-version", b"13.4 (198, 51, 100, 7)", b"198, 51"),
+]
+"""Found too: an IMEI or an address in groups joined by punctuation between spaces."""
+
+
+def send_spaced(address: tuple[str, int]) -> bytes:
+    with Client(address) as c:
+        c.greeting()
+        pairs = b" ".join(b'"%s" "%s"' % (name, value) for name, value, _ in SPACED)
+        c.send(b'i ID ("os" "Linux" ' + pairs + b")\r\n")
+        assert c.until(b"i").startswith(b"i OK"), c.transcript[-500:]
+        c.logout()
+        return c.transcript
+
+
+async def test_groups_joined_by_spaced_punctuation_reach_neither_dovecot_nor_a_record(
+    target: Dovecot, tmp_path: Path
+) -> None:
+    log = DovecotLog(target)
+    async with veil(target.address, tmp_path) as v:
+        await run(send_spaced, v.address)
+        await v.sessions_ended(1)
+    text = await run(log.settled, 1)
+    (sent,) = [line for line in text.splitlines() if "ID sent" in line]
+    assert "os=Linux" in sent, sent  # what is no identifier still goes
+    assert [s for _, _, s in SPACED if s.decode() in sent] == [], sent
+    records = v.records_json()
+    assert [s for _, _, s in SPACED if s.decode() in records] == [], records
