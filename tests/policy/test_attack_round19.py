@@ -59,6 +59,7 @@ MAC_UNPADDED = [
     b"0 1a 2b 3 4d 5e",
     b"a4:c3:f0:5:1b:2e",
     b"0:1a:2b:3:4d:5e:6f:7",  # EUI-64
+    b"1.2.3.4.5.6.7a.8b.9c",  # six from the fourth group
 ]
 
 

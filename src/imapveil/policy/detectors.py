@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import ipaddress
+import operator
 import re
 from collections.abc import Callable
 
@@ -41,6 +42,13 @@ _UUID = re.compile(
 _IPV4 = re.compile(
     rb"(?<![0-9])(?<![0-9]\.)[0-9]{1,4}\.[0-9]{1,4}\.[0-9]{1,4}\.[0-9]{1,4}(?![0-9])(?!\.[0-9])"
 )
+# Six groups of one or two hex digits standing alone, one joiner between them (`_unpadded_mac`),
+# in a look-ahead: every group begins a six, "1.2.3.4.5.6.7a.8b.9c" is read from its "4" too.
+_SHORT_GROUPS = re.compile(
+    rb"(?<![0-9a-z])(?=([0-9a-f]{1,2}([^0-9a-z])[0-9a-f]{1,2}\2[0-9a-f]{1,2}\2[0-9a-f]{1,2}\2"
+    rb"[0-9a-f]{1,2}\2[0-9a-f]{1,2})(?![0-9a-z]))",
+    re.IGNORECASE,
+)
 _WORD = re.compile(rb"[0-9A-Za-z]+")
 _DIGIT_RUN = re.compile(rb"[0-9]+")
 _B64_RUN = re.compile(rb"[A-Za-z0-9+/_-]+")
@@ -48,7 +56,17 @@ _IP6_RUN = re.compile(rb"[0-9A-Fa-f:.]+")
 _IP6_DASHED = re.compile(rb"[0-9A-Fa-f-]+")
 
 # For the tests.
-PATTERNS = (_MAC, _UUID, _IPV4, _WORD, _DIGIT_RUN, _B64_RUN, _IP6_RUN, _IP6_DASHED)
+PATTERNS = (
+    _MAC,
+    _UUID,
+    _IPV4,
+    _SHORT_GROUPS,
+    _WORD,
+    _DIGIT_RUN,
+    _B64_RUN,
+    _IP6_RUN,
+    _IP6_DASHED,
+)
 
 _HEX = b"0123456789abcdefABCDEF"
 # What may end a local part (RFC 5322 atext and dots), a quoted one ('"alice"@') or a comment
@@ -133,37 +151,41 @@ def _grouped_mac(words: tuple[bytes, ...]) -> bool:
     return False
 
 
-def _unpadded_mac(words: tuple[bytes, ...], gaps: tuple[bytes, ...]) -> bool:
-    """Six groups or more of one or two hex digits, each joined to the next by the same octet:
-    a MAC address whose groups lost their leading zeros, as BSD's and macOS's `arp` and
-    `ifconfig` print them ("0:1a:2b:3:4d:5e"), whatever the joiner. Three of the six have two
-    digits and one a letter (a version's "1.0.a.b.c.d" or "10.11.12.13.14.15" is none)."""
-    start = 0  # words[start:i + 1]: short hex words, joined alike
-    for i, w in enumerate(words):
-        if len(w) > 2 or not _is_hex(w):
-            start = i + 1
-            continue
-        if i - 1 > start and gaps[i - 1] != gaps[i - 2]:
-            start = i - 1  # another joiner: the word before begins a run
-        if i - start >= 5:
-            six = words[i - 5 : i + 1]
-            if sum(len(x) == 2 for x in six) >= 3 and _count_in(b"".join(six), _HEX_LETTERS):
-                return True
-    return False
+def _unpadded_mac(value: bytes) -> bool:
+    """Six groups of one or two hex digits, each joined to the next by the same octet: a MAC
+    address whose groups lost their leading zeros, as BSD's and macOS's `arp` and `ifconfig`
+    print them ("0:1a:2b:3:4d:5e"), whatever the joiner. Three of the six have two digits and
+    one a letter (a version's "1.0.a.b.c.d" or "10.11.12.13.14.15" is none)."""
+    if not _count_in(value, _HEX_LETTERS):
+        return False
+    # Three groups of two digits of six: nine digits and five joiners, fourteen octets at least.
+    # Lengths first, without a Python step per six: most values have none so long.
+    sixes = list(map(_FIRST, _SHORT_GROUPS.findall(value)))
+    if max(map(len, sixes), default=0) < 14:
+        return False
+    return any(len(six) >= 14 and _count_in(six, _HEX_LETTERS) for six in sixes)
+
+
+_FIRST = operator.itemgetter(0)
 
 
 def mac(value: bytes) -> bool:
     """With colons or hyphens, Cisco's dotted form, or 12 hex digits standing alone; or grouped
     otherwise, whatever joins the groups (up to three octets: `_grouped_mac`); or without the
-    leading zeros of its groups (`_unpadded_mac`)."""
+    leading zeros of its groups (`_unpadded_mac`). All but the last need twelve hex digits: a
+    value with fewer ("16.0 (3731.600.7)") is looked at by the last alone."""
+    if len(value) - len(value.translate(None, _HEX)) >= 12 and _padded_mac(value):
+        return True
+    return _unpadded_mac(value)
+
+
+def _padded_mac(value: bytes) -> bool:
     if _MAC.search(value):
         return True
     rest = _UUID.sub(b" ", value)  # a UUID ends in 12 hex digits: that one is the uuid detector's
     if any(len(w) == 12 and _is_hex(w) for w in _WORD.findall(rest)):
         return True
-    if any(_grouped_mac(words) or _chunked(words, 12, 2) for words, _ in groups(rest, 3)):
-        return True
-    return any(_unpadded_mac(words, gaps) for words, gaps in groups(rest, 1))
+    return any(_grouped_mac(words) or _chunked(words, 12, 2) for words, _ in groups(rest, 3))
 
 
 def _spaced(gap: bytes) -> bool:
@@ -173,6 +195,16 @@ def _spaced(gap: bytes) -> bool:
 
 
 _SPACED_JOINERS = frozenset((b"", b",", b"/", b"-", b"_", b"+", b";", b"~", b"&"))
+# What joins the digit groups of a phone identity (`_digit_groups`), as a set to look gaps up
+# in: any one octet but a colon (and a dot, unless dots count), or a `_spaced` gap of up to
+# three octets (a pair of spaces, one joiner between spaces).
+_DIGIT_JOINS_DOTS = frozenset(bytes([c]) for c in range(256) if c != 0x3A) | frozenset(
+    gap
+    for j in _SPACED_JOINERS
+    for gap in (b" " * left + j + b" " * right for left in range(4) for right in range(4))
+    if 1 < len(gap) <= 3
+)
+_DIGIT_JOINS = _DIGIT_JOINS_DOTS - {b"."}
 
 
 def _digit_groups(words: tuple[bytes, ...], gaps: tuple[bytes, ...], dots: bool) -> bool:
@@ -181,14 +213,13 @@ def _digit_groups(words: tuple[bytes, ...], gaps: tuple[bytes, ...], dots: bool)
     check (an IMEI, "49.015420.323751.8", but "16.0.17425.20000" has 13); without, 15 or more
     (an IMEI, IMSI, IMEISV or ICCID: "49-015420-323751-8", "8901 2601 2345 6789 012",
     "4901, 5420, 3237, 518")."""
+    joins = _DIGIT_JOINS_DOTS if dots else _DIGIT_JOINS
     start = total = 0  # the words counted: words[start:i + 1], their digits
     for i, w in enumerate(words):
-        gap = gaps[i - 1] if i else b""
-        joined = i > 0 and _spaced(gap) and b":" not in gap and (dots or b"." not in gap)
         if not w.isdigit():
             start, total = i + 1, 0
             continue
-        if not joined:
+        if not i or gaps[i - 1] not in joins:
             start, total = i, 0
         total += len(w)
         if not dots and total >= 15 and i > start:
