@@ -20,9 +20,11 @@ Found:
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
-from imapveil.policy import Outcome, apply
+from imapveil.policy import Outcome, apply, detectors
 from imapveil.policy.detectors import DETECTORS, detect
 from imapveil.policy.shapes import NAMED
 from imapveil.policy_files import resolve_policy
@@ -186,3 +188,17 @@ def test_real_clients_values_are_still_kept() -> None:
     )
     out = run(sent)
     assert out.forwarded == sent and not out.changed
+
+
+def test_the_joins_of_digit_groups_are_the_spaced_gaps() -> None:
+    """`_DIGIT_JOINS` (a set, looked up per word) says what `_spaced` and the colon and dot rules
+    say, for every gap of up to three octets over the octets that matter."""
+    alphabet = [bytes([c]) for c in b" ,/-_+;~&.:(x\x00'"]
+    for size in (1, 2, 3):
+        for octets in itertools.product(alphabet, repeat=size):
+            gap = b"".join(octets)
+            spaced = detectors._spaced(gap) and b":" not in gap
+            assert (gap in detectors._DIGIT_JOINS_DOTS) == (
+                spaced and (size == 1 or b"." not in gap)
+            )
+            assert (gap in detectors._DIGIT_JOINS) == (spaced and b"." not in gap), gap
