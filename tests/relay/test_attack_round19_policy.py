@@ -50,19 +50,23 @@ NAMES = [b"0:1a:2b:3:4d:5e", b'"alice"@example.org', b"bob%40example.org"]
 SECRETS = [s for _, _, s in KEPT] + [b"0:1a:2b:3:4d:5e", b'"alice"@', b"bob%40", b"\\xd9\\xa1"]
 
 
-def odd_id(tag: bytes) -> bytes:
-    pairs = [b'"%s" "%s"' % (name, value) for name, value, _ in KEPT]
+def odd_id(tag: bytes, literals: bool = False) -> bytes:
+    """The ID, its kept fields' values quoted, or as LITERAL+ literals (`literals`)."""
+    if literals:
+        pairs = [b'"%s" {%d+}\r\n%s' % (name, len(value), value) for name, value, _ in KEPT]
+    else:
+        pairs = [b'"%s" "%s"' % (name, value) for name, value, _ in KEPT]
     pairs += [b'"%s" "1"' % name.replace(b'"', b'\\"') for name in NAMES]
     pairs.append(b"{%d+}\r\n%s NIL" % (len(ARABIC_IP), ARABIC_IP))
     return tag + b" ID (" + b" ".join(pairs) + b")\r\n"
 
 
-def send_ids(address: tuple[str, int], after_login: bool) -> bytes:
+def send_ids(address: tuple[str, int], after_login: bool, literals: bool) -> bytes:
     with Client(address) as c:
         c.greeting()
         if after_login:
             c.login()
-        c.send(odd_id(b"i"))
+        c.send(odd_id(b"i", literals))
         assert c.until(b"i").startswith(b"i OK"), c.transcript[-500:]
         c.send(b"n NOOP\r\n")
         assert c.until(b"n").startswith(b"n OK"), c.transcript[-500:]
@@ -70,13 +74,14 @@ def send_ids(address: tuple[str, int], after_login: bool) -> bytes:
         return c.transcript
 
 
+@pytest.mark.parametrize("literals", [False, True], ids=["quoted", "literals"])
 @pytest.mark.parametrize("after_login", [False, True], ids=["before-login", "after-login"])
 async def test_identifiers_in_odd_forms_reach_neither_dovecot_nor_a_record(
-    target: Dovecot, tmp_path: Path, after_login: bool
+    target: Dovecot, tmp_path: Path, after_login: bool, literals: bool
 ) -> None:
     log = DovecotLog(target)
     async with veil(target.address, tmp_path) as v:
-        await run(send_ids, v.address, after_login)
+        await run(send_ids, v.address, after_login, literals)
         await v.sessions_ended(1)
     text = await run(log.settled, 1)
     sent = [line for line in text.splitlines() if "ID sent" in line]
