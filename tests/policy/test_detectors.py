@@ -258,6 +258,7 @@ _GROUPED = st.builds(
 @example(b"ip-1-2-3")
 @example(b"ip 1 2 34")
 @example(b"::")
+@example(b"0:1:2b:3c:4d:5")  # a MAC address without leading zeros, at its least: 9 hex digits
 def test_the_counts_taken_first_change_no_verdict(value: bytes) -> None:
     """`detect` skips a detector when the value has too few hex digits, digits or octets for
     anything it finds (12 hex digits for a MAC address, however grouped, ...): a shortcut for the

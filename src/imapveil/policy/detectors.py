@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import ipaddress
+import operator
 import re
 from collections.abc import Callable
 
@@ -37,8 +38,16 @@ _UUID = re.compile(
     re.IGNORECASE,
 )
 # Not after a digit or "digit.", not before a digit or ".digit": "3826.300.87.2.22" holds none.
+# Four digits a part: a leading zero before three ("0198", or octal "0306"; `_quad_part`).
 _IPV4 = re.compile(
-    rb"(?<![0-9])(?<![0-9]\.)[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}(?![0-9])(?!\.[0-9])"
+    rb"(?<![0-9])(?<![0-9]\.)[0-9]{1,4}\.[0-9]{1,4}\.[0-9]{1,4}\.[0-9]{1,4}(?![0-9])(?!\.[0-9])"
+)
+# Six groups of one or two hex digits standing alone, one joiner between them (`_unpadded_mac`),
+# in a look-ahead: every group begins a six, "1.2.3.4.5.6.7a.8b.9c" is read from its "4" too.
+_SHORT_GROUPS = re.compile(
+    rb"(?<![0-9a-z])(?=([0-9a-f]{1,2}([^0-9a-z])[0-9a-f]{1,2}\2[0-9a-f]{1,2}\2[0-9a-f]{1,2}\2"
+    rb"[0-9a-f]{1,2}\2[0-9a-f]{1,2})(?![0-9a-z]))",
+    re.IGNORECASE,
 )
 _WORD = re.compile(rb"[0-9A-Za-z]+")
 _DIGIT_RUN = re.compile(rb"[0-9]+")
@@ -47,10 +56,24 @@ _IP6_RUN = re.compile(rb"[0-9A-Fa-f:.]+")
 _IP6_DASHED = re.compile(rb"[0-9A-Fa-f-]+")
 
 # For the tests.
-PATTERNS = (_MAC, _UUID, _IPV4, _WORD, _DIGIT_RUN, _B64_RUN, _IP6_RUN, _IP6_DASHED)
+PATTERNS = (
+    _MAC,
+    _UUID,
+    _IPV4,
+    _SHORT_GROUPS,
+    _WORD,
+    _DIGIT_RUN,
+    _B64_RUN,
+    _IP6_RUN,
+    _IP6_DASHED,
+)
 
 _HEX = b"0123456789abcdefABCDEF"
-_LOCAL_PART = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._%+-'")
+# What may end a local part (RFC 5322 atext and dots), a quoted one ('"alice"@') or a comment
+# ("alice(home)@").
+_LOCAL_PART = frozenset(
+    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._%+-'!#$&*/=?^`{|}~\")"
+)
 _DOMAIN_START = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789[")
 
 
@@ -128,9 +151,35 @@ def _grouped_mac(words: tuple[bytes, ...]) -> bool:
     return False
 
 
+def _unpadded_mac(value: bytes) -> bool:
+    """Six groups of one or two hex digits, each joined to the next by the same octet: a MAC
+    address whose groups lost their leading zeros, as BSD's and macOS's `arp` and `ifconfig`
+    print them ("0:1a:2b:3:4d:5e"), whatever the joiner. Three of the six have two digits and
+    one a letter (a version's "1.0.a.b.c.d" or "10.11.12.13.14.15" is none)."""
+    if not _count_in(value, _HEX_LETTERS):
+        return False
+    # Three groups of two digits of six: nine digits and five joiners, fourteen octets at least.
+    # Lengths first, without a Python step per six: most values have none so long.
+    sixes = list(map(_FIRST, _SHORT_GROUPS.findall(value)))
+    if max(map(len, sixes), default=0) < 14:
+        return False
+    return any(len(six) >= 14 and _count_in(six, _HEX_LETTERS) for six in sixes)
+
+
+_FIRST = operator.itemgetter(0)
+
+
 def mac(value: bytes) -> bool:
     """With colons or hyphens, Cisco's dotted form, or 12 hex digits standing alone; or grouped
-    otherwise, whatever joins the groups (up to three octets: `_grouped_mac`)."""
+    otherwise, whatever joins the groups (up to three octets: `_grouped_mac`); or without the
+    leading zeros of its groups (`_unpadded_mac`). All but the last need twelve hex digits: a
+    value with fewer ("16.0 (3731.600.7)") is looked at by the last alone."""
+    if len(value) - len(value.translate(None, _HEX)) >= 12 and _padded_mac(value):
+        return True
+    return _unpadded_mac(value)
+
+
+def _padded_mac(value: bytes) -> bool:
     if _MAC.search(value):
         return True
     rest = _UUID.sub(b" ", value)  # a UUID ends in 12 hex digits: that one is the uuid detector's
@@ -139,18 +188,38 @@ def mac(value: bytes) -> bool:
     return any(_grouped_mac(words) or _chunked(words, 12, 2) for words, _ in groups(rest, 3))
 
 
+def _spaced(gap: bytes) -> bool:
+    """A gap of one octet, or of spaces around one joiner at most ("4901, 5420", "198 / 51");
+    not a bracket: "1.0 (20231012-143055)" is a version and a build."""
+    return len(gap) == 1 or gap.strip(b" ") in _SPACED_JOINERS
+
+
+_SPACED_JOINERS = frozenset((b"", b",", b"/", b"-", b"_", b"+", b";", b"~", b"&"))
+# What joins the digit groups of a phone identity (`_digit_groups`), as a set to look gaps up
+# in: any one octet but a colon (and a dot, unless dots count), or a `_spaced` gap of up to
+# three octets (a pair of spaces, one joiner between spaces).
+_DIGIT_JOINS_DOTS = frozenset(bytes([c]) for c in range(256) if c != 0x3A) | frozenset(
+    gap
+    for j in _SPACED_JOINERS
+    for gap in (b" " * left + j + b" " * right for left in range(4) for right in range(4))
+    if 1 < len(gap) <= 3
+)
+_DIGIT_JOINS = _DIGIT_JOINS_DOTS - {b"."}
+
+
 def _digit_groups(words: tuple[bytes, ...], gaps: tuple[bytes, ...], dots: bool) -> bool:
-    """Words of digits joined by single octets, not colons (times), nor dots unless `dots`:
-    with dots, 15 of their digits in a row that pass Luhn's check (an IMEI, "49.015420.323751.8",
-    but "16.0.17425.20000" has 13); without, 15 or more (an IMEI, IMSI, IMEISV or ICCID:
-    "49-015420-323751-8", "8901 2601 2345 6789 012")."""
+    """Words of digits joined by single octets (or by one between spaces: `_spaced`), not colons
+    (times), nor dots unless `dots`: with dots, 15 of their digits in a row that pass Luhn's
+    check (an IMEI, "49.015420.323751.8", but "16.0.17425.20000" has 13); without, 15 or more
+    (an IMEI, IMSI, IMEISV or ICCID: "49-015420-323751-8", "8901 2601 2345 6789 012",
+    "4901, 5420, 3237, 518")."""
+    joins = _DIGIT_JOINS_DOTS if dots else _DIGIT_JOINS
     start = total = 0  # the words counted: words[start:i + 1], their digits
     for i, w in enumerate(words):
-        joined = i > 0 and gaps[i - 1] != b":" and (dots or gaps[i - 1] != b".")
         if not w.isdigit():
             start, total = i + 1, 0
             continue
-        if not joined:
+        if not i or gaps[i - 1] not in joins:
             start, total = i, 0
         total += len(w)
         if not dots and total >= 15 and i > start:
@@ -167,9 +236,8 @@ def imei(value: bytes) -> bool:
     """15 digits passing Luhn's check; and phone identities written in groups (`_digit_groups`)."""
     if any(len(m) == 15 and _luhn(m) for m in _DIGIT_RUN.findall(value)):
         return True
-    return any(
-        _digit_groups(words, gaps, False) or _digit_groups(words, gaps, True)
-        for words, gaps in groups(value, 1)
+    return any(_digit_groups(words, gaps, False) for words, gaps in groups(value, 3)) or any(
+        _digit_groups(words, gaps, True) for words, gaps in groups(value, 1)
     )
 
 
@@ -265,11 +333,21 @@ def email(value: bytes) -> bool:
     return False
 
 
+def _quad_part(word: bytes) -> bool:
+    """Digits of a part of an IPv4 address, as inet_aton or a reader takes them: at most 255, or
+    after a leading zero at most 0377 in octal ("0306", 198). Four digits at most."""
+    if len(word) > 4 or not word.isdigit():
+        return False
+    if int(word) <= 255:
+        return True
+    return word[:1] == b"0" and not word.translate(None, b"01234567") and int(word, 8) <= 255
+
+
 def _octet(word: bytes) -> bool:
-    """A part of an IPv4 address: up to three digits of at most 255, or 0x and two hex digits."""
+    """A part of an IPv4 address: digits (`_quad_part`), or 0x and two hex digits."""
     if word[:2].lower() == b"0x":
         return 2 < len(word) <= 4 and _is_hex(word[2:])
-    return len(word) <= 3 and word.isdigit() and int(word) <= 255
+    return _quad_part(word)
 
 
 _IP_JOINERS = frozenset(b"-_+,/;~&' ")
@@ -277,15 +355,16 @@ _IP_JOINERS = frozenset(b"-_+,/;~&' ")
 
 def _grouped_ipv4(words: tuple[bytes, ...], gaps: tuple[bytes, ...]) -> bool:
     """Four parts of an address joined by single octets such as hyphens, underscores or spaces
-    ("ip-198-51-100-7", as cloud host names write them), or by dots with a part in hex
-    ("0xc6.0x33.0x64.0x07", which inet_aton reads); dotted decimal is `_IPV4`'s."""
+    ("ip-198-51-100-7", as cloud host names write them), or one between spaces ("198 / 51 / 100
+    / 7"), or by dots with a part in hex ("0xc6.0x33.0x64.0x07", which inet_aton reads); dotted
+    decimal is `_IPV4`'s."""
     run = 0
     for i, w in enumerate(words):
         run = run + 1 if _octet(w) else 0
         if run < 4:
             continue
         joins = gaps[i - 3 : i]
-        if all(len(g) == 1 and g[0] in _IP_JOINERS for g in joins):
+        if all(_spaced(g) and all(c in _IP_JOINERS for c in g) for g in joins):
             return True
         hexed = any(p[:2].lower() == b"0x" for p in words[i - 3 : i + 1])
         if hexed and all(g == b"." for g in joins):
@@ -295,11 +374,12 @@ def _grouped_ipv4(words: tuple[bytes, ...], gaps: tuple[bytes, ...]) -> bool:
 
 def dotted_quads(value: bytes) -> list[int]:
     """Where an IPv4 address in dotted decimal begins, each one (leading zeros too:
-    "010.000.000.001" is still meant as an address)."""
+    "010.000.000.001" and "198.051.0100.7" are still meant as addresses; and octal, which
+    inet_aton reads: "0306.063.0144.07")."""
     return [
         m.start()
         for m in _IPV4.finditer(value)
-        if all(int(part) <= 255 for part in m.group().split(b"."))
+        if all(_quad_part(part) for part in m.group().split(b"."))
     ]
 
 
@@ -315,7 +395,7 @@ def written_address(value: bytes) -> bool:
 
 
 def _written_address(value: bytes) -> bool:
-    if any(_grouped_ipv4(words, gaps) for words, gaps in groups(value, 1)):
+    if any(_grouped_ipv4(words, gaps) for words, gaps in groups(value, 3)):
         return True
     # Hyphens for colons, as in Windows' "2001-db8--7.ipv6-literal.net": a run standing alone,
     # with "--" (a "::") or in eight groups, one of three hex digits or more, that reads as an
@@ -365,13 +445,14 @@ DETECTORS: dict[str, Callable[[bytes], bool]] = {
 _DIGITS = b"0123456789"
 
 NEEDS: dict[str, tuple[int, int, int]] = {
-    "mac": (12, 0, 12),
+    "mac": (9, 0, 12),
     "imei": (0, 15, 15),
     "uuid": (32, 0, 32),
     "token": (0, 0, 16),
 }
 """What a value must have for a detector to find anything in it, in every form it knows:
-(hex digits, decimal digits, octets). Twelve hex digits make a MAC address, however grouped;
+(hex digits, decimal digits, octets). Twelve hex digits make a MAC address, however grouped
+(nine without its leading zeros: `_unpadded_mac`);
 fifteen digits an IMEI; 32 hex digits a UUID; sixteen octets a token. Counted once a value, so
 that the usual short value ("Thunderbird", "115.3.1") costs the grouping detectors nothing
 (tests/policy/test_detectors.py checks that no value lacking these is found by them)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import re
 import unicodedata
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -90,18 +91,35 @@ def _views(raw: bytes) -> tuple[bytes, ...]:
     in which a base64 token mixes no cases: "3kWq1b0Zr9mYb8Jx2n4Vt0cP5sI="); and, for a name
     that is not printable ASCII (shown with \\xNN escapes, which split an identifier or end in
     a hex digit beside it: "\\x20a4:c3:..."), also the name with every other octet a space,
-    without them, and its NFKC form in ASCII (fullwidth digits and colons, a zero-width space
-    inside a MAC address). At most 1024 octets of it, as for a value."""
+    without them, its NFKC form in ASCII (fullwidth digits and colons, a zero-width space
+    inside a MAC address), and that form with other scripts' digits in ASCII's
+    (`_ascii_digits`). And a name with a "%", with its percent-escapes decoded. At most 1024
+    octets of it, as for a value."""
     raw = raw[:MAX_VALUE_LENGTH]
+    # Percent-escapes, as in a URL, hide an identifier from every view: "alice%40example.org".
+    unescaped = (urllib.parse.unquote_to_bytes(raw),) if b"%" in raw else ()
     if _is_field_name(raw):
-        return (raw,)
-    text = raw.decode("utf-8", "replace")
+        return (raw, *unescaped)
+    text = unicodedata.normalize("NFKC", raw.decode("utf-8", "replace"))
     return (
         _shown(raw).encode(),
         raw.translate(_SPACED),
         raw.translate(None, _NOT_PRINTABLE),
-        unicodedata.normalize("NFKC", text).encode("ascii", "ignore"),
+        text.encode("ascii", "ignore"),
+        _ascii_digits(text),
+        *unescaped,
     )
+
+
+def _ascii_digits(text: str) -> bytes:
+    """`text` with every decimal digit in ASCII's (Arabic-Indic "١٩٨", Devanagari "१९८", which
+    NFKC leaves as they are; `int` and a regular expression's `\\d` read them) and every other
+    character outside ASCII a space."""
+    out = []
+    for ch in text:
+        digit = ch if ch.isascii() else unicodedata.decimal(ch, None)
+        out.append(" " if digit is None else str(digit))
+    return "".join(out).encode("ascii")
 
 
 def _recorded_name(policy: Policy, raw: bytes) -> str:

@@ -189,7 +189,7 @@ def date(value: bytes) -> bool:
 
 
 _HOST = _ALNUM + b".-"
-_PATH = _ALNUM + b"/._~%+-"
+_PATH = _ALNUM + b"/._~+-"  # no %-escapes: "alice%40example.org" is an address
 
 
 def _host(value: bytes) -> bool:
@@ -216,7 +216,8 @@ def url(value: bytes) -> bool:
     """A vendor's support address: "https://github.com/postalsys/imapflow/issues", "mailto:a@b.org".
 
     No query, fragment or user part: those are where a URL would carry something about the user;
-    nor a long number or serial number in the rest (`_vendor_words`).
+    nor a long number or serial number in the rest (`_vendor_words`), nor a %-escape, behind
+    which the detectors see nothing ("/u/alice%40example.org").
     """
     if len(value) > 128:
         return False
