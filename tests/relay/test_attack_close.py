@@ -18,7 +18,6 @@ import struct
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import trio
 
 from imapveil.records import SessionEnded
 from imapveil.relay import splice, streams
-from tests.helpers.attack import own_dovecot, veil
+from tests.helpers.attack import veil
 from tests.helpers.dovecot import Dovecot
 from tests.helpers.scripted import Peer, serve
 
@@ -37,12 +36,6 @@ run = trio.to_thread.run_sync
 GRACE = 1.0
 """`CLOSE_GRACE` in these tests (2 s in service): long enough for the other session's work."""
 SIGN_IN = b"L LOGIN alice wonderland\r\nQ LOGOUT\r\n"
-
-
-@pytest.fixture(scope="module")
-def target() -> Iterator[Dovecot]:
-    with own_dovecot() as server:
-        yield server
 
 
 @dataclass

@@ -11,24 +11,17 @@ os-version), beside a real client's name and version, which must still arrive as
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trio
 
 from imapveil.records import IdExchange
-from tests.helpers.attack import Client, DovecotLog, own_dovecot, veil
+from tests.helpers.attack import Client, DovecotLog, veil
 from tests.helpers.dovecot import Dovecot
 
 pytestmark = pytest.mark.dovecot
 run = trio.to_thread.run_sync
-
-
-@pytest.fixture(scope="module")
-def target() -> Iterator[Dovecot]:
-    with own_dovecot() as server:
-        yield server
 
 
 def id_sent(text: str) -> list[str]:

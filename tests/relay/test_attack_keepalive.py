@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,17 +24,10 @@ import trio
 from imapveil.relay.server import Proxy, open_listeners
 from imapveil.service import PolicyHolder, admittance, load_all
 from tests.conftest import RecordingSink, TlsMaterial
-from tests.helpers.attack import own_dovecot
 from tests.helpers.dovecot import Dovecot
 from tests.helpers.process import imapveil, socket_activated
 
 pytestmark = pytest.mark.dovecot
-
-
-@pytest.fixture(scope="module")
-def target() -> Iterator[Dovecot]:
-    with own_dovecot() as server:
-        yield server
 
 
 def keepalive_of(stream: object) -> int:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +34,6 @@ from tests.helpers.attack import (
     DovecotLog,
     Identifiers,
     answered_properly,
-    own_dovecot,
     veil,
 )
 from tests.helpers.dovecot import Dovecot
@@ -48,12 +47,6 @@ PLUS = 3 * RECEIVE_SIZE + 11
 """A LITERAL+ literal: the first receive's worth waits in the core for the server's "+" and is
 fed to it then; only what stays in the socket beyond it can be spliced."""
 assert splice.SPLICE_MIN < BIG
-
-
-@pytest.fixture(scope="module")
-def target() -> Iterator[Dovecot]:
-    with own_dovecot() as server:
-        yield server
 
 
 def body(size: int, hidden: Identifiers, lead: bytes = b"") -> bytes:

@@ -20,7 +20,6 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,17 +28,11 @@ import trio
 from imapveil.protocol.proxy_header import build_v2
 from imapveil.records import CommandCompleted, SessionEnded, SessionStarted
 from imapveil.relay import splice
-from tests.helpers.attack import Client, Veil, own_dovecot, veil
+from tests.helpers.attack import Client, Veil, veil
 from tests.helpers.dovecot import Dovecot
 
 pytestmark = pytest.mark.dovecot
 run = trio.to_thread.run_sync
-
-
-@pytest.fixture(scope="module")
-def target() -> Iterator[Dovecot]:
-    with own_dovecot() as server:
-        yield server
 
 
 def message(size: int, seed: int) -> bytes:

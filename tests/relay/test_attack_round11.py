@@ -31,7 +31,6 @@ import threading
 import time
 import uuid
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -47,19 +46,12 @@ from tests.helpers.attack import (
     DovecotLog,
     Identifiers,
     compress_after_login,
-    own_dovecot,
     veil,
 )
 from tests.helpers.dovecot import Dovecot
 
 pytestmark = pytest.mark.dovecot
 run = trio.to_thread.run_sync
-
-
-@pytest.fixture(scope="module")
-def target() -> Iterator[Dovecot]:
-    with own_dovecot() as server:
-        yield server
 
 
 # --- COMPRESS: data after the end of the DEFLATE stream.

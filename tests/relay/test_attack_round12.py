@@ -41,7 +41,7 @@ import ssl
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -51,19 +51,13 @@ from imapveil.protocol.session import CoreConfig
 from imapveil.records import CommandCompleted, Violation
 from imapveil.relay import tls
 from tests.conftest import TlsMaterial
-from tests.helpers.attack import Client, own_dovecot, veil
+from tests.helpers.attack import Client, veil
 from tests.helpers.dovecot import Dovecot
 from tests.helpers.feeding import Conversation, whole
 from tests.helpers.scripted import Peer, serve
 
 pytestmark = pytest.mark.dovecot
 run = trio.to_thread.run_sync
-
-
-@pytest.fixture(scope="module")
-def target() -> Iterator[Dovecot]:
-    with own_dovecot() as server:
-        yield server
 
 
 # --- A SASL response the server never asked for, read as a command.

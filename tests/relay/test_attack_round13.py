@@ -28,24 +28,17 @@ import shutil
 import socket
 import subprocess
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trio
 
 from imapveil.records import CommandCompleted, Violation
-from tests.helpers.attack import Client, DovecotLog, Identifiers, own_dovecot, veil
+from tests.helpers.attack import Client, DovecotLog, Identifiers, veil
 from tests.helpers.dovecot import Dovecot
 
 pytestmark = pytest.mark.dovecot
 run = trio.to_thread.run_sync
-
-
-@pytest.fixture(scope="module")
-def target() -> Iterator[Dovecot]:
-    with own_dovecot() as server:
-        yield server
 
 
 class Trickle:

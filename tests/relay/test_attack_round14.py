@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import socket
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,19 +31,12 @@ from tests.helpers.attack import (
     DovecotLog,
     Identifiers,
     compress_after_login,
-    own_dovecot,
     veil,
 )
 from tests.helpers.dovecot import Dovecot
 
 pytestmark = pytest.mark.dovecot
 run = trio.to_thread.run_sync
-
-
-@pytest.fixture(scope="module")
-def target() -> Iterator[Dovecot]:
-    with own_dovecot() as server:
-        yield server
 
 
 # --- Percent-encoded line ends in a CATENATE URL.

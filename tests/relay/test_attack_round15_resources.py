@@ -34,7 +34,7 @@ import threading
 import time
 import types
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,19 +50,13 @@ from imapveil.protocol.config import CoreConfig
 from imapveil.protocol.responses import Responses
 from imapveil.protocol.session import SessionCore
 from imapveil.records import IdExchange
-from tests.helpers.attack import Client, own_dovecot, veil
+from tests.helpers.attack import Client, veil
 from tests.helpers.dovecot import Dovecot
 
 pytestmark = pytest.mark.dovecot
 run = trio.to_thread.run_sync
 
 MIB = 1 << 20
-
-
-@pytest.fixture(scope="module")
-def target() -> Iterator[Dovecot]:
-    with own_dovecot() as server:
-        yield server
 
 
 # --- Measuring a session.

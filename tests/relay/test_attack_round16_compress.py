@@ -37,7 +37,6 @@ import socket
 import threading
 import time
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -48,7 +47,7 @@ from imapveil.relay import streams
 from imapveil.relay.deflate import DeflateStream
 from imapveil.relay.streams import CLOSE_GRACE
 from tests.helpers import scripted
-from tests.helpers.attack import compress_after_login, own_dovecot, veil
+from tests.helpers.attack import compress_after_login, veil
 from tests.helpers.dovecot import Dovecot
 from tests.helpers.scripted import Peer
 
@@ -56,12 +55,6 @@ pytestmark = pytest.mark.dovecot
 run = trio.to_thread.run_sync
 
 MIB = 1 << 20
-
-
-@pytest.fixture(scope="module")
-def target() -> Iterator[Dovecot]:
-    with own_dovecot() as server:
-        yield server
 
 
 def bomb(prefix: bytes, mib: int, suffix: bytes = b"") -> bytes:

@@ -35,7 +35,7 @@ import ssl
 import time
 import tracemalloc
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -50,7 +50,7 @@ from imapveil.relay.timers import Timers
 from imapveil.sinks import MemorySink
 from tests.conftest import TlsMaterial
 from tests.helpers import scripted
-from tests.helpers.attack import own_dovecot, veil
+from tests.helpers.attack import veil
 from tests.helpers.dovecot import Dovecot
 
 pytestmark = pytest.mark.dovecot
@@ -58,12 +58,6 @@ run = trio.to_thread.run_sync
 
 MIB = 1 << 20
 TIMEOUT = 10.0
-
-
-@pytest.fixture(scope="module")
-def target() -> Iterator[Dovecot]:
-    with own_dovecot() as server:
-        yield server
 
 
 def tls_settings(tls_material: TlsMaterial) -> dict[str, object]:

@@ -29,7 +29,6 @@ import hashlib
 import hmac
 import logging
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -39,7 +38,7 @@ from imapveil.protocol import sasl
 from imapveil.records import CommandCompleted, SessionEnded, Violation
 from imapveil.secret import Secret
 from tests.conftest import TlsMaterial
-from tests.helpers.attack import Client, DovecotLog, own_dovecot, veil
+from tests.helpers.attack import Client, DovecotLog, veil
 from tests.helpers.dovecot import Dovecot
 from tests.helpers.scripted import Peer, serve
 
@@ -58,12 +57,6 @@ def credentials_in(text: str) -> list[str]:
     low = text.lower()
     forms = [PASSWORD, PLAIN, LOGIN_PASSWORD, PLAIN[:12], b"TOKEN-"]
     return [f.decode() for f in forms if f.decode().lower() in low]
-
-
-@pytest.fixture(scope="module")
-def target() -> Iterator[Dovecot]:
-    with own_dovecot() as server:
-        yield server
 
 
 # --- A SASL response sent ahead, with a trailing space.

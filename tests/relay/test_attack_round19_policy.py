@@ -15,24 +15,17 @@ Found (tests/policy/test_attack_round19.py has each form alone):
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trio
 
 from imapveil.records import IdExchange
-from tests.helpers.attack import Client, DovecotLog, own_dovecot, veil
+from tests.helpers.attack import Client, DovecotLog, veil
 from tests.helpers.dovecot import Dovecot
 
 pytestmark = pytest.mark.dovecot
 run = trio.to_thread.run_sync
-
-
-@pytest.fixture(scope="module")
-def target() -> Iterator[Dovecot]:
-    with own_dovecot() as server:
-        yield server
 
 
 ARABIC_IP = "".join(chr(0x0660 + int(c)) if c.isdigit() else c for c in "198.51.100.7").encode()

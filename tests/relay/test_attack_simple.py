@@ -43,7 +43,6 @@ from tests.helpers.attack import (
     Client,
     DovecotLog,
     Identifiers,
-    own_dovecot,
     veil,
 )
 from tests.helpers.dovecot import Dovecot
@@ -54,12 +53,6 @@ run = trio.to_thread.run_sync
 
 BOX = b"T"
 """The mailbox the cases append to, made afresh before each run (the same UIDs each time)."""
-
-
-@pytest.fixture(scope="module")
-def target() -> Iterator[Dovecot]:
-    with own_dovecot() as server:
-        yield server
 
 
 # --- What the cores were fed, and what the one-match paths took.

@@ -37,11 +37,9 @@ from tests.relay.test_attack_simple import (
     run,
     shown_id,
     stored,
-    target,
 )
 
 pytestmark = pytest.mark.dovecot
-__all__ = ["target"]  # the module's Dovecot, a fixture
 
 
 def tagged(transcript: bytes) -> list[bytes]:

@@ -36,11 +36,9 @@ from tests.relay.test_attack_simple import (
     normal,
     run,
     states,
-    target,
 )
 
 pytestmark = pytest.mark.dovecot
-__all__ = ["target"]  # the module's Dovecot, a fixture
 
 
 def fed_from_server(out: Outcome) -> int:

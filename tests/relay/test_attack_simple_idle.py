@@ -30,11 +30,9 @@ from tests.relay.test_attack_simple import (
     run,
     states,
     stored,
-    target,
 )
 
 pytestmark = pytest.mark.dovecot
-__all__ = ["target"]  # the module's Dovecot, a fixture
 
 
 def taken(out: Outcome, side: str = "c") -> list[bytes]:
