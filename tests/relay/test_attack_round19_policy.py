@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from imapveil.records import IdExchange
+from imapveil.records import CommandCompleted, IdExchange
 from tests.helpers.attack import Client, DovecotLog, veil
 from tests.helpers.dovecot import Dovecot
 
@@ -130,3 +130,37 @@ async def test_groups_joined_by_spaced_punctuation_reach_neither_dovecot_nor_a_r
     assert [s for _, _, s in SPACED if s.decode() in sent] == [], sent
     records = v.records_json()
     assert [s for _, _, s in SPACED if s.decode() in records] == [], records
+
+
+TAGGED = [b"a4:c3:f0:85:1b:2e", b"a4c3f0851b2e", b"198.51.100.7", b"alice@example.org"]
+"""Found (round 19's report): identifiers as a client's tags, recorded as sent."""
+ORDINARY = [b"1", b"a0001", b"A001", b"JEAE1", b"1.1", b"t2", b"L", b"y0"]
+"""Tags real clients use (Thunderbird, mutt, Outlook, imaplib, Apple Mail, Trojitá…)."""
+
+
+def send_tagged(address: tuple[str, int]) -> bytes:
+    with Client(address) as c:
+        c.greeting()
+        for tag in TAGGED:
+            c.send(tag + b' ID ("name" "Mail")\r\n')
+            assert c.until(tag).startswith(tag + b" OK"), c.transcript[-500:]
+        for tag in [*TAGGED, *ORDINARY]:
+            c.send(tag + b" NOOP\r\n")
+            assert c.until(tag).startswith(tag + b" OK"), c.transcript[-500:]
+        c.logout()
+        return c.transcript
+
+
+async def test_identifiers_as_tags_reach_no_record(target: Dovecot, tmp_path: Path) -> None:
+    """A client's tags are its own to choose, and went into every command record (and the ID's)
+    as they came: a device's MAC or address as a tag was in the event log and the store. A tag
+    is recorded as sent only when it has the shape tags have (letters, then digits, a dot and
+    digits: `a0001`, `JEAE1`, `1.1`); any other as its length alone. The commands go as they
+    came: tags are the client's and the server's business."""
+    async with veil(target.address, tmp_path) as v:
+        await run(send_tagged, v.address)
+        await v.sessions_ended(1)
+    records = v.records_json()
+    assert [t for t in TAGGED if t.decode() in records] == [], records
+    tags = [r.tag for r in v.sink.of(CommandCompleted)]
+    assert [t.decode() for t in ORDINARY] == [t for t in tags if not t.startswith("(")][-9:-1]

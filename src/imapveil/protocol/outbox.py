@@ -8,13 +8,13 @@ One outbox per session; the session hands its `actions` to the shell after each 
 
 from __future__ import annotations
 
+import re
+
 from imapveil.protocol.actions import Action, Close, Direction, Emit, Forward, Reply
 from imapveil.protocol.command import Command
 from imapveil.protocol.config import CoreConfig
 from imapveil.protocol.framer import ServerFramer
 from imapveil.records import CommandCompleted, Record, Violation
-
-_RECORD_TAG = 64  # a tag is recorded up to this length (it is the client's to choose)
 
 RESPONSE_CODES = frozenset(
     """ALERT ALREADYEXISTS ANNOTATE ANNOTATIONS APPENDUID AUTHENTICATIONFAILED
@@ -131,7 +131,7 @@ class Outbox:
         return Emit(
             CommandCompleted(
                 self.session_id,
-                tag.decode("ascii", "replace") if len(tag) <= _RECORD_TAG else record_tag(tag),
+                record_tag(tag),
                 verb.decode("ascii", "replace")
                 if len(verb) <= 32
                 else verb[:32].decode("ascii", "replace"),
@@ -159,10 +159,21 @@ class Outbox:
         ]
 
 
+_ORDINARY_TAG = re.compile(rb"[A-Za-z]{0,8}[0-9]{0,10}(?:\.[0-9]{1,6})?")
+"""The tags clients use: letters, then digits, perhaps a dot and digits (`1`, `a0001`, `A001`,
+imaplib's `JEAE1`, Apple Mail's `1.1`, `t2`, `L`). Recorded as sent; see `record_tag`."""
+
+
 def record_tag(tag: bytes) -> str:
-    """The client's tag, bounded (it chooses its length; the line limit is the only other)."""
-    text = tag[:_RECORD_TAG].decode("ascii", "replace")
-    return text + "…" if len(tag) > _RECORD_TAG else text
+    """The client's tag as its records show it: as sent when it has a tag's usual shape
+    (`_ORDINARY_TAG`); else its length alone, `(tag: 17 octets)`. A tag is the client's to
+    choose, and one that is a device's MAC address, an IP address or an e-mail address
+    (`a4:c3:f0:85:1b:2e ID (...)`) went into every command record as it came. What the
+    commands' order and verbs say is in the records anyway; the tags' shapes are in the
+    session's traits (`b1 tag=A9#`)."""
+    if _ORDINARY_TAG.fullmatch(tag):
+        return tag.decode("ascii")
+    return f"(tag: {len(tag)} octets)"
 
 
 def ms(seconds: float) -> float:
