@@ -164,3 +164,39 @@ async def test_identifiers_as_tags_reach_no_record(target: Dovecot, tmp_path: Pa
     assert [t for t in TAGGED if t.decode() in records] == [], records
     tags = [r.tag for r in v.sink.of(CommandCompleted)]
     assert [t.decode() for t in ORDINARY] == [t for t in tags if not t.startswith("(")][-9:-1]
+
+
+VERBS = [b"A4:C3:F0:85:1B:2E", b"a4c3f0851b2e", b"198.51.100.7", b"alice@example.org"]
+"""The same as the names of commands nobody knows (Dovecot answers BAD)."""
+
+
+def send_verbs(address: tuple[str, int]) -> bytes:
+    with Client(address) as c:
+        c.greeting()
+        c.login()  # before it Dovecot's login process takes two bad commands, then says BYE
+        for i, verb in enumerate(VERBS):
+            c.send(b"v%d %s\r\n" % (i, verb))
+            assert c.until(b"v%d" % i).startswith(b"v%d BAD" % i), c.transcript[-500:]
+        c.send(b"x XYZZY\r\n")
+        assert c.until(b"x").startswith(b"x BAD"), c.transcript[-500:]
+        c.send(b"n NAMESPACE\r\n")
+        assert c.until(b"n").startswith(b"n OK"), c.transcript[-500:]
+        c.logout()
+        return c.transcript
+
+
+async def test_identifiers_as_command_names_reach_no_record(
+    target: Dovecot, tmp_path: Path
+) -> None:
+    """A command's name went into its record as sent (up to 32 characters): an unknown one that
+    is an address was in the event log and the store, and `alice@example.org` was the command
+    `ALICE`. A command the proxy knows (IMAP's, its extensions', the vendors' it lists: the
+    traits' names) is recorded by its name; any other as `OTHER`."""
+    async with veil(target.address, tmp_path) as v:
+        await run(send_verbs, v.address)
+        await v.sessions_ended(1)
+    records = v.records_json()
+    assert [t for t in VERBS if t.decode().lower() in records.lower()] == [], records
+    verbs = [r.verb for r in v.sink.of(CommandCompleted)]
+    assert verbs[0] == "LOGIN" and verbs[-2:] == ["NAMESPACE", "LOGOUT"], verbs
+    assert set(verbs[1:-2]) == {"OTHER"} and len(verbs[1:-2]) >= len(VERBS), verbs

@@ -14,6 +14,7 @@ from imapveil.protocol.actions import Action, Close, Direction, Emit, Forward, R
 from imapveil.protocol.command import Command
 from imapveil.protocol.config import CoreConfig
 from imapveil.protocol.framer import ServerFramer
+from imapveil.protocol.traits import recorded_verb
 from imapveil.records import CommandCompleted, Record, Violation
 
 RESPONSE_CODES = frozenset(
@@ -132,9 +133,7 @@ class Outbox:
             CommandCompleted(
                 self.session_id,
                 record_tag(tag),
-                verb.decode("ascii", "replace")
-                if len(verb) <= 32
-                else verb[:32].decode("ascii", "replace"),
+                recorded_verb(verb),
                 cmd.state.value,
                 status,
                 code if code is None or code in RESPONSE_CODES else "OTHER",

@@ -283,6 +283,16 @@ _TOKENISED = frozenset(
 )
 # A known verb's step, one string shared by every session that takes the step.
 _STEP_NAMES = {v: v.decode() for v in (*_BASE_VERBS, *_VERB_EXTENSIONS, *_TOKENISED)}
+
+
+def recorded_verb(verb: bytes) -> str:
+    """A command's name (upper-cased) as its record shows it: a command this module knows
+    (IMAP's, its extensions' and the vendors' it lists) by its name, any other as `OTHER`, as
+    the traits count it. An unknown command's name is the client's to choose: a device's MAC
+    address, or a person's name (`alice@…` reads as the command `ALICE`)."""
+    return _STEP_NAMES.get(verb, OTHER)
+
+
 _FETCHES = frozenset((b"FETCH", b"UID FETCH"))
 _STORES = frozenset((b"STORE", b"UID STORE"))
 # Commands whose first argument is a sequence set, where `$` is a saved search (RFC 5182).
