@@ -36,14 +36,53 @@ and surrogates, which alone are no character at all (written to a UTF-8 stream, 
 output at it)."""
 
 
+_WORD = re.compile(r"[^\W\d_]+")
+"""A run of letters: where a name that reads as another hides (see `_lookalikes`)."""
+_LOOKALIKE = ("CYRILLIC ", "GREEK ", "ARMENIAN ", "CHEROKEE ", "COPTIC ", "FULLWIDTH LATIN ",
+              "MATHEMATICAL ")  # fmt: skip
+"""Letters that look like Latin ones: of the scripts whose letters do (Cyrillic TE and IE, Greek
+omicron), and the fullwidth and mathematical forms of Latin letters themselves."""
+
+
+def _lookalikes(text: str) -> set[int]:
+    """Where `text` has a word (a run of letters) that mixes Latin letters with `_LOOKALIKE`
+    ones, the positions of those: `Thunderbird` with a Cyrillic TE for its T reads as the real
+    one, a row of its own beside it (a client chooses its name: passthrough or a custom policy
+    keep it). A word in one script is left as it is (`Почта`, `Почта Mail`, `Ελληνικά`)."""
+    found: set[int] = set()
+    if text.isascii():
+        return found
+    for word in _WORD.finditer(text):
+        if word.group().isascii():
+            continue
+        latin = False
+        odd = []
+        for at, char in enumerate(word.group(), word.start()):
+            name = unicodedata.name(char, "")
+            if name.startswith("LATIN "):
+                latin = True
+            elif name.startswith(_LOOKALIKE):
+                odd.append(at)
+        if latin:
+            found.update(odd)
+    return found
+
+
 def _escape_one(match: re.Match[str]) -> str:
     return escaped(match.group())
 
 
 def safe(text: str) -> str:
     """`text` with every character of `_UNSAFE` written as an escape (`\\x1b`, `\\u202e`,
-    `\\U000e0041`: `escapes.escaped`)."""
-    return _UNSAFE.sub(_escape_one, text)
+    `\\U000e0041`: `escapes.escaped`), and the letters of a word that only look Latin
+    (`_lookalikes`)."""
+    lookalikes = _lookalikes(text)
+    if not lookalikes:
+        return _UNSAFE.sub(_escape_one, text)
+    return "".join(
+        escaped(char) if at in lookalikes or _UNSAFE.match(char) else char
+        for at, char in enumerate(text)
+    )
 
 
 def _json_escape_one(match: re.Match[str]) -> str:
@@ -57,8 +96,19 @@ def _json_escape_one(match: re.Match[str]) -> str:
 def safe_json(value: object) -> str:
     """`value` as JSON (`ensure_ascii=False`: letters of any script as they are) with every
     character of `_UNSAFE` written as JSON's own escape (`\\u202e`, a surrogate pair past
-    U+FFFF): safe on a terminal, and still JSON (`safe` over JSON is not, past U+FFFF)."""
-    return _UNSAFE.sub(_json_escape_one, json.dumps(value, ensure_ascii=False))
+    U+FFFF): safe on a terminal, and still JSON (`safe` over JSON is not, past U+FFFF). The
+    letters of a word that only look Latin likewise (`_lookalikes`)."""
+    text = json.dumps(value, ensure_ascii=False)
+    lookalikes = _lookalikes(text)
+    if lookalikes:
+        text = "".join(
+            _json_escape_one(_ANY.match(char)) if at in lookalikes else char  # type: ignore[arg-type]
+            for at, char in enumerate(text)
+        )
+    return _UNSAFE.sub(_json_escape_one, text)
+
+
+_ANY = re.compile(".", re.DOTALL)
 
 
 def plural(count: int, noun: str) -> str:
@@ -95,8 +145,9 @@ def _clusters(text: str) -> list[tuple[str, int]]:
     character with the combining marks after it (those take none); a wide character (East
     Asian Width W or F: CJK, most emoji) two columns, any other one."""
     out: list[tuple[str, int]] = []
-    for char in text:
-        if _UNSAFE.match(char):
+    lookalikes = _lookalikes(text)
+    for at, char in enumerate(text):
+        if at in lookalikes or _UNSAFE.match(char):
             shown = escaped(char)
             out.append((shown, len(shown)))
         elif unicodedata.combining(char) and out and not out[-1][0].startswith("\\"):
