@@ -15,12 +15,14 @@ list, all views counted (`_name_cost`); a name past that is recorded by its leng
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
 
 from imapveil.policy import Outcome, apply, detectors, engine
 from imapveil.policy_files import resolve_policy
+from imapveil.stats import charts
 
 MAC = b"a4:c3:f0:85:1b:2e"
 
@@ -116,3 +118,25 @@ def test_a_real_client_s_names_fit_many_times_over() -> None:
 )
 def test_a_name_s_cost_counts_every_view_it_reads(raw: bytes) -> None:
     assert sum(map(len, engine._views(raw))) <= engine._name_cost(raw)
+
+
+# --- `charts.fit`, which puts a client's names in a terminal's columns (round 19).
+
+
+def _best(work: Callable[[], object], times: int = 3) -> float:
+    took = []
+    for _ in range(times):
+        began = time.perf_counter()
+        work()
+        took.append(time.perf_counter() - began)
+    return min(took)
+
+
+@pytest.mark.parametrize("lead", ["a", "", "\x1b"], ids=["letter", "none", "escape"])
+def test_fitting_a_name_of_combining_marks_takes_time_linear_in_it(lead: str) -> None:
+    """Found: each combining mark was added to its letter's piece by making the piece anew, so
+    a letter and n marks cost n² (64 K marks: 0.3 s; 256 K: 3 s); doubling the text now
+    doubles the time. (What the store holds of a client is bounded, but `fit` is not told so.)"""
+    small, large = (lead + "\u0301" * n for n in (8_000, 64_000))
+    ratio = _best(lambda: charts.fit(large, 48)) / _best(lambda: charts.fit(small, 48))
+    assert ratio < 16, f"8 times the marks took {ratio:.0f} times as long (linear: 8)"
