@@ -267,6 +267,17 @@ def _decide(
             # §3.3: not a value anyone may send. Nothing in it is examined (detection and shape
             # checks stay linear on at most 1024 octets) and nothing of it is recorded.
             return _DROP, _DROP, Decision(name, "drop", "drop", "limit")
+        if (
+            not explain
+            and rule.shape is not None
+            and rule.misfit == "drop"
+            and _nowhere(policy.detected)
+            and not rule.shape.fits(value)
+        ):
+            # Without its shape, and not to be coarsened: dropped and recorded nowhere whether
+            # a detector finds something in it or not (the detected rule says the same), so not
+            # examined (a `name` of 1 KB, ~2 ms of the shared loop; round 19).
+            return _DROP, _DROP, Decision(name, "drop", "drop", f"shape:{rule.shape.name}")
         enabled = tuple(d for d in policy.detectors if d not in rule.allow)
         kind = detect(value, enabled)
         if kind is not None:
