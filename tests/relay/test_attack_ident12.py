@@ -197,7 +197,10 @@ async def test_identifiers_hidden_in_field_names_reach_no_record(
     (exchange,) = v.sink.of(IdExchange)
     hidden = [d for d in exchange.dropped if d != "name"]  # strict forwards no name either
     assert len(hidden) == len(HIDDEN_NAMES), exchange.dropped
-    assert all(d.startswith("detected:") for d in hidden), exchange.dropped
+    # What a list's names may cost the loop is bounded (`engine.NAME_BUDGET`, round 19):
+    # these nine take a little more, and the last three are recorded by their lengths, unread.
+    assert all(d.startswith("detected:") for d in hidden[:6]), exchange.dropped
+    assert hidden[6:] == ["(name: 12 octets)", "(name: 13 octets)", "(name: 15 octets)"]
 
 
 # --- An address beside a version, where the default policy lets a four-part number be one.

@@ -13,6 +13,7 @@ values, field names in any case and extra spaces, and raises only `IdSyntaxError
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from imapveil.rfc2971 import MAX_FIELD_LENGTH, MAX_FIELDS, MAX_VALUE_LENGTH, IdFields
@@ -30,6 +31,7 @@ __all__ = [
     "serialize",
     "serialize_pieces",
 ]
+_QUOTED_RUN = re.compile(rb'[^"\\\r\n]*')  # one class repeated: each run scanned once
 MAX_LITERAL = 64 * 1024  # a literal inside ID is never bigger than this (bounded parse)
 
 
@@ -74,7 +76,15 @@ class _Reader:
         out = bytearray()
         i = self.pos + 1
         n = len(data)
-        while i < n:
+        while True:
+            # Up to the next quote, backslash or line end, in one step (a loop an octet at a
+            # time cost ~8 ms of the shared loop for an ID of 62 KB of names).
+            run = _QUOTED_RUN.match(data, i)
+            assert run is not None  # `*`: matches, if only nothing
+            out += run.group()
+            i = run.end()
+            if i >= n:
+                raise IdSyntaxError("unterminated quoted string")
             c = data[i]
             if c == 0x5C:  # backslash: only \" and \\ are escapes (RFC 9051 quoted-specials)
                 if i + 1 < n and data[i + 1] in (0x22, 0x5C):
@@ -85,11 +95,7 @@ class _Reader:
             if c == 0x22:
                 self.pos = i + 1
                 return bytes(out)
-            if c in (0x0A, 0x0D):
-                raise IdSyntaxError(f"line end inside a quoted string at offset {i}")
-            out.append(c)
-            i += 1
-        raise IdSyntaxError("unterminated quoted string")
+            raise IdSyntaxError(f"line end inside a quoted string at offset {i}")
 
     def _literal(self) -> bytes:
         data = self.data

@@ -143,20 +143,25 @@ def _clusters(text: str) -> list[tuple[str, int]]:
     """`text` as a terminal table shows it, in the pieces a cut must not split, each with the
     columns it takes: an escape for a character `safe` escapes (a column an octet of it); a
     character with the combining marks after it (those take none); a wide character (East
-    Asian Width W or F: CJK, most emoji) two columns, any other one."""
-    out: list[tuple[str, int]] = []
+    Asian Width W or F: CJK, most emoji) two columns, any other one. A piece's characters are
+    joined once, at the end: a letter and n marks added one by one cost n² (round 19)."""
+    pieces: list[list[str]] = []
+    widths: list[int] = []
     lookalikes = _lookalikes(text)
     for at, char in enumerate(text):
         if at in lookalikes or _UNSAFE.match(char):
             shown = escaped(char)
-            out.append((shown, len(shown)))
-        elif unicodedata.combining(char) and out and not out[-1][0].startswith("\\"):
-            out[-1] = (out[-1][0] + char, out[-1][1])
+            pieces.append([shown])
+            widths.append(len(shown))
+        elif unicodedata.combining(char) and pieces and not pieces[-1][0].startswith("\\"):
+            pieces[-1].append(char)
         elif unicodedata.combining(char):
-            out.append((char, 0))
+            pieces.append([char])
+            widths.append(0)
         else:
-            out.append((char, 2 if unicodedata.east_asian_width(char) in "WF" else 1))
-    return out
+            pieces.append([char])
+            widths.append(2 if unicodedata.east_asian_width(char) in "WF" else 1)
+    return [("".join(piece), n) for piece, n in zip(pieces, widths, strict=True)]
 
 
 def columns(text: str) -> int:
