@@ -133,7 +133,8 @@ VALUE_BUDGET = MAX_VALUE_LENGTH
 """Octets of values the detectors read in one ID list, as `NAME_BUDGET` for names: the kept
 fields a misfit coarsens (`os`, `version`, `os-version`) were read whole, three of 1 KB of
 near-misses ~6 ms of the loop every session shares (round 19). A value past what is left is
-dropped and recorded nowhere, unread (`limit`). Real clients' values take a few dozen octets."""
+dropped and recorded nowhere, unread (`limit`). Real clients' values take a few dozen octets.
+Values no detector reads (a policy without detectors, `passthrough`) cost nothing."""
 
 
 class _Budget:
@@ -298,12 +299,14 @@ def _decide(
             # a detector finds something in it or not (the detected rule says the same), so not
             # examined (a `name` of 1 KB, ~2 ms of the shared loop; round 19).
             return _DROP, _DROP, Decision(name, "drop", "drop", f"shape:{rule.shape.name}")
-        if len(value) > values.left:
-            # The list's values have cost what they may (`VALUE_BUDGET`): not read, and so
-            # neither forwarded nor recorded. In `policy test` too: the outcome is the same.
-            return _DROP, _DROP, Decision(name, "drop", "drop", "limit")
-        values.left -= len(value)
         enabled = tuple(d for d in policy.detectors if d not in rule.allow)
+        if enabled:
+            if len(value) > values.left:
+                # The list's values have cost the detectors what they may (`VALUE_BUDGET`):
+                # not read, and so neither forwarded nor recorded. In `policy test` too: the
+                # outcome is the same.
+                return _DROP, _DROP, Decision(name, "drop", "drop", "limit")
+            values.left -= len(value)
         kind = detect(value, enabled)
         if kind is not None:
             rule, why, done = policy.detected, f"detected:{kind}", policy.detected.forward
