@@ -11,7 +11,8 @@ of the moment moves a relay's CPU per session by 5 to 10 % from one run to the n
 changes are worth. Here both relays are measured in the same seconds: churn and mixed load both at
 once, each with the workload of `run.py` (churn with `--rate N`: N sessions a second to each
 relay on a fixed schedule, a load far from saturation, as most proxies see; its own spread,
-the same tree twice while other work loaded the machine, was 0.97-1.16); latency sends one
+the same tree twice, was 0.97-1.02 on a quiet machine, 0.97-1.16 while other work loaded it);
+latency sends one
 NOOP to each in turn; bulk fetches run.py's 150 MB through both at once (plain legs). Each round
 prints both relays' CPU per unit (session, operation, NOOP, GB) and B/A. The rounds run twice: with
 B's relay started (and loaded) first, then A's, each pair of relays fresh, because the position
