@@ -8,6 +8,7 @@ import html
 import json
 import re
 import unicodedata
+from collections.abc import Callable
 
 from imapveil.stats.escapes import escaped
 from imapveil.stats.inventory import Trend
@@ -68,25 +69,28 @@ def _lookalikes(text: str) -> set[int]:
     return found
 
 
-def _escape_one(match: re.Match[str]) -> str:
-    return escaped(match.group())
+def _escape_all(text: str, escape: Callable[[str], str]) -> str:
+    """`text` with every character of `_UNSAFE`, and the letters of a word that only look Latin
+    (`_lookalikes`), written as `escape` writes one character."""
+    lookalikes = _lookalikes(text)
+    if not lookalikes:
+        return _UNSAFE.sub(lambda match: escape(match.group()), text)
+    return "".join(
+        escape(char) if at in lookalikes or _UNSAFE.match(char) else char
+        for at, char in enumerate(text)
+    )
 
 
 def safe(text: str) -> str:
     """`text` with every character of `_UNSAFE` written as an escape (`\\x1b`, `\\u202e`,
     `\\U000e0041`: `escapes.escaped`), and the letters of a word that only look Latin
     (`_lookalikes`)."""
-    lookalikes = _lookalikes(text)
-    if not lookalikes:
-        return _UNSAFE.sub(_escape_one, text)
-    return "".join(
-        escaped(char) if at in lookalikes or _UNSAFE.match(char) else char
-        for at, char in enumerate(text)
-    )
+    return _escape_all(text, escaped)
 
 
-def _json_escape_one(match: re.Match[str]) -> str:
-    code = ord(match.group())
+def _json_escaped(char: str) -> str:
+    """One character as JSON's own escape: `\\u202e`, a surrogate pair past U+FFFF."""
+    code = ord(char)
     if code < 0x10000:
         return f"\\u{code:04x}"
     code -= 0x10000
@@ -94,21 +98,10 @@ def _json_escape_one(match: re.Match[str]) -> str:
 
 
 def safe_json(value: object) -> str:
-    """`value` as JSON (`ensure_ascii=False`: letters of any script as they are) with every
-    character of `_UNSAFE` written as JSON's own escape (`\\u202e`, a surrogate pair past
-    U+FFFF): safe on a terminal, and still JSON (`safe` over JSON is not, past U+FFFF). The
-    letters of a word that only look Latin likewise (`_lookalikes`)."""
-    text = json.dumps(value, ensure_ascii=False)
-    lookalikes = _lookalikes(text)
-    if lookalikes:
-        text = "".join(
-            _json_escape_one(_ANY.match(char)) if at in lookalikes else char  # type: ignore[arg-type]
-            for at, char in enumerate(text)
-        )
-    return _UNSAFE.sub(_json_escape_one, text)
-
-
-_ANY = re.compile(".", re.DOTALL)
+    """`value` as JSON (`ensure_ascii=False`: letters of any script as they are) with what
+    `safe` escapes written as JSON's own escapes: safe on a terminal, and still JSON (`safe`
+    over JSON is not, past U+FFFF)."""
+    return _escape_all(json.dumps(value, ensure_ascii=False), _json_escaped)
 
 
 def plural(count: int, noun: str) -> str:
