@@ -431,17 +431,6 @@ class TlsPath:
             return None
         return cls(stream, transport.socket)
 
-    def _pending(self) -> list[bytes]:
-        """What waits to be sent, in order: trio's held-back handshake octets (the server
-        side's TLS 1.3 session tickets), then the outgoing buffer's."""
-        stream = self.stream
-        held = stream._delayed_outgoing
-        out = self.outgoing.read() if self.outgoing.pending else b""
-        if held is None:
-            return [out] if out else []
-        stream._delayed_outgoing = None
-        return [held, out] if out else [held]
-
     async def fill(self) -> None:
         """Wait for the socket, and put what one read(2) of it brings in the incoming buffer
         (its EOF as the buffer's)."""
@@ -484,7 +473,7 @@ class TlsPath:
         """Everything waiting in the outgoing buffer (and trio's held-back octets), until none
         is left; the leg's write lock held by the caller."""
         fd = self.sock.fileno()
-        while pending := self._pending():
+        while pending := _pending(self.stream):
             await _send_fd(fd, pending)  # type: ignore[arg-type]
 
     async def flush_after_read(self, leg: Leg) -> None:
@@ -505,6 +494,19 @@ class TlsPath:
             lock.release()
 
 
+def _pending(stream: trio.SSLStream[Any]) -> list[bytes]:
+    """What waits to be sent on `stream`'s transport, in order, taken: trio's held-back
+    handshake octets (the server side's TLS 1.3 session tickets, `_delayed_outgoing`), then
+    the outgoing buffer's. The peer can decrypt nothing sent before the tickets."""
+    held = stream._delayed_outgoing
+    outgoing = stream._outgoing
+    out = outgoing.read() if outgoing.pending else b""
+    if held is None:
+        return [out] if out else []
+    stream._delayed_outgoing = None
+    return [held, out] if out else [held]
+
+
 def _close_notify(tls: trio.SSLStream[Any]) -> bytes:
     """The octets of `tls`'s close_notify alert, for its transport; b"" if it has none to say
     (no handshake done, or already closed). Through trio's own SSL object and outgoing buffer:
@@ -515,15 +517,15 @@ def _close_notify(tls: trio.SSLStream[Any]) -> bytes:
     server's session tickets, `_delayed_outgoing`: nothing was sent on the leg yet), without
     which the peer could not decrypt the alert."""
     try:
-        ssl_object, outgoing, held = tls._ssl_object, tls._outgoing, tls._delayed_outgoing
+        ssl_object = tls._ssl_object
+        tls._outgoing, tls._delayed_outgoing  # noqa: B018
     except AttributeError:  # another trio
         return b""
-    tls._delayed_outgoing = None
     # Said at the first step; the peer's own close_notify is not awaited (SSLWantReadError),
     # and the peer's records not read yet may make OpenSSL's second step fail: said all the same.
     with contextlib.suppress(ssl.SSLError, ValueError):
         ssl_object.unwrap()
-    return (held or b"") + outgoing.read()
+    return b"".join(_pending(tls))
 
 
 async def close_now(stream: trio.abc.AsyncResource) -> None:
