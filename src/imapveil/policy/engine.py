@@ -138,12 +138,14 @@ Values no detector reads (a policy without detectors, `passthrough`) cost nothin
 
 
 class _Budget:
-    """What is left of `VALUE_BUDGET` while one list is decided."""
+    """What the detectors may still read of one list while it is decided: octets of names
+    (`NAME_BUDGET`, `_name_cost`) and of values (`VALUE_BUDGET`)."""
 
-    __slots__ = ("left",)
+    __slots__ = ("names", "values")
 
     def __init__(self) -> None:
-        self.left = VALUE_BUDGET
+        self.names = NAME_BUDGET
+        self.values = VALUE_BUDGET
 
 
 def _name_cost(raw: bytes) -> int:
@@ -155,21 +157,22 @@ def _name_cost(raw: bytes) -> int:
     return views * (len(raw) + _VIEW_COST)
 
 
-def _shown_name(policy: Policy, raw: bytes, budget: int) -> tuple[str, int]:
-    """A name as records show it (`_recorded_name`), and what is left of the list's
-    `NAME_BUDGET` after reading it; a name past that budget is not read, and is recorded by
-    its length alone (as a tag that is no tag is): `(name: 1000 octets)`."""
+def _shown_name(policy: Policy, raw: bytes, budget: _Budget) -> str:
+    """A name as records show it (`_recorded_name`), its reading taken from the list's
+    `budget`; a name past what is left is not read, and is recorded by its length alone (as a
+    tag that is no tag is): `(name: 1000 octets)`."""
     name = _name(raw)
     if _is_field_name(raw) and any(rule.matches_exactly(name) for rule in policy.rules):
         # A field the policy names ("version"): the policy's own word, read once and
         # remembered whatever case the client writes it in; it costs the budget nothing.
-        return _recorded_name(policy, name.encode()), budget
+        return _recorded_name(policy, name.encode())
     if not policy.detectors:
-        return _recorded_name(policy, raw), budget
+        return _recorded_name(policy, raw)
     cost = _name_cost(raw)
-    if cost > budget:
-        return f"(name: {len(raw)} octets)", budget
-    return _recorded_name(policy, raw), budget - cost
+    if cost > budget.names:
+        return f"(name: {len(raw)} octets)"
+    budget.names -= cost
+    return _recorded_name(policy, raw)
 
 
 def _recorded_name(policy: Policy, raw: bytes) -> str:
@@ -216,12 +219,11 @@ def apply(
     decisions: list[Decision] = []
     seen: set[str] = set()
     changed = False
-    budget = NAME_BUDGET  # octets of names the detectors may still read (`_name_cost`)
-    values = _Budget()  # and of values
+    budget = _Budget()  # what the detectors may still read of the list's names and values
     names: list[str] = []  # the forwarded fields' names as recorded
     for raw_name, value in fields:
         name, readable = _name(raw_name), _is_field_name(raw_name)
-        shown, budget = _shown_name(policy, raw_name, budget)
+        shown = _shown_name(policy, raw_name, budget)
         if not readable or name in seen:  # §3.3: a field once; the first one counts
             dropped.append(shown)
             decisions.append(Decision(name, "drop", "drop", "duplicate" if readable else "name"))
@@ -229,7 +231,7 @@ def apply(
             continue
         seen.add(name)
         out, rec, decision = _decide(
-            policy, name, value, hasher, trusted_client, values=values, explain=explain
+            policy, name, value, hasher, trusted_client, budget=budget, explain=explain
         )
         if len(raw_name) > MAX_FIELD_LENGTH:
             out, decision = _DROP, Decision(name, "drop", decision.record, "limit")
@@ -269,11 +271,11 @@ def _decide(
     hasher: Callable[[bytes], str],
     trusted_client: bool,
     *,
-    values: _Budget,
+    budget: _Budget,
     explain: bool = False,
 ) -> tuple[bytes | _Dropped | None, str | _Dropped | None, Decision]:
     """One field: what goes upstream, what is recorded, and which rule said so; what the
-    detectors read of its value is taken from `values`."""
+    detectors read of its value is taken from the list's `budget`."""
     if not trusted_client and is_anti_spoof(name):
         return _DROP, _DROP, Decision(name, "drop", "drop", "anti-spoof")
     rule = policy.rule_for(name)
@@ -301,12 +303,12 @@ def _decide(
             return _DROP, _DROP, Decision(name, "drop", "drop", f"shape:{rule.shape.name}")
         enabled = tuple(d for d in policy.detectors if d not in rule.allow)
         if enabled:
-            if len(value) > values.left:
+            if len(value) > budget.values:
                 # The list's values have cost the detectors what they may (`VALUE_BUDGET`):
                 # not read, and so neither forwarded nor recorded. In `policy test` too: the
                 # outcome is the same.
                 return _DROP, _DROP, Decision(name, "drop", "drop", "limit")
-            values.left -= len(value)
+            budget.values -= len(value)
         kind = detect(value, enabled)
         if kind is not None:
             rule, why, done = policy.detected, f"detected:{kind}", policy.detected.forward
