@@ -193,11 +193,16 @@ class Client:
         assert line.startswith(b"* OK"), self.transcript
         return line
 
-    def login(self, user: bytes = b"alice", password: bytes = b"wonderland") -> bytes:
-        self.send(b"L LOGIN " + user + b" " + password + b"\r\n")
-        answer = self.until(b"L")
-        assert answer.startswith(b"L OK"), self.transcript
+    def command(self, tag: bytes, text: bytes, status: bytes = b"OK") -> bytes:
+        """`tag text` CRLF sent (`text` may hold literals and CRLFs of its own); its tagged
+        answer, which must be `status`."""
+        self.send(tag + b" " + text + b"\r\n")
+        answer = self.until(tag)
+        assert answer.startswith(tag + b" " + status), self.transcript[-2000:]
         return answer
+
+    def login(self, user: bytes = b"alice", password: bytes = b"wonderland") -> bytes:
+        return self.command(b"L", b"LOGIN " + user + b" " + password)
 
     def logout(self) -> bytes:
         """LOGOUT (unless the connection already ended), then read until it ends."""
