@@ -144,6 +144,9 @@ async def test_an_id_where_done_must_be(
         tmp_path,
         monkeypatch,
         id_while_idle,
+        # Sent before LOGIN's answer: read before it (not authenticated) unless Dovecot's
+        # answer came first (a few runs in a hundred on a loaded machine).
+        racy=frozenset({"i1"}),
         inject_id="name=imapveil",
     )
     assert SHOWN.in_log(out.log) == []
@@ -155,7 +158,10 @@ async def test_an_id_where_done_must_be(
         ("i1", "IDLE", "OK"),
         ("i2", "IDLE", None),
     ]
-    assert states(out, "i1") == [("i1", "not_authenticated", "OK")]
+    assert states(out, "i1") in (
+        [("i1", "not_authenticated", "OK")],
+        [("i1", "authenticated", "OK")],
+    )
     assert taken(out) == [b"i1 IDLE\r\n"]
     assert (out.end.reason, out.end.bytes_from_client) == ("protocol_error", out.sent)
 
