@@ -158,9 +158,11 @@ class Outbox:
         ]
 
 
-_ORDINARY_TAG = re.compile(rb"[A-Za-z]{0,8}[0-9]{0,10}(?:\.[0-9]{1,6})?")
+_ORDINARY_TAG = re.compile(rb"[A-Za-z]{0,8}[0-9]{0,6}(?:\.[0-9]{1,6})?")
 """The tags clients use: letters, then digits, perhaps a dot and digits (`1`, `a0001`, `A001`,
-imaplib's `JEAE1`, Apple Mail's `1.1`, `t2`, `L`). Recorded as sent; see `record_tag`."""
+imaplib's `JEAE1`, Apple Mail's `1.1`, `t2`, `L`). Recorded as sent; see `record_tag`. At most
+six digits before the dot, a million commands in a session: seven to ten were a phone number,
+an IPv4 address written as one number or a serial number (`SN12345678`)."""
 
 
 def record_tag(tag: bytes) -> str:
