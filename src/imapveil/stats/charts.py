@@ -8,7 +8,7 @@ import html
 import json
 import re
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from imapveil.stats.escapes import escaped
 from imapveil.stats.inventory import Trend
@@ -45,15 +45,40 @@ _LOOKALIKE = ("CYRILLIC ", "GREEK ", "ARMENIAN ", "CHEROKEE ", "COPTIC ", "FULLW
 omicron), and the fullwidth and mathematical forms of Latin letters themselves."""
 
 
-def _lookalikes(text: str) -> set[int]:
+def _lookalikes(text: str, escape: Callable[[str], str] = escaped) -> set[int]:
     """Where `text` has a word (a run of letters) that mixes Latin letters with `_LOOKALIKE`
     ones, the positions of those: `Thunderbird` with a Cyrillic TE for its T reads as the real
     one, a row of its own beside it (a client chooses its name: passthrough or a custom policy
-    keep it). A word in one script is left as it is (`Почта`, `Почта Mail`, `Ελληνικά`)."""
+    keep it). A word in one script is left as it is (`Почта`, `Почта Mail`, `Ελληνικά`).
+
+    Words are read in the text as shown, its `_UNSAFE` characters written as `escape` writes
+    them: a control character then a mathematical bold A (U+1D400) shows as `\\x0f` and the
+    A, whose `f` and A make a word mixing Latin with a lookalike. Read in the raw text, the A
+    was left as it was, and `safe` over its own output (a CSV cell made safe again) escaped
+    it: not the same name as the other outputs showed it."""
     found: set[int] = set()
     if text.isascii():
         return found
-    for word in _WORD.finditer(text):
+    shown: str = text
+    origin: Sequence[int] = range(len(text))
+    unsafe = [match.start() for match in _UNSAFE.finditer(text)]
+    if unsafe:
+        parts: list[str] = []
+        where: list[
+            int
+        ] = []  # the position in `text` of each character of `shown`, -1 in an escape
+        last = 0
+        for at in unsafe:
+            parts.append(text[last:at])
+            where.extend(range(last, at))
+            written = escape(text[at])
+            parts.append(written)
+            where.extend([-1] * len(written))
+            last = at + 1
+        parts.append(text[last:])
+        where.extend(range(last, len(text)))
+        shown, origin = "".join(parts), where
+    for word in _WORD.finditer(shown):
         if word.group().isascii():
             continue
         latin = False
@@ -63,7 +88,7 @@ def _lookalikes(text: str) -> set[int]:
             if name.startswith("LATIN "):
                 latin = True
             elif name.startswith(_LOOKALIKE):
-                odd.append(at)
+                odd.append(origin[at])  # never in an escape: escapes are ASCII
         if latin:
             found.update(odd)
     return found
@@ -72,7 +97,7 @@ def _lookalikes(text: str) -> set[int]:
 def _escape_all(text: str, escape: Callable[[str], str]) -> str:
     """`text` with every character of `_UNSAFE`, and the letters of a word that only look Latin
     (`_lookalikes`), written as `escape` writes one character."""
-    lookalikes = _lookalikes(text)
+    lookalikes = _lookalikes(text, escape)
     if not lookalikes:
         return _UNSAFE.sub(lambda match: escape(match.group()), text)
     return "".join(
