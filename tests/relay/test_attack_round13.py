@@ -180,7 +180,10 @@ async def test_a_line_end_in_a_mailbox_name_as_an_atom_is_refused(
     async with veil(target.address, tmp_path) as v:
         transcript = await run(atom_session, v.address)
         await v.sessions_ended(1)
-    assert b"b9" not in transcript
+    # After the greeting: Dovecot's ends in eight random hex digits, "b9" among them 3 runs
+    # in 100 (a run with the CPUs loaded failed so).
+    greeting, rest = transcript.split(b"\r\n", 1)
+    assert greeting.startswith(b"* OK ") and b"b9" not in rest, transcript
 
 
 def utf7_session(address: tuple[str, int]) -> bytes:
