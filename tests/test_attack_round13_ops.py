@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -26,6 +25,7 @@ from tests.helpers.postgres import Postgres
 from tests.helpers.process import (
     datagrams_waiting,
     imapveil,
+    poll,
     read_log,
     service_overrides,
     signal_handlers_restored,
@@ -275,9 +275,7 @@ def test_a_hundred_reloads_then_a_signal_storm_leak_nothing_and_lose_nothing(
         # Two jobs in trio's worker threads at once (a reload's and the sinks', on a loaded
         # machine) leave one more idle thread, which trio's cache ends after 10 s idle: a leak
         # would stay.
-        waited = time.monotonic() + 15
-        while len(os.listdir(f"/proc/{pid}/task")) > threads and time.monotonic() < waited:
-            time.sleep(0.2)
+        poll(lambda: len(os.listdir(f"/proc/{pid}/task")) <= threads, 15)
         assert len(os.listdir(f"/proc/{pid}/task")) == threads
         for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
             proxy.signal(signum)

@@ -22,7 +22,7 @@ import sys
 import termios
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +31,7 @@ import pytest
 
 from imapveil.logs import FLUSH_WITHIN, StderrHandler
 from tests.helpers.dovecot import Dovecot, free_port
-from tests.helpers.process import complete_records
+from tests.helpers.process import complete_records, poll
 
 PIPE_SIZE = 4096
 """The smallest pipe Linux makes (one page): a few reload lines fill it."""
@@ -42,15 +42,6 @@ def waiting(fd: int) -> int:
     buf = array.array("i", [0])
     fcntl.ioctl(fd, termios.FIONREAD, buf)
     return buf[0]
-
-
-def poll(check: Callable[[], bool], within: float) -> bool:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.005)
-    return check()
 
 
 @dataclass

@@ -8,7 +8,8 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,6 +77,16 @@ def stderr_until(process: subprocess.Popen[bytes], marker: bytes) -> bytes:
         assert line, seen.decode()
         seen += line
     return seen
+
+
+def poll(check: Callable[[], bool], within: float) -> bool:
+    """Whether `check` comes true within `within` seconds (asked every 5 ms, and at the end)."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.005)
+    return check()
 
 
 def wait_until_listening(process: subprocess.Popen[bytes]) -> bytes:
