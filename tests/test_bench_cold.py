@@ -5,7 +5,6 @@ answer), or it times something else, and it runs."""
 from __future__ import annotations
 
 import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -19,7 +18,6 @@ def cold() -> ModuleType:
     spec = importlib.util.spec_from_file_location("bench_cold", BENCH)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("bench_cold", module)
     spec.loader.exec_module(module)
     return module
 

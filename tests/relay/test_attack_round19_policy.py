@@ -129,8 +129,8 @@ async def test_groups_joined_by_spaced_punctuation_reach_neither_dovecot_nor_a_r
     assert [s for _, _, s in SPACED if s.decode() in records] == [], records
 
 
-TAGGED = [b"a4:c3:f0:85:1b:2e", b"a4c3f0851b2e", b"198.51.100.7", b"alice@example.org"]
-TAGGED += [b"5551234567", b"3232235777", b"SN12345678"]
+TAGGED = [b"a4:c3:f0:85:1b:2e", b"a4c3f0851b2e", b"198.51.100.7", b"alice@example.org",
+          b"5551234567", b"3232235777", b"SN12345678"]  # fmt: skip
 """Found (round 19's report): identifiers as a client's tags, recorded as sent. And later: a
 phone number, an IPv4 address as one number, a serial number of letters then digits."""
 ORDINARY = [b"1", b"a0001", b"A001", b"JEAE1", b"1.1", b"t2", b"L", b"y0"]

@@ -64,9 +64,8 @@ def _lookalikes(text: str, escape: Callable[[str], str] = escaped) -> set[int]:
     unsafe = [match.start() for match in _UNSAFE.finditer(text)]
     if unsafe:
         parts: list[str] = []
-        where: list[
-            int
-        ] = []  # the position in `text` of each character of `shown`, -1 in an escape
+        # The position in `text` of each character of `shown`; -1 in an escape.
+        where: list[int] = []
         last = 0
         for at in unsafe:
             parts.append(text[last:at])
